@@ -1,0 +1,449 @@
+//! Mount options: one vocabulary for `-o`, /etc/fstab and the mount(8)
+//! helper, with defaults and validation. No I/O here.
+//!
+//! s3fs-fuse's common option names are accepted as aliases so an existing
+//! fstab line keeps working; options that mean nothing to bucketfs are
+//! accepted with a notice, never silently.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Everything a mount is configured with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    pub bucket: String,
+    /// Key prefix mounted as the root: "" or ending with '/'.
+    pub prefix: String,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: bool,
+    pub profile: Option<String>,
+    pub passwd_file: Option<PathBuf>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub umask: Option<u32>,
+    pub mp_umask: Option<u32>,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub read_only: bool,
+    pub default_permissions: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+    pub metadata_ttl: Duration,
+    pub cache_dir: Option<PathBuf>,
+    pub mem_cache_bytes: u64,
+    pub block_size_bytes: u64,
+    pub part_size_bytes: u64,
+    pub upload_concurrency: usize,
+    pub readahead_max_blocks: u64,
+    pub versions_visible: bool,
+    pub as_of: Option<SystemTime>,
+    pub log_file: Option<PathBuf>,
+    /// Per-attempt connect and read timeout.
+    pub timeout: Duration,
+    /// Attempts per S3 call (the first included).
+    pub max_attempts: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            bucket: String::new(),
+            prefix: String::new(),
+            mountpoint: PathBuf::new(),
+            foreground: false,
+            endpoint: None,
+            region: None,
+            path_style: false,
+            profile: None,
+            passwd_file: None,
+            uid: None,
+            gid: None,
+            umask: None,
+            mp_umask: None,
+            allow_other: false,
+            allow_root: false,
+            read_only: false,
+            default_permissions: true,
+            nosuid: false,
+            nodev: false,
+            noexec: false,
+            metadata_ttl: Duration::from_secs(5),
+            cache_dir: None,
+            mem_cache_bytes: 64 * MIB,
+            block_size_bytes: MIB,
+            part_size_bytes: 8 * MIB,
+            upload_concurrency: 8,
+            readahead_max_blocks: 16,
+            versions_visible: false,
+            as_of: None,
+            log_file: None,
+            timeout: Duration::from_secs(10),
+            max_attempts: 4,
+        }
+    }
+}
+
+/// A bad option or value, said in one line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every option, its default and meaning: `--help` and README print this.
+pub const OPTION_HELP: &str = "\
+Mount options (-o a,b=c; the same names work in /etc/fstab):
+  endpoint=URL          S3 endpoint (default: AWS). s3fs alias: url=URL.
+                        A value that is not a URL is taken as a region (s3fs).
+  region=NAME           region (default: environment/profile, else discovered)
+  path_style            path-style addressing (MinIO, Ceph, Garage, moto).
+                        s3fs alias: use_path_request_style
+  profile=NAME          AWS profile from the shared config/credentials files
+  passwd_file=PATH      s3fs-format ACCESS:SECRET or BUCKET:ACCESS:SECRET; must be 0600
+  uid=N, gid=N          owner of objects without ownership metadata (default: mounting user)
+  umask=OOO             mode of objects without mode metadata: 0666/0777 & ~umask
+                        (default: files 0644, directories 0755)
+  mp_umask=OOO          mode of the mount root: 0777 & ~mp_umask
+  allow_other           let other users access the mount
+  allow_root            let root access the mount
+  ro | rw               read-only mount (default rw)
+  nosuid, nodev, noexec the usual mount flags
+  no_default_permissions  do not let the kernel check modes (default: it does)
+  metadata_ttl=SECS     how long attributes and listings are trusted (default 5)
+  cache_dir=PATH        staging and cache directory (default $XDG_CACHE_HOME/bucketfs
+                        or /var/cache/bucketfs as root). s3fs alias: use_cache=
+  mem_cache=SIZE        memory for cached blocks (default 64M)
+  block_size=SIZE       read block size (default 1M)
+  readahead=N           read-ahead window, in blocks (default 16)
+  part_size=SIZE        multipart part size (default 8M; grows to fit 10,000 parts).
+                        s3fs alias: multipart_size=MB
+  upload_concurrency=N  parts uploaded in parallel (default 8). s3fs alias: parallel_count=
+  versions=visible      list .versions in readdir (default: hidden, reachable by name)
+  as_of=RFC3339         read-only view of the bucket at that moment
+  timeout=SECS          connect/read timeout of one S3 attempt (default 10)
+  retries=N             retries of a failed S3 call (default 3), with backoff
+  log_file=PATH         log here instead of syslog/stderr
+Ignored (fstab/systemd): defaults, _netdev, nofail, auto, noauto, user, users,
+  x-systemd.*, comment=*, dev, suid, exec, atime, noatime, async
+SIZE takes K, M, G suffixes (powers of 1024).";
+
+/// Options that mount(8), fstab and systemd pass but mean nothing here.
+fn is_ignored(name: &str) -> bool {
+    matches!(
+        name,
+        "defaults"
+            | "_netdev"
+            | "nofail"
+            | "auto"
+            | "noauto"
+            | "user"
+            | "users"
+            | "dev"
+            | "suid"
+            | "exec"
+            | "atime"
+            | "noatime"
+            | "relatime"
+            | "async"
+            | "rw"
+    ) || name.starts_with("x-systemd.")
+        || name.starts_with("x-")
+        || name == "comment"
+}
+
+/// s3fs-fuse options we accept but that have no effect here.
+fn is_noop_s3fs(name: &str) -> bool {
+    matches!(
+        name,
+        "storage_class"
+            | "use_sse"
+            | "requester_pays"
+            | "dbglevel"
+            | "curldbg"
+            | "stat_cache_expire"
+            | "enable_noobj_cache"
+            | "nonempty"
+            | "complement_stat"
+            | "use_xattr"
+            | "nomultipart"
+            | "sigv2"
+            | "sigv4"
+            | "retries_s3fs"
+            | "connect_timeout"
+            | "readwrite_timeout"
+            | "max_stat_cache_size"
+            | "del_cache"
+            | "ensure_diskfree"
+            | "mp_umask_s3fs"
+            | "iam_role"
+            | "instance_name"
+    )
+}
+
+pub fn parse_size(v: &str) -> Result<u64, String> {
+    let v = v.trim();
+    let (num, mult) = match v.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1024,
+                'M' => MIB,
+                'G' => 1024 * MIB,
+                'T' => 1024 * 1024 * MIB,
+                _ => return Err(format!("bad size {v:?}")),
+            };
+            (&v[..i], m)
+        }
+        _ => (v, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {v:?}"))
+}
+
+fn parse_num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| ConfigError(format!("option {name}: {v:?} is not a valid number")))
+}
+
+fn parse_octal(name: &str, v: &str) -> Result<u32, ConfigError> {
+    u32::from_str_radix(v.trim(), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| ConfigError(format!("option {name}: {v:?} is not an octal mode")))
+}
+
+fn need<'a>(name: &str, v: Option<&'a str>) -> Result<&'a str, ConfigError> {
+    v.filter(|v| !v.is_empty())
+        .ok_or_else(|| ConfigError(format!("option {name} needs a value ({name}=...)")))
+}
+
+fn is_url(v: &str) -> bool {
+    v.starts_with("http://") || v.starts_with("https://")
+}
+
+impl Options {
+    /// Splits `BUCKET[:/PREFIX]` into bucket and prefix.
+    pub fn set_source(&mut self, spec: &str) -> Result<(), ConfigError> {
+        let spec = spec.strip_prefix("s3://").unwrap_or(spec);
+        let (bucket, prefix) = match spec.split_once(':') {
+            Some((b, p)) => (b, p),
+            None => match spec.split_once('/') {
+                Some((b, p)) => (b, p),
+                None => (spec, ""),
+            },
+        };
+        if bucket.is_empty() || bucket.contains(['/', ' ']) {
+            return Err(ConfigError(format!("invalid bucket name {bucket:?}")));
+        }
+        self.bucket = bucket.to_string();
+        let p = prefix.trim_matches('/');
+        self.prefix = if p.is_empty() {
+            String::new()
+        } else {
+            format!("{p}/")
+        };
+        Ok(())
+    }
+
+    /// Applies a comma-separated option string. Returns notices to print
+    /// (options accepted without effect).
+    pub fn apply(&mut self, opts: &str) -> Result<Vec<String>, ConfigError> {
+        let mut notices = Vec::new();
+        for opt in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (name, value) = match opt.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim())),
+                None => (opt, None),
+            };
+            match name {
+                "endpoint" | "url" => {
+                    let v = need(name, value)?;
+                    if is_url(v) {
+                        self.endpoint = Some(v.trim_end_matches('/').to_string());
+                    } else if name == "endpoint" {
+                        // s3fs-fuse's endpoint= is a region name.
+                        self.region = Some(v.to_string());
+                    } else {
+                        return Err(ConfigError(format!(
+                            "option url: {v:?} is not an http:// or https:// URL"
+                        )));
+                    }
+                }
+                "region" => self.region = Some(need(name, value)?.to_string()),
+                "path_style" | "use_path_request_style" => self.path_style = true,
+                "profile" => self.profile = Some(need(name, value)?.to_string()),
+                "passwd_file" => self.passwd_file = Some(PathBuf::from(need(name, value)?)),
+                "uid" => self.uid = Some(parse_num(name, need(name, value)?)?),
+                "gid" => self.gid = Some(parse_num(name, need(name, value)?)?),
+                "umask" => self.umask = Some(parse_octal(name, need(name, value)?)?),
+                "mp_umask" => self.mp_umask = Some(parse_octal(name, need(name, value)?)?),
+                "allow_other" => self.allow_other = true,
+                "allow_root" => self.allow_root = true,
+                "ro" => self.read_only = true,
+                "default_permissions" => self.default_permissions = true,
+                "no_default_permissions" => self.default_permissions = false,
+                "nosuid" => self.nosuid = true,
+                "nodev" => self.nodev = true,
+                "noexec" => self.noexec = true,
+                "metadata_ttl" => {
+                    let s: f64 = parse_num(name, need(name, value)?)?;
+                    if !(0.0..=86_400.0).contains(&s) {
+                        return Err(ConfigError(format!(
+                            "option metadata_ttl: {s} is outside 0..=86400"
+                        )));
+                    }
+                    self.metadata_ttl = Duration::from_secs_f64(s);
+                }
+                "cache_dir" | "use_cache" => {
+                    self.cache_dir = Some(PathBuf::from(need(name, value)?))
+                }
+                "mem_cache" => {
+                    self.mem_cache_bytes = parse_size(need(name, value)?)
+                        .map_err(|e| ConfigError(format!("option {name}: {e}")))?
+                }
+                "block_size" => {
+                    let b = parse_size(need(name, value)?)
+                        .map_err(|e| ConfigError(format!("option {name}: {e}")))?;
+                    if !(64 * 1024..=64 * MIB).contains(&b) {
+                        return Err(ConfigError("option block_size: must be 64K..64M".into()));
+                    }
+                    self.block_size_bytes = b;
+                }
+                "readahead" => self.readahead_max_blocks = parse_num(name, need(name, value)?)?,
+                "part_size" => {
+                    self.part_size_bytes = parse_size(need(name, value)?)
+                        .map_err(|e| ConfigError(format!("option {name}: {e}")))?
+                }
+                "multipart_size" => {
+                    let mb: u64 = parse_num(name, need(name, value)?)?;
+                    self.part_size_bytes = mb * MIB;
+                }
+                "upload_concurrency" | "parallel_count" => {
+                    let n: usize = parse_num(name, need(name, value)?)?;
+                    if !(1..=256).contains(&n) {
+                        return Err(ConfigError(format!("option {name}: must be 1..=256")));
+                    }
+                    self.upload_concurrency = n;
+                }
+                "versions" => match need(name, value)? {
+                    "visible" => self.versions_visible = true,
+                    "hidden" => self.versions_visible = false,
+                    v => {
+                        return Err(ConfigError(format!(
+                            "option versions: {v:?} is not visible or hidden"
+                        )));
+                    }
+                },
+                "as_of" => {
+                    let v = need(name, value)?;
+                    let t = humantime::parse_rfc3339_weak(v).map_err(|_| {
+                        ConfigError(format!(
+                            "option as_of: {v:?} is not an RFC 3339 time (2026-11-21T10:00:00Z)"
+                        ))
+                    })?;
+                    self.as_of = Some(t);
+                    self.read_only = true;
+                }
+                "timeout" => {
+                    let s: u64 = parse_num(name, need(name, value)?)?;
+                    if !(1..=3600).contains(&s) {
+                        return Err(ConfigError(
+                            "option timeout: must be 1..=3600 seconds".into(),
+                        ));
+                    }
+                    self.timeout = Duration::from_secs(s);
+                }
+                "retries" => {
+                    self.max_attempts =
+                        parse_num::<u32>(name, need(name, value)?)?.saturating_add(1)
+                }
+                "log_file" => self.log_file = Some(PathBuf::from(need(name, value)?)),
+                n if is_ignored(n) => {}
+                n if is_noop_s3fs(n) => notices.push(format!(
+                    "option {n} is accepted but has no effect in bucketfs"
+                )),
+                n => {
+                    return Err(ConfigError(format!(
+                        "unknown option {n:?} (see bucketfs --help)"
+                    )));
+                }
+            }
+        }
+        Ok(notices)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3fs_fstab_line_parses() {
+        let mut o = Options::default();
+        let n = o
+            .apply("_netdev,allow_other,url=http://127.0.0.1:9000/,use_path_request_style,endpoint=eu-west-1,uid=1000,umask=022,multipart_size=16,parallel_count=4,x-systemd.automount,use_sse")
+            .unwrap();
+        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(o.region.as_deref(), Some("eu-west-1"));
+        assert!(o.path_style && o.allow_other);
+        assert_eq!((o.uid, o.umask), (Some(1000), Some(0o22)));
+        assert_eq!((o.part_size_bytes, o.upload_concurrency), (16 * MIB, 4));
+        assert_eq!(n.len(), 1, "use_sse gets a notice");
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_their_name() {
+        for (opt, word) in [
+            ("frobnicate", "frobnicate"),
+            ("uid=abc", "uid"),
+            ("umask=999", "umask"),
+            ("region", "region"),
+            ("as_of=yesterday", "as_of"),
+            ("versions=maybe", "versions"),
+            ("url=ftp://x", "url"),
+        ] {
+            let err = Options::default().apply(opt).unwrap_err();
+            assert!(err.0.contains(word), "{opt}: {err}");
+        }
+    }
+
+    #[test]
+    fn source_splits_bucket_and_prefix() {
+        let mut o = Options::default();
+        o.set_source("b:/photos/2024/").unwrap();
+        assert_eq!(
+            (o.bucket.as_str(), o.prefix.as_str()),
+            ("b", "photos/2024/")
+        );
+        o.set_source("b").unwrap();
+        assert_eq!(o.prefix, "");
+        assert!(o.set_source(":/x").is_err());
+    }
+
+    #[test]
+    fn sizes_take_suffixes() {
+        assert_eq!(parse_size("8M"), Ok(8 * MIB));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("8Q").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn as_of_implies_read_only() {
+        let mut o = Options::default();
+        o.apply("as_of=2026-11-21T10:00:00Z").unwrap();
+        assert!(o.read_only && o.as_of.is_some());
+    }
+}

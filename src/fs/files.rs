@@ -1,0 +1,564 @@
+//! Open files: handles, reads, and the write-back state of files open for
+//! writing.
+//!
+//! A handle opened for reading is pinned to the object it opened (version
+//! id when known, else ETag): it never returns a mix of old and new bytes.
+//! Reads go through the block cache with per-handle sequential detection:
+//! the read-ahead window doubles while reads stay sequential and falls back
+//! to nothing on a seek.
+//!
+//! All handles open for writing on one inode share one `OpenFile` (one
+//! staged copy), so every handle, reader or writer, sees what was written.
+//! The last release uploads what is still dirty; `flush` (every `close`)
+//! and `fsync` upload and return the upload's error.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tracing::{error, warn};
+
+use super::inodes::NodeKey;
+use super::{Attr, FileKind, Fs, FsError, FsResult};
+use crate::cache::block::BlockKey;
+use crate::store::{ObjectInfo, ReadPin};
+use crate::write::{Base, Staged};
+
+/// What an open handle is.
+#[derive(Debug)]
+pub enum Handle {
+    File(FileHandle),
+    Dir(Vec<super::DirEntry>),
+}
+
+#[derive(Debug)]
+pub struct FileHandle {
+    pub ino: u64,
+    pub writable: bool,
+    /// The object reads are pinned to (when the inode has no write state).
+    target: Mutex<Option<ReadTarget>>,
+    readahead: Mutex<Readahead>,
+}
+
+impl FileHandle {
+    /// A handle on a file created by this mount (nothing to read from S3).
+    pub fn writer(ino: u64) -> Self {
+        FileHandle {
+            ino,
+            writable: true,
+            target: Mutex::new(None),
+            readahead: Mutex::new(Readahead::default()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ReadTarget {
+    key: Arc<str>,
+    pin: ReadPin,
+    size: u64,
+    /// Whether this handle has returned data (then a changed object is an
+    /// error, not a reason to re-pin).
+    served: bool,
+}
+
+#[derive(Debug, Default)]
+struct Readahead {
+    next_offset: u64,
+    window_blocks: u64,
+}
+
+/// The shared write state of one inode.
+#[derive(Debug)]
+pub struct OpenFile {
+    state: tokio::sync::Mutex<WriteState>,
+}
+
+#[derive(Debug)]
+struct WriteState {
+    staged: Staged,
+    dirty: bool,
+    handles: usize,
+    unlinked: bool,
+}
+
+/// The changes of a setattr call.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SystemTime>,
+}
+
+/// The read pin of an object: its version when known, else its ETag.
+fn pin_of(o: &ObjectInfo) -> ReadPin {
+    match &o.version_id {
+        Some(v) if v != "null" => ReadPin::Version(v.clone()),
+        _ => ReadPin::Etag(o.etag.clone()),
+    }
+}
+
+impl Fs {
+    pub(super) fn new_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn file_handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        let h = self
+            .handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        match &*h {
+            Handle::File(_) => Ok(h),
+            Handle::Dir(_) => Err(FsError::IsDir),
+        }
+    }
+
+    fn write_state(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        self.writes.lock().get(&ino).cloned()
+    }
+
+    /// Opens a file. `flags` are open(2)'s.
+    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let trunc = flags & libc::O_TRUNC != 0;
+        let key = self.node_key(ino)?;
+        let attr = self.getattr(ino).await?;
+        if attr.kind == FileKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let target = match &key {
+            NodeKey::Version { path, version_id } => {
+                if writable {
+                    return Err(FsError::ReadOnly);
+                }
+                let info = self.table.lock().get(ino).and_then(|n| n.object.clone());
+                Some(ReadTarget {
+                    key: self.key_of(path).into(),
+                    pin: match version_id.as_str() {
+                        "null" => ReadPin::Etag(info.map(|o| o.etag).unwrap_or_default()),
+                        v => ReadPin::Version(v.to_string()),
+                    },
+                    size: attr.size,
+                    served: false,
+                })
+            }
+            NodeKey::Path(path) => {
+                if writable && self.read_only() {
+                    return Err(FsError::ReadOnly);
+                }
+                if writable {
+                    self.attach_writer(ino, trunc).await?;
+                }
+                let info = self.table.lock().get(ino).and_then(|n| n.object.clone());
+                info.map(|o| ReadTarget {
+                    key: self.key_of(path).into(),
+                    pin: pin_of(&o),
+                    size: o.size,
+                    served: false,
+                })
+            }
+            _ => return Err(FsError::IsDir),
+        };
+        Ok(self.new_handle(Handle::File(FileHandle {
+            ino,
+            writable,
+            target: Mutex::new(target),
+            readahead: Mutex::new(Readahead::default()),
+        })))
+    }
+
+    /// Joins (or starts) the inode's write state.
+    async fn attach_writer(&self, ino: u64, trunc: bool) -> FsResult<()> {
+        if let Some(of) = self.write_state(ino) {
+            let mut st = of.state.lock().await;
+            st.handles += 1;
+            if trunc {
+                st.staged.truncate(0)?;
+                st.dirty = true;
+                self.note_size(ino, 0);
+            }
+            return Ok(());
+        }
+        let (object, path) = {
+            let t = self.table.lock();
+            let n = t.get(ino).ok_or(FsError::NotFound)?;
+            (n.object.clone(), n.path().unwrap_or_default().to_string())
+        };
+        let base = object.filter(|_| !trunc).map(|o| Base {
+            key: self.key_of(&path),
+            etag: o.etag,
+            size: o.size,
+        });
+        let staged = Staged::new(&self.cfg.staging_dir, base)?;
+        let of = Arc::new(OpenFile {
+            state: tokio::sync::Mutex::new(WriteState {
+                staged,
+                dirty: trunc,
+                handles: 1,
+                unlinked: false,
+            }),
+        });
+        let raced = {
+            let mut w = self.writes.lock();
+            match w.get(&ino) {
+                Some(existing) => Some(existing.clone()),
+                None => {
+                    w.insert(ino, of);
+                    None
+                }
+            }
+        };
+        match raced {
+            // Another open won the race: join it instead.
+            Some(existing) => {
+                let mut st = existing.state.lock().await;
+                st.handles += 1;
+                if trunc {
+                    st.staged.truncate(0)?;
+                    st.dirty = true;
+                }
+            }
+            None if trunc => self.note_size(ino, 0),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Starts the write state of a file created by this mount.
+    pub(super) fn start_new_file(&self, ino: u64) -> FsResult<()> {
+        let staged = Staged::new(&self.cfg.staging_dir, None)?;
+        self.writes.lock().insert(
+            ino,
+            Arc::new(OpenFile {
+                state: tokio::sync::Mutex::new(WriteState {
+                    staged,
+                    dirty: true,
+                    handles: 1,
+                    unlinked: false,
+                }),
+            }),
+        );
+        Ok(())
+    }
+
+    fn note_size(&self, ino: u64, size: u64) {
+        if let Some(n) = self.table.lock().get_mut(ino) {
+            n.attr.size = size;
+            n.attr.mtime = SystemTime::now();
+            n.attr.ctime = n.attr.mtime;
+        }
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let h = self.file_handle(fh)?;
+        let Handle::File(fhd) = &*h else {
+            unreachable!()
+        };
+        if let Some(of) = self.write_state(fhd.ino) {
+            let mut st = of.state.lock().await;
+            return Ok(st
+                .staged
+                .read(&*self.store, offset, u64::from(size))
+                .await?);
+        }
+        match self.read_object(fhd, offset, u64::from(size)).await {
+            Err(FsError::Stale) if !fhd.target.lock().as_ref().is_some_and(|t| t.served) => {
+                // The object changed between lookup and the first read:
+                // pin the current one and read that.
+                let ino = fhd.ino;
+                if let Some(n) = self.table.lock().get_mut(ino) {
+                    n.fresh_until = Some(std::time::Instant::now());
+                }
+                self.getattr(ino).await?;
+                let info = self.table.lock().get(ino).and_then(|n| n.object.clone());
+                if let (Some(o), Some(t)) = (info, fhd.target.lock().as_mut()) {
+                    t.pin = pin_of(&o);
+                    t.size = o.size;
+                }
+                self.read_object(fhd, offset, u64::from(size)).await
+            }
+            other => other,
+        }
+    }
+
+    /// Reads from the pinned object through the block cache, and starts
+    /// read-ahead when access is sequential.
+    async fn read_object(&self, fhd: &FileHandle, offset: u64, len: u64) -> FsResult<Bytes> {
+        let Some(target) = fhd.target.lock().clone() else {
+            return Ok(Bytes::new());
+        };
+        let end = (offset + len).min(target.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let bs = self.blocks.block_size();
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let window = {
+            let mut ra = fhd.readahead.lock();
+            ra.window_blocks = if offset == ra.next_offset && offset > 0 {
+                (ra.window_blocks * 2).clamp(1, self.cfg.readahead_max_blocks)
+            } else if offset == 0 {
+                1
+            } else {
+                0
+            };
+            ra.next_offset = end;
+            ra.window_blocks
+        };
+        let last_block = (target.size - 1) / bs;
+        for index in last + 1..=(last + window).min(last_block) {
+            let bk = BlockKey {
+                key: target.key.clone(),
+                pin: target.pin.clone(),
+                index,
+            };
+            if !self.blocks.contains(&bk) {
+                let (store, blocks, size) = (self.store.clone(), self.blocks.clone(), target.size);
+                tokio::spawn(async move {
+                    if let Err(e) = blocks.get(&*store, &bk, size).await {
+                        tracing::debug!(error = %e, "read-ahead failed");
+                    }
+                });
+            }
+        }
+        let parts = futures::future::try_join_all((first..=last).map(|index| {
+            let bk = BlockKey {
+                key: target.key.clone(),
+                pin: target.pin.clone(),
+                index,
+            };
+            let blocks = &self.blocks;
+            let store = &*self.store;
+            async move { blocks.get(store, &bk, target.size).await }
+        }))
+        .await?;
+        if let Some(t) = fhd.target.lock().as_mut() {
+            t.served = true;
+        }
+        if parts.len() == 1 {
+            let s = (offset - first * bs) as usize;
+            let e = (end - first * bs) as usize;
+            return Ok(parts[0].slice(s..e));
+        }
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (i, p) in parts.iter().enumerate() {
+            let block_start = (first + i as u64) * bs;
+            let s = offset.saturating_sub(block_start) as usize;
+            let e = ((end - block_start) as usize).min(p.len());
+            out.extend_from_slice(&p[s.min(e)..e]);
+        }
+        Ok(out.freeze())
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let h = self.file_handle(fh)?;
+        let Handle::File(fhd) = &*h else {
+            unreachable!()
+        };
+        if !fhd.writable {
+            return Err(FsError::BadHandle);
+        }
+        let of = self.write_state(fhd.ino).ok_or(FsError::BadHandle)?;
+        let mut st = of.state.lock().await;
+        st.staged.write(offset, data)?;
+        st.dirty = true;
+        self.note_size(fhd.ino, st.staged.size());
+        Ok(data.len() as u32)
+    }
+
+    /// Uploads the inode's dirty data, if any. The error is the upload's.
+    async fn upload_if_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
+        if !st.dirty || st.unlinked {
+            return Ok(());
+        }
+        let (path, attr) = {
+            let t = self.table.lock();
+            let n = t.get(ino).ok_or(FsError::NotFound)?;
+            (n.path().unwrap_or_default().to_string(), n.attr.clone())
+        };
+        let key = self.key_of(&path);
+        let meta = attr.to_metadata();
+        let put = st
+            .staged
+            .upload(&*self.store, &key, &meta, &self.cfg.upload)
+            .await?;
+        st.dirty = false;
+        st.staged.rebase(&key, put.etag.clone());
+        let info = ObjectInfo {
+            key,
+            size: st.staged.size(),
+            etag: put.etag,
+            last_modified: SystemTime::now(),
+            version_id: put.version_id,
+            storage_class: None,
+            metadata: Some(meta),
+        };
+        let fresh = self.fresh_until();
+        if let Some(n) = self.table.lock().get_mut(ino) {
+            n.object = Some(info);
+            n.fresh_until = fresh;
+        }
+        Ok(())
+    }
+
+    /// `close()` of any descriptor: upload what is dirty.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let h = self.file_handle(fh)?;
+        let Handle::File(fhd) = &*h else {
+            unreachable!()
+        };
+        if let Some(of) = self.write_state(fhd.ino) {
+            let mut st = of.state.lock().await;
+            let r = self.upload_if_dirty(fhd.ino, &mut st).await;
+            if let Err(e) = &r {
+                warn!(ino = fhd.ino, error = %e, "upload on close failed; data kept for retry");
+            }
+            return r;
+        }
+        Ok(())
+    }
+
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh).await
+    }
+
+    /// The last reference to a handle is gone.
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let h = self.handles.lock().remove(&fh).ok_or(FsError::BadHandle)?;
+        let Handle::File(fhd) = &*h else {
+            return Ok(());
+        };
+        if fhd.writable {
+            self.detach_writer(fhd.ino).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops one writer; the last one uploads and ends the write state.
+    pub(super) async fn detach_writer(&self, ino: u64) -> FsResult<()> {
+        let Some(of) = self.write_state(ino) else {
+            return Ok(());
+        };
+        let mut st = of.state.lock().await;
+        st.handles = st.handles.saturating_sub(1);
+        if st.handles > 0 {
+            return Ok(());
+        }
+        let r = self.upload_if_dirty(ino, &mut st).await;
+        if let Err(e) = &r {
+            let path = self
+                .table
+                .lock()
+                .get(ino)
+                .and_then(|n| n.path().map(str::to_string));
+            error!(ino, path = ?path, error = %e, "data could not be uploaded and is lost");
+        }
+        self.writes.lock().remove(&ino);
+        r
+    }
+
+    /// Truncates or extends a file, open or not.
+    pub(super) async fn set_size(&self, ino: u64, size: u64) -> FsResult<()> {
+        if let Some(of) = self.write_state(ino) {
+            let mut st = of.state.lock().await;
+            st.staged.truncate(size)?;
+            st.dirty = true;
+            self.note_size(ino, size);
+            return Ok(());
+        }
+        self.attach_writer(ino, size == 0).await?;
+        let r = async {
+            let of = self.write_state(ino).ok_or(FsError::BadHandle)?;
+            let mut st = of.state.lock().await;
+            st.staged.truncate(size)?;
+            st.dirty = true;
+            self.note_size(ino, size);
+            Ok::<_, FsError>(())
+        }
+        .await;
+        let detached = self.detach_writer(ino).await;
+        r.and(detached)
+    }
+
+    /// Applies metadata changes to a file with write state: they are
+    /// uploaded with its data.
+    pub(super) async fn mark_dirty_if_open(&self, ino: u64) -> bool {
+        match self.write_state(ino) {
+            Some(of) => {
+                of.state.lock().await.dirty = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Uploads an open file's dirty data now (before a rename).
+    pub(super) async fn sync_ino(&self, ino: u64) -> FsResult<()> {
+        if let Some(of) = self.write_state(ino) {
+            let mut st = of.state.lock().await;
+            self.upload_if_dirty(ino, &mut st).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops a removed file's pending upload.
+    pub(super) async fn mark_unlinked(&self, ino: u64) {
+        if let Some(of) = self.write_state(ino) {
+            of.state.lock().await.unlinked = true;
+        }
+    }
+
+    /// Whether this mount holds dirty data in or below a directory.
+    pub(super) fn pending_below(&self, dir: &str) -> bool {
+        let prefix = format!("{dir}/");
+        let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
+        let t = self.table.lock();
+        inos.iter().any(|i| {
+            t.get(*i)
+                .and_then(|n| n.path())
+                .is_some_and(|p| p.starts_with(&prefix))
+        })
+    }
+
+    /// Uploads every dirty file (unmount, SIGTERM). Returns the paths that
+    /// could not be uploaded.
+    pub async fn sync_all(&self) -> Vec<String> {
+        let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
+        let mut failed = Vec::new();
+        for ino in inos {
+            if let Err(e) = self.sync_ino(ino).await {
+                let path = self
+                    .table
+                    .lock()
+                    .get(ino)
+                    .and_then(|n| n.path().map(str::to_string));
+                error!(ino, path = ?path, error = %e, "could not upload at shutdown");
+                failed.push(path.unwrap_or_else(|| format!("inode {ino}")));
+            }
+        }
+        failed
+    }
+
+    /// Files with data not yet in S3, for `status`.
+    pub fn dirty_count(&self) -> usize {
+        self.writes.lock().len()
+    }
+
+    /// The attributes shown for an inode that has write state.
+    pub(super) fn attr_now(&self, ino: u64) -> FsResult<Attr> {
+        self.table
+            .lock()
+            .get(ino)
+            .map(|n| n.attr.clone())
+            .ok_or(FsError::NotFound)
+    }
+}

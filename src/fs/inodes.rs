@@ -1,0 +1,249 @@
+//! The inode table: inode numbers ⇄ nodes (a path below the mount root, or
+//! a node of the `.versions/` tree), with the attributes last seen, how long
+//! they stay fresh, and the kernel's lookup count.
+//!
+//! Inode numbers are never reused within a mount. An entry is dropped when
+//! the kernel forgets it (lookup count 0) or when its object is removed.
+//! Callers hold the table's lock only for short sections, never across an
+//! `.await`.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::attr::{Attr, FileKind};
+use crate::store::ObjectInfo;
+
+pub const ROOT_INO: u64 = 1;
+
+/// What a node is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum NodeKey {
+    /// A file or directory at this path below the mount root ("" = root).
+    Path(String),
+    /// `DIR/.versions`.
+    Versions(String),
+    /// `DIR/.versions/NAME`: the versions of the key `DIR/NAME`.
+    VersionsOf(String),
+    /// One version (or delete marker) of a key.
+    Version { path: String, version_id: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct Inode {
+    pub key: NodeKey,
+    pub parent: u64,
+    pub attr: Attr,
+    /// The object behind a file (None for directories without a marker).
+    pub object: Option<ObjectInfo>,
+    /// Whether a `dir/` marker object exists for a directory.
+    pub dir_marker: bool,
+    /// When the attributes must be checked again; `None` = never (versions).
+    pub fresh_until: Option<Instant>,
+    pub lookups: u64,
+    /// Target of a symlink, once read.
+    pub symlink_target: Option<String>,
+}
+
+impl Inode {
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        self.fresh_until.is_none_or(|t| now < t)
+    }
+
+    pub fn path(&self) -> Option<&str> {
+        match &self.key {
+            NodeKey::Path(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct InodeTable {
+    next: u64,
+    by_ino: HashMap<u64, Inode>,
+    by_key: HashMap<NodeKey, u64>,
+    /// Paths known not to exist, until the instant given.
+    negative: HashMap<String, Instant>,
+}
+
+impl InodeTable {
+    pub fn new(root: Attr) -> Self {
+        let mut t = InodeTable {
+            next: ROOT_INO + 1,
+            by_ino: HashMap::new(),
+            by_key: HashMap::new(),
+            negative: HashMap::new(),
+        };
+        let key = NodeKey::Path(String::new());
+        t.by_key.insert(key.clone(), ROOT_INO);
+        t.by_ino.insert(
+            ROOT_INO,
+            Inode {
+                key,
+                parent: ROOT_INO,
+                attr: root,
+                object: None,
+                dir_marker: false,
+                fresh_until: None,
+                lookups: 1,
+                symlink_target: None,
+            },
+        );
+        t
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Inode> {
+        self.by_ino.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Inode> {
+        self.by_ino.get_mut(&ino)
+    }
+
+    pub fn find(&self, key: &NodeKey) -> Option<u64> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Inserts or refreshes the node at `key`, keeping its inode number if it
+    /// has one. Returns the inode number.
+    pub fn upsert(
+        &mut self,
+        key: NodeKey,
+        parent: u64,
+        mut attr: Attr,
+        object: Option<ObjectInfo>,
+        fresh_until: Option<Instant>,
+    ) -> u64 {
+        if let NodeKey::Path(p) = &key {
+            self.negative.remove(p);
+        }
+        if let Some(&ino) = self.by_key.get(&key) {
+            let node = self.by_ino.get_mut(&ino).expect("by_key and by_ino agree");
+            attr.ino = ino;
+            if node.attr.kind != attr.kind {
+                node.symlink_target = None;
+            }
+            node.attr = attr;
+            node.object = object;
+            node.fresh_until = fresh_until;
+            node.parent = parent;
+            return ino;
+        }
+        let ino = self.next;
+        self.next += 1;
+        attr.ino = ino;
+        self.by_key.insert(key.clone(), ino);
+        self.by_ino.insert(
+            ino,
+            Inode {
+                key,
+                parent,
+                attr,
+                object,
+                dir_marker: false,
+                fresh_until,
+                lookups: 0,
+                symlink_target: None,
+            },
+        );
+        ino
+    }
+
+    /// Unlinks a path: the inode stays (open handles and the kernel may
+    /// still refer to it) but no longer answers to its path.
+    pub fn remove_path(&mut self, path: &str, negative_until: Instant) {
+        self.by_key.remove(&NodeKey::Path(path.to_string()));
+        self.negative.insert(path.to_string(), negative_until);
+    }
+
+    pub fn is_negative(&self, path: &str, now: Instant) -> bool {
+        self.negative.get(path).is_some_and(|&t| now < t)
+    }
+
+    pub fn set_negative(&mut self, path: &str, until: Instant) {
+        self.negative.insert(path.to_string(), until);
+    }
+
+    /// Moves a node and everything below it from `from` to `to`.
+    pub fn rename(&mut self, from: &str, to: &str, new_parent: u64) {
+        // Whatever was at the destination is replaced.
+        self.by_key.remove(&NodeKey::Path(to.to_string()));
+        let below = format!("{from}/");
+        let moved: Vec<(NodeKey, u64)> = self
+            .by_key
+            .iter()
+            .filter(|(k, _)| matches!(k, NodeKey::Path(p) if p == from || p.starts_with(&below)))
+            .map(|(k, &i)| (k.clone(), i))
+            .collect();
+        for (k, ino) in moved {
+            self.by_key.remove(&k);
+            let NodeKey::Path(p) = k else { continue };
+            let new_path = format!("{to}{}", &p[from.len()..]);
+            self.by_key.insert(NodeKey::Path(new_path.clone()), ino);
+            if let Some(node) = self.by_ino.get_mut(&ino) {
+                node.key = NodeKey::Path(new_path);
+                if p == from {
+                    node.parent = new_parent;
+                }
+            }
+        }
+        self.negative.remove(to);
+        self.negative.insert(from.to_string(), Instant::now());
+    }
+
+    /// Marks everything below `dir` stale, so it is looked up again.
+    pub fn expire_below(&mut self, dir: &str) {
+        let below = format!("{dir}/");
+        let now = Instant::now();
+        for n in self.by_ino.values_mut() {
+            if matches!(&n.key, NodeKey::Path(p) if p.starts_with(&below)) {
+                n.fresh_until = Some(now);
+            }
+        }
+    }
+
+    /// Adds kernel references (a lookup reply).
+    pub fn add_lookup(&mut self, ino: u64) {
+        if let Some(n) = self.by_ino.get_mut(&ino) {
+            n.lookups += 1;
+        }
+    }
+
+    /// Drops kernel references; forgets the inode at zero unless `pinned`.
+    pub fn forget(&mut self, ino: u64, n: u64, pinned: bool) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let Some(node) = self.by_ino.get_mut(&ino) else {
+            return;
+        };
+        node.lookups = node.lookups.saturating_sub(n);
+        if node.lookups == 0 && !pinned {
+            let node = self.by_ino.remove(&ino).expect("present");
+            if self.by_key.get(&node.key) == Some(&ino) {
+                self.by_key.remove(&node.key);
+            }
+        }
+    }
+
+    /// Paths of the nodes directly in directory `dir`, of the given kind.
+    pub fn children_of(&self, dir_ino: u64) -> impl Iterator<Item = (&str, &Inode)> {
+        self.by_ino.values().filter_map(move |n| match &n.key {
+            NodeKey::Path(p) if n.parent == dir_ino && !p.is_empty() => Some((p.as_str(), n)),
+            _ => None,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_ino.is_empty()
+    }
+}
+
+/// Whether two kinds are the same "is it a directory" side.
+pub fn both_dirs_or_files(a: FileKind, b: FileKind) -> bool {
+    (a == FileKind::Dir) == (b == FileKind::Dir)
+}

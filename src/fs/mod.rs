@@ -1,0 +1,624 @@
+//! The filesystem core: what a path, a directory, a file handle mean over a
+//! bucket. It knows nothing of FUSE (the adapter in `fuse.rs` calls these
+//! `async fn`s) and nothing of the SDK (it talks to `dyn ObjectStore`).
+//!
+//! - `inodes`: inode numbers ⇄ paths, attributes with a TTL, lookup counts.
+//! - `files`: open handles, reads through the block cache, the write-back
+//!   state of files open for writing.
+//! - `namespace`: create, mkdir, unlink, rmdir, rename, symlink, setattr.
+//! - `versions`: the read-only `.versions/` tree and point-in-time mounts.
+//!
+//! Lock order: `table` before `handles` before `writes`; each is a
+//! `parking_lot` lock held for a few map operations, never across `.await`.
+//! A file's write state has its own async lock, which may be held across an
+//! upload; it is taken after (never while holding) the maps' locks.
+
+pub mod attr;
+mod files;
+pub mod inodes;
+pub mod names;
+mod namespace;
+mod versions;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use tracing::debug;
+
+pub use attr::{Attr, Defaults, FileKind};
+pub use files::SetAttr;
+use files::{Handle, OpenFile};
+use inodes::{InodeTable, NodeKey, ROOT_INO};
+use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
+pub use namespace::Creator;
+
+use crate::cache::block::BlockCache;
+use crate::store::{ObjectInfo, ObjectStore, StoreError};
+use crate::write::{UploadOptions, WriteError};
+
+/// Everything the core needs to know about a mount.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// Key prefix shown as the root ("" or ending with `/`).
+    pub root_prefix: String,
+    pub defaults: Defaults,
+    /// How long attributes and listings are trusted.
+    pub metadata_ttl: Duration,
+    pub read_only: bool,
+    /// Where dirty files are staged.
+    pub staging_dir: PathBuf,
+    pub block_size_bytes: u64,
+    pub mem_cache_bytes: u64,
+    /// Read-ahead grows up to this many blocks per handle.
+    pub readahead_max_blocks: u64,
+    pub upload: UploadOptions,
+    /// Whether readdir lists `.versions`.
+    pub versions_visible: bool,
+    /// Show the bucket as it was at this moment (read-only).
+    pub as_of: Option<SystemTime>,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            root_prefix: String::new(),
+            defaults: Defaults {
+                uid: 0,
+                gid: 0,
+                file_perm: 0o644,
+                dir_perm: 0o755,
+            },
+            metadata_ttl: Duration::from_secs(5),
+            read_only: false,
+            staging_dir: std::env::temp_dir().join("bucketfs-staging"),
+            block_size_bytes: 1024 * 1024,
+            mem_cache_bytes: 64 * 1024 * 1024,
+            readahead_max_blocks: 16,
+            upload: UploadOptions {
+                part_size_bytes: 8 * 1024 * 1024,
+                concurrency: 8,
+            },
+            versions_visible: false,
+            as_of: None,
+        }
+    }
+}
+
+/// The core's errors; `error.rs` maps each to an errno.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FsError {
+    NotFound,
+    Exists,
+    NotEmpty,
+    NotDir,
+    IsDir,
+    NameTooLong,
+    /// A name that cannot be a key component (`.`, `..`, not UTF-8).
+    InvalidName,
+    /// An argument that makes no sense (renaming a dir into itself...).
+    Invalid,
+    ReadOnly,
+    NotPermitted,
+    NotSupported,
+    /// No such extended attribute.
+    NoAttr,
+    /// A buffer too small for the reply (xattrs).
+    Range,
+    BadHandle,
+    /// The object changed under an open handle.
+    Stale,
+    /// A local I/O error (staging file), as an errno.
+    Io(i32),
+    Store(StoreError),
+}
+
+impl From<StoreError> for FsError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => FsError::NotFound,
+            StoreError::PreconditionFailed => FsError::Stale,
+            e => FsError::Store(e),
+        }
+    }
+}
+
+impl From<WriteError> for FsError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Io(e) => FsError::Io(e.raw_os_error().unwrap_or(libc::EIO)),
+            WriteError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<std::io::Error> for FsError {
+    fn from(e: std::io::Error) -> Self {
+        FsError::Io(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl std::fmt::Display for FsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsError::Store(e) => write!(f, "{e}"),
+            FsError::Io(n) => write!(f, "{}", std::io::Error::from_raw_os_error(*n)),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+/// One directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub name: String,
+    pub kind: FileKind,
+}
+
+/// What `statfs` reports: S3 has no size limit, so a large free size.
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// A node's attributes as the core resolved them from the bucket.
+struct Resolved {
+    attr: Attr,
+    object: Option<ObjectInfo>,
+    dir_marker: bool,
+}
+
+pub struct Fs {
+    store: Arc<dyn ObjectStore>,
+    cfg: FsConfig,
+    table: Mutex<InodeTable>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    writes: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    blocks: Arc<BlockCache>,
+    next_fh: AtomicU64,
+    odd: OddKeys,
+    versions: versions::VersionCache,
+    pub started: Instant,
+}
+
+impl Fs {
+    pub fn new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> Fs {
+        let root = Attr::implicit_dir(ROOT_INO, &cfg.defaults);
+        Fs {
+            blocks: Arc::new(BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)),
+            store,
+            table: Mutex::new(InodeTable::new(root)),
+            handles: Mutex::new(HashMap::new()),
+            writes: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            odd: OddKeys::default(),
+            versions: versions::VersionCache::default(),
+            started: Instant::now(),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn block_cache(&self) -> &BlockCache {
+        &self.blocks
+    }
+
+    fn read_only(&self) -> bool {
+        self.cfg.read_only || self.cfg.as_of.is_some()
+    }
+
+    fn key_of(&self, path: &str) -> String {
+        format!("{}{path}", self.cfg.root_prefix)
+    }
+
+    /// The prefix under which a directory's children live.
+    fn dir_prefix(&self, path: &str) -> String {
+        if path.is_empty() {
+            self.cfg.root_prefix.clone()
+        } else {
+            format!("{}{path}/", self.cfg.root_prefix)
+        }
+    }
+
+    fn fresh_until(&self) -> Option<Instant> {
+        Some(Instant::now() + self.cfg.metadata_ttl)
+    }
+
+    /// The node key of an inode.
+    fn node_key(&self, ino: u64) -> FsResult<NodeKey> {
+        self.table
+            .lock()
+            .get(ino)
+            .map(|n| n.key.clone())
+            .ok_or(FsError::NotFound)
+    }
+
+    /// The path of a directory inode (not a `.versions` node).
+    fn dir_path(&self, ino: u64) -> FsResult<String> {
+        let t = self.table.lock();
+        let n = t.get(ino).ok_or(FsError::NotFound)?;
+        match &n.key {
+            NodeKey::Path(p) if n.attr.kind == FileKind::Dir => Ok(p.clone()),
+            NodeKey::Path(_) => Err(FsError::NotDir),
+            _ => Err(FsError::ReadOnly),
+        }
+    }
+
+    /// Fails with EROFS for nodes nothing may change (read-only mount,
+    /// anything under `.versions`).
+    pub fn check_writable(&self, ino: u64) -> FsResult<()> {
+        match self.node_key(ino)? {
+            NodeKey::Path(_) if !self.read_only() => Ok(()),
+            _ => Err(FsError::ReadOnly),
+        }
+    }
+
+    fn has_write_state(&self, ino: u64) -> bool {
+        self.writes.lock().contains_key(&ino)
+    }
+
+    // ---------------------------------------------------------------- lookup
+
+    /// Looks `name` up in directory `parent`; counts a kernel reference.
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let name = check_name(name)?;
+        let attr = match self.node_key(parent)? {
+            NodeKey::Path(dir) if name == VERSIONS_DIR => {
+                self.getattr(parent).await?;
+                self.versions_root(parent, &dir)?
+            }
+            NodeKey::Path(dir) => {
+                if self.getattr(parent).await?.kind != FileKind::Dir {
+                    return Err(FsError::NotDir);
+                }
+                self.lookup_path(parent, join(&dir, name)).await?
+            }
+            other => self.versions_lookup(parent, other, name).await?,
+        };
+        self.table.lock().add_lookup(attr.ino);
+        Ok(attr)
+    }
+
+    /// The attributes at `path`, from the table while fresh, else from S3.
+    async fn lookup_path(&self, parent: u64, path: String) -> FsResult<Attr> {
+        check_key(&self.key_of(&path))?;
+        let now = Instant::now();
+        {
+            let t = self.table.lock();
+            if let Some(ino) = t.find(&NodeKey::Path(path.clone())) {
+                let n = t.get(ino).expect("found");
+                if n.is_fresh(now) || self.has_write_state(ino) {
+                    return Ok(n.attr.clone());
+                }
+            } else if t.is_negative(&path, now) {
+                return Err(FsError::NotFound);
+            }
+        }
+        match self.resolve(&path).await? {
+            Some(r) => Ok(self.remember(parent, path, r)),
+            None => {
+                let mut t = self.table.lock();
+                // A file created meanwhile by this mount still exists.
+                if let Some(ino) = t.find(&NodeKey::Path(path.clone()))
+                    && self.has_write_state(ino)
+                {
+                    return Ok(t.get(ino).expect("found").attr.clone());
+                }
+                t.remove_path(&path, now + self.cfg.metadata_ttl);
+                Err(FsError::NotFound)
+            }
+        }
+    }
+
+    fn remember(&self, parent: u64, path: String, r: Resolved) -> Attr {
+        let mut t = self.table.lock();
+        let fresh = self.fresh_until();
+        let ino = t.upsert(NodeKey::Path(path), parent, r.attr, r.object, fresh);
+        let n = t.get_mut(ino).expect("just inserted");
+        n.dir_marker = r.dir_marker;
+        n.attr.clone()
+    }
+
+    /// Asks S3 what is at `path`: a file (HEAD), a directory (a marker or
+    /// any key below the prefix), or nothing. A directory wins over a file
+    /// of the same name.
+    async fn resolve(&self, path: &str) -> FsResult<Option<Resolved>> {
+        if self.cfg.as_of.is_some() {
+            return self.resolve_as_of(path).await;
+        }
+        let key = self.key_of(path);
+        let prefix = format!("{key}/");
+        let (head, list) = tokio::join!(
+            self.store.head(&key, None),
+            self.store.list(&prefix, Some("/"), None, Some(1))
+        );
+        let list = list?;
+        let d = &self.cfg.defaults;
+        if !list.objects.is_empty() || !list.prefixes.is_empty() {
+            let marker = list.objects.first().is_some_and(|o| o.key == prefix);
+            if marker && let Ok(info) = self.store.head(&prefix, None).await {
+                let attr = Attr::from_object(0, &info, true, d);
+                return Ok(Some(Resolved {
+                    attr,
+                    object: Some(info),
+                    dir_marker: true,
+                }));
+            }
+            if let Ok(info) = &head {
+                self.odd
+                    .skipped(&info.key, "a directory of the same name hides this file");
+            }
+            return Ok(Some(Resolved {
+                attr: Attr::implicit_dir(0, d),
+                object: None,
+                dir_marker: false,
+            }));
+        }
+        match head {
+            Ok(info) => Ok(Some(Resolved {
+                attr: Attr::from_object(0, &info, false, d),
+                object: Some(info),
+                dir_marker: false,
+            })),
+            Err(StoreError::NotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Current attributes of an inode.
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let (key, parent, fresh, attr) = {
+            let t = self.table.lock();
+            let n = t.get(ino).ok_or(FsError::NotFound)?;
+            (
+                n.key.clone(),
+                n.parent,
+                n.is_fresh(Instant::now()),
+                n.attr.clone(),
+            )
+        };
+        if fresh || ino == ROOT_INO || self.has_write_state(ino) {
+            return Ok(attr);
+        }
+        match key {
+            NodeKey::Path(path) => {
+                let attr = self.lookup_path_stale(parent, path).await?;
+                Ok(attr)
+            }
+            _ => Ok(attr),
+        }
+    }
+
+    /// Re-reads attributes of a path whose table entry went stale.
+    async fn lookup_path_stale(&self, parent: u64, path: String) -> FsResult<Attr> {
+        match self.resolve(&path).await? {
+            Some(r) => Ok(self.remember(parent, path, r)),
+            None => {
+                let until = Instant::now() + self.cfg.metadata_ttl;
+                self.table.lock().remove_path(&path, until);
+                Err(FsError::NotFound)
+            }
+        }
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        let pinned = self.has_write_state(ino);
+        self.table.lock().forget(ino, n, pinned);
+    }
+
+    // ------------------------------------------------------------- listing
+
+    /// Every entry of a directory, "." and ".." first.
+    pub async fn list(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let (key, parent) = {
+            let t = self.table.lock();
+            let n = t.get(ino).ok_or(FsError::NotFound)?;
+            if n.attr.kind != FileKind::Dir {
+                return Err(FsError::NotDir);
+            }
+            (n.key.clone(), n.parent)
+        };
+        let mut out = vec![
+            DirEntry {
+                ino,
+                name: ".".into(),
+                kind: FileKind::Dir,
+            },
+            DirEntry {
+                ino: parent,
+                name: "..".into(),
+                kind: FileKind::Dir,
+            },
+        ];
+        match key {
+            NodeKey::Path(dir) => {
+                if self.cfg.versions_visible {
+                    let a = self.versions_root(ino, &dir)?;
+                    out.push(DirEntry {
+                        ino: a.ino,
+                        name: VERSIONS_DIR.into(),
+                        kind: FileKind::Dir,
+                    });
+                }
+                out.extend(self.list_dir(ino, &dir).await?);
+            }
+            other => out.extend(self.versions_list(ino, other).await?),
+        }
+        Ok(out)
+    }
+
+    /// Lists a directory with ListObjectsV2 (`/` delimiter, paginated) and
+    /// remembers each child's attributes, so `stat` after `readdir` needs
+    /// no request.
+    async fn list_dir(&self, ino: u64, dir: &str) -> FsResult<Vec<DirEntry>> {
+        let prefix = self.dir_prefix(dir);
+        let (files, dirs) = if self.cfg.as_of.is_some() {
+            self.list_as_of(&prefix).await?
+        } else {
+            let mut files = Vec::new();
+            let mut dirs = Vec::new();
+            let mut token = None;
+            loop {
+                let page = self.store.list(&prefix, Some("/"), token, None).await?;
+                files.extend(page.objects);
+                dirs.extend(page.prefixes);
+                token = page.next_token;
+                if token.is_none() {
+                    break;
+                }
+            }
+            (files, dirs)
+        };
+        let mut dir_names: HashMap<String, ()> = HashMap::new();
+        for p in &dirs {
+            let name = &p[prefix.len()..p.len() - 1];
+            if showable(name) {
+                dir_names.insert(name.to_string(), ());
+            } else {
+                self.odd.skipped(p, "not a valid directory name");
+            }
+        }
+        let now_fresh = self.fresh_until();
+        let d = self.cfg.defaults;
+        let mut out = Vec::with_capacity(files.len() + dir_names.len());
+        let mut t = self.table.lock();
+        let writes = self.writes.lock();
+        for o in files {
+            let name = o.key[prefix.len()..].to_string();
+            let name = name.as_str();
+            if name.is_empty() {
+                continue; // this directory's own marker
+            }
+            if !showable(name) {
+                self.odd.skipped(&o.key, "not a valid file name");
+                continue;
+            }
+            if dir_names.contains_key(name) {
+                self.odd
+                    .skipped(&o.key, "a directory of the same name hides this file");
+                continue;
+            }
+            let path = join(dir, name);
+            let existing = t.find(&NodeKey::Path(path.clone()));
+            if let Some(i) = existing.filter(|i| writes.contains_key(i)) {
+                let kind = t.get(i).expect("found").attr.kind;
+                out.push(DirEntry {
+                    ino: i,
+                    name: name.to_string(),
+                    kind,
+                });
+                continue;
+            }
+            // Keep metadata learnt by HEAD while the object is the same.
+            let known = existing
+                .and_then(|i| t.get(i))
+                .and_then(|n| n.object.clone())
+                .filter(|k| k.etag == o.etag && k.metadata.is_some());
+            let info = known.unwrap_or(o);
+            let attr = Attr::from_object(0, &info, false, &d);
+            let kind = attr.kind;
+            let i = t.upsert(NodeKey::Path(path), ino, attr, Some(info), now_fresh);
+            out.push(DirEntry {
+                ino: i,
+                name: name.to_string(),
+                kind,
+            });
+        }
+        for name in dir_names.into_keys() {
+            let path = join(dir, &name);
+            let i = match t.find(&NodeKey::Path(path.clone())) {
+                Some(i) if t.get(i).is_some_and(|n| n.attr.kind == FileKind::Dir) => {
+                    if let Some(n) = t.get_mut(i) {
+                        n.fresh_until = n.fresh_until.max(now_fresh);
+                    }
+                    i
+                }
+                _ => t.upsert(
+                    NodeKey::Path(path),
+                    ino,
+                    Attr::implicit_dir(0, &d),
+                    None,
+                    now_fresh,
+                ),
+            };
+            out.push(DirEntry {
+                ino: i,
+                name,
+                kind: FileKind::Dir,
+            });
+        }
+        // Files this mount created that are not uploaded yet.
+        let listed: std::collections::HashSet<u64> = out.iter().map(|e| e.ino).collect();
+        for (path, n) in t.children_of(ino) {
+            if writes.contains_key(&n.attr.ino) && !listed.contains(&n.attr.ino) {
+                let name = path.rsplit('/').next().unwrap_or(path).to_string();
+                out.push(DirEntry {
+                    ino: n.attr.ino,
+                    name,
+                    kind: n.attr.kind,
+                });
+            }
+        }
+        drop(writes);
+        drop(t);
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        debug!(dir, entries = out.len(), "listed");
+        Ok(out)
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        const BLOCK: u32 = 4096;
+        let blocks = (1u64 << 50) / u64::from(BLOCK);
+        StatFs {
+            blocks,
+            bfree: blocks,
+            files: 1 << 32,
+            ffree: 1 << 32,
+            bsize: BLOCK,
+            namelen: names::MAX_NAME_BYTES as u32,
+        }
+    }
+
+    /// Opens a directory handle over a snapshot of its entries.
+    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let entries = self.list(ino).await?;
+        Ok(self.new_handle(Handle::Dir(entries)))
+    }
+
+    /// Entries of an open directory from `offset` on.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        let h = self
+            .handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        match &*h {
+            Handle::Dir(entries) => Ok(entries.iter().skip(offset as usize).cloned().collect()),
+            Handle::File(_) => Err(FsError::BadHandle),
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+}

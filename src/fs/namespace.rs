@@ -1,0 +1,486 @@
+//! Changes to the tree: create, mknod, mkdir, symlink, unlink, rmdir,
+//! rename, setattr.
+//!
+//! A directory is a prefix; `mkdir` writes the `dir/` marker object,
+//! `rmdir` deletes it and refuses while any key lies below. A rename is
+//! CopyObject + DeleteObject per key: not atomic, as on every S3
+//! filesystem; a directory is renamed key by key.
+
+use std::ffi::OsStr;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use super::files::{Handle, SetAttr};
+use super::inodes::NodeKey;
+use super::names::{check_key, check_name, join};
+use super::{Attr, FileKind, Fs, FsError, FsResult};
+use crate::store::{Metadata, ObjectInfo, PutBody, ReadPin, StoreError};
+
+/// Renames of a directory copy this many keys at once.
+const RENAME_CONCURRENCY: usize = 8;
+
+/// Who is creating a node, and with which mode.
+#[derive(Clone, Copy, Debug)]
+pub struct Creator {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub umask: u32,
+}
+
+impl Fs {
+    /// The parent directory and the new path, checked for writing.
+    fn new_child(&self, parent: u64, name: &OsStr) -> FsResult<String> {
+        let name = check_name(name)?;
+        if name == super::names::VERSIONS_DIR {
+            return Err(FsError::ReadOnly);
+        }
+        let dir = self.dir_path(parent)?;
+        if self.read_only() {
+            return Err(FsError::ReadOnly);
+        }
+        let path = join(&dir, name);
+        check_key(&self.key_of(&path))?;
+        Ok(path)
+    }
+
+    async fn ensure_absent(&self, parent: u64, path: &str) -> FsResult<()> {
+        match self.lookup_path(parent, path.to_string()).await {
+            Ok(_) => Err(FsError::Exists),
+            Err(FsError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn new_attr(&self, kind: FileKind, c: Creator, size: u64) -> Attr {
+        let now = SystemTime::now();
+        Attr {
+            ino: 0,
+            kind,
+            size,
+            perm: (c.mode & !c.umask & 0o7777) as u16,
+            uid: c.uid,
+            gid: c.gid,
+            rdev: 0,
+            mtime: now,
+            ctime: now,
+        }
+    }
+
+    fn insert_node(
+        &self,
+        parent: u64,
+        path: String,
+        attr: Attr,
+        object: Option<ObjectInfo>,
+    ) -> Attr {
+        let fresh = self.fresh_until();
+        let mut t = self.table.lock();
+        let ino = t.upsert(NodeKey::Path(path), parent, attr, object, fresh);
+        t.add_lookup(ino);
+        t.get(ino).expect("inserted").attr.clone()
+    }
+
+    fn object_info(
+        key: String,
+        size: u64,
+        meta: Metadata,
+        etag: String,
+        version: Option<String>,
+    ) -> ObjectInfo {
+        ObjectInfo {
+            key,
+            size,
+            etag,
+            last_modified: SystemTime::now(),
+            version_id: version,
+            storage_class: None,
+            metadata: Some(meta),
+        }
+    }
+
+    /// Creates and opens a regular file. It exists for `stat` at once and
+    /// is uploaded (even if empty) when closed.
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        c: Creator,
+        flags: i32,
+    ) -> FsResult<(Attr, u64)> {
+        let path = self.new_child(parent, name)?;
+        if flags & libc::O_EXCL != 0 {
+            self.ensure_absent(parent, &path).await?;
+        }
+        let existing = self.table.lock().find(&NodeKey::Path(path.clone()));
+        if let Some(ino) = existing {
+            // The kernel's view was stale: the file exists. Open it truncated.
+            self.table.lock().add_lookup(ino);
+            let fh = self.open(ino, flags | libc::O_TRUNC).await?;
+            return Ok((self.attr_now(ino)?, fh));
+        }
+        let attr = self.insert_node(parent, path, self.new_attr(FileKind::File, c, 0), None);
+        self.start_new_file(attr.ino)?;
+        let fh = self.new_handle(Handle::File(super::files::FileHandle::writer(attr.ino)));
+        Ok((attr, fh))
+    }
+
+    /// mknod: a regular file is an empty object; a FIFO, socket or device
+    /// is an empty object whose mode and rdev live in the metadata.
+    pub async fn mknod(&self, parent: u64, name: &OsStr, c: Creator, rdev: u32) -> FsResult<Attr> {
+        let path = self.new_child(parent, name)?;
+        self.ensure_absent(parent, &path).await?;
+        let kind = FileKind::from_mode(c.mode);
+        if kind == FileKind::Dir || kind == FileKind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        let mut attr = self.new_attr(kind, c, 0);
+        attr.rdev = rdev;
+        self.put_node(parent, path, attr, Bytes::new()).await
+    }
+
+    async fn put_node(&self, parent: u64, path: String, attr: Attr, body: Bytes) -> FsResult<Attr> {
+        let key = if attr.kind == FileKind::Dir {
+            format!("{}/", self.key_of(&path))
+        } else {
+            self.key_of(&path)
+        };
+        let meta = attr.to_metadata();
+        let size = body.len() as u64;
+        let put = self.store.put(&key, PutBody::Bytes(body), &meta).await?;
+        let info = Self::object_info(key, size, meta, put.etag, put.version_id);
+        let is_dir = attr.kind == FileKind::Dir;
+        let a = self.insert_node(parent, path, attr, Some(info));
+        if is_dir && let Some(n) = self.table.lock().get_mut(a.ino) {
+            n.dir_marker = true;
+        }
+        Ok(a)
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &OsStr, c: Creator) -> FsResult<Attr> {
+        let path = self.new_child(parent, name)?;
+        self.ensure_absent(parent, &path).await?;
+        let attr = self.new_attr(FileKind::Dir, c, 0);
+        self.put_node(parent, path, attr, Bytes::new()).await
+    }
+
+    /// A symlink is an object whose body is the target, with S_IFLNK in
+    /// its mode (s3fs-fuse's convention).
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &str,
+        c: Creator,
+    ) -> FsResult<Attr> {
+        let path = self.new_child(parent, name)?;
+        self.ensure_absent(parent, &path).await?;
+        let attr = self.new_attr(
+            FileKind::Symlink,
+            Creator {
+                mode: 0o777,
+                umask: 0,
+                ..c
+            },
+            target.len() as u64,
+        );
+        let a = self
+            .put_node(
+                parent,
+                path,
+                attr,
+                Bytes::copy_from_slice(target.as_bytes()),
+            )
+            .await?;
+        if let Some(n) = self.table.lock().get_mut(a.ino) {
+            n.symlink_target = Some(target.to_string());
+        }
+        Ok(a)
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<String> {
+        let attr = self.getattr(ino).await?;
+        if attr.kind != FileKind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        let (cached, key) = {
+            let t = self.table.lock();
+            let n = t.get(ino).ok_or(FsError::NotFound)?;
+            (
+                n.symlink_target.clone(),
+                n.object.as_ref().map(|o| (o.key.clone(), o.etag.clone())),
+            )
+        };
+        if let Some(t) = cached {
+            return Ok(t);
+        }
+        let (key, etag) = key.ok_or(FsError::NotFound)?;
+        let body = self
+            .store
+            .get_range(&key, 0..attr.size, &ReadPin::Etag(etag))
+            .await?;
+        let target = String::from_utf8_lossy(&body).into_owned();
+        if let Some(n) = self.table.lock().get_mut(ino) {
+            n.symlink_target = Some(target.clone());
+        }
+        Ok(target)
+    }
+
+    /// Removes a file (not a directory).
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let path = self.new_child(parent, name)?;
+        let attr = self.lookup_path(parent, path.clone()).await?;
+        if attr.kind == FileKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let uploaded = self
+            .table
+            .lock()
+            .get(attr.ino)
+            .is_some_and(|n| n.object.is_some());
+        self.mark_unlinked(attr.ino).await;
+        if uploaded {
+            self.store.delete(&self.key_of(&path)).await?;
+        }
+        let until = Instant::now() + self.cfg.metadata_ttl;
+        self.table.lock().remove_path(&path, until);
+        Ok(())
+    }
+
+    /// Removes an empty directory.
+    pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let path = self.new_child(parent, name)?;
+        let attr = self.lookup_path(parent, path.clone()).await?;
+        if attr.kind != FileKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let prefix = format!("{}/", self.key_of(&path));
+        let page = self.store.list(&prefix, None, None, Some(2)).await?;
+        if page.objects.iter().any(|o| o.key != prefix) || self.pending_below(&path) {
+            return Err(FsError::NotEmpty);
+        }
+        if !page.objects.is_empty() {
+            self.store.delete(&prefix).await?;
+        }
+        let until = Instant::now() + self.cfg.metadata_ttl;
+        self.table.lock().remove_path(&path, until);
+        Ok(())
+    }
+
+    /// Renames a file or a directory tree. `noreplace` is RENAME_NOREPLACE.
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        noreplace: bool,
+    ) -> FsResult<()> {
+        let from = self.new_child(parent, name)?;
+        let to = self.new_child(new_parent, new_name)?;
+        let src = self.lookup_path(parent, from.clone()).await?;
+        let dst = match self.lookup_path(new_parent, to.clone()).await {
+            Ok(a) => Some(a),
+            Err(FsError::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        if from == to {
+            return Ok(());
+        }
+        if let Some(d) = &dst {
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            match (src.kind == FileKind::Dir, d.kind == FileKind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                _ => {}
+            }
+        }
+        if src.kind == FileKind::Dir {
+            if to.starts_with(&format!("{from}/")) {
+                return Err(FsError::Invalid);
+            }
+            if dst.is_some() {
+                let prefix = format!("{}/", self.key_of(&to));
+                let page = self.store.list(&prefix, None, None, Some(2)).await?;
+                if page.objects.iter().any(|o| o.key != prefix) || self.pending_below(&to) {
+                    return Err(FsError::NotEmpty);
+                }
+                self.store.delete(&prefix).await?;
+            }
+            self.rename_tree(&from, &to).await?;
+        } else {
+            // Whatever this mount still holds for the file goes up first.
+            self.sync_ino(src.ino).await?;
+            let uploaded = self
+                .table
+                .lock()
+                .get(src.ino)
+                .is_some_and(|n| n.object.is_some());
+            if uploaded {
+                let (fk, tk) = (self.key_of(&from), self.key_of(&to));
+                let put = self.store.copy(&fk, &tk, None, None).await?;
+                self.store.delete(&fk).await?;
+                if let Some(n) = self.table.lock().get_mut(src.ino)
+                    && let Some(o) = n.object.as_mut()
+                {
+                    o.key = tk;
+                    o.etag = put.etag;
+                    o.version_id = put.version_id;
+                }
+            }
+            if let Some(d) = dst {
+                self.mark_unlinked(d.ino).await;
+            }
+        }
+        let mut t = self.table.lock();
+        t.rename(&from, &to, new_parent);
+        if src.kind == FileKind::Dir {
+            // Cached objects below still name the old keys.
+            t.expire_below(&to);
+        }
+        Ok(())
+    }
+
+    /// Copies every key below `from/` to `to/`, then deletes the originals.
+    async fn rename_tree(&self, from: &str, to: &str) -> FsResult<()> {
+        let (src_prefix, dst_prefix) = (
+            format!("{}/", self.key_of(from)),
+            format!("{}/", self.key_of(to)),
+        );
+        // Dirty files below go up first, so their current bytes move.
+        let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
+        for ino in inos {
+            let below = self
+                .table
+                .lock()
+                .get(ino)
+                .and_then(|n| n.path())
+                .is_some_and(|p| p.starts_with(&format!("{from}/")));
+            if below {
+                self.sync_ino(ino).await?;
+            }
+        }
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.store.list(&src_prefix, None, token, None).await?;
+            keys.extend(page.objects.into_iter().map(|o| o.key));
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        let pairs: Vec<(String, String)> = keys
+            .iter()
+            .map(|k| (k.clone(), format!("{dst_prefix}{}", &k[src_prefix.len()..])))
+            .collect();
+        let copies = pairs.into_iter().map(|(src, dst)| {
+            let store = self.store.clone();
+            async move { store.copy(&src, &dst, None, None).await.map(|_| ()) }
+        });
+        futures::stream::iter(copies)
+            .buffer_unordered(RENAME_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
+        let deletes = keys.into_iter().map(|k| {
+            let store = self.store.clone();
+            async move {
+                match store.delete(&k).await {
+                    Err(StoreError::NotFound) => Ok(()),
+                    r => r,
+                }
+            }
+        });
+        futures::stream::iter(deletes)
+            .buffer_unordered(RENAME_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
+        Ok(())
+    }
+
+    /// chmod, chown, truncate, utimens.
+    pub async fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
+        let key = self.node_key(ino)?;
+        let NodeKey::Path(path) = key else {
+            return Err(FsError::ReadOnly);
+        };
+        if self.read_only() {
+            return Err(FsError::ReadOnly);
+        }
+        let attr = self.getattr(ino).await?;
+        if let Some(size) = s.size {
+            if attr.kind == FileKind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if attr.size != size || self.has_write_state(ino) {
+                self.set_size(ino, size).await?;
+            }
+        }
+        if s.mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.mtime.is_none() {
+            return self.attr_now(ino);
+        }
+        let new = {
+            let mut t = self.table.lock();
+            let n = t.get_mut(ino).ok_or(FsError::NotFound)?;
+            if let Some(m) = s.mode {
+                n.attr.perm = (m & 0o7777) as u16;
+            }
+            if let Some(u) = s.uid {
+                n.attr.uid = u;
+            }
+            if let Some(g) = s.gid {
+                n.attr.gid = g;
+            }
+            if let Some(t) = s.mtime {
+                n.attr.mtime = t;
+            }
+            n.attr.ctime = SystemTime::now();
+            n.attr.clone()
+        };
+        if self.mark_dirty_if_open(ino).await || path.is_empty() {
+            return Ok(new);
+        }
+        // Not open: store the new metadata on the object itself.
+        let meta = new.to_metadata();
+        let (object, marker) = {
+            let t = self.table.lock();
+            let n = t.get(ino).ok_or(FsError::NotFound)?;
+            (n.object.clone(), n.dir_marker)
+        };
+        let put = if new.kind == FileKind::Dir {
+            let key = format!("{}/", self.key_of(&path));
+            let r = if marker {
+                self.store.copy(&key, &key, Some(&meta), None).await?
+            } else {
+                self.store
+                    .put(&key, PutBody::Bytes(Bytes::new()), &meta)
+                    .await?
+            };
+            if let Some(n) = self.table.lock().get_mut(ino) {
+                n.dir_marker = true;
+            }
+            r
+        } else {
+            let key = self.key_of(&path);
+            self.store.copy(&key, &key, Some(&meta), None).await?
+        };
+        let size = object.as_ref().map_or(0, |o| o.size);
+        let okey = object.map_or_else(|| format!("{}/", self.key_of(&path)), |o| o.key);
+        let fresh = self.fresh_until();
+        if let Some(n) = self.table.lock().get_mut(ino) {
+            n.object = Some(Self::object_info(
+                okey,
+                size,
+                meta,
+                put.etag,
+                put.version_id,
+            ));
+            n.fresh_until = fresh;
+        }
+        Ok(new)
+    }
+}

@@ -1,0 +1,381 @@
+//! The `.versions/` tree and point-in-time (`as_of`) mounts.
+//!
+//! - `DIR/.versions/` lists one directory per name in DIR that has or had
+//!   versions (a deleted file included): one ListObjectVersions of DIR's
+//!   prefix with `/` as delimiter, paginated.
+//! - `DIR/.versions/NAME/` lists every version of the key `DIR/NAME`,
+//!   newest first, from ListObjectVersions with prefix = that key (pages
+//!   stop at the first other key, so `a` never shows `a.txt` or `a/b`).
+//! - A version file is named `<last-modified, RFC 3339, ms, UTC>~<version
+//!   id>`, with `%`, `/` and control characters of the id percent-encoded;
+//!   a delete marker gets the suffix `.deleted` and is empty. Names sort by
+//!   time, are unique, and carry the version's size and mtime.
+//! - Everything here is read-only; version files are immutable, so their
+//!   attributes and blocks are cached without a TTL.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+
+use super::inodes::NodeKey;
+use super::names::{join, showable};
+use super::{Attr, DirEntry, FileKind, Fs, FsError, FsResult, Resolved};
+use crate::store::{ObjectInfo, VersionInfo};
+
+const ID_ENCODE: &AsciiSet = &CONTROLS.add(b'%').add(b'/');
+const DELETED_SUFFIX: &str = ".deleted";
+const VERSIONS_PERM: u16 = 0o555;
+const VERSION_FILE_PERM: u16 = 0o444;
+
+/// A version list and when it was fetched.
+type Listed = (Instant, Arc<Vec<VersionInfo>>);
+
+/// Recent version lists, by path.
+#[derive(Debug, Default)]
+pub struct VersionCache {
+    lists: Mutex<HashMap<String, Listed>>,
+}
+
+/// The file name of one version.
+pub fn version_name(v: &VersionInfo) -> String {
+    let t = humantime::format_rfc3339_millis(v.last_modified);
+    let id = utf8_percent_encode(&v.version_id, ID_ENCODE);
+    let suffix = if v.delete_marker { DELETED_SUFFIX } else { "" };
+    format!("{t}~{id}{suffix}")
+}
+
+/// The version id in a version file name.
+pub fn version_id_of(name: &str) -> Option<String> {
+    let (_, id) = name.split_once('~')?;
+    let id = id.strip_suffix(DELETED_SUFFIX).unwrap_or(id);
+    percent_decode_str(id)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+impl Fs {
+    fn ro_dir_attr(&self, mtime: SystemTime) -> Attr {
+        let mut a = Attr::implicit_dir(0, &self.cfg.defaults);
+        a.perm = VERSIONS_PERM;
+        a.mtime = mtime;
+        a.ctime = mtime;
+        a
+    }
+
+    /// The `.versions` directory of directory `dir` (inode `dir_ino`).
+    pub(super) fn versions_root(&self, dir_ino: u64, dir: &str) -> FsResult<Attr> {
+        let attr = self.ro_dir_attr(UNIX_EPOCH);
+        let mut t = self.table.lock();
+        let ino = t.upsert(
+            NodeKey::Versions(dir.to_string()),
+            dir_ino,
+            attr,
+            None,
+            None,
+        );
+        Ok(t.get(ino).expect("inserted").attr.clone())
+    }
+
+    /// Every version and delete marker of exactly the key at `path`,
+    /// newest first.
+    async fn versions_of(&self, path: &str) -> FsResult<Arc<Vec<VersionInfo>>> {
+        if let Some((at, list)) = self.versions.lists.lock().get(path)
+            && at.elapsed() < self.cfg.metadata_ttl
+        {
+            return Ok(list.clone());
+        }
+        let key = self.key_of(path);
+        let mut out = Vec::new();
+        let mut marker = None;
+        loop {
+            let page = self.store.list_versions(&key, None, marker).await?;
+            let other_key = page.versions.iter().any(|v| v.key != key);
+            out.extend(page.versions.into_iter().filter(|v| v.key == key));
+            marker = page.next;
+            if marker.is_none() || other_key {
+                break;
+            }
+        }
+        out.sort_by(|a, b| {
+            b.last_modified
+                .cmp(&a.last_modified)
+                .then(b.is_latest.cmp(&a.is_latest))
+        });
+        let list = Arc::new(out);
+        self.versions
+            .lists
+            .lock()
+            .insert(path.to_string(), (Instant::now(), list.clone()));
+        Ok(list)
+    }
+
+    pub(super) async fn versions_lookup(
+        &self,
+        parent: u64,
+        key: NodeKey,
+        name: &str,
+    ) -> FsResult<Attr> {
+        match key {
+            NodeKey::Versions(dir) => {
+                let path = join(&dir, name);
+                let list = self.versions_of(&path).await?;
+                let newest = list.first().ok_or(FsError::NotFound)?;
+                let attr = self.ro_dir_attr(newest.last_modified);
+                let mut t = self.table.lock();
+                let ino = t.upsert(
+                    NodeKey::VersionsOf(path),
+                    parent,
+                    attr,
+                    None,
+                    self.fresh_until(),
+                );
+                Ok(t.get(ino).expect("inserted").attr.clone())
+            }
+            NodeKey::VersionsOf(path) => {
+                let id = version_id_of(name).ok_or(FsError::NotFound)?;
+                let list = self.versions_of(&path).await?;
+                let v = list
+                    .iter()
+                    .find(|v| v.version_id == id && version_name(v) == name)
+                    .ok_or(FsError::NotFound)?;
+                Ok(self.remember_version(parent, &path, v))
+            }
+            NodeKey::Version { .. } => Err(FsError::NotDir),
+            NodeKey::Path(_) => Err(FsError::NotFound),
+        }
+    }
+
+    fn remember_version(&self, parent: u64, path: &str, v: &VersionInfo) -> Attr {
+        let attr = Attr {
+            ino: 0,
+            kind: FileKind::File,
+            size: v.size,
+            perm: VERSION_FILE_PERM,
+            uid: self.cfg.defaults.uid,
+            gid: self.cfg.defaults.gid,
+            rdev: 0,
+            mtime: v.last_modified,
+            ctime: v.last_modified,
+        };
+        let object = ObjectInfo {
+            key: self.key_of(path),
+            size: v.size,
+            etag: v.etag.clone(),
+            last_modified: v.last_modified,
+            version_id: Some(v.version_id.clone()),
+            storage_class: None,
+            metadata: None,
+        };
+        let node = NodeKey::Version {
+            path: path.to_string(),
+            version_id: v.version_id.clone(),
+        };
+        let mut t = self.table.lock();
+        let ino = t.upsert(node, parent, attr, Some(object), None);
+        t.get(ino).expect("inserted").attr.clone()
+    }
+
+    pub(super) async fn versions_list(&self, ino: u64, key: NodeKey) -> FsResult<Vec<DirEntry>> {
+        match key {
+            NodeKey::Versions(dir) => {
+                let prefix = self.dir_prefix(&dir);
+                let mut names = BTreeSet::new();
+                let mut marker = None;
+                loop {
+                    let page = self.store.list_versions(&prefix, Some("/"), marker).await?;
+                    for v in &page.versions {
+                        let name = &v.key[prefix.len().min(v.key.len())..];
+                        if showable(name) {
+                            names.insert(name.to_string());
+                        }
+                    }
+                    marker = page.next;
+                    if marker.is_none() {
+                        break;
+                    }
+                }
+                let fresh = self.fresh_until();
+                let mut t = self.table.lock();
+                Ok(names
+                    .into_iter()
+                    .map(|name| {
+                        let attr = self.ro_dir_attr(UNIX_EPOCH);
+                        let node = NodeKey::VersionsOf(join(&dir, &name));
+                        let i = match t.find(&node) {
+                            Some(i) => i,
+                            None => t.upsert(node, ino, attr, None, fresh),
+                        };
+                        DirEntry {
+                            ino: i,
+                            name,
+                            kind: FileKind::Dir,
+                        }
+                    })
+                    .collect())
+            }
+            NodeKey::VersionsOf(path) => {
+                let list = self.versions_of(&path).await?;
+                Ok(list
+                    .iter()
+                    .map(|v| DirEntry {
+                        ino: self.remember_version(ino, &path, v).ino,
+                        name: version_name(v),
+                        kind: FileKind::File,
+                    })
+                    .collect())
+            }
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    /// The version of `versions` (newest first) current at the `as_of` time.
+    fn current_at<'a>(
+        &self,
+        versions: impl Iterator<Item = &'a VersionInfo>,
+    ) -> Option<&'a VersionInfo> {
+        let at = self.cfg.as_of?;
+        versions
+            .filter(|v| v.last_modified <= at)
+            .max_by(|a, b| a.last_modified.cmp(&b.last_modified))
+    }
+
+    fn as_of_object(v: &VersionInfo) -> ObjectInfo {
+        ObjectInfo {
+            key: v.key.clone(),
+            size: v.size,
+            etag: v.etag.clone(),
+            last_modified: v.last_modified,
+            version_id: Some(v.version_id.clone()),
+            storage_class: None,
+            metadata: None,
+        }
+    }
+
+    /// `resolve` for an `as_of` mount.
+    pub(super) async fn resolve_as_of(&self, path: &str) -> FsResult<Option<Resolved>> {
+        let d = self.cfg.defaults;
+        let dir_prefix = format!("{}/", self.key_of(path));
+        let (files, dirs) = self.list_as_of(&dir_prefix).await?;
+        if !files.is_empty() || !dirs.is_empty() {
+            return Ok(Some(Resolved {
+                attr: Attr::implicit_dir(0, &d),
+                object: None,
+                dir_marker: false,
+            }));
+        }
+        let list = self.versions_of(path).await?;
+        match self.current_at(list.iter()) {
+            Some(v) if !v.delete_marker => {
+                let o = Self::as_of_object(v);
+                Ok(Some(Resolved {
+                    attr: Attr::from_object(0, &o, false, &d),
+                    object: Some(o),
+                    dir_marker: false,
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A directory listing as it was at the `as_of` time: per key, the
+    /// newest version not newer than it, unless that is a delete marker.
+    pub(super) async fn list_as_of(
+        &self,
+        prefix: &str,
+    ) -> FsResult<(Vec<ObjectInfo>, Vec<String>)> {
+        let mut by_key: HashMap<String, Vec<VersionInfo>> = HashMap::new();
+        let mut prefixes = BTreeSet::new();
+        let mut marker = None;
+        loop {
+            let page = self.store.list_versions(prefix, Some("/"), marker).await?;
+            for v in page.versions {
+                by_key.entry(v.key.clone()).or_default().push(v);
+            }
+            prefixes.extend(page.prefixes);
+            marker = page.next;
+            if marker.is_none() {
+                break;
+            }
+        }
+        let mut files: Vec<ObjectInfo> = by_key
+            .values()
+            .filter_map(|vs| self.current_at(vs.iter()))
+            .filter(|v| !v.delete_marker)
+            .map(Self::as_of_object)
+            .collect();
+        files.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok((files, prefixes.into_iter().collect()))
+    }
+
+    /// Read-only S3 facts as extended attributes.
+    pub async fn xattrs(&self, ino: u64) -> FsResult<Vec<(String, String)>> {
+        let (key, object) = {
+            let t = self.table.lock();
+            let n = t.get(ino).ok_or(FsError::NotFound)?;
+            (n.key.clone(), n.object.clone())
+        };
+        let object = match (&key, object) {
+            (NodeKey::Path(_), Some(o)) if o.metadata.is_none() || o.storage_class.is_none() => {
+                let info = self.store.head(&o.key, None).await?;
+                if let Some(n) = self.table.lock().get_mut(ino) {
+                    n.object = Some(info.clone());
+                }
+                info
+            }
+            (_, Some(o)) => o,
+            (_, None) => return Ok(Vec::new()),
+        };
+        let mut out = vec![
+            (
+                "user.s3.etag".to_string(),
+                object.etag.trim_matches('"').to_string(),
+            ),
+            (
+                "user.s3.version_id".to_string(),
+                object.version_id.clone().unwrap_or_else(|| "null".into()),
+            ),
+            (
+                "user.s3.last_modified".to_string(),
+                humantime::format_rfc3339_millis(object.last_modified).to_string(),
+            ),
+        ];
+        if let Some(c) = &object.storage_class {
+            out.push(("user.s3.storage_class".to_string(), c.clone()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn version_names_round_trip_any_id() {
+        for (id, dm) in [
+            ("3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY", false),
+            ("a/b%c\n", true),
+            ("null", false),
+        ] {
+            let v = VersionInfo {
+                key: "k".into(),
+                version_id: id.into(),
+                is_latest: true,
+                last_modified: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+                size: 1,
+                etag: "e".into(),
+                delete_marker: dm,
+            };
+            let name = version_name(&v);
+            assert!(!name.contains('/') && !name.contains('\n'), "{name}");
+            assert!(name.starts_with("2023-11-14T22:13:20.123Z~"), "{name}");
+            assert_eq!(name.ends_with(".deleted"), dm);
+            assert_eq!(version_id_of(&name).as_deref(), Some(id));
+        }
+    }
+}

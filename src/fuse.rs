@@ -1,0 +1,627 @@
+//! The fuser adapter: the only code (with mount.rs) that knows FUSE.
+//!
+//! Every callback opens a tracing span (`op`, `req`, `ino`, `fh`, `name`),
+//! moves its reply into a task on the tokio runtime, calls one `async fn`
+//! of the core there and replies from the task: the FUSE loop never waits
+//! on the network. Errors become errno through `error::errno`, the one
+//! table; expected ones (ENOENT...) are logged at debug, others at warn.
+
+use std::ffi::{OsStr, OsString};
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::error;
+use crate::fs::{Attr, Creator, FileKind, Fs, FsError, SetAttr};
+
+const MAX_WRITE_BYTES: u32 = 1024 * 1024;
+const MAX_READAHEAD_BYTES: u32 = 1024 * 1024;
+const BLKSIZE_BYTES: u32 = 128 * 1024;
+
+pub struct FuseFs {
+    fs: Arc<Fs>,
+    rt: tokio::runtime::Handle,
+    ttl: Duration,
+}
+
+impl FuseFs {
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
+        let ttl = fs.config().metadata_ttl;
+        FuseFs { fs, rt, ttl }
+    }
+
+    /// Runs `f` on the runtime inside `span`.
+    fn spawn<Fut>(&self, span: tracing::Span, f: Fut)
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f.instrument(span));
+    }
+}
+
+/// The errno of a failure, logged once.
+fn fail(e: &FsError) -> Errno {
+    let n = error::errno(e);
+    if error::is_expected(e) {
+        debug!(errno = n, error = %e, "failed");
+    } else {
+        warn!(errno = n, error = %e, "failed");
+    }
+    Errno::from_i32(n)
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: if a.kind == FileKind::Dir { 2 } else { 1 },
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: BLKSIZE_BYTES,
+        flags: 0,
+    }
+}
+
+fn time_of(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+fn creator(req: &Request, mode: u32, umask: u32) -> Creator {
+    Creator {
+        uid: req.uid(),
+        gid: req.gid(),
+        mode,
+        umask,
+    }
+}
+
+macro_rules! span {
+    ($op:expr, $req:expr $(, $($rest:tt)+)?) => {
+        info_span!("fuse", op = $op, req = $req.unique().0 $(, $($rest)+)?)
+    };
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
+        let _ = config.set_max_write(MAX_WRITE_BYTES);
+        let _ = config.set_max_readahead(MAX_READAHEAD_BYTES);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (fs, ttl, name) = (self.fs.clone(), self.ttl, name.to_owned());
+        self.spawn(
+            span!("lookup", req, ino = parent.0, name = ?name),
+            async move {
+                match fs.lookup(parent.0, &name).await {
+                    Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                    Err(e) => reply.error(fail(&e)),
+                }
+            },
+        );
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        self.spawn(span!("getattr", req, ino = ino.0), async move {
+            match fs.getattr(ino.0).await {
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        let s = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime: mtime.map(time_of),
+        };
+        self.spawn(span!("setattr", req, ino = ino.0), async move {
+            match fs.setattr(ino.0, s).await {
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let fs = self.fs.clone();
+        self.spawn(span!("readlink", req, ino = ino.0), async move {
+            match fs.readlink(ino.0).await {
+                Ok(t) => reply.data(t.as_bytes()),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (fs, ttl, name, c) = (
+            self.fs.clone(),
+            self.ttl,
+            name.to_owned(),
+            creator(req, mode, umask),
+        );
+        self.spawn(
+            span!("mknod", req, ino = parent.0, name = ?name),
+            async move {
+                let r = if FileKind::from_mode(mode) == FileKind::File {
+                    fs.create(parent.0, &name, c, libc::O_EXCL | libc::O_WRONLY)
+                        .await
+                        .map(|(a, fh)| (a, Some(fh)))
+                } else {
+                    fs.mknod(parent.0, &name, c, rdev).await.map(|a| (a, None))
+                };
+                let r = match r {
+                    Ok((a, Some(fh))) => fs.release(fh).await.map(|_| a),
+                    Ok((a, None)) => Ok(a),
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                    Err(e) => reply.error(fail(&e)),
+                }
+            },
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (fs, ttl, name, c) = (
+            self.fs.clone(),
+            self.ttl,
+            name.to_owned(),
+            creator(req, mode, umask),
+        );
+        self.spawn(
+            span!("mkdir", req, ino = parent.0, name = ?name),
+            async move {
+                match fs.mkdir(parent.0, &name, c).await {
+                    Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                    Err(e) => reply.error(fail(&e)),
+                }
+            },
+        );
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, name) = (self.fs.clone(), name.to_owned());
+        self.spawn(
+            span!("unlink", req, ino = parent.0, name = ?name),
+            async move {
+                match fs.unlink(parent.0, &name).await {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(fail(&e)),
+                }
+            },
+        );
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, name) = (self.fs.clone(), name.to_owned());
+        self.spawn(
+            span!("rmdir", req, ino = parent.0, name = ?name),
+            async move {
+                match fs.rmdir(parent.0, &name).await {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(fail(&e)),
+                }
+            },
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (fs, ttl, name, c) = (
+            self.fs.clone(),
+            self.ttl,
+            link_name.to_owned(),
+            creator(req, 0o777, 0),
+        );
+        let target: OsString = target.as_os_str().to_owned();
+        self.spawn(
+            span!("symlink", req, ino = parent.0, name = ?name),
+            async move {
+                let Some(target) = target.to_str() else {
+                    return reply.error(fail(&FsError::InvalidName));
+                };
+                match fs.symlink(parent.0, &name, target, c).await {
+                    Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                    Err(e) => reply.error(fail(&e)),
+                }
+            },
+        );
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (fs, name, newname) = (self.fs.clone(), name.to_owned(), newname.to_owned());
+        self.spawn(
+            span!("rename", req, ino = parent.0, name = ?name),
+            async move {
+                if flags.contains(RenameFlags::RENAME_EXCHANGE)
+                    || flags.contains(RenameFlags::RENAME_WHITEOUT)
+                {
+                    return reply.error(fail(&FsError::Invalid));
+                }
+                let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+                match fs
+                    .rename(parent.0, &name, newparent.0, &newname, noreplace)
+                    .await
+                {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(fail(&e)),
+                }
+            },
+        );
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        self.spawn(span!("open", req, ino = ino.0), async move {
+            match fs.open(ino.0, flags.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn(span!("read", req, ino = ino.0, fh = fh.0), async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let (fs, data) = (self.fs.clone(), data.to_vec());
+        self.spawn(span!("write", req, ino = ino.0, fh = fh.0), async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn(span!("flush", req, ino = ino.0, fh = fh.0), async move {
+            match fs.flush(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn(span!("release", req, ino = ino.0, fh = fh.0), async move {
+            match fs.release(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn(span!("fsync", req, ino = ino.0, fh = fh.0), async move {
+            match fs.fsync(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        self.spawn(span!("opendir", req, ino = ino.0), async move {
+            match fs.opendir(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        // Served from the snapshot taken at opendir: no I/O.
+        let _s = span!("readdir", req, ino = ino.0, fh = fh.0).entered();
+        match self.fs.readdir(fh.0, offset) {
+            Ok(entries) => {
+                for (i, e) in entries.iter().enumerate() {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        offset + i as u64 + 1,
+                        file_type(e.kind),
+                        &e.name,
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(
+            s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let e = self
+            .fs
+            .check_writable(ino.0)
+            .err()
+            .unwrap_or(FsError::NotSupported);
+        reply.error(fail(&e));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let e = self
+            .fs
+            .check_writable(ino.0)
+            .err()
+            .unwrap_or(FsError::NotSupported);
+        reply.error(fail(&e));
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let (fs, name) = (self.fs.clone(), name.to_owned());
+        self.spawn(
+            span!("getxattr", req, ino = ino.0, name = ?name),
+            async move {
+                if !name.to_string_lossy().starts_with("user.s3.") {
+                    return reply.error(fail(&FsError::NoAttr));
+                }
+                let value = match fs.xattrs(ino.0).await {
+                    Ok(all) => all
+                        .into_iter()
+                        .find(|(k, _)| OsStr::new(k) == name)
+                        .map(|(_, v)| v),
+                    Err(e) => return reply.error(fail(&e)),
+                };
+                match value {
+                    None => reply.error(fail(&FsError::NoAttr)),
+                    Some(v) if size == 0 => reply.size(v.len() as u32),
+                    Some(v) if v.len() > size as usize => reply.error(fail(&FsError::Range)),
+                    Some(v) => reply.data(v.as_bytes()),
+                }
+            },
+        );
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let fs = self.fs.clone();
+        self.spawn(span!("listxattr", req, ino = ino.0), async move {
+            let names = match fs.xattrs(ino.0).await {
+                Ok(all) => all
+                    .into_iter()
+                    .flat_map(|(k, _)| [k.into_bytes(), vec![0]].concat())
+                    .collect::<Vec<u8>>(),
+                Err(e) => return reply.error(fail(&e)),
+            };
+            if size == 0 {
+                reply.size(names.len() as u32);
+            } else if names.len() > size as usize {
+                reply.error(fail(&FsError::Range));
+            } else {
+                reply.data(&names);
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (fs, ttl, name, c) = (
+            self.fs.clone(),
+            self.ttl,
+            name.to_owned(),
+            creator(req, mode, umask),
+        );
+        self.spawn(
+            span!("create", req, ino = parent.0, name = ?name),
+            async move {
+                match fs.create(parent.0, &name, c, flags).await {
+                    Ok((a, fh)) => reply.created(
+                        &ttl,
+                        &file_attr(&a),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    ),
+                    Err(e) => reply.error(fail(&e)),
+                }
+            },
+        );
+    }
+}

@@ -1,0 +1,435 @@
+//! Mounting and the process lifecycle: checks before mounting, the fuser
+//! session, backgrounding with readiness, logging, signals and a clean
+//! unmount.
+//!
+//! Without `-f` the process forks before any thread exists; the parent
+//! waits on a pipe and exits 0 only once the child reports the mount live
+//! (or exits non-zero with the child's one-line reason). SIGTERM, SIGINT
+//! and `umount` upload every dirty file before the process exits; the exit
+//! code says whether anything could not be uploaded.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Options;
+use crate::fs::{Defaults, Fs, FsConfig};
+use crate::fuse::FuseFs;
+use crate::store::s3::{S3Settings, S3Store};
+use crate::store::{ObjectStore, StoreError};
+use crate::write::UploadOptions;
+
+/// Exit codes.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_MOUNT_FAILED: u8 = 1;
+pub const EXIT_DATA_NOT_UPLOADED: u8 = 2;
+
+/// A failure before the mount is live: one line for the user.
+#[derive(Debug)]
+pub struct MountError(pub String);
+
+/// Checks the mountpoint: it must exist, be a directory, and not be a
+/// live or dead mount already.
+pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, MountError> {
+    match std::fs::metadata(mp) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(MountError(format!(
+                "{}: transport endpoint is not connected: a previous mount died; clear it with `umount -l {}` (or `fusermount3 -uz {}`) and mount again",
+                mp.display(),
+                mp.display(),
+                mp.display()
+            )));
+        }
+        Err(e) => return Err(MountError(format!("mountpoint {}: {e}", mp.display()))),
+        Ok(m) if !m.is_dir() => {
+            return Err(MountError(format!(
+                "mountpoint {} is not a directory",
+                mp.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    let abs = std::fs::canonicalize(mp)
+        .map_err(|e| MountError(format!("mountpoint {}: {e}", mp.display())))?;
+    if is_mounted(&abs) {
+        return Err(MountError(format!(
+            "{} is already a mountpoint; unmount it first",
+            abs.display()
+        )));
+    }
+    Ok(abs)
+}
+
+/// Whether a path is a mountpoint, from /proc/self/mountinfo.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mountinfo(mp) == want)
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Reads an s3fs-format passwd file (`ACCESS:SECRET` or
+/// `BUCKET:ACCESS:SECRET` lines); refused unless mode 0600 or stricter.
+pub fn read_passwd_file(path: &Path, bucket: &str) -> Result<(String, String), MountError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| MountError(format!("passwd_file {}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(MountError(format!(
+            "passwd_file {} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| MountError(format!("passwd_file {}: {e}", path.display())))?;
+    let mut fallback = None;
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let parts: Vec<&str> = line.split(':').collect();
+        match parts.as_slice() {
+            [b, a, s] if *b == bucket => return Ok((a.to_string(), s.to_string())),
+            [a, s] => fallback = Some((a.to_string(), s.to_string())),
+            _ => {}
+        }
+    }
+    fallback.ok_or_else(|| {
+        MountError(format!(
+            "passwd_file {}: no ACCESS:SECRET line for this bucket",
+            path.display()
+        ))
+    })
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(x).join("bucketfs");
+    }
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/cache/bucketfs");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/bucketfs"),
+        None => std::env::temp_dir().join("bucketfs"),
+    }
+}
+
+/// The core's configuration for these options.
+pub fn fs_config(o: &Options) -> FsConfig {
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let umask = o.umask;
+    let cache_dir = o.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let tag = format!("{}-{}", o.bucket, std::process::id());
+    FsConfig {
+        root_prefix: o.prefix.clone(),
+        defaults: Defaults {
+            uid: o.uid.unwrap_or(uid),
+            gid: o.gid.unwrap_or(gid),
+            file_perm: umask.map_or(0o644, |m| (0o666 & !m) as u16),
+            dir_perm: umask.map_or(0o755, |m| (0o777 & !m) as u16),
+        },
+        metadata_ttl: o.metadata_ttl,
+        read_only: o.read_only,
+        staging_dir: cache_dir.join("staging").join(tag),
+        block_size_bytes: o.block_size_bytes,
+        mem_cache_bytes: o.mem_cache_bytes,
+        readahead_max_blocks: o.readahead_max_blocks,
+        upload: UploadOptions {
+            part_size_bytes: o.part_size_bytes,
+            concurrency: o.upload_concurrency,
+        },
+        versions_visible: o.versions_visible,
+        as_of: o.as_of,
+    }
+}
+
+fn describe_connect_error(o: &Options, e: &StoreError) -> String {
+    let endpoint = o.endpoint.as_deref().unwrap_or("AWS S3");
+    match e {
+        StoreError::NoSuchBucket => format!("bucket {:?} does not exist at {endpoint}", o.bucket),
+        StoreError::AccessDenied(m) => format!(
+            "access to bucket {:?} denied ({m}): check the credentials (environment, profile, passwd_file)",
+            o.bucket
+        ),
+        StoreError::Transient(m) => format!("cannot reach {endpoint}: {m}"),
+        StoreError::NotFound => format!("bucket {:?} not found at {endpoint}", o.bucket),
+        other => format!("bucket {:?} at {endpoint}: {other}", o.bucket),
+    }
+}
+
+/// Sends each log line to syslog (the journal, under systemd).
+struct SyslogWriter(Vec<u8>);
+
+impl Write for SyslogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for SyslogWriter {
+    fn drop(&mut self) {
+        let line = String::from_utf8_lossy(&self.0)
+            .trim_end()
+            .replace('\0', " ");
+        if let Ok(c) = CString::new(line) {
+            unsafe { libc::syslog(libc::LOG_INFO, c"%s".as_ptr(), c.as_ptr()) };
+        }
+    }
+}
+
+fn init_logging(o: &Options, verbose: bool, background: bool) -> Result<(), MountError> {
+    let default = if verbose {
+        "bucketfs=debug,fuser=info,warn"
+    } else {
+        "bucketfs=info,warn"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let result = if let Some(path) = &o.log_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| MountError(format!("log_file {}: {e}", path.display())))?;
+        builder
+            .with_ansi(false)
+            .with_writer(Arc::new(file))
+            .try_init()
+    } else if background {
+        unsafe { libc::openlog(c"bucketfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+        builder
+            .with_ansi(false)
+            .without_time()
+            .with_writer(|| SyslogWriter(Vec::new()))
+            .try_init()
+    } else {
+        builder.with_writer(std::io::stderr).try_init()
+    };
+    result.map_err(|e| MountError(format!("logging: {e}")))
+}
+
+/// Forks; the parent waits for the child's readiness report and exits.
+/// Returns the write end of the pipe in the child.
+fn daemonize() -> Result<OwnedFd, MountError> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(MountError(format!(
+            "pipe: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    match unsafe { libc::fork() } {
+        -1 => Err(MountError(format!(
+            "fork: {}",
+            std::io::Error::last_os_error()
+        ))),
+        0 => {
+            drop(r);
+            unsafe { libc::setsid() };
+            Ok(w)
+        }
+        _ => {
+            drop(w);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(r).read_to_string(&mut msg);
+            if msg == "OK" {
+                std::process::exit(EXIT_OK.into());
+            }
+            if msg.is_empty() {
+                msg = "bucketfs exited before the mount was ready".into();
+            }
+            eprintln!("bucketfs: {}", msg.trim_end());
+            std::process::exit(EXIT_MOUNT_FAILED.into());
+        }
+    }
+}
+
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// Mounts and serves until unmounted. Returns the process exit code.
+pub fn run(o: Options, verbose: bool) -> u8 {
+    let mut ready = None;
+    let result = (|| {
+        let mountpoint = check_mountpoint(&o.mountpoint)?;
+        let static_keys = match &o.passwd_file {
+            Some(p) => Some(read_passwd_file(p, &o.bucket)?),
+            None => None,
+        };
+        if !o.foreground {
+            ready = Some(daemonize()?);
+        }
+        init_logging(&o, verbose, !o.foreground)?;
+        serve(&o, &mountpoint, static_keys, &mut ready)
+    })();
+    match result {
+        Ok(code) => code,
+        Err(MountError(msg)) => {
+            match ready.take() {
+                Some(w) => {
+                    let _ = std::fs::File::from(w).write_all(msg.as_bytes());
+                }
+                None => eprintln!("bucketfs: {msg}"),
+            }
+            error!("{msg}");
+            EXIT_MOUNT_FAILED
+        }
+    }
+}
+
+fn serve(
+    o: &Options,
+    mountpoint: &Path,
+    static_keys: Option<(String, String)>,
+    ready: &mut Option<OwnedFd>,
+) -> Result<u8, MountError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bucketfs-io")
+        .build()
+        .map_err(|e| MountError(format!("runtime: {e}")))?;
+    let settings = S3Settings {
+        bucket: o.bucket.clone(),
+        endpoint: o.endpoint.clone(),
+        region: o.region.clone(),
+        path_style: o.path_style,
+        profile: o.profile.clone(),
+        static_keys,
+        attempt_timeout: o.timeout,
+        max_attempts: o.max_attempts,
+    };
+    let store = rt.block_on(async {
+        let store = S3Store::connect(&settings).await?;
+        store.check_bucket().await?;
+        Ok::<_, StoreError>(store)
+    });
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(store.map_err(|e| MountError(describe_connect_error(o, &e)))?);
+    let cfg = fs_config(o);
+    std::fs::create_dir_all(&cfg.staging_dir)
+        .map_err(|e| MountError(format!("cache dir {}: {e}", cfg.staging_dir.display())))?;
+    let staging_dir = cfg.staging_dir.clone();
+    let fs = Arc::new(Fs::new(store, cfg));
+
+    let mut mount_options = vec![
+        MountOption::FSName(format!(
+            "{}{}",
+            o.bucket,
+            if o.prefix.is_empty() {
+                String::new()
+            } else {
+                format!(":/{}", o.prefix.trim_end_matches('/'))
+            }
+        )),
+        MountOption::Subtype("s3fs".into()),
+        MountOption::NoAtime,
+    ];
+    if o.default_permissions {
+        mount_options.push(MountOption::DefaultPermissions);
+    }
+    if o.read_only {
+        mount_options.push(MountOption::RO);
+    }
+    for (on, opt) in [
+        (o.nosuid, MountOption::NoSuid),
+        (o.nodev, MountOption::NoDev),
+        (o.noexec, MountOption::NoExec),
+    ] {
+        if on {
+            mount_options.push(opt);
+        }
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if o.allow_other {
+        SessionACL::All
+    } else if o.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    let fuse = FuseFs::new(fs.clone(), rt.handle().clone());
+    let mut session = Session::new(fuse, mountpoint, &config)
+        .map_err(|e| MountError(format!("mounting on {}: {e}", mountpoint.display())))?;
+    let mut unmounter = session.unmount_callable();
+    info!(bucket = %o.bucket, prefix = %o.prefix, mountpoint = %mountpoint.display(), "mounted");
+    if let Some(w) = ready.take() {
+        let _ = std::fs::File::from(w).write_all(b"OK");
+        detach_stdio();
+    }
+
+    // SIGTERM / SIGINT: upload everything dirty, then unmount.
+    let fs_sig = fs.clone();
+    let mp = mountpoint.to_path_buf();
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: uploading dirty files, then unmounting"),
+            _ = int.recv() => info!("SIGINT: uploading dirty files, then unmounting"),
+        }
+        let failed = fs_sig.sync_all().await;
+        if !failed.is_empty() {
+            error!(files = ?failed, "not uploaded");
+        }
+        if let Err(e) = unmounter.unmount() {
+            error!(mountpoint = %mp.display(), error = %e, "unmount failed; use umount -l");
+        }
+    });
+
+    let run = session.run();
+    let failed = rt.block_on(fs.sync_all());
+    let _ = std::fs::remove_dir(&staging_dir);
+    if let Err(e) = run {
+        error!(error = %e, "FUSE session ended with an error");
+    }
+    info!("unmounted");
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    if failed.is_empty() {
+        Ok(EXIT_OK)
+    } else {
+        error!(files = ?failed, "these files could not be uploaded");
+        Ok(EXIT_DATA_NOT_UPLOADED)
+    }
+}

@@ -1,0 +1,543 @@
+//! `MemStore`: an in-memory bucket with versions, request counters and
+//! failure injection, for fast tests of everything above the store.
+//!
+//! It follows S3's rules where the core depends on them: lexicographic key
+//! order, ListObjectsV2 pagination (1,000 entries a page unless asked for
+//! fewer) with common prefixes, delete markers on a versioned bucket, ETag
+//! preconditions, and the 1,024-byte key limit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::{
+    Counters, ListPage, Metadata, ObjectInfo, ObjectStore, Op, PutBody, PutResult, ReadPin,
+    StoreError, StoreResult, VersionInfo, VersionPage,
+};
+
+const MAX_KEY_BYTES: usize = 1024;
+const DEFAULT_PAGE_KEYS: usize = 1000;
+
+#[derive(Clone, Debug)]
+struct MemVersion {
+    id: String,
+    /// `None` is a delete marker.
+    data: Option<Bytes>,
+    meta: Metadata,
+    etag: String,
+    last_modified: SystemTime,
+}
+
+#[derive(Debug)]
+struct Upload {
+    key: String,
+    meta: Metadata,
+    parts: BTreeMap<i32, Bytes>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Versions of each key, oldest first.
+    objects: BTreeMap<String, Vec<MemVersion>>,
+    uploads: HashMap<String, Upload>,
+    /// Failures to inject: the next `n` calls of an op fail with the error.
+    failures: HashMap<Op, (u32, StoreError)>,
+}
+
+/// An in-memory bucket.
+#[derive(Debug)]
+pub struct MemStore {
+    state: Mutex<State>,
+    versioned: bool,
+    counters: Counters,
+    seq: AtomicU64,
+}
+
+impl MemStore {
+    /// A bucket with versioning enabled.
+    pub fn versioned() -> Self {
+        Self::new(true)
+    }
+
+    /// A bucket that never had versioning (version id `null`).
+    pub fn unversioned() -> Self {
+        Self::new(false)
+    }
+
+    fn new(versioned: bool) -> Self {
+        MemStore {
+            state: Mutex::new(State::default()),
+            versioned,
+            counters: Counters::default(),
+            seq: AtomicU64::new(1),
+        }
+    }
+
+    /// Makes the next `times` calls of `op` fail with `err`.
+    pub fn fail_next(&self, op: Op, times: u32, err: StoreError) {
+        self.state.lock().failures.insert(op, (times, err));
+    }
+
+    /// Current bytes of a key, as another S3 client would see them.
+    pub fn object(&self, key: &str) -> Option<Bytes> {
+        let st = self.state.lock();
+        st.objects.get(key)?.last()?.data.clone()
+    }
+
+    /// User metadata of the current object.
+    pub fn metadata(&self, key: &str) -> Option<Metadata> {
+        let st = self.state.lock();
+        let v = st.objects.get(key)?.last()?;
+        v.data.as_ref().map(|_| v.meta.clone())
+    }
+
+    /// Every current key, in order.
+    pub fn keys(&self) -> Vec<String> {
+        let st = self.state.lock();
+        st.objects
+            .iter()
+            .filter(|(_, vs)| vs.last().is_some_and(|v| v.data.is_some()))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Multipart uploads started and neither completed nor aborted.
+    pub fn open_uploads(&self) -> usize {
+        self.state.lock().uploads.len()
+    }
+
+    /// Writes an object behind the filesystem's back, as another client would.
+    pub fn insert(&self, key: &str, data: &[u8], meta: Metadata) -> PutResult {
+        let mut st = self.state.lock();
+        self.store_version(&mut st, key, Some(Bytes::copy_from_slice(data)), meta)
+    }
+
+    fn enter(&self, op: Op) -> StoreResult<()> {
+        self.counters.record(op);
+        let mut st = self.state.lock();
+        if let Some((n, err)) = st.failures.get_mut(&op)
+            && *n > 0
+        {
+            *n -= 1;
+            return Err(err.clone());
+        }
+        Ok(())
+    }
+
+    fn next_id(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn store_version(
+        &self,
+        st: &mut State,
+        key: &str,
+        data: Option<Bytes>,
+        meta: Metadata,
+    ) -> PutResult {
+        let n = self.next_id();
+        let id = if self.versioned {
+            format!("v{n:08}")
+        } else {
+            "null".to_string()
+        };
+        let etag = format!(
+            "\"{:016x}\"",
+            fingerprint(data.as_deref().unwrap_or(&[]), n)
+        );
+        // Strictly increasing times, so "newest first" is well defined.
+        let last_modified = SystemTime::UNIX_EPOCH
+            + Duration::from_millis(1_700_000_000_000 + n * 1000).max(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default(),
+            );
+        let versions = st.objects.entry(key.to_string()).or_default();
+        if !self.versioned {
+            versions.clear();
+        }
+        versions.push(MemVersion {
+            id: id.clone(),
+            data,
+            meta,
+            etag: etag.clone(),
+            last_modified,
+        });
+        PutResult {
+            etag,
+            version_id: self.versioned.then_some(id),
+        }
+    }
+
+    fn current<'a>(st: &'a State, key: &str) -> StoreResult<&'a MemVersion> {
+        match st.objects.get(key).and_then(|vs| vs.last()) {
+            Some(v) if v.data.is_some() => Ok(v),
+            _ => Err(StoreError::NotFound),
+        }
+    }
+
+    fn find<'a>(st: &'a State, key: &str, version: Option<&str>) -> StoreResult<&'a MemVersion> {
+        match version {
+            None => Self::current(st, key),
+            Some(id) => st
+                .objects
+                .get(key)
+                .and_then(|vs| vs.iter().find(|v| v.id == id))
+                .ok_or(StoreError::NotFound),
+        }
+    }
+
+    fn info(&self, key: &str, v: &MemVersion, with_meta: bool) -> ObjectInfo {
+        ObjectInfo {
+            key: key.to_string(),
+            size: v.data.as_ref().map_or(0, |d| d.len() as u64),
+            etag: v.etag.clone(),
+            last_modified: v.last_modified,
+            version_id: self.versioned.then(|| v.id.clone()),
+            storage_class: Some("STANDARD".to_string()),
+            metadata: with_meta.then(|| v.meta.clone()),
+        }
+    }
+}
+
+/// A cheap content fingerprint for ETags (not MD5; tests only compare them).
+fn fingerprint(data: &[u8], salt: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ salt;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn check_key(key: &str) -> StoreResult<()> {
+    if key.len() > MAX_KEY_BYTES || key.is_empty() {
+        return Err(StoreError::InvalidRequest(format!(
+            "key length {} is outside 1..=1024 bytes",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Splits `key` under `prefix` by `delimiter`: `Some(common_prefix)` when
+/// the key lies below a deeper level.
+fn common_prefix(prefix: &str, key: &str, delimiter: Option<&str>) -> Option<String> {
+    let d = delimiter?;
+    let rest = &key[prefix.len()..];
+    rest.find(d)
+        .map(|i| format!("{prefix}{}", &rest[..i + d.len()]))
+}
+
+#[async_trait]
+impl ObjectStore for MemStore {
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage> {
+        self.enter(Op::List)?;
+        let st = self.state.lock();
+        let limit = max_keys.map_or(DEFAULT_PAGE_KEYS, |m| m.clamp(1, 1000) as usize);
+        let mut page = ListPage::default();
+        let mut count = 0;
+        let mut last: Option<String> = None;
+        let start = token.clone().unwrap_or_else(|| prefix.to_string());
+        for (key, versions) in st.objects.range(start.clone()..) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if token.as_deref().is_some_and(|t| key.as_str() <= t) {
+                continue;
+            }
+            let Some(v) = versions.last().filter(|v| v.data.is_some()) else {
+                continue;
+            };
+            let name = match common_prefix(prefix, key, delimiter) {
+                Some(cp) => {
+                    if page.prefixes.last() == Some(&cp) || token.as_deref() == Some(cp.as_str()) {
+                        continue;
+                    }
+                    if count == limit {
+                        page.next_token = last;
+                        return Ok(page);
+                    }
+                    page.prefixes.push(cp.clone());
+                    cp
+                }
+                None => {
+                    if count == limit {
+                        page.next_token = last;
+                        return Ok(page);
+                    }
+                    page.objects.push(self.info(key, v, false));
+                    key.clone()
+                }
+            };
+            count += 1;
+            last = Some(name);
+        }
+        Ok(page)
+    }
+
+    async fn head(&self, key: &str, version: Option<&str>) -> StoreResult<ObjectInfo> {
+        self.enter(Op::Head)?;
+        let st = self.state.lock();
+        let v = Self::find(&st, key, version)?;
+        if v.data.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        Ok(self.info(key, v, true))
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>, pin: &ReadPin) -> StoreResult<Bytes> {
+        self.enter(Op::Get)?;
+        let st = self.state.lock();
+        let v = match pin {
+            ReadPin::Version(id) => Self::find(&st, key, Some(id))?,
+            ReadPin::Latest => Self::current(&st, key)?,
+            ReadPin::Etag(etag) => {
+                let v = Self::current(&st, key)?;
+                if &v.etag != etag {
+                    return Err(StoreError::PreconditionFailed);
+                }
+                v
+            }
+        };
+        let data = v.data.as_ref().ok_or(StoreError::NotFound)?;
+        let end = range.end.min(data.len() as u64) as usize;
+        let start = (range.start as usize).min(end);
+        Ok(data.slice(start..end))
+    }
+
+    async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {
+        self.enter(Op::Put)?;
+        check_key(key)?;
+        let data = body
+            .read_all()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let mut st = self.state.lock();
+        Ok(self.store_version(&mut st, key, Some(data), meta.clone()))
+    }
+
+    async fn copy(
+        &self,
+        src: &str,
+        dst: &str,
+        meta: Option<&Metadata>,
+        src_version: Option<&str>,
+    ) -> StoreResult<PutResult> {
+        self.enter(Op::Copy)?;
+        check_key(dst)?;
+        let mut st = self.state.lock();
+        let v = Self::find(&st, src, src_version)?.clone();
+        let meta = meta.cloned().unwrap_or(v.meta);
+        Ok(self.store_version(&mut st, dst, v.data, meta))
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.enter(Op::Delete)?;
+        let mut st = self.state.lock();
+        if !st.objects.contains_key(key) {
+            return Ok(());
+        }
+        if self.versioned {
+            self.store_version(&mut st, key, None, Metadata::new());
+        } else {
+            st.objects.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn create_multipart(&self, key: &str, meta: &Metadata) -> StoreResult<String> {
+        self.enter(Op::CreateMultipart)?;
+        check_key(key)?;
+        let id = format!("upload-{}", self.next_id());
+        self.state.lock().uploads.insert(
+            id.clone(),
+            Upload {
+                key: key.to_string(),
+                meta: meta.clone(),
+                parts: BTreeMap::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    async fn upload_part(
+        &self,
+        _key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: PutBody,
+    ) -> StoreResult<String> {
+        self.enter(Op::UploadPart)?;
+        let data = body
+            .read_all()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let etag = format!("\"p{:016x}\"", fingerprint(&data, part_number as u64));
+        let mut st = self.state.lock();
+        let up = st.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
+        up.parts.insert(part_number, data);
+        Ok(etag)
+    }
+
+    async fn upload_part_copy(
+        &self,
+        _key: &str,
+        upload_id: &str,
+        part_number: i32,
+        src: &str,
+        range: Range<u64>,
+        src_etag: Option<&str>,
+    ) -> StoreResult<String> {
+        self.enter(Op::UploadPartCopy)?;
+        let mut st = self.state.lock();
+        let v = Self::current(&st, src)?;
+        if src_etag.is_some_and(|e| e != v.etag) {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let data = v.data.clone().unwrap_or_default();
+        let end = (range.end as usize).min(data.len());
+        let part = data.slice((range.start as usize).min(end)..end);
+        let etag = format!("\"c{:016x}\"", fingerprint(&part, part_number as u64));
+        let up = st.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
+        up.parts.insert(part_number, part);
+        Ok(etag)
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> StoreResult<PutResult> {
+        self.enter(Op::CompleteMultipart)?;
+        let mut st = self.state.lock();
+        let up = st.uploads.remove(upload_id).ok_or(StoreError::NotFound)?;
+        let mut data = Vec::new();
+        for (n, _) in &parts {
+            let part = up
+                .parts
+                .get(n)
+                .ok_or_else(|| StoreError::InvalidRequest(format!("part {n} missing")))?;
+            data.extend_from_slice(part);
+        }
+        debug_assert_eq!(up.key, key);
+        Ok(self.store_version(&mut st, key, Some(Bytes::from(data)), up.meta))
+    }
+
+    async fn abort_multipart(&self, _key: &str, upload_id: &str) -> StoreResult<()> {
+        self.enter(Op::AbortMultipart)?;
+        self.state.lock().uploads.remove(upload_id);
+        Ok(())
+    }
+
+    async fn list_versions(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        _marker: Option<(String, String)>,
+    ) -> StoreResult<VersionPage> {
+        self.enter(Op::ListVersions)?;
+        let st = self.state.lock();
+        let mut page = VersionPage::default();
+        for (key, versions) in st.objects.range(prefix.to_string()..) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if let Some(cp) = common_prefix(prefix, key, delimiter) {
+                if page.prefixes.last() != Some(&cp) {
+                    page.prefixes.push(cp);
+                }
+                continue;
+            }
+            let latest = versions.len() - 1;
+            for (i, v) in versions.iter().enumerate().rev() {
+                page.versions.push(VersionInfo {
+                    key: key.clone(),
+                    version_id: v.id.clone(),
+                    is_latest: i == latest,
+                    last_modified: v.last_modified,
+                    size: v.data.as_ref().map_or(0, |d| d.len() as u64),
+                    etag: v.etag.clone(),
+                    delete_marker: v.data.is_none(),
+                });
+            }
+        }
+        Ok(page)
+    }
+
+    async fn check_bucket(&self) -> StoreResult<()> {
+        self.enter(Op::HeadBucket)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn list_paginates_and_groups_prefixes() {
+        let s = MemStore::versioned();
+        for i in 0..2500 {
+            s.insert(&format!("d/f{i:05}"), b"x", Metadata::new());
+        }
+        s.insert("d/sub/a", b"x", Metadata::new());
+        s.insert("d/sub/b", b"x", Metadata::new());
+        s.insert("e", b"x", Metadata::new());
+        let mut token = None;
+        let (mut objects, mut prefixes, mut pages) = (0, Vec::new(), 0);
+        loop {
+            let p = s.list("d/", Some("/"), token, None).await.unwrap();
+            pages += 1;
+            objects += p.objects.len();
+            prefixes.extend(p.prefixes);
+            token = p.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        assert_eq!(
+            (objects, prefixes, pages),
+            (2500, vec!["d/sub/".to_string()], 3)
+        );
+    }
+
+    #[tokio::test]
+    async fn delete_leaves_marker_on_versioned_bucket() {
+        let s = MemStore::versioned();
+        s.insert("k", b"1", Metadata::new());
+        s.insert("k", b"2", Metadata::new());
+        s.delete("k").await.unwrap();
+        assert_eq!(s.head("k", None).await, Err(StoreError::NotFound));
+        let v = s.list_versions("k", None, None).await.unwrap().versions;
+        assert_eq!(v.len(), 3);
+        assert!(v[0].delete_marker && v[0].is_latest);
+        let old = s
+            .get_range("k", 0..10, &ReadPin::Version(v[2].version_id.clone()))
+            .await;
+        assert_eq!(old.unwrap(), Bytes::from_static(b"1"));
+    }
+
+    #[tokio::test]
+    async fn injected_failures_run_out() {
+        let s = MemStore::versioned();
+        s.fail_next(Op::Head, 2, StoreError::Transient("503".into()));
+        assert!(s.head("x", None).await.unwrap_err().is_transient());
+        assert!(s.head("x", None).await.unwrap_err().is_transient());
+        assert_eq!(s.head("x", None).await, Err(StoreError::NotFound));
+        assert_eq!(s.counters().get(Op::Head), 3);
+    }
+}

@@ -1,0 +1,322 @@
+//! The object store boundary: the few calls the filesystem needs from S3.
+//!
+//! Everything above this module talks to `dyn ObjectStore` and never sees an
+//! SDK type. `S3Store` (s3.rs) is the real implementation over aws-sdk-s3;
+//! `MemStore` (memory.rs) keeps objects and their versions in memory, counts
+//! calls and injects failures, for fast tests of the core.
+//!
+//! Errors are classified once, in each implementation, into `StoreError`;
+//! `StoreError::is_transient` is what retry decisions look at.
+
+pub mod memory;
+pub mod s3;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// User metadata (the `x-amz-meta-*` headers, names without the prefix).
+pub type Metadata = HashMap<String, String>;
+
+/// One object as a listing or a HEAD reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub etag: String,
+    pub last_modified: SystemTime,
+    pub version_id: Option<String>,
+    pub storage_class: Option<String>,
+    /// `None` when the source (a listing) does not carry user metadata.
+    pub metadata: Option<Metadata>,
+}
+
+/// One page of ListObjectsV2.
+#[derive(Debug, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    /// Common prefixes, each ending with the delimiter.
+    pub prefixes: Vec<String>,
+    pub next_token: Option<String>,
+}
+
+/// One entry of ListObjectVersions: a version or a delete marker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionInfo {
+    pub key: String,
+    pub version_id: String,
+    pub is_latest: bool,
+    pub last_modified: SystemTime,
+    pub size: u64,
+    pub etag: String,
+    pub delete_marker: bool,
+}
+
+/// One page of ListObjectVersions.
+#[derive(Debug, Default)]
+pub struct VersionPage {
+    pub versions: Vec<VersionInfo>,
+    pub prefixes: Vec<String>,
+    /// (key marker, version id marker) of the next page.
+    pub next: Option<(String, String)>,
+}
+
+/// What a ranged read is pinned to, so a handle never mixes two objects.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ReadPin {
+    /// Any current object.
+    Latest,
+    /// Fail with `PreconditionFailed` unless the current ETag is this one.
+    Etag(String),
+    /// This exact version.
+    Version(String),
+}
+
+/// The body of a PUT or an UploadPart.
+#[derive(Clone, Debug)]
+pub enum PutBody {
+    Bytes(Bytes),
+    /// A byte range of a local file (staged writes never sit in memory).
+    File {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl PutBody {
+    pub fn len(&self) -> u64 {
+        match self {
+            PutBody::Bytes(b) => b.len() as u64,
+            PutBody::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads the whole body into memory (for stores that keep bytes in RAM).
+    pub fn read_all(&self) -> std::io::Result<Bytes> {
+        match self {
+            PutBody::Bytes(b) => Ok(b.clone()),
+            PutBody::File { path, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let file = std::fs::File::open(path)?;
+                let mut buf = vec![0u8; *len as usize];
+                file.read_exact_at(&mut buf, *offset)?;
+                Ok(Bytes::from(buf))
+            }
+        }
+    }
+}
+
+/// The identity of a stored object after a write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PutResult {
+    pub etag: String,
+    pub version_id: Option<String>,
+}
+
+/// A failed store call, classified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    /// No such key or version.
+    NotFound,
+    /// The bucket itself does not exist.
+    NoSuchBucket,
+    /// Credentials refused or not allowed.
+    AccessDenied(String),
+    /// A pinned ETag no longer matches: the object changed.
+    PreconditionFailed,
+    /// A request the server rejected as invalid (e.g. key too long).
+    InvalidRequest(String),
+    /// Timeouts, connection failures, 5xx, throttling; worth retrying.
+    Transient(String),
+    /// Anything else; not worth retrying.
+    Other(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::NotFound => write!(f, "no such key"),
+            StoreError::NoSuchBucket => write!(f, "the bucket does not exist"),
+            StoreError::AccessDenied(m) => write!(f, "access denied: {m}"),
+            StoreError::PreconditionFailed => write!(f, "the object changed (precondition failed)"),
+            StoreError::InvalidRequest(m) => write!(f, "invalid request: {m}"),
+            StoreError::Transient(m) => write!(f, "S3 unavailable: {m}"),
+            StoreError::Other(m) => write!(f, "S3 error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Which store call, for request counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    List,
+    Head,
+    Get,
+    Put,
+    Copy,
+    Delete,
+    CreateMultipart,
+    UploadPart,
+    UploadPartCopy,
+    CompleteMultipart,
+    AbortMultipart,
+    ListVersions,
+    HeadBucket,
+}
+
+impl Op {
+    pub const ALL: [Op; 13] = [
+        Op::List,
+        Op::Head,
+        Op::Get,
+        Op::Put,
+        Op::Copy,
+        Op::Delete,
+        Op::CreateMultipart,
+        Op::UploadPart,
+        Op::UploadPartCopy,
+        Op::CompleteMultipart,
+        Op::AbortMultipart,
+        Op::ListVersions,
+        Op::HeadBucket,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::List => "LIST",
+            Op::Head => "HEAD",
+            Op::Get => "GET",
+            Op::Put => "PUT",
+            Op::Copy => "COPY",
+            Op::Delete => "DELETE",
+            Op::CreateMultipart => "CREATE_MULTIPART",
+            Op::UploadPart => "UPLOAD_PART",
+            Op::UploadPartCopy => "UPLOAD_PART_COPY",
+            Op::CompleteMultipart => "COMPLETE_MULTIPART",
+            Op::AbortMultipart => "ABORT_MULTIPART",
+            Op::ListVersions => "LIST_VERSIONS",
+            Op::HeadBucket => "HEAD_BUCKET",
+        }
+    }
+}
+
+/// Requests made, by type. Both stores keep one.
+#[derive(Debug, Default)]
+pub struct Counters {
+    counts: [AtomicU64; 13],
+}
+
+impl Counters {
+    pub fn record(&self, op: Op) {
+        self.counts[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, op: Op) -> u64 {
+        self.counts[op as usize].load(Ordering::Relaxed)
+    }
+
+    /// Every non-zero counter, e.g. for `bucketfs status`.
+    pub fn snapshot(&self) -> Vec<(Op, u64)> {
+        Op::ALL
+            .iter()
+            .map(|&op| (op, self.get(op)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+}
+
+/// The calls the filesystem makes on a bucket. Keys are full object keys.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + 'static {
+    /// One page of ListObjectsV2.
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        token: Option<String>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage>;
+
+    /// HeadObject, of the current object or of one version.
+    async fn head(&self, key: &str, version: Option<&str>) -> StoreResult<ObjectInfo>;
+
+    /// A byte range of an object. The range is clamped to the object size.
+    async fn get_range(&self, key: &str, range: Range<u64>, pin: &ReadPin) -> StoreResult<Bytes>;
+
+    async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult>;
+
+    /// Server-side copy of a current object, with new metadata if given.
+    async fn copy(
+        &self,
+        src: &str,
+        dst: &str,
+        meta: Option<&Metadata>,
+        src_version: Option<&str>,
+    ) -> StoreResult<PutResult>;
+
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+
+    async fn create_multipart(&self, key: &str, meta: &Metadata) -> StoreResult<String>;
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: PutBody,
+    ) -> StoreResult<String>;
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        src: &str,
+        range: Range<u64>,
+        src_etag: Option<&str>,
+    ) -> StoreResult<String>;
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<(i32, String)>,
+    ) -> StoreResult<PutResult>;
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
+
+    /// One page of ListObjectVersions.
+    async fn list_versions(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        marker: Option<(String, String)>,
+    ) -> StoreResult<VersionPage>;
+
+    /// Checks that the bucket exists and is reachable with these credentials.
+    async fn check_bucket(&self) -> StoreResult<()>;
+
+    /// Requests made so far, by type.
+    fn counters(&self) -> &Counters;
+}

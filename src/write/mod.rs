@@ -1,0 +1,391 @@
+//! The write-back buffer: a file being modified is staged in a sparse local
+//! file under the cache dir (never in RAM), and uploaded on flush as one PUT
+//! or as a parallel multipart upload.
+//!
+//! Invariant of a `Staged` file of `size` bytes: a byte in `loaded` is in
+//! the local file; a byte below `base_valid` and not in `loaded` is the byte
+//! of the base object (the object the file was opened on, pinned by ETag);
+//! every other byte is zero (a hole of the local file). So any write
+//! pattern (append, overwrite in the middle, truncate down and up, sparse
+//! writes) needs no download up front, and an upload re-sends only what
+//! changed: untouched ranges of a large base are copied server-side with
+//! UploadPartCopy.
+
+mod ranges;
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use tracing::{debug, warn};
+
+pub use ranges::RangeSet;
+
+use crate::store::{Metadata, ObjectStore, PutBody, PutResult, ReadPin, StoreError};
+
+/// S3's limits on multipart uploads.
+pub const MIN_PART_SIZE_BYTES: u64 = 5 * 1024 * 1024;
+pub const MAX_PARTS: u64 = 10_000;
+/// Ranged GETs that fill a staged file are at most this large.
+const FILL_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+
+#[derive(Debug)]
+pub enum WriteError {
+    Io(io::Error),
+    Store(StoreError),
+}
+
+impl From<io::Error> for WriteError {
+    fn from(e: io::Error) -> Self {
+        WriteError::Io(e)
+    }
+}
+
+impl From<StoreError> for WriteError {
+    fn from(e: StoreError) -> Self {
+        WriteError::Store(e)
+    }
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Io(e) => write!(f, "staging file: {e}"),
+            WriteError::Store(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// How uploads are cut and run.
+#[derive(Clone, Debug)]
+pub struct UploadOptions {
+    /// Files larger than one part go multipart.
+    pub part_size_bytes: u64,
+    pub concurrency: usize,
+}
+
+/// The object a staged file started from.
+#[derive(Clone, Debug)]
+pub struct Base {
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
+}
+
+/// A file's contents while it is open for writing.
+#[derive(Debug)]
+pub struct Staged {
+    file: Arc<File>,
+    path: PathBuf,
+    size: u64,
+    base: Option<Base>,
+    base_valid: u64,
+    loaded: RangeSet,
+}
+
+static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Staged {
+    /// Stages a file of `base`'s contents (or an empty file) in `dir`.
+    pub fn new(dir: &Path, base: Option<Base>) -> io::Result<Staged> {
+        std::fs::create_dir_all(dir)?;
+        let n = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("stage-{}-{n}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let size = base.as_ref().map_or(0, |b| b.size);
+        file.set_len(size)?;
+        Ok(Staged {
+            file: Arc::new(file),
+            path,
+            size,
+            base_valid: size,
+            base,
+            loaded: RangeSet::default(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)?;
+        let end = offset + data.len() as u64;
+        self.loaded.insert(offset..end);
+        self.size = self.size.max(end);
+        Ok(())
+    }
+
+    pub fn truncate(&mut self, size: u64) -> io::Result<()> {
+        self.file.set_len(size)?;
+        self.loaded.truncate(size);
+        self.base_valid = self.base_valid.min(size);
+        self.size = size;
+        Ok(())
+    }
+
+    /// Reads from the staged contents, fetching base ranges not yet local.
+    pub async fn read(
+        &mut self,
+        store: &dyn ObjectStore,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, WriteError> {
+        let end = (offset + len).min(self.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        self.fill(store, offset..end).await?;
+        let mut buf = vec![0u8; (end - offset) as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// The base ranges within `r` that are not local.
+    fn missing_base(&self, r: Range<u64>) -> Vec<Range<u64>> {
+        let r = r.start..r.end.min(self.base_valid);
+        if r.is_empty() {
+            return Vec::new();
+        }
+        self.loaded.missing(r)
+    }
+
+    /// Downloads the base ranges within `r` that are not local yet.
+    async fn fill(&mut self, store: &dyn ObjectStore, r: Range<u64>) -> Result<(), WriteError> {
+        let missing = self.missing_base(r);
+        let Some(base) = self.base.clone().filter(|_| !missing.is_empty()) else {
+            return Ok(());
+        };
+        let chunks: Vec<Range<u64>> = missing
+            .iter()
+            .flat_map(|m| {
+                (m.start..m.end)
+                    .step_by(FILL_CHUNK_BYTES as usize)
+                    .map(move |s| s..(s + FILL_CHUNK_BYTES).min(m.end))
+            })
+            .collect();
+        let pin = ReadPin::Etag(base.etag.clone());
+        let file = self.file.clone();
+        futures::stream::iter(chunks)
+            .map(|c| {
+                let (pin, key, file) = (&pin, &base.key, file.clone());
+                async move {
+                    let data = store.get_range(key, c.clone(), pin).await?;
+                    if data.len() as u64 != c.end - c.start {
+                        return Err(WriteError::Store(StoreError::PreconditionFailed));
+                    }
+                    file.write_all_at(&data, c.start)?;
+                    Ok::<_, WriteError>(c)
+                }
+            })
+            .buffer_unordered(4)
+            .try_for_each(|c| {
+                self.loaded.insert(c);
+                futures::future::ready(Ok(()))
+            })
+            .await
+    }
+
+    /// Uploads the whole contents as `key` with `meta`. On failure nothing
+    /// changes in the bucket and no multipart upload is left behind.
+    pub async fn upload(
+        &mut self,
+        store: &dyn ObjectStore,
+        key: &str,
+        meta: &Metadata,
+        opts: &UploadOptions,
+    ) -> Result<PutResult, WriteError> {
+        let part = part_size(self.size, opts.part_size_bytes);
+        if self.size <= part {
+            self.fill(store, 0..self.size).await?;
+            let body = PutBody::File {
+                path: self.path.clone(),
+                offset: 0,
+                len: self.size,
+            };
+            return Ok(store.put(key, body, meta).await?);
+        }
+        // Plan: parts lying wholly in an untouched range of an unchanged
+        // base are copied server-side; the rest is filled and uploaded.
+        let parts: Vec<(i32, Range<u64>, bool)> = (0..self.size)
+            .step_by(part as usize)
+            .enumerate()
+            .map(|(i, s)| {
+                let r = s..(s + part).min(self.size);
+                let copy =
+                    self.base.is_some() && r.end <= self.base_valid && !self.loaded.overlaps(&r);
+                (i as i32 + 1, r, copy)
+            })
+            .collect();
+        for (_, r, copy) in &parts {
+            if !copy {
+                self.fill(store, r.clone()).await?;
+            }
+        }
+        let upload_id = store.create_multipart(key, meta).await?;
+        debug!(
+            key,
+            parts = parts.len(),
+            part_size = part,
+            "multipart upload"
+        );
+        let base = self.base.clone();
+        let path = self.path.clone();
+        let results: Result<Vec<(i32, String)>, StoreError> = futures::stream::iter(parts)
+            .map(|(n, r, copy)| {
+                let (base, path, upload_id) = (&base, &path, &upload_id);
+                async move {
+                    let etag = match (copy, base) {
+                        (true, Some(b)) => {
+                            store
+                                .upload_part_copy(key, upload_id, n, &b.key, r, Some(&b.etag))
+                                .await?
+                        }
+                        _ => {
+                            let body = PutBody::File {
+                                path: path.clone(),
+                                offset: r.start,
+                                len: r.end - r.start,
+                            };
+                            store.upload_part(key, upload_id, n, body).await?
+                        }
+                    };
+                    Ok((n, etag))
+                }
+            })
+            .buffered(opts.concurrency.max(1))
+            .try_collect()
+            .await;
+        let done = match results {
+            Ok(parts) => store.complete_multipart(key, &upload_id, parts).await,
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(put) => Ok(put),
+            Err(e) => {
+                if let Err(abort) = store.abort_multipart(key, &upload_id).await {
+                    warn!(key, error = %abort, "could not abort a failed multipart upload");
+                }
+                Err(WriteError::Store(e))
+            }
+        }
+    }
+
+    /// After an upload the staged bytes are the new base's.
+    pub fn rebase(&mut self, key: &str, etag: String) {
+        self.base = Some(Base {
+            key: key.to_string(),
+            etag,
+            size: self.size,
+        });
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The part size for a file: at least the configured one and S3's minimum,
+/// growing so the file fits in 10,000 parts.
+pub fn part_size(file_size: u64, configured: u64) -> u64 {
+    let mut p = configured.max(MIN_PART_SIZE_BYTES);
+    while file_size.div_ceil(p) > MAX_PARTS {
+        p *= 2;
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Op;
+    use crate::store::memory::MemStore;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn opts() -> UploadOptions {
+        UploadOptions {
+            part_size_bytes: 5 * MIB,
+            concurrency: 4,
+        }
+    }
+
+    #[test]
+    fn part_size_fits_five_tib_in_ten_thousand_parts() {
+        assert_eq!(part_size(1, 8 * MIB), 8 * MIB);
+        assert_eq!(part_size(1, MIB), 5 * MIB);
+        let p = part_size(5 * 1024 * 1024 * MIB, 8 * MIB);
+        assert!((5 * 1024 * 1024 * MIB).div_ceil(p) <= MAX_PARTS);
+    }
+
+    #[tokio::test]
+    async fn append_to_large_object_copies_untouched_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::versioned();
+        let orig: Vec<u8> = (0..12 * MIB).map(|i| (i % 251) as u8).collect();
+        let put = s.insert("big", &orig, Metadata::new());
+        let base = Base {
+            key: "big".into(),
+            etag: put.etag,
+            size: orig.len() as u64,
+        };
+        let mut st = Staged::new(dir.path(), Some(base)).unwrap();
+        st.write(orig.len() as u64, b"tail").unwrap();
+        st.upload(&s, "big", &Metadata::new(), &opts())
+            .await
+            .unwrap();
+        let mut want = orig.clone();
+        want.extend_from_slice(b"tail");
+        assert_eq!(s.object("big").unwrap().as_ref(), &want[..]);
+        assert_eq!(
+            s.counters().get(Op::Get),
+            1,
+            "only the touched last part is read"
+        );
+        assert_eq!(s.counters().get(Op::UploadPartCopy), 2);
+        assert_eq!(s.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn failed_multipart_is_aborted_and_object_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::versioned();
+        s.insert("k", b"old", Metadata::new());
+        let mut st = Staged::new(dir.path(), None).unwrap();
+        st.write(0, &vec![7u8; (11 * MIB) as usize]).unwrap();
+        s.fail_next(Op::UploadPart, 1, StoreError::Transient("503".into()));
+        assert!(st.upload(&s, "k", &Metadata::new(), &opts()).await.is_err());
+        assert_eq!(s.object("k").unwrap().as_ref(), b"old");
+        assert_eq!(s.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn truncate_then_extend_reads_zeros_not_old_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::versioned();
+        let put = s.insert("k", b"abcdefgh", Metadata::new());
+        let base = Base {
+            key: "k".into(),
+            etag: put.etag,
+            size: 8,
+        };
+        let mut st = Staged::new(dir.path(), Some(base)).unwrap();
+        st.truncate(3).unwrap();
+        st.truncate(6).unwrap();
+        st.write(7, b"Z").unwrap();
+        assert_eq!(st.read(&s, 0, 100).await.unwrap().as_ref(), b"abc\0\0\0\0Z");
+    }
+}

@@ -1,0 +1,507 @@
+//! Through a real FUSE mount over a real local S3 server: what a user does
+//! with ls, cat, cp, mv, chmod... and what lands in the bucket, checked
+//! with the S3 API directly.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+fn mount(tag: &str) -> Mount {
+    let b = Bucket::new(server(), tag, false);
+    Mount::new(&b, "")
+}
+
+#[test]
+fn echo_append_cat_and_the_object_is_in_the_bucket() {
+    let m = mount("echo");
+    fs::write(m.path("f.txt"), b"hello\n").unwrap();
+    assert_eq!(
+        m.bucket.get("f.txt").as_deref(),
+        Some(&b"hello\n"[..]),
+        "after close the object is in S3"
+    );
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("f.txt"))
+        .unwrap();
+    f.write_all(b"world\n").unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("f.txt")).unwrap(), b"hello\nworld\n");
+    assert_eq!(
+        m.bucket.get("f.txt").as_deref(),
+        Some(&b"hello\nworld\n"[..])
+    );
+    sh(&m.dir, "echo replaced > f.txt");
+    assert_eq!(m.bucket.get("f.txt").as_deref(), Some(&b"replaced\n"[..]));
+    // An empty file exists as soon as it is created.
+    let f = fs::File::create(m.path("empty")).unwrap();
+    assert_eq!(fs::metadata(m.path("empty")).unwrap().len(), 0);
+    drop(f);
+    assert_eq!(m.bucket.get("empty").as_deref(), Some(&b""[..]));
+}
+
+#[test]
+fn cp_in_and_out_keeps_bytes_across_the_multipart_threshold() {
+    let m = mount("cp");
+    let src = tempfile::tempdir().unwrap();
+    for (name, len) in [
+        ("small", 1000usize),
+        ("part", 8 * 1024 * 1024),
+        ("big", 21 * 1024 * 1024 + 7),
+    ] {
+        let data = pattern(len, len as u64);
+        let local = src.path().join(name);
+        fs::write(&local, &data).unwrap();
+        sh(&m.dir, &format!("cp {} {}", local.display(), name));
+        assert_eq!(
+            sha256(&m.bucket.get(name).unwrap()),
+            sha256(&data),
+            "{name} in S3"
+        );
+        sh(
+            &m.dir,
+            &format!("cp {name} {}/back-{name}", src.path().display()),
+        );
+        assert_eq!(
+            sha256_file(&src.path().join(format!("back-{name}"))),
+            sha256(&data),
+            "{name} read back"
+        );
+    }
+    assert_eq!(m.bucket.open_multipart_uploads(), 0);
+}
+
+#[test]
+fn objects_from_other_clients_show_right() {
+    let b = Bucket::new(server(), "foreign", false);
+    b.put("plain.txt", b"12345");
+    b.put_meta(
+        "owned",
+        b"x",
+        &[
+            ("mode", "33216"),
+            ("uid", "1234"),
+            ("gid", "99"),
+            ("mtime", "1600000000"),
+        ],
+    );
+    b.put("implicit/dir/file", b"abc");
+    for name in [
+        "with space.txt",
+        "ünïcødé.txt",
+        "a+b.txt",
+        "100%.txt",
+        "hash#tag.txt",
+    ] {
+        b.put(&format!("odd/{name}"), name.as_bytes());
+    }
+    let m = Mount::new(&b, "");
+    let md = fs::metadata(m.path("plain.txt")).unwrap();
+    assert_eq!((md.len(), md.mode() & 0o7777), (5, 0o644));
+    let md = fs::metadata(m.path("owned")).unwrap();
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid(), md.mtime()),
+        (0o700, 1234, 99, 1_600_000_000)
+    );
+    assert!(fs::metadata(m.path("implicit/dir")).unwrap().is_dir());
+    assert_eq!(fs::read(m.path("implicit/dir/file")).unwrap(), b"abc");
+    let mut names: Vec<String> = fs::read_dir(m.path("odd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut want = vec![
+        "100%.txt",
+        "a+b.txt",
+        "hash#tag.txt",
+        "with space.txt",
+        "ünïcødé.txt",
+    ];
+    want.sort();
+    assert_eq!(names, want);
+    for n in want {
+        assert_eq!(fs::read(m.path(&format!("odd/{n}"))).unwrap(), n.as_bytes());
+    }
+    let ls = sh(&m.dir, "ls -la");
+    assert!(ls.contains("plain.txt") && ls.contains("implicit"), "{ls}");
+}
+
+#[test]
+fn mkdir_rmdir_and_enotempty() {
+    let m = mount("dirs");
+    fs::create_dir(m.path("d")).unwrap();
+    assert_eq!(m.bucket.keys("d"), vec!["d/"], "mkdir writes a marker");
+    assert_eq!(
+        errno(fs::create_dir(m.path("d")).unwrap_err()),
+        libc::EEXIST
+    );
+    fs::write(m.path("d/f"), b"x").unwrap();
+    assert_eq!(
+        errno(fs::remove_dir(m.path("d")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
+    fs::remove_file(m.path("d/f")).unwrap();
+    assert_eq!(m.bucket.get("d/f"), None);
+    fs::remove_dir(m.path("d")).unwrap();
+    assert!(m.bucket.keys("d").is_empty());
+    assert_eq!(errno(fs::metadata(m.path("d")).unwrap_err()), libc::ENOENT);
+}
+
+#[test]
+fn mv_of_a_file_and_of_a_tree() {
+    let m = mount("mv");
+    fs::create_dir_all(m.path("a/b/c")).unwrap();
+    let big = pattern(9 * 1024 * 1024, 3);
+    fs::write(m.path("a/b/c/deep"), &big).unwrap();
+    fs::write(m.path("a/top"), b"top").unwrap();
+    sh(&m.dir, "mv a/top a/top2");
+    assert_eq!(m.bucket.get("a/top"), None);
+    assert_eq!(m.bucket.get("a/top2").as_deref(), Some(&b"top"[..]));
+    sh(&m.dir, "mv a z");
+    assert!(m.bucket.keys("a/").is_empty(), "{:?}", m.bucket.keys("a/"));
+    let mut keys = m.bucket.keys("z/");
+    keys.sort();
+    assert_eq!(keys, vec!["z/", "z/b/", "z/b/c/", "z/b/c/deep", "z/top2"]);
+    assert_eq!(sha256_file(&m.path("z/b/c/deep")), sha256(&big));
+    assert_eq!(errno(fs::metadata(m.path("a")).unwrap_err()), libc::ENOENT);
+    // Rename over an existing file replaces it.
+    fs::write(m.path("x"), b"new").unwrap();
+    fs::write(m.path("y"), b"old").unwrap();
+    fs::rename(m.path("x"), m.path("y")).unwrap();
+    assert_eq!(m.bucket.get("y").as_deref(), Some(&b"new"[..]));
+    assert_eq!(m.bucket.get("x"), None);
+}
+
+#[test]
+fn chmod_chown_touch_are_kept_across_a_remount() {
+    let m = mount("meta");
+    fs::write(m.path("f"), b"data").unwrap();
+    fs::create_dir(m.path("d")).unwrap();
+    fs::set_permissions(m.path("f"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(m.path("f"), Some(1000), Some(1001)).unwrap();
+    fs::set_permissions(m.path("d"), fs::Permissions::from_mode(0o700)).unwrap();
+    sh(&m.dir, "touch -d '2021-02-03 04:05:06Z' f");
+    let meta = m.bucket.metadata("f");
+    assert_eq!(
+        meta.get("mode").map(String::as_str),
+        Some("33184"),
+        "{meta:?}"
+    ); // 0100640
+    assert_eq!(meta.get("uid").map(String::as_str), Some("1000"));
+    assert_eq!(meta.get("mtime").map(String::as_str), Some("1612325106"));
+    m.remount();
+    let md = fs::metadata(m.path("f")).unwrap();
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid(), md.mtime()),
+        (0o640, 1000, 1001, 1_612_325_106)
+    );
+    assert_eq!(fs::metadata(m.path("d")).unwrap().mode() & 0o7777, 0o700);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"data");
+}
+
+#[test]
+fn symlink_truncate_rm_and_df() {
+    let m = mount("misc");
+    fs::write(m.path("target"), b"0123456789").unwrap();
+    std::os::unix::fs::symlink("target", m.path("link")).unwrap();
+    assert_eq!(
+        fs::read_link(m.path("link")).unwrap().to_str(),
+        Some("target")
+    );
+    assert_eq!(fs::read(m.path("link")).unwrap(), b"0123456789");
+    assert_eq!(m.bucket.get("link").as_deref(), Some(&b"target"[..]));
+    sh(&m.dir, "truncate -s 4 target");
+    assert_eq!(m.bucket.get("target").as_deref(), Some(&b"0123"[..]));
+    sh(&m.dir, "truncate -s 6 target");
+    assert_eq!(m.bucket.get("target").as_deref(), Some(&b"0123\0\0"[..]));
+    assert_eq!(fs::read(m.path("target")).unwrap(), b"0123\0\0");
+    fs::remove_file(m.path("link")).unwrap();
+    assert_eq!(m.bucket.get("link"), None);
+    assert_eq!(
+        errno(fs::hard_link(m.path("target"), m.path("hard")).unwrap_err()),
+        libc::EPERM
+    );
+    let df = sh(&m.dir, "df -P . | tail -1");
+    let avail: u64 = df.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(avail >= 1 << 40, "df reports a large free size: {df}");
+}
+
+#[test]
+fn a_large_directory_lists_completely() {
+    let b = Bucket::new(server(), "many", false);
+    const N: usize = 2100; // three pages of ListObjectsV2
+    let names: Vec<String> = (0..N).map(|i| format!("big/f{i:05}")).collect();
+    common::rt().block_on(async {
+        let c = common::client(&b.endpoint);
+        let puts = names.iter().map(|k| {
+            let c = c.clone();
+            let bucket = b.name.clone();
+            async move {
+                c.put_object()
+                    .bucket(bucket)
+                    .key(k)
+                    .body(vec![1u8].into())
+                    .send()
+                    .await
+                    .unwrap()
+            }
+        });
+        futures::future::join_all(puts).await;
+    });
+    let m = Mount::new(&b, "");
+    let out = sh(&m.dir, "ls -l big | grep -c '^-'");
+    assert_eq!(out.trim(), N.to_string());
+    let mut listed: Vec<String> = fs::read_dir(m.path("big"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed.len(), N);
+    assert_eq!(listed[0], "f00000");
+    assert_eq!(listed[N - 1], format!("f{:05}", N - 1));
+}
+
+#[test]
+fn errors_have_the_right_errno() {
+    let m = mount("errno");
+    assert_eq!(
+        errno(fs::read(m.path("missing")).unwrap_err()),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(fs::write(m.path(&"n".repeat(256)), b"x").unwrap_err()),
+        libc::ENAMETOOLONG
+    );
+    // Four components of 255 bytes make a key over S3's 1,024 bytes.
+    let mut p = String::new();
+    let mut last = 0;
+    for i in 0..5 {
+        p = if p.is_empty() {
+            "d".repeat(250) + &i.to_string()
+        } else {
+            format!("{p}/{}{i}", "d".repeat(250))
+        };
+        match fs::create_dir(m.path(&p)) {
+            Ok(()) => {}
+            Err(e) => {
+                last = errno(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(last, libc::ENAMETOOLONG);
+    fs::write(m.path("f"), b"x").unwrap();
+    assert_eq!(errno(fs::read_dir(m.path("f")).unwrap_err()), libc::ENOTDIR);
+    assert_eq!(
+        errno(fs::remove_dir(m.path("f")).unwrap_err()),
+        libc::ENOTDIR
+    );
+
+    let ro = Mount::new(&m.bucket, "ro");
+    assert_eq!(
+        errno(fs::write(ro.path("new"), b"x").unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::write(ro.path("f"), b"y").unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::create_dir(ro.path("d")).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(fs::read(ro.path("f")).unwrap(), b"x");
+}
+
+#[test]
+fn real_tools_cp_r_tar_rsync_round_trip() {
+    let m = mount("tools");
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("tree");
+    for (i, rel) in ["a.txt", "sub/b.bin", "sub/deeper/c", "sub/deeper/d e"]
+        .iter()
+        .enumerate()
+    {
+        let p = tree.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, pattern(1000 + i * 100_000, i as u64)).unwrap();
+    }
+    let sum =
+        |dir: &std::path::Path| sh(dir, "find . -type f -print0 | sort -z | xargs -0 sha256sum");
+    let want = sum(&tree);
+    sh(&m.dir, &format!("cp -r {} cp-copy", tree.display()));
+    assert_eq!(sum(&m.path("cp-copy")), want);
+    sh(
+        &m.dir,
+        &format!(
+            "mkdir tar-copy && tar -C {} -cf - . | tar -C tar-copy -xf -",
+            tree.display()
+        ),
+    );
+    assert_eq!(sum(&m.path("tar-copy")), want);
+    sh(&m.dir, &format!("rsync -a {}/ rsync-copy/", tree.display()));
+    assert_eq!(sum(&m.path("rsync-copy")), want);
+    let back = src.path().join("back");
+    sh(&m.dir, &format!("rsync -a rsync-copy/ {}/", back.display()));
+    assert_eq!(sum(&back), want);
+    assert_eq!(
+        sha256(&m.bucket.get("tar-copy/sub/deeper/d e").unwrap()),
+        sha256(&fs::read(tree.join("sub/deeper/d e")).unwrap())
+    );
+}
+
+#[test]
+fn stat_after_the_server_is_gone_fails_in_bounded_time() {
+    let own = Server::start();
+    let b = Bucket::new(&own, "gone", false);
+    b.put("known", b"x");
+    let m = Mount::new(&b, "timeout=1,retries=1,metadata_ttl=0");
+    assert_eq!(fs::read(m.path("known")).unwrap(), b"x");
+    own.kill();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = m.path("other");
+    std::thread::spawn(move || {
+        let r = fs::metadata(&p).map(|_| ()).map_err(errno);
+        let _ = tx.send(r);
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("stat must not hang");
+    assert_eq!(r, Err(libc::EIO));
+}
+
+#[test]
+fn mount_failures_exit_non_zero_with_one_line_and_leave_nothing_mounted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mp = tmp.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let ep = &server().endpoint;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let cases = [
+        (
+            format!("endpoint={ep},path_style"),
+            "no-such-bucket-here".to_string(),
+            mp.clone(),
+            "does not exist",
+        ),
+        (
+            format!("endpoint={dead},path_style,timeout=1,retries=0"),
+            "b".into(),
+            mp.clone(),
+            "cannot reach",
+        ),
+        (
+            format!("endpoint={ep},path_style,bogus_option"),
+            "b".into(),
+            mp.clone(),
+            "unknown option",
+        ),
+        (
+            format!("endpoint={ep},path_style"),
+            "b".into(),
+            tmp.path().join("nope"),
+            "mountpoint",
+        ),
+    ];
+    for (opts, bucket, dir, word) in cases {
+        let start = Instant::now();
+        let out = command()
+            .args(["-o", &opts, &bucket])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{opts}: should fail");
+        assert!(err.contains(word), "{opts}: {err:?} should say {word:?}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
+        assert!(!is_mounted(&dir));
+        assert!(start.elapsed() < Duration::from_secs(60));
+    }
+}
+
+#[test]
+fn background_mount_returns_once_live_and_serves() {
+    let b = Bucket::new(server(), "bg", false);
+    b.put("hello", b"from s3");
+    let tmp = tempfile::tempdir().unwrap();
+    let mp = tmp.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let opts = base_options(
+        &b.endpoint,
+        &tmp.path().join("cache"),
+        &tmp.path().join("log"),
+    );
+    let status = command()
+        .args(["-o", &opts, &b.name])
+        .arg(&mp)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Live the moment the command returned: no waiting.
+    assert!(is_mounted(&mp));
+    assert_eq!(fs::read(mp.join("hello")).unwrap(), b"from s3");
+    fs::write(mp.join("new"), b"n").unwrap();
+    assert!(
+        std::process::Command::new("umount")
+            .arg(&mp)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(b.get("new").as_deref(), Some(&b"n"[..]));
+    // A second mount on a live mountpoint is refused.
+    let status = command()
+        .args(["-o", &opts, &b.name])
+        .arg(&mp)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let again = command()
+        .args(["-o", &opts, &b.name])
+        .arg(&mp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already"));
+    assert!(
+        std::process::Command::new("umount")
+            .arg(&mp)
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[test]
+fn mtime_of_a_written_file_is_now_and_size_is_current_while_open() {
+    let m = mount("open");
+    let before = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut f = fs::File::create(m.path("growing")).unwrap();
+    f.write_all(&[7u8; 5000]).unwrap();
+    assert_eq!(
+        fs::metadata(m.path("growing")).unwrap().len(),
+        5000,
+        "stat sees the current size"
+    );
+    assert_eq!(
+        fs::read(m.path("growing")).unwrap().len(),
+        5000,
+        "another handle sees the data"
+    );
+    drop(f);
+    let md = fs::metadata(m.path("growing")).unwrap();
+    assert!(md.mtime() as u64 >= before - 1);
+}
