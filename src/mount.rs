@@ -149,6 +149,7 @@ pub fn fs_config(o: &Options) -> FsConfig {
             file_perm: umask.map_or(0o644, |m| (0o666 & !m) as u16),
             dir_perm: umask.map_or(0o755, |m| (0o777 & !m) as u16),
         },
+        root_perm: o.mp_umask.map(|m| (0o777 & !m) as u16),
         metadata_ttl: o.metadata_ttl,
         read_only: o.read_only,
         staging_dir: cache_dir.join("staging").join(tag),

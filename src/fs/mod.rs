@@ -47,6 +47,8 @@ pub struct FsConfig {
     /// Key prefix shown as the root ("" or ending with `/`).
     pub root_prefix: String,
     pub defaults: Defaults,
+    /// Permissions of the mount root (default: `defaults.dir_perm`).
+    pub root_perm: Option<u16>,
     /// How long attributes and listings are trusted.
     pub metadata_ttl: Duration,
     pub read_only: bool,
@@ -73,6 +75,7 @@ impl Default for FsConfig {
                 file_perm: 0o644,
                 dir_perm: 0o755,
             },
+            root_perm: None,
             metadata_ttl: Duration::from_secs(5),
             read_only: false,
             staging_dir: std::env::temp_dir().join("bucketfs-staging"),
@@ -195,7 +198,8 @@ pub struct Fs {
 
 impl Fs {
     pub fn new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> Fs {
-        let root = Attr::implicit_dir(ROOT_INO, &cfg.defaults);
+        let mut root = Attr::implicit_dir(ROOT_INO, &cfg.defaults);
+        root.perm = cfg.root_perm.unwrap_or(root.perm);
         Fs {
             blocks: Arc::new(BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)),
             store,

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
@@ -55,6 +55,21 @@ pub fn version_id_of(name: &str) -> Option<String> {
         .decode_utf8()
         .ok()
         .map(|s| s.into_owned())
+}
+
+/// The mtime shown for each version of a list (newest first): its
+/// last-modified time, less a nanosecond per tie, so `ls -t` keeps S3's
+/// order even when a store records whole seconds.
+fn display_times(list: &[VersionInfo]) -> Vec<SystemTime> {
+    let mut out: Vec<SystemTime> = Vec::with_capacity(list.len());
+    for v in list {
+        let t = match out.last() {
+            Some(&prev) if v.last_modified >= prev => prev - Duration::from_nanos(1),
+            _ => v.last_modified,
+        };
+        out.push(t);
+    }
+    out
 }
 
 impl Fs {
@@ -138,18 +153,25 @@ impl Fs {
             NodeKey::VersionsOf(path) => {
                 let id = version_id_of(name).ok_or(FsError::NotFound)?;
                 let list = self.versions_of(&path).await?;
-                let v = list
+                let times = display_times(&list);
+                let i = list
                     .iter()
-                    .find(|v| v.version_id == id && version_name(v) == name)
+                    .position(|v| v.version_id == id && version_name(v) == name)
                     .ok_or(FsError::NotFound)?;
-                Ok(self.remember_version(parent, &path, v))
+                Ok(self.remember_version(parent, &path, &list[i], times[i]))
             }
             NodeKey::Version { .. } => Err(FsError::NotDir),
             NodeKey::Path(_) => Err(FsError::NotFound),
         }
     }
 
-    fn remember_version(&self, parent: u64, path: &str, v: &VersionInfo) -> Attr {
+    fn remember_version(
+        &self,
+        parent: u64,
+        path: &str,
+        v: &VersionInfo,
+        mtime: SystemTime,
+    ) -> Attr {
         let attr = Attr {
             ino: 0,
             kind: FileKind::File,
@@ -158,8 +180,8 @@ impl Fs {
             uid: self.cfg.defaults.uid,
             gid: self.cfg.defaults.gid,
             rdev: 0,
-            mtime: v.last_modified,
-            ctime: v.last_modified,
+            mtime,
+            ctime: mtime,
         };
         let object = ObjectInfo {
             key: self.key_of(path),
@@ -219,10 +241,12 @@ impl Fs {
             }
             NodeKey::VersionsOf(path) => {
                 let list = self.versions_of(&path).await?;
+                let times = display_times(&list);
                 Ok(list
                     .iter()
-                    .map(|v| DirEntry {
-                        ino: self.remember_version(ino, &path, v).ino,
+                    .zip(times)
+                    .map(|(v, t)| DirEntry {
+                        ino: self.remember_version(ino, &path, v, t).ino,
                         name: version_name(v),
                         kind: FileKind::File,
                     })
@@ -353,7 +377,6 @@ impl Fs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn version_names_round_trip_any_id() {

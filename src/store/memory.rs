@@ -151,12 +151,7 @@ impl MemStore {
             fingerprint(data.as_deref().unwrap_or(&[]), n)
         );
         // Strictly increasing times, so "newest first" is well defined.
-        let last_modified = SystemTime::UNIX_EPOCH
-            + Duration::from_millis(1_700_000_000_000 + n * 1000).max(
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default(),
-            );
+        let last_modified = SystemTime::now() + Duration::from_millis(n);
         let versions = st.objects.entry(key.to_string()).or_default();
         if !self.versioned {
             versions.clear();

@@ -1,0 +1,369 @@
+//! The filesystem core over the in-memory store: fast, no kernel. Request
+//! counts, write patterns against a plain model, failure handling.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+
+use bucketfs::fs::inodes::ROOT_INO;
+use bucketfs::fs::{Creator, FileKind, Fs, FsConfig, FsError, SetAttr};
+use bucketfs::store::memory::MemStore;
+use bucketfs::store::{Metadata, ObjectStore, Op, StoreError};
+use bucketfs::write::UploadOptions;
+
+const USER: Creator = Creator {
+    uid: 1000,
+    gid: 1000,
+    mode: 0o644,
+    umask: 0o022,
+};
+
+fn fs_with(store: Arc<MemStore>, tweak: impl FnOnce(&mut FsConfig)) -> (Fs, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        ..FsConfig::default()
+    };
+    tweak(&mut cfg);
+    (Fs::new(store, cfg), dir)
+}
+
+fn name(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+fn requests(s: &MemStore) -> u64 {
+    Op::ALL.iter().map(|&op| s.counters().get(op)).sum()
+}
+
+#[tokio::test]
+async fn ten_thousand_objects_list_in_ten_lists_and_stat_needs_no_request() {
+    let s = Arc::new(MemStore::unversioned());
+    for i in 0..10_000 {
+        s.insert(&format!("dir/f{i:05}"), b"abc", Metadata::new());
+    }
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let dir = fs.lookup(ROOT_INO, name("dir")).await.unwrap();
+    let before = (s.counters().get(Op::List), s.counters().get(Op::Head));
+    let entries = fs.list(dir.ino).await.unwrap();
+    assert_eq!(entries.len(), 10_002, "with . and ..");
+    assert_eq!(
+        s.counters().get(Op::List) - before.0,
+        10,
+        "one LIST per 1,000"
+    );
+    assert_eq!(
+        s.counters().get(Op::Head) - before.1,
+        0,
+        "no HEAD per entry"
+    );
+    let n = requests(&s);
+    for e in entries.iter().skip(2) {
+        let a = fs.lookup(dir.ino, name(&e.name)).await.unwrap();
+        assert_eq!(a.size, 3);
+    }
+    assert_eq!(
+        requests(&s),
+        n,
+        "stat after readdir is answered from the listing"
+    );
+}
+
+#[tokio::test]
+async fn a_new_small_file_costs_one_put() {
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let n = requests(&s);
+    let (a, fh) = fs
+        .create(ROOT_INO, name("new"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs.getattr(a.ino).await.unwrap().size,
+        0,
+        "exists before close"
+    );
+    fs.write(fh, 0, b"0123456789").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(requests(&s) - n, 1);
+    assert_eq!(s.counters().get(Op::Put), 1);
+    assert_eq!(s.object("new").unwrap().as_ref(), b"0123456789");
+    let meta = s.metadata("new").unwrap();
+    assert_eq!(meta.get("mode").map(String::as_str), Some("33188")); // 0100644
+    assert_eq!(meta.get("uid").map(String::as_str), Some("1000"));
+}
+
+#[tokio::test]
+async fn close_returns_the_upload_error_and_a_retry_lands_the_data() {
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let (_, fh) = fs
+        .create(ROOT_INO, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"precious").await.unwrap();
+    s.fail_next(Op::Put, 1, StoreError::Transient("503 SlowDown".into()));
+    let err = fs.flush(fh).await.unwrap_err();
+    assert_eq!(bucketfs::error::errno(&err), libc::EIO);
+    assert_eq!(s.object("f"), None, "nothing half-written");
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("f").unwrap().as_ref(), b"precious");
+}
+
+#[tokio::test]
+async fn access_denied_is_eacces_and_missing_is_enoent() {
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    assert_eq!(
+        fs.lookup(ROOT_INO, name("nope")).await.unwrap_err(),
+        FsError::NotFound
+    );
+    s.fail_next(Op::Head, 1, StoreError::AccessDenied("403".into()));
+    let e = fs.lookup(ROOT_INO, name("secret")).await.unwrap_err();
+    assert_eq!(bucketfs::error::errno(&e), libc::EACCES);
+}
+
+/// A small deterministic PRNG for the model test.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Random writes, truncates, flushes and reopens on one file, across the
+/// multipart threshold, compared byte for byte with a plain Vec model and
+/// with what the bucket holds after every flush.
+#[tokio::test]
+async fn any_write_pattern_matches_a_plain_model() {
+    const MIB: u64 = 1024 * 1024;
+    for seed in 1..=6u64 {
+        let s = Arc::new(MemStore::versioned());
+        let (fs, _d) = fs_with(s.clone(), |c| {
+            c.upload = UploadOptions {
+                part_size_bytes: 5 * MIB,
+                concurrency: 3,
+            };
+            c.block_size_bytes = 256 * 1024;
+        });
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut model: Vec<u8> = Vec::new();
+        let (a, mut fh) = fs
+            .create(ROOT_INO, name("m"), USER, libc::O_RDWR)
+            .await
+            .unwrap();
+        for step in 0..60 {
+            match rng.below(10) {
+                0..=4 => {
+                    let max = (model.len() as u64 + MIB).min(13 * MIB);
+                    let off = rng.below(max + 1);
+                    let big = rng.below(4) == 0;
+                    let len = 1 + rng.below(if big { 3 * MIB } else { 5000 });
+                    let byte = (rng.next() & 0xff) as u8;
+                    let data = vec![byte; len as usize];
+                    fs.write(fh, off, &data).await.unwrap();
+                    let end = (off + len) as usize;
+                    if model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[off as usize..end].copy_from_slice(&data);
+                }
+                5 => {
+                    let size = rng.below(model.len() as u64 + 2 * MIB);
+                    let attr = fs
+                        .setattr(
+                            a.ino,
+                            SetAttr {
+                                size: Some(size),
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(attr.size, size);
+                    model.resize(size as usize, 0);
+                }
+                6 => {
+                    fs.flush(fh).await.unwrap();
+                    let got = s.object("m").unwrap();
+                    assert!(
+                        got.as_ref() == model.as_slice(),
+                        "seed {seed} step {step}: bucket differs after flush"
+                    );
+                }
+                7 => {
+                    // Close and reopen: the next writes start from the object.
+                    fs.flush(fh).await.unwrap();
+                    fs.release(fh).await.unwrap();
+                    fh = fs.open(a.ino, libc::O_RDWR).await.unwrap();
+                }
+                _ => {
+                    let off = rng.below(model.len() as u64 + 10);
+                    let len = 1 + rng.below(300_000) as u32;
+                    let got = fs.read(fh, off, len).await.unwrap();
+                    let end = (off as usize + len as usize).min(model.len());
+                    let want = if (off as usize) < model.len() {
+                        &model[off as usize..end]
+                    } else {
+                        &[][..]
+                    };
+                    assert!(
+                        got.as_ref() == want,
+                        "seed {seed} step {step}: read {off}+{len} differs"
+                    );
+                }
+            }
+            assert_eq!(fs.getattr(a.ino).await.unwrap().size, model.len() as u64);
+        }
+        fs.flush(fh).await.unwrap();
+        fs.release(fh).await.unwrap();
+        assert!(
+            s.object("m").unwrap().as_ref() == model.as_slice(),
+            "seed {seed}: final object differs"
+        );
+        assert_eq!(s.open_uploads(), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_read_handle_keeps_reading_the_version_it_opened() {
+    let s = Arc::new(MemStore::versioned());
+    s.insert("f", &[1u8; 300_000], Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |c| c.block_size_bytes = 100_000);
+    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 10).await.unwrap().as_ref(), &[1u8; 10]);
+    s.insert("f", &[2u8; 300_000], Metadata::new());
+    assert_eq!(
+        fs.read(fh, 250_000, 10).await.unwrap().as_ref(),
+        &[1u8; 10],
+        "no mix of old and new"
+    );
+    fs.release(fh).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_changed_object_is_never_served_from_cached_blocks() {
+    let s = Arc::new(MemStore::versioned());
+    s.insert("f", b"old old old", Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = std::time::Duration::ZERO);
+    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 100).await.unwrap().as_ref(), b"old old old");
+    fs.release(fh).await.unwrap();
+    s.insert("f", b"new!", Metadata::new());
+    let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 100).await.unwrap().as_ref(), b"new!");
+}
+
+#[tokio::test]
+async fn second_read_of_an_unchanged_file_makes_no_get() {
+    let s = Arc::new(MemStore::versioned());
+    s.insert("f", &vec![5u8; 3_000_000], Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    for round in 0..2 {
+        let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+        let mut off = 0;
+        while off < 3_000_000 {
+            let d = fs.read(fh, off, 131_072).await.unwrap();
+            assert!(d.iter().all(|&b| b == 5));
+            off += d.len() as u64;
+        }
+        fs.release(fh).await.unwrap();
+        if round == 0 {
+            // Read-ahead may still be landing: wait for it, bounded.
+            for _ in 0..100 {
+                if fs.block_cache().mem_bytes() >= 3_000_000 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+    assert_eq!(
+        s.counters().get(Op::Get),
+        3,
+        "three 1 MiB blocks, fetched once"
+    );
+}
+
+#[tokio::test]
+async fn versions_tree_lists_and_reads_every_version() {
+    let s = Arc::new(MemStore::versioned());
+    // TTL 0: changes made behind the mount's back show at once.
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = std::time::Duration::ZERO);
+    for body in ["one", "two!", "three"] {
+        let (_, fh) = fs
+            .create(ROOT_INO, name("doc"), USER, libc::O_WRONLY | libc::O_TRUNC)
+            .await
+            .unwrap();
+        fs.write(fh, 0, body.as_bytes()).await.unwrap();
+        fs.release(fh).await.unwrap();
+    }
+    s.insert("doc.txt", b"neighbour", Metadata::new());
+    s.insert("doc/inner", b"nested", Metadata::new());
+    let dir = fs.lookup(ROOT_INO, name("doc")).await.unwrap();
+    assert_eq!(
+        dir.kind,
+        FileKind::Dir,
+        "the prefix doc/ makes doc a directory"
+    );
+    s.delete("doc/inner").await.unwrap();
+    let v = fs.lookup(ROOT_INO, name(".versions")).await.unwrap();
+    let names: Vec<String> = fs
+        .list(v.ino)
+        .await
+        .unwrap()
+        .into_iter()
+        .skip(2)
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec!["doc", "doc.txt"]);
+    let of = fs.lookup(v.ino, name("doc")).await.unwrap();
+    let entries = fs.list(of.ino).await.unwrap();
+    let files: Vec<_> = entries.iter().skip(2).collect();
+    assert_eq!(
+        files.len(),
+        3,
+        "doc.txt and doc/inner do not leak in: {files:?}"
+    );
+    let mut bodies = Vec::new();
+    for e in &files {
+        let a = fs.lookup(of.ino, name(&e.name)).await.unwrap();
+        assert_eq!(a.perm, 0o444);
+        let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+        bodies.push(String::from_utf8(fs.read(fh, 0, 100).await.unwrap().to_vec()).unwrap());
+        fs.release(fh).await.unwrap();
+        assert_eq!(
+            fs.open(a.ino, libc::O_WRONLY).await.unwrap_err(),
+            FsError::ReadOnly
+        );
+        assert_eq!(
+            fs.setattr(
+                a.ino,
+                SetAttr {
+                    mode: Some(0o600),
+                    ..Default::default()
+                }
+            )
+            .await
+            .unwrap_err(),
+            FsError::ReadOnly
+        );
+    }
+    assert_eq!(bodies, vec!["three", "two!", "one"], "newest first");
+    assert_eq!(
+        fs.create(of.ino, name("x"), USER, libc::O_WRONLY)
+            .await
+            .unwrap_err(),
+        FsError::ReadOnly
+    );
+}

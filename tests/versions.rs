@@ -1,0 +1,234 @@
+//! `.versions/` through a real FUSE mount over a real S3 server with
+//! versioning: list, read, restore, read-only, hidden from tree walkers,
+//! xattrs, point-in-time mounts, and a bucket without versioning.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_version_is_a_file_and_a_deleted_file_comes_back_with_cp() {
+    let b = Bucket::new(server(), "ver", true);
+    let m = Mount::new(&b, "metadata_ttl=0");
+    fs::create_dir_all(m.path("docs/sub dir")).unwrap();
+    let name = "docs/sub dir/rapport é.txt";
+    let bodies: Vec<Vec<u8>> = (0..3).map(|i| pattern(1000 + i * 777, i as u64)).collect();
+    for body in &bodies {
+        fs::write(m.path(name), body).unwrap();
+    }
+    fs::remove_file(m.path(name)).unwrap();
+    assert_eq!(b.get(name), None);
+
+    let vdir = m.path("docs/sub dir/.versions");
+    assert_eq!(
+        names(&vdir),
+        vec!["rapport é.txt"],
+        "a deleted file keeps its .versions entry"
+    );
+    let list = names(&vdir.join("rapport é.txt"));
+    assert_eq!(list.len(), 4, "{list:?}");
+    let s3 = b.versions(name);
+    assert_eq!(s3.len(), 4);
+    // ls -t: newest first, and the newest is the delete marker.
+    let by_time = sh(&vdir.join("rapport é.txt"), "ls -t");
+    let by_time: Vec<&str> = by_time.lines().collect();
+    assert!(by_time[0].ends_with(".deleted"), "{by_time:?}");
+    let marker = s3.iter().find(|v| v.1).expect("a delete marker in S3");
+    assert!(by_time[0].contains(&marker.0));
+    assert_eq!(
+        fs::metadata(vdir.join("rapport é.txt").join(by_time[0]))
+            .unwrap()
+            .len(),
+        0
+    );
+    for (i, v) in by_time[1..].iter().enumerate() {
+        let want = &bodies[2 - i];
+        let p = vdir.join("rapport é.txt").join(v);
+        assert_eq!(sha256_file(&p), sha256(want), "version {v}");
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(
+            (md.len(), md.permissions().mode() & 0o777),
+            (want.len() as u64, 0o444)
+        );
+    }
+    // Restore the middle version by cp.
+    let middle = vdir.join("rapport é.txt").join(by_time[2]);
+    sh(
+        &m.dir,
+        &format!("cp '{}' '{}'", middle.display(), m.path(name).display()),
+    );
+    assert_eq!(sha256(&b.get(name).unwrap()), sha256(&bodies[1]));
+    assert_eq!(sha256_file(&m.path(name)), sha256(&bodies[1]));
+}
+
+#[test]
+fn versions_are_read_only_and_hidden_from_tree_walkers() {
+    let b = Bucket::new(server(), "ro", true);
+    let m = Mount::new(&b, "");
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/f"), b"1").unwrap();
+    fs::write(m.path("d/f"), b"2").unwrap();
+    let vf = m.path("d/.versions/f");
+    let v = names(&vf);
+    assert_eq!(v.len(), 2);
+    let one = vf.join(&v[0]);
+    assert_eq!(errno(fs::write(&one, b"x").unwrap_err()), libc::EROFS);
+    assert_eq!(
+        errno(fs::OpenOptions::new().append(true).open(&one).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::write(vf.join("new"), b"x").unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(errno(fs::remove_file(&one).unwrap_err()), libc::EROFS);
+    assert_eq!(
+        errno(fs::create_dir(m.path("d/.versions/x")).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::rename(&one, m.path("d/stolen")).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::set_permissions(&one, fs::Permissions::from_mode(0o777)).unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::create_dir(m.path("d/.versions")).unwrap_err()),
+        libc::EEXIST
+    );
+    let setf = std::process::Command::new("setfattr")
+        .args(["-n", "user.x", "-v", "1"])
+        .arg(&one)
+        .output()
+        .unwrap();
+    assert!(!setf.status.success());
+    assert!(
+        String::from_utf8_lossy(&setf.stderr).contains("Read-only"),
+        "{setf:?}"
+    );
+
+    // ls -a, find, cp -r and du never descend into .versions...
+    assert!(!sh(&m.dir, "ls -a d").contains(".versions"));
+    assert!(!sh(&m.dir, "find .").contains(".versions"));
+    let out = tempfile::tempdir().unwrap();
+    sh(&m.dir, &format!("cp -r d {}/copy", out.path().display()));
+    assert_eq!(names(&out.path().join("copy")), vec!["f"]);
+    // ...but the path works, and stat and cd do too.
+    assert!(fs::metadata(m.path("d/.versions")).unwrap().is_dir());
+    assert_eq!(sh(&m.path("d"), "cd .versions/f && ls | wc -l").trim(), "2");
+    assert!(
+        names(&m.path(".versions")).contains(&"d".to_string())
+            || names(&m.path(".versions")).is_empty()
+    );
+
+    let vis = Mount::new(&b, "versions=visible");
+    assert!(sh(&vis.dir, "ls -a d").contains(".versions"));
+}
+
+#[test]
+fn xattrs_expose_s3_facts() {
+    let b = Bucket::new(server(), "xattr", true);
+    let m = Mount::new(&b, "");
+    fs::write(m.path("f"), b"hello").unwrap();
+    let out = sh(&m.dir, "getfattr -d f");
+    let vid = &b.versions("f")[0].0;
+    assert!(
+        out.contains(&format!("user.s3.version_id=\"{vid}\"")),
+        "{out}"
+    );
+    assert!(
+        out.contains("user.s3.etag=\"5d41402abc4b2a76b9719d911017c592\""),
+        "md5 of hello: {out}"
+    );
+    assert!(out.contains("user.s3.storage_class=\"STANDARD\""), "{out}");
+    assert!(out.contains("user.s3.last_modified=\"20"), "{out}");
+    let v = names(&m.path(".versions/f"));
+    let out = sh(
+        &m.path(".versions/f"),
+        &format!("getfattr -n user.s3.version_id --only-values '{}'", v[0]),
+    );
+    assert_eq!(out, *vid);
+}
+
+#[test]
+fn as_of_mounts_show_the_bucket_at_each_moment() {
+    let b = Bucket::new(server(), "asof", true);
+    let m = Mount::new(&b, "");
+    // moto keeps whole seconds: space the writes by more than one.
+    let tick = || std::thread::sleep(Duration::from_millis(1100));
+    let stamp = || humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    fs::create_dir(m.path("dir")).unwrap();
+    fs::write(m.path("dir/a"), b"a1").unwrap();
+    tick();
+    let t1 = stamp();
+    tick();
+    fs::write(m.path("dir/a"), b"a2").unwrap();
+    fs::write(m.path("dir/b"), b"b2").unwrap();
+    tick();
+    let t2 = stamp();
+    tick();
+    fs::remove_file(m.path("dir/a")).unwrap();
+    tick();
+    let t3 = stamp();
+
+    let at1 = Mount::new(&b, &format!("as_of={t1}"));
+    assert_eq!(names(&at1.path("dir")), vec!["a"]);
+    assert_eq!(fs::read(at1.path("dir/a")).unwrap(), b"a1");
+    assert_eq!(
+        errno(fs::write(at1.path("dir/a"), b"x").unwrap_err()),
+        libc::EROFS
+    );
+    let at2 = Mount::new(&b, &format!("as_of={t2}"));
+    assert_eq!(names(&at2.path("dir")), vec!["a", "b"]);
+    assert_eq!(fs::read(at2.path("dir/a")).unwrap(), b"a2");
+    let at3 = Mount::new(&b, &format!("as_of={t3}"));
+    assert_eq!(names(&at3.path("dir")), vec!["b"]);
+    assert_eq!(
+        errno(fs::metadata(at3.path("dir/a")).unwrap_err()),
+        libc::ENOENT
+    );
+}
+
+#[test]
+fn a_bucket_without_versioning_shows_the_current_object_as_null() {
+    let b = Bucket::new(server(), "nover", false);
+    b.put("plain", b"only");
+    let m = Mount::new(&b, "");
+    let v = names(&m.path(".versions/plain"));
+    assert_eq!(v.len(), 1);
+    assert!(v[0].ends_with("~null"), "{v:?}");
+    assert_eq!(
+        fs::read(m.path(".versions/plain").join(&v[0])).unwrap(),
+        b"only"
+    );
+}
+
+#[test]
+fn keys_sharing_a_prefix_do_not_leak_into_each_others_versions() {
+    let b = Bucket::new(server(), "prefix", true);
+    b.put("a", b"1");
+    b.put("a.txt", b"22");
+    b.put("a/b", b"333");
+    let m = Mount::new(&b, "");
+    let v = names(&m.path(".versions/a"));
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(fs::read(m.path(".versions/a").join(&v[0])).unwrap(), b"1");
+    assert_eq!(names(&m.path(".versions")), vec!["a", "a.txt"]);
+    assert_eq!(names(&m.path("a/.versions")), vec!["b"]);
+}
