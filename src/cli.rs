@@ -1,7 +1,9 @@
 //! The command line. One shape for people and for mount(8):
 //!
-//!     bucketfs [-f] [-o OPT[,OPT...]] BUCKET[:/PREFIX] MOUNTPOINT
-//!     mount.s3fs BUCKET[:/PREFIX] MOUNTPOINT [-sfnv] [-o OPTS]   (the same program)
+//! ```text
+//! bucketfs [-f] [-o OPT[,OPT...]] BUCKET[:/PREFIX] MOUNTPOINT
+//! mount.s3fs BUCKET[:/PREFIX] MOUNTPOINT [-sfnv] [-o OPTS]   (the same program)
+//! ```
 //!
 //! Options after the positionals are accepted, as mount(8) passes them.
 
@@ -48,6 +50,12 @@ pub struct Cli {
     /// mount(8) helper flag: do not write mtab (accepted, ignored)
     #[arg(short = 'n', hide = true)]
     pub no_mtab: bool,
+    /// mount(8) helper: the filesystem type (accepted, ignored)
+    #[arg(short = 't', hide = true)]
+    pub fs_type: Option<String>,
+    /// mount(8) helper: a mount namespace (accepted, ignored)
+    #[arg(short = 'N', hide = true)]
+    pub namespace: Option<String>,
 }
 
 impl Cli {

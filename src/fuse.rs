@@ -160,7 +160,7 @@ impl Filesystem for FuseFs {
         _atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -169,6 +169,7 @@ impl Filesystem for FuseFs {
     ) {
         let (fs, ttl) = (self.fs.clone(), self.ttl);
         let s = SetAttr {
+            fh: fh.map(|f| f.0),
             mode,
             uid,
             gid,

@@ -11,5 +11,6 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
+pub mod status;
 pub mod store;
 pub mod write;

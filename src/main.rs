@@ -1,17 +1,37 @@
-//! The `bucketfs` binary, also installed as `/sbin/mount.s3fs` (mount(8)
-//! calls helpers as `mount.s3fs SPEC DIR [-sfnv] [-o OPTS]`; the same
-//! command line serves both).
+//! The `bucketfs` binary, also installed as `/sbin/mount.s3fs`: mount(8)
+//! calls helpers as `mount.s3fs SPEC DIR [-sfnv] [-o OPTS]`, where `-f`
+//! means "fake" (do everything but mount). The same command line serves
+//! both; `bucketfs status MOUNTPOINT` reports on a live mount.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use bucketfs::cli::Cli;
-use bucketfs::mount;
+use bucketfs::{mount, status};
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("status") {
+        let Some(mp) = args.get(2) else {
+            eprintln!("usage: bucketfs status MOUNTPOINT");
+            return ExitCode::from(1);
+        };
+        return match status::print(Path::new(mp)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bucketfs: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let helper = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|n| n.to_string_lossy().starts_with("mount."));
     let cli = Cli::parse();
-    let (opts, notices, verbose) = match cli.into_options() {
+    let (mut opts, notices, verbose) = match cli.into_options() {
         Ok(x) => x,
         Err(e) => {
             eprintln!("bucketfs: {e}");
@@ -20,6 +40,13 @@ fn main() -> ExitCode {
     };
     for n in notices {
         eprintln!("bucketfs: {n}");
+    }
+    if helper {
+        if opts.foreground {
+            // mount -f: a fake mount; the options were checked above.
+            return ExitCode::SUCCESS;
+        }
+        opts.foreground = false;
     }
     ExitCode::from(mount::run(opts, verbose))
 }

@@ -148,6 +148,7 @@ pub fn fs_config(o: &Options) -> FsConfig {
             gid: o.gid.unwrap_or(gid),
             file_perm: umask.map_or(0o644, |m| (0o666 & !m) as u16),
             dir_perm: umask.map_or(0o755, |m| (0o777 & !m) as u16),
+            dir_mtime: std::time::SystemTime::now(),
         },
         root_perm: o.mp_umask.map(|m| (0o777 & !m) as u16),
         metadata_ttl: o.metadata_ttl,
@@ -389,13 +390,25 @@ fn serve(
     let mut session = Session::new(fuse, mountpoint, &config)
         .map_err(|e| MountError(format!("mounting on {}: {e}", mountpoint.display())))?;
     let mut unmounter = session.unmount_callable();
+    let info = crate::status::MountInfo {
+        bucket: o.bucket.clone(),
+        prefix: o.prefix.clone(),
+        endpoint: o.endpoint.clone().unwrap_or_else(|| "AWS S3".into()),
+        mountpoint: mountpoint.to_path_buf(),
+    };
+    let socket = {
+        let _guard = rt.enter();
+        crate::status::serve(fs.clone(), info)
+    };
     info!(bucket = %o.bucket, prefix = %o.prefix, mountpoint = %mountpoint.display(), "mounted");
     if let Some(w) = ready.take() {
         let _ = std::fs::File::from(w).write_all(b"OK");
         detach_stdio();
     }
 
-    // SIGTERM / SIGINT: upload everything dirty, then unmount.
+    // SIGTERM / SIGINT: upload everything dirty, then unmount. Files still
+    // open keep working on the detached mount and are uploaded when closed;
+    // a second signal ends the process at once (after one more upload).
     let fs_sig = fs.clone();
     let mp = mountpoint.to_path_buf();
     rt.spawn(async move {
@@ -414,14 +427,35 @@ fn serve(
         if !failed.is_empty() {
             error!(files = ?failed, "not uploaded");
         }
-        if let Err(e) = unmounter.unmount() {
-            error!(mountpoint = %mp.display(), error = %e, "unmount failed; use umount -l");
+        if unmounter.unmount().is_err() {
+            // Busy: detach now; the session ends when the last file closes.
+            if let Ok(c) = CString::new(mp.as_os_str().as_encoded_bytes()) {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            info!(mountpoint = %mp.display(), "detached; waiting for open files to close");
         }
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let failed = fs_sig.sync_all().await;
+        error!(not_uploaded = ?failed, "second signal: exiting with files still open");
+        std::process::exit(
+            if failed.is_empty() {
+                EXIT_OK
+            } else {
+                EXIT_DATA_NOT_UPLOADED
+            }
+            .into(),
+        );
     });
 
     let run = session.run();
     let failed = rt.block_on(fs.sync_all());
     let _ = std::fs::remove_dir(&staging_dir);
+    if let Some(s) = socket {
+        let _ = std::fs::remove_file(s);
+    }
     if let Err(e) = run {
         error!(error = %e, "FUSE session ended with an error");
     }

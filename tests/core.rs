@@ -181,6 +181,7 @@ async fn any_write_pattern_matches_a_plain_model() {
                         .setattr(
                             a.ino,
                             SetAttr {
+                                fh: Some(fh),
                                 size: Some(size),
                                 ..Default::default()
                             },

@@ -137,6 +137,12 @@ fn versions_are_read_only_and_hidden_from_tree_walkers() {
             || names(&m.path(".versions")).is_empty()
     );
 
+    // This mount's own changes show in .versions at once.
+    fs::remove_file(m.path("d/f")).unwrap();
+    let after = names(&vf);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert!(after.iter().any(|n| n.ends_with(".deleted")));
+
     let vis = Mount::new(&b, "versions=visible");
     assert!(sh(&vis.dir, "ls -a d").contains(".versions"));
 }

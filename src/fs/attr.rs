@@ -61,6 +61,8 @@ pub struct Defaults {
     pub gid: u32,
     pub file_perm: u16,
     pub dir_perm: u16,
+    /// The mtime of directories that exist only as a prefix (mount time).
+    pub dir_mtime: SystemTime,
 }
 
 /// What `stat` shows.
@@ -88,8 +90,8 @@ impl Attr {
             uid: d.uid,
             gid: d.gid,
             rdev: 0,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
+            mtime: d.dir_mtime,
+            ctime: d.dir_mtime,
         }
     }
 
@@ -174,6 +176,7 @@ mod tests {
         gid: 8,
         file_perm: 0o644,
         dir_perm: 0o755,
+        dir_mtime: UNIX_EPOCH,
     };
 
     fn obj(meta: Option<Metadata>) -> ObjectInfo {

@@ -37,6 +37,11 @@ pub enum Handle {
 pub struct FileHandle {
     pub ino: u64,
     pub writable: bool,
+    /// Whether this handle wrote since its last flush: only then (or for a
+    /// new file not yet in S3) does `close()` upload, so closing a reader
+    /// or a dup of a writer sends nothing; the last release uploads
+    /// whatever is left (a truncation without writes, say).
+    wrote: std::sync::atomic::AtomicBool,
     /// The object reads are pinned to (when the inode has no write state).
     target: Mutex<Option<ReadTarget>>,
     readahead: Mutex<Readahead>,
@@ -48,6 +53,7 @@ impl FileHandle {
         FileHandle {
             ino,
             writable: true,
+            wrote: Default::default(),
             target: Mutex::new(None),
             readahead: Mutex::new(Readahead::default()),
         }
@@ -70,23 +76,39 @@ struct Readahead {
     window_blocks: u64,
 }
 
-/// The shared write state of one inode.
-#[derive(Debug)]
-pub struct OpenFile {
-    state: tokio::sync::Mutex<WriteState>,
-}
+/// The shared write state of one inode, behind an async lock that may be
+/// held across an upload.
+pub type OpenFile = tokio::sync::Mutex<WriteState>;
+type StateGuard = tokio::sync::OwnedMutexGuard<WriteState>;
 
 #[derive(Debug)]
-struct WriteState {
+pub struct WriteState {
     staged: Staged,
     dirty: bool,
     handles: usize,
     unlinked: bool,
+    /// The last writer left and the state was removed from the map (under
+    /// this lock): whoever waited for the lock must not use it.
+    closed: bool,
+}
+
+impl WriteState {
+    fn new(staged: Staged, dirty: bool) -> Self {
+        WriteState {
+            staged,
+            dirty,
+            handles: 1,
+            unlinked: false,
+            closed: false,
+        }
+    }
 }
 
 /// The changes of a setattr call.
 #[derive(Clone, Debug, Default)]
 pub struct SetAttr {
+    /// The handle of an ftruncate/fchmod..., if any.
+    pub fh: Option<u64>,
     pub mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
@@ -122,8 +144,20 @@ impl Fs {
         }
     }
 
-    fn write_state(&self, ino: u64) -> Option<Arc<OpenFile>> {
-        self.writes.lock().get(&ino).cloned()
+    /// Notes that a handle changed its file (so its close uploads).
+    pub(super) fn mark_handle_wrote(&self, fh: u64) {
+        if let Some(h) = self.handles.lock().get(&fh)
+            && let Handle::File(f) = &**h
+        {
+            f.wrote.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Locks the inode's live write state, if it has one.
+    async fn live(&self, ino: u64) -> Option<StateGuard> {
+        let of = self.writes.lock().get(&ino).cloned()?;
+        let st = of.lock_owned().await;
+        (!st.closed).then_some(st)
     }
 
     /// Opens a file. `flags` are open(2)'s.
@@ -171,6 +205,7 @@ impl Fs {
         Ok(self.new_handle(Handle::File(FileHandle {
             ino,
             writable,
+            wrote: Default::default(),
             target: Mutex::new(target),
             readahead: Mutex::new(Readahead::default()),
         })))
@@ -178,59 +213,45 @@ impl Fs {
 
     /// Joins (or starts) the inode's write state.
     async fn attach_writer(&self, ino: u64, trunc: bool) -> FsResult<()> {
-        if let Some(of) = self.write_state(ino) {
-            let mut st = of.state.lock().await;
-            st.handles += 1;
-            if trunc {
-                st.staged.truncate(0)?;
-                st.dirty = true;
-                self.note_size(ino, 0);
-            }
-            return Ok(());
-        }
-        let (object, path) = {
-            let t = self.table.lock();
-            let n = t.get(ino).ok_or(FsError::NotFound)?;
-            (n.object.clone(), n.path().unwrap_or_default().to_string())
-        };
-        let base = object.filter(|_| !trunc).map(|o| Base {
-            key: self.key_of(&path),
-            etag: o.etag,
-            size: o.size,
-        });
-        let staged = Staged::new(&self.cfg.staging_dir, base)?;
-        let of = Arc::new(OpenFile {
-            state: tokio::sync::Mutex::new(WriteState {
-                staged,
-                dirty: trunc,
-                handles: 1,
-                unlinked: false,
-            }),
-        });
-        let raced = {
-            let mut w = self.writes.lock();
-            match w.get(&ino) {
-                Some(existing) => Some(existing.clone()),
-                None => {
-                    w.insert(ino, of);
-                    None
-                }
-            }
-        };
-        match raced {
-            // Another open won the race: join it instead.
-            Some(existing) => {
-                let mut st = existing.state.lock().await;
+        // Repeats only when it races with a last writer leaving.
+        for _ in 0..100 {
+            if let Some(mut st) = self.live(ino).await {
                 st.handles += 1;
                 if trunc {
                     st.staged.truncate(0)?;
                     st.dirty = true;
+                    self.note_size(ino, 0);
                 }
+                return Ok(());
             }
-            None if trunc => self.note_size(ino, 0),
-            None => {}
+            let (object, path) = {
+                let t = self.table.lock();
+                let n = t.get(ino).ok_or(FsError::NotFound)?;
+                (n.object.clone(), n.path().unwrap_or_default().to_string())
+            };
+            let base = object.filter(|_| !trunc).map(|o| Base {
+                key: self.key_of(&path),
+                etag: o.etag,
+                size: o.size,
+            });
+            let staged = Staged::new(&self.cfg.staging_dir, base)?;
+            let inserted = match self.writes.lock().entry(ino) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Arc::new(tokio::sync::Mutex::new(WriteState::new(
+                        staged, trunc,
+                    ))));
+                    true
+                }
+            };
+            if inserted {
+                if trunc {
+                    self.note_size(ino, 0);
+                }
+                return Ok(());
+            }
         }
-        Ok(())
+        Err(FsError::Io(libc::EBUSY))
     }
 
     /// Starts the write state of a file created by this mount.
@@ -238,14 +259,7 @@ impl Fs {
         let staged = Staged::new(&self.cfg.staging_dir, None)?;
         self.writes.lock().insert(
             ino,
-            Arc::new(OpenFile {
-                state: tokio::sync::Mutex::new(WriteState {
-                    staged,
-                    dirty: true,
-                    handles: 1,
-                    unlinked: false,
-                }),
-            }),
+            Arc::new(tokio::sync::Mutex::new(WriteState::new(staged, true))),
         );
         Ok(())
     }
@@ -263,8 +277,7 @@ impl Fs {
         let Handle::File(fhd) = &*h else {
             unreachable!()
         };
-        if let Some(of) = self.write_state(fhd.ino) {
-            let mut st = of.state.lock().await;
+        if let Some(mut st) = self.live(fhd.ino).await {
             return Ok(st
                 .staged
                 .read(&*self.store, offset, u64::from(size))
@@ -367,10 +380,10 @@ impl Fs {
         if !fhd.writable {
             return Err(FsError::BadHandle);
         }
-        let of = self.write_state(fhd.ino).ok_or(FsError::BadHandle)?;
-        let mut st = of.state.lock().await;
+        let mut st = self.live(fhd.ino).await.ok_or(FsError::BadHandle)?;
         st.staged.write(offset, data)?;
         st.dirty = true;
+        fhd.wrote.store(true, Ordering::Relaxed);
         self.note_size(fhd.ino, st.staged.size());
         Ok(data.len() as u32)
     }
@@ -393,6 +406,7 @@ impl Fs {
             .await?;
         st.dirty = false;
         st.staged.rebase(&key, put.etag.clone());
+        self.versions.forget(&path);
         let info = ObjectInfo {
             key,
             size: st.staged.size(),
@@ -410,25 +424,43 @@ impl Fs {
         Ok(())
     }
 
-    /// `close()` of any descriptor: upload what is dirty.
+    /// `close()` of a descriptor that wrote: upload what is dirty. The
+    /// last release uploads whatever no flush did.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         let Handle::File(fhd) = &*h else {
             unreachable!()
         };
-        if let Some(of) = self.write_state(fhd.ino) {
-            let mut st = of.state.lock().await;
-            let r = self.upload_if_dirty(fhd.ino, &mut st).await;
-            if let Err(e) = &r {
-                warn!(ino = fhd.ino, error = %e, "upload on close failed; data kept for retry");
-            }
-            return r;
+        let never_uploaded = self.writes.lock().contains_key(&fhd.ino)
+            && self
+                .table
+                .lock()
+                .get(fhd.ino)
+                .is_some_and(|n| n.object.is_none());
+        if fhd.wrote.swap(false, Ordering::Relaxed) || never_uploaded {
+            return self.upload_now(fhd.ino).await;
         }
         Ok(())
     }
 
+    /// fsync: upload what is dirty, whoever wrote it.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh).await
+        let h = self.file_handle(fh)?;
+        let Handle::File(fhd) = &*h else {
+            unreachable!()
+        };
+        self.upload_now(fhd.ino).await
+    }
+
+    async fn upload_now(&self, ino: u64) -> FsResult<()> {
+        if let Some(mut st) = self.live(ino).await {
+            let r = self.upload_if_dirty(ino, &mut st).await;
+            if let Err(e) = &r {
+                warn!(ino, error = %e, "upload failed; data kept for retry");
+            }
+            return r;
+        }
+        Ok(())
     }
 
     /// The last reference to a handle is gone.
@@ -445,10 +477,9 @@ impl Fs {
 
     /// Drops one writer; the last one uploads and ends the write state.
     pub(super) async fn detach_writer(&self, ino: u64) -> FsResult<()> {
-        let Some(of) = self.write_state(ino) else {
+        let Some(mut st) = self.live(ino).await else {
             return Ok(());
         };
-        let mut st = of.state.lock().await;
         st.handles = st.handles.saturating_sub(1);
         if st.handles > 0 {
             return Ok(());
@@ -462,14 +493,14 @@ impl Fs {
                 .and_then(|n| n.path().map(str::to_string));
             error!(ino, path = ?path, error = %e, "data could not be uploaded and is lost");
         }
+        st.closed = true;
         self.writes.lock().remove(&ino);
         r
     }
 
     /// Truncates or extends a file, open or not.
     pub(super) async fn set_size(&self, ino: u64, size: u64) -> FsResult<()> {
-        if let Some(of) = self.write_state(ino) {
-            let mut st = of.state.lock().await;
+        if let Some(mut st) = self.live(ino).await {
             st.staged.truncate(size)?;
             st.dirty = true;
             self.note_size(ino, size);
@@ -477,8 +508,7 @@ impl Fs {
         }
         self.attach_writer(ino, size == 0).await?;
         let r = async {
-            let of = self.write_state(ino).ok_or(FsError::BadHandle)?;
-            let mut st = of.state.lock().await;
+            let mut st = self.live(ino).await.ok_or(FsError::BadHandle)?;
             st.staged.truncate(size)?;
             st.dirty = true;
             self.note_size(ino, size);
@@ -489,22 +519,16 @@ impl Fs {
         r.and(detached)
     }
 
-    /// Applies metadata changes to a file with write state: they are
-    /// uploaded with its data.
-    pub(super) async fn mark_dirty_if_open(&self, ino: u64) -> bool {
-        match self.write_state(ino) {
-            Some(of) => {
-                of.state.lock().await.dirty = true;
-                true
-            }
-            None => false,
-        }
+    /// Whether metadata just changed in the table will reach S3 with the
+    /// file's pending data (true), or needs its own request (false: the
+    /// file is not open, or everything it wrote is already uploaded).
+    pub(super) async fn meta_rides_with_data(&self, ino: u64) -> bool {
+        self.live(ino).await.is_some_and(|st| st.dirty)
     }
 
     /// Uploads an open file's dirty data now (before a rename).
     pub(super) async fn sync_ino(&self, ino: u64) -> FsResult<()> {
-        if let Some(of) = self.write_state(ino) {
-            let mut st = of.state.lock().await;
+        if let Some(mut st) = self.live(ino).await {
             self.upload_if_dirty(ino, &mut st).await?;
         }
         Ok(())
@@ -512,8 +536,8 @@ impl Fs {
 
     /// Stops a removed file's pending upload.
     pub(super) async fn mark_unlinked(&self, ino: u64) {
-        if let Some(of) = self.write_state(ino) {
-            of.state.lock().await.unlinked = true;
+        if let Some(mut st) = self.live(ino).await {
+            st.unlinked = true;
         }
     }
 
@@ -548,9 +572,18 @@ impl Fs {
         failed
     }
 
-    /// Files with data not yet in S3, for `status`.
-    pub fn dirty_count(&self) -> usize {
-        self.writes.lock().len()
+    /// Files open for writing (their data may not be in S3 yet), with
+    /// their current sizes, for `status`.
+    pub fn dirty_files(&self) -> Vec<(String, u64)> {
+        let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
+        let t = self.table.lock();
+        let mut out: Vec<(String, u64)> = inos
+            .iter()
+            .filter_map(|i| t.get(*i))
+            .map(|n| (n.path().unwrap_or("?").to_string(), n.attr.size))
+            .collect();
+        out.sort();
+        out
     }
 
     /// The attributes shown for an inode that has write state.

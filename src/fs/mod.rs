@@ -74,6 +74,7 @@ impl Default for FsConfig {
                 gid: 0,
                 file_perm: 0o644,
                 dir_perm: 0o755,
+                dir_mtime: SystemTime::now(),
             },
             root_perm: None,
             metadata_ttl: Duration::from_secs(5),

@@ -150,6 +150,7 @@ impl Fs {
         let meta = attr.to_metadata();
         let size = body.len() as u64;
         let put = self.store.put(&key, PutBody::Bytes(body), &meta).await?;
+        self.versions.forget(&path);
         let info = Self::object_info(key, size, meta, put.etag, put.version_id);
         let is_dir = attr.kind == FileKind::Dir;
         let a = self.insert_node(parent, path, attr, Some(info));
@@ -244,6 +245,7 @@ impl Fs {
         if uploaded {
             self.store.delete(&self.key_of(&path)).await?;
         }
+        self.versions.forget(&path);
         let until = Instant::now() + self.cfg.metadata_ttl;
         self.table.lock().remove_path(&path, until);
         Ok(())
@@ -336,6 +338,11 @@ impl Fs {
                 self.mark_unlinked(d.ino).await;
             }
         }
+        self.versions.forget(&from);
+        self.versions.forget(&to);
+        if src.kind == FileKind::Dir {
+            self.versions.clear();
+        }
         let mut t = self.table.lock();
         t.rename(&from, &to, new_parent);
         if src.kind == FileKind::Dir {
@@ -418,6 +425,9 @@ impl Fs {
             }
             if attr.size != size || self.has_write_state(ino) {
                 self.set_size(ino, size).await?;
+                if let Some(fh) = s.fh {
+                    self.mark_handle_wrote(fh);
+                }
             }
         }
         if s.mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.mtime.is_none() {
@@ -441,7 +451,7 @@ impl Fs {
             n.attr.ctime = SystemTime::now();
             n.attr.clone()
         };
-        if self.mark_dirty_if_open(ino).await || path.is_empty() {
+        if self.meta_rides_with_data(ino).await || path.is_empty() {
             return Ok(new);
         }
         // Not open: store the new metadata on the object itself.
@@ -468,6 +478,7 @@ impl Fs {
             let key = self.key_of(&path);
             self.store.copy(&key, &key, Some(&meta), None).await?
         };
+        self.versions.forget(&path);
         let size = object.as_ref().map_or(0, |o| o.size);
         let okey = object.map_or_else(|| format!("{}/", self.key_of(&path)), |o| o.key);
         let fresh = self.fresh_until();

@@ -39,6 +39,18 @@ pub struct VersionCache {
     lists: Mutex<HashMap<String, Listed>>,
 }
 
+impl VersionCache {
+    /// Drops the cached list of a path this mount just changed.
+    pub fn forget(&self, path: &str) {
+        self.lists.lock().remove(path);
+    }
+
+    /// Drops every cached list (after a directory rename).
+    pub fn clear(&self) {
+        self.lists.lock().clear();
+    }
+}
+
 /// The file name of one version.
 pub fn version_name(v: &VersionInfo) -> String {
     let t = humantime::format_rfc3339_millis(v.last_modified);

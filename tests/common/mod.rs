@@ -429,6 +429,28 @@ impl Mount {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(|c| c.id())
+    }
+
+    /// Waits for the daemon to exit by itself; its exit code.
+    pub fn wait_exit(&self, limit: Duration) -> Option<i32> {
+        let mut guard = self.child.lock().unwrap();
+        let child = guard.as_mut()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                guard.take();
+                return status.code();
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Unmounts and waits for the daemon; returns its exit code.
     pub fn unmount(&self) -> Option<i32> {
         let mut guard = self.child.lock().unwrap();

@@ -1,0 +1,153 @@
+//! `bucketfs status MOUNTPOINT`: a live mount answers on a unix socket
+//! (mode 0600, under $XDG_RUNTIME_DIR/bucketfs or /run/bucketfs) with a
+//! plain-text report: bucket, endpoint, uptime, files with data not yet in
+//! S3, cache use and hit rate, S3 requests by type. Never credentials.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tracing::warn;
+
+use crate::fs::Fs;
+
+/// What the report says about the mount itself.
+#[derive(Clone, Debug)]
+pub struct MountInfo {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: String,
+    pub mountpoint: PathBuf,
+}
+
+fn runtime_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("bucketfs");
+    }
+    if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/run/bucketfs")
+    } else {
+        std::env::temp_dir().join(format!("bucketfs-{}", unsafe { libc::geteuid() }))
+    }
+}
+
+/// The socket of the mount on `mountpoint` (an absolute path).
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    let name: String = mountpoint
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    runtime_dir().join(format!("{name}.sock"))
+}
+
+/// The report text.
+pub fn report(fs: &Fs, info: &MountInfo) -> String {
+    let mut s = String::new();
+    let up = fs.started.elapsed().as_secs();
+    s += &format!("mountpoint: {}\n", info.mountpoint.display());
+    s += &format!(
+        "bucket:     {}{}\n",
+        info.bucket,
+        if info.prefix.is_empty() {
+            String::new()
+        } else {
+            format!(":/{}", info.prefix)
+        }
+    );
+    s += &format!("endpoint:   {}\n", info.endpoint);
+    s += &format!(
+        "uptime:     {}h{:02}m{:02}s\n",
+        up / 3600,
+        up / 60 % 60,
+        up % 60
+    );
+    let dirty = fs.dirty_files();
+    s += &format!("not yet in S3: {} file(s)\n", dirty.len());
+    for (path, size) in dirty {
+        s += &format!("  {path} ({size} bytes staged)\n");
+    }
+    let c = fs.block_cache();
+    let (hits, misses) = (
+        c.stats.hits.load(Ordering::Relaxed),
+        c.stats.misses.load(Ordering::Relaxed),
+    );
+    let rate = if hits + misses == 0 {
+        0.0
+    } else {
+        100.0 * hits as f64 / (hits + misses) as f64
+    };
+    s += &format!(
+        "block cache: {} bytes in memory, {hits} hits, {misses} misses ({rate:.1}% hit rate)\n",
+        c.mem_bytes()
+    );
+    s += "S3 requests:\n";
+    let counts = fs.store().counters().snapshot();
+    if counts.is_empty() {
+        s += "  none\n";
+    }
+    for (op, n) in counts {
+        s += &format!("  {:<20} {n}\n", op.name());
+    }
+    s
+}
+
+/// Serves the report on the mount's socket until the runtime ends.
+pub fn serve(fs: Arc<Fs>, info: MountInfo) -> Option<PathBuf> {
+    let path = socket_path(&info.mountpoint);
+    let dir = path.parent()?.to_path_buf();
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        warn!(dir = %dir.display(), error = %e, "no status socket");
+        return None;
+    }
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "no status socket");
+            return None;
+        }
+    };
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let text = report(&fs, &info);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), conn.write_all(text.as_bytes())).await;
+        }
+    });
+    Some(path)
+}
+
+/// The client: prints the report of the mount on `mountpoint`.
+pub fn print(mountpoint: &Path) -> Result<(), String> {
+    let abs =
+        std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    let path = socket_path(&abs);
+    let mut conn = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "no live bucketfs mount on {} ({}: {e})",
+            abs.display(),
+            path.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut text = String::new();
+    conn.read_to_string(&mut text)
+        .map_err(|e| format!("reading status: {e}"))?;
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(|e| e.to_string())
+}

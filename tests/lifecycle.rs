@@ -1,0 +1,301 @@
+//! mount(8), /etc/fstab, systemd units and the process lifecycle: the
+//! helper installed for real, signals during writes, `bucketfs status`,
+//! dead mountpoints, passwd files.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `mount` with the test credentials in its environment (mount(8) hands
+/// its environment to the helper).
+fn mount_cmd() -> Command {
+    let mut cmd = Command::new("mount");
+    cmd.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(Stdio::null());
+    cmd
+}
+
+struct Installed;
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/install"))
+            .arg("--uninstall")
+            .output();
+    }
+}
+
+#[test]
+fn mount_t_s3fs_and_fstab_lines_work_through_the_installed_helper() {
+    let out = Command::new(repo().join("scripts/install"))
+        .args(["--bin", bin()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _cleanup = Installed;
+    assert_eq!(
+        fs::read_link("/sbin/mount.s3fs").unwrap(),
+        Path::new("/usr/local/bin/bucketfs")
+    );
+
+    let b = Bucket::new(server(), "helper", false);
+    b.put("hello.txt", b"via mount(8)");
+    let tmp = tempfile::tempdir().unwrap();
+    let mp = tmp.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let opts = format!(
+        "{},_netdev,nofail,x-systemd.automount",
+        base_options(&b.endpoint, &tmp.path().join("c"), &tmp.path().join("log"))
+    );
+
+    // mount -t s3fs BUCKET DIR -o OPTS
+    let st = mount_cmd()
+        .args(["-t", "s3fs", &b.name])
+        .arg(&mp)
+        .args(["-o", &opts])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(is_mounted(&mp), "live when mount(8) returns");
+    assert_eq!(fs::read(mp.join("hello.txt")).unwrap(), b"via mount(8)");
+    fs::write(mp.join("back.txt"), b"written").unwrap();
+    assert!(Command::new("umount").arg(&mp).status().unwrap().success());
+    assert_eq!(b.get("back.txt").as_deref(), Some(&b"written"[..]));
+
+    // An fstab line, mounted by its mountpoint alone.
+    let fstab = tmp.path().join("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "# test fstab\n{} {} s3fs {opts},allow_other 0 0\n",
+            b.name,
+            mp.display()
+        ),
+    )
+    .unwrap();
+    let st = mount_cmd()
+        .arg("--fstab")
+        .arg(&fstab)
+        .arg(&mp)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(fs::read(mp.join("back.txt")).unwrap(), b"written");
+    assert!(Command::new("umount").arg(&mp).status().unwrap().success());
+
+    // mount -a over that fstab.
+    let st = mount_cmd()
+        .args(["-a", "-t", "s3fs", "--fstab"])
+        .arg(&fstab)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(is_mounted(&mp));
+    assert!(Command::new("umount").arg(&mp).status().unwrap().success());
+
+    // Bad option and unreachable endpoint: non-zero, nothing mounted.
+    for bad in [
+        format!("{opts},no_such_option"),
+        format!(
+            "endpoint=http://127.0.0.1:{},path_style,timeout=1,retries=0",
+            free_port()
+        ),
+    ] {
+        let out = mount_cmd()
+            .args(["-t", "s3fs", &b.name])
+            .arg(&mp)
+            .args(["-o", &bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad}");
+        assert!(!String::from_utf8_lossy(&out.stderr).trim().is_empty());
+        assert!(!is_mounted(&mp));
+    }
+    // mount -f (fake) checks options and mounts nothing.
+    let st = mount_cmd()
+        .args(["-f", "-t", "s3fs", &b.name])
+        .arg(&mp)
+        .args(["-o", &opts])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!is_mounted(&mp));
+}
+
+#[test]
+fn sigterm_during_a_large_write_still_lands_the_whole_object() {
+    let b = Bucket::new(server(), "sigterm", false);
+    let m = Mount::new(&b, "");
+    let chunk = 1024 * 1024;
+    let data = pattern(24 * chunk, 77);
+    let mut f = fs::File::create(m.path("big")).unwrap();
+    for (i, c) in data.chunks(chunk).enumerate() {
+        f.write_all(c).unwrap();
+        if i == 8 {
+            let pid = m.pid().expect("daemon running");
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+    drop(f); // close: must succeed, and the daemon may then exit
+    assert_eq!(
+        m.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        m.log_text()
+    );
+    assert_eq!(sha256(&b.get("big").expect("object in S3")), sha256(&data));
+    assert!(!is_mounted(&m.dir));
+}
+
+#[test]
+fn status_reports_a_live_mount_without_secrets() {
+    let b = Bucket::new(server(), "status", false);
+    let m = Mount::new(&b, "");
+    fs::write(m.path("done"), b"x").unwrap();
+    let _ = fs::read_dir(&m.dir).unwrap().count();
+    let mut open = fs::File::create(m.path("pending.bin")).unwrap();
+    open.write_all(&[1u8; 4096]).unwrap();
+    let out = command().arg("status").arg(&m.dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&b.name) && text.contains(&b.endpoint),
+        "{text}"
+    );
+    assert!(
+        text.contains("not yet in S3: 1 file(s)") && text.contains("pending.bin (4096 bytes"),
+        "{text}"
+    );
+    assert!(text.contains("PUT") && text.contains("LIST"), "{text}");
+    assert!(!text.contains(SECRET_KEY));
+    drop(open);
+    let out = command().arg("status").arg(&m.dir).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not yet in S3: 0 file(s)"));
+    // Not a mount: a clear error.
+    let out = command().arg("status").arg("/tmp").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no live bucketfs mount"));
+    // No secret in any log line, even at debug level.
+    assert!(!m.log_text().contains(SECRET_KEY));
+}
+
+#[test]
+fn a_dead_mountpoint_is_detected_and_the_message_says_how_to_clear_it() {
+    let b = Bucket::new(server(), "dead", false);
+    let m = Mount::new(&b, "");
+    let pid = m.pid().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    m.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        errno(fs::metadata(m.path("x")).unwrap_err()),
+        libc::ENOTCONN
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = command()
+        .args([
+            "-o",
+            &base_options(&b.endpoint, &tmp.path().join("c"), &tmp.path().join("l")),
+            &b.name,
+        ])
+        .arg(&m.dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not connected") && err.contains("umount -l"),
+        "{err}"
+    );
+    assert!(
+        Command::new("umount")
+            .arg("-l")
+            .arg(&m.dir)
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[test]
+fn passwd_file_is_refused_unless_private() {
+    let b = Bucket::new(server(), "passwd", false);
+    let tmp = tempfile::tempdir().unwrap();
+    let mp = tmp.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let pw = tmp.path().join("passwd");
+    fs::write(&pw, format!("{}:{ACCESS_KEY}:{SECRET_KEY}\n", b.name)).unwrap();
+    fs::set_permissions(&pw, fs::Permissions::from_mode(0o644)).unwrap();
+    let opts = format!(
+        "{},passwd_file={}",
+        base_options(&b.endpoint, &tmp.path().join("c"), &tmp.path().join("log")),
+        pw.display()
+    );
+    let mut cmd = Command::new(bin());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    let out = cmd
+        .args(["-o", &opts, &b.name])
+        .arg(&mp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    assert!(!is_mounted(&mp));
+    fs::set_permissions(&pw, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(&mp));
+    fs::write(mp.join("f"), b"with passwd_file keys").unwrap();
+    assert!(Command::new("umount").arg(&mp).status().unwrap().success());
+    assert_eq!(b.get("f").as_deref(), Some(&b"with passwd_file keys"[..]));
+    assert!(
+        !fs::read_to_string(tmp.path().join("log"))
+            .unwrap()
+            .contains(SECRET_KEY)
+    );
+}
+
+#[test]
+fn shipped_systemd_units_verify() {
+    let dir = repo().join("systemd");
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "mnt-mybucket.mount", "mnt-mybucket.automount"])
+        .current_dir(&dir)
+        .output()
+        .expect("systemd-analyze (apt-get install systemd)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit = fs::read_to_string(dir.join("mnt-mybucket.mount")).unwrap();
+    assert!(unit.contains("Type=s3fs") && unit.contains("After=network-online.target"));
+}
