@@ -37,6 +37,7 @@ pub struct Options {
     pub metadata_ttl: Duration,
     pub cache_dir: Option<PathBuf>,
     pub mem_cache_bytes: u64,
+    pub cache_size_bytes: u64,
     pub block_size_bytes: u64,
     pub part_size_bytes: u64,
     pub upload_concurrency: usize,
@@ -76,6 +77,7 @@ impl Default for Options {
             metadata_ttl: Duration::from_secs(5),
             cache_dir: None,
             mem_cache_bytes: 64 * MIB,
+            cache_size_bytes: 1024 * MIB,
             block_size_bytes: MIB,
             part_size_bytes: 8 * MIB,
             upload_concurrency: 8,
@@ -124,6 +126,7 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   cache_dir=PATH        staging and cache directory (default $XDG_CACHE_HOME/bucketfs
                         or /var/cache/bucketfs as root). s3fs alias: use_cache=
   mem_cache=SIZE        memory for cached blocks (default 64M)
+  cache_size=SIZE       disk for cached blocks under cache_dir (default 1G; 0 = none)
   block_size=SIZE       read block size (default 1M)
   readahead=N           read-ahead window, in blocks (default 16)
   part_size=SIZE        multipart part size (default 8M; grows to fit 10,000 parts).
@@ -311,6 +314,10 @@ impl Options {
                 }
                 "mem_cache" => {
                     self.mem_cache_bytes = parse_size(need(name, value)?)
+                        .map_err(|e| ConfigError(format!("option {name}: {e}")))?
+                }
+                "cache_size" => {
+                    self.cache_size_bytes = parse_size(need(name, value)?)
                         .map_err(|e| ConfigError(format!("option {name}: {e}")))?
                 }
                 "block_size" => {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL};
+use sha2::Digest;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
@@ -141,6 +142,13 @@ pub fn fs_config(o: &Options) -> FsConfig {
     let umask = o.umask;
     let cache_dir = o.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let tag = format!("{}-{}", o.bucket, std::process::id());
+    // Blocks of different buckets or endpoints never share a directory.
+    let store_id = format!("{}\n{}", o.endpoint.as_deref().unwrap_or("aws"), o.bucket);
+    let store_hash: String = sha2::Sha256::digest(store_id.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     FsConfig {
         root_prefix: o.prefix.clone(),
         defaults: Defaults {
@@ -156,6 +164,8 @@ pub fn fs_config(o: &Options) -> FsConfig {
         staging_dir: cache_dir.join("staging").join(tag),
         block_size_bytes: o.block_size_bytes,
         mem_cache_bytes: o.mem_cache_bytes,
+        disk_cache_dir: cache_dir.join("blocks").join(store_hash),
+        disk_cache_bytes: o.cache_size_bytes,
         readahead_max_blocks: o.readahead_max_blocks,
         upload: UploadOptions {
             part_size_bytes: o.part_size_bytes,
@@ -451,7 +461,13 @@ fn serve(
     });
 
     let run = session.run();
-    let failed = rt.block_on(fs.sync_all());
+    let failed = rt.block_on(async {
+        let failed = fs.sync_all().await;
+        fs.block_cache()
+            .settle(std::time::Duration::from_secs(5))
+            .await;
+        failed
+    });
     let _ = std::fs::remove_dir(&staging_dir);
     if let Some(s) = socket {
         let _ = std::fs::remove_file(s);

@@ -75,22 +75,30 @@ pub fn report(fs: &Fs, info: &MountInfo) -> String {
     );
     let dirty = fs.dirty_files();
     s += &format!("not yet in S3: {} file(s)\n", dirty.len());
-    for (path, size) in dirty {
-        s += &format!("  {path} ({size} bytes staged)\n");
+    for (path, size, progress) in dirty {
+        match progress {
+            Some((done, total)) => {
+                s += &format!(
+                    "  {path} ({size} bytes staged, uploading: {done} of {total} bytes sent)\n"
+                )
+            }
+            None => s += &format!("  {path} ({size} bytes staged)\n"),
+        }
     }
     let c = fs.block_cache();
-    let (hits, misses) = (
-        c.stats.hits.load(Ordering::Relaxed),
-        c.stats.misses.load(Ordering::Relaxed),
-    );
-    let rate = if hits + misses == 0 {
+    let hits = c.stats.hits.load(Ordering::Relaxed);
+    let disk_hits = c.stats.disk_hits.load(Ordering::Relaxed);
+    let misses = c.stats.misses.load(Ordering::Relaxed);
+    let all = hits + disk_hits + misses;
+    let rate = if all == 0 {
         0.0
     } else {
-        100.0 * hits as f64 / (hits + misses) as f64
+        100.0 * (hits + disk_hits) as f64 / all as f64
     };
     s += &format!(
-        "block cache: {} bytes in memory, {hits} hits, {misses} misses ({rate:.1}% hit rate)\n",
-        c.mem_bytes()
+        "block cache: {} bytes in memory, {} bytes on disk; {hits} memory hits, {disk_hits} disk hits, {misses} misses ({rate:.1}% hit rate)\n",
+        c.mem_bytes(),
+        c.disk_bytes()
     );
     s += "S3 requests:\n";
     let counts = fs.store().counters().snapshot();
@@ -100,6 +108,8 @@ pub fn report(fs: &Fs, info: &MountInfo) -> String {
     for (op, n) in counts {
         s += &format!("  {:<20} {n}\n", op.name());
     }
+    let (sent, received) = fs.store().counters().bytes();
+    s += &format!("bytes sent: {sent}\nbytes received: {received}\n");
     s
 }
 

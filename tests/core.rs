@@ -368,3 +368,29 @@ async fn versions_tree_lists_and_reads_every_version() {
         FsError::ReadOnly
     );
 }
+
+#[tokio::test]
+async fn appending_to_a_large_object_sends_only_the_new_bytes() {
+    const MIB: usize = 1024 * 1024;
+    let s = Arc::new(MemStore::versioned());
+    let orig: Vec<u8> = (0..40 * MIB).map(|i| (i % 253) as u8).collect();
+    s.insert("big", &orig, Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let a = fs.lookup(ROOT_INO, name("big")).await.unwrap();
+    let fh = fs
+        .open(a.ino, libc::O_WRONLY | libc::O_APPEND)
+        .await
+        .unwrap();
+    let tail = vec![9u8; MIB];
+    fs.write(fh, orig.len() as u64, &tail).await.unwrap();
+    let (sent0, recv0) = s.counters().bytes();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let (sent, recv) = s.counters().bytes();
+    assert_eq!(sent - sent0, MIB as u64, "only the appended MiB is sent");
+    assert_eq!(recv - recv0, 0, "nothing of the old object is downloaded");
+    assert!(s.counters().get(Op::UploadPartCopy) >= 1);
+    let got = s.object("big").unwrap();
+    assert_eq!(got.len(), 41 * MIB);
+    assert!(got[..40 * MIB] == orig[..] && got[40 * MIB..] == tail[..]);
+}

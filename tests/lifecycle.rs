@@ -299,3 +299,30 @@ fn shipped_systemd_units_verify() {
     let unit = fs::read_to_string(dir.join("mnt-mybucket.mount")).unwrap();
     assert!(unit.contains("Type=s3fs") && unit.contains("After=network-online.target"));
 }
+
+#[test]
+fn a_lazy_unmount_loses_nothing_that_was_written() {
+    let b = Bucket::new(server(), "lazy", false);
+    let m = Mount::new(&b, "");
+    let data = pattern(3 * 1024 * 1024 + 11, 5);
+    let mut f = fs::File::create(m.path("f")).unwrap();
+    f.write_all(&data[..1024 * 1024]).unwrap();
+    assert!(
+        Command::new("umount")
+            .arg("-l")
+            .arg(&m.dir)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(!is_mounted(&m.dir));
+    f.write_all(&data[1024 * 1024..]).unwrap();
+    drop(f);
+    assert_eq!(
+        m.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        m.log_text()
+    );
+    assert_eq!(sha256(&b.get("f").expect("object in S3")), sha256(&data));
+}

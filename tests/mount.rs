@@ -505,3 +505,46 @@ fn mtime_of_a_written_file_is_now_and_size_is_current_while_open() {
     let md = fs::metadata(m.path("growing")).unwrap();
     assert!(md.mtime() as u64 >= before - 1);
 }
+
+fn get_requests(m: &Mount) -> u64 {
+    let out = command().arg("status").arg(&m.dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("GET ")
+                .map(|n| n.trim().parse().unwrap())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_cached_file_is_read_again_without_a_get_even_after_a_remount() {
+    let m = mount("cache");
+    let data = pattern(3 * 1024 * 1024 + 5, 9);
+    m.bucket.put("f", &data);
+    assert_eq!(sha256_file(&m.path("f")), sha256(&data));
+    let first = get_requests(&m);
+    assert!(first >= 1);
+    // Drop the kernel's page cache so the reads reach bucketfs again.
+    sh(&m.dir, "echo 3 > /proc/sys/vm/drop_caches");
+    assert_eq!(sha256_file(&m.path("f")), sha256(&data));
+    assert_eq!(get_requests(&m), first, "memory hit: no GET");
+    m.remount();
+    assert_eq!(sha256_file(&m.path("f")), sha256(&data));
+    assert_eq!(get_requests(&m), 0, "disk hit after a remount: no GET");
+}
+
+#[test]
+fn a_changed_object_is_never_served_from_stale_blocks() {
+    let b = Bucket::new(server(), "stale", false);
+    b.put("f", &pattern(2 * 1024 * 1024, 1));
+    let m = Mount::new(&b, "metadata_ttl=0");
+    assert_eq!(
+        sha256_file(&m.path("f")),
+        sha256(&pattern(2 * 1024 * 1024, 1))
+    );
+    let new = pattern(2 * 1024 * 1024, 2);
+    b.put("f", &new);
+    assert_eq!(sha256_file(&m.path("f")), sha256(&new));
+}

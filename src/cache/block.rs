@@ -1,29 +1,58 @@
 //! The block cache for reads: fixed-size blocks of objects, keyed by the
-//! object's identity (key + ETag or version id + block index), so a block of
-//! a changed object can never be served. Memory tier with LRU eviction,
-//! bounded in bytes. Concurrent misses of one block make one GET.
+//! object's identity (key + ETag + block index), so a block of a changed
+//! object can never be served. Two tiers:
 //!
-//! Lock order: `inflight` and `mem` are never held together, nor across an
-//! `.await`.
+//! - memory: LRU, bounded in bytes;
+//! - disk (optional): one file per block under `<cache_dir>/blocks/<bucket
+//!   hash>/`, LRU, bounded in bytes, rebuilt from the directory at start so
+//!   it survives a remount. Each file starts with the identity it holds,
+//!   checked on every read. Disk errors (a full disk...) only make the disk
+//!   tier stop; reads go on from S3.
+//!
+//! Concurrent misses of one block make one GET.
+//!
+//! Lock order: `inflight`, `mem` and the disk state are never held
+//! together, nor across an `.await`.
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use lru::LruCache;
 use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
+use tracing::{debug, warn};
 
-use crate::store::{ObjectStore, ReadPin, StoreResult};
+use crate::store::{ObjectStore, ReadPin, StoreError, StoreResult};
 
 /// Which block of which object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct BlockKey {
     pub key: Arc<str>,
-    pub pin: ReadPin,
+    pub etag: Arc<str>,
     pub index: u64,
+}
+
+impl BlockKey {
+    /// The identity a disk block file starts with.
+    fn header(&self) -> Vec<u8> {
+        let mut h = Vec::with_capacity(self.key.len() + self.etag.len() + 24);
+        h.extend_from_slice(&(self.key.len() as u32).to_le_bytes());
+        h.extend_from_slice(self.key.as_bytes());
+        h.extend_from_slice(&(self.etag.len() as u32).to_le_bytes());
+        h.extend_from_slice(self.etag.as_bytes());
+        h.extend_from_slice(&self.index.to_le_bytes());
+        h
+    }
+
+    fn file_name(&self) -> String {
+        let digest = Sha256::digest(self.header());
+        digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 #[derive(Debug)]
@@ -36,7 +65,141 @@ struct Mem {
 #[derive(Debug, Default)]
 pub struct CacheStats {
     pub hits: AtomicU64,
+    pub disk_hits: AtomicU64,
     pub misses: AtomicU64,
+}
+
+#[derive(Debug)]
+struct DiskState {
+    /// File name → size, least recently used first.
+    lru: LruCache<String, u64>,
+    bytes: u64,
+}
+
+/// The on-disk tier.
+#[derive(Debug)]
+struct Disk {
+    dir: PathBuf,
+    limit_bytes: u64,
+    state: Mutex<DiskState>,
+    /// Set on the first write error: the tier stops, reads go on.
+    broken: AtomicBool,
+    /// Block files being written now.
+    pending: AtomicU64,
+}
+
+impl Disk {
+    /// Opens (or creates) the tier, indexing the blocks a previous mount left.
+    fn open(dir: PathBuf, limit_bytes: u64) -> std::io::Result<Disk> {
+        std::fs::create_dir_all(&dir)?;
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            let md = e.metadata()?;
+            found.push((md.modified().ok(), name, md.len()));
+        }
+        found.sort();
+        let mut state = DiskState {
+            lru: LruCache::unbounded(),
+            bytes: 0,
+        };
+        for (_, name, len) in found {
+            state.bytes += len;
+            state.lru.put(name, len);
+        }
+        let disk = Disk {
+            dir,
+            limit_bytes,
+            state: Mutex::new(state),
+            broken: AtomicBool::new(false),
+            pending: AtomicU64::new(0),
+        };
+        disk.evict();
+        Ok(disk)
+    }
+
+    fn evict(&self) {
+        let mut victims = Vec::new();
+        {
+            let mut st = self.state.lock();
+            while st.bytes > self.limit_bytes {
+                match st.lru.pop_lru() {
+                    Some((name, len)) => {
+                        st.bytes -= len;
+                        victims.push(name);
+                    }
+                    None => break,
+                }
+            }
+        }
+        for v in victims {
+            let _ = std::fs::remove_file(self.dir.join(v));
+        }
+    }
+
+    async fn read(&self, bk: &BlockKey) -> Option<Bytes> {
+        let name = bk.file_name();
+        if !self.state.lock().lru.contains(&name) {
+            return None;
+        }
+        let data = tokio::fs::read(self.dir.join(&name)).await.ok()?;
+        let header = bk.header();
+        if data.len() < header.len() || data[..header.len()] != header[..] {
+            return None;
+        }
+        self.state.lock().lru.get(&name);
+        Some(Bytes::from(data).slice(header.len()..))
+    }
+
+    fn write(self: &Arc<Self>, bk: &BlockKey, data: Bytes) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let disk = self.clone();
+        let name = bk.file_name();
+        let header = bk.header();
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || {
+            let path = disk.dir.join(&name);
+            let tmp = disk.dir.join(format!("{name}.tmp"));
+            let r = (|| {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&header)?;
+                f.write_all(&data)?;
+                std::fs::rename(&tmp, &path)
+            })();
+            match r {
+                Ok(()) => {
+                    let len = (header.len() + data.len()) as u64;
+                    {
+                        let mut st = disk.state.lock();
+                        if let Some(old) = st.lru.put(name, len) {
+                            st.bytes -= old;
+                        }
+                        st.bytes += len;
+                    }
+                    disk.evict();
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    if !disk.broken.swap(true, Ordering::Relaxed) {
+                        warn!(dir = %disk.dir.display(), error = %e, "disk cache stopped; reads go on from S3");
+                    }
+                }
+            }
+            disk.pending.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    fn bytes(&self) -> u64 {
+        self.state.lock().bytes
+    }
 }
 
 #[derive(Debug)]
@@ -44,11 +207,13 @@ pub struct BlockCache {
     block_size: u64,
     mem_limit_bytes: u64,
     mem: Mutex<Mem>,
+    disk: Option<Arc<Disk>>,
     inflight: Mutex<HashMap<BlockKey, Arc<OnceCell<Bytes>>>>,
     pub stats: CacheStats,
 }
 
 impl BlockCache {
+    /// A memory-only cache.
     pub fn new(block_size: u64, mem_limit_bytes: u64) -> Self {
         BlockCache {
             block_size,
@@ -57,26 +222,44 @@ impl BlockCache {
                 lru: LruCache::unbounded(),
                 bytes: 0,
             }),
+            disk: None,
             inflight: Mutex::new(HashMap::new()),
             stats: CacheStats::default(),
         }
+    }
+
+    /// With a disk tier of `limit_bytes` in `dir` (0 = none). A disk that
+    /// cannot be used is logged and left out.
+    pub fn with_disk(mut self, dir: &Path, limit_bytes: u64) -> Self {
+        if limit_bytes == 0 {
+            return self;
+        }
+        match Disk::open(dir.to_path_buf(), limit_bytes) {
+            Ok(d) => {
+                debug!(dir = %dir.display(), blocks = d.state.lock().lru.len(), "disk cache opened");
+                self.disk = Some(Arc::new(d));
+            }
+            Err(e) => warn!(dir = %dir.display(), error = %e, "no disk cache"),
+        }
+        self
     }
 
     pub fn block_size(&self) -> u64 {
         self.block_size
     }
 
-    /// Whether a block is cached (no I/O).
+    /// Whether a block is in memory (no I/O).
     pub fn contains(&self, bk: &BlockKey) -> bool {
         self.mem.lock().lru.contains(bk)
     }
 
-    /// One block of an object of `object_size` bytes, from the cache or
-    /// with one ranged GET.
+    /// One block of an object of `object_size` bytes: from memory, from
+    /// disk, or with one ranged GET pinned by `pin`.
     pub async fn get(
         &self,
         store: &dyn ObjectStore,
         bk: &BlockKey,
+        pin: &ReadPin,
         object_size: u64,
     ) -> StoreResult<Bytes> {
         if let Some(b) = self.mem.lock().lru.get(bk).cloned() {
@@ -91,15 +274,28 @@ impl BlockCache {
             .clone();
         let result = cell
             .get_or_try_init(|| async {
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 let start = bk.index * self.block_size;
                 let end = (start + self.block_size).min(object_size);
-                let data = store.get_range(&bk.key, start..end, &bk.pin).await?;
+                if let Some(disk) = &self.disk
+                    && let Some(data) = disk
+                        .read(bk)
+                        .await
+                        .filter(|d| d.len() as u64 == end - start)
+                {
+                    self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                    self.insert(bk.clone(), data.clone());
+                    return Ok(data);
+                }
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                let data = store.get_range(&bk.key, start..end, pin).await?;
                 if (data.len() as u64) < end.saturating_sub(start) {
                     // The object is shorter than its listing said: it changed.
-                    return Err(crate::store::StoreError::PreconditionFailed);
+                    return Err(StoreError::PreconditionFailed);
                 }
                 self.insert(bk.clone(), data.clone());
+                if let Some(disk) = &self.disk {
+                    disk.write(bk, data.clone());
+                }
                 Ok(data)
             })
             .await
@@ -126,6 +322,21 @@ impl BlockCache {
     pub fn mem_bytes(&self) -> u64 {
         self.mem.lock().bytes
     }
+
+    /// Waits (at most `limit`) for block files being written, e.g. before
+    /// the process exits so the next mount finds them.
+    pub async fn settle(&self, limit: std::time::Duration) {
+        let Some(disk) = &self.disk else { return };
+        let start = std::time::Instant::now();
+        while disk.pending.load(Ordering::SeqCst) > 0 && start.elapsed() < limit {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Bytes held on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |d| d.bytes())
+    }
 }
 
 #[cfg(test)]
@@ -137,9 +348,13 @@ mod tests {
     fn bk(key: &str, etag: &str, index: u64) -> BlockKey {
         BlockKey {
             key: key.into(),
-            pin: ReadPin::Etag(etag.into()),
+            etag: etag.into(),
             index,
         }
+    }
+
+    fn pin(etag: &str) -> ReadPin {
+        ReadPin::Etag(etag.into())
     }
 
     #[tokio::test]
@@ -147,16 +362,27 @@ mod tests {
         let s = MemStore::versioned();
         let p = s.insert("k", &[1u8; 10], Metadata::new());
         let c = BlockCache::new(4, 1 << 20);
+        let e = p.etag.as_str();
         assert_eq!(
-            c.get(&s, &bk("k", &p.etag, 2), 10).await.unwrap().as_ref(),
+            c.get(&s, &bk("k", e, 2), &pin(e), 10)
+                .await
+                .unwrap()
+                .as_ref(),
             &[1, 1]
         );
-        assert_eq!(c.get(&s, &bk("k", &p.etag, 2), 10).await.unwrap().len(), 2);
+        assert_eq!(
+            c.get(&s, &bk("k", e, 2), &pin(e), 10).await.unwrap().len(),
+            2
+        );
         assert_eq!(s.counters().get(Op::Get), 1);
         let p2 = s.insert("k", &[2u8; 10], Metadata::new());
-        assert!(c.get(&s, &bk("k", &p.etag, 0), 10).await.is_err());
+        assert!(c.get(&s, &bk("k", e, 0), &pin(e), 10).await.is_err());
+        let e2 = p2.etag.as_str();
         assert_eq!(
-            c.get(&s, &bk("k", &p2.etag, 2), 10).await.unwrap().as_ref(),
+            c.get(&s, &bk("k", e2, 2), &pin(e2), 10)
+                .await
+                .unwrap()
+                .as_ref(),
             &[2, 2]
         );
     }
@@ -166,11 +392,50 @@ mod tests {
         let s = MemStore::versioned();
         let p = s.insert("k", &[0u8; 100], Metadata::new());
         let c = BlockCache::new(10, 35);
+        let e = p.etag.as_str();
         for i in 0..10 {
-            c.get(&s, &bk("k", &p.etag, i), 100).await.unwrap();
+            c.get(&s, &bk("k", e, i), &pin(e), 100).await.unwrap();
         }
         assert!(c.mem_bytes() <= 35);
-        assert!(c.contains(&bk("k", &p.etag, 9)));
-        assert!(!c.contains(&bk("k", &p.etag, 0)));
+        assert!(c.contains(&bk("k", e, 9)));
+        assert!(!c.contains(&bk("k", e, 0)));
+    }
+
+    async fn settle(c: &BlockCache, want_bytes: u64) {
+        for _ in 0..500 {
+            if c.disk_bytes() >= want_bytes {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn disk_tier_survives_a_new_cache_and_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::versioned();
+        let data: Vec<u8> = (0..100u8).collect();
+        let p = s.insert("k", &data, Metadata::new());
+        let e = p.etag.as_str();
+        let c = BlockCache::new(10, 1000).with_disk(dir.path(), 10_000);
+        for i in 0..10 {
+            c.get(&s, &bk("k", e, i), &pin(e), 100).await.unwrap();
+        }
+        settle(&c, 100).await;
+        assert_eq!(s.counters().get(Op::Get), 10);
+        // A new cache over the same directory (a remount) serves from disk.
+        let c2 = BlockCache::new(10, 1000).with_disk(dir.path(), 10_000);
+        let got = c2.get(&s, &bk("k", e, 3), &pin(e), 100).await.unwrap();
+        assert_eq!(got.as_ref(), &data[30..40]);
+        assert_eq!(s.counters().get(Op::Get), 10, "no GET after remount");
+        // Another identity for the same file name never matches.
+        assert!(
+            c2.get(&s, &bk("k", "other", 3), &pin("other"), 100)
+                .await
+                .is_err()
+        );
+        // Bounded: a small limit keeps only the newest blocks.
+        let c3 = BlockCache::new(10, 1000).with_disk(dir.path(), 100);
+        assert!(c3.disk_bytes() <= 100);
     }
 }

@@ -24,7 +24,7 @@ use super::inodes::NodeKey;
 use super::{Attr, FileKind, Fs, FsError, FsResult};
 use crate::cache::block::BlockKey;
 use crate::store::{ObjectInfo, ReadPin};
-use crate::write::{Base, Staged};
+use crate::write::{Base, Progress, Staged};
 
 /// What an open handle is.
 #[derive(Debug)]
@@ -63,6 +63,9 @@ impl FileHandle {
 #[derive(Clone, Debug)]
 struct ReadTarget {
     key: Arc<str>,
+    /// The object's identity in the block cache.
+    etag: Arc<str>,
+    /// How its GETs are pinned.
     pin: ReadPin,
     size: u64,
     /// Whether this handle has returned data (then a changed object is an
@@ -103,6 +106,10 @@ impl WriteState {
         }
     }
 }
+
+/// A file with data possibly not yet in S3: path, current size, and
+/// (bytes sent, bytes to send) of a running upload.
+pub type DirtyFile = (String, u64, Option<(u64, u64)>);
 
 /// The changes of a setattr call.
 #[derive(Clone, Debug, Default)]
@@ -174,13 +181,19 @@ impl Fs {
                 if writable {
                     return Err(FsError::ReadOnly);
                 }
-                let info = self.table.lock().get(ino).and_then(|n| n.object.clone());
+                let etag = self
+                    .table
+                    .lock()
+                    .get(ino)
+                    .and_then(|n| n.object.as_ref().map(|o| o.etag.clone()))
+                    .unwrap_or_default();
                 Some(ReadTarget {
                     key: self.key_of(path).into(),
                     pin: match version_id.as_str() {
-                        "null" => ReadPin::Etag(info.map(|o| o.etag).unwrap_or_default()),
+                        "null" => ReadPin::Etag(etag.clone()),
                         v => ReadPin::Version(v.to_string()),
                     },
+                    etag: etag.into(),
                     size: attr.size,
                     served: false,
                 })
@@ -196,6 +209,7 @@ impl Fs {
                 info.map(|o| ReadTarget {
                     key: self.key_of(path).into(),
                     pin: pin_of(&o),
+                    etag: o.etag.as_str().into(),
                     size: o.size,
                     served: false,
                 })
@@ -295,6 +309,7 @@ impl Fs {
                 let info = self.table.lock().get(ino).and_then(|n| n.object.clone());
                 if let (Some(o), Some(t)) = (info, fhd.target.lock().as_mut()) {
                     t.pin = pin_of(&o);
+                    t.etag = o.etag.as_str().into();
                     t.size = o.size;
                 }
                 self.read_object(fhd, offset, u64::from(size)).await
@@ -331,13 +346,14 @@ impl Fs {
         for index in last + 1..=(last + window).min(last_block) {
             let bk = BlockKey {
                 key: target.key.clone(),
-                pin: target.pin.clone(),
+                etag: target.etag.clone(),
                 index,
             };
             if !self.blocks.contains(&bk) {
                 let (store, blocks, size) = (self.store.clone(), self.blocks.clone(), target.size);
+                let pin = target.pin.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = blocks.get(&*store, &bk, size).await {
+                    if let Err(e) = blocks.get(&*store, &bk, &pin, size).await {
                         tracing::debug!(error = %e, "read-ahead failed");
                     }
                 });
@@ -346,12 +362,11 @@ impl Fs {
         let parts = futures::future::try_join_all((first..=last).map(|index| {
             let bk = BlockKey {
                 key: target.key.clone(),
-                pin: target.pin.clone(),
+                etag: target.etag.clone(),
                 index,
             };
-            let blocks = &self.blocks;
-            let store = &*self.store;
-            async move { blocks.get(store, &bk, target.size).await }
+            let (blocks, store, pin) = (&self.blocks, &*self.store, &target.pin);
+            async move { blocks.get(store, &bk, pin, target.size).await }
         }))
         .await?;
         if let Some(t) = fhd.target.lock().as_mut() {
@@ -400,10 +415,14 @@ impl Fs {
         };
         let key = self.key_of(&path);
         let meta = attr.to_metadata();
+        let progress = Arc::new(Progress::default());
+        self.uploads.lock().insert(ino, progress.clone());
         let put = st
             .staged
-            .upload(&*self.store, &key, &meta, &self.cfg.upload)
-            .await?;
+            .upload(&*self.store, &key, &meta, &self.cfg.upload, &progress)
+            .await;
+        self.uploads.lock().remove(&ino);
+        let put = put?;
         st.dirty = false;
         st.staged.rebase(&key, put.etag.clone());
         self.versions.forget(&path);
@@ -572,15 +591,24 @@ impl Fs {
         failed
     }
 
-    /// Files open for writing (their data may not be in S3 yet), with
-    /// their current sizes, for `status`.
-    pub fn dirty_files(&self) -> Vec<(String, u64)> {
+    /// Files open for writing (their data may not be in S3 yet): path,
+    /// current size, and (bytes sent, bytes to send) of a running upload.
+    pub fn dirty_files(&self) -> Vec<DirtyFile> {
         let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
+        let uploads = self.uploads.lock().clone();
         let t = self.table.lock();
-        let mut out: Vec<(String, u64)> = inos
+        let mut out: Vec<_> = inos
             .iter()
-            .filter_map(|i| t.get(*i))
-            .map(|n| (n.path().unwrap_or("?").to_string(), n.attr.size))
+            .filter_map(|i| t.get(*i).map(|n| (i, n)))
+            .map(|(i, n)| {
+                let p = uploads.get(i).map(|p| {
+                    (
+                        p.done_bytes.load(Ordering::Relaxed),
+                        p.total_bytes.load(Ordering::Relaxed),
+                    )
+                });
+                (n.path().unwrap_or("?").to_string(), n.attr.size, p)
+            })
             .collect();
         out.sort();
         out

@@ -56,6 +56,10 @@ pub struct FsConfig {
     pub staging_dir: PathBuf,
     pub block_size_bytes: u64,
     pub mem_cache_bytes: u64,
+    /// Where cached blocks are kept on disk, and how many bytes at most
+    /// (0 = no disk tier).
+    pub disk_cache_dir: PathBuf,
+    pub disk_cache_bytes: u64,
     /// Read-ahead grows up to this many blocks per handle.
     pub readahead_max_blocks: u64,
     pub upload: UploadOptions,
@@ -82,6 +86,8 @@ impl Default for FsConfig {
             staging_dir: std::env::temp_dir().join("bucketfs-staging"),
             block_size_bytes: 1024 * 1024,
             mem_cache_bytes: 64 * 1024 * 1024,
+            disk_cache_dir: std::env::temp_dir().join("bucketfs-blocks"),
+            disk_cache_bytes: 0,
             readahead_max_blocks: 16,
             upload: UploadOptions {
                 part_size_bytes: 8 * 1024 * 1024,
@@ -190,6 +196,8 @@ pub struct Fs {
     table: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     writes: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// Uploads running now, by inode (for `status`).
+    uploads: Mutex<HashMap<u64, Arc<crate::write::Progress>>>,
     blocks: Arc<BlockCache>,
     next_fh: AtomicU64,
     odd: OddKeys,
@@ -202,11 +210,15 @@ impl Fs {
         let mut root = Attr::implicit_dir(ROOT_INO, &cfg.defaults);
         root.perm = cfg.root_perm.unwrap_or(root.perm);
         Fs {
-            blocks: Arc::new(BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)),
+            blocks: Arc::new(
+                BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)
+                    .with_disk(&cfg.disk_cache_dir, cfg.disk_cache_bytes),
+            ),
             store,
             table: Mutex::new(InodeTable::new(root)),
             handles: Mutex::new(HashMap::new()),
             writes: Mutex::new(HashMap::new()),
+            uploads: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             odd: OddKeys::default(),
             versions: versions::VersionCache::default(),

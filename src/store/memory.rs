@@ -309,6 +309,7 @@ impl ObjectStore for MemStore {
         let data = v.data.as_ref().ok_or(StoreError::NotFound)?;
         let end = range.end.min(data.len() as u64) as usize;
         let start = (range.start as usize).min(end);
+        self.counters.add_received((end - start) as u64);
         Ok(data.slice(start..end))
     }
 
@@ -318,6 +319,7 @@ impl ObjectStore for MemStore {
         let data = body
             .read_all()
             .map_err(|e| StoreError::Other(e.to_string()))?;
+        self.counters.add_sent(data.len() as u64);
         let mut st = self.state.lock();
         Ok(self.store_version(&mut st, key, Some(data), meta.clone()))
     }
@@ -377,6 +379,7 @@ impl ObjectStore for MemStore {
         let data = body
             .read_all()
             .map_err(|e| StoreError::Other(e.to_string()))?;
+        self.counters.add_sent(data.len() as u64);
         let etag = format!("\"p{:016x}\"", fingerprint(&data, part_number as u64));
         let mut st = self.state.lock();
         let up = st.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;

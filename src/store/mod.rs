@@ -225,9 +225,27 @@ impl Op {
 #[derive(Debug, Default)]
 pub struct Counters {
     counts: [AtomicU64; 13],
+    sent: AtomicU64,
+    received: AtomicU64,
 }
 
 impl Counters {
+    /// Body bytes sent (PUT, UploadPart) and received (GET).
+    pub fn add_sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn add_received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn record(&self, op: Op) {
         self.counts[op as usize].fetch_add(1, Ordering::Relaxed);
     }

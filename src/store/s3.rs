@@ -333,6 +333,7 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| StoreError::Transient(format!("reading body: {e}")))?
             .into_bytes();
+        self.counters.add_received(data.len() as u64);
         // A body cut short must never be served as data.
         if expected >= 0 && data.len() as i64 != expected {
             return Err(StoreError::Transient(format!(
@@ -346,6 +347,7 @@ impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {
         self.counters.record(Op::Put);
         let len = body.len();
+        self.counters.add_sent(len);
         let out = self
             .client
             .put_object()
@@ -430,6 +432,7 @@ impl ObjectStore for S3Store {
     ) -> StoreResult<String> {
         self.counters.record(Op::UploadPart);
         let len = body.len();
+        self.counters.add_sent(len);
         let out = self
             .client
             .upload_part()

@@ -32,6 +32,9 @@ use crate::store::{Metadata, ObjectStore, PutBody, PutResult, ReadPin, StoreErro
 /// S3's limits on multipart uploads.
 pub const MIN_PART_SIZE_BYTES: u64 = 5 * 1024 * 1024;
 pub const MAX_PARTS: u64 = 10_000;
+/// Server-side copies are cut in parts of at most this many bytes, so the
+/// store copies them in parallel.
+const COPY_PART_MAX_BYTES: u64 = 128 * 1024 * 1024;
 /// Ranged GETs that fill a staged file are at most this large.
 const FILL_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -68,6 +71,13 @@ pub struct UploadOptions {
     /// Files larger than one part go multipart.
     pub part_size_bytes: u64,
     pub concurrency: usize,
+}
+
+/// How far an upload has come, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done_bytes: AtomicU64,
+    pub total_bytes: AtomicU64,
 }
 
 /// The object a staged file started from.
@@ -205,7 +215,10 @@ impl Staged {
         key: &str,
         meta: &Metadata,
         opts: &UploadOptions,
+        progress: &Progress,
     ) -> Result<PutResult, WriteError> {
+        progress.total_bytes.store(self.size, Ordering::Relaxed);
+        progress.done_bytes.store(0, Ordering::Relaxed);
         let part = part_size(self.size, opts.part_size_bytes);
         if self.size <= part {
             self.fill(store, 0..self.size).await?;
@@ -214,20 +227,11 @@ impl Staged {
                 offset: 0,
                 len: self.size,
             };
-            return Ok(store.put(key, body, meta).await?);
+            let put = store.put(key, body, meta).await?;
+            progress.done_bytes.store(self.size, Ordering::Relaxed);
+            return Ok(put);
         }
-        // Plan: parts lying wholly in an untouched range of an unchanged
-        // base are copied server-side; the rest is filled and uploaded.
-        let parts: Vec<(i32, Range<u64>, bool)> = (0..self.size)
-            .step_by(part as usize)
-            .enumerate()
-            .map(|(i, s)| {
-                let r = s..(s + part).min(self.size);
-                let copy =
-                    self.base.is_some() && r.end <= self.base_valid && !self.loaded.overlaps(&r);
-                (i as i32 + 1, r, copy)
-            })
-            .collect();
+        let parts = self.plan_parts(part);
         for (_, r, copy) in &parts {
             if !copy {
                 self.fill(store, r.clone()).await?;
@@ -246,6 +250,7 @@ impl Staged {
             .map(|(n, r, copy)| {
                 let (base, path, upload_id) = (&base, &path, &upload_id);
                 async move {
+                    let len = r.end - r.start;
                     let etag = match (copy, base) {
                         (true, Some(b)) => {
                             store
@@ -261,6 +266,7 @@ impl Staged {
                             store.upload_part(key, upload_id, n, body).await?
                         }
                     };
+                    progress.done_bytes.fetch_add(len, Ordering::Relaxed);
                     Ok((n, etag))
                 }
             })
@@ -280,6 +286,51 @@ impl Staged {
                 Err(WriteError::Store(e))
             }
         }
+    }
+
+    /// Cuts the file into parts: untouched runs of the base (at least S3's
+    /// minimum part size, or the tail) are copied server-side; the rest is
+    /// uploaded in parts of `part` bytes. So an append to a large object
+    /// sends only the appended bytes. Falls back to uniform parts if the
+    /// plan would need more than 10,000 parts.
+    fn plan_parts(&self, part: u64) -> Vec<(i32, Range<u64>, bool)> {
+        let copy_max = part.max(COPY_PART_MAX_BYTES);
+        let mut plan = Vec::new();
+        let mut pos = 0;
+        while pos < self.size {
+            let clean_end = if self.base.is_some() && pos < self.base_valid {
+                self.loaded
+                    .next_start(pos)
+                    .unwrap_or(u64::MAX)
+                    .min(self.base_valid)
+            } else {
+                pos
+            };
+            let clean = clean_end - pos;
+            let len = if clean >= MIN_PART_SIZE_BYTES || (clean > 0 && clean_end == self.size) {
+                clean.min(copy_max)
+            } else {
+                0
+            };
+            if len > 0 {
+                plan.push((pos..pos + len, true));
+                pos += len;
+            } else {
+                let end = (pos + part).min(self.size);
+                plan.push((pos..end, false));
+                pos = end;
+            }
+        }
+        if plan.len() as u64 > MAX_PARTS {
+            plan = (0..self.size)
+                .step_by(part as usize)
+                .map(|s| (s..(s + part).min(self.size), false))
+                .collect();
+        }
+        plan.into_iter()
+            .enumerate()
+            .map(|(i, (r, copy))| (i as i32 + 1, r, copy))
+            .collect()
     }
 
     /// After an upload the staged bytes are the new base's.
@@ -344,18 +395,19 @@ mod tests {
         };
         let mut st = Staged::new(dir.path(), Some(base)).unwrap();
         st.write(orig.len() as u64, b"tail").unwrap();
-        st.upload(&s, "big", &Metadata::new(), &opts())
+        st.upload(&s, "big", &Metadata::new(), &opts(), &Progress::default())
             .await
             .unwrap();
         let mut want = orig.clone();
         want.extend_from_slice(b"tail");
         assert_eq!(s.object("big").unwrap().as_ref(), &want[..]);
+        assert_eq!(s.counters().get(Op::Get), 0, "nothing is read back");
+        assert_eq!(s.counters().get(Op::UploadPartCopy), 1);
         assert_eq!(
-            s.counters().get(Op::Get),
-            1,
-            "only the touched last part is read"
+            s.counters().bytes().0,
+            4,
+            "only the appended bytes are sent"
         );
-        assert_eq!(s.counters().get(Op::UploadPartCopy), 2);
         assert_eq!(s.open_uploads(), 0);
     }
 
@@ -367,7 +419,11 @@ mod tests {
         let mut st = Staged::new(dir.path(), None).unwrap();
         st.write(0, &vec![7u8; (11 * MIB) as usize]).unwrap();
         s.fail_next(Op::UploadPart, 1, StoreError::Transient("503".into()));
-        assert!(st.upload(&s, "k", &Metadata::new(), &opts()).await.is_err());
+        assert!(
+            st.upload(&s, "k", &Metadata::new(), &opts(), &Progress::default())
+                .await
+                .is_err()
+        );
         assert_eq!(s.object("k").unwrap().as_ref(), b"old");
         assert_eq!(s.open_uploads(), 0);
     }

@@ -68,6 +68,14 @@ impl RangeSet {
         out
     }
 
+    /// The first byte at or after `pos` that is in the set.
+    pub fn next_start(&self, pos: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|r| r.end > pos)
+            .map(|r| r.start.max(pos))
+    }
+
     /// Whether any byte of `r` is in the set.
     pub fn overlaps(&self, r: &Range<u64>) -> bool {
         self.ranges
@@ -95,5 +103,8 @@ mod tests {
         assert_eq!(s.missing(0..60), vec![5..10, 15..60]);
         assert!(s.overlaps(&(14..100)));
         assert!(!s.overlaps(&(15..100)));
+        assert_eq!(s.next_start(3), Some(3));
+        assert_eq!(s.next_start(7), Some(10));
+        assert_eq!(s.next_start(15), None);
     }
 }
