@@ -60,6 +60,15 @@ fn fail(e: &FsError) -> Errno {
     Errno::from_i32(n)
 }
 
+/// The thread group (process) of the thread that made a request.
+fn tgid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn file_type(k: FileKind) -> FileType {
     match k {
         FileKind::File => FileType::RegularFile,
@@ -357,10 +366,15 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let fs = self.fs.clone();
+        let (fs, pid) = (self.fs.clone(), req.pid());
         self.spawn(span!("open", req, ino = ino.0), async move {
             match fs.open(ino.0, flags.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => {
+                    if let Some(t) = tgid_of(pid) {
+                        fs.set_opener(fh, t);
+                    }
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(fail(&e)),
             }
         });
@@ -415,9 +429,9 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let fs = self.fs.clone();
+        let (fs, pid) = (self.fs.clone(), req.pid());
         self.spawn(span!("flush", req, ino = ino.0, fh = fh.0), async move {
-            match fs.flush(fh.0).await {
+            match fs.flush_from(fh.0, tgid_of(pid)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fail(&e)),
             }
@@ -609,17 +623,23 @@ impl Filesystem for FuseFs {
             name.to_owned(),
             creator(req, mode, umask),
         );
+        let pid = req.pid();
         self.spawn(
             span!("create", req, ino = parent.0, name = ?name),
             async move {
                 match fs.create(parent.0, &name, c, flags).await {
-                    Ok((a, fh)) => reply.created(
-                        &ttl,
-                        &file_attr(&a),
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::empty(),
-                    ),
+                    Ok((a, fh)) => {
+                        if let Some(t) = tgid_of(pid) {
+                            fs.set_opener(fh, t);
+                        }
+                        reply.created(
+                            &ttl,
+                            &file_attr(&a),
+                            Generation(0),
+                            FileHandle(fh),
+                            FopenFlags::empty(),
+                        )
+                    }
                     Err(e) => reply.error(fail(&e)),
                 }
             },

@@ -548,3 +548,17 @@ fn a_changed_object_is_never_served_from_stale_blocks() {
     b.put("f", &new);
     assert_eq!(sha256_file(&m.path("f")), sha256(&new));
 }
+
+#[test]
+fn a_fork_while_writing_uploads_nothing_half_written() {
+    let m = mount("fork");
+    let mut f = fs::File::create(m.path("f")).unwrap();
+    f.write_all(b"first half ").unwrap();
+    // The child inherits the descriptor and closes it at exec: a FUSE flush
+    // from another process.
+    assert!(std::process::Command::new("true").status().unwrap().success());
+    assert_eq!(m.bucket.get("f"), None, "no partial object in S3");
+    f.write_all(b"second half").unwrap();
+    drop(f);
+    assert_eq!(m.bucket.get("f").as_deref(), Some(&b"first half second half"[..]));
+}

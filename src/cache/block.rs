@@ -401,15 +401,6 @@ mod tests {
         assert!(!c.contains(&bk("k", e, 0)));
     }
 
-    async fn settle(c: &BlockCache, want_bytes: u64) {
-        for _ in 0..500 {
-            if c.disk_bytes() >= want_bytes {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-    }
-
     #[tokio::test]
     async fn disk_tier_survives_a_new_cache_and_stays_bounded() {
         let dir = tempfile::tempdir().unwrap();
@@ -421,7 +412,7 @@ mod tests {
         for i in 0..10 {
             c.get(&s, &bk("k", e, i), &pin(e), 100).await.unwrap();
         }
-        settle(&c, 100).await;
+        c.settle(std::time::Duration::from_secs(5)).await;
         assert_eq!(s.counters().get(Op::Get), 10);
         // A new cache over the same directory (a remount) serves from disk.
         let c2 = BlockCache::new(10, 1000).with_disk(dir.path(), 10_000);

@@ -42,6 +42,8 @@ pub struct FileHandle {
     /// or a dup of a writer sends nothing; the last release uploads
     /// whatever is left (a truncation without writes, say).
     wrote: std::sync::atomic::AtomicBool,
+    /// The process (thread group) that opened it, 0 if unknown.
+    opener: std::sync::atomic::AtomicU32,
     /// The object reads are pinned to (when the inode has no write state).
     target: Mutex<Option<ReadTarget>>,
     readahead: Mutex<Readahead>,
@@ -54,6 +56,7 @@ impl FileHandle {
             ino,
             writable: true,
             wrote: Default::default(),
+            opener: Default::default(),
             target: Mutex::new(None),
             readahead: Mutex::new(Readahead::default()),
         }
@@ -220,6 +223,7 @@ impl Fs {
             ino,
             writable,
             wrote: Default::default(),
+            opener: Default::default(),
             target: Mutex::new(target),
             readahead: Mutex::new(Readahead::default()),
         })))
@@ -446,10 +450,38 @@ impl Fs {
     /// `close()` of a descriptor that wrote: upload what is dirty. The
     /// last release uploads whatever no flush did.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        self.flush_from(fh, None).await
+    }
+
+    /// Records which process opened a handle (its thread group id).
+    pub fn set_opener(&self, fh: u64, tgid: u32) {
+        if let Ok(h) = self.file_handle(fh)
+            && let Handle::File(f) = &*h
+        {
+            f.opener.store(tgid, Ordering::Relaxed);
+        }
+    }
+
+    /// `close()` from process `tgid`. A close by another process than the
+    /// opener is a forked child dropping its inherited copy (at exec, say):
+    /// it uploads nothing, so a fork never sends a half-written file.
+    pub async fn flush_from(&self, fh: u64, tgid: Option<u32>) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         let Handle::File(fhd) = &*h else {
             unreachable!()
         };
+        let opener = fhd.opener.load(Ordering::Relaxed);
+        if let Some(t) = tgid
+            && opener != 0
+            && t != opener
+        {
+            tracing::debug!(
+                tgid = t,
+                opener,
+                "close by another process: nothing uploaded"
+            );
+            return Ok(());
+        }
         let never_uploaded = self.writes.lock().contains_key(&fhd.ino)
             && self
                 .table
@@ -591,10 +623,17 @@ impl Fs {
         failed
     }
 
-    /// Files open for writing (their data may not be in S3 yet): path,
-    /// current size, and (bytes sent, bytes to send) of a running upload.
+    /// Files with data not in S3 yet (dirty, or busy being written or
+    /// uploaded): path, current size, and the running upload's progress.
     pub fn dirty_files(&self) -> Vec<DirtyFile> {
-        let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
+        // A state that is locked is being written or uploaded: count it.
+        let inos: Vec<u64> = self
+            .writes
+            .lock()
+            .iter()
+            .filter(|(_, st)| st.try_lock().map_or(true, |st| st.dirty && !st.closed))
+            .map(|(i, _)| *i)
+            .collect();
         let uploads = self.uploads.lock().clone();
         let t = self.table.lock();
         let mut out: Vec<_> = inos

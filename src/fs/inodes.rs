@@ -42,6 +42,10 @@ pub struct Inode {
     pub lookups: u64,
     /// Target of a symlink, once read.
     pub symlink_target: Option<String>,
+    /// For a directory: until when the table holds its complete listing
+    /// (set by a listing, or by mkdir), so a name not in the table does
+    /// not exist and needs no request.
+    pub listed_until: Option<Instant>,
 }
 
 impl Inode {
@@ -87,6 +91,7 @@ impl InodeTable {
                 fresh_until: None,
                 lookups: 1,
                 symlink_target: None,
+                listed_until: None,
             },
         );
         t
@@ -144,6 +149,7 @@ impl InodeTable {
                 fresh_until,
                 lookups: 0,
                 symlink_target: None,
+                listed_until: None,
             },
         );
         ino
@@ -182,6 +188,7 @@ impl InodeTable {
             self.by_key.insert(NodeKey::Path(new_path.clone()), ino);
             if let Some(node) = self.by_ino.get_mut(&ino) {
                 node.key = NodeKey::Path(new_path);
+                node.listed_until = None;
                 if p == from {
                     node.parent = new_parent;
                 }
@@ -198,6 +205,7 @@ impl InodeTable {
         for n in self.by_ino.values_mut() {
             if matches!(&n.key, NodeKey::Path(p) if p.starts_with(&below)) {
                 n.fresh_until = Some(now);
+                n.listed_until = None;
             }
         }
     }

@@ -326,7 +326,11 @@ impl Fs {
                 if n.is_fresh(now) || self.has_write_state(ino) {
                     return Ok(n.attr.clone());
                 }
-            } else if t.is_negative(&path, now) {
+            } else if t.is_negative(&path, now)
+                || t.get(parent)
+                    .and_then(|p| p.listed_until)
+                    .is_some_and(|u| now < u)
+            {
                 return Err(FsError::NotFound);
             }
         }
@@ -594,6 +598,9 @@ impl Fs {
                     kind: n.attr.kind,
                 });
             }
+        }
+        if let Some(n) = t.get_mut(ino) {
+            n.listed_until = now_fresh;
         }
         drop(writes);
         drop(t);

@@ -154,8 +154,11 @@ impl Fs {
         let info = Self::object_info(key, size, meta, put.etag, put.version_id);
         let is_dir = attr.kind == FileKind::Dir;
         let a = self.insert_node(parent, path, attr, Some(info));
+        // A new directory is empty: lookups in it need no request.
+        let fresh = self.fresh_until();
         if is_dir && let Some(n) = self.table.lock().get_mut(a.ino) {
             n.dir_marker = true;
+            n.listed_until = fresh;
         }
         Ok(a)
     }
