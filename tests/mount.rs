@@ -556,9 +556,17 @@ fn a_fork_while_writing_uploads_nothing_half_written() {
     f.write_all(b"first half ").unwrap();
     // The child inherits the descriptor and closes it at exec: a FUSE flush
     // from another process.
-    assert!(std::process::Command::new("true").status().unwrap().success());
+    assert!(
+        std::process::Command::new("true")
+            .status()
+            .unwrap()
+            .success()
+    );
     assert_eq!(m.bucket.get("f"), None, "no partial object in S3");
     f.write_all(b"second half").unwrap();
     drop(f);
-    assert_eq!(m.bucket.get("f").as_deref(), Some(&b"first half second half"[..]));
+    assert_eq!(
+        m.bucket.get("f").as_deref(),
+        Some(&b"first half second half"[..])
+    );
 }

@@ -51,6 +51,7 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     counters: Counters,
+    max_attempts: u32,
 }
 
 const DEFAULT_REGION: &str = "us-east-1";
@@ -127,6 +128,7 @@ impl S3Store {
             client: Client::from_conf(b.build()),
             bucket: s.bucket.clone(),
             counters: Counters::default(),
+            max_attempts: s.max_attempts.max(1),
         }
     }
 
@@ -225,6 +227,59 @@ async fn byte_stream(body: PutBody) -> StoreResult<ByteStream> {
     }
 }
 
+/// A little jitter for retry backoff, without a random-number crate.
+fn rand_jitter() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+impl S3Store {
+    async fn get_range_once(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        pin: &ReadPin,
+    ) -> StoreResult<Bytes> {
+        self.counters.record(Op::Get);
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1));
+        match pin {
+            ReadPin::Latest => {}
+            ReadPin::Etag(e) => req = req.if_match(e),
+            ReadPin::Version(v) => req = req.version_id(v),
+        }
+        let out = match req.send().await {
+            Ok(out) => out,
+            // A range starting at or past the end of the object.
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
+                return Ok(Bytes::new());
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        let expected = out.content_length().unwrap_or(-1);
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Transient(format!("reading body: {e}")))?
+            .into_bytes();
+        self.counters.add_received(data.len() as u64);
+        // A body cut short must never be served as data.
+        if expected >= 0 && data.len() as i64 != expected {
+            return Err(StoreError::Transient(format!(
+                "body cut short: {} of {expected} bytes",
+                data.len()
+            )));
+        }
+        Ok(data)
+    }
+}
+
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn list(
@@ -306,42 +361,21 @@ impl ObjectStore for S3Store {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        self.counters.record(Op::Get);
-        let mut req = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .range(format!("bytes={}-{}", range.start, range.end - 1));
-        match pin {
-            ReadPin::Latest => {}
-            ReadPin::Etag(e) => req = req.if_match(e),
-            ReadPin::Version(v) => req = req.version_id(v),
-        }
-        let out = match req.send().await {
-            Ok(out) => out,
-            // A range starting at or past the end of the object.
-            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
-                return Ok(Bytes::new());
+        // The SDK retries failed requests; a body that breaks off or comes
+        // short after a good start is retried here, never served.
+        let mut attempt = 0;
+        loop {
+            match self.get_range_once(key, range.clone(), pin).await {
+                Err(StoreError::Transient(m)) if attempt + 1 < self.max_attempts => {
+                    attempt += 1;
+                    let backoff = Duration::from_millis(100 << attempt.min(5));
+                    let jitter = Duration::from_millis(u64::from(rand_jitter()) % 100);
+                    debug!(key, attempt, error = %m, "GET body failed; retrying");
+                    tokio::time::sleep(backoff + jitter).await;
+                }
+                other => return other,
             }
-            Err(e) => return Err(classify(e)),
-        };
-        let expected = out.content_length().unwrap_or(-1);
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Transient(format!("reading body: {e}")))?
-            .into_bytes();
-        self.counters.add_received(data.len() as u64);
-        // A body cut short must never be served as data.
-        if expected >= 0 && data.len() as i64 != expected {
-            return Err(StoreError::Transient(format!(
-                "body cut short: {} of {expected} bytes",
-                data.len()
-            )));
         }
-        Ok(data)
     }
 
     async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {

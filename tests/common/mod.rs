@@ -13,6 +13,8 @@
 //! whole directories use unversioned buckets.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
@@ -156,7 +158,7 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub struct Bucket {
     pub name: String,
     pub endpoint: String,
-    client: Client,
+    pub client: Client,
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);

@@ -1,0 +1,218 @@
+//! A fault-injecting HTTP proxy on 127.0.0.1 between a mount and the S3
+//! server. Every request gets its own upstream connection (the proxy asks
+//! for `Connection: close`), so faults land on exactly the requests chosen:
+//! the next N requests of a method fail with a status, are reset, stall, or
+//! get a response whose body is cut short.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fault {
+    /// Answer with this status (503 is S3's SlowDown) without forwarding.
+    Status(u16),
+    /// Close the connection as soon as the request head arrived.
+    Reset,
+    /// Never answer (until the client gives up).
+    Stall,
+    /// Forward, but pass on only half of the response body, then close.
+    CutShort,
+}
+
+#[derive(Default)]
+struct Plan {
+    /// (method or "" for any, remaining count, fault)
+    rules: Vec<(String, u32, Fault)>,
+    /// Requests seen, by method.
+    seen: Vec<String>,
+    faults_injected: u32,
+}
+
+pub struct Proxy {
+    pub endpoint: String,
+    plan: Arc<Mutex<Plan>>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `upstream` ("127.0.0.1:PORT") on the test runtime.
+    pub fn start(upstream: &str) -> Proxy {
+        let plan = Arc::new(Mutex::new(Plan::default()));
+        let upstream = upstream.to_string();
+        let listener = super::rt()
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let p = plan.clone();
+        super::rt().spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let (p, up) = (p.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(120), handle(conn, &up, p)).await;
+                });
+            }
+        });
+        Proxy { endpoint, plan }
+    }
+
+    /// The next `n` requests with this method ("" = any) get `fault`.
+    pub fn inject(&self, method: &str, n: u32, fault: Fault) {
+        self.plan.lock().rules.push((method.to_string(), n, fault));
+    }
+
+    pub fn clear(&self) {
+        self.plan.lock().rules.clear();
+    }
+
+    pub fn faults_injected(&self) -> u32 {
+        self.plan.lock().faults_injected
+    }
+
+    pub fn requests(&self, method: &str) -> usize {
+        self.plan
+            .lock()
+            .seen
+            .iter()
+            .filter(|m| *m == method)
+            .count()
+    }
+}
+
+/// Reads until the end of the request head; returns (head, extra bytes).
+async fn read_head(conn: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(i + 4);
+            return Some((buf, rest));
+        }
+        if buf.len() > 1 << 20 {
+            return None;
+        }
+    }
+}
+
+fn header(head: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(head);
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// The head with `Connection: close` instead of any Connection header, and
+/// without `Expect` (the proxy answers 100-continue itself).
+fn closing(head: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let mut out = String::new();
+    for l in text.split("\r\n") {
+        if l.is_empty() {
+            continue;
+        }
+        let lower = l.to_ascii_lowercase();
+        if lower.starts_with("connection:") || lower.starts_with("expect:") {
+            continue;
+        }
+        out.push_str(l);
+        out.push_str("\r\n");
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    out.into_bytes()
+}
+
+async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
+    let Some((head, rest)) = read_head(&mut conn).await else {
+        return;
+    };
+    let method = String::from_utf8_lossy(&head)
+        .split(' ')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let fault = {
+        let mut p = plan.lock();
+        p.seen.push(method.clone());
+        let f = p
+            .rules
+            .iter_mut()
+            .find(|(m, n, _)| *n > 0 && (m.is_empty() || *m == method))
+            .map(|(_, n, f)| {
+                *n -= 1;
+                *f
+            });
+        if f.is_some() {
+            p.faults_injected += 1;
+        }
+        f
+    };
+    if header(&head, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+        let _ = conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+    }
+    // Read the body the client sends (Content-Length framed).
+    let body_len: usize = header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = rest;
+    while body.len() < body_len {
+        let mut chunk = vec![0u8; 65536];
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    match fault {
+        Some(Fault::Status(code)) => {
+            let xml = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{}</Code><Message>injected</Message></Error>",
+                if code == 503 {
+                    "SlowDown"
+                } else {
+                    "InternalError"
+                }
+            );
+            let resp = format!(
+                "HTTP/1.1 {code} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+                xml.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        }
+        Some(Fault::Reset) => drop(conn),
+        Some(Fault::Stall) => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        Some(Fault::CutShort) | None => {
+            let Ok(mut up) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            if up.write_all(&closing(&head)).await.is_err() || up.write_all(&body).await.is_err() {
+                return;
+            }
+            let mut resp = Vec::new();
+            let _ = up.read_to_end(&mut resp).await;
+            if fault == Some(Fault::CutShort) {
+                if let Some(i) = resp.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let body_len = resp.len() - (i + 4);
+                    resp.truncate(i + 4 + body_len / 2);
+                }
+            }
+            let _ = conn.write_all(&resp).await;
+            let _ = conn.shutdown().await;
+        }
+    }
+}
