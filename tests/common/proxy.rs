@@ -205,11 +205,11 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             }
             let mut resp = Vec::new();
             let _ = up.read_to_end(&mut resp).await;
-            if fault == Some(Fault::CutShort) {
-                if let Some(i) = resp.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let body_len = resp.len() - (i + 4);
-                    resp.truncate(i + 4 + body_len / 2);
-                }
+            if fault == Some(Fault::CutShort)
+                && let Some(i) = resp.windows(4).position(|w| w == b"\r\n\r\n")
+            {
+                let body_len = resp.len() - (i + 4);
+                resp.truncate(i + 4 + body_len / 2);
             }
             let _ = conn.write_all(&resp).await;
             let _ = conn.shutdown().await;
