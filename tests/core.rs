@@ -394,3 +394,34 @@ async fn appending_to_a_large_object_sends_only_the_new_bytes() {
     assert_eq!(got.len(), 41 * MIB);
     assert!(got[..40 * MIB] == orig[..] && got[40 * MIB..] == tail[..]);
 }
+
+#[tokio::test]
+async fn names_with_newlines_and_control_characters_list_and_read() {
+    let s = Arc::new(MemStore::unversioned());
+    for k in ["new\nline", "bell\u{7}", "ok", "a//b", "../up", "x/./y"] {
+        s.insert(k, k.as_bytes(), Metadata::new());
+    }
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let mut names: Vec<String> = fs
+        .list(ROOT_INO)
+        .await
+        .unwrap()
+        .into_iter()
+        .skip(2)
+        .map(|e| e.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["a", "bell\u{7}", "new\nline", "ok", "x"]);
+    let a = fs.lookup(ROOT_INO, name("new\nline")).await.unwrap();
+    let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 100).await.unwrap().as_ref(), b"new\nline");
+    let x = fs.lookup(ROOT_INO, name("x")).await.unwrap();
+    assert!(
+        fs.list(x.ino).await.unwrap().len() == 2,
+        "x/./y is not shown"
+    );
+    assert_eq!(
+        fs.lookup(ROOT_INO, name("..")).await.unwrap_err(),
+        FsError::InvalidName
+    );
+}

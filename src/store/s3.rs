@@ -20,7 +20,7 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective};
 use bytes::Bytes;
 use tracing::debug;
 
@@ -227,6 +227,13 @@ async fn byte_stream(body: PutBody) -> StoreResult<ByteStream> {
     }
 }
 
+/// Decodes a key listed with `encoding-type=url`.
+fn url_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 /// A little jitter for retry backoff, without a random-number crate.
 fn rand_jitter() -> u32 {
     std::time::SystemTime::now()
@@ -298,6 +305,8 @@ impl ObjectStore for S3Store {
             .set_delimiter(delimiter.map(str::to_string))
             .set_continuation_token(token)
             .set_max_keys(max_keys)
+            // Keys come URL-encoded: XML 1.0 cannot carry control characters.
+            .encoding_type(EncodingType::Url)
             .send()
             .await
             .map_err(classify)?;
@@ -305,7 +314,7 @@ impl ObjectStore for S3Store {
             .contents()
             .iter()
             .map(|o| ObjectInfo {
-                key: o.key().unwrap_or_default().to_string(),
+                key: url_decode(o.key().unwrap_or_default()),
                 size: o.size().unwrap_or(0).max(0) as u64,
                 etag: o.e_tag().unwrap_or_default().to_string(),
                 last_modified: to_system_time(o.last_modified()),
@@ -317,7 +326,7 @@ impl ObjectStore for S3Store {
         let prefixes = out
             .common_prefixes()
             .iter()
-            .filter_map(|p| p.prefix().map(str::to_string))
+            .filter_map(|p| p.prefix().map(url_decode))
             .collect();
         let next_token = if out.is_truncated() == Some(true) {
             out.next_continuation_token().map(str::to_string)

@@ -1,0 +1,308 @@
+//! (moto cannot store a key with a newline; tests/core.rs covers that one
+//! over the in-memory store.)
+//!
+//! Bad input and hostile conditions: keys the POSIX view cannot show, a
+//! full cache disk, other users on an allow_other mount, secrets in logs,
+//! many processes at once, real repositories and trees.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::*;
+
+fn names(dir: &std::path::Path) -> BTreeSet<Vec<u8>> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect()
+}
+
+#[test]
+fn keys_the_posix_view_cannot_show_are_skipped_and_nothing_escapes() {
+    let b = Bucket::new(server(), "odd", false);
+    let long_name = "n".repeat(256);
+    let long_key = format!("deep/{}", "k".repeat(1019));
+    assert_eq!(long_key.len(), 1024);
+    for key in [
+        "a//b",
+        "/leading",
+        "./x",
+        "../x",
+        "a/./b",
+        "a/../b",
+        "tab\tname",
+        "ctrl\u{1}char",
+        &long_name,
+        &long_key,
+        "dup",
+        "dup/child",
+        ".versions",
+        "normal.txt",
+    ] {
+        b.put(key, key.as_bytes());
+    }
+    let m = Mount::new(&b, "");
+    let want: BTreeSet<Vec<u8>> = [
+        "a",
+        "ctrl\u{1}char",
+        "deep",
+        "dup",
+        "normal.txt",
+        "tab\tname",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    assert_eq!(names(&m.dir), want);
+    assert!(
+        names(&m.path("a")).is_empty(),
+        "a//b, a/./b, a/../b are skipped"
+    );
+    assert!(
+        names(&m.path("deep")).is_empty(),
+        "a 1019-byte name is over 255"
+    );
+    assert!(
+        fs::metadata(m.path("dup")).unwrap().is_dir(),
+        "the directory wins"
+    );
+    assert_eq!(fs::read(m.path("dup/child")).unwrap(), b"dup/child");
+    assert_eq!(fs::read(m.path("tab\tname")).unwrap(), b"tab\tname");
+    assert_eq!(fs::read(m.path("normal.txt")).unwrap(), b"normal.txt");
+    // find walks it all and stays inside.
+    let found = sh(&m.dir, "find . | wc -l");
+    assert_eq!(found.trim(), "8", "., 6 entries, dup/child");
+    // Each odd key is logged once, however often it is listed.
+    let _ = names(&m.dir);
+    let log = m.log_text();
+    for shown_once in ["a//b", "\"../x\""] {
+        let n = log
+            .lines()
+            .filter(|l| l.contains("key not shown") && l.contains(shown_once))
+            .count();
+        assert!(n <= 1, "{shown_once} logged {n} times");
+    }
+    // Creating the unshowable is refused, and a long key is ENAMETOOLONG.
+    assert_eq!(
+        errno(fs::write(m.path(&long_name), b"x").unwrap_err()),
+        libc::ENAMETOOLONG
+    );
+}
+
+#[test]
+fn a_full_cache_disk_fails_writes_at_write_time_and_loses_nothing_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small-disk");
+    fs::create_dir(&small).unwrap();
+    assert!(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&small)
+            .status()
+            .unwrap()
+            .success()
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
+    let b = Bucket::new(server(), "full", false);
+    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", small.display()));
+    let first = pattern(1024 * 1024, 1);
+    fs::write(m.path("first"), &first).unwrap();
+    let mut f = fs::File::create(m.path("too-big")).unwrap();
+    let chunk = pattern(1024 * 1024, 2);
+    let mut failed = None;
+    for i in 0..16 {
+        if let Err(e) = f.write_all(&chunk) {
+            failed = Some((i, errno(e)));
+            break;
+        }
+    }
+    let (at, code) = failed.expect("a write must fail on a 4 MiB cache disk");
+    assert_eq!(code, libc::ENOSPC, "at write {at}");
+    drop(f);
+    // What was written before is safe, in S3 and through the mount.
+    assert_eq!(sha256(&b.get("first").unwrap()), sha256(&first));
+    assert_eq!(sha256_file(&m.path("first")), sha256(&first));
+}
+
+fn as_user(uid: u32, script: &str) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &uid.to_string(),
+            "--clear-groups",
+            "bash",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_kernel_enforces_modes_for_other_users() {
+    let b = Bucket::new(server(), "perm", false);
+    let m = Mount::new(&b, "allow_other");
+    let mut perms = fs::metadata(m.path("")).unwrap().permissions();
+    perms.set_mode(0o755);
+    fs::write(m.path("secret"), b"root only").unwrap();
+    fs::set_permissions(m.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(m.path("rootdir")).unwrap();
+    fs::create_dir(m.path("shared")).unwrap();
+    fs::set_permissions(m.path("shared"), fs::Permissions::from_mode(0o777)).unwrap();
+    let d = m.dir.display();
+    let (ok, err) = as_user(1000, &format!("cat {d}/secret"));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let (ok, err) = as_user(1000, &format!("touch {d}/rootdir/x"));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let (ok, err) = as_user(
+        1000,
+        &format!("echo mine > {d}/shared/x && cat {d}/shared/x"),
+    );
+    assert!(ok, "a 0777 directory is writable by others: {err}");
+    assert_eq!(
+        b.metadata("shared/x").get("uid").map(String::as_str),
+        Some("1000")
+    );
+
+    let ro = Mount::new(&b, "allow_other,ro");
+    let (ok, err) = as_user(1000, &format!("echo x > {}/shared/y", ro.dir.display()));
+    assert!(!ok && err.contains("Read-only"), "{err}");
+    let (ok, _) = as_user(1000, &format!("cat {}/shared/x", ro.dir.display()));
+    assert!(ok);
+}
+
+#[test]
+fn secrets_never_reach_the_log_even_at_trace_level() {
+    let b = Bucket::new(server(), "trace", false);
+    let tmp = tempfile::tempdir().unwrap();
+    let mp = tmp.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let log = tmp.path().join("log");
+    let opts = base_options(&b.endpoint, &tmp.path().join("c"), &log);
+    let st = command()
+        .env("RUST_LOG", "trace")
+        .args(["-o", &opts, &b.name])
+        .arg(&mp)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    fs::write(mp.join("f"), pattern(6 * 1024 * 1024, 3)).unwrap();
+    let _ = fs::read(mp.join("f")).unwrap();
+    let _ = fs::read_dir(&mp).unwrap().count();
+    assert!(Command::new("umount").arg(&mp).status().unwrap().success());
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.len() > 10_000, "trace logging was on");
+    assert!(!text.contains(SECRET_KEY), "the secret key is in the log");
+}
+
+#[test]
+fn thirty_two_processes_write_and_read_at_once() {
+    let b = Bucket::new(server(), "load", false);
+    let m = Mount::new(&b, "");
+    let script = r#"
+        set -e
+        for i in $(seq 0 31); do
+          ( head -c $((100000 + i * 4099)) /dev/urandom > "src$i" &&
+            cp "src$i" "p$i" && cmp "src$i" "p$i" && cat "p$i" > /dev/null ) &
+        done
+        wait
+    "#;
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script.replace("\"src$i\"", &format!("\"{}/src$i\"", work.path().display())))
+        .current_dir(&m.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..32 {
+        let want = fs::read(work.path().join(format!("src{i}"))).unwrap();
+        assert_eq!(
+            sha256(&b.get(&format!("p{i}")).unwrap()),
+            sha256(&want),
+            "p{i}"
+        );
+    }
+}
+
+#[test]
+fn git_clone_status_and_log_work_in_the_mount() {
+    let m = mount_plain("git");
+    let repo = env!("CARGO_MANIFEST_DIR");
+    sh(&m.dir, &format!("git clone -q --no-hardlinks {repo} clone"));
+    let status = sh(&m.path("clone"), "git status --porcelain");
+    assert_eq!(status, "", "a fresh clone is clean");
+    let log = sh(&m.path("clone"), "git log --oneline | wc -l");
+    let want = sh(std::path::Path::new(repo), "git log --oneline | wc -l");
+    assert_eq!(log, want);
+    sh(
+        &m.path("clone"),
+        "git fsck --no-progress 2>&1 | grep -v '^dangling' || true",
+    );
+}
+
+fn mount_plain(tag: &str) -> Mount {
+    Mount::new(&Bucket::new(server(), tag, false), "")
+}
+
+#[test]
+fn tar_of_many_small_files_and_rsync_checksum_round_trip() {
+    let m = mount_plain("tree");
+    let src = tempfile::tempdir().unwrap();
+    sh(
+        src.path(),
+        "mkdir -p t && for d in $(seq 0 19); do mkdir -p t/d$d; for f in $(seq 0 49); do echo \"$d-$f\" > t/d$d/f$f; done; done",
+    );
+    let sum =
+        |dir: &std::path::Path| sh(dir, "find . -type f -print0 | sort -z | xargs -0 sha256sum");
+    let want = sum(&src.path().join("t"));
+    sh(
+        &m.dir,
+        &format!(
+            "mkdir x && tar -C {}/t -cf - . | tar -C x -xf -",
+            src.path().display()
+        ),
+    );
+    assert_eq!(sum(&m.path("x")), want, "1,000 small files through tar");
+    sh(
+        &m.dir,
+        &format!("rsync -a --checksum {}/t/ r/", src.path().display()),
+    );
+    let back = src.path().join("back");
+    sh(
+        &m.dir,
+        &format!("rsync -a --checksum r/ {}/", back.display()),
+    );
+    assert_eq!(sum(&back), want);
+    // A second rsync --checksum finds nothing to send.
+    let again = sh(
+        &m.dir,
+        &format!(
+            "rsync -a --checksum --itemize-changes {}/t/ r/",
+            src.path().display()
+        ),
+    );
+    assert_eq!(again.trim(), "", "{again}");
+}
