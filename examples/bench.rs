@@ -94,10 +94,11 @@ struct Mount {
 impl Mount {
     fn start(a: &Args, dir: &Path, cache: &Path) -> Mount {
         let opts = format!(
-            "endpoint={},path_style,region={},cache_dir={},upload_concurrency={}",
+            "endpoint={},path_style,region={},cache_dir={},log_file={},upload_concurrency={}",
             a.endpoint,
             a.region,
             cache.display(),
+            cache.with_extension("log").display(),
             a.concurrency
         );
         let child = Command::new(&a.bucketfs)
@@ -311,6 +312,7 @@ fn main() {
         for c in data.chunks(MIB as usize) {
             f.write_all(c).unwrap();
         }
+        f.sync_all().expect("upload of the big file");
     }
     let ours = t.elapsed();
     rss_peak = rss_peak.max(read_rss(m.pid()));
@@ -537,6 +539,7 @@ fn main() {
             .unwrap();
         f.seek(SeekFrom::End(0)).unwrap();
         f.write_all(&tail).unwrap();
+        f.sync_all().expect("upload of the append");
     }
     let d = t.elapsed();
     rows.push(Row {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use sha2::Digest;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Options;
@@ -141,7 +141,6 @@ pub fn fs_config(o: &Options) -> FsConfig {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let umask = o.umask;
     let cache_dir = o.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let tag = format!("{}-{}", o.bucket, std::process::id());
     // Blocks of different buckets or endpoints never share a directory.
     let store_id = format!("{}\n{}", o.endpoint.as_deref().unwrap_or("aws"), o.bucket);
     let store_hash: String = sha2::Sha256::digest(store_id.as_bytes())
@@ -161,7 +160,7 @@ pub fn fs_config(o: &Options) -> FsConfig {
         root_perm: o.mp_umask.map(|m| (0o777 & !m) as u16),
         metadata_ttl: o.metadata_ttl,
         read_only: o.read_only,
-        staging_dir: cache_dir.join("staging").join(tag),
+        staging_dir: cache_dir.join("staging").join(&store_hash),
         block_size_bytes: o.block_size_bytes,
         mem_cache_bytes: o.mem_cache_bytes,
         disk_cache_dir: cache_dir.join("blocks").join(store_hash),
@@ -356,6 +355,27 @@ fn serve(
     let cfg = fs_config(o);
     std::fs::create_dir_all(&cfg.staging_dir)
         .map_err(|e| MountError(format!("cache dir {}: {e}", cfg.staging_dir.display())))?;
+    // Data a killed daemon staged but never uploaded goes up first.
+    if !o.read_only {
+        for r in rt.block_on(crate::write::recover(
+            &*store,
+            &cfg.staging_dir,
+            &cfg.upload,
+        )) {
+            match r {
+                Ok(r) if r.uploaded_as == r.key => {
+                    info!(key = %r.key, "recovered staged data of a killed mount and uploaded it")
+                }
+                Ok(r) => warn!(
+                    key = %r.key,
+                    uploaded_as = %r.uploaded_as,
+                    incomplete = r.incomplete,
+                    "recovered staged data of a killed mount; the object had changed since, so it was kept beside it"
+                ),
+                Err(e) => error!(error = %e, "could not recover staged data"),
+            }
+        }
+    }
     let staging_dir = cfg.staging_dir.clone();
     let fs = Arc::new(Fs::new(store, cfg));
 

@@ -326,3 +326,73 @@ fn a_lazy_unmount_loses_nothing_that_was_written() {
     );
     assert_eq!(sha256(&b.get("f").expect("object in S3")), sha256(&data));
 }
+
+#[test]
+fn kill_9_while_writing_then_the_next_mount_uploads_what_was_staged() {
+    let b = Bucket::new(server(), "kill9", true);
+    b.put("edited", &pattern(100_000, 1));
+    b.put("raced", b"original");
+    let m = Mount::new(&b, "");
+    // fsync'd data is in S3 before the kill.
+    let mut synced = fs::File::create(m.path("synced")).unwrap();
+    synced.write_all(b"confirmed by fsync").unwrap();
+    synced.sync_all().unwrap();
+    // Staged, never uploaded: a new file, an edit, and an edit of an
+    // object that another client will replace before the next mount.
+    let mut new = fs::File::create(m.path("new")).unwrap();
+    new.write_all(&pattern(3 * 1024 * 1024, 2)).unwrap();
+    let mut edited = fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("edited"))
+        .unwrap();
+    edited.write_all_at_offset(50_000, b"EDITED");
+    let mut raced = fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("raced"))
+        .unwrap();
+    raced.write_all(b" + mine").unwrap();
+    let pid = m.pid().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    m.wait_exit(Duration::from_secs(30));
+    drop((synced, new, edited, raced));
+    assert_eq!(b.get("synced").as_deref(), Some(&b"confirmed by fsync"[..]));
+    assert_eq!(b.get("new"), None, "not uploaded before the kill");
+    b.put("raced", b"another client's");
+    assert!(
+        Command::new("umount")
+            .arg("-l")
+            .arg(&m.dir)
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    m.restart();
+    assert_eq!(
+        sha256(&b.get("new").unwrap()),
+        sha256(&pattern(3 * 1024 * 1024, 2))
+    );
+    let mut want = pattern(100_000, 1);
+    want[50_000..50_006].copy_from_slice(b"EDITED");
+    assert_eq!(sha256(&b.get("edited").unwrap()), sha256(&want));
+    assert_eq!(
+        b.get("raced").as_deref(),
+        Some(&b"another client's"[..]),
+        "never overwritten"
+    );
+    let beside: Vec<String> = b.keys("raced.bucketfs-recovered-");
+    assert_eq!(beside.len(), 1, "{:?}", b.keys(""));
+    assert_eq!(b.get(&beside[0]).as_deref(), Some(&b"original + mine"[..]));
+    assert!(m.log_text().contains("kept beside it"));
+}
+
+trait WriteAt {
+    fn write_all_at_offset(&mut self, off: u64, data: &[u8]);
+}
+
+impl WriteAt for fs::File {
+    fn write_all_at_offset(&mut self, off: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        self.write_all_at(data, off).unwrap();
+    }
+}

@@ -236,8 +236,8 @@ impl Fs {
             if let Some(mut st) = self.live(ino).await {
                 st.handles += 1;
                 if trunc {
+                    self.set_dirty(ino, &mut st)?;
                     st.staged.truncate(0)?;
-                    st.dirty = true;
                     self.note_size(ino, 0);
                 }
                 return Ok(());
@@ -251,8 +251,13 @@ impl Fs {
                 key: self.key_of(&path),
                 etag: o.etag,
                 size: o.size,
+                version: o.version_id,
             });
-            let staged = Staged::new(&self.cfg.staging_dir, base)?;
+            let mut staged = Staged::new(&self.cfg.staging_dir, base)?;
+            if trunc {
+                let (key, meta) = self.journal_header(ino)?;
+                staged.begin_journal(&key, &meta)?;
+            }
             let inserted = match self.writes.lock().entry(ino) {
                 std::collections::hash_map::Entry::Occupied(_) => false,
                 std::collections::hash_map::Entry::Vacant(v) => {
@@ -274,11 +279,34 @@ impl Fs {
 
     /// Starts the write state of a file created by this mount.
     pub(super) fn start_new_file(&self, ino: u64) -> FsResult<()> {
-        let staged = Staged::new(&self.cfg.staging_dir, None)?;
+        let mut staged = Staged::new(&self.cfg.staging_dir, None)?;
+        let (key, meta) = self.journal_header(ino)?;
+        staged.begin_journal(&key, &meta)?;
         self.writes.lock().insert(
             ino,
             Arc::new(tokio::sync::Mutex::new(WriteState::new(staged, true))),
         );
+        Ok(())
+    }
+
+    /// The key and metadata a journal starts with.
+    fn journal_header(&self, ino: u64) -> FsResult<(String, crate::store::Metadata)> {
+        let t = self.table.lock();
+        let n = t.get(ino).ok_or(FsError::NotFound)?;
+        Ok((
+            self.key_of(n.path().unwrap_or_default()),
+            n.attr.to_metadata(),
+        ))
+    }
+
+    /// Marks a file's data as differing from S3, journaling from now on so
+    /// a killed daemon's next mount can finish the upload.
+    fn set_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
+        if !st.dirty || !st.staged.journaling() {
+            let (key, meta) = self.journal_header(ino)?;
+            st.staged.begin_journal(&key, &meta)?;
+        }
+        st.dirty = true;
         Ok(())
     }
 
@@ -400,8 +428,8 @@ impl Fs {
             return Err(FsError::BadHandle);
         }
         let mut st = self.live(fhd.ino).await.ok_or(FsError::BadHandle)?;
+        self.set_dirty(fhd.ino, &mut st)?;
         st.staged.write(offset, data)?;
-        st.dirty = true;
         fhd.wrote.store(true, Ordering::Relaxed);
         self.note_size(fhd.ino, st.staged.size());
         Ok(data.len() as u32)
@@ -428,6 +456,7 @@ impl Fs {
         self.uploads.lock().remove(&ino);
         let put = put?;
         st.dirty = false;
+        st.staged.end_journal();
         st.staged.rebase(&key, put.etag.clone());
         self.versions.forget(&path);
         let info = ObjectInfo {
@@ -552,16 +581,16 @@ impl Fs {
     /// Truncates or extends a file, open or not.
     pub(super) async fn set_size(&self, ino: u64, size: u64) -> FsResult<()> {
         if let Some(mut st) = self.live(ino).await {
+            self.set_dirty(ino, &mut st)?;
             st.staged.truncate(size)?;
-            st.dirty = true;
             self.note_size(ino, size);
             return Ok(());
         }
         self.attach_writer(ino, size == 0).await?;
         let r = async {
             let mut st = self.live(ino).await.ok_or(FsError::BadHandle)?;
+            self.set_dirty(ino, &mut st)?;
             st.staged.truncate(size)?;
-            st.dirty = true;
             self.note_size(ino, size);
             Ok::<_, FsError>(())
         }
@@ -589,6 +618,7 @@ impl Fs {
     pub(super) async fn mark_unlinked(&self, ino: u64) {
         if let Some(mut st) = self.live(ino).await {
             st.unlinked = true;
+            st.staged.end_journal();
         }
     }
 

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
@@ -95,7 +95,7 @@ impl Fs {
 
     /// The `.versions` directory of directory `dir` (inode `dir_ino`).
     pub(super) fn versions_root(&self, dir_ino: u64, dir: &str) -> FsResult<Attr> {
-        let attr = self.ro_dir_attr(UNIX_EPOCH);
+        let attr = self.ro_dir_attr(self.cfg.defaults.dir_mtime);
         let mut t = self.table.lock();
         let ino = t.upsert(
             NodeKey::Versions(dir.to_string()),
@@ -237,7 +237,7 @@ impl Fs {
                 Ok(names
                     .into_iter()
                     .map(|name| {
-                        let attr = self.ro_dir_attr(UNIX_EPOCH);
+                        let attr = self.ro_dir_attr(self.cfg.defaults.dir_mtime);
                         let node = NodeKey::VersionsOf(join(&dir, &name));
                         let i = match t.find(&node) {
                             Some(i) => i,
@@ -389,6 +389,7 @@ impl Fs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn version_names_round_trip_any_id() {

@@ -8,6 +8,7 @@
 //! jitter) retries transient failures, so no call waits forever.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,7 +18,9 @@ use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective};
@@ -52,6 +55,8 @@ pub struct S3Store {
     bucket: String,
     counters: Counters,
     max_attempts: u32,
+    /// The store answered ListObjectVersions with 501 Not Implemented.
+    no_versions_api: AtomicBool,
 }
 
 const DEFAULT_REGION: &str = "us-east-1";
@@ -120,7 +125,12 @@ impl S3Store {
             .region(Region::new(region.to_string()))
             .timeout_config(timeouts)
             .retry_config(retry)
-            .force_path_style(s.path_style);
+            .force_path_style(s.path_style)
+            // Checksums only where S3 requires them: the SDK's default
+            // aws-chunked trailers are refused by several S3-compatible
+            // stores (Garage: "Invalid payload signature").
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         if let Some(e) = &s.endpoint {
             b = b.endpoint_url(e);
         }
@@ -129,6 +139,7 @@ impl S3Store {
             bucket: s.bucket.clone(),
             counters: Counters::default(),
             max_attempts: s.max_attempts.max(1),
+            no_versions_api: AtomicBool::new(false),
         }
     }
 
@@ -242,6 +253,36 @@ fn rand_jitter() -> u32 {
 }
 
 impl S3Store {
+    /// ListObjectVersions emulated with ListObjectsV2, for stores without
+    /// versions. The continuation token travels as the key marker.
+    async fn versions_from_listing(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        marker: Option<(String, String)>,
+    ) -> StoreResult<VersionPage> {
+        let page = self
+            .list(prefix, delimiter, marker.map(|m| m.0), None)
+            .await?;
+        Ok(VersionPage {
+            versions: page
+                .objects
+                .into_iter()
+                .map(|o| VersionInfo {
+                    key: o.key,
+                    version_id: "null".into(),
+                    is_latest: true,
+                    last_modified: o.last_modified,
+                    size: o.size,
+                    etag: o.etag,
+                    delete_marker: false,
+                })
+                .collect(),
+            prefixes: page.prefixes,
+            next: page.next_token.map(|t| (t, String::new())),
+        })
+    }
+
     async fn get_range_once(
         &self,
         key: &str,
@@ -571,9 +612,12 @@ impl ObjectStore for S3Store {
         delimiter: Option<&str>,
         marker: Option<(String, String)>,
     ) -> StoreResult<VersionPage> {
+        if self.no_versions_api.load(Ordering::Relaxed) {
+            return self.versions_from_listing(prefix, delimiter, marker).await;
+        }
         self.counters.record(Op::ListVersions);
-        let (key_marker, version_marker) = marker.unzip();
-        let out = self
+        let (key_marker, version_marker) = marker.clone().unzip();
+        let out = match self
             .client
             .list_object_versions()
             .bucket(&self.bucket)
@@ -583,7 +627,19 @@ impl ObjectStore for S3Store {
             .set_version_id_marker(version_marker.filter(|v| !v.is_empty()))
             .send()
             .await
-            .map_err(classify)?;
+        {
+            Ok(out) => out,
+            // A store without versions (Garage...): every object is its
+            // one version, "null".
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 501 => {
+                debug!(
+                    "the store has no ListObjectVersions; showing current objects as version null"
+                );
+                self.no_versions_api.store(true, Ordering::Relaxed);
+                return self.versions_from_listing(prefix, delimiter, marker).await;
+            }
+            Err(e) => return Err(classify(e)),
+        };
         let mut versions: Vec<VersionInfo> = out
             .versions()
             .iter()

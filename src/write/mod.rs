@@ -11,6 +11,7 @@
 //! changed: untouched ranges of a large base are copied server-side with
 //! UploadPartCopy.
 
+mod journal;
 mod ranges;
 
 use std::fs::File;
@@ -25,6 +26,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tracing::{debug, warn};
 
+pub use journal::{Header as JournalHeader, Journal};
 pub use ranges::RangeSet;
 
 use crate::store::{Metadata, ObjectStore, PutBody, PutResult, ReadPin, StoreError};
@@ -86,6 +88,8 @@ pub struct Base {
     pub key: String,
     pub etag: String,
     pub size: u64,
+    /// Its version id, when the bucket has versions.
+    pub version: Option<String>,
 }
 
 /// A file's contents while it is open for writing.
@@ -97,6 +101,13 @@ pub struct Staged {
     base: Option<Base>,
     base_valid: u64,
     loaded: RangeSet,
+    /// Present while the staged data is not all in S3.
+    journal: Option<Journal>,
+    /// Whether untouched base ranges may be copied server-side (not when
+    /// the key now holds another object).
+    copy_ok: bool,
+    /// Keep the staging file at drop (a recovery that failed).
+    keep: bool,
 }
 
 static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -122,7 +133,39 @@ impl Staged {
             base_valid: size,
             base,
             loaded: RangeSet::default(),
+            journal: None,
+            copy_ok: true,
+            keep: false,
         })
+    }
+
+    /// Starts journaling (the data is about to differ from S3), unless it
+    /// already is.
+    pub fn begin_journal(&mut self, key: &str, meta: &Metadata) -> io::Result<()> {
+        if self.journal.is_some() {
+            return Ok(());
+        }
+        let h = JournalHeader {
+            key: key.to_string(),
+            base_etag: self.base.as_ref().map(|b| b.etag.clone()),
+            base_version: self.base.as_ref().and_then(|b| b.version.clone()),
+            base_valid: self.base_valid,
+            size: self.size,
+            meta: meta.clone(),
+        };
+        self.journal = Some(Journal::create(journal_path(&self.path), &h)?);
+        Ok(())
+    }
+
+    pub fn journaling(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// The data is all in S3 (or thrown away): nothing to recover.
+    pub fn end_journal(&mut self) {
+        if let Some(j) = self.journal.take() {
+            j.remove();
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -131,6 +174,9 @@ impl Staged {
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.file.write_all_at(data, offset)?;
+        if let Some(j) = &mut self.journal {
+            j.wrote(offset, data.len() as u64)?;
+        }
         let end = offset + data.len() as u64;
         self.loaded.insert(offset..end);
         self.size = self.size.max(end);
@@ -139,6 +185,9 @@ impl Staged {
 
     pub fn truncate(&mut self, size: u64) -> io::Result<()> {
         self.file.set_len(size)?;
+        if let Some(j) = &mut self.journal {
+            j.truncated(size)?;
+        }
         self.loaded.truncate(size);
         self.base_valid = self.base_valid.min(size);
         self.size = size;
@@ -185,7 +234,10 @@ impl Staged {
                     .map(move |s| s..(s + FILL_CHUNK_BYTES).min(m.end))
             })
             .collect();
-        let pin = ReadPin::Etag(base.etag.clone());
+        let pin = match &base.version {
+            Some(v) if v != "null" => ReadPin::Version(v.clone()),
+            _ => ReadPin::Etag(base.etag.clone()),
+        };
         let file = self.file.clone();
         futures::stream::iter(chunks)
             .map(|c| {
@@ -298,7 +350,7 @@ impl Staged {
         let mut plan = Vec::new();
         let mut pos = 0;
         while pos < self.size {
-            let clean_end = if self.base.is_some() && pos < self.base_valid {
+            let clean_end = if self.base.is_some() && self.copy_ok && pos < self.base_valid {
                 self.loaded
                     .next_start(pos)
                     .unwrap_or(u64::MAX)
@@ -339,14 +391,153 @@ impl Staged {
             key: key.to_string(),
             etag,
             size: self.size,
+            version: None,
         });
+        self.base_valid = self.size;
+        self.copy_ok = true;
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        self.end_journal();
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+fn journal_path(staged: &Path) -> PathBuf {
+    let mut p = staged.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
+}
+
+/// What recovery did with one staged file a dead daemon left.
+#[derive(Debug)]
+pub struct Recovered {
+    pub key: String,
+    /// Where the data went: the key itself, or a `.bucketfs-recovered-`
+    /// name beside it when the object changed meanwhile.
+    pub uploaded_as: String,
+    /// Ranges that came from an object no longer available were zeros.
+    pub incomplete: bool,
+}
+
+fn pid_alive(pid: i32) -> bool {
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH))
+}
+
+/// The pid in a staging file name `stage-<pid>-<n>[.journal]`.
+fn owner_pid(name: &str) -> Option<i32> {
+    name.strip_prefix("stage-")?.split('-').next()?.parse().ok()
+}
+
+/// Finishes the uploads of staged files left in `dir` by daemons that are
+/// gone (killed): each goes to its key if the object there is still the
+/// one the data started from (same ETag, or still absent for a new file),
+/// else beside it as `KEY.bucketfs-recovered-<time>`. Files that fail stay
+/// for the next try. Staging files without a journal held nothing dirty
+/// and are removed.
+pub async fn recover(
+    store: &dyn ObjectStore,
+    dir: &Path,
+    opts: &UploadOptions,
+) -> Vec<Result<Recovered, String>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for name in &names {
+        let Some(pid) = owner_pid(name) else { continue };
+        if pid_alive(pid) {
+            continue;
+        }
+        let path = dir.join(name);
+        let Some(stage_name) = name.strip_suffix(".journal") else {
+            if !names.contains(&format!("{name}.journal")) {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        };
+        out.push(recover_one(store, &dir.join(stage_name), &path, opts).await);
+    }
+    out
+}
+
+async fn recover_one(
+    store: &dyn ObjectStore,
+    stage: &Path,
+    journal: &Path,
+    opts: &UploadOptions,
+) -> Result<Recovered, String> {
+    let r = journal::replay(journal).map_err(|e| e.to_string())?;
+    let key = r.header.key.clone();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(stage)
+        .map_err(|e| format!("{key}: staged data missing ({e})"))?;
+    file.set_len(r.size).map_err(|e| e.to_string())?;
+    let current = match store.head(&key, None).await {
+        Ok(o) => Some(o.etag),
+        Err(StoreError::NotFound) => None,
+        Err(e) => return Err(format!("{key}: {e}")),
+    };
+    let unchanged = current == r.header.base_etag;
+    let target = if unchanged {
+        key.clone()
+    } else {
+        format!(
+            "{key}.bucketfs-recovered-{}",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string()
+                .replace(':', "")
+        )
+    };
+    let base = r.header.base_etag.clone().map(|etag| Base {
+        key: key.clone(),
+        etag,
+        size: r.size,
+        version: r.header.base_version.clone(),
+    });
+    // Without the old object (changed, and no version id to read it by),
+    // its untouched ranges cannot be had: they stay zero.
+    let base_readable = unchanged || r.header.base_version.is_some();
+    let incomplete = base.is_some()
+        && !base_readable
+        && !r.loaded.missing(0..r.base_valid.min(r.size)).is_empty();
+    let mut staged = Staged {
+        file: Arc::new(file),
+        path: stage.to_path_buf(),
+        size: r.size,
+        base_valid: if base_readable { r.base_valid } else { 0 },
+        base: if base_readable { base } else { None },
+        loaded: r.loaded,
+        journal: None,
+        copy_ok: unchanged,
+        keep: true,
+    };
+    staged
+        .upload(store, &target, &r.header.meta, opts, &Progress::default())
+        .await
+        .map_err(|e| format!("{key}: {e} (kept for the next mount)"))?;
+    staged.keep = false;
+    drop(staged);
+    let _ = std::fs::remove_file(journal);
+    Ok(Recovered {
+        key,
+        uploaded_as: target,
+        incomplete,
+    })
 }
 
 /// The part size for a file: at least the configured one and S3's minimum,
@@ -392,6 +583,7 @@ mod tests {
             key: "big".into(),
             etag: put.etag,
             size: orig.len() as u64,
+            version: None,
         };
         let mut st = Staged::new(dir.path(), Some(base)).unwrap();
         st.write(orig.len() as u64, b"tail").unwrap();
@@ -437,11 +629,118 @@ mod tests {
             key: "k".into(),
             etag: put.etag,
             size: 8,
+            version: None,
         };
         let mut st = Staged::new(dir.path(), Some(base)).unwrap();
         st.truncate(3).unwrap();
         st.truncate(6).unwrap();
         st.write(7, b"Z").unwrap();
         assert_eq!(st.read(&s, 0, 100).await.unwrap().as_ref(), b"abc\0\0\0\0Z");
+    }
+
+    /// Leaves a staged file and its journal as a killed daemon (pid 999999,
+    /// not running) would.
+    fn leave_staged(dir: &Path, n: u32, base: Option<Base>, writes: &[(u64, &[u8])]) {
+        let path = dir.join(format!("stage-999999-{n}"));
+        let size = base.as_ref().map_or(0, |b| b.size);
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(size).unwrap();
+        let key = base.as_ref().map_or("new".to_string(), |b| b.key.clone());
+        let h = JournalHeader {
+            key,
+            base_etag: base.as_ref().map(|b| b.etag.clone()),
+            base_version: base.as_ref().and_then(|b| b.version.clone()),
+            base_valid: size,
+            size,
+            meta: Metadata::new(),
+        };
+        let mut j = Journal::create(journal_path(&path), &h).unwrap();
+        for (off, data) in writes {
+            file.write_all_at(data, *off).unwrap();
+            j.wrote(*off, data.len() as u64).unwrap();
+        }
+        std::mem::forget(j);
+    }
+
+    #[tokio::test]
+    async fn recovery_uploads_what_a_killed_daemon_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::versioned();
+        // A new file, never uploaded.
+        leave_staged(dir.path(), 1, None, &[(0, b"brand new")]);
+        // An edit in the middle of an object that has not changed since.
+        let p = s.insert("same", b"0123456789", Metadata::new());
+        let base = Base {
+            key: "same".into(),
+            etag: p.etag,
+            size: 10,
+            version: p.version_id,
+        };
+        leave_staged(dir.path(), 2, Some(base), &[(3, b"XY")]);
+        // An edit of an object another client replaced meanwhile.
+        let p = s.insert("changed", b"abcdefghij", Metadata::new());
+        let base = Base {
+            key: "changed".into(),
+            etag: p.etag,
+            size: 10,
+            version: p.version_id,
+        };
+        leave_staged(dir.path(), 3, Some(base), &[(0, b"Z")]);
+        s.insert("changed", b"other client's", Metadata::new());
+
+        let done = recover(
+            &s,
+            dir.path(),
+            &UploadOptions {
+                part_size_bytes: 5 * MIB,
+                concurrency: 2,
+            },
+        )
+        .await;
+        assert_eq!(done.len(), 3, "{done:?}");
+        assert!(done.iter().all(|r| r.is_ok()), "{done:?}");
+        assert_eq!(s.object("new").unwrap().as_ref(), b"brand new");
+        assert_eq!(s.object("same").unwrap().as_ref(), b"012XY56789");
+        assert_eq!(
+            s.object("changed").unwrap().as_ref(),
+            b"other client's",
+            "not overwritten"
+        );
+        let beside: Vec<String> = s
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("changed.bucketfs-recovered-"))
+            .collect();
+        assert_eq!(beside.len(), 1);
+        assert_eq!(
+            s.object(&beside[0]).unwrap().as_ref(),
+            b"Zbcdefghij",
+            "old bytes read by version id"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing left to recover"
+        );
+        // Run again: nothing to do.
+        assert!(recover(&s, dir.path(), &opts()).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_recovery_keeps_the_data_for_the_next_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::versioned();
+        leave_staged(dir.path(), 1, None, &[(0, b"keep me")]);
+        s.fail_next(Op::Put, 1, StoreError::Transient("503".into()));
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r[0].is_err());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            2,
+            "staging file and journal kept"
+        );
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r[0].is_ok(), "{r:?}");
+        assert_eq!(s.object("new").unwrap().as_ref(), b"keep me");
     }
 }

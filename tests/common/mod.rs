@@ -382,6 +382,12 @@ impl Mount {
         self.bucket.name.clone()
     }
 
+    /// Starts the daemon again on the same mountpoint and cache dir (after
+    /// it was killed).
+    pub fn restart(&self) {
+        self.start();
+    }
+
     fn start(&self) {
         let mut opts = base_options(&self.bucket.endpoint, &self.cache, &self.log);
         if !self.extra.is_empty() {
