@@ -453,4 +453,51 @@ mod tests {
         o.apply("as_of=2026-11-21T10:00:00Z").unwrap();
         assert!(o.read_only && o.as_of.is_some());
     }
+
+    /// Random option strings never panic the parser, and every refusal
+    /// says which option.
+    #[test]
+    fn fuzzed_option_strings_are_refused_cleanly() {
+        let words = [
+            "ro",
+            "uid=",
+            "uid=12",
+            "umask=0777",
+            "umask=9",
+            "endpoint=",
+            "endpoint=http://x",
+            "url=ftp:",
+            "part_size=8Q",
+            "part_size=1G",
+            "=",
+            ",",
+            "as_of=",
+            "as_of=2026-01-01T00:00:00Z",
+            "timeout=0",
+            "retries=x",
+            "x-systemd.idle",
+            "versions=",
+            "cache_size=10T",
+            "metadata_ttl=-1",
+            "\u{1}",
+            "é=é",
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let n = 1 + (x % 4) as usize;
+            let opts: Vec<&str> = (0..n)
+                .map(|i| words[((x >> (i * 8)) % words.len() as u64) as usize])
+                .collect();
+            let line = opts.join(",");
+            if let Err(e) = Options::default().apply(&line) {
+                assert!(
+                    e.0.starts_with("option ") || e.0.starts_with("unknown option"),
+                    "{line:?}: {e}"
+                );
+            }
+        }
+    }
 }

@@ -425,3 +425,305 @@ async fn names_with_newlines_and_control_characters_list_and_read() {
         FsError::InvalidName
     );
 }
+
+// ----------------------------------------------------------------------
+// A reference model: random namespace operations, some made behind the
+// mount's back, compared with a plain map of path -> contents.
+
+use std::collections::BTreeMap;
+
+/// The plain model: files with their bytes, and explicit directories
+/// (markers). A directory also exists while anything lies below it.
+#[derive(Default)]
+struct Model {
+    files: BTreeMap<String, Vec<u8>>,
+    dirs: std::collections::BTreeSet<String>,
+}
+
+impl Model {
+    fn is_dir(&self, p: &str) -> bool {
+        p.is_empty()
+            || self.dirs.contains(p)
+            || self
+                .files
+                .keys()
+                .chain(self.dirs.iter())
+                .any(|k| k.starts_with(&format!("{p}/")))
+    }
+    fn parent(p: &str) -> &str {
+        p.rsplit_once('/').map_or("", |(d, _)| d)
+    }
+}
+
+async fn resolve(fs: &Fs, path: &str) -> Result<u64, FsError> {
+    let mut ino = ROOT_INO;
+    if path.is_empty() {
+        return Ok(ino);
+    }
+    for c in path.split('/') {
+        ino = fs.lookup(ino, name(c)).await?.ino;
+    }
+    Ok(ino)
+}
+
+async fn walk(fs: &Fs, dir: &str, out: &mut BTreeMap<String, Option<Vec<u8>>>) {
+    let ino = resolve(fs, dir).await.unwrap();
+    for e in fs.list(ino).await.unwrap().into_iter().skip(2) {
+        let p = if dir.is_empty() {
+            e.name.clone()
+        } else {
+            format!("{dir}/{}", e.name)
+        };
+        if e.kind == FileKind::Dir {
+            out.insert(p.clone(), None);
+            Box::pin(walk(fs, &p, out)).await;
+        } else {
+            let fh = fs.open(e.ino, libc::O_RDONLY).await.unwrap();
+            let data = fs.read(fh, 0, 1 << 20).await.unwrap().to_vec();
+            fs.release(fh).await.unwrap();
+            out.insert(p, Some(data));
+        }
+    }
+}
+
+#[tokio::test]
+async fn random_namespace_operations_match_a_plain_model() {
+    const DIRS: [&str; 4] = ["", "d1", "d2", "d1/s"];
+    const NAMES: [&str; 3] = ["a", "b", "c"];
+    for seed in 1..=40u64 {
+        let s = Arc::new(MemStore::unversioned());
+        let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = std::time::Duration::ZERO);
+        let mut m = Model::default();
+        let mut rng = Rng(seed.wrapping_mul(0xA24B_AED4_963E_E407) | 1);
+        let pick = |rng: &mut Rng| {
+            let d = DIRS[rng.below(4) as usize];
+            let n = NAMES[rng.below(3) as usize];
+            if d.is_empty() {
+                n.to_string()
+            } else {
+                format!("{d}/{n}")
+            }
+        };
+        let mut trace: Vec<String> = Vec::new();
+        for step in 0..250 {
+            let ctx = format!(
+                "seed {seed} step {step} after {:?}",
+                trace.iter().rev().take(6).collect::<Vec<_>>()
+            );
+            let op = rng.below(11);
+            trace.push(format!("{step}:{op}"));
+            match op {
+                0 | 1 => {
+                    // Create (or overwrite) a file with new contents.
+                    let p = pick(&mut rng);
+                    let parent = Model::parent(&p).to_string();
+                    if !m.is_dir(&parent) || m.is_dir(&p) {
+                        continue;
+                    }
+                    let data: Vec<u8> = (0..rng.below(3000))
+                        .map(|i| (i as u8) ^ (step as u8))
+                        .collect();
+                    let pino = resolve(&fs, &parent).await.unwrap();
+                    let leaf = p.rsplit('/').next().unwrap();
+                    let (_, fh) = fs
+                        .create(pino, name(leaf), USER, libc::O_WRONLY | libc::O_TRUNC)
+                        .await
+                        .unwrap();
+                    fs.write(fh, 0, &data).await.unwrap();
+                    fs.flush(fh).await.unwrap();
+                    fs.release(fh).await.unwrap();
+                    m.files.insert(p, data);
+                }
+                2 => {
+                    // Write into an existing file at an offset.
+                    let Some(p) = m
+                        .files
+                        .keys()
+                        .nth(rng.below(m.files.len().max(1) as u64) as usize)
+                        .cloned()
+                    else {
+                        continue;
+                    };
+                    let off = rng.below(m.files[&p].len() as u64 + 100);
+                    let data = vec![(step % 251) as u8 + 1; 1 + rng.below(500) as usize];
+                    let ino = resolve(&fs, &p).await.unwrap_or_else(|e| {
+                        panic!("{ctx}: {p}: {e:?} {:?} {:?}", m.files.keys(), m.dirs)
+                    });
+                    let fh = fs.open(ino, libc::O_WRONLY).await.unwrap();
+                    fs.write(fh, off, &data).await.unwrap();
+                    fs.flush(fh).await.unwrap();
+                    fs.release(fh).await.unwrap();
+                    let f = m.files.get_mut(&p).unwrap();
+                    let end = off as usize + data.len();
+                    if f.len() < end {
+                        f.resize(end, 0);
+                    }
+                    f[off as usize..end].copy_from_slice(&data);
+                }
+                3 => {
+                    let Some(p) = m
+                        .files
+                        .keys()
+                        .nth(rng.below(m.files.len().max(1) as u64) as usize)
+                        .cloned()
+                    else {
+                        continue;
+                    };
+                    let size = rng.below(4000);
+                    let ino = resolve(&fs, &p).await.unwrap();
+                    fs.setattr(
+                        ino,
+                        SetAttr {
+                            size: Some(size),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                    m.files.get_mut(&p).unwrap().resize(size as usize, 0);
+                }
+                4 => {
+                    // Rename a file onto another name (replacing a file).
+                    let Some(from) = m
+                        .files
+                        .keys()
+                        .nth(rng.below(m.files.len().max(1) as u64) as usize)
+                        .cloned()
+                    else {
+                        continue;
+                    };
+                    let to = pick(&mut rng);
+                    let (fp, tp) = (
+                        Model::parent(&from).to_string(),
+                        Model::parent(&to).to_string(),
+                    );
+                    if !m.is_dir(&tp) || from == to {
+                        continue;
+                    }
+                    let r = fs
+                        .rename(
+                            resolve(&fs, &fp).await.unwrap(),
+                            name(from.rsplit('/').next().unwrap()),
+                            resolve(&fs, &tp).await.unwrap(),
+                            name(to.rsplit('/').next().unwrap()),
+                            false,
+                        )
+                        .await;
+                    if m.is_dir(&to) {
+                        assert_eq!(r, Err(FsError::IsDir), "{ctx}");
+                        continue;
+                    }
+                    r.unwrap_or_else(|e| panic!("{ctx}: rename {from} {to}: {e:?}"));
+                    let data = m.files.remove(&from).unwrap();
+                    m.files.insert(to, data);
+                }
+                5 => {
+                    let p = pick(&mut rng);
+                    if !m.is_dir(Model::parent(&p)) {
+                        continue;
+                    }
+                    let pino = resolve(&fs, Model::parent(&p)).await.unwrap();
+                    let r = fs.unlink(pino, name(p.rsplit('/').next().unwrap())).await;
+                    match m.files.remove(&p) {
+                        Some(_) => r.unwrap_or_else(|e| panic!("{ctx}: unlink {p}: {e:?}")),
+                        None if m.is_dir(&p) => assert_eq!(r, Err(FsError::IsDir), "{ctx}"),
+                        None => assert_eq!(r, Err(FsError::NotFound), "{ctx}"),
+                    }
+                }
+                6 => {
+                    let d = DIRS[1 + rng.below(3) as usize];
+                    if !m.is_dir(Model::parent(d)) {
+                        continue;
+                    }
+                    let pino = resolve(&fs, Model::parent(d)).await.unwrap();
+                    let r = fs
+                        .mkdir(pino, name(d.rsplit('/').next().unwrap()), USER)
+                        .await;
+                    if m.is_dir(d) || m.files.contains_key(d) {
+                        assert_eq!(r.map(|_| ()), Err(FsError::Exists), "{ctx}");
+                    } else {
+                        r.unwrap_or_else(|e| panic!("{ctx}: mkdir {d}: {e:?}"));
+                        m.dirs.insert(d.to_string());
+                    }
+                }
+                7 => {
+                    let d = DIRS[1 + rng.below(3) as usize];
+                    if !m.is_dir(d) {
+                        continue;
+                    }
+                    let pino = resolve(&fs, Model::parent(d)).await.unwrap();
+                    let r = fs.rmdir(pino, name(d.rsplit('/').next().unwrap())).await;
+                    let below = format!("{d}/");
+                    let empty = !m
+                        .files
+                        .keys()
+                        .chain(m.dirs.iter())
+                        .any(|k| k.starts_with(&below));
+                    if empty {
+                        r.unwrap_or_else(|e| panic!("{ctx}: rmdir {d}: {e:?}"));
+                        m.dirs.remove(d);
+                    } else {
+                        assert_eq!(r, Err(FsError::NotEmpty), "{ctx}");
+                    }
+                }
+                8 => {
+                    // Another client writes or deletes a file behind the mount's back.
+                    let p = pick(&mut rng);
+                    if m.is_dir(&p) {
+                        continue;
+                    }
+                    if rng.below(2) == 0 {
+                        let data = vec![b'x'; rng.below(100) as usize];
+                        s.insert(&p, &data, Metadata::new());
+                        m.files.insert(p, data);
+                    } else if m.files.remove(&p).is_some() {
+                        s.delete(&p).await.unwrap();
+                    }
+                }
+                _ => {
+                    let Some(p) = m
+                        .files
+                        .keys()
+                        .nth(rng.below(m.files.len().max(1) as u64) as usize)
+                        .cloned()
+                    else {
+                        continue;
+                    };
+                    let ino = resolve(&fs, &p)
+                        .await
+                        .unwrap_or_else(|e| panic!("{ctx}: lookup {p}: {e:?}"));
+                    let fh = fs.open(ino, libc::O_RDONLY).await.unwrap();
+                    let got = fs.read(fh, 0, 1 << 20).await.unwrap();
+                    fs.release(fh).await.unwrap();
+                    assert!(got.as_ref() == m.files[&p].as_slice(), "{ctx}: read {p}");
+                }
+            }
+        }
+        // The whole tree, through the filesystem and in the bucket.
+        let mut seen = BTreeMap::new();
+        walk(&fs, "", &mut seen).await;
+        let mut want: BTreeMap<String, Option<Vec<u8>>> = m
+            .files
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        for d in ["d1", "d2", "d1/s"] {
+            if m.is_dir(d) {
+                want.insert(d.to_string(), None);
+            }
+        }
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "seed {seed}"
+        );
+        assert!(seen == want, "seed {seed}: contents differ");
+        for (k, v) in &m.files {
+            assert_eq!(
+                s.object(k).as_deref(),
+                Some(v.as_slice()),
+                "seed {seed}: bucket {k}"
+            );
+        }
+    }
+}

@@ -105,4 +105,37 @@ mod tests {
         assert_eq!(join("", "a"), "a");
         assert_eq!(join("a/b", "c"), "a/b/c");
     }
+
+    /// Random names, including every troublesome character: whatever
+    /// check_name accepts can never leave its directory.
+    #[test]
+    fn fuzzed_names_never_escape() {
+        let alphabet = ['a', '/', '.', '\n', '\u{1}', ' ', 'é', '%', '+', '\0', '~'];
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 8) as usize;
+            let name: String = (0..len)
+                .map(|i| alphabet[((x >> (i * 4)) % 11) as usize])
+                .collect();
+            if let Ok(n) = check_name(OsStr::new(&name)) {
+                assert!(
+                    !n.contains('/') && n != "." && n != ".." && !n.is_empty(),
+                    "{n:?}"
+                );
+                let joined = join("dir", n);
+                assert!(
+                    joined
+                        .split('/')
+                        .all(|c| c != ".." && c != "." && !c.is_empty()),
+                    "{joined:?}"
+                );
+            }
+            if showable(&name) {
+                assert!(name != "." && name != ".." && !name.is_empty() && !name.contains('\0'));
+            }
+        }
+    }
 }

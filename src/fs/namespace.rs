@@ -116,10 +116,16 @@ impl Fs {
         }
         let existing = self.table.lock().find(&NodeKey::Path(path.clone()));
         if let Some(ino) = existing {
-            // The kernel's view was stale: the file exists. Open it truncated.
-            self.table.lock().add_lookup(ino);
-            let fh = self.open(ino, flags | libc::O_TRUNC).await?;
-            return Ok((self.attr_now(ino)?, fh));
+            // The kernel's view was stale: the file exists. Open it truncated
+            // (unless it is gone meanwhile: then create it anew).
+            match self.open(ino, flags | libc::O_TRUNC).await {
+                Ok(fh) => {
+                    self.table.lock().add_lookup(ino);
+                    return Ok((self.attr_now(ino)?, fh));
+                }
+                Err(FsError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
         let attr = self.insert_node(parent, path, self.new_attr(FileKind::File, c, 0), None);
         self.start_new_file(attr.ino)?;
