@@ -34,6 +34,8 @@ pub struct Options {
     pub nosuid: bool,
     pub nodev: bool,
     pub noexec: bool,
+    /// Mount over a directory that is not empty (hiding its contents).
+    pub nonempty: bool,
     pub metadata_ttl: Duration,
     pub cache_dir: Option<PathBuf>,
     pub mem_cache_bytes: u64,
@@ -74,6 +76,7 @@ impl Default for Options {
             nosuid: false,
             nodev: false,
             noexec: false,
+            nonempty: false,
             metadata_ttl: Duration::from_secs(5),
             cache_dir: None,
             mem_cache_bytes: 64 * MIB,
@@ -121,6 +124,7 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   allow_root            let root access the mount
   ro | rw               read-only mount (default rw)
   nosuid, nodev, noexec the usual mount flags
+  nonempty              mount over a directory that is not empty (refused otherwise)
   no_default_permissions  do not let the kernel check modes (default: it does)
   metadata_ttl=SECS     how long attributes and listings are trusted (default 5)
   cache_dir=PATH        staging and cache directory (default $XDG_CACHE_HOME/bucketfs
@@ -176,7 +180,6 @@ fn is_noop_s3fs(name: &str) -> bool {
             | "curldbg"
             | "stat_cache_expire"
             | "enable_noobj_cache"
-            | "nonempty"
             | "complement_stat"
             | "use_xattr"
             | "nomultipart"
@@ -300,6 +303,7 @@ impl Options {
                 "nosuid" => self.nosuid = true,
                 "nodev" => self.nodev = true,
                 "noexec" => self.noexec = true,
+                "nonempty" => self.nonempty = true,
                 "metadata_ttl" => {
                     let s: f64 = parse_num(name, need(name, value)?)?;
                     if !(0.0..=86_400.0).contains(&s) {

@@ -38,7 +38,7 @@ pub struct MountError(pub String);
 
 /// Checks the mountpoint: it must exist, be a directory, and not be a
 /// live or dead mount already.
-pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, MountError> {
+pub fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<PathBuf, MountError> {
     match std::fs::metadata(mp) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             return Err(MountError(format!(
@@ -56,6 +56,15 @@ pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, MountError> {
             )));
         }
         Ok(_) => {}
+    }
+    if !nonempty
+        && std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some())
+        && !is_mounted(&std::fs::canonicalize(mp).unwrap_or_default())
+    {
+        return Err(MountError(format!(
+            "mountpoint {} is not empty; mounting would hide its files (use -o nonempty to do it anyway)",
+            mp.display()
+        )));
     }
     let abs = std::fs::canonicalize(mp)
         .map_err(|e| MountError(format!("mountpoint {}: {e}", mp.display())))?;
@@ -184,8 +193,14 @@ fn describe_connect_error(o: &Options, e: &StoreError) -> String {
             o.bucket
         ),
         StoreError::Transient(m) => format!("cannot reach {endpoint}: {m}"),
-        StoreError::NotFound => format!("bucket {:?} not found at {endpoint}", o.bucket),
-        other => format!("bucket {:?} at {endpoint}: {other}", o.bucket),
+        StoreError::NotFound => format!(
+            "bucket {:?} not found at {endpoint} (is that an S3 endpoint?)",
+            o.bucket
+        ),
+        other => format!(
+            "bucket {:?} at {endpoint}: {other} (is that an S3 endpoint?)",
+            o.bucket
+        ),
     }
 }
 
@@ -298,7 +313,7 @@ fn detach_stdio() {
 pub fn run(o: Options, verbose: bool) -> u8 {
     let mut ready = None;
     let result = (|| {
-        let mountpoint = check_mountpoint(&o.mountpoint)?;
+        let mountpoint = check_mountpoint(&o.mountpoint, o.nonempty)?;
         let static_keys = match &o.passwd_file {
             Some(p) => Some(read_passwd_file(p, &o.bucket)?),
             None => None,

@@ -383,7 +383,41 @@ fn mount_failures_exit_non_zero_with_one_line_and_leave_nothing_mounted() {
     fs::create_dir(&mp).unwrap();
     let ep = &server().endpoint;
     let dead = format!("http://127.0.0.1:{}", free_port());
+    let full = tmp.path().join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("precious"), b"x").unwrap();
+    // An HTTP server that is not S3.
+    let not_s3_port = free_port();
+    let mut not_s3 = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &not_s3_port.to_string(),
+        ])
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "http.server", || {
+        std::net::TcpStream::connect(("127.0.0.1", not_s3_port)).is_ok()
+    });
+    let not_s3_ep = format!("http://127.0.0.1:{not_s3_port}");
     let cases = [
+        (
+            format!("endpoint={not_s3_ep},path_style,retries=0"),
+            "b".to_string(),
+            mp.clone(),
+            "S3 endpoint",
+        ),
+        (
+            format!("endpoint={ep},path_style"),
+            "b".to_string(),
+            full.clone(),
+            "not empty",
+        ),
         (
             format!("endpoint={ep},path_style"),
             "no-such-bucket-here".to_string(),
@@ -424,6 +458,9 @@ fn mount_failures_exit_non_zero_with_one_line_and_leave_nothing_mounted() {
         assert!(!is_mounted(&dir));
         assert!(start.elapsed() < Duration::from_secs(60));
     }
+    let _ = not_s3.kill();
+    let _ = not_s3.wait();
+    assert_eq!(fs::read(full.join("precious")).unwrap(), b"x");
 }
 
 #[test]
@@ -569,4 +606,52 @@ fn a_fork_while_writing_uploads_nothing_half_written() {
         m.bucket.get("f").as_deref(),
         Some(&b"first half second half"[..])
     );
+}
+
+/// Every write pattern, applied to a local file and to a file in the
+/// mount, compared by hash after each step (through the mount and in S3),
+/// around the multipart threshold and part boundaries (part size 5 MiB).
+#[test]
+fn every_write_pattern_matches_a_local_file() {
+    const P: u64 = 5 * 1024 * 1024;
+    let b = Bucket::new(server(), "patterns", false);
+    let m = Mount::new(&b, "part_size=5M");
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src");
+    fs::write(&src, pattern(3 * P as usize, 11)).unwrap();
+    let steps: Vec<String> = vec![
+        format!("head -c {} SRC > F", P - 1),
+        format!("head -c {} SRC > F", P),
+        format!("head -c {} SRC > F", P + 1),
+        format!("head -c {} SRC > F", 2 * P + 1),
+        "printf 'appended' >> F".into(),
+        format!("dd if=SRC of=F bs=1 skip=7 seek={} count=3 conv=notrunc status=none", P - 1),
+        format!("dd if=SRC of=F bs=4096 skip=3 seek={} count=2 conv=notrunc status=none", P / 4096),
+        format!("truncate -s {} F", P + 1),
+        format!("truncate -s {} F", P - 1),
+        format!("truncate -s {} F", 2 * P + 3),
+        format!("dd if=SRC of=F bs=1 count=5 seek={} conv=notrunc status=none", 3 * P - 2),
+        "python3 -c 'import os; f=os.open(\"F\", os.O_WRONLY); os.pwrite(f, b\"sparse\", 100); os.pwrite(f, b\"far\", 16000000); os.close(f)'".into(),
+        "python3 -c 'import os; f=os.open(\"F\", os.O_RDWR|os.O_TRUNC); os.write(f, b\"short\"); os.close(f)'".into(),
+        ": > F".into(),
+        format!("head -c {} SRC > F && truncate -s 0 F && printf again >> F", P + 1),
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        for dir in [local.path(), m.dir.as_path()] {
+            let cmd = step.replace("SRC", &src.display().to_string());
+            sh(dir, &cmd);
+        }
+        let want = sha256_file(&local.path().join("F"));
+        assert_eq!(
+            sha256_file(&m.path("F")),
+            want,
+            "step {i}: `{step}` through the mount"
+        );
+        assert_eq!(
+            sha256(&b.get("F").unwrap()),
+            want,
+            "step {i}: `{step}` in S3"
+        );
+    }
+    assert_eq!(b.open_multipart_uploads(), 0);
 }

@@ -37,10 +37,10 @@ pub enum Handle {
 pub struct FileHandle {
     pub ino: u64,
     pub writable: bool,
-    /// Whether this handle wrote since its last flush: only then (or for a
-    /// new file not yet in S3) does `close()` upload, so closing a reader
-    /// or a dup of a writer sends nothing; the last release uploads
-    /// whatever is left (a truncation without writes, say).
+    /// Whether this handle wrote (or truncated with O_TRUNC) since its last
+    /// flush: only then (or for a new file not yet in S3) does `close()`
+    /// upload, so closing a reader, or a forked child's copy, sends
+    /// nothing; the last release uploads whatever is left.
     wrote: std::sync::atomic::AtomicBool,
     /// The process (thread group) that opened it, 0 if unknown.
     opener: std::sync::atomic::AtomicU32,
@@ -222,7 +222,8 @@ impl Fs {
         Ok(self.new_handle(Handle::File(FileHandle {
             ino,
             writable,
-            wrote: Default::default(),
+            // O_TRUNC changed the file: this handle's close uploads it.
+            wrote: std::sync::atomic::AtomicBool::new(writable && trunc),
             opener: Default::default(),
             target: Mutex::new(target),
             readahead: Mutex::new(Readahead::default()),
