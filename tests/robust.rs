@@ -306,3 +306,38 @@ fn tar_of_many_small_files_and_rsync_checksum_round_trip() {
     );
     assert_eq!(again.trim(), "", "{again}");
 }
+
+/// A reader keeps reading the object it opened while another client
+/// replaces it: the old bytes whole (versioned bucket), or an error, never
+/// a mix of old and new.
+#[test]
+fn a_reader_never_sees_a_mix_of_old_and_new() {
+    use std::io::Read;
+    for versioned in [true, false] {
+        let b = Bucket::new(server(), "mix", versioned);
+        let old = pattern(6 * 1024 * 1024, 1);
+        let new = pattern(6 * 1024 * 1024, 2);
+        b.put("f", &old);
+        let m = Mount::new(&b, "readahead=1");
+        let mut f = fs::File::open(m.path("f")).unwrap();
+        let mut got = vec![0u8; 1024 * 1024];
+        f.read_exact(&mut got).unwrap();
+        b.put("f", &new);
+        let mut rest = Vec::new();
+        match f.read_to_end(&mut rest) {
+            Ok(_) => {
+                got.extend_from_slice(&rest);
+                assert!(got == old, "versioned={versioned}: the old object, whole");
+            }
+            Err(e) => {
+                assert!(!versioned, "a versioned bucket serves the old version: {e}");
+                assert_eq!(errno(e), libc::EIO);
+            }
+        }
+        drop(f);
+        // A new open sees the new object.
+        sh(&m.dir, "echo 3 > /proc/sys/vm/drop_caches");
+        let m2 = Mount::new(&b, "");
+        assert_eq!(sha256_file(&m2.path("f")), sha256(&new));
+    }
+}

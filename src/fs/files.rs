@@ -431,6 +431,12 @@ impl Fs {
         let mut st = self.live(fhd.ino).await.ok_or(FsError::BadHandle)?;
         self.set_dirty(fhd.ino, &mut st)?;
         st.staged.write(offset, data)?;
+        if st.staged.may_stream() {
+            let (key, meta) = self.journal_header(fhd.ino)?;
+            st.staged
+                .stream(&self.store, &key, &meta, &self.cfg.upload)
+                .await;
+        }
         fhd.wrote.store(true, Ordering::Relaxed);
         self.note_size(fhd.ino, st.staged.size());
         Ok(data.len() as u32)

@@ -81,6 +81,12 @@ impl Journal {
         self.file.write_all(format!("T {size}\n").as_bytes())
     }
 
+    /// A multipart upload was started for this data (to abort on recovery).
+    pub fn streaming(&mut self, upload_id: &str) -> io::Result<()> {
+        self.file
+            .write_all(format!("U {}\n", enc(upload_id)).as_bytes())
+    }
+
     /// The data is in S3: nothing left to recover.
     pub fn remove(self) {
         let _ = std::fs::remove_file(&self.path);
@@ -91,6 +97,8 @@ impl Journal {
 #[derive(Debug)]
 pub struct Replayed {
     pub header: Header,
+    /// Multipart uploads started for the data, to abort.
+    pub uploads: Vec<String>,
     pub loaded: RangeSet,
     pub base_valid: u64,
     pub size: u64,
@@ -138,6 +146,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         return Err(bad());
     }
     let (mut loaded, mut base_valid, mut size) = (RangeSet::default(), h.base_valid, h.size);
+    let mut uploads = Vec::new();
     for line in lines {
         let f: Vec<&str> = line.split(' ').collect();
         match f.as_slice() {
@@ -149,6 +158,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 loaded.insert(off..off + len);
                 size = size.max(off + len);
             }
+            ["U", id] => uploads.push(dec(id)),
             ["T", s] => {
                 let Ok(s) = s.parse::<u64>() else { continue };
                 loaded.truncate(s);
@@ -160,6 +170,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
     }
     Ok(Replayed {
         header: h,
+        uploads,
         loaded,
         base_valid,
         size,

@@ -13,6 +13,7 @@
 
 mod journal;
 mod ranges;
+mod stream;
 
 use std::fs::File;
 use std::io;
@@ -108,6 +109,8 @@ pub struct Staged {
     copy_ok: bool,
     /// Keep the staging file at drop (a recovery that failed).
     keep: bool,
+    /// Parts of a new file sent while it is being written.
+    stream: Option<stream::Streaming>,
 }
 
 static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -136,7 +139,75 @@ impl Staged {
             journal: None,
             copy_ok: true,
             keep: false,
+            stream: None,
         })
+    }
+
+    /// Whether writes to this file may be streamed (a new file).
+    pub fn may_stream(&self) -> bool {
+        self.base.is_none()
+    }
+
+    /// After a write: sends the full parts of a new file written
+    /// sequentially from its start, so close() waits only for the tail.
+    /// Starts once two parts are there (small files never stream).
+    pub async fn stream(
+        &mut self,
+        store: &Arc<dyn ObjectStore>,
+        key: &str,
+        meta: &Metadata,
+        opts: &UploadOptions,
+    ) {
+        if self.base.is_some() || self.stream.as_ref().is_some_and(|s| s.key != key) {
+            return;
+        }
+        let (covered, next) = self
+            .stream
+            .as_ref()
+            .map_or((0, 1), |s| (s.next_offset, s.next_part));
+        let part = stream::stream_part_size(opts.part_size_bytes, next);
+        let needed = if self.stream.is_none() {
+            2 * part
+        } else {
+            part
+        };
+        if self.size < covered + needed || !self.loaded.missing(0..self.size).is_empty() {
+            return;
+        }
+        if self.stream.is_none() {
+            match store.create_multipart(key, meta).await {
+                Ok(id) => {
+                    if let Some(j) = &mut self.journal {
+                        let _ = j.streaming(&id);
+                    }
+                    self.stream = Some(stream::Streaming::new(store.clone(), key.to_string(), id));
+                }
+                Err(e) => {
+                    debug!(key, error = %e, "no streaming upload; the file goes up at close");
+                    return;
+                }
+            }
+        }
+        let path = self.path.clone();
+        let Some(s) = self.stream.as_mut() else {
+            return;
+        };
+        loop {
+            let part = stream::stream_part_size(opts.part_size_bytes, s.next_part);
+            if self.size < s.next_offset + part {
+                break;
+            }
+            s.send(path.clone(), part, opts.concurrency).await;
+        }
+    }
+
+    /// A change behind what was streamed: the stream is no good.
+    fn cancel_stream_below(&mut self, offset: u64) {
+        if self.stream.as_ref().is_some_and(|s| offset < s.next_offset)
+            && let Some(s) = self.stream.take()
+        {
+            s.cancel();
+        }
     }
 
     /// Starts journaling (the data is about to differ from S3), unless it
@@ -173,6 +244,7 @@ impl Staged {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.cancel_stream_below(offset);
         self.file.write_all_at(data, offset)?;
         if let Some(j) = &mut self.journal {
             j.wrote(offset, data.len() as u64)?;
@@ -184,6 +256,7 @@ impl Staged {
     }
 
     pub fn truncate(&mut self, size: u64) -> io::Result<()> {
+        self.cancel_stream_below(size);
         self.file.set_len(size)?;
         if let Some(j) = &mut self.journal {
             j.truncated(size)?;
@@ -271,6 +344,17 @@ impl Staged {
     ) -> Result<PutResult, WriteError> {
         progress.total_bytes.store(self.size, Ordering::Relaxed);
         progress.done_bytes.store(0, Ordering::Relaxed);
+        if let Some(mut s) = self.stream.take() {
+            if s.key == key {
+                match self.finish_stream(&mut s, store, meta, progress).await {
+                    Ok(put) => return Ok(put),
+                    Err(e) => {
+                        warn!(key, error = %e, "streaming upload failed; uploading the file whole")
+                    }
+                }
+            }
+            s.abort().await;
+        }
         let part = part_size(self.size, opts.part_size_bytes);
         if self.size <= part {
             self.fill(store, 0..self.size).await?;
@@ -340,6 +424,34 @@ impl Staged {
         }
     }
 
+    /// Completes a streaming upload: waits for the parts sent, sends the
+    /// tail as the last part.
+    async fn finish_stream(
+        &mut self,
+        s: &mut stream::Streaming,
+        store: &dyn ObjectStore,
+        _meta: &Metadata,
+        progress: &Progress,
+    ) -> Result<PutResult, WriteError> {
+        let mut parts = s.finish(progress).await?;
+        if self.size > s.next_offset {
+            let body = PutBody::File {
+                path: self.path.clone(),
+                offset: s.next_offset,
+                len: self.size - s.next_offset,
+            };
+            let etag = store
+                .upload_part(&s.key, &s.upload_id, s.next_part, body)
+                .await?;
+            parts.push((s.next_part, etag));
+        }
+        let put = store
+            .complete_multipart(&s.key, &s.upload_id, parts)
+            .await?;
+        progress.done_bytes.store(self.size, Ordering::Relaxed);
+        Ok(put)
+    }
+
     /// Cuts the file into parts: untouched runs of the base (at least S3's
     /// minimum part size, or the tail) are copied server-side; the rest is
     /// uploaded in parts of `part` bytes. So an append to a large object
@@ -400,6 +512,9 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
+        if let Some(s) = self.stream.take() {
+            s.cancel();
+        }
         if self.keep {
             return;
         }
@@ -481,6 +596,12 @@ async fn recover_one(
 ) -> Result<Recovered, String> {
     let r = journal::replay(journal).map_err(|e| e.to_string())?;
     let key = r.header.key.clone();
+    // A streaming upload the dead daemon left open goes away first.
+    for id in &r.uploads {
+        if let Err(e) = store.abort_multipart(&key, id).await {
+            debug!(key, error = %e, "could not abort a dead mount's multipart upload");
+        }
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -525,6 +646,7 @@ async fn recover_one(
         journal: None,
         copy_ok: unchanged,
         keep: true,
+        stream: None,
     };
     staged
         .upload(store, &target, &r.header.meta, opts, &Progress::default())
@@ -742,5 +864,75 @@ mod tests {
         let r = recover(&s, dir.path(), &opts()).await;
         assert!(r[0].is_ok(), "{r:?}");
         assert_eq!(s.object("new").unwrap().as_ref(), b"keep me");
+    }
+
+    #[tokio::test]
+    async fn a_new_file_written_in_order_streams_its_parts_before_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(MemStore::versioned());
+        let store: Arc<dyn ObjectStore> = s.clone();
+        let mut st = Staged::new(dir.path(), None).unwrap();
+        let data: Vec<u8> = (0..17 * MIB).map(|i| (i % 249) as u8).collect();
+        for c in data.chunks(MIB as usize) {
+            let off = st.size();
+            st.write(off, c).unwrap();
+            st.stream(&store, "f", &Metadata::new(), &opts()).await;
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(
+            s.counters().get(Op::CreateMultipart),
+            1,
+            "started while writing"
+        );
+        st.upload(
+            &*store,
+            "f",
+            &Metadata::new(),
+            &opts(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.object("f").unwrap().as_ref(), &data[..]);
+        assert_eq!(
+            s.counters().get(Op::UploadPart),
+            4,
+            "three 5 MiB parts and the tail"
+        );
+        assert_eq!(s.counters().bytes().0, 17 * MIB, "each byte sent once");
+        assert_eq!(s.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_write_behind_the_stream_cancels_it_and_close_sends_the_right_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(MemStore::versioned());
+        let store: Arc<dyn ObjectStore> = s.clone();
+        let mut st = Staged::new(dir.path(), None).unwrap();
+        let mut data: Vec<u8> = vec![3u8; (12 * MIB) as usize];
+        st.write(0, &data).unwrap();
+        st.stream(&store, "f", &Metadata::new(), &opts()).await;
+        assert_eq!(s.counters().get(Op::CreateMultipart), 1);
+        st.write(10, b"changed").unwrap();
+        data[10..17].copy_from_slice(b"changed");
+        st.truncate(11 * MIB).unwrap();
+        data.truncate((11 * MIB) as usize);
+        st.upload(
+            &*store,
+            "f",
+            &Metadata::new(),
+            &opts(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.object("f").unwrap().as_ref(), &data[..]);
+        for _ in 0..100 {
+            if s.open_uploads() == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(s.open_uploads(), 0, "the cancelled stream was aborted");
     }
 }
