@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -126,6 +126,10 @@ macro_rules! span {
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // ls -l gets attributes with the listing: no LOOKUP per entry.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         let _ = config.set_max_write(MAX_WRITE_BYTES);
         let _ = config.set_max_readahead(MAX_READAHEAD_BYTES);
         Ok(())
@@ -510,6 +514,48 @@ impl Filesystem for FuseFs {
             }
             Err(e) => reply.error(fail(&e)),
         }
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        self.spawn(
+            span!("readdirplus", req, ino = ino.0, fh = fh.0),
+            async move {
+                match fs.readdirplus(ino.0, fh.0, offset).await {
+                    Ok(entries) => {
+                        let mut sent = entries.len();
+                        for (k, (index, e, a)) in entries.iter().enumerate() {
+                            if reply.add(
+                                INodeNo(e.ino),
+                                index + 1,
+                                &e.name,
+                                &ttl,
+                                &file_attr(a),
+                                Generation(0),
+                            ) {
+                                sent = k;
+                                break;
+                            }
+                        }
+                        // Entries that did not fit were not looked up after all.
+                        for (_, e, _) in &entries[sent..] {
+                            if e.name != "." && e.name != ".." {
+                                fs.forget(e.ino, 1);
+                            }
+                        }
+                        reply.ok();
+                    }
+                    Err(e) => reply.error(fail(&e)),
+                }
+            },
+        );
     }
 
     fn releasedir(

@@ -727,3 +727,23 @@ async fn random_namespace_operations_match_a_plain_model() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_forgotten_entry_of_a_fresh_listing_is_found_again() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("d/x", b"1", Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    fs.list(d.ino).await.unwrap();
+    let x = fs.lookup(d.ino, name("x")).await.unwrap();
+    fs.forget(x.ino, 1);
+    assert_eq!(
+        fs.lookup(d.ino, name("x")).await.unwrap().size,
+        1,
+        "not a false ENOENT"
+    );
+    assert_eq!(
+        fs.lookup(d.ino, name("nope")).await.unwrap_err(),
+        FsError::NotFound
+    );
+}

@@ -431,7 +431,7 @@ impl Fs {
         let mut st = self.live(fhd.ino).await.ok_or(FsError::BadHandle)?;
         self.set_dirty(fhd.ino, &mut st)?;
         st.staged.write(offset, data)?;
-        if st.staged.may_stream() {
+        if st.staged.stream_due(&self.cfg.upload) {
             let (key, meta) = self.journal_header(fhd.ino)?;
             st.staged
                 .stream(&self.store, &key, &meta, &self.cfg.upload)

@@ -231,6 +231,11 @@ impl InodeTable {
             if self.by_key.get(&node.key) == Some(&ino) {
                 self.by_key.remove(&node.key);
             }
+            // The parent's listing is no longer all in the table: a name
+            // missing from it must be asked for again.
+            if let Some(p) = self.by_ino.get_mut(&node.parent) {
+                p.listed_until = None;
+            }
         }
     }
 

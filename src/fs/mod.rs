@@ -642,6 +642,46 @@ impl Fs {
         }
     }
 
+    /// Entries of an open directory from `offset` on, with attributes, for
+    /// readdirplus: (index in the listing, entry, attributes). Each entry
+    /// but `.` and `..` counts as a kernel lookup (the caller gives back
+    /// with `forget` those it could not send).
+    pub async fn readdirplus(
+        &self,
+        dir_ino: u64,
+        fh: u64,
+        offset: u64,
+    ) -> FsResult<Vec<(u64, DirEntry, Attr)>> {
+        let entries = self.readdir(fh, offset)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (i, e) in entries.into_iter().enumerate() {
+            let index = offset + i as u64;
+            let dot = e.name == "." || e.name == "..";
+            let cached = {
+                let mut t = self.table.lock();
+                let attr = t.get(e.ino).map(|n| n.attr.clone());
+                if attr.is_some() && !dot {
+                    t.add_lookup(e.ino);
+                }
+                attr
+            };
+            match cached {
+                Some(a) => out.push((index, e, a)),
+                None if dot => {
+                    let a = Attr::implicit_dir(e.ino, &self.cfg.defaults);
+                    out.push((index, e, a));
+                }
+                // Forgotten since the listing: look it up again (counts).
+                None => match self.lookup(dir_ino, OsStr::new(&e.name)).await {
+                    Ok(a) => out.push((index, DirEntry { ino: a.ino, ..e }, a)),
+                    Err(FsError::NotFound) => {}
+                    Err(err) => return Err(err),
+                },
+            }
+        }
+        Ok(out)
+    }
+
     pub fn releasedir(&self, fh: u64) {
         self.handles.lock().remove(&fh);
     }

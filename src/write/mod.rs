@@ -143,9 +143,23 @@ impl Staged {
         })
     }
 
-    /// Whether writes to this file may be streamed (a new file).
-    pub fn may_stream(&self) -> bool {
-        self.base.is_none()
+    /// Whether a write just made a part ready to stream (a new file
+    /// written in order, with a full part beyond what was sent).
+    pub fn stream_due(&self, opts: &UploadOptions) -> bool {
+        if self.base.is_some() {
+            return false;
+        }
+        let (covered, next) = self
+            .stream
+            .as_ref()
+            .map_or((0, 1), |s| (s.next_offset, s.next_part));
+        let part = stream::stream_part_size(opts.part_size_bytes, next);
+        let needed = if self.stream.is_none() {
+            2 * part
+        } else {
+            part
+        };
+        self.size >= covered + needed
     }
 
     /// After a write: sends the full parts of a new file written
@@ -246,7 +260,9 @@ impl Staged {
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.cancel_stream_below(offset);
         self.file.write_all_at(data, offset)?;
-        if let Some(j) = &mut self.journal {
+        // Without a base, the staging file itself is the whole truth:
+        // only writes over a base need recording.
+        if let Some(j) = self.journal.as_mut().filter(|_| self.base.is_some()) {
             j.wrote(offset, data.len() as u64)?;
         }
         let end = offset + data.len() as u64;
@@ -607,7 +623,13 @@ async fn recover_one(
         .write(true)
         .open(stage)
         .map_err(|e| format!("{key}: staged data missing ({e})"))?;
-    file.set_len(r.size).map_err(|e| e.to_string())?;
+    let size = if r.header.base_etag.is_none() {
+        file.metadata().map_err(|e| e.to_string())?.len()
+    } else {
+        r.size
+    };
+    file.set_len(size).map_err(|e| e.to_string())?;
+    let r = journal::Replayed { size, ..r };
     let current = match store.head(&key, None).await {
         Ok(o) => Some(o.etag),
         Err(StoreError::NotFound) => None,
