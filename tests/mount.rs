@@ -464,6 +464,33 @@ fn mount_failures_exit_non_zero_with_one_line_and_leave_nothing_mounted() {
 }
 
 #[test]
+fn wrong_credentials_are_one_clear_line_and_nothing_mounted() {
+    // moto takes any key: a proxy answers as S3 does to an unknown one.
+    let b = Bucket::new(server(), "denied", false);
+    let proxy = common::proxy::Proxy::start(server().endpoint.trim_start_matches("http://"));
+    proxy.inject("", 1000, common::proxy::Fault::Status(403));
+    let tmp = tempfile::tempdir().unwrap();
+    let mp = tmp.path().join("mnt");
+    fs::create_dir(&mp).unwrap();
+    let opts = format!("endpoint={},path_style,retries=0", proxy.endpoint);
+    let out = command()
+        .args(["-o", &opts, &b.name])
+        .arg(&mp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("denied") && err.contains("credentials"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!err.contains(SECRET_KEY));
+    assert!(!is_mounted(&mp));
+}
+
+#[test]
 fn background_mount_returns_once_live_and_serves() {
     let b = Bucket::new(server(), "bg", false);
     b.put("hello", b"from s3");
