@@ -22,7 +22,7 @@ use fuser::{
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::error;
-use crate::fs::{Attr, Creator, FileKind, Fs, FsError, SetAttr};
+use crate::fs::{Attr, Creator, FileKind, Fs, FsError, FsResult, SetAttr};
 
 const MAX_WRITE_BYTES: u32 = 1024 * 1024;
 const MAX_READAHEAD_BYTES: u32 = 1024 * 1024;
@@ -67,6 +67,30 @@ fn tgid_of(pid: u32) -> Option<u32> {
         .lines()
         .find_map(|l| l.strip_prefix("Tgid:"))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// One reply for an entry result.
+fn reply_entry(reply: ReplyEntry, ttl: Duration, r: FsResult<Attr>) {
+    match r {
+        Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+        Err(e) => reply.error(fail(&e)),
+    }
+}
+
+/// One reply for a result without data.
+fn reply_empty(reply: ReplyEmpty, r: FsResult<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(fail(&e)),
+    }
+}
+
+/// One reply for an attribute result.
+fn reply_attr(reply: ReplyAttr, ttl: Duration, r: FsResult<Attr>) {
+    match r {
+        Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+        Err(e) => reply.error(fail(&e)),
+    }
 }
 
 fn file_type(k: FileKind) -> FileType {
@@ -139,12 +163,7 @@ impl Filesystem for FuseFs {
         let (fs, ttl, name) = (self.fs.clone(), self.ttl, name.to_owned());
         self.spawn(
             span!("lookup", req, ino = parent.0, name = ?name),
-            async move {
-                match fs.lookup(parent.0, &name).await {
-                    Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                    Err(e) => reply.error(fail(&e)),
-                }
-            },
+            async move { reply_entry(reply, ttl, fs.lookup(parent.0, &name).await) },
         );
     }
 
@@ -155,10 +174,7 @@ impl Filesystem for FuseFs {
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (fs, ttl) = (self.fs.clone(), self.ttl);
         self.spawn(span!("getattr", req, ino = ino.0), async move {
-            match fs.getattr(ino.0).await {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
-                Err(e) => reply.error(fail(&e)),
-            }
+            reply_attr(reply, ttl, fs.getattr(ino.0).await)
         });
     }
 
@@ -190,10 +206,7 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(time_of),
         };
         self.spawn(span!("setattr", req, ino = ino.0), async move {
-            match fs.setattr(ino.0, s).await {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
-                Err(e) => reply.error(fail(&e)),
-            }
+            reply_attr(reply, ttl, fs.setattr(ino.0, s).await)
         });
     }
 
@@ -238,10 +251,7 @@ impl Filesystem for FuseFs {
                     Ok((a, None)) => Ok(a),
                     Err(e) => Err(e),
                 };
-                match r {
-                    Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                    Err(e) => reply.error(fail(&e)),
-                }
+                reply_entry(reply, ttl, r)
             },
         );
     }
@@ -263,12 +273,7 @@ impl Filesystem for FuseFs {
         );
         self.spawn(
             span!("mkdir", req, ino = parent.0, name = ?name),
-            async move {
-                match fs.mkdir(parent.0, &name, c).await {
-                    Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                    Err(e) => reply.error(fail(&e)),
-                }
-            },
+            async move { reply_entry(reply, ttl, fs.mkdir(parent.0, &name, c).await) },
         );
     }
 
@@ -276,12 +281,7 @@ impl Filesystem for FuseFs {
         let (fs, name) = (self.fs.clone(), name.to_owned());
         self.spawn(
             span!("unlink", req, ino = parent.0, name = ?name),
-            async move {
-                match fs.unlink(parent.0, &name).await {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(fail(&e)),
-                }
-            },
+            async move { reply_empty(reply, fs.unlink(parent.0, &name).await) },
         );
     }
 
@@ -289,12 +289,7 @@ impl Filesystem for FuseFs {
         let (fs, name) = (self.fs.clone(), name.to_owned());
         self.spawn(
             span!("rmdir", req, ino = parent.0, name = ?name),
-            async move {
-                match fs.rmdir(parent.0, &name).await {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(fail(&e)),
-                }
-            },
+            async move { reply_empty(reply, fs.rmdir(parent.0, &name).await) },
         );
     }
 
@@ -319,10 +314,7 @@ impl Filesystem for FuseFs {
                 let Some(target) = target.to_str() else {
                     return reply.error(fail(&FsError::InvalidName));
                 };
-                match fs.symlink(parent.0, &name, target, c).await {
-                    Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                    Err(e) => reply.error(fail(&e)),
-                }
+                reply_entry(reply, ttl, fs.symlink(parent.0, &name, target, c).await)
             },
         );
     }
@@ -435,10 +427,7 @@ impl Filesystem for FuseFs {
     ) {
         let (fs, pid) = (self.fs.clone(), req.pid());
         self.spawn(span!("flush", req, ino = ino.0, fh = fh.0), async move {
-            match fs.flush_from(fh.0, tgid_of(pid)).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(fail(&e)),
-            }
+            reply_empty(reply, fs.flush_from(fh.0, tgid_of(pid)).await)
         });
     }
 
@@ -454,10 +443,7 @@ impl Filesystem for FuseFs {
     ) {
         let fs = self.fs.clone();
         self.spawn(span!("release", req, ino = ino.0, fh = fh.0), async move {
-            match fs.release(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(fail(&e)),
-            }
+            reply_empty(reply, fs.release(fh.0).await)
         });
     }
 
@@ -471,10 +457,7 @@ impl Filesystem for FuseFs {
     ) {
         let fs = self.fs.clone();
         self.spawn(span!("fsync", req, ino = ino.0, fh = fh.0), async move {
-            match fs.fsync(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(fail(&e)),
-            }
+            reply_empty(reply, fs.fsync(fh.0).await)
         });
     }
 
@@ -531,7 +514,7 @@ impl Filesystem for FuseFs {
                 match fs.readdirplus(ino.0, fh.0, offset).await {
                     Ok(entries) => {
                         let mut sent = entries.len();
-                        for (k, (index, e, a)) in entries.iter().enumerate() {
+                        for (k, (index, e, a, counted)) in entries.iter().enumerate() {
                             if reply.add(
                                 INodeNo(e.ino),
                                 index + 1,
@@ -543,10 +526,13 @@ impl Filesystem for FuseFs {
                                 sent = k;
                                 break;
                             }
+                            if !counted && e.name != "." && e.name != ".." {
+                                fs.note_lookup(e.ino);
+                            }
                         }
-                        // Entries that did not fit were not looked up after all.
-                        for (_, e, _) in &entries[sent..] {
-                            if e.name != "." && e.name != ".." {
+                        // Entries looked up again that did not fit: give back.
+                        for (_, e, _, counted) in &entries[sent..] {
+                            if *counted {
                                 fs.forget(e.ino, 1);
                             }
                         }

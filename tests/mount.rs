@@ -257,6 +257,9 @@ fn a_large_directory_lists_completely() {
     let m = Mount::new(&b, "");
     let out = sh(&m.dir, "ls -l big | grep -c '^-'");
     assert_eq!(out.trim(), N.to_string());
+    // One LIST per 1,000 entries (and one to look `big` up), no HEAD per entry.
+    assert!(requests(&m, "LIST") <= 4, "LIST {}", requests(&m, "LIST"));
+    assert!(requests(&m, "HEAD") <= 1, "HEAD {}", requests(&m, "HEAD"));
     let mut listed: Vec<String> = fs::read_dir(m.path("big"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -571,12 +574,18 @@ fn mtime_of_a_written_file_is_now_and_size_is_current_while_open() {
 }
 
 fn get_requests(m: &Mount) -> u64 {
+    requests(m, "GET")
+}
+
+/// S3 requests of one type the mount made, from `bucketfs status`.
+fn requests(m: &Mount, op: &str) -> u64 {
     let out = command().arg("status").arg(&m.dir).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let prefix = format!("{op} ");
     text.lines()
         .find_map(|l| {
             l.trim()
-                .strip_prefix("GET ")
+                .strip_prefix(&prefix)
                 .map(|n| n.trim().parse().unwrap())
         })
         .unwrap_or(0)

@@ -643,43 +643,43 @@ impl Fs {
     }
 
     /// Entries of an open directory from `offset` on, with attributes, for
-    /// readdirplus: (index in the listing, entry, attributes). Each entry
-    /// but `.` and `..` counts as a kernel lookup (the caller gives back
-    /// with `forget` those it could not send).
+    /// readdirplus: (index in the listing, entry, attributes, counted).
+    /// The caller counts a kernel lookup (`note_lookup`) for each entry it
+    /// sends but `.` and `..`, except those marked counted (looked up here
+    /// again because the table had dropped them), which it gives back with
+    /// `forget` if they do not fit.
     pub async fn readdirplus(
         &self,
         dir_ino: u64,
         fh: u64,
         offset: u64,
-    ) -> FsResult<Vec<(u64, DirEntry, Attr)>> {
+    ) -> FsResult<Vec<(u64, DirEntry, Attr, bool)>> {
         let entries = self.readdir(fh, offset)?;
         let mut out = Vec::with_capacity(entries.len());
         for (i, e) in entries.into_iter().enumerate() {
             let index = offset + i as u64;
             let dot = e.name == "." || e.name == "..";
-            let cached = {
-                let mut t = self.table.lock();
-                let attr = t.get(e.ino).map(|n| n.attr.clone());
-                if attr.is_some() && !dot {
-                    t.add_lookup(e.ino);
-                }
-                attr
-            };
+            let cached = self.table.lock().get(e.ino).map(|n| n.attr.clone());
             match cached {
-                Some(a) => out.push((index, e, a)),
+                Some(a) => out.push((index, e, a, false)),
                 None if dot => {
                     let a = Attr::implicit_dir(e.ino, &self.cfg.defaults);
-                    out.push((index, e, a));
+                    out.push((index, e, a, false));
                 }
-                // Forgotten since the listing: look it up again (counts).
+                // Dropped from the table since the listing: look it up again.
                 None => match self.lookup(dir_ino, OsStr::new(&e.name)).await {
-                    Ok(a) => out.push((index, DirEntry { ino: a.ino, ..e }, a)),
+                    Ok(a) => out.push((index, DirEntry { ino: a.ino, ..e }, a, true)),
                     Err(FsError::NotFound) => {}
                     Err(err) => return Err(err),
                 },
             }
         }
         Ok(out)
+    }
+
+    /// The kernel got a reference to an inode (a readdirplus entry).
+    pub fn note_lookup(&self, ino: u64) {
+        self.table.lock().add_lookup(ino);
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -253,6 +253,14 @@ fn rand_jitter() -> u32 {
 }
 
 impl S3Store {
+    /// Counts a request that sends `body`; its length and stream.
+    async fn counted_body(&self, op: Op, body: PutBody) -> StoreResult<(i64, ByteStream)> {
+        self.counters.record(op);
+        let len = body.len();
+        self.counters.add_sent(len);
+        Ok((len as i64, byte_stream(body).await?))
+    }
+
     /// ListObjectVersions emulated with ListObjectsV2, for stores without
     /// versions. The continuation token travels as the key marker.
     async fn versions_from_listing(
@@ -429,16 +437,14 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {
-        self.counters.record(Op::Put);
-        let len = body.len();
-        self.counters.add_sent(len);
+        let (len, body) = self.counted_body(Op::Put, body).await?;
         let out = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
-            .content_length(len as i64)
-            .body(byte_stream(body).await?)
+            .content_length(len)
+            .body(body)
             .set_metadata(Some(meta.clone()))
             .send()
             .await
@@ -514,9 +520,7 @@ impl ObjectStore for S3Store {
         part_number: i32,
         body: PutBody,
     ) -> StoreResult<String> {
-        self.counters.record(Op::UploadPart);
-        let len = body.len();
-        self.counters.add_sent(len);
+        let (len, body) = self.counted_body(Op::UploadPart, body).await?;
         let out = self
             .client
             .upload_part()
@@ -524,8 +528,8 @@ impl ObjectStore for S3Store {
             .key(key)
             .upload_id(upload_id)
             .part_number(part_number)
-            .content_length(len as i64)
-            .body(byte_stream(body).await?)
+            .content_length(len)
+            .body(body)
             .send()
             .await
             .map_err(classify)?;
