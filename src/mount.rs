@@ -57,21 +57,18 @@ pub fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<PathBuf, MountError
         }
         Ok(_) => {}
     }
-    if !nonempty
-        && std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some())
-        && !is_mounted(&std::fs::canonicalize(mp).unwrap_or_default())
-    {
-        return Err(MountError(format!(
-            "mountpoint {} is not empty; mounting would hide its files (use -o nonempty to do it anyway)",
-            mp.display()
-        )));
-    }
     let abs = std::fs::canonicalize(mp)
         .map_err(|e| MountError(format!("mountpoint {}: {e}", mp.display())))?;
     if is_mounted(&abs) {
         return Err(MountError(format!(
             "{} is already a mountpoint; unmount it first",
             abs.display()
+        )));
+    }
+    if !nonempty && std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(MountError(format!(
+            "mountpoint {} is not empty; mounting would hide its files (use -o nonempty to do it anyway)",
+            mp.display()
         )));
     }
     Ok(abs)

@@ -450,6 +450,12 @@ impl Model {
                 .chain(self.dirs.iter())
                 .any(|k| k.starts_with(&format!("{p}/")))
     }
+    /// A file of the model picked at random, if there is one.
+    fn any_file(&self, rng: &mut Rng) -> Option<String> {
+        let n = self.files.len().max(1) as u64;
+        self.files.keys().nth(rng.below(n) as usize).cloned()
+    }
+
     fn parent(p: &str) -> &str {
         p.rsplit_once('/').map_or("", |(d, _)| d)
     }
@@ -536,12 +542,7 @@ async fn random_namespace_operations_match_a_plain_model() {
                 }
                 2 => {
                     // Write into an existing file at an offset.
-                    let Some(p) = m
-                        .files
-                        .keys()
-                        .nth(rng.below(m.files.len().max(1) as u64) as usize)
-                        .cloned()
-                    else {
+                    let Some(p) = m.any_file(&mut rng) else {
                         continue;
                     };
                     let off = rng.below(m.files[&p].len() as u64 + 100);
@@ -561,12 +562,7 @@ async fn random_namespace_operations_match_a_plain_model() {
                     f[off as usize..end].copy_from_slice(&data);
                 }
                 3 => {
-                    let Some(p) = m
-                        .files
-                        .keys()
-                        .nth(rng.below(m.files.len().max(1) as u64) as usize)
-                        .cloned()
-                    else {
+                    let Some(p) = m.any_file(&mut rng) else {
                         continue;
                     };
                     let size = rng.below(4000);
@@ -584,12 +580,7 @@ async fn random_namespace_operations_match_a_plain_model() {
                 }
                 4 => {
                     // Rename a file onto another name (replacing a file).
-                    let Some(from) = m
-                        .files
-                        .keys()
-                        .nth(rng.below(m.files.len().max(1) as u64) as usize)
-                        .cloned()
-                    else {
+                    let Some(from) = m.any_file(&mut rng) else {
                         continue;
                     };
                     let to = pick(&mut rng);
@@ -681,12 +672,7 @@ async fn random_namespace_operations_match_a_plain_model() {
                     }
                 }
                 _ => {
-                    let Some(p) = m
-                        .files
-                        .keys()
-                        .nth(rng.below(m.files.len().max(1) as u64) as usize)
-                        .cloned()
-                    else {
+                    let Some(p) = m.any_file(&mut rng) else {
                         continue;
                     };
                     let ino = resolve(&fs, &p)

@@ -57,9 +57,7 @@ fn mount_t_s3fs_and_fstab_lines_work_through_the_installed_helper() {
 
     let b = Bucket::new(server(), "helper", false);
     b.put("hello.txt", b"via mount(8)");
-    let tmp = tempfile::tempdir().unwrap();
-    let mp = tmp.path().join("mnt");
-    fs::create_dir(&mp).unwrap();
+    let (tmp, mp) = scratch_mountpoint();
     let opts = format!(
         "{},_netdev,nofail,x-systemd.automount",
         base_options(&b.endpoint, &tmp.path().join("c"), &tmp.path().join("log"))
@@ -241,9 +239,7 @@ fn a_dead_mountpoint_is_detected_and_the_message_says_how_to_clear_it() {
 #[test]
 fn passwd_file_is_refused_unless_private() {
     let b = Bucket::new(server(), "passwd", false);
-    let tmp = tempfile::tempdir().unwrap();
-    let mp = tmp.path().join("mnt");
-    fs::create_dir(&mp).unwrap();
+    let (tmp, mp) = scratch_mountpoint();
     let pw = tmp.path().join("passwd");
     fs::write(&pw, format!("{}:{ACCESS_KEY}:{SECRET_KEY}\n", b.name)).unwrap();
     fs::set_permissions(&pw, fs::Permissions::from_mode(0o644)).unwrap();

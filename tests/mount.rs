@@ -381,9 +381,7 @@ fn stat_after_the_server_is_gone_fails_in_bounded_time() {
 
 #[test]
 fn mount_failures_exit_non_zero_with_one_line_and_leave_nothing_mounted() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mp = tmp.path().join("mnt");
-    fs::create_dir(&mp).unwrap();
+    let (tmp, mp) = scratch_mountpoint();
     let ep = &server().endpoint;
     let dead = format!("http://127.0.0.1:{}", free_port());
     let full = tmp.path().join("full");
@@ -472,9 +470,7 @@ fn wrong_credentials_are_one_clear_line_and_nothing_mounted() {
     let b = Bucket::new(server(), "denied", false);
     let proxy = common::proxy::Proxy::start(server().endpoint.trim_start_matches("http://"));
     proxy.inject("", 1000, common::proxy::Fault::Status(403));
-    let tmp = tempfile::tempdir().unwrap();
-    let mp = tmp.path().join("mnt");
-    fs::create_dir(&mp).unwrap();
+    let (_tmp, mp) = scratch_mountpoint();
     let opts = format!("endpoint={},path_style,retries=0", proxy.endpoint);
     let out = command()
         .args(["-o", &opts, &b.name])
@@ -497,9 +493,7 @@ fn wrong_credentials_are_one_clear_line_and_nothing_mounted() {
 fn background_mount_returns_once_live_and_serves() {
     let b = Bucket::new(server(), "bg", false);
     b.put("hello", b"from s3");
-    let tmp = tempfile::tempdir().unwrap();
-    let mp = tmp.path().join("mnt");
-    fs::create_dir(&mp).unwrap();
+    let (tmp, mp) = scratch_mountpoint();
     let opts = base_options(
         &b.endpoint,
         &tmp.path().join("cache"),

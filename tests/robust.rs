@@ -192,9 +192,7 @@ fn the_kernel_enforces_modes_for_other_users() {
 #[test]
 fn secrets_never_reach_the_log_even_at_trace_level() {
     let b = Bucket::new(server(), "trace", false);
-    let tmp = tempfile::tempdir().unwrap();
-    let mp = tmp.path().join("mnt");
-    fs::create_dir(&mp).unwrap();
+    let (tmp, mp) = scratch_mountpoint();
     let log = tmp.path().join("log");
     let opts = base_options(&b.endpoint, &tmp.path().join("c"), &log);
     let st = command()

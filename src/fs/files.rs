@@ -631,14 +631,21 @@ impl Fs {
 
     /// Whether this mount holds dirty data in or below a directory.
     pub(super) fn pending_below(&self, dir: &str) -> bool {
+        !self.writers_below(dir).is_empty()
+    }
+
+    /// The inodes with write state in or below a directory.
+    pub(super) fn writers_below(&self, dir: &str) -> Vec<u64> {
         let prefix = format!("{dir}/");
         let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
         let t = self.table.lock();
-        inos.iter().any(|i| {
-            t.get(*i)
-                .and_then(|n| n.path())
-                .is_some_and(|p| p.starts_with(&prefix))
-        })
+        inos.into_iter()
+            .filter(|i| {
+                t.get(*i)
+                    .and_then(|n| n.path())
+                    .is_some_and(|p| p.starts_with(&prefix))
+            })
+            .collect()
     }
 
     /// Uploads every dirty file (unmount, SIGTERM). Returns the paths that

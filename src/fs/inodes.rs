@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use super::attr::{Attr, FileKind};
+use super::attr::Attr;
 use crate::store::ObjectInfo;
 
 pub const ROOT_INO: u64 = 1;
@@ -166,10 +166,6 @@ impl InodeTable {
         self.negative.get(path).is_some_and(|&t| now < t)
     }
 
-    pub fn set_negative(&mut self, path: &str, until: Instant) {
-        self.negative.insert(path.to_string(), until);
-    }
-
     /// Moves a node and everything below it from `from` to `to`.
     pub fn rename(&mut self, from: &str, to: &str, new_parent: u64) {
         // Whatever was at the destination is replaced.
@@ -195,7 +191,6 @@ impl InodeTable {
             }
         }
         self.negative.remove(to);
-        self.negative.insert(from.to_string(), Instant::now());
     }
 
     /// Marks everything below `dir` stale, so it is looked up again.
@@ -246,17 +241,4 @@ impl InodeTable {
             _ => None,
         })
     }
-
-    pub fn len(&self) -> usize {
-        self.by_ino.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_ino.is_empty()
-    }
-}
-
-/// Whether two kinds are the same "is it a directory" side.
-pub fn both_dirs_or_files(a: FileKind, b: FileKind) -> bool {
-    (a == FileKind::Dir) == (b == FileKind::Dir)
 }

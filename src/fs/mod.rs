@@ -41,6 +41,9 @@ use crate::cache::block::BlockCache;
 use crate::store::{ObjectInfo, ObjectStore, StoreError};
 use crate::write::{UploadOptions, WriteError};
 
+/// Entries handed out per readdir call; the kernel asks again for more.
+const DIR_CHUNK_ENTRIES: usize = 4096;
+
 /// Everything the core needs to know about a mount.
 #[derive(Clone, Debug)]
 pub struct FsConfig {
@@ -334,6 +337,11 @@ impl Fs {
                 return Err(FsError::NotFound);
             }
         }
+        self.refresh_path(parent, path).await
+    }
+
+    /// Asks S3 about `path` and remembers the answer (or its absence).
+    async fn refresh_path(&self, parent: u64, path: String) -> FsResult<Attr> {
         match self.resolve(&path).await? {
             Some(r) => Ok(self.remember(parent, path, r)),
             None => {
@@ -344,7 +352,7 @@ impl Fs {
                 {
                     return Ok(t.get(ino).expect("found").attr.clone());
                 }
-                t.remove_path(&path, now + self.cfg.metadata_ttl);
+                t.remove_path(&path, Instant::now() + self.cfg.metadata_ttl);
                 Err(FsError::NotFound)
             }
         }
@@ -421,23 +429,8 @@ impl Fs {
             return Ok(attr);
         }
         match key {
-            NodeKey::Path(path) => {
-                let attr = self.lookup_path_stale(parent, path).await?;
-                Ok(attr)
-            }
+            NodeKey::Path(path) => self.refresh_path(parent, path).await,
             _ => Ok(attr),
-        }
-    }
-
-    /// Re-reads attributes of a path whose table entry went stale.
-    async fn lookup_path_stale(&self, parent: u64, path: String) -> FsResult<Attr> {
-        match self.resolve(&path).await? {
-            Some(r) => Ok(self.remember(parent, path, r)),
-            None => {
-                let until = Instant::now() + self.cfg.metadata_ttl;
-                self.table.lock().remove_path(&path, until);
-                Err(FsError::NotFound)
-            }
         }
     }
 
@@ -637,7 +630,14 @@ impl Fs {
             .cloned()
             .ok_or(FsError::BadHandle)?;
         match &*h {
-            Handle::Dir(entries) => Ok(entries.iter().skip(offset as usize).cloned().collect()),
+            // A reply holds at most a few thousand entries: copying the
+            // rest of a large listing on every call would be quadratic.
+            Handle::Dir(entries) => Ok(entries
+                .iter()
+                .skip(offset as usize)
+                .take(DIR_CHUNK_ENTRIES)
+                .cloned()
+                .collect()),
             Handle::File(_) => Err(FsError::BadHandle),
         }
     }

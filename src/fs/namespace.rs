@@ -368,17 +368,8 @@ impl Fs {
             format!("{}/", self.key_of(to)),
         );
         // Dirty files below go up first, so their current bytes move.
-        let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
-        for ino in inos {
-            let below = self
-                .table
-                .lock()
-                .get(ino)
-                .and_then(|n| n.path())
-                .is_some_and(|p| p.starts_with(&format!("{from}/")));
-            if below {
-                self.sync_ino(ino).await?;
-            }
+        for ino in self.writers_below(from) {
+            self.sync_ino(ino).await?;
         }
         let mut keys = Vec::new();
         let mut token = None;

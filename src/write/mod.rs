@@ -172,20 +172,10 @@ impl Staged {
         meta: &Metadata,
         opts: &UploadOptions,
     ) {
-        if self.base.is_some() || self.stream.as_ref().is_some_and(|s| s.key != key) {
-            return;
-        }
-        let (covered, next) = self
-            .stream
-            .as_ref()
-            .map_or((0, 1), |s| (s.next_offset, s.next_part));
-        let part = stream::stream_part_size(opts.part_size_bytes, next);
-        let needed = if self.stream.is_none() {
-            2 * part
-        } else {
-            part
-        };
-        if self.size < covered + needed || !self.loaded.missing(0..self.size).is_empty() {
+        if !self.stream_due(opts)
+            || self.stream.as_ref().is_some_and(|s| s.key != key)
+            || !self.loaded.missing(0..self.size).is_empty()
+        {
             return;
         }
         if self.stream.is_none() {

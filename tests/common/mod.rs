@@ -506,6 +506,14 @@ impl Drop for Mount {
     }
 }
 
+/// A temp dir with an empty `mnt` directory in it, to mount on.
+pub fn scratch_mountpoint() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mp = tmp.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    (tmp, mp)
+}
+
 pub fn is_mounted(dir: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = dir.to_string_lossy().replace(' ', "\\040");
