@@ -51,6 +51,13 @@ pub struct Options {
     pub timeout: Duration,
     /// Attempts per S3 call (the first included).
     pub max_attempts: u32,
+    /// Time budget of the retries of one S3 call.
+    pub retry_time: Duration,
+    /// First-byte timeout of calls S3 may take minutes to answer
+    /// (CompleteMultipartUpload, CopyObject, UploadPartCopy).
+    pub long_timeout: Duration,
+    /// Cap of the backoff between background retries of a failed upload.
+    pub upload_retry_max: Duration,
 }
 
 impl Default for Options {
@@ -89,7 +96,10 @@ impl Default for Options {
             as_of: None,
             log_file: None,
             timeout: Duration::from_secs(10),
-            max_attempts: 4,
+            max_attempts: 11,
+            retry_time: Duration::from_secs(45),
+            long_timeout: Duration::from_secs(300),
+            upload_retry_max: Duration::from_secs(300),
         }
     }
 }
@@ -139,7 +149,12 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   versions=visible      list .versions in readdir (default: hidden, reachable by name)
   as_of=RFC3339         read-only view of the bucket at that moment
   timeout=SECS          connect/read timeout of one S3 attempt (default 10)
-  retries=N             retries of a failed S3 call (default 3), with backoff
+  retries=N             retries of a failed S3 call (default 10), with backoff
+  retry_time=SECS       time budget of one S3 call's retries (default 45)
+  long_timeout=SECS     first-byte timeout of CompleteMultipartUpload, CopyObject and
+                        UploadPartCopy, which S3 may take minutes to answer (default 300)
+  upload_retry_max=SECS longest wait between background retries of a failed upload
+                        (default 300; staged data is kept and retried until it lands)
   log_file=PATH         log here instead of syslog/stderr
 Ignored (fstab/systemd): defaults, _netdev, nofail, auto, noauto, user, users,
   x-systemd.*, comment=*, dev, suid, exec, atime, noatime, async
@@ -379,6 +394,20 @@ impl Options {
                 "retries" => {
                     self.max_attempts =
                         parse_num::<u32>(name, need(name, value)?)?.saturating_add(1)
+                }
+                "retry_time" | "long_timeout" | "upload_retry_max" => {
+                    let s: u64 = parse_num(name, need(name, value)?)?;
+                    if !(1..=86_400).contains(&s) {
+                        return Err(ConfigError(format!(
+                            "option {name}: must be 1..=86400 seconds"
+                        )));
+                    }
+                    let d = Duration::from_secs(s);
+                    match name {
+                        "retry_time" => self.retry_time = d,
+                        "long_timeout" => self.long_timeout = d,
+                        _ => self.upload_retry_max = d,
+                    }
                 }
                 "log_file" => self.log_file = Some(PathBuf::from(need(name, value)?)),
                 n if is_ignored(n) => {}

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use sha2::Digest;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Options;
@@ -176,6 +176,7 @@ pub fn fs_config(o: &Options) -> FsConfig {
             part_size_bytes: o.part_size_bytes,
             concurrency: o.upload_concurrency,
         },
+        upload_retry_max: o.upload_retry_max,
         versions_visible: o.versions_visible,
         as_of: o.as_of,
     }
@@ -199,6 +200,72 @@ fn describe_connect_error(o: &Options, e: &StoreError) -> String {
             o.bucket
         ),
     }
+}
+
+/// The `log_file=`, reopened on SIGHUP (after logrotate moved it).
+struct LogFile {
+    path: PathBuf,
+    file: parking_lot::Mutex<std::fs::File>,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    }
+
+    fn reopen(&self) -> std::io::Result<()> {
+        *self.file.lock() = Self::open(&self.path)?;
+        Ok(())
+    }
+}
+
+impl Write for &LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.lock().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.lock().flush()
+    }
+}
+
+static LOG_FILE: std::sync::OnceLock<Arc<LogFile>> = std::sync::OnceLock::new();
+
+/// How long unmount and SIGTERM wait for each dirty file to upload; what
+/// does not make it stays staged for the next mount.
+const SHUTDOWN_UPLOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Uploads what killed daemons left staged in `dir`; logs each. Returns
+/// whether anything is left to try again.
+async fn recover_staged(
+    store: &dyn ObjectStore,
+    dir: &Path,
+    opts: &crate::write::UploadOptions,
+) -> bool {
+    let mut failed = false;
+    for r in crate::write::recover(store, dir, opts).await {
+        match r {
+            Ok(r) if r.uploaded_as.is_empty() => {
+                info!(key = %r.key, "staged data of a killed mount was of an unlinked file: dropped")
+            }
+            Ok(r) if r.uploaded_as == r.key => {
+                info!(key = %r.key, "recovered staged data of a killed mount and uploaded it")
+            }
+            Ok(r) => warn!(
+                key = %r.key,
+                uploaded_as = %r.uploaded_as,
+                incomplete = r.incomplete,
+                "recovered staged data of a killed mount; the object had changed since, so it was kept beside it"
+            ),
+            Err(e) => {
+                failed = true;
+                error!(error = %e, "could not recover staged data yet; will try again")
+            }
+        }
+    }
+    failed
 }
 
 /// Sends each log line to syslog (the journal, under systemd).
@@ -234,15 +301,14 @@ fn init_logging(o: &Options, verbose: bool, background: bool) -> Result<(), Moun
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let result = if let Some(path) = &o.log_file {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
+        let file = LogFile::open(path)
             .map_err(|e| MountError(format!("log_file {}: {e}", path.display())))?;
-        builder
-            .with_ansi(false)
-            .with_writer(Arc::new(file))
-            .try_init()
+        let log = Arc::new(LogFile {
+            path: path.clone(),
+            file: parking_lot::Mutex::new(file),
+        });
+        let _ = LOG_FILE.set(log.clone());
+        builder.with_ansi(false).with_writer(log).try_init()
     } else if background {
         unsafe { libc::openlog(c"bucketfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
         builder
@@ -356,6 +422,8 @@ fn serve(
         static_keys,
         attempt_timeout: o.timeout,
         max_attempts: o.max_attempts,
+        retry_time: o.retry_time,
+        long_timeout: o.long_timeout,
     };
     let store = rt.block_on(async {
         let store = S3Store::connect(&settings).await?;
@@ -367,29 +435,32 @@ fn serve(
     let cfg = fs_config(o);
     std::fs::create_dir_all(&cfg.staging_dir)
         .map_err(|e| MountError(format!("cache dir {}: {e}", cfg.staging_dir.display())))?;
-    // Data a killed daemon staged but never uploaded goes up first.
+    // Data a killed daemon staged but never uploaded goes up first; what
+    // cannot go up now is tried again in the background (see below).
+    let mut recovery_failed = false;
     if !o.read_only {
-        for r in rt.block_on(crate::write::recover(
-            &*store,
-            &cfg.staging_dir,
-            &cfg.upload,
-        )) {
-            match r {
-                Ok(r) if r.uploaded_as == r.key => {
-                    info!(key = %r.key, "recovered staged data of a killed mount and uploaded it")
-                }
-                Ok(r) => warn!(
-                    key = %r.key,
-                    uploaded_as = %r.uploaded_as,
-                    incomplete = r.incomplete,
-                    "recovered staged data of a killed mount; the object had changed since, so it was kept beside it"
-                ),
-                Err(e) => error!(error = %e, "could not recover staged data"),
-            }
-        }
+        recovery_failed = rt.block_on(recover_staged(&*store, &cfg.staging_dir, &cfg.upload));
     }
     let staging_dir = cfg.staging_dir.clone();
-    let fs = Arc::new(Fs::new(store, cfg));
+    let (upload_opts, retry_max) = (cfg.upload.clone(), cfg.upload_retry_max);
+    let fs = Arc::new(Fs::new(store.clone(), cfg));
+    {
+        let _guard = rt.enter();
+        fs.spawn_retrier();
+    }
+    if recovery_failed {
+        let dir = staging_dir.clone();
+        rt.spawn(async move {
+            let mut wait = std::time::Duration::from_secs(5);
+            loop {
+                tokio::time::sleep(wait).await;
+                if !recover_staged(&*store, &dir, &upload_opts).await {
+                    return;
+                }
+                wait = (wait * 2).min(retry_max);
+            }
+        });
+    }
 
     let mut mount_options = vec![
         MountOption::FSName(format!(
@@ -438,6 +509,7 @@ fn serve(
         endpoint: o.endpoint.clone().unwrap_or_else(|| "AWS S3".into()),
         mountpoint: mountpoint.to_path_buf(),
     };
+    let info_for_signals = info.clone();
     let socket = {
         let _guard = rt.enter();
         crate::status::serve(fs.clone(), info)
@@ -465,9 +537,9 @@ fn serve(
             _ = term.recv() => info!("SIGTERM: uploading dirty files, then unmounting"),
             _ = int.recv() => info!("SIGINT: uploading dirty files, then unmounting"),
         }
-        let failed = fs_sig.sync_all().await;
+        let failed = fs_sig.sync_all(SHUTDOWN_UPLOAD_LIMIT).await;
         if !failed.is_empty() {
-            error!(files = ?failed, "not uploaded");
+            error!(files = ?failed, "not uploaded; kept for the next mount");
         }
         if unmounter.unmount().is_err() {
             // Busy: detach now; the session ends when the last file closes.
@@ -480,7 +552,7 @@ fn serve(
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        let failed = fs_sig.sync_all().await;
+        let failed = fs_sig.sync_all(SHUTDOWN_UPLOAD_LIMIT).await;
         error!(not_uploaded = ?failed, "second signal: exiting with files still open");
         std::process::exit(
             if failed.is_empty() {
@@ -492,9 +564,39 @@ fn serve(
         );
     });
 
+    // SIGHUP reopens the log file (logrotate); SIGUSR1 writes the status to
+    // the log; SIGUSR2 is ignored. None of them ends the daemon.
+    let fs_usr = fs.clone();
+    let usr_info = info_for_signals;
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut hup), Ok(mut usr1), Ok(mut usr2)) = (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match LOG_FILE.get().map(|l| l.reopen()) {
+                    Some(Err(e)) => error!(error = %e, "SIGHUP: could not reopen the log file"),
+                    Some(Ok(())) => info!("SIGHUP: log file reopened"),
+                    None => info!("SIGHUP: nothing to reopen (logging to syslog or stderr)"),
+                },
+                _ = usr1.recv() => {
+                    for line in crate::status::report(&fs_usr, &usr_info).lines() {
+                        info!("status: {line}");
+                    }
+                }
+                _ = usr2.recv() => debug!("SIGUSR2 ignored"),
+            }
+        }
+    });
+
     let run = session.run();
     let failed = rt.block_on(async {
-        let failed = fs.sync_all().await;
+        let failed = fs.sync_all(SHUTDOWN_UPLOAD_LIMIT).await;
         fs.block_cache()
             .settle(std::time::Duration::from_secs(5))
             .await;

@@ -75,14 +75,21 @@ pub fn report(fs: &Fs, info: &MountInfo) -> String {
     );
     let dirty = fs.dirty_files();
     s += &format!("not yet in S3: {} file(s)\n", dirty.len());
-    for (path, size, progress) in dirty {
-        match progress {
+    for f in dirty {
+        let (path, size) = (&f.path, f.size);
+        match f.progress {
             Some((done, total)) => {
                 s += &format!(
                     "  {path} ({size} bytes staged, uploading: {done} of {total} bytes sent)\n"
                 )
             }
             None => s += &format!("  {path} ({size} bytes staged)\n"),
+        }
+        if let Some(e) = &f.last_error {
+            s += &format!("    last error: {e}\n");
+        }
+        if let Some(n) = f.next_try_secs {
+            s += &format!("    next try in {n} s\n");
         }
     }
     let c = fs.block_cache();

@@ -124,10 +124,15 @@ impl Disk {
     }
 
     fn evict(&self) {
+        self.evict_to(self.limit_bytes);
+    }
+
+    /// Drops least recently used blocks until at most `keep` bytes remain.
+    fn evict_to(&self, keep: u64) {
         let mut victims = Vec::new();
         {
             let mut st = self.state.lock();
-            while st.bytes > self.limit_bytes {
+            while st.bytes > keep {
                 match st.lru.pop_lru() {
                     Some((name, len)) => {
                         st.bytes -= len;
@@ -242,6 +247,15 @@ impl BlockCache {
             Err(e) => warn!(dir = %dir.display(), error = %e, "no disk cache"),
         }
         self
+    }
+
+    /// Gives up to `bytes` of the disk tier back (least recently used
+    /// first): staged data needs the room more than cached blocks do.
+    pub fn free_disk(&self, bytes: u64) {
+        if let Some(d) = &self.disk {
+            let have = d.state.lock().bytes;
+            d.evict_to(have.saturating_sub(bytes));
+        }
     }
 
     pub fn block_size(&self) -> u64 {

@@ -9,8 +9,22 @@
 //!
 //! All handles open for writing on one inode share one `OpenFile` (one
 //! staged copy), so every handle, reader or writer, sees what was written.
-//! The last release uploads what is still dirty; `flush` (every `close`)
-//! and `fsync` upload and return the upload's error.
+//! The last release uploads what is still dirty; `flush` (every `close` of
+//! a descriptor that wrote) and `fsync` upload and return the upload's
+//! error.
+//!
+//! One owner: an inode's write state (its staged copy, its journal, the
+//! identity of the object it replaces) is changed only under its lock, in
+//! the order lock → S3 side effect → record. Rename, unlink, chmod of an
+//! open file go through it (see `namespace.rs`). A failed upload keeps the
+//! state (and the inode) as *pending*: `retry_pending` tries it again with
+//! capped exponential backoff until it lands; the staged data is deleted
+//! only then, or when the file is unlinked.
+//!
+//! Readers see what this mount did: a read handle follows the inode's
+//! object when this mount changes it (upload, rename, metadata copy; the
+//! inode's `generation` counts those), and stays pinned against changes by
+//! other clients.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -46,6 +60,8 @@ pub struct FileHandle {
     opener: std::sync::atomic::AtomicU32,
     /// The object reads are pinned to (when the inode has no write state).
     target: Mutex<Option<ReadTarget>>,
+    /// The inode's generation the target was taken at.
+    generation: std::sync::atomic::AtomicU64,
     readahead: Mutex<Readahead>,
 }
 
@@ -58,6 +74,7 @@ impl FileHandle {
             wrote: Default::default(),
             opener: Default::default(),
             target: Mutex::new(None),
+            generation: Default::default(),
             readahead: Mutex::new(Readahead::default()),
         }
     }
@@ -89,14 +106,20 @@ type StateGuard = tokio::sync::OwnedMutexGuard<WriteState>;
 
 #[derive(Debug)]
 pub struct WriteState {
-    staged: Staged,
-    dirty: bool,
+    pub(super) staged: Staged,
+    pub(super) dirty: bool,
     handles: usize,
-    unlinked: bool,
     /// The last writer left and the state was removed from the map (under
     /// this lock): whoever waited for the lock must not use it.
     closed: bool,
+    /// The last upload failed: its error, and when it is tried again.
+    last_error: Option<String>,
+    next_try: Option<std::time::Instant>,
+    backoff: std::time::Duration,
 }
+
+/// First wait before a failed upload is tried again; it doubles each time.
+const RETRY_FIRST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl WriteState {
     fn new(staged: Staged, dirty: bool) -> Self {
@@ -104,15 +127,25 @@ impl WriteState {
             staged,
             dirty,
             handles: 1,
-            unlinked: false,
             closed: false,
+            last_error: None,
+            next_try: None,
+            backoff: RETRY_FIRST_WAIT,
         }
     }
 }
 
-/// A file with data possibly not yet in S3: path, current size, and
-/// (bytes sent, bytes to send) of a running upload.
-pub type DirtyFile = (String, u64, Option<(u64, u64)>);
+/// A file whose data is not in S3 yet, for `status`.
+#[derive(Clone, Debug)]
+pub struct PendingFile {
+    pub path: String,
+    pub size: u64,
+    /// (bytes sent, bytes to send) of a running upload.
+    pub progress: Option<(u64, u64)>,
+    pub last_error: Option<String>,
+    /// Seconds until the next background try.
+    pub next_try_secs: Option<u64>,
+}
 
 /// The changes of a setattr call.
 #[derive(Clone, Debug, Default)]
@@ -164,7 +197,7 @@ impl Fs {
     }
 
     /// Locks the inode's live write state, if it has one.
-    async fn live(&self, ino: u64) -> Option<StateGuard> {
+    pub(super) async fn live(&self, ino: u64) -> Option<StateGuard> {
         let of = self.writes.lock().get(&ino).cloned()?;
         let st = of.lock_owned().await;
         (!st.closed).then_some(st)
@@ -219,6 +252,7 @@ impl Fs {
             }
             _ => return Err(FsError::IsDir),
         };
+        let generation = self.table.lock().get(ino).map_or(0, |n| n.generation);
         Ok(self.new_handle(Handle::File(FileHandle {
             ino,
             writable,
@@ -226,6 +260,7 @@ impl Fs {
             wrote: std::sync::atomic::AtomicBool::new(writable && trunc),
             opener: Default::default(),
             target: Mutex::new(target),
+            generation: generation.into(),
             readahead: Mutex::new(Readahead::default()),
         })))
     }
@@ -234,6 +269,7 @@ impl Fs {
     async fn attach_writer(&self, ino: u64, trunc: bool) -> FsResult<()> {
         // Repeats only when it races with a last writer leaving.
         for _ in 0..100 {
+            let _ns = self.ns.read().await;
             if let Some(mut st) = self.live(ino).await {
                 st.handles += 1;
                 if trunc {
@@ -248,13 +284,14 @@ impl Fs {
                 let n = t.get(ino).ok_or(FsError::NotFound)?;
                 (n.object.clone(), n.path().unwrap_or_default().to_string())
             };
+            let replaces = object.as_ref().map(|o| o.etag.clone());
             let base = object.filter(|_| !trunc).map(|o| Base {
                 key: self.key_of(&path),
                 etag: o.etag,
                 size: o.size,
                 version: o.version_id,
             });
-            let mut staged = Staged::new(&self.cfg.staging_dir, base)?;
+            let mut staged = self.staged_new(base, replaces)?;
             if trunc {
                 let (key, meta) = self.journal_header(ino)?;
                 staged.begin_journal(&key, &meta)?;
@@ -280,7 +317,7 @@ impl Fs {
 
     /// Starts the write state of a file created by this mount.
     pub(super) fn start_new_file(&self, ino: u64) -> FsResult<()> {
-        let mut staged = Staged::new(&self.cfg.staging_dir, None)?;
+        let mut staged = self.staged_new(None, None)?;
         let (key, meta) = self.journal_header(ino)?;
         staged.begin_journal(&key, &meta)?;
         self.writes.lock().insert(
@@ -288,6 +325,30 @@ impl Fs {
             Arc::new(tokio::sync::Mutex::new(WriteState::new(staged, true))),
         );
         Ok(())
+    }
+
+    /// A new staging file; a full cache disk first gives up cached blocks.
+    fn staged_new(&self, base: Option<Base>, replaces: Option<String>) -> FsResult<Staged> {
+        match Staged::new(&self.cfg.staging_dir, base.clone(), replaces.clone()) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                self.blocks.free_disk(u64::MAX);
+                Ok(Staged::new(&self.cfg.staging_dir, base, replaces)?)
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// Writes to the staged copy; on a full cache disk, cached read blocks
+    /// are given up to make room (staged data comes first), then it fails
+    /// with ENOSPC only if the data itself cannot fit.
+    fn staged_write(&self, st: &mut WriteState, offset: u64, data: &[u8]) -> FsResult<()> {
+        match st.staged.write(offset, data) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                self.blocks.free_disk(u64::MAX);
+                Ok(st.staged.write(offset, data)?)
+            }
+            r => Ok(r?),
+        }
     }
 
     /// The key and metadata a journal starts with.
@@ -303,6 +364,9 @@ impl Fs {
     /// Marks a file's data as differing from S3, journaling from now on so
     /// a killed daemon's next mount can finish the upload.
     fn set_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
+        if st.staged.is_unlinked() {
+            return Ok(());
+        }
         if !st.dirty || !st.staged.journaling() {
             let (key, meta) = self.journal_header(ino)?;
             st.staged.begin_journal(&key, &meta)?;
@@ -330,6 +394,7 @@ impl Fs {
                 .read(&*self.store, offset, u64::from(size))
                 .await?);
         }
+        self.follow_own_changes(fhd);
         match self.read_object(fhd, offset, u64::from(size)).await {
             Err(FsError::Stale) if !fhd.target.lock().as_ref().is_some_and(|t| t.served) => {
                 // The object changed between lookup and the first read:
@@ -349,6 +414,30 @@ impl Fs {
             }
             other => other,
         }
+    }
+
+    /// A reader follows the changes this mount made to its inode's object
+    /// (an upload, a rename, a metadata copy) since it took its target.
+    fn follow_own_changes(&self, fhd: &FileHandle) {
+        let (generation, object, path) = {
+            let t = self.table.lock();
+            let Some(n) = t.get(fhd.ino) else { return };
+            (n.generation, n.object.clone(), n.path().map(str::to_string))
+        };
+        if generation == fhd.generation.load(Ordering::Relaxed) {
+            return;
+        }
+        let (Some(o), Some(path)) = (object, path) else {
+            return;
+        };
+        *fhd.target.lock() = Some(ReadTarget {
+            key: self.key_of(&path).into(),
+            pin: pin_of(&o),
+            etag: o.etag.as_str().into(),
+            size: o.size,
+            served: false,
+        });
+        fhd.generation.store(generation, Ordering::Relaxed);
     }
 
     /// Reads from the pinned object through the block cache, and starts
@@ -430,7 +519,7 @@ impl Fs {
         }
         let mut st = self.live(fhd.ino).await.ok_or(FsError::BadHandle)?;
         self.set_dirty(fhd.ino, &mut st)?;
-        st.staged.write(offset, data)?;
+        self.staged_write(&mut st, offset, data)?;
         if st.staged.stream_due(&self.cfg.upload) {
             let (key, meta) = self.journal_header(fhd.ino)?;
             st.staged
@@ -443,14 +532,18 @@ impl Fs {
     }
 
     /// Uploads the inode's dirty data, if any. The error is the upload's.
-    async fn upload_if_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
-        if !st.dirty || st.unlinked {
+    pub(super) async fn upload_if_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
+        if !st.dirty || st.staged.is_unlinked() {
             return Ok(());
         }
         let (path, attr) = {
             let t = self.table.lock();
             let n = t.get(ino).ok_or(FsError::NotFound)?;
-            (n.path().unwrap_or_default().to_string(), n.attr.clone())
+            // The state follows renames: the key is the inode's path now.
+            let Some(p) = n.path() else {
+                return Ok(());
+            };
+            (p.to_string(), n.attr.clone())
         };
         let key = self.key_of(&path);
         let meta = attr.to_metadata();
@@ -461,10 +554,20 @@ impl Fs {
             .upload(&*self.store, &key, &meta, &self.cfg.upload, &progress)
             .await;
         self.uploads.lock().remove(&ino);
-        let put = put?;
+        let put = match put {
+            Ok(p) => p,
+            Err(e) => {
+                let e = FsError::from(e);
+                st.last_error = Some(e.to_string());
+                return Err(e);
+            }
+        };
         st.dirty = false;
+        st.last_error = None;
+        st.next_try = None;
+        st.backoff = RETRY_FIRST_WAIT;
         st.staged.end_journal();
-        st.staged.rebase(&key, put.etag.clone());
+        st.staged.rebase(&key, &put);
         self.versions.forget(&path);
         let info = ObjectInfo {
             key,
@@ -479,6 +582,7 @@ impl Fs {
         if let Some(n) = self.table.lock().get_mut(ino) {
             n.object = Some(info);
             n.fresh_until = fresh;
+            n.generation += 1;
         }
         Ok(())
     }
@@ -518,7 +622,8 @@ impl Fs {
             );
             return Ok(());
         }
-        let never_uploaded = self.writes.lock().contains_key(&fhd.ino)
+        let never_uploaded = fhd.writable
+            && self.writes.lock().contains_key(&fhd.ino)
             && self
                 .table
                 .lock()
@@ -543,7 +648,8 @@ impl Fs {
         if let Some(mut st) = self.live(ino).await {
             let r = self.upload_if_dirty(ino, &mut st).await;
             if let Err(e) = &r {
-                warn!(ino, error = %e, "upload failed; data kept for retry");
+                warn!(ino, path = %st.staged.path().display(), error = %e,
+                    "upload failed; the data is kept there and retried");
             }
             return r;
         }
@@ -573,16 +679,85 @@ impl Fs {
         }
         let r = self.upload_if_dirty(ino, &mut st).await;
         if let Err(e) = &r {
+            // Never dropped: the state stays, pending, and is retried in the
+            // background until it lands (or the file is unlinked).
             let path = self
                 .table
                 .lock()
                 .get(ino)
                 .and_then(|n| n.path().map(str::to_string));
-            error!(ino, path = ?path, error = %e, "data could not be uploaded and is lost");
+            error!(ino, path = ?path, staged = %st.staged.path().display(), error = %e,
+                "upload failed at close; the data is kept and retried in the background");
+            st.next_try = Some(std::time::Instant::now() + st.backoff);
+            self.retry_wake.notify_one();
+            return r;
         }
         st.closed = true;
         self.writes.lock().remove(&ino);
-        r
+        Ok(())
+    }
+
+    /// Tries again the uploads that failed after their last close, those
+    /// whose time has come; returns when the next one is due. A state that
+    /// lands (or was unlinked) is ended; one that fails waits twice as long
+    /// (at most `upload_retry_max`).
+    pub async fn retry_pending(&self) -> Option<std::time::Instant> {
+        let states: Vec<(u64, Arc<OpenFile>)> = self
+            .writes
+            .lock()
+            .iter()
+            .map(|(i, s)| (*i, s.clone()))
+            .collect();
+        let mut next: Option<std::time::Instant> = None;
+        for (ino, of) in states {
+            let Ok(mut st) = of.try_lock_owned() else {
+                continue; // busy: written or uploaded right now
+            };
+            if st.closed || st.handles > 0 {
+                continue;
+            }
+            let now = std::time::Instant::now();
+            if let Some(t) = st.next_try.filter(|t| *t > now) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+                continue;
+            }
+            match self.upload_if_dirty(ino, &mut st).await {
+                Ok(()) => {
+                    tracing::info!(ino, "a pending upload landed");
+                    st.closed = true;
+                    self.writes.lock().remove(&ino);
+                }
+                Err(e) => {
+                    st.backoff = (st.backoff * 2).min(self.cfg.upload_retry_max);
+                    let t = std::time::Instant::now() + st.backoff;
+                    st.next_try = Some(t);
+                    warn!(ino, error = %e, retry_in = ?st.backoff, "pending upload failed again");
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                }
+            }
+        }
+        next
+    }
+
+    /// Runs `retry_pending` whenever an upload is due, for the life of the
+    /// mount.
+    pub fn spawn_retrier(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let fs = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(f) = fs.upgrade() else { return };
+                let next = f.retry_pending().await;
+                let wake = f.retry_wake.clone();
+                drop(f);
+                let wait = next.map_or(std::time::Duration::from_secs(3600), |t| {
+                    t.saturating_duration_since(std::time::Instant::now())
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+        })
     }
 
     /// Truncates or extends a file, open or not.
@@ -606,27 +781,12 @@ impl Fs {
         r.and(detached)
     }
 
-    /// Whether metadata just changed in the table will reach S3 with the
-    /// file's pending data (true), or needs its own request (false: the
-    /// file is not open, or everything it wrote is already uploaded).
-    pub(super) async fn meta_rides_with_data(&self, ino: u64) -> bool {
-        self.live(ino).await.is_some_and(|st| st.dirty)
-    }
-
     /// Uploads an open file's dirty data now (before a rename).
     pub(super) async fn sync_ino(&self, ino: u64) -> FsResult<()> {
         if let Some(mut st) = self.live(ino).await {
             self.upload_if_dirty(ino, &mut st).await?;
         }
         Ok(())
-    }
-
-    /// Stops a removed file's pending upload.
-    pub(super) async fn mark_unlinked(&self, ino: u64) {
-        if let Some(mut st) = self.live(ino).await {
-            st.unlinked = true;
-            st.staged.end_journal();
-        }
     }
 
     /// Whether this mount holds dirty data in or below a directory.
@@ -648,19 +808,27 @@ impl Fs {
             .collect()
     }
 
-    /// Uploads every dirty file (unmount, SIGTERM). Returns the paths that
-    /// could not be uploaded.
-    pub async fn sync_all(&self) -> Vec<String> {
+    /// Uploads every dirty file (unmount, SIGTERM), each within `limit`.
+    /// Returns the paths that could not be uploaded: their staged data and
+    /// journals stay for the next mount.
+    pub async fn sync_all(&self, limit: std::time::Duration) -> Vec<String> {
         let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
         let mut failed = Vec::new();
         for ino in inos {
-            if let Err(e) = self.sync_ino(ino).await {
+            let r = match tokio::time::timeout(limit, self.sync_ino(ino)).await {
+                Ok(r) => r,
+                Err(_) => Err(FsError::Store(crate::store::StoreError::Transient(
+                    "timed out at shutdown".into(),
+                ))),
+            };
+            if let Err(e) = r {
                 let path = self
                     .table
                     .lock()
                     .get(ino)
                     .and_then(|n| n.path().map(str::to_string));
-                error!(ino, path = ?path, error = %e, "could not upload at shutdown");
+                error!(ino, path = ?path, error = %e,
+                    "could not upload at shutdown; kept for the next mount with this cache_dir");
                 failed.push(path.unwrap_or_else(|| format!("inode {ino}")));
             }
         }
@@ -668,32 +836,45 @@ impl Fs {
     }
 
     /// Files with data not in S3 yet (dirty, or busy being written or
-    /// uploaded): path, current size, and the running upload's progress.
-    pub fn dirty_files(&self) -> Vec<DirtyFile> {
+    /// uploaded): path, current size, the running upload's progress, the
+    /// last error and the next background try.
+    pub fn dirty_files(&self) -> Vec<PendingFile> {
         // A state that is locked is being written or uploaded: count it.
-        let inos: Vec<u64> = self
+        let now = std::time::Instant::now();
+        let inos: Vec<(u64, Option<String>, Option<u64>)> = self
             .writes
             .lock()
             .iter()
-            .filter(|(_, st)| st.try_lock().map_or(true, |st| st.dirty && !st.closed))
-            .map(|(i, _)| *i)
+            .filter_map(|(i, st)| match st.try_lock() {
+                Err(_) => Some((*i, None, None)),
+                Ok(st) if st.dirty && !st.closed && !st.staged.is_unlinked() => Some((
+                    *i,
+                    st.last_error.clone(),
+                    st.next_try
+                        .map(|t| t.saturating_duration_since(now).as_secs()),
+                )),
+                Ok(_) => None,
+            })
             .collect();
         let uploads = self.uploads.lock().clone();
         let t = self.table.lock();
-        let mut out: Vec<_> = inos
-            .iter()
-            .filter_map(|i| t.get(*i).map(|n| (i, n)))
-            .map(|(i, n)| {
-                let p = uploads.get(i).map(|p| {
+        let mut out: Vec<PendingFile> = inos
+            .into_iter()
+            .filter_map(|(i, err, next)| t.get(i).map(|n| (i, n, err, next)))
+            .map(|(i, n, last_error, next_try_secs)| PendingFile {
+                path: n.path().unwrap_or("?").to_string(),
+                size: n.attr.size,
+                progress: uploads.get(&i).map(|p| {
                     (
                         p.done_bytes.load(Ordering::Relaxed),
                         p.total_bytes.load(Ordering::Relaxed),
                     )
-                });
-                (n.path().unwrap_or("?").to_string(), n.attr.size, p)
+                }),
+                last_error,
+                next_try_secs,
             })
             .collect();
-        out.sort();
+        out.sort_by(|a, b| a.path.cmp(&b.path));
         out
     }
 

@@ -26,6 +26,9 @@ pub enum NodeKey {
     VersionsOf(String),
     /// One version (or delete marker) of a key.
     Version { path: String, version_id: String },
+    /// A file unlinked (or replaced by a rename) while something still
+    /// refers to it: it answers to no path and is never listed or uploaded.
+    Detached(String),
 }
 
 #[derive(Clone, Debug)]
@@ -42,6 +45,9 @@ pub struct Inode {
     pub lookups: u64,
     /// Target of a symlink, once read.
     pub symlink_target: Option<String>,
+    /// Counts the changes this mount made to the object (uploads,
+    /// renames, metadata copies), so open readers follow them.
+    pub generation: u64,
     /// For a directory: until when the table holds its complete listing
     /// (set by a listing, or by mkdir), so a name not in the table does
     /// not exist and needs no request.
@@ -91,6 +97,7 @@ impl InodeTable {
                 fresh_until: None,
                 lookups: 1,
                 symlink_target: None,
+                generation: 0,
                 listed_until: None,
             },
         );
@@ -149,6 +156,7 @@ impl InodeTable {
                 fresh_until,
                 lookups: 0,
                 symlink_target: None,
+                generation: 0,
                 listed_until: None,
             },
         );
@@ -158,8 +166,17 @@ impl InodeTable {
     /// Unlinks a path: the inode stays (open handles and the kernel may
     /// still refer to it) but no longer answers to its path.
     pub fn remove_path(&mut self, path: &str, negative_until: Instant) {
-        self.by_key.remove(&NodeKey::Path(path.to_string()));
+        self.detach(path);
         self.negative.insert(path.to_string(), negative_until);
+    }
+
+    /// The node at `path` answers to it no more (unlinked, or replaced).
+    fn detach(&mut self, path: &str) {
+        if let Some(ino) = self.by_key.remove(&NodeKey::Path(path.to_string()))
+            && let Some(n) = self.by_ino.get_mut(&ino)
+        {
+            n.key = NodeKey::Detached(path.to_string());
+        }
     }
 
     pub fn is_negative(&self, path: &str, now: Instant) -> bool {
@@ -169,7 +186,7 @@ impl InodeTable {
     /// Moves a node and everything below it from `from` to `to`.
     pub fn rename(&mut self, from: &str, to: &str, new_parent: u64) {
         // Whatever was at the destination is replaced.
-        self.by_key.remove(&NodeKey::Path(to.to_string()));
+        self.detach(to);
         let below = format!("{from}/");
         let moved: Vec<(NodeKey, u64)> = self
             .by_key

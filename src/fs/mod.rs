@@ -8,10 +8,14 @@
 //! - `namespace`: create, mkdir, unlink, rmdir, rename, symlink, setattr.
 //! - `versions`: the read-only `.versions/` tree and point-in-time mounts.
 //!
-//! Lock order: `table` before `handles` before `writes`; each is a
-//! `parking_lot` lock held for a few map operations, never across `.await`.
-//! A file's write state has its own async lock, which may be held across an
-//! upload; it is taken after (never while holding) the maps' locks.
+//! Lock order: `ns` (async), then files' write states (async, in inode
+//! order when two are held), then `table` before `handles` before
+//! `writes`, each a `parking_lot` lock held for a few map operations,
+//! never across `.await`. `ns` is taken for reading by what adds a name
+//! or a writer (create, mkdir, open for writing, file rename) and for
+//! writing by what must see a directory hold still (rmdir, directory
+//! rename); it is never held across an upload of data, except by a
+//! directory rename uploading the dirty files it moves.
 
 pub mod attr;
 mod files;
@@ -31,8 +35,8 @@ use parking_lot::Mutex;
 use tracing::debug;
 
 pub use attr::{Attr, Defaults, FileKind};
-pub use files::SetAttr;
 use files::{Handle, OpenFile};
+pub use files::{PendingFile, SetAttr};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;
@@ -66,6 +70,8 @@ pub struct FsConfig {
     /// Read-ahead grows up to this many blocks per handle.
     pub readahead_max_blocks: u64,
     pub upload: UploadOptions,
+    /// Longest wait between background retries of a failed upload.
+    pub upload_retry_max: Duration,
     /// Whether readdir lists `.versions`.
     pub versions_visible: bool,
     /// Show the bucket as it was at this moment (read-only).
@@ -96,6 +102,7 @@ impl Default for FsConfig {
                 part_size_bytes: 8 * 1024 * 1024,
                 concurrency: 8,
             },
+            upload_retry_max: Duration::from_secs(300),
             versions_visible: false,
             as_of: None,
         }
@@ -199,6 +206,10 @@ pub struct Fs {
     table: Mutex<InodeTable>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     writes: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// Namespace lock (see the lock order above).
+    ns: tokio::sync::RwLock<()>,
+    /// Wakes the background retrier (`spawn_retrier`).
+    retry_wake: Arc<tokio::sync::Notify>,
     /// Uploads running now, by inode (for `status`).
     uploads: Mutex<HashMap<u64, Arc<crate::write::Progress>>>,
     blocks: Arc<BlockCache>,
@@ -221,6 +232,8 @@ impl Fs {
             table: Mutex::new(InodeTable::new(root)),
             handles: Mutex::new(HashMap::new()),
             writes: Mutex::new(HashMap::new()),
+            ns: tokio::sync::RwLock::new(()),
+            retry_wake: Arc::new(tokio::sync::Notify::new()),
             uploads: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             odd: OddKeys::default(),

@@ -5,6 +5,14 @@
 //! `rmdir` deletes it and refuses while any key lies below. A rename is
 //! CopyObject + DeleteObject per key: not atomic, as on every S3
 //! filesystem; a directory is renamed key by key.
+//!
+//! Every change to a file with write state goes through that state, under
+//! its lock, in the order lock → S3 side effect → record: an unlink whose
+//! DeleteObject fails changes nothing; a rename uploads what is dirty,
+//! copies, deletes, then moves the state (its key and base identity)
+//! with it; a chmod of an open, clean file rebases the state on the
+//! object its self-copy made. A rename that replaces a file with write
+//! state waits for that state's upload and then discards it.
 
 use std::ffi::OsStr;
 use std::time::{Instant, SystemTime};
@@ -111,6 +119,7 @@ impl Fs {
         flags: i32,
     ) -> FsResult<(Attr, u64)> {
         let path = self.new_child(parent, name)?;
+        let _ns = self.ns.read().await;
         if flags & libc::O_EXCL != 0 {
             self.ensure_absent(parent, &path).await?;
         }
@@ -137,6 +146,7 @@ impl Fs {
     /// is an empty object whose mode and rdev live in the metadata.
     pub async fn mknod(&self, parent: u64, name: &OsStr, c: Creator, rdev: u32) -> FsResult<Attr> {
         let path = self.new_child(parent, name)?;
+        let _ns = self.ns.read().await;
         self.ensure_absent(parent, &path).await?;
         let kind = FileKind::from_mode(c.mode);
         if kind == FileKind::Dir || kind == FileKind::Symlink {
@@ -171,6 +181,7 @@ impl Fs {
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr, c: Creator) -> FsResult<Attr> {
         let path = self.new_child(parent, name)?;
+        let _ns = self.ns.read().await;
         self.ensure_absent(parent, &path).await?;
         let attr = self.new_attr(FileKind::Dir, c, 0);
         self.put_node(parent, path, attr, Bytes::new()).await
@@ -245,14 +256,24 @@ impl Fs {
         if attr.kind == FileKind::Dir {
             return Err(FsError::IsDir);
         }
+        let _ns = self.ns.read().await;
+        // Lock → delete → record: a failed DeleteObject leaves the writer's
+        // data as it was, to be uploaded at its close.
+        let mut st = self.live(attr.ino).await;
         let uploaded = self
             .table
             .lock()
             .get(attr.ino)
             .is_some_and(|n| n.object.is_some());
-        self.mark_unlinked(attr.ino).await;
         if uploaded {
-            self.store.delete(&self.key_of(&path)).await?;
+            match self.store.delete(&self.key_of(&path)).await {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(st) = st.as_mut() {
+            st.staged.discard();
+            st.dirty = false;
         }
         self.versions.forget(&path);
         let until = Instant::now() + self.cfg.metadata_ttl;
@@ -267,6 +288,8 @@ impl Fs {
         if attr.kind != FileKind::Dir {
             return Err(FsError::NotDir);
         }
+        // No create in the directory while it is checked and removed.
+        let _ns = self.ns.write().await;
         let prefix = format!("{}/", self.key_of(&path));
         let page = self.store.list(&prefix, None, None, Some(2)).await?;
         if page.objects.iter().any(|o| o.key != prefix) || self.pending_below(&path) {
@@ -292,6 +315,13 @@ impl Fs {
         let from = self.new_child(parent, name)?;
         let to = self.new_child(new_parent, new_name)?;
         let src = self.lookup_path(parent, from.clone()).await?;
+        // A directory rename holds the namespace still; a file rename only
+        // keeps directory renames out.
+        let (_read, _write) = if src.kind == FileKind::Dir {
+            (None, Some(self.ns.write().await))
+        } else {
+            (Some(self.ns.read().await), None)
+        };
         let dst = match self.lookup_path(new_parent, to.clone()).await {
             Ok(a) => Some(a),
             Err(FsError::NotFound) => None,
@@ -324,28 +354,8 @@ impl Fs {
             }
             self.rename_tree(&from, &to).await?;
         } else {
-            // Whatever this mount still holds for the file goes up first.
-            self.sync_ino(src.ino).await?;
-            let uploaded = self
-                .table
-                .lock()
-                .get(src.ino)
-                .is_some_and(|n| n.object.is_some());
-            if uploaded {
-                let (fk, tk) = (self.key_of(&from), self.key_of(&to));
-                let put = self.store.copy(&fk, &tk, None, None).await?;
-                self.store.delete(&fk).await?;
-                if let Some(n) = self.table.lock().get_mut(src.ino)
-                    && let Some(o) = n.object.as_mut()
-                {
-                    o.key = tk;
-                    o.etag = put.etag;
-                    o.version_id = put.version_id;
-                }
-            }
-            if let Some(d) = dst {
-                self.mark_unlinked(d.ino).await;
-            }
+            self.rename_file(src.ino, dst.map(|d| d.ino), &from, &to)
+                .await?;
         }
         self.versions.forget(&from);
         self.versions.forget(&to);
@@ -361,15 +371,80 @@ impl Fs {
         Ok(())
     }
 
+    /// Renames one file: under its write state's lock (and that of the
+    /// file it replaces, in inode order), what is dirty goes up, the object
+    /// is copied and the original deleted, then the state moves with it.
+    /// The replaced file's pending data is discarded after its upload
+    /// finished, so a stale upload never lands over the renamed file.
+    async fn rename_file(&self, src: u64, dst: Option<u64>, from: &str, to: &str) -> FsResult<()> {
+        let (mut s, mut d) = match dst.filter(|d| *d != src) {
+            Some(d) if d < src => {
+                let dg = self.live(d).await;
+                (self.live(src).await, dg)
+            }
+            Some(d) => {
+                let sg = self.live(src).await;
+                (sg, self.live(d).await)
+            }
+            None => (self.live(src).await, None),
+        };
+        if let Some(st) = s.as_mut() {
+            self.upload_if_dirty(src, st).await?;
+        }
+        let uploaded = self
+            .table
+            .lock()
+            .get(src)
+            .is_some_and(|n| n.object.is_some());
+        if uploaded {
+            let (fk, tk) = (self.key_of(from), self.key_of(to));
+            let put = self.store.copy(&fk, &tk, None, None).await?;
+            if let Some(st) = s.as_mut() {
+                st.staged.base_moved(&tk, &put);
+            }
+            if let Some(n) = self.table.lock().get_mut(src)
+                && let Some(o) = n.object.as_mut()
+            {
+                o.key = tk.clone();
+                o.etag = put.etag.clone();
+                o.version_id = put.version_id.clone();
+                n.generation += 1;
+            }
+            match self.store.delete(&fk).await {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(st) = d.as_mut() {
+            st.staged.discard();
+            st.dirty = false;
+        }
+        Ok(())
+    }
+
     /// Copies every key below `from/` to `to/`, then deletes the originals.
+    /// The caller holds `ns` for writing; the write states of the files
+    /// below are locked for the whole move, so none uploads between the
+    /// copy and the delete, and each moves with its file.
     async fn rename_tree(&self, from: &str, to: &str) -> FsResult<()> {
         let (src_prefix, dst_prefix) = (
             format!("{}/", self.key_of(from)),
             format!("{}/", self.key_of(to)),
         );
         // Dirty files below go up first, so their current bytes move.
-        for ino in self.writers_below(from) {
-            self.sync_ino(ino).await?;
+        let mut writers = self.writers_below(from);
+        writers.sort_unstable();
+        let mut states = Vec::new();
+        for ino in writers {
+            if let Some(mut st) = self.live(ino).await {
+                self.upload_if_dirty(ino, &mut st).await?;
+                let key = self
+                    .table
+                    .lock()
+                    .get(ino)
+                    .and_then(|n| n.path().map(|p| self.key_of(p)));
+                states.push((ino, key, st));
+            }
         }
         let mut keys = Vec::new();
         let mut token = None;
@@ -387,12 +462,29 @@ impl Fs {
             .collect();
         let copies = pairs.into_iter().map(|(src, dst)| {
             let store = self.store.clone();
-            async move { store.copy(&src, &dst, None, None).await.map(|_| ()) }
+            async move {
+                let put = store.copy(&src, &dst, None, None).await?;
+                Ok::<_, StoreError>((src, dst, put))
+            }
         });
-        futures::stream::iter(copies)
+        let copied: Vec<(String, String, crate::store::PutResult)> = futures::stream::iter(copies)
             .buffer_unordered(RENAME_CONCURRENCY)
-            .try_collect::<()>()
+            .try_collect()
             .await?;
+        // Each open file's state now rests on its copy.
+        for (ino, key, st) in states.iter_mut() {
+            if let Some((_, dst, put)) = copied.iter().find(|(s, _, _)| Some(s) == key.as_ref()) {
+                st.staged.base_moved(dst, put);
+                if let Some(n) = self.table.lock().get_mut(*ino) {
+                    n.generation += 1;
+                    if let Some(o) = n.object.as_mut() {
+                        o.key = dst.clone();
+                        o.etag = put.etag.clone();
+                        o.version_id = put.version_id.clone();
+                    }
+                }
+            }
+        }
         let deletes = keys.into_iter().map(|k| {
             let store = self.store.clone();
             async move {
@@ -451,7 +543,14 @@ impl Fs {
             n.attr.ctime = SystemTime::now();
             n.attr.clone()
         };
-        if self.meta_rides_with_data(ino).await || path.is_empty() {
+        if path.is_empty() {
+            return Ok(new);
+        }
+        // An open file: its state decides, under its lock. Dirty data
+        // carries the new metadata; a clean one is copied onto itself and
+        // the state rebased on the copy (its ETag changed).
+        let mut st = self.live(ino).await;
+        if st.as_ref().is_some_and(|st| st.dirty) {
             return Ok(new);
         }
         // Not open: store the new metadata on the object itself.
@@ -476,7 +575,11 @@ impl Fs {
             r
         } else {
             let key = self.key_of(&path);
-            self.store.copy(&key, &key, Some(&meta), None).await?
+            let put = self.store.copy(&key, &key, Some(&meta), None).await?;
+            if let Some(st) = st.as_mut() {
+                st.staged.base_moved(&key, &put);
+            }
+            put
         };
         self.versions.forget(&path);
         let size = object.as_ref().map_or(0, |o| o.size);
@@ -491,6 +594,7 @@ impl Fs {
                 put.version_id,
             ));
             n.fresh_until = fresh;
+            n.generation += 1;
         }
         Ok(new)
     }

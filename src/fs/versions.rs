@@ -173,7 +173,7 @@ impl Fs {
                 Ok(self.remember_version(parent, &path, &list[i], times[i]))
             }
             NodeKey::Version { .. } => Err(FsError::NotDir),
-            NodeKey::Path(_) => Err(FsError::NotFound),
+            NodeKey::Path(_) | NodeKey::Detached(_) => Err(FsError::NotFound),
         }
     }
 

@@ -14,7 +14,7 @@ pub mod s3;
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -83,8 +83,10 @@ pub enum ReadPin {
 pub enum PutBody {
     Bytes(Bytes),
     /// A byte range of a local file (staged writes never sit in memory).
+    /// The open file, not its path: a staged file whose directory was
+    /// removed is still uploaded from its descriptor.
     File {
-        path: PathBuf,
+        file: Arc<std::fs::File>,
         offset: u64,
         len: u64,
     },
@@ -106,9 +108,8 @@ impl PutBody {
     pub fn read_all(&self) -> std::io::Result<Bytes> {
         match self {
             PutBody::Bytes(b) => Ok(b.clone()),
-            PutBody::File { path, offset, len } => {
+            PutBody::File { file, offset, len } => {
                 use std::os::unix::fs::FileExt;
-                let file = std::fs::File::open(path)?;
                 let mut buf = vec![0u8; *len as usize];
                 file.read_exact_at(&mut buf, *offset)?;
                 Ok(Bytes::from(buf))

@@ -3,13 +3,23 @@
 //!
 //! Credentials come from aws-config's default chain (environment, profiles,
 //! SSO, web identity, container and instance metadata) unless static keys are
-//! given (s3fs-style `passwd_file`). Each attempt is bounded by a connect and
-//! a read timeout, and the SDK's standard retry (exponential backoff with
-//! jitter) retries transient failures, so no call waits forever.
+//! given (s3fs-style `passwd_file`).
+//!
+//! Time budgets. Each attempt is bounded by a connect timeout and a
+//! first-byte timeout (`timeout=`); a GET body that stalls for that long
+//! between chunks is cut too. Calls S3 may legitimately take minutes to
+//! answer (CompleteMultipartUpload, CopyObject, UploadPartCopy) get
+//! `long_timeout=` for their first byte instead. There is one retry layer,
+//! here (the SDK's own is off): transient failures (throttling, 5xx,
+//! timeouts, resets, bodies cut short) are retried with capped exponential
+//! backoff and jitter while the call's time budget (`retry_time=`) and
+//! attempt count (`retries=`) last. So a stalled server costs one call at
+//! most `retry_time` plus one attempt's timeout.
 
+use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
@@ -46,6 +56,27 @@ pub struct S3Settings {
     pub attempt_timeout: Duration,
     /// Attempts per call, the first included.
     pub max_attempts: u32,
+    /// Time budget of the retries of one call.
+    pub retry_time: Duration,
+    /// First-byte timeout of long server-side operations.
+    pub long_timeout: Duration,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        S3Settings {
+            bucket: String::new(),
+            endpoint: None,
+            region: None,
+            path_style: false,
+            profile: None,
+            static_keys: None,
+            attempt_timeout: Duration::from_secs(10),
+            max_attempts: 11,
+            retry_time: Duration::from_secs(45),
+            long_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 /// The S3 implementation of `ObjectStore`.
@@ -55,6 +86,9 @@ pub struct S3Store {
     bucket: String,
     counters: Counters,
     max_attempts: u32,
+    retry_time: Duration,
+    attempt_timeout: Duration,
+    long_timeout: Duration,
     /// The store answered ListObjectVersions with 501 Not Implemented.
     no_versions_api: AtomicBool,
 }
@@ -117,10 +151,8 @@ impl S3Store {
             .connect_timeout(s.attempt_timeout)
             .read_timeout(s.attempt_timeout)
             .build();
-        let retry = RetryConfig::standard()
-            .with_max_attempts(s.max_attempts.max(1))
-            .with_initial_backoff(Duration::from_millis(200))
-            .with_max_backoff(Duration::from_secs(5));
+        // Retries are ours (`S3Store::retry`): one layer, with a time budget.
+        let retry = RetryConfig::disabled();
         let mut b = aws_sdk_s3::config::Builder::from(sdk)
             .region(Region::new(region.to_string()))
             .timeout_config(timeouts)
@@ -139,6 +171,9 @@ impl S3Store {
             bucket: s.bucket.clone(),
             counters: Counters::default(),
             max_attempts: s.max_attempts.max(1),
+            retry_time: s.retry_time,
+            attempt_timeout: s.attempt_timeout,
+            long_timeout: s.long_timeout,
             no_versions_api: AtomicBool::new(false),
         }
     }
@@ -210,9 +245,18 @@ where
                 (_, "KeyTooLongError" | "InvalidArgument" | "InvalidRequest") => {
                     StoreError::InvalidRequest(msg)
                 }
-                (408 | 429, _) | (500..=599, _) | (_, "SlowDown" | "RequestTimeout") => {
-                    StoreError::Transient(msg)
-                }
+                (408 | 429, _)
+                | (500..=599, _)
+                | (
+                    _,
+                    "SlowDown"
+                    | "RequestTimeout"
+                    | "InternalError"
+                    | "ServiceUnavailable"
+                    | "Throttling"
+                    | "ThrottlingException"
+                    | "RequestTimeTooSkewed",
+                ) => StoreError::Transient(msg),
                 _ => StoreError::Other(msg),
             }
         }
@@ -225,13 +269,18 @@ fn to_system_time(t: Option<&DateTime>) -> std::time::SystemTime {
         .unwrap_or(std::time::UNIX_EPOCH)
 }
 
-async fn byte_stream(body: PutBody) -> StoreResult<ByteStream> {
+async fn byte_stream(body: &PutBody) -> StoreResult<ByteStream> {
     match body {
-        PutBody::Bytes(b) => Ok(ByteStream::from(b)),
-        PutBody::File { path, offset, len } => ByteStream::read_from()
-            .path(path)
-            .offset(offset)
-            .length(Length::Exact(len))
+        PutBody::Bytes(b) => Ok(ByteStream::from(b.clone())),
+        // The descriptor's /proc link opens the same file even when its
+        // name is gone (a removed cache directory).
+        PutBody::File { file, offset, len } => ByteStream::read_from()
+            .path(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&**file)
+            ))
+            .offset(*offset)
+            .length(Length::Exact(*len))
             .build()
             .await
             .map_err(|e| StoreError::Other(format!("staging file: {e}"))),
@@ -252,13 +301,57 @@ fn rand_jitter() -> u32 {
         .map_or(0, |d| d.subsec_nanos())
 }
 
+/// The wait before retry `n` (0-based): exponential from 200 ms, capped
+/// at 5 s, half of it fixed and half random ("equal jitter"), so clients
+/// throttled together spread out yet each keeps backing off.
+fn backoff(n: u32) -> Duration {
+    let full_ms = (200u64 << n.min(5)).min(5_000);
+    let half = full_ms / 2;
+    Duration::from_millis(half + u64::from(rand_jitter()) % (half + 1))
+}
+
 impl S3Store {
-    /// Counts a request that sends `body`; its length and stream.
-    async fn counted_body(&self, op: Op, body: PutBody) -> StoreResult<(i64, ByteStream)> {
-        self.counters.record(op);
+    /// Runs `attempt` until it succeeds, fails for good, or the retry
+    /// budget (count and time) is spent. Every attempt is counted.
+    async fn retry<T, F, Fut>(&self, op: Op, key: &str, mut attempt: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = StoreResult<T>>,
+    {
+        let start = Instant::now();
+        let mut n = 0;
+        loop {
+            self.counters.record(op);
+            match attempt().await {
+                Err(e) if e.is_transient() && n + 1 < self.max_attempts => {
+                    let wait = backoff(n);
+                    if start.elapsed() + wait > self.retry_time {
+                        return Err(e);
+                    }
+                    n += 1;
+                    debug!(op = op.name(), key, attempt = n, error = %e, "retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Per-call config for the calls S3 may take minutes to answer.
+    fn long_call(&self) -> aws_sdk_s3::config::Builder {
+        aws_sdk_s3::config::Builder::default().timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(self.attempt_timeout)
+                .read_timeout(self.long_timeout)
+                .build(),
+        )
+    }
+
+    /// Counts the bytes of a request that sends `body`; its length.
+    fn count_body(&self, body: &PutBody) -> i64 {
         let len = body.len();
         self.counters.add_sent(len);
-        Ok((len as i64, byte_stream(body).await?))
+        len as i64
     }
 
     /// ListObjectVersions emulated with ListObjectsV2, for stores without
@@ -297,7 +390,6 @@ impl S3Store {
         range: Range<u64>,
         pin: &ReadPin,
     ) -> StoreResult<Bytes> {
-        self.counters.record(Op::Get);
         let mut req = self
             .client
             .get_object()
@@ -318,12 +410,20 @@ impl S3Store {
             Err(e) => return Err(classify(e)),
         };
         let expected = out.content_length().unwrap_or(-1);
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Transient(format!("reading body: {e}")))?
-            .into_bytes();
+        let mut body = out.body;
+        let mut buf = bytes::BytesMut::with_capacity(expected.max(0) as usize);
+        // A body that stalls is cut: each chunk must come within the timeout.
+        loop {
+            match tokio::time::timeout(self.attempt_timeout, body.next()).await {
+                Err(_) => return Err(StoreError::Transient("GET body stalled".into())),
+                Ok(None) => break,
+                Ok(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
+                Ok(Some(Err(e))) => {
+                    return Err(StoreError::Transient(format!("reading body: {e}")));
+                }
+            }
+        }
+        let data = buf.freeze();
         self.counters.add_received(data.len() as u64);
         // A body cut short must never be served as data.
         if expected >= 0 && data.len() as i64 != expected {
@@ -345,8 +445,7 @@ impl ObjectStore for S3Store {
         token: Option<String>,
         max_keys: Option<i32>,
     ) -> StoreResult<ListPage> {
-        self.counters.record(Op::List);
-        let out = self
+        let req = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
@@ -355,10 +454,12 @@ impl ObjectStore for S3Store {
             .set_continuation_token(token)
             .set_max_keys(max_keys)
             // Keys come URL-encoded: XML 1.0 cannot carry control characters.
-            .encoding_type(EncodingType::Url)
-            .send()
-            .await
-            .map_err(classify)?;
+            .encoding_type(EncodingType::Url);
+        let out = self
+            .retry(Op::List, prefix, || async {
+                req.clone().send().await.map_err(classify)
+            })
+            .await?;
         let objects = out
             .contents()
             .iter()
@@ -390,16 +491,17 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str, version: Option<&str>) -> StoreResult<ObjectInfo> {
-        self.counters.record(Op::Head);
-        let out = self
+        let req = self
             .client
             .head_object()
             .bucket(&self.bucket)
             .key(key)
-            .set_version_id(version.map(str::to_string))
-            .send()
-            .await
-            .map_err(classify)?;
+            .set_version_id(version.map(str::to_string));
+        let out = self
+            .retry(Op::Head, key, || async {
+                req.clone().send().await.map_err(classify)
+            })
+            .await?;
         Ok(ObjectInfo {
             key: key.to_string(),
             size: out.content_length().unwrap_or(0).max(0) as u64,
@@ -419,36 +521,31 @@ impl ObjectStore for S3Store {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        // The SDK retries failed requests; a body that breaks off or comes
-        // short after a good start is retried here, never served.
-        let mut attempt = 0;
-        loop {
-            match self.get_range_once(key, range.clone(), pin).await {
-                Err(StoreError::Transient(m)) if attempt + 1 < self.max_attempts => {
-                    attempt += 1;
-                    let backoff = Duration::from_millis(100 << attempt.min(5));
-                    let jitter = Duration::from_millis(u64::from(rand_jitter()) % 100);
-                    debug!(key, attempt, error = %m, "GET body failed; retrying");
-                    tokio::time::sleep(backoff + jitter).await;
-                }
-                other => return other,
-            }
-        }
+        // A body that breaks off, stalls or comes short is retried like a
+        // failed request, never served.
+        self.retry(Op::Get, key, || {
+            self.get_range_once(key, range.clone(), pin)
+        })
+        .await
     }
 
     async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {
-        let (len, body) = self.counted_body(Op::Put, body).await?;
+        let len = self.count_body(&body);
         let out = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_length(len)
-            .body(body)
-            .set_metadata(Some(meta.clone()))
-            .send()
-            .await
-            .map_err(classify)?;
+            .retry(Op::Put, key, || async {
+                let stream = byte_stream(&body).await?;
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .content_length(len)
+                    .set_metadata(Some(meta.clone()))
+                    .body(stream)
+                    .send()
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
         Ok(PutResult {
             etag: out.e_tag().unwrap_or_default().to_string(),
             version_id: out.version_id().map(str::to_string),
@@ -462,7 +559,6 @@ impl ObjectStore for S3Store {
         meta: Option<&Metadata>,
         src_version: Option<&str>,
     ) -> StoreResult<PutResult> {
-        self.counters.record(Op::Copy);
         let mut req = self
             .client
             .copy_object()
@@ -474,7 +570,16 @@ impl ObjectStore for S3Store {
                 .metadata_directive(MetadataDirective::Replace)
                 .set_metadata(Some(m.clone()));
         }
-        let out = req.send().await.map_err(classify)?;
+        let out = self
+            .retry(Op::Copy, dst, || async {
+                req.clone()
+                    .customize()
+                    .config_override(self.long_call())
+                    .send()
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
         Ok(PutResult {
             etag: out
                 .copy_object_result()
@@ -486,28 +591,26 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.counters.record(Op::Delete);
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(classify)?;
+        let req = self.client.delete_object().bucket(&self.bucket).key(key);
+        self.retry(Op::Delete, key, || async {
+            req.clone().send().await.map_err(classify)
+        })
+        .await?;
         Ok(())
     }
 
     async fn create_multipart(&self, key: &str, meta: &Metadata) -> StoreResult<String> {
-        self.counters.record(Op::CreateMultipart);
-        let out = self
+        let req = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
-            .set_metadata(Some(meta.clone()))
-            .send()
-            .await
-            .map_err(classify)?;
+            .set_metadata(Some(meta.clone()));
+        let out = self
+            .retry(Op::CreateMultipart, key, || async {
+                req.clone().send().await.map_err(classify)
+            })
+            .await?;
         out.upload_id()
             .map(str::to_string)
             .ok_or_else(|| StoreError::Other("no upload id returned".into()))
@@ -520,19 +623,23 @@ impl ObjectStore for S3Store {
         part_number: i32,
         body: PutBody,
     ) -> StoreResult<String> {
-        let (len, body) = self.counted_body(Op::UploadPart, body).await?;
+        let len = self.count_body(&body);
         let out = self
-            .client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(key)
-            .upload_id(upload_id)
-            .part_number(part_number)
-            .content_length(len)
-            .body(body)
-            .send()
-            .await
-            .map_err(classify)?;
+            .retry(Op::UploadPart, key, || async {
+                let stream = byte_stream(&body).await?;
+                self.client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .part_number(part_number)
+                    .content_length(len)
+                    .body(stream)
+                    .send()
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
         Ok(out.e_tag().unwrap_or_default().to_string())
     }
 
@@ -545,8 +652,7 @@ impl ObjectStore for S3Store {
         range: Range<u64>,
         src_etag: Option<&str>,
     ) -> StoreResult<String> {
-        self.counters.record(Op::UploadPartCopy);
-        let out = self
+        let req = self
             .client
             .upload_part_copy()
             .bucket(&self.bucket)
@@ -555,10 +661,17 @@ impl ObjectStore for S3Store {
             .part_number(part_number)
             .copy_source(self.copy_source(src, None))
             .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
-            .set_copy_source_if_match(src_etag.map(str::to_string))
-            .send()
-            .await
-            .map_err(classify)?;
+            .set_copy_source_if_match(src_etag.map(str::to_string));
+        let out = self
+            .retry(Op::UploadPartCopy, key, || async {
+                req.clone()
+                    .customize()
+                    .config_override(self.long_call())
+                    .send()
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
         Ok(out
             .copy_part_result()
             .and_then(|r| r.e_tag())
@@ -572,12 +685,11 @@ impl ObjectStore for S3Store {
         upload_id: &str,
         parts: Vec<(i32, String)>,
     ) -> StoreResult<PutResult> {
-        self.counters.record(Op::CompleteMultipart);
-        let parts = parts
+        let parts: Vec<CompletedPart> = parts
             .into_iter()
             .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
             .collect();
-        let out = self
+        let req = self
             .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
@@ -587,26 +699,40 @@ impl ObjectStore for S3Store {
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
                     .build(),
-            )
-            .send()
-            .await
-            .map_err(classify)?;
+            );
+        // A 200 answer whose body is an error is an error (the SDK parses
+        // it as one); an answer without an ETag is not a success either.
+        let out = self
+            .retry(Op::CompleteMultipart, key, || async {
+                req.clone()
+                    .customize()
+                    .config_override(self.long_call())
+                    .send()
+                    .await
+                    .map_err(classify)
+            })
+            .await?;
+        let etag = out
+            .e_tag()
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| StoreError::Transient("CompleteMultipartUpload: no ETag".into()))?;
         Ok(PutResult {
-            etag: out.e_tag().unwrap_or_default().to_string(),
+            etag: etag.to_string(),
             version_id: out.version_id().map(str::to_string),
         })
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
-        self.counters.record(Op::AbortMultipart);
-        self.client
+        let req = self
+            .client
             .abort_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
-            .upload_id(upload_id)
-            .send()
-            .await
-            .map_err(classify)?;
+            .upload_id(upload_id);
+        self.retry(Op::AbortMultipart, key, || async {
+            req.clone().send().await.map_err(classify)
+        })
+        .await?;
         Ok(())
     }
 
@@ -619,30 +745,37 @@ impl ObjectStore for S3Store {
         if self.no_versions_api.load(Ordering::Relaxed) {
             return self.versions_from_listing(prefix, delimiter, marker).await;
         }
-        self.counters.record(Op::ListVersions);
         let (key_marker, version_marker) = marker.clone().unzip();
-        let out = match self
+        let req = self
             .client
             .list_object_versions()
             .bucket(&self.bucket)
             .prefix(prefix)
             .set_delimiter(delimiter.map(str::to_string))
             .set_key_marker(key_marker)
-            .set_version_id_marker(version_marker.filter(|v| !v.is_empty()))
-            .send()
-            .await
+            .set_version_id_marker(version_marker.filter(|v| !v.is_empty()));
+        let out = match self
+            .retry(Op::ListVersions, prefix, || async {
+                match req.clone().send().await {
+                    Ok(out) => Ok(Some(out)),
+                    // A store without versions (Garage...): every object
+                    // is its one version, "null".
+                    Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 501 => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(classify(e)),
+                }
+            })
+            .await?
         {
-            Ok(out) => out,
-            // A store without versions (Garage...): every object is its
-            // one version, "null".
-            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 501 => {
+            Some(out) => out,
+            None => {
                 debug!(
                     "the store has no ListObjectVersions; showing current objects as version null"
                 );
                 self.no_versions_api.store(true, Ordering::Relaxed);
                 return self.versions_from_listing(prefix, delimiter, marker).await;
             }
-            Err(e) => return Err(classify(e)),
         };
         let mut versions: Vec<VersionInfo> = out
             .versions()
@@ -689,16 +822,17 @@ impl ObjectStore for S3Store {
     }
 
     async fn check_bucket(&self) -> StoreResult<()> {
-        self.counters.record(Op::HeadBucket);
         // ListObjectsV2 rather than HeadBucket: its errors carry a code
         // (NoSuchBucket vs AccessDenied), and it is what a mount needs anyway.
-        self.client
+        let req = self
+            .client
             .list_objects_v2()
             .bucket(&self.bucket)
-            .max_keys(1)
-            .send()
-            .await
-            .map_err(classify)?;
+            .max_keys(1);
+        self.retry(Op::HeadBucket, "", || async {
+            req.clone().send().await.map_err(classify)
+        })
+        .await?;
         Ok(())
     }
 

@@ -1,14 +1,21 @@
 //! The journal of a staged file: enough to finish its upload after the
 //! daemon was killed. It lives beside the staging file
-//! (`stage-<pid>-<n>.journal`) from the moment the file has data not in S3
+//! (`stage-<id>.journal`) from the moment the file has data not in S3
 //! until that data is uploaded, and is removed then.
 //!
 //! Format: a header of `name value` lines (values percent-encoded) up to a
 //! `--` line, then one line per change: `W <offset> <len>` for a write,
-//! `T <size>` for a truncation. Lines are appended without fsync: a crash
-//! of the daemon (not of the machine) loses none of them.
+//! `T <size>` for a truncation, `U <upload id>` for a multipart upload
+//! started for the data (before its first part is sent), `P <part>
+//! <etag>` for a part sent, `X` when the file was unlinked (final: nothing
+//! is to be uploaded). Every line ends in ` *<checksum>` (FNV-1a of the
+//! rest): replay stops at the first line that does not check, which can
+//! only be a torn last line. Lines are appended without fsync: a crash of
+//! the daemon (not of the machine) loses none of them. A journal that
+//! grows past `COMPACT_LINES` is rewritten from the in-memory state (to a
+//! new file renamed over the old one).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -17,7 +24,9 @@ use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode
 use super::RangeSet;
 use crate::store::Metadata;
 
-const MAGIC: &str = "bucketfs-journal 1";
+const MAGIC: &str = "bucketfs-journal 2";
+/// A journal with more change lines than this is rewritten compactly.
+pub const COMPACT_LINES: u64 = 4096;
 
 /// What the journal knows at its start.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,6 +35,10 @@ pub struct Header {
     /// The object the staged data started from, if any.
     pub base_etag: Option<String>,
     pub base_version: Option<String>,
+    /// The ETag of the object the data replaces when it is uploaded (the
+    /// base's, or the object an O_TRUNC open emptied; none for a new key):
+    /// recovery uploads to the key only if that is still what is there.
+    pub replaces: Option<String>,
     /// Bytes below this offset not written since are the base's.
     pub base_valid: u64,
     pub size: u64,
@@ -37,6 +50,25 @@ pub struct Header {
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// Change lines appended since the header.
+    lines: u64,
+}
+
+/// FNV-1a, 32 bits: enough to tell a torn line from a whole one.
+fn checksum(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+fn sealed(line: &str) -> String {
+    format!("{line} *{:08x}\n", checksum(line))
+}
+
+/// The content of a line whose checksum holds.
+fn unseal(line: &str) -> Option<&str> {
+    let (body, sum) = line.rsplit_once(" *")?;
+    (u32::from_str_radix(sum, 16).ok()? == checksum(body)).then_some(body)
 }
 
 fn enc(s: &str) -> String {
@@ -49,42 +81,87 @@ fn dec(s: &str) -> String {
 
 impl Journal {
     pub fn create(path: PathBuf, h: &Header) -> io::Result<Journal> {
-        let mut text = format!("{MAGIC}\nkey {}\n", enc(&h.key));
+        let file = Self::write_new(&path, h, &[])?;
+        Ok(Journal {
+            path,
+            file,
+            lines: 0,
+        })
+    }
+
+    /// Writes a journal file with `h` and `changes` under a temporary name
+    /// and renames it to `path`, so a reader sees the old or the new one.
+    fn write_new(path: &Path, h: &Header, changes: &[String]) -> io::Result<File> {
+        let mut text = format!("{MAGIC}\n");
+        text += &sealed(&format!("key {}", enc(&h.key)));
         if let Some(e) = &h.base_etag {
-            text += &format!("etag {}\n", enc(e));
+            text += &sealed(&format!("etag {}", enc(e)));
         }
         if let Some(v) = &h.base_version {
-            text += &format!("version {}\n", enc(v));
+            text += &sealed(&format!("version {}", enc(v)));
         }
-        text += &format!("base_valid {}\nsize {}\n", h.base_valid, h.size);
+        if let Some(e) = &h.replaces {
+            text += &sealed(&format!("replaces {}", enc(e)));
+        }
+        text += &sealed(&format!("base_valid {}", h.base_valid));
+        text += &sealed(&format!("size {}", h.size));
         let mut meta: Vec<_> = h.meta.iter().collect();
         meta.sort();
         for (k, v) in meta {
-            text += &format!("meta {} {}\n", enc(k), enc(v));
+            text += &sealed(&format!("meta {} {}", enc(k), enc(v)));
         }
         text += "--\n";
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)?;
+        for c in changes {
+            text += &sealed(c);
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".new");
+        let tmp = PathBuf::from(tmp);
+        let mut file = crate::write::private_file(&tmp)?;
         file.write_all(text.as_bytes())?;
-        Ok(Journal { path, file })
+        std::fs::rename(&tmp, path)?;
+        Ok(file)
+    }
+
+    fn append(&mut self, line: &str) -> io::Result<()> {
+        self.lines += 1;
+        self.file.write_all(sealed(line).as_bytes())
+    }
+
+    /// Whether the journal has grown enough to be rewritten.
+    pub fn wants_compaction(&self) -> bool {
+        self.lines > COMPACT_LINES
+    }
+
+    /// Rewrites the journal as `h` plus `changes` (the state it replays to).
+    pub fn compact(&mut self, h: &Header, changes: &[String]) -> io::Result<()> {
+        self.file = Self::write_new(&self.path, h, changes)?;
+        self.lines = changes.len() as u64;
+        Ok(())
     }
 
     pub fn wrote(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.file
-            .write_all(format!("W {offset} {len}\n").as_bytes())
+        self.append(&format!("W {offset} {len}"))
     }
 
     pub fn truncated(&mut self, size: u64) -> io::Result<()> {
-        self.file.write_all(format!("T {size}\n").as_bytes())
+        self.append(&format!("T {size}"))
     }
 
-    /// A multipart upload was started for this data (to abort on recovery).
-    pub fn streaming(&mut self, upload_id: &str) -> io::Result<()> {
-        self.file
-            .write_all(format!("U {}\n", enc(upload_id)).as_bytes())
+    /// A multipart upload was started for this data: recovery completes
+    /// or aborts it. Recorded before its first part is sent.
+    pub fn upload_started(&mut self, upload_id: &str) -> io::Result<()> {
+        self.append(&format!("U {}", enc(upload_id)))
+    }
+
+    /// A part of the current multipart upload was sent.
+    pub fn part_sent(&mut self, part: i32, etag: &str) -> io::Result<()> {
+        self.append(&format!("P {part} {}", enc(etag)))
+    }
+
+    /// The file was unlinked: its data must never be uploaded.
+    pub fn unlinked(&mut self) -> io::Result<()> {
+        self.append("X")
     }
 
     /// The data is in S3: nothing left to recover.
@@ -93,12 +170,27 @@ impl Journal {
     }
 }
 
+/// The change lines that replay to `loaded`, `size` and open `uploads`
+/// (for compaction).
+pub fn changes_for(loaded: &RangeSet, uploads: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = loaded
+        .ranges()
+        .map(|r| format!("W {} {}", r.start, r.end - r.start))
+        .collect();
+    out.extend(uploads.iter().map(|u| format!("U {}", enc(u))));
+    out
+}
+
 /// A journal read back: the header and the state the changes lead to.
 #[derive(Debug)]
 pub struct Replayed {
     pub header: Header,
-    /// Multipart uploads started for the data, to abort.
+    /// Multipart uploads started for the data, to complete or abort.
     pub uploads: Vec<String>,
+    /// Parts sent (of the last upload started): number, ETag.
+    pub parts: Vec<(i32, String)>,
+    /// The file was unlinked: nothing to upload.
+    pub unlinked: bool,
     pub loaded: RangeSet,
     pub base_valid: u64,
     pub size: u64,
@@ -120,6 +212,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         key: String::new(),
         base_etag: None,
         base_version: None,
+        replaces: None,
         base_valid: 0,
         size: 0,
         meta: Metadata::new(),
@@ -128,11 +221,13 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         if line == "--" {
             break;
         }
+        let line = unseal(line).ok_or_else(bad)?;
         let (name, value) = line.split_once(' ').ok_or_else(bad)?;
         match name {
             "key" => h.key = dec(value),
             "etag" => h.base_etag = Some(dec(value)),
             "version" => h.base_version = Some(dec(value)),
+            "replaces" => h.replaces = Some(dec(value)),
             "base_valid" => h.base_valid = value.parse().map_err(|_| bad())?,
             "size" => h.size = value.parse().map_err(|_| bad())?,
             "meta" => {
@@ -146,31 +241,46 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         return Err(bad());
     }
     let (mut loaded, mut base_valid, mut size) = (RangeSet::default(), h.base_valid, h.size);
-    let mut uploads = Vec::new();
+    let (mut uploads, mut parts, mut unlinked) = (Vec::new(), Vec::new(), false);
     for line in lines {
+        // A torn last line (killed mid-append) does not check: stop there.
+        let Some(line) = unseal(line) else { break };
         let f: Vec<&str> = line.split(' ').collect();
         match f.as_slice() {
             ["W", off, len] => {
-                // A torn last line (killed mid-append) is ignored.
                 let (Ok(off), Ok(len)) = (off.parse::<u64>(), len.parse::<u64>()) else {
-                    continue;
+                    return Err(bad());
                 };
                 loaded.insert(off..off + len);
                 size = size.max(off + len);
             }
-            ["U", id] => uploads.push(dec(id)),
+            ["U", id] => {
+                uploads.push(dec(id));
+                parts.clear();
+            }
+            ["P", n, etag] => {
+                let Ok(n) = n.parse::<i32>() else {
+                    return Err(bad());
+                };
+                parts.push((n, dec(etag)));
+            }
+            ["X"] => unlinked = true,
             ["T", s] => {
-                let Ok(s) = s.parse::<u64>() else { continue };
+                let Ok(s) = s.parse::<u64>() else {
+                    return Err(bad());
+                };
                 loaded.truncate(s);
                 base_valid = base_valid.min(s);
                 size = s;
             }
-            _ => {}
+            _ => return Err(bad()),
         }
     }
     Ok(Replayed {
         header: h,
         uploads,
+        parts,
+        unlinked,
         loaded,
         base_valid,
         size,
@@ -191,6 +301,7 @@ mod tests {
             key: "dir/odd name\n%".into(),
             base_etag: Some("\"abc\"".into()),
             base_version: None,
+            replaces: Some("\"abc\"".into()),
             base_valid: 100,
             size: 100,
             meta,
@@ -199,10 +310,28 @@ mod tests {
         j.wrote(10, 5).unwrap();
         j.truncated(50).unwrap();
         j.wrote(60, 10).unwrap();
+        j.upload_started("up/1").unwrap();
+        j.part_sent(1, "\"e1\"").unwrap();
         let r = replay(&p).unwrap();
         assert_eq!(r.header, h);
         assert_eq!((r.size, r.base_valid), (70, 50));
         assert_eq!(r.loaded.missing(0..70), vec![0..10, 15..60]);
+        assert_eq!(r.uploads, vec!["up/1".to_string()]);
+        assert_eq!(r.parts, vec![(1, "\"e1\"".to_string())]);
+        assert!(!r.unlinked);
+        // Compaction replays to the same state.
+        let h2 = Header {
+            size: r.size,
+            base_valid: r.base_valid,
+            ..h.clone()
+        };
+        j.compact(&h2, &changes_for(&r.loaded, &r.uploads)).unwrap();
+        j.unlinked().unwrap();
+        let c = replay(&p).unwrap();
+        assert_eq!((c.size, c.base_valid), (70, 50));
+        assert_eq!(c.loaded.missing(0..70), vec![0..10, 15..60]);
+        assert_eq!(c.uploads, r.uploads);
+        assert!(c.unlinked);
         j.remove();
         assert!(!p.exists());
     }
@@ -211,11 +340,22 @@ mod tests {
     fn a_torn_last_line_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        std::fs::write(
-            &p,
-            format!("{MAGIC}\nkey k\nbase_valid 0\nsize 0\n--\nW 0 10\nW 10"),
-        )
-        .unwrap();
+        let h = Header {
+            key: "k".into(),
+            base_etag: None,
+            base_version: None,
+            replaces: None,
+            base_valid: 0,
+            size: 0,
+            meta: Metadata::new(),
+        };
+        let mut j = Journal::create(p.clone(), &h).unwrap();
+        j.wrote(0, 10).unwrap();
+        j.wrote(10, 20).unwrap();
+        drop(j);
+        // Killed in the middle of appending the last line.
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, &text[..text.len() - 4]).unwrap();
         let r = replay(&p).unwrap();
         assert_eq!(r.size, 10);
         assert!(replay(&dir.path().join("missing")).is_err());

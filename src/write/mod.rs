@@ -10,6 +10,16 @@
 //! writes) needs no download up front, and an upload re-sends only what
 //! changed: untouched ranges of a large base are copied server-side with
 //! UploadPartCopy.
+//!
+//! Durability. Staged data is deleted only once it is in S3, or when the
+//! file was unlinked: a `Staged` dropped while its data is dirty leaves
+//! its file and journal for recovery. A staging file is owned by whoever
+//! holds its `flock` (taken before the file gets its final name), never by
+//! a pid: recovery takes over any staging file nobody holds, and never one
+//! a live mount holds. The journal records every multipart upload before
+//! its first part, so a killed daemon's upload is completed or aborted.
+//! The upload runs from the open descriptor, so removing the cache
+//! directory under a live mount loses nothing.
 
 mod journal;
 mod ranges;
@@ -18,14 +28,15 @@ mod stream;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub use journal::{Header as JournalHeader, Journal};
 pub use ranges::RangeSet;
@@ -40,6 +51,11 @@ pub const MAX_PARTS: u64 = 10_000;
 const COPY_PART_MAX_BYTES: u64 = 128 * 1024 * 1024;
 /// Ranged GETs that fill a staged file are at most this large.
 const FILL_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+/// Names of staging files; a file being created has the temporary prefix
+/// until it is locked.
+const STAGE_PREFIX: &str = "stage-";
+const TMP_PREFIX: &str = ".tmp-stage-";
+const JOURNAL_SUFFIX: &str = ".journal";
 
 #[derive(Debug)]
 pub enum WriteError {
@@ -93,6 +109,76 @@ pub struct Base {
     pub version: Option<String>,
 }
 
+/// Creates a new private file (0600, owner only), failing if it exists.
+pub(crate) fn private_file(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Takes the exclusive lock of a staging file without waiting.
+fn try_lock(file: &File) -> io::Result<bool> {
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Creates, locks and names a new staging file in `dir`.
+fn new_staging_file(dir: &Path) -> io::Result<(File, PathBuf)> {
+    crate::write::private_dir(dir)?;
+    for _ in 0..100 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = format!(
+            "{:x}{:08x}-{:x}-{}",
+            now.as_secs(),
+            now.subsec_nanos(),
+            std::process::id(),
+            STAGING_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let tmp = dir.join(format!("{TMP_PREFIX}{id}"));
+        let file = match private_file(&tmp) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        };
+        if !try_lock(&file)? {
+            continue;
+        }
+        let path = dir.join(format!("{STAGE_PREFIX}{id}"));
+        if path.exists() {
+            let _ = std::fs::remove_file(&tmp);
+            continue;
+        }
+        std::fs::rename(&tmp, &path)?;
+        return Ok((file, path));
+    }
+    Err(io::Error::other("no free staging file name"))
+}
+
+/// Creates a private directory (0700) and its parents if missing.
+pub(crate) fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// A file's contents while it is open for writing.
 #[derive(Debug)]
 pub struct Staged {
@@ -102,31 +188,32 @@ pub struct Staged {
     base: Option<Base>,
     base_valid: u64,
     loaded: RangeSet,
+    /// The ETag of the object the data replaces at its key (see
+    /// `JournalHeader::replaces`).
+    replaces: Option<String>,
     /// Present while the staged data is not all in S3.
     journal: Option<Journal>,
+    /// The header the journal was started with (for compaction).
+    header: Option<JournalHeader>,
+    /// Multipart uploads open for this data (journaled).
+    uploads: Vec<String>,
     /// Whether untouched base ranges may be copied server-side (not when
     /// the key now holds another object).
     copy_ok: bool,
-    /// Keep the staging file at drop (a recovery that failed).
-    keep: bool,
+    /// The file was unlinked: its data is never uploaded.
+    unlinked: bool,
     /// Parts of a new file sent while it is being written.
     stream: Option<stream::Streaming>,
+    /// Leave the files at drop (a recovery that failed).
+    keep_files: bool,
 }
-
-static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Staged {
     /// Stages a file of `base`'s contents (or an empty file) in `dir`.
-    pub fn new(dir: &Path, base: Option<Base>) -> io::Result<Staged> {
-        std::fs::create_dir_all(dir)?;
-        let n = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!("stage-{}-{n}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
+    /// `replaces` is the ETag of the object at the key (the base's, or the
+    /// one an O_TRUNC open empties).
+    pub fn new(dir: &Path, base: Option<Base>, replaces: Option<String>) -> io::Result<Staged> {
+        let (file, path) = new_staging_file(dir)?;
         let size = base.as_ref().map_or(0, |b| b.size);
         file.set_len(size)?;
         Ok(Staged {
@@ -134,19 +221,23 @@ impl Staged {
             path,
             size,
             base_valid: size,
+            replaces: replaces.or_else(|| base.as_ref().map(|b| b.etag.clone())),
             base,
             loaded: RangeSet::default(),
             journal: None,
+            header: None,
+            uploads: Vec::new(),
             copy_ok: true,
-            keep: false,
+            unlinked: false,
             stream: None,
+            keep_files: false,
         })
     }
 
     /// Whether a write just made a part ready to stream (a new file
     /// written in order, with a full part beyond what was sent).
     pub fn stream_due(&self, opts: &UploadOptions) -> bool {
-        if self.base.is_some() {
+        if self.base.is_some() || self.unlinked {
             return false;
         }
         let (covered, next) = self
@@ -181,10 +272,17 @@ impl Staged {
         if self.stream.is_none() {
             match store.create_multipart(key, meta).await {
                 Ok(id) => {
-                    if let Some(j) = &mut self.journal {
-                        let _ = j.streaming(&id);
+                    if let Err(e) = self.note_upload(&id) {
+                        warn!(key, error = %e, "journal: no streaming upload");
+                        abort_quietly(&**store, key, &id).await;
+                        return;
                     }
-                    self.stream = Some(stream::Streaming::new(store.clone(), key.to_string(), id));
+                    self.stream = Some(stream::Streaming::new(
+                        store.clone(),
+                        key.to_string(),
+                        id,
+                        meta.clone(),
+                    ));
                 }
                 Err(e) => {
                     debug!(key, error = %e, "no streaming upload; the file goes up at close");
@@ -192,7 +290,7 @@ impl Staged {
                 }
             }
         }
-        let path = self.path.clone();
+        let file = self.file.clone();
         let Some(s) = self.stream.as_mut() else {
             return;
         };
@@ -201,7 +299,7 @@ impl Staged {
             if self.size < s.next_offset + part {
                 break;
             }
-            s.send(path.clone(), part, opts.concurrency).await;
+            s.send(file.clone(), part, opts.concurrency).await;
         }
     }
 
@@ -210,25 +308,37 @@ impl Staged {
         if self.stream.as_ref().is_some_and(|s| offset < s.next_offset)
             && let Some(s) = self.stream.take()
         {
+            self.uploads.retain(|u| *u != s.upload_id);
             s.cancel();
         }
     }
 
+    /// Journals a multipart upload about to get its first part.
+    fn note_upload(&mut self, upload_id: &str) -> io::Result<()> {
+        if let Some(j) = &mut self.journal {
+            j.upload_started(upload_id)?;
+        }
+        self.uploads.push(upload_id.to_string());
+        Ok(())
+    }
+
     /// Starts journaling (the data is about to differ from S3), unless it
-    /// already is.
+    /// already is, or the file was unlinked (nothing to recover then).
     pub fn begin_journal(&mut self, key: &str, meta: &Metadata) -> io::Result<()> {
-        if self.journal.is_some() {
+        if self.journal.is_some() || self.unlinked {
             return Ok(());
         }
         let h = JournalHeader {
             key: key.to_string(),
             base_etag: self.base.as_ref().map(|b| b.etag.clone()),
             base_version: self.base.as_ref().and_then(|b| b.version.clone()),
+            replaces: self.replaces.clone(),
             base_valid: self.base_valid,
             size: self.size,
             meta: meta.clone(),
         };
         self.journal = Some(Journal::create(journal_path(&self.path), &h)?);
+        self.header = Some(h);
         Ok(())
     }
 
@@ -236,15 +346,61 @@ impl Staged {
         self.journal.is_some()
     }
 
-    /// The data is all in S3 (or thrown away): nothing to recover.
+    /// The data is all in S3: nothing to recover.
     pub fn end_journal(&mut self) {
         if let Some(j) = self.journal.take() {
             j.remove();
         }
+        self.header = None;
+        self.uploads.clear();
+    }
+
+    /// The file was unlinked: its data is never to be uploaded, by this
+    /// mount or by a recovery. Writes through handles still open go to
+    /// the staging file only.
+    pub fn discard(&mut self) {
+        self.unlinked = true;
+        if let Some(s) = self.stream.take() {
+            s.cancel();
+        }
+        if let Some(j) = &mut self.journal
+            && let Err(e) = j.unlinked()
+        {
+            warn!(error = %e, "journal: could not record an unlink");
+        }
+        self.end_journal();
+    }
+
+    pub fn is_unlinked(&self) -> bool {
+        self.unlinked
     }
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The ETag of the object at the key this data replaces.
+    pub fn replaces(&self) -> Option<&str> {
+        self.replaces.as_deref()
+    }
+
+    /// Where the staged data is (for logs).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Rewrites a long journal from the in-memory state.
+    fn maybe_compact(&mut self) -> io::Result<()> {
+        let Some(j) = self.journal.as_mut().filter(|j| j.wants_compaction()) else {
+            return Ok(());
+        };
+        let Some(h) = self.header.as_mut() else {
+            return Ok(());
+        };
+        h.size = self.size;
+        h.base_valid = self.base_valid;
+        let changes = journal::changes_for(&self.loaded, &self.uploads);
+        j.compact(h, &changes)
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -258,7 +414,7 @@ impl Staged {
         let end = offset + data.len() as u64;
         self.loaded.insert(offset..end);
         self.size = self.size.max(end);
-        Ok(())
+        self.maybe_compact()
     }
 
     pub fn truncate(&mut self, size: u64) -> io::Result<()> {
@@ -270,7 +426,7 @@ impl Staged {
         self.loaded.truncate(size);
         self.base_valid = self.base_valid.min(size);
         self.size = size;
-        Ok(())
+        self.maybe_compact()
     }
 
     /// Reads from the staged contents, fetching base ranges not yet local.
@@ -338,6 +494,14 @@ impl Staged {
             .await
     }
 
+    fn body(&self, r: Range<u64>) -> PutBody {
+        PutBody::File {
+            file: self.file.clone(),
+            offset: r.start,
+            len: r.end - r.start,
+        }
+    }
+
     /// Uploads the whole contents as `key` with `meta`. On failure nothing
     /// changes in the bucket and no multipart upload is left behind.
     pub async fn upload(
@@ -348,28 +512,33 @@ impl Staged {
         opts: &UploadOptions,
         progress: &Progress,
     ) -> Result<PutResult, WriteError> {
+        if self.unlinked {
+            return Err(WriteError::Store(StoreError::NotFound));
+        }
         progress.total_bytes.store(self.size, Ordering::Relaxed);
         progress.done_bytes.store(0, Ordering::Relaxed);
         if let Some(mut s) = self.stream.take() {
-            if s.key == key {
-                match self.finish_stream(&mut s, store, meta, progress).await {
-                    Ok(put) => return Ok(put),
+            // A stream whose metadata is no longer the file's (chmod, touch
+            // after the upload began) is not finished: the whole file goes
+            // up again with the right metadata.
+            if s.key == key && s.meta == *meta {
+                match self.finish_stream(&mut s, store, progress).await {
+                    Ok(put) => {
+                        self.uploads.retain(|u| *u != s.upload_id);
+                        return Ok(put);
+                    }
                     Err(e) => {
                         warn!(key, error = %e, "streaming upload failed; uploading the file whole")
                     }
                 }
             }
+            self.uploads.retain(|u| *u != s.upload_id);
             s.abort().await;
         }
         let part = part_size(self.size, opts.part_size_bytes);
         if self.size <= part {
             self.fill(store, 0..self.size).await?;
-            let body = PutBody::File {
-                path: self.path.clone(),
-                offset: 0,
-                len: self.size,
-            };
-            let put = store.put(key, body, meta).await?;
+            let put = store.put(key, self.body(0..self.size), meta).await?;
             progress.done_bytes.store(self.size, Ordering::Relaxed);
             return Ok(put);
         }
@@ -380,6 +549,10 @@ impl Staged {
             }
         }
         let upload_id = store.create_multipart(key, meta).await?;
+        if let Err(e) = self.note_upload(&upload_id) {
+            abort_quietly(store, key, &upload_id).await;
+            return Err(e.into());
+        }
         debug!(
             key,
             parts = parts.len(),
@@ -387,10 +560,10 @@ impl Staged {
             "multipart upload"
         );
         let base = self.base.clone();
-        let path = self.path.clone();
+        let this = &*self;
         let results: Result<Vec<(i32, String)>, StoreError> = futures::stream::iter(parts)
             .map(|(n, r, copy)| {
-                let (base, path, upload_id) = (&base, &path, &upload_id);
+                let (base, upload_id) = (&base, &upload_id);
                 async move {
                     let len = r.end - r.start;
                     let etag = match (copy, base) {
@@ -399,14 +572,7 @@ impl Staged {
                                 .upload_part_copy(key, upload_id, n, &b.key, r, Some(&b.etag))
                                 .await?
                         }
-                        _ => {
-                            let body = PutBody::File {
-                                path: path.clone(),
-                                offset: r.start,
-                                len: r.end - r.start,
-                            };
-                            store.upload_part(key, upload_id, n, body).await?
-                        }
+                        _ => store.upload_part(key, upload_id, n, this.body(r)).await?,
                     };
                     progress.done_bytes.fetch_add(len, Ordering::Relaxed);
                     Ok((n, etag))
@@ -415,19 +581,22 @@ impl Staged {
             .buffered(opts.concurrency.max(1))
             .try_collect()
             .await;
-        let done = match results {
-            Ok(parts) => store.complete_multipart(key, &upload_id, parts).await,
-            Err(e) => Err(e),
-        };
-        match done {
-            Ok(put) => Ok(put),
+        let parts = match results {
+            Ok(parts) => parts,
             Err(e) => {
-                if let Err(abort) = store.abort_multipart(key, &upload_id).await {
-                    warn!(key, error = %abort, "could not abort a failed multipart upload");
-                }
-                Err(WriteError::Store(e))
+                self.uploads.retain(|u| *u != upload_id);
+                abort_quietly(store, key, &upload_id).await;
+                return Err(WriteError::Store(e));
+            }
+        };
+        if let Some(j) = &mut self.journal {
+            for (n, etag) in &parts {
+                j.part_sent(*n, etag)?;
             }
         }
+        let r = complete(store, key, &upload_id, parts).await;
+        self.uploads.retain(|u| *u != upload_id);
+        r
     }
 
     /// Completes a streaming upload: waits for the parts sent, sends the
@@ -436,24 +605,26 @@ impl Staged {
         &mut self,
         s: &mut stream::Streaming,
         store: &dyn ObjectStore,
-        _meta: &Metadata,
         progress: &Progress,
     ) -> Result<PutResult, WriteError> {
         let mut parts = s.finish(progress).await?;
         if self.size > s.next_offset {
-            let body = PutBody::File {
-                path: self.path.clone(),
-                offset: s.next_offset,
-                len: self.size - s.next_offset,
-            };
             let etag = store
-                .upload_part(&s.key, &s.upload_id, s.next_part, body)
+                .upload_part(
+                    &s.key,
+                    &s.upload_id,
+                    s.next_part,
+                    self.body(s.next_offset..self.size),
+                )
                 .await?;
             parts.push((s.next_part, etag));
         }
-        let put = store
-            .complete_multipart(&s.key, &s.upload_id, parts)
-            .await?;
+        if let Some(j) = &mut self.journal {
+            for (n, etag) in &parts {
+                j.part_sent(*n, etag)?;
+            }
+        }
+        let put = complete(store, &s.key, &s.upload_id, parts).await?;
         progress.done_bytes.store(self.size, Ordering::Relaxed);
         Ok(put)
     }
@@ -503,16 +674,30 @@ impl Staged {
             .collect()
     }
 
-    /// After an upload the staged bytes are the new base's.
-    pub fn rebase(&mut self, key: &str, etag: String) {
+    /// The object at the key changed by this mount's own doing (an upload,
+    /// a metadata self-copy, a rename): the staged bytes are that object's,
+    /// now at `key`.
+    pub fn rebase(&mut self, key: &str, put: &PutResult) {
         self.base = Some(Base {
             key: key.to_string(),
-            etag,
+            etag: put.etag.clone(),
             size: self.size,
-            version: None,
+            version: put.version_id.clone(),
         });
+        self.replaces = Some(put.etag.clone());
         self.base_valid = self.size;
         self.copy_ok = true;
+    }
+
+    /// The object behind an unchanged staged file moved or got new
+    /// metadata (same bytes, a new identity), by this mount.
+    pub fn base_moved(&mut self, key: &str, put: &PutResult) {
+        if let Some(b) = &mut self.base {
+            b.key = key.to_string();
+            b.etag = put.etag.clone();
+            b.version = put.version_id.clone();
+        }
+        self.replaces = Some(put.etag.clone());
     }
 }
 
@@ -521,17 +706,85 @@ impl Drop for Staged {
         if let Some(s) = self.stream.take() {
             s.cancel();
         }
-        if self.keep {
+        if self.keep_files {
             return;
         }
-        self.end_journal();
+        if self.journal.is_some() {
+            // Dirty data not in S3: never deleted. A later mount (or this
+            // one's recovery pass) uploads it.
+            warn!(path = %self.path.display(), "staged data not in S3 is kept for recovery");
+            return;
+        }
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Aborts a multipart upload, logging (not returning) a failure.
+async fn abort_quietly(store: &dyn ObjectStore, key: &str, upload_id: &str) {
+    if let Err(e) = store.abort_multipart(key, upload_id).await {
+        warn!(key, error = %e, "could not abort a multipart upload");
+    }
+}
+
+/// The ETag S3 gives a multipart object made of parts with these ETags
+/// (each the MD5 of its part): MD5 of the parts' MD5s, `-` part count.
+/// None when a part ETag is not an MD5 (SSE-KMS, some stores).
+fn multipart_etag(parts: &[(i32, String)]) -> Option<String> {
+    use md5::Digest;
+    let mut h = md5::Md5::new();
+    for (_, e) in parts {
+        let hex = e.trim_matches('"');
+        if hex.len() != 32 {
+            return None;
+        }
+        for i in (0..32).step_by(2) {
+            h.update([u8::from_str_radix(&hex[i..i + 2], 16).ok()?]);
+        }
+    }
+    let d = h.finalize();
+    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("\"{hex}-{}\"", parts.len()))
+}
+
+fn same_etag(a: &str, b: &str) -> bool {
+    a.trim_matches('"') == b.trim_matches('"')
+}
+
+/// CompleteMultipartUpload. S3 may take minutes and answer a retry of a
+/// Complete that did land with NoSuchUpload, or time out after it landed:
+/// on a failure the object is looked at, and an object with exactly this
+/// upload's ETag is a success.
+async fn complete(
+    store: &dyn ObjectStore,
+    key: &str,
+    upload_id: &str,
+    parts: Vec<(i32, String)>,
+) -> Result<PutResult, WriteError> {
+    let expected = multipart_etag(&parts);
+    match store.complete_multipart(key, upload_id, parts).await {
+        Ok(put) => Ok(put),
+        Err(e) => {
+            if let Some(exp) = &expected
+                && let Ok(o) = store.head(key, None).await
+                && same_etag(&o.etag, exp)
+            {
+                info!(key, error = %e, "CompleteMultipartUpload failed, but the object landed");
+                return Ok(PutResult {
+                    etag: o.etag,
+                    version_id: o.version_id,
+                });
+            }
+            // Not landed: abort it (the staged data stays, and the next
+            // attempt starts a fresh upload).
+            abort_quietly(store, key, upload_id).await;
+            Err(WriteError::Store(e))
+        }
     }
 }
 
 fn journal_path(staged: &Path) -> PathBuf {
     let mut p = staged.as_os_str().to_owned();
-    p.push(".journal");
+    p.push(JOURNAL_SUFFIX);
     PathBuf::from(p)
 }
 
@@ -540,29 +793,19 @@ fn journal_path(staged: &Path) -> PathBuf {
 pub struct Recovered {
     pub key: String,
     /// Where the data went: the key itself, or a `.bucketfs-recovered-`
-    /// name beside it when the object changed meanwhile.
+    /// name beside it when the object changed meanwhile; empty when
+    /// nothing was to be uploaded (unlinked, or already in S3).
     pub uploaded_as: String,
     /// Ranges that came from an object no longer available were zeros.
     pub incomplete: bool,
 }
 
-fn pid_alive(pid: i32) -> bool {
-    pid > 0
-        && (unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH))
-}
-
-/// The pid in a staging file name `stage-<pid>-<n>[.journal]`.
-fn owner_pid(name: &str) -> Option<i32> {
-    name.strip_prefix("stage-")?.split('-').next()?.parse().ok()
-}
-
-/// Finishes the uploads of staged files left in `dir` by daemons that are
-/// gone (killed): each goes to its key if the object there is still the
-/// one the data started from (same ETag, or still absent for a new file),
-/// else beside it as `KEY.bucketfs-recovered-<time>`. Files that fail stay
-/// for the next try. Staging files without a journal held nothing dirty
-/// and are removed.
+/// Finishes the uploads of staged files in `dir` that no live mount holds
+/// (a killed daemon's): each goes to its key if the object there is still
+/// the one the data replaces (same ETag, or still absent for a new file),
+/// else beside it as `KEY.bucketfs-recovered-<time>`, once. Files that
+/// fail stay for the next try. Staging files without a journal held
+/// nothing dirty and are removed.
 pub async fn recover(
     store: &dyn ObjectStore,
     dir: &Path,
@@ -578,54 +821,124 @@ pub async fn recover(
     names.sort();
     let mut out = Vec::new();
     for name in &names {
-        let Some(pid) = owner_pid(name) else { continue };
-        if pid_alive(pid) {
-            continue;
-        }
         let path = dir.join(name);
-        let Some(stage_name) = name.strip_suffix(".journal") else {
-            if !names.contains(&format!("{name}.journal")) {
+        if let Some(stage) = name.strip_suffix(JOURNAL_SUFFIX) {
+            // A journal is handled with its staging file; one whose staging
+            // file is gone has nothing to upload.
+            if !names.iter().any(|n| n == stage) {
                 let _ = std::fs::remove_file(&path);
             }
             continue;
+        }
+        if name.starts_with(TMP_PREFIX) {
+            // A staging file a dead daemon was creating: never had data.
+            if let Ok(f) = File::open(&path)
+                && try_lock(&f).unwrap_or(false)
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if !name.starts_with(STAGE_PREFIX) || name.contains(JOURNAL_SUFFIX) {
+            continue;
+        }
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(_) => continue,
         };
-        out.push(recover_one(store, &dir.join(stage_name), &path, opts).await);
+        match try_lock(&file) {
+            Ok(true) => {}
+            // Held by a live mount (this one or another).
+            Ok(false) => continue,
+            Err(e) => {
+                out.push(Err(format!("{}: cannot lock: {e}", path.display())));
+                continue;
+            }
+        }
+        let journal = journal_path(&path);
+        if !journal.exists() {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        out.push(recover_one(store, file, &path, &journal, opts).await);
     }
     out
 }
 
+/// The MD5 ETag of a file's first `size` bytes.
+fn file_md5(file: &File, size: u64) -> io::Result<String> {
+    use md5::Digest;
+    let mut h = md5::Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < size {
+        let n = ((size - pos) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], pos)?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("\"{hex}\""))
+}
+
 async fn recover_one(
     store: &dyn ObjectStore,
+    file: File,
     stage: &Path,
     journal: &Path,
     opts: &UploadOptions,
 ) -> Result<Recovered, String> {
     let r = journal::replay(journal).map_err(|e| e.to_string())?;
     let key = r.header.key.clone();
-    // A streaming upload the dead daemon left open goes away first.
-    for id in &r.uploads {
-        if let Err(e) = store.abort_multipart(&key, id).await {
-            debug!(key, error = %e, "could not abort a dead mount's multipart upload");
+    let done = |uploaded_as: String| Recovered {
+        key: key.clone(),
+        uploaded_as,
+        incomplete: false,
+    };
+    if r.unlinked {
+        let _ = std::fs::remove_file(journal);
+        let _ = std::fs::remove_file(stage);
+        for id in &r.uploads {
+            abort_quietly(store, &key, id).await;
         }
+        return Ok(done(String::new()));
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(stage)
-        .map_err(|e| format!("{key}: staged data missing ({e})"))?;
     let size = if r.header.base_etag.is_none() {
         file.metadata().map_err(|e| e.to_string())?.len()
     } else {
         r.size
     };
     file.set_len(size).map_err(|e| e.to_string())?;
-    let r = journal::Replayed { size, ..r };
     let current = match store.head(&key, None).await {
         Ok(o) => Some(o.etag),
         Err(StoreError::NotFound) => None,
         Err(e) => return Err(format!("{key}: {e}")),
     };
-    let unchanged = current == r.header.base_etag;
+    // The dead daemon's last upload may have landed before it could say
+    // so: then the object is exactly these bytes (a multipart upload's
+    // ETag from its journaled parts, a single PUT's from the data).
+    let landed = current.as_ref().is_some_and(|c| {
+        multipart_etag(&r.parts).is_some_and(|m| !r.parts.is_empty() && same_etag(c, &m))
+            || (r.header.base_etag.is_none()
+                && file_md5(&file, size).is_ok_and(|m| same_etag(c, &m)))
+    });
+    for id in &r.uploads {
+        abort_quietly(store, &key, id).await;
+    }
+    if landed {
+        let _ = std::fs::remove_file(journal);
+        let _ = std::fs::remove_file(stage);
+        return Ok(done(key.clone()));
+    }
+    let unchanged = match (&current, &r.header.replaces) {
+        (None, None) => true,
+        (Some(c), Some(e)) => same_etag(c, e),
+        _ => false,
+    };
     let target = if unchanged {
         key.clone()
     } else {
@@ -642,9 +955,14 @@ async fn recover_one(
         size: r.size,
         version: r.header.base_version.clone(),
     });
-    // Without the old object (changed, and no version id to read it by),
-    // its untouched ranges cannot be had: they stay zero.
-    let base_readable = unchanged || r.header.base_version.is_some();
+    // The old object's untouched ranges: from the key while it is that
+    // object, else by its version id (a real one: "null" names whatever is
+    // current). Without either they cannot be had and stay zero.
+    let base_unchanged = base
+        .as_ref()
+        .is_some_and(|b| current.as_ref().is_some_and(|c| same_etag(c, &b.etag)));
+    let has_version = r.header.base_version.as_ref().is_some_and(|v| v != "null");
+    let base_readable = base_unchanged || has_version;
     let incomplete = base.is_some()
         && !base_readable
         && !r.loaded.missing(0..r.base_valid.min(r.size)).is_empty();
@@ -653,18 +971,24 @@ async fn recover_one(
         path: stage.to_path_buf(),
         size: r.size,
         base_valid: if base_readable { r.base_valid } else { 0 },
+        replaces: r.header.replaces.clone(),
         base: if base_readable { base } else { None },
         loaded: r.loaded,
         journal: None,
-        copy_ok: unchanged,
-        keep: true,
+        header: None,
+        uploads: Vec::new(),
+        copy_ok: base_unchanged,
+        unlinked: false,
         stream: None,
+        keep_files: true,
     };
-    staged
+    let result = staged
         .upload(store, &target, &r.header.meta, opts, &Progress::default())
-        .await
-        .map_err(|e| format!("{key}: {e} (kept for the next mount)"))?;
-    staged.keep = false;
+        .await;
+    if let Err(e) = result {
+        return Err(format!("{key}: {e} (kept for the next try)"));
+    }
+    staged.keep_files = false;
     drop(staged);
     let _ = std::fs::remove_file(journal);
     Ok(Recovered {
@@ -719,7 +1043,7 @@ mod tests {
             size: orig.len() as u64,
             version: None,
         };
-        let mut st = Staged::new(dir.path(), Some(base)).unwrap();
+        let mut st = Staged::new(dir.path(), Some(base), None).unwrap();
         st.write(orig.len() as u64, b"tail").unwrap();
         st.upload(&s, "big", &Metadata::new(), &opts(), &Progress::default())
             .await
@@ -742,7 +1066,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = MemStore::versioned();
         s.insert("k", b"old", Metadata::new());
-        let mut st = Staged::new(dir.path(), None).unwrap();
+        let mut st = Staged::new(dir.path(), None, None).unwrap();
         st.write(0, &vec![7u8; (11 * MIB) as usize]).unwrap();
         s.fail_next(Op::UploadPart, 1, StoreError::Transient("503".into()));
         assert!(
@@ -765,17 +1089,17 @@ mod tests {
             size: 8,
             version: None,
         };
-        let mut st = Staged::new(dir.path(), Some(base)).unwrap();
+        let mut st = Staged::new(dir.path(), Some(base), None).unwrap();
         st.truncate(3).unwrap();
         st.truncate(6).unwrap();
         st.write(7, b"Z").unwrap();
         assert_eq!(st.read(&s, 0, 100).await.unwrap().as_ref(), b"abc\0\0\0\0Z");
     }
 
-    /// Leaves a staged file and its journal as a killed daemon (pid 999999,
-    /// not running) would.
+    /// Leaves a staged file and its journal as a killed daemon would (no
+    /// lock held; the name may even carry this process's pid).
     fn leave_staged(dir: &Path, n: u32, base: Option<Base>, writes: &[(u64, &[u8])]) {
-        let path = dir.join(format!("stage-999999-{n}"));
+        let path = dir.join(format!("stage-{}-{n}", std::process::id()));
         let size = base.as_ref().map_or(0, |b| b.size);
         let file = std::fs::File::create(&path).unwrap();
         file.set_len(size).unwrap();
@@ -784,6 +1108,7 @@ mod tests {
             key,
             base_etag: base.as_ref().map(|b| b.etag.clone()),
             base_version: base.as_ref().and_then(|b| b.version.clone()),
+            replaces: base.as_ref().map(|b| b.etag.clone()),
             base_valid: size,
             size,
             meta: Metadata::new(),
@@ -883,7 +1208,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(MemStore::versioned());
         let store: Arc<dyn ObjectStore> = s.clone();
-        let mut st = Staged::new(dir.path(), None).unwrap();
+        let mut st = Staged::new(dir.path(), None, None).unwrap();
         let data: Vec<u8> = (0..17 * MIB).map(|i| (i % 249) as u8).collect();
         for c in data.chunks(MIB as usize) {
             let off = st.size();
@@ -920,7 +1245,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(MemStore::versioned());
         let store: Arc<dyn ObjectStore> = s.clone();
-        let mut st = Staged::new(dir.path(), None).unwrap();
+        let mut st = Staged::new(dir.path(), None, None).unwrap();
         let mut data: Vec<u8> = vec![3u8; (12 * MIB) as usize];
         st.write(0, &data).unwrap();
         st.stream(&store, "f", &Metadata::new(), &opts()).await;

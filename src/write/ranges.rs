@@ -8,6 +8,11 @@ pub struct RangeSet {
 }
 
 impl RangeSet {
+    /// The ranges, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = &Range<u64>> {
+        self.ranges.iter()
+    }
+
     pub fn insert(&mut self, r: Range<u64>) {
         if r.is_empty() {
             return;

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::{MIN_PART_SIZE_BYTES, Progress};
-use crate::store::{ObjectStore, PutBody, StoreError, StoreResult};
+use crate::store::{Metadata, ObjectStore, PutBody, StoreError, StoreResult};
 
 /// Parts 1..=1000 are the configured size, then it doubles every 1,000
 /// parts, so a stream of any size fits S3's 10,000 parts.
@@ -23,6 +23,8 @@ pub fn stream_part_size(configured: u64, part_number: i32) -> u64 {
 pub struct Streaming {
     pub key: String,
     pub upload_id: String,
+    /// The metadata the upload was created with (fixed from then on).
+    pub meta: Metadata,
     /// Bytes [0, next_offset) are in parts sent or being sent.
     pub next_offset: u64,
     pub next_part: i32,
@@ -43,10 +45,16 @@ impl std::fmt::Debug for Streaming {
 }
 
 impl Streaming {
-    pub fn new(store: Arc<dyn ObjectStore>, key: String, upload_id: String) -> Self {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        key: String,
+        upload_id: String,
+        meta: Metadata,
+    ) -> Self {
         Streaming {
             key,
             upload_id,
+            meta,
             next_offset: 0,
             next_part: 1,
             tasks: JoinSet::new(),
@@ -66,7 +74,7 @@ impl Streaming {
 
     /// Sends one part of the staging file, waiting first while `limit`
     /// parts are in flight.
-    pub async fn send(&mut self, path: std::path::PathBuf, len: u64, limit: usize) {
+    pub async fn send(&mut self, file: Arc<std::fs::File>, len: u64, limit: usize) {
         while let Some(r) = self.tasks.try_join_next() {
             self.record(r);
         }
@@ -78,7 +86,7 @@ impl Streaming {
         let (n, offset) = (self.next_part, self.next_offset);
         let (store, key, id) = (self.store.clone(), self.key.clone(), self.upload_id.clone());
         self.tasks.spawn(async move {
-            let body = PutBody::File { path, offset, len };
+            let body = PutBody::File { file, offset, len };
             let etag = store.upload_part(&key, &id, n, body).await?;
             Ok((n, etag, len))
         });
