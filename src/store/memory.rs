@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use md5::Digest;
 use parking_lot::Mutex;
 
 use super::{
@@ -47,6 +48,8 @@ struct State {
     uploads: HashMap<String, Upload>,
     /// Failures to inject: the next `n` calls of an op fail with the error.
     failures: HashMap<Op, (u32, StoreError)>,
+    /// Calls that do their work, then answer with an error.
+    lies: HashMap<Op, StoreError>,
 }
 
 /// An in-memory bucket.
@@ -81,6 +84,12 @@ impl MemStore {
     /// Makes the next `times` calls of `op` fail with `err`.
     pub fn fail_next(&self, op: Op, times: u32, err: StoreError) {
         self.state.lock().failures.insert(op, (times, err));
+    }
+
+    /// The next `op` does its work, then answers `err` (a Complete that
+    /// times out after it landed). Only CompleteMultipart honours it.
+    pub fn lie_after_next(&self, op: Op, err: StoreError) {
+        self.state.lock().lies.insert(op, err);
     }
 
     /// Current bytes of a key, as another S3 client would see them.
@@ -208,6 +217,14 @@ fn fingerprint(data: &[u8], salt: u64) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn md5_etag(data: &[u8]) -> String {
+    format!("\"{}\"", hex(&md5::Md5::digest(data)))
 }
 
 fn check_key(key: &str) -> StoreResult<()> {
@@ -380,7 +397,8 @@ impl ObjectStore for MemStore {
             .read_all()
             .map_err(|e| StoreError::Other(e.to_string()))?;
         self.counters.add_sent(data.len() as u64);
-        let etag = format!("\"p{:016x}\"", fingerprint(&data, part_number as u64));
+        // As S3: a part's ETag is the MD5 of its bytes.
+        let etag = md5_etag(&data);
         let mut st = self.state.lock();
         let up = st.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
         up.parts.insert(part_number, data);
@@ -429,7 +447,20 @@ impl ObjectStore for MemStore {
             data.extend_from_slice(part);
         }
         debug_assert_eq!(up.key, key);
-        Ok(self.store_version(&mut st, key, Some(Bytes::from(data)), up.meta))
+        let mut put = self.store_version(&mut st, key, Some(Bytes::from(data)), up.meta);
+        // As S3: MD5 of the parts' MD5s, dash, part count.
+        let mut h = md5::Md5::new();
+        for (n, _) in &parts {
+            h.update(md5::Md5::digest(&up.parts[n]));
+        }
+        put.etag = format!("\"{}-{}\"", hex(&h.finalize()), parts.len());
+        if let Some(v) = st.objects.get_mut(key).and_then(|vs| vs.last_mut()) {
+            v.etag = put.etag.clone();
+        }
+        if let Some(e) = st.lies.remove(&Op::CompleteMultipart) {
+            return Err(e);
+        }
+        Ok(put)
     }
 
     async fn abort_multipart(&self, _key: &str, upload_id: &str) -> StoreResult<()> {

@@ -969,7 +969,7 @@ async fn recover_one(
     let mut staged = Staged {
         file: Arc::new(file),
         path: stage.to_path_buf(),
-        size: r.size,
+        size,
         base_valid: if base_readable { r.base_valid } else { 0 },
         replaces: r.header.replaces.clone(),
         base: if base_readable { base } else { None },

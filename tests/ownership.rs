@@ -1,0 +1,340 @@
+//! Issue 9 regressions over the in-memory store: operations on a file
+//! while a handle on it stays open, and uploads that fail half-way. Each
+//! test keeps a writer open across another operation, as users do
+//! (logrotate, rsync, editors), and checks what lands in the bucket.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+
+use bucketfs::fs::inodes::ROOT_INO;
+use bucketfs::fs::{Creator, Fs, FsConfig, SetAttr};
+use bucketfs::store::memory::MemStore;
+use bucketfs::store::{Metadata, ObjectStore, Op, StoreError};
+use bucketfs::write::UploadOptions;
+
+const MIB: usize = 1024 * 1024;
+
+const USER: Creator = Creator {
+    uid: 1000,
+    gid: 1000,
+    mode: 0o644,
+    umask: 0o022,
+};
+
+fn fs_with(store: Arc<MemStore>) -> (Fs, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        upload: UploadOptions {
+            part_size_bytes: 5 * MIB as u64,
+            concurrency: 4,
+        },
+        upload_retry_max: std::time::Duration::from_millis(50),
+        ..FsConfig::default()
+    };
+    (Fs::new(store, cfg), dir)
+}
+
+fn name(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Files left in the staging directory.
+fn staged_files(dir: &tempfile::TempDir) -> usize {
+    std::fs::read_dir(dir.path()).unwrap().count()
+}
+
+async fn open_existing(fs: &Fs, n: &str, flags: i32) -> (u64, u64) {
+    let a = fs.lookup(ROOT_INO, name(n)).await.unwrap();
+    (a.ino, fs.open(a.ino, flags).await.unwrap())
+}
+
+/// Case 1, the logrotate pattern: a large object opened for appending is
+/// renamed, written again and closed: every byte lands at the new key.
+#[tokio::test]
+async fn rename_of_a_file_open_for_append_keeps_every_byte() {
+    let s = Arc::new(MemStore::unversioned());
+    let orig = data(12 * MIB, 1);
+    s.insert("app.log", &orig, Metadata::new());
+    let (fs, _d) = fs_with(s.clone());
+    let (_, fh) = open_existing(&fs, "app.log", libc::O_WRONLY | libc::O_APPEND).await;
+    fs.write(fh, orig.len() as u64, b"before rename\n")
+        .await
+        .unwrap();
+    fs.rename(
+        ROOT_INO,
+        name("app.log"),
+        ROOT_INO,
+        name("app.log.1"),
+        false,
+    )
+    .await
+    .unwrap();
+    fs.write(fh, (orig.len() + 14) as u64, b"after rename\n")
+        .await
+        .unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let mut want = orig.clone();
+    want.extend_from_slice(b"before rename\nafter rename\n");
+    assert_eq!(s.object("app.log.1").unwrap().as_ref(), &want[..]);
+    assert!(s.object("app.log").is_none());
+    assert_eq!(s.open_uploads(), 0);
+}
+
+/// Case 1 through a directory rename.
+#[tokio::test]
+async fn directory_rename_moves_an_open_writer_with_it() {
+    let s = Arc::new(MemStore::unversioned());
+    let orig = data(11 * MIB, 2);
+    s.insert("logs/app.log", &orig, Metadata::new());
+    let (fs, _d) = fs_with(s.clone());
+    let logs = fs.lookup(ROOT_INO, name("logs")).await.unwrap();
+    let a = fs.lookup(logs.ino, name("app.log")).await.unwrap();
+    let fh = fs
+        .open(a.ino, libc::O_WRONLY | libc::O_APPEND)
+        .await
+        .unwrap();
+    fs.write(fh, orig.len() as u64, b"x").await.unwrap();
+    fs.rename(ROOT_INO, name("logs"), ROOT_INO, name("old-logs"), false)
+        .await
+        .unwrap();
+    fs.write(fh, orig.len() as u64 + 1, b"y").await.unwrap();
+    fs.release(fh).await.unwrap();
+    let mut want = orig;
+    want.extend_from_slice(b"xy");
+    assert_eq!(s.object("old-logs/app.log").unwrap().as_ref(), &want[..]);
+    assert!(s.object("logs/app.log").is_none());
+}
+
+/// Case 2: the last close fails; the data is kept, reported, and lands
+/// once S3 answers again, with no user action.
+#[tokio::test]
+async fn a_failed_last_close_keeps_the_data_and_retries_until_it_lands() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, d) = fs_with(s.clone());
+    let fs = Arc::new(fs);
+    let (_, fh) = fs
+        .create(ROOT_INO, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"precious").await.unwrap();
+    s.fail_next(Op::Put, 3, StoreError::Transient("503 SlowDown".into()));
+    assert!(fs.flush(fh).await.is_err());
+    assert!(fs.release(fh).await.is_err(), "close reports the error");
+    assert!(staged_files(&d) >= 1, "staged data kept");
+    let pending = fs.dirty_files();
+    assert_eq!(pending.len(), 1);
+    assert!(pending[0].last_error.is_some());
+    // Still readable through the mount meanwhile.
+    let (_, rh) = open_existing(&fs, "f", libc::O_RDONLY).await;
+    assert_eq!(fs.read(rh, 0, 100).await.unwrap().as_ref(), b"precious");
+    fs.release(rh).await.unwrap();
+    fs.spawn_retrier();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while s.object("f").is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.object("f").unwrap().as_ref(), b"precious");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while staged_files(&d) > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(staged_files(&d), 0, "deleted only once in S3");
+    assert!(fs.dirty_files().is_empty());
+}
+
+/// Case 4: chmod of a file open for writing, then more writes: nothing
+/// is dropped (the state is rebased on the self-copy's new ETag).
+#[tokio::test]
+async fn chmod_of_an_open_clean_file_then_more_writes_lands() {
+    let s = Arc::new(MemStore::unversioned());
+    let orig = data(12 * MIB, 3);
+    s.insert("f", &orig, Metadata::new());
+    let (fs, _d) = fs_with(s.clone());
+    let (ino, fh) = open_existing(&fs, "f", libc::O_RDWR).await;
+    fs.write(fh, 0, b"HEAD").await.unwrap();
+    fs.fsync(fh).await.unwrap();
+    fs.setattr(
+        ino,
+        SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    fs.write(fh, orig.len() as u64, b"TAIL").await.unwrap();
+    fs.release(fh).await.unwrap();
+    let mut want = orig;
+    want[..4].copy_from_slice(b"HEAD");
+    want.extend_from_slice(b"TAIL");
+    assert_eq!(s.object("f").unwrap().as_ref(), &want[..]);
+    assert_eq!(
+        s.metadata("f").unwrap().get("mode").map(String::as_str),
+        Some(&*format!("{}", libc::S_IFREG | 0o600))
+    );
+}
+
+/// Case 6: `rm` whose DeleteObject fails leaves the writer's data alone.
+#[tokio::test]
+async fn a_failed_unlink_keeps_the_open_writers_data() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", b"old", Metadata::new());
+    let (fs, _d) = fs_with(s.clone());
+    let (_, fh) = open_existing(&fs, "f", libc::O_WRONLY | libc::O_TRUNC).await;
+    fs.write(fh, 0, b"new data").await.unwrap();
+    s.fail_next(Op::Delete, 20, StoreError::AccessDenied("no".into()));
+    assert!(fs.unlink(ROOT_INO, name("f")).await.is_err());
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("f").unwrap().as_ref(), b"new data");
+}
+
+/// Case 7 and 19: `mv src dst` over an open, dirty dst: the rename wins,
+/// dst's pending data is discarded, and dst is listed once.
+#[tokio::test]
+async fn rename_over_an_open_file_wins_and_lists_once() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("src", b"renamed content", Metadata::new());
+    let (fs, _d) = fs_with(s.clone());
+    let (_, dh) = fs
+        .create(ROOT_INO, name("dst"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(dh, 0, b"stale").await.unwrap();
+    fs.rename(ROOT_INO, name("src"), ROOT_INO, name("dst"), false)
+        .await
+        .unwrap();
+    let names: Vec<String> = fs
+        .list(ROOT_INO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .filter(|n| n == "dst")
+        .collect();
+    assert_eq!(names.len(), 1, "dst listed once");
+    fs.write(dh, 5, b" more").await.unwrap();
+    fs.release(dh).await.unwrap();
+    assert_eq!(s.object("dst").unwrap().as_ref(), b"renamed content");
+    assert!(s.object("src").is_none());
+}
+
+/// Case 19 and 10: an unlinked open file is not listed, its directory can
+/// be removed, and its later writes are never uploaded nor journaled.
+#[tokio::test]
+async fn an_unlinked_open_file_is_gone_for_good() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, d) = fs_with(s.clone());
+    let dir = fs.mkdir(ROOT_INO, name("d"), USER).await.unwrap();
+    let (_, fh) = fs
+        .create(dir.ino, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"doomed").await.unwrap();
+    fs.unlink(dir.ino, name("f")).await.unwrap();
+    fs.write(fh, 6, b" still").await.unwrap();
+    let journals = std::fs::read_dir(d.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".journal")
+        })
+        .count();
+    assert_eq!(journals, 0, "nothing a recovery could bring back");
+    assert!(
+        fs.list(dir.ino)
+            .await
+            .unwrap()
+            .iter()
+            .all(|e| e.name != "f")
+    );
+    fs.rmdir(ROOT_INO, name("d")).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert!(s.keys().is_empty(), "{:?}", s.keys());
+}
+
+/// Case 17: a reader's close never uploads a half-written new file, and a
+/// reader follows what this mount wrote (never new bytes, then old).
+#[tokio::test]
+async fn readers_never_upload_and_follow_this_mounts_writes() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", b"old old old", Metadata::new());
+    let (fs, _d) = fs_with(s.clone());
+    let (ino, rh) = open_existing(&fs, "f", libc::O_RDONLY).await;
+    assert_eq!(fs.read(rh, 0, 3).await.unwrap().as_ref(), b"old");
+    let wh = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    fs.write(wh, 0, b"new").await.unwrap();
+    let puts = s.counters().get(Op::Put);
+    fs.flush(rh).await.unwrap();
+    assert_eq!(
+        s.counters().get(Op::Put),
+        puts,
+        "a reader's close sends nothing"
+    );
+    assert_eq!(fs.read(rh, 0, 3).await.unwrap().as_ref(), b"new");
+    fs.release(wh).await.unwrap();
+    assert_eq!(
+        fs.read(rh, 0, 100).await.unwrap().as_ref(),
+        b"new",
+        "still the new bytes after the writer closed"
+    );
+    fs.rename(ROOT_INO, name("f"), ROOT_INO, name("g"), false)
+        .await
+        .unwrap();
+    assert_eq!(fs.read(rh, 0, 100).await.unwrap().as_ref(), b"new");
+    fs.release(rh).await.unwrap();
+
+    // A new file: a reader's close does not upload it half-written.
+    let (a, wh) = fs
+        .create(ROOT_INO, name("n"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(wh, 0, b"part").await.unwrap();
+    let rh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    let puts = s.counters().get(Op::Put);
+    fs.flush(rh).await.unwrap();
+    fs.release(rh).await.unwrap();
+    assert_eq!(s.counters().get(Op::Put), puts);
+    let rh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    fs.write(wh, 4, b"ial").await.unwrap();
+    fs.release(wh).await.unwrap();
+    assert_eq!(fs.read(rh, 0, 100).await.unwrap().as_ref(), b"partial");
+    fs.release(rh).await.unwrap();
+    assert_eq!(s.object("n").unwrap().as_ref(), b"partial");
+}
+
+/// Case 3: a Complete that fails although the object landed is a success
+/// (recognised by the multipart ETag), not an abort and an EIO.
+#[tokio::test]
+async fn a_complete_that_landed_but_failed_is_a_success() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, d) = fs_with(s.clone());
+    let body = data(11 * MIB, 4);
+    let (_, fh) = fs
+        .create(ROOT_INO, name("big"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    // Written backwards so nothing streams: the upload happens at close.
+    fs.write(fh, (6 * MIB) as u64, &body[6 * MIB..])
+        .await
+        .unwrap();
+    fs.write(fh, 0, &body[..6 * MIB]).await.unwrap();
+    s.lie_after_next(
+        Op::CompleteMultipart,
+        StoreError::Transient("timed out".into()),
+    );
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("big").unwrap().as_ref(), &body[..]);
+    assert_eq!(s.open_uploads(), 0);
+    assert_eq!(staged_files(&d), 0);
+}
