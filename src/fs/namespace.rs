@@ -119,12 +119,15 @@ impl Fs {
         flags: i32,
     ) -> FsResult<(Attr, u64)> {
         let path = self.new_child(parent, name)?;
-        let _ns = self.ns.read().await;
+        let ns = self.ns.read().await;
         if flags & libc::O_EXCL != 0 {
             self.ensure_absent(parent, &path).await?;
         }
         let existing = self.table.lock().find(&NodeKey::Path(path.clone()));
         if let Some(ino) = existing {
+            // `open` takes `ns` itself: never twice (a queued writer would
+            // wait for this reader, and this reader for it).
+            drop(ns);
             // The kernel's view was stale: the file exists. Open it truncated
             // (unless it is gone meanwhile: then create it anew).
             match self.open(ino, flags | libc::O_TRUNC).await {
