@@ -178,6 +178,7 @@ pub fn fs_config(o: &Options) -> FsConfig {
         },
         versions_visible: o.versions_visible,
         as_of: o.as_of,
+        object_metadata: o.object_metadata,
     }
 }
 

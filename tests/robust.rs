@@ -339,3 +339,88 @@ fn a_reader_never_sees_a_mix_of_old_and_new() {
         assert_eq!(sha256_file(&m2.path("f")), sha256(&new));
     }
 }
+
+/// s3fs-style objects written with the S3 API: (key, body, mode, uid, mtime).
+const S3FS_OBJECTS: [(&str, &[u8], u32, u32, i64); 6] = [
+    ("d/private", b"root only", 0o100600, 0, 1_600_000_000),
+    ("d/theirs", b"user 1000's", 0o100600, 1000, 1_600_000_001),
+    ("d/link", b"private", 0o120777, 0, 1_600_000_002),
+    (
+        "d/script.sh",
+        b"#!/bin/sh\necho hi\n",
+        0o100755,
+        0,
+        1_600_000_003,
+    ),
+    ("d/old", b"old", 0o100644, 0, 1_000_000_000),
+    ("d/fifo", b"", 0o010640, 0, 1_600_000_005),
+];
+
+/// After `ls -l`, every entry shows exactly its own metadata and another
+/// uid is refused where the mode says so.
+fn check_own_metadata(m: &Mount) {
+    use std::os::unix::fs::MetadataExt;
+    let d = m.dir.display();
+    sh(&m.dir, "ls -l d >/dev/null");
+    let (ok, err) = as_user(1000, &format!("ls -l {d}/d >/dev/null; cat {d}/d/private"));
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "another user read a 0600 root file after ls -l: {err}"
+    );
+    for (key, body, mode, uid, mtime) in S3FS_OBJECTS {
+        let md = fs::symlink_metadata(m.path(key)).unwrap();
+        assert_eq!(md.mode(), mode, "{key}: mode {:o}", md.mode());
+        assert_eq!((md.uid(), md.gid()), (uid, uid), "{key}: owner");
+        assert_eq!(md.mtime(), mtime, "{key}: mtime");
+        if mode & libc::S_IFMT == libc::S_IFREG {
+            assert_eq!(md.len(), body.len() as u64, "{key}: size");
+        }
+    }
+    assert_eq!(
+        fs::read_link(m.path("d/link")).unwrap().as_os_str(),
+        "private"
+    );
+    let (ok, err) = as_user(1000, &format!("cat {d}/d/theirs && {d}/d/script.sh"));
+    assert!(ok, "own file and a 0755 script: {err}");
+    let (ok, err) = as_user(1000, &format!("cat {d}/d/link"));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+}
+
+#[test]
+fn listed_entries_show_only_their_own_metadata_to_every_user() {
+    let b = Bucket::new(server(), "ownmeta", false);
+    for (key, body, mode, uid, mtime) in S3FS_OBJECTS {
+        let (mode, uid, mtime) = (mode.to_string(), uid.to_string(), mtime.to_string());
+        b.put_meta(
+            key,
+            body,
+            &[
+                ("mode", &mode),
+                ("uid", &uid),
+                ("gid", &uid),
+                ("mtime", &mtime),
+            ],
+        );
+    }
+    let m = Mount::new(&b, "allow_other");
+    check_own_metadata(&m);
+    m.remount();
+    check_own_metadata(&m);
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    check_own_metadata(&m);
+}
+
+#[test]
+fn without_object_metadata_every_object_is_the_mounts_and_chmod_is_eperm() {
+    use std::os::unix::fs::MetadataExt;
+    let b = Bucket::new(server(), "nometa", false);
+    b.put_meta("p", b"x", &[("mode", "33152"), ("uid", "1000")]);
+    let m = Mount::new(&b, "allow_other,no_object_metadata,umask=077");
+    sh(&m.dir, "ls -l >/dev/null");
+    let md = fs::metadata(m.path("p")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid()), (0o600, 0));
+    let (ok, err) = as_user(1000, &format!("cat {}/p", m.dir.display()));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let e = fs::set_permissions(m.path("p"), fs::Permissions::from_mode(0o644)).unwrap_err();
+    assert_eq!(errno(e), libc::EPERM);
+}

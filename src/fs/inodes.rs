@@ -46,6 +46,10 @@ pub struct Inode {
     /// (set by a listing, or by mkdir), so a name not in the table does
     /// not exist and needs no request.
     pub listed_until: Option<Instant>,
+    /// Whether `attr` was read from this object's own metadata (or made
+    /// by this mount). A listing only tells size and ETag: until the
+    /// metadata is read, the kernel must not be given these attributes.
+    pub meta_known: bool,
 }
 
 impl Inode {
@@ -92,6 +96,7 @@ impl InodeTable {
                 lookups: 1,
                 symlink_target: None,
                 listed_until: None,
+                meta_known: true,
             },
         );
         t
@@ -132,6 +137,7 @@ impl InodeTable {
             node.object = object;
             node.fresh_until = fresh_until;
             node.parent = parent;
+            node.meta_known = true;
             return ino;
         }
         let ino = self.next;
@@ -150,6 +156,7 @@ impl InodeTable {
                 lookups: 0,
                 symlink_target: None,
                 listed_until: None,
+                meta_known: true,
             },
         );
         ino

@@ -56,7 +56,7 @@ impl Fs {
 
     fn new_attr(&self, kind: FileKind, c: Creator, size: u64) -> Attr {
         let now = SystemTime::now();
-        Attr {
+        self.own_or_defaults(Attr {
             ino: 0,
             kind,
             size,
@@ -66,7 +66,7 @@ impl Fs {
             rdev: 0,
             mtime: now,
             ctime: now,
-        }
+        })
     }
 
     fn insert_node(
@@ -418,6 +418,7 @@ impl Fs {
         if self.read_only() {
             return Err(FsError::ReadOnly);
         }
+        let s = self.without_object_metadata(s)?;
         let attr = self.getattr(ino).await?;
         if let Some(size) = s.size {
             if attr.kind == FileKind::Dir {
