@@ -424,3 +424,43 @@ fn without_object_metadata_every_object_is_the_mounts_and_chmod_is_eperm() {
     let e = fs::set_permissions(m.path("p"), fs::Permissions::from_mode(0o644)).unwrap_err();
     assert_eq!(errno(e), libc::EPERM);
 }
+
+#[test]
+fn hostile_metadata_gives_sane_attributes_and_never_breaks_the_listing() {
+    use std::os::unix::fs::MetadataExt;
+    let b = Bucket::new(server(), "hostile", false);
+    let cases: [(&str, &str, &str); 8] = [
+        ("mtime", "99999999999999999999", "beyond i64"),
+        ("mtime", "9223372036854775808", "i64::MAX + 1"),
+        ("mtime", "-99999999999999", "far negative"),
+        ("mtime", "NaN", "nan"),
+        ("mtime", "garbage", "garbage"),
+        ("uid", "99999999999", "huge uid"),
+        ("mode", "61951", "mode 0170777"),
+        ("mode", "-1", "negative mode"),
+    ];
+    for (i, (k, v, _)) in cases.iter().enumerate() {
+        b.put_meta(&format!("h/f{i}"), b"data", &[(k, v)]);
+    }
+    let m = Mount::new(&b, "");
+    for round in 0..2 {
+        let listed = sh(&m.dir, "ls -l h | wc -l");
+        assert_eq!(listed.trim(), "9", "round {round}: total + 8 entries");
+        for (i, (_, _, what)) in cases.iter().enumerate() {
+            let p = m.path(&format!("h/f{i}"));
+            let md = fs::metadata(&p).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(md.is_file(), "{what}");
+            assert_eq!(md.len(), 4, "{what}");
+            assert!(md.mode() & 0o7777 <= 0o777, "{what}");
+            assert!((0..=253_402_300_799).contains(&md.mtime()), "{what}");
+            let out = Command::new("getfattr")
+                .args(["-n", "user.s3.etag"])
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{what}: getfattr failed");
+            assert_eq!(fs::read(&p).unwrap(), b"data", "{what}");
+        }
+    }
+    assert!(!m.log_text().contains("panicked"), "no panic in the daemon");
+}
