@@ -464,3 +464,32 @@ fn hostile_metadata_gives_sane_attributes_and_never_breaks_the_listing() {
     }
     assert!(!m.log_text().contains("panicked"), "no panic in the daemon");
 }
+
+#[test]
+fn a_key_of_exactly_1024_bytes_opens_and_only_longer_keys_are_refused() {
+    let b = Bucket::new(server(), "key1024", false);
+    // Components of at most 255 bytes: 4 × (200 + '/') + 220 = 1,024.
+    let dirs = ["a", "b", "c", "d"].map(|c| c.repeat(200)).join("/");
+    let key = format!("{dirs}/{}", "f".repeat(220));
+    assert_eq!(key.len(), 1024);
+    b.put(&key, b"at the limit");
+    let m = Mount::new(&b, "");
+    assert_eq!(fs::read(m.path(&key)).unwrap(), b"at the limit");
+    let parent = m.path(&dirs);
+    assert_eq!(names(&parent).len(), 1, "listed");
+    fs::write(m.path(&format!("{dirs}/{}", "g".repeat(220))), b"new").unwrap();
+    assert_eq!(
+        b.get(&format!("{dirs}/{}", "g".repeat(220))).unwrap(),
+        b"new"
+    );
+    assert_eq!(
+        errno(fs::write(m.path(&format!("{dirs}/{}", "h".repeat(221))), b"x").unwrap_err()),
+        libc::ENAMETOOLONG,
+        "1,025 bytes"
+    );
+    assert_eq!(
+        errno(fs::create_dir(m.path(&format!("{dirs}/{}", "i".repeat(220)))).unwrap_err()),
+        libc::ENAMETOOLONG,
+        "a directory's marker would be 1,025 bytes"
+    );
+}

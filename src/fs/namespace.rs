@@ -171,6 +171,7 @@ impl Fs {
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr, c: Creator) -> FsResult<Attr> {
         let path = self.new_child(parent, name)?;
+        super::names::check_dir_key(&self.key_of(&path))?;
         self.ensure_absent(parent, &path).await?;
         let attr = self.new_attr(FileKind::Dir, c, 0);
         self.put_node(parent, path, attr, Bytes::new()).await
