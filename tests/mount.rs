@@ -685,3 +685,33 @@ fn every_write_pattern_matches_a_local_file() {
     }
     assert_eq!(b.open_multipart_uploads(), 0);
 }
+
+#[test]
+fn mounts_with_different_credentials_sharing_a_cache_dir_never_share_blocks() {
+    let b = Bucket::new(server(), "creds", false);
+    let data = pattern(2 * 1024 * 1024, 4);
+    b.put("f", &data);
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared-cache");
+    let other_keys = tmp.path().join("other-keys");
+    fs::write(&other_keys, "someone-else:their-secret\n").unwrap();
+    fs::set_permissions(&other_keys, fs::Permissions::from_mode(0o600)).unwrap();
+    let cache = format!("cache_dir={}", shared.display());
+
+    let first = Mount::new(&b, &cache);
+    assert_eq!(sha256_file(&first.path("f")), sha256(&data));
+    assert!(get_requests(&first) >= 1);
+    assert_eq!(first.unmount(), Some(0), "blocks settle on disk");
+    // Same credentials: read from the shared disk tier, no GET.
+    let same = Mount::new(&b, &cache);
+    assert_eq!(sha256_file(&same.path("f")), sha256(&data));
+    assert_eq!(get_requests(&same), 0, "disk hit with the same credentials");
+    assert_eq!(same.unmount(), Some(0));
+    // Other credentials: their own GETs, never the first mount's blocks.
+    let other = Mount::new(&b, &format!("{cache},passwd_file={}", other_keys.display()));
+    assert_eq!(sha256_file(&other.path("f")), sha256(&data));
+    assert!(
+        get_requests(&other) >= 1,
+        "blocks fetched with other credentials are not read"
+    );
+}

@@ -13,6 +13,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
@@ -102,7 +103,7 @@ fn a_full_cache_disk_fails_writes_at_write_time_and_loses_nothing_written() {
     fs::create_dir(&small).unwrap();
     assert!(
         Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
             .arg(&small)
             .status()
             .unwrap()
@@ -492,4 +493,156 @@ fn a_key_of_exactly_1024_bytes_opens_and_only_longer_keys_are_refused() {
         libc::ENAMETOOLONG,
         "a directory's marker would be 1,025 bytes"
     );
+}
+
+/// Every directory and file under `dir`: (path, mode, uid).
+fn tree_modes(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32, u32)>) {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(dir).unwrap();
+    out.push((dir.to_path_buf(), md.mode(), md.uid()));
+    if md.is_dir() {
+        for e in fs::read_dir(dir).unwrap() {
+            tree_modes(&e.unwrap().path(), out);
+        }
+    }
+}
+
+fn assert_private(dir: &std::path::Path) -> usize {
+    let mut all = Vec::new();
+    tree_modes(dir, &mut all);
+    for (p, mode, uid) in &all {
+        let want = if mode & libc::S_IFMT == libc::S_IFDIR {
+            0o700
+        } else {
+            0o600
+        };
+        assert_eq!((mode & 0o7777, *uid), (want, 0), "{}", p.display());
+    }
+    all.len()
+}
+
+#[test]
+fn the_cache_disk_is_private_and_an_unsafe_cache_dir_is_refused() {
+    let b = Bucket::new(server(), "privcache", false);
+    b.put("read-me", &pattern(2 * 1024 * 1024, 1));
+    let m = Mount::new(&b, "allow_other");
+    // A file being written: its staged copy and journal exist now.
+    let mut f = fs::File::create(m.path("dirty")).unwrap();
+    f.write_all(&pattern(300_000, 2)).unwrap();
+    f.sync_all().unwrap();
+    f.write_all(b"more").unwrap();
+    let n = assert_private(m.cache_dir());
+    assert!(n >= 4, "cache dir, staging dirs and files: {n}");
+    let mut all = Vec::new();
+    tree_modes(m.cache_dir(), &mut all);
+    let staged = all
+        .iter()
+        .find(|(p, mode, _)| {
+            mode & libc::S_IFMT == libc::S_IFREG && p.to_string_lossy().contains("stage-")
+        })
+        .expect("a staged file")
+        .0
+        .clone();
+    let (ok, err) = as_user(1000, &format!("cat {}", staged.display()));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    drop(f);
+    assert_eq!(fs::read(m.path("read-me")).unwrap().len(), 2 * 1024 * 1024);
+    assert_eq!(m.unmount(), Some(0));
+    let blocks = m.cache_dir().join("blocks");
+    assert!(assert_private(&blocks) >= 3, "cached blocks were written");
+
+    // Refused before mounting: another user's directory, a directory
+    // others may write to, and no HOME/XDG_CACHE_HOME for a non-root user.
+    for (setup, why) in [
+        ("chown 1000 {c}", "owned by uid 1000"),
+        ("chmod 0777 {c}", "writable by group or others"),
+    ] {
+        let (tmp, mp) = scratch_mountpoint();
+        let c = tmp.path().join("c");
+        fs::create_dir(&c).unwrap();
+        sh(tmp.path(), &setup.replace("{c}", &c.display().to_string()));
+        let opts = base_options(&b.endpoint, &c, &tmp.path().join("log"));
+        let out = command()
+            .args(["-o", &opts, &b.name])
+            .arg(&mp)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{setup}");
+        assert!(
+            err.contains(why) && err.contains("cache_dir"),
+            "{setup}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(!is_mounted(&mp), "nothing mounted");
+    }
+    let (tmp, mp) = scratch_mountpoint();
+    let out = Command::new("setpriv")
+        .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
+        .arg(bin())
+        .args([
+            "-o",
+            &format!("endpoint={},path_style", b.endpoint),
+            &b.name,
+        ])
+        .arg(&mp)
+        .env_clear()
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("-o cache_dir="),
+        "{err}"
+    );
+    assert!(!tmp.path().join("bucketfs").exists() && !is_mounted(&mp));
+}
+
+#[test]
+fn planted_journals_are_never_uploaded() {
+    let b = Bucket::new(server(), "planted", false);
+    let m = Mount::new(&b, "");
+    let mut f = fs::File::create(m.path("injected.sh")).unwrap();
+    f.write_all(b"echo owned").unwrap();
+    f.sync_all().unwrap();
+    f.write_all(b" and more").unwrap();
+    // A killed daemon leaves a staged file and its journal.
+    unsafe { libc::kill(m.pid().unwrap() as i32, libc::SIGKILL) };
+    m.wait_exit(Duration::from_secs(30));
+    drop(f);
+    assert!(
+        Command::new("umount")
+            .arg("-l")
+            .arg(&m.dir)
+            .status()
+            .unwrap()
+            .success()
+    );
+    b.put("injected.sh", b"the original");
+    let staged: Vec<_> = {
+        let mut all = Vec::new();
+        tree_modes(&m.cache_dir().join("staging"), &mut all);
+        all.into_iter()
+            .filter(|(_, mode, _)| mode & libc::S_IFMT == libc::S_IFREG)
+            .map(|(p, _, _)| p)
+            .collect()
+    };
+    assert_eq!(staged.len(), 2, "a staged file and its journal");
+    // As if another user had planted them.
+    for p in &staged {
+        std::os::unix::fs::chown(p, Some(1000), Some(1000)).unwrap();
+    }
+    m.restart();
+    assert_eq!(
+        b.get("injected.sh").as_deref(),
+        Some(&b"the original"[..]),
+        "another user's journal is not uploaded"
+    );
+    assert!(
+        b.keys("").iter().all(|k| !k.contains("recovered")),
+        "{:?}",
+        b.keys("")
+    );
+    assert!(m.log_text().contains("not trusted"));
 }

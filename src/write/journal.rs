@@ -8,7 +8,7 @@
 //! `T <size>` for a truncation. Lines are appended without fsync: a crash
 //! of the daemon (not of the machine) loses none of them.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -63,7 +63,7 @@ impl Journal {
             text += &format!("meta {} {}\n", enc(k), enc(v));
         }
         text += "--\n";
-        let mut file = OpenOptions::new()
+        let mut file = crate::private::private_file()
             .create(true)
             .truncate(true)
             .write(true)

@@ -118,10 +118,10 @@ static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
 impl Staged {
     /// Stages a file of `base`'s contents (or an empty file) in `dir`.
     pub fn new(dir: &Path, base: Option<Base>) -> io::Result<Staged> {
-        std::fs::create_dir_all(dir)?;
+        crate::private::create_private_dir(dir)?;
         let n = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!("stage-{}-{n}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
+        let file = crate::private::private_file()
             .read(true)
             .write(true)
             .create(true)
@@ -583,12 +583,18 @@ pub async fn recover(
             continue;
         }
         let path = dir.join(name);
+        if !crate::private::trusted(&path) {
+            continue;
+        }
         let Some(stage_name) = name.strip_suffix(".journal") else {
             if !names.contains(&format!("{name}.journal")) {
                 let _ = std::fs::remove_file(&path);
             }
             continue;
         };
+        if !crate::private::trusted(&dir.join(stage_name)) {
+            continue;
+        }
         out.push(recover_one(store, &dir.join(stage_name), &path, opts).await);
     }
     out
