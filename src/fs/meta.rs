@@ -60,7 +60,9 @@ impl MetaFetch {
         if matches!(n.key, NodeKey::Path(_)) && t.find(&n.key) != Some(ino) {
             return Known::Gone;
         }
-        if n.meta_known || self.writes.lock().contains_key(&ino) {
+        // Nodes of `.versions` are read by their own lookup.
+        let path = matches!(n.key, NodeKey::Path(_));
+        if n.meta_known || !path || self.writes.lock().contains_key(&ino) {
             Known::Yes(n.attr.clone())
         } else {
             Known::No
