@@ -522,7 +522,7 @@ fn serve(
     });
     let _ = std::fs::remove_dir(&staging_dir);
     if let Some(s) = socket {
-        let _ = std::fs::remove_file(s);
+        s.remove();
     }
     if let Err(e) = run {
         error!(error = %e, "FUSE session ended with an error");

@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -714,4 +714,54 @@ fn mounts_with_different_credentials_sharing_a_cache_dir_never_share_blocks() {
         get_requests(&other) >= 1,
         "blocks fetched with other credentials are not read"
     );
+}
+
+#[test]
+fn status_sockets_of_similar_mountpoints_never_collide() {
+    let b = Bucket::new(server(), "sockets", false);
+    let tmp = tempfile::tempdir().unwrap();
+    let x = tmp.path().join("x");
+    let (one, two) = (x.join("x_y"), x.join("x/y"));
+    fs::create_dir_all(&one).unwrap();
+    fs::create_dir_all(&two).unwrap();
+    let start = |mp: &std::path::Path, tag: &str| {
+        let opts = base_options(
+            &b.endpoint,
+            &tmp.path().join(format!("cache-{tag}")),
+            &tmp.path().join(format!("log-{tag}")),
+        );
+        let st = command()
+            .args(["-o", &opts, &b.name])
+            .arg(mp)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {tag}");
+    };
+    let status = |mp: &std::path::Path| {
+        let out = command().arg("status").arg(mp).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    start(&one, "one");
+    start(&two, "two");
+    for mp in [&one, &two] {
+        let (ok, text) = status(mp);
+        let first = text.lines().next().unwrap_or_default().to_string();
+        assert!(
+            ok && first == format!("mountpoint: {}", mp.display()),
+            "{text}"
+        );
+    }
+    assert!(Command::new("umount").arg(&one).status().unwrap().success());
+    let (ok, text) = status(&two);
+    assert!(
+        ok && text.contains(&two.display().to_string()),
+        "still served: {text}"
+    );
+    assert!(Command::new("umount").arg(&two).status().unwrap().success());
+    wait_until(Duration::from_secs(30), "daemons to exit", || {
+        !is_mounted(&one) && !is_mounted(&two)
+    });
 }
