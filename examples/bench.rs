@@ -93,8 +93,12 @@ struct Mount {
 
 impl Mount {
     fn start(a: &Args, dir: &Path, cache: &Path) -> Mount {
+        Self::start_with(a, dir, cache, "")
+    }
+
+    fn start_with(a: &Args, dir: &Path, cache: &Path, extra: &str) -> Mount {
         let opts = format!(
-            "endpoint={},path_style,region={},cache_dir={},log_file={},upload_concurrency={}",
+            "endpoint={},path_style,region={},cache_dir={},log_file={},upload_concurrency={}{extra}",
             a.endpoint,
             a.region,
             cache.display(),
@@ -452,7 +456,8 @@ fn main() {
         requests: diff(&before, &m.counters()),
     });
 
-    // 5. ls -l of a large directory, cold and warm.
+    // 5. ls -l of a large directory of objects carrying s3fs metadata,
+    // cold and warm, and with no_object_metadata (LISTs only).
     rt.block_on(async {
         futures::stream::iter(0..a.entries)
             .map(|i| {
@@ -461,6 +466,10 @@ fn main() {
                     s3.put_object()
                         .bucket(bucket)
                         .key(format!("many/f{i:06}"))
+                        .metadata("mode", "33184")
+                        .metadata("uid", "1000")
+                        .metadata("gid", "1000")
+                        .metadata("mtime", (1_600_000_000 + i).to_string())
                         .body(ByteStream::from(vec![1u8]))
                         .send()
                         .await
@@ -496,7 +505,11 @@ fn main() {
     });
     m.stop();
     m = Mount::start(&a, &dir, &cache);
-    for label in ["cold", "warm"] {
+    for label in ["cold", "warm", "no_object_metadata"] {
+        if label == "no_object_metadata" {
+            m.stop();
+            m = Mount::start_with(&a, &dir, &cache, ",no_object_metadata");
+        }
         let before = m.counters();
         let t = Instant::now();
         let out = Command::new("ls")

@@ -46,6 +46,8 @@ pub struct Options {
     pub readahead_max_blocks: u64,
     pub versions_visible: bool,
     pub as_of: Option<SystemTime>,
+    /// Use objects' x-amz-meta-* mode/uid/gid/mtime (off: mount defaults).
+    pub object_metadata: bool,
     pub log_file: Option<PathBuf>,
     /// Per-attempt connect and read timeout.
     pub timeout: Duration,
@@ -94,6 +96,7 @@ impl Default for Options {
             readahead_max_blocks: 16,
             versions_visible: false,
             as_of: None,
+            object_metadata: true,
             log_file: None,
             timeout: Duration::from_secs(10),
             max_attempts: 11,
@@ -137,6 +140,9 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   nonempty              mount over a directory that is not empty (refused otherwise)
   no_default_permissions  do not let the kernel check modes (default: it does)
   metadata_ttl=SECS     how long attributes and listings are trusted (default 5)
+  no_object_metadata    ignore x-amz-meta-mode/uid/gid/mtime: every object has the
+                        mount's uid, gid and umask; chmod/chown fail (EPERM);
+                        ls -l costs LISTs only (no HEAD per entry)
   cache_dir=PATH        staging and cache directory (default $XDG_CACHE_HOME/bucketfs
                         or /var/cache/bucketfs as root). s3fs alias: use_cache=
   mem_cache=SIZE        memory for cached blocks (default 64M)
@@ -319,6 +325,7 @@ impl Options {
                 "nodev" => self.nodev = true,
                 "noexec" => self.noexec = true,
                 "nonempty" => self.nonempty = true,
+                "no_object_metadata" => self.object_metadata = false,
                 "metadata_ttl" => {
                     let s: f64 = parse_num(name, need(name, value)?)?;
                     if !(0.0..=86_400.0).contains(&s) {

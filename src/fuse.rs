@@ -514,7 +514,10 @@ impl Filesystem for FuseFs {
                 match fs.readdirplus(ino.0, fh.0, offset).await {
                     Ok(entries) => {
                         let mut sent = entries.len();
-                        for (k, (index, e, a, counted)) in entries.iter().enumerate() {
+                        for (k, (index, e, a, counted, own)) in entries.iter().enumerate() {
+                            // Attributes not read from the object itself must
+                            // not be kept (nor permission-checked) by the kernel.
+                            let ttl = if *own { ttl } else { Duration::ZERO };
                             if reply.add(
                                 INodeNo(e.ino),
                                 index + 1,
@@ -531,7 +534,7 @@ impl Filesystem for FuseFs {
                             }
                         }
                         // Entries looked up again that did not fit: give back.
-                        for (_, e, _, counted) in &entries[sent..] {
+                        for (_, e, _, counted, _) in &entries[sent..] {
                             if *counted {
                                 fs.forget(e.ino, 1);
                             }

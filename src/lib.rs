@@ -11,6 +11,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
+pub mod private;
 pub mod status;
 pub mod store;
 pub mod write;

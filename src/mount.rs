@@ -129,31 +129,48 @@ pub fn read_passwd_file(path: &Path, bucket: &str) -> Result<(String, String), M
     })
 }
 
-fn default_cache_dir() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(x).join("bucketfs");
+/// The cache directory: `cache_dir=`, else `$XDG_CACHE_HOME/bucketfs`,
+/// `/var/cache/bucketfs` for root, `$HOME/.cache/bucketfs`. Never a shared
+/// directory such as /tmp, where another user could plant files first.
+pub fn cache_root(o: &Options) -> Result<PathBuf, MountError> {
+    if let Some(d) = &o.cache_dir {
+        return Ok(d.clone());
+    }
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(x) = var("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(x).join("bucketfs"));
     }
     if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/cache/bucketfs");
+        return Ok(PathBuf::from("/var/cache/bucketfs"));
     }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache/bucketfs"),
-        None => std::env::temp_dir().join("bucketfs"),
+    match var("HOME") {
+        Some(h) => Ok(PathBuf::from(h).join(".cache/bucketfs")),
+        None => Err(MountError(
+            "no cache directory: neither XDG_CACHE_HOME nor HOME is set; give one with -o cache_dir=PATH".into(),
+        )),
     }
 }
 
-/// The core's configuration for these options.
-pub fn fs_config(o: &Options) -> FsConfig {
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let umask = o.umask;
-    let cache_dir = o.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    // Blocks of different buckets or endpoints never share a directory.
-    let store_id = format!("{}\n{}", o.endpoint.as_deref().unwrap_or("aws"), o.bucket);
-    let store_hash: String = sha2::Sha256::digest(store_id.as_bytes())
+fn short_hash(s: &str) -> String {
+    sha2::Sha256::digest(s.as_bytes())
         .iter()
         .take(8)
         .map(|b| format!("{b:02x}"))
-        .collect();
+        .collect()
+}
+
+/// The core's configuration for these options, with the cache under
+/// `cache_dir` and cached blocks keyed by `identity` (the credentials'
+/// access key id, or "" without credentials).
+pub fn fs_config(o: &Options, cache_dir: &Path, identity: &str) -> FsConfig {
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let umask = o.umask;
+    // Staged data of different buckets or endpoints never share a
+    // directory; cached blocks are also apart per set of credentials, so
+    // one never reads what only another may read.
+    let store_id = format!("{}\n{}", o.endpoint.as_deref().unwrap_or("aws"), o.bucket);
+    let store_hash = short_hash(&store_id);
+    let blocks_hash = short_hash(&format!("{store_id}\n{}", short_hash(identity)));
     FsConfig {
         root_prefix: o.prefix.clone(),
         defaults: Defaults {
@@ -169,7 +186,7 @@ pub fn fs_config(o: &Options) -> FsConfig {
         staging_dir: cache_dir.join("staging").join(&store_hash),
         block_size_bytes: o.block_size_bytes,
         mem_cache_bytes: o.mem_cache_bytes,
-        disk_cache_dir: cache_dir.join("blocks").join(store_hash),
+        disk_cache_dir: cache_dir.join("blocks").join(blocks_hash),
         disk_cache_bytes: o.cache_size_bytes,
         readahead_max_blocks: o.readahead_max_blocks,
         upload: UploadOptions {
@@ -179,6 +196,7 @@ pub fn fs_config(o: &Options) -> FsConfig {
         upload_retry_max: o.upload_retry_max,
         versions_visible: o.versions_visible,
         as_of: o.as_of,
+        object_metadata: o.object_metadata,
     }
 }
 
@@ -377,6 +395,7 @@ pub fn run(o: Options, verbose: bool) -> u8 {
     let mut ready = None;
     let result = (|| {
         let mountpoint = check_mountpoint(&o.mountpoint, o.nonempty)?;
+        crate::private::check_cache_dir(&cache_root(&o)?).map_err(MountError)?;
         let static_keys = match &o.passwd_file {
             Some(p) => Some(read_passwd_file(p, &o.bucket)?),
             None => None,
@@ -430,10 +449,11 @@ fn serve(
         store.check_bucket().await?;
         Ok::<_, StoreError>(store)
     });
-    let store: Arc<dyn ObjectStore> =
-        Arc::new(store.map_err(|e| MountError(describe_connect_error(o, &e)))?);
-    let cfg = fs_config(o);
-    std::fs::create_dir_all(&cfg.staging_dir)
+    let store = store.map_err(|e| MountError(describe_connect_error(o, &e)))?;
+    let identity = rt.block_on(store.access_key_id()).unwrap_or_default();
+    let store: Arc<dyn ObjectStore> = Arc::new(store);
+    let cfg = fs_config(o, &cache_root(o)?, &identity);
+    crate::private::create_private_dir(&cfg.staging_dir)
         .map_err(|e| MountError(format!("cache dir {}: {e}", cfg.staging_dir.display())))?;
     // Data a killed daemon staged but never uploaded goes up first; what
     // cannot go up now is tried again in the background (see below).
@@ -604,7 +624,7 @@ fn serve(
     });
     let _ = std::fs::remove_dir(&staging_dir);
     if let Some(s) = socket {
-        let _ = std::fs::remove_file(s);
+        s.remove();
     }
     if let Err(e) = run {
         error!(error = %e, "FUSE session ended with an error");

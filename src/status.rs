@@ -36,20 +36,37 @@ fn runtime_dir() -> PathBuf {
     }
 }
 
-/// The socket of the mount on `mountpoint` (an absolute path).
+/// The socket of the mount on `mountpoint` (an absolute, canonical
+/// path): named by a hash of the path, so no two mountpoints share one
+/// (`/x/x_y` and `/x/x/y` did when `/` became `_`).
 pub fn socket_path(mountpoint: &Path) -> PathBuf {
-    let name: String = mountpoint
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
+    let name: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
     runtime_dir().join(format!("{name}.sock"))
+}
+
+/// A status socket this mount created; removed only if it is still the
+/// same file (a later mount of the same path may have replaced it).
+#[derive(Debug)]
+pub struct Socket {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+impl Socket {
+    pub fn remove(&self) {
+        if file_id(&self.path) == Some(self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// The report text.
@@ -121,14 +138,14 @@ pub fn report(fs: &Fs, info: &MountInfo) -> String {
 }
 
 /// Serves the report on the mount's socket until the runtime ends.
-pub fn serve(fs: Arc<Fs>, info: MountInfo) -> Option<PathBuf> {
+pub fn serve(fs: Arc<Fs>, info: MountInfo) -> Option<Socket> {
     let path = socket_path(&info.mountpoint);
     let dir = path.parent()?.to_path_buf();
-    if let Err(e) = std::fs::create_dir_all(&dir) {
+    if let Err(e) = crate::private::create_private_dir(&dir) {
         warn!(dir = %dir.display(), error = %e, "no status socket");
         return None;
     }
-    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    // A socket left by a killed mount of this same mountpoint.
     let _ = std::fs::remove_file(&path);
     let listener = match tokio::net::UnixListener::bind(&path) {
         Ok(l) => l,
@@ -138,6 +155,7 @@ pub fn serve(fs: Arc<Fs>, info: MountInfo) -> Option<PathBuf> {
         }
     };
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    let id = file_id(&path)?;
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let text = report(&fs, &info);
@@ -145,7 +163,7 @@ pub fn serve(fs: Arc<Fs>, info: MountInfo) -> Option<PathBuf> {
                 tokio::time::timeout(Duration::from_secs(5), conn.write_all(text.as_bytes())).await;
         }
     });
-    Some(path)
+    Some(Socket { path, id })
 }
 
 /// The client: prints the report of the mount on `mountpoint`.

@@ -35,13 +35,33 @@ fn requests(s: &MemStore) -> u64 {
     Op::ALL.iter().map(|&op| s.counters().get(op)).sum()
 }
 
+fn s3fs_meta(mode: u32, uid: u32, mtime: u64) -> Metadata {
+    let mut m = Metadata::new();
+    m.insert("mode".into(), mode.to_string());
+    m.insert("uid".into(), uid.to_string());
+    m.insert("gid".into(), uid.to_string());
+    m.insert("mtime".into(), mtime.to_string());
+    m
+}
+
+/// A metadata TTL no machine is slow enough to outlast within one test:
+/// request counts must not depend on speed.
+const LONG_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
 #[tokio::test]
-async fn ten_thousand_objects_list_in_ten_lists_and_stat_needs_no_request() {
+async fn without_object_metadata_ten_thousand_objects_cost_ten_lists_and_no_head() {
     let s = Arc::new(MemStore::unversioned());
     for i in 0..10_000 {
-        s.insert(&format!("dir/f{i:05}"), b"abc", Metadata::new());
+        s.insert(
+            &format!("dir/f{i:05}"),
+            b"abc",
+            s3fs_meta(0o100600, 42, 1_000_000_000),
+        );
     }
-    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let (fs, _d) = fs_with(s.clone(), |c| {
+        c.metadata_ttl = LONG_TTL;
+        c.object_metadata = false;
+    });
     let dir = fs.lookup(ROOT_INO, name("dir")).await.unwrap();
     let before = (s.counters().get(Op::List), s.counters().get(Op::Head));
     let entries = fs.list(dir.ino).await.unwrap();
@@ -51,21 +71,121 @@ async fn ten_thousand_objects_list_in_ten_lists_and_stat_needs_no_request() {
         10,
         "one LIST per 1,000"
     );
+    let n = requests(&s);
+    for e in entries.iter().skip(2) {
+        let a = fs.lookup(dir.ino, name(&e.name)).await.unwrap();
+        assert_eq!((a.size, a.perm, a.uid), (3, 0o644, 0), "mount defaults");
+    }
     assert_eq!(
         s.counters().get(Op::Head) - before.1,
         0,
         "no HEAD per entry"
     );
-    let n = requests(&s);
-    for e in entries.iter().skip(2) {
-        let a = fs.lookup(dir.ino, name(&e.name)).await.unwrap();
-        assert_eq!(a.size, 3);
-    }
     assert_eq!(
         requests(&s),
         n,
         "stat after readdir is answered from the listing"
     );
+    let f = fs.lookup(dir.ino, name("f00001")).await.unwrap();
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    assert_eq!(
+        fs.setattr(f.ino, chmod).await.unwrap_err(),
+        FsError::NotPermitted
+    );
+}
+
+#[tokio::test]
+async fn ten_thousand_listed_objects_show_their_own_metadata_for_at_most_one_head_each() {
+    let s = Arc::new(MemStore::unversioned());
+    for i in 0..10_000 {
+        s.insert(
+            &format!("dir/f{i:05}"),
+            b"abc",
+            s3fs_meta(0o100600, 42, 1_000_000_000 + i),
+        );
+    }
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let dir = fs.lookup(ROOT_INO, name("dir")).await.unwrap();
+    let before = (s.counters().get(Op::List), s.counters().get(Op::Head));
+    let entries = fs.list(dir.ino).await.unwrap();
+    assert_eq!(entries.len(), 10_002, "with . and ..");
+    assert_eq!(
+        s.counters().get(Op::List) - before.0,
+        10,
+        "one LIST per 1,000"
+    );
+    // Each stat gets the object's own metadata (read ahead, or waited for).
+    for (i, e) in entries.iter().skip(2).enumerate() {
+        let a = fs.lookup(dir.ino, name(&e.name)).await.unwrap();
+        assert_eq!((a.size, a.perm, a.uid, a.gid), (3, 0o600, 42, 42));
+        assert_eq!(
+            a.mtime,
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000 + i as u64)
+        );
+    }
+    let heads = s.counters().get(Op::Head) - before.1;
+    assert!(heads <= 10_000, "{heads} HEADs: at most one per entry");
+    assert_eq!(s.counters().get(Op::List) - before.0, 10, "no more LISTs");
+    let n = requests(&s);
+    for e in entries.iter().skip(2) {
+        fs.lookup(dir.ino, name(&e.name)).await.unwrap();
+        fs.getattr(fs.lookup(dir.ino, name(&e.name)).await.unwrap().ino)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        requests(&s),
+        n,
+        "stat after the metadata is read costs nothing"
+    );
+}
+
+#[tokio::test]
+async fn readdirplus_never_hands_out_attributes_not_read_from_the_object() {
+    let s = Arc::new(MemStore::unversioned());
+    for i in 0..600 {
+        s.insert(
+            &format!("d/f{i:03}"),
+            b"x",
+            s3fs_meta(0o100600, 42, 1_000_000_000),
+        );
+    }
+    s.insert("d/link", b"f000", s3fs_meta(0o120777, 42, 1_000_000_000));
+    s.insert("d/sub/", b"", s3fs_meta(0o040700, 42, 1_000_000_000));
+    s.insert("d/sub/x", b"", Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let mut offset = 0;
+    let mut own = 0;
+    loop {
+        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        offset = last.0 + 1;
+        for (_, e, a, _, is_own) in &batch {
+            if e.name == "." || e.name == ".." || !is_own {
+                continue;
+            }
+            own += 1;
+            let want = match e.name.as_str() {
+                "link" => (FileKind::Symlink, 0o777),
+                "sub" => (FileKind::Dir, 0o700),
+                _ => (FileKind::File, 0o600),
+            };
+            assert_eq!((a.kind, a.perm, a.uid), (want.0, want.1, 42), "{}", e.name);
+        }
+    }
+    assert!(
+        own >= 128,
+        "the first entries of each reply wait for their metadata"
+    );
+    let link = fs.lookup(d.ino, name("link")).await.unwrap();
+    assert_eq!((link.kind, link.perm), (FileKind::Symlink, 0o777));
+    let sub = fs.lookup(d.ino, name("sub")).await.unwrap();
+    assert_eq!((sub.kind, sub.perm, sub.uid), (FileKind::Dir, 0o700, 42));
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
@@ -102,7 +103,7 @@ fn a_full_cache_disk_fails_writes_at_write_time_and_loses_nothing_written() {
     fs::create_dir(&small).unwrap();
     assert!(
         Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
             .arg(&small)
             .status()
             .unwrap()
@@ -338,4 +339,310 @@ fn a_reader_never_sees_a_mix_of_old_and_new() {
         let m2 = Mount::new(&b, "");
         assert_eq!(sha256_file(&m2.path("f")), sha256(&new));
     }
+}
+
+/// s3fs-style objects written with the S3 API: (key, body, mode, uid, mtime).
+const S3FS_OBJECTS: [(&str, &[u8], u32, u32, i64); 6] = [
+    ("d/private", b"root only", 0o100600, 0, 1_600_000_000),
+    ("d/theirs", b"user 1000's", 0o100600, 1000, 1_600_000_001),
+    ("d/link", b"private", 0o120777, 0, 1_600_000_002),
+    (
+        "d/script.sh",
+        b"#!/bin/sh\necho hi\n",
+        0o100755,
+        0,
+        1_600_000_003,
+    ),
+    ("d/old", b"old", 0o100644, 0, 1_000_000_000),
+    ("d/fifo", b"", 0o010640, 0, 1_600_000_005),
+];
+
+/// After `ls -l`, every entry shows exactly its own metadata and another
+/// uid is refused where the mode says so.
+fn check_own_metadata(m: &Mount) {
+    use std::os::unix::fs::MetadataExt;
+    let d = m.dir.display();
+    sh(&m.dir, "ls -l d >/dev/null");
+    let (ok, err) = as_user(1000, &format!("ls -l {d}/d >/dev/null; cat {d}/d/private"));
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "another user read a 0600 root file after ls -l: {err}"
+    );
+    for (key, body, mode, uid, mtime) in S3FS_OBJECTS {
+        let md = fs::symlink_metadata(m.path(key)).unwrap();
+        assert_eq!(md.mode(), mode, "{key}: mode {:o}", md.mode());
+        assert_eq!((md.uid(), md.gid()), (uid, uid), "{key}: owner");
+        assert_eq!(md.mtime(), mtime, "{key}: mtime");
+        if mode & libc::S_IFMT == libc::S_IFREG {
+            assert_eq!(md.len(), body.len() as u64, "{key}: size");
+        }
+    }
+    assert_eq!(
+        fs::read_link(m.path("d/link")).unwrap().as_os_str(),
+        "private"
+    );
+    let (ok, err) = as_user(1000, &format!("cat {d}/d/theirs && {d}/d/script.sh"));
+    assert!(ok, "own file and a 0755 script: {err}");
+    let (ok, err) = as_user(1000, &format!("cat {d}/d/link"));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+}
+
+#[test]
+fn listed_entries_show_only_their_own_metadata_to_every_user() {
+    let b = Bucket::new(server(), "ownmeta", false);
+    for (key, body, mode, uid, mtime) in S3FS_OBJECTS {
+        let (mode, uid, mtime) = (mode.to_string(), uid.to_string(), mtime.to_string());
+        b.put_meta(
+            key,
+            body,
+            &[
+                ("mode", &mode),
+                ("uid", &uid),
+                ("gid", &uid),
+                ("mtime", &mtime),
+            ],
+        );
+    }
+    let m = Mount::new(&b, "allow_other");
+    check_own_metadata(&m);
+    m.remount();
+    check_own_metadata(&m);
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    check_own_metadata(&m);
+}
+
+#[test]
+fn without_object_metadata_every_object_is_the_mounts_and_chmod_is_eperm() {
+    use std::os::unix::fs::MetadataExt;
+    let b = Bucket::new(server(), "nometa", false);
+    b.put_meta("p", b"x", &[("mode", "33152"), ("uid", "1000")]);
+    let m = Mount::new(&b, "allow_other,no_object_metadata,umask=077");
+    sh(&m.dir, "ls -l >/dev/null");
+    let md = fs::metadata(m.path("p")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid()), (0o600, 0));
+    let (ok, err) = as_user(1000, &format!("cat {}/p", m.dir.display()));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    let e = fs::set_permissions(m.path("p"), fs::Permissions::from_mode(0o644)).unwrap_err();
+    assert_eq!(errno(e), libc::EPERM);
+}
+
+#[test]
+fn hostile_metadata_gives_sane_attributes_and_never_breaks_the_listing() {
+    use std::os::unix::fs::MetadataExt;
+    let b = Bucket::new(server(), "hostile", false);
+    let cases: [(&str, &str, &str); 8] = [
+        ("mtime", "99999999999999999999", "beyond i64"),
+        ("mtime", "9223372036854775808", "i64::MAX + 1"),
+        ("mtime", "-99999999999999", "far negative"),
+        ("mtime", "NaN", "nan"),
+        ("mtime", "garbage", "garbage"),
+        ("uid", "99999999999", "huge uid"),
+        ("mode", "61951", "mode 0170777"),
+        ("mode", "-1", "negative mode"),
+    ];
+    for (i, (k, v, _)) in cases.iter().enumerate() {
+        b.put_meta(&format!("h/f{i}"), b"data", &[(k, v)]);
+    }
+    let m = Mount::new(&b, "");
+    for round in 0..2 {
+        let listed = sh(&m.dir, "ls -l h | wc -l");
+        assert_eq!(listed.trim(), "9", "round {round}: total + 8 entries");
+        for (i, (_, _, what)) in cases.iter().enumerate() {
+            let p = m.path(&format!("h/f{i}"));
+            let md = fs::metadata(&p).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(md.is_file(), "{what}");
+            assert_eq!(md.len(), 4, "{what}");
+            assert!(md.mode() & 0o7777 <= 0o777, "{what}");
+            assert!((0..=253_402_300_799).contains(&md.mtime()), "{what}");
+            let out = Command::new("getfattr")
+                .args(["-n", "user.s3.etag"])
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{what}: getfattr failed");
+            assert_eq!(fs::read(&p).unwrap(), b"data", "{what}");
+        }
+    }
+    assert!(!m.log_text().contains("panicked"), "no panic in the daemon");
+}
+
+#[test]
+fn a_key_of_exactly_1024_bytes_opens_and_only_longer_keys_are_refused() {
+    let b = Bucket::new(server(), "key1024", false);
+    // Components of at most 255 bytes: 4 × (200 + '/') + 220 = 1,024.
+    let dirs = ["a", "b", "c", "d"].map(|c| c.repeat(200)).join("/");
+    let key = format!("{dirs}/{}", "f".repeat(220));
+    assert_eq!(key.len(), 1024);
+    b.put(&key, b"at the limit");
+    let m = Mount::new(&b, "");
+    assert_eq!(fs::read(m.path(&key)).unwrap(), b"at the limit");
+    let parent = m.path(&dirs);
+    assert_eq!(names(&parent).len(), 1, "listed");
+    fs::write(m.path(&format!("{dirs}/{}", "g".repeat(220))), b"new").unwrap();
+    assert_eq!(
+        b.get(&format!("{dirs}/{}", "g".repeat(220))).unwrap(),
+        b"new"
+    );
+    assert_eq!(
+        errno(fs::write(m.path(&format!("{dirs}/{}", "h".repeat(221))), b"x").unwrap_err()),
+        libc::ENAMETOOLONG,
+        "1,025 bytes"
+    );
+    assert_eq!(
+        errno(fs::create_dir(m.path(&format!("{dirs}/{}", "i".repeat(220)))).unwrap_err()),
+        libc::ENAMETOOLONG,
+        "a directory's marker would be 1,025 bytes"
+    );
+}
+
+/// Every directory and file under `dir`: (path, mode, uid).
+fn tree_modes(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u32, u32)>) {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(dir).unwrap();
+    out.push((dir.to_path_buf(), md.mode(), md.uid()));
+    if md.is_dir() {
+        for e in fs::read_dir(dir).unwrap() {
+            tree_modes(&e.unwrap().path(), out);
+        }
+    }
+}
+
+fn assert_private(dir: &std::path::Path) -> usize {
+    let mut all = Vec::new();
+    tree_modes(dir, &mut all);
+    for (p, mode, uid) in &all {
+        let want = if mode & libc::S_IFMT == libc::S_IFDIR {
+            0o700
+        } else {
+            0o600
+        };
+        assert_eq!((mode & 0o7777, *uid), (want, 0), "{}", p.display());
+    }
+    all.len()
+}
+
+#[test]
+fn the_cache_disk_is_private_and_an_unsafe_cache_dir_is_refused() {
+    let b = Bucket::new(server(), "privcache", false);
+    b.put("read-me", &pattern(2 * 1024 * 1024, 1));
+    let m = Mount::new(&b, "allow_other");
+    // A file being written: its staged copy and journal exist now.
+    let mut f = fs::File::create(m.path("dirty")).unwrap();
+    f.write_all(&pattern(300_000, 2)).unwrap();
+    f.sync_all().unwrap();
+    f.write_all(b"more").unwrap();
+    let n = assert_private(m.cache_dir());
+    assert!(n >= 4, "cache dir, staging dirs and files: {n}");
+    let mut all = Vec::new();
+    tree_modes(m.cache_dir(), &mut all);
+    let staged = all
+        .iter()
+        .find(|(p, mode, _)| {
+            mode & libc::S_IFMT == libc::S_IFREG && p.to_string_lossy().contains("stage-")
+        })
+        .expect("a staged file")
+        .0
+        .clone();
+    let (ok, err) = as_user(1000, &format!("cat {}", staged.display()));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    drop(f);
+    assert_eq!(fs::read(m.path("read-me")).unwrap().len(), 2 * 1024 * 1024);
+    assert_eq!(m.unmount(), Some(0));
+    let blocks = m.cache_dir().join("blocks");
+    assert!(assert_private(&blocks) >= 3, "cached blocks were written");
+
+    // Refused before mounting: another user's directory, a directory
+    // others may write to, and no HOME/XDG_CACHE_HOME for a non-root user.
+    for (setup, why) in [
+        ("chown 1000 {c}", "owned by uid 1000"),
+        ("chmod 0777 {c}", "writable by group or others"),
+    ] {
+        let (tmp, mp) = scratch_mountpoint();
+        let c = tmp.path().join("c");
+        fs::create_dir(&c).unwrap();
+        sh(tmp.path(), &setup.replace("{c}", &c.display().to_string()));
+        let opts = base_options(&b.endpoint, &c, &tmp.path().join("log"));
+        let out = command()
+            .args(["-o", &opts, &b.name])
+            .arg(&mp)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{setup}");
+        assert!(
+            err.contains(why) && err.contains("cache_dir"),
+            "{setup}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(!is_mounted(&mp), "nothing mounted");
+    }
+    let (tmp, mp) = scratch_mountpoint();
+    let out = Command::new("setpriv")
+        .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
+        .arg(bin())
+        .args([
+            "-o",
+            &format!("endpoint={},path_style", b.endpoint),
+            &b.name,
+        ])
+        .arg(&mp)
+        .env_clear()
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("-o cache_dir="),
+        "{err}"
+    );
+    assert!(!tmp.path().join("bucketfs").exists() && !is_mounted(&mp));
+}
+
+#[test]
+fn planted_journals_are_never_uploaded() {
+    let b = Bucket::new(server(), "planted", false);
+    let m = Mount::new(&b, "");
+    let mut f = fs::File::create(m.path("injected.sh")).unwrap();
+    f.write_all(b"echo owned").unwrap();
+    f.sync_all().unwrap();
+    f.write_all(b" and more").unwrap();
+    // A killed daemon leaves a staged file and its journal.
+    unsafe { libc::kill(m.pid().unwrap() as i32, libc::SIGKILL) };
+    m.wait_exit(Duration::from_secs(30));
+    drop(f);
+    assert!(
+        Command::new("umount")
+            .arg("-l")
+            .arg(&m.dir)
+            .status()
+            .unwrap()
+            .success()
+    );
+    b.put("injected.sh", b"the original");
+    let staged: Vec<_> = {
+        let mut all = Vec::new();
+        tree_modes(&m.cache_dir().join("staging"), &mut all);
+        all.into_iter()
+            .filter(|(_, mode, _)| mode & libc::S_IFMT == libc::S_IFREG)
+            .map(|(p, _, _)| p)
+            .collect()
+    };
+    assert_eq!(staged.len(), 2, "a staged file and its journal");
+    // As if another user had planted them.
+    for p in &staged {
+        std::os::unix::fs::chown(p, Some(1000), Some(1000)).unwrap();
+    }
+    m.restart();
+    assert_eq!(
+        b.get("injected.sh").as_deref(),
+        Some(&b"the original"[..]),
+        "another user's journal is not uploaded"
+    );
+    assert!(
+        b.keys("").iter().all(|k| !k.contains("recovered")),
+        "{:?}",
+        b.keys("")
+    );
+    assert!(m.log_text().contains("not trusted"));
 }

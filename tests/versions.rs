@@ -238,3 +238,58 @@ fn keys_sharing_a_prefix_do_not_leak_into_each_others_versions() {
     assert_eq!(names(&m.path(".versions")), vec!["a", "a.txt"]);
     assert_eq!(names(&m.path("a/.versions")), vec!["b"]);
 }
+
+fn as_user_1000(script: &str) -> (bool, String) {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
+        .args(["bash", "-c", script])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn versions_grant_no_more_than_the_file() {
+    use std::os::unix::fs::MetadataExt;
+    let b = Bucket::new(server(), "vperm", true);
+    // Written through the mount and made 0600, and written by another
+    // tool with s3fs metadata, then deleted (the newest is a marker).
+    let m = Mount::new(&b, "allow_other");
+    fs::write(m.path("secret"), b"first").unwrap();
+    fs::write(m.path("secret"), b"second").unwrap();
+    fs::set_permissions(m.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    for body in [&b"old"[..], b"older"] {
+        b.put_meta(
+            "gone",
+            body,
+            &[("mode", "33152"), ("uid", "0"), ("gid", "0")],
+        );
+    }
+    b.put_meta("shared.sh", b"#!/bin/sh\n", &[("mode", "33261")]);
+    rt().block_on(b.client.delete_object().bucket(&b.name).key("gone").send())
+        .unwrap();
+    let d = m.dir.display();
+    for name in ["secret", "gone"] {
+        let (ok, err) = as_user_1000(&format!(
+            "ls -l {d}/.versions/{name}/ >/dev/null; cat {d}/.versions/{name}/*"
+        ));
+        assert!(!ok && err.contains("Permission denied"), "{name}: {err}");
+        let vdir = m.path(&format!(".versions/{name}"));
+        let md = fs::metadata(&vdir).unwrap();
+        assert_eq!((md.mode() & 0o7777, md.uid()), (0o500, 0), "{name}/");
+        for v in names(&vdir) {
+            let md = fs::metadata(vdir.join(&v)).unwrap();
+            assert_eq!((md.mode() & 0o7777, md.uid()), (0o400, 0), "{name}/{v}");
+        }
+    }
+    let vdir = m.path(".versions/shared.sh");
+    let (ok, err) = as_user_1000(&format!("cat {}/*", vdir.display()));
+    assert!(ok, "a 0755 file's versions are readable: {err}");
+    for v in names(&vdir) {
+        let md = fs::metadata(vdir.join(&v)).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o555, "no write bit");
+    }
+}

@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -91,7 +92,7 @@ struct Disk {
 impl Disk {
     /// Opens (or creates) the tier, indexing the blocks a previous mount left.
     fn open(dir: PathBuf, limit_bytes: u64) -> std::io::Result<Disk> {
-        std::fs::create_dir_all(&dir)?;
+        crate::private::create_private_dir(&dir)?;
         let mut found = Vec::new();
         for e in std::fs::read_dir(&dir)? {
             let e = e?;
@@ -101,6 +102,10 @@ impl Disk {
                 continue;
             }
             let md = e.metadata()?;
+            if md.permissions().mode() & 0o077 != 0 {
+                // Left readable by an older version: private now.
+                std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+            }
             found.push((md.modified().ok(), name, md.len()));
         }
         found.sort();
@@ -174,7 +179,11 @@ impl Disk {
             let tmp = disk.dir.join(format!("{name}.tmp"));
             let r = (|| {
                 use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
+                let mut f = crate::private::private_file()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)?;
                 f.write_all(&header)?;
                 f.write_all(&data)?;
                 std::fs::rename(&tmp, &path)

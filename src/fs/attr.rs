@@ -97,6 +97,11 @@ impl Attr {
 
     /// Attributes of an object, from its metadata when known.
     /// `dir_marker` is true for a `name/` marker object.
+    ///
+    /// Any writer of the bucket sets these headers: a value that does not
+    /// parse, or is out of range, counts as absent (the mount's default),
+    /// an unknown file type is a regular file, and an mtime outside years
+    /// 1..=9999 is the object's last-modified time. Never panics.
     pub fn from_object(ino: u64, o: &ObjectInfo, dir_marker: bool, d: &Defaults) -> Attr {
         let meta = o.metadata.as_ref();
         let get = |k: &str| meta.and_then(|m| m.get(k)).map(|v| v.trim());
@@ -104,7 +109,11 @@ impl Attr {
         let kind = if dir_marker {
             FileKind::Dir
         } else {
-            mode.map_or(FileKind::File, FileKind::from_mode)
+            // Only a `name/` marker is a directory here.
+            match mode.map_or(FileKind::File, FileKind::from_mode) {
+                FileKind::Dir => FileKind::File,
+                k => k,
+            }
         };
         let default_perm = if kind == FileKind::Dir {
             d.dir_perm
@@ -145,26 +154,54 @@ impl Attr {
     }
 }
 
-/// Seconds since the epoch, possibly fractional ("1700000000.25").
+/// The latest time an mtime may say: 9999-12-31T23:59:59Z.
+const MAX_EPOCH_SECS: u64 = 253_402_300_799;
+/// The earliest: 0001-01-01T00:00:00Z.
+const MIN_EPOCH_SECS: u64 = 62_135_596_800;
+
+/// Seconds since the epoch, possibly fractional ("1700000000.25") or
+/// negative ("-86400", before 1970), within years 1..=9999; anything else
+/// is None.
 pub fn parse_epoch(v: &str) -> Option<SystemTime> {
+    let (negative, v) = match v.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, v),
+    };
     let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let secs: u64 = secs.parse().ok()?;
-    let nanos = if frac.is_empty() {
+    let digits = &frac[..frac.len().min(9)];
+    let nanos = if digits.is_empty() {
         0
     } else {
-        let digits: String = frac.chars().take(9).collect();
         let n: u32 = digits.parse().ok()?;
         n * 10u32.pow(9 - digits.len() as u32)
     };
-    Some(UNIX_EPOCH + Duration::new(secs, nanos))
+    let d = Duration::new(secs, nanos);
+    if negative {
+        if secs >= MIN_EPOCH_SECS {
+            return None;
+        }
+        UNIX_EPOCH.checked_sub(d)
+    } else {
+        if secs > MAX_EPOCH_SECS {
+            return None;
+        }
+        UNIX_EPOCH.checked_add(d)
+    }
 }
 
-/// Whole seconds, as s3fs-fuse writes them.
+/// Whole seconds, as s3fs-fuse writes them (negative before 1970).
 pub fn format_epoch(t: SystemTime) -> String {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        .to_string()
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs().to_string(),
+        Err(e) => format!("-{}", e.duration().as_secs()),
+    }
 }
 
 #[cfg(test)]
@@ -223,6 +260,78 @@ mod tests {
             Some(UNIX_EPOCH + Duration::from_millis(12_500))
         );
         assert_eq!(parse_epoch("x"), None);
-        assert_eq!(parse_epoch("-1"), None);
+        assert_eq!(
+            parse_epoch("-86400"),
+            Some(UNIX_EPOCH - Duration::from_secs(86_400))
+        );
+        for bad in [
+            "",
+            "-",
+            ".5",
+            "1.x",
+            "NaN",
+            "inf",
+            "1e9",
+            "+5",
+            "99999999999999999999",
+            "9223372036854775808",
+            "18446744073709551615",
+            "-99999999999999",
+            "253402300800",
+        ] {
+            assert_eq!(parse_epoch(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_metadata_gives_sane_attributes() {
+        let mut m = Metadata::new();
+        m.insert("mode".into(), format!("{}", 0o170777));
+        m.insert("uid".into(), "99999999999".into());
+        m.insert("gid".into(), "-1".into());
+        m.insert("mtime".into(), "99999999999999999999".into());
+        m.insert("rdev".into(), "garbage".into());
+        let a = Attr::from_object(5, &obj(Some(m)), false, &D);
+        assert_eq!(
+            (a.kind, a.perm, a.uid, a.gid, a.rdev),
+            (FileKind::File, 0o777, 7, 8, 0)
+        );
+        assert_eq!(a.mtime, UNIX_EPOCH + Duration::from_secs(1000));
+        let mut m = Metadata::new();
+        m.insert("mode".into(), format!("{}", libc::S_IFDIR | 0o755));
+        let a = Attr::from_object(5, &obj(Some(m)), false, &D);
+        assert_eq!(a.kind, FileKind::File, "only a marker is a directory");
+    }
+
+    proptest::proptest! {
+        /// Whatever headers a writer of the bucket sets, the attributes
+        /// are sane and formatting them (as the kernel and xattrs do)
+        /// never panics.
+        #[test]
+        fn any_metadata_gives_sane_attributes(
+            mode in proptest::option::of(".{0,12}|[0-9]{1,12}"),
+            uid in proptest::option::of(".{0,12}|[0-9]{1,12}"),
+            mtime in proptest::option::of(".{0,24}|-?[0-9]{1,22}(\\.[0-9]{0,12})?"),
+            rdev in proptest::option::of(".{0,12}"),
+            marker in proptest::bool::ANY,
+        ) {
+            let mut m = Metadata::new();
+            for (k, v) in [("mode", mode), ("uid", uid.clone()), ("gid", uid), ("mtime", mtime), ("rdev", rdev)] {
+                if let Some(v) = v {
+                    m.insert(k.into(), v);
+                }
+            }
+            let a = Attr::from_object(5, &obj(Some(m)), marker, &D);
+            proptest::prop_assert!(a.perm <= 0o7777);
+            proptest::prop_assert_eq!(a.kind == FileKind::Dir, marker);
+            let secs = match a.mtime.duration_since(UNIX_EPOCH) {
+                Ok(d) => d.as_secs() as i128,
+                Err(e) => -(e.duration().as_secs() as i128),
+            };
+            proptest::prop_assert!((-(MIN_EPOCH_SECS as i128)..=MAX_EPOCH_SECS as i128).contains(&secs));
+            let _ = humantime::format_rfc3339_millis(a.mtime.max(UNIX_EPOCH)).to_string();
+            let back = Attr::from_object(5, &obj(Some(a.to_metadata())), marker, &D);
+            proptest::prop_assert_eq!((back.kind, back.perm, back.uid, back.gid), (a.kind, a.perm, a.uid, a.gid));
+        }
     }
 }

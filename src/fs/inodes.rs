@@ -52,6 +52,10 @@ pub struct Inode {
     /// (set by a listing, or by mkdir), so a name not in the table does
     /// not exist and needs no request.
     pub listed_until: Option<Instant>,
+    /// Whether `attr` was read from this object's own metadata (or made
+    /// by this mount). A listing only tells size and ETag: until the
+    /// metadata is read, the kernel must not be given these attributes.
+    pub meta_known: bool,
 }
 
 impl Inode {
@@ -99,6 +103,7 @@ impl InodeTable {
                 symlink_target: None,
                 generation: 0,
                 listed_until: None,
+                meta_known: true,
             },
         );
         t
@@ -139,6 +144,7 @@ impl InodeTable {
             node.object = object;
             node.fresh_until = fresh_until;
             node.parent = parent;
+            node.meta_known = true;
             return ino;
         }
         let ino = self.next;
@@ -158,6 +164,7 @@ impl InodeTable {
                 symlink_target: None,
                 generation: 0,
                 listed_until: None,
+                meta_known: true,
             },
         );
         ino

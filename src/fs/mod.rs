@@ -20,6 +20,7 @@
 pub mod attr;
 mod files;
 pub mod inodes;
+mod meta;
 pub mod names;
 mod namespace;
 mod versions;
@@ -47,6 +48,10 @@ use crate::write::{UploadOptions, WriteError};
 
 /// Entries handed out per readdir call; the kernel asks again for more.
 const DIR_CHUNK_ENTRIES: usize = 4096;
+
+/// Entries of a readdirplus reply that wait for their metadata (more than
+/// one reply of the kernel's buffer holds).
+const PLUS_WAIT_ENTRIES: usize = 128;
 
 /// Everything the core needs to know about a mount.
 #[derive(Clone, Debug)]
@@ -76,6 +81,10 @@ pub struct FsConfig {
     pub versions_visible: bool,
     /// Show the bucket as it was at this moment (read-only).
     pub as_of: Option<SystemTime>,
+    /// Whether objects' `x-amz-meta-*` mode, owner and mtime are used.
+    /// Off: every object has the mount's uid, gid and umask, chmod and
+    /// chown fail with EPERM, and a listing needs no HEAD per entry.
+    pub object_metadata: bool,
 }
 
 impl Default for FsConfig {
@@ -105,6 +114,7 @@ impl Default for FsConfig {
             upload_retry_max: Duration::from_secs(300),
             versions_visible: false,
             as_of: None,
+            object_metadata: true,
         }
     }
 }
@@ -203,9 +213,11 @@ struct Resolved {
 pub struct Fs {
     store: Arc<dyn ObjectStore>,
     cfg: FsConfig,
-    table: Mutex<InodeTable>,
+    table: Arc<Mutex<InodeTable>>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    writes: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    writes: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    /// Listed objects' own metadata, read ahead.
+    meta: Arc<meta::MetaFetch>,
     /// Namespace lock (see the lock order above).
     ns: tokio::sync::RwLock<()>,
     /// Wakes the background retrier (`spawn_retrier`).
@@ -223,15 +235,29 @@ impl Fs {
     pub fn new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> Fs {
         let mut root = Attr::implicit_dir(ROOT_INO, &cfg.defaults);
         root.perm = cfg.root_perm.unwrap_or(root.perm);
+        let table = Arc::new(Mutex::new(InodeTable::new(root)));
+        let writes = Arc::new(Mutex::new(HashMap::new()));
+        let meta = Arc::new(meta::MetaFetch {
+            store: store.clone(),
+            table: table.clone(),
+            writes: writes.clone(),
+            root_prefix: cfg.root_prefix.clone(),
+            defaults: cfg.defaults,
+            ttl: cfg.metadata_ttl,
+            pinned_versions: cfg.as_of.is_some(),
+            heads: tokio::sync::Semaphore::new(meta::MAX_HEADS_IN_FLIGHT),
+            inflight: Mutex::new(HashMap::new()),
+        });
         Fs {
             blocks: Arc::new(
                 BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)
                     .with_disk(&cfg.disk_cache_dir, cfg.disk_cache_bytes),
             ),
             store,
-            table: Mutex::new(InodeTable::new(root)),
+            table,
             handles: Mutex::new(HashMap::new()),
-            writes: Mutex::new(HashMap::new()),
+            writes,
+            meta,
             ns: tokio::sync::RwLock::new(()),
             retry_wake: Arc::new(tokio::sync::Notify::new()),
             uploads: Mutex::new(HashMap::new()),
@@ -257,6 +283,57 @@ impl Fs {
 
     fn read_only(&self) -> bool {
         self.cfg.read_only || self.cfg.as_of.is_some()
+    }
+
+    /// The attributes of an object: from its own metadata, or, with
+    /// `no_object_metadata`, the mount's defaults (type and size only).
+    fn attr_of(&self, info: &ObjectInfo, dir_marker: bool) -> Attr {
+        if self.cfg.object_metadata {
+            return Attr::from_object(0, info, dir_marker, &self.cfg.defaults);
+        }
+        let bare = ObjectInfo {
+            metadata: None,
+            ..info.clone()
+        };
+        Attr::from_object(0, &bare, dir_marker, &self.cfg.defaults)
+    }
+
+    /// A new node's attributes as they will read back: with
+    /// `no_object_metadata`, the mount's owner and modes.
+    fn own_or_defaults(&self, mut a: Attr) -> Attr {
+        if !self.cfg.object_metadata {
+            let d = &self.cfg.defaults;
+            a.uid = d.uid;
+            a.gid = d.gid;
+            a.perm = if a.kind == FileKind::Dir {
+                d.dir_perm
+            } else {
+                d.file_perm
+            };
+        }
+        a
+    }
+
+    /// With `no_object_metadata` there is nowhere to keep a mode, owner or
+    /// mtime: chmod and chown fail with EPERM, a time change is a no-op.
+    fn without_object_metadata(&self, mut s: SetAttr) -> FsResult<SetAttr> {
+        if self.cfg.object_metadata {
+            return Ok(s);
+        }
+        if s.mode.is_some() || s.uid.is_some() || s.gid.is_some() {
+            return Err(FsError::NotPermitted);
+        }
+        s.mtime = None;
+        Ok(s)
+    }
+
+    /// The attributes of a node whose table entry is fresh: as stored
+    /// when its metadata was read, else after reading it (one HEAD).
+    async fn own_attr(&self, ino: u64, stored: Attr, known: bool) -> FsResult<Attr> {
+        if known || self.has_write_state(ino) {
+            return Ok(stored);
+        }
+        self.meta.attr(ino).await?.ok_or(FsError::NotFound)
     }
 
     fn key_of(&self, path: &str) -> String {
@@ -335,20 +412,24 @@ impl Fs {
     async fn lookup_path(&self, parent: u64, path: String) -> FsResult<Attr> {
         check_key(&self.key_of(&path))?;
         let now = Instant::now();
-        {
+        let fresh = {
             let t = self.table.lock();
             if let Some(ino) = t.find(&NodeKey::Path(path.clone())) {
                 let n = t.get(ino).expect("found");
-                if n.is_fresh(now) || self.has_write_state(ino) {
-                    return Ok(n.attr.clone());
-                }
+                (n.is_fresh(now) || self.has_write_state(ino))
+                    .then(|| (ino, n.attr.clone(), n.meta_known))
             } else if t.is_negative(&path, now)
                 || t.get(parent)
                     .and_then(|p| p.listed_until)
                     .is_some_and(|u| now < u)
             {
                 return Err(FsError::NotFound);
+            } else {
+                None
             }
+        };
+        if let Some((ino, attr, known)) = fresh {
+            return self.own_attr(ino, attr, known).await;
         }
         self.refresh_path(parent, path).await
     }
@@ -398,7 +479,7 @@ impl Fs {
         if !list.objects.is_empty() || !list.prefixes.is_empty() {
             let marker = list.objects.first().is_some_and(|o| o.key == prefix);
             if marker && let Ok(info) = self.store.head(&prefix, None).await {
-                let attr = Attr::from_object(0, &info, true, d);
+                let attr = self.attr_of(&info, true);
                 return Ok(Some(Resolved {
                     attr,
                     object: Some(info),
@@ -417,7 +498,7 @@ impl Fs {
         }
         match head {
             Ok(info) => Ok(Some(Resolved {
-                attr: Attr::from_object(0, &info, false, d),
+                attr: self.attr_of(&info, false),
                 object: Some(info),
                 dir_marker: false,
             })),
@@ -428,7 +509,7 @@ impl Fs {
 
     /// Current attributes of an inode.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
-        let (key, parent, fresh, attr) = {
+        let (key, parent, fresh, attr, known) = {
             let t = self.table.lock();
             let n = t.get(ino).ok_or(FsError::NotFound)?;
             (
@@ -436,10 +517,14 @@ impl Fs {
                 n.parent,
                 n.is_fresh(Instant::now()),
                 n.attr.clone(),
+                n.meta_known,
             )
         };
-        if fresh || ino == ROOT_INO || self.has_write_state(ino) {
+        if ino == ROOT_INO || self.has_write_state(ino) {
             return Ok(attr);
+        }
+        if fresh {
+            return self.own_attr(ino, attr, known).await;
         }
         match key {
             NodeKey::Path(path) => self.refresh_path(parent, path).await,
@@ -527,6 +612,8 @@ impl Fs {
         let now_fresh = self.fresh_until();
         let d = self.cfg.defaults;
         let mut out = Vec::with_capacity(files.len() + dir_names.len());
+        // Entries whose metadata is read ahead, in listing order.
+        let mut unknown = Vec::new();
         let mut t = self.table.lock();
         let writes = self.writes.lock();
         for o in files {
@@ -558,12 +645,18 @@ impl Fs {
             // Keep metadata learnt by HEAD while the object is the same.
             let known = existing
                 .and_then(|i| t.get(i))
+                .filter(|n| n.meta_known)
                 .and_then(|n| n.object.clone())
                 .filter(|k| k.etag == o.etag && k.metadata.is_some());
+            let meta_known = known.is_some() || !self.cfg.object_metadata;
             let info = known.unwrap_or(o);
-            let attr = Attr::from_object(0, &info, false, &d);
+            let attr = self.attr_of(&info, false);
             let kind = attr.kind;
             let i = t.upsert(NodeKey::Path(path), ino, attr, Some(info), now_fresh);
+            if !meta_known && let Some(n) = t.get_mut(i) {
+                n.meta_known = false;
+                unknown.push((name.to_string(), i));
+            }
             out.push(DirEntry {
                 ino: i,
                 name: name.to_string(),
@@ -579,13 +672,23 @@ impl Fs {
                     }
                     i
                 }
-                _ => t.upsert(
-                    NodeKey::Path(path),
-                    ino,
-                    Attr::implicit_dir(0, &d),
-                    None,
-                    now_fresh,
-                ),
+                _ => {
+                    let i = t.upsert(
+                        NodeKey::Path(path),
+                        ino,
+                        Attr::implicit_dir(0, &d),
+                        None,
+                        now_fresh,
+                    );
+                    // Its `dir/` marker, if any, may carry a mode.
+                    if self.cfg.object_metadata
+                        && let Some(n) = t.get_mut(i)
+                    {
+                        n.meta_known = false;
+                        unknown.push((name.clone(), i));
+                    }
+                    i
+                }
             };
             out.push(DirEntry {
                 ino: i,
@@ -611,6 +714,9 @@ impl Fs {
         drop(writes);
         drop(t);
         out.sort_by(|a, b| a.name.cmp(&b.name));
+        unknown.sort();
+        self.meta
+            .prefetch(unknown.into_iter().map(|(_, i)| i).collect());
         debug!(dir, entries = out.len(), "listed");
         Ok(out)
     }
@@ -656,32 +762,56 @@ impl Fs {
     }
 
     /// Entries of an open directory from `offset` on, with attributes, for
-    /// readdirplus: (index in the listing, entry, attributes, counted).
-    /// The caller counts a kernel lookup (`note_lookup`) for each entry it
-    /// sends but `.` and `..`, except those marked counted (looked up here
-    /// again because the table had dropped them), which it gives back with
-    /// `forget` if they do not fit.
+    /// readdirplus: (index in the listing, entry, attributes, counted,
+    /// own). The caller counts a kernel lookup (`note_lookup`) for each
+    /// entry it sends but `.` and `..`, except those marked counted (looked
+    /// up here again because the table had dropped them), which it gives
+    /// back with `forget` if they do not fit. Attributes not marked own
+    /// were not read from the object (its metadata is still being fetched):
+    /// the caller must not let the kernel keep them (zero timeouts).
     pub async fn readdirplus(
         &self,
         dir_ino: u64,
         fh: u64,
         offset: u64,
-    ) -> FsResult<Vec<(u64, DirEntry, Attr, bool)>> {
+    ) -> FsResult<Vec<(u64, DirEntry, Attr, bool, bool)>> {
         let entries = self.readdir(fh, offset)?;
+        // The first entries (more than one reply holds) wait for their
+        // metadata, already being read ahead; the rest go without.
+        let waits: Vec<_> = entries
+            .iter()
+            .take(PLUS_WAIT_ENTRIES)
+            .filter(|e| e.name != "." && e.name != "..")
+            .map(|e| self.meta.attr(e.ino))
+            .collect();
+        futures::future::join_all(waits).await;
         let mut out = Vec::with_capacity(entries.len());
         for (i, e) in entries.into_iter().enumerate() {
             let index = offset + i as u64;
             let dot = e.name == "." || e.name == "..";
-            let cached = self.table.lock().get(e.ino).map(|n| n.attr.clone());
+            let cached = {
+                let t = self.table.lock();
+                t.get(e.ino).map(|n| {
+                    let mapped =
+                        !matches!(n.key, NodeKey::Path(_)) || t.find(&n.key) == Some(e.ino);
+                    (n.attr.clone(), n.meta_known, mapped)
+                })
+            };
             match cached {
-                Some(a) => out.push((index, e, a, false)),
+                Some((a, known, _)) if dot => out.push((index, e, a, false, known)),
+                Some((a, known, true)) => {
+                    let own = known || self.has_write_state(e.ino);
+                    out.push((index, e, a, false, own))
+                }
+                // Gone since the listing (its HEAD found nothing).
+                Some((_, _, false)) => {}
                 None if dot => {
                     let a = Attr::implicit_dir(e.ino, &self.cfg.defaults);
-                    out.push((index, e, a, false));
+                    out.push((index, e, a, false, true));
                 }
                 // Dropped from the table since the listing: look it up again.
                 None => match self.lookup(dir_ino, OsStr::new(&e.name)).await {
-                    Ok(a) => out.push((index, DirEntry { ino: a.ino, ..e }, a, true)),
+                    Ok(a) => out.push((index, DirEntry { ino: a.ino, ..e }, a, true, true)),
                     Err(FsError::NotFound) => {}
                     Err(err) => return Err(err),
                 },

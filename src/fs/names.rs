@@ -31,13 +31,17 @@ pub fn check_name(name: &OsStr) -> Result<&str, FsError> {
     Ok(s)
 }
 
-/// Checks the key a new name would get.
+/// Checks the key of a file: S3 takes keys of up to 1,024 bytes.
 pub fn check_key(key: &str) -> Result<(), FsError> {
-    // A directory marker adds one byte.
-    if key.len() + 1 > MAX_KEY_BYTES {
+    if key.len() > MAX_KEY_BYTES {
         return Err(FsError::NameTooLong);
     }
     Ok(())
+}
+
+/// Checks the key of a new directory, whose `key/` marker is one byte more.
+pub fn check_dir_key(key: &str) -> Result<(), FsError> {
+    check_key(&format!("{key}/"))
 }
 
 /// Joins a directory path and a name ("" is the root).
@@ -99,9 +103,11 @@ mod tests {
     }
 
     #[test]
-    fn key_limit_counts_the_marker_byte() {
-        assert!(check_key(&"k".repeat(1023)).is_ok());
-        assert_eq!(check_key(&"k".repeat(1024)), Err(FsError::NameTooLong));
+    fn key_limit_is_s3s_and_counts_a_directory_markers_byte() {
+        assert!(check_key(&"k".repeat(1024)).is_ok(), "S3 takes 1,024 bytes");
+        assert_eq!(check_key(&"k".repeat(1025)), Err(FsError::NameTooLong));
+        assert!(check_dir_key(&"k".repeat(1023)).is_ok());
+        assert_eq!(check_dir_key(&"k".repeat(1024)), Err(FsError::NameTooLong));
         assert_eq!(join("", "a"), "a");
         assert_eq!(join("a/b", "c"), "a/b/c");
     }

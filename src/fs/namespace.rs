@@ -64,7 +64,7 @@ impl Fs {
 
     fn new_attr(&self, kind: FileKind, c: Creator, size: u64) -> Attr {
         let now = SystemTime::now();
-        Attr {
+        self.own_or_defaults(Attr {
             ino: 0,
             kind,
             size,
@@ -74,7 +74,7 @@ impl Fs {
             rdev: 0,
             mtime: now,
             ctime: now,
-        }
+        })
     }
 
     fn insert_node(
@@ -184,6 +184,7 @@ impl Fs {
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr, c: Creator) -> FsResult<Attr> {
         let path = self.new_child(parent, name)?;
+        super::names::check_dir_key(&self.key_of(&path))?;
         let _ns = self.ns.read().await;
         self.ensure_absent(parent, &path).await?;
         let attr = self.new_attr(FileKind::Dir, c, 0);
@@ -513,6 +514,7 @@ impl Fs {
         if self.read_only() {
             return Err(FsError::ReadOnly);
         }
+        let s = self.without_object_metadata(s)?;
         let attr = self.getattr(ino).await?;
         if let Some(size) = s.size {
             if attr.kind == FileKind::Dir {

@@ -12,6 +12,10 @@
 //!   time, are unique, and carry the version's size and mtime.
 //! - Everything here is read-only; version files are immutable, so their
 //!   attributes and blocks are cached without a TTL.
+//! - `.versions` grants no more than the file: a version file has the
+//!   mode (without write bits) and owner of the newest version's metadata
+//!   (the current file's, while it exists), and `NAME/` is r-x exactly
+//!   where that mode has r. A user who cannot read `f` reads no version.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -28,7 +32,27 @@ use crate::store::{ObjectInfo, VersionInfo};
 const ID_ENCODE: &AsciiSet = &CONTROLS.add(b'%').add(b'/');
 const DELETED_SUFFIX: &str = ".deleted";
 const VERSIONS_PERM: u16 = 0o555;
-const VERSION_FILE_PERM: u16 = 0o444;
+
+/// Mode and owner that every version of one key is shown with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Owner {
+    perm: u16,
+    uid: u32,
+    gid: u32,
+}
+
+impl Owner {
+    /// A version file: readable (and executable) as the file, never writable.
+    fn file_perm(self) -> u16 {
+        self.perm & 0o555
+    }
+
+    /// `NAME/`: r-x for each class that may read the file.
+    fn dir_perm(self) -> u16 {
+        let r = self.perm & 0o444;
+        r | (r >> 2)
+    }
+}
 
 /// A version list and when it was fetched.
 type Listed = (Instant, Arc<Vec<VersionInfo>>);
@@ -37,17 +61,20 @@ type Listed = (Instant, Arc<Vec<VersionInfo>>);
 #[derive(Debug, Default)]
 pub struct VersionCache {
     lists: Mutex<HashMap<String, Listed>>,
+    owners: Mutex<HashMap<String, (Instant, Owner)>>,
 }
 
 impl VersionCache {
     /// Drops the cached list of a path this mount just changed.
     pub fn forget(&self, path: &str) {
         self.lists.lock().remove(path);
+        self.owners.lock().remove(path);
     }
 
     /// Drops every cached list (after a directory rename).
     pub fn clear(&self) {
         self.lists.lock().clear();
+        self.owners.lock().clear();
     }
 }
 
@@ -107,6 +134,40 @@ impl Fs {
         Ok(t.get(ino).expect("inserted").attr.clone())
     }
 
+    /// The mode and owner the versions of `path` are shown with: the
+    /// current file's own, else the newest version's metadata (one HEAD,
+    /// kept for metadata_ttl); with no version left, the mount's defaults
+    /// for a file.
+    async fn versions_owner(&self, path: &str, list: &[VersionInfo]) -> FsResult<Owner> {
+        if let Some((at, o)) = self.versions.owners.lock().get(path)
+            && at.elapsed() < self.cfg.metadata_ttl
+        {
+            return Ok(*o);
+        }
+        let d = &self.cfg.defaults;
+        let mut owner = Owner {
+            perm: d.file_perm,
+            uid: d.uid,
+            gid: d.gid,
+        };
+        if let Some(v) = list.iter().find(|v| !v.delete_marker) {
+            let key = self.key_of(path);
+            let version = (!v.is_latest).then_some(v.version_id.as_str());
+            let info = self.store.head(&key, version).await?;
+            let a = self.attr_of(&info, false);
+            owner = Owner {
+                perm: a.perm,
+                uid: a.uid,
+                gid: a.gid,
+            };
+        }
+        self.versions
+            .owners
+            .lock()
+            .insert(path.to_string(), (Instant::now(), owner));
+        Ok(owner)
+    }
+
     /// Every version and delete marker of exactly the key at `path`,
     /// newest first.
     async fn versions_of(&self, path: &str) -> FsResult<Arc<Vec<VersionInfo>>> {
@@ -151,7 +212,9 @@ impl Fs {
                 let path = join(&dir, name);
                 let list = self.versions_of(&path).await?;
                 let newest = list.first().ok_or(FsError::NotFound)?;
-                let attr = self.ro_dir_attr(newest.last_modified);
+                let owner = self.versions_owner(&path, &list).await?;
+                let mut attr = self.ro_dir_attr(newest.last_modified);
+                (attr.perm, attr.uid, attr.gid) = (owner.dir_perm(), owner.uid, owner.gid);
                 let mut t = self.table.lock();
                 let ino = t.upsert(
                     NodeKey::VersionsOf(path),
@@ -170,7 +233,8 @@ impl Fs {
                     .iter()
                     .position(|v| v.version_id == id && version_name(v) == name)
                     .ok_or(FsError::NotFound)?;
-                Ok(self.remember_version(parent, &path, &list[i], times[i]))
+                let owner = self.versions_owner(&path, &list).await?;
+                Ok(self.remember_version(parent, &path, &list[i], times[i], owner))
             }
             NodeKey::Version { .. } => Err(FsError::NotDir),
             NodeKey::Path(_) | NodeKey::Detached(_) => Err(FsError::NotFound),
@@ -183,14 +247,15 @@ impl Fs {
         path: &str,
         v: &VersionInfo,
         mtime: SystemTime,
+        owner: Owner,
     ) -> Attr {
         let attr = Attr {
             ino: 0,
             kind: FileKind::File,
             size: v.size,
-            perm: VERSION_FILE_PERM,
-            uid: self.cfg.defaults.uid,
-            gid: self.cfg.defaults.gid,
+            perm: owner.file_perm(),
+            uid: owner.uid,
+            gid: owner.gid,
             rdev: 0,
             mtime,
             ctime: mtime,
@@ -237,11 +302,20 @@ impl Fs {
                 Ok(names
                     .into_iter()
                     .map(|name| {
-                        let attr = self.ro_dir_attr(self.cfg.defaults.dir_mtime);
+                        // Its mode and owner are the file's, read at
+                        // lookup: none is granted until then.
+                        let mut attr = self.ro_dir_attr(self.cfg.defaults.dir_mtime);
+                        attr.perm = 0;
                         let node = NodeKey::VersionsOf(join(&dir, &name));
                         let i = match t.find(&node) {
                             Some(i) => i,
-                            None => t.upsert(node, ino, attr, None, fresh),
+                            None => {
+                                let i = t.upsert(node, ino, attr, None, fresh);
+                                if let Some(n) = t.get_mut(i) {
+                                    n.meta_known = false;
+                                }
+                                i
+                            }
                         };
                         DirEntry {
                             ino: i,
@@ -254,11 +328,12 @@ impl Fs {
             NodeKey::VersionsOf(path) => {
                 let list = self.versions_of(&path).await?;
                 let times = display_times(&list);
+                let owner = self.versions_owner(&path, &list).await?;
                 Ok(list
                     .iter()
                     .zip(times)
                     .map(|(v, t)| DirEntry {
-                        ino: self.remember_version(ino, &path, v, t).ino,
+                        ino: self.remember_version(ino, &path, v, t, owner).ino,
                         name: version_name(v),
                         kind: FileKind::File,
                     })
@@ -306,9 +381,10 @@ impl Fs {
         let list = self.versions_of(path).await?;
         match self.current_at(list.iter()) {
             Some(v) if !v.delete_marker => {
-                let o = Self::as_of_object(v);
+                // The version's own metadata (a listing has none).
+                let o = self.store.head(&v.key, Some(&v.version_id)).await?;
                 Ok(Some(Resolved {
-                    attr: Attr::from_object(0, &o, false, &d),
+                    attr: self.attr_of(&o, false),
                     object: Some(o),
                     dir_marker: false,
                 }))

@@ -91,6 +91,8 @@ pub struct S3Store {
     long_timeout: Duration,
     /// The store answered ListObjectVersions with 501 Not Implemented.
     no_versions_api: AtomicBool,
+    /// The credentials chain (for `access_key_id`).
+    credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
 }
 
 const DEFAULT_REGION: &str = "us-east-1";
@@ -146,6 +148,19 @@ impl S3Store {
         }
     }
 
+    /// The access key id the client signs with, if credentials resolve:
+    /// the identity local caches are keyed by (never logged).
+    pub async fn access_key_id(&self) -> Option<String> {
+        use aws_sdk_s3::config::ProvideCredentials;
+        let creds = self
+            .credentials
+            .as_ref()?
+            .provide_credentials()
+            .await
+            .ok()?;
+        Some(creds.access_key_id().to_string())
+    }
+
     fn with_region(s: &S3Settings, sdk: &aws_config::SdkConfig, region: &str) -> S3Store {
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(s.attempt_timeout)
@@ -167,6 +182,7 @@ impl S3Store {
             b = b.endpoint_url(e);
         }
         S3Store {
+            credentials: sdk.credentials_provider(),
             client: Client::from_conf(b.build()),
             bucket: s.bucket.clone(),
             counters: Counters::default(),

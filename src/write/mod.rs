@@ -29,7 +29,7 @@ use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,11 +111,10 @@ pub struct Base {
 
 /// Creates a new private file (0600, owner only), failing if it exists.
 pub(crate) fn private_file(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new()
+    crate::private::private_file()
         .read(true)
         .write(true)
         .create_new(true)
-        .mode(0o600)
         .open(path)
 }
 
@@ -169,14 +168,7 @@ fn new_staging_file(dir: &Path) -> io::Result<(File, PathBuf)> {
 
 /// Creates a private directory (0700) and its parents if missing.
 pub(crate) fn private_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::private::create_private_dir(dir)
 }
 
 /// A file's contents while it is open for writing.
@@ -822,6 +814,9 @@ pub async fn recover(
     let mut out = Vec::new();
     for name in &names {
         let path = dir.join(name);
+        if !crate::private::trusted(&path) {
+            continue;
+        }
         if let Some(stage) = name.strip_suffix(JOURNAL_SUFFIX) {
             // A journal is handled with its staging file; one whose staging
             // file is gone has nothing to upload.
@@ -862,6 +857,9 @@ pub async fn recover(
         let journal = journal_path(&path);
         if !journal.exists() {
             let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        if !crate::private::trusted(&journal) {
             continue;
         }
         out.push(recover_one(store, file, &path, &journal, opts).await);

@@ -433,6 +433,11 @@ impl Mount {
         self.dir.join(rel)
     }
 
+    /// The mount's cache_dir.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,0 +1,169 @@
+//! Each listed object's own metadata, read ahead of the kernel's stats.
+//!
+//! A listing (ListObjectsV2) tells a key's size and ETag, not its mode,
+//! owner, type or mtime (`x-amz-meta-*`). The kernel checks permissions
+//! against the attributes it is given, so a listed entry's attributes are
+//! not handed out until that object's metadata was read: a listing starts
+//! a background pass that HEADs its entries in order, at most
+//! `MAX_HEADS_IN_FLIGHT` at a time for the whole mount, and a `stat` of an
+//! entry waits for (or starts) that one HEAD. Concurrent askers share one
+//! request, and the answer stays in the inode table for `metadata_ttl`, so
+//! an object costs at most one HEAD per TTL.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::{OnceCell, Semaphore};
+
+use super::files::OpenFile;
+use super::inodes::{InodeTable, NodeKey};
+use super::{Attr, Defaults, FileKind, FsError, FsResult};
+use crate::store::{ObjectStore, StoreError};
+
+/// HEADs in flight for metadata, per mount.
+pub const MAX_HEADS_IN_FLIGHT: usize = 64;
+
+type Pending = Arc<OnceCell<FsResult<()>>>;
+
+pub(super) struct MetaFetch {
+    pub(super) store: Arc<dyn ObjectStore>,
+    pub(super) table: Arc<Mutex<InodeTable>>,
+    pub(super) writes: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    pub(super) root_prefix: String,
+    pub(super) defaults: Defaults,
+    pub(super) ttl: Duration,
+    /// Point-in-time mount: HEAD the listed version, not the current one.
+    pub(super) pinned_versions: bool,
+    pub(super) heads: Semaphore,
+    pub(super) inflight: Mutex<HashMap<u64, Pending>>,
+}
+
+/// What the table says of a node's metadata.
+enum Known {
+    /// Read from the object (or made by this mount): these attributes.
+    Yes(Attr),
+    /// No longer at its path.
+    Gone,
+    /// Listed, metadata not read yet.
+    No,
+}
+
+impl MetaFetch {
+    fn known(&self, ino: u64) -> Known {
+        let t = self.table.lock();
+        let Some(n) = t.get(ino) else {
+            return Known::Gone;
+        };
+        if matches!(n.key, NodeKey::Path(_)) && t.find(&n.key) != Some(ino) {
+            return Known::Gone;
+        }
+        // Nodes of `.versions` are read by their own lookup.
+        let path = matches!(n.key, NodeKey::Path(_));
+        if n.meta_known || !path || self.writes.lock().contains_key(&ino) {
+            Known::Yes(n.attr.clone())
+        } else {
+            Known::No
+        }
+    }
+
+    /// The attributes of `ino` from its own metadata: from the table when
+    /// known, else from one HEAD shared by everyone asking meanwhile.
+    /// `None`: the object is gone.
+    pub(super) async fn attr(&self, ino: u64) -> FsResult<Option<Attr>> {
+        // A listing may mark the node unknown again right after a fetch:
+        // a few rounds, each one HEAD, settle it.
+        for _ in 0..3 {
+            match self.known(ino) {
+                Known::Yes(a) => return Ok(Some(a)),
+                Known::Gone => return Ok(None),
+                Known::No => {}
+            }
+            let cell = self.inflight.lock().entry(ino).or_default().clone();
+            let r = cell.get_or_init(|| self.fetch(ino)).await.clone();
+            {
+                let mut m = self.inflight.lock();
+                if m.get(&ino).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                    m.remove(&ino);
+                }
+            }
+            r?;
+        }
+        Err(FsError::Stale)
+    }
+
+    /// One HEAD for `ino`'s object (or its `dir/` marker), stored in the
+    /// table unless the node changed meanwhile.
+    async fn fetch(&self, ino: u64) -> FsResult<()> {
+        let _permit = self.heads.acquire().await.expect("never closed");
+        let (path, parent, dir, version) = {
+            let t = self.table.lock();
+            let Some(n) = t.get(ino) else { return Ok(()) };
+            if n.meta_known || self.writes.lock().contains_key(&ino) {
+                return Ok(());
+            }
+            let NodeKey::Path(p) = &n.key else {
+                return Ok(());
+            };
+            let version = n
+                .object
+                .as_ref()
+                .and_then(|o| o.version_id.clone())
+                .filter(|_| self.pinned_versions);
+            (p.clone(), n.parent, n.attr.kind == FileKind::Dir, version)
+        };
+        let key = format!("{}{}{}", self.root_prefix, path, if dir { "/" } else { "" });
+        let d = &self.defaults;
+        let (attr, object) = match self.store.head(&key, version.as_deref()).await {
+            Ok(info) => (Attr::from_object(0, &info, dir, d), Some(info)),
+            // A directory without a marker object has no metadata of its
+            // own: the mount's defaults are its attributes.
+            Err(StoreError::NotFound) if dir => (Attr::implicit_dir(0, d), None),
+            Err(StoreError::NotFound) => {
+                let mut t = self.table.lock();
+                let node = NodeKey::Path(path.clone());
+                if t.find(&node) == Some(ino) && !self.writes.lock().contains_key(&ino) {
+                    t.remove_path(&path, Instant::now() + self.ttl);
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut t = self.table.lock();
+        let node = NodeKey::Path(path);
+        let unchanged = t.find(&node) == Some(ino)
+            && t.get(ino).is_some_and(|n| !n.meta_known)
+            && !self.writes.lock().contains_key(&ino);
+        if unchanged {
+            let marker = dir && object.is_some();
+            t.upsert(node, parent, attr, object, Some(Instant::now() + self.ttl));
+            if let Some(n) = t.get_mut(ino) {
+                n.dir_marker = marker;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the metadata of `inos` in the background, in order, a bounded
+    /// number at a time.
+    pub(super) fn prefetch(self: &Arc<Self>, inos: Vec<u64>) {
+        if inos.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            futures::stream::iter(inos)
+                .map(|ino| {
+                    let me = &me;
+                    async move {
+                        let _ = me.attr(ino).await;
+                    }
+                })
+                .buffer_unordered(MAX_HEADS_IN_FLIGHT)
+                .collect::<()>()
+                .await;
+        });
+    }
+}
