@@ -121,8 +121,7 @@ fn logrotate(dir_mv: bool) {
         fs::rename(m.path("logs"), m.path("logs.old")).expect("mv logs logs.old");
         "logs.old/app.log"
     } else {
-        fs::rename(m.path("logs/app.log"), m.path("logs/app.log.1"))
-            .expect("mv app.log app.log.1");
+        fs::rename(m.path("logs/app.log"), m.path("logs/app.log.1")).expect("mv app.log app.log.1");
         "logs/app.log.1"
     };
     let w2 = pattern(300_000, 12);
@@ -134,7 +133,13 @@ fn logrotate(dir_mv: bool) {
         tail(&m.log_text())
     );
     let want = [&orig[..], &w1, &w2].concat();
-    assert_lands(&b, new_key, &want, Duration::from_secs(10), "the rotated log");
+    assert_lands(
+        &b,
+        new_key,
+        &want,
+        Duration::from_secs(10),
+        "the rotated log",
+    );
     assert_eq!(b.get("logs/app.log"), None, "nothing at the old key");
     assert_eq!(b.open_multipart_uploads(), 0);
 }
@@ -215,7 +220,9 @@ fn case3_a_slow_complete_multipart_is_not_cut_and_lands() {
         poll(Duration::from_secs(10), || proxy.requests("POST") >= 1),
         "the upload streams while written"
     );
-    proxy.inject("POST", 1, Fault::Delay(8));
+    // Every POST from now on (Complete, its retries, any new upload) is
+    // answered 8 s late; each does land.
+    proxy.inject("POST", 50, Fault::Delay(8));
     let closed = close(f);
     assert!(
         closed.is_ok(),
@@ -342,8 +349,20 @@ fn case8_kill_9_and_a_restart_with_the_same_pid_loses_nothing() {
     fresh2.write_all(b"still open").unwrap();
     let mut e_want = edited0.clone();
     e_want[1000..1004].copy_from_slice(b"EDIT");
-    assert_lands(&b, "a", &a, Duration::from_secs(30), "a, staged before kill -9");
-    assert_lands(&b, "e", &e_want, Duration::from_secs(30), "e, edited before kill -9");
+    assert_lands(
+        &b,
+        "a",
+        &a,
+        Duration::from_secs(30),
+        "a, staged before kill -9",
+    );
+    assert_lands(
+        &b,
+        "e",
+        &e_want,
+        Duration::from_secs(30),
+        "e, edited before kill -9",
+    );
     assert_lands(&b, "fresh", &fresh, Duration::from_secs(5), "fresh");
     assert!(close(fresh2).is_ok());
     assert!(recovered_keys(&b).is_empty(), "{:?}", b.keys(""));
@@ -375,9 +394,23 @@ fn case10_an_unlinked_open_file_does_not_come_back_after_kill_9() {
     drop((old, new, k));
     m.restart();
     // "keep" landing shows recovery ran.
-    assert_lands(&b, "keep", &keep, Duration::from_secs(30), "keep (recovery ran)");
-    assert_eq!(b.get("old-gone").map(|d| d.len()), None, "old-gone came back");
-    assert_eq!(b.get("new-gone").map(|d| d.len()), None, "new-gone came back");
+    assert_lands(
+        &b,
+        "keep",
+        &keep,
+        Duration::from_secs(30),
+        "keep (recovery ran)",
+    );
+    assert_eq!(
+        b.get("old-gone").map(|d| d.len()),
+        None,
+        "old-gone came back"
+    );
+    assert_eq!(
+        b.get("new-gone").map(|d| d.len()),
+        None,
+        "new-gone came back"
+    );
     let listed: Vec<String> = fs::read_dir(&m.dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -477,7 +510,11 @@ fn case13_rm_rf_of_the_cache_dir_while_writing_loses_nothing() {
     let w = f.write_all(&data[MIB..]);
     assert!(w.is_ok(), "write after rm -rf of the cache: {w:?}");
     let closed = close(f);
-    assert!(closed.is_ok(), "close(): {closed:?}\n{}", tail(&m.log_text()));
+    assert!(
+        closed.is_ok(),
+        "close(): {closed:?}\n{}",
+        tail(&m.log_text())
+    );
     assert_lands(&b, "f", &data, Duration::from_secs(10), "f");
 }
 
@@ -519,7 +556,9 @@ fn case14_read_blocks_are_evicted_to_make_room_for_a_write() {
     let _tmpfs = Tmpfs(cache.clone());
     m.restart();
     assert_eq!(sha256_file(&m.path("big")), sha256(&big));
-    let filled = poll(Duration::from_secs(30), || used_bytes(&cache) >= 6 * MIB as u64);
+    let filled = poll(Duration::from_secs(30), || {
+        used_bytes(&cache) >= 6 * MIB as u64
+    });
     assert!(
         filled,
         "read blocks did not fill the cache disk ({} bytes used): cannot reproduce",
@@ -565,10 +604,7 @@ fn case15_hup_usr1_usr2_do_not_kill_the_daemon_and_hup_reopens_the_log() {
         unsafe { libc::kill(pid as i32, sig) };
         // A round trip through the daemon after the signal was handled.
         let r = fs::write(m.path(name), name.as_bytes());
-        assert!(
-            r.is_ok() && alive(pid),
-            "the daemon died on {name}: {r:?}"
-        );
+        assert!(r.is_ok() && alive(pid), "the daemon died on {name}: {r:?}");
         assert_eq!(b.get(name).as_deref(), Some(name.as_bytes()));
     }
     let reopened = poll(Duration::from_secs(10), || {
@@ -587,7 +623,10 @@ fn case16_cat_under_a_stalled_server_returns_within_the_bound() {
     let (proxy, b, m) = through_proxy("stall", false, "timeout=10,retries=3,metadata_ttl=600");
     let data = pattern(8 * MIB, 16);
     b.put("big", &data);
-    assert_eq!(fs::metadata(m.path("big")).unwrap().len(), data.len() as u64);
+    assert_eq!(
+        fs::metadata(m.path("big")).unwrap().len(),
+        data.len() as u64
+    );
     proxy.inject("GET", 1_000_000, Fault::Stall);
     let mut cat = Command::new("cat")
         .arg(m.path("big"))
@@ -610,7 +649,10 @@ fn case16_cat_under_a_stalled_server_returns_within_the_bound() {
     }
     let mut err = String::new();
     let _ = cat.stderr.take().unwrap().read_to_string(&mut err);
-    assert!(!status.unwrap().success(), "cat of a stalled object cannot succeed");
+    assert!(
+        !status.unwrap().success(),
+        "cat of a stalled object cannot succeed"
+    );
     assert!(err.contains("Input/output error"), "EIO: {err}");
 }
 
@@ -640,7 +682,13 @@ fn case17_a_readers_close_uploads_nothing_and_a_reader_of_a_growing_file_reads_o
         "half of it, and the rest",
         "a reader opened on the growing file reads its bytes after the writer closed"
     );
-    assert_lands(&b, "f", b"half of it, and the rest", Duration::from_secs(5), "f");
+    assert_lands(
+        &b,
+        "f",
+        b"half of it, and the rest",
+        Duration::from_secs(5),
+        "f",
+    );
 }
 
 #[test]
@@ -655,10 +703,7 @@ fn case17_an_open_reader_keeps_reading_a_file_renamed_by_this_mount() {
     fs::rename(m.path("f"), m.path("g")).unwrap();
     let mut far = vec![0u8; 4096];
     let got = r.read_exact_at(&mut far, 5 * MIB as u64);
-    assert!(
-        got.is_ok(),
-        "read of a file renamed by this mount: {got:?}"
-    );
+    assert!(got.is_ok(), "read of a file renamed by this mount: {got:?}");
     assert!(far == data[5 * MIB..5 * MIB + 4096], "its bytes");
 }
 
@@ -735,5 +780,11 @@ fn case19_mv_over_an_open_file_lists_it_once() {
         "ls after mv x y over an open y: {listed:?}"
     );
     let _ = close(y);
-    assert_lands(&b, "y", b"content of x", Duration::from_secs(5), "y after the old y's close");
+    assert_lands(
+        &b,
+        "y",
+        b"content of x",
+        Duration::from_secs(5),
+        "y after the old y's close",
+    );
 }
