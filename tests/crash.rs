@@ -169,7 +169,7 @@ fn operate(
     let seed = rng.next();
     // (open options, steps to do, fsync after step k)
     let size_class = if name.starts_with('m') || name == "big" {
-        12 * MIB + rng.below(10) as usize * MIB
+        6 * MIB + rng.below(6) as usize * MIB
     } else {
         1 + rng.below(300 * KIB as u64) as usize
     };
@@ -252,11 +252,12 @@ fn operate(
     Ok(())
 }
 
+/// kill -9 of the daemon; its mountpoint stays (dead: ENOTCONN) until
+/// `umount -l`, so the workload cannot write beneath it meanwhile.
 fn kill9(m: &Mount) {
     let pid = m.pid().expect("a running daemon");
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     m.wait_exit(Duration::from_secs(30));
-    let _ = Command::new("umount").arg("-l").arg(&m.dir).status();
 }
 
 fn check(b: &Bucket, rec: &BTreeMap<String, FileRec>) -> Vec<String> {
@@ -279,7 +280,7 @@ fn round(seed: u64) {
         for n in ["s0", "s1", "s2", "m0", "m1"] {
             r.insert(n.to_string(), FileRec::default());
         }
-        for (n, len) in [("e0", 200 * KIB), ("e1", 50 * KIB), ("big", 12 * MIB)] {
+        for (n, len) in [("e0", 200 * KIB), ("e1", 50 * KIB), ("big", 7 * MIB)] {
             let d = pattern(len, seed ^ len as u64);
             b.put(n, &d);
             r.insert(
@@ -291,7 +292,8 @@ fn round(seed: u64) {
             );
         }
     }
-    let m = Mount::new(&b, "");
+    // Multipart above 5 MiB, so multipart files stay small and quick.
+    let m = Mount::new(&b, "part_size=5M");
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let worker = {
@@ -308,8 +310,8 @@ fn round(seed: u64) {
             let _ = tx.send(ops);
         })
     };
-    // The kill comes 0.3 to 4 s into the workload (seeded).
-    let at = Duration::from_millis(300 + rng.below(3700));
+    // The kill comes 0.3 to 6 s into the workload (seeded).
+    let at = Duration::from_millis(300 + rng.below(5700));
     std::thread::sleep(at);
     kill9(&m);
     stop.store(true, Ordering::Relaxed);
@@ -317,6 +319,7 @@ fn round(seed: u64) {
         .recv_timeout(Duration::from_secs(60))
         .expect("the workload stops once the daemon is dead");
     let _ = worker.join();
+    let _ = Command::new("umount").arg("-l").arg(&m.dir).status();
     eprintln!("crash round seed {seed}: killed after {at:?}, {ops} operations done");
     m.restart();
     // Recovery may run in the background: wait (bounded) until every
@@ -343,11 +346,16 @@ fn round(seed: u64) {
         .into_iter()
         .filter(|k| k.contains("bucketfs-recovered"))
         .collect();
+    let beside_history: Vec<String> = beside
+        .iter()
+        .filter_map(|k| k.split(".bucketfs-recovered").next())
+        .filter_map(|k| rec.get(k).map(|f| format!("{k}: {:?}", f.history)))
+        .collect();
     assert!(
         bad.is_empty() && after.is_empty() && open == 0 && beside.is_empty() && code == Some(0),
         "crash round seed {seed} (killed after {at:?}, {ops} ops, versioned {versioned}):\n\
          wrong after remount: {bad:#?}\nwrong after unmount: {after:#?}\n\
-         open multipart uploads: {open}\nrecovered-beside keys: {beside:?}\nunmount exit: {code:?}\n\
+         open multipart uploads: {open}\nrecovered-beside keys: {beside:?} {beside_history:?}\nunmount exit: {code:?}\n\
          log tail:\n{}",
         m.log_text()
             .lines()
