@@ -369,6 +369,52 @@ fn case8_kill_9_and_a_restart_with_the_same_pid_loses_nothing() {
 }
 
 // ----------------------------------------------------------------------
+// Case 9: recovery of an edit whose base is a `null` version, changed by
+// another client meanwhile, must land (beside) once, not loop forever.
+
+#[test]
+fn case9_recovery_over_a_changed_null_version_base_lands_once() {
+    let b = Bucket::new(server(), "nullbase", false);
+    let m = Mount::new(&b, "");
+    let orig = pattern(12 * MIB, 90);
+    fs::write(m.path("f"), &orig).unwrap();
+    assert_lands(
+        &b,
+        "f",
+        &orig,
+        Duration::from_secs(5),
+        "written as multipart",
+    );
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("f"))
+        .unwrap();
+    f.write_all_at(b"EDIT", 6 * MIB as u64).unwrap();
+    kill9(&m);
+    drop(f);
+    b.put("f", b"another client's");
+    m.restart();
+    let mut beside = Vec::new();
+    let landed = poll(Duration::from_secs(30), || {
+        beside = recovered_keys(&b);
+        beside.len() == 1
+    });
+    assert_eq!(
+        b.get("f").as_deref(),
+        Some(&b"another client's"[..]),
+        "never overwritten"
+    );
+    assert!(
+        landed,
+        "the edit never landed beside the changed object (keys {:?}); log says kept for the next mount: {}",
+        b.keys(""),
+        m.log_text().contains("kept for the next mount")
+    );
+    m.remount();
+    assert_eq!(recovered_keys(&b).len(), 1, "landed beside exactly once");
+}
+
+// ----------------------------------------------------------------------
 // Case 10: an unlinked open file must not come back after kill -9.
 
 #[test]
