@@ -314,14 +314,16 @@ fn round(seed: u64) {
     let at = Duration::from_millis(300 + rng.below(5700));
     std::thread::sleep(at);
     kill9(&m);
+    let killed = Instant::now();
     stop.store(true, Ordering::Relaxed);
     let ops = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the workload stops once the daemon is dead");
     let _ = worker.join();
     let _ = Command::new("umount").arg("-l").arg(&m.dir).status();
-    eprintln!("crash round seed {seed}: killed after {at:?}, {ops} operations done");
+    let stopped = killed.elapsed();
     m.restart();
+    let restarted = killed.elapsed();
     // Recovery may run in the background: wait (bounded) until every
     // file is in an acceptable state and no upload is open.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -337,8 +339,15 @@ fn round(seed: u64) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let settled = killed.elapsed();
     // Then a clean unmount: whatever it uploads must still be acceptable.
     let code = m.unmount();
+    eprintln!(
+        "crash round seed {seed}: killed after {at:?}, {ops} operations done; \
+         since the kill: workload stopped {stopped:?}, remounted {restarted:?}, \
+         settled {settled:?}, unmounted {:?}",
+        killed.elapsed()
+    );
     let after = check(&b, &rec);
     let open = b.open_multipart_uploads();
     let beside: Vec<String> = b
