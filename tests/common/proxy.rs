@@ -21,6 +21,10 @@ pub enum Fault {
     Stall,
     /// Forward, but pass on only half of the response body, then close.
     CutShort,
+    /// Forward (the request lands), then hold the response this many
+    /// seconds before passing it on: a slow answer to a request that
+    /// succeeded (a long CompleteMultipartUpload).
+    Delay(u64),
 }
 
 #[derive(Default)]
@@ -196,7 +200,7 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         Some(Fault::Stall) => {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
-        Some(Fault::CutShort) | None => {
+        Some(Fault::CutShort) | Some(Fault::Delay(_)) | None => {
             let Ok(mut up) = TcpStream::connect(upstream).await else {
                 return;
             };
@@ -210,6 +214,9 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             {
                 let body_len = resp.len() - (i + 4);
                 resp.truncate(i + 4 + body_len / 2);
+            }
+            if let Some(Fault::Delay(secs)) = fault {
+                tokio::time::sleep(Duration::from_secs(secs)).await;
             }
             let _ = conn.write_all(&resp).await;
             let _ = conn.shutdown().await;

@@ -1,0 +1,858 @@
+//! Issue 9, over the core: interleavings made deterministic with
+//! `Faulty<MemStore>` (calls held, failed, or answered with an error after
+//! they landed). Each test asserts what a user checks: the bytes in the
+//! bucket (`MemStore::object`), the errors returned, the names listed, and
+//! that no multipart upload is left open. Every wait is bounded.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bucketfs::fs::inodes::ROOT_INO;
+use bucketfs::fs::{Creator, Fs, FsConfig, FsError, SetAttr};
+use bucketfs::store::faulty::Faulty;
+use bucketfs::store::memory::MemStore;
+use bucketfs::store::{Metadata, Op, StoreError};
+use bucketfs::write::UploadOptions;
+
+const MIB: usize = 1024 * 1024;
+
+/// How long any single step may take before the test fails.
+const STEP: Duration = Duration::from_secs(30);
+
+const USER: Creator = Creator {
+    uid: 1000,
+    gid: 1000,
+    mode: 0o644,
+    umask: 0o022,
+};
+
+struct T {
+    fs: Arc<Fs>,
+    /// The store the filesystem talks to.
+    f: Arc<Faulty<MemStore>>,
+    /// The bucket, as another client sees it.
+    m: Arc<MemStore>,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(versioned: bool, tweak: impl FnOnce(&mut FsConfig)) -> T {
+    let m = Arc::new(if versioned {
+        MemStore::versioned()
+    } else {
+        MemStore::unversioned()
+    });
+    let f = Arc::new(Faulty::new(m.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = FsConfig {
+        staging_dir: dir.path().join("staging"),
+        // Multipart above 5 MiB (S3's minimum part size), so a 12 MiB
+        // object is a multipart upload with server-side copies.
+        upload: UploadOptions {
+            part_size_bytes: 5 * MIB as u64,
+            concurrency: 4,
+        },
+        ..FsConfig::default()
+    };
+    tweak(&mut cfg);
+    let fs = Arc::new(Fs::new(f.clone(), cfg));
+    T {
+        fs,
+        f,
+        m,
+        _dir: dir,
+    }
+}
+
+fn name(s: &str) -> &'static OsStr {
+    OsStr::new(Box::leak(s.to_string().into_boxed_str()))
+}
+
+/// Deterministic, non-repeating-looking bytes.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed)
+        .collect()
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+async fn within<R>(what: &str, fut: impl Future<Output = R>) -> R {
+    tokio::time::timeout(STEP, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {STEP:?} (hung)"))
+}
+
+/// Waits (bounded) for a spawned task's result.
+async fn join<R>(what: &str, h: tokio::task::JoinHandle<R>) -> R {
+    within(what, h)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: task failed: {e}"))
+}
+
+/// Whether `key` holds `want`, with a short description when it does not.
+fn holds(m: &MemStore, key: &str, want: &[u8]) -> Result<(), String> {
+    match m.object(key) {
+        None => Err(format!("{key}: no object")),
+        Some(got) if got.as_ref() == want => Ok(()),
+        Some(got) => Err(format!(
+            "{key}: {} bytes, want {} (first difference at {:?})",
+            got.len(),
+            want.len(),
+            got.iter().zip(want).position(|(a, b)| a != b)
+        )),
+    }
+}
+
+fn assert_holds(m: &MemStore, key: &str, want: &[u8], ctx: &str) {
+    if let Err(e) = holds(m, key, want) {
+        panic!("{ctx}: {e}; keys now {:?}", m.keys());
+    }
+}
+
+/// Polls `cond` every 10 ms until it is true or `max` passed.
+async fn eventually(max: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + max;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn names(fs: &Fs, ino: u64) -> Vec<String> {
+    within("readdir", fs.list(ino))
+        .await
+        .unwrap()
+        .into_iter()
+        .skip(2)
+        .map(|e| e.name)
+        .collect()
+}
+
+async fn read_all(fs: &Fs, fh: u64, len: usize) -> Result<Vec<u8>, FsError> {
+    let mut out = Vec::new();
+    while out.len() < len {
+        let d = within("read", fs.read(fh, out.len() as u64, 1 << 20)).await?;
+        if d.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&d);
+    }
+    Ok(out)
+}
+
+// ----------------------------------------------------------------------
+// Case 4: chmod/touch of a file open for writing.
+
+/// An object written as multipart, edited through an open handle: fsync
+/// uploads it (UploadPartCopy of the untouched range, pinned by ETag);
+/// chmod and touch change the object (a self-copy gives a new ETag); more
+/// writes, close: the object has every byte, the close is Ok.
+#[tokio::test]
+async fn case4_chmod_and_touch_of_an_open_file_keep_its_data() {
+    let t = setup(true, |_| {});
+    let orig = pattern(12 * MIB, 4);
+    t.m.insert("f", &orig, Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
+        .await
+        .unwrap();
+    let fh = within("open", t.fs.open(a.ino, libc::O_WRONLY))
+        .await
+        .unwrap();
+    let w1 = pattern(4096, 41);
+    t.fs.write(fh, orig.len() as u64, &w1).await.unwrap();
+    within("fsync", t.fs.fsync(fh)).await.unwrap();
+    assert_holds(&t.m, "f", &cat(&[&orig, &w1]), "after fsync");
+    assert!(
+        t.f.calls(Op::UploadPartCopy) >= 1,
+        "the untouched range is copied server-side"
+    );
+    within(
+        "chmod",
+        t.fs.setattr(
+            a.ino,
+            SetAttr {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("chmod of an open file");
+    let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    within(
+        "touch",
+        t.fs.setattr(
+            a.ino,
+            SetAttr {
+                mtime: Some(when),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .expect("touch of an open file");
+    let w2 = pattern(8192, 42);
+    t.fs.write(fh, (orig.len() + w1.len()) as u64, &w2)
+        .await
+        .unwrap();
+    let flushed = within("close (flush)", t.fs.flush(fh)).await;
+    let released = within("close (release)", t.fs.release(fh)).await;
+    assert_eq!(
+        flushed,
+        Ok(()),
+        "close() after chmod/touch of the open file"
+    );
+    assert_eq!(released, Ok(()), "release after chmod/touch");
+    assert_holds(&t.m, "f", &cat(&[&orig, &w1, &w2]), "after close");
+    let meta = t.m.metadata("f").unwrap();
+    assert_eq!(
+        meta.get("mode").map(String::as_str),
+        Some("33152"),
+        "chmod 600 kept (0100600)"
+    );
+    assert_eq!(t.m.open_uploads(), 0, "no multipart upload left open");
+}
+
+// ----------------------------------------------------------------------
+// Case 5: a directory rename racing a write inside it.
+
+/// `mv dir dir2` with its first Copy held; meanwhile a new file is created,
+/// written and closed in dir. After the rename: its bytes are in the
+/// bucket (under dir2/ or dir/), if its close returned Ok.
+#[tokio::test]
+async fn case5_a_file_created_in_a_directory_being_renamed_is_not_lost() {
+    let t = setup(true, |_| {});
+    for k in ["dir/a", "dir/b", "dir/c"] {
+        t.m.insert(k, k.as_bytes(), Metadata::new());
+    }
+    t.f.hold(Op::Copy, 1);
+    let fs = t.fs.clone();
+    let mv = tokio::spawn(async move {
+        fs.rename(ROOT_INO, name("dir"), ROOT_INO, name("dir2"), false)
+            .await
+    });
+    t.f.wait_held(Op::Copy).await.expect("the rename copies");
+    let data = pattern(100_000, 5);
+    let fs = t.fs.clone();
+    let body = data.clone();
+    let mut writer = tokio::spawn(async move {
+        let d = fs.lookup(ROOT_INO, name("dir")).await?;
+        let (_, fh) = fs.create(d.ino, name("new"), USER, libc::O_WRONLY).await?;
+        fs.write(fh, 0, &body).await?;
+        let flushed = fs.flush(fh).await;
+        let released = fs.release(fh).await;
+        flushed.and(released)
+    });
+    // The writer may finish now, or wait for the rename (serialised):
+    // either is fine; it gets a bounded moment before the rename goes on.
+    let early = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+    t.f.release(Op::Copy);
+    let renamed = join("mv dir dir2", mv).await;
+    let wrote = match early {
+        Ok(r) => r.unwrap(),
+        Err(_) => join("create+write+close in dir", writer).await,
+    };
+    assert_eq!(renamed, Ok(()), "mv dir dir2");
+    if wrote.is_ok() {
+        let at2 = holds(&t.m, "dir2/new", &data);
+        let at1 = holds(&t.m, "dir/new", &data);
+        assert!(
+            at2.is_ok() || at1.is_ok(),
+            "close() returned Ok but the bytes are lost: {at2:?} / {at1:?}; keys {:?}",
+            t.m.keys()
+        );
+    }
+    for k in ["a", "b", "c"] {
+        assert_holds(
+            &t.m,
+            &format!("dir2/{k}"),
+            format!("dir/{k}").as_bytes(),
+            "moved",
+        );
+    }
+}
+
+/// `mv dir dir2` copying keys one by one (the first Copy held, the others
+/// done); meanwhile dir/b, already copied, is rewritten and closed. After
+/// the rename its new bytes are in the bucket (dir2/b or dir/b): the
+/// rename's DeleteObject of dir/b must not drop them.
+#[tokio::test]
+async fn case5_a_file_rewritten_while_its_directory_is_renamed_keeps_its_new_bytes() {
+    let t = setup(true, |_| {});
+    for k in ["dir/a", "dir/b", "dir/c"] {
+        t.m.insert(k, b"old", Metadata::new());
+    }
+    t.f.hold(Op::Copy, 1);
+    let fs = t.fs.clone();
+    let mv = tokio::spawn(async move {
+        fs.rename(ROOT_INO, name("dir"), ROOT_INO, name("dir2"), false)
+            .await
+    });
+    t.f.wait_held(Op::Copy).await.expect("the rename copies");
+    let data = pattern(50_000, 55);
+    let fs = t.fs.clone();
+    let body = data.clone();
+    let mut writer = tokio::spawn(async move {
+        let d = fs.lookup(ROOT_INO, name("dir")).await?;
+        let (_, fh) = fs
+            .create(d.ino, name("b"), USER, libc::O_WRONLY | libc::O_TRUNC)
+            .await?;
+        fs.write(fh, 0, &body).await?;
+        let flushed = fs.flush(fh).await;
+        let released = fs.release(fh).await;
+        flushed.and(released)
+    });
+    let early = tokio::time::timeout(Duration::from_secs(2), &mut writer).await;
+    t.f.release(Op::Copy);
+    let renamed = join("mv dir dir2", mv).await;
+    let wrote = match early {
+        Ok(r) => r.unwrap(),
+        Err(_) => join("rewrite dir/b", writer).await,
+    };
+    assert_eq!(renamed, Ok(()), "mv dir dir2");
+    if wrote.is_ok() {
+        let at2 = holds(&t.m, "dir2/b", &data);
+        let at1 = holds(&t.m, "dir/b", &data);
+        assert!(
+            at2.is_ok() || at1.is_ok(),
+            "close() of the rewritten dir/b returned Ok but its bytes are lost: \
+             dir2/b {at2:?}, dir/b {at1:?}; keys {:?}",
+            t.m.keys()
+        );
+    }
+}
+
+// ----------------------------------------------------------------------
+// Case 6: rm of a file open for writing whose DeleteObject fails.
+
+#[tokio::test]
+async fn case6_rm_whose_delete_fails_keeps_the_open_writers_data() {
+    let t = setup(true, |_| {});
+    t.m.insert("f", b"old contents", Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
+        .await
+        .unwrap();
+    let fh = within("open", t.fs.open(a.ino, libc::O_WRONLY))
+        .await
+        .unwrap();
+    let data = b"NEW DATA, precious, longer than the old".to_vec();
+    t.fs.write(fh, 0, &data).await.unwrap();
+    t.f.fail(
+        Op::Delete,
+        u32::MAX,
+        StoreError::AccessDenied("denied".into()),
+    );
+    let rm = within("rm f", t.fs.unlink(ROOT_INO, name("f"))).await;
+    assert!(
+        rm.is_err(),
+        "rm f must fail when DeleteObject fails: {rm:?}"
+    );
+    t.f.clear(Op::Delete);
+    let flushed = within("close (flush)", t.fs.flush(fh)).await;
+    let released = within("close (release)", t.fs.release(fh)).await;
+    assert_eq!(flushed, Ok(()), "the writer's close");
+    assert_eq!(released, Ok(()), "the writer's release");
+    assert_holds(
+        &t.m,
+        "f",
+        &data,
+        "the failed rm kept f; its writer's data landed",
+    );
+}
+
+// ----------------------------------------------------------------------
+// Case 7: mv src dst while dst's close is uploading.
+
+#[tokio::test]
+async fn case7_a_rename_over_a_file_being_uploaded_wins() {
+    let t = setup(true, |_| {});
+    t.m.insert("src", b"SRC content", Metadata::new());
+    t.m.insert("dst", b"old dst", Metadata::new());
+    let d = within("lookup", t.fs.lookup(ROOT_INO, name("dst")))
+        .await
+        .unwrap();
+    let fh = within("open", t.fs.open(d.ino, libc::O_WRONLY | libc::O_TRUNC))
+        .await
+        .unwrap();
+    t.fs.write(fh, 0, b"stale bytes of dst").await.unwrap();
+    t.f.hold(Op::Put, 1);
+    let fs = t.fs.clone();
+    let closer = tokio::spawn(async move {
+        let flushed = fs.flush(fh).await;
+        let released = fs.release(fh).await;
+        flushed.and(released)
+    });
+    t.f.wait_held(Op::Put)
+        .await
+        .expect("dst's close uploads (held)");
+    let fs = t.fs.clone();
+    let mut mv = tokio::spawn(async move {
+        fs.rename(ROOT_INO, name("src"), ROOT_INO, name("dst"), false)
+            .await
+    });
+    // Let the rename run as far as it goes while the upload is held: until
+    // it copied, or finished, or (serialised behind dst) a bounded moment.
+    let f = t.f.clone();
+    let early = tokio::time::timeout(Duration::from_secs(2), async {
+        tokio::select! {
+            r = &mut mv => Some(r),
+            _ = async { while f.calls(Op::Copy) == 0 { tokio::time::sleep(Duration::from_millis(5)).await } } => None,
+        }
+    })
+    .await;
+    t.f.release(Op::Put);
+    let renamed = match early {
+        Ok(Some(r)) => r.unwrap(),
+        _ => join("mv src dst", mv).await,
+    };
+    let closed = join("close of dst", closer).await;
+    assert_eq!(renamed, Ok(()), "mv src dst");
+    // The close raced the rename: its result may be either, but the bytes
+    // at dst must be the renamed ones.
+    let _ = closed;
+    assert_holds(
+        &t.m,
+        "dst",
+        b"SRC content",
+        "the rename wins over a stale upload",
+    );
+    assert_eq!(t.m.object("src"), None, "src is gone");
+    let a = within("lookup dst", t.fs.lookup(ROOT_INO, name("dst")))
+        .await
+        .unwrap();
+    let rh = within("open dst", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_all(&t.fs, rh, 100).await.unwrap(),
+        b"SRC content",
+        "the mount reads the renamed content"
+    );
+}
+
+// ----------------------------------------------------------------------
+// Case 1 (core): logrotate: rename of a large file open for appending.
+
+async fn append_rename_append(dir_rename: bool) {
+    let t = setup(true, |_| {});
+    let (old_key, new_key) = if dir_rename {
+        ("logs/app.log", "logs.old/app.log")
+    } else {
+        ("app.log", "app.log.1")
+    };
+    let orig = pattern(12 * MIB, 1);
+    t.m.insert(old_key, &orig, Metadata::new());
+    let parent = if dir_rename {
+        within("lookup logs", t.fs.lookup(ROOT_INO, name("logs")))
+            .await
+            .unwrap()
+            .ino
+    } else {
+        ROOT_INO
+    };
+    let a = within("lookup", t.fs.lookup(parent, name("app.log")))
+        .await
+        .unwrap();
+    let fh = within("open", t.fs.open(a.ino, libc::O_WRONLY | libc::O_APPEND))
+        .await
+        .unwrap();
+    let w1 = pattern(100_000, 11);
+    t.fs.write(fh, orig.len() as u64, &w1).await.unwrap();
+    let mv = if dir_rename {
+        t.fs.rename(ROOT_INO, name("logs"), ROOT_INO, name("logs.old"), false)
+    } else {
+        t.fs.rename(
+            ROOT_INO,
+            name("app.log"),
+            ROOT_INO,
+            name("app.log.1"),
+            false,
+        )
+    };
+    within("mv", mv).await.expect("rename of the open log");
+    let w2 = pattern(200_000, 12);
+    let w = t.fs.write(fh, (orig.len() + w1.len()) as u64, &w2).await;
+    assert_eq!(w, Ok(w2.len() as u32), "write after the rename");
+    let flushed = within("close (flush)", t.fs.flush(fh)).await;
+    let released = within("close (release)", t.fs.release(fh)).await;
+    assert_eq!(flushed, Ok(()), "close() after the rename");
+    assert_eq!(released, Ok(()), "release after the rename");
+    assert_holds(&t.m, new_key, &cat(&[&orig, &w1, &w2]), "at the new key");
+    assert_eq!(t.m.object(old_key), None, "nothing left at the old key");
+    assert_eq!(t.m.open_uploads(), 0, "no multipart upload left open");
+}
+
+#[tokio::test]
+async fn case1_rename_of_a_large_file_open_for_appending_keeps_every_byte() {
+    append_rename_append(false).await;
+}
+
+#[tokio::test]
+async fn case1_rename_of_the_directory_of_a_large_file_open_for_appending_keeps_every_byte() {
+    append_rename_append(true).await;
+}
+
+// ----------------------------------------------------------------------
+// Case 19 (core): listings of unlinked and replaced open files.
+
+#[tokio::test]
+async fn case19_an_unlinked_open_file_is_not_listed_and_its_directory_can_be_removed() {
+    let t = setup(true, |c| c.metadata_ttl = Duration::ZERO);
+    let d = within("mkdir", t.fs.mkdir(ROOT_INO, name("d"), USER))
+        .await
+        .unwrap();
+    let (_, fh) = within(
+        "create",
+        t.fs.create(d.ino, name("f"), USER, libc::O_WRONLY),
+    )
+    .await
+    .unwrap();
+    t.fs.write(fh, 0, b"first").await.unwrap();
+    within("fsync", t.fs.fsync(fh)).await.unwrap();
+    t.fs.write(fh, 5, b" second").await.unwrap();
+    within("rm d/f", t.fs.unlink(d.ino, name("f")))
+        .await
+        .unwrap();
+    let listed = names(&t.fs, d.ino).await;
+    assert!(
+        !listed.contains(&"f".to_string()),
+        "an unlinked open file is listed: {listed:?}"
+    );
+    assert_eq!(
+        within("rmdir d", t.fs.rmdir(ROOT_INO, name("d"))).await,
+        Ok(()),
+        "rmdir of a directory whose only file was unlinked while open"
+    );
+    let _ = t.fs.write(fh, 12, b" third").await;
+    let _ = within("close", t.fs.flush(fh)).await;
+    let _ = within("release", t.fs.release(fh)).await;
+    assert_eq!(
+        t.m.object("d/f"),
+        None,
+        "the unlinked file does not come back"
+    );
+    assert!(
+        !names(&t.fs, ROOT_INO).await.contains(&"d".to_string()),
+        "d stays removed"
+    );
+}
+
+#[tokio::test]
+async fn case19_rename_over_an_open_file_lists_it_once() {
+    let t = setup(true, |c| c.metadata_ttl = Duration::ZERO);
+    t.m.insert("x", b"content of x", Metadata::new());
+    t.m.insert("y", b"content of y", Metadata::new());
+    let y = within("lookup y", t.fs.lookup(ROOT_INO, name("y")))
+        .await
+        .unwrap();
+    let fh = within("open y", t.fs.open(y.ino, libc::O_WRONLY))
+        .await
+        .unwrap();
+    t.fs.write(fh, 0, b"y is being rewritten").await.unwrap();
+    within(
+        "mv x y",
+        t.fs.rename(ROOT_INO, name("x"), ROOT_INO, name("y"), false),
+    )
+    .await
+    .unwrap();
+    let listed = names(&t.fs, ROOT_INO).await;
+    assert_eq!(
+        listed.iter().filter(|n| *n == "y").count(),
+        1,
+        "y listed once while the replaced y is open: {listed:?}"
+    );
+    assert!(!listed.contains(&"x".to_string()), "x is gone: {listed:?}");
+    let _ = within("close old y", t.fs.flush(fh)).await;
+    let _ = within("release old y", t.fs.release(fh)).await;
+    let listed = names(&t.fs, ROOT_INO).await;
+    assert_eq!(
+        listed.iter().filter(|n| *n == "y").count(),
+        1,
+        "y listed once after the replaced y is closed: {listed:?}"
+    );
+    assert_holds(
+        &t.m,
+        "y",
+        b"content of x",
+        "the replaced (unlinked) y's close must not overwrite the renamed x",
+    );
+}
+
+// ----------------------------------------------------------------------
+// Case 17 (core): readers.
+
+fn uploads(f: &Faulty<MemStore>) -> u64 {
+    f.calls(Op::Put) + f.calls(Op::CreateMultipart)
+}
+
+#[tokio::test]
+async fn case17_closing_a_reader_of_a_new_file_uploads_nothing() {
+    let t = setup(true, |_| {});
+    let (a, wh) = within(
+        "create",
+        t.fs.create(ROOT_INO, name("f"), USER, libc::O_WRONLY),
+    )
+    .await
+    .unwrap();
+    t.fs.write(wh, 0, b"half of it").await.unwrap();
+    let before = uploads(&t.f);
+    let rh = within("open reader", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    within("close reader (flush)", t.fs.flush(rh))
+        .await
+        .unwrap();
+    within("close reader (release)", t.fs.release(rh))
+        .await
+        .unwrap();
+    assert_eq!(
+        uploads(&t.f) - before,
+        0,
+        "a reader's close uploaded the half-written file: {:?}",
+        t.f.log()
+    );
+    assert_ne!(
+        t.m.object("f").as_deref(),
+        Some(&b"half of it"[..]),
+        "half-written file in S3"
+    );
+    t.fs.write(wh, 10, b", and the rest").await.unwrap();
+    within("close writer", t.fs.flush(wh)).await.unwrap();
+    within("release writer", t.fs.release(wh)).await.unwrap();
+    assert_holds(
+        &t.m,
+        "f",
+        b"half of it, and the rest",
+        "after the writer's close",
+    );
+}
+
+#[tokio::test]
+async fn case17_a_reader_of_a_growing_new_file_reads_its_bytes_after_the_writer_closes() {
+    let t = setup(true, |_| {});
+    let (a, wh) = within(
+        "create",
+        t.fs.create(ROOT_INO, name("f"), USER, libc::O_WRONLY),
+    )
+    .await
+    .unwrap();
+    t.fs.write(wh, 0, b"hello").await.unwrap();
+    let rh = within("open reader", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    t.fs.write(wh, 5, b" world").await.unwrap();
+    within("close writer", t.fs.flush(wh)).await.unwrap();
+    within("release writer", t.fs.release(wh)).await.unwrap();
+    assert_holds(&t.m, "f", b"hello world", "the writer's close");
+    let got = read_all(&t.fs, rh, 100).await;
+    assert_eq!(
+        got.as_deref(),
+        Ok(&b"hello world"[..]),
+        "the reader reads the bytes after the writer closed (not EOF)"
+    );
+}
+
+#[tokio::test]
+async fn case17_a_reader_never_sees_new_bytes_then_old_ones() {
+    let t = setup(true, |c| c.block_size_bytes = 64 * 1024);
+    t.m.insert("f", b"old old old old", Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
+        .await
+        .unwrap();
+    let wh = within("open writer", t.fs.open(a.ino, libc::O_WRONLY))
+        .await
+        .unwrap();
+    t.fs.write(wh, 0, b"NEW").await.unwrap();
+    let rh = within("open reader", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    let first = read_all(&t.fs, rh, 100).await.unwrap();
+    assert_eq!(
+        first, b"NEW old old old",
+        "the reader sees the writer's bytes"
+    );
+    within("close writer", t.fs.flush(wh)).await.unwrap();
+    within("release writer", t.fs.release(wh)).await.unwrap();
+    let second = read_all(&t.fs, rh, 100).await;
+    assert_eq!(
+        second.as_deref(),
+        Ok(&first[..]),
+        "after the writer closed the same reader reads old bytes again"
+    );
+}
+
+async fn reader_across(rename: bool) {
+    // Unversioned: reads are pinned by ETag, so a moved object is gone
+    // from its old key for good.
+    let t = setup(false, |c| c.block_size_bytes = 64 * 1024);
+    let data = pattern(512 * 1024, 17);
+    t.m.insert("f", &data, Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
+        .await
+        .unwrap();
+    let rh = within("open reader", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    let head = within("read", t.fs.read(rh, 0, 1000)).await.unwrap();
+    assert_eq!(head.as_ref(), &data[..1000]);
+    if rename {
+        within(
+            "mv f g",
+            t.fs.rename(ROOT_INO, name("f"), ROOT_INO, name("g"), false),
+        )
+        .await
+        .unwrap();
+    } else {
+        within("rm f", t.fs.unlink(ROOT_INO, name("f")))
+            .await
+            .unwrap();
+    }
+    // A block far from what was read (and read ahead): a new GET.
+    let off = 400 * 1024;
+    let tail = within("read after", t.fs.read(rh, off as u64, 1000)).await;
+    let what = if rename { "renamed" } else { "removed" };
+    match tail {
+        Ok(b) => assert!(
+            b.as_ref() == &data[off..off + 1000],
+            "an open reader read other bytes after the file was {what}"
+        ),
+        Err(e) => panic!("an open reader got {e:?} after the file was {what} by this mount"),
+    }
+}
+
+#[tokio::test]
+async fn case17_a_reader_keeps_reading_a_file_renamed_by_this_mount() {
+    reader_across(true).await;
+}
+
+#[tokio::test]
+async fn case17_a_reader_keeps_reading_a_file_removed_by_this_mount() {
+    reader_across(false).await;
+}
+
+// ----------------------------------------------------------------------
+// Case 2 (core): the last upload fails.
+
+/// PUT fails at close (503 SlowDown, for as long as it takes): close
+/// reports it, the data stays (a new open reads it), and once S3 answers
+/// again it lands with no further user action (background retry).
+#[tokio::test]
+async fn case2_a_failed_last_upload_keeps_the_data_and_lands_it_later() {
+    let t = setup(true, |_| {});
+    let data = pattern(300_000, 2);
+    let (a, fh) = within(
+        "create",
+        t.fs.create(ROOT_INO, name("f"), USER, libc::O_WRONLY),
+    )
+    .await
+    .unwrap();
+    t.fs.write(fh, 0, &data).await.unwrap();
+    t.f.fail(
+        Op::Put,
+        u32::MAX,
+        StoreError::Transient("503 SlowDown".into()),
+    );
+    let flushed = within("close (flush)", t.fs.flush(fh)).await;
+    let released = within("close (release)", t.fs.release(fh)).await;
+    assert!(
+        flushed.is_err() || released.is_err(),
+        "the failed upload is reported: flush {flushed:?}, release {released:?}"
+    );
+    assert_eq!(t.m.object("f"), None, "nothing half-written");
+    // The data was not thrown away: the file still reads its bytes.
+    let again = within("lookup", t.fs.lookup(ROOT_INO, name("f"))).await;
+    assert_eq!(
+        again.as_ref().map(|x| x.size),
+        Ok(data.len() as u64),
+        "stat of the file whose upload failed"
+    );
+    let rh = within("reopen", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .expect("a new open of the unsaved file");
+    assert!(
+        read_all(&t.fs, rh, data.len()).await.as_deref() == Ok(&data[..]),
+        "a new open reads the unsaved bytes"
+    );
+    within("release reader", t.fs.release(rh)).await.unwrap();
+    // S3 is back: no user action; the data lands in bounded time.
+    t.f.clear(Op::Put);
+    let landed = eventually(Duration::from_secs(30), || holds(&t.m, "f", &data).is_ok()).await;
+    assert!(
+        landed,
+        "the staged data did not land within 30 s of S3 coming back: {:?} (PUT tried {} times)",
+        holds(&t.m, "f", &data),
+        t.f.calls(Op::Put)
+    );
+}
+
+// ----------------------------------------------------------------------
+// Case 3 (core): CompleteMultipartUpload lands but answers an error.
+
+/// A 12 MiB new file: its Complete is performed by the store, its answer
+/// held, then the answer is a transient error (a timeout, or a 200 with
+/// an error body). The upload that completed must not be aborted, the
+/// data must not be lost, the object is exact, no upload left open.
+#[tokio::test]
+async fn case3_a_complete_that_landed_but_answered_an_error_is_not_aborted_nor_lost() {
+    let t = setup(true, |_| {});
+    let data = pattern(12 * MIB, 3);
+    let (a, fh) = within(
+        "create",
+        t.fs.create(ROOT_INO, name("big"), USER, libc::O_WRONLY),
+    )
+    .await
+    .unwrap();
+    t.fs.write(fh, 0, &data).await.unwrap();
+    t.f.hold_after(Op::CompleteMultipart, 1);
+    t.f.lie_after(
+        Op::CompleteMultipart,
+        1,
+        StoreError::Transient("timed out waiting for the answer".into()),
+    );
+    let fs = t.fs.clone();
+    let closer = tokio::spawn(async move {
+        let flushed = fs.flush(fh).await;
+        let released = fs.release(fh).await;
+        (flushed, released)
+    });
+    t.f.wait_held(Op::CompleteMultipart)
+        .await
+        .expect("close completes a multipart upload");
+    assert_holds(&t.m, "big", &data, "the Complete landed");
+    let aborts_before = t.f.calls(Op::AbortMultipart);
+    t.f.release(Op::CompleteMultipart);
+    let (flushed, released) = join("close", closer).await;
+    assert_eq!(
+        t.f.calls(Op::AbortMultipart) - aborts_before,
+        0,
+        "an upload that completed was aborted (close: {flushed:?}/{released:?}); calls {:?}",
+        t.f.log()
+            .iter()
+            .filter(|(op, _)| matches!(
+                op,
+                Op::CompleteMultipart | Op::AbortMultipart | Op::CreateMultipart | Op::Put
+            ))
+            .collect::<Vec<_>>()
+    );
+    if flushed.is_err() || released.is_err() {
+        // Reported, but the data must not be lost: the mount still has it.
+        let got = within("lookup", t.fs.lookup(ROOT_INO, name("big"))).await;
+        assert_eq!(got.map(|x| x.size), Ok(data.len() as u64));
+    }
+    assert_holds(&t.m, "big", &data, "after close");
+    assert_eq!(t.m.open_uploads(), 0, "no multipart upload left open");
+    let rh = within("reopen", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    let back = read_all(&t.fs, rh, data.len()).await.unwrap();
+    assert!(back == data, "the mount reads the file back exact");
+}
