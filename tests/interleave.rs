@@ -53,10 +53,15 @@ fn setup(versioned: bool, tweak: impl FnOnce(&mut FsConfig)) -> T {
             part_size_bytes: 5 * MIB as u64,
             concurrency: 4,
         },
+        // Failed uploads are retried soon (the mount's default waits up to
+        // 300 s between tries).
+        upload_retry_max: Duration::from_secs(1),
         ..FsConfig::default()
     };
     tweak(&mut cfg);
     let fs = Arc::new(Fs::new(f.clone(), cfg));
+    // As the mount does: failed uploads are retried in the background.
+    fs.spawn_retrier();
     T {
         fs,
         f,

@@ -338,3 +338,66 @@ async fn a_complete_that_landed_but_failed_is_a_success() {
     assert_eq!(s.open_uploads(), 0);
     assert_eq!(staged_files(&d), 0);
 }
+
+/// Case 17 on an unversioned bucket: `rm` of a file that a handle still
+/// reads waits for that handle before the DeleteObject; the name is gone
+/// at once; a daemon killed meanwhile leaves a tombstone that the next
+/// mount completes, so the file never comes back.
+#[tokio::test]
+async fn rm_of_a_file_being_read_defers_the_delete_and_survives_a_crash() {
+    let s = Arc::new(MemStore::unversioned());
+    let body = data(300_000, 5);
+    s.insert("f", &body, Metadata::new());
+    s.insert("g", b"kept", Metadata::new());
+    s.insert("h", &body, Metadata::new());
+    let (fs, d) = fs_with(s.clone());
+    let (_, rh) = open_existing(&fs, "f", libc::O_RDONLY).await;
+    assert_eq!(fs.read(rh, 0, 10).await.unwrap().as_ref(), &body[..10]);
+    fs.unlink(ROOT_INO, name("f")).await.unwrap();
+    assert!(
+        fs.list(ROOT_INO)
+            .await
+            .unwrap()
+            .iter()
+            .all(|e| e.name != "f")
+    );
+    assert!(fs.lookup(ROOT_INO, name("f")).await.is_err());
+    assert_eq!(
+        fs.read(rh, 200_000, 10).await.unwrap().as_ref(),
+        &body[200_000..200_010],
+        "the reader still reads"
+    );
+    fs.release(rh).await.unwrap();
+    assert!(s.object("f").is_none(), "deleted at the last close");
+
+    // The same, killed before the reader closed: the next mount deletes.
+    let (_, rh) = open_existing(&fs, "h", libc::O_RDONLY).await;
+    fs.read(rh, 0, 10).await.unwrap();
+    fs.unlink(ROOT_INO, name("h")).await.unwrap();
+    std::mem::forget(fs); // a killed daemon runs no destructor
+    // (its flock dies with it: here, a new process stands in)
+    let tomb: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("unlink-")
+        })
+        .collect();
+    assert_eq!(tomb.len(), 1);
+    // Release the dead mount's lock as the kernel would at its exit.
+    let copy = d.path().join("copy");
+    std::fs::copy(&tomb[0], &copy).unwrap();
+    std::fs::remove_file(&tomb[0]).unwrap();
+    std::fs::rename(&copy, &tomb[0]).unwrap();
+    let opts = UploadOptions {
+        part_size_bytes: 5 * MIB as u64,
+        concurrency: 2,
+    };
+    let r = bucketfs::write::recover(&*s, d.path(), &opts).await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert!(s.object("h").is_none(), "the removed file never comes back");
+    assert_eq!(s.object("g").unwrap().as_ref(), b"kept");
+}

@@ -665,7 +665,63 @@ impl Fs {
         if fhd.writable {
             self.detach_writer(fhd.ino).await?;
         }
+        self.complete_deferred(fhd.ino).await;
         Ok(())
+    }
+
+    /// Whether handles read the inode's object pinned by ETag (a deleted
+    /// object is gone for them; a version id would still read).
+    pub(super) fn has_etag_pinned_readers(&self, ino: u64) -> bool {
+        self.handles.lock().values().any(|h| match &**h {
+            Handle::File(f) if f.ino == ino => f
+                .target
+                .lock()
+                .as_ref()
+                .is_some_and(|t| matches!(t.pin, ReadPin::Etag(_))),
+            _ => false,
+        })
+    }
+
+    /// The DeleteObject an `rm` deferred, once no handle reads the file.
+    async fn complete_deferred(&self, ino: u64) {
+        let open = self
+            .handles
+            .lock()
+            .values()
+            .any(|h| matches!(&**h, Handle::File(f) if f.ino == ino));
+        if open {
+            return;
+        }
+        let t = self.deferred.lock().remove(&ino);
+        if let Some(t) = t {
+            t.complete(&*self.store).await;
+        }
+    }
+
+    /// Deferred deletes of keys below `prefix`, done now (rmdir).
+    pub(super) async fn complete_deferred_below(&self, prefix: &str) {
+        let inos: Vec<u64> = self
+            .deferred
+            .lock()
+            .iter()
+            .filter(|(_, t)| t.key.starts_with(prefix))
+            .map(|(i, _)| *i)
+            .collect();
+        for i in inos {
+            let t = self.deferred.lock().remove(&i);
+            if let Some(t) = t {
+                t.complete(&*self.store).await;
+            }
+        }
+    }
+
+    /// Whether `key` at `etag` was removed by this mount and only waits for
+    /// its readers: it is not shown.
+    pub(super) fn is_deferred(&self, key: &str, etag: &str) -> bool {
+        self.deferred
+            .lock()
+            .values()
+            .any(|t| t.key == key && crate::write::same_etag(&t.etag, etag))
     }
 
     /// Drops one writer; the last one uploads and ends the write state.

@@ -218,6 +218,8 @@ pub struct Fs {
     writes: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     /// Listed objects' own metadata, read ahead.
     meta: Arc<meta::MetaFetch>,
+    /// Deletes waiting for the file's last reader, by inode.
+    deferred: Mutex<HashMap<u64, crate::write::tombstone::Tombstone>>,
     /// Namespace lock (see the lock order above).
     ns: tokio::sync::RwLock<()>,
     /// Wakes the background retrier (`spawn_retrier`).
@@ -259,6 +261,7 @@ impl Fs {
             writes,
             meta,
             ns: tokio::sync::RwLock::new(()),
+            deferred: Mutex::new(HashMap::new()),
             retry_wake: Arc::new(tokio::sync::Notify::new()),
             uploads: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -497,6 +500,7 @@ impl Fs {
             }));
         }
         match head {
+            Ok(info) if self.is_deferred(&info.key, &info.etag) => Ok(None),
             Ok(info) => Ok(Some(Resolved {
                 attr: self.attr_of(&info, false),
                 object: Some(info),
@@ -625,6 +629,9 @@ impl Fs {
             if !showable(name) {
                 self.odd.skipped(&o.key, "not a valid file name");
                 continue;
+            }
+            if self.is_deferred(&o.key, &o.etag) {
+                continue; // removed, waiting for its last reader
             }
             if dir_names.contains_key(name) {
                 self.odd

@@ -264,15 +264,27 @@ impl Fs {
         // Lock → delete → record: a failed DeleteObject leaves the writer's
         // data as it was, to be uploaded at its close.
         let mut st = self.live(attr.ino).await;
-        let uploaded = self
+        let object = self
             .table
             .lock()
             .get(attr.ino)
-            .is_some_and(|n| n.object.is_some());
-        if uploaded {
-            match self.store.delete(&self.key_of(&path)).await {
-                Ok(()) | Err(StoreError::NotFound) => {}
-                Err(e) => return Err(e.into()),
+            .and_then(|n| n.object.clone());
+        if let Some(o) = object {
+            let key = self.key_of(&path);
+            if st.is_none() && self.has_etag_pinned_readers(attr.ino) {
+                // Readers would lose the object: the delete waits for the
+                // last of them (recorded, so a crash cannot undo the rm).
+                let t = crate::write::tombstone::Tombstone::create(
+                    &self.cfg.staging_dir,
+                    &key,
+                    &o.etag,
+                )?;
+                self.deferred.lock().insert(attr.ino, t);
+            } else {
+                match self.store.delete(&key).await {
+                    Ok(()) | Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         if let Some(st) = st.as_mut() {
@@ -295,6 +307,9 @@ impl Fs {
         // No create in the directory while it is checked and removed.
         let _ns = self.ns.write().await;
         let prefix = format!("{}/", self.key_of(&path));
+        // Files removed while still read count as gone: their deletes are
+        // done now (those readers lose them, as the directory goes).
+        self.complete_deferred_below(&prefix).await;
         let page = self.store.list(&prefix, None, None, Some(2)).await?;
         if page.objects.iter().any(|o| o.key != prefix) || self.pending_below(&path) {
             return Err(FsError::NotEmpty);

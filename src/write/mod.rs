@@ -24,6 +24,7 @@
 mod journal;
 mod ranges;
 mod stream;
+pub mod tombstone;
 
 use std::fs::File;
 use std::io;
@@ -119,7 +120,7 @@ pub(crate) fn private_file(path: &Path) -> io::Result<File> {
 }
 
 /// Takes the exclusive lock of a staging file without waiting.
-fn try_lock(file: &File) -> io::Result<bool> {
+pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
         return Ok(true);
     }
@@ -134,6 +135,12 @@ static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Creates, locks and names a new staging file in `dir`.
 fn new_staging_file(dir: &Path) -> io::Result<(File, PathBuf)> {
+    new_locked_file(dir, STAGE_PREFIX)
+}
+
+/// Creates, locks and names a new private file `<prefix><id>` in `dir`:
+/// it gets its final name only once its lock is held.
+fn new_locked_file(dir: &Path, prefix: &str) -> io::Result<(File, PathBuf)> {
     crate::write::private_dir(dir)?;
     for _ in 0..100 {
         let now = std::time::SystemTime::now()
@@ -155,7 +162,7 @@ fn new_staging_file(dir: &Path) -> io::Result<(File, PathBuf)> {
         if !try_lock(&file)? {
             continue;
         }
-        let path = dir.join(format!("{STAGE_PREFIX}{id}"));
+        let path = dir.join(format!("{prefix}{id}"));
         if path.exists() {
             let _ = std::fs::remove_file(&tmp);
             continue;
@@ -712,7 +719,7 @@ impl Drop for Staged {
 }
 
 /// Aborts a multipart upload, logging (not returning) a failure.
-async fn abort_quietly(store: &dyn ObjectStore, key: &str, upload_id: &str) {
+pub(crate) async fn abort_quietly(store: &dyn ObjectStore, key: &str, upload_id: &str) {
     if let Err(e) = store.abort_multipart(key, upload_id).await {
         warn!(key, error = %e, "could not abort a multipart upload");
     }
@@ -738,7 +745,7 @@ fn multipart_etag(parts: &[(i32, String)]) -> Option<String> {
     Some(format!("\"{hex}-{}\"", parts.len()))
 }
 
-fn same_etag(a: &str, b: &str) -> bool {
+pub(crate) fn same_etag(a: &str, b: &str) -> bool {
     a.trim_matches('"') == b.trim_matches('"')
 }
 
@@ -831,6 +838,12 @@ pub async fn recover(
                 && try_lock(&f).unwrap_or(false)
             {
                 let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if name.starts_with(tombstone::PREFIX) {
+            if let Err(e) = tombstone::recover(store, &path).await {
+                out.push(Err(e));
             }
             continue;
         }
