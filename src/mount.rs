@@ -255,21 +255,18 @@ static LOG_FILE: std::sync::OnceLock<Arc<LogFile>> = std::sync::OnceLock::new();
 /// does not make it stays staged for the next mount.
 const SHUTDOWN_UPLOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Uploads what killed daemons left staged in `dir`; logs each. Returns
-/// whether anything is left to try again.
-async fn recover_staged(
-    store: &dyn ObjectStore,
-    dir: &Path,
-    opts: &crate::write::UploadOptions,
-) -> bool {
+/// Takes over what killed daemons left staged (served from the staged
+/// copies, uploaded in the background); logs each. Returns whether
+/// anything is left to try again.
+async fn recover_staged(fs: &Fs) -> bool {
     let mut failed = false;
-    for r in crate::write::recover(store, dir, opts).await {
+    for r in fs.adopt_staged().await {
         match r {
             Ok(r) if r.uploaded_as.is_empty() => {
-                info!(key = %r.key, "staged data of a killed mount was of an unlinked file: dropped")
+                info!(key = %r.key, "staged data of a killed mount: nothing to upload (unlinked, or already in S3)")
             }
             Ok(r) if r.uploaded_as == r.key => {
-                info!(key = %r.key, "recovered staged data of a killed mount and uploaded it")
+                info!(key = %r.key, "recovered staged data of a killed mount; uploading it in the background")
             }
             Ok(r) => warn!(
                 key = %r.key,
@@ -455,26 +452,24 @@ fn serve(
     let cfg = fs_config(o, &cache_root(o)?, &identity);
     crate::private::create_private_dir(&cfg.staging_dir)
         .map_err(|e| MountError(format!("cache dir {}: {e}", cfg.staging_dir.display())))?;
-    // Data a killed daemon staged but never uploaded goes up first; what
-    // cannot go up now is tried again in the background (see below).
-    let mut recovery_failed = false;
-    if !o.read_only {
-        recovery_failed = rt.block_on(recover_staged(&*store, &cfg.staging_dir, &cfg.upload));
-    }
     let staging_dir = cfg.staging_dir.clone();
-    let (upload_opts, retry_max) = (cfg.upload.clone(), cfg.upload_retry_max);
+    let retry_max = cfg.upload_retry_max;
+    let read_only = cfg.read_only || cfg.as_of.is_some();
     let fs = Arc::new(Fs::new(store.clone(), cfg));
     {
         let _guard = rt.enter();
         fs.spawn_retrier();
     }
-    if recovery_failed {
-        let dir = staging_dir.clone();
+    // What a killed daemon staged is taken over (served from its staged
+    // copy at once) and uploaded in the background once the mount is live;
+    // what cannot be looked at yet (S3 down) is tried again later.
+    if !read_only && rt.block_on(recover_staged(&fs)) {
+        let fs = fs.clone();
         rt.spawn(async move {
             let mut wait = std::time::Duration::from_secs(5);
             loop {
                 tokio::time::sleep(wait).await;
-                if !recover_staged(&*store, &dir, &upload_opts).await {
+                if !recover_staged(&fs).await {
                     return;
                 }
                 wait = (wait * 2).min(retry_max);

@@ -364,12 +364,28 @@ fn kill_9_while_writing_then_the_next_mount_uploads_what_was_staged() {
     );
 
     m.restart();
+    let mut want = pattern(100_000, 1);
+    want[50_000..50_006].copy_from_slice(b"EDITED");
+    // Served from the staged copies at once, uploaded in the background.
+    assert_eq!(
+        sha256(&fs::read(m.path("new")).unwrap()),
+        sha256(&pattern(3 * 1024 * 1024, 2)),
+        "read through the mount before it is in S3"
+    );
+    wait_until(Duration::from_secs(60), "recovered files to land", || {
+        b.get("new").map(|d| sha256(&d)) == Some(sha256(&pattern(3 * 1024 * 1024, 2)))
+            && b.get("edited").map(|d| sha256(&d)) == Some(sha256(&want))
+            && b.keys("raced.bucketfs-recovered-").len() == 1
+            && b.keys("raced.bucketfs-recovered-")
+                .first()
+                .and_then(|k| b.get(k))
+                .as_deref()
+                == Some(&b"original + mine"[..])
+    });
     assert_eq!(
         sha256(&b.get("new").unwrap()),
         sha256(&pattern(3 * 1024 * 1024, 2))
     );
-    let mut want = pattern(100_000, 1);
-    want[50_000..50_006].copy_from_slice(b"EDITED");
     assert_eq!(sha256(&b.get("edited").unwrap()), sha256(&want));
     assert_eq!(
         b.get("raced").as_deref(),

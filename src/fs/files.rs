@@ -767,7 +767,11 @@ impl Fs {
         let mut next: Option<std::time::Instant> = None;
         for (ino, of) in states {
             let Ok(mut st) = of.try_lock_owned() else {
-                continue; // busy: written or uploaded right now
+                // Busy (written, uploaded, or its last close is still
+                // recording a failure): look again shortly.
+                let soon = std::time::Instant::now() + RETRY_FIRST_WAIT;
+                next = Some(next.map_or(soon, |n| n.min(soon)));
+                continue;
             };
             if st.closed || st.handles > 0 {
                 continue;
@@ -793,6 +797,93 @@ impl Fs {
             }
         }
         next
+    }
+
+    /// Takes over what killed mounts left staged in the cache dir: a file
+    /// under this mount's root is served from its staged copy at once and
+    /// uploaded by the background retrier (like a file whose upload
+    /// failed); one outside the root is uploaded here. Settles unlinked
+    /// files, landed uploads and deferred deletes. Makes no upload itself
+    /// for files it serves, so a mount never waits for recovery.
+    pub async fn adopt_staged(&self) -> Vec<Result<crate::write::Recovered, String>> {
+        use crate::write::Found;
+        let mut out = Vec::new();
+        for f in crate::write::scan(&*self.store, &self.cfg.staging_dir).await {
+            match f {
+                Ok(Found::Done(r)) => out.push(Ok(r)),
+                Err(e) => out.push(Err(e)),
+                Ok(Found::Pending(a)) => {
+                    let path = a
+                        .target
+                        .strip_prefix(self.cfg.root_prefix.as_str())
+                        .filter(|p| !p.is_empty() && p.split('/').all(super::names::showable))
+                        .map(str::to_string);
+                    out.push(match path {
+                        Some(p) => self.adopt_one(p, *a),
+                        None => a.upload_now(&*self.store, &self.cfg.upload).await,
+                    });
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.retry_wake.notify_one();
+        }
+        out
+    }
+
+    fn adopt_one(
+        &self,
+        path: String,
+        a: crate::write::Adoptable,
+    ) -> Result<crate::write::Recovered, String> {
+        let (key, target, incomplete) = (a.key.clone(), a.target.clone(), a.incomplete);
+        let (meta, current) = (a.meta.clone(), a.current.clone());
+        let staged = a
+            .into_staged()
+            .map_err(|e| format!("{key}: journal: {e} (kept for the next try)"))?;
+        let now = std::time::Instant::now();
+        let info = ObjectInfo {
+            key: target.clone(),
+            size: staged.size(),
+            etag: String::new(),
+            last_modified: SystemTime::now(),
+            version_id: None,
+            storage_class: None,
+            metadata: Some(meta),
+        };
+        let attr = self.attr_of(&info, false);
+        let ino = {
+            let d = self.cfg.defaults;
+            let mut t = self.table.lock();
+            let comps: Vec<&str> = path.split('/').collect();
+            let mut parent = super::inodes::ROOT_INO;
+            for i in 0..comps.len() - 1 {
+                let dir = comps[..=i].join("/");
+                parent = match t.find(&NodeKey::Path(dir.clone())) {
+                    Some(ino) => ino,
+                    None => t.upsert(
+                        NodeKey::Path(dir),
+                        parent,
+                        Attr::implicit_dir(0, &d),
+                        None,
+                        Some(now),
+                    ),
+                };
+            }
+            t.upsert(NodeKey::Path(path), parent, attr, current, Some(now))
+        };
+        let mut st = WriteState::new(staged, true);
+        st.handles = 0;
+        st.next_try = Some(now);
+        st.last_error = Some("recovered from a killed mount; uploading".into());
+        self.writes
+            .lock()
+            .insert(ino, Arc::new(tokio::sync::Mutex::new(st)));
+        Ok(crate::write::Recovered {
+            key,
+            uploaded_as: target,
+            incomplete,
+        })
     }
 
     /// Runs `retry_pending` whenever an upload is due, for the life of the

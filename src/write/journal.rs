@@ -117,6 +117,9 @@ impl Journal {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".new");
         let tmp = PathBuf::from(tmp);
+        // Left by a daemon killed while compacting: the journal itself is
+        // whole (the rename had not happened).
+        let _ = std::fs::remove_file(&tmp);
         let mut file = crate::write::private_file(&tmp)?;
         file.write_all(text.as_bytes())?;
         std::fs::rename(&tmp, path)?;

@@ -810,6 +810,92 @@ pub async fn recover(
     dir: &Path,
     opts: &UploadOptions,
 ) -> Vec<Result<Recovered, String>> {
+    let mut out = Vec::new();
+    for f in scan(store, dir).await {
+        out.push(match f {
+            Ok(Found::Done(r)) => Ok(r),
+            Ok(Found::Pending(a)) => a.upload_now(store, opts).await,
+            Err(e) => Err(e),
+        });
+    }
+    out
+}
+
+/// A dead mount's staged file, decided on and ready to upload to `target`
+/// (its key, or beside it when the object there changed meanwhile).
+#[derive(Debug)]
+pub struct Adoptable {
+    /// The key the data was written for.
+    pub key: String,
+    /// Where it goes.
+    pub target: String,
+    pub meta: Metadata,
+    /// The object at `target` now, if any.
+    pub current: Option<crate::store::ObjectInfo>,
+    pub incomplete: bool,
+    pub staged: Staged,
+    journal: PathBuf,
+}
+
+impl Adoptable {
+    /// Takes the staged data over as this mount's, journaled under its
+    /// target: from now on it is a dirty file like any other (a crash
+    /// again leaves it for the next mount).
+    pub fn into_staged(mut self) -> io::Result<Staged> {
+        let h = JournalHeader {
+            key: self.target.clone(),
+            base_etag: self.staged.base.as_ref().map(|b| b.etag.clone()),
+            base_version: self.staged.base.as_ref().and_then(|b| b.version.clone()),
+            replaces: self.staged.replaces.clone(),
+            base_valid: self.staged.base_valid,
+            size: self.staged.size,
+            meta: self.meta.clone(),
+        };
+        let mut j = Journal::create(self.journal.clone(), &h)?;
+        j.compact(&h, &journal::changes_for(&self.staged.loaded, &[]))?;
+        self.staged.journal = Some(j);
+        self.staged.header = Some(h);
+        self.staged.keep_files = false;
+        Ok(self.staged)
+    }
+
+    /// Uploads it here and now (recovery without a mount to serve it).
+    pub async fn upload_now(
+        mut self,
+        store: &dyn ObjectStore,
+        opts: &UploadOptions,
+    ) -> Result<Recovered, String> {
+        let result = self
+            .staged
+            .upload(store, &self.target, &self.meta, opts, &Progress::default())
+            .await;
+        if let Err(e) = result {
+            return Err(format!("{}: {e} (kept for the next try)", self.key));
+        }
+        self.staged.keep_files = false;
+        drop(self.staged);
+        let _ = std::fs::remove_file(&self.journal);
+        Ok(Recovered {
+            key: self.key,
+            uploaded_as: self.target,
+            incomplete: self.incomplete,
+        })
+    }
+}
+
+/// What recovery found in one staged file.
+#[derive(Debug)]
+pub enum Found {
+    /// Nothing left to upload (unlinked, already landed, a tombstone).
+    Done(Recovered),
+    /// Data to upload.
+    Pending(Box<Adoptable>),
+}
+
+/// Finds the staged files in `dir` that no live mount holds, settles what
+/// needs no upload, and hands back the rest, locked, for this mount to
+/// upload (serving them meanwhile).
+pub async fn scan(store: &dyn ObjectStore, dir: &Path) -> Vec<Result<Found, String>> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -875,7 +961,7 @@ pub async fn recover(
         if !crate::private::trusted(&journal) {
             continue;
         }
-        out.push(recover_one(store, file, &path, &journal, opts).await);
+        out.push(prepare_one(store, file, &path, &journal).await);
     }
     out
 }
@@ -896,19 +982,20 @@ fn file_md5(file: &File, size: u64) -> io::Result<String> {
     Ok(format!("\"{hex}\""))
 }
 
-async fn recover_one(
+async fn prepare_one(
     store: &dyn ObjectStore,
     file: File,
     stage: &Path,
     journal: &Path,
-    opts: &UploadOptions,
-) -> Result<Recovered, String> {
+) -> Result<Found, String> {
     let r = journal::replay(journal).map_err(|e| e.to_string())?;
     let key = r.header.key.clone();
-    let done = |uploaded_as: String| Recovered {
-        key: key.clone(),
-        uploaded_as,
-        incomplete: false,
+    let done = |uploaded_as: String| {
+        Found::Done(Recovered {
+            key: key.clone(),
+            uploaded_as,
+            incomplete: false,
+        })
     };
     if r.unlinked {
         let _ = std::fs::remove_file(journal);
@@ -924,11 +1011,12 @@ async fn recover_one(
         r.size
     };
     file.set_len(size).map_err(|e| e.to_string())?;
-    let current = match store.head(&key, None).await {
-        Ok(o) => Some(o.etag),
+    let current_info = match store.head(&key, None).await {
+        Ok(o) => Some(o),
         Err(StoreError::NotFound) => None,
         Err(e) => return Err(format!("{key}: {e}")),
     };
+    let current = current_info.as_ref().map(|o| o.etag.clone());
     // The dead daemon's last upload may have landed before it could say
     // so: then the object is exactly these bytes (a multipart upload's
     // ETag from its journaled parts, a single PUT's from the data).
@@ -977,12 +1065,17 @@ async fn recover_one(
     let incomplete = base.is_some()
         && !base_readable
         && !r.loaded.missing(0..r.base_valid.min(r.size)).is_empty();
-    let mut staged = Staged {
+    let staged = Staged {
         file: Arc::new(file),
         path: stage.to_path_buf(),
         size,
         base_valid: if base_readable { r.base_valid } else { 0 },
-        replaces: r.header.replaces.clone(),
+        // Beside the key, the data is a new object.
+        replaces: if unchanged {
+            r.header.replaces.clone()
+        } else {
+            None
+        },
         base: if base_readable { base } else { None },
         loaded: r.loaded,
         journal: None,
@@ -993,20 +1086,15 @@ async fn recover_one(
         stream: None,
         keep_files: true,
     };
-    let result = staged
-        .upload(store, &target, &r.header.meta, opts, &Progress::default())
-        .await;
-    if let Err(e) = result {
-        return Err(format!("{key}: {e} (kept for the next try)"));
-    }
-    staged.keep_files = false;
-    drop(staged);
-    let _ = std::fs::remove_file(journal);
-    Ok(Recovered {
+    Ok(Found::Pending(Box::new(Adoptable {
         key,
-        uploaded_as: target,
+        current: if unchanged { current_info } else { None },
+        target,
+        meta: r.header.meta.clone(),
         incomplete,
-    })
+        staged,
+        journal: journal.to_path_buf(),
+    })))
 }
 
 /// The part size for a file: at least the configured one and S3's minimum,
