@@ -104,36 +104,8 @@ struct Readahead {
 pub type OpenFile = tokio::sync::Mutex<WriteState>;
 type StateGuard = tokio::sync::OwnedMutexGuard<WriteState>;
 
-#[derive(Debug)]
-pub struct WriteState {
-    pub(super) staged: Staged,
-    pub(super) dirty: bool,
-    handles: usize,
-    /// The last writer left and the state was removed from the map (under
-    /// this lock): whoever waited for the lock must not use it.
-    closed: bool,
-    /// The last upload failed: its error, and when it is tried again.
-    last_error: Option<String>,
-    next_try: Option<std::time::Instant>,
-    backoff: std::time::Duration,
-}
-
-/// First wait before a failed upload is tried again; it doubles each time.
-const RETRY_FIRST_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
-impl WriteState {
-    fn new(staged: Staged, dirty: bool) -> Self {
-        WriteState {
-            staged,
-            dirty,
-            handles: 1,
-            closed: false,
-            last_error: None,
-            next_try: None,
-            backoff: RETRY_FIRST_WAIT,
-        }
-    }
-}
+use crate::write::state::RETRY_FIRST_WAIT;
+pub use crate::write::state::WriteState;
 
 /// A file whose data is not in S3 yet, for `status`.
 #[derive(Clone, Debug)]
@@ -562,12 +534,7 @@ impl Fs {
                 return Err(e);
             }
         };
-        st.dirty = false;
-        st.last_error = None;
-        st.next_try = None;
-        st.backoff = RETRY_FIRST_WAIT;
-        st.staged.end_journal();
-        st.staged.rebase(&key, &put);
+        st.landed(&key, &put);
         self.versions.forget(&path);
         let info = ObjectInfo {
             key,
@@ -788,9 +755,7 @@ impl Fs {
                     self.writes.lock().remove(&ino);
                 }
                 Err(e) => {
-                    st.backoff = (st.backoff * 2).min(self.cfg.upload_retry_max);
-                    let t = std::time::Instant::now() + st.backoff;
-                    st.next_try = Some(t);
+                    let t = st.failed_again(self.cfg.upload_retry_max);
                     warn!(ino, error = %e, retry_in = ?st.backoff, "pending upload failed again");
                     next = Some(next.map_or(t, |n| n.min(t)));
                 }

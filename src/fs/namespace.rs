@@ -288,8 +288,7 @@ impl Fs {
             }
         }
         if let Some(st) = st.as_mut() {
-            st.staged.discard();
-            st.dirty = false;
+            st.discard();
         }
         self.versions.forget(&path);
         let until = Instant::now() + self.cfg.metadata_ttl;
@@ -419,7 +418,7 @@ impl Fs {
             let (fk, tk) = (self.key_of(from), self.key_of(to));
             let put = self.store.copy(&fk, &tk, None, None).await?;
             if let Some(st) = s.as_mut() {
-                st.staged.base_moved(&tk, &put);
+                st.object_moved(&tk, &put);
             }
             if let Some(n) = self.table.lock().get_mut(src)
                 && let Some(o) = n.object.as_mut()
@@ -435,8 +434,7 @@ impl Fs {
             }
         }
         if let Some(st) = d.as_mut() {
-            st.staged.discard();
-            st.dirty = false;
+            st.discard();
         }
         Ok(())
     }
@@ -493,7 +491,7 @@ impl Fs {
         // Each open file's state now rests on its copy.
         for (ino, key, st) in states.iter_mut() {
             if let Some((_, dst, put)) = copied.iter().find(|(s, _, _)| Some(s) == key.as_ref()) {
-                st.staged.base_moved(dst, put);
+                st.object_moved(dst, put);
                 if let Some(n) = self.table.lock().get_mut(*ino) {
                     n.generation += 1;
                     if let Some(o) = n.object.as_mut() {
@@ -597,7 +595,7 @@ impl Fs {
             let key = self.key_of(&path);
             let put = self.store.copy(&key, &key, Some(&meta), None).await?;
             if let Some(st) = st.as_mut() {
-                st.staged.base_moved(&key, &put);
+                st.object_moved(&key, &put);
             }
             put
         };

@@ -23,6 +23,7 @@
 
 mod journal;
 mod ranges;
+pub mod state;
 mod stream;
 pub mod tombstone;
 
