@@ -861,3 +861,55 @@ async fn case3_a_complete_that_landed_but_answered_an_error_is_not_aborted_nor_l
     let back = read_all(&t.fs, rh, data.len()).await.unwrap();
     assert!(back == data, "the mount reads the file back exact");
 }
+
+// ----------------------------------------------------------------------
+// Case 4, raced: a chmod of a closed file whose self-copy is answered
+// while the same file's first open for writing takes the old ETag.
+
+#[tokio::test]
+async fn case4_a_chmod_racing_the_first_open_for_writing_keeps_every_byte() {
+    let t = setup(false, |_| {});
+    let orig = pattern(12 * MIB, 41);
+    t.m.insert("f", &orig, Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
+        .await
+        .unwrap();
+    // The copy is done by the store; its answer waits.
+    t.f.hold_after(Op::Copy, 1);
+    let fs = t.fs.clone();
+    let chmod = tokio::spawn(async move {
+        fs.setattr(
+            a.ino,
+            SetAttr {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+        )
+        .await
+    });
+    within("copy held", t.f.wait_held(Op::Copy))
+        .await
+        .expect("the self-copy is under way");
+    // Opened now, the writer builds on the ETag from before the copy.
+    let fh = within(
+        "open for append",
+        t.fs.open(a.ino, libc::O_WRONLY | libc::O_APPEND),
+    )
+    .await
+    .unwrap();
+    t.f.release(Op::Copy);
+    within("chmod", chmod).await.unwrap().unwrap();
+    within("write", t.fs.write(fh, orig.len() as u64, b"TAIL"))
+        .await
+        .unwrap();
+    within("close", t.fs.flush(fh)).await.unwrap();
+    within("release", t.fs.release(fh)).await.unwrap();
+    let mut want = orig;
+    want.extend_from_slice(b"TAIL");
+    holds(&t.m, "f", &want).unwrap();
+    assert_eq!(
+        t.m.metadata("f").unwrap().get("mode").map(String::as_str),
+        Some(&*format!("{}", libc::S_IFREG | 0o600)),
+        "the mode rode along"
+    );
+}

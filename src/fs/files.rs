@@ -251,11 +251,16 @@ impl Fs {
                 }
                 return Ok(());
             }
-            let (object, path) = {
+            let object = {
                 let t = self.table.lock();
                 let n = t.get(ino).ok_or(FsError::NotFound)?;
-                (n.object.clone(), n.path().unwrap_or_default().to_string())
+                (
+                    n.object.clone(),
+                    n.path().unwrap_or_default().to_string(),
+                    n.generation,
+                )
             };
+            let (object, path, generation) = object;
             let replaces = object.as_ref().map(|o| o.etag.clone());
             let base = object.filter(|_| !trunc).map(|o| Base {
                 key: self.key_of(&path),
@@ -271,9 +276,9 @@ impl Fs {
             let inserted = match self.writes.lock().entry(ino) {
                 std::collections::hash_map::Entry::Occupied(_) => false,
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(Arc::new(tokio::sync::Mutex::new(WriteState::new(
-                        staged, trunc,
-                    ))));
+                    let mut st = WriteState::new(staged, trunc);
+                    st.generation = generation;
+                    v.insert(Arc::new(tokio::sync::Mutex::new(st)));
                     true
                 }
             };
@@ -385,6 +390,37 @@ impl Fs {
                 self.read_object(fhd, offset, u64::from(size)).await
             }
             other => other,
+        }
+    }
+
+    /// Records a copy this mount made of an inode's object that kept its
+    /// bytes (a rename, a metadata self-copy): the table's object and the
+    /// inode's generation follow it (so readers re-pin), and so does its
+    /// write state, which the caller holds locked.
+    pub(super) fn own_copy(
+        &self,
+        ino: u64,
+        st: Option<&mut WriteState>,
+        key: &str,
+        put: &crate::store::PutResult,
+        meta: Option<&crate::store::Metadata>,
+    ) {
+        let fresh = self.fresh_until();
+        let mut t = self.table.lock();
+        let Some(n) = t.get_mut(ino) else { return };
+        if let Some(o) = n.object.as_mut() {
+            o.key = key.to_string();
+            o.etag = put.etag.clone();
+            o.version_id = put.version_id.clone();
+            if let Some(m) = meta {
+                o.metadata = Some(m.clone());
+                n.fresh_until = fresh;
+            }
+        }
+        n.generation += 1;
+        if let Some(st) = st {
+            st.object_moved(key, put);
+            st.generation = n.generation;
         }
     }
 
@@ -508,15 +544,35 @@ impl Fs {
         if !st.dirty || st.staged.is_unlinked() {
             return Ok(());
         }
-        let (path, attr) = {
+        let (path, attr, generation, object) = {
             let t = self.table.lock();
             let n = t.get(ino).ok_or(FsError::NotFound)?;
             // The state follows renames: the key is the inode's path now.
             let Some(p) = n.path() else {
                 return Ok(());
             };
-            (p.to_string(), n.attr.clone())
+            (
+                p.to_string(),
+                n.attr.clone(),
+                n.generation,
+                n.object.clone(),
+            )
         };
+        // This mount changed the object since the state last looked (a
+        // metadata self-copy that raced this state's first open): same
+        // bytes, a new identity to build on.
+        if generation != st.generation
+            && let Some(o) = object
+        {
+            st.object_moved(
+                &o.key,
+                &crate::store::PutResult {
+                    etag: o.etag,
+                    version_id: o.version_id,
+                },
+            );
+            st.generation = generation;
+        }
         let key = self.key_of(&path);
         let meta = attr.to_metadata();
         let progress = Arc::new(Progress::default());
@@ -550,6 +606,7 @@ impl Fs {
             n.object = Some(info);
             n.fresh_until = fresh;
             n.generation += 1;
+            st.generation = n.generation;
         }
         Ok(())
     }

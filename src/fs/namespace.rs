@@ -417,17 +417,7 @@ impl Fs {
         if uploaded {
             let (fk, tk) = (self.key_of(from), self.key_of(to));
             let put = self.store.copy(&fk, &tk, None, None).await?;
-            if let Some(st) = s.as_mut() {
-                st.object_moved(&tk, &put);
-            }
-            if let Some(n) = self.table.lock().get_mut(src)
-                && let Some(o) = n.object.as_mut()
-            {
-                o.key = tk.clone();
-                o.etag = put.etag.clone();
-                o.version_id = put.version_id.clone();
-                n.generation += 1;
-            }
+            self.own_copy(src, s.as_deref_mut(), &tk, &put, None);
             match self.store.delete(&fk).await {
                 Ok(()) | Err(StoreError::NotFound) => {}
                 Err(e) => return Err(e.into()),
@@ -491,15 +481,7 @@ impl Fs {
         // Each open file's state now rests on its copy.
         for (ino, key, st) in states.iter_mut() {
             if let Some((_, dst, put)) = copied.iter().find(|(s, _, _)| Some(s) == key.as_ref()) {
-                st.object_moved(dst, put);
-                if let Some(n) = self.table.lock().get_mut(*ino) {
-                    n.generation += 1;
-                    if let Some(o) = n.object.as_mut() {
-                        o.key = dst.clone();
-                        o.etag = put.etag.clone();
-                        o.version_id = put.version_id.clone();
-                    }
-                }
+                self.own_copy(*ino, Some(st), dst, put, None);
             }
         }
         let deletes = keys.into_iter().map(|k| {
@@ -594,10 +576,9 @@ impl Fs {
         } else {
             let key = self.key_of(&path);
             let put = self.store.copy(&key, &key, Some(&meta), None).await?;
-            if let Some(st) = st.as_mut() {
-                st.object_moved(&key, &put);
-            }
-            put
+            self.own_copy(ino, st.as_deref_mut(), &key, &put, Some(&meta));
+            self.versions.forget(&path);
+            return Ok(new);
         };
         self.versions.forget(&path);
         let size = object.as_ref().map_or(0, |o| o.size);

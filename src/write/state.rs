@@ -34,6 +34,9 @@ pub struct WriteState {
     pub(crate) last_error: Option<String>,
     pub(crate) next_try: Option<Instant>,
     pub(crate) backoff: Duration,
+    /// The inode's generation (changes this mount made to its object)
+    /// this state last built on.
+    pub(crate) generation: u64,
 }
 
 impl WriteState {
@@ -46,6 +49,7 @@ impl WriteState {
             last_error: None,
             next_try: None,
             backoff: RETRY_FIRST_WAIT,
+            generation: 0,
         }
     }
 
