@@ -51,6 +51,8 @@ pub const MAX_PARTS: u64 = 10_000;
 /// Server-side copies are cut in parts of at most this many bytes, so the
 /// store copies them in parallel.
 const COPY_PART_MAX_BYTES: u64 = 128 * 1024 * 1024;
+/// The largest object one CopyObject can copy.
+const COPY_OBJECT_MAX_BYTES: u64 = 5 * 1024 * 1024 * 1024;
 /// Ranged GETs that fill a staged file are at most this large.
 const FILL_CHUNK_BYTES: u64 = 8 * 1024 * 1024;
 /// Names of staging files; a file being created has the temporary prefix
@@ -518,15 +520,21 @@ impl Staged {
         progress.total_bytes.store(self.size, Ordering::Relaxed);
         progress.done_bytes.store(0, Ordering::Relaxed);
         if let Some(mut s) = self.stream.take() {
-            // A stream whose metadata is no longer the file's (chmod, touch
-            // after the upload began) is not finished: the whole file goes
-            // up again with the right metadata.
-            if s.key == key && s.meta == *meta {
+            if s.key == key {
                 match self.finish_stream(&mut s, store, progress).await {
-                    Ok(put) => {
+                    Ok(put) if s.meta == *meta => {
                         self.uploads.retain(|u| *u != s.upload_id);
                         return Ok(put);
                     }
+                    // The metadata changed after the upload began (`cp -p`
+                    // sets mode and times last): the object is copied onto
+                    // itself with the file's metadata, server-side, where
+                    // one CopyObject can (5 GiB); above, it goes up whole.
+                    Ok(_) if self.size <= COPY_OBJECT_MAX_BYTES => {
+                        self.uploads.retain(|u| *u != s.upload_id);
+                        return Ok(store.copy(key, key, Some(meta), None).await?);
+                    }
+                    Ok(_) => {}
                     Err(e) => {
                         warn!(key, error = %e, "streaming upload failed; uploading the file whole")
                     }
