@@ -843,10 +843,14 @@ async fn a_forgotten_entry_of_a_fresh_listing_is_found_again() {
     fs.list(d.ino).await.unwrap();
     let x = fs.lookup(d.ino, name("x")).await.unwrap();
     fs.forget(x.ino, 1);
+    let before = requests(&s);
+    let again = fs.lookup(d.ino, name("x")).await.unwrap();
+    assert_eq!(again.size, 1, "not a false ENOENT");
+    assert_eq!(again.ino, x.ino, "the same inode number");
     assert_eq!(
-        fs.lookup(d.ino, name("x")).await.unwrap().size,
-        1,
-        "not a false ENOENT"
+        requests(&s),
+        before,
+        "an entry of a fresh listing needs no request after the kernel forgot it"
     );
     assert_eq!(
         fs.lookup(d.ino, name("nope")).await.unwrap_err(),

@@ -445,3 +445,25 @@ async fn metadata_set_after_a_streamed_write_lands_without_resending() {
     );
     assert_eq!(s.counters().get(Op::Copy), 1);
 }
+
+/// A file whose upload failed at close is tried again at once when it is
+/// reopened (not after its backoff), even while the new handle is open.
+#[tokio::test]
+async fn reopening_a_file_whose_upload_failed_retries_it_at_once() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone());
+    let (a, fh) = fs
+        .create(ROOT_INO, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"pending").await.unwrap();
+    s.fail_next(Op::Put, 2, StoreError::Transient("503".into()));
+    assert!(fs.flush(fh).await.is_err());
+    assert!(fs.release(fh).await.is_err());
+    let wh = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
+    fs.retry_pending().await;
+    assert_eq!(s.object("f").unwrap().as_ref(), b"pending", "tried at once");
+    fs.write(wh, 7, b"!").await.unwrap();
+    fs.release(wh).await.unwrap();
+    assert_eq!(s.object("f").unwrap().as_ref(), b"pending!");
+}

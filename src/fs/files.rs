@@ -244,6 +244,11 @@ impl Fs {
             let _ns = self.ns.read().await;
             if let Some(mut st) = self.live(ino).await {
                 st.handles += 1;
+                if st.last_error.is_some() {
+                    // Reopened while its upload is pending: try it now.
+                    st.next_try = Some(std::time::Instant::now());
+                    self.retry_wake.notify_one();
+                }
                 if trunc {
                     self.set_dirty(ino, &mut st)?;
                     st.staged.truncate(0)?;
@@ -797,7 +802,9 @@ impl Fs {
                 next = Some(next.map_or(soon, |n| n.min(soon)));
                 continue;
             };
-            if st.closed || st.handles > 0 {
+            // An open file uploads at its close; one whose upload failed is
+            // retried even while reopened.
+            if st.closed || (st.handles > 0 && st.last_error.is_none()) {
                 continue;
             }
             let now = std::time::Instant::now();
@@ -808,8 +815,10 @@ impl Fs {
             match self.upload_if_dirty(ino, &mut st).await {
                 Ok(()) => {
                     tracing::info!(ino, "a pending upload landed");
-                    st.closed = true;
-                    self.writes.lock().remove(&ino);
+                    if st.handles == 0 {
+                        st.closed = true;
+                        self.writes.lock().remove(&ino);
+                    }
                 }
                 Err(e) => {
                     let t = st.failed_again(self.cfg.upload_retry_max);

@@ -246,6 +246,21 @@ impl InodeTable {
         };
         node.lookups = node.lookups.saturating_sub(n);
         if node.lookups == 0 && !pinned {
+            // An entry of a listing still fresh stays (with its inode
+            // number): dropping it would make the listing incomplete, and
+            // every later lookup in that directory would go to S3. The
+            // kernel forgets such entries at will (readdirplus entries
+            // whose attributes it may not cache, memory pressure).
+            let parent = node.parent;
+            let listed = matches!(node.key, NodeKey::Path(_))
+                && self
+                    .by_ino
+                    .get(&parent)
+                    .and_then(|p| p.listed_until)
+                    .is_some_and(|u| Instant::now() < u);
+            if listed {
+                return;
+            }
             let node = self.by_ino.remove(&ino).expect("present");
             if self.by_key.get(&node.key) == Some(&ino) {
                 self.by_key.remove(&node.key);

@@ -57,6 +57,8 @@ impl WriteState {
     pub fn discard(&mut self) {
         self.staged.discard();
         self.dirty = false;
+        self.last_error = None;
+        self.next_try = None;
     }
 
     /// This mount moved the object, or copied it onto itself with new
