@@ -913,3 +913,45 @@ async fn case4_a_chmod_racing_the_first_open_for_writing_keeps_every_byte() {
         "the mode rode along"
     );
 }
+
+// ----------------------------------------------------------------------
+// A create in a directory while the directory is being renamed (the
+// kernel does not lock the directory being moved): it lands under the
+// new name, never under the old one, and the old directory stays gone.
+
+#[tokio::test]
+async fn a_create_during_a_directory_rename_lands_under_the_new_name() {
+    let t = setup(false, |_| {});
+    t.m.insert("d/old", b"old", Metadata::new());
+    let d = within("lookup d", t.fs.lookup(ROOT_INO, name("d")))
+        .await
+        .unwrap();
+    t.f.hold(Op::Copy, 1);
+    let fs = t.fs.clone();
+    let mv = tokio::spawn(async move {
+        fs.rename(ROOT_INO, name("d"), ROOT_INO, name("e"), false)
+            .await
+    });
+    within("copy held", t.f.wait_held(Op::Copy)).await.unwrap();
+    let fs = t.fs.clone();
+    let create = tokio::spawn(async move {
+        let (_, fh) = fs.create(d.ino, name("new"), USER, libc::O_WRONLY).await?;
+        fs.write(fh, 0, b"fresh").await?;
+        fs.flush(fh).await?;
+        fs.release(fh).await
+    });
+    // Give the create every chance to run ahead of the rename.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    t.f.release(Op::Copy);
+    within("mv", mv).await.unwrap().unwrap();
+    within("create", create).await.unwrap().unwrap();
+    holds(&t.m, "e/new", b"fresh").unwrap();
+    holds(&t.m, "e/old", b"old").unwrap();
+    let keys = t.m.keys();
+    assert!(
+        keys.iter().all(|k| !k.starts_with("d/")),
+        "the old directory came back: {keys:?}"
+    );
+}

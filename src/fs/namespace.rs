@@ -118,8 +118,10 @@ impl Fs {
         c: Creator,
         flags: i32,
     ) -> FsResult<(Attr, u64)> {
-        let path = self.new_child(parent, name)?;
+        // The path is resolved under the namespace lock: a directory being
+        // renamed cannot move under a create in it.
         let ns = self.ns.read().await;
+        let path = self.new_child(parent, name)?;
         if flags & libc::O_EXCL != 0 {
             self.ensure_absent(parent, &path).await?;
         }
@@ -148,8 +150,8 @@ impl Fs {
     /// mknod: a regular file is an empty object; a FIFO, socket or device
     /// is an empty object whose mode and rdev live in the metadata.
     pub async fn mknod(&self, parent: u64, name: &OsStr, c: Creator, rdev: u32) -> FsResult<Attr> {
-        let path = self.new_child(parent, name)?;
         let _ns = self.ns.read().await;
+        let path = self.new_child(parent, name)?;
         self.ensure_absent(parent, &path).await?;
         let kind = FileKind::from_mode(c.mode);
         if kind == FileKind::Dir || kind == FileKind::Symlink {
@@ -183,9 +185,9 @@ impl Fs {
     }
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr, c: Creator) -> FsResult<Attr> {
+        let _ns = self.ns.read().await;
         let path = self.new_child(parent, name)?;
         super::names::check_dir_key(&self.key_of(&path))?;
-        let _ns = self.ns.read().await;
         self.ensure_absent(parent, &path).await?;
         let attr = self.new_attr(FileKind::Dir, c, 0);
         self.put_node(parent, path, attr, Bytes::new()).await
@@ -200,6 +202,7 @@ impl Fs {
         target: &str,
         c: Creator,
     ) -> FsResult<Attr> {
+        let _ns = self.ns.read().await;
         let path = self.new_child(parent, name)?;
         self.ensure_absent(parent, &path).await?;
         let attr = self.new_attr(
@@ -255,12 +258,12 @@ impl Fs {
 
     /// Removes a file (not a directory).
     pub async fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let _ns = self.ns.read().await;
         let path = self.new_child(parent, name)?;
         let attr = self.lookup_path(parent, path.clone()).await?;
         if attr.kind == FileKind::Dir {
             return Err(FsError::IsDir);
         }
-        let _ns = self.ns.read().await;
         // Lock → delete → record: a failed DeleteObject leaves the writer's
         // data as it was, to be uploaded at its close.
         let mut st = self.live(attr.ino).await;
@@ -298,13 +301,13 @@ impl Fs {
 
     /// Removes an empty directory.
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        // No create in the directory while it is checked and removed.
+        let _ns = self.ns.write().await;
         let path = self.new_child(parent, name)?;
         let attr = self.lookup_path(parent, path.clone()).await?;
         if attr.kind != FileKind::Dir {
             return Err(FsError::NotDir);
         }
-        // No create in the directory while it is checked and removed.
-        let _ns = self.ns.write().await;
         let prefix = format!("{}/", self.key_of(&path));
         // Files removed while still read count as gone: their deletes are
         // done now (those readers lose them, as the directory goes).
@@ -330,16 +333,28 @@ impl Fs {
         new_name: &OsStr,
         noreplace: bool,
     ) -> FsResult<()> {
+        // Paths are resolved under the namespace lock. A file rename holds
+        // it for reading (keeping directory renames out); a directory
+        // rename for writing, after uploading what is dirty below it
+        // without the lock, so one slow upload does not stall every create
+        // of the mount.
+        let read = self.ns.read().await;
+        let from = self.new_child(parent, name)?;
+        let mut src = self.lookup_path(parent, from.clone()).await?;
+        let (_read, _write) = if src.kind == FileKind::Dir {
+            drop(read);
+            for ino in self.writers_below(&from) {
+                self.sync_ino(ino).await?;
+            }
+            let write = self.ns.write().await;
+            let from = self.new_child(parent, name)?;
+            src = self.lookup_path(parent, from).await?;
+            (None, Some(write))
+        } else {
+            (Some(read), None)
+        };
         let from = self.new_child(parent, name)?;
         let to = self.new_child(new_parent, new_name)?;
-        let src = self.lookup_path(parent, from.clone()).await?;
-        // A directory rename holds the namespace still; a file rename only
-        // keeps directory renames out.
-        let (_read, _write) = if src.kind == FileKind::Dir {
-            (None, Some(self.ns.write().await))
-        } else {
-            (Some(self.ns.read().await), None)
-        };
         let dst = match self.lookup_path(new_parent, to.clone()).await {
             Ok(a) => Some(a),
             Err(FsError::NotFound) => None,
