@@ -467,3 +467,47 @@ async fn reopening_a_file_whose_upload_failed_retries_it_at_once() {
     fs.release(wh).await.unwrap();
     assert_eq!(s.object("f").unwrap().as_ref(), b"pending!");
 }
+
+/// chmod 600 of a file open and dirty, then the daemon dies: the recovered
+/// object carries the new mode (the journal records metadata changes).
+#[tokio::test]
+async fn a_chmod_of_a_dirty_file_survives_a_crash() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, d) = fs_with(s.clone());
+    let (a, fh) = fs
+        .create(ROOT_INO, name("secret"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"password=hunter2").await.unwrap();
+    fs.setattr(
+        a.ino,
+        SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    std::mem::forget(fs); // killed: no close, no destructor
+    // The kernel drops a dead process's locks: reopen the files anew.
+    for e in std::fs::read_dir(d.path()).unwrap() {
+        let p = e.unwrap().path();
+        let copy = p.with_extension("copy");
+        std::fs::copy(&p, &copy).unwrap();
+        std::fs::rename(&copy, &p).unwrap();
+    }
+    let opts = UploadOptions {
+        part_size_bytes: 5 * MIB as u64,
+        concurrency: 2,
+    };
+    let r = bucketfs::write::recover(&*s, d.path(), &opts).await;
+    assert!(r.iter().all(|r| r.is_ok()) && !r.is_empty(), "{r:?}");
+    assert_eq!(s.object("secret").unwrap().as_ref(), b"password=hunter2");
+    assert_eq!(
+        s.metadata("secret")
+            .unwrap()
+            .get("mode")
+            .map(String::as_str),
+        Some(&*format!("{}", libc::S_IFREG | 0o600))
+    );
+}

@@ -565,7 +565,8 @@ impl Fs {
         // carries the new metadata; a clean one is copied onto itself and
         // the state rebased on the copy (its ETag changed).
         let mut st = self.live(ino).await;
-        if st.as_ref().is_some_and(|st| st.dirty) {
+        if let Some(st) = st.as_mut().filter(|st| st.dirty) {
+            st.staged.set_meta(&new.to_metadata())?;
             return Ok(new);
         }
         // Not open: store the new metadata on the object itself.

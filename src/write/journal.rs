@@ -162,6 +162,18 @@ impl Journal {
         self.append(&format!("P {part} {}", enc(etag)))
     }
 
+    /// The file's metadata changed (chmod, chown, touch) while dirty: the
+    /// upload carries the new one.
+    pub fn meta_changed(&mut self, meta: &Metadata) -> io::Result<()> {
+        let mut pairs: Vec<_> = meta.iter().collect();
+        pairs.sort();
+        let mut line = String::from("M");
+        for (k, v) in pairs {
+            line += &format!(" {} {}", enc(k), enc(v));
+        }
+        self.append(&line)
+    }
+
     /// The file was unlinked: its data must never be uploaded.
     pub fn unlinked(&mut self) -> io::Result<()> {
         self.append("X")
@@ -268,6 +280,9 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 parts.push((n, dec(etag)));
             }
             ["X"] => unlinked = true,
+            ["M", pairs @ ..] if pairs.len() % 2 == 0 => {
+                h.meta = pairs.chunks(2).map(|kv| (dec(kv[0]), dec(kv[1]))).collect();
+            }
             ["T", s] => {
                 let Ok(s) = s.parse::<u64>() else {
                     return Err(bad());
@@ -314,9 +329,19 @@ mod tests {
         j.truncated(50).unwrap();
         j.wrote(60, 10).unwrap();
         j.upload_started("up/1").unwrap();
+        let mut chmod = Metadata::new();
+        chmod.insert("mode".into(), "33152".into());
+        j.meta_changed(&chmod).unwrap();
         j.part_sent(1, "\"e1\"").unwrap();
         let r = replay(&p).unwrap();
-        assert_eq!(r.header, h);
+        assert_eq!(r.header.meta, chmod, "the last metadata wins");
+        assert_eq!(
+            Header {
+                meta: h.meta.clone(),
+                ..r.header.clone()
+            },
+            h
+        );
         assert_eq!((r.size, r.base_valid), (70, 50));
         assert_eq!(r.loaded.missing(0..70), vec![0..10, 15..60]);
         assert_eq!(r.uploads, vec!["up/1".to_string()]);

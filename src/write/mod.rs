@@ -373,6 +373,18 @@ impl Staged {
         self.end_journal();
     }
 
+    /// The metadata the data is to be uploaded with changed (chmod while
+    /// dirty): journaled, so a recovery uses it too.
+    pub fn set_meta(&mut self, meta: &Metadata) -> io::Result<()> {
+        if let Some(j) = &mut self.journal {
+            j.meta_changed(meta)?;
+        }
+        if let Some(h) = &mut self.header {
+            h.meta = meta.clone();
+        }
+        Ok(())
+    }
+
     pub fn is_unlinked(&self) -> bool {
         self.unlinked
     }
