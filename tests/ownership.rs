@@ -511,3 +511,36 @@ async fn a_chmod_of_a_dirty_file_survives_a_crash() {
         Some(&*format!("{}", libc::S_IFREG | 0o600))
     );
 }
+
+/// An edit in place of an object another client replaced meanwhile, on a
+/// bucket without versions: the old bytes the edit did not touch cannot be
+/// read any more, so the edit lands once beside the key (never retried
+/// forever), and the key keeps the other client's object.
+#[tokio::test]
+async fn an_edit_of_an_object_replaced_meanwhile_lands_beside_once() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", &data(100_000, 7), Metadata::new());
+    let (fs, d) = fs_with(s.clone());
+    let (_, fh) = open_existing(&fs, "f", libc::O_RDWR).await;
+    fs.write(fh, 0, b"EDIT").await.unwrap();
+    s.insert("f", b"another client's", Metadata::new());
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("f").unwrap().as_ref(), b"another client's");
+    let beside: Vec<String> = s
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("f.bucketfs-recovered-"))
+        .collect();
+    assert_eq!(beside.len(), 1, "{:?}", s.keys());
+    let got = s.object(&beside[0]).unwrap();
+    assert_eq!(&got[..4], b"EDIT");
+    assert_eq!(got.len(), 100_000);
+    assert!(fs.dirty_files().is_empty(), "nothing pending");
+    assert_eq!(staged_files(&d), 0);
+    let (_, rh) = open_existing(&fs, "f", libc::O_RDONLY).await;
+    assert_eq!(
+        fs.read(rh, 0, 100).await.unwrap().as_ref(),
+        b"another client's"
+    );
+}

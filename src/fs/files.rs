@@ -591,6 +591,13 @@ impl Fs {
             Ok(p) => p,
             Err(e) => {
                 let e = FsError::from(e);
+                if e == FsError::Stale && !st.staged.base_readable_elsewhere() {
+                    // Another client replaced the object this file is an
+                    // edit of, and its untouched bytes are gone (no
+                    // version to read them by): retrying cannot help. The
+                    // edit lands once, beside the key, like a recovery.
+                    return self.land_beside(ino, st, &key, &meta).await;
+                }
                 st.last_error = Some(e.to_string());
                 return Err(e);
             }
@@ -610,6 +617,46 @@ impl Fs {
         if let Some(n) = self.table.lock().get_mut(ino) {
             n.object = Some(info);
             n.fresh_until = fresh;
+            n.generation += 1;
+            st.generation = n.generation;
+        }
+        Ok(())
+    }
+
+    /// Uploads an edit whose base another client replaced (and whose
+    /// untouched ranges cannot be read any more) as
+    /// `KEY.bucketfs-recovered-<time>`: what was written, zeros where the
+    /// old object's bytes were never read. The key keeps the other
+    /// client's object, which this inode shows from then on.
+    async fn land_beside(
+        &self,
+        ino: u64,
+        st: &mut WriteState,
+        key: &str,
+        meta: &crate::store::Metadata,
+    ) -> FsResult<()> {
+        let beside = crate::write::beside_name(key);
+        st.staged.forget_base();
+        let progress = Progress::default();
+        let put = st
+            .staged
+            .upload(&*self.store, &beside, meta, &self.cfg.upload, &progress)
+            .await;
+        let put = match put {
+            Ok(p) => p,
+            Err(e) => {
+                let e = FsError::from(e);
+                st.last_error = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        error!(ino, key, uploaded_as = %beside,
+            "another client replaced the object while it was being edited and its old bytes cannot be read: the edit was kept beside it (zeros where old bytes were never read)");
+        st.landed(&beside, &put);
+        if let Some(n) = self.table.lock().get_mut(ino) {
+            // Show what is at the key now.
+            n.object = None;
+            n.fresh_until = Some(std::time::Instant::now());
             n.generation += 1;
             st.generation = n.generation;
         }

@@ -385,6 +385,23 @@ impl Staged {
         Ok(())
     }
 
+    /// Whether the base's untouched bytes could still be read if the key
+    /// now holds another object (by a real version id).
+    pub fn base_readable_elsewhere(&self) -> bool {
+        self.base
+            .as_ref()
+            .is_none_or(|b| b.version.as_ref().is_some_and(|v| v != "null"))
+    }
+
+    /// The base cannot be read any more: what was never read of it is
+    /// zeros from now on, and the data replaces nothing known.
+    pub fn forget_base(&mut self) {
+        self.base = None;
+        self.base_valid = 0;
+        self.replaces = None;
+        self.copy_ok = false;
+    }
+
     pub fn is_unlinked(&self) -> bool {
         self.unlinked
     }
@@ -1062,12 +1079,7 @@ async fn prepare_one(
     let target = if unchanged {
         key.clone()
     } else {
-        format!(
-            "{key}.bucketfs-recovered-{}",
-            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                .to_string()
-                .replace(':', "")
-        )
+        beside_name(&key)
     };
     let base = r.header.base_etag.clone().map(|etag| Base {
         key: key.clone(),
@@ -1116,6 +1128,17 @@ async fn prepare_one(
         staged,
         journal: journal.to_path_buf(),
     })))
+}
+
+/// Where data goes when the object at `key` changed under it:
+/// `KEY.bucketfs-recovered-<time>`.
+pub fn beside_name(key: &str) -> String {
+    format!(
+        "{key}.bucketfs-recovered-{}",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            .to_string()
+            .replace(':', "")
+    )
 }
 
 /// The part size for a file: at least the configured one and S3's minimum,
