@@ -409,6 +409,7 @@ impl Filesystem for FuseFs {
         reply: ReplyWrite,
     ) {
         let (fs, data) = (self.fs.clone(), data.to_vec());
+        fs.note_writer(fh.0, req.pid());
         self.spawn(span!("write", req, ino = ino.0, fh = fh.0), async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
@@ -427,7 +428,8 @@ impl Filesystem for FuseFs {
     ) {
         let (fs, pid) = (self.fs.clone(), req.pid());
         self.spawn(span!("flush", req, ino = ino.0, fh = fh.0), async move {
-            reply_empty(reply, fs.flush_from(fh.0, tgid_of(pid)).await)
+            let writer = fs.last_writer(fh.0).and_then(tgid_of);
+            reply_empty(reply, fs.flush_from(fh.0, tgid_of(pid), writer).await)
         });
     }
 

@@ -58,6 +58,8 @@ pub struct FileHandle {
     wrote: std::sync::atomic::AtomicBool,
     /// The process (thread group) that opened it, 0 if unknown.
     opener: std::sync::atomic::AtomicU32,
+    /// The thread that wrote through it last, 0 if unknown.
+    last_writer: std::sync::atomic::AtomicU32,
     /// The object reads are pinned to (when the inode has no write state).
     target: Mutex<Option<ReadTarget>>,
     /// The inode's generation the target was taken at.
@@ -73,6 +75,7 @@ impl FileHandle {
             writable: true,
             wrote: Default::default(),
             opener: Default::default(),
+            last_writer: Default::default(),
             target: Mutex::new(None),
             generation: Default::default(),
             readahead: Mutex::new(Readahead::default()),
@@ -231,6 +234,7 @@ impl Fs {
             // O_TRUNC changed the file: this handle's close uploads it.
             wrote: std::sync::atomic::AtomicBool::new(writable && trunc),
             opener: Default::default(),
+            last_writer: Default::default(),
             target: Mutex::new(target),
             generation: generation.into(),
             readahead: Mutex::new(Readahead::default()),
@@ -666,7 +670,24 @@ impl Fs {
     /// `close()` of a descriptor that wrote: upload what is dirty. The
     /// last release uploads whatever no flush did.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
-        self.flush_from(fh, None).await
+        self.flush_from(fh, None, None).await
+    }
+
+    /// Records which thread writes through a handle (before the write).
+    pub fn note_writer(&self, fh: u64, pid: u32) {
+        if let Ok(h) = self.file_handle(fh)
+            && let Handle::File(f) = &*h
+        {
+            f.last_writer.store(pid, Ordering::Relaxed);
+        }
+    }
+
+    /// The thread that wrote through a handle last.
+    pub fn last_writer(&self, fh: u64) -> Option<u32> {
+        match &*self.file_handle(fh).ok()? {
+            Handle::File(f) => Some(f.last_writer.load(Ordering::Relaxed)).filter(|p| *p != 0),
+            Handle::Dir(_) => None,
+        }
     }
 
     /// Records which process opened a handle (its thread group id).
@@ -681,15 +702,25 @@ impl Fs {
     /// `close()` from process `tgid`. A close by another process than the
     /// opener is a forked child dropping its inherited copy (at exec, say):
     /// it uploads nothing, so a fork never sends a half-written file.
-    pub async fn flush_from(&self, fh: u64, tgid: Option<u32>) -> FsResult<()> {
+    pub async fn flush_from(
+        &self,
+        fh: u64,
+        tgid: Option<u32>,
+        writer_tgid: Option<u32>,
+    ) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         let Handle::File(fhd) = &*h else {
             unreachable!()
         };
         let opener = fhd.opener.load(Ordering::Relaxed);
+        // Another process than the opener (a forked child) uploads only
+        // what it wrote itself: a child that merely execs sends nothing,
+        // one that wrote after its parent closed waits for S3 like any
+        // writer's close.
         if let Some(t) = tgid
             && opener != 0
             && t != opener
+            && writer_tgid != Some(t)
         {
             tracing::debug!(
                 tgid = t,
