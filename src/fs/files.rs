@@ -665,8 +665,33 @@ impl Fs {
         if fhd.writable {
             self.detach_writer(fhd.ino).await?;
         }
+        self.end_unlinked_state(fhd.ino).await;
         self.complete_deferred(fhd.ino).await;
         Ok(())
+    }
+
+    /// Whether any file handle is open on the inode.
+    fn file_handles_open(&self, ino: u64) -> bool {
+        self.handles
+            .lock()
+            .values()
+            .any(|h| matches!(&**h, Handle::File(f) if f.ino == ino))
+    }
+
+    /// An unlinked file's staged copy is its only data: it stays while any
+    /// handle, reader or writer, is open on it (POSIX: an unlinked file
+    /// lives until its last close), and goes with the last one.
+    async fn end_unlinked_state(&self, ino: u64) {
+        if self.file_handles_open(ino) {
+            return;
+        }
+        if let Some(mut st) = self.live(ino).await
+            && st.handles == 0
+            && st.staged.is_unlinked()
+        {
+            st.closed = true;
+            self.writes.lock().remove(&ino);
+        }
     }
 
     /// Whether handles read the inode's object pinned by ETag (a deleted
@@ -684,12 +709,7 @@ impl Fs {
 
     /// The DeleteObject an `rm` deferred, once no handle reads the file.
     async fn complete_deferred(&self, ino: u64) {
-        let open = self
-            .handles
-            .lock()
-            .values()
-            .any(|h| matches!(&**h, Handle::File(f) if f.ino == ino));
-        if open {
+        if self.file_handles_open(ino) {
             return;
         }
         let t = self.deferred.lock().remove(&ino);
@@ -733,6 +753,11 @@ impl Fs {
         if st.handles > 0 {
             return Ok(());
         }
+        if st.staged.is_unlinked() && self.file_handles_open(ino) {
+            // Readers still read what was written: kept until the last
+            // of them closes (`end_unlinked_state`).
+            return Ok(());
+        }
         let r = self.upload_if_dirty(ino, &mut st).await;
         if let Err(e) = &r {
             // Never dropped: the state stays, pending, and is retried in the
@@ -769,7 +794,10 @@ impl Fs {
             let Ok(mut st) = of.try_lock_owned() else {
                 continue; // busy: written or uploaded right now
             };
-            if st.closed || st.handles > 0 {
+            if st.closed
+                || st.handles > 0
+                || (st.staged.is_unlinked() && self.file_handles_open(ino))
+            {
                 continue;
             }
             let now = std::time::Instant::now();
