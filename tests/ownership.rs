@@ -438,3 +438,24 @@ async fn a_reader_of_an_unlinked_file_reads_what_a_closed_writer_wrote() {
     fs.release(rh).await.unwrap();
     assert!(s.keys().is_empty(), "{:?}", s.keys());
 }
+
+/// Found by tests/model.rs: a write of zero bytes beyond the end changes
+/// nothing (POSIX); it used to set the size past the staging file's end,
+/// so every upload of the file failed ("failed to fill whole buffer") and
+/// its data never landed.
+#[tokio::test]
+async fn a_zero_length_write_past_the_end_changes_nothing() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone());
+    let (a, fh) = fs
+        .create(ROOT_INO, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"abc").await.unwrap();
+    assert_eq!(fs.write(fh, 10, b"").await.unwrap(), 0);
+    assert_eq!(fs.getattr(a.ino).await.unwrap().size, 3);
+    fs.fsync(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("f").unwrap().as_ref(), b"abc");
+    assert!(fs.dirty_files().is_empty());
+}
