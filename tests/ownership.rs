@@ -459,3 +459,34 @@ async fn a_zero_length_write_past_the_end_changes_nothing() {
     assert_eq!(s.object("f").unwrap().as_ref(), b"abc");
     assert!(fs.dirty_files().is_empty());
 }
+
+/// Found by tests/model.rs: `mv d e` over an empty directory `e`, where
+/// the upload of a file open in `d` fails: the rename fails and changes
+/// nothing; `e` used to lose its marker (and vanish) before the upload.
+#[tokio::test]
+async fn a_directory_rename_failing_on_an_upload_keeps_the_empty_target() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone());
+    let d = fs.mkdir(ROOT_INO, name("d"), USER).await.unwrap();
+    fs.mkdir(ROOT_INO, name("e"), USER).await.unwrap();
+    let (_, fh) = fs
+        .create(d.ino, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"data").await.unwrap();
+    s.fail_next(Op::Put, 1, StoreError::Transient("503 SlowDown".into()));
+    assert!(
+        fs.rename(ROOT_INO, name("d"), ROOT_INO, name("e"), false)
+            .await
+            .is_err()
+    );
+    assert!(s.object("e/").is_some(), "e kept: {:?}", s.keys());
+    assert!(fs.lookup(ROOT_INO, name("e")).await.is_ok());
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("d/f").unwrap().as_ref(), b"data");
+    // Tried again, it replaces e.
+    fs.rename(ROOT_INO, name("d"), ROOT_INO, name("e"), false)
+        .await
+        .unwrap();
+    assert_eq!(s.keys(), vec!["e/".to_string(), "e/f".to_string()]);
+}
