@@ -490,3 +490,27 @@ async fn a_directory_rename_failing_on_an_upload_keeps_the_empty_target() {
         .unwrap();
     assert_eq!(s.keys(), vec!["e/".to_string(), "e/f".to_string()]);
 }
+
+/// Found by tests/model.rs: a reader opened on a new file before its
+/// writer's close uploaded it, then `rm`: the reader read nothing (its
+/// pin was still "no object", so the delete was not deferred for it).
+#[tokio::test]
+async fn a_reader_opened_before_the_upload_still_reads_after_rm() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone());
+    let (a, wh) = fs
+        .create(ROOT_INO, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let rh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    fs.write(wh, 0, b"written then removed").await.unwrap();
+    fs.release(wh).await.unwrap();
+    fs.unlink(ROOT_INO, name("f")).await.unwrap();
+    assert!(fs.lookup(ROOT_INO, name("f")).await.is_err());
+    assert_eq!(
+        fs.read(rh, 0, 100).await.unwrap().as_ref(),
+        b"written then removed"
+    );
+    fs.release(rh).await.unwrap();
+    assert!(s.keys().is_empty(), "{:?}", s.keys());
+}

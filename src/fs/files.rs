@@ -697,12 +697,17 @@ impl Fs {
     /// Whether handles read the inode's object pinned by ETag (a deleted
     /// object is gone for them; a version id would still read).
     pub(super) fn has_etag_pinned_readers(&self, ino: u64) -> bool {
-        self.handles.lock().values().any(|h| match &**h {
-            Handle::File(f) if f.ino == ino => f
-                .target
-                .lock()
-                .as_ref()
-                .is_some_and(|t| matches!(t.pin, ReadPin::Etag(_))),
+        let open: Vec<Arc<Handle>> = self.handles.lock().values().cloned().collect();
+        open.iter().any(|h| match &**h {
+            Handle::File(f) if f.ino == ino => {
+                // A handle that has not read since this mount uploaded the
+                // file reads that upload next: judge by it.
+                self.follow_own_changes(f);
+                f.target
+                    .lock()
+                    .as_ref()
+                    .is_some_and(|t| matches!(t.pin, ReadPin::Etag(_)))
+            }
             _ => false,
         })
     }
