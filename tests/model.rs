@@ -961,8 +961,9 @@ async fn close(h: &mut Harness, hd: Handle) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// Clears failures, closes every handle, waits for the retries to drain,
-/// and compares the bucket with the model.
+/// Clears failures, closes every handle, waits (bounded) for the retries
+/// to drain and for background aborts of cancelled streaming uploads, and
+/// compares the bucket with the model.
 async fn finish(h: &mut Harness, md: &mut Model) -> Result<(), TestCaseError> {
     h.clear_faults();
     for hd in std::mem::take(&mut md.handles) {
@@ -972,14 +973,21 @@ async fn finish(h: &mut Harness, md: &mut Model) -> Result<(), TestCaseError> {
     let deadline = start + DRAIN;
     loop {
         let dirty = h.fs.dirty_files();
-        if dirty.is_empty() {
+        // A cancelled streaming upload is aborted in the background.
+        if dirty.is_empty() && h.m.open_uploads() == 0 {
             if start.elapsed() > Duration::from_millis(200) {
                 note("drain took over 200 ms");
             }
             break;
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(fail_msg("uploads still pending after the drain", dirty));
+            return Err(fail_msg(
+                format!(
+                    "after the drain: {} multipart uploads open; files pending",
+                    h.m.open_uploads()
+                ),
+                dirty,
+            ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
