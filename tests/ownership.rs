@@ -544,3 +544,116 @@ async fn an_edit_of_an_object_replaced_meanwhile_lands_beside_once() {
         b"another client's"
     );
 }
+
+/// Found by tests/model.rs: a file unlinked while a writer and a reader
+/// have it open lives until its last close (POSIX). What the writer wrote
+/// before it closed is read by the reader, though it is never uploaded.
+#[tokio::test]
+async fn a_reader_of_an_unlinked_file_reads_what_a_closed_writer_wrote() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone());
+    let (a, wh) = fs
+        .create(ROOT_INO, name("tmp"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let rh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    fs.unlink(ROOT_INO, name("tmp")).await.unwrap();
+    fs.write(wh, 0, b"scratch data").await.unwrap();
+    fs.flush(wh).await.unwrap();
+    fs.release(wh).await.unwrap();
+    assert_eq!(fs.read(rh, 0, 100).await.unwrap().as_ref(), b"scratch data");
+    fs.release(rh).await.unwrap();
+    assert!(s.keys().is_empty(), "{:?}", s.keys());
+    assert!(fs.dirty_files().is_empty());
+
+    // The same over an existing object: the reader sees the new bytes,
+    // not the object's (on a versioned bucket: on an unversioned one the
+    // object's bytes not staged yet are gone with it, see README).
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone());
+    s.insert("f", b"old bytes", Metadata::new());
+    let (ino, wh) = open_existing(&fs, "f", libc::O_WRONLY).await;
+    let rh = fs.open(ino, libc::O_RDONLY).await.unwrap();
+    fs.unlink(ROOT_INO, name("f")).await.unwrap();
+    fs.write(wh, 0, b"NEW").await.unwrap();
+    fs.release(wh).await.unwrap();
+    assert_eq!(fs.read(rh, 0, 100).await.unwrap().as_ref(), b"NEW bytes");
+    fs.release(rh).await.unwrap();
+    assert!(s.keys().is_empty(), "{:?}", s.keys());
+}
+
+/// Found by tests/model.rs: a write of zero bytes beyond the end changes
+/// nothing (POSIX); it used to set the size past the staging file's end,
+/// so every upload of the file failed ("failed to fill whole buffer") and
+/// its data never landed.
+#[tokio::test]
+async fn a_zero_length_write_past_the_end_changes_nothing() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone());
+    let (a, fh) = fs
+        .create(ROOT_INO, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"abc").await.unwrap();
+    assert_eq!(fs.write(fh, 10, b"").await.unwrap(), 0);
+    assert_eq!(fs.getattr(a.ino).await.unwrap().size, 3);
+    fs.fsync(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("f").unwrap().as_ref(), b"abc");
+    assert!(fs.dirty_files().is_empty());
+}
+
+/// Found by tests/model.rs: `mv d e` over an empty directory `e`, where
+/// the upload of a file open in `d` fails: the rename fails and changes
+/// nothing; `e` used to lose its marker (and vanish) before the upload.
+#[tokio::test]
+async fn a_directory_rename_failing_on_an_upload_keeps_the_empty_target() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone());
+    let d = fs.mkdir(ROOT_INO, name("d"), USER).await.unwrap();
+    fs.mkdir(ROOT_INO, name("e"), USER).await.unwrap();
+    let (_, fh) = fs
+        .create(d.ino, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"data").await.unwrap();
+    s.fail_next(Op::Put, 1, StoreError::Transient("503 SlowDown".into()));
+    assert!(
+        fs.rename(ROOT_INO, name("d"), ROOT_INO, name("e"), false)
+            .await
+            .is_err()
+    );
+    assert!(s.object("e/").is_some(), "e kept: {:?}", s.keys());
+    assert!(fs.lookup(ROOT_INO, name("e")).await.is_ok());
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("d/f").unwrap().as_ref(), b"data");
+    // Tried again, it replaces e.
+    fs.rename(ROOT_INO, name("d"), ROOT_INO, name("e"), false)
+        .await
+        .unwrap();
+    assert_eq!(s.keys(), vec!["e/".to_string(), "e/f".to_string()]);
+}
+
+/// Found by tests/model.rs: a reader opened on a new file before its
+/// writer's close uploaded it, then `rm`: the reader read nothing (its
+/// pin was still "no object", so the delete was not deferred for it).
+#[tokio::test]
+async fn a_reader_opened_before_the_upload_still_reads_after_rm() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone());
+    let (a, wh) = fs
+        .create(ROOT_INO, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let rh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    fs.write(wh, 0, b"written then removed").await.unwrap();
+    fs.release(wh).await.unwrap();
+    fs.unlink(ROOT_INO, name("f")).await.unwrap();
+    assert!(fs.lookup(ROOT_INO, name("f")).await.is_err());
+    assert_eq!(
+        fs.read(rh, 0, 100).await.unwrap().as_ref(),
+        b"written then removed"
+    );
+    fs.release(rh).await.unwrap();
+    assert!(s.keys().is_empty(), "{:?}", s.keys());
+}

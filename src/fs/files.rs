@@ -772,31 +772,56 @@ impl Fs {
         if fhd.writable {
             self.detach_writer(fhd.ino).await?;
         }
+        self.end_unlinked_state(fhd.ino).await;
         self.complete_deferred(fhd.ino).await;
         Ok(())
+    }
+
+    /// Whether any file handle is open on the inode.
+    fn file_handles_open(&self, ino: u64) -> bool {
+        self.handles
+            .lock()
+            .values()
+            .any(|h| matches!(&**h, Handle::File(f) if f.ino == ino))
+    }
+
+    /// An unlinked file's staged copy is its only data: it stays while any
+    /// handle, reader or writer, is open on it (POSIX: an unlinked file
+    /// lives until its last close), and goes with the last one.
+    async fn end_unlinked_state(&self, ino: u64) {
+        if self.file_handles_open(ino) {
+            return;
+        }
+        if let Some(mut st) = self.live(ino).await
+            && st.handles == 0
+            && st.staged.is_unlinked()
+        {
+            st.closed = true;
+            self.writes.lock().remove(&ino);
+        }
     }
 
     /// Whether handles read the inode's object pinned by ETag (a deleted
     /// object is gone for them; a version id would still read).
     pub(super) fn has_etag_pinned_readers(&self, ino: u64) -> bool {
-        self.handles.lock().values().any(|h| match &**h {
-            Handle::File(f) if f.ino == ino => f
-                .target
-                .lock()
-                .as_ref()
-                .is_some_and(|t| matches!(t.pin, ReadPin::Etag(_))),
+        let open: Vec<Arc<Handle>> = self.handles.lock().values().cloned().collect();
+        open.iter().any(|h| match &**h {
+            Handle::File(f) if f.ino == ino => {
+                // A handle that has not read since this mount uploaded the
+                // file reads that upload next: judge by it.
+                self.follow_own_changes(f);
+                f.target
+                    .lock()
+                    .as_ref()
+                    .is_some_and(|t| matches!(t.pin, ReadPin::Etag(_)))
+            }
             _ => false,
         })
     }
 
     /// The DeleteObject an `rm` deferred, once no handle reads the file.
     async fn complete_deferred(&self, ino: u64) {
-        let open = self
-            .handles
-            .lock()
-            .values()
-            .any(|h| matches!(&**h, Handle::File(f) if f.ino == ino));
-        if open {
+        if self.file_handles_open(ino) {
             return;
         }
         let t = self.deferred.lock().remove(&ino);
@@ -840,6 +865,11 @@ impl Fs {
         if st.handles > 0 {
             return Ok(());
         }
+        if st.staged.is_unlinked() && self.file_handles_open(ino) {
+            // Readers still read what was written: kept until the last
+            // of them closes (`end_unlinked_state`).
+            return Ok(());
+        }
         let r = self.upload_if_dirty(ino, &mut st).await;
         if let Err(e) = &r {
             // Never dropped: the state stays, pending, and is retried in the
@@ -881,8 +911,12 @@ impl Fs {
                 continue;
             };
             // An open file uploads at its close; one whose upload failed is
-            // retried even while reopened.
-            if st.closed || (st.handles > 0 && st.last_error.is_none()) {
+            // retried even while reopened. An unlinked file's state lives
+            // until its last handle of any kind closes.
+            if st.closed
+                || (st.handles > 0 && st.last_error.is_none())
+                || (st.staged.is_unlinked() && self.file_handles_open(ino))
+            {
                 continue;
             }
             let now = std::time::Instant::now();

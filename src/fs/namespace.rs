@@ -383,9 +383,8 @@ impl Fs {
                 if page.objects.iter().any(|o| o.key != prefix) || self.pending_below(&to) {
                     return Err(FsError::NotEmpty);
                 }
-                self.store.delete(&prefix).await?;
             }
-            self.rename_tree(&from, &to).await?;
+            self.rename_tree(&from, &to, dst.is_some()).await?;
         } else {
             self.rename_file(src.ino, dst.map(|d| d.ino), &from, &to)
                 .await?;
@@ -447,8 +446,10 @@ impl Fs {
     /// Copies every key below `from/` to `to/`, then deletes the originals.
     /// The caller holds `ns` for writing; the write states of the files
     /// below are locked for the whole move, so none uploads between the
-    /// copy and the delete, and each moves with its file.
-    async fn rename_tree(&self, from: &str, to: &str) -> FsResult<()> {
+    /// copy and the delete, and each moves with its file. An empty
+    /// directory replaced (`replace`) loses its marker only once the dirty
+    /// files have gone up: a rename failing there changes nothing.
+    async fn rename_tree(&self, from: &str, to: &str, replace: bool) -> FsResult<()> {
         let (src_prefix, dst_prefix) = (
             format!("{}/", self.key_of(from)),
             format!("{}/", self.key_of(to)),
@@ -467,6 +468,9 @@ impl Fs {
                     .and_then(|n| n.path().map(|p| self.key_of(p)));
                 states.push((ino, key, st));
             }
+        }
+        if replace {
+            self.store.delete(&dst_prefix).await?;
         }
         let mut keys = Vec::new();
         let mut token = None;

@@ -435,6 +435,11 @@ impl Staged {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            // A write of nothing changes nothing, not even the size (POSIX);
+            // a size beyond the staging file's end would fail every upload.
+            return Ok(());
+        }
         self.cancel_stream_below(offset);
         self.file.write_all_at(data, offset)?;
         // Without a base, the staging file itself is the whole truth:
