@@ -293,3 +293,46 @@ fn versions_grant_no_more_than_the_file() {
         assert_eq!(md.mode() & 0o7777, 0o555, "no write bit");
     }
 }
+
+/// An old version keeps the protection it had: a secret written 0600,
+/// then overwritten with something harmless and made 0644, does not
+/// become readable to others under `.versions`.
+#[test]
+fn an_old_0600_version_stays_private_after_chmod_644() {
+    use std::os::unix::fs::MetadataExt;
+    let b = Bucket::new(server(), "vold", true);
+    let m = Mount::new(&b, "allow_other");
+    let p = m.path("notes");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .unwrap();
+        f.write_all(b"password=hunter2").unwrap();
+    }
+    fs::write(&p, b"nothing to see").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+    let vdir = m.path(".versions/notes");
+    let d = vdir.display();
+    let (mut private, mut readable) = (0, 0);
+    for v in names(&vdir) {
+        let path = vdir.join(&v);
+        let body = fs::read(&path).unwrap();
+        let (ok, err) = as_user_1000(&format!("cat '{}'", path.display()));
+        if body == b"password=hunter2" {
+            private += 1;
+            assert!(!ok && err.contains("Permission denied"), "{v}: {err}");
+            assert_eq!(fs::metadata(&path).unwrap().mode() & 0o077, 0, "{v}");
+        } else if body == b"nothing to see" && ok {
+            readable += 1;
+        }
+    }
+    assert!(private >= 1, "the secret version is listed in {d}");
+    assert!(readable >= 1, "the current version is readable to others");
+    let (ok, out) = as_user_1000(&format!("cat {d}/*"));
+    assert!(!out.contains("hunter2") && !ok, "{out}");
+}

@@ -881,6 +881,7 @@ impl Fs {
                 .and_then(|n| n.path().map(str::to_string));
             error!(ino, path = ?path, staged = %st.staged.path().display(), error = %e,
                 "upload failed at close; the data is kept and retried in the background");
+            st.backoff = st.backoff.min(self.cfg.upload_retry_max);
             st.next_try = Some(std::time::Instant::now() + st.backoff);
             self.retry_wake.notify_one();
             return r;

@@ -12,10 +12,13 @@
 //!   time, are unique, and carry the version's size and mtime.
 //! - Everything here is read-only; version files are immutable, so their
 //!   attributes and blocks are cached without a TTL.
-//! - `.versions` grants no more than the file: a version file has the
-//!   mode (without write bits) and owner of the newest version's metadata
-//!   (the current file's, while it exists), and `NAME/` is r-x exactly
-//!   where that mode has r. A user who cannot read `f` reads no version.
+//! - `.versions` grants no more than the file, nor than the version
+//!   itself: a version file has the owner of the newest version's
+//!   metadata (the current file's, while it exists) and the mode bits both
+//!   that metadata and the version's own grant (without write bits), so an
+//!   old 0600 version stays 0600 after a `chmod 644`. `NAME/` is r-x
+//!   exactly where the newest mode has r. A user who cannot read `f`, or
+//!   could not read that version when it was current, reads nothing.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -62,6 +65,8 @@ type Listed = (Instant, Arc<Vec<VersionInfo>>);
 pub struct VersionCache {
     lists: Mutex<HashMap<String, Listed>>,
     owners: Mutex<HashMap<String, (Instant, Owner)>>,
+    /// Each version's own mode bits (versions never change: no TTL).
+    own: Mutex<HashMap<(String, String), u16>>,
 }
 
 impl VersionCache {
@@ -168,6 +173,65 @@ impl Fs {
         Ok(owner)
     }
 
+    /// The mode bits each of `versions` grants by its own metadata (one
+    /// HEAD by version id each, a few at a time, remembered for good);
+    /// the latest and delete markers take `owner`'s. A version whose
+    /// metadata cannot be read grants nothing.
+    async fn own_perms(&self, path: &str, versions: &[VersionInfo], owner: Owner) -> Vec<u16> {
+        use futures::StreamExt;
+        let key = self.key_of(path);
+        let needs_own =
+            |v: &VersionInfo| !(v.delete_marker || v.is_latest || v.version_id == "null");
+        let missing: Vec<String> = {
+            let own = self.versions.own.lock();
+            versions
+                .iter()
+                .filter(|v| needs_own(v))
+                .filter(|v| !own.contains_key(&(path.to_string(), v.version_id.clone())))
+                .map(|v| v.version_id.clone())
+                .collect()
+        };
+        let store = self.store.clone();
+        let heads: Vec<(String, crate::store::StoreResult<ObjectInfo>)> =
+            futures::stream::iter(missing)
+                .map(move |id| {
+                    let (store, key) = (store.clone(), key.clone());
+                    async move {
+                        let r = store.head(&key, Some(&id)).await;
+                        (id, r)
+                    }
+                })
+                .buffered(16)
+                .collect()
+                .await;
+        {
+            let mut own = self.versions.own.lock();
+            for (id, r) in heads {
+                match r {
+                    Ok(info) => {
+                        own.insert((path.to_string(), id), self.attr_of(&info, false).perm);
+                    }
+                    Err(e) => {
+                        tracing::debug!(path, error = %e, "version metadata unreadable: no access")
+                    }
+                }
+            }
+        }
+        let own = self.versions.own.lock();
+        versions
+            .iter()
+            .map(|v| {
+                if needs_own(v) {
+                    own.get(&(path.to_string(), v.version_id.clone()))
+                        .copied()
+                        .unwrap_or(0)
+                } else {
+                    owner.perm
+                }
+            })
+            .collect()
+    }
+
     /// Every version and delete marker of exactly the key at `path`,
     /// newest first.
     async fn versions_of(&self, path: &str) -> FsResult<Arc<Vec<VersionInfo>>> {
@@ -234,7 +298,9 @@ impl Fs {
                     .position(|v| v.version_id == id && version_name(v) == name)
                     .ok_or(FsError::NotFound)?;
                 let owner = self.versions_owner(&path, &list).await?;
-                Ok(self.remember_version(parent, &path, &list[i], times[i], owner))
+                let own = self.own_perms(&path, &list[i..=i], owner).await;
+                let own = own.first().copied().unwrap_or(0);
+                Ok(self.remember_version(parent, &path, &list[i], times[i], owner, own))
             }
             NodeKey::Version { .. } => Err(FsError::NotDir),
             NodeKey::Path(_) | NodeKey::Detached(_) => Err(FsError::NotFound),
@@ -248,12 +314,13 @@ impl Fs {
         v: &VersionInfo,
         mtime: SystemTime,
         owner: Owner,
+        own_perm: u16,
     ) -> Attr {
         let attr = Attr {
             ino: 0,
             kind: FileKind::File,
             size: v.size,
-            perm: owner.file_perm(),
+            perm: owner.file_perm() & own_perm,
             uid: owner.uid,
             gid: owner.gid,
             rdev: 0,
@@ -329,11 +396,13 @@ impl Fs {
                 let list = self.versions_of(&path).await?;
                 let times = display_times(&list);
                 let owner = self.versions_owner(&path, &list).await?;
+                let own = self.own_perms(&path, &list, owner).await;
                 Ok(list
                     .iter()
                     .zip(times)
-                    .map(|(v, t)| DirEntry {
-                        ino: self.remember_version(ino, &path, v, t, owner).ino,
+                    .zip(own)
+                    .map(|((v, t), own)| DirEntry {
+                        ino: self.remember_version(ino, &path, v, t, owner, own).ino,
                         name: version_name(v),
                         kind: FileKind::File,
                     })
