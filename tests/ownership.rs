@@ -519,7 +519,10 @@ async fn a_chmod_of_a_dirty_file_survives_a_crash() {
 #[tokio::test]
 async fn an_edit_of_an_object_replaced_meanwhile_lands_beside_once() {
     let s = Arc::new(MemStore::unversioned());
-    s.insert("f", &data(100_000, 7), Metadata::new());
+    // Large (its untouched ranges are copied server-side, not read): a
+    // small file reads its base at its first write and wins at its key.
+    let size = 12 * MIB;
+    s.insert("f", &data(size, 7), Metadata::new());
     let (fs, d) = fs_with(s.clone());
     let (_, fh) = open_existing(&fs, "f", libc::O_RDWR).await;
     fs.write(fh, 0, b"EDIT").await.unwrap();
@@ -535,7 +538,7 @@ async fn an_edit_of_an_object_replaced_meanwhile_lands_beside_once() {
     assert_eq!(beside.len(), 1, "{:?}", s.keys());
     let got = s.object(&beside[0]).unwrap();
     assert_eq!(&got[..4], b"EDIT");
-    assert_eq!(got.len(), 100_000);
+    assert_eq!(got.len(), size);
     assert!(fs.dirty_files().is_empty(), "nothing pending");
     assert_eq!(staged_files(&d), 0);
     let (_, rh) = open_existing(&fs, "f", libc::O_RDONLY).await;
@@ -656,4 +659,22 @@ async fn a_reader_opened_before_the_upload_still_reads_after_rm() {
     );
     fs.release(rh).await.unwrap();
     assert!(s.keys().is_empty(), "{:?}", s.keys());
+}
+
+/// A small file edited in place while another client replaces it (no
+/// versions): its old bytes were read at the first write, so the edit
+/// lands whole at its key (the last writer wins, as with any S3 client).
+#[tokio::test]
+async fn a_small_edit_reads_its_base_at_the_first_write_and_lands_whole() {
+    let s = Arc::new(MemStore::unversioned());
+    let old = data(100_000, 8);
+    s.insert("f", &old, Metadata::new());
+    let (fs, _d) = fs_with(s.clone());
+    let (_, fh) = open_existing(&fs, "f", libc::O_RDWR).await;
+    fs.write(fh, 0, b"EDIT").await.unwrap();
+    s.insert("f", b"another client's", Metadata::new());
+    fs.release(fh).await.unwrap();
+    let mut want = old;
+    want[..4].copy_from_slice(b"EDIT");
+    assert_eq!(s.object("f").unwrap().as_ref(), &want[..]);
 }

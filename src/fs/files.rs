@@ -535,6 +535,10 @@ impl Fs {
             return Err(FsError::BadHandle);
         }
         let mut st = self.live(fhd.ino).await.ok_or(FsError::BadHandle)?;
+        if !st.dirty {
+            let single = crate::write::part_size(st.staged.size(), self.cfg.upload.part_size_bytes);
+            st.staged.secure_small_base(&*self.store, single).await?;
+        }
         self.set_dirty(fhd.ino, &mut st)?;
         self.staged_write(&mut st, offset, data)?;
         if st.staged.stream_due(&self.cfg.upload) {
@@ -952,7 +956,7 @@ impl Fs {
     pub async fn adopt_staged(&self) -> Vec<Result<crate::write::Recovered, String>> {
         use crate::write::Found;
         let mut out = Vec::new();
-        for f in crate::write::scan(&*self.store, &self.cfg.staging_dir).await {
+        for f in crate::write::scan(&*self.store, &self.cfg.staging_dir, self.started_at).await {
             match f {
                 Ok(Found::Done(r)) => out.push(Ok(r)),
                 Err(e) => out.push(Err(e)),

@@ -231,6 +231,9 @@ pub struct Fs {
     odd: OddKeys,
     versions: versions::VersionCache,
     pub started: Instant,
+    /// When this mount started (multipart uploads older than that are not
+    /// this mount's).
+    pub started_at: SystemTime,
 }
 
 impl Fs {
@@ -268,6 +271,7 @@ impl Fs {
             odd: OddKeys::default(),
             versions: versions::VersionCache::default(),
             started: Instant::now(),
+            started_at: SystemTime::now(),
             cfg,
         }
     }

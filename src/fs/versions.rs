@@ -12,11 +12,12 @@
 //!   time, are unique, and carry the version's size and mtime.
 //! - Everything here is read-only; version files are immutable, so their
 //!   attributes and blocks are cached without a TTL.
-//! - `.versions` grants no more than the file, nor than the version
-//!   itself: a version file has the owner of the newest version's
-//!   metadata (the current file's, while it exists) and the mode bits both
-//!   that metadata and the version's own grant (without write bits), so an
-//!   old 0600 version stays 0600 after a `chmod 644`. `NAME/` is r-x
+//! - `.versions` grants no more than the file, nor than the version or
+//!   any version since: a version file has the owner of the newest
+//!   version's metadata (the current file's, while it exists) and only the
+//!   mode bits that metadata and the own metadata of it and of every newer
+//!   version all grant (without write bits), so an old secret stays
+//!   private after a `chmod 644`. `NAME/` is r-x
 //!   exactly where the newest mode has r. A user who cannot read `f`, or
 //!   could not read that version when it was current, reads nothing.
 
@@ -173,10 +174,11 @@ impl Fs {
         Ok(owner)
     }
 
-    /// The mode bits each of `versions` grants by its own metadata (one
-    /// HEAD by version id each, a few at a time, remembered for good);
-    /// the latest and delete markers take `owner`'s. A version whose
-    /// metadata cannot be read grants nothing.
+    /// The mode bits each of `versions` (newest first) may grant: what its
+    /// own metadata and that of every newer version grant (one HEAD by
+    /// version id each, a few at a time, remembered for good); the latest
+    /// and delete markers count as `owner`'s. A version whose metadata
+    /// cannot be read grants nothing.
     async fn own_perms(&self, path: &str, versions: &[VersionInfo], owner: Owner) -> Vec<u16> {
         use futures::StreamExt;
         let key = self.key_of(path);
@@ -217,17 +219,21 @@ impl Fs {
                 }
             }
         }
+        // A version grants only what every version since granted too: a
+        // secret written 0644 and made 0600 a moment later stays 0600
+        // under .versions after the file is made 0644 again.
         let own = self.versions.own.lock();
+        let mut since = owner.perm;
         versions
             .iter()
             .map(|v| {
                 if needs_own(v) {
-                    own.get(&(path.to_string(), v.version_id.clone()))
+                    since &= own
+                        .get(&(path.to_string(), v.version_id.clone()))
                         .copied()
-                        .unwrap_or(0)
-                } else {
-                    owner.perm
+                        .unwrap_or(0);
                 }
+                since
             })
             .collect()
     }
@@ -298,8 +304,8 @@ impl Fs {
                     .position(|v| v.version_id == id && version_name(v) == name)
                     .ok_or(FsError::NotFound)?;
                 let owner = self.versions_owner(&path, &list).await?;
-                let own = self.own_perms(&path, &list[i..=i], owner).await;
-                let own = own.first().copied().unwrap_or(0);
+                let own = self.own_perms(&path, &list[..=i], owner).await;
+                let own = own.get(i).copied().unwrap_or(0);
                 Ok(self.remember_version(parent, &path, &list[i], times[i], owner, own))
             }
             NodeKey::Version { .. } => Err(FsError::NotDir),

@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -373,6 +374,12 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         self.before(Op::AbortMultipart, key).await?;
         let r = self.inner.abort_multipart(key, upload_id).await;
         self.after(Op::AbortMultipart, r).await
+    }
+
+    async fn list_uploads(&self, key: &str) -> StoreResult<Vec<(String, SystemTime)>> {
+        self.before(Op::ListUploads, key).await?;
+        let r = self.inner.list_uploads(key).await;
+        self.after(Op::ListUploads, r).await
     }
 
     async fn list_versions(

@@ -37,6 +37,7 @@ struct MemVersion {
 #[derive(Debug)]
 struct Upload {
     key: String,
+    started: SystemTime,
     meta: Metadata,
     parts: BTreeMap<i32, Bytes>,
 }
@@ -378,6 +379,7 @@ impl ObjectStore for MemStore {
             id.clone(),
             Upload {
                 key: key.to_string(),
+                started: SystemTime::now(),
                 meta: meta.clone(),
                 parts: BTreeMap::new(),
             },
@@ -467,6 +469,18 @@ impl ObjectStore for MemStore {
         self.enter(Op::AbortMultipart)?;
         self.state.lock().uploads.remove(upload_id);
         Ok(())
+    }
+
+    async fn list_uploads(&self, key: &str) -> StoreResult<Vec<(String, SystemTime)>> {
+        self.enter(Op::ListUploads)?;
+        Ok(self
+            .state
+            .lock()
+            .uploads
+            .iter()
+            .filter(|(_, u)| u.key == key)
+            .map(|(id, u)| (id.clone(), u.started))
+            .collect())
     }
 
     async fn list_versions(

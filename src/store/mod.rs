@@ -185,10 +185,11 @@ pub enum Op {
     AbortMultipart,
     ListVersions,
     HeadBucket,
+    ListUploads,
 }
 
 impl Op {
-    pub const ALL: [Op; 13] = [
+    pub const ALL: [Op; 14] = [
         Op::List,
         Op::Head,
         Op::Get,
@@ -202,6 +203,7 @@ impl Op {
         Op::AbortMultipart,
         Op::ListVersions,
         Op::HeadBucket,
+        Op::ListUploads,
     ];
 
     pub fn name(self) -> &'static str {
@@ -219,6 +221,7 @@ impl Op {
             Op::AbortMultipart => "ABORT_MULTIPART",
             Op::ListVersions => "LIST_VERSIONS",
             Op::HeadBucket => "HEAD_BUCKET",
+            Op::ListUploads => "LIST_UPLOADS",
         }
     }
 }
@@ -226,7 +229,7 @@ impl Op {
 /// Requests made, by type. Both stores keep one.
 #[derive(Debug, Default)]
 pub struct Counters {
-    counts: [AtomicU64; 13],
+    counts: [AtomicU64; 14],
     sent: AtomicU64,
     received: AtomicU64,
 }
@@ -325,6 +328,10 @@ pub trait ObjectStore: Send + Sync + 'static {
     ) -> StoreResult<PutResult>;
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
+
+    /// Multipart uploads in progress for exactly `key`: id and when each
+    /// was started.
+    async fn list_uploads(&self, key: &str) -> StoreResult<Vec<(String, SystemTime)>>;
 
     /// One page of ListObjectVersions.
     async fn list_versions(

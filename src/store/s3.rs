@@ -752,6 +752,25 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
+    async fn list_uploads(&self, key: &str) -> StoreResult<Vec<(String, std::time::SystemTime)>> {
+        let req = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(key);
+        let out = self
+            .retry(Op::ListUploads, key, || async {
+                req.clone().send().await.map_err(classify)
+            })
+            .await?;
+        Ok(out
+            .uploads()
+            .iter()
+            .filter(|u| u.key() == Some(key))
+            .filter_map(|u| Some((u.upload_id()?.to_string(), to_system_time(u.initiated()))))
+            .collect())
+    }
+
     async fn list_versions(
         &self,
         prefix: &str,

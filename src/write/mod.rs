@@ -385,6 +385,22 @@ impl Staged {
         Ok(())
     }
 
+    /// Reads the rest of a small base now, when it could not be read later
+    /// (no version id to pin it by): another client replacing the object
+    /// before close then costs nothing. A file that goes up as one PUT
+    /// reads its base at close anyway, so this moves that GET earlier; a
+    /// larger one keeps copying its untouched ranges server-side.
+    pub async fn secure_small_base(
+        &mut self,
+        store: &dyn ObjectStore,
+        single_put_max: u64,
+    ) -> Result<(), WriteError> {
+        if self.base_readable_elsewhere() || self.size > single_put_max {
+            return Ok(());
+        }
+        self.fill(store, 0..self.size).await
+    }
+
     /// Whether the base's untouched bytes could still be read if the key
     /// now holds another object (by a real version id).
     pub fn base_readable_elsewhere(&self) -> bool {
@@ -854,7 +870,7 @@ pub async fn recover(
     opts: &UploadOptions,
 ) -> Vec<Result<Recovered, String>> {
     let mut out = Vec::new();
-    for f in scan(store, dir).await {
+    for f in scan(store, dir, std::time::SystemTime::now()).await {
         out.push(match f {
             Ok(Found::Done(r)) => Ok(r),
             Ok(Found::Pending(a)) => a.upload_now(store, opts).await,
@@ -938,7 +954,14 @@ pub enum Found {
 /// Finds the staged files in `dir` that no live mount holds, settles what
 /// needs no upload, and hands back the rest, locked, for this mount to
 /// upload (serving them meanwhile).
-pub async fn scan(store: &dyn ObjectStore, dir: &Path) -> Vec<Result<Found, String>> {
+/// Multipart uploads of a recovered key started before `cutoff` (this
+/// mount's start) are a dead daemon's: one killed between starting an
+/// upload and journaling its id leaves one nobody recorded.
+pub async fn scan(
+    store: &dyn ObjectStore,
+    dir: &Path,
+    cutoff: std::time::SystemTime,
+) -> Vec<Result<Found, String>> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -950,7 +973,8 @@ pub async fn scan(store: &dyn ObjectStore, dir: &Path) -> Vec<Result<Found, Stri
     let mut out = Vec::new();
     for name in &names {
         let path = dir.join(name);
-        if !crate::private::trusted(&path) {
+        // Gone since the listing (a journal settled with its staging file).
+        if std::fs::symlink_metadata(&path).is_err() || !crate::private::trusted(&path) {
             continue;
         }
         if let Some(stage) = name.strip_suffix(JOURNAL_SUFFIX) {
@@ -1004,7 +1028,7 @@ pub async fn scan(store: &dyn ObjectStore, dir: &Path) -> Vec<Result<Found, Stri
         if !crate::private::trusted(&journal) {
             continue;
         }
-        out.push(prepare_one(store, file, &path, &journal).await);
+        out.push(prepare_one(store, file, &path, &journal, cutoff).await);
     }
     out
 }
@@ -1030,9 +1054,21 @@ async fn prepare_one(
     file: File,
     stage: &Path,
     journal: &Path,
+    cutoff: std::time::SystemTime,
 ) -> Result<Found, String> {
     let r = journal::replay(journal).map_err(|e| e.to_string())?;
     let key = r.header.key.clone();
+    match store.list_uploads(&key).await {
+        Ok(ups) => {
+            for (id, started) in ups {
+                if started < cutoff && !r.uploads.contains(&id) {
+                    debug!(key, upload = %id, "aborting a dead mount's unrecorded multipart upload");
+                    abort_quietly(store, &key, &id).await;
+                }
+            }
+        }
+        Err(e) => debug!(key, error = %e, "cannot list multipart uploads"),
+    }
     let done = |uploaded_as: String| {
         Found::Done(Recovered {
             key: key.clone(),
@@ -1331,6 +1367,19 @@ mod tests {
         );
         // Run again: nothing to do.
         assert!(recover(&s, dir.path(), &opts()).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn recovery_aborts_a_multipart_upload_the_dead_daemon_never_journaled() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::versioned();
+        leave_staged(dir.path(), 1, None, &[(0, b"brand new")]);
+        // Killed between CreateMultipartUpload and journaling its id.
+        s.create_multipart("new", &Metadata::new()).await.unwrap();
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.open_uploads(), 0);
+        assert_eq!(s.object("new").unwrap().as_ref(), b"brand new");
     }
 
     #[tokio::test]
