@@ -20,6 +20,9 @@ use common::*;
 
 const MIB: usize = 1024 * 1024;
 
+/// Files whose close returned: name and bytes.
+type Confirmed = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 fn close(f: fs::File) -> std::io::Result<()> {
     let fd = f.into_raw_fd();
     if unsafe { libc::close(fd) } == 0 {
@@ -224,7 +227,7 @@ fn a3_directory_mv_while_files_inside_are_written_and_closed() {
     fs::create_dir(m.path("d")).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     // Which name the directory has: writers retry on ENOENT at the other.
-    let done: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let done: Confirmed = Arc::default();
     let mut threads = Vec::new();
     for w in 0..2 {
         let (stop, done, root) = (stop.clone(), done.clone(), m.dir.clone());
@@ -566,6 +569,7 @@ fn a13_other_uid_cannot_read_staged_data_of_a_0600_file() {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(true)
         .mode(0o600)
         .open(m.path("secret"))
         .unwrap();
