@@ -11,8 +11,9 @@
 //! Lock order: `ns` (async), then files' write states (async, in inode
 //! order when two are held), then `table` before `handles` before
 //! `writes`, each a `parking_lot` lock held for a few map operations,
-//! never across `.await`. `ns` is taken for reading by what adds a name
-//! or a writer (create, mkdir, open for writing, file rename) and for
+//! never across `.await`. `ns` is taken for reading by what looks a name
+//! up, lists a directory, adds a name or a writer (create, mkdir, open for
+//! writing, unlink, file rename) and for
 //! writing by what must see a directory hold still (rmdir, directory
 //! rename); it is never held across an upload of data, except by a
 //! directory rename uploading the dirty files it moves.
@@ -398,6 +399,9 @@ impl Fs {
     /// Looks `name` up in directory `parent`; counts a kernel reference.
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let name = check_name(name)?;
+        // Never while a directory is renamed key by key: its old name
+        // would be found (its keys half copied) and come back.
+        let _ns = self.ns.read().await;
         let attr = match self.node_key(parent)? {
             NodeKey::Path(dir) if name == VERSIONS_DIR => {
                 self.getattr(parent).await?;
@@ -549,6 +553,7 @@ impl Fs {
 
     /// Every entry of a directory, "." and ".." first.
     pub async fn list(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let _ns = self.ns.read().await;
         let (key, parent) = {
             let t = self.table.lock();
             let n = t.get(ino).ok_or(FsError::NotFound)?;
