@@ -55,7 +55,7 @@ pub struct Journal {
 }
 
 /// FNV-1a, 32 bits: enough to tell a torn line from a whole one.
-fn checksum(s: &str) -> u32 {
+pub(crate) fn checksum(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })
@@ -71,7 +71,7 @@ fn unseal(line: &str) -> Option<&str> {
     (u32::from_str_radix(sum, 16).ok()? == checksum(body)).then_some(body)
 }
 
-fn enc(s: &str) -> String {
+pub(crate) fn enc(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
 }
 
@@ -157,6 +157,12 @@ impl Journal {
         self.append(&format!("U {}", enc(upload_id)))
     }
 
+    /// A single PUT of the data is about to be sent; `etag` is the one it
+    /// gives the object.
+    pub fn put_sent(&mut self, etag: &str) -> io::Result<()> {
+        self.append(&format!("S {}", enc(etag)))
+    }
+
     /// A part of the current multipart upload was sent.
     pub fn part_sent(&mut self, part: i32, etag: &str) -> io::Result<()> {
         self.append(&format!("P {part} {}", enc(etag)))
@@ -204,6 +210,8 @@ pub struct Replayed {
     pub uploads: Vec<String>,
     /// Parts sent (of the last upload started): number, ETag.
     pub parts: Vec<(i32, String)>,
+    /// ETags of the single PUTs sent (each the whole data then).
+    pub puts: Vec<String>,
     /// The file was unlinked: nothing to upload.
     pub unlinked: bool,
     pub loaded: RangeSet,
@@ -257,6 +265,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
     }
     let (mut loaded, mut base_valid, mut size) = (RangeSet::default(), h.base_valid, h.size);
     let (mut uploads, mut parts, mut unlinked) = (Vec::new(), Vec::new(), false);
+    let mut puts = Vec::new();
     for line in lines {
         // A torn last line (killed mid-append) does not check: stop there.
         let Some(line) = unseal(line) else { break };
@@ -268,6 +277,8 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 };
                 loaded.insert(off..off + len);
                 size = size.max(off + len);
+                // Uploads sent before a change are not of this data.
+                (puts, parts) = (Vec::new(), Vec::new());
             }
             ["U", id] => {
                 uploads.push(dec(id));
@@ -280,7 +291,9 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 parts.push((n, dec(etag)));
             }
             ["X"] => unlinked = true,
+            ["S", etag] => puts.push(dec(etag)),
             ["M", pairs @ ..] if pairs.len() % 2 == 0 => {
+                (puts, parts) = (Vec::new(), Vec::new());
                 h.meta = pairs.chunks(2).map(|kv| (dec(kv[0]), dec(kv[1]))).collect();
             }
             ["T", s] => {
@@ -290,6 +303,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 loaded.truncate(s);
                 base_valid = base_valid.min(s);
                 size = s;
+                (puts, parts) = (Vec::new(), Vec::new());
             }
             _ => return Err(bad()),
         }
@@ -298,6 +312,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         header: h,
         uploads,
         parts,
+        puts,
         unlinked,
         loaded,
         base_valid,

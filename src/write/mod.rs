@@ -208,6 +208,8 @@ pub struct Staged {
     stream: Option<stream::Streaming>,
     /// Leave the files at drop (a recovery that failed).
     keep_files: bool,
+    /// An upload was sent since the last journaled write.
+    sent_since_write: bool,
 }
 
 impl Staged {
@@ -233,6 +235,7 @@ impl Staged {
             unlinked: false,
             stream: None,
             keep_files: false,
+            sent_since_write: false,
         })
     }
 
@@ -459,9 +462,16 @@ impl Staged {
         self.cancel_stream_below(offset);
         self.file.write_all_at(data, offset)?;
         // Without a base, the staging file itself is the whole truth:
-        // only writes over a base need recording.
-        if let Some(j) = self.journal.as_mut().filter(|_| self.base.is_some()) {
+        // only writes over a base need recording, and the first write
+        // after an upload was sent (so recovery knows that upload is not
+        // of this data any more).
+        if let Some(j) = self
+            .journal
+            .as_mut()
+            .filter(|_| self.base.is_some() || self.sent_since_write)
+        {
             j.wrote(offset, data.len() as u64)?;
+            self.sent_since_write = false;
         }
         let end = offset + data.len() as u64;
         self.loaded.insert(offset..end);
@@ -596,6 +606,13 @@ impl Staged {
         let part = part_size(self.size, opts.part_size_bytes);
         if self.size <= part {
             self.fill(store, 0..self.size).await?;
+            // The ETag this PUT will give the object (its MD5), journaled
+            // first: a daemon killed before it learns the PUT landed is
+            // recognised by the next mount instead of kept beside.
+            if let Some(j) = &mut self.journal {
+                j.put_sent(&file_md5(&self.file, self.size)?)?;
+                self.sent_since_write = true;
+            }
             let put = store.put(key, self.body(0..self.size), meta).await?;
             progress.done_bytes.store(self.size, Ordering::Relaxed);
             return Ok(put);
@@ -651,6 +668,7 @@ impl Staged {
             for (n, etag) in &parts {
                 j.part_sent(*n, etag)?;
             }
+            self.sent_since_write = true;
         }
         let r = complete(store, key, &upload_id, parts).await;
         self.uploads.retain(|u| *u != upload_id);
@@ -681,6 +699,7 @@ impl Staged {
             for (n, etag) in &parts {
                 j.part_sent(*n, etag)?;
             }
+            self.sent_since_write = true;
         }
         let put = complete(store, &s.key, &s.upload_id, parts).await?;
         progress.done_bytes.store(self.size, Ordering::Relaxed);
@@ -1101,6 +1120,7 @@ async fn prepare_one(
     // ETag from its journaled parts, a single PUT's from the data).
     let landed = current.as_ref().is_some_and(|c| {
         multipart_etag(&r.parts).is_some_and(|m| !r.parts.is_empty() && same_etag(c, &m))
+            || r.puts.iter().any(|p| same_etag(c, p))
             || (r.header.base_etag.is_none()
                 && file_md5(&file, size).is_ok_and(|m| same_etag(c, &m)))
     });
@@ -1159,6 +1179,7 @@ async fn prepare_one(
         unlinked: false,
         stream: None,
         keep_files: true,
+        sent_since_write: false,
     };
     Ok(Found::Pending(Box::new(Adoptable {
         key,
@@ -1197,6 +1218,7 @@ mod tests {
     use super::*;
     use crate::store::Op;
     use crate::store::memory::MemStore;
+    use journal::{checksum as journal_sum, enc as journal_enc};
 
     const MIB: u64 = 1024 * 1024;
 
@@ -1380,6 +1402,38 @@ mod tests {
         assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
         assert_eq!(s.open_uploads(), 0);
         assert_eq!(s.object("new").unwrap().as_ref(), b"brand new");
+    }
+
+    #[tokio::test]
+    async fn a_put_that_landed_just_before_the_kill_is_not_kept_beside() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        let p = s.insert("f", b"0123456789", Metadata::new());
+        let base = Base {
+            key: "f".into(),
+            etag: p.etag,
+            size: 10,
+            version: None,
+        };
+        leave_staged(dir.path(), 1, Some(base), &[(2, b"AB")]);
+        // The daemon sent the PUT (journaled its ETag), the PUT landed,
+        // and the daemon died before it could end the journal.
+        let landed = s.insert("f", b"01AB456789", Metadata::new());
+        let j = dir
+            .path()
+            .join(format!("stage-{}-1.journal", std::process::id()));
+        let mut text = std::fs::read_to_string(&j).unwrap();
+        let line = format!("S {}", journal_enc(&landed.etag));
+        text += &format!("{line} *{:08x}\n", journal_sum(&line));
+        std::fs::write(&j, text).unwrap();
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.object("f").unwrap().as_ref(), b"01AB456789");
+        assert!(
+            s.keys().iter().all(|k| !k.contains("recovered")),
+            "{:?}",
+            s.keys()
+        );
     }
 
     #[tokio::test]
