@@ -535,9 +535,12 @@ impl Fs {
             return Err(FsError::BadHandle);
         }
         let mut st = self.live(fhd.ino).await.ok_or(FsError::BadHandle)?;
-        if !st.dirty {
+        if !st.dirty && !st.staged.is_unlinked() {
+            // Best effort: a base that is gone already is found at upload.
             let single = crate::write::part_size(st.staged.size(), self.cfg.upload.part_size_bytes);
-            st.staged.secure_small_base(&*self.store, single).await?;
+            if let Err(e) = st.staged.secure_small_base(&*self.store, single).await {
+                tracing::debug!(ino = fhd.ino, error = %e, "could not read the old bytes ahead");
+            }
         }
         self.set_dirty(fhd.ino, &mut st)?;
         self.staged_write(&mut st, offset, data)?;
