@@ -9,81 +9,18 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::IntoRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::proxy::{Fault, Proxy};
+use common::proxy::Fault;
 use common::*;
 
 const MIB: usize = 1024 * 1024;
 
 /// Files whose close returned: name and bytes.
 type Confirmed = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
-
-fn close(f: fs::File) -> std::io::Result<()> {
-    let fd = f.into_raw_fd();
-    if unsafe { libc::close(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn kill9(m: &Mount) {
-    let pid = m.pid().expect("a running daemon");
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    m.wait_exit(Duration::from_secs(30));
-    let _ = Command::new("umount").arg("-l").arg(&m.dir).status();
-}
-
-fn poll(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn state(b: &Bucket, key: &str, want: &[u8]) -> Result<(), String> {
-    match b.get(key) {
-        None => Err(format!("{key}: no object")),
-        Some(got) if sha256(&got) == sha256(want) => Ok(()),
-        Some(got) => Err(format!(
-            "{key}: {} bytes, want {} (sha {} vs {}) head {:?}",
-            got.len(),
-            want.len(),
-            &sha256(&got)[..12],
-            &sha256(want)[..12],
-            String::from_utf8_lossy(&got[..got.len().min(40)])
-        )),
-    }
-}
-
-fn recovered_keys(b: &Bucket) -> Vec<String> {
-    b.keys("")
-        .into_iter()
-        .filter(|k| k.contains("bucketfs-recovered"))
-        .collect()
-}
-
-fn through_proxy(tag: &str, versioned: bool, extra: &str) -> (Proxy, Bucket, Mount) {
-    let b = Bucket::new(server(), tag, versioned);
-    let proxy = Proxy::start(server().endpoint.trim_start_matches("http://"));
-    let via = Bucket {
-        endpoint: proxy.endpoint.clone(),
-        ..b.clone()
-    };
-    let m = Mount::new(&via, extra);
-    (proxy, b, m)
-}
 
 fn status(m: &Mount) -> String {
     let out = command().arg("status").arg(&m.dir).output().unwrap();

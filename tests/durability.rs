@@ -9,95 +9,14 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
-use std::os::unix::io::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::proxy::{Fault, Proxy};
+use common::proxy::Fault;
 use common::*;
 
 const MIB: usize = 1024 * 1024;
-
-/// close(2), with its result (dropping a File ignores it).
-fn close(f: fs::File) -> std::io::Result<()> {
-    let fd = f.into_raw_fd();
-    if unsafe { libc::close(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// kill -9 of the daemon, then the lazy unmount its dead mountpoint needs.
-fn kill9(m: &Mount) {
-    let pid = m.pid().expect("a running daemon");
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    m.wait_exit(Duration::from_secs(30));
-    let _ = Command::new("umount").arg("-l").arg(&m.dir).status();
-}
-
-/// Polls `f` every 100 ms for at most `limit`.
-fn poll(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// What `key` holds now, described against `want`.
-fn state(b: &Bucket, key: &str, want: &[u8]) -> Result<(), String> {
-    match b.get(key) {
-        None => Err(format!("{key}: no object")),
-        Some(got) if sha256(&got) == sha256(want) => Ok(()),
-        Some(got) => Err(format!(
-            "{key}: {} bytes, want {} (sha {} vs {})",
-            got.len(),
-            want.len(),
-            &sha256(&got)[..12],
-            &sha256(want)[..12]
-        )),
-    }
-}
-
-/// Waits (bounded) until `key` holds exactly `want`; panics with the last
-/// state seen.
-fn assert_lands(b: &Bucket, key: &str, want: &[u8], limit: Duration, ctx: &str) {
-    let mut last = Ok(());
-    let ok = poll(limit, || {
-        last = state(b, key, want);
-        last.is_ok()
-    });
-    assert!(
-        ok,
-        "{ctx}: not in S3 within {limit:?}: {last:?}; keys {:?}",
-        b.keys("")
-    );
-}
-
-fn recovered_keys(b: &Bucket) -> Vec<String> {
-    b.keys("")
-        .into_iter()
-        .filter(|k| k.contains("bucketfs-recovered"))
-        .collect()
-}
-
-fn through_proxy(tag: &str, versioned: bool, extra: &str) -> (Proxy, Bucket, Mount) {
-    let b = Bucket::new(server(), tag, versioned);
-    let proxy = Proxy::start(server().endpoint.trim_start_matches("http://"));
-    let via = Bucket {
-        endpoint: proxy.endpoint.clone(),
-        ..b.clone()
-    };
-    let m = Mount::new(&via, extra);
-    (proxy, b, m)
-}
 
 fn cache_dir(m: &Mount) -> PathBuf {
     m.dir.parent().unwrap().join("cache")

@@ -547,3 +547,85 @@ pub fn sh(cwd: &Path, script: &str) -> String {
 pub fn errno(e: std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(-1)
 }
+
+// ---- helpers of the durability tests (durability.rs, attack.rs) ----
+
+/// close(2), with its result (dropping a File ignores it).
+pub fn close(f: std::fs::File) -> std::io::Result<()> {
+    let fd = std::os::unix::io::IntoRawFd::into_raw_fd(f);
+    if unsafe { libc::close(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// kill -9 of the daemon, then the lazy unmount its dead mountpoint needs.
+pub fn kill9(m: &Mount) {
+    let pid = m.pid().expect("a running daemon");
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    m.wait_exit(Duration::from_secs(30));
+    let _ = Command::new("umount").arg("-l").arg(&m.dir).status();
+}
+
+/// Polls `f` every 100 ms for at most `limit`.
+pub fn poll(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What `key` holds now, described against `want`.
+pub fn state(b: &Bucket, key: &str, want: &[u8]) -> Result<(), String> {
+    match b.get(key) {
+        None => Err(format!("{key}: no object")),
+        Some(got) if sha256(&got) == sha256(want) => Ok(()),
+        Some(got) => Err(format!(
+            "{key}: {} bytes, want {} (sha {} vs {})",
+            got.len(),
+            want.len(),
+            &sha256(&got)[..12],
+            &sha256(want)[..12]
+        )),
+    }
+}
+
+/// Waits (bounded) until `key` holds exactly `want`; panics with the last
+/// state seen.
+pub fn assert_lands(b: &Bucket, key: &str, want: &[u8], limit: Duration, ctx: &str) {
+    let mut last = Ok(());
+    let ok = poll(limit, || {
+        last = state(b, key, want);
+        last.is_ok()
+    });
+    assert!(
+        ok,
+        "{ctx}: not in S3 within {limit:?}: {last:?}; keys {:?}",
+        b.keys("")
+    );
+}
+
+pub fn recovered_keys(b: &Bucket) -> Vec<String> {
+    b.keys("")
+        .into_iter()
+        .filter(|k| k.contains("bucketfs-recovered"))
+        .collect()
+}
+
+pub fn through_proxy(tag: &str, versioned: bool, extra: &str) -> (proxy::Proxy, Bucket, Mount) {
+    let b = Bucket::new(server(), tag, versioned);
+    let proxy = proxy::Proxy::start(server().endpoint.trim_start_matches("http://"));
+    let via = Bucket {
+        endpoint: proxy.endpoint.clone(),
+        ..b.clone()
+    };
+    let m = Mount::new(&via, extra);
+    (proxy, b, m)
+}
