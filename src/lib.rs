@@ -15,3 +15,8 @@ pub mod private;
 pub mod status;
 pub mod store;
 pub mod write;
+
+/// Lowercase hex of `bytes` (hashes in file names, ETags).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -152,11 +152,7 @@ pub fn cache_root(o: &Options) -> Result<PathBuf, MountError> {
 }
 
 fn short_hash(s: &str) -> String {
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex(&sha2::Sha256::digest(s.as_bytes())[..8])
 }
 
 /// The core's configuration for these options, with the cache under

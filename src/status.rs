@@ -42,7 +42,7 @@ fn runtime_dir() -> PathBuf {
 pub fn socket_path(mountpoint: &Path) -> PathBuf {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
-    let name: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let name = crate::hex(&digest[..16]);
     runtime_dir().join(format!("{name}.sock"))
 }
 

@@ -52,7 +52,7 @@ impl BlockKey {
 
     fn file_name(&self) -> String {
         let digest = Sha256::digest(self.header());
-        digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+        crate::hex(&digest[..16])
     }
 }
 

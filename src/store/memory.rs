@@ -220,12 +220,8 @@ fn fingerprint(data: &[u8], salt: u64) -> u64 {
     h
 }
 
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn md5_etag(data: &[u8]) -> String {
-    format!("\"{}\"", hex(&md5::Md5::digest(data)))
+    format!("\"{}\"", crate::hex(&md5::Md5::digest(data)))
 }
 
 fn check_key(key: &str) -> StoreResult<()> {
@@ -455,7 +451,7 @@ impl ObjectStore for MemStore {
         for (n, _) in &parts {
             h.update(md5::Md5::digest(&up.parts[n]));
         }
-        put.etag = format!("\"{}-{}\"", hex(&h.finalize()), parts.len());
+        put.etag = format!("\"{}-{}\"", crate::hex(&h.finalize()), parts.len());
         if let Some(v) = st.objects.get_mut(key).and_then(|vs| vs.last_mut()) {
             v.etag = put.etag.clone();
         }

@@ -144,7 +144,7 @@ fn new_staging_file(dir: &Path) -> io::Result<(File, PathBuf)> {
 /// Creates, locks and names a new private file `<prefix><id>` in `dir`:
 /// it gets its final name only once its lock is held.
 fn new_locked_file(dir: &Path, prefix: &str) -> io::Result<(File, PathBuf)> {
-    crate::write::private_dir(dir)?;
+    crate::private::create_private_dir(dir)?;
     for _ in 0..100 {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -174,11 +174,6 @@ fn new_locked_file(dir: &Path, prefix: &str) -> io::Result<(File, PathBuf)> {
         return Ok((file, path));
     }
     Err(io::Error::other("no free staging file name"))
-}
-
-/// Creates a private directory (0700) and its parents if missing.
-pub(crate) fn private_dir(dir: &Path) -> io::Result<()> {
-    crate::private::create_private_dir(dir)
 }
 
 /// A file's contents while it is open for writing.
@@ -819,8 +814,7 @@ fn multipart_etag(parts: &[(i32, String)]) -> Option<String> {
         }
     }
     let d = h.finalize();
-    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
-    Some(format!("\"{hex}-{}\"", parts.len()))
+    Some(format!("\"{}-{}\"", crate::hex(&d), parts.len()))
 }
 
 pub(crate) fn same_etag(a: &str, b: &str) -> bool {
@@ -1064,8 +1058,7 @@ fn file_md5(file: &File, size: u64) -> io::Result<String> {
         h.update(&buf[..n]);
         pos += n as u64;
     }
-    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("\"{hex}\""))
+    Ok(format!("\"{}\"", crate::hex(&h.finalize())))
 }
 
 async fn prepare_one(
