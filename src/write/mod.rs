@@ -144,8 +144,7 @@ fn new_staging_file(dir: &Path) -> io::Result<(File, PathBuf)> {
 /// Creates, locks and names a new private file `<prefix><id>` in `dir`:
 /// it gets its final name only once its lock is held.
 fn new_locked_file(dir: &Path, prefix: &str) -> io::Result<(File, PathBuf)> {
-    crate::private::create_private_dir(dir)?;
-    for _ in 0..100 {
+    for attempt in 0..100 {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -160,6 +159,12 @@ fn new_locked_file(dir: &Path, prefix: &str) -> io::Result<(File, PathBuf)> {
         let file = match private_file(&tmp) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            // The directory is made (and checked) when it is missing, not
+            // before every file: `rm -rf` of the cache dir lands here.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => {
+                crate::private::create_private_dir(dir)?;
+                continue;
+            }
             Err(e) => return Err(e),
         };
         if !try_lock(&file)? {
@@ -601,14 +606,27 @@ impl Staged {
         let part = part_size(self.size, opts.part_size_bytes);
         if self.size <= part {
             self.fill(store, 0..self.size).await?;
+            // A small file is read once: its MD5 and the PUT's body come
+            // from the same bytes.
+            let body = if self.size <= IN_MEMORY_PUT_MAX {
+                let mut buf = vec![0u8; self.size as usize];
+                self.file.read_exact_at(&mut buf, 0)?;
+                PutBody::Bytes(buf.into())
+            } else {
+                self.body(0..self.size)
+            };
             // The ETag this PUT will give the object (its MD5), journaled
             // first: a daemon killed before it learns the PUT landed is
             // recognised by the next mount instead of kept beside.
             if let Some(j) = &mut self.journal {
-                j.put_sent(&file_md5(&self.file, self.size)?)?;
+                let md5 = match &body {
+                    PutBody::Bytes(b) => bytes_md5(b),
+                    PutBody::File { .. } => file_md5(&self.file, self.size)?,
+                };
+                j.put_sent(&md5)?;
                 self.sent_since_write = true;
             }
-            let put = store.put(key, self.body(0..self.size), meta).await?;
+            let put = store.put(key, body, meta).await?;
             progress.done_bytes.store(self.size, Ordering::Relaxed);
             return Ok(put);
         }
@@ -1046,11 +1064,21 @@ pub async fn scan(
     out
 }
 
+/// Single PUTs up to this size are read into memory once, not streamed
+/// from the staging file (a read for the MD5, another for the body).
+const IN_MEMORY_PUT_MAX: u64 = 8 << 20;
+
+/// The MD5 ETag of `data`, as S3 gives a single PUT.
+fn bytes_md5(data: &[u8]) -> String {
+    use md5::Digest;
+    format!("\"{}\"", crate::hex(&md5::Md5::digest(data)))
+}
+
 /// The MD5 ETag of a file's first `size` bytes.
 fn file_md5(file: &File, size: u64) -> io::Result<String> {
     use md5::Digest;
     let mut h = md5::Md5::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; size.min(1 << 20) as usize];
     let mut pos = 0;
     while pos < size {
         let n = ((size - pos) as usize).min(buf.len());
