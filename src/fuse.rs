@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -596,13 +596,15 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // `ls -l` asks every entry for security.selinux and the POSIX
+        // ACLs: answered here, without a task, as nothing holds them.
+        if !name.as_encoded_bytes().starts_with(b"user.s3.") {
+            return reply.error(fail(&FsError::NoAttr));
+        }
         let (fs, name) = (self.fs.clone(), name.to_owned());
         self.spawn(
             span!("getxattr", req, ino = ino.0, name = ?name),
             async move {
-                if !name.to_string_lossy().starts_with("user.s3.") {
-                    return reply.error(fail(&FsError::NoAttr));
-                }
                 let value = match fs.xattrs(ino.0).await {
                     Ok(all) => all
                         .into_iter()
@@ -638,6 +640,22 @@ impl Filesystem for FuseFs {
                 reply.data(&names);
             }
         });
+    }
+
+    /// No ioctl applies to an object: ENOTTY, as for a regular file on a
+    /// local disk (`isatty` on every Python `open` asks), without a log line.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
