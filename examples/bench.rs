@@ -5,7 +5,10 @@
 //! nothing. Only 127.0.0.1 is used.
 //!
 //!     bench --bucketfs PATH --endpoint URL --bucket NAME [--size-mib N]
-//!           [--files N] [--entries N] [--concurrency N] [--region R]
+//!           [--files N] [--entries N] [--concurrency N] [--region R] [--no-peers]
+//!
+//! s3fs-fuse and rclone, where installed, run the same workloads on the
+//! same server in the same run, each in its own directory of the bucket.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -32,6 +35,8 @@ struct Args {
     files: usize,
     entries: usize,
     concurrency: usize,
+    /// Run the same workloads through s3fs-fuse and rclone when installed.
+    peers: bool,
 }
 
 fn args() -> Args {
@@ -44,11 +49,16 @@ fn args() -> Args {
         files: 1000,
         entries: 10_000,
         concurrency: 8,
+        peers: true,
     };
-    let v: Vec<String> = std::env::args().skip(1).collect();
-    for pair in v.chunks(2) {
-        let val = pair.get(1).cloned().unwrap_or_default();
-        match pair[0].as_str() {
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--no-peers" {
+            a.peers = false;
+            continue;
+        }
+        let val = it.next().unwrap_or_default();
+        match flag.as_str() {
             "--bucketfs" => a.bucketfs = PathBuf::from(val),
             "--endpoint" => a.endpoint = val,
             "--bucket" => a.bucket = val,
@@ -84,43 +94,146 @@ fn client(a: &Args) -> Client {
     Client::from_conf(conf)
 }
 
-/// A running mount.
+/// A filesystem the workloads run through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    Bucketfs,
+    S3fs,
+    Rclone,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Bucketfs => "bucketfs",
+            Tool::S3fs => "s3fs-fuse",
+            Tool::Rclone => "rclone mount",
+        }
+    }
+
+    /// The peers installed on this machine (s3fs and rclone, as Debian
+    /// packages them), unless `--no-peers`.
+    fn all(a: &Args) -> Vec<Tool> {
+        let mut v = vec![Tool::Bucketfs];
+        if a.peers {
+            for (t, bin) in [(Tool::S3fs, "s3fs"), (Tool::Rclone, "rclone")] {
+                let found = Command::new("sh")
+                    .args(["-c", &format!("command -v {bin}")])
+                    .stdout(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if found {
+                    v.push(t);
+                } else {
+                    eprintln!("{bin} not installed: its column is left out");
+                }
+            }
+        }
+        v
+    }
+}
+
+/// A running mount of one tool.
 struct Mount {
+    tool: Tool,
     dir: PathBuf,
     bin: PathBuf,
     child: Option<Child>,
 }
 
 impl Mount {
-    fn start(a: &Args, dir: &Path, cache: &Path) -> Mount {
-        Self::start_with(a, dir, cache, "")
-    }
-
-    fn start_with(a: &Args, dir: &Path, cache: &Path, extra: &str) -> Mount {
-        let opts = format!(
-            "endpoint={},path_style,region={},cache_dir={},log_file={},upload_concurrency={}{extra}",
-            a.endpoint,
-            a.region,
-            cache.display(),
-            cache.with_extension("log").display(),
-            a.concurrency
-        );
-        let child = Command::new(&a.bucketfs)
-            .args(["-f", "-o", &opts, &a.bucket])
-            .arg(dir)
+    /// Mounts `tool` on `dir` with a fresh cache: every start is cold.
+    fn start_with(a: &Args, tool: Tool, dir: &Path, cache: &Path, extra: &str) -> Mount {
+        let _ = std::fs::remove_dir_all(cache);
+        std::fs::create_dir_all(cache).unwrap();
+        let log = cache.with_extension(format!("{}.log", tool.name().replace(' ', "-")));
+        let mut cmd = match tool {
+            Tool::Bucketfs => {
+                let opts = format!(
+                    "endpoint={},path_style,region={},cache_dir={},log_file={},upload_concurrency={}{extra}",
+                    a.endpoint,
+                    a.region,
+                    cache.display(),
+                    log.display(),
+                    a.concurrency
+                );
+                let mut c = Command::new(&a.bucketfs);
+                c.args(["-f", "-o", &opts, &a.bucket]).arg(dir);
+                c
+            }
+            Tool::S3fs => {
+                let pass = cache.join("passwd");
+                std::fs::write(
+                    &pass,
+                    format!(
+                        "{}:{}\n",
+                        std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
+                        std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default()
+                    ),
+                )
+                .unwrap();
+                std::fs::set_permissions(
+                    &pass,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
+                let mut c = Command::new("s3fs");
+                c.arg(&a.bucket).arg(dir).args([
+                    "-f",
+                    "-o",
+                    &format!(
+                        "url={},use_path_request_style,endpoint={},passwd_file={},dbglevel=err",
+                        a.endpoint,
+                        a.region,
+                        pass.display()
+                    ),
+                ]);
+                c
+            }
+            Tool::Rclone => {
+                let mut c = Command::new("rclone");
+                // rclone 1.60 cannot load AWS_CA_BUNDLE with its own
+                // transport, and the server is plain http on 127.0.0.1.
+                c.env_remove("AWS_CA_BUNDLE")
+                    .arg("mount")
+                    .arg(format!(":s3:{}", a.bucket))
+                    .arg(dir)
+                    .args(["--vfs-cache-mode", "writes", "--cache-dir"])
+                    .arg(cache)
+                    .args(["--log-file"])
+                    .arg(&log)
+                    .env("RCLONE_S3_PROVIDER", "Other")
+                    .env("RCLONE_S3_ENDPOINT", &a.endpoint)
+                    .env("RCLONE_S3_REGION", &a.region)
+                    .env("RCLONE_S3_NO_CHECK_BUCKET", "true")
+                    .env(
+                        "RCLONE_S3_ACCESS_KEY_ID",
+                        std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default(),
+                    )
+                    .env(
+                        "RCLONE_S3_SECRET_ACCESS_KEY",
+                        std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
+                    );
+                c
+            }
+        };
+        let child = cmd
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start bucketfs");
+            .unwrap_or_else(|e| panic!("start {}: {e}", tool.name()));
         let start = Instant::now();
         while !mounted(dir) {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "mount did not come up"
+                "{} did not mount",
+                tool.name()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         Mount {
+            tool,
             dir: dir.to_path_buf(),
             bin: a.bucketfs.clone(),
             child: Some(child),
@@ -138,15 +251,18 @@ impl Mount {
         }
     }
 
-    /// Requests by type and bytes sent so far.
+    /// Requests by type and bytes sent so far (bucketfs only).
     fn counters(&self) -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        if self.tool != Tool::Bucketfs {
+            return m;
+        }
         let out = Command::new(&self.bin)
             .arg("status")
             .arg(&self.dir)
             .output()
             .expect("bucketfs status");
         let text = String::from_utf8_lossy(&out.stdout);
-        let mut m = BTreeMap::new();
         let mut in_requests = false;
         for line in text.lines() {
             if line.starts_with("S3 requests:") {
@@ -208,7 +324,8 @@ fn diff(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String
 
 struct Row {
     name: String,
-    ours: String,
+    /// One cell per tool, in `Tool::all` order.
+    cells: Vec<String>,
     raw: String,
     ratio: String,
     requests: String,
@@ -230,8 +347,73 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Polls the bucket (bounded) until `key` holds `size` bytes: a tool that
+/// uploads after close (rclone) is timed until its data is in S3.
+fn wait_in_s3(rt: &tokio::runtime::Runtime, s3: &Client, bucket: &str, key: &str, size: u64) {
+    let start = Instant::now();
+    rt.block_on(async {
+        loop {
+            if let Ok(h) = s3.head_object().bucket(bucket).key(key).send().await
+                && h.content_length() == Some(size as i64)
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "{key} never reached S3"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+/// Counts the keys under `prefix` (all pages).
+fn count_keys(rt: &tokio::runtime::Runtime, s3: &Client, bucket: &str, prefix: &str) -> usize {
+    rt.block_on(async {
+        let mut token = None;
+        let mut n = 0;
+        loop {
+            let p = s3
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .unwrap();
+            n += p.contents().len();
+            token = p.next_continuation_token().map(str::to_string);
+            if token.is_none() {
+                return n;
+            }
+        }
+    })
+}
+
+fn read_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// One workload's result through one tool.
+struct Cell {
+    shown: String,
+    secs: f64,
+    requests: String,
+}
+
 fn main() {
     let a = args();
+    let tools = Tool::all(&a);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let s3 = client(&a);
     let work = tempfile::tempdir().unwrap();
@@ -240,24 +422,13 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let size = a.size_mib * MIB;
     let data = pattern(size as usize, 42);
-    let mut rows: Vec<Row> = Vec::new();
-    let mut rss_peak = 0u64;
-    let mut m = Mount::start(&a, &dir, &cache);
-    let read_rss = |pid: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .and_then(|n| n.parse::<u64>().ok())
-                })
-            })
-            .unwrap_or(0)
-            * 1024
-    };
+    let offsets: Vec<u64> = (0..1000u64)
+        .map(|i| (i * 7919 * 4096 + i * 13) % (size - 4096))
+        .collect();
+    let small = pattern(4096, 7);
+    let tail = pattern(MIB as usize, 9);
 
-    // 1. Sequential write.
+    // The raw client, once per workload.
     let raw_write = rt.block_on(async {
         let t = Instant::now();
         let up = s3
@@ -309,26 +480,6 @@ fn main() {
             .unwrap();
         t.elapsed()
     });
-    let before = m.counters();
-    let t = Instant::now();
-    {
-        let mut f = std::fs::File::create(dir.join("big")).unwrap();
-        for c in data.chunks(MIB as usize) {
-            f.write_all(c).unwrap();
-        }
-        f.sync_all().expect("upload of the big file");
-    }
-    let ours = t.elapsed();
-    rss_peak = rss_peak.max(read_rss(m.pid()));
-    rows.push(Row {
-        name: format!("sequential write {} MiB", a.size_mib),
-        ours: format!("{:.0} MiB/s", mbps(size, ours)),
-        raw: format!("{:.0} MiB/s", mbps(size, raw_write)),
-        ratio: format!("{:.2}", raw_write.as_secs_f64() / ours.as_secs_f64()),
-        requests: diff(&before, &m.counters()),
-    });
-
-    // 2. Sequential read, cold then warm.
     let raw_read = rt.block_on(async {
         let t = Instant::now();
         let n: usize = futures::stream::iter((0..size).step_by(PART as usize))
@@ -353,42 +504,6 @@ fn main() {
         assert_eq!(n as u64, size);
         t.elapsed()
     });
-    m.stop();
-    let _ = std::fs::remove_dir_all(cache.join("blocks"));
-    m = Mount::start(&a, &dir, &cache);
-    drop_page_cache();
-    let seq_read = |label: &str, m: &Mount, rows: &mut Vec<Row>| {
-        let before = m.counters();
-        let t = Instant::now();
-        let mut f = std::fs::File::open(dir.join("big")).unwrap();
-        let mut buf = vec![0u8; MIB as usize];
-        let mut total = 0u64;
-        loop {
-            let n = f.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        assert_eq!(total, size);
-        let d = t.elapsed();
-        rows.push(Row {
-            name: format!("sequential read, {label}"),
-            ours: format!("{:.0} MiB/s", mbps(size, d)),
-            raw: format!("{:.0} MiB/s", mbps(size, raw_read)),
-            ratio: format!("{:.2}", raw_read.as_secs_f64() / d.as_secs_f64()),
-            requests: diff(&before, &m.counters()),
-        });
-    };
-    seq_read("cold", &m, &mut rows);
-    rss_peak = rss_peak.max(read_rss(m.pid()));
-    drop_page_cache();
-    seq_read("warm (block cache)", &m, &mut rows);
-
-    // 3. 1,000 random 4 KiB reads.
-    let offsets: Vec<u64> = (0..1000u64)
-        .map(|i| (i * 7919 * 4096 + i * 13) % (size - 4096))
-        .collect();
     let raw_rand = rt.block_on(async {
         let t = Instant::now();
         for off in &offsets {
@@ -404,30 +519,6 @@ fn main() {
         }
         t.elapsed()
     });
-    m.stop();
-    let _ = std::fs::remove_dir_all(cache.join("blocks"));
-    m = Mount::start(&a, &dir, &cache);
-    drop_page_cache();
-    let before = m.counters();
-    let t = Instant::now();
-    {
-        let f = std::fs::File::open(dir.join("big")).unwrap();
-        let mut buf = vec![0u8; 4096];
-        for off in &offsets {
-            f.read_exact_at(&mut buf, *off).unwrap();
-        }
-    }
-    let d = t.elapsed();
-    rows.push(Row {
-        name: "1,000 random 4 KiB reads (cold)".into(),
-        ours: format!("{:.0} reads/s", 1000.0 / d.as_secs_f64()),
-        raw: format!("{:.0} reads/s", 1000.0 / raw_rand.as_secs_f64()),
-        ratio: format!("{:.2}", raw_rand.as_secs_f64() / d.as_secs_f64()),
-        requests: diff(&before, &m.counters()),
-    });
-
-    // 4. Create small files.
-    let small = pattern(4096, 7);
     let raw_create = rt.block_on(async {
         let t = Instant::now();
         for i in 0..a.files {
@@ -441,23 +532,8 @@ fn main() {
         }
         t.elapsed()
     });
-    std::fs::create_dir(dir.join("small")).unwrap();
-    let before = m.counters();
-    let t = Instant::now();
-    for i in 0..a.files {
-        std::fs::write(dir.join(format!("small/{i}")), &small).unwrap();
-    }
-    let d = t.elapsed();
-    rows.push(Row {
-        name: format!("create {} files of 4 KiB", a.files),
-        ours: format!("{:.0} files/s", a.files as f64 / d.as_secs_f64()),
-        raw: format!("{:.0} PUTs/s", a.files as f64 / raw_create.as_secs_f64()),
-        ratio: format!("{:.2}", raw_create.as_secs_f64() / d.as_secs_f64()),
-        requests: diff(&before, &m.counters()),
-    });
-
-    // 5. ls -l of a large directory of objects carrying s3fs metadata,
-    // cold and warm, and with no_object_metadata (LISTs only).
+    // A large directory of objects carrying s3fs-style metadata, as the
+    // AWS CLI or boto3 would leave it, listed by every tool.
     rt.block_on(async {
         futures::stream::iter(0..a.entries)
             .map(|i| {
@@ -503,35 +579,42 @@ fn main() {
         assert_eq!(n, a.entries);
         t.elapsed()
     });
-    m.stop();
-    m = Mount::start(&a, &dir, &cache);
-    for label in ["cold", "warm", "no_object_metadata"] {
-        if label == "no_object_metadata" {
-            m.stop();
-            m = Mount::start_with(&a, &dir, &cache, ",no_object_metadata");
-        }
-        let before = m.counters();
+    // What `ls -l` with per-object metadata needs at least: the LIST and
+    // a HEAD of every entry, 64 in flight.
+    let raw_list_head = rt.block_on(async {
         let t = Instant::now();
-        let out = Command::new("ls")
-            .arg("-l")
-            .arg(dir.join("many"))
-            .stdout(Stdio::piped())
-            .output()
-            .unwrap();
-        let d = t.elapsed();
-        let lines = String::from_utf8_lossy(&out.stdout).lines().count();
-        assert_eq!(lines, a.entries + 1);
-        rows.push(Row {
-            name: format!("ls -l of {} entries, {label}", a.entries),
-            ours: format!("{:.2} s", d.as_secs_f64()),
-            raw: format!("{:.2} s (LIST only)", raw_list.as_secs_f64()),
-            ratio: format!("{:.2}", raw_list.as_secs_f64() / d.as_secs_f64()),
-            requests: diff(&before, &m.counters()),
-        });
-    }
-
-    // 6. Append 1 MiB to the big file.
-    let tail = pattern(MIB as usize, 9);
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let p = s3
+                .list_objects_v2()
+                .bucket(&a.bucket)
+                .prefix("many/")
+                .delimiter("/")
+                .set_continuation_token(token)
+                .send()
+                .await
+                .unwrap();
+            keys.extend(
+                p.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+            token = p.next_continuation_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        futures::stream::iter(keys)
+            .map(|k| {
+                let (s3, bucket) = (s3.clone(), a.bucket.clone());
+                async move { s3.head_object().bucket(bucket).key(k).send().await.unwrap() }
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await;
+        t.elapsed()
+    });
     let raw_put = rt.block_on(async {
         let t = Instant::now();
         s3.put_object()
@@ -543,40 +626,245 @@ fn main() {
             .unwrap();
         t.elapsed()
     });
-    let before = m.counters();
-    let t = Instant::now();
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.join("big"))
-            .unwrap();
-        f.seek(SeekFrom::End(0)).unwrap();
-        f.write_all(&tail).unwrap();
-        f.sync_all().expect("upload of the append");
-    }
-    let d = t.elapsed();
-    rows.push(Row {
-        name: format!("append 1 MiB to the {} MiB file", a.size_mib),
-        ours: format!("{:.2} s", d.as_secs_f64()),
-        raw: format!("{:.2} s (1 MiB PUT)", raw_put.as_secs_f64()),
-        ratio: format!("{:.2}", raw_put.as_secs_f64() / d.as_secs_f64()),
-        requests: diff(&before, &m.counters()),
-    });
-    rss_peak = rss_peak.max(read_rss(m.pid()));
-    m.stop();
 
+    // Each tool in turn, each workload on a fresh mount where it says cold.
+    let mut names: Vec<(String, String)> = Vec::new();
+    let mut results: Vec<Vec<Cell>> = Vec::new();
+    let mut peaks: Vec<u64> = Vec::new();
+    for &tool in &tools {
+        let slug = tool.name().split(['-', ' ']).next().unwrap().to_string();
+        let own = format!("t/{slug}");
+        let big_key = format!("{own}/big");
+        let big = dir.join(&big_key);
+        let mut cells: Vec<Cell> = Vec::new();
+        let mut peak = 0u64;
+        let mut row =
+            |m: &Mount, name: String, raw: String, f: &mut dyn FnMut() -> (String, f64)| {
+                let before = m.counters();
+                let (shown, secs) = f();
+                let requests = diff(&before, &m.counters());
+                if results.is_empty() {
+                    names.push((name, raw));
+                }
+                cells.push(Cell {
+                    shown,
+                    secs,
+                    requests,
+                });
+            };
+
+        let mut m = Mount::start_with(&a, tool, &dir, &cache, "");
+        std::fs::create_dir_all(dir.join(&own)).unwrap();
+        row(
+            &m,
+            format!("sequential write {} MiB, until in S3", a.size_mib),
+            format!("{:.0} MiB/s", mbps(size, raw_write)),
+            &mut || {
+                let t = Instant::now();
+                let mut f = std::fs::File::create(&big).unwrap();
+                for c in data.chunks(MIB as usize) {
+                    f.write_all(c).unwrap();
+                }
+                f.sync_all().expect("upload of the big file");
+                drop(f);
+                wait_in_s3(&rt, &s3, &a.bucket, &big_key, size);
+                let d = t.elapsed().as_secs_f64();
+                (format!("{:.0} MiB/s", size as f64 / MIB as f64 / d), d)
+            },
+        );
+        peak = peak.max(read_rss(m.pid()));
+        let seq_read = || {
+            let t = Instant::now();
+            let mut f = std::fs::File::open(&big).unwrap();
+            let mut buf = vec![0u8; MIB as usize];
+            let mut total = 0u64;
+            loop {
+                let n = f.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            assert_eq!(total, size);
+            let d = t.elapsed().as_secs_f64();
+            (format!("{:.0} MiB/s", size as f64 / MIB as f64 / d), d)
+        };
+        m.stop();
+        m = Mount::start_with(&a, tool, &dir, &cache, "");
+        drop_page_cache();
+        let raw = format!("{:.0} MiB/s", mbps(size, raw_read));
+        row(&m, "sequential read, cold".into(), raw.clone(), &mut || {
+            seq_read()
+        });
+        peak = peak.max(read_rss(m.pid()));
+        drop_page_cache();
+        row(
+            &m,
+            "sequential read, warm (tool's cache)".into(),
+            raw,
+            &mut || seq_read(),
+        );
+
+        m.stop();
+        m = Mount::start_with(&a, tool, &dir, &cache, "");
+        drop_page_cache();
+        row(
+            &m,
+            "1,000 random 4 KiB reads, cold".into(),
+            format!("{:.0} reads/s", 1000.0 / raw_rand.as_secs_f64()),
+            &mut || {
+                let t = Instant::now();
+                let f = std::fs::File::open(&big).unwrap();
+                let mut buf = vec![0u8; 4096];
+                for off in &offsets {
+                    f.read_exact_at(&mut buf, *off).unwrap();
+                }
+                let d = t.elapsed().as_secs_f64();
+                (format!("{:.0} reads/s", 1000.0 / d), d)
+            },
+        );
+
+        std::fs::create_dir(dir.join(&own).join("small")).unwrap();
+        row(
+            &m,
+            format!("create {} files of 4 KiB, until in S3", a.files),
+            format!("{:.0} PUTs/s", a.files as f64 / raw_create.as_secs_f64()),
+            &mut || {
+                let t = Instant::now();
+                for i in 0..a.files {
+                    std::fs::write(dir.join(&own).join(format!("small/{i}")), &small).unwrap();
+                }
+                let prefix = format!("{own}/small/");
+                let start = Instant::now();
+                while count_keys(&rt, &s3, &a.bucket, &prefix) < a.files {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(600),
+                        "files never landed"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let d = t.elapsed().as_secs_f64();
+                (format!("{:.0} files/s", a.files as f64 / d), d)
+            },
+        );
+
+        let ls = || {
+            let t = Instant::now();
+            let out = Command::new("ls")
+                .arg("-l")
+                .arg(dir.join("many"))
+                .stdout(Stdio::piped())
+                .output()
+                .unwrap();
+            let d = t.elapsed().as_secs_f64();
+            let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+            assert_eq!(lines, a.entries + 1, "{} listed a wrong count", tool.name());
+            (format!("{d:.2} s"), d)
+        };
+        m.stop();
+        m = Mount::start_with(&a, tool, &dir, &cache, "");
+        drop_page_cache();
+        let raw = format!("{:.2} s (LIST only)", raw_list.as_secs_f64());
+        let raw_heads = format!("{:.2} s (LIST + a HEAD each)", raw_list_head.as_secs_f64());
+        row(
+            &m,
+            format!("ls -l of {} entries with metadata, cold", a.entries),
+            raw_heads,
+            &mut || ls(),
+        );
+        row(
+            &m,
+            format!("ls -l of {} entries, again", a.entries),
+            raw.clone(),
+            &mut || ls(),
+        );
+        if tool == Tool::Bucketfs {
+            m.stop();
+            m = Mount::start_with(&a, tool, &dir, &cache, ",no_object_metadata");
+        }
+        row(
+            &m,
+            format!(
+                "ls -l of {} entries, cold, bucketfs with no_object_metadata",
+                a.entries
+            ),
+            raw,
+            &mut || {
+                if tool == Tool::Bucketfs {
+                    ls()
+                } else {
+                    ("—".into(), f64::NAN)
+                }
+            },
+        );
+        if tool == Tool::Bucketfs {
+            m.stop();
+            m = Mount::start_with(&a, tool, &dir, &cache, "");
+        }
+
+        row(
+            &m,
+            format!("append 1 MiB to the {} MiB file, until in S3", a.size_mib),
+            format!("{:.2} s (1 MiB PUT)", raw_put.as_secs_f64()),
+            &mut || {
+                let t = Instant::now();
+                let mut f = std::fs::OpenOptions::new().append(true).open(&big).unwrap();
+                f.seek(SeekFrom::End(0)).unwrap();
+                f.write_all(&tail).unwrap();
+                f.sync_all().expect("upload of the append");
+                drop(f);
+                wait_in_s3(&rt, &s3, &a.bucket, &big_key, size + MIB);
+                let d = t.elapsed().as_secs_f64();
+                (format!("{d:.2} s"), d)
+            },
+        );
+        peak = peak.max(read_rss(m.pid()));
+        m.stop();
+        results.push(cells);
+        peaks.push(peak);
+    }
+
+    let raw_secs = [
+        raw_write,
+        raw_read,
+        raw_read,
+        raw_rand,
+        raw_create,
+        raw_list_head,
+        raw_list,
+        raw_list,
+        raw_put,
+    ];
+    let mut rows: Vec<Row> = Vec::new();
+    for (i, (name, raw)) in names.into_iter().enumerate() {
+        let ours = &results[0][i];
+        rows.push(Row {
+            name,
+            cells: results.iter().map(|r| r[i].shown.clone()).collect(),
+            raw,
+            ratio: format!("{:.2}", raw_secs[i].as_secs_f64() / ours.secs),
+            requests: ours.requests.clone(),
+        });
+    }
+    let head: Vec<&str> = tools.iter().map(|t| t.name()).collect();
     println!(
-        "| workload | bucketfs | raw aws-sdk-s3 | ratio (raw time / ours) | bucketfs S3 requests |"
+        "| workload | {} | raw aws-sdk-s3 | raw time ÷ bucketfs time | bucketfs S3 requests |",
+        head.join(" | ")
     );
-    println!("| --- | --- | --- | --- | --- |");
+    println!("|---{}|---|---|---|", "|---".repeat(tools.len()));
     for r in &rows {
         println!(
             "| {} | {} | {} | {} | {} |",
-            r.name, r.ours, r.raw, r.ratio, r.requests
+            r.name,
+            r.cells.join(" | "),
+            r.raw,
+            r.ratio,
+            r.requests
         );
     }
-    println!(
-        "| daemon peak RSS | {:.0} MiB | | | |",
-        rss_peak as f64 / MIB as f64
-    );
+    let rss: Vec<String> = peaks
+        .iter()
+        .map(|p| format!("{:.0} MiB", *p as f64 / MIB as f64))
+        .collect();
+    println!("| peak RSS of the daemon | {} | | | |", rss.join(" | "));
 }
