@@ -239,9 +239,13 @@ async fn access_denied_is_eacces_and_missing_is_enoent() {
         fs.lookup(ROOT_INO, name("nope")).await.unwrap_err(),
         FsError::NotFound
     );
-    s.fail_next(Op::Head, 1, StoreError::AccessDenied("403".into()));
+    s.fail_next(Op::List, 1, StoreError::AccessDenied("403".into()));
     let e = fs.lookup(ROOT_INO, name("secret")).await.unwrap_err();
     assert_eq!(bucketfs::error::errno(&e), libc::EACCES);
+    s.insert("secret", b"s", Metadata::new());
+    s.fail_next(Op::Head, 1, StoreError::AccessDenied("403".into()));
+    let e = fs.lookup(ROOT_INO, name("secret")).await.unwrap_err();
+    assert_eq!(bucketfs::error::errno(&e), libc::EACCES, "HEAD refused");
 }
 
 /// A small deterministic PRNG for the model test.
@@ -855,5 +859,162 @@ async fn a_forgotten_entry_of_a_fresh_listing_is_found_again() {
     assert_eq!(
         fs.lookup(d.ino, name("nope")).await.unwrap_err(),
         FsError::NotFound
+    );
+}
+
+// ------------------------------------------------------- first-hour costs
+
+/// `echo x > f`: the shell opens f (O_CREAT|O_TRUNC), dup2s it to stdout
+/// and closes the original before writing. That close must send nothing:
+/// one PUT per file, and no empty version of it in a versioned bucket.
+#[tokio::test]
+async fn a_shell_redirect_costs_one_put_and_leaves_no_empty_version() {
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+    let n = requests(&s);
+    let (_, fh) = fs.create(ROOT_INO, name("new"), USER, flags).await.unwrap();
+    fs.flush(fh).await.unwrap(); // close(3) after dup2(3, 1)
+    assert_eq!(
+        requests(&s) - n,
+        0,
+        "a close before any write sends nothing"
+    );
+    fs.write(fh, 0, b"x\n").await.unwrap();
+    fs.flush(fh).await.unwrap(); // the shell's exit closes stdout
+    fs.release(fh).await.unwrap();
+    assert_eq!(requests(&s) - n, 1, "one PUT");
+    assert_eq!(s.object("new").unwrap().as_ref(), b"x\n");
+    let versions = s.list_versions("new", None, None).await.unwrap();
+    assert_eq!(versions.versions.len(), 1, "no empty version");
+
+    // The same over an existing file: `echo y > new`.
+    let ino = fs.lookup(ROOT_INO, name("new")).await.unwrap().ino;
+    let n = requests(&s);
+    let fh = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    assert_eq!(requests(&s) - n, 0, "the O_TRUNC close before writing");
+    fs.write(fh, 0, b"y\n").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.counters().get(Op::Put), 2, "one more PUT");
+    assert_eq!(s.object("new").unwrap().as_ref(), b"y\n");
+    let versions = s.list_versions("new", None, None).await.unwrap();
+    assert_eq!(versions.versions.len(), 2);
+}
+
+/// `touch new` and `: > f` write nothing: their last release uploads.
+#[tokio::test]
+async fn an_empty_new_file_and_a_bare_truncation_land_at_the_last_release() {
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    s.insert("full", b"old bytes", Metadata::new());
+    let (_, fh) = fs
+        .create(ROOT_INO, name("empty"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("empty").unwrap().as_ref(), b"");
+    let ino = fs.lookup(ROOT_INO, name("full")).await.unwrap().ino;
+    let fh = fs.open(ino, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("full").unwrap().as_ref(), b"");
+}
+
+/// chmod 644 of a 0644 file, chown to the owner it has, utimes to the
+/// mtime it has: nothing changes, nothing is sent. A real change is one
+/// server-side copy.
+#[tokio::test]
+async fn a_chmod_chown_or_utimes_that_changes_nothing_costs_no_request() {
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    s.insert("f", b"data", s3fs_meta(0o100644, 1000, 1_600_000_000));
+    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let n = requests(&s);
+    for change in [
+        SetAttr {
+            mode: Some(0o100644),
+            ..SetAttr::default()
+        },
+        SetAttr {
+            uid: Some(1000),
+            gid: Some(1000),
+            ..SetAttr::default()
+        },
+        SetAttr {
+            mtime: Some(a.mtime),
+            ..SetAttr::default()
+        },
+    ] {
+        let after = fs.setattr(a.ino, change).await.unwrap();
+        assert_eq!((after.perm, after.uid, after.mtime), (0o644, 1000, a.mtime));
+    }
+    assert_eq!(requests(&s) - n, 0, "no request for no change");
+    let after = fs
+        .setattr(
+            a.ino,
+            SetAttr {
+                mode: Some(0o100600),
+                ..SetAttr::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.perm, 0o600);
+    assert_eq!(requests(&s) - n, 1, "one copy for a real change");
+    assert_eq!(
+        s.metadata("f").unwrap().get("mode").map(String::as_str),
+        Some("33152")
+    );
+}
+
+/// A lookup asks one ListObjectsV2 with the name as prefix: a missing name
+/// costs that one request; a file or a directory adds the HEAD of its
+/// metadata; names sorting between `name` and `name/` do not hide a
+/// directory.
+#[tokio::test]
+async fn a_missing_name_costs_one_request_and_a_lookup_tells_files_from_directories() {
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    s.insert("file", b"1", s3fs_meta(0o100600, 7, 1_600_000_000));
+    s.insert("file-2", b"2", Metadata::new());
+    s.insert("dir/", b"", s3fs_meta(0o040700, 7, 1_600_000_000));
+    s.insert("dir/x", b"x", Metadata::new());
+    s.insert("implicit/y", b"y", Metadata::new());
+    for i in 0..150 {
+        // Sort between "crowded" and "crowded/": past one LIST's answer.
+        s.insert(&format!("crowded-{i:03}"), b"", Metadata::new());
+    }
+    s.insert("crowded/z", b"z", Metadata::new());
+
+    let n = requests(&s);
+    for missing in [".Trash", ".hidden", ".directory"] {
+        assert_eq!(
+            fs.lookup(ROOT_INO, name(missing)).await.unwrap_err(),
+            FsError::NotFound
+        );
+    }
+    assert_eq!(requests(&s) - n, 3, "one request per missing name");
+
+    let n = requests(&s);
+    let f = fs.lookup(ROOT_INO, name("file")).await.unwrap();
+    assert_eq!(
+        (f.kind, f.perm, f.uid, f.size),
+        (FileKind::File, 0o600, 7, 1)
+    );
+    assert_eq!(requests(&s) - n, 2, "LIST + HEAD for a file's metadata");
+
+    let d = fs.lookup(ROOT_INO, name("dir")).await.unwrap();
+    assert_eq!((d.kind, d.perm, d.uid), (FileKind::Dir, 0o700, 7));
+    let i = fs.lookup(ROOT_INO, name("implicit")).await.unwrap();
+    assert_eq!(i.kind, FileKind::Dir);
+    let c = fs.lookup(ROOT_INO, name("crowded")).await.unwrap();
+    assert_eq!(c.kind, FileKind::Dir, "found past 150 sibling names");
+    assert_eq!(
+        fs.lookup(ROOT_INO, name("file-")).await.unwrap_err(),
+        FsError::NotFound,
+        "a prefix of a name is not a name"
     );
 }

@@ -51,10 +51,11 @@ pub enum Handle {
 pub struct FileHandle {
     pub ino: u64,
     pub writable: bool,
-    /// Whether this handle wrote (or truncated with O_TRUNC) since its last
-    /// flush: only then (or for a new file not yet in S3) does `close()`
-    /// upload, so closing a reader, or a forked child's copy, sends
-    /// nothing; the last release uploads whatever is left.
+    /// Whether this handle wrote (or truncated by ftruncate) since its last
+    /// flush: only then does `close()` upload, so closing a reader, a
+    /// forked child's copy, or a descriptor that wrote nothing sends
+    /// nothing; the last release uploads whatever is left (a new empty
+    /// file, an O_TRUNC that wrote nothing).
     wrote: std::sync::atomic::AtomicBool,
     /// The process (thread group) that opened it, 0 if unknown.
     opener: std::sync::atomic::AtomicU32,
@@ -231,8 +232,11 @@ impl Fs {
         Ok(self.new_handle(Handle::File(FileHandle {
             ino,
             writable,
-            // O_TRUNC changed the file: this handle's close uploads it.
-            wrote: std::sync::atomic::AtomicBool::new(writable && trunc),
+            // An O_TRUNC open that writes nothing is uploaded by the last
+            // release, not by each close: `echo x > f` closes a duplicate
+            // of its descriptor before writing, and that close sends
+            // nothing (one PUT per file, no empty version).
+            wrote: Default::default(),
             opener: Default::default(),
             last_writer: Default::default(),
             target: Mutex::new(target),
@@ -736,14 +740,10 @@ impl Fs {
             );
             return Ok(());
         }
-        let never_uploaded = fhd.writable
-            && self.writes.lock().contains_key(&fhd.ino)
-            && self
-                .table
-                .lock()
-                .get(fhd.ino)
-                .is_some_and(|n| n.object.is_none());
-        if fhd.wrote.swap(false, Ordering::Relaxed) || never_uploaded {
+        // A descriptor that wrote nothing uploads nothing at close, even
+        // for a new file: the last release uploads it (`touch f`, or the
+        // first close of `echo x > f`, which has not written yet).
+        if fhd.wrote.swap(false, Ordering::Relaxed) {
             return self.upload_now(fhd.ino).await;
         }
         Ok(())

@@ -544,6 +544,19 @@ impl Fs {
         if s.mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.mtime.is_none() {
             return self.attr_now(ino);
         }
+        // A chmod, chown or utimes that changes nothing (`chmod 644` of a
+        // 0644 file, a file manager setting the owner it already has)
+        // costs no request; only ctime moves.
+        let unchanged = s.mode.is_none_or(|m| (m & 0o7777) as u16 == attr.perm)
+            && s.uid.is_none_or(|u| u == attr.uid)
+            && s.gid.is_none_or(|g| g == attr.gid)
+            && s.mtime.is_none_or(|t| t == attr.mtime);
+        if unchanged {
+            let mut t = self.table.lock();
+            let n = t.get_mut(ino).ok_or(FsError::NotFound)?;
+            n.attr.ctime = SystemTime::now();
+            return Ok(n.attr.clone());
+        }
         let new = {
             let mut t = self.table.lock();
             let n = t.get_mut(ino).ok_or(FsError::NotFound)?;
