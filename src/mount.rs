@@ -14,6 +14,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use sha2::Digest;
@@ -333,6 +334,89 @@ fn init_logging(o: &Options, verbose: bool, background: bool) -> Result<(), Moun
     result.map_err(|e| MountError(format!("logging: {e}")))
 }
 
+/// The kernel's id of the mount on `mountpoint` (from mountinfo).
+fn mount_id_of(mountpoint: &Path) -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let want: String = mountpoint
+        .to_string_lossy()
+        .chars()
+        .map(|c| match c {
+            ' ' | '\t' | '\n' | '\\' => format!("\\{:03o}", c as u32),
+            c => c.to_string(),
+        })
+        .collect();
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .next_back()?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Mounts /dev/fuse on `mountpoint` as type `fuse.s3fs` with `source` as
+/// its source, as libfuse does for a subtype. `None` where mount(2) is not
+/// permitted (not root): fusermount3 mounts it then, as type `fuse`.
+fn mount_fuse_s3fs(
+    mountpoint: &Path,
+    source: &str,
+    o: &Options,
+    acl: SessionACL,
+) -> std::io::Result<Option<OwnedFd>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")?;
+    let mode = std::fs::metadata(mountpoint)?.permissions().mode();
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={}",
+        dev.as_raw_fd(),
+        mode & libc::S_IFMT,
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() }
+    );
+    if o.default_permissions {
+        data += ",default_permissions";
+    }
+    if acl != SessionACL::Owner {
+        data += ",allow_other";
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    if o.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    if o.noexec {
+        flags |= libc::MS_NOEXEC;
+    }
+    let c = |s: &[u8]| CString::new(s).map_err(std::io::Error::other);
+    let (src, target) = (
+        c(source.as_bytes())?,
+        c(mountpoint.as_os_str().as_encoded_bytes())?,
+    );
+    let (fstype, data) = (c(b"fuse.s3fs")?, c(data.as_bytes())?);
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EPERM) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(dev.into()))
+}
+
 /// Forks; the parent waits for the child's readiness report and exits.
 /// Returns the write end of the pipe in the child.
 fn daemonize() -> Result<OwnedFd, MountError> {
@@ -511,9 +595,28 @@ fn serve(
         SessionACL::Owner
     };
     let fuse = FuseFs::new(fs.clone(), rt.handle().clone());
-    let mut session = Session::new(fuse, mountpoint, &config)
-        .map_err(|e| MountError(format!("mounting on {}: {e}", mountpoint.display())))?;
-    let mut unmounter = session.unmount_callable();
+    let source = match &config.mount_options[0] {
+        MountOption::FSName(s) => s.clone(),
+        _ => o.bucket.clone(),
+    };
+    let mount_err =
+        |e: std::io::Error| MountError(format!("mounting on {}: {e}", mountpoint.display()));
+    // As root, mount(2) directly as type fuse.s3fs (findmnt -t, df -t and
+    // monitoring tell the mount apart); otherwise fusermount3 mounts it.
+    let (session, mut unmounter) =
+        match mount_fuse_s3fs(mountpoint, &source, o, config.acl).map_err(mount_err)? {
+            Some(fd) => (
+                Session::from_fd(fuse, fd, config.acl, config.clone()).map_err(mount_err)?,
+                None,
+            ),
+            None => {
+                let mut s = Session::new(fuse, mountpoint, &config).map_err(mount_err)?;
+                let u = s.unmount_callable();
+                (s, Some(u))
+            }
+        };
+    fs.mount_id
+        .store(mount_id_of(mountpoint).unwrap_or(0), Ordering::Relaxed);
     let info = crate::status::MountInfo {
         bucket: o.bucket.clone(),
         prefix: o.prefix.clone(),
@@ -552,7 +655,12 @@ fn serve(
         if !failed.is_empty() {
             error!(files = ?failed, "not uploaded; kept for the next mount");
         }
-        if unmounter.unmount().is_err() {
+        let unmounted = match unmounter.as_mut() {
+            Some(u) => u.unmount().is_ok(),
+            None => CString::new(mp.as_os_str().as_encoded_bytes())
+                .is_ok_and(|c| unsafe { libc::umount2(c.as_ptr(), 0) } == 0),
+        };
+        if !unmounted {
             // Busy: detach now; the session ends when the last file closes.
             if let Ok(c) = CString::new(mp.as_os_str().as_encoded_bytes()) {
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };

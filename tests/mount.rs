@@ -574,20 +574,6 @@ fn get_requests(m: &Mount) -> u64 {
     requests(m, "GET")
 }
 
-/// S3 requests of one type the mount made, from `bucketfs status`.
-fn requests(m: &Mount, op: &str) -> u64 {
-    let out = command().arg("status").arg(&m.dir).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let prefix = format!("{op} ");
-    text.lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix(&prefix)
-                .map(|n| n.trim().parse().unwrap())
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_cached_file_is_read_again_without_a_get_even_after_a_remount() {
     let m = mount("cache");

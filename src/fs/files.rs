@@ -57,6 +57,9 @@ pub struct FileHandle {
     /// nothing; the last release uploads whatever is left (a new empty
     /// file, an O_TRUNC that wrote nothing).
     wrote: std::sync::atomic::AtomicBool,
+    /// It created the file or truncated it at open (O_TRUNC), and no close
+    /// of it uploaded that yet (see `flush_from`).
+    made: std::sync::atomic::AtomicBool,
     /// The process (thread group) that opened it, 0 if unknown.
     opener: std::sync::atomic::AtomicU32,
     /// The thread that wrote through it last, 0 if unknown.
@@ -75,6 +78,7 @@ impl FileHandle {
             ino,
             writable: true,
             wrote: Default::default(),
+            made: true.into(),
             opener: Default::default(),
             last_writer: Default::default(),
             target: Mutex::new(None),
@@ -102,6 +106,10 @@ struct Readahead {
     next_offset: u64,
     window_blocks: u64,
 }
+
+/// Descriptors of a closing process looked at, at most (a process with
+/// more open files is taken to hold none of this one).
+const FDINFO_SCAN_MAX: usize = 4096;
 
 /// The shared write state of one inode, behind an async lock that may be
 /// held across an upload.
@@ -237,6 +245,7 @@ impl Fs {
             // of its descriptor before writing, and that close sends
             // nothing (one PUT per file, no empty version).
             wrote: Default::default(),
+            made: (writable && trunc).into(),
             opener: Default::default(),
             last_writer: Default::default(),
             target: Mutex::new(target),
@@ -740,13 +749,48 @@ impl Fs {
             );
             return Ok(());
         }
-        // A descriptor that wrote nothing uploads nothing at close, even
-        // for a new file: the last release uploads it (`touch f`, or the
-        // first close of `echo x > f`, which has not written yet).
-        if fhd.wrote.swap(false, Ordering::Relaxed) {
+        // A descriptor that wrote nothing uploads nothing, unless its open
+        // created or truncated the file and the closing process holds no
+        // other descriptor of it: a shell's `echo x > f` closes the
+        // original after dup2, before writing, and that close sends
+        // nothing (one PUT per file); `: > f` or a plain create-and-close
+        // lands at its close, as any write does. What no close sent, the
+        // last release does.
+        let wrote = fhd.wrote.swap(false, Ordering::Relaxed);
+        let made = !wrote
+            && fhd.writable
+            && fhd.made.load(Ordering::Relaxed)
+            && !tgid.is_some_and(|t| self.caller_holds_another(t, fhd.ino));
+        if wrote || made {
+            fhd.made.store(false, Ordering::Relaxed);
             return self.upload_now(fhd.ino).await;
         }
         Ok(())
+    }
+
+    /// Whether process `tgid` still has a descriptor open on inode `ino`
+    /// of this mount (read from /proc/TGID/fdinfo: `mnt_id` and `ino`).
+    /// False when that cannot be told (another mount namespace, /proc not
+    /// readable): the close then uploads, as a last close would.
+    fn caller_holds_another(&self, tgid: u32, ino: u64) -> bool {
+        let mount_id = self.mount_id.load(Ordering::Relaxed);
+        if mount_id == 0 {
+            return false;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{tgid}/fdinfo")) else {
+            return false;
+        };
+        fds.flatten().take(FDINFO_SCAN_MAX).any(|e| {
+            let Ok(info) = std::fs::read_to_string(e.path()) else {
+                return false;
+            };
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            field("mnt_id:") == Some(mount_id) && field("ino:") == Some(ino)
+        })
     }
 
     /// fsync: upload what is dirty, whoever wrote it.

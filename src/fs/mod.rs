@@ -236,6 +236,10 @@ pub struct Fs {
     odd: OddKeys,
     versions: versions::VersionCache,
     pub started: Instant,
+    /// The kernel's id of this mount (`mnt_id` in /proc/PID/fdinfo), 0
+    /// until known: tells whether a closing process still holds another
+    /// descriptor of a file (`files::caller_holds_another`).
+    pub mount_id: AtomicU64,
     /// When this mount started (multipart uploads older than that are not
     /// this mount's).
     pub started_at: SystemTime,
@@ -276,6 +280,7 @@ impl Fs {
             odd: OddKeys::default(),
             versions: versions::VersionCache::default(),
             started: Instant::now(),
+            mount_id: AtomicU64::new(0),
             started_at: SystemTime::now(),
             cfg,
         }

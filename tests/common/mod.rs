@@ -543,6 +543,20 @@ pub fn sh(cwd: &Path, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// S3 requests of one type the mount made, from `bucketfs status`.
+pub fn requests(m: &Mount, op: &str) -> u64 {
+    let out = command().arg("status").arg(&m.dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let prefix = format!("{op} ");
+    text.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(&prefix)
+                .map(|n| n.trim().parse().unwrap())
+        })
+        .unwrap_or(0)
+}
+
 /// The errno of an io::Error.
 pub fn errno(e: std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(-1)

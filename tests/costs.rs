@@ -1,0 +1,104 @@
+//! What everyday commands cost in S3 requests, through a real mount over
+//! a real local S3 server, counted by `bucketfs status` and checked in the
+//! bucket with the S3 API.
+
+mod common;
+
+use common::*;
+
+/// Long enough that no cache expires within a test, however slow the
+/// machine: the counts must not depend on speed.
+const PINNED: &str = "metadata_ttl=3600";
+
+#[test]
+fn a_shell_redirect_is_one_put_and_one_version() {
+    let b = Bucket::new(server(), "redirect", true);
+    let m = Mount::new(&b, PINNED);
+    let puts = requests(&m, "PUT");
+    sh(&m.dir, "echo x > new; echo y > new");
+    assert_eq!(requests(&m, "PUT") - puts, 2, "one PUT per redirect");
+    assert!(m.unmount().is_some());
+    let versions = b.versions("new");
+    assert_eq!(
+        versions.len(),
+        2,
+        "no empty version of a new or rewritten file: {versions:?}"
+    );
+    assert_eq!(b.get("new").unwrap(), b"y\n");
+}
+
+#[test]
+fn touch_of_a_new_file_lands_it_empty() {
+    let b = Bucket::new(server(), "touchnew", false);
+    let m = Mount::new(&b, PINNED);
+    sh(&m.dir, "touch empty");
+    assert!(m.unmount().is_some());
+    assert_eq!(b.get("empty").unwrap(), b"");
+}
+
+#[test]
+fn a_chmod_that_changes_nothing_sends_nothing() {
+    let b = Bucket::new(server(), "noopchmod", false);
+    let m = Mount::new(&b, PINNED);
+    b.put_meta(
+        "f",
+        b"data",
+        &[
+            ("mode", "33188"),
+            ("uid", "0"),
+            ("gid", "0"),
+            ("mtime", "1600000000"),
+        ],
+    );
+    sh(&m.dir, "stat f >/dev/null");
+    let copies = requests(&m, "COPY");
+    sh(
+        &m.dir,
+        "chmod 644 f; chown 0:0 f; touch -m -d @1600000000 f",
+    );
+    assert_eq!(requests(&m, "COPY") - copies, 0, "nothing changed");
+    sh(&m.dir, "chmod 600 f");
+    assert_eq!(requests(&m, "COPY") - copies, 1);
+    assert_eq!(
+        b.metadata("f").get("mode").map(String::as_str),
+        Some("33152")
+    );
+}
+
+#[test]
+fn a_missing_name_costs_one_list_and_no_head() {
+    let b = Bucket::new(server(), "probe", false);
+    let m = Mount::new(&b, PINNED);
+    b.put("folder/doc.txt", b"d");
+    sh(&m.dir, "stat folder >/dev/null");
+    let (lists, heads) = (requests(&m, "LIST"), requests(&m, "HEAD"));
+    for probe in [".Trash", ".hidden", ".directory"] {
+        let e = std::fs::metadata(m.path(&format!("folder/{probe}"))).unwrap_err();
+        assert_eq!(errno(e), libc::ENOENT);
+    }
+    assert_eq!(requests(&m, "LIST") - lists, 3, "one LIST per missing name");
+    assert_eq!(requests(&m, "HEAD") - heads, 0, "no HEAD");
+}
+
+#[test]
+fn the_mount_shows_as_fuse_s3fs_with_the_bucket_as_source() {
+    let b = Bucket::new(server(), "mtab", false);
+    let m = Mount::new(&b, "");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let dir = m.dir.to_string_lossy().into_owned();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(dir.as_str()))
+        .expect("mounted");
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert_eq!(
+        (fields[0], fields[2]),
+        (b.name.as_str(), "fuse.s3fs"),
+        "{line}"
+    );
+    let out = std::process::Command::new("findmnt")
+        .args(["-n", "-t", "fuse.s3fs", "-o", "TARGET"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&dir));
+}
