@@ -347,8 +347,7 @@ fn mount_id_of(mountpoint: &Path) -> Option<u64> {
         })
         .collect();
     info.lines()
-        .filter(|l| l.split(' ').nth(4) == Some(want.as_str()))
-        .next_back()?
+        .rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))?
         .split(' ')
         .next()?
         .parse()
