@@ -597,9 +597,18 @@ impl Filesystem for FuseFs {
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         // `ls -l` asks every entry for security.selinux and the POSIX
-        // ACLs: answered here, without a task, as nothing holds them.
-        if !name.as_encoded_bytes().starts_with(b"user.s3.") {
-            return reply.error(fail(&FsError::NoAttr));
+        // ACLs, answered here without a task: no such attribute for a
+        // `user.` name, "not supported" for the other namespaces, which
+        // bucketfs does not keep. ls remembers that per filesystem and
+        // stops asking: two FUSE round trips fewer per listed entry.
+        let n = name.as_encoded_bytes();
+        if !n.starts_with(b"user.s3.") {
+            let e = if n.starts_with(b"user.") {
+                FsError::NoAttr
+            } else {
+                FsError::NotSupported
+            };
+            return reply.error(fail(&e));
         }
         let (fs, name) = (self.fs.clone(), name.to_owned());
         self.spawn(

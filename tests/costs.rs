@@ -102,3 +102,38 @@ fn the_mount_shows_as_fuse_s3fs_with_the_bucket_as_source() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(&dir));
 }
+
+/// `ls -l` asks every entry for security.selinux and the POSIX ACL: "not
+/// supported" (which ls remembers per filesystem, so it stops asking),
+/// while a missing `user.` name is "no such attribute" and the object's
+/// own `user.s3.*` attributes read.
+#[test]
+fn extended_attributes_bucketfs_does_not_keep_are_not_supported() {
+    let b = Bucket::new(server(), "xattrs", false);
+    let m = Mount::new(&b, PINNED);
+    b.put("f", b"data");
+    let get = |name: &str| -> Result<Vec<u8>, i32> {
+        let path =
+            std::ffi::CString::new(m.path("f").into_os_string().into_encoded_bytes()).unwrap();
+        let n = std::ffi::CString::new(name).unwrap();
+        let mut buf = vec![0u8; 256];
+        let r = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                n.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+        }
+        buf.truncate(r as usize);
+        Ok(buf)
+    };
+    assert_eq!(get("security.selinux"), Err(libc::ENOTSUP));
+    assert_eq!(get("system.posix_acl_access"), Err(libc::ENOTSUP));
+    assert_eq!(get("user.nope"), Err(libc::ENODATA));
+    let etag = String::from_utf8(get("user.s3.etag").unwrap()).unwrap();
+    assert!(etag.contains("8d777f385d3dfec8815d20f7496026dc"), "{etag}");
+}
