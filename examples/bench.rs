@@ -217,18 +217,20 @@ impl Mount {
                 c
             }
         };
+        let err_path = log.with_extension("stderr");
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&err_path).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", tool.name()));
         let start = Instant::now();
         while !mounted(dir) {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "{} did not mount",
-                tool.name()
+                "{} did not mount: {}",
+                tool.name(),
+                std::fs::read_to_string(&err_path).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -778,7 +780,13 @@ fn main() {
             raw.clone(),
             &mut || ls(),
         );
-        if tool == Tool::Bucketfs {
+        // An older build (a before/after run) may not have the option.
+        let nom = tool == Tool::Bucketfs
+            && Command::new(&a.bucketfs)
+                .arg("--help")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("no_object_metadata"));
+        if nom {
             m.stop();
             m = Mount::start_with(&a, tool, &dir, &cache, ",no_object_metadata");
         }
@@ -790,14 +798,10 @@ fn main() {
             ),
             raw,
             &mut || {
-                if tool == Tool::Bucketfs {
-                    ls()
-                } else {
-                    ("—".into(), f64::NAN)
-                }
+                if nom { ls() } else { ("—".into(), f64::NAN) }
             },
         );
-        if tool == Tool::Bucketfs {
+        if nom {
             m.stop();
             m = Mount::start_with(&a, tool, &dir, &cache, "");
         }
