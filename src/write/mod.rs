@@ -210,6 +210,8 @@ pub struct Staged {
     keep_files: bool,
     /// An upload was sent since the last journaled write.
     sent_since_write: bool,
+    /// Metadata was set while the data was dirty (chmod, utimes: `cp -p`).
+    meta_set: bool,
 }
 
 impl Staged {
@@ -236,6 +238,7 @@ impl Staged {
             stream: None,
             keep_files: false,
             sent_since_write: false,
+            meta_set: false,
         })
     }
 
@@ -379,6 +382,7 @@ impl Staged {
     /// The metadata the data is to be uploaded with changed (chmod while
     /// dirty): journaled, so a recovery uses it too.
     pub fn set_meta(&mut self, meta: &Metadata) -> io::Result<()> {
+        self.meta_set = true;
         if let Some(j) = &mut self.journal {
             j.meta_changed(meta)?;
         }
@@ -581,8 +585,13 @@ impl Staged {
         progress.done_bytes.store(0, Ordering::Relaxed);
         if let Some(mut s) = self.stream.take() {
             if s.key == key {
+                // The mtime of writes after the upload began is not worth a
+                // copy of the whole object: the object keeps the time it
+                // was begun at. A mode, owner or time set on purpose is.
+                let unchanged =
+                    s.meta == *meta || (!self.meta_set && same_except(&s.meta, meta, MTIME_KEY));
                 match self.finish_stream(&mut s, store, progress).await {
-                    Ok(put) if s.meta == *meta => {
+                    Ok(put) if unchanged => {
                         self.uploads.retain(|u| *u != s.upload_id);
                         return Ok(put);
                     }
@@ -1064,6 +1073,20 @@ pub async fn scan(
     out
 }
 
+/// The metadata key of the modification time (s3fs-fuse's `x-amz-meta-mtime`).
+const MTIME_KEY: &str = "mtime";
+
+/// Whether `a` and `b` hold the same entries, `except` aside.
+fn same_except(a: &Metadata, b: &Metadata, except: &str) -> bool {
+    let strip = |m: &Metadata| {
+        m.iter()
+            .filter(|(k, _)| k.as_str() != except)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    strip(a) == strip(b)
+}
+
 /// Single PUTs up to this size are read into memory once, not streamed
 /// from the staging file (a read for the MD5, another for the body).
 const IN_MEMORY_PUT_MAX: u64 = 8 << 20;
@@ -1201,6 +1224,7 @@ async fn prepare_one(
         stream: None,
         keep_files: true,
         sent_since_write: false,
+        meta_set: false,
     };
     Ok(Found::Pending(Box::new(Adoptable {
         key,
@@ -1510,6 +1534,43 @@ mod tests {
         );
         assert_eq!(s.counters().bytes().0, 17 * MIB, "each byte sent once");
         assert_eq!(s.open_uploads(), 0);
+    }
+
+    /// The mtime moves with every write: that alone costs no self-copy of
+    /// the streamed object. A mode set while writing (`cp -p`) does.
+    #[tokio::test]
+    async fn a_streamed_file_is_copied_onto_itself_only_for_metadata_set_on_purpose() {
+        let meta = |mode: &str, mtime: &str| -> Metadata {
+            [("mode", mode), ("mtime", mtime)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        for (chmod, copies) in [(false, 0), (true, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Arc::new(MemStore::versioned());
+            let store: Arc<dyn ObjectStore> = s.clone();
+            let mut st = Staged::new(dir.path(), None, None).unwrap();
+            let data: Vec<u8> = (0..12 * MIB).map(|i| (i % 251) as u8).collect();
+            for c in data.chunks(MIB as usize) {
+                let off = st.size();
+                st.write(off, c).unwrap();
+                st.stream(&store, "f", &meta("33188", "100"), &opts()).await;
+            }
+            let last = if chmod {
+                st.set_meta(&meta("33152", "50")).unwrap();
+                meta("33152", "50")
+            } else {
+                meta("33188", "107")
+            };
+            st.upload(&*store, "f", &last, &opts(), &Progress::default())
+                .await
+                .unwrap();
+            assert_eq!(s.object("f").unwrap().as_ref(), &data[..]);
+            assert_eq!(s.counters().get(Op::Copy), copies, "chmod: {chmod}");
+            let mode = s.metadata("f").unwrap()["mode"].clone();
+            assert_eq!(mode, if chmod { "33152" } else { "33188" });
+        }
     }
 
     #[tokio::test]
