@@ -44,7 +44,7 @@ impl Server {
         let port = free_port();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut cmd = Command::new("python3");
+            let mut cmd = Command::new(python());
             cmd.args([
                 "-m",
                 "moto.server",
@@ -64,7 +64,7 @@ impl Server {
             }
             let mut child = cmd
                 .spawn()
-                .expect("start moto (pip install 'moto[server]')");
+                .expect("start moto (run scripts/deps: it installs moto into .venv/)");
             tx.send(child.id()).unwrap();
             // This thread is the server's parent for PDEATHSIG: keep it alive.
             let _ = child.wait();
@@ -80,6 +80,17 @@ impl Server {
     /// Kills the server (for tests of an unreachable endpoint).
     pub fn kill(&self) {
         unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// The python that has moto: `.venv/bin/python3` of the repository (where
+/// scripts/deps installs it), else `python3` from PATH.
+pub fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
     }
 }
 
