@@ -161,10 +161,18 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
                         UploadPartCopy, which S3 may take minutes to answer (default 300)
   upload_retry_max=SECS longest wait between background retries of a failed upload
                         (default 300; staged data is kept and retried until it lands)
-  log_file=PATH         log here instead of syslog/stderr
+  log_file=PATH         log here instead of the journal, syslog or stderr
+                        (reopened on SIGHUP, for logrotate)
 Ignored (fstab/systemd): defaults, _netdev, nofail, auto, noauto, user, users,
   x-systemd.*, comment=*, dev, suid, exec, atime, noatime, async
-SIZE takes K, M, G suffixes (powers of 1024).";
+SIZE takes K, M, G suffixes (powers of 1024).
+
+Logs: with -f, to stderr. In the background, to the systemd journal when it
+runs (read them with: journalctl -t bucketfs), else to syslog (identifier
+bucketfs), else to CACHE_DIR/bucketfs.log; the command says which once mounted.
+-o log_file=PATH sends them to a file instead. The level is info (fuser's own
+messages: errors only); -v adds debug; RUST_LOG overrides both, e.g.
+RUST_LOG=bucketfs=debug or RUST_LOG=bucketfs=trace,fuser=debug.";
 
 /// Options that mount(8), fstab and systemd pass but mean nothing here.
 fn is_ignored(name: &str) -> bool {

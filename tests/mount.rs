@@ -502,13 +502,19 @@ fn background_mount_returns_once_live_and_serves() {
         &tmp.path().join("cache"),
         &tmp.path().join("log"),
     );
-    let status = command()
+    let out = command()
         .args(["-o", &opts, &b.name])
         .arg(&mp)
         .stdin(Stdio::null())
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    assert!(out.status.success());
+    // It says where the daemon logs, in one line.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim(),
+        format!("bucketfs: logging to {}", tmp.path().join("log").display()),
+    );
     // Live the moment the command returned: no waiting.
     assert!(is_mounted(&mp));
     assert_eq!(fs::read(mp.join("hello")).unwrap(), b"from s3");

@@ -338,6 +338,8 @@ pub struct Mount {
     _tmp: tempfile::TempDir,
     cache: PathBuf,
     extra: String,
+    /// Start the daemon without RUST_LOG: the filter a user gets.
+    default_log_filter: bool,
 }
 
 pub fn bin() -> &'static str {
@@ -371,6 +373,16 @@ pub fn command() -> Command {
 
 impl Mount {
     pub fn new(bucket: &Bucket, extra: &str) -> Mount {
+        Self::new_with(bucket, extra, false)
+    }
+
+    /// A mount logging (to `log`) with the default filter a user gets,
+    /// not the tests' `bucketfs=debug`.
+    pub fn with_default_log_filter(bucket: &Bucket, extra: &str) -> Mount {
+        Self::new_with(bucket, extra, true)
+    }
+
+    fn new_with(bucket: &Bucket, extra: &str, default_log_filter: bool) -> Mount {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("mnt");
         let cache = tmp.path().join("cache");
@@ -384,6 +396,7 @@ impl Mount {
             _tmp: tmp,
             cache,
             extra: extra.to_string(),
+            default_log_filter,
         };
         m.start();
         m
@@ -404,7 +417,11 @@ impl Mount {
         if !self.extra.is_empty() {
             opts = format!("{opts},{}", self.extra);
         }
-        let mut child = command()
+        let mut cmd = command();
+        if self.default_log_filter {
+            cmd.env_remove("RUST_LOG");
+        }
+        let mut child = cmd
             .args(["-f", "-o", &opts, &self.source()])
             .arg(&self.dir)
             .stdin(Stdio::null())
