@@ -196,6 +196,20 @@ pub fn fs_config(o: &Options, cache_dir: &Path, identity: &str) -> FsConfig {
     }
 }
 
+/// The one line for a mount whose credentials chain found nothing.
+fn no_credentials_message(o: &Options) -> String {
+    let profile = o
+        .profile
+        .clone()
+        .or_else(|| std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty()))
+        .unwrap_or_else(|| "default".into());
+    format!(
+        "no credentials found (looked in: environment AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+         profile {profile:?} in ~/.aws/credentials and ~/.aws/config, web identity, container and \
+         instance metadata); set them or use -o passwd_file="
+    )
+}
+
 fn describe_connect_error(o: &Options, e: &StoreError) -> String {
     let endpoint = o.endpoint.as_deref().unwrap_or("AWS S3");
     match e {
@@ -559,13 +573,16 @@ fn serve(
         retry_time: o.retry_time,
         long_timeout: o.long_timeout,
     };
-    let store = rt.block_on(async {
-        let store = S3Store::connect(&settings).await?;
-        store.check_bucket().await?;
-        Ok::<_, StoreError>(store)
-    });
-    let store = store.map_err(|e| MountError(describe_connect_error(o, &e)))?;
-    let identity = rt.block_on(store.access_key_id()).unwrap_or_default();
+    let store = rt
+        .block_on(S3Store::connect(&settings))
+        .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+    // No credentials at all is said as such, not as the "access denied"
+    // the first request would end in.
+    let identity = rt
+        .block_on(store.access_key_id())
+        .ok_or_else(|| MountError(no_credentials_message(o)))?;
+    rt.block_on(store.check_bucket())
+        .map_err(|e| MountError(describe_connect_error(o, &e)))?;
     let store: Arc<dyn ObjectStore> = Arc::new(store);
     let cfg = fs_config(o, &cache_root(o)?, &identity);
     crate::private::create_private_dir(&cfg.staging_dir)

@@ -493,6 +493,49 @@ fn wrong_credentials_are_one_clear_line_and_nothing_mounted() {
 }
 
 #[test]
+fn no_credentials_at_all_is_said_in_one_line() {
+    let b = Bucket::new(server(), "nocreds", false);
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    fs::create_dir(&home).unwrap();
+    let (_mp_tmp, mp) = scratch_mountpoint();
+    let opts = format!(
+        "endpoint={},path_style,cache_dir={}",
+        b.endpoint,
+        tmp.path().join("cache").display()
+    );
+    for (extra, profile) in [("", "default"), (",profile=work", "work")] {
+        // An empty HOME, no AWS_* variables, and no instance metadata
+        // lookup: no request leaves 127.0.0.1.
+        let out = command()
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("HOME", &home)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .args(["-o", &format!("{opts}{extra}"), &b.name])
+            .arg(&mp)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{extra}: mounted without credentials"
+        );
+        assert_eq!(
+            err.trim(),
+            format!(
+                "bucketfs: no credentials found (looked in: environment \
+                 AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile \"{profile}\" in \
+                 ~/.aws/credentials and ~/.aws/config, web identity, container and instance \
+                 metadata); set them or use -o passwd_file="
+            )
+        );
+        assert!(!is_mounted(&mp));
+    }
+}
+
+#[test]
 fn background_mount_returns_once_live_and_serves() {
     let b = Bucket::new(server(), "bg", false);
     b.put("hello", b"from s3");
