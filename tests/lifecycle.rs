@@ -452,3 +452,37 @@ fn ordinary_edits_log_no_warning_and_every_log_entry_is_one_line() {
         );
     }
 }
+
+#[test]
+fn help_lists_the_subcommands_and_each_has_its_own() {
+    let run = |args: &[&str]| {
+        let out = command().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let top = run(&["--help"]);
+    for want in [
+        "bucketfs [OPTIONS] BUCKET[:/PREFIX] MOUNTPOINT",
+        "bucketfs status MOUNTPOINT",
+        "status  Report on a live mount",
+        "journalctl -t bucketfs",
+        "RUST_LOG",
+    ] {
+        assert!(top.contains(want), "--help lacks {want:?}:\n{top}");
+    }
+    // `help` is help, not a bucket named "help".
+    assert_eq!(run(&["help"]), top);
+    let status = run(&["status", "--help"]);
+    assert!(
+        status.contains("Usage: bucketfs status <MOUNTPOINT>"),
+        "{status}"
+    );
+    assert_eq!(run(&["help", "status"]), status);
+    // status without a mount is one line and non-zero.
+    let out = command().args(["status", "/"]).output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+        1
+    );
+}
