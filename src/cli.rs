@@ -108,6 +108,7 @@ impl Cli {
         }
         o.path_style |= self.path_style;
         o.read_only |= self.read_only;
+        o.validate()?;
         Ok((o, notices, self.verbose))
     }
 }

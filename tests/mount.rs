@@ -441,6 +441,18 @@ fn mount_failures_exit_non_zero_with_one_line_and_leave_nothing_mounted() {
             "unknown option",
         ),
         (
+            format!("endpoint={ep},path_style,part_size=1M"),
+            "b".into(),
+            mp.clone(),
+            "option part_size: 1M is outside 5M..=5G",
+        ),
+        (
+            format!("endpoint={ep},path_style,block_size=8M,mem_cache=4M"),
+            "b".into(),
+            mp.clone(),
+            "option mem_cache",
+        ),
+        (
             format!("endpoint={ep},path_style"),
             "b".into(),
             tmp.path().join("nope"),
@@ -655,6 +667,23 @@ fn a_cached_file_is_read_again_without_a_get_even_after_a_remount() {
     m.remount();
     assert_eq!(sha256_file(&m.path("f")), sha256(&data));
     assert_eq!(get_requests(&m), 0, "disk hit after a remount: no GET");
+}
+
+#[test]
+fn readahead_0_reads_sequentially_without_read_ahead() {
+    let b = Bucket::new(server(), "noahead", false);
+    let data = pattern(5 * 1024 * 1024 + 123, 7);
+    b.put("f", &data);
+    let m = Mount::new(&b, "readahead=0,metadata_ttl=3600");
+    assert_eq!(sha256_file(&m.path("f")), sha256(&data));
+    // Each block fetched once, none ahead of the reads.
+    assert_eq!(get_requests(&m), 6);
+    // A partial read in the middle, then on to the end.
+    let out = sh(&m.dir, "tail -c 1000 f | sha256sum");
+    assert!(
+        out.starts_with(&sha256(&data[data.len() - 1000..])),
+        "{out}"
+    );
 }
 
 #[test]
