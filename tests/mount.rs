@@ -74,7 +74,17 @@ fn cp_in_and_out_keeps_bytes_across_the_multipart_threshold() {
             "{name} read back"
         );
     }
-    assert_eq!(m.bucket.open_multipart_uploads(), 0);
+    // A streaming upload that close() does not use (the file ended up a
+    // single part) is aborted in the background: on a loaded machine that
+    // abort can still be in flight here.
+    assert!(
+        poll(Duration::from_secs(30), || m
+            .bucket
+            .open_multipart_uploads()
+            == 0),
+        "multipart uploads left open: {}",
+        m.bucket.open_multipart_uploads()
+    );
 }
 
 #[test]
