@@ -3,11 +3,15 @@
 //! ```text
 //! bucketfs [-f] [-o OPT[,OPT...]] BUCKET[:/PREFIX] MOUNTPOINT
 //! mount.s3fs BUCKET[:/PREFIX] MOUNTPOINT [-sfnv] [-o OPTS]   (the same program)
+//! bucketfs status MOUNTPOINT
+//! bucketfs help [COMMAND]
 //! ```
 //!
-//! Options after the positionals are accepted, as mount(8) passes them.
+//! Options after the positionals are accepted, as mount(8) passes them. A
+//! first word that names a subcommand (`status`, `help`) is that
+//! subcommand; a bucket with such a name is mounted as `bucketfs -- status DIR`.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::config::{ConfigError, OPTION_HELP, Options};
 
@@ -16,13 +20,22 @@ use crate::config::{ConfigError, OPTION_HELP, Options};
     name = "bucketfs",
     version,
     about = "Mount an S3 bucket as a directory",
+    override_usage = "bucketfs [OPTIONS] BUCKET[:/PREFIX] MOUNTPOINT\n       \
+                      bucketfs status MOUNTPOINT\n       \
+                      bucketfs help [COMMAND]",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
     after_help = OPTION_HELP
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// BUCKET or BUCKET:/PREFIX (a key prefix mounted as the root)
-    pub source: String,
+    #[arg(required = true, value_name = "BUCKET[:/PREFIX]")]
+    pub source: Option<String>,
     /// Existing directory to mount on
-    pub mountpoint: std::path::PathBuf,
+    #[arg(required = true, value_name = "MOUNTPOINT")]
+    pub mountpoint: Option<std::path::PathBuf>,
     /// Stay in the foreground (default: return once the mount is live)
     #[arg(short = 'f', long)]
     pub foreground: bool,
@@ -58,12 +71,30 @@ pub struct Cli {
     pub namespace: Option<String>,
 }
 
+/// What `bucketfs` does besides mounting.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Report on a live mount: bucket, endpoint, uptime, files not yet
+    /// uploaded, block cache use and the S3 requests made
+    #[command(
+        long_about = "Report on a live mount: the bucket, endpoint, uptime, the files open \
+                      for writing with data not yet in S3, block cache use and hit rate, and \
+                      the S3 requests made by type. Reads the mount's status socket (under \
+                      $XDG_RUNTIME_DIR/bucketfs or /run/bucketfs); never shows credentials."
+    )]
+    Status {
+        /// The directory a bucketfs mount is mounted on
+        mountpoint: std::path::PathBuf,
+    },
+}
+
 impl Cli {
     /// The mount's options, and notices about accepted no-op options.
     pub fn into_options(self) -> Result<(Options, Vec<String>, bool), ConfigError> {
         let mut o = Options::default();
-        o.set_source(&self.source)?;
-        o.mountpoint = self.mountpoint;
+        // clap requires both when there is no subcommand.
+        o.set_source(self.source.as_deref().unwrap_or_default())?;
+        o.mountpoint = self.mountpoint.unwrap_or_default();
         o.foreground = self.foreground;
         let mut notices = Vec::new();
         for opts in &self.options {
@@ -77,6 +108,7 @@ impl Cli {
         }
         o.path_style |= self.path_style;
         o.read_only |= self.read_only;
+        o.validate()?;
         Ok((o, notices, self.verbose))
     }
 }
@@ -100,6 +132,50 @@ mod tests {
         assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("bucket", "p/"));
         assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:1"));
         assert!(o.path_style && !o.foreground);
+    }
+
+    #[test]
+    fn status_is_a_subcommand_with_its_own_help() {
+        let cli = Cli::try_parse_from(["bucketfs", "status", "/mnt/x"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Status { ref mountpoint }) if mountpoint.as_os_str() == "/mnt/x")
+        );
+        let e = Cli::try_parse_from(["bucketfs", "status", "--help"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert!(e.to_string().contains("status <MOUNTPOINT>"), "{e}");
+        let e = Cli::try_parse_from(["bucketfs", "help"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+    }
+
+    #[test]
+    fn the_mount_form_is_unchanged() {
+        let cli = Cli::try_parse_from(["bucketfs", "-f", "-o", "ro", "b:/p", "/m"]).unwrap();
+        assert!(cli.command.is_none());
+        let (o, _, _) = cli.into_options().unwrap();
+        assert!(o.foreground && o.read_only);
+        // mount(8)'s helper flags, after the positionals.
+        let cli = Cli::try_parse_from([
+            "mount.s3fs",
+            "b",
+            "/m",
+            "-s",
+            "-n",
+            "-t",
+            "s3fs",
+            "-N",
+            "/proc/1/ns/mnt",
+            "-o",
+            "rw",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none() && cli.sloppy && cli.no_mtab);
+        // A bucket named like a subcommand, after --.
+        let cli = Cli::try_parse_from(["bucketfs", "--", "status", "/m"]).unwrap();
+        let (o, _, _) = cli.into_options().unwrap();
+        assert_eq!(o.bucket, "status");
+        // Without a mountpoint it is an error, not a mount of "".
+        assert!(Cli::try_parse_from(["bucketfs", "b"]).is_err());
+        assert!(Cli::try_parse_from(["bucketfs"]).is_err());
     }
 
     #[test]

@@ -9,6 +9,11 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 const MIB: u64 = 1024 * 1024;
+const TIB: u64 = 1024 * 1024 * MIB;
+/// S3's smallest part of a multipart upload (all but the last).
+const MIN_PART_BYTES: u64 = 5 * MIB;
+/// S3's largest part.
+const MAX_PART_BYTES: u64 = 5 * 1024 * MIB;
 
 /// Everything a mount is configured with.
 #[derive(Clone, Debug, PartialEq)]
@@ -147,9 +152,9 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
                         or /var/cache/bucketfs as root). s3fs alias: use_cache=
   mem_cache=SIZE        memory for cached blocks (default 64M)
   cache_size=SIZE       disk for cached blocks under cache_dir (default 1G; 0 = none)
-  block_size=SIZE       read block size (default 1M)
-  readahead=N           read-ahead window, in blocks (default 16)
-  part_size=SIZE        multipart part size (default 8M; grows to fit 10,000 parts).
+  block_size=SIZE       read block size, 64K..64M (default 1M)
+  readahead=N           read-ahead window, in blocks (default 16; 0 = none; max 256)
+  part_size=SIZE        multipart part size, 5M..5G (default 8M; grows to fit 10,000 parts).
                         s3fs alias: multipart_size=MB
   upload_concurrency=N  parts uploaded in parallel (default 8). s3fs alias: parallel_count=
   versions=visible      list .versions in readdir (default: hidden, reachable by name)
@@ -161,10 +166,18 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
                         UploadPartCopy, which S3 may take minutes to answer (default 300)
   upload_retry_max=SECS longest wait between background retries of a failed upload
                         (default 300; staged data is kept and retried until it lands)
-  log_file=PATH         log here instead of syslog/stderr
+  log_file=PATH         log here instead of the journal, syslog or stderr
+                        (reopened on SIGHUP, for logrotate)
 Ignored (fstab/systemd): defaults, _netdev, nofail, auto, noauto, user, users,
   x-systemd.*, comment=*, dev, suid, exec, atime, noatime, async
-SIZE takes K, M, G suffixes (powers of 1024).";
+SIZE takes K, M, G suffixes (powers of 1024).
+
+Logs: with -f, to stderr. In the background, to the systemd journal when it
+runs (read them with: journalctl -t bucketfs), else to syslog (identifier
+bucketfs), else to CACHE_DIR/bucketfs.log; the command says which once mounted.
+-o log_file=PATH sends them to a file instead. The level is info (fuser's own
+messages: errors only); -v adds debug; RUST_LOG overrides both, e.g.
+RUST_LOG=bucketfs=debug or RUST_LOG=bucketfs=trace,fuser=debug.";
 
 /// Options that mount(8), fstab and systemd pass but mean nothing here.
 fn is_ignored(name: &str) -> bool {
@@ -245,11 +258,61 @@ fn parse_num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ConfigError
         .map_err(|_| ConfigError(format!("option {name}: {v:?} is not a valid number")))
 }
 
+/// A number within `lo..=hi`; the error names the option and the range.
+fn num_in<T>(name: &str, v: &str, lo: T, hi: T, unit: &str) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let n: T = parse_num(name, v)?;
+    if n >= lo && n <= hi {
+        Ok(n)
+    } else {
+        Err(ConfigError(format!(
+            "option {name}: {v} is outside {lo}..={hi}{unit}"
+        )))
+    }
+}
+
+/// A size (K, M, G, T suffixes) within `lo..=hi` bytes, or 0 when
+/// `zero_ok`; the error names the option and the range.
+fn size_in(name: &str, v: &str, lo: u64, hi: u64, zero_ok: bool) -> Result<u64, ConfigError> {
+    let n = parse_size(v).map_err(|e| ConfigError(format!("option {name}: {e}")))?;
+    if (lo..=hi).contains(&n) || (zero_ok && n == 0) {
+        Ok(n)
+    } else {
+        Err(ConfigError(format!(
+            "option {name}: {v} is outside {}{}..={}",
+            if zero_ok { "0 (none) or " } else { "" },
+            show_size(lo),
+            show_size(hi)
+        )))
+    }
+}
+
+/// 5242880 -> "5M".
+fn show_size(n: u64) -> String {
+    for (unit, m) in [
+        ("T", 1024 * 1024 * MIB),
+        ("G", 1024 * MIB),
+        ("M", MIB),
+        ("K", 1024),
+    ] {
+        if n >= m && n.is_multiple_of(m) {
+            return format!("{}{unit}", n / m);
+        }
+    }
+    n.to_string()
+}
+
 fn parse_octal(name: &str, v: &str) -> Result<u32, ConfigError> {
     u32::from_str_radix(v.trim(), 8)
         .ok()
         .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| ConfigError(format!("option {name}: {v:?} is not an octal mode")))
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "option {name}: {v:?} is not an octal mode within 0..=7777"
+            ))
+        })
 }
 
 fn need<'a>(name: &str, v: Option<&'a str>) -> Result<&'a str, ConfigError> {
@@ -285,6 +348,18 @@ impl Options {
         Ok(())
     }
 
+    /// Checks what no single option can: called once every option is in.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.mem_cache_bytes < self.block_size_bytes {
+            return Err(ConfigError(format!(
+                "option mem_cache: {} is smaller than block_size ({}); it must hold at least one block",
+                show_size(self.mem_cache_bytes),
+                show_size(self.block_size_bytes)
+            )));
+        }
+        Ok(())
+    }
+
     /// Applies a comma-separated option string. Returns notices to print
     /// (options accepted without effect).
     pub fn apply(&mut self, opts: &str) -> Result<Vec<String>, ConfigError> {
@@ -312,8 +387,9 @@ impl Options {
                 "path_style" | "use_path_request_style" => self.path_style = true,
                 "profile" => self.profile = Some(need(name, value)?.to_string()),
                 "passwd_file" => self.passwd_file = Some(PathBuf::from(need(name, value)?)),
-                "uid" => self.uid = Some(parse_num(name, need(name, value)?)?),
-                "gid" => self.gid = Some(parse_num(name, need(name, value)?)?),
+                // u32::MAX is (uid_t)-1, "no owner" to the kernel.
+                "uid" => self.uid = Some(num_in(name, need(name, value)?, 0, u32::MAX - 1, "")?),
+                "gid" => self.gid = Some(num_in(name, need(name, value)?, 0, u32::MAX - 1, "")?),
                 "umask" => self.umask = Some(parse_octal(name, need(name, value)?)?),
                 "mp_umask" => self.mp_umask = Some(parse_octal(name, need(name, value)?)?),
                 "allow_other" => self.allow_other = true,
@@ -327,48 +403,50 @@ impl Options {
                 "nonempty" => self.nonempty = true,
                 "no_object_metadata" => self.object_metadata = false,
                 "metadata_ttl" => {
-                    let s: f64 = parse_num(name, need(name, value)?)?;
-                    if !(0.0..=86_400.0).contains(&s) {
-                        return Err(ConfigError(format!(
-                            "option metadata_ttl: {s} is outside 0..=86400"
-                        )));
-                    }
+                    let s = num_in(name, need(name, value)?, 0.0, 86_400.0, " seconds")?;
                     self.metadata_ttl = Duration::from_secs_f64(s);
                 }
                 "cache_dir" | "use_cache" => {
                     self.cache_dir = Some(PathBuf::from(need(name, value)?))
                 }
                 "mem_cache" => {
-                    self.mem_cache_bytes = parse_size(need(name, value)?)
-                        .map_err(|e| ConfigError(format!("option {name}: {e}")))?
+                    self.mem_cache_bytes = size_in(name, need(name, value)?, MIB, TIB, false)?
                 }
                 "cache_size" => {
-                    self.cache_size_bytes = parse_size(need(name, value)?)
-                        .map_err(|e| ConfigError(format!("option {name}: {e}")))?
+                    self.cache_size_bytes =
+                        size_in(name, need(name, value)?, MIB, 1024 * TIB, true)?
                 }
                 "block_size" => {
-                    let b = parse_size(need(name, value)?)
-                        .map_err(|e| ConfigError(format!("option {name}: {e}")))?;
-                    if !(64 * 1024..=64 * MIB).contains(&b) {
-                        return Err(ConfigError("option block_size: must be 64K..64M".into()));
-                    }
-                    self.block_size_bytes = b;
+                    self.block_size_bytes =
+                        size_in(name, need(name, value)?, 64 * 1024, 64 * MIB, false)?
                 }
-                "readahead" => self.readahead_max_blocks = parse_num(name, need(name, value)?)?,
+                // 0: no read-ahead, each read fetches only its own blocks.
+                "readahead" => {
+                    self.readahead_max_blocks =
+                        num_in(name, need(name, value)?, 0, 256, " blocks (0: none)")?
+                }
+                // S3's limits: parts of 5 MiB to 5 GiB (the last may be smaller).
                 "part_size" => {
-                    self.part_size_bytes = parse_size(need(name, value)?)
-                        .map_err(|e| ConfigError(format!("option {name}: {e}")))?
+                    self.part_size_bytes = size_in(
+                        name,
+                        need(name, value)?,
+                        MIN_PART_BYTES,
+                        MAX_PART_BYTES,
+                        false,
+                    )?
                 }
                 "multipart_size" => {
-                    let mb: u64 = parse_num(name, need(name, value)?)?;
+                    let mb: u64 = num_in(
+                        name,
+                        need(name, value)?,
+                        MIN_PART_BYTES / MIB,
+                        MAX_PART_BYTES / MIB,
+                        " MB",
+                    )?;
                     self.part_size_bytes = mb * MIB;
                 }
                 "upload_concurrency" | "parallel_count" => {
-                    let n: usize = parse_num(name, need(name, value)?)?;
-                    if !(1..=256).contains(&n) {
-                        return Err(ConfigError(format!("option {name}: must be 1..=256")));
-                    }
-                    self.upload_concurrency = n;
+                    self.upload_concurrency = num_in(name, need(name, value)?, 1, 256, "")?
                 }
                 "versions" => match need(name, value)? {
                     "visible" => self.versions_visible = true,
@@ -390,25 +468,14 @@ impl Options {
                     self.read_only = true;
                 }
                 "timeout" => {
-                    let s: u64 = parse_num(name, need(name, value)?)?;
-                    if !(1..=3600).contains(&s) {
-                        return Err(ConfigError(
-                            "option timeout: must be 1..=3600 seconds".into(),
-                        ));
-                    }
+                    let s = num_in(name, need(name, value)?, 1, 3600, " seconds")?;
                     self.timeout = Duration::from_secs(s);
                 }
                 "retries" => {
-                    self.max_attempts =
-                        parse_num::<u32>(name, need(name, value)?)?.saturating_add(1)
+                    self.max_attempts = num_in::<u32>(name, need(name, value)?, 0, 100, "")? + 1
                 }
                 "retry_time" | "long_timeout" | "upload_retry_max" => {
-                    let s: u64 = parse_num(name, need(name, value)?)?;
-                    if !(1..=86_400).contains(&s) {
-                        return Err(ConfigError(format!(
-                            "option {name}: must be 1..=86400 seconds"
-                        )));
-                    }
+                    let s = num_in(name, need(name, value)?, 1, 86_400, " seconds")?;
                     let d = Duration::from_secs(s);
                     match name {
                         "retry_time" => self.retry_time = d,
@@ -464,6 +531,78 @@ mod tests {
             let err = Options::default().apply(opt).unwrap_err();
             assert!(err.0.contains(word), "{opt}: {err}");
         }
+    }
+
+    /// Every numeric option is checked by range at mount time, and the
+    /// refusal names the option and the range in one line.
+    #[test]
+    fn numeric_options_are_bounded() {
+        let ok = |opt: &str| {
+            let mut o = Options::default();
+            o.apply(opt).unwrap_or_else(|e| panic!("{opt}: {e}"));
+            o
+        };
+        let refused = |opt: &str, range: &str| {
+            let err = Options::default().apply(opt).unwrap_err().0;
+            let name = opt.split('=').next().unwrap();
+            assert!(
+                err.starts_with(&format!("option {name}: ")) && err.contains(range),
+                "{opt}: {err:?} should name {range:?}"
+            );
+            assert!(!err.contains('\n'));
+        };
+        // S3's part limits, in both spellings.
+        assert_eq!(ok("part_size=5M").part_size_bytes, 5 * MIB);
+        assert_eq!(ok("part_size=5G").part_size_bytes, 5 * 1024 * MIB);
+        refused("part_size=4M", "5M..=5G");
+        refused("part_size=6G", "5M..=5G");
+        refused("part_size=0", "5M..=5G");
+        assert_eq!(ok("multipart_size=5").part_size_bytes, 5 * MIB);
+        refused("multipart_size=4", "5..=5120 MB");
+        refused("multipart_size=5121", "5..=5120 MB");
+        // Concurrency, retries, read-ahead.
+        assert_eq!(ok("upload_concurrency=1").upload_concurrency, 1);
+        refused("upload_concurrency=0", "1..=256");
+        refused("parallel_count=257", "1..=256");
+        assert_eq!(ok("readahead=0").readahead_max_blocks, 0);
+        assert_eq!(ok("readahead=256").readahead_max_blocks, 256);
+        refused("readahead=257", "0..=256 blocks");
+        refused("readahead=-1", "is not a valid number");
+        assert_eq!(ok("retries=0").max_attempts, 1);
+        refused("retries=101", "0..=100");
+        // Sizes.
+        assert_eq!(ok("block_size=64K").block_size_bytes, 64 * 1024);
+        refused("block_size=32K", "64K..=64M");
+        refused("block_size=128M", "64K..=64M");
+        refused("mem_cache=0", "1M..=1T");
+        refused("mem_cache=2T", "1M..=1T");
+        assert_eq!(ok("cache_size=0").cache_size_bytes, 0);
+        refused("cache_size=1K", "0 (none) or 1M..=1024T");
+        // Timeouts are > 0.
+        for t in ["timeout", "retry_time", "long_timeout", "upload_retry_max"] {
+            ok(&format!("{t}=1"));
+            refused(&format!("{t}=0"), "1..=");
+        }
+        refused("timeout=3601", "1..=3600 seconds");
+        refused("long_timeout=86401", "1..=86400 seconds");
+        assert_eq!(ok("metadata_ttl=0").metadata_ttl, Duration::ZERO);
+        refused("metadata_ttl=-1", "0..=86400 seconds");
+        refused("metadata_ttl=NaN", "0..=86400 seconds");
+        refused("metadata_ttl=inf", "0..=86400 seconds");
+        // Owners and modes.
+        assert_eq!(ok("uid=0").uid, Some(0));
+        refused("uid=4294967295", "0..=4294967294");
+        refused("gid=-1", "is not a valid number");
+        refused("umask=10000", "0..=7777");
+        // What depends on two options is checked once all are in.
+        let mut o = ok("block_size=4M");
+        o.apply("mem_cache=2M").unwrap();
+        let err = o.validate().unwrap_err().0;
+        assert!(
+            err.contains("mem_cache") && err.contains("block_size"),
+            "{err}"
+        );
+        assert!(Options::default().validate().is_ok());
     }
 
     #[test]

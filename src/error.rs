@@ -39,11 +39,18 @@ fn store_errno(e: &StoreError) -> i32 {
     }
 }
 
-/// Whether a failure is worth a log line above debug (ENOENT is routine).
+/// Whether a failure is worth a log line above debug (ENOENT is routine;
+/// so is ENOTSUP, which `sed -i` and `cp -a` get from setxattr when they
+/// copy ACLs and attributes a bucket cannot hold).
 pub fn is_expected(e: &FsError) -> bool {
     matches!(
         e,
-        FsError::NotFound | FsError::Exists | FsError::NotEmpty | FsError::NoAttr | FsError::Range
+        FsError::NotFound
+            | FsError::Exists
+            | FsError::NotEmpty
+            | FsError::NoAttr
+            | FsError::Range
+            | FsError::NotSupported
     )
 }
 

@@ -8,17 +8,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use bucketfs::cli::Cli;
+use bucketfs::cli::{Cli, Command};
 use bucketfs::{mount, status};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("status") {
-        let Some(mp) = args.get(2) else {
-            eprintln!("usage: bucketfs status MOUNTPOINT");
-            return ExitCode::from(1);
-        };
-        return match status::print(Path::new(mp)) {
+    let cli = Cli::parse();
+    if let Some(Command::Status { mountpoint }) = &cli.command {
+        return match status::print(mountpoint) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("bucketfs: {e}");
@@ -30,7 +27,6 @@ fn main() -> ExitCode {
         .first()
         .and_then(|a| Path::new(a).file_name())
         .is_some_and(|n| n.to_string_lossy().starts_with("mount."));
-    let cli = Cli::parse();
     let (mut opts, notices, verbose) = match cli.into_options() {
         Ok(x) => x,
         Err(e) => {

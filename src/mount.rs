@@ -197,6 +197,20 @@ pub fn fs_config(o: &Options, cache_dir: &Path, identity: &str) -> FsConfig {
     }
 }
 
+/// The one line for a mount whose credentials chain found nothing.
+fn no_credentials_message(o: &Options) -> String {
+    let profile = o
+        .profile
+        .clone()
+        .or_else(|| std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty()))
+        .unwrap_or_else(|| "default".into());
+    format!(
+        "no credentials found (looked in: environment AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+         profile {profile:?} in ~/.aws/credentials and ~/.aws/config, web identity, container and \
+         instance metadata); set them or use -o passwd_file="
+    )
+}
+
 fn describe_connect_error(o: &Options, e: &StoreError) -> String {
     let endpoint = o.endpoint.as_deref().unwrap_or("AWS S3");
     match e {
@@ -280,12 +294,15 @@ async fn recover_staged(fs: &Fs) -> bool {
     failed
 }
 
-/// Sends each log line to syslog (the journal, under systemd).
-struct SyslogWriter(Vec<u8>);
+/// Sends each log line to syslog with the priority of its level.
+struct SyslogWriter {
+    line: Vec<u8>,
+    priority: libc::c_int,
+}
 
 impl Write for SyslogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(buf);
+        self.line.extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -295,41 +312,156 @@ impl Write for SyslogWriter {
 
 impl Drop for SyslogWriter {
     fn drop(&mut self) {
-        let line = String::from_utf8_lossy(&self.0)
+        let line = String::from_utf8_lossy(&self.line)
             .trim_end()
             .replace('\0', " ");
         if let Ok(c) = CString::new(line) {
-            unsafe { libc::syslog(libc::LOG_INFO, c"%s".as_ptr(), c.as_ptr()) };
+            unsafe { libc::syslog(self.priority, c"%s".as_ptr(), c.as_ptr()) };
         }
     }
 }
 
-fn init_logging(o: &Options, verbose: bool, background: bool) -> Result<(), MountError> {
-    let default = if verbose {
-        "bucketfs=debug,fuser=info,warn"
+/// Makes a `SyslogWriter` per event, with the event's level as priority.
+struct Syslog;
+
+impl Syslog {
+    fn priority(level: &tracing::Level) -> libc::c_int {
+        match *level {
+            tracing::Level::ERROR => libc::LOG_ERR,
+            tracing::Level::WARN => libc::LOG_WARNING,
+            tracing::Level::INFO => libc::LOG_INFO,
+            _ => libc::LOG_DEBUG,
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Syslog {
+    type Writer = SyslogWriter;
+
+    fn make_writer(&'a self) -> SyslogWriter {
+        SyslogWriter {
+            line: Vec::new(),
+            priority: libc::LOG_INFO,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SyslogWriter {
+        SyslogWriter {
+            line: Vec::new(),
+            priority: Self::priority(meta.level()),
+        }
+    }
+}
+
+const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
+const SYSLOG_SOCKET: &str = "/dev/log";
+
+/// Where the log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LogTarget {
+    /// `log_file=`, or `<cache_dir>/bucketfs.log` in the background when
+    /// there is neither a journal nor a syslog socket.
+    File(PathBuf),
+    /// The systemd journal, natively, as `bucketfs`.
+    Journald,
+    /// syslog(3), as `bucketfs`, facility daemon.
+    Syslog,
+    /// The terminal (`-f` without `log_file=`).
+    Stderr,
+}
+
+impl LogTarget {
+    fn choose(o: &Options, background: bool) -> Result<LogTarget, MountError> {
+        Ok(if let Some(path) = &o.log_file {
+            LogTarget::File(path.clone())
+        } else if !background {
+            LogTarget::Stderr
+        } else if Path::new(JOURNALD_SOCKET).exists() {
+            LogTarget::Journald
+        } else if Path::new(SYSLOG_SOCKET).exists() {
+            LogTarget::Syslog
+        } else {
+            LogTarget::File(cache_root(o)?.join("bucketfs.log"))
+        })
+    }
+
+    /// One line for the user, before the process leaves the terminal.
+    fn describe(&self) -> String {
+        match self {
+            LogTarget::File(p) => format!("logging to {}", p.display()),
+            LogTarget::Journald => "logging to journald (journalctl -t bucketfs)".into(),
+            LogTarget::Syslog => format!(
+                "logging to syslog via {SYSLOG_SOCKET} (identifier bucketfs, facility daemon)"
+            ),
+            LogTarget::Stderr => "logging to stderr".into(),
+        }
+    }
+}
+
+/// The default filter: bucketfs at info, fuser only at error (it logs
+/// "Unmount failed" at a clean unmount and a multi-line WARN for each
+/// operation it does not implement), everything else at warn. `-v`:
+/// bucketfs at debug and fuser at warn. RUST_LOG overrides both.
+fn default_filter(verbose: bool) -> &'static str {
+    if verbose {
+        "bucketfs=debug,fuser=warn,warn"
     } else {
-        "bucketfs=info,warn"
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+        "bucketfs=info,fuser=error,warn"
+    }
+}
+
+fn init_logging(target: &LogTarget, verbose: bool) -> Result<(), MountError> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default_filter(verbose)));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let result = if let Some(path) = &o.log_file {
-        let file = LogFile::open(path)
-            .map_err(|e| MountError(format!("log_file {}: {e}", path.display())))?;
-        let log = Arc::new(LogFile {
-            path: path.clone(),
-            file: parking_lot::Mutex::new(file),
-        });
-        let _ = LOG_FILE.set(log.clone());
-        builder.with_ansi(false).with_writer(log).try_init()
-    } else if background {
-        unsafe { libc::openlog(c"bucketfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
-        builder
-            .with_ansi(false)
-            .without_time()
-            .with_writer(|| SyslogWriter(Vec::new()))
-            .try_init()
-    } else {
-        builder.with_writer(std::io::stderr).try_init()
+    let result = match target {
+        LogTarget::File(path) => {
+            let file = LogFile::open(path)
+                .map_err(|e| MountError(format!("log file {}: {e}", path.display())))?;
+            let log = Arc::new(LogFile {
+                path: path.clone(),
+                file: parking_lot::Mutex::new(file),
+            });
+            let _ = LOG_FILE.set(log.clone());
+            builder.with_ansi(false).with_writer(log).try_init()
+        }
+        LogTarget::Journald => {
+            use tracing_journald::{Priority, PriorityMappings};
+            let layer = tracing_journald::layer()
+                .map_err(|e| MountError(format!("journald ({JOURNALD_SOCKET}): {e}")))?
+                .with_syslog_identifier("bucketfs".into())
+                .with_priority_mappings(PriorityMappings {
+                    error: Priority::Error,
+                    warn: Priority::Warning,
+                    info: Priority::Informational,
+                    debug: Priority::Debug,
+                    trace: Priority::Debug,
+                });
+            let filter = EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(default_filter(verbose)));
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .try_init()
+                .map_err(|e| MountError(format!("logging: {e}")))?;
+            return Ok(());
+        }
+        LogTarget::Syslog => {
+            unsafe { libc::openlog(c"bucketfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+            builder
+                .with_ansi(false)
+                .without_time()
+                .with_writer(Syslog)
+                .try_init()
+        }
+        LogTarget::Stderr => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .try_init(),
     };
     result.map_err(|e| MountError(format!("logging: {e}")))
 }
@@ -417,8 +549,10 @@ fn mount_fuse_s3fs(
 }
 
 /// Forks; the parent waits for the child's readiness report and exits.
-/// Returns the write end of the pipe in the child.
-fn daemonize() -> Result<OwnedFd, MountError> {
+/// Returns the write end of the pipe in the child. Once the mount is live
+/// the parent prints `where_logs_go` (the one line a user sees, since the
+/// daemon has no terminal); a failure stays the one line of its reason.
+fn daemonize(where_logs_go: &str) -> Result<OwnedFd, MountError> {
     let mut fds = [0; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(MountError(format!(
@@ -442,6 +576,7 @@ fn daemonize() -> Result<OwnedFd, MountError> {
             let mut msg = String::new();
             let _ = std::fs::File::from(r).read_to_string(&mut msg);
             if msg == "OK" {
+                eprintln!("bucketfs: {where_logs_go}");
                 std::process::exit(EXIT_OK.into());
             }
             if msg.is_empty() {
@@ -476,10 +611,11 @@ pub fn run(o: Options, verbose: bool) -> u8 {
             Some(p) => Some(read_passwd_file(p, &o.bucket)?),
             None => None,
         };
+        let log_target = LogTarget::choose(&o, !o.foreground)?;
         if !o.foreground {
-            ready = Some(daemonize()?);
+            ready = Some(daemonize(&log_target.describe())?);
         }
-        init_logging(&o, verbose, !o.foreground)?;
+        init_logging(&log_target, verbose)?;
         serve(&o, &mountpoint, static_keys, &mut ready)
     })();
     match result {
@@ -520,13 +656,16 @@ fn serve(
         retry_time: o.retry_time,
         long_timeout: o.long_timeout,
     };
-    let store = rt.block_on(async {
-        let store = S3Store::connect(&settings).await?;
-        store.check_bucket().await?;
-        Ok::<_, StoreError>(store)
-    });
-    let store = store.map_err(|e| MountError(describe_connect_error(o, &e)))?;
-    let identity = rt.block_on(store.access_key_id()).unwrap_or_default();
+    let store = rt
+        .block_on(S3Store::connect(&settings))
+        .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+    // No credentials at all is said as such, not as the "access denied"
+    // the first request would end in.
+    let identity = rt
+        .block_on(store.access_key_id())
+        .ok_or_else(|| MountError(no_credentials_message(o)))?;
+    rt.block_on(store.check_bucket())
+        .map_err(|e| MountError(describe_connect_error(o, &e)))?;
     let store: Arc<dyn ObjectStore> = Arc::new(store);
     let cfg = fs_config(o, &cache_root(o)?, &identity);
     crate::private::create_private_dir(&cfg.staging_dir)
@@ -700,7 +839,7 @@ fn serve(
                 _ = hup.recv() => match LOG_FILE.get().map(|l| l.reopen()) {
                     Some(Err(e)) => error!(error = %e, "SIGHUP: could not reopen the log file"),
                     Some(Ok(())) => info!("SIGHUP: log file reopened"),
-                    None => info!("SIGHUP: nothing to reopen (logging to syslog or stderr)"),
+                    None => info!("SIGHUP: nothing to reopen (logging to the journal, syslog or stderr)"),
                 },
                 _ = usr1.recv() => {
                     for line in crate::status::report(&fs_usr, &usr_info).lines() {

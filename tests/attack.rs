@@ -468,6 +468,11 @@ fn a11_kill_9_after_chmod_600_of_a_dirty_open_file() {
     kill9(&m);
     drop(f);
     m.restart();
+    // The restarted mount uploads what was staged in the background: on a
+    // loaded machine the object is not in S3 yet when the mount is live.
+    wait_until(Duration::from_secs(60), "the recovered upload", || {
+        b.get("secret").is_some()
+    });
     let meta = b.metadata("secret");
     let d = m.dir.display();
     let (ok, out) = as_user(1000, &format!("cat {d}/secret"));

@@ -408,3 +408,81 @@ impl WriteAt for fs::File {
         self.write_all_at(data, off).unwrap();
     }
 }
+
+#[test]
+fn ordinary_edits_log_no_warning_and_every_log_entry_is_one_line() {
+    let b = Bucket::new(server(), "quietlog", false);
+    // The filter a user gets (no RUST_LOG), logging to log_file=.
+    let m = Mount::with_default_log_filter(&b, "");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("notes.txt");
+    fs::write(&src, "alpha\nbeta\n").unwrap();
+    // A plain cp, a sed -i (temp file and rename over), a vim-style save
+    // (swap file, the old file renamed to a backup, the new one written
+    // and fsync'd, swap and backup removed), and a python open(), which
+    // asks the file for TCGETS.
+    sh(
+        &m.dir,
+        &format!(
+            "cp {} f && sed -i 's/beta/gamma/' f && \
+             printf 'swap' > .f.swp && mv f f~ && printf 'alpha\\ndelta\\n' > f && \
+             sync f && rm .f.swp f~ && \
+             python3 -c 'print(open(\"f\").read()); open(\"g\", \"w\").write(\"x\")'",
+            src.display()
+        ),
+    );
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"alpha\ndelta\n");
+    assert_eq!(m.unmount(), Some(0), "clean exit\n{}", m.log_text());
+    assert_eq!(b.get("f").as_deref(), Some(&b"alpha\ndelta\n"[..]));
+    let log = m.log_text();
+    assert!(log.contains("unmounted"), "the log is written:\n{log}");
+    for line in log.lines() {
+        // Every entry starts with its timestamp and level: a line that
+        // does not is the continuation of a multi-line entry.
+        let mut words = line.split_whitespace();
+        let time = words.next().unwrap_or("");
+        let level = words.next().unwrap_or("");
+        assert!(
+            time.len() > 20 && time.as_bytes()[..4].iter().all(u8::is_ascii_digit),
+            "a continuation line (multi-line entry) in the log: {line:?}\n{log}"
+        );
+        assert!(
+            matches!(level, "INFO" | "DEBUG" | "TRACE"),
+            "a {level} line after ordinary edits: {line:?}\n{log}"
+        );
+    }
+}
+
+#[test]
+fn help_lists_the_subcommands_and_each_has_its_own() {
+    let run = |args: &[&str]| {
+        let out = command().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let top = run(&["--help"]);
+    for want in [
+        "bucketfs [OPTIONS] BUCKET[:/PREFIX] MOUNTPOINT",
+        "bucketfs status MOUNTPOINT",
+        "status  Report on a live mount",
+        "journalctl -t bucketfs",
+        "RUST_LOG",
+    ] {
+        assert!(top.contains(want), "--help lacks {want:?}:\n{top}");
+    }
+    // `help` is help, not a bucket named "help".
+    assert_eq!(run(&["help"]), top);
+    let status = run(&["status", "--help"]);
+    assert!(
+        status.contains("Usage: bucketfs status <MOUNTPOINT>"),
+        "{status}"
+    );
+    assert_eq!(run(&["help", "status"]), status);
+    // status without a mount is one line and non-zero.
+    let out = command().args(["status", "/"]).output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+        1
+    );
+}

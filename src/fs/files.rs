@@ -483,14 +483,17 @@ impl Fs {
         let bs = self.blocks.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
         let window = {
+            // readahead_max_blocks 0: no read-ahead at all.
+            let max = self.cfg.readahead_max_blocks;
             let mut ra = fhd.readahead.lock();
             ra.window_blocks = if offset == ra.next_offset && offset > 0 {
-                (ra.window_blocks * 2).clamp(1, self.cfg.readahead_max_blocks)
+                (ra.window_blocks * 2).clamp(1, max.max(1))
             } else if offset == 0 {
                 1
             } else {
                 0
-            };
+            }
+            .min(max);
             ra.next_offset = end;
             ra.window_blocks
         };

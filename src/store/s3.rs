@@ -221,6 +221,42 @@ const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUME
     .remove(b'.')
     .remove(b'~');
 
+/// Longest error text kept from an error chain.
+const ERROR_LINE_MAX_CHARS: usize = 300;
+
+/// An error and its `source()` chain as one line: the messages joined with
+/// ": " (a message already contained in the one before it is skipped),
+/// whitespace collapsed, at most `ERROR_LINE_MAX_CHARS` characters. The
+/// SDK's `DisplayErrorContext` runs to a thousand characters over several
+/// lines, which does not belong in a log line or a mount error.
+pub(crate) fn error_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let line = error_chain(err);
+    if line.chars().count() <= ERROR_LINE_MAX_CHARS {
+        return line;
+    }
+    let mut cut: String = line.chars().take(ERROR_LINE_MAX_CHARS - 3).collect();
+    cut.push_str("...");
+    cut
+}
+
+/// `error_line` without the length cap.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !text.is_empty() && !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 /// Classifies any SDK error. The message carries codes, never credentials.
 fn classify<E>(err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError
 where
@@ -229,7 +265,7 @@ where
     match &err {
         SdkError::TimeoutError(_) => StoreError::Transient("request timed out".into()),
         SdkError::DispatchFailure(d) => {
-            let detail = format!("{}", aws_sdk_s3::error::DisplayErrorContext(&err));
+            let detail = error_chain(&err);
             if detail.contains("credentials") {
                 StoreError::AccessDenied("no usable credentials found (environment, profile, passwd_file or instance role)".into())
             } else if d.is_timeout() {
@@ -247,7 +283,7 @@ where
             let msg = match se.err().message() {
                 Some(m) if !m.is_empty() => format!("{status} {code} {m}"),
                 _ if code.is_empty() => {
-                    format!("{status} {}", aws_sdk_s3::error::DisplayErrorContext(&err))
+                    format!("{status} {}", error_line(&err))
                 }
                 _ => format!("{status} {code}"),
             };
@@ -276,7 +312,7 @@ where
                 _ => StoreError::Other(msg),
             }
         }
-        _ => StoreError::Other(format!("{}", aws_sdk_s3::error::DisplayErrorContext(&err))),
+        _ => StoreError::Other(error_line(&err)),
     }
 }
 
@@ -873,5 +909,45 @@ impl ObjectStore for S3Store {
 
     fn counters(&self) -> &Counters {
         &self.counters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Chain(&'static str, Option<Box<Chain>>);
+
+    impl std::fmt::Display for Chain {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Chain {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|c| c as _)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_is_one_short_line() {
+        let e = Chain(
+            "dispatch failure",
+            Some(Box::new(Chain(
+                "io error:\n  connection refused",
+                Some(Box::new(Chain("connection refused", None))),
+            ))),
+        );
+        assert_eq!(
+            error_line(&e),
+            "dispatch failure: io error: connection refused"
+        );
+        let long: &'static str = Box::leak("x ".repeat(400).into_boxed_str());
+        let e = Chain("outer", Some(Box::new(Chain(long, None))));
+        let line = error_line(&e);
+        assert_eq!(line.chars().count(), ERROR_LINE_MAX_CHARS);
+        assert!(line.ends_with("...") && !line.contains('\n'));
     }
 }

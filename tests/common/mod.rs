@@ -44,7 +44,7 @@ impl Server {
         let port = free_port();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut cmd = Command::new("python3");
+            let mut cmd = Command::new(python());
             cmd.args([
                 "-m",
                 "moto.server",
@@ -64,7 +64,7 @@ impl Server {
             }
             let mut child = cmd
                 .spawn()
-                .expect("start moto (pip install 'moto[server]')");
+                .expect("start moto (run scripts/deps: it installs moto into .venv/)");
             tx.send(child.id()).unwrap();
             // This thread is the server's parent for PDEATHSIG: keep it alive.
             let _ = child.wait();
@@ -80,6 +80,17 @@ impl Server {
     /// Kills the server (for tests of an unreachable endpoint).
     pub fn kill(&self) {
         unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// The python that has moto: `.venv/bin/python3` of the repository (where
+/// scripts/deps installs it), else `python3` from PATH.
+pub fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
     }
 }
 
@@ -327,6 +338,8 @@ pub struct Mount {
     _tmp: tempfile::TempDir,
     cache: PathBuf,
     extra: String,
+    /// Start the daemon without RUST_LOG: the filter a user gets.
+    default_log_filter: bool,
 }
 
 pub fn bin() -> &'static str {
@@ -360,6 +373,16 @@ pub fn command() -> Command {
 
 impl Mount {
     pub fn new(bucket: &Bucket, extra: &str) -> Mount {
+        Self::new_with(bucket, extra, false)
+    }
+
+    /// A mount logging (to `log`) with the default filter a user gets,
+    /// not the tests' `bucketfs=debug`.
+    pub fn with_default_log_filter(bucket: &Bucket, extra: &str) -> Mount {
+        Self::new_with(bucket, extra, true)
+    }
+
+    fn new_with(bucket: &Bucket, extra: &str, default_log_filter: bool) -> Mount {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("mnt");
         let cache = tmp.path().join("cache");
@@ -373,6 +396,7 @@ impl Mount {
             _tmp: tmp,
             cache,
             extra: extra.to_string(),
+            default_log_filter,
         };
         m.start();
         m
@@ -393,7 +417,11 @@ impl Mount {
         if !self.extra.is_empty() {
             opts = format!("{opts},{}", self.extra);
         }
-        let mut child = command()
+        let mut cmd = command();
+        if self.default_log_filter {
+            cmd.env_remove("RUST_LOG");
+        }
+        let mut child = cmd
             .args(["-f", "-o", &opts, &self.source()])
             .arg(&self.dir)
             .stdin(Stdio::null())
