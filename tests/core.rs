@@ -985,3 +985,30 @@ async fn a_missing_name_costs_one_request_and_a_lookup_tells_files_from_director
         "a prefix of a name is not a name"
     );
 }
+
+/// A chmod or chown whose self-copy fails changes nothing the kernel is
+/// shown: the node keeps the attributes that are in S3.
+#[tokio::test]
+async fn a_failed_chmod_leaves_the_attributes_as_stored() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", b"data", s3fs_meta(0o100600, 42, 1_000_000_000));
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let f = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    assert_eq!(f.perm, 0o600);
+    s.fail_next(Op::Copy, 1, StoreError::Transient("503 SlowDown".into()));
+    let chmod = SetAttr {
+        mode: Some(0o644),
+        uid: Some(7),
+        ..SetAttr::default()
+    };
+    assert!(fs.setattr(f.ino, chmod).await.is_err());
+    let shown = fs.getattr(f.ino).await.unwrap();
+    assert_eq!((shown.perm, shown.uid), (0o600, 42));
+    // And a chmod that lands is shown.
+    let chmod = SetAttr {
+        mode: Some(0o640),
+        ..SetAttr::default()
+    };
+    assert_eq!(fs.setattr(f.ino, chmod).await.unwrap().perm, 0o640);
+    assert_eq!(fs.getattr(f.ino).await.unwrap().perm, 0o640);
+}

@@ -557,26 +557,38 @@ impl Fs {
             n.attr.ctime = SystemTime::now();
             return Ok(n.attr.clone());
         }
-        let new = {
-            let mut t = self.table.lock();
-            let n = t.get_mut(ino).ok_or(FsError::NotFound)?;
+        // The node shows the new attributes only once they are stored: a
+        // chmod whose copy fails changes nothing visible.
+        let ctime = SystemTime::now();
+        let change = |a: &mut Attr| {
             if let Some(m) = s.mode {
-                n.attr.perm = (m & 0o7777) as u16;
+                a.perm = (m & 0o7777) as u16;
             }
             if let Some(u) = s.uid {
-                n.attr.uid = u;
+                a.uid = u;
             }
             if let Some(g) = s.gid {
-                n.attr.gid = g;
+                a.gid = g;
             }
             if let Some(t) = s.mtime {
-                n.attr.mtime = t;
+                a.mtime = t;
             }
-            n.attr.ctime = SystemTime::now();
-            n.attr.clone()
+            a.ctime = ctime;
+        };
+        let commit = || -> FsResult<Attr> {
+            let mut t = self.table.lock();
+            let n = t.get_mut(ino).ok_or(FsError::NotFound)?;
+            change(&mut n.attr);
+            Ok(n.attr.clone())
+        };
+        let new = {
+            let t = self.table.lock();
+            let mut a = t.get(ino).ok_or(FsError::NotFound)?.attr.clone();
+            change(&mut a);
+            a
         };
         if path.is_empty() {
-            return Ok(new);
+            return commit();
         }
         // An open file: its state decides, under its lock. Dirty data
         // carries the new metadata; a clean one is copied onto itself and
@@ -584,7 +596,7 @@ impl Fs {
         let mut st = self.live(ino).await;
         if let Some(st) = st.as_mut().filter(|st| st.dirty) {
             st.staged.set_meta(&new.to_metadata())?;
-            return Ok(new);
+            return commit();
         }
         // Not open: store the new metadata on the object itself.
         let meta = new.to_metadata();
@@ -609,10 +621,12 @@ impl Fs {
         } else {
             let key = self.key_of(&path);
             let put = self.store.copy(&key, &key, Some(&meta), None).await?;
+            let new = commit()?;
             self.own_copy(ino, st.as_deref_mut(), &key, &put, Some(&meta));
             self.versions.forget(&path);
             return Ok(new);
         };
+        let new = commit()?;
         self.versions.forget(&path);
         let size = object.as_ref().map_or(0, |o| o.size);
         let okey = object.map_or_else(|| format!("{}/", self.key_of(&path)), |o| o.key);
