@@ -369,27 +369,35 @@ fn wait_in_s3(rt: &tokio::runtime::Runtime, s3: &Client, bucket: &str, key: &str
     })
 }
 
-/// Counts the keys under `prefix` (all pages).
-fn count_keys(rt: &tokio::runtime::Runtime, s3: &Client, bucket: &str, prefix: &str) -> usize {
-    rt.block_on(async {
-        let mut token = None;
-        let mut n = 0;
-        loop {
-            let p = s3
-                .list_objects_v2()
-                .bucket(bucket)
-                .prefix(prefix)
-                .set_continuation_token(token)
-                .send()
-                .await
-                .unwrap();
-            n += p.contents().len();
-            token = p.next_continuation_token().map(str::to_string);
-            if token.is_none() {
-                return n;
-            }
+/// Every key under `prefix` (all pages), rolled up at `delimiter`.
+async fn list_keys(
+    s3: &Client,
+    bucket: &str,
+    prefix: &str,
+    delimiter: Option<&str>,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut token = None;
+    loop {
+        let p = s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_delimiter(delimiter.map(str::to_string))
+            .set_continuation_token(token)
+            .send()
+            .await
+            .unwrap();
+        keys.extend(
+            p.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_string)),
+        );
+        token = p.next_continuation_token().map(str::to_string);
+        if token.is_none() {
+            return keys;
         }
-    })
+    }
 }
 
 fn read_rss(pid: u32) -> u64 {
@@ -560,24 +568,7 @@ fn main() {
     });
     let raw_list = rt.block_on(async {
         let t = Instant::now();
-        let mut token = None;
-        let mut n = 0;
-        loop {
-            let p = s3
-                .list_objects_v2()
-                .bucket(&a.bucket)
-                .prefix("many/")
-                .delimiter("/")
-                .set_continuation_token(token)
-                .send()
-                .await
-                .unwrap();
-            n += p.contents().len();
-            token = p.next_continuation_token().map(str::to_string);
-            if token.is_none() {
-                break;
-            }
-        }
+        let n = list_keys(&s3, &a.bucket, "many/", Some("/")).await.len();
         assert_eq!(n, a.entries);
         t.elapsed()
     });
@@ -585,28 +576,7 @@ fn main() {
     // a HEAD of every entry, 64 in flight.
     let raw_list_head = rt.block_on(async {
         let t = Instant::now();
-        let mut keys = Vec::new();
-        let mut token = None;
-        loop {
-            let p = s3
-                .list_objects_v2()
-                .bucket(&a.bucket)
-                .prefix("many/")
-                .delimiter("/")
-                .set_continuation_token(token)
-                .send()
-                .await
-                .unwrap();
-            keys.extend(
-                p.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
-            );
-            token = p.next_continuation_token().map(str::to_string);
-            if token.is_none() {
-                break;
-            }
-        }
+        let keys = list_keys(&s3, &a.bucket, "many/", Some("/")).await;
         futures::stream::iter(keys)
             .map(|k| {
                 let (s3, bucket) = (s3.clone(), a.bucket.clone());
@@ -738,7 +708,7 @@ fn main() {
                 }
                 let prefix = format!("{own}/small/");
                 let start = Instant::now();
-                while count_keys(&rt, &s3, &a.bucket, &prefix) < a.files {
+                while rt.block_on(list_keys(&s3, &a.bucket, &prefix, None)).len() < a.files {
                     assert!(
                         start.elapsed() < Duration::from_secs(600),
                         "files never landed"
