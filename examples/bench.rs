@@ -225,7 +225,7 @@ impl Mount {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", tool.name()));
         let start = Instant::now();
-        while !mounted(dir) {
+        while !bucketfs::mount::is_mounted(dir) {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "{} did not mount: {}",
@@ -292,12 +292,6 @@ impl Drop for Mount {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn mounted(dir: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let want = dir.to_string_lossy();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(&*want))
 }
 
 fn drop_page_cache() {

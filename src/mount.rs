@@ -77,15 +77,24 @@ pub fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<PathBuf, MountError
 
 /// Whether a path is a mountpoint, from /proc/self/mountinfo.
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
+    mount_id_of(path).is_some()
+}
+
+/// The kernel's id of the mount on `path` (the topmost one), from
+/// /proc/self/mountinfo.
+fn mount_id_of(path: &Path) -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
-    info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|mp| unescape_mountinfo(mp) == want)
-    })
+    info.lines()
+        .rfind(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|mp| unescape_mountinfo(mp) == want)
+        })?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn unescape_mountinfo(s: &str) -> String {
@@ -464,26 +473,6 @@ fn init_logging(target: &LogTarget, verbose: bool) -> Result<(), MountError> {
             .try_init(),
     };
     result.map_err(|e| MountError(format!("logging: {e}")))
-}
-
-/// The kernel's id of the mount on `mountpoint` (from mountinfo).
-fn mount_id_of(mountpoint: &Path) -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let want: String = mountpoint
-        .to_string_lossy()
-        .chars()
-        .map(|c| match c {
-            ' ' | '\t' | '\n' | '\\' => format!("\\{:03o}", c as u32),
-            c => c.to_string(),
-        })
-        .collect();
-    info.lines()
-        .rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))?
-        .split(' ')
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// Mounts /dev/fuse on `mountpoint` as type `fuse.s3fs` with `source` as

@@ -618,9 +618,7 @@ impl Staged {
             // A small file is read once: its MD5 and the PUT's body come
             // from the same bytes.
             let body = if self.size <= IN_MEMORY_PUT_MAX {
-                let mut buf = vec![0u8; self.size as usize];
-                self.file.read_exact_at(&mut buf, 0)?;
-                PutBody::Bytes(buf.into())
+                PutBody::Bytes(self.body(0..self.size).read_all()?)
             } else {
                 self.body(0..self.size)
             };
