@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -670,6 +670,54 @@ fn case17_an_open_reader_keeps_reading_a_file_renamed_by_this_mount() {
     let got = r.read_exact_at(&mut far, 5 * MIB as u64);
     assert!(got.is_ok(), "read of a file renamed by this mount: {got:?}");
     assert!(far == data[5 * MIB..5 * MIB + 4096], "its bytes");
+}
+
+/// `mv g f` over a file being read, and `mv d e` of the directory of one,
+/// on a bucket without versions (the old object cannot be read by version
+/// later): each reader reads the bytes it opened to the end.
+#[test]
+fn case17_an_open_reader_keeps_reading_a_file_replaced_or_moved_by_this_mount() {
+    let b = Bucket::new(server(), "reader-over", false);
+    let (f, g, h) = (
+        pattern(6 * MIB, 27),
+        pattern(3 * MIB, 28),
+        pattern(6 * MIB, 29),
+    );
+    b.put("f", &f);
+    b.put("g", &g);
+    b.put("d/h", &h);
+    let m = Mount::new(&b, "block_size=1M,readahead=1,mem_cache=2M");
+    let mut rf = fs::File::open(m.path("f")).unwrap();
+    let mut rh = fs::File::open(m.path("d/h")).unwrap();
+    let mut head = vec![0u8; 4096];
+    rf.read_exact(&mut head).unwrap();
+    rh.read_exact(&mut head).unwrap();
+    fs::rename(m.path("g"), m.path("f")).unwrap();
+    fs::rename(m.path("d"), m.path("e")).unwrap();
+    for (r, want, what) in [
+        (&mut rf, &f, "f, replaced by mv g f"),
+        (&mut rh, &h, "d/h, moved by mv d e"),
+    ] {
+        let mut far = vec![0u8; 4096];
+        let got = r.read_exact_at(&mut far, 5 * MIB as u64);
+        assert!(got.is_ok(), "read of {what}: {got:?}");
+        assert!(
+            far == want[5 * MIB..5 * MIB + 4096],
+            "{what}: its own bytes"
+        );
+        let mut all = Vec::new();
+        r.seek(std::io::SeekFrom::Start(0)).unwrap();
+        r.read_to_end(&mut all).unwrap();
+        assert!(all == **want, "{what}: the whole file as opened");
+    }
+    assert_eq!(
+        b.get("f").as_deref(),
+        Some(&g[..]),
+        "f in the bucket is g's bytes"
+    );
+    assert_eq!(b.get("e/h").as_deref(), Some(&h[..]), "e/h in the bucket");
+    assert_eq!(b.get("d/h"), None, "d/h is gone from the bucket");
+    assert_eq!(b.get("g"), None, "g is gone from the bucket");
 }
 
 // ----------------------------------------------------------------------

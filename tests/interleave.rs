@@ -695,13 +695,41 @@ async fn case17_a_reader_never_sees_new_bytes_then_old_ones() {
     );
 }
 
-async fn reader_across(rename: bool) {
-    // Unversioned: reads are pinned by ETag, so a moved object is gone
-    // from its old key for good.
+/// How a file that a handle reads goes away, by this mount's own hand.
+#[derive(Clone, Copy, Debug)]
+enum Away {
+    /// `mv d/f d/h`
+    Rename,
+    /// `rm d/f`
+    Remove,
+    /// `mv d/g d/f`: another file replaces it.
+    Replace,
+    /// `mv d e`: its directory moves.
+    DirRename,
+    /// `rm d/f; rmdir d`
+    RemoveThenRmdir,
+    /// `rm d/f`, then a new `d/f` written and closed.
+    RemoveThenRecreate,
+    /// `rm d/f; mv d e`
+    RemoveThenDirRename,
+    /// `rm d/f; mv x d`: an empty-looking d replaced by directory x.
+    RemoveThenReplaceDir,
+}
+
+/// Unversioned: reads are pinned by ETag, so an object deleted or
+/// overwritten is gone for good; the reader must still read its bytes
+/// (POSIX: an open file lives until its last close).
+async fn reader_across(away: Away) {
     let t = setup(false, |c| c.block_size_bytes = 64 * 1024);
     let data = pattern(512 * 1024, 17);
-    t.m.insert("f", &data, Metadata::new());
-    let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
+    let other = pattern(300 * 1024, 71);
+    t.m.insert("d/f", &data, Metadata::new());
+    t.m.insert("d/g", &other, Metadata::new());
+    t.m.insert("x/y", b"y in x", Metadata::new());
+    let d = within("lookup d", t.fs.lookup(ROOT_INO, name("d")))
+        .await
+        .unwrap();
+    let a = within("lookup f", t.fs.lookup(d.ino, name("f")))
         .await
         .unwrap();
     let rh = within("open reader", t.fs.open(a.ino, libc::O_RDONLY))
@@ -709,39 +737,114 @@ async fn reader_across(rename: bool) {
         .unwrap();
     let head = within("read", t.fs.read(rh, 0, 1000)).await.unwrap();
     assert_eq!(head.as_ref(), &data[..1000]);
-    if rename {
-        within(
-            "mv f g",
-            t.fs.rename(ROOT_INO, name("f"), ROOT_INO, name("g"), false),
-        )
-        .await
-        .unwrap();
-    } else {
-        within("rm f", t.fs.unlink(ROOT_INO, name("f")))
+    let mv = |from: u64, f: &'static str, to: u64, g: &'static str| {
+        within("rename", t.fs.rename(from, name(f), to, name(g), false))
+    };
+    match away {
+        Away::Rename => mv(d.ino, "f", d.ino, "h").await.unwrap(),
+        Away::Replace => mv(d.ino, "g", d.ino, "f").await.unwrap(),
+        Away::DirRename => mv(ROOT_INO, "d", ROOT_INO, "e").await.unwrap(),
+        _ => {
+            within("rm d/f", t.fs.unlink(d.ino, name("f")))
+                .await
+                .unwrap();
+            // Only f was being read: g may go too.
+            within("rm d/g", t.fs.unlink(d.ino, name("g")))
+                .await
+                .unwrap();
+        }
+    }
+    match away {
+        Away::RemoveThenRmdir => within("rmdir d", t.fs.rmdir(ROOT_INO, name("d")))
+            .await
+            .unwrap(),
+        Away::RemoveThenRecreate => {
+            let (_, wh) = within(
+                "create d/f",
+                t.fs.create(d.ino, name("f"), USER, libc::O_WRONLY),
+            )
             .await
             .unwrap();
+            t.fs.write(wh, 0, b"a new f").await.unwrap();
+            within("close new f", t.fs.flush(wh)).await.unwrap();
+            within("release new f", t.fs.release(wh)).await.unwrap();
+        }
+        Away::RemoveThenDirRename => mv(ROOT_INO, "d", ROOT_INO, "e").await.unwrap(),
+        Away::RemoveThenReplaceDir => mv(ROOT_INO, "x", ROOT_INO, "d").await.unwrap(),
+        _ => {}
     }
     // A block far from what was read (and read ahead): a new GET.
     let off = 400 * 1024;
     let tail = within("read after", t.fs.read(rh, off as u64, 1000)).await;
-    let what = if rename { "renamed" } else { "removed" };
     match tail {
         Ok(b) => assert!(
             b.as_ref() == &data[off..off + 1000],
-            "an open reader read other bytes after the file was {what}"
+            "{away:?}: an open reader read other bytes"
         ),
-        Err(e) => panic!("an open reader got {e:?} after the file was {what} by this mount"),
+        Err(e) => panic!("{away:?}: an open reader got {e:?}"),
     }
+    let whole = read_all(&t.fs, rh, data.len()).await;
+    assert!(
+        whole.as_deref() == Ok(&data[..]),
+        "{away:?}: the reader reads the whole file as it opened it"
+    );
+    within("release reader", t.fs.release(rh)).await.unwrap();
+    // The bucket as the user left it.
+    let keys = t.m.keys();
+    let want: Vec<(&str, &[u8])> = match away {
+        Away::Rename => vec![("d/g", &other), ("d/h", &data), ("x/y", b"y in x")],
+        Away::Replace => vec![("d/f", &other), ("x/y", b"y in x")],
+        Away::DirRename => vec![("e/f", &data), ("e/g", &other), ("x/y", b"y in x")],
+        Away::Remove | Away::RemoveThenRmdir => vec![("x/y", b"y in x")],
+        Away::RemoveThenRecreate => vec![("d/f", b"a new f"), ("x/y", b"y in x")],
+        Away::RemoveThenDirRename => vec![("x/y", b"y in x")],
+        Away::RemoveThenReplaceDir => vec![("d/y", b"y in x")],
+    };
+    for (k, v) in &want {
+        assert_holds(&t.m, k, v, &format!("{away:?}"));
+    }
+    let want_keys: Vec<&str> = want.iter().map(|(k, _)| *k).collect();
+    assert_eq!(keys, want_keys, "{away:?}: the keys in the bucket");
 }
 
 #[tokio::test]
 async fn case17_a_reader_keeps_reading_a_file_renamed_by_this_mount() {
-    reader_across(true).await;
+    reader_across(Away::Rename).await;
 }
 
 #[tokio::test]
 async fn case17_a_reader_keeps_reading_a_file_removed_by_this_mount() {
-    reader_across(false).await;
+    reader_across(Away::Remove).await;
+}
+
+#[tokio::test]
+async fn case17_a_reader_keeps_reading_a_file_replaced_by_a_rename() {
+    reader_across(Away::Replace).await;
+}
+
+#[tokio::test]
+async fn case17_a_reader_keeps_reading_a_file_whose_directory_was_renamed() {
+    reader_across(Away::DirRename).await;
+}
+
+#[tokio::test]
+async fn case17_a_reader_keeps_reading_a_removed_file_whose_directory_was_removed() {
+    reader_across(Away::RemoveThenRmdir).await;
+}
+
+#[tokio::test]
+async fn case17_a_reader_keeps_reading_a_removed_file_written_anew() {
+    reader_across(Away::RemoveThenRecreate).await;
+}
+
+#[tokio::test]
+async fn case17_a_removed_file_being_read_does_not_move_with_its_directory() {
+    reader_across(Away::RemoveThenDirRename).await;
+}
+
+#[tokio::test]
+async fn case17_a_removed_file_being_read_does_not_keep_its_directory_from_being_replaced() {
+    reader_across(Away::RemoveThenReplaceDir).await;
 }
 
 // ----------------------------------------------------------------------

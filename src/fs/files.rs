@@ -26,11 +26,13 @@
 //! inode's `generation` counts those), and stays pinned against changes by
 //! other clients.
 
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use tracing::{error, warn};
 
@@ -99,6 +101,9 @@ struct ReadTarget {
     /// Whether this handle has returned data (then a changed object is an
     /// error, not a reason to re-pin).
     served: bool,
+    /// The object's bytes on the cache disk, kept when this mount removed
+    /// or overwrote it while this handle read it: read from here on.
+    kept: Option<Arc<std::fs::File>>,
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +115,9 @@ struct Readahead {
 /// Descriptors of a closing process looked at, at most (a process with
 /// more open files is taken to hold none of this one).
 const FDINFO_SCAN_MAX: usize = 4096;
+
+/// Blocks fetched at once when an object still being read is kept.
+const KEEP_CONCURRENCY: usize = 8;
 
 /// The shared write state of one inode, behind an async lock that may be
 /// held across an upload.
@@ -216,6 +224,7 @@ impl Fs {
                     etag: etag.into(),
                     size: attr.size,
                     served: false,
+                    kept: None,
                 })
             }
             NodeKey::Path(path) => {
@@ -232,6 +241,7 @@ impl Fs {
                     etag: o.etag.as_str().into(),
                     size: o.size,
                     served: false,
+                    kept: None,
                 })
             }
             _ => return Err(FsError::IsDir),
@@ -454,7 +464,9 @@ impl Fs {
             let Some(n) = t.get(fhd.ino) else { return };
             (n.generation, n.object.clone(), n.path().map(str::to_string))
         };
-        if generation == fhd.generation.load(Ordering::Relaxed) {
+        if generation == fhd.generation.load(Ordering::Relaxed)
+            || fhd.target.lock().as_ref().is_some_and(|t| t.kept.is_some())
+        {
             return;
         }
         let (Some(o), Some(path)) = (object, path) else {
@@ -466,6 +478,7 @@ impl Fs {
             etag: o.etag.as_str().into(),
             size: o.size,
             served: false,
+            kept: None,
         });
         fhd.generation.store(generation, Ordering::Relaxed);
     }
@@ -479,6 +492,11 @@ impl Fs {
         let end = (offset + len).min(target.size);
         if offset >= end {
             return Ok(Bytes::new());
+        }
+        if let Some(file) = &target.kept {
+            let mut buf = vec![0u8; (end - offset) as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            return Ok(buf.into());
         }
         let bs = self.blocks.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
@@ -867,7 +885,7 @@ impl Fs {
                 f.target
                     .lock()
                     .as_ref()
-                    .is_some_and(|t| matches!(t.pin, ReadPin::Etag(_)))
+                    .is_some_and(|t| t.kept.is_none() && matches!(t.pin, ReadPin::Etag(_)))
             }
             _ => false,
         })
@@ -884,21 +902,130 @@ impl Fs {
         }
     }
 
-    /// Deferred deletes of keys below `prefix`, done now (rmdir).
-    pub(super) async fn complete_deferred_below(&self, prefix: &str) {
+    /// Deferred deletes of `key`, or of the keys below it when it ends with
+    /// `/`, done now: something is about to be written there, or the
+    /// directory goes (rmdir, rename). Their readers keep their bytes.
+    pub(super) async fn settle_deferred(&self, key: &str) {
         let inos: Vec<u64> = self
             .deferred
             .lock()
             .iter()
-            .filter(|(_, t)| t.key.starts_with(prefix))
+            .filter(|(_, t)| t.key == key || (key.ends_with('/') && t.key.starts_with(key)))
             .map(|(i, _)| *i)
             .collect();
         for i in inos {
+            self.keep_for_readers(i).await;
             let t = self.deferred.lock().remove(&i);
             if let Some(t) = t {
                 t.complete(&*self.store).await;
             }
         }
+    }
+
+    /// Before this mount deletes or overwrites the object that handles of
+    /// `ino` read pinned by ETag (no versions to read it by later), its
+    /// bytes are copied to a nameless file on the cache disk (through the
+    /// block cache, so what was read already is not fetched again), and
+    /// those handles read that until they close: POSIX keeps an open file
+    /// until its last close. Best effort: when the copy fails (a full cache
+    /// disk, S3 down) the change goes ahead and those readers get ESTALE,
+    /// as for a change made by another client; logged.
+    pub(super) async fn keep_for_readers(&self, ino: u64) {
+        let readers: Vec<Arc<Handle>> = self
+            .handles
+            .lock()
+            .values()
+            .filter(|h| matches!(&***h, Handle::File(f) if f.ino == ino))
+            .cloned()
+            .collect();
+        let mut kept: Vec<(ReadTarget, Arc<std::fs::File>)> = Vec::new();
+        for h in readers {
+            let Handle::File(f) = &*h else { continue };
+            self.follow_own_changes(f);
+            let Some(t) = f.target.lock().clone() else {
+                continue;
+            };
+            if t.kept.is_some() || !matches!(t.pin, ReadPin::Etag(_)) {
+                continue;
+            }
+            let same = |k: &ReadTarget| k.key == t.key && k.etag == t.etag;
+            let file = match kept.iter().find(|(k, _)| same(k)) {
+                Some((_, file)) => file.clone(),
+                None => match self.copy_out(&t).await {
+                    Ok(file) => {
+                        kept.push((t.clone(), file.clone()));
+                        file
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %t.key, error = %e,
+                            "could not keep the bytes of a file still being read; its readers will get ESTALE");
+                        continue;
+                    }
+                },
+            };
+            if let Some(t) = f.target.lock().as_mut() {
+                t.kept = Some(file);
+            }
+        }
+    }
+
+    /// Handles reading an object this mount copied elsewhere (a directory
+    /// rename: `(from, to, result)` per key) read the copy from now on, as
+    /// the original is about to go. Handles pinned by version id read the
+    /// original's version still.
+    pub(super) fn readers_follow(&self, copied: &[(String, String, crate::store::PutResult)]) {
+        if copied.is_empty() {
+            return;
+        }
+        let by_src: std::collections::HashMap<&str, (&String, &crate::store::PutResult)> = copied
+            .iter()
+            .map(|(s, d, p)| (s.as_str(), (d, p)))
+            .collect();
+        for h in self.handles.lock().values() {
+            let Handle::File(f) = &**h else { continue };
+            let mut target = f.target.lock();
+            let Some(t) = target.as_mut() else { continue };
+            if t.kept.is_some() || !matches!(t.pin, ReadPin::Etag(_)) {
+                continue;
+            }
+            if let Some((dst, put)) = by_src.get(&*t.key) {
+                t.key = dst.as_str().into();
+                t.etag = put.etag.as_str().into();
+                t.pin = ReadPin::Etag(put.etag.clone());
+            }
+        }
+    }
+
+    /// The whole object of `t`, into a nameless file on the cache disk.
+    async fn copy_out(&self, t: &ReadTarget) -> FsResult<Arc<std::fs::File>> {
+        let file = Arc::new(crate::write::anonymous_file(&self.cfg.staging_dir)?);
+        let bs = self.blocks.block_size();
+        let blocks = t.size.div_ceil(bs);
+        let fetches = (0..blocks).map(|index| {
+            let bk = BlockKey {
+                key: t.key.clone(),
+                etag: t.etag.clone(),
+                index,
+            };
+            let (cache, store, pin, file) = (&self.blocks, &*self.store, &t.pin, &file);
+            async move {
+                let data = cache.get(store, &bk, pin, t.size).await?;
+                file.write_all_at(&data, index * bs).or_else(|e| {
+                    // The cache disk is full: cached blocks make room.
+                    if e.raw_os_error() != Some(libc::ENOSPC) {
+                        return Err(e);
+                    }
+                    cache.free_disk(u64::MAX);
+                    file.write_all_at(&data, index * bs)
+                })?;
+                Ok::<_, FsError>(())
+            }
+        });
+        futures::stream::iter(fetches)
+            .buffer_unordered(KEEP_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
+        Ok(file)
     }
 
     /// Whether `key` at `etag` was removed by this mount and only waits for

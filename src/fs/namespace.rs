@@ -141,6 +141,9 @@ impl Fs {
                 Err(e) => return Err(e),
             }
         }
+        // A removed file still read there is deleted before the new one
+        // can land (its readers keep their bytes).
+        self.settle_deferred(&self.key_of(&path)).await;
         let attr = self.insert_node(parent, path, self.new_attr(FileKind::File, c, 0), None);
         self.start_new_file(attr.ino)?;
         let fh = self.new_handle(Handle::File(super::files::FileHandle::writer(attr.ino)));
@@ -170,6 +173,7 @@ impl Fs {
         };
         let meta = attr.to_metadata();
         let size = body.len() as u64;
+        self.settle_deferred(&key).await;
         let put = self.store.put(&key, PutBody::Bytes(body), &meta).await?;
         self.versions.forget(&path);
         let info = Self::object_info(key, size, meta, put.etag, put.version_id);
@@ -310,8 +314,8 @@ impl Fs {
         }
         let prefix = format!("{}/", self.key_of(&path));
         // Files removed while still read count as gone: their deletes are
-        // done now (those readers lose them, as the directory goes).
-        self.complete_deferred_below(&prefix).await;
+        // done now (their readers keep their bytes on the cache disk).
+        self.settle_deferred(&prefix).await;
         let page = self.store.list(&prefix, None, None, Some(2)).await?;
         if page.objects.iter().any(|o| o.key != prefix) || self.pending_below(&path) {
             return Err(FsError::NotEmpty);
@@ -377,8 +381,14 @@ impl Fs {
             if to.starts_with(&format!("{from}/")) {
                 return Err(FsError::Invalid);
             }
+            // Files removed while still read, in either directory: deleted
+            // now, so they neither move nor count (their readers keep
+            // their bytes on the cache disk).
+            self.settle_deferred(&format!("{}/", self.key_of(&from)))
+                .await;
             if dst.is_some() {
                 let prefix = format!("{}/", self.key_of(&to));
+                self.settle_deferred(&prefix).await;
                 let page = self.store.list(&prefix, None, None, Some(2)).await?;
                 if page.objects.iter().any(|o| o.key != prefix) || self.pending_below(&to) {
                     return Err(FsError::NotEmpty);
@@ -430,6 +440,11 @@ impl Fs {
             .is_some_and(|n| n.object.is_some());
         if uploaded {
             let (fk, tk) = (self.key_of(from), self.key_of(to));
+            // What the copy overwrites, its readers keep.
+            self.settle_deferred(&tk).await;
+            if let Some(d) = dst.filter(|d| *d != src) {
+                self.keep_for_readers(d).await;
+            }
             let put = self.store.copy(&fk, &tk, None, None).await?;
             self.own_copy(src, s.as_deref_mut(), &tk, &put, None);
             match self.store.delete(&fk).await {
@@ -497,12 +512,14 @@ impl Fs {
             .buffer_unordered(RENAME_CONCURRENCY)
             .try_collect()
             .await?;
-        // Each open file's state now rests on its copy.
+        // Each open file's state now rests on its copy, and each reader
+        // reads the copy before the original goes.
         for (ino, key, st) in states.iter_mut() {
             if let Some((_, dst, put)) = copied.iter().find(|(s, _, _)| Some(s) == key.as_ref()) {
                 self.own_copy(*ino, Some(st), dst, put, None);
             }
         }
+        self.readers_follow(&copied);
         let deletes = keys.into_iter().map(|k| {
             let store = self.store.clone();
             async move {

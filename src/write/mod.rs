@@ -122,6 +122,31 @@ pub(crate) fn private_file(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// A private file in `dir` with no name (O_TMPFILE, else created and
+/// unlinked at once): its space goes back with its last descriptor, and a
+/// killed daemon leaves nothing behind.
+pub(crate) fn anonymous_file(dir: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmpfile = crate::private::private_file()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir);
+    match tmpfile {
+        Ok(f) => Ok(f),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            crate::private::create_private_dir(dir)?;
+            anonymous_file(dir)
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+            let (file, path) = new_locked_file(dir, TMP_PREFIX)?;
+            std::fs::remove_file(path)?;
+            Ok(file)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Takes the exclusive lock of a staging file without waiting.
 pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
