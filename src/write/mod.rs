@@ -393,13 +393,21 @@ impl Staged {
     /// the staging file only.
     pub fn discard(&mut self) {
         self.unlinked = true;
-        if let Some(s) = self.stream.take() {
-            s.cancel();
-        }
         if let Some(j) = &mut self.journal
             && let Err(e) = j.unlinked()
         {
             warn!(error = %e, "journal: could not record an unlink");
+        }
+        if let Some(s) = self.stream.take() {
+            // The journal, final now, names the stream's upload: it goes
+            // once that is aborted, so a kill meanwhile leaves the abort to
+            // the next mount's recovery.
+            let j = self.journal.take();
+            s.cancel_then(move || {
+                if let Some(j) = j {
+                    j.remove();
+                }
+            });
         }
         self.end_journal();
     }
@@ -1042,9 +1050,29 @@ pub async fn scan(
         }
         if let Some(stage) = name.strip_suffix(JOURNAL_SUFFIX) {
             // A journal is handled with its staging file; one whose staging
-            // file is gone has nothing to upload.
+            // file is gone has nothing to upload. One of an unlinked file
+            // names the uploads its mount was still aborting.
             if !names.iter().any(|n| n == stage) {
-                let _ = std::fs::remove_file(&path);
+                let mut settled = true;
+                if let Ok(r) = journal::replay(&path)
+                    && r.unlinked
+                {
+                    for id in &r.uploads {
+                        match store.abort_multipart(&r.header.key, id).await {
+                            Ok(()) | Err(StoreError::NotFound) => {}
+                            Err(e) => {
+                                settled = false;
+                                out.push(Err(format!(
+                                    "{}: abort of an unlinked file's upload: {e} (kept for the next try)",
+                                    r.header.key
+                                )));
+                            }
+                        }
+                    }
+                }
+                if settled {
+                    let _ = std::fs::remove_file(&path);
+                }
             }
             continue;
         }
@@ -1470,6 +1498,30 @@ mod tests {
         assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
         assert_eq!(s.open_uploads(), 0);
         assert_eq!(s.object("new").unwrap().as_ref(), b"brand new");
+    }
+
+    /// An unlinked file's streaming upload is aborted in the background
+    /// after its staged copy went: killed before that abort, the journal
+    /// alone is left, and the next mount aborts what it names.
+    #[tokio::test]
+    async fn recovery_aborts_the_upload_of_an_unlinked_file_whose_abort_was_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::versioned();
+        leave_staged(dir.path(), 1, None, &[(0, b"streamed, then unlinked")]);
+        let id = s.create_multipart("new", &Metadata::new()).await.unwrap();
+        let stage = dir.path().join(format!("stage-{}-1", std::process::id()));
+        let journal = journal_path(&stage);
+        let mut text = std::fs::read_to_string(&journal).unwrap();
+        for line in [format!("U {}", journal_enc(&id)), "X".to_string()] {
+            text += &format!("{line} *{:08x}\n", journal_sum(&line));
+        }
+        std::fs::write(&journal, text).unwrap();
+        std::fs::remove_file(&stage).unwrap();
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.open_uploads(), 0, "the unlinked file's upload is aborted");
+        assert!(!journal.exists(), "and its journal is gone");
+        assert_eq!(s.object("new"), None, "nothing was uploaded");
     }
 
     #[tokio::test]

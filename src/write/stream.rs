@@ -120,14 +120,23 @@ impl Streaming {
     }
 
     /// Stops the stream and aborts its multipart upload (in the background).
-    pub fn cancel(mut self) {
+    pub fn cancel(self) {
+        self.cancel_then(|| {});
+    }
+
+    /// As `cancel`, and runs `aborted` once the abort is confirmed: what
+    /// records the upload (a journal) can go then, not before, so a daemon
+    /// killed meanwhile leaves its id to the next mount's recovery.
+    pub fn cancel_then(mut self, aborted: impl FnOnce() + Send + 'static) {
         self.tasks.abort_all();
         debug!(key = %self.key, "streaming upload cancelled");
         let (store, key, id) = (self.store.clone(), self.key.clone(), self.upload_id.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Err(e) = store.abort_multipart(&key, &id).await {
-                    warn!(key, error = %e, "could not abort a cancelled streaming upload");
+                match store.abort_multipart(&key, &id).await {
+                    Ok(()) | Err(crate::store::StoreError::NotFound) => aborted(),
+                    Err(e) => warn!(key, error = %e,
+                        "could not abort a cancelled streaming upload; the next mount aborts it"),
                 }
             });
         }
