@@ -172,6 +172,12 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        // Known attributes are answered here: a task costs more than the
+        // answer (`ls -l` of a listed directory is one getattr per entry).
+        if let Some(a) = self.fs.getattr_cached(ino.0) {
+            let _span = span!("getattr", req, ino = ino.0).entered();
+            return reply_attr(reply, self.ttl, Ok(a));
+        }
         let (fs, ttl) = (self.fs.clone(), self.ttl);
         self.spawn(span!("getattr", req, ino = ino.0), async move {
             reply_attr(reply, ttl, fs.getattr(ino.0).await)

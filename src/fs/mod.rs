@@ -525,6 +525,17 @@ impl Fs {
     }
 
     /// Current attributes of an inode.
+    /// `getattr` when no request is needed (the root, a file with write
+    /// state, attributes read from the object and still fresh), so the
+    /// FUSE thread can answer it without a task. `None`: ask `getattr`.
+    pub fn getattr_cached(&self, ino: u64) -> Option<Attr> {
+        let writing = self.has_write_state(ino);
+        let t = self.table.lock();
+        let n = t.get(ino)?;
+        (ino == ROOT_INO || writing || (n.meta_known && n.is_fresh(Instant::now())))
+            .then(|| n.attr.clone())
+    }
+
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
         let (key, parent, fresh, attr, known) = {
             let t = self.table.lock();
