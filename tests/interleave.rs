@@ -720,7 +720,11 @@ enum Away {
 /// overwritten is gone for good; the reader must still read its bytes
 /// (POSIX: an open file lives until its last close).
 async fn reader_across(away: Away) {
-    let t = setup(false, |c| c.block_size_bytes = 64 * 1024);
+    reader_across_on(away, false).await;
+}
+
+async fn reader_across_on(away: Away, versioned: bool) {
+    let t = setup(versioned, |c| c.block_size_bytes = 64 * 1024);
     let data = pattern(512 * 1024, 17);
     let other = pattern(300 * 1024, 71);
     t.m.insert("d/f", &data, Metadata::new());
@@ -845,6 +849,24 @@ async fn case17_a_removed_file_being_read_does_not_move_with_its_directory() {
 #[tokio::test]
 async fn case17_a_removed_file_being_read_does_not_keep_its_directory_from_being_replaced() {
     reader_across(Away::RemoveThenReplaceDir).await;
+}
+
+/// The same on a versioned bucket, where readers are pinned by version id.
+#[tokio::test]
+async fn case17_readers_keep_their_bytes_on_a_versioned_bucket_too() {
+    use Away::*;
+    for away in [
+        Rename,
+        Remove,
+        Replace,
+        DirRename,
+        RemoveThenRmdir,
+        RemoveThenRecreate,
+        RemoveThenDirRename,
+        RemoveThenReplaceDir,
+    ] {
+        reader_across_on(away, true).await;
+    }
 }
 
 // ----------------------------------------------------------------------
