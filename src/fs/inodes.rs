@@ -7,7 +7,7 @@
 //! Callers hold the table's lock only for short sections, never across an
 //! `.await`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use super::attr::Attr;
@@ -76,8 +76,26 @@ pub struct InodeTable {
     next: u64,
     by_ino: HashMap<u64, Inode>,
     by_key: HashMap<NodeKey, u64>,
+    /// The `NodeKey::Path` entries of `by_key`, in path order, so a
+    /// directory's children and a subtree are found by a range, not by a
+    /// scan of the whole table.
+    paths: BTreeMap<String, u64>,
     /// Paths known not to exist, until the instant given.
     negative: HashMap<String, Instant>,
+    /// Size of `negative` after its last pruning of expired entries.
+    negative_pruned: usize,
+}
+
+/// Negative entries kept before expired ones are pruned.
+const NEGATIVE_PRUNE_MIN: usize = 1024;
+
+/// The prefix of the paths below directory `dir` ("" = the root).
+fn below(dir: &str) -> String {
+    if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    }
 }
 
 impl InodeTable {
@@ -86,10 +104,12 @@ impl InodeTable {
             next: ROOT_INO + 1,
             by_ino: HashMap::new(),
             by_key: HashMap::new(),
+            paths: BTreeMap::new(),
             negative: HashMap::new(),
+            negative_pruned: 0,
         };
         let key = NodeKey::Path(String::new());
-        t.by_key.insert(key.clone(), ROOT_INO);
+        t.index(key.clone(), ROOT_INO);
         t.by_ino.insert(
             ROOT_INO,
             Inode {
@@ -121,6 +141,32 @@ impl InodeTable {
         self.by_key.get(key).copied()
     }
 
+    /// `key` answers to `ino` (in both indexes).
+    fn index(&mut self, key: NodeKey, ino: u64) {
+        if let NodeKey::Path(p) = &key {
+            self.paths.insert(p.clone(), ino);
+        }
+        self.by_key.insert(key, ino);
+    }
+
+    /// `key` answers to nothing any more.
+    fn unindex(&mut self, key: &NodeKey) -> Option<u64> {
+        if let NodeKey::Path(p) = key {
+            self.paths.remove(p);
+        }
+        self.by_key.remove(key)
+    }
+
+    /// The paths at or below `prefix` (as strings: `"d/"` for a subtree).
+    fn paths_from<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a String, &'a u64)> {
+        self.paths
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(move |(p, _)| p.starts_with(prefix))
+    }
+
     /// Inserts or refreshes the node at `key`, keeping its inode number if it
     /// has one. Returns the inode number.
     pub fn upsert(
@@ -150,7 +196,7 @@ impl InodeTable {
         let ino = self.next;
         self.next += 1;
         attr.ino = ino;
-        self.by_key.insert(key.clone(), ino);
+        self.index(key.clone(), ino);
         self.by_ino.insert(
             ino,
             Inode {
@@ -175,11 +221,19 @@ impl InodeTable {
     pub fn remove_path(&mut self, path: &str, negative_until: Instant) {
         self.detach(path);
         self.negative.insert(path.to_string(), negative_until);
+        // Expired entries go once the map has doubled since the last
+        // pruning: bounded by what is negative within one TTL, at O(1)
+        // amortized per insert.
+        if self.negative.len() >= NEGATIVE_PRUNE_MIN.max(2 * self.negative_pruned) {
+            let now = Instant::now();
+            self.negative.retain(|_, &mut t| now < t);
+            self.negative_pruned = self.negative.len();
+        }
     }
 
     /// The node at `path` answers to it no more (unlinked, or replaced).
     fn detach(&mut self, path: &str) {
-        if let Some(ino) = self.by_key.remove(&NodeKey::Path(path.to_string()))
+        if let Some(ino) = self.unindex(&NodeKey::Path(path.to_string()))
             && let Some(n) = self.by_ino.get_mut(&ino)
         {
             n.key = NodeKey::Detached(path.to_string());
@@ -194,18 +248,18 @@ impl InodeTable {
     pub fn rename(&mut self, from: &str, to: &str, new_parent: u64) {
         // Whatever was at the destination is replaced.
         self.detach(to);
-        let below = format!("{from}/");
-        let moved: Vec<(NodeKey, u64)> = self
-            .by_key
-            .iter()
-            .filter(|(k, _)| matches!(k, NodeKey::Path(p) if p == from || p.starts_with(&below)))
-            .map(|(k, &i)| (k.clone(), i))
+        let sub = below(from);
+        let mut moved: Vec<(String, u64)> = self
+            .paths_from(&sub)
+            .map(|(p, &i)| (p.clone(), i))
             .collect();
-        for (k, ino) in moved {
-            self.by_key.remove(&k);
-            let NodeKey::Path(p) = k else { continue };
+        if let Some(&i) = self.paths.get(from) {
+            moved.push((from.to_string(), i));
+        }
+        for (p, ino) in moved {
+            self.unindex(&NodeKey::Path(p.clone()));
             let new_path = format!("{to}{}", &p[from.len()..]);
-            self.by_key.insert(NodeKey::Path(new_path.clone()), ino);
+            self.index(NodeKey::Path(new_path.clone()), ino);
             if let Some(node) = self.by_ino.get_mut(&ino) {
                 node.key = NodeKey::Path(new_path);
                 node.listed_until = None;
@@ -219,10 +273,11 @@ impl InodeTable {
 
     /// Marks everything below `dir` stale, so it is looked up again.
     pub fn expire_below(&mut self, dir: &str) {
-        let below = format!("{dir}/");
+        let sub = below(dir);
         let now = Instant::now();
-        for n in self.by_ino.values_mut() {
-            if matches!(&n.key, NodeKey::Path(p) if p.starts_with(&below)) {
+        let inos: Vec<u64> = self.paths_from(&sub).map(|(_, &i)| i).collect();
+        for ino in inos {
+            if let Some(n) = self.by_ino.get_mut(&ino) {
                 n.fresh_until = Some(now);
                 n.listed_until = None;
             }
@@ -263,7 +318,7 @@ impl InodeTable {
             }
             let node = self.by_ino.remove(&ino).expect("present");
             if self.by_key.get(&node.key) == Some(&ino) {
-                self.by_key.remove(&node.key);
+                self.unindex(&node.key);
             }
             // The parent's listing is no longer all in the table: a name
             // missing from it must be asked for again.
@@ -273,11 +328,133 @@ impl InodeTable {
         }
     }
 
-    /// Paths of the nodes directly in directory `dir`, of the given kind.
-    pub fn children_of(&self, dir_ino: u64) -> impl Iterator<Item = (&str, &Inode)> {
-        self.by_ino.values().filter_map(move |n| match &n.key {
-            NodeKey::Path(p) if n.parent == dir_ino && !p.is_empty() => Some((p.as_str(), n)),
-            _ => None,
-        })
+    /// Paths of the nodes directly in directory `dir_ino`: a walk of its
+    /// part of the path index that skips each subdirectory's subtree, so
+    /// it costs its own entries (times log n), not the table's size.
+    pub fn children_of(&self, dir_ino: u64) -> Vec<(&str, &Inode)> {
+        let Some(NodeKey::Path(dir)) = self.by_ino.get(&dir_ino).map(|n| &n.key) else {
+            return Vec::new();
+        };
+        let sub = below(dir);
+        let mut out = Vec::new();
+        let mut from = sub.clone();
+        while let Some((p, &ino)) = self
+            .paths
+            .range::<str, _>((
+                std::ops::Bound::Included(from.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .find(|(p, _)| p.len() > sub.len() || !p.starts_with(&sub))
+            .filter(|(p, _)| p.starts_with(&sub))
+        {
+            let rest = &p[sub.len()..];
+            match rest.find('/') {
+                // Deeper: skip the rest of that subtree ('0' follows '/').
+                Some(i) => from = format!("{sub}{}0", &rest[..i]),
+                None => {
+                    if let Some(n) = self.by_ino.get(&ino)
+                        && n.parent == dir_ino
+                    {
+                        out.push((p.as_str(), n));
+                    }
+                    // The next path after this one.
+                    from = format!("{p}\0");
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::attr::Defaults;
+
+    fn dir() -> Attr {
+        Attr::implicit_dir(
+            0,
+            &Defaults {
+                uid: 0,
+                gid: 0,
+                file_perm: 0o644,
+                dir_perm: 0o755,
+                dir_mtime: std::time::UNIX_EPOCH,
+            },
+        )
+    }
+
+    /// Inserts `path` under its parent (which must be in the table).
+    fn add(t: &mut InodeTable, path: &str) -> u64 {
+        let parent = match path.rfind('/') {
+            Some(i) => t.find(&NodeKey::Path(path[..i].to_string())).unwrap(),
+            None => ROOT_INO,
+        };
+        t.upsert(NodeKey::Path(path.into()), parent, dir(), None, None)
+    }
+
+    fn children(t: &InodeTable, ino: u64) -> Vec<String> {
+        let mut v: Vec<String> = t
+            .children_of(ino)
+            .into_iter()
+            .map(|(p, _)| p.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Names that sort around '/' ('.', '-', '0', a NUL-free '\x01') make
+    /// the subtree skipping go wrong if it is off by one.
+    #[test]
+    fn children_and_renames_follow_the_path_index() {
+        let mut t = InodeTable::new(dir());
+        for p in [
+            "a",
+            "a/x",
+            "a/x/deep",
+            "a.txt",
+            "a-b",
+            "a0",
+            "a\u{1}",
+            "b",
+            "a/y",
+            "a/x0",
+            "a/x.1",
+            "a/x/deeper",
+            "a/x/deeper/still",
+        ] {
+            add(&mut t, p);
+        }
+        assert_eq!(
+            children(&t, ROOT_INO),
+            ["a", "a\u{1}", "a-b", "a.txt", "a0", "b"]
+        );
+        let a = t.find(&NodeKey::Path("a".into())).unwrap();
+        assert_eq!(children(&t, a), ["a/x", "a/x.1", "a/x0", "a/y"]);
+        let x = t.find(&NodeKey::Path("a/x".into())).unwrap();
+        assert_eq!(children(&t, x), ["a/x/deep", "a/x/deeper"]);
+        t.rename("a/x", "b/x", t.find(&NodeKey::Path("b".into())).unwrap());
+        let b = t.find(&NodeKey::Path("b".into())).unwrap();
+        assert_eq!(children(&t, b), ["b/x"]);
+        assert_eq!(children(&t, x), ["b/x/deep", "b/x/deeper"]);
+        assert_eq!(children(&t, a), ["a/x.1", "a/x0", "a/y"]);
+        assert!(t.find(&NodeKey::Path("b/x/deeper/still".into())).is_some());
+        assert!(t.find(&NodeKey::Path("a/x/deeper/still".into())).is_none());
+        t.remove_path("a/y", Instant::now());
+        assert_eq!(children(&t, a), ["a/x.1", "a/x0"]);
+    }
+
+    #[test]
+    fn expired_negative_entries_do_not_pile_up() {
+        let mut t = InodeTable::new(dir());
+        let past = Instant::now();
+        for i in 0..100_000 {
+            t.remove_path(&format!("missing-{i}"), past);
+        }
+        assert!(
+            t.negative.len() <= 2 * NEGATIVE_PRUNE_MIN,
+            "{}",
+            t.negative.len()
+        );
     }
 }

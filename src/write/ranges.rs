@@ -98,7 +98,9 @@ mod tests {
                     bits[a as usize..].iter_mut().for_each(|x| *x = false);
                 } else {
                     s.insert(a..b);
-                    bits[a as usize..b as usize].iter_mut().for_each(|x| *x = true);
+                    bits[a as usize..b as usize]
+                        .iter_mut()
+                        .for_each(|x| *x = true);
                 }
                 let (q, e) = (next(256), next(256));
                 let q = q.min(e)..q.max(e);
