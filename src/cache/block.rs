@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use lru::LruCache;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -327,6 +328,100 @@ impl BlockCache {
         result
     }
 
+    /// Read-ahead: blocks `first.index .. first.index + count` (clamped
+    /// to the object) with one ranged GET instead of one per block. Blocks
+    /// in memory, on disk or being fetched already are left out (the GET
+    /// spans the first to the last block left). A read of one of these
+    /// blocks meanwhile waits for this GET. On a failure nothing is
+    /// cached; a read asks again.
+    pub async fn fetch_run(
+        &self,
+        store: &dyn ObjectStore,
+        first: &BlockKey,
+        count: u64,
+        pin: &ReadPin,
+        object_size: u64,
+    ) {
+        let bs = self.block_size;
+        if object_size == 0 {
+            return;
+        }
+        let end_index = (first.index + count).min((object_size - 1) / bs + 1);
+        let wanted: Vec<BlockKey> = {
+            let mem = self.mem.lock();
+            (first.index..end_index)
+                .map(|index| BlockKey {
+                    index,
+                    ..first.clone()
+                })
+                .filter(|bk| !mem.lru.contains(bk))
+                .collect()
+        };
+        let wanted: Vec<BlockKey> = match &self.disk {
+            Some(d) => {
+                let st = d.state.lock();
+                wanted
+                    .into_iter()
+                    .filter(|bk| !st.lru.contains(&bk.file_name()))
+                    .collect()
+            }
+            None => wanted,
+        };
+        let claimed: Vec<(BlockKey, Arc<OnceCell<Bytes>>)> = {
+            let mut inflight = self.inflight.lock();
+            let mut claimed = Vec::new();
+            for bk in wanted {
+                if let std::collections::hash_map::Entry::Vacant(v) = inflight.entry(bk.clone()) {
+                    let cell = Arc::new(OnceCell::new());
+                    v.insert(cell.clone());
+                    claimed.push((bk, cell));
+                }
+            }
+            claimed
+        };
+        let (Some((lo, _)), Some((hi, _))) = (claimed.first(), claimed.last()) else {
+            return;
+        };
+        let start = lo.index * bs;
+        let end = ((hi.index + 1) * bs).min(object_size);
+        let run = {
+            let key = first.key.clone();
+            async move { store.get_range(&key, start..end, pin).await }
+        }
+        .shared();
+        self.stats
+            .misses
+            .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+        let fills = claimed.iter().map(|(bk, cell)| {
+            let run = run.clone();
+            cell.get_or_try_init(move || async move {
+                let data = run.await?;
+                let from = bk.index * bs - start;
+                let to = ((bk.index + 1) * bs).min(object_size) - start;
+                if (data.len() as u64) < to {
+                    // The object is shorter than its listing said: it changed.
+                    return Err(StoreError::PreconditionFailed);
+                }
+                let block = data.slice(from as usize..to as usize);
+                self.insert(bk.clone(), block.clone());
+                if let Some(disk) = &self.disk {
+                    disk.write(bk, block.clone());
+                }
+                Ok(block)
+            })
+        });
+        let results = futures::future::join_all(fills).await;
+        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+            debug!(key = %first.key, error = %e, "read-ahead failed");
+        }
+        let mut inflight = self.inflight.lock();
+        for (bk, cell) in &claimed {
+            if inflight.get(bk).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+                inflight.remove(bk);
+            }
+        }
+    }
+
     fn insert(&self, bk: BlockKey, data: Bytes) {
         let mut mem = self.mem.lock();
         mem.bytes += data.len() as u64;
@@ -407,6 +502,39 @@ mod tests {
                 .unwrap()
                 .as_ref(),
             &[2, 2]
+        );
+    }
+
+    /// A run of blocks is one GET; each block is then a hit with its own
+    /// bytes, the last one short; blocks cached already are not asked for
+    /// again; a run over a changed object caches nothing.
+    #[tokio::test]
+    async fn a_read_ahead_run_is_one_get_and_fills_each_block() {
+        let s = MemStore::versioned();
+        let data: Vec<u8> = (0..22u8).collect();
+        let p = s.insert("k", &data, Metadata::new());
+        let c = BlockCache::new(4, 1 << 20);
+        let e = p.etag.as_str();
+        c.get(&s, &bk("k", e, 1), &pin(e), 22).await.unwrap();
+        c.fetch_run(&s, &bk("k", e, 0), 100, &pin(e), 22).await;
+        assert_eq!(
+            s.counters().get(Op::Get),
+            2,
+            "one GET for the block, one for the run"
+        );
+        for i in 0..6u64 {
+            let got = c.get(&s, &bk("k", e, i), &pin(e), 22).await.unwrap();
+            let (a, b) = ((i * 4) as usize, ((i * 4 + 4) as usize).min(22));
+            assert_eq!(got.as_ref(), &data[a..b], "block {i}");
+        }
+        assert_eq!(s.counters().get(Op::Get), 2, "every block was a hit");
+        let p2 = s.insert("j", &[7u8; 8], Metadata::new());
+        s.insert("j", &[8u8; 8], Metadata::new());
+        let old = p2.etag.as_str();
+        c.fetch_run(&s, &bk("j", old, 0), 2, &pin(old), 8).await;
+        assert!(
+            !c.contains(&bk("j", old, 0)),
+            "a changed object is not cached"
         );
     }
 

@@ -116,6 +116,9 @@ struct Readahead {
 /// more open files is taken to hold none of this one).
 const FDINFO_SCAN_MAX: usize = 4096;
 
+/// The most one read-ahead GET asks for.
+const READAHEAD_RUN_BYTES: u64 = 8 * 1024 * 1024;
+
 /// Blocks fetched at once when an object still being read is kept.
 const KEEP_CONCURRENCY: usize = 8;
 
@@ -516,21 +519,27 @@ impl Fs {
             ra.window_blocks
         };
         let last_block = (target.size - 1) / bs;
-        for index in last + 1..=(last + window).min(last_block) {
+        // Read-ahead in runs of blocks, one GET each: fewer, larger
+        // requests than a GET per block, several in flight.
+        let ahead_end = (last + window).min(last_block) + 1;
+        let run = (READAHEAD_RUN_BYTES / bs).max(1);
+        let mut index = last + 1;
+        while index < ahead_end {
+            let count = run.min(ahead_end - index);
             let bk = BlockKey {
                 key: target.key.clone(),
                 etag: target.etag.clone(),
                 index,
             };
-            if !self.blocks.contains(&bk) {
-                let (store, blocks, size) = (self.store.clone(), self.blocks.clone(), target.size);
-                let pin = target.pin.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = blocks.get(&*store, &bk, &pin, size).await {
-                        tracing::debug!(error = %e, "read-ahead failed");
-                    }
-                });
+            index += count;
+            if count == 1 && self.blocks.contains(&bk) {
+                continue;
             }
+            let (store, blocks, size) = (self.store.clone(), self.blocks.clone(), target.size);
+            let pin = target.pin.clone();
+            tokio::spawn(async move {
+                blocks.fetch_run(&*store, &bk, count, &pin, size).await;
+            });
         }
         let parts = futures::future::try_join_all((first..=last).map(|index| {
             let bk = BlockKey {
