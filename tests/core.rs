@@ -420,6 +420,49 @@ async fn second_read_of_an_unchanged_file_makes_no_get() {
     );
 }
 
+/// Reads at random offsets fetch what they ask for, rounded out to
+/// 64 KiB, not a 1 MiB block plus read-ahead; a second read of the same
+/// place is served from memory.
+#[tokio::test]
+async fn random_reads_download_at_most_64_kib_each() {
+    let s = Arc::new(MemStore::unversioned());
+    let data: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i / 7) as u8).collect();
+    s.insert("f", &data, Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    let offsets = [
+        9_000_000u64,
+        1_234_567,
+        15_000_000,
+        4_100_000,
+        12_345_678,
+        7_000_001,
+    ];
+    for &off in &offsets {
+        let d = fs.read(fh, off, 4096).await.unwrap();
+        assert!(
+            d[..] == data[off as usize..off as usize + 4096],
+            "bytes at {off}"
+        );
+    }
+    let (_, received) = s.counters().bytes();
+    assert!(
+        received <= offsets.len() as u64 * 2 * 64 * 1024,
+        "{received} bytes downloaded for {} random reads of 4 KiB",
+        offsets.len()
+    );
+    let gets = s.counters().get(Op::Get);
+    let d = fs.read(fh, offsets[2], 4096).await.unwrap();
+    assert!(d[..] == data[offsets[2] as usize..offsets[2] as usize + 4096]);
+    assert_eq!(
+        s.counters().get(Op::Get),
+        gets,
+        "a second read of the same place"
+    );
+    fs.release(fh).await.unwrap();
+}
+
 #[tokio::test]
 async fn versions_tree_lists_and_reads_every_version() {
     let s = Arc::new(MemStore::versioned());

@@ -224,8 +224,15 @@ pub struct BlockCache {
     mem: Mutex<Mem>,
     disk: Option<Arc<Disk>>,
     inflight: Mutex<HashMap<BlockKey, Arc<OnceCell<Bytes>>>>,
+    /// Chunks of `CHUNK` bytes read at random (index = chunk number),
+    /// memory only, within a quarter of the memory budget.
+    chunks: Mutex<Mem>,
     pub stats: CacheStats,
 }
+
+/// What a random read fetches at least: a read of 4 KiB costs 64 KiB, not a
+/// block plus read-ahead.
+pub const CHUNK: u64 = 64 * 1024;
 
 impl BlockCache {
     /// A memory-only cache.
@@ -239,6 +246,10 @@ impl BlockCache {
             }),
             disk: None,
             inflight: Mutex::new(HashMap::new()),
+            chunks: Mutex::new(Mem {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+            }),
             stats: CacheStats::default(),
         }
     }
@@ -420,6 +431,83 @@ impl BlockCache {
                 inflight.remove(bk);
             }
         }
+    }
+
+    /// Bytes `range` of an object read at random: from a whole block in
+    /// memory when there is one, else from `CHUNK`-sized chunks, the
+    /// missing ones fetched with one GET. At most the range rounded out to
+    /// `CHUNK` is downloaded.
+    pub async fn get_small(
+        &self,
+        store: &dyn ObjectStore,
+        object: &BlockKey,
+        range: std::ops::Range<u64>,
+        pin: &ReadPin,
+        object_size: u64,
+    ) -> StoreResult<Bytes> {
+        let end = range.end.min(object_size);
+        if range.start >= end {
+            return Ok(Bytes::new());
+        }
+        let bs = self.block_size;
+        if range.start / bs == (end - 1) / bs {
+            let whole = BlockKey {
+                index: range.start / bs,
+                ..object.clone()
+            };
+            if let Some(b) = self.mem.lock().lru.get(&whole).cloned() {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                let at = whole.index * bs;
+                return Ok(b.slice((range.start - at) as usize..(end - at) as usize));
+            }
+        }
+        let (c0, c1) = (range.start / CHUNK, (end - 1) / CHUNK);
+        let key = |index| BlockKey {
+            index,
+            ..object.clone()
+        };
+        let mut have: Vec<Option<Bytes>> = {
+            let mut chunks = self.chunks.lock();
+            (c0..=c1)
+                .map(|i| chunks.lru.get(&key(i)).cloned())
+                .collect()
+        };
+        if have.iter().any(Option::is_none) {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            let (from, to) = (c0 * CHUNK, ((c1 + 1) * CHUNK).min(object_size));
+            let data = store.get_range(&object.key, from..to, pin).await?;
+            if (data.len() as u64) < to - from {
+                return Err(StoreError::PreconditionFailed);
+            }
+            let mut chunks = self.chunks.lock();
+            for (n, slot) in have.iter_mut().enumerate() {
+                let a = n as u64 * CHUNK;
+                let b = (a + CHUNK).min(to - from);
+                let chunk = data.slice(a as usize..b as usize);
+                chunks.bytes += chunk.len() as u64;
+                if let Some(old) = chunks.lru.put(key(c0 + n as u64), chunk.clone()) {
+                    chunks.bytes -= old.len() as u64;
+                }
+                *slot = Some(chunk);
+            }
+            while chunks.bytes > (self.mem_limit_bytes / 4).max(CHUNK) {
+                match chunks.lru.pop_lru() {
+                    Some((_, b)) => chunks.bytes -= b.len() as u64,
+                    None => break,
+                }
+            }
+        } else {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut out = bytes::BytesMut::with_capacity((end - range.start) as usize);
+        for (n, c) in have.into_iter().enumerate() {
+            let c = c.expect("filled");
+            let at = (c0 + n as u64) * CHUNK;
+            let a = range.start.saturating_sub(at) as usize;
+            let b = ((end - at) as usize).min(c.len());
+            out.extend_from_slice(&c[a.min(b)..b]);
+        }
+        Ok(out.freeze())
     }
 
     fn insert(&self, bk: BlockKey, data: Bytes) {

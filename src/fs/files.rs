@@ -112,6 +112,32 @@ struct Readahead {
     window_blocks: u64,
 }
 
+impl Readahead {
+    /// Takes a read of `offset..end` into account: the blocks to read
+    /// ahead of it (doubling while access is sequential, up to `max`; 0
+    /// means none at all), and whether the read is at random.
+    fn advance(&mut self, offset: u64, end: u64, bs: u64, max: u64) -> (u64, bool) {
+        // The kernel has several reads in flight and they may arrive out
+        // of order: a read near the last one is still sequential.
+        let slack = (4 * (end - offset)).max(bs);
+        let sequential = offset > 0 && offset.abs_diff(self.next_offset) <= slack;
+        self.window_blocks = if sequential {
+            (self.window_blocks * 2).clamp(1, max.max(1))
+        } else if offset == 0 {
+            1
+        } else {
+            0
+        }
+        .min(max);
+        self.next_offset = if sequential {
+            self.next_offset.max(end)
+        } else {
+            end
+        };
+        (self.window_blocks, offset > 0 && !sequential)
+    }
+}
+
 /// Descriptors of a closing process looked at, at most (a process with
 /// more open files is taken to hold none of this one).
 const FDINFO_SCAN_MAX: usize = 4096;
@@ -503,21 +529,27 @@ impl Fs {
         }
         let bs = self.blocks.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
-        let window = {
-            // readahead_max_blocks 0: no read-ahead at all.
-            let max = self.cfg.readahead_max_blocks;
-            let mut ra = fhd.readahead.lock();
-            ra.window_blocks = if offset == ra.next_offset && offset > 0 {
-                (ra.window_blocks * 2).clamp(1, max.max(1))
-            } else if offset == 0 {
-                1
-            } else {
-                0
+        let (window, random) =
+            fhd.readahead
+                .lock()
+                .advance(offset, end, bs, self.cfg.readahead_max_blocks);
+        if random {
+            // Read at random: fetch what is asked for (rounded out to a
+            // small chunk), not whole blocks and read-ahead.
+            let object = BlockKey {
+                key: target.key.clone(),
+                etag: target.etag.clone(),
+                index: 0,
+            };
+            let data = self
+                .blocks
+                .get_small(&*self.store, &object, offset..end, &target.pin, target.size)
+                .await?;
+            if let Some(t) = fhd.target.lock().as_mut() {
+                t.served = true;
             }
-            .min(max);
-            ra.next_offset = end;
-            ra.window_blocks
-        };
+            return Ok(data);
+        }
         let last_block = (target.size - 1) / bs;
         // Read-ahead in runs of blocks, one GET each: fewer, larger
         // requests than a GET per block, several in flight.
@@ -1366,5 +1398,39 @@ impl Fs {
             .get(ino)
             .map(|n| n.attr.clone())
             .ok_or(FsError::NotFound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Readahead;
+
+    const K: u64 = 1024;
+    const BS: u64 = 1024 * K;
+
+    #[test]
+    fn read_ahead_grows_through_reordered_reads_and_stops_at_random_ones() {
+        let mut ra = Readahead::default();
+        let mut windows = Vec::new();
+        // 128 KiB reads, each pair arriving swapped, as concurrent kernel
+        // reads do.
+        for off in [0, 256, 128, 512, 384, 768, 640, 1024] {
+            let (w, random) = ra.advance(off * K, off * K + 128 * K, BS, 16);
+            assert!(!random, "read at {off} KiB taken as random");
+            windows.push(w);
+        }
+        assert_eq!(windows, [1, 2, 4, 8, 16, 16, 16, 16]);
+        // A jump far away: random, no read-ahead.
+        assert_eq!(ra.advance(900 * BS, 900 * BS + 4 * K, BS, 16), (0, true));
+        assert_eq!(ra.advance(20 * BS, 20 * BS + 4 * K, BS, 16), (0, true));
+        // Reading on from there is sequential again.
+        assert_eq!(
+            ra.advance(20 * BS + 4 * K, 20 * BS + 8 * K, BS, 16),
+            (1, false)
+        );
+        // readahead=0: never any.
+        let mut none = Readahead::default();
+        assert_eq!(none.advance(0, 128 * K, BS, 0), (0, false));
+        assert_eq!(none.advance(128 * K, 256 * K, BS, 0), (0, false));
     }
 }
