@@ -26,6 +26,10 @@ use crate::fs::{Attr, Creator, FileKind, Fs, FsError, FsResult, SetAttr};
 
 const MAX_WRITE_BYTES: u32 = 1024 * 1024;
 const MAX_READAHEAD_BYTES: u32 = 1024 * 1024;
+
+/// Asynchronous requests (read-ahead, background writes) the kernel keeps
+/// in flight.
+const MAX_BACKGROUND: u16 = 64;
 const BLKSIZE_BYTES: u32 = 128 * 1024;
 
 pub struct FuseFs {
@@ -155,7 +159,19 @@ impl Filesystem for FuseFs {
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
         let _ = config.set_max_write(MAX_WRITE_BYTES);
-        let _ = config.set_max_readahead(MAX_READAHEAD_BYTES);
+        // The kernel caps read-ahead at what it offered (its bdi setting,
+        // 128 KiB by default): take the most it allows, and say so.
+        if let Err(most) = config.set_max_readahead(MAX_READAHEAD_BYTES) {
+            debug!(
+                asked = MAX_READAHEAD_BYTES,
+                allowed = most,
+                "kernel read-ahead capped"
+            );
+            let _ = config.set_max_readahead(most);
+        }
+        // Reads (and read-ahead) in flight from the kernel: 64, as
+        // Mountpoint for Amazon S3 sets, not FUSE's default 12.
+        let _ = config.set_max_background(MAX_BACKGROUND);
         Ok(())
     }
 

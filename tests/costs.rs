@@ -103,6 +103,27 @@ fn the_mount_shows_as_fuse_s3fs_with_the_bucket_as_source() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(&dir));
 }
 
+/// The kernel keeps 64 reads in flight (FUSE's default is 12), as the
+/// FUSE control filesystem shows for this mount's connection.
+#[test]
+fn the_kernel_keeps_64_requests_in_flight() {
+    let b = Bucket::new(server(), "inflight", false);
+    let m = Mount::new(&b, "");
+    let ctl = std::path::Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(ctl).map_or(true, |mut d| d.next().is_none()) {
+        // fusectl is not mounted on every machine: mount it (root).
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
+            .status();
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(&m.dir).unwrap().dev();
+    let minor = libc::minor(dev);
+    let got = std::fs::read_to_string(ctl.join(minor.to_string()).join("max_background"))
+        .unwrap_or_else(|e| panic!("connection {minor} of {}: {e}", m.dir.display()));
+    assert_eq!(got.trim(), "64");
+}
+
 /// `ls -l` asks every entry for security.selinux and the POSIX ACL: "not
 /// supported" (which ls remembers per filesystem, so it stops asking),
 /// while a missing `user.` name is "no such attribute" and the object's
