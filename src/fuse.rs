@@ -430,8 +430,17 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.fs.note_writer(fh.0, req.pid());
+        // A write that is only a write to the staged file is done here.
+        {
+            let _span = span!("write", req, ino = ino.0, fh = fh.0).entered();
+            match self.fs.write_now(fh.0, offset, data) {
+                Some(Ok(n)) => return reply.written(n),
+                Some(Err(e)) => return reply.error(fail(&e)),
+                None => {}
+            }
+        }
         let (fs, data) = (self.fs.clone(), data.to_vec());
-        fs.note_writer(fh.0, req.pid());
         self.spawn(span!("write", req, ino = ino.0, fh = fh.0), async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),

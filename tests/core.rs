@@ -267,7 +267,20 @@ impl Rng {
 /// with what the bucket holds after every flush.
 #[tokio::test]
 async fn any_write_pattern_matches_a_plain_model() {
+    write_patterns_match_a_plain_model(false).await;
+}
+
+/// The same with each write first offered to `write_now`, as the FUSE
+/// adapter does (it answers writes that need no request on its own
+/// thread, the rest go to `write`).
+#[tokio::test]
+async fn any_write_pattern_matches_a_plain_model_through_the_inline_path() {
+    write_patterns_match_a_plain_model(true).await;
+}
+
+async fn write_patterns_match_a_plain_model(inline: bool) {
     const MIB: u64 = 1024 * 1024;
+    let mut answered_inline = 0;
     for seed in 1..=6u64 {
         let s = Arc::new(MemStore::versioned());
         let (fs, _d) = fs_with(s.clone(), |c| {
@@ -292,7 +305,15 @@ async fn any_write_pattern_matches_a_plain_model() {
                     let len = 1 + rng.below(if big { 3 * MIB } else { 5000 });
                     let byte = (rng.next() & 0xff) as u8;
                     let data = vec![byte; len as usize];
-                    fs.write(fh, off, &data).await.unwrap();
+                    match inline.then(|| fs.write_now(fh, off, &data)).flatten() {
+                        Some(r) => {
+                            answered_inline += 1;
+                            assert_eq!(r, Ok(len as u32));
+                        }
+                        None => {
+                            fs.write(fh, off, &data).await.unwrap();
+                        }
+                    }
                     let end = (off + len) as usize;
                     if model.len() < end {
                         model.resize(end, 0);
@@ -354,6 +375,9 @@ async fn any_write_pattern_matches_a_plain_model() {
             "seed {seed}: final object differs"
         );
         assert_eq!(s.open_uploads(), 0);
+    }
+    if inline {
+        assert!(answered_inline > 50, "only {answered_inline} writes inline");
     }
 }
 
@@ -461,6 +485,56 @@ async fn random_reads_download_at_most_64_kib_each() {
         "a second read of the same place"
     );
     fs.release(fh).await.unwrap();
+}
+
+/// `write_now` declines what needs a request or a wait: the first write
+/// to an existing file (its old bytes may be read first) and a write that
+/// makes a part ready to stream; a new file written in order still streams
+/// its parts before close.
+#[tokio::test]
+async fn the_inline_write_path_leaves_requests_to_write() {
+    const MIB: u64 = 1024 * 1024;
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("old", b"old bytes", Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |c| {
+        c.upload = UploadOptions {
+            part_size_bytes: 5 * MIB,
+            concurrency: 2,
+        };
+    });
+    let a = fs.lookup(ROOT_INO, name("old")).await.unwrap();
+    let fh = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
+    assert_eq!(
+        fs.write_now(fh, 0, b"new"),
+        None,
+        "first write of an existing file"
+    );
+    fs.write(fh, 0, b"new").await.unwrap();
+    assert_eq!(fs.write_now(fh, 3, b"!"), Some(Ok(1)));
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("old").unwrap().as_ref(), b"new!bytes");
+
+    let (_, fh) = fs
+        .create(ROOT_INO, name("big"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    let chunk = vec![7u8; 128 * 1024];
+    let mut off = 0;
+    while off < 12 * MIB {
+        if fs.write_now(fh, off, &chunk).is_none() {
+            fs.write(fh, off, &chunk).await.unwrap();
+        }
+        off += chunk.len() as u64;
+    }
+    assert!(
+        s.counters().get(Op::CreateMultipart) == 1,
+        "the parts of a new file written in order stream before close"
+    );
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("big").unwrap().len() as u64, 12 * MIB);
+    assert_eq!(s.open_uploads(), 0);
 }
 
 #[tokio::test]

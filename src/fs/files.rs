@@ -601,6 +601,35 @@ impl Fs {
         Ok(out.freeze())
     }
 
+    /// `write` when it needs neither a request nor a wait: the file's write
+    /// state is free, already dirty (no old bytes to read first), and this
+    /// write starts no part upload. It is then a write to the staged file
+    /// and its journal (local disk), answered on the FUSE thread: a task
+    /// per small write cost more than the write. `None`: ask `write`.
+    pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
+        let h = self.file_handle(fh).ok()?;
+        let Handle::File(fhd) = &*h else { return None };
+        if !fhd.writable {
+            return None;
+        }
+        let of = self.writes.lock().get(&fhd.ino).cloned()?;
+        let mut st = of.try_lock_owned().ok()?;
+        let size_after = st.staged.size().max(offset + data.len() as u64);
+        if st.closed
+            || !st.dirty
+            || st.staged.is_unlinked()
+            || !st.staged.journaling()
+            || st.staged.stream_due_at(&self.cfg.upload, size_after)
+        {
+            return None;
+        }
+        Some(self.staged_write(&mut st, offset, data).map(|()| {
+            fhd.wrote.store(true, Ordering::Relaxed);
+            self.note_size(fhd.ino, st.staged.size());
+            data.len() as u32
+        }))
+    }
+
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let h = self.file_handle(fh)?;
         let Handle::File(fhd) = &*h else {

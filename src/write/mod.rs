@@ -270,6 +270,12 @@ impl Staged {
     /// Whether a write just made a part ready to stream (a new file
     /// written in order, with a full part beyond what was sent).
     pub fn stream_due(&self, opts: &UploadOptions) -> bool {
+        self.stream_due_at(opts, self.size)
+    }
+
+    /// Whether a write that leaves the file `size` bytes long would make a
+    /// part ready to stream.
+    pub fn stream_due_at(&self, opts: &UploadOptions, size: u64) -> bool {
         if self.base.is_some() || self.unlinked {
             return false;
         }
@@ -283,7 +289,7 @@ impl Staged {
         } else {
             part
         };
-        self.size >= covered + needed
+        size >= covered + needed
     }
 
     /// After a write: sends the full parts of a new file written
