@@ -65,6 +65,9 @@ pub struct Options {
     pub long_timeout: Duration,
     /// Cap of the backoff between background retries of a failed upload.
     pub upload_retry_max: Duration,
+    /// `writeback=async`: close() returns once the data is staged and
+    /// journaled; the upload runs in the background.
+    pub writeback_async: bool,
 }
 
 impl Default for Options {
@@ -108,6 +111,7 @@ impl Default for Options {
             retry_time: Duration::from_secs(45),
             long_timeout: Duration::from_secs(300),
             upload_retry_max: Duration::from_secs(300),
+            writeback_async: false,
         }
     }
 }
@@ -166,6 +170,11 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
                         UploadPartCopy, which S3 may take minutes to answer (default 300)
   upload_retry_max=SECS longest wait between background retries of a failed upload
                         (default 300; staged data is kept and retried until it lands)
+  writeback=async       close() returns once the data is staged and journaled on the
+                        cache disk (a kill -9 still loses nothing); uploads run in the
+                        background; fsync and unmount wait for them; a rename, chmod
+                        or utimes before the upload only changes it. Default: sync
+                        (close() returns once the data is in S3)
   log_file=PATH         log here instead of the journal, syslog or stderr
                         (reopened on SIGHUP, for logrotate)
 Ignored (fstab/systemd): defaults, _netdev, nofail, auto, noauto, user, users,
@@ -420,6 +429,17 @@ impl Options {
                     self.block_size_bytes =
                         size_in(name, need(name, value)?, 64 * 1024, 64 * MIB, false)?
                 }
+                "writeback" => {
+                    self.writeback_async = match need(name, value)? {
+                        "async" => true,
+                        "sync" => false,
+                        v => {
+                            return Err(ConfigError(format!(
+                                "option writeback: {v:?} is not sync or async"
+                            )));
+                        }
+                    }
+                }
                 // 0: no read-ahead, each read fetches only its own blocks.
                 "readahead" => {
                     self.readahead_max_blocks =
@@ -567,6 +587,9 @@ mod tests {
         assert_eq!(ok("readahead=0").readahead_max_blocks, 0);
         assert_eq!(ok("readahead=256").readahead_max_blocks, 256);
         refused("readahead=257", "0..=256 blocks");
+        assert!(ok("writeback=async").writeback_async);
+        assert!(!ok("writeback=sync").writeback_async);
+        refused("writeback=later", "is not sync or async");
         refused("readahead=-1", "is not a valid number");
         assert_eq!(ok("retries=0").max_attempts, 1);
         refused("retries=101", "0..=100");

@@ -200,6 +200,7 @@ pub fn fs_config(o: &Options, cache_dir: &Path, identity: &str) -> FsConfig {
             concurrency: o.upload_concurrency,
         },
         upload_retry_max: o.upload_retry_max,
+        writeback_async: o.writeback_async,
         versions_visible: o.versions_visible,
         as_of: o.as_of,
         object_metadata: o.object_metadata,

@@ -1128,3 +1128,138 @@ async fn a_failed_chmod_leaves_the_attributes_as_stored() {
     assert_eq!(fs.setattr(f.ino, chmod).await.unwrap().perm, 0o640);
     assert_eq!(fs.getattr(f.ino).await.unwrap().perm, 0o640);
 }
+
+// ----------------------------------------------------------------------
+// writeback=async
+
+fn async_fs(s: &Arc<MemStore>) -> (Fs, tempfile::TempDir) {
+    fs_with(s.clone(), |c| {
+        c.writeback_async = true;
+        c.metadata_ttl = LONG_TTL;
+    })
+}
+
+/// close() returns with the data staged, before any PUT; the background
+/// pass sends it, once; reads meanwhile see the new bytes.
+#[tokio::test]
+async fn writeback_async_close_returns_before_the_upload_and_the_background_sends_it() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = async_fs(&s);
+    let (a, fh) = fs
+        .create(ROOT_INO, name("f"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"later").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.counters().get(Op::Put), 0, "nothing sent at close");
+    let rh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(fs.read(rh, 0, 100).await.unwrap().as_ref(), b"later");
+    fs.release(rh).await.unwrap();
+    assert_eq!(fs.dirty_files().len(), 1, "status lists it");
+    fs.retry_pending().await;
+    assert_eq!(s.object("f").unwrap().as_ref(), b"later");
+    assert_eq!(s.counters().get(Op::Put), 1);
+    assert!(fs.dirty_files().is_empty());
+}
+
+/// rsync's pattern: a temporary file written and closed, its mode and
+/// mtime set, then renamed over the destination. Under writeback=async it
+/// costs one PUT, at the final name, with the mode and mtime, and no copy.
+#[tokio::test]
+async fn writeback_async_rsync_pattern_costs_one_put_per_file() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", b"old f", Metadata::new());
+    let (fs, _d) = async_fs(&s);
+    fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let (a, fh) = fs
+        .create(
+            ROOT_INO,
+            name(".f.Xy12"),
+            USER,
+            libc::O_WRONLY | libc::O_EXCL,
+        )
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"new f").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(978_307_200);
+    for set in [
+        SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+        SetAttr {
+            mtime: Some(mtime),
+            ..Default::default()
+        },
+    ] {
+        fs.setattr(a.ino, set).await.unwrap();
+    }
+    fs.rename(ROOT_INO, name(".f.Xy12"), ROOT_INO, name("f"), false)
+        .await
+        .unwrap();
+    let before = requests(&s);
+    fs.retry_pending().await;
+    assert_eq!(s.object("f").unwrap().as_ref(), b"new f");
+    assert_eq!(s.object(".f.Xy12"), None);
+    let meta = s.head("f", None).await.unwrap().metadata.unwrap();
+    assert_eq!(
+        meta.get("mode").map(String::as_str),
+        Some("33152"),
+        "{meta:?}"
+    );
+    assert!(
+        meta.get("mtime")
+            .is_some_and(|m| m.starts_with("978307200")),
+        "{meta:?}"
+    );
+    assert_eq!(
+        (
+            s.counters().get(Op::Put),
+            s.counters().get(Op::Copy),
+            s.counters().get(Op::Delete)
+        ),
+        (1, 0, 1),
+        "one PUT, no copy, one delete (of the replaced f, at the rename)"
+    );
+    assert_eq!(
+        requests(&s) - before,
+        2,
+        "the PUT and the HEAD of this check"
+    );
+}
+
+/// Killed after the rename of a file not sent yet: the next mount's
+/// recovery puts it at the new name, over the file it replaced (not
+/// beside it, as if another client had written that).
+#[tokio::test]
+async fn writeback_async_a_renamed_file_not_sent_yet_is_recovered_at_its_new_name() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", b"old f", Metadata::new());
+    let (fs, d) = async_fs(&s);
+    fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let (_, fh) = fs
+        .create(ROOT_INO, name("tmp"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"new f").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    fs.rename(ROOT_INO, name("tmp"), ROOT_INO, name("f"), false)
+        .await
+        .unwrap();
+    // The daemon dies: nothing was sent.
+    drop(fs);
+    assert_eq!(s.counters().get(Op::Put), 0);
+    let opts = UploadOptions {
+        part_size_bytes: 8 * 1024 * 1024,
+        concurrency: 2,
+    };
+    let r = bucketfs::write::recover(&*s, d.path(), &opts).await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_eq!(s.object("f").unwrap().as_ref(), b"new f");
+    assert_eq!(s.object("tmp"), None);
+    assert_eq!(s.keys(), ["f"], "nothing beside");
+}

@@ -299,15 +299,22 @@ fn step_strategy() -> impl Strategy<Value = Step> {
 #[derive(Clone, Debug)]
 struct Case {
     versioned: bool,
+    /// `writeback=async`: closes leave uploads to the background.
+    writeback_async: bool,
     steps: Vec<Step>,
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
         prop::bool::weighted(0.5),
+        prop::bool::weighted(0.25),
         prop::collection::vec(step_strategy(), 1..60),
     )
-        .prop_map(|(versioned, steps)| Case { versioned, steps })
+        .prop_map(|(versioned, writeback_async, steps)| Case {
+            versioned,
+            writeback_async,
+            steps,
+        })
 }
 
 // ------------------------------------------------------------------ stats
@@ -425,7 +432,7 @@ async fn within<R>(what: &str, fut: impl Future<Output = R>) -> Result<R, TestCa
 }
 
 impl Harness {
-    fn new(versioned: bool) -> Harness {
+    fn new(versioned: bool, writeback_async: bool) -> Harness {
         let m = Arc::new(if versioned {
             MemStore::versioned()
         } else {
@@ -443,6 +450,7 @@ impl Harness {
                 concurrency: 2,
             },
             upload_retry_max: Duration::from_millis(20),
+            writeback_async,
             ..FsConfig::default()
         };
         let fs = Arc::new(Fs::new(f.clone(), cfg));
@@ -1035,7 +1043,10 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut h = Harness::new(case.versioned);
+        let mut h = Harness::new(case.versioned, case.writeback_async);
+        if case.writeback_async {
+            note("case with writeback=async");
+        }
         let mut md = Model {
             versioned: case.versioned,
             ..Model::default()

@@ -145,6 +145,9 @@ const FDINFO_SCAN_MAX: usize = 4096;
 /// The most one read-ahead GET asks for.
 const READAHEAD_RUN_BYTES: u64 = 8 * 1024 * 1024;
 
+/// Files uploaded at once in the background (`writeback=async`, retries).
+const PENDING_UPLOADS_IN_FLIGHT: usize = 16;
+
 /// Blocks fetched at once when an object still being read is kept.
 const KEEP_CONCURRENCY: usize = 8;
 
@@ -854,6 +857,11 @@ impl Fs {
             && !tgid.is_some_and(|t| self.caller_holds_another(t, fhd.ino));
         if wrote || made {
             fhd.made.store(false, Ordering::Relaxed);
+            if self.cfg.writeback_async {
+                // Staged and journaled is enough: the last release hands
+                // it to the background uploader.
+                return Ok(());
+            }
             return self.upload_now(fhd.ino).await;
         }
         Ok(())
@@ -1121,6 +1129,13 @@ impl Fs {
             // of them closes (`end_unlinked_state`).
             return Ok(());
         }
+        if self.cfg.writeback_async && st.dirty && !st.staged.is_unlinked() {
+            // writeback=async: staged and journaled is enough for close();
+            // the background uploader sends it now.
+            st.next_try = Some(std::time::Instant::now());
+            self.retry_wake.notify_one();
+            return Ok(());
+        }
         let r = self.upload_if_dirty(ino, &mut st).await;
         if let Err(e) = &r {
             // Never dropped: the state stays, pending, and is retried in the
@@ -1142,8 +1157,9 @@ impl Fs {
         Ok(())
     }
 
-    /// Tries again the uploads that failed after their last close, those
-    /// whose time has come; returns when the next one is due. A state that
+    /// Uploads the files whose last close left them to the background
+    /// (a failed upload, or `writeback=async`), those whose time has come,
+    /// several at once; returns when the next one is due. A state that
     /// lands (or was unlinked) is ended; one that fails waits twice as long
     /// (at most `upload_retry_max`).
     pub async fn retry_pending(&self) -> Option<std::time::Instant> {
@@ -1154,8 +1170,9 @@ impl Fs {
             .map(|(i, s)| (*i, s.clone()))
             .collect();
         let mut next: Option<std::time::Instant> = None;
+        let mut due = Vec::new();
         for (ino, of) in states {
-            let Ok(mut st) = of.try_lock_owned() else {
+            let Ok(st) = of.try_lock_owned() else {
                 // Busy (written, uploaded, or its last close is still
                 // recording a failure): look again shortly.
                 let soon = std::time::Instant::now() + RETRY_FIRST_WAIT;
@@ -1176,20 +1193,36 @@ impl Fs {
                 next = Some(next.map_or(t, |n| n.min(t)));
                 continue;
             }
+            due.push((ino, st));
+        }
+        let uploads = due.into_iter().map(|(ino, mut st)| async move {
+            let retried = st.last_error.is_some();
             match self.upload_if_dirty(ino, &mut st).await {
                 Ok(()) => {
-                    tracing::info!(ino, "a pending upload landed");
+                    if retried {
+                        tracing::info!(ino, "a pending upload landed");
+                    } else {
+                        tracing::debug!(ino, "a background upload landed");
+                    }
                     if st.handles == 0 {
                         st.closed = true;
                         self.writes.lock().remove(&ino);
                     }
+                    None
                 }
                 Err(e) => {
                     let t = st.failed_again(self.cfg.upload_retry_max);
                     warn!(ino, error = %e, retry_in = ?st.backoff, "pending upload failed again");
-                    next = Some(next.map_or(t, |n| n.min(t)));
+                    Some(t)
                 }
             }
+        });
+        let retries: Vec<Option<std::time::Instant>> = futures::stream::iter(uploads)
+            .buffer_unordered(PENDING_UPLOADS_IN_FLIGHT)
+            .collect()
+            .await;
+        for t in retries.into_iter().flatten() {
+            next = Some(next.map_or(t, |n| n.min(t)));
         }
         next
     }
@@ -1356,13 +1389,21 @@ impl Fs {
     pub async fn sync_all(&self, limit: std::time::Duration) -> Vec<String> {
         let inos: Vec<u64> = self.writes.lock().keys().copied().collect();
         let mut failed = Vec::new();
-        for ino in inos {
+        // Several at once: under writeback=async many files may be waiting.
+        let syncs = inos.into_iter().map(|ino| async move {
             let r = match tokio::time::timeout(limit, self.sync_ino(ino)).await {
                 Ok(r) => r,
                 Err(_) => Err(FsError::Store(crate::store::StoreError::Transient(
                     "timed out at shutdown".into(),
                 ))),
             };
+            (ino, r)
+        });
+        let results: Vec<(u64, FsResult<()>)> = futures::stream::iter(syncs)
+            .buffer_unordered(PENDING_UPLOADS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (ino, r) in results {
             if let Err(e) = r {
                 let path = self
                     .table

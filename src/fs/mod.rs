@@ -78,6 +78,8 @@ pub struct FsConfig {
     pub upload: UploadOptions,
     /// Longest wait between background retries of a failed upload.
     pub upload_retry_max: Duration,
+    /// close() leaves the upload to the background (`writeback=async`).
+    pub writeback_async: bool,
     /// Whether readdir lists `.versions`.
     pub versions_visible: bool,
     /// Show the bucket as it was at this moment (read-only).
@@ -113,6 +115,7 @@ impl Default for FsConfig {
                 concurrency: 8,
             },
             upload_retry_max: Duration::from_secs(300),
+            writeback_async: false,
             versions_visible: false,
             as_of: None,
             object_metadata: true,

@@ -430,8 +430,43 @@ impl Fs {
             }
             None => (self.live(src).await, None),
         };
-        if let Some(st) = s.as_mut() {
-            self.upload_if_dirty(src, st).await?;
+        let (fk, tk) = (self.key_of(from), self.key_of(to));
+        let never_uploaded = self
+            .table
+            .lock()
+            .get(src)
+            .is_some_and(|n| n.object.is_none());
+        match s.as_mut() {
+            // A new file not sent yet (written and closed under
+            // writeback=async, or still open): it just goes to the new
+            // name when it is sent. rsync's temporary file then costs one
+            // PUT, at its final name.
+            Some(st) if st.dirty && never_uploaded && st.staged.unsent() => {
+                self.settle_deferred(&tk).await;
+                if let Some(d) = dst.filter(|d| *d != src) {
+                    self.keep_for_readers(d).await;
+                }
+                // What it replaces is gone now, as after any rename: were
+                // it left until the upload, an unlink before that would
+                // bring it back.
+                let replaced = dst
+                    .filter(|d| *d != src)
+                    .is_some_and(|d| self.table.lock().get(d).is_some_and(|n| n.object.is_some()));
+                if replaced {
+                    match self.store.delete(&tk).await {
+                        Ok(()) | Err(StoreError::NotFound) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                st.staged.rekey(&tk)?;
+                if let Some(st) = d.as_mut() {
+                    st.discard();
+                }
+                self.retry_wake.notify_one();
+                return Ok(());
+            }
+            Some(st) => self.upload_if_dirty(src, st).await?,
+            None => {}
         }
         let uploaded = self
             .table
@@ -439,7 +474,6 @@ impl Fs {
             .get(src)
             .is_some_and(|n| n.object.is_some());
         if uploaded {
-            let (fk, tk) = (self.key_of(from), self.key_of(to));
             // What the copy overwrites, its readers keep.
             self.settle_deferred(&tk).await;
             if let Some(d) = dst.filter(|d| *d != src) {

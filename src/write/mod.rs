@@ -484,16 +484,36 @@ impl Staged {
 
     /// Rewrites a long journal from the in-memory state.
     fn maybe_compact(&mut self) -> io::Result<()> {
-        let Some(j) = self.journal.as_mut().filter(|j| j.wants_compaction()) else {
+        if !self.journal.as_ref().is_some_and(|j| j.wants_compaction()) {
             return Ok(());
-        };
-        let Some(h) = self.header.as_mut() else {
+        }
+        self.compact()
+    }
+
+    /// Rewrites the journal from the in-memory state.
+    fn compact(&mut self) -> io::Result<()> {
+        let (Some(j), Some(h)) = (self.journal.as_mut(), self.header.as_mut()) else {
             return Ok(());
         };
         h.size = self.size;
         h.base_valid = self.base_valid;
         let changes = journal::changes_for(&self.loaded, &self.uploads);
         j.compact(h, &changes)
+    }
+
+    /// A new file none of whose bytes were sent (no object under it, no
+    /// stream, no upload begun): a rename only changes where it goes.
+    pub fn unsent(&self) -> bool {
+        self.base.is_none() && self.stream.is_none() && self.uploads.is_empty() && !self.unlinked
+    }
+
+    /// An unsent file goes to `key` now (a rename; what was there is
+    /// gone): journaled at once, so a recovery uploads it there.
+    pub fn rekey(&mut self, key: &str) -> io::Result<()> {
+        if let Some(h) = self.header.as_mut() {
+            h.key = key.to_string();
+        }
+        self.compact()
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
