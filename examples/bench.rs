@@ -275,6 +275,9 @@ impl Mount {
                 m.insert("bytes sent".into(), n.trim().parse().unwrap_or(0));
                 in_requests = false;
             }
+            if let Some(n) = line.strip_prefix("bytes received: ") {
+                m.insert("bytes received".into(), n.trim().parse().unwrap_or(0));
+            }
             if in_requests && line.starts_with("  ") {
                 let mut it = line.split_whitespace();
                 if let (Some(k), Some(v)) = (it.next(), it.next())
@@ -302,14 +305,15 @@ fn diff(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String
     let mut parts = Vec::new();
     for (k, v) in after {
         let d = v - before.get(k).copied().unwrap_or(0);
-        if d > 0 && k != "bytes sent" {
+        if d > 0 && !k.starts_with("bytes ") {
             parts.push(format!("{k} {d}"));
         }
     }
-    let sent = after.get("bytes sent").copied().unwrap_or(0)
-        - before.get("bytes sent").copied().unwrap_or(0);
-    if sent > 0 {
-        parts.push(format!("sent {:.1} MiB", sent as f64 / MIB as f64));
+    for (k, shown) in [("bytes sent", "sent"), ("bytes received", "received")] {
+        let n = after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+        if n > 0 {
+            parts.push(format!("{shown} {:.1} MiB", n as f64 / MIB as f64));
+        }
     }
     if parts.is_empty() {
         "none".into()
@@ -594,7 +598,7 @@ fn main() {
     });
 
     // Each tool in turn, each workload on a fresh mount where it says cold.
-    let mut names: Vec<(String, String)> = Vec::new();
+    let mut names: Vec<(String, String, Option<Duration>)> = Vec::new();
     let mut results: Vec<Vec<Cell>> = Vec::new();
     let mut peaks: Vec<u64> = Vec::new();
     for &tool in &tools {
@@ -604,27 +608,32 @@ fn main() {
         let big = dir.join(&big_key);
         let mut cells: Vec<Cell> = Vec::new();
         let mut peak = 0u64;
-        let mut row =
-            |m: &Mount, name: String, raw: String, f: &mut dyn FnMut() -> (String, f64)| {
-                let before = m.counters();
-                let (shown, secs) = f();
-                let requests = diff(&before, &m.counters());
-                if results.is_empty() {
-                    names.push((name, raw));
-                }
-                cells.push(Cell {
-                    shown,
-                    secs,
-                    requests,
-                });
-            };
+        let mut row = |m: &Mount,
+                       name: String,
+                       raw: (String, Option<Duration>),
+                       f: &mut dyn FnMut() -> (String, f64)| {
+            let before = m.counters();
+            let (shown, secs) = f();
+            let requests = diff(&before, &m.counters());
+            if results.is_empty() {
+                names.push((name, raw.0, raw.1));
+            }
+            cells.push(Cell {
+                shown,
+                secs,
+                requests,
+            });
+        };
 
         let mut m = Mount::start_with(&a, tool, &dir, &cache, "");
         std::fs::create_dir_all(dir.join(&own)).unwrap();
         row(
             &m,
             format!("sequential write {} MiB, until in S3", a.size_mib),
-            format!("{:.0} MiB/s", mbps(size, raw_write)),
+            (
+                format!("{:.0} MiB/s", mbps(size, raw_write)),
+                Some(raw_write),
+            ),
             &mut || {
                 let t = Instant::now();
                 let mut f = std::fs::File::create(&big).unwrap();
@@ -658,7 +667,7 @@ fn main() {
         m.stop();
         m = Mount::start_with(&a, tool, &dir, &cache, "");
         drop_page_cache();
-        let raw = format!("{:.0} MiB/s", mbps(size, raw_read));
+        let raw = (format!("{:.0} MiB/s", mbps(size, raw_read)), Some(raw_read));
         row(&m, "sequential read, cold".into(), raw.clone(), &mut || {
             seq_read()
         });
@@ -677,7 +686,10 @@ fn main() {
         row(
             &m,
             "1,000 random 4 KiB reads, cold".into(),
-            format!("{:.0} reads/s", 1000.0 / raw_rand.as_secs_f64()),
+            (
+                format!("{:.0} reads/s", 1000.0 / raw_rand.as_secs_f64()),
+                Some(raw_rand),
+            ),
             &mut || {
                 let t = Instant::now();
                 let f = std::fs::File::open(&big).unwrap();
@@ -690,11 +702,44 @@ fn main() {
             },
         );
 
+        m.stop();
+        m = Mount::start_with(&a, tool, &dir, &cache, "");
+        drop_page_cache();
+        row(
+            &m,
+            "4 parallel readers, a quarter each, cold".into(),
+            (format!("{:.0} MiB/s", mbps(size, raw_read)), Some(raw_read)),
+            &mut || {
+                let t = Instant::now();
+                let quarter = size / 4;
+                std::thread::scope(|sc| {
+                    for q in 0..4u64 {
+                        let big = &big;
+                        sc.spawn(move || {
+                            let f = std::fs::File::open(big).unwrap();
+                            let mut buf = vec![0u8; MIB as usize];
+                            let mut off = q * quarter;
+                            while off < (q + 1) * quarter {
+                                let n = f.read_at(&mut buf, off).unwrap();
+                                assert!(n > 0);
+                                off += n as u64;
+                            }
+                        });
+                    }
+                });
+                let d = t.elapsed().as_secs_f64();
+                (format!("{:.0} MiB/s", size as f64 / MIB as f64 / d), d)
+            },
+        );
+
         std::fs::create_dir(dir.join(&own).join("small")).unwrap();
         row(
             &m,
             format!("create {} files of 4 KiB, until in S3", a.files),
-            format!("{:.0} PUTs/s", a.files as f64 / raw_create.as_secs_f64()),
+            (
+                format!("{:.0} PUTs/s", a.files as f64 / raw_create.as_secs_f64()),
+                Some(raw_create),
+            ),
             &mut || {
                 let t = Instant::now();
                 for i in 0..a.files {
@@ -714,6 +759,93 @@ fn main() {
             },
         );
 
+        let dd_mib = a.size_mib.min(100);
+        row(
+            &m,
+            format!("dd bs=4k of {dd_mib} MiB into a new file, until in S3"),
+            (
+                format!("{:.0} MiB/s", mbps(size, raw_write)),
+                Some(raw_write.mul_f64(dd_mib as f64 / a.size_mib as f64)),
+            ),
+            &mut || {
+                let t = Instant::now();
+                let key = format!("{own}/dd");
+                let status = Command::new("dd")
+                    .arg("if=/dev/zero")
+                    .arg(format!("of={}", dir.join(&key).display()))
+                    .arg("bs=4k")
+                    .arg(format!("count={}", dd_mib * 256))
+                    .arg("status=none")
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "dd through {}", tool.name());
+                wait_in_s3(&rt, &s3, &a.bucket, &key, dd_mib * MIB);
+                let d = t.elapsed().as_secs_f64();
+                (format!("{:.0} MiB/s", dd_mib as f64 / d), d)
+            },
+        );
+        row(
+            &m,
+            "100,000 writes of 18 bytes, until in S3".into(),
+            ("—".into(), None),
+            &mut || {
+                let t = Instant::now();
+                let key = format!("{own}/log");
+                let mut f = std::fs::File::create(dir.join(&key)).unwrap();
+                for i in 0..100_000u32 {
+                    f.write_all(format!("line {i:012}\n").as_bytes()).unwrap();
+                }
+                drop(f);
+                wait_in_s3(&rt, &s3, &a.bucket, &key, 1_800_000);
+                let d = t.elapsed().as_secs_f64();
+                (format!("{d:.2} s"), d)
+            },
+        );
+        if tool == Tool::Bucketfs {
+            m.stop();
+            m = Mount::start_with(&a, tool, &dir, &cache, ",writeback=async");
+        }
+        std::fs::create_dir(dir.join(&own).join("async")).unwrap();
+        row(
+            &m,
+            format!(
+                "create {} files of 4 KiB, until in S3; bucketfs with writeback=async",
+                a.files
+            ),
+            (
+                format!("{:.0} PUTs/s", a.files as f64 / raw_create.as_secs_f64()),
+                Some(raw_create),
+            ),
+            &mut || {
+                let t = Instant::now();
+                for i in 0..a.files {
+                    std::fs::write(dir.join(&own).join(format!("async/{i}")), &small).unwrap();
+                }
+                let closed = t.elapsed().as_secs_f64();
+                let prefix = format!("{own}/async/");
+                let start = Instant::now();
+                while rt.block_on(list_keys(&s3, &a.bucket, &prefix, None)).len() < a.files {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(600),
+                        "files never landed"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let d = t.elapsed().as_secs_f64();
+                (
+                    format!(
+                        "{:.0} files/s (all closed in {closed:.2} s)",
+                        a.files as f64 / d
+                    ),
+                    d,
+                )
+            },
+        );
+        if tool == Tool::Bucketfs {
+            m.stop();
+            m = Mount::start_with(&a, tool, &dir, &cache, "");
+        }
+
         let ls = || {
             let t = Instant::now();
             let out = Command::new("ls")
@@ -730,8 +862,14 @@ fn main() {
         m.stop();
         m = Mount::start_with(&a, tool, &dir, &cache, "");
         drop_page_cache();
-        let raw = format!("{:.2} s (LIST only)", raw_list.as_secs_f64());
-        let raw_heads = format!("{:.2} s (LIST + a HEAD each)", raw_list_head.as_secs_f64());
+        let raw = (
+            format!("{:.2} s (LIST only)", raw_list.as_secs_f64()),
+            Some(raw_list),
+        );
+        let raw_heads = (
+            format!("{:.2} s (LIST + a HEAD each)", raw_list_head.as_secs_f64()),
+            Some(raw_list_head),
+        );
         row(
             &m,
             format!("ls -l of {} entries with metadata, cold", a.entries),
@@ -773,7 +911,10 @@ fn main() {
         row(
             &m,
             format!("append 1 MiB to the {} MiB file, until in S3", a.size_mib),
-            format!("{:.2} s (1 MiB PUT)", raw_put.as_secs_f64()),
+            (
+                format!("{:.2} s (1 MiB PUT)", raw_put.as_secs_f64()),
+                Some(raw_put),
+            ),
             &mut || {
                 let t = Instant::now();
                 let mut f = std::fs::OpenOptions::new().append(true).open(&big).unwrap();
@@ -792,25 +933,17 @@ fn main() {
         peaks.push(peak);
     }
 
-    let raw_secs = [
-        raw_write,
-        raw_read,
-        raw_read,
-        raw_rand,
-        raw_create,
-        raw_list_head,
-        raw_list,
-        raw_list,
-        raw_put,
-    ];
     let mut rows: Vec<Row> = Vec::new();
-    for (i, (name, raw)) in names.into_iter().enumerate() {
+    for (i, (name, raw, raw_secs)) in names.into_iter().enumerate() {
         let ours = &results[0][i];
         rows.push(Row {
             name,
             cells: results.iter().map(|r| r[i].shown.clone()).collect(),
             raw,
-            ratio: format!("{:.2}", raw_secs[i].as_secs_f64() / ours.secs),
+            ratio: match raw_secs {
+                Some(d) if ours.secs.is_finite() => format!("{:.2}", d.as_secs_f64() / ours.secs),
+                _ => "—".into(),
+            },
             requests: ours.requests.clone(),
         });
     }
