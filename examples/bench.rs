@@ -37,6 +37,8 @@ struct Args {
     concurrency: usize,
     /// Run the same workloads through s3fs-fuse and rclone when installed.
     peers: bool,
+    /// CPU-bound processes kept running beside the whole run.
+    load: usize,
 }
 
 fn args() -> Args {
@@ -50,6 +52,7 @@ fn args() -> Args {
         entries: 10_000,
         concurrency: 8,
         peers: true,
+        load: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,6 +70,7 @@ fn args() -> Args {
             "--files" => a.files = val.parse().expect("--files N"),
             "--entries" => a.entries = val.parse().expect("--entries N"),
             "--concurrency" => a.concurrency = val.parse().expect("--concurrency N"),
+            "--load" => a.load = val.parse().expect("--load N"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -419,8 +423,39 @@ struct Cell {
     requests: String,
 }
 
+/// `n` busy processes, killed when dropped: a loaded machine.
+struct Load(Vec<Child>);
+
+impl Load {
+    fn start(n: usize) -> Load {
+        Load(
+            (0..n)
+                .map(|_| {
+                    Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("a load process")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn main() {
     let a = args();
+    if a.load > 0 {
+        println!("with {} CPU-bound processes running beside", a.load);
+    }
+    let _load = Load::start(a.load);
     let tools = Tool::all(&a);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let s3 = client(&a);

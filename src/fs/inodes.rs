@@ -56,6 +56,9 @@ pub struct Inode {
     /// by this mount). A listing only tells size and ETag: until the
     /// metadata is read, the kernel must not be given these attributes.
     pub meta_known: bool,
+    /// When a listing, a lookup or the kernel last handed it out (a sweep
+    /// leaves recent nodes alone: a reply naming them may be on its way).
+    pub seen: Instant,
 }
 
 impl Inode {
@@ -84,7 +87,12 @@ pub struct InodeTable {
     negative: HashMap<String, Instant>,
     /// Size of `negative` after its last pruning of expired entries.
     negative_pruned: usize,
+    /// Size of the table after its last sweep.
+    swept_at: usize,
 }
+
+/// Nodes the table holds before it is swept at all.
+const SWEEP_MIN: usize = 4096;
 
 /// Negative entries kept before expired ones are pruned.
 const NEGATIVE_PRUNE_MIN: usize = 1024;
@@ -107,6 +115,7 @@ impl InodeTable {
             paths: BTreeMap::new(),
             negative: HashMap::new(),
             negative_pruned: 0,
+            swept_at: 0,
         };
         let key = NodeKey::Path(String::new());
         t.index(key.clone(), ROOT_INO);
@@ -124,6 +133,7 @@ impl InodeTable {
                 generation: 0,
                 listed_until: None,
                 meta_known: true,
+                seen: Instant::now(),
             },
         );
         t
@@ -191,6 +201,7 @@ impl InodeTable {
             node.fresh_until = fresh_until;
             node.parent = parent;
             node.meta_known = true;
+            node.seen = Instant::now();
             return ino;
         }
         let ino = self.next;
@@ -211,6 +222,7 @@ impl InodeTable {
                 generation: 0,
                 listed_until: None,
                 meta_known: true,
+                seen: Instant::now(),
             },
         );
         ino
@@ -288,7 +300,53 @@ impl InodeTable {
     pub fn add_lookup(&mut self, ino: u64) {
         if let Some(n) = self.by_ino.get_mut(&ino) {
             n.lookups += 1;
+            n.seen = Instant::now();
         }
+    }
+
+    /// Drops, once the table has doubled since the last sweep, the file
+    /// nodes nothing refers to: no kernel reference, not `pinned` (write
+    /// state), their directory's listing no longer fresh, and not handed
+    /// out within `grace`. A listing of a large directory then does not
+    /// stay in memory for the life of the mount. Directories stay (files
+    /// below them name them as parent). O(table) at most once per
+    /// doubling: O(1) amortized per node.
+    pub fn sweep_if_due(&mut self, grace: std::time::Duration, pinned: impl Fn(u64) -> bool) {
+        if self.by_ino.len() < SWEEP_MIN.max(2 * self.swept_at) {
+            return;
+        }
+        let now = Instant::now();
+        let fresh_dir = |t: &Self, d: u64| {
+            t.by_ino
+                .get(&d)
+                .and_then(|p| p.listed_until)
+                .is_some_and(|u| now < u)
+        };
+        let gone: Vec<u64> = self
+            .by_ino
+            .iter()
+            .filter(|(ino, n)| {
+                **ino != ROOT_INO
+                    && n.lookups == 0
+                    && n.attr.kind != super::FileKind::Dir
+                    && matches!(n.key, NodeKey::Path(_) | NodeKey::Detached(_))
+                    && now.saturating_duration_since(n.seen) > grace
+            })
+            .map(|(ino, _)| *ino)
+            .filter(|ino| !pinned(*ino))
+            .collect();
+        for ino in gone {
+            let parent = self.by_ino.get(&ino).map(|n| n.parent);
+            if parent.is_some_and(|p| fresh_dir(self, p)) {
+                continue;
+            }
+            if let Some(n) = self.by_ino.remove(&ino)
+                && self.by_key.get(&n.key) == Some(&ino)
+            {
+                self.unindex(&n.key);
+            }
+        }
+        self.swept_at = self.by_ino.len();
     }
 
     /// Drops kernel references; forgets the inode at zero unless `pinned`.
@@ -442,6 +500,48 @@ mod tests {
         assert!(t.find(&NodeKey::Path("a/x/deeper/still".into())).is_none());
         t.remove_path("a/y", Instant::now());
         assert_eq!(children(&t, a), ["a/x.1", "a/x0"]);
+    }
+
+    /// 50,000 listed files the kernel forgot: swept once the listing is
+    /// stale and the grace passed; a pinned one (write state), one the
+    /// kernel holds and directories stay.
+    #[test]
+    fn unreferenced_files_of_a_stale_listing_are_swept() {
+        let mut t = InodeTable::new(dir());
+        let d = add(&mut t, "d");
+        t.add_lookup(d);
+        let mut file = dir();
+        file.kind = crate::fs::FileKind::File;
+        let inos: Vec<u64> = (0..50_000)
+            .map(|i| {
+                t.upsert(
+                    NodeKey::Path(format!("d/f{i}")),
+                    d,
+                    file.clone(),
+                    None,
+                    None,
+                )
+            })
+            .collect();
+        t.add_lookup(inos[7]);
+        let fresh = Some(Instant::now() + std::time::Duration::from_secs(3600));
+        t.get_mut(d).unwrap().listed_until = fresh;
+        t.sweep_if_due(std::time::Duration::ZERO, |i| i == inos[9]);
+        assert_eq!(
+            t.children_of(d).len(),
+            50_000,
+            "a fresh listing stays whole"
+        );
+        t.get_mut(d).unwrap().listed_until = None;
+        t.swept_at = 0;
+        t.sweep_if_due(std::time::Duration::from_secs(3600), |i| i == inos[9]);
+        assert_eq!(t.children_of(d).len(), 50_000, "recent nodes stay");
+        t.swept_at = 0;
+        t.sweep_if_due(std::time::Duration::ZERO, |i| i == inos[9]);
+        let left: Vec<&str> = t.children_of(d).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(t.get(inos[7]).is_some() && t.get(inos[9]).is_some() && t.get(d).is_some());
+        assert!(t.find(&NodeKey::Path("d/f100".into())).is_none());
     }
 
     #[test]

@@ -244,6 +244,10 @@ pub struct Fs {
     pub started_at: SystemTime,
 }
 
+/// A node handed out this recently is never swept (a reply naming it may
+/// still be on its way to the kernel).
+const SWEEP_GRACE: Duration = Duration::from_secs(60);
+
 impl Fs {
     pub fn new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> Fs {
         let mut root = Attr::implicit_dir(ROOT_INO, &cfg.defaults);
@@ -565,7 +569,12 @@ impl Fs {
 
     pub fn forget(&self, ino: u64, n: u64) {
         let pinned = self.has_write_state(ino);
-        self.table.lock().forget(ino, n, pinned);
+        let mut t = self.table.lock();
+        t.forget(ino, n, pinned);
+        // What the kernel forgot and no listing keeps goes, now and then.
+        t.sweep_if_due(SWEEP_GRACE.max(self.cfg.metadata_ttl), |i| {
+            self.has_write_state(i)
+        });
     }
 
     // ------------------------------------------------------------- listing
