@@ -444,6 +444,34 @@ async fn second_read_of_an_unchanged_file_makes_no_get() {
     );
 }
 
+/// A sequential reader's read-ahead asks for runs of 8 blocks in one GET
+/// each, as the window first reaches into them, not a GET per block.
+#[tokio::test]
+async fn sequential_read_ahead_fetches_runs_of_blocks() {
+    let s = Arc::new(MemStore::unversioned());
+    let data: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i / 3) as u8).collect();
+    s.insert("f", &data, Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    let mut off = 0u64;
+    while off < data.len() as u64 {
+        let d = fs.read(fh, off, 128 * 1024).await.unwrap();
+        assert!(
+            d[..] == data[off as usize..off as usize + d.len()],
+            "bytes at {off}"
+        );
+        off += d.len() as u64;
+        // Let the read-ahead tasks run (this runtime has one thread).
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    fs.release(fh).await.unwrap();
+    let gets = s.counters().get(Op::Get);
+    assert!(gets <= 4, "{gets} GETs for 16 blocks read in order");
+}
+
 /// Reads at random offsets fetch what they ask for, rounded out to
 /// 64 KiB, not a 1 MiB block plus read-ahead; a second read of the same
 /// place is served from memory.

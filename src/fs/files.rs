@@ -554,27 +554,34 @@ impl Fs {
             return Ok(data);
         }
         let last_block = (target.size - 1) / bs;
-        // Read-ahead in runs of blocks, one GET each: fewer, larger
-        // requests than a GET per block, several in flight.
-        let ahead_end = (last + window).min(last_block) + 1;
+        // Read-ahead in runs of blocks aligned to the run size, one GET
+        // each: the window slides a little with every read, and the first
+        // read to reach into a run asks for all of it at once (not one GET
+        // per block as each block enters the window).
         let run = (READAHEAD_RUN_BYTES / bs).max(1);
-        let mut index = last + 1;
-        while index < ahead_end {
-            let count = run.min(ahead_end - index);
-            let bk = BlockKey {
-                key: target.key.clone(),
-                etag: target.etag.clone(),
-                index,
-            };
-            index += count;
-            if count == 1 && self.blocks.contains(&bk) {
-                continue;
+        if window > 0 && last < last_block {
+            let ahead_last = (last + window).min(last_block);
+            let mut start = (last + 1) / run * run;
+            while start <= ahead_last {
+                let bk = BlockKey {
+                    key: target.key.clone(),
+                    etag: target.etag.clone(),
+                    index: start.max(last + 1),
+                };
+                let count = start + run - bk.index;
+                start += run;
+                if self.blocks.contains(&BlockKey {
+                    index: bk.index + count - 1,
+                    ..bk.clone()
+                }) {
+                    continue;
+                }
+                let (store, blocks, size) = (self.store.clone(), self.blocks.clone(), target.size);
+                let pin = target.pin.clone();
+                tokio::spawn(async move {
+                    blocks.fetch_run(&*store, &bk, count, &pin, size).await;
+                });
             }
-            let (store, blocks, size) = (self.store.clone(), self.blocks.clone(), target.size);
-            let pin = target.pin.clone();
-            tokio::spawn(async move {
-                blocks.fetch_run(&*store, &bk, count, &pin, size).await;
-            });
         }
         let parts = futures::future::try_join_all((first..=last).map(|index| {
             let bk = BlockKey {
