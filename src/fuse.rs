@@ -110,25 +110,18 @@ fn file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
         ctime: a.ctime,
         crtime: a.ctime,
         kind: file_type(a.kind),
         perm: a.perm,
-        nlink: if a.kind == FileKind::Dir { 2 } else { 1 },
+        nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
         rdev: a.rdev,
         blksize: BLKSIZE_BYTES,
         flags: 0,
-    }
-}
-
-fn time_of(t: TimeOrNow) -> SystemTime {
-    match t {
-        TimeOrNow::SpecificTime(t) => t,
-        TimeOrNow::Now => SystemTime::now(),
     }
 }
 
@@ -186,7 +179,7 @@ impl Filesystem for FuseFs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
@@ -197,12 +190,19 @@ impl Filesystem for FuseFs {
         reply: ReplyAttr,
     ) {
         let (fs, ttl) = (self.fs.clone(), self.ttl);
+        // `touch`: both times are one "now".
+        let now = SystemTime::now();
+        let time_of = |t: TimeOrNow| match t {
+            TimeOrNow::SpecificTime(t) => t,
+            TimeOrNow::Now => now,
+        };
         let s = SetAttr {
             fh: fh.map(|f| f.0),
             mode,
             uid,
             gid,
             size,
+            atime: atime.map(time_of),
             mtime: mtime.map(time_of),
         };
         self.spawn(span!("setattr", req, ino = ino.0), async move {

@@ -140,6 +140,7 @@ pub struct SetAttr {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
     pub mtime: Option<SystemTime>,
 }
 

@@ -336,6 +336,7 @@ impl Fs {
         if s.mode.is_some() || s.uid.is_some() || s.gid.is_some() {
             return Err(FsError::NotPermitted);
         }
+        s.atime = None;
         s.mtime = None;
         Ok(s)
     }

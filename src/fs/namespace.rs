@@ -72,8 +72,11 @@ impl Fs {
             uid: c.uid,
             gid: c.gid,
             rdev: 0,
+            atime: now,
             mtime: now,
             ctime: now,
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            xattrs: Default::default(),
         })
     }
 
@@ -541,7 +544,12 @@ impl Fs {
                 }
             }
         }
-        if s.mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.mtime.is_none() {
+        if s.mode.is_none()
+            && s.uid.is_none()
+            && s.gid.is_none()
+            && s.atime.is_none()
+            && s.mtime.is_none()
+        {
             return self.attr_now(ino);
         }
         // A chmod, chown or utimes that changes nothing (`chmod 644` of a
@@ -550,6 +558,7 @@ impl Fs {
         let unchanged = s.mode.is_none_or(|m| (m & 0o7777) as u16 == attr.perm)
             && s.uid.is_none_or(|u| u == attr.uid)
             && s.gid.is_none_or(|g| g == attr.gid)
+            && s.atime.is_none_or(|t| t == attr.atime)
             && s.mtime.is_none_or(|t| t == attr.mtime);
         if unchanged {
             let mut t = self.table.lock();
@@ -569,6 +578,9 @@ impl Fs {
             }
             if let Some(g) = s.gid {
                 a.gid = g;
+            }
+            if let Some(t) = s.atime {
+                a.atime = t;
             }
             if let Some(t) = s.mtime {
                 a.mtime = t;
