@@ -561,6 +561,20 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn(span!("fsyncdir", req, ino = ino.0), async move {
+            reply_empty(reply, fs.fsyncdir(ino.0).await)
+        });
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
         reply.statfs(

@@ -1178,6 +1178,7 @@ impl Fs {
                 failed.push(path.unwrap_or_else(|| format!("inode {ino}")));
             }
         }
+        self.store_dir_times().await;
         failed
     }
 

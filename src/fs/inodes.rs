@@ -56,6 +56,11 @@ pub struct Inode {
     /// by this mount). A listing only tells size and ETag: until the
     /// metadata is read, the kernel must not be given these attributes.
     pub meta_known: bool,
+    /// For a directory: when this mount last added or removed one of its
+    /// entries. Its mtime and ctime then win over older ones read from S3
+    /// (a directory without a marker keeps them only here; one with a
+    /// marker until they are stored on it).
+    pub entries_changed: Option<std::time::SystemTime>,
 }
 
 impl Inode {
@@ -104,6 +109,7 @@ impl InodeTable {
                 generation: 0,
                 listed_until: None,
                 meta_known: true,
+                entries_changed: None,
             },
         );
         t
@@ -139,6 +145,13 @@ impl InodeTable {
             attr.ino = ino;
             if node.attr.kind != attr.kind {
                 node.symlink_target = None;
+                node.entries_changed = None;
+            }
+            if let Some(at) = node.entries_changed
+                && attr.mtime < at
+            {
+                attr.mtime = node.attr.mtime;
+                attr.ctime = attr.ctime.max(node.attr.ctime);
             }
             node.attr = attr;
             node.object = object;
@@ -165,6 +178,7 @@ impl InodeTable {
                 generation: 0,
                 listed_until: None,
                 meta_known: true,
+                entries_changed: None,
             },
         );
         ino

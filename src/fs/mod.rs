@@ -19,6 +19,7 @@
 //! directory rename uploading the dirty files it moves.
 
 pub mod attr;
+mod dirtimes;
 mod files;
 pub mod inodes;
 mod meta;
@@ -225,6 +226,10 @@ pub struct Fs {
     ns: tokio::sync::RwLock<()>,
     /// Wakes the background retrier (`spawn_retrier`).
     retry_wake: Arc<tokio::sync::Notify>,
+    /// Directories whose new times wait to be stored on their marker
+    /// (`dirtimes`), and what wakes the task that stores them.
+    dir_times: Mutex<std::collections::HashSet<u64>>,
+    dir_times_wake: Arc<tokio::sync::Notify>,
     /// Uploads running now, by inode (for `status`).
     uploads: Mutex<HashMap<u64, Arc<crate::write::Progress>>>,
     blocks: Arc<BlockCache>,
@@ -271,6 +276,8 @@ impl Fs {
             ns: tokio::sync::RwLock::new(()),
             deferred: Mutex::new(HashMap::new()),
             retry_wake: Arc::new(tokio::sync::Notify::new()),
+            dir_times: Mutex::new(Default::default()),
+            dir_times_wake: Arc::new(tokio::sync::Notify::new()),
             uploads: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             odd: OddKeys::default(),

@@ -145,6 +145,7 @@ impl Fs {
             }
         }
         let attr = self.insert_node(parent, path, self.new_attr(FileKind::File, c, 0), None);
+        self.entries_changed(parent);
         self.start_new_file(attr.ino)?;
         let fh = self.new_handle(Handle::File(super::files::FileHandle::writer(attr.ino)));
         Ok((attr, fh))
@@ -178,6 +179,7 @@ impl Fs {
         let info = Self::object_info(key, size, meta, put.etag, put.version_id);
         let is_dir = attr.kind == FileKind::Dir;
         let a = self.insert_node(parent, path, attr, Some(info));
+        self.entries_changed(parent);
         // A new directory is empty: lookups in it need no request.
         let fresh = self.fresh_until();
         if is_dir && let Some(n) = self.table.lock().get_mut(a.ino) {
@@ -299,6 +301,7 @@ impl Fs {
         self.versions.forget(&path);
         let until = Instant::now() + self.cfg.metadata_ttl;
         self.table.lock().remove_path(&path, until);
+        self.entries_changed(parent);
         Ok(())
     }
 
@@ -324,6 +327,8 @@ impl Fs {
         }
         let until = Instant::now() + self.cfg.metadata_ttl;
         self.table.lock().remove_path(&path, until);
+        self.dir_times.lock().remove(&attr.ino);
+        self.entries_changed(parent);
         Ok(())
     }
 
@@ -397,11 +402,22 @@ impl Fs {
         if src.kind == FileKind::Dir {
             self.versions.clear();
         }
-        let mut t = self.table.lock();
-        t.rename(&from, &to, new_parent);
-        if src.kind == FileKind::Dir {
-            // Cached objects below still name the old keys.
-            t.expire_below(&to);
+        {
+            let mut t = self.table.lock();
+            t.rename(&from, &to, new_parent);
+            if src.kind == FileKind::Dir {
+                // Cached objects below still name the old keys.
+                t.expire_below(&to);
+            }
+            // A rename changes the node (ctime), kept in memory: the copy
+            // keeps the object's headers as they were.
+            if let Some(n) = t.get_mut(src.ino) {
+                n.attr.ctime = SystemTime::now();
+            }
+        }
+        self.entries_changed(parent);
+        if new_parent != parent {
+            self.entries_changed(new_parent);
         }
         Ok(())
     }
@@ -629,6 +645,8 @@ impl Fs {
             if let Some(n) = self.table.lock().get_mut(ino) {
                 n.dir_marker = true;
             }
+            // These times are stored now: no deferred copy for them.
+            self.dir_times.lock().remove(&ino);
             r
         } else {
             let key = self.key_of(&path);

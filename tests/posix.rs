@@ -1,0 +1,380 @@
+//! POSIX as far as S3 allows (issue 13): directory times, atime and
+//! ctime, nlink, extended attributes. Each rule is checked over the core
+//! on the in-memory store (`core_*`, request counts exact) and through a
+//! real mount on a real local S3 server, with what was stored read back
+//! with the S3 API, never through the mount.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bucketfs::fs::inodes::ROOT_INO;
+use bucketfs::fs::{Creator, Fs, FsConfig, SetAttr};
+use bucketfs::store::memory::MemStore;
+use bucketfs::store::{Metadata, ObjectStore, Op};
+use common::*;
+
+const USER: Creator = Creator {
+    uid: 1000,
+    gid: 1000,
+    mode: 0o644,
+    umask: 0o022,
+};
+
+/// Long enough that nothing expires within a test, however slow the
+/// machine.
+const LONG_TTL: Duration = Duration::from_secs(3600);
+
+/// An old time, seconds since the epoch, that no change made now equals.
+const OLD_SECS: u64 = 1_000_000_000;
+
+fn old() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(OLD_SECS)
+}
+
+fn core_fs(store: Arc<MemStore>, ttl: Duration) -> (Fs, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        metadata_ttl: ttl,
+        ..FsConfig::default()
+    };
+    cfg.defaults.dir_mtime = old();
+    (Fs::new(store, cfg), dir)
+}
+
+fn name(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+fn dir_meta(mtime: u64) -> Metadata {
+    [("mode", "16877"), ("uid", "0"), ("gid", "0")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain([("mtime".to_string(), mtime.to_string())])
+        .collect()
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+// ------------------------------------------------------ directory times
+
+/// A directory that is only a prefix has nowhere to store its times: a
+/// create there moves them in memory, costs no request more than a create
+/// anywhere, and keeps them when the directory is read from S3 again.
+#[tokio::test]
+async fn core_a_directory_without_marker_keeps_its_new_times_in_memory() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("bare/old", b"x", Metadata::new());
+    // A zero TTL: every getattr asks S3 again.
+    let (fs, _d) = core_fs(s.clone(), Duration::ZERO);
+    let dir = fs.lookup(ROOT_INO, name("bare")).await.unwrap();
+    assert_eq!((dir.mtime, dir.ctime), (old(), old()));
+    let before: Vec<u64> = Op::ALL.iter().map(|&o| s.counters().get(o)).collect();
+    let (_, fh) = fs.create(dir.ino, name("new"), USER, 0).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let ops: Vec<(Op, u64)> = Op::ALL
+        .iter()
+        .zip(&before)
+        .map(|(&o, b)| (o, s.counters().get(o) - b))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(
+        ops.iter().find(|(o, _)| *o == Op::Copy),
+        None,
+        "no copy for the directory: {ops:?}"
+    );
+    let a = fs.getattr(dir.ino).await.unwrap();
+    assert!(a.mtime > old() && a.ctime > old(), "{a:?}");
+    let changed = a.mtime;
+    fs.unlink(dir.ino, name("old")).await.unwrap();
+    let b = fs.getattr(dir.ino).await.unwrap();
+    assert!(b.mtime > changed, "an unlink moves it again");
+    assert_eq!(s.counters().get(Op::Copy), 0);
+}
+
+/// A directory with a marker gets its new times stored on it: deferred,
+/// a burst of changes costs one copy, made by fsync of the directory (or
+/// the background task, or unmount).
+#[tokio::test]
+async fn core_a_directory_with_a_marker_stores_its_times_on_it_once_per_batch() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("d/", b"", dir_meta(OLD_SECS));
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let dir = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    assert_eq!(dir.mtime, old());
+    let copies = s.counters().get(Op::Copy);
+    for f in ["a", "b", "c"] {
+        let (_, fh) = fs.create(dir.ino, name(f), USER, 0).await.unwrap();
+        fs.release(fh).await.unwrap();
+    }
+    fs.mknod(
+        dir.ino,
+        name("fifo"),
+        Creator {
+            mode: libc::S_IFIFO | 0o644,
+            ..USER
+        },
+        0,
+    )
+    .await
+    .unwrap();
+    fs.unlink(dir.ino, name("a")).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy), copies, "deferred");
+    let shown = fs.getattr(dir.ino).await.unwrap();
+    assert!(shown.mtime > old(), "seen at once");
+    fs.fsyncdir(dir.ino).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy) - copies, 1, "one copy for all");
+    let m = s.metadata("d/").unwrap();
+    assert_eq!(m["mtime"], secs(shown.mtime).to_string());
+    assert_eq!(m["ctime"], secs(shown.ctime).to_string());
+    assert_eq!(m["mode"], "16877", "the marker's mode is kept");
+    // Nothing queued: a second fsync copies nothing.
+    fs.fsyncdir(dir.ino).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy) - copies, 1);
+}
+
+/// A rename moves the times of both directories, and the renamed file's
+/// ctime, not its mtime.
+#[tokio::test]
+async fn core_a_rename_moves_both_directories_and_the_files_ctime() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert(
+        "src/f",
+        b"x",
+        [
+            ("mtime", OLD_SECS.to_string()),
+            ("ctime", OLD_SECS.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    );
+    s.insert("dst/", b"", dir_meta(OLD_SECS));
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let src = fs.lookup(ROOT_INO, name("src")).await.unwrap();
+    let dst = fs.lookup(ROOT_INO, name("dst")).await.unwrap();
+    let f = fs.lookup(src.ino, name("f")).await.unwrap();
+    assert_eq!((f.mtime, f.ctime), (old(), old()));
+    fs.rename(src.ino, name("f"), dst.ino, name("g"), false)
+        .await
+        .unwrap();
+    let moved = fs.getattr(f.ino).await.unwrap();
+    assert_eq!(moved.mtime, old(), "a rename is no write");
+    assert!(moved.ctime > old());
+    for d in [src.ino, dst.ino] {
+        let a = fs.getattr(d).await.unwrap();
+        assert!(a.mtime > old() && a.ctime > old(), "{a:?}");
+    }
+}
+
+// ------------------------------------------------------ atime and ctime
+
+/// utimensat sets atime, stored as s3fs-fuse stores it; a read does not
+/// move it; a chmod moves ctime, stored too.
+#[tokio::test]
+async fn core_atime_is_set_by_utimens_only_and_ctime_by_every_change() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert(
+        "f",
+        b"data",
+        [("mode", "33188"), ("mtime", "1000000000")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let f = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    assert_eq!((f.atime, f.ctime), (old(), old()), "absent: the mtime");
+    let at = UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    let a = fs
+        .setattr(
+            f.ino,
+            SetAttr {
+                atime: Some(at),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.atime, a.mtime), (at, old()));
+    assert!(a.ctime > old());
+    let m = s.metadata("f").unwrap();
+    assert_eq!(
+        (m["atime"].as_str(), m["mtime"].as_str()),
+        ("1500000000", "1000000000")
+    );
+    assert_eq!(m["ctime"], secs(a.ctime).to_string());
+    let fh = fs.open(f.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(&fs.read(fh, 0, 4).await.unwrap()[..], b"data");
+    fs.release(fh).await.unwrap();
+    assert_eq!(fs.getattr(f.ino).await.unwrap().atime, at, "noatime");
+    assert_eq!(s.metadata("f").unwrap()["atime"], "1500000000");
+}
+
+/// A write moves mtime and ctime, and both are stored with the data.
+#[tokio::test]
+async fn core_a_write_stores_mtime_and_ctime_with_the_data() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert(
+        "f",
+        b"data",
+        [
+            ("mode", "33188"),
+            ("mtime", "1000000000"),
+            ("atime", "1000000000"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    );
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let f = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let fh = fs.open(f.ino, libc::O_WRONLY).await.unwrap();
+    fs.write(fh, 0, b"DATA").await.unwrap();
+    fs.release(fh).await.unwrap();
+    let a = fs.getattr(f.ino).await.unwrap();
+    assert!(a.mtime > old() && a.ctime >= a.mtime);
+    assert_eq!(a.atime, old(), "a write is no access");
+    let m = s.metadata("f").unwrap();
+    assert_eq!(m["mtime"], secs(a.mtime).to_string());
+    assert_eq!(m["ctime"], secs(a.ctime).to_string());
+    assert_eq!(m["atime"], "1000000000");
+    assert_eq!(&s.object("f").unwrap()[..], b"DATA");
+}
+
+// ------------------------------------------------- through a real mount
+
+const PINNED: &str = "metadata_ttl=3600";
+
+fn stat(m: &Mount, rel: &str) -> std::fs::Metadata {
+    std::fs::symlink_metadata(m.path(rel)).unwrap_or_else(|e| panic!("stat {rel}: {e}"))
+}
+
+/// fsync(2) of a directory.
+fn fsync_dir(m: &Mount, rel: &str) {
+    std::fs::File::open(m.path(rel))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+}
+
+fn put_dir_marker(b: &Bucket, key: &str) {
+    let old = OLD_SECS.to_string();
+    b.put_meta(
+        key,
+        b"",
+        &[
+            ("mode", "16877"),
+            ("uid", "0"),
+            ("gid", "0"),
+            ("mtime", &old),
+        ],
+    );
+}
+
+#[test]
+fn a_directory_with_a_marker_shows_new_times_at_once_and_stores_them_on_it() {
+    let b = Bucket::new(server(), "dirtimes", false);
+    put_dir_marker(&b, "d/");
+    put_dir_marker(&b, "e/");
+    let m = Mount::new(&b, PINNED);
+    assert_eq!(stat(&m, "d").mtime() as u64, OLD_SECS);
+    std::fs::write(m.path("d/f"), b"x").unwrap();
+    let d = stat(&m, "d");
+    assert!(d.mtime() as u64 > OLD_SECS && d.ctime() as u64 > OLD_SECS);
+    fsync_dir(&m, "d");
+    let meta = b.metadata("d/");
+    assert_eq!(meta["mtime"], d.mtime().to_string());
+    assert_eq!(meta["ctime"], d.ctime().to_string());
+    assert_eq!(meta["mode"], "16877");
+    // Removed and renamed out, then stored by the unmount.
+    std::fs::rename(m.path("d/f"), m.path("e/g")).unwrap();
+    let e = stat(&m, "e");
+    assert!(e.mtime() as u64 > OLD_SECS);
+    assert!(m.unmount().is_some());
+    assert_eq!(b.metadata("e/")["mtime"], e.mtime().to_string());
+    assert_eq!(b.get("e/g").unwrap(), b"x");
+}
+
+/// A create in a directory without a marker costs the file's PUT and
+/// nothing for the directory, whose times move in memory.
+#[test]
+fn a_directory_without_a_marker_costs_no_request_for_its_times() {
+    let b = Bucket::new(server(), "baretimes", false);
+    b.put("bare/old", b"x");
+    let m = Mount::new(&b, PINNED);
+    let before = stat(&m, "bare");
+    let (puts, copies) = (requests(&m, "PUT"), requests(&m, "COPY"));
+    sh(&m.dir, "for i in 1 2 3 4 5; do echo $i > bare/f$i; done");
+    assert_eq!(requests(&m, "PUT") - puts, 5, "one PUT per file");
+    assert_eq!(
+        requests(&m, "COPY") - copies,
+        0,
+        "nothing for the directory"
+    );
+    let after = stat(&m, "bare");
+    assert!(after.mtime() > before.mtime() || after.mtime_nsec() > before.mtime_nsec());
+    std::fs::remove_file(m.path("bare/old")).unwrap();
+    let gone = stat(&m, "bare");
+    assert!((gone.mtime(), gone.mtime_nsec()) > (after.mtime(), after.mtime_nsec()));
+    assert!(m.unmount().is_some());
+    assert!(
+        b.keys("bare/").iter().all(|k| k != "bare/"),
+        "no marker made"
+    );
+}
+
+#[test]
+fn utimensat_sets_atime_a_read_does_not_and_chmod_moves_ctime() {
+    let b = Bucket::new(server(), "atime", false);
+    let old = OLD_SECS.to_string();
+    b.put_meta("f", b"data", &[("mode", "33188"), ("mtime", &old)]);
+    let m = Mount::new(&b, PINNED);
+    let f = stat(&m, "f");
+    assert_eq!((f.atime() as u64, f.ctime() as u64), (OLD_SECS, OLD_SECS));
+    sh(&m.dir, "touch -a -d @1500000000 f");
+    let f = stat(&m, "f");
+    assert_eq!((f.atime(), f.mtime() as u64), (1_500_000_000, OLD_SECS));
+    assert!(f.ctime() as u64 > OLD_SECS, "utimensat moves ctime");
+    let meta = b.metadata("f");
+    assert_eq!(meta["atime"], "1500000000");
+    assert_eq!(meta["mtime"], old);
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"data");
+    assert_eq!(stat(&m, "f").atime(), 1_500_000_000, "noatime");
+    sh(&m.dir, "touch -m -d @1600000000 f; chmod 600 f");
+    let f = stat(&m, "f");
+    let meta = b.metadata("f");
+    assert_eq!(meta["ctime"], f.ctime().to_string());
+    assert_eq!(
+        (
+            meta["atime"].as_str(),
+            meta["mtime"].as_str(),
+            meta["mode"].as_str()
+        ),
+        ("1500000000", "1600000000", "33152")
+    );
+}
+
+#[test]
+fn a_renamed_file_and_directory_get_a_new_ctime() {
+    let b = Bucket::new(server(), "renamectime", false);
+    let old = OLD_SECS.to_string();
+    b.put_meta("f", b"data", &[("mtime", &old), ("ctime", &old)]);
+    put_dir_marker(&b, "dir/");
+    b.put_meta("dir/inner", b"i", &[("mtime", &old)]);
+    let m = Mount::new(&b, PINNED);
+    std::fs::rename(m.path("f"), m.path("g")).unwrap();
+    std::fs::rename(m.path("dir"), m.path("dir2")).unwrap();
+    let g = stat(&m, "g");
+    assert_eq!(g.mtime() as u64, OLD_SECS);
+    assert!(g.ctime() as u64 > OLD_SECS);
+    let d = stat(&m, "dir2");
+    assert!(d.ctime() as u64 > OLD_SECS);
+    assert_eq!(std::fs::read(m.path("dir2/inner")).unwrap(), b"i");
+}
