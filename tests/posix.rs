@@ -378,3 +378,72 @@ fn a_renamed_file_and_directory_get_a_new_ctime() {
     assert!(d.ctime() as u64 > OLD_SECS);
     assert_eq!(std::fs::read(m.path("dir2/inner")).unwrap(), b"i");
 }
+
+// ---------------------------------------------------------------- nlink
+
+/// A directory's nlink is 2 plus its subdirectories once its listing is
+/// known (2 before); a file unlinked while open has none.
+#[tokio::test]
+async fn core_nlink_counts_subdirectories_and_an_unlinked_file_has_none() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("p/x/f", b"f", Metadata::new());
+    s.insert("p/y/", b"", Metadata::new());
+    s.insert("p/z", b"file", Metadata::new());
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let p = fs.lookup(ROOT_INO, name("p")).await.unwrap();
+    assert_eq!(p.nlink, 2, "not listed: not counted");
+    fs.list(p.ino).await.unwrap();
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 4, "x and y");
+    let made = fs.mkdir(p.ino, name("w"), USER).await.unwrap();
+    assert_eq!(made.nlink, 2);
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 5);
+    fs.rmdir(p.ino, name("y")).await.unwrap();
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 4);
+    let w = fs.lookup(p.ino, name("w")).await.unwrap();
+    fs.rename(p.ino, name("w"), ROOT_INO, name("w2"), false)
+        .await
+        .unwrap();
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 3, "moved out");
+    assert_eq!(fs.getattr(w.ino).await.unwrap().nlink, 2);
+    let z = fs.lookup(p.ino, name("z")).await.unwrap();
+    assert_eq!(z.nlink, 1);
+    let fh = fs.open(z.ino, libc::O_RDONLY).await.unwrap();
+    fs.unlink(p.ino, name("z")).await.unwrap();
+    assert_eq!(fs.getattr(z.ino).await.unwrap().nlink, 0);
+    assert_eq!(&fs.read(fh, 0, 4).await.unwrap()[..], b"file");
+    fs.release(fh).await.unwrap();
+    let (c, wfh) = fs.create(p.ino, name("new"), USER, 0).await.unwrap();
+    fs.write(wfh, 0, b"w").await.unwrap();
+    fs.unlink(p.ino, name("new")).await.unwrap();
+    assert_eq!(
+        fs.getattr(c.ino).await.unwrap().nlink,
+        0,
+        "open for writing"
+    );
+    fs.release(wfh).await.unwrap();
+}
+
+#[test]
+fn nlink_through_the_mount() {
+    let b = Bucket::new(server(), "nlink", false);
+    let m = Mount::new(&b, PINNED);
+    sh(&m.dir, "mkdir -p top/a top/b top/c/deep; touch top/file");
+    assert_eq!(stat(&m, "top").nlink(), 5);
+    assert_eq!(stat(&m, "top/c").nlink(), 3);
+    assert_eq!(stat(&m, "top/file").nlink(), 1);
+    std::fs::remove_dir(m.path("top/a")).unwrap();
+    assert_eq!(stat(&m, "top").nlink(), 4);
+    let f = std::fs::File::open(m.path("top/file")).unwrap();
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("top/file"))
+        .unwrap();
+    std::fs::remove_file(m.path("top/file")).unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+    std::io::Write::write_all(&mut w, b"still writable").unwrap();
+    assert_eq!(w.metadata().unwrap().nlink(), 0);
+    drop(w);
+    drop(f);
+    assert!(m.unmount().is_some());
+    assert_eq!(b.get("top/file"), None, "unlinked stays unlinked");
+}

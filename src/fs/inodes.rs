@@ -278,11 +278,12 @@ impl InodeTable {
             let node = self.by_ino.remove(&ino).expect("present");
             if self.by_key.get(&node.key) == Some(&ino) {
                 self.by_key.remove(&node.key);
-            }
-            // The parent's listing is no longer all in the table: a name
-            // missing from it must be asked for again.
-            if let Some(p) = self.by_ino.get_mut(&node.parent) {
-                p.listed_until = None;
+                // The parent's listing is no longer all in the table: a
+                // name missing from it must be asked for again. (A node
+                // unlinked or replaced was in no listing any more.)
+                if let Some(p) = self.by_ino.get_mut(&node.parent) {
+                    p.listed_until = None;
+                }
             }
         }
     }

@@ -429,7 +429,7 @@ impl Fs {
             other => self.versions_lookup(parent, other, name).await?,
         };
         self.table.lock().add_lookup(attr.ino);
-        Ok(attr)
+        Ok(self.with_links(attr))
     }
 
     /// The attributes at `path`, from the table while fresh, else from S3.
@@ -532,8 +532,42 @@ impl Fs {
         }
     }
 
-    /// Current attributes of an inode.
+    /// Current attributes of an inode, with its link count.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.stored_attr(ino).await.map(|a| self.with_links(a))
+    }
+
+    /// The links of a node, as far as this mount knows them: a directory
+    /// has 2 plus one per subdirectory when its whole listing is in the
+    /// table (else 2, as for a directory nobody counted); a file 1, or 0
+    /// once unlinked (still open). S3 has no hard links.
+    pub(super) fn with_links(&self, mut a: Attr) -> Attr {
+        let t = self.table.lock();
+        let Some(n) = t.get(a.ino) else {
+            return a;
+        };
+        a.nlink = match (&n.key, a.kind) {
+            (NodeKey::Detached(_), _) => 0,
+            (NodeKey::Path(_), FileKind::Dir)
+                if n.listed_until.is_some_and(|u| Instant::now() < u) =>
+            {
+                let subdirs = t
+                    .children_of(a.ino)
+                    .filter(|(p, c)| {
+                        c.attr.kind == FileKind::Dir
+                            && t.find(&NodeKey::Path(p.to_string())) == Some(c.attr.ino)
+                    })
+                    .count();
+                2u32.saturating_add(u32::try_from(subdirs).unwrap_or(u32::MAX))
+            }
+            (_, FileKind::Dir) => 2,
+            _ => 1,
+        };
+        a
+    }
+
+    /// The attributes of an inode as the table or S3 has them.
+    async fn stored_attr(&self, ino: u64) -> FsResult<Attr> {
         let (key, parent, fresh, attr, known) = {
             let t = self.table.lock();
             let n = t.get(ino).ok_or(FsError::NotFound)?;
@@ -846,7 +880,10 @@ impl Fs {
                 },
             }
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|(i, e, a, counted, own)| (i, e, self.with_links(a), counted, own))
+            .collect())
     }
 
     /// The kernel got a reference to an inode (a readdirplus entry).

@@ -195,7 +195,8 @@ impl Fs {
         super::names::check_dir_key(&self.key_of(&path))?;
         self.ensure_absent(parent, &path).await?;
         let attr = self.new_attr(FileKind::Dir, c, 0);
-        self.put_node(parent, path, attr, Bytes::new()).await
+        let a = self.put_node(parent, path, attr, Bytes::new()).await?;
+        Ok(self.with_links(a))
     }
 
     /// A symlink is an object whose body is the target, with S_IFLNK in
@@ -540,6 +541,12 @@ impl Fs {
 
     /// chmod, chown, truncate, utimens.
     pub async fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
+        self.set_stored_attr(ino, s)
+            .await
+            .map(|a| self.with_links(a))
+    }
+
+    async fn set_stored_attr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
         let key = self.node_key(ino)?;
         let NodeKey::Path(path) = key else {
             return Err(FsError::ReadOnly);
