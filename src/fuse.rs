@@ -584,62 +584,59 @@ impl Filesystem for FuseFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let e = self
-            .fs
-            .check_writable(ino.0)
-            .err()
-            .unwrap_or(FsError::NotSupported);
-        reply.error(fail(&e));
+        let (fs, name, value) = (self.fs.clone(), name.to_owned(), value.to_vec());
+        self.spawn(
+            span!("setxattr", req, ino = ino.0, name = ?name),
+            async move {
+                let r = match name.to_str() {
+                    Some(n) => fs.set_xattr(ino.0, n, &value, flags).await,
+                    None => Err(FsError::NotSupported),
+                };
+                reply_empty(reply, r)
+            },
+        );
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        let e = self
-            .fs
-            .check_writable(ino.0)
-            .err()
-            .unwrap_or(FsError::NotSupported);
-        reply.error(fail(&e));
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, name) = (self.fs.clone(), name.to_owned());
+        self.spawn(
+            span!("removexattr", req, ino = ino.0, name = ?name),
+            async move {
+                let r = match name.to_str() {
+                    Some(n) => fs.remove_xattr(ino.0, n).await,
+                    None => Err(FsError::NotSupported),
+                };
+                reply_empty(reply, r)
+            },
+        );
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         // `ls -l` asks every entry for security.selinux and the POSIX
-        // ACLs, answered here without a task: no such attribute for a
-        // `user.` name, "not supported" for the other namespaces, which
-        // bucketfs does not keep. ls remembers that per filesystem and
-        // stops asking: two FUSE round trips fewer per listed entry.
-        let n = name.as_encoded_bytes();
-        if !n.starts_with(b"user.s3.") {
-            let e = if n.starts_with(b"user.") {
-                FsError::NoAttr
-            } else {
-                FsError::NotSupported
-            };
-            return reply.error(fail(&e));
-        }
-        let (fs, name) = (self.fs.clone(), name.to_owned());
+        // ACLs, answered here without a task: "not supported" for the
+        // namespaces bucketfs does not keep. ls remembers that per
+        // filesystem and stops asking: two FUSE round trips fewer per
+        // listed entry.
+        let Some(n) = name.to_str().filter(|n| n.starts_with("user.")) else {
+            return reply.error(fail(&FsError::NotSupported));
+        };
+        let (fs, name) = (self.fs.clone(), n.to_string());
         self.spawn(
             span!("getxattr", req, ino = ino.0, name = ?name),
             async move {
-                let value = match fs.xattrs(ino.0).await {
-                    Ok(all) => all
-                        .into_iter()
-                        .find(|(k, _)| OsStr::new(k) == name)
-                        .map(|(_, v)| v),
-                    Err(e) => return reply.error(fail(&e)),
-                };
-                match value {
-                    None => reply.error(fail(&FsError::NoAttr)),
-                    Some(v) if size == 0 => reply.size(v.len() as u32),
-                    Some(v) if v.len() > size as usize => reply.error(fail(&FsError::Range)),
-                    Some(v) => reply.data(v.as_bytes()),
+                match fs.get_xattr(ino.0, &name).await {
+                    Err(e) => reply.error(fail(&e)),
+                    Ok(v) if size == 0 => reply.size(v.len() as u32),
+                    Ok(v) if v.len() > size as usize => reply.error(fail(&FsError::Range)),
+                    Ok(v) => reply.data(&v),
                 }
             },
         );
@@ -648,10 +645,10 @@ impl Filesystem for FuseFs {
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let fs = self.fs.clone();
         self.spawn(span!("listxattr", req, ino = ino.0), async move {
-            let names = match fs.xattrs(ino.0).await {
+            let names = match fs.list_xattr(ino.0).await {
                 Ok(all) => all
                     .into_iter()
-                    .flat_map(|(k, _)| [k.into_bytes(), vec![0]].concat())
+                    .flat_map(|k| [k.into_bytes(), vec![0]].concat())
                     .collect::<Vec<u8>>(),
                 Err(e) => return reply.error(fail(&e)),
             };

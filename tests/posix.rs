@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bucketfs::fs::inodes::ROOT_INO;
-use bucketfs::fs::{Creator, Fs, FsConfig, SetAttr};
+use bucketfs::fs::{Creator, Fs, FsConfig, FsError, SetAttr};
 use bucketfs::store::memory::MemStore;
 use bucketfs::store::{Metadata, ObjectStore, Op};
 use common::*;
@@ -446,4 +446,240 @@ fn nlink_through_the_mount() {
     drop(f);
     assert!(m.unmount().is_some());
     assert_eq!(b.get("top/file"), None, "unlinked stays unlinked");
+}
+
+// ------------------------------------------------- extended attributes
+
+fn xattr_meta(json: &str) -> Metadata {
+    let enc = json
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect::<String>();
+    [("xattr".to_string(), enc)].into_iter().collect()
+}
+
+/// A `user.` attribute set on a closed file is one self-copy; the value
+/// reads back, lists, and is stored as s3fs-fuse stores it; flags, the
+/// read-only `user.s3.` names, other namespaces and S3's 2 KiB limit say
+/// what setxattr(2) says.
+#[tokio::test]
+async fn core_user_xattrs_are_stored_on_the_object_as_s3fs_fuse_does() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", b"data", xattr_meta(r#"{"user.old":"b2xk"}"#));
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let f = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    assert_eq!(fs.get_xattr(f.ino, "user.old").await.unwrap(), b"old");
+    let copies = s.counters().get(Op::Copy);
+    fs.set_xattr(f.ino, "user.color", b"red", 0).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy) - copies, 1);
+    assert_eq!(
+        s.metadata("f").unwrap()["xattr"],
+        "%7B%22user.color%22%3A%22cmVk%22%2C%22user.old%22%3A%22b2xk%22%7D"
+    );
+    assert_eq!(&s.object("f").unwrap()[..], b"data");
+    assert_eq!(fs.get_xattr(f.ino, "user.color").await.unwrap(), b"red");
+    let names = fs.list_xattr(f.ino).await.unwrap();
+    assert_eq!(&names[..2], ["user.color", "user.old"]);
+    assert!(names.iter().any(|n| n == "user.s3.etag"));
+    assert_eq!(
+        fs.set_xattr(f.ino, "user.color", b"x", libc::XATTR_CREATE)
+            .await,
+        Err(FsError::Exists)
+    );
+    assert_eq!(
+        fs.set_xattr(f.ino, "user.none", b"x", libc::XATTR_REPLACE)
+            .await,
+        Err(FsError::NoAttr)
+    );
+    assert_eq!(
+        fs.set_xattr(f.ino, "user.s3.etag", b"x", 0).await,
+        Err(FsError::NotPermitted)
+    );
+    assert_eq!(
+        fs.set_xattr(f.ino, "security.selinux", b"x", 0).await,
+        Err(FsError::NotSupported)
+    );
+    assert_eq!(
+        fs.set_xattr(f.ino, "user.big", &[7u8; 2048], 0).await,
+        Err(FsError::TooBig)
+    );
+    assert_eq!(
+        s.counters().get(Op::Copy) - copies,
+        1,
+        "refused: no request"
+    );
+    // A chmod keeps them.
+    fs.setattr(
+        f.ino,
+        SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    fs.remove_xattr(f.ino, "user.old").await.unwrap();
+    assert_eq!(
+        fs.remove_xattr(f.ino, "user.old").await,
+        Err(FsError::NoAttr)
+    );
+    let m = s.metadata("f").unwrap();
+    assert_eq!(m["xattr"], "%7B%22user.color%22%3A%22cmVk%22%7D");
+    assert_eq!(m["mode"], "33152");
+    fs.remove_xattr(f.ino, "user.color").await.unwrap();
+    assert!(!s.metadata("f").unwrap().contains_key("xattr"));
+    assert_eq!(
+        fs.get_xattr(f.ino, "user.color").await,
+        Err(FsError::NoAttr)
+    );
+}
+
+/// On a file open with dirty data, an attribute rides on the upload at
+/// close: no copy, and both the data written before and after it land.
+#[tokio::test]
+async fn core_a_user_xattr_set_while_writing_rides_on_the_upload() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let (f, fh) = fs.create(ROOT_INO, name("new"), USER, 0).await.unwrap();
+    fs.write(fh, 0, b"first ").await.unwrap();
+    fs.set_xattr(f.ino, "user.tag", b"v", 0).await.unwrap();
+    assert_eq!(fs.get_xattr(f.ino, "user.tag").await.unwrap(), b"v");
+    fs.write(fh, 6, b"second").await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy), 0);
+    assert_eq!(&s.object("new").unwrap()[..], b"first second");
+    assert_eq!(
+        s.metadata("new").unwrap()["xattr"],
+        "%7B%22user.tag%22%3A%22dg%3D%3D%22%7D"
+    );
+}
+
+fn c(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).unwrap()
+}
+
+fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) -> Result<(), i32> {
+    let p = c(path.to_str().unwrap());
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            c(name).as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+}
+
+fn get_xattr(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
+    let p = c(path.to_str().unwrap());
+    let mut buf = vec![0u8; 4096];
+    let r = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            c(name).as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+fn list_xattr(path: &std::path::Path) -> Vec<String> {
+    let p = c(path.to_str().unwrap());
+    let mut buf = vec![0u8; 4096];
+    let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "{}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    buf.split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect()
+}
+
+fn remove_xattr(path: &std::path::Path, name: &str) -> Result<(), i32> {
+    let p = c(path.to_str().unwrap());
+    if unsafe { libc::removexattr(p.as_ptr(), c(name).as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+}
+
+#[test]
+fn user_xattrs_through_the_mount_land_as_s3fs_fuse_stores_them() {
+    let b = Bucket::new(server(), "xattrw", false);
+    let enc = xattr_meta(r#"{"user.from_s3fs":"aGk="}"#)["xattr"].clone();
+    b.put_meta("f", b"data", &[("xattr", &enc)]);
+    put_dir_marker(&b, "d/");
+    let m = Mount::new(&b, PINNED);
+    let f = m.path("f");
+    assert_eq!(get_xattr(&f, "user.from_s3fs").unwrap(), b"hi");
+    let copies = requests(&m, "COPY");
+    set_xattr(&f, "user.color", b"red").unwrap();
+    assert_eq!(requests(&m, "COPY") - copies, 1, "one self-copy");
+    assert_eq!(
+        b.metadata("f")["xattr"],
+        "%7B%22user.color%22%3A%22cmVk%22%2C%22user.from_s3fs%22%3A%22aGk%3D%22%7D"
+    );
+    let names = list_xattr(&f);
+    assert!(names.contains(&"user.color".to_string()), "{names:?}");
+    assert!(names.contains(&"user.from_s3fs".to_string()), "{names:?}");
+    remove_xattr(&f, "user.from_s3fs").unwrap();
+    assert_eq!(remove_xattr(&f, "user.from_s3fs"), Err(libc::ENODATA));
+    assert_eq!(get_xattr(&f, "user.from_s3fs"), Err(libc::ENODATA));
+    assert_eq!(
+        b.metadata("f")["xattr"],
+        "%7B%22user.color%22%3A%22cmVk%22%7D"
+    );
+    assert_eq!(set_xattr(&f, "user.s3.etag", b"x"), Err(libc::EPERM));
+    assert_eq!(set_xattr(&f, "trusted.x", b"x"), Err(libc::ENOTSUP));
+    assert_eq!(set_xattr(&f, "user.big", &[1u8; 3000]), Err(libc::E2BIG));
+    // A directory with a marker keeps them on it.
+    set_xattr(&m.path("d"), "user.dir", b"yes").unwrap();
+    assert_eq!(get_xattr(&m.path("d"), "user.dir").unwrap(), b"yes");
+    assert_eq!(
+        b.metadata("d/")["xattr"],
+        "%7B%22user.dir%22%3A%22eWVz%22%7D"
+    );
+    assert_eq!(b.get("f").unwrap(), b"data");
+}
+
+/// setxattr between two writes of a file open for writing, with a second
+/// handle open for reading: the attribute rides on the close's upload
+/// (no copy), and the data written before and after it both land.
+#[test]
+fn a_user_xattr_set_on_a_file_open_for_writing_lands_with_its_data() {
+    let b = Bucket::new(server(), "xattropen", false);
+    let m = Mount::new(&b, PINNED);
+    let mut w = std::fs::File::create(m.path("w")).unwrap();
+    std::io::Write::write_all(&mut w, b"before ").unwrap();
+    let r = std::fs::File::open(m.path("w")).unwrap();
+    let copies = requests(&m, "COPY");
+    set_xattr(&m.path("w"), "user.k", b"v").unwrap();
+    assert_eq!(get_xattr(&m.path("w"), "user.k").unwrap(), b"v");
+    std::io::Write::write_all(&mut w, b"after").unwrap();
+    close(w).unwrap();
+    drop(r);
+    assert_eq!(requests(&m, "COPY") - copies, 0, "rode on the upload");
+    assert_eq!(b.get("w").unwrap(), b"before after");
+    assert_eq!(
+        b.metadata("w")["xattr"],
+        "%7B%22user.k%22%3A%22dg%3D%3D%22%7D"
+    );
+    assert!(m.unmount().is_some());
 }

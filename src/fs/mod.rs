@@ -26,6 +26,7 @@ mod meta;
 pub mod names;
 mod namespace;
 mod versions;
+mod xattr;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -141,6 +142,8 @@ pub enum FsError {
     NoAttr,
     /// A buffer too small for the reply (xattrs).
     Range,
+    /// An extended attribute that does not fit in the object's metadata.
+    TooBig,
     BadHandle,
     /// The object changed under an open handle.
     Stale,

@@ -610,6 +610,20 @@ impl Fs {
             }
             a.ctime = ctime;
         };
+        self.store_change(ino, path, change).await
+    }
+
+    /// Stores a change of a node's attributes (mode, owner, times,
+    /// extended attributes), then shows it: on an open file's dirty data
+    /// (through its write state, under its lock), else by a self-copy of
+    /// the object or its `dir/` marker (a directory without one gets one);
+    /// the root, which has no object, keeps it in memory.
+    pub(super) async fn store_change(
+        &self,
+        ino: u64,
+        path: String,
+        change: impl Fn(&mut Attr),
+    ) -> FsResult<Attr> {
         let commit = || -> FsResult<Attr> {
             let mut t = self.table.lock();
             let n = t.get_mut(ino).ok_or(FsError::NotFound)?;
