@@ -625,7 +625,12 @@ impl Filesystem for FuseFs {
         // namespaces bucketfs does not keep. ls remembers that per
         // filesystem and stops asking: two FUSE round trips fewer per
         // listed entry.
-        let Some(n) = name.to_str().filter(|n| n.starts_with("user.")) else {
+        let kept = |n: &&str| {
+            !crate::fs::UNSUPPORTED_XATTR_PREFIXES
+                .iter()
+                .any(|p| n.starts_with(p))
+        };
+        let Some(n) = name.to_str().filter(kept) else {
             return reply.error(fail(&FsError::NotSupported));
         };
         let (fs, name) = (self.fs.clone(), n.to_string());

@@ -263,10 +263,13 @@ pub fn parse_epoch(v: &str) -> Option<SystemTime> {
     }
 }
 
-/// Whole seconds, as s3fs-fuse writes them (negative before 1970).
+/// Seconds as s3fs-fuse writes them: `1700000000`, or with nanoseconds
+/// `1700000000.000000250` when there are any. Before 1970, whole seconds
+/// (`-86400`): s3fs-fuse's negative form counts its fraction the other way.
 pub fn format_epoch(t: SystemTime) -> String {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs().to_string(),
+        Ok(d) if d.subsec_nanos() == 0 => d.as_secs().to_string(),
+        Ok(d) => format!("{}.{:09}", d.as_secs(), d.subsec_nanos()),
         Err(e) => format!("-{}", e.duration().as_secs()),
     }
 }
@@ -382,6 +385,15 @@ mod tests {
         assert_eq!(a.mtime, UNIX_EPOCH + Duration::from_secs(1000));
         let d = Attr::from_object(6, &obj(None), true, &D);
         assert_eq!((d.kind, d.perm, d.size), (FileKind::Dir, 0o755, 0));
+    }
+
+    #[test]
+    fn times_keep_their_nanoseconds_as_s3fs_fuse_writes_them() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 250);
+        assert_eq!(format_epoch(t), "1700000000.000000250");
+        assert_eq!(parse_epoch(&format_epoch(t)), Some(t));
+        let whole = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(format_epoch(whole), "1700000000");
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub use files::{PendingFile, SetAttr};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;
+pub use xattr::UNSUPPORTED_PREFIXES as UNSUPPORTED_XATTR_PREFIXES;
 
 use crate::cache::block::BlockCache;
 use crate::store::{ObjectInfo, ObjectStore, StoreError};

@@ -1,6 +1,7 @@
 //! Extended attributes.
 //!
-//! - `user.*` names a user sets (setfattr, `cp -a`, file managers) are
+//! - `user.*` names a user sets (setfattr, `cp -a`, file managers), and
+//!   names in no namespace (as s3fs-fuse allows), are
 //!   kept with the object's attributes (`Attr::xattrs`) and stored where
 //!   s3fs-fuse's `use_xattr` stores them, `x-amz-meta-xattr` (`attr.rs`).
 //!   Setting or removing one is a metadata change like a chmod
@@ -27,16 +28,22 @@ pub const S3_USER_METADATA_MAX_BYTES: usize = 2048;
 /// The read-only attributes that describe the object.
 const S3_PREFIX: &str = "user.s3.";
 
-/// Whether `name` is one a user may set.
+/// Namespaces the kernel gives meaning to that bucketfs does not keep.
+pub const UNSUPPORTED_PREFIXES: [&str; 3] = ["security.", "system.", "trusted."];
+
+/// Whether `name` is one a user may set: `user.*`, or a name in no
+/// namespace (s3fs-fuse keeps those, and its own tests set them).
 fn check_settable(name: &str) -> FsResult<()> {
     if name.starts_with(S3_PREFIX) {
         return Err(FsError::NotPermitted);
     }
-    match name.strip_prefix("user.") {
-        Some("") => Err(FsError::Invalid),
-        Some(_) => Ok(()),
-        None => Err(FsError::NotSupported),
+    if UNSUPPORTED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return Err(FsError::NotSupported);
     }
+    if name.is_empty() || name == "user." {
+        return Err(FsError::Invalid);
+    }
+    Ok(())
 }
 
 impl Fs {
