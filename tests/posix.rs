@@ -712,3 +712,51 @@ fn a_user_xattr_set_on_a_file_open_for_writing_lands_with_its_data() {
     );
     assert!(m.unmount().is_some());
 }
+
+/// The deferred copy of a directory's times and a chmod of it never land
+/// out of order: the chmod waits for the copy in flight, so the marker
+/// ends with the new mode, not the one the copy read before it.
+#[tokio::test(flavor = "current_thread")]
+async fn core_a_chmod_of_a_directory_waits_for_the_copy_of_its_times() {
+    use bucketfs::store::faulty::Faulty;
+    let m = Arc::new(MemStore::unversioned());
+    m.insert("d/", b"", dir_meta(OLD_SECS));
+    let f = Arc::new(Faulty::new(m.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        metadata_ttl: LONG_TTL,
+        ..FsConfig::default()
+    };
+    let fs = Arc::new(Fs::new(f.clone(), cfg));
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    fs.mkdir(d.ino, name("sub"), USER).await.unwrap();
+    f.hold(Op::Copy, 1);
+    let times = tokio::spawn({
+        let fs = fs.clone();
+        async move { fs.fsyncdir(d.ino).await }
+    });
+    f.wait_held(Op::Copy)
+        .await
+        .expect("the times' copy is held");
+    let chmod = fs.setattr(
+        d.ino,
+        SetAttr {
+            mode: Some(0o700),
+            ..Default::default()
+        },
+    );
+    tokio::pin!(chmod);
+    for _ in 0..100 {
+        assert!(
+            futures::poll!(chmod.as_mut()).is_pending(),
+            "the chmod went ahead of the copy in flight"
+        );
+        tokio::task::yield_now().await;
+    }
+    f.release(Op::Copy);
+    times.await.unwrap().unwrap();
+    chmod.await.unwrap();
+    assert_eq!(m.metadata("d/").unwrap()["mode"], "16832", "0o40700");
+    assert_eq!(fs.getattr(d.ino).await.unwrap().perm, 0o700);
+}

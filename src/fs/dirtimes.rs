@@ -73,6 +73,10 @@ impl Fs {
     async fn store_dir_time(&self, ino: u64) -> FsResult<()> {
         // No directory rename or rmdir meanwhile: the marker stays put.
         let _ns = self.ns.read().await;
+        // No chmod, chown or xattr change of the directory meanwhile: the
+        // copy carries the attributes as they are now, and lands before
+        // theirs (see `store_change`).
+        let _marker = self.marker_meta.lock().await;
         let (path, attr) = {
             let t = self.table.lock();
             let Some(n) = t.get(ino) else { return Ok(()) };

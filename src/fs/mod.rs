@@ -11,7 +11,8 @@
 //! Lock order: `ns` (async), then files' write states (async, in inode
 //! order when two are held), then `table` before `handles` before
 //! `writes`, each a `parking_lot` lock held for a few map operations,
-//! never across `.await`. `ns` is taken for reading by what looks a name
+//! never across `.await`; `marker_meta` (async, a directory marker's
+//! metadata copies) after `ns`. `ns` is taken for reading by what looks a name
 //! up, lists a directory, adds a name or a writer (create, mkdir, open for
 //! writing, unlink, file rename) and for
 //! writing by what must see a directory hold still (rmdir, directory
@@ -234,6 +235,9 @@ pub struct Fs {
     /// (`dirtimes`), and what wakes the task that stores them.
     dir_times: Mutex<std::collections::HashSet<u64>>,
     dir_times_wake: Arc<tokio::sync::Notify>,
+    /// Held while a directory marker's metadata is copied (its times, a
+    /// chmod...), so two such copies never interleave. Taken after `ns`.
+    marker_meta: tokio::sync::Mutex<()>,
     /// Uploads running now, by inode (for `status`).
     uploads: Mutex<HashMap<u64, Arc<crate::write::Progress>>>,
     blocks: Arc<BlockCache>,
@@ -282,6 +286,7 @@ impl Fs {
             retry_wake: Arc::new(tokio::sync::Notify::new()),
             dir_times: Mutex::new(Default::default()),
             dir_times_wake: Arc::new(tokio::sync::Notify::new()),
+            marker_meta: tokio::sync::Mutex::new(()),
             uploads: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             odd: OddKeys::default(),

@@ -624,6 +624,19 @@ impl Fs {
         path: String,
         change: impl Fn(&mut Attr),
     ) -> FsResult<Attr> {
+        // A directory's marker is also copied by the deferred store of its
+        // times: one at a time, each from the attributes as they are then,
+        // so neither lands an older mode or time over the other's.
+        let is_dir = self
+            .table
+            .lock()
+            .get(ino)
+            .is_some_and(|n| n.attr.kind == FileKind::Dir);
+        let _marker = if is_dir {
+            Some(self.marker_meta.lock().await)
+        } else {
+            None
+        };
         let commit = || -> FsResult<Attr> {
             let mut t = self.table.lock();
             let n = t.get_mut(ino).ok_or(FsError::NotFound)?;
