@@ -83,6 +83,10 @@ pub struct InodeTable {
     by_key: HashMap<NodeKey, u64>,
     /// Paths known not to exist, until the instant given.
     negative: HashMap<String, Instant>,
+    /// Directories (at a path) in each directory, by parent inode: the
+    /// link count of a listed directory without a walk of the table. Kept
+    /// by every method that changes a node's key, parent or kind.
+    subdirs: HashMap<u64, u32>,
 }
 
 impl InodeTable {
@@ -92,6 +96,7 @@ impl InodeTable {
             by_ino: HashMap::new(),
             by_key: HashMap::new(),
             negative: HashMap::new(),
+            subdirs: HashMap::new(),
         };
         let key = NodeKey::Path(String::new());
         t.by_key.insert(key.clone(), ROOT_INO);
@@ -127,6 +132,40 @@ impl InodeTable {
         self.by_key.get(key).copied()
     }
 
+    /// The parent `ino` counts in `subdirs`: a directory at a path.
+    fn counted_in(&self, ino: u64) -> Option<u64> {
+        let n = self.by_ino.get(&ino)?;
+        match &n.key {
+            NodeKey::Path(p)
+                if !p.is_empty()
+                    && n.attr.kind == super::attr::FileKind::Dir
+                    && self.by_key.get(&n.key) == Some(&ino) =>
+            {
+                Some(n.parent)
+            }
+            _ => None,
+        }
+    }
+
+    fn uncount(&mut self, ino: u64) {
+        if let Some(p) = self.counted_in(ino)
+            && let Some(c) = self.subdirs.get_mut(&p)
+        {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    fn count(&mut self, ino: u64) {
+        if let Some(p) = self.counted_in(ino) {
+            *self.subdirs.entry(p).or_default() += 1;
+        }
+    }
+
+    /// How many directories the table holds directly in `dir_ino`.
+    pub fn subdirs(&self, dir_ino: u64) -> u32 {
+        self.subdirs.get(&dir_ino).copied().unwrap_or(0)
+    }
+
     /// Inserts or refreshes the node at `key`, keeping its inode number if it
     /// has one. Returns the inode number.
     pub fn upsert(
@@ -141,6 +180,7 @@ impl InodeTable {
             self.negative.remove(p);
         }
         if let Some(&ino) = self.by_key.get(&key) {
+            self.uncount(ino);
             let node = self.by_ino.get_mut(&ino).expect("by_key and by_ino agree");
             attr.ino = ino;
             if node.attr.kind != attr.kind {
@@ -158,6 +198,7 @@ impl InodeTable {
             node.fresh_until = fresh_until;
             node.parent = parent;
             node.meta_known = true;
+            self.count(ino);
             return ino;
         }
         let ino = self.next;
@@ -181,6 +222,7 @@ impl InodeTable {
                 entries_changed: None,
             },
         );
+        self.count(ino);
         ino
     }
 
@@ -193,6 +235,9 @@ impl InodeTable {
 
     /// The node at `path` answers to it no more (unlinked, or replaced).
     fn detach(&mut self, path: &str) {
+        if let Some(&ino) = self.by_key.get(&NodeKey::Path(path.to_string())) {
+            self.uncount(ino);
+        }
         if let Some(ino) = self.by_key.remove(&NodeKey::Path(path.to_string()))
             && let Some(n) = self.by_ino.get_mut(&ino)
         {
@@ -216,6 +261,7 @@ impl InodeTable {
             .map(|(k, &i)| (k.clone(), i))
             .collect();
         for (k, ino) in moved {
+            self.uncount(ino);
             self.by_key.remove(&k);
             let NodeKey::Path(p) = k else { continue };
             let new_path = format!("{to}{}", &p[from.len()..]);
@@ -227,6 +273,7 @@ impl InodeTable {
                     node.parent = new_parent;
                 }
             }
+            self.count(ino);
         }
         self.negative.remove(to);
     }
@@ -275,6 +322,8 @@ impl InodeTable {
             if listed {
                 return;
             }
+            self.uncount(ino);
+            self.subdirs.remove(&ino);
             let node = self.by_ino.remove(&ino).expect("present");
             if self.by_key.get(&node.key) == Some(&ino) {
                 self.by_key.remove(&node.key);
@@ -288,11 +337,83 @@ impl InodeTable {
         }
     }
 
-    /// Paths of the nodes directly in directory `dir`, of the given kind.
+    /// Paths of the nodes directly in directory `dir`.
     pub fn children_of(&self, dir_ino: u64) -> impl Iterator<Item = (&str, &Inode)> {
         self.by_ino.values().filter_map(move |n| match &n.key {
             NodeKey::Path(p) if n.parent == dir_ino && !p.is_empty() => Some((p.as_str(), n)),
             _ => None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::super::attr::{Defaults, FileKind};
+    use super::*;
+
+    const D: Defaults = Defaults {
+        uid: 0,
+        gid: 0,
+        file_perm: 0o644,
+        dir_perm: 0o755,
+        dir_mtime: SystemTime::UNIX_EPOCH,
+    };
+
+    fn attr(kind: FileKind) -> Attr {
+        let mut a = Attr::implicit_dir(0, &D);
+        a.kind = kind;
+        a
+    }
+
+    /// The subdirectory counts, by walking the table.
+    fn walked(t: &InodeTable, dir: u64) -> u32 {
+        t.children_of(dir)
+            .filter(|(p, n)| {
+                n.attr.kind == FileKind::Dir
+                    && t.find(&NodeKey::Path(p.to_string())) == Some(n.attr.ino)
+            })
+            .count() as u32
+    }
+
+    /// The counts kept as nodes come, move, change kind, are unlinked or
+    /// forgotten match a walk of the table at every step.
+    #[test]
+    fn subdirectory_counts_follow_every_change() {
+        let mut t = InodeTable::new(attr(FileKind::Dir));
+        let p = |s: &str| NodeKey::Path(s.to_string());
+        let check = |t: &InodeTable| {
+            let dirs: Vec<u64> = t.by_ino.keys().copied().collect();
+            for d in dirs {
+                assert_eq!(t.subdirs(d), walked(t, d), "inode {d}");
+            }
+        };
+        let a = t.upsert(p("a"), ROOT_INO, attr(FileKind::Dir), None, None);
+        let b = t.upsert(p("b"), ROOT_INO, attr(FileKind::Dir), None, None);
+        t.upsert(p("a/x"), a, attr(FileKind::Dir), None, None);
+        t.upsert(p("a/f"), a, attr(FileKind::File), None, None);
+        check(&t);
+        assert_eq!((t.subdirs(ROOT_INO), t.subdirs(a)), (2, 1));
+        // A file that becomes a directory, and back.
+        t.upsert(p("a/f"), a, attr(FileKind::Dir), None, None);
+        assert_eq!(t.subdirs(a), 2);
+        t.upsert(p("a/f"), a, attr(FileKind::File), None, None);
+        check(&t);
+        t.rename("a/x", "b/y", b);
+        check(&t);
+        assert_eq!((t.subdirs(a), t.subdirs(b)), (0, 1));
+        // A rename over a directory replaces it.
+        t.upsert(p("a/z"), a, attr(FileKind::Dir), None, None);
+        t.rename("a/z", "b/y", b);
+        check(&t);
+        assert_eq!((t.subdirs(a), t.subdirs(b)), (0, 1));
+        t.remove_path("b/y", Instant::now() + Duration::from_secs(1));
+        check(&t);
+        assert_eq!(t.subdirs(b), 0);
+        t.add_lookup(a);
+        t.forget(a, 1, false);
+        check(&t);
+        assert_eq!(t.subdirs(ROOT_INO), 1);
     }
 }

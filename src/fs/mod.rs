@@ -560,14 +560,7 @@ impl Fs {
             (NodeKey::Path(_), FileKind::Dir)
                 if n.listed_until.is_some_and(|u| Instant::now() < u) =>
             {
-                let subdirs = t
-                    .children_of(a.ino)
-                    .filter(|(p, c)| {
-                        c.attr.kind == FileKind::Dir
-                            && t.find(&NodeKey::Path(p.to_string())) == Some(c.attr.ino)
-                    })
-                    .count();
-                2u32.saturating_add(u32::try_from(subdirs).unwrap_or(u32::MAX))
+                2u32.saturating_add(t.subdirs(a.ino))
             }
             (_, FileKind::Dir) => 2,
             _ => 1,
