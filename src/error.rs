@@ -19,6 +19,7 @@ pub fn errno(e: &FsError) -> i32 {
         FsError::NotSupported => libc::ENOTSUP,
         FsError::NoAttr => libc::ENODATA,
         FsError::Range => libc::ERANGE,
+        FsError::TooBig => libc::E2BIG,
         FsError::BadHandle => libc::EBADF,
         FsError::Stale => libc::EIO,
         FsError::Io(n) => *n,

@@ -114,25 +114,18 @@ fn file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
         ctime: a.ctime,
         crtime: a.ctime,
         kind: file_type(a.kind),
         perm: a.perm,
-        nlink: if a.kind == FileKind::Dir { 2 } else { 1 },
+        nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
         rdev: a.rdev,
         blksize: BLKSIZE_BYTES,
         flags: 0,
-    }
-}
-
-fn time_of(t: TimeOrNow) -> SystemTime {
-    match t {
-        TimeOrNow::SpecificTime(t) => t,
-        TimeOrNow::Now => SystemTime::now(),
     }
 }
 
@@ -208,7 +201,7 @@ impl Filesystem for FuseFs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
@@ -219,12 +212,19 @@ impl Filesystem for FuseFs {
         reply: ReplyAttr,
     ) {
         let (fs, ttl) = (self.fs.clone(), self.ttl);
+        // `touch`: both times are one "now".
+        let now = SystemTime::now();
+        let time_of = |t: TimeOrNow| match t {
+            TimeOrNow::SpecificTime(t) => t,
+            TimeOrNow::Now => now,
+        };
         let s = SetAttr {
             fh: fh.map(|f| f.0),
             mode,
             uid,
             gid,
             size,
+            atime: atime.map(time_of),
             mtime: mtime.map(time_of),
         };
         self.spawn(span!("setattr", req, ino = ino.0), async move {
@@ -592,6 +592,20 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.spawn(span!("fsyncdir", req, ino = ino.0), async move {
+            reply_empty(reply, fs.fsyncdir(ino.0).await)
+        });
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
         reply.statfs(
@@ -601,62 +615,64 @@ impl Filesystem for FuseFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let e = self
-            .fs
-            .check_writable(ino.0)
-            .err()
-            .unwrap_or(FsError::NotSupported);
-        reply.error(fail(&e));
+        let (fs, name, value) = (self.fs.clone(), name.to_owned(), value.to_vec());
+        self.spawn(
+            span!("setxattr", req, ino = ino.0, name = ?name),
+            async move {
+                let r = match name.to_str() {
+                    Some(n) => fs.set_xattr(ino.0, n, &value, flags).await,
+                    None => Err(FsError::NotSupported),
+                };
+                reply_empty(reply, r)
+            },
+        );
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        let e = self
-            .fs
-            .check_writable(ino.0)
-            .err()
-            .unwrap_or(FsError::NotSupported);
-        reply.error(fail(&e));
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, name) = (self.fs.clone(), name.to_owned());
+        self.spawn(
+            span!("removexattr", req, ino = ino.0, name = ?name),
+            async move {
+                let r = match name.to_str() {
+                    Some(n) => fs.remove_xattr(ino.0, n).await,
+                    None => Err(FsError::NotSupported),
+                };
+                reply_empty(reply, r)
+            },
+        );
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         // `ls -l` asks every entry for security.selinux and the POSIX
-        // ACLs, answered here without a task: no such attribute for a
-        // `user.` name, "not supported" for the other namespaces, which
-        // bucketfs does not keep. ls remembers that per filesystem and
-        // stops asking: two FUSE round trips fewer per listed entry.
-        let n = name.as_encoded_bytes();
-        if !n.starts_with(b"user.s3.") {
-            let e = if n.starts_with(b"user.") {
-                FsError::NoAttr
-            } else {
-                FsError::NotSupported
-            };
-            return reply.error(fail(&e));
-        }
-        let (fs, name) = (self.fs.clone(), name.to_owned());
+        // ACLs, answered here without a task: "not supported" for the
+        // namespaces bucketfs does not keep. ls remembers that per
+        // filesystem and stops asking: two FUSE round trips fewer per
+        // listed entry.
+        let kept = |n: &&str| {
+            !crate::fs::UNSUPPORTED_XATTR_PREFIXES
+                .iter()
+                .any(|p| n.starts_with(p))
+        };
+        let Some(n) = name.to_str().filter(kept) else {
+            return reply.error(fail(&FsError::NotSupported));
+        };
+        let (fs, name) = (self.fs.clone(), n.to_string());
         self.spawn(
             span!("getxattr", req, ino = ino.0, name = ?name),
             async move {
-                let value = match fs.xattrs(ino.0).await {
-                    Ok(all) => all
-                        .into_iter()
-                        .find(|(k, _)| OsStr::new(k) == name)
-                        .map(|(_, v)| v),
-                    Err(e) => return reply.error(fail(&e)),
-                };
-                match value {
-                    None => reply.error(fail(&FsError::NoAttr)),
-                    Some(v) if size == 0 => reply.size(v.len() as u32),
-                    Some(v) if v.len() > size as usize => reply.error(fail(&FsError::Range)),
-                    Some(v) => reply.data(v.as_bytes()),
+                match fs.get_xattr(ino.0, &name).await {
+                    Err(e) => reply.error(fail(&e)),
+                    Ok(v) if size == 0 => reply.size(v.len() as u32),
+                    Ok(v) if v.len() > size as usize => reply.error(fail(&FsError::Range)),
+                    Ok(v) => reply.data(&v),
                 }
             },
         );
@@ -665,10 +681,10 @@ impl Filesystem for FuseFs {
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let fs = self.fs.clone();
         self.spawn(span!("listxattr", req, ino = ino.0), async move {
-            let names = match fs.xattrs(ino.0).await {
+            let names = match fs.list_xattr(ino.0).await {
                 Ok(all) => all
                     .into_iter()
-                    .flat_map(|(k, _)| [k.into_bytes(), vec![0]].concat())
+                    .flat_map(|k| [k.into_bytes(), vec![0]].concat())
                     .collect::<Vec<u8>>(),
                 Err(e) => return reply.error(fail(&e)),
             };

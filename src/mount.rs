@@ -667,6 +667,7 @@ fn serve(
     {
         let _guard = rt.enter();
         fs.spawn_retrier();
+        fs.spawn_dir_times();
     }
     // What a killed daemon staged is taken over (served from its staged
     // copy at once) and uploaded in the background once the mount is live;

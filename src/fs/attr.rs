@@ -1,12 +1,22 @@
 //! File attributes and their s3fs-fuse compatible storage.
 //!
-//! Mode, owner and mtime live in user metadata exactly as s3fs-fuse writes
+//! Mode, owner and times live in user metadata exactly as s3fs-fuse writes
 //! them (`x-amz-meta-mode` as the decimal `st_mode` with the type bits,
-//! `-uid`, `-gid`, `-mtime` in decimal seconds, `-rdev`), so a bucket written
-//! by one tool reads right in the other. Objects without them get the
-//! mount's defaults.
+//! `-uid`, `-gid`, `-mtime`, `-atime`, `-ctime` in decimal seconds,
+//! `-rdev`), so a bucket written by one tool reads right in the other.
+//! Objects without them get the mount's defaults; a missing atime or ctime
+//! is the mtime.
+//!
+//! Extended attributes live where s3fs-fuse's `use_xattr` keeps them:
+//! `x-amz-meta-xattr` holds `{"name":"base64 of the value",...}`,
+//! URL-encoded (everything but `A-Za-z0-9.-_~/` as `%XX`). A header that
+//! does not decode is no attributes at all, never a panic.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 
 use crate::store::{Metadata, ObjectInfo};
 
@@ -15,6 +25,12 @@ pub const META_UID: &str = "uid";
 pub const META_GID: &str = "gid";
 pub const META_MTIME: &str = "mtime";
 pub const META_RDEV: &str = "rdev";
+pub const META_ATIME: &str = "atime";
+pub const META_CTIME: &str = "ctime";
+pub const META_XATTR: &str = "xattr";
+
+/// Extended attributes by name (`user.x`), raw values.
+pub type Xattrs = BTreeMap<String, Vec<u8>>;
 
 /// The kind of a node, from the type bits of its mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,8 +91,14 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub rdev: u32,
+    /// Set by utimensat only: reads do not move it (noatime).
+    pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// Links: 1 for a file (0 once unlinked while open), 2 plus its
+    /// subdirectories for a directory (set by the core when it knows).
+    pub nlink: u32,
+    pub xattrs: Xattrs,
 }
 
 impl Attr {
@@ -90,8 +112,11 @@ impl Attr {
             uid: d.uid,
             gid: d.gid,
             rdev: 0,
+            atime: d.dir_mtime,
             mtime: d.dir_mtime,
             ctime: d.dir_mtime,
+            nlink: 2,
+            xattrs: Xattrs::new(),
         }
     }
 
@@ -100,8 +125,10 @@ impl Attr {
     ///
     /// Any writer of the bucket sets these headers: a value that does not
     /// parse, or is out of range, counts as absent (the mount's default),
-    /// an unknown file type is a regular file, and an mtime outside years
-    /// 1..=9999 is the object's last-modified time. Never panics.
+    /// an unknown file type is a regular file, an mtime outside years
+    /// 1..=9999 is the object's last-modified time (an atime or ctime
+    /// there is the mtime), and an xattr header that does not decode is
+    /// no attributes. Never panics.
     pub fn from_object(ino: u64, o: &ObjectInfo, dir_marker: bool, d: &Defaults) -> Attr {
         let meta = o.metadata.as_ref();
         let get = |k: &str| meta.and_then(|m| m.get(k)).map(|v| v.trim());
@@ -124,6 +151,7 @@ impl Attr {
         let mtime = get(META_MTIME)
             .and_then(parse_epoch)
             .unwrap_or(o.last_modified);
+        let time = |k: &str| get(k).and_then(parse_epoch).unwrap_or(mtime);
         Attr {
             ino,
             kind,
@@ -132,8 +160,11 @@ impl Attr {
             uid: get(META_UID).and_then(|v| v.parse().ok()).unwrap_or(d.uid),
             gid: get(META_GID).and_then(|v| v.parse().ok()).unwrap_or(d.gid),
             rdev: get(META_RDEV).and_then(|v| v.parse().ok()).unwrap_or(0),
+            atime: time(META_ATIME),
             mtime,
-            ctime: mtime,
+            ctime: time(META_CTIME),
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            xattrs: get(META_XATTR).map(decode_xattrs).unwrap_or_default(),
         }
     }
 
@@ -147,11 +178,47 @@ impl Attr {
         m.insert(META_UID.into(), self.uid.to_string());
         m.insert(META_GID.into(), self.gid.to_string());
         m.insert(META_MTIME.into(), format_epoch(self.mtime));
+        m.insert(META_ATIME.into(), format_epoch(self.atime));
+        m.insert(META_CTIME.into(), format_epoch(self.ctime));
         if self.rdev != 0 {
             m.insert(META_RDEV.into(), self.rdev.to_string());
         }
+        if !self.xattrs.is_empty() {
+            m.insert(META_XATTR.into(), encode_xattrs(&self.xattrs));
+        }
         m
     }
+}
+
+/// What s3fs-fuse's URL encoding leaves as it is: `A-Za-z0-9.-_~/`.
+const XATTR_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'.')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// The `x-amz-meta-xattr` value of a set of attributes, as s3fs-fuse
+/// writes it.
+pub fn encode_xattrs(x: &Xattrs) -> String {
+    let json: serde_json::Map<String, serde_json::Value> = x
+        .iter()
+        .map(|(k, v)| (k.clone(), BASE64.encode(v).into()))
+        .collect();
+    let json = serde_json::Value::Object(json).to_string();
+    percent_encoding::utf8_percent_encode(&json, XATTR_ENCODE).to_string()
+}
+
+/// The attributes in an `x-amz-meta-xattr` value; whatever does not decode
+/// (not URL-encoded JSON, a value not base64) is left out.
+pub fn decode_xattrs(v: &str) -> Xattrs {
+    let json = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&json) else {
+        return Xattrs::new();
+    };
+    map.into_iter()
+        .filter_map(|(k, v)| Some((k, BASE64.decode(v.as_str()?).ok()?)))
+        .collect()
 }
 
 /// The latest time an mtime may say: 9999-12-31T23:59:59Z.
@@ -196,10 +263,13 @@ pub fn parse_epoch(v: &str) -> Option<SystemTime> {
     }
 }
 
-/// Whole seconds, as s3fs-fuse writes them (negative before 1970).
+/// Seconds as s3fs-fuse writes them: `1700000000`, or with nanoseconds
+/// `1700000000.000000250` when there are any. Before 1970, whole seconds
+/// (`-86400`): s3fs-fuse's negative form counts its fraction the other way.
 pub fn format_epoch(t: SystemTime) -> String {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs().to_string(),
+        Ok(d) if d.subsec_nanos() == 0 => d.as_secs().to_string(),
+        Ok(d) => format!("{}.{:09}", d.as_secs(), d.subsec_nanos()),
         Err(e) => format!("-{}", e.duration().as_secs()),
     }
 }
@@ -235,13 +305,77 @@ mod tests {
         m.insert("uid".into(), "1000".into());
         m.insert("gid".into(), "100".into());
         m.insert("mtime".into(), "1600000000".into());
+        m.insert("atime".into(), "1500000000".into());
+        m.insert("ctime".into(), "1700000000".into());
         let a = Attr::from_object(5, &obj(Some(m.clone())), false, &D);
         assert_eq!(
             (a.kind, a.perm, a.uid, a.gid),
             (FileKind::File, 0o700, 1000, 100)
         );
-        assert_eq!(a.mtime, UNIX_EPOCH + Duration::from_secs(1_600_000_000));
+        let secs = |s| UNIX_EPOCH + Duration::from_secs(s);
+        assert_eq!(a.mtime, secs(1_600_000_000));
+        assert_eq!(a.atime, secs(1_500_000_000));
+        assert_eq!(a.ctime, secs(1_700_000_000));
         assert_eq!(a.to_metadata(), m);
+    }
+
+    #[test]
+    fn a_missing_atime_or_ctime_is_the_mtime() {
+        let mut m = Metadata::new();
+        m.insert("mtime".into(), "1600000000".into());
+        m.insert("ctime".into(), "yesterday".into());
+        let a = Attr::from_object(5, &obj(Some(m)), false, &D);
+        assert_eq!((a.atime, a.ctime), (a.mtime, a.mtime));
+        let back = a.to_metadata();
+        assert_eq!(back["atime"], "1600000000");
+        assert_eq!(back["ctime"], "1600000000");
+    }
+
+    /// The exact bytes s3fs-fuse's `use_xattr` writes: JSON of base64
+    /// values, URL-encoded with `.-_~/` left as they are.
+    #[test]
+    fn xattrs_are_stored_as_s3fs_fuse_stores_them() {
+        let mut x = Xattrs::new();
+        x.insert("user.foo".into(), b"bar".to_vec());
+        x.insert("user.e".into(), Vec::new());
+        let v = encode_xattrs(&x);
+        assert_eq!(
+            v,
+            "%7B%22user.e%22%3A%22%22%2C%22user.foo%22%3A%22YmFy%22%7D"
+        );
+        assert_eq!(decode_xattrs(&v), x);
+        // As s3fs-fuse writes a value with bytes that are not UTF-8.
+        let s3fs = "%7B%22user.bin%22%3A%22%2F%2F8A%22%7D";
+        assert_eq!(decode_xattrs(s3fs)["user.bin"], vec![0xff, 0xff, 0]);
+        let mut m = Metadata::new();
+        m.insert("xattr".into(), v.clone());
+        let a = Attr::from_object(5, &obj(Some(m)), false, &D);
+        assert_eq!(a.xattrs, x);
+        assert_eq!(a.to_metadata()["xattr"], v);
+        // No attributes, no header.
+        let a = Attr::from_object(5, &obj(None), false, &D);
+        assert!(!a.to_metadata().contains_key("xattr"));
+    }
+
+    #[test]
+    fn a_garbage_xattr_header_is_no_attributes() {
+        for bad in [
+            "",
+            "%",
+            "%7",
+            "%ZZ",
+            "{",
+            "[1,2]",
+            "%7B%22user.a%22%3A5%7D",
+            "%7B%22user.a%22%3A%22%21%21%21%22%7D",
+            "%FF%FE",
+            "null",
+        ] {
+            let mut m = Metadata::new();
+            m.insert("xattr".into(), bad.into());
+            let a = Attr::from_object(5, &obj(Some(m)), false, &D);
+            assert!(a.xattrs.is_empty(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -251,6 +385,15 @@ mod tests {
         assert_eq!(a.mtime, UNIX_EPOCH + Duration::from_secs(1000));
         let d = Attr::from_object(6, &obj(None), true, &D);
         assert_eq!((d.kind, d.perm, d.size), (FileKind::Dir, 0o755, 0));
+    }
+
+    #[test]
+    fn times_keep_their_nanoseconds_as_s3fs_fuse_writes_them() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 250);
+        assert_eq!(format_epoch(t), "1700000000.000000250");
+        assert_eq!(parse_epoch(&format_epoch(t)), Some(t));
+        let whole = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(format_epoch(whole), "1700000000");
     }
 
     #[test]
@@ -313,10 +456,12 @@ mod tests {
             uid in proptest::option::of(".{0,12}|[0-9]{1,12}"),
             mtime in proptest::option::of(".{0,24}|-?[0-9]{1,22}(\\.[0-9]{0,12})?"),
             rdev in proptest::option::of(".{0,12}"),
+            atime in proptest::option::of(".{0,24}|-?[0-9]{1,22}(\\.[0-9]{0,12})?"),
+            xattr in proptest::option::of(".{0,40}|(%[0-9A-Fa-f]{2}|[a-z.:{}\"]){0,40}"),
             marker in proptest::bool::ANY,
         ) {
             let mut m = Metadata::new();
-            for (k, v) in [("mode", mode), ("uid", uid.clone()), ("gid", uid), ("mtime", mtime), ("rdev", rdev)] {
+            for (k, v) in [("mode", mode), ("uid", uid.clone()), ("gid", uid), ("mtime", mtime), ("rdev", rdev), ("atime", atime.clone()), ("ctime", atime), ("xattr", xattr)] {
                 if let Some(v) = v {
                     m.insert(k.into(), v);
                 }
@@ -332,6 +477,10 @@ mod tests {
             let _ = humantime::format_rfc3339_millis(a.mtime.max(UNIX_EPOCH)).to_string();
             let back = Attr::from_object(5, &obj(Some(a.to_metadata())), marker, &D);
             proptest::prop_assert_eq!((back.kind, back.perm, back.uid, back.gid), (a.kind, a.perm, a.uid, a.gid));
+            proptest::prop_assert_eq!(&back.xattrs, &a.xattrs);
+            for t in [a.atime, a.ctime] {
+                let _ = humantime::format_rfc3339_millis(t.max(UNIX_EPOCH)).to_string();
+            }
         }
     }
 }

@@ -180,6 +180,7 @@ pub struct SetAttr {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
     pub mtime: Option<SystemTime>,
 }
 
@@ -1422,6 +1423,7 @@ impl Fs {
                 failed.push(path.unwrap_or_else(|| format!("inode {ino}")));
             }
         }
+        self.store_dir_times().await;
         failed
     }
 

@@ -59,6 +59,11 @@ pub struct Inode {
     /// When a listing, a lookup or the kernel last handed it out (a sweep
     /// leaves recent nodes alone: a reply naming them may be on its way).
     pub seen: Instant,
+    /// For a directory: when this mount last added or removed one of its
+    /// entries. Its mtime and ctime then win over older ones read from S3
+    /// (a directory without a marker keeps them only here; one with a
+    /// marker until they are stored on it).
+    pub entries_changed: Option<std::time::SystemTime>,
 }
 
 impl Inode {
@@ -89,6 +94,10 @@ pub struct InodeTable {
     negative_pruned: usize,
     /// Size of the table after its last sweep.
     swept_at: usize,
+    /// Directories (at a path) in each directory, by parent inode: the
+    /// link count of a listed directory without a walk of the table. Kept
+    /// by every method that changes a node's key, parent or kind.
+    subdirs: HashMap<u64, u32>,
 }
 
 /// Nodes the table holds before it is swept at all.
@@ -116,6 +125,7 @@ impl InodeTable {
             negative: HashMap::new(),
             negative_pruned: 0,
             swept_at: 0,
+            subdirs: HashMap::new(),
         };
         let key = NodeKey::Path(String::new());
         t.index(key.clone(), ROOT_INO);
@@ -134,6 +144,7 @@ impl InodeTable {
                 listed_until: None,
                 meta_known: true,
                 seen: Instant::now(),
+                entries_changed: None,
             },
         );
         t
@@ -149,6 +160,40 @@ impl InodeTable {
 
     pub fn find(&self, key: &NodeKey) -> Option<u64> {
         self.by_key.get(key).copied()
+    }
+
+    /// The parent `ino` counts in `subdirs`: a directory at a path.
+    fn counted_in(&self, ino: u64) -> Option<u64> {
+        let n = self.by_ino.get(&ino)?;
+        match &n.key {
+            NodeKey::Path(p)
+                if !p.is_empty()
+                    && n.attr.kind == super::attr::FileKind::Dir
+                    && self.by_key.get(&n.key) == Some(&ino) =>
+            {
+                Some(n.parent)
+            }
+            _ => None,
+        }
+    }
+
+    fn uncount(&mut self, ino: u64) {
+        if let Some(p) = self.counted_in(ino)
+            && let Some(c) = self.subdirs.get_mut(&p)
+        {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    fn count(&mut self, ino: u64) {
+        if let Some(p) = self.counted_in(ino) {
+            *self.subdirs.entry(p).or_default() += 1;
+        }
+    }
+
+    /// How many directories the table holds directly in `dir_ino`.
+    pub fn subdirs(&self, dir_ino: u64) -> u32 {
+        self.subdirs.get(&dir_ino).copied().unwrap_or(0)
     }
 
     /// `key` answers to `ino` (in both indexes).
@@ -191,10 +236,18 @@ impl InodeTable {
             self.negative.remove(p);
         }
         if let Some(&ino) = self.by_key.get(&key) {
+            self.uncount(ino);
             let node = self.by_ino.get_mut(&ino).expect("by_key and by_ino agree");
             attr.ino = ino;
             if node.attr.kind != attr.kind {
                 node.symlink_target = None;
+                node.entries_changed = None;
+            }
+            if let Some(at) = node.entries_changed
+                && attr.mtime < at
+            {
+                attr.mtime = node.attr.mtime;
+                attr.ctime = attr.ctime.max(node.attr.ctime);
             }
             node.attr = attr;
             node.object = object;
@@ -202,6 +255,7 @@ impl InodeTable {
             node.parent = parent;
             node.meta_known = true;
             node.seen = Instant::now();
+            self.count(ino);
             return ino;
         }
         let ino = self.next;
@@ -223,8 +277,10 @@ impl InodeTable {
                 listed_until: None,
                 meta_known: true,
                 seen: Instant::now(),
+                entries_changed: None,
             },
         );
+        self.count(ino);
         ino
     }
 
@@ -245,6 +301,9 @@ impl InodeTable {
 
     /// The node at `path` answers to it no more (unlinked, or replaced).
     fn detach(&mut self, path: &str) {
+        if let Some(&ino) = self.by_key.get(&NodeKey::Path(path.to_string())) {
+            self.uncount(ino);
+        }
         if let Some(ino) = self.unindex(&NodeKey::Path(path.to_string()))
             && let Some(n) = self.by_ino.get_mut(&ino)
         {
@@ -269,6 +328,7 @@ impl InodeTable {
             moved.push((from.to_string(), i));
         }
         for (p, ino) in moved {
+            self.uncount(ino);
             self.unindex(&NodeKey::Path(p.clone()));
             let new_path = format!("{to}{}", &p[from.len()..]);
             self.index(NodeKey::Path(new_path.clone()), ino);
@@ -279,6 +339,7 @@ impl InodeTable {
                     node.parent = new_parent;
                 }
             }
+            self.count(ino);
         }
         self.negative.remove(to);
     }
@@ -374,14 +435,17 @@ impl InodeTable {
             if listed {
                 return;
             }
+            self.uncount(ino);
+            self.subdirs.remove(&ino);
             let node = self.by_ino.remove(&ino).expect("present");
             if self.by_key.get(&node.key) == Some(&ino) {
                 self.unindex(&node.key);
-            }
-            // The parent's listing is no longer all in the table: a name
-            // missing from it must be asked for again.
-            if let Some(p) = self.by_ino.get_mut(&node.parent) {
-                p.listed_until = None;
+                // The parent's listing is no longer all in the table: a
+                // name missing from it must be asked for again. (A node
+                // unlinked or replaced was in no listing any more.)
+                if let Some(p) = self.by_ino.get_mut(&node.parent) {
+                    p.listed_until = None;
+                }
             }
         }
     }
@@ -542,6 +606,64 @@ mod tests {
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(t.get(inos[7]).is_some() && t.get(inos[9]).is_some() && t.get(d).is_some());
         assert!(t.find(&NodeKey::Path("d/f100".into())).is_none());
+    }
+
+    fn attr_of(kind: crate::fs::FileKind) -> Attr {
+        let mut a = dir();
+        a.kind = kind;
+        a
+    }
+
+    /// The subdirectory counts, by walking the table.
+    fn walked(t: &InodeTable, d: u64) -> u32 {
+        t.children_of(d)
+            .into_iter()
+            .filter(|(p, n)| {
+                n.attr.kind == crate::fs::FileKind::Dir
+                    && t.find(&NodeKey::Path(p.to_string())) == Some(n.attr.ino)
+            })
+            .count() as u32
+    }
+
+    /// The counts kept as nodes come, move, change kind, are unlinked or
+    /// forgotten match a walk of the table at every step.
+    #[test]
+    fn subdirectory_counts_follow_every_change() {
+        use crate::fs::FileKind;
+        let mut t = InodeTable::new(attr_of(FileKind::Dir));
+        let p = |s: &str| NodeKey::Path(s.to_string());
+        let check = |t: &InodeTable| {
+            let dirs: Vec<u64> = t.by_ino.keys().copied().collect();
+            for d in dirs {
+                assert_eq!(t.subdirs(d), walked(t, d), "inode {d}");
+            }
+        };
+        let a = t.upsert(p("a"), ROOT_INO, attr_of(FileKind::Dir), None, None);
+        let b = t.upsert(p("b"), ROOT_INO, attr_of(FileKind::Dir), None, None);
+        t.upsert(p("a/x"), a, attr_of(FileKind::Dir), None, None);
+        t.upsert(p("a/f"), a, attr_of(FileKind::File), None, None);
+        check(&t);
+        assert_eq!((t.subdirs(ROOT_INO), t.subdirs(a)), (2, 1));
+        // A file that becomes a directory, and back.
+        t.upsert(p("a/f"), a, attr_of(FileKind::Dir), None, None);
+        assert_eq!(t.subdirs(a), 2);
+        t.upsert(p("a/f"), a, attr_of(FileKind::File), None, None);
+        check(&t);
+        t.rename("a/x", "b/y", b);
+        check(&t);
+        assert_eq!((t.subdirs(a), t.subdirs(b)), (0, 1));
+        // A rename over a directory replaces it.
+        t.upsert(p("a/z"), a, attr_of(FileKind::Dir), None, None);
+        t.rename("a/z", "b/y", b);
+        check(&t);
+        assert_eq!((t.subdirs(a), t.subdirs(b)), (0, 1));
+        t.remove_path("b/y", Instant::now() + std::time::Duration::from_secs(1));
+        check(&t);
+        assert_eq!(t.subdirs(b), 0);
+        t.add_lookup(a);
+        t.forget(a, 1, false);
+        check(&t);
+        assert_eq!(t.subdirs(ROOT_INO), 1);
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! Lock order: `ns` (async), then files' write states (async, in inode
 //! order when two are held), then `table` before `handles` before
 //! `writes`, each a `parking_lot` lock held for a few map operations,
-//! never across `.await`. `ns` is taken for reading by what looks a name
+//! never across `.await`; `marker_meta` (async, a directory marker's
+//! metadata copies) after `ns`. `ns` is taken for reading by what looks a name
 //! up, lists a directory, adds a name or a writer (create, mkdir, open for
 //! writing, unlink, file rename) and for
 //! writing by what must see a directory hold still (rmdir, directory
@@ -19,12 +20,14 @@
 //! directory rename uploading the dirty files it moves.
 
 pub mod attr;
+mod dirtimes;
 mod files;
 pub mod inodes;
 mod meta;
 pub mod names;
 mod namespace;
 mod versions;
+mod xattr;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -42,6 +45,7 @@ pub use files::{PendingFile, SetAttr};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;
+pub use xattr::UNSUPPORTED_PREFIXES as UNSUPPORTED_XATTR_PREFIXES;
 
 use crate::cache::block::BlockCache;
 use crate::store::{ObjectInfo, ObjectStore, StoreError};
@@ -143,6 +147,8 @@ pub enum FsError {
     NoAttr,
     /// A buffer too small for the reply (xattrs).
     Range,
+    /// An extended attribute that does not fit in the object's metadata.
+    TooBig,
     BadHandle,
     /// The object changed under an open handle.
     Stale,
@@ -228,6 +234,13 @@ pub struct Fs {
     ns: tokio::sync::RwLock<()>,
     /// Wakes the background retrier (`spawn_retrier`).
     retry_wake: Arc<tokio::sync::Notify>,
+    /// Directories whose new times wait to be stored on their marker
+    /// (`dirtimes`), and what wakes the task that stores them.
+    dir_times: Mutex<std::collections::HashSet<u64>>,
+    dir_times_wake: Arc<tokio::sync::Notify>,
+    /// Held while a directory marker's metadata is copied (its times, a
+    /// chmod...), so two such copies never interleave. Taken after `ns`.
+    marker_meta: tokio::sync::Mutex<()>,
     /// Uploads running now, by inode (for `status`).
     uploads: Mutex<HashMap<u64, Arc<crate::write::Progress>>>,
     blocks: Arc<BlockCache>,
@@ -278,6 +291,9 @@ impl Fs {
             ns: tokio::sync::RwLock::new(()),
             deferred: Mutex::new(HashMap::new()),
             retry_wake: Arc::new(tokio::sync::Notify::new()),
+            dir_times: Mutex::new(Default::default()),
+            dir_times_wake: Arc::new(tokio::sync::Notify::new()),
+            marker_meta: tokio::sync::Mutex::new(()),
             uploads: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             odd: OddKeys::default(),
@@ -343,6 +359,7 @@ impl Fs {
         if s.mode.is_some() || s.uid.is_some() || s.gid.is_some() {
             return Err(FsError::NotPermitted);
         }
+        s.atime = None;
         s.mtime = None;
         Ok(s)
     }
@@ -428,7 +445,7 @@ impl Fs {
             other => self.versions_lookup(parent, other, name).await?,
         };
         self.table.lock().add_lookup(attr.ino);
-        Ok(attr)
+        Ok(self.with_links(attr))
     }
 
     /// The attributes at `path`, from the table while fresh, else from S3.
@@ -531,19 +548,50 @@ impl Fs {
         }
     }
 
-    /// Current attributes of an inode.
     /// `getattr` when no request is needed (the root, a file with write
     /// state, attributes read from the object and still fresh), so the
     /// FUSE thread can answer it without a task. `None`: ask `getattr`.
     pub fn getattr_cached(&self, ino: u64) -> Option<Attr> {
         let writing = self.has_write_state(ino);
-        let t = self.table.lock();
-        let n = t.get(ino)?;
-        (ino == ROOT_INO || writing || (n.meta_known && n.is_fresh(Instant::now())))
-            .then(|| n.attr.clone())
+        let a = {
+            let t = self.table.lock();
+            let n = t.get(ino)?;
+            (ino == ROOT_INO || writing || (n.meta_known && n.is_fresh(Instant::now())))
+                .then(|| n.attr.clone())?
+        };
+        // with_links takes the table lock itself.
+        Some(self.with_links(a))
     }
 
+    /// Current attributes of an inode, with its link count.
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.stored_attr(ino).await.map(|a| self.with_links(a))
+    }
+
+    /// The links of a node, as far as this mount knows them: a directory
+    /// has 2 plus one per subdirectory when its whole listing is in the
+    /// table (else 2, as for a directory nobody counted); a file 1, or 0
+    /// once unlinked (still open). S3 has no hard links.
+    pub(super) fn with_links(&self, mut a: Attr) -> Attr {
+        let t = self.table.lock();
+        let Some(n) = t.get(a.ino) else {
+            return a;
+        };
+        a.nlink = match (&n.key, a.kind) {
+            (NodeKey::Detached(_), _) => 0,
+            (NodeKey::Path(_), FileKind::Dir)
+                if n.listed_until.is_some_and(|u| Instant::now() < u) =>
+            {
+                2u32.saturating_add(t.subdirs(a.ino))
+            }
+            (_, FileKind::Dir) => 2,
+            _ => 1,
+        };
+        a
+    }
+
+    /// The attributes of an inode as the table or S3 has them.
+    async fn stored_attr(&self, ino: u64) -> FsResult<Attr> {
         let (key, parent, fresh, attr, known) = {
             let t = self.table.lock();
             let n = t.get(ino).ok_or(FsError::NotFound)?;
@@ -861,7 +909,10 @@ impl Fs {
                 },
             }
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|(i, e, a, counted, own)| (i, e, self.with_links(a), counted, own))
+            .collect())
     }
 
     /// The kernel got a reference to an inode (a readdirplus entry).

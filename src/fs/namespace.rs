@@ -72,8 +72,11 @@ impl Fs {
             uid: c.uid,
             gid: c.gid,
             rdev: 0,
+            atime: now,
             mtime: now,
             ctime: now,
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            xattrs: Default::default(),
         })
     }
 
@@ -145,6 +148,7 @@ impl Fs {
         // can land (its readers keep their bytes).
         self.settle_deferred(&self.key_of(&path)).await;
         let attr = self.insert_node(parent, path, self.new_attr(FileKind::File, c, 0), None);
+        self.entries_changed(parent);
         self.start_new_file(attr.ino)?;
         let fh = self.new_handle(Handle::File(super::files::FileHandle::writer(attr.ino)));
         Ok((attr, fh))
@@ -179,6 +183,7 @@ impl Fs {
         let info = Self::object_info(key, size, meta, put.etag, put.version_id);
         let is_dir = attr.kind == FileKind::Dir;
         let a = self.insert_node(parent, path, attr, Some(info));
+        self.entries_changed(parent);
         // A new directory is empty: lookups in it need no request.
         let fresh = self.fresh_until();
         if is_dir && let Some(n) = self.table.lock().get_mut(a.ino) {
@@ -194,7 +199,8 @@ impl Fs {
         super::names::check_dir_key(&self.key_of(&path))?;
         self.ensure_absent(parent, &path).await?;
         let attr = self.new_attr(FileKind::Dir, c, 0);
-        self.put_node(parent, path, attr, Bytes::new()).await
+        let a = self.put_node(parent, path, attr, Bytes::new()).await?;
+        Ok(self.with_links(a))
     }
 
     /// A symlink is an object whose body is the target, with S_IFLNK in
@@ -300,6 +306,7 @@ impl Fs {
         self.versions.forget(&path);
         let until = Instant::now() + self.cfg.metadata_ttl;
         self.table.lock().remove_path(&path, until);
+        self.entries_changed(parent);
         Ok(())
     }
 
@@ -325,6 +332,8 @@ impl Fs {
         }
         let until = Instant::now() + self.cfg.metadata_ttl;
         self.table.lock().remove_path(&path, until);
+        self.dir_times.lock().remove(&attr.ino);
+        self.entries_changed(parent);
         Ok(())
     }
 
@@ -404,11 +413,22 @@ impl Fs {
         if src.kind == FileKind::Dir {
             self.versions.clear();
         }
-        let mut t = self.table.lock();
-        t.rename(&from, &to, new_parent);
-        if src.kind == FileKind::Dir {
-            // Cached objects below still name the old keys.
-            t.expire_below(&to);
+        {
+            let mut t = self.table.lock();
+            t.rename(&from, &to, new_parent);
+            if src.kind == FileKind::Dir {
+                // Cached objects below still name the old keys.
+                t.expire_below(&to);
+            }
+            // A rename changes the node (ctime), kept in memory: the copy
+            // keeps the object's headers as they were.
+            if let Some(n) = t.get_mut(src.ino) {
+                n.attr.ctime = SystemTime::now();
+            }
+        }
+        self.entries_changed(parent);
+        if new_parent != parent {
+            self.entries_changed(new_parent);
         }
         Ok(())
     }
@@ -572,6 +592,12 @@ impl Fs {
 
     /// chmod, chown, truncate, utimens.
     pub async fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
+        self.set_stored_attr(ino, s)
+            .await
+            .map(|a| self.with_links(a))
+    }
+
+    async fn set_stored_attr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
         let key = self.node_key(ino)?;
         let NodeKey::Path(path) = key else {
             return Err(FsError::ReadOnly);
@@ -592,7 +618,12 @@ impl Fs {
                 }
             }
         }
-        if s.mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.mtime.is_none() {
+        if s.mode.is_none()
+            && s.uid.is_none()
+            && s.gid.is_none()
+            && s.atime.is_none()
+            && s.mtime.is_none()
+        {
             return self.attr_now(ino);
         }
         // A chmod, chown or utimes that changes nothing (`chmod 644` of a
@@ -601,6 +632,7 @@ impl Fs {
         let unchanged = s.mode.is_none_or(|m| (m & 0o7777) as u16 == attr.perm)
             && s.uid.is_none_or(|u| u == attr.uid)
             && s.gid.is_none_or(|g| g == attr.gid)
+            && s.atime.is_none_or(|t| t == attr.atime)
             && s.mtime.is_none_or(|t| t == attr.mtime);
         if unchanged {
             let mut t = self.table.lock();
@@ -621,10 +653,40 @@ impl Fs {
             if let Some(g) = s.gid {
                 a.gid = g;
             }
+            if let Some(t) = s.atime {
+                a.atime = t;
+            }
             if let Some(t) = s.mtime {
                 a.mtime = t;
             }
             a.ctime = ctime;
+        };
+        self.store_change(ino, path, change).await
+    }
+
+    /// Stores a change of a node's attributes (mode, owner, times,
+    /// extended attributes), then shows it: on an open file's dirty data
+    /// (through its write state, under its lock), else by a self-copy of
+    /// the object or its `dir/` marker (a directory without one gets one);
+    /// the root, which has no object, keeps it in memory.
+    pub(super) async fn store_change(
+        &self,
+        ino: u64,
+        path: String,
+        change: impl Fn(&mut Attr),
+    ) -> FsResult<Attr> {
+        // A directory's marker is also copied by the deferred store of its
+        // times: one at a time, each from the attributes as they are then,
+        // so neither lands an older mode or time over the other's.
+        let is_dir = self
+            .table
+            .lock()
+            .get(ino)
+            .is_some_and(|n| n.attr.kind == FileKind::Dir);
+        let _marker = if is_dir {
+            Some(self.marker_meta.lock().await)
+        } else {
+            None
         };
         let commit = || -> FsResult<Attr> {
             let mut t = self.table.lock();
@@ -668,6 +730,8 @@ impl Fs {
             if let Some(n) = self.table.lock().get_mut(ino) {
                 n.dir_marker = true;
             }
+            // These times are stored now: no deferred copy for them.
+            self.dir_times.lock().remove(&ino);
             r
         } else {
             let key = self.key_of(&path);

@@ -121,6 +121,7 @@ impl Fs {
     fn ro_dir_attr(&self, mtime: SystemTime) -> Attr {
         let mut a = Attr::implicit_dir(0, &self.cfg.defaults);
         a.perm = VERSIONS_PERM;
+        a.atime = mtime;
         a.mtime = mtime;
         a.ctime = mtime;
         a
@@ -330,8 +331,11 @@ impl Fs {
             uid: owner.uid,
             gid: owner.gid,
             rdev: 0,
+            atime: mtime,
             mtime,
             ctime: mtime,
+            nlink: 1,
+            xattrs: Default::default(),
         };
         let object = ObjectInfo {
             key: self.key_of(path),

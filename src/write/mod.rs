@@ -647,8 +647,8 @@ impl Staged {
                 // The mtime of writes after the upload began is not worth a
                 // copy of the whole object: the object keeps the time it
                 // was begun at. A mode, owner or time set on purpose is.
-                let unchanged =
-                    s.meta == *meta || (!self.meta_set && same_except(&s.meta, meta, MTIME_KEY));
+                let unchanged = s.meta == *meta
+                    || (!self.meta_set && same_except(&s.meta, meta, &WRITE_TIME_KEYS));
                 match self.finish_stream(&mut s, store, progress).await {
                     Ok(put) if unchanged => {
                         self.uploads.retain(|u| *u != s.upload_id);
@@ -1150,14 +1150,15 @@ pub async fn scan(
     out
 }
 
-/// The metadata key of the modification time (s3fs-fuse's `x-amz-meta-mtime`).
-const MTIME_KEY: &str = "mtime";
+/// The metadata keys of the times every write moves (s3fs-fuse's
+/// `x-amz-meta-mtime` and `x-amz-meta-ctime`).
+const WRITE_TIME_KEYS: [&str; 2] = ["mtime", "ctime"];
 
 /// Whether `a` and `b` hold the same entries, `except` aside.
-fn same_except(a: &Metadata, b: &Metadata, except: &str) -> bool {
+fn same_except(a: &Metadata, b: &Metadata, except: &[&str]) -> bool {
     let strip = |m: &Metadata| {
         m.iter()
-            .filter(|(k, _)| k.as_str() != except)
+            .filter(|(k, _)| !except.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect::<std::collections::BTreeMap<_, _>>()
     };

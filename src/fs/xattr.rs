@@ -1,0 +1,138 @@
+//! Extended attributes.
+//!
+//! - `user.*` names a user sets (setfattr, `cp -a`, file managers), and
+//!   names in no namespace (as s3fs-fuse allows), are
+//!   kept with the object's attributes (`Attr::xattrs`) and stored where
+//!   s3fs-fuse's `use_xattr` stores them, `x-amz-meta-xattr` (`attr.rs`).
+//!   Setting or removing one is a metadata change like a chmod
+//!   (`Fs::store_change`): it rides on the pending upload of a file open
+//!   with dirty data, else costs one self-copy of the object (or its
+//!   `dir/` marker). The mount root has no object: its attributes live in
+//!   memory.
+//! - `user.s3.*` describe the object (ETag, version...) and are read-only
+//!   (`Fs::xattrs`).
+//! - Other namespaces (`security.`, `system.`, `trusted.`) are not
+//!   supported: ENOTSUP.
+//!
+//! S3 holds at most 2 KiB of user metadata per object: an attribute that
+//! would not fit is refused with E2BIG before any request.
+
+use std::time::SystemTime;
+
+use super::inodes::NodeKey;
+use super::{Fs, FsError, FsResult};
+
+/// What S3 accepts of user metadata per object: names and values, bytes.
+pub const S3_USER_METADATA_MAX_BYTES: usize = 2048;
+
+/// The read-only attributes that describe the object.
+const S3_PREFIX: &str = "user.s3.";
+
+/// Namespaces the kernel gives meaning to that bucketfs does not keep.
+pub const UNSUPPORTED_PREFIXES: [&str; 3] = ["security.", "system.", "trusted."];
+
+/// Whether `name` is one a user may set: `user.*`, or a name in no
+/// namespace (s3fs-fuse keeps those, and its own tests set them).
+fn check_settable(name: &str) -> FsResult<()> {
+    if name.starts_with(S3_PREFIX) {
+        return Err(FsError::NotPermitted);
+    }
+    if UNSUPPORTED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return Err(FsError::NotSupported);
+    }
+    if name.is_empty() || name == "user." {
+        return Err(FsError::Invalid);
+    }
+    Ok(())
+}
+
+impl Fs {
+    /// The value of one attribute.
+    pub async fn get_xattr(&self, ino: u64, name: &str) -> FsResult<Vec<u8>> {
+        if name.starts_with(S3_PREFIX) {
+            return self
+                .xattrs(ino)
+                .await?
+                .into_iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_bytes())
+                .ok_or(FsError::NoAttr);
+        }
+        check_settable(name).map_err(|e| match e {
+            FsError::NotSupported => e,
+            _ => FsError::NoAttr,
+        })?;
+        let a = self.getattr(ino).await?;
+        a.xattrs.get(name).cloned().ok_or(FsError::NoAttr)
+    }
+
+    /// Every attribute's name: the user's, then the object's `user.s3.*`.
+    pub async fn list_xattr(&self, ino: u64) -> FsResult<Vec<String>> {
+        let a = self.getattr(ino).await?;
+        let mut names: Vec<String> = a.xattrs.into_keys().collect();
+        names.extend(self.xattrs(ino).await?.into_iter().map(|(k, _)| k));
+        Ok(names)
+    }
+
+    /// setxattr(2): `flags` XATTR_CREATE fails if it exists, XATTR_REPLACE
+    /// if it does not.
+    pub async fn set_xattr(&self, ino: u64, name: &str, value: &[u8], flags: i32) -> FsResult<()> {
+        let path = self.xattr_target(ino, name)?;
+        let a = self.getattr(ino).await?;
+        let exists = a.xattrs.contains_key(name);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(FsError::Exists);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(FsError::NoAttr);
+        }
+        let mut next = a.clone();
+        next.xattrs.insert(name.to_string(), value.to_vec());
+        let bytes: usize = next
+            .to_metadata()
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if bytes > S3_USER_METADATA_MAX_BYTES {
+            return Err(FsError::TooBig);
+        }
+        let ctime = SystemTime::now();
+        self.store_change(ino, path, |a| {
+            a.xattrs.insert(name.to_string(), value.to_vec());
+            a.ctime = ctime;
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// removexattr(2).
+    pub async fn remove_xattr(&self, ino: u64, name: &str) -> FsResult<()> {
+        let path = self.xattr_target(ino, name)?;
+        if !self.getattr(ino).await?.xattrs.contains_key(name) {
+            return Err(FsError::NoAttr);
+        }
+        let ctime = SystemTime::now();
+        self.store_change(ino, path, |a| {
+            a.xattrs.remove(name);
+            a.ctime = ctime;
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The path of a node whose attribute `name` may be changed.
+    fn xattr_target(&self, ino: u64, name: &str) -> FsResult<String> {
+        check_settable(name)?;
+        let NodeKey::Path(path) = self.node_key(ino)? else {
+            return Err(FsError::ReadOnly);
+        };
+        if self.read_only() {
+            return Err(FsError::ReadOnly);
+        }
+        // With no_object_metadata there is nowhere to keep them.
+        if !self.cfg.object_metadata {
+            return Err(FsError::NotSupported);
+        }
+        Ok(path)
+    }
+}

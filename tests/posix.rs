@@ -1,0 +1,762 @@
+//! POSIX as far as S3 allows (issue 13): directory times, atime and
+//! ctime, nlink, extended attributes. Each rule is checked over the core
+//! on the in-memory store (`core_*`, request counts exact) and through a
+//! real mount on a real local S3 server, with what was stored read back
+//! with the S3 API, never through the mount.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bucketfs::fs::inodes::ROOT_INO;
+use bucketfs::fs::{Creator, Fs, FsConfig, FsError, SetAttr};
+use bucketfs::store::memory::MemStore;
+use bucketfs::store::{Metadata, ObjectStore, Op};
+use common::*;
+
+const USER: Creator = Creator {
+    uid: 1000,
+    gid: 1000,
+    mode: 0o644,
+    umask: 0o022,
+};
+
+/// Long enough that nothing expires within a test, however slow the
+/// machine.
+const LONG_TTL: Duration = Duration::from_secs(3600);
+
+/// An old time, seconds since the epoch, that no change made now equals.
+const OLD_SECS: u64 = 1_000_000_000;
+
+fn old() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(OLD_SECS)
+}
+
+fn core_fs(store: Arc<MemStore>, ttl: Duration) -> (Fs, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        metadata_ttl: ttl,
+        ..FsConfig::default()
+    };
+    cfg.defaults.dir_mtime = old();
+    (Fs::new(store, cfg), dir)
+}
+
+fn name(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+fn dir_meta(mtime: u64) -> Metadata {
+    [("mode", "16877"), ("uid", "0"), ("gid", "0")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain([("mtime".to_string(), mtime.to_string())])
+        .collect()
+}
+
+/// A time as stored in `x-amz-meta-*` (s3fs-fuse's form).
+fn stored(t: SystemTime) -> String {
+    bucketfs::fs::attr::format_epoch(t)
+}
+
+/// The mtime and ctime `stat` shows.
+fn times(md: &std::fs::Metadata) -> (SystemTime, SystemTime) {
+    let at = |s: i64, n: i64| UNIX_EPOCH + Duration::new(s as u64, n as u32);
+    (
+        at(md.mtime(), md.mtime_nsec()),
+        at(md.ctime(), md.ctime_nsec()),
+    )
+}
+
+// ------------------------------------------------------ directory times
+
+/// A directory that is only a prefix has nowhere to store its times: a
+/// create there moves them in memory, costs no request more than a create
+/// anywhere, and keeps them when the directory is read from S3 again.
+#[tokio::test]
+async fn core_a_directory_without_marker_keeps_its_new_times_in_memory() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("bare/old", b"x", Metadata::new());
+    // A zero TTL: every getattr asks S3 again.
+    let (fs, _d) = core_fs(s.clone(), Duration::ZERO);
+    let dir = fs.lookup(ROOT_INO, name("bare")).await.unwrap();
+    assert_eq!((dir.mtime, dir.ctime), (old(), old()));
+    let before: Vec<u64> = Op::ALL.iter().map(|&o| s.counters().get(o)).collect();
+    let (_, fh) = fs.create(dir.ino, name("new"), USER, 0).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let ops: Vec<(Op, u64)> = Op::ALL
+        .iter()
+        .zip(&before)
+        .map(|(&o, b)| (o, s.counters().get(o) - b))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(
+        ops.iter().find(|(o, _)| *o == Op::Copy),
+        None,
+        "no copy for the directory: {ops:?}"
+    );
+    let a = fs.getattr(dir.ino).await.unwrap();
+    assert!(a.mtime > old() && a.ctime > old(), "{a:?}");
+    let changed = a.mtime;
+    fs.unlink(dir.ino, name("old")).await.unwrap();
+    let b = fs.getattr(dir.ino).await.unwrap();
+    assert!(b.mtime > changed, "an unlink moves it again");
+    assert_eq!(s.counters().get(Op::Copy), 0);
+}
+
+/// A directory with a marker gets its new times stored on it: deferred,
+/// a burst of changes costs one copy, made by fsync of the directory (or
+/// the background task, or unmount).
+#[tokio::test]
+async fn core_a_directory_with_a_marker_stores_its_times_on_it_once_per_batch() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("d/", b"", dir_meta(OLD_SECS));
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let dir = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    assert_eq!(dir.mtime, old());
+    let copies = s.counters().get(Op::Copy);
+    for f in ["a", "b", "c"] {
+        let (_, fh) = fs.create(dir.ino, name(f), USER, 0).await.unwrap();
+        fs.release(fh).await.unwrap();
+    }
+    fs.mknod(
+        dir.ino,
+        name("fifo"),
+        Creator {
+            mode: libc::S_IFIFO | 0o644,
+            ..USER
+        },
+        0,
+    )
+    .await
+    .unwrap();
+    fs.unlink(dir.ino, name("a")).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy), copies, "deferred");
+    let shown = fs.getattr(dir.ino).await.unwrap();
+    assert!(shown.mtime > old(), "seen at once");
+    fs.fsyncdir(dir.ino).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy) - copies, 1, "one copy for all");
+    let m = s.metadata("d/").unwrap();
+    assert_eq!(m["mtime"], stored(shown.mtime));
+    assert_eq!(m["ctime"], stored(shown.ctime));
+    assert_eq!(m["mode"], "16877", "the marker's mode is kept");
+    // Nothing queued: a second fsync copies nothing.
+    fs.fsyncdir(dir.ino).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy) - copies, 1);
+}
+
+/// A rename moves the times of both directories, and the renamed file's
+/// ctime, not its mtime.
+#[tokio::test]
+async fn core_a_rename_moves_both_directories_and_the_files_ctime() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert(
+        "src/f",
+        b"x",
+        [
+            ("mtime", OLD_SECS.to_string()),
+            ("ctime", OLD_SECS.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    );
+    s.insert("dst/", b"", dir_meta(OLD_SECS));
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let src = fs.lookup(ROOT_INO, name("src")).await.unwrap();
+    let dst = fs.lookup(ROOT_INO, name("dst")).await.unwrap();
+    let f = fs.lookup(src.ino, name("f")).await.unwrap();
+    assert_eq!((f.mtime, f.ctime), (old(), old()));
+    fs.rename(src.ino, name("f"), dst.ino, name("g"), false)
+        .await
+        .unwrap();
+    let moved = fs.getattr(f.ino).await.unwrap();
+    assert_eq!(moved.mtime, old(), "a rename is no write");
+    assert!(moved.ctime > old());
+    for d in [src.ino, dst.ino] {
+        let a = fs.getattr(d).await.unwrap();
+        assert!(a.mtime > old() && a.ctime > old(), "{a:?}");
+    }
+}
+
+// ------------------------------------------------------ atime and ctime
+
+/// utimensat sets atime, stored as s3fs-fuse stores it; a read does not
+/// move it; a chmod moves ctime, stored too.
+#[tokio::test]
+async fn core_atime_is_set_by_utimens_only_and_ctime_by_every_change() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert(
+        "f",
+        b"data",
+        [("mode", "33188"), ("mtime", "1000000000")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let f = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    assert_eq!((f.atime, f.ctime), (old(), old()), "absent: the mtime");
+    let at = UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    let a = fs
+        .setattr(
+            f.ino,
+            SetAttr {
+                atime: Some(at),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.atime, a.mtime), (at, old()));
+    assert!(a.ctime > old());
+    let m = s.metadata("f").unwrap();
+    assert_eq!(
+        (m["atime"].as_str(), m["mtime"].as_str()),
+        ("1500000000", "1000000000")
+    );
+    assert_eq!(m["ctime"], stored(a.ctime));
+    let fh = fs.open(f.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(&fs.read(fh, 0, 4).await.unwrap()[..], b"data");
+    fs.release(fh).await.unwrap();
+    assert_eq!(fs.getattr(f.ino).await.unwrap().atime, at, "noatime");
+    assert_eq!(s.metadata("f").unwrap()["atime"], "1500000000");
+}
+
+/// A write moves mtime and ctime, and both are stored with the data.
+#[tokio::test]
+async fn core_a_write_stores_mtime_and_ctime_with_the_data() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert(
+        "f",
+        b"data",
+        [
+            ("mode", "33188"),
+            ("mtime", "1000000000"),
+            ("atime", "1000000000"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    );
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let f = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let fh = fs.open(f.ino, libc::O_WRONLY).await.unwrap();
+    fs.write(fh, 0, b"DATA").await.unwrap();
+    fs.release(fh).await.unwrap();
+    let a = fs.getattr(f.ino).await.unwrap();
+    assert!(a.mtime > old() && a.ctime >= a.mtime);
+    assert_eq!(a.atime, old(), "a write is no access");
+    let m = s.metadata("f").unwrap();
+    assert_eq!(m["mtime"], stored(a.mtime));
+    assert_eq!(m["ctime"], stored(a.ctime));
+    assert_eq!(m["atime"], "1000000000");
+    assert_eq!(&s.object("f").unwrap()[..], b"DATA");
+}
+
+// ------------------------------------------------- through a real mount
+
+const PINNED: &str = "metadata_ttl=3600";
+
+fn stat(m: &Mount, rel: &str) -> std::fs::Metadata {
+    std::fs::symlink_metadata(m.path(rel)).unwrap_or_else(|e| panic!("stat {rel}: {e}"))
+}
+
+/// fsync(2) of a directory.
+fn fsync_dir(m: &Mount, rel: &str) {
+    std::fs::File::open(m.path(rel))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+}
+
+fn put_dir_marker(b: &Bucket, key: &str) {
+    let old = OLD_SECS.to_string();
+    b.put_meta(
+        key,
+        b"",
+        &[
+            ("mode", "16877"),
+            ("uid", "0"),
+            ("gid", "0"),
+            ("mtime", &old),
+        ],
+    );
+}
+
+#[test]
+fn a_directory_with_a_marker_shows_new_times_at_once_and_stores_them_on_it() {
+    let b = Bucket::new(server(), "dirtimes", false);
+    put_dir_marker(&b, "d/");
+    put_dir_marker(&b, "e/");
+    let m = Mount::new(&b, PINNED);
+    assert_eq!(stat(&m, "d").mtime() as u64, OLD_SECS);
+    std::fs::write(m.path("d/f"), b"x").unwrap();
+    let d = stat(&m, "d");
+    assert!(d.mtime() as u64 > OLD_SECS && d.ctime() as u64 > OLD_SECS);
+    fsync_dir(&m, "d");
+    let meta = b.metadata("d/");
+    assert_eq!(meta["mtime"], stored(times(&d).0));
+    assert_eq!(meta["ctime"], stored(times(&d).1));
+    assert_eq!(meta["mode"], "16877");
+    // Removed and renamed out, then stored by the unmount.
+    std::fs::rename(m.path("d/f"), m.path("e/g")).unwrap();
+    let e = stat(&m, "e");
+    assert!(e.mtime() as u64 > OLD_SECS);
+    assert!(m.unmount().is_some());
+    assert_eq!(b.metadata("e/")["mtime"], stored(times(&e).0));
+    assert_eq!(b.get("e/g").unwrap(), b"x");
+}
+
+/// A create in a directory without a marker costs the file's PUT and
+/// nothing for the directory, whose times move in memory.
+#[test]
+fn a_directory_without_a_marker_costs_no_request_for_its_times() {
+    let b = Bucket::new(server(), "baretimes", false);
+    b.put("bare/old", b"x");
+    let m = Mount::new(&b, PINNED);
+    let before = stat(&m, "bare");
+    let (puts, copies) = (requests(&m, "PUT"), requests(&m, "COPY"));
+    sh(&m.dir, "for i in 1 2 3 4 5; do echo $i > bare/f$i; done");
+    assert_eq!(requests(&m, "PUT") - puts, 5, "one PUT per file");
+    assert_eq!(
+        requests(&m, "COPY") - copies,
+        0,
+        "nothing for the directory"
+    );
+    let after = stat(&m, "bare");
+    assert!(after.mtime() > before.mtime() || after.mtime_nsec() > before.mtime_nsec());
+    std::fs::remove_file(m.path("bare/old")).unwrap();
+    let gone = stat(&m, "bare");
+    assert!((gone.mtime(), gone.mtime_nsec()) > (after.mtime(), after.mtime_nsec()));
+    assert!(m.unmount().is_some());
+    assert!(
+        b.keys("bare/").iter().all(|k| k != "bare/"),
+        "no marker made"
+    );
+}
+
+#[test]
+fn utimensat_sets_atime_a_read_does_not_and_chmod_moves_ctime() {
+    let b = Bucket::new(server(), "atime", false);
+    let old = OLD_SECS.to_string();
+    b.put_meta("f", b"data", &[("mode", "33188"), ("mtime", &old)]);
+    let m = Mount::new(&b, PINNED);
+    let f = stat(&m, "f");
+    assert_eq!((f.atime() as u64, f.ctime() as u64), (OLD_SECS, OLD_SECS));
+    sh(&m.dir, "touch -a -d @1500000000 f");
+    let f = stat(&m, "f");
+    assert_eq!((f.atime(), f.mtime() as u64), (1_500_000_000, OLD_SECS));
+    assert!(f.ctime() as u64 > OLD_SECS, "utimensat moves ctime");
+    let meta = b.metadata("f");
+    assert_eq!(meta["atime"], "1500000000");
+    assert_eq!(meta["mtime"], old);
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"data");
+    assert_eq!(stat(&m, "f").atime(), 1_500_000_000, "noatime");
+    sh(&m.dir, "touch -m -d @1600000000 f; chmod 600 f");
+    let f = stat(&m, "f");
+    let meta = b.metadata("f");
+    assert_eq!(meta["ctime"], stored(times(&f).1));
+    assert_eq!(
+        (
+            meta["atime"].as_str(),
+            meta["mtime"].as_str(),
+            meta["mode"].as_str()
+        ),
+        ("1500000000", "1600000000", "33152")
+    );
+}
+
+#[test]
+fn a_renamed_file_and_directory_get_a_new_ctime() {
+    let b = Bucket::new(server(), "renamectime", false);
+    let old = OLD_SECS.to_string();
+    b.put_meta("f", b"data", &[("mtime", &old), ("ctime", &old)]);
+    put_dir_marker(&b, "dir/");
+    b.put_meta("dir/inner", b"i", &[("mtime", &old)]);
+    let m = Mount::new(&b, PINNED);
+    std::fs::rename(m.path("f"), m.path("g")).unwrap();
+    std::fs::rename(m.path("dir"), m.path("dir2")).unwrap();
+    let g = stat(&m, "g");
+    assert_eq!(g.mtime() as u64, OLD_SECS);
+    assert!(g.ctime() as u64 > OLD_SECS);
+    let d = stat(&m, "dir2");
+    assert!(d.ctime() as u64 > OLD_SECS);
+    assert_eq!(std::fs::read(m.path("dir2/inner")).unwrap(), b"i");
+}
+
+/// What is below a renamed directory keeps its times to the nanosecond:
+/// they are stored with their nanoseconds, as s3fs-fuse stores them, so
+/// reading them back after the move (the keys were copied) changes nothing.
+#[test]
+fn times_below_a_renamed_directory_keep_their_nanoseconds() {
+    let b = Bucket::new(server(), "renamensec", false);
+    let m = Mount::new(&b, PINNED);
+    sh(&m.dir, "mkdir -p d/sub; echo x > d/f");
+    let (sub, f) = (times(&stat(&m, "d/sub")), times(&stat(&m, "d/f")));
+    std::fs::rename(m.path("d"), m.path("d2")).unwrap();
+    assert_eq!(times(&stat(&m, "d2/sub")), sub);
+    assert_eq!(times(&stat(&m, "d2/f")), f);
+    assert_eq!(b.metadata("d2/f")["mtime"], stored(f.0));
+}
+
+// ---------------------------------------------------------------- nlink
+
+/// A directory's nlink is 2 plus its subdirectories once its listing is
+/// known (2 before); a file unlinked while open has none.
+#[tokio::test]
+async fn core_nlink_counts_subdirectories_and_an_unlinked_file_has_none() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("p/x/f", b"f", Metadata::new());
+    s.insert("p/y/", b"", Metadata::new());
+    s.insert("p/z", b"file", Metadata::new());
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let p = fs.lookup(ROOT_INO, name("p")).await.unwrap();
+    assert_eq!(p.nlink, 2, "not listed: not counted");
+    fs.list(p.ino).await.unwrap();
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 4, "x and y");
+    let made = fs.mkdir(p.ino, name("w"), USER).await.unwrap();
+    assert_eq!(made.nlink, 2);
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 5);
+    fs.rmdir(p.ino, name("y")).await.unwrap();
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 4);
+    let w = fs.lookup(p.ino, name("w")).await.unwrap();
+    fs.rename(p.ino, name("w"), ROOT_INO, name("w2"), false)
+        .await
+        .unwrap();
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 3, "moved out");
+    assert_eq!(fs.getattr(w.ino).await.unwrap().nlink, 2);
+    let z = fs.lookup(p.ino, name("z")).await.unwrap();
+    assert_eq!(z.nlink, 1);
+    let fh = fs.open(z.ino, libc::O_RDONLY).await.unwrap();
+    fs.unlink(p.ino, name("z")).await.unwrap();
+    assert_eq!(fs.getattr(z.ino).await.unwrap().nlink, 0);
+    assert_eq!(&fs.read(fh, 0, 4).await.unwrap()[..], b"file");
+    fs.release(fh).await.unwrap();
+    let (c, wfh) = fs.create(p.ino, name("new"), USER, 0).await.unwrap();
+    fs.write(wfh, 0, b"w").await.unwrap();
+    fs.unlink(p.ino, name("new")).await.unwrap();
+    assert_eq!(
+        fs.getattr(c.ino).await.unwrap().nlink,
+        0,
+        "open for writing"
+    );
+    fs.release(wfh).await.unwrap();
+}
+
+#[test]
+fn nlink_through_the_mount() {
+    let b = Bucket::new(server(), "nlink", false);
+    let m = Mount::new(&b, PINNED);
+    sh(&m.dir, "mkdir -p top/a top/b top/c/deep; touch top/file");
+    assert_eq!(stat(&m, "top").nlink(), 5);
+    assert_eq!(stat(&m, "top/c").nlink(), 3);
+    assert_eq!(stat(&m, "top/file").nlink(), 1);
+    std::fs::remove_dir(m.path("top/a")).unwrap();
+    assert_eq!(stat(&m, "top").nlink(), 4);
+    let f = std::fs::File::open(m.path("top/file")).unwrap();
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("top/file"))
+        .unwrap();
+    std::fs::remove_file(m.path("top/file")).unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+    std::io::Write::write_all(&mut w, b"still writable").unwrap();
+    assert_eq!(w.metadata().unwrap().nlink(), 0);
+    drop(w);
+    drop(f);
+    assert!(m.unmount().is_some());
+    assert_eq!(b.get("top/file"), None, "unlinked stays unlinked");
+}
+
+// ------------------------------------------------- extended attributes
+
+fn xattr_meta(json: &str) -> Metadata {
+    let enc = json
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect::<String>();
+    [("xattr".to_string(), enc)].into_iter().collect()
+}
+
+/// A `user.` attribute set on a closed file is one self-copy; the value
+/// reads back, lists, and is stored as s3fs-fuse stores it; flags, the
+/// read-only `user.s3.` names, other namespaces and S3's 2 KiB limit say
+/// what setxattr(2) says.
+#[tokio::test]
+async fn core_user_xattrs_are_stored_on_the_object_as_s3fs_fuse_does() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", b"data", xattr_meta(r#"{"user.old":"b2xk"}"#));
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let f = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    assert_eq!(fs.get_xattr(f.ino, "user.old").await.unwrap(), b"old");
+    let copies = s.counters().get(Op::Copy);
+    fs.set_xattr(f.ino, "user.color", b"red", 0).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy) - copies, 1);
+    assert_eq!(
+        s.metadata("f").unwrap()["xattr"],
+        "%7B%22user.color%22%3A%22cmVk%22%2C%22user.old%22%3A%22b2xk%22%7D"
+    );
+    assert_eq!(&s.object("f").unwrap()[..], b"data");
+    assert_eq!(fs.get_xattr(f.ino, "user.color").await.unwrap(), b"red");
+    let names = fs.list_xattr(f.ino).await.unwrap();
+    assert_eq!(&names[..2], ["user.color", "user.old"]);
+    assert!(names.iter().any(|n| n == "user.s3.etag"));
+    assert_eq!(
+        fs.set_xattr(f.ino, "user.color", b"x", libc::XATTR_CREATE)
+            .await,
+        Err(FsError::Exists)
+    );
+    assert_eq!(
+        fs.set_xattr(f.ino, "user.none", b"x", libc::XATTR_REPLACE)
+            .await,
+        Err(FsError::NoAttr)
+    );
+    assert_eq!(
+        fs.set_xattr(f.ino, "user.s3.etag", b"x", 0).await,
+        Err(FsError::NotPermitted)
+    );
+    assert_eq!(
+        fs.set_xattr(f.ino, "security.selinux", b"x", 0).await,
+        Err(FsError::NotSupported)
+    );
+    // A name in no namespace, as s3fs-fuse keeps it.
+    fs.set_xattr(f.ino, "bare", b"1", 0).await.unwrap();
+    assert_eq!(fs.get_xattr(f.ino, "bare").await.unwrap(), b"1");
+    fs.remove_xattr(f.ino, "bare").await.unwrap();
+    assert_eq!(
+        fs.set_xattr(f.ino, "user.big", &[7u8; 2048], 0).await,
+        Err(FsError::TooBig)
+    );
+    assert_eq!(
+        s.counters().get(Op::Copy) - copies,
+        3,
+        "refused: no request"
+    );
+    // A chmod keeps them.
+    fs.setattr(
+        f.ino,
+        SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    fs.remove_xattr(f.ino, "user.old").await.unwrap();
+    assert_eq!(
+        fs.remove_xattr(f.ino, "user.old").await,
+        Err(FsError::NoAttr)
+    );
+    let m = s.metadata("f").unwrap();
+    assert_eq!(m["xattr"], "%7B%22user.color%22%3A%22cmVk%22%7D");
+    assert_eq!(m["mode"], "33152");
+    fs.remove_xattr(f.ino, "user.color").await.unwrap();
+    assert!(!s.metadata("f").unwrap().contains_key("xattr"));
+    assert_eq!(
+        fs.get_xattr(f.ino, "user.color").await,
+        Err(FsError::NoAttr)
+    );
+}
+
+/// On a file open with dirty data, an attribute rides on the upload at
+/// close: no copy, and both the data written before and after it land.
+#[tokio::test]
+async fn core_a_user_xattr_set_while_writing_rides_on_the_upload() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let (f, fh) = fs.create(ROOT_INO, name("new"), USER, 0).await.unwrap();
+    fs.write(fh, 0, b"first ").await.unwrap();
+    fs.set_xattr(f.ino, "user.tag", b"v", 0).await.unwrap();
+    assert_eq!(fs.get_xattr(f.ino, "user.tag").await.unwrap(), b"v");
+    fs.write(fh, 6, b"second").await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy), 0);
+    assert_eq!(&s.object("new").unwrap()[..], b"first second");
+    assert_eq!(
+        s.metadata("new").unwrap()["xattr"],
+        "%7B%22user.tag%22%3A%22dg%3D%3D%22%7D"
+    );
+}
+
+fn c(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).unwrap()
+}
+
+fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) -> Result<(), i32> {
+    let p = c(path.to_str().unwrap());
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            c(name).as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+}
+
+fn get_xattr(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
+    let p = c(path.to_str().unwrap());
+    let mut buf = vec![0u8; 4096];
+    let r = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            c(name).as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+fn list_xattr(path: &std::path::Path) -> Vec<String> {
+    let p = c(path.to_str().unwrap());
+    let mut buf = vec![0u8; 4096];
+    let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "{}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    buf.split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect()
+}
+
+fn remove_xattr(path: &std::path::Path, name: &str) -> Result<(), i32> {
+    let p = c(path.to_str().unwrap());
+    if unsafe { libc::removexattr(p.as_ptr(), c(name).as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+}
+
+#[test]
+fn user_xattrs_through_the_mount_land_as_s3fs_fuse_stores_them() {
+    let b = Bucket::new(server(), "xattrw", false);
+    let enc = xattr_meta(r#"{"user.from_s3fs":"aGk="}"#)["xattr"].clone();
+    b.put_meta("f", b"data", &[("xattr", &enc)]);
+    put_dir_marker(&b, "d/");
+    let m = Mount::new(&b, PINNED);
+    let f = m.path("f");
+    assert_eq!(get_xattr(&f, "user.from_s3fs").unwrap(), b"hi");
+    let copies = requests(&m, "COPY");
+    set_xattr(&f, "user.color", b"red").unwrap();
+    assert_eq!(requests(&m, "COPY") - copies, 1, "one self-copy");
+    assert_eq!(
+        b.metadata("f")["xattr"],
+        "%7B%22user.color%22%3A%22cmVk%22%2C%22user.from_s3fs%22%3A%22aGk%3D%22%7D"
+    );
+    let names = list_xattr(&f);
+    assert!(names.contains(&"user.color".to_string()), "{names:?}");
+    assert!(names.contains(&"user.from_s3fs".to_string()), "{names:?}");
+    remove_xattr(&f, "user.from_s3fs").unwrap();
+    assert_eq!(remove_xattr(&f, "user.from_s3fs"), Err(libc::ENODATA));
+    assert_eq!(get_xattr(&f, "user.from_s3fs"), Err(libc::ENODATA));
+    assert_eq!(
+        b.metadata("f")["xattr"],
+        "%7B%22user.color%22%3A%22cmVk%22%7D"
+    );
+    assert_eq!(set_xattr(&f, "user.s3.etag", b"x"), Err(libc::EPERM));
+    assert_eq!(set_xattr(&f, "trusted.x", b"x"), Err(libc::ENOTSUP));
+    assert_eq!(set_xattr(&f, "user.big", &[1u8; 3000]), Err(libc::E2BIG));
+    // A directory with a marker keeps them on it.
+    set_xattr(&m.path("d"), "user.dir", b"yes").unwrap();
+    assert_eq!(get_xattr(&m.path("d"), "user.dir").unwrap(), b"yes");
+    assert_eq!(
+        b.metadata("d/")["xattr"],
+        "%7B%22user.dir%22%3A%22eWVz%22%7D"
+    );
+    assert_eq!(b.get("f").unwrap(), b"data");
+}
+
+/// setxattr between two writes of a file open for writing, with a second
+/// handle open for reading: the attribute rides on the close's upload
+/// (no copy), and the data written before and after it both land.
+#[test]
+fn a_user_xattr_set_on_a_file_open_for_writing_lands_with_its_data() {
+    let b = Bucket::new(server(), "xattropen", false);
+    let m = Mount::new(&b, PINNED);
+    let mut w = std::fs::File::create(m.path("w")).unwrap();
+    std::io::Write::write_all(&mut w, b"before ").unwrap();
+    let r = std::fs::File::open(m.path("w")).unwrap();
+    let copies = requests(&m, "COPY");
+    set_xattr(&m.path("w"), "user.k", b"v").unwrap();
+    assert_eq!(get_xattr(&m.path("w"), "user.k").unwrap(), b"v");
+    std::io::Write::write_all(&mut w, b"after").unwrap();
+    close(w).unwrap();
+    drop(r);
+    assert_eq!(requests(&m, "COPY") - copies, 0, "rode on the upload");
+    assert_eq!(b.get("w").unwrap(), b"before after");
+    assert_eq!(
+        b.metadata("w")["xattr"],
+        "%7B%22user.k%22%3A%22dg%3D%3D%22%7D"
+    );
+    assert!(m.unmount().is_some());
+}
+
+/// The deferred copy of a directory's times and a chmod of it never land
+/// out of order: the chmod waits for the copy in flight, so the marker
+/// ends with the new mode, not the one the copy read before it.
+#[tokio::test(flavor = "current_thread")]
+async fn core_a_chmod_of_a_directory_waits_for_the_copy_of_its_times() {
+    use bucketfs::store::faulty::Faulty;
+    let m = Arc::new(MemStore::unversioned());
+    m.insert("d/", b"", dir_meta(OLD_SECS));
+    let f = Arc::new(Faulty::new(m.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        metadata_ttl: LONG_TTL,
+        ..FsConfig::default()
+    };
+    let fs = Arc::new(Fs::new(f.clone(), cfg));
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    fs.mkdir(d.ino, name("sub"), USER).await.unwrap();
+    f.hold(Op::Copy, 1);
+    let times = tokio::spawn({
+        let fs = fs.clone();
+        async move { fs.fsyncdir(d.ino).await }
+    });
+    f.wait_held(Op::Copy)
+        .await
+        .expect("the times' copy is held");
+    let chmod = fs.setattr(
+        d.ino,
+        SetAttr {
+            mode: Some(0o700),
+            ..Default::default()
+        },
+    );
+    tokio::pin!(chmod);
+    for _ in 0..100 {
+        assert!(
+            futures::poll!(chmod.as_mut()).is_pending(),
+            "the chmod went ahead of the copy in flight"
+        );
+        tokio::task::yield_now().await;
+    }
+    f.release(Op::Copy);
+    times.await.unwrap().unwrap();
+    chmod.await.unwrap();
+    assert_eq!(m.metadata("d/").unwrap()["mode"], "16832", "0o40700");
+    assert_eq!(fs.getattr(d.ino).await.unwrap().perm, 0o700);
+}
