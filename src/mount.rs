@@ -24,7 +24,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::Options;
 use crate::fs::{Defaults, Fs, FsConfig};
 use crate::fuse::FuseFs;
-use crate::store::s3::{S3Settings, S3Store};
+use crate::store::s3::{RequestOptions, S3Settings, S3Store, SseCKey};
 use crate::store::{ObjectStore, StoreError};
 use crate::write::UploadOptions;
 
@@ -137,6 +137,24 @@ pub fn read_passwd_file(path: &Path, bucket: &str) -> Result<(String, String), M
             path.display()
         ))
     })
+}
+
+/// Reads an SSE-C key file (32 bytes, raw or base64); refused unless
+/// mode 0600 or stricter. The error never shows the file's contents.
+pub fn read_sse_c_key_file(path: &Path) -> Result<SseCKey, MountError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| MountError(format!("sse_c_key_file {}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(MountError(format!(
+            "sse_c_key_file {} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    let data = std::fs::read(path)
+        .map_err(|e| MountError(format!("sse_c_key_file {}: {e}", path.display())))?;
+    SseCKey::from_file_bytes(&data)
+        .map_err(|e| MountError(format!("sse_c_key_file {} {e}", path.display())))
 }
 
 /// The cache directory: `cache_dir=`, else `$XDG_CACHE_HOME/bucketfs`,
@@ -600,12 +618,16 @@ pub fn run(o: Options, verbose: bool) -> u8 {
             Some(p) => Some(read_passwd_file(p, &o.bucket)?),
             None => None,
         };
+        let sse_c = match &o.sse_c_key_file {
+            Some(p) => Some(read_sse_c_key_file(p)?),
+            None => None,
+        };
         let log_target = LogTarget::choose(&o, !o.foreground)?;
         if !o.foreground {
             ready = Some(daemonize(&log_target.describe())?);
         }
         init_logging(&log_target, verbose)?;
-        serve(&o, &mountpoint, static_keys, &mut ready)
+        serve(&o, &mountpoint, static_keys, sse_c, &mut ready)
     })();
     match result {
         Ok(code) => code,
@@ -626,6 +648,7 @@ fn serve(
     o: &Options,
     mountpoint: &Path,
     static_keys: Option<(String, String)>,
+    sse_c: Option<SseCKey>,
     ready: &mut Option<OwnedFd>,
 ) -> Result<u8, MountError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -644,6 +667,14 @@ fn serve(
         max_attempts: o.max_attempts,
         retry_time: o.retry_time,
         long_timeout: o.long_timeout,
+        requests: RequestOptions {
+            sse: o.sse.map(|s| s.header().to_string()),
+            sse_kms_key_id: o.sse_kms_key_id.clone(),
+            sse_c,
+            storage_class: o.storage_class.clone(),
+            acl: o.default_acl.clone(),
+            requester_pays: o.requester_pays,
+        },
     };
     let store = rt
         .block_on(S3Store::connect(&settings))

@@ -349,8 +349,12 @@ impl ObjectStore for MemStore {
         check_key(dst)?;
         let mut st = self.state.lock();
         let v = Self::find(&st, src, src_version)?.clone();
-        let meta = meta.cloned().unwrap_or(v.meta);
-        Ok(self.store_version(&mut st, dst, v.data, meta))
+        // As S3Store: the given keys over the source's, the others kept.
+        let mut merged = v.meta;
+        if let Some(m) = meta {
+            merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        Ok(self.store_version(&mut st, dst, v.data, merged))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

@@ -105,6 +105,27 @@ impl PutBody {
         self.len() == 0
     }
 
+    /// The MD5 digest of the body (S3's Content-MD5), read in 1 MiB steps.
+    pub fn md5(&self) -> std::io::Result<[u8; 16]> {
+        use md5::Digest;
+        match self {
+            PutBody::Bytes(b) => Ok(md5::Md5::digest(b).into()),
+            PutBody::File { file, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut h = md5::Md5::new();
+                let mut buf = vec![0u8; (*len).min(1 << 20) as usize];
+                let mut pos = 0;
+                while pos < *len {
+                    let n = ((*len - pos) as usize).min(buf.len());
+                    file.read_exact_at(&mut buf[..n], offset + pos)?;
+                    h.update(&buf[..n]);
+                    pos += n as u64;
+                }
+                Ok(h.finalize().into())
+            }
+        }
+    }
+
     /// Reads the whole body into memory (for stores that keep bytes in RAM).
     pub fn read_all(&self) -> std::io::Result<Bytes> {
         match self {
@@ -289,7 +310,11 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult>;
 
-    /// Server-side copy of a current object, with new metadata if given.
+    /// Server-side copy of an object (of one version if given). With
+    /// `meta`, those user metadata keys are set over the source's; every
+    /// other header of the source (Content-Type, Cache-Control and the
+    /// like, its other `x-amz-meta-*`, tags, storage class, encryption)
+    /// is kept unless a mount option sets it.
     async fn copy(
         &self,
         src: &str,

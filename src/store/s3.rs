@@ -28,12 +28,18 @@ use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
 use aws_sdk_s3::config::{
-    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation, RuntimeComponents,
 };
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective};
+use aws_sdk_s3::error::{BoxError, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::head_object::{HeadObjectError, HeadObjectOutput};
+use aws_sdk_s3::primitives::{ByteStream, DateTime, DateTimeFormat, Length};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective, ObjectCannedAcl,
+    ServerSideEncryption, StorageClass, TaggingDirective,
+};
 use bytes::Bytes;
 use tracing::debug;
 
@@ -60,6 +66,133 @@ pub struct S3Settings {
     pub retry_time: Duration,
     /// First-byte timeout of long server-side operations.
     pub long_timeout: Duration,
+    /// Encryption, storage class, ACL and payer of every request.
+    pub requests: RequestOptions,
+}
+
+/// What the mount adds to its requests, mount-wide: set by mount options,
+/// applied here so the `ObjectStore` calls stay small.
+#[derive(Clone, Debug, Default)]
+pub struct RequestOptions {
+    /// `x-amz-server-side-encryption` of every object written or copied.
+    pub sse: Option<String>,
+    /// `x-amz-server-side-encryption-aws-kms-key-id` with it.
+    pub sse_kms_key_id: Option<String>,
+    /// SSE-C: the customer key, on every request that touches object data.
+    pub sse_c: Option<SseCKey>,
+    /// `x-amz-storage-class` of every object written or copied.
+    pub storage_class: Option<String>,
+    /// Canned `x-amz-acl` of every object written or copied.
+    pub acl: Option<String>,
+    /// `x-amz-request-payer: requester` on every request.
+    pub requester_pays: bool,
+}
+
+/// An SSE-C key, kept as S3 wants it (base64 key and base64 MD5 of the
+/// key). Its `Debug` shows neither: it never reaches a log.
+#[derive(Clone)]
+pub struct SseCKey {
+    key_b64: String,
+    md5_b64: String,
+}
+
+impl SseCKey {
+    /// The length of an AES-256 key.
+    pub const KEY_BYTES: usize = 32;
+
+    /// A key from the contents of a key file: 32 raw bytes, or their
+    /// base64 (surrounding whitespace ignored).
+    pub fn from_file_bytes(data: &[u8]) -> Result<SseCKey, String> {
+        use base64::Engine;
+        use md5::Digest;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key = if data.len() == Self::KEY_BYTES {
+            data.to_vec()
+        } else {
+            let text = std::str::from_utf8(data)
+                .map_err(|_| "is neither 32 raw bytes nor base64".to_string())?
+                .trim();
+            b64.decode(text)
+                .map_err(|_| format!("is neither 32 raw bytes nor base64 ({} bytes)", data.len()))?
+        };
+        if key.len() != Self::KEY_BYTES {
+            return Err(format!(
+                "holds a {}-byte key; SSE-C needs 32 bytes (AES-256)",
+                key.len()
+            ));
+        }
+        Ok(SseCKey {
+            key_b64: b64.encode(&key),
+            md5_b64: b64.encode(md5::Md5::digest(&key)),
+        })
+    }
+}
+
+impl std::fmt::Debug for SseCKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SseCKey(..)")
+    }
+}
+
+/// The SSE-C algorithm, the only one S3 has.
+const SSE_C_ALGORITHM: &str = "AES256";
+
+/// Adds `x-amz-request-payer: requester` to every request the client
+/// sends, listings and multipart calls included.
+#[derive(Debug)]
+struct RequesterPays;
+
+impl Intercept for RequesterPays {
+    fn name(&self) -> &'static str {
+        "RequesterPays"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        context
+            .request_mut()
+            .headers_mut()
+            .insert("x-amz-request-payer", "requester");
+        Ok(())
+    }
+}
+
+/// Adds the mount's SSE-C key, if any, to a request that reads or writes
+/// object data.
+macro_rules! with_sse_c {
+    ($req:expr, $opts:expr) => {{
+        let k = $opts.sse_c.as_ref();
+        $req.set_sse_customer_algorithm(k.map(|_| SSE_C_ALGORITHM.to_string()))
+            .set_sse_customer_key(k.map(|k| k.key_b64.clone()))
+            .set_sse_customer_key_md5(k.map(|k| k.md5_b64.clone()))
+    }};
+}
+
+/// Adds the SSE-C key of a copy's source, when it has one.
+macro_rules! with_copy_source_sse_c {
+    ($req:expr, $key:expr) => {{
+        let k: Option<&SseCKey> = $key;
+        $req.set_copy_source_sse_customer_algorithm(k.map(|_| SSE_C_ALGORITHM.to_string()))
+            .set_copy_source_sse_customer_key(k.map(|k| k.key_b64.clone()))
+            .set_copy_source_sse_customer_key_md5(k.map(|k| k.md5_b64.clone()))
+    }};
+}
+
+/// Adds what a new object gets (PutObject, CreateMultipartUpload,
+/// CopyObject): encryption, storage class, canned ACL.
+macro_rules! with_new_object {
+    ($req:expr, $opts:expr) => {{
+        let o: &RequestOptions = $opts;
+        with_sse_c!($req, o)
+            .set_server_side_encryption(o.sse.as_deref().map(ServerSideEncryption::from))
+            .set_ssekms_key_id(o.sse_kms_key_id.clone())
+            .set_storage_class(o.storage_class.as_deref().map(StorageClass::from))
+            .set_acl(o.acl.as_deref().map(ObjectCannedAcl::from))
+    }};
 }
 
 impl Default for S3Settings {
@@ -75,6 +208,7 @@ impl Default for S3Settings {
             max_attempts: 11,
             retry_time: Duration::from_secs(45),
             long_timeout: Duration::from_secs(300),
+            requests: RequestOptions::default(),
         }
     }
 }
@@ -93,6 +227,7 @@ pub struct S3Store {
     no_versions_api: AtomicBool,
     /// The credentials chain (for `access_key_id`).
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
+    requests: RequestOptions,
 }
 
 const DEFAULT_REGION: &str = "us-east-1";
@@ -181,6 +316,9 @@ impl S3Store {
         if let Some(e) = &s.endpoint {
             b = b.endpoint_url(e);
         }
+        if s.requests.requester_pays {
+            b = b.interceptor(RequesterPays);
+        }
         S3Store {
             credentials: sdk.credentials_provider(),
             client: Client::from_conf(b.build()),
@@ -191,6 +329,7 @@ impl S3Store {
             attempt_timeout: s.attempt_timeout,
             long_timeout: s.long_timeout,
             no_versions_api: AtomicBool::new(false),
+            requests: s.requests.clone(),
         }
     }
 
@@ -204,6 +343,21 @@ impl S3Store {
         }
     }
 
+    /// HeadObject of a copy's source: its headers, to send again.
+    async fn head_source(&self, key: &str, version: Option<&str>) -> StoreResult<HeadObjectOutput> {
+        let req = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_string));
+        let req = with_sse_c!(req, &self.requests);
+        self.retry(Op::Head, key, || async {
+            req.clone().send().await.map_err(classify_head)
+        })
+        .await
+    }
+
     fn copy_source(&self, key: &str, version: Option<&str>) -> String {
         let enc = percent_encoding::utf8_percent_encode(key, KEY_ENCODE);
         match version {
@@ -211,6 +365,30 @@ impl S3Store {
             None => format!("{}/{enc}", self.bucket),
         }
     }
+}
+
+/// The Content-Type of a new object, from its name's extension
+/// (`index.html` is text/html); directory markers get none.
+fn content_type_for(key: &str) -> Option<String> {
+    if key.ends_with('/') {
+        return None;
+    }
+    Some(
+        mime_guess::from_path(key)
+            .first_raw()
+            .unwrap_or("application/octet-stream")
+            .to_string(),
+    )
+}
+
+/// The Content-MD5 header of a body: every upload carries a checksum
+/// (and S3 refuses a PUT without one in a bucket with Object Lock).
+fn content_md5(body: &PutBody) -> StoreResult<String> {
+    use base64::Engine;
+    let digest = body
+        .md5()
+        .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(digest))
 }
 
 /// Everything but unreserved characters and `/` is escaped in a copy source.
@@ -288,6 +466,9 @@ where
                 _ => format!("{status} {code}"),
             };
             match (status, code) {
+                (400, _) if mentions_encryption(&msg) => {
+                    StoreError::AccessDenied(SSE_C_REFUSED.into())
+                }
                 (_, "NoSuchKey" | "NoSuchVersion" | "NoSuchUpload") => StoreError::NotFound,
                 (_, "NoSuchBucket") => StoreError::NoSuchBucket,
                 (404, _) => StoreError::NotFound,
@@ -314,6 +495,32 @@ where
         }
         _ => StoreError::Other(error_line(&err)),
     }
+}
+
+/// Why an object cannot be read: said once in the log, with EACCES.
+const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C) this mount was not given: mount with -o sse_c_key_file=PATH";
+
+/// S3 refusing a read of an SSE-C object without its key: 400
+/// InvalidRequest "The object was stored using a form of Server Side
+/// Encryption...".
+fn mentions_encryption(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("server side encryption") || m.contains("sse-c") || m.contains("customer key")
+}
+
+/// A HEAD error: as `classify`, except that a bare 400 (a HEAD answer
+/// has no body to say more) is what S3 answers to a HEAD of an SSE-C
+/// object without its key.
+fn classify_head(
+    err: SdkError<HeadObjectError, aws_sdk_s3::config::http::HttpResponse>,
+) -> StoreError {
+    if let SdkError::ServiceError(se) = &err
+        && se.raw().status().as_u16() == 400
+        && matches!(se.err().code(), None | Some("BadRequest"))
+    {
+        return StoreError::AccessDenied(SSE_C_REFUSED.into());
+    }
+    classify(err)
 }
 
 fn to_system_time(t: Option<&DateTime>) -> std::time::SystemTime {
@@ -448,6 +655,7 @@ impl S3Store {
             .bucket(&self.bucket)
             .key(key)
             .range(format!("bytes={}-{}", range.start, range.end - 1));
+        req = with_sse_c!(req, &self.requests);
         match pin {
             ReadPin::Latest => {}
             ReadPin::Etag(e) => req = req.if_match(e),
@@ -549,9 +757,10 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(key)
             .set_version_id(version.map(str::to_string));
+        let req = with_sse_c!(req, &self.requests);
         let out = self
             .retry(Op::Head, key, || async {
-                req.clone().send().await.map_err(classify)
+                req.clone().send().await.map_err(classify_head)
             })
             .await?;
         Ok(ObjectInfo {
@@ -583,16 +792,21 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {
         let len = self.count_body(&body);
+        let md5 = content_md5(&body)?;
         let out = self
             .retry(Op::Put, key, || async {
                 let stream = byte_stream(&body).await?;
-                self.client
+                let req = self
+                    .client
                     .put_object()
                     .bucket(&self.bucket)
                     .key(key)
                     .content_length(len)
+                    .content_md5(&md5)
+                    .set_content_type(content_type_for(key))
                     .set_metadata(Some(meta.clone()))
-                    .body(stream)
+                    .body(stream);
+                with_new_object!(req, &self.requests)
                     .send()
                     .await
                     .map_err(classify)
@@ -611,16 +825,49 @@ impl ObjectStore for S3Store {
         meta: Option<&Metadata>,
         src_version: Option<&str>,
     ) -> StoreResult<PutResult> {
-        let mut req = self
+        // CopyObject keeps none of the source's storage class, encryption
+        // or ACL, and with new metadata (REPLACE) none of its headers: they
+        // are read first and sent again.
+        let source = self.head_source(src, src_version).await?;
+        let source_sse_c = source.sse_customer_algorithm().is_some();
+        let mut opts = self.requests.clone();
+        if opts.sse.is_none() && opts.sse_c.is_none() {
+            opts.sse = source
+                .server_side_encryption()
+                .map(|e| e.as_str().to_string());
+            opts.sse_kms_key_id = source.ssekms_key_id().map(str::to_string);
+        }
+        if opts.storage_class.is_none() {
+            opts.storage_class = source
+                .storage_class()
+                .map(|c| c.as_str().to_string())
+                .filter(|c| c != "STANDARD");
+        }
+        let req = self
             .client
             .copy_object()
             .bucket(&self.bucket)
             .key(dst)
-            .copy_source(self.copy_source(src, src_version));
+            .copy_source(self.copy_source(src, src_version))
+            .tagging_directive(TaggingDirective::Copy);
+        let mut req = with_new_object!(req, &opts);
+        req = with_copy_source_sse_c!(req, self.requests.sse_c.as_ref().filter(|_| source_sse_c));
         if let Some(m) = meta {
+            let mut merged = source.metadata().cloned().unwrap_or_default();
+            merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
             req = req
                 .metadata_directive(MetadataDirective::Replace)
-                .set_metadata(Some(m.clone()));
+                .set_metadata(Some(merged))
+                .set_content_type(source.content_type().map(str::to_string))
+                .set_cache_control(source.cache_control().map(str::to_string))
+                .set_content_disposition(source.content_disposition().map(str::to_string))
+                .set_content_encoding(source.content_encoding().map(str::to_string))
+                .set_content_language(source.content_language().map(str::to_string))
+                .set_expires(
+                    source
+                        .expires_string()
+                        .and_then(|t| DateTime::from_str(t, DateTimeFormat::HttpDate).ok()),
+                );
         }
         let out = self
             .retry(Op::Copy, dst, || async {
@@ -657,7 +904,9 @@ impl ObjectStore for S3Store {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .set_content_type(content_type_for(key))
             .set_metadata(Some(meta.clone()));
+        let req = with_new_object!(req, &self.requests);
         let out = self
             .retry(Op::CreateMultipart, key, || async {
                 req.clone().send().await.map_err(classify)
@@ -676,17 +925,21 @@ impl ObjectStore for S3Store {
         body: PutBody,
     ) -> StoreResult<String> {
         let len = self.count_body(&body);
+        let md5 = content_md5(&body)?;
         let out = self
             .retry(Op::UploadPart, key, || async {
                 let stream = byte_stream(&body).await?;
-                self.client
+                let req = self
+                    .client
                     .upload_part()
                     .bucket(&self.bucket)
                     .key(key)
                     .upload_id(upload_id)
                     .part_number(part_number)
                     .content_length(len)
-                    .body(stream)
+                    .content_md5(&md5)
+                    .body(stream);
+                with_sse_c!(req, &self.requests)
                     .send()
                     .await
                     .map_err(classify)
@@ -714,6 +967,9 @@ impl ObjectStore for S3Store {
             .copy_source(self.copy_source(src, None))
             .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
             .set_copy_source_if_match(src_etag.map(str::to_string));
+        // The base of an SSE-C mount's object is its own earlier self.
+        let req = with_sse_c!(req, &self.requests);
+        let req = with_copy_source_sse_c!(req, self.requests.sse_c.as_ref());
         let out = self
             .retry(Op::UploadPartCopy, key, || async {
                 req.clone()

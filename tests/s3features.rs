@@ -1,0 +1,588 @@
+//! S3 object features through a real mount, checked on the server with
+//! the S3 API (never through the mount): server-side encryption, storage
+//! class, canned ACLs, requester pays, SSE-C headers, Content-Type from
+//! the extension, headers kept through the copies the mount makes, and
+//! a checksum on every upload (an Object Lock bucket takes single PUTs).
+//!
+//! Every write path is checked: a small file, a multipart upload, an
+//! append to a large object (UploadPartCopy), rename, chmod, touch and
+//! an overwrite of an object written by another client.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+
+use aws_sdk_s3::operation::head_object::HeadObjectOutput;
+use aws_sdk_s3::primitives::ByteStream;
+use common::proxy::{Proxy, header_of};
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+
+fn head(b: &Bucket, key: &str) -> HeadObjectOutput {
+    rt().block_on(b.client.head_object().bucket(&b.name).key(key).send())
+        .unwrap_or_else(|e| panic!("HEAD {key}: {e:?}"))
+}
+
+/// The write paths, prepared before the mount starts: objects written by
+/// another client (plain: no encryption, STANDARD, no ACL) that the mount
+/// then copies or rewrites.
+fn seed_write_paths(b: &Bucket) {
+    for k in [
+        "torename.txt",
+        "chmodded.txt",
+        "touched.txt",
+        "overwritten.txt",
+    ] {
+        b.put(k, b"from another client");
+    }
+    b.put("appended.bin", &pattern(11 * MIB, 1));
+}
+
+/// Runs every write path through the mount (part_size=5M); the keys
+/// written, each with the path that wrote it.
+fn run_write_paths(m: &Mount) -> Vec<(&'static str, &'static str)> {
+    fs::write(m.path("small.txt"), b"small").unwrap();
+    fs::write(m.path("big.bin"), pattern(12 * MIB, 2)).unwrap();
+    let copies = requests(m, "UPLOAD_PART_COPY");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("appended.bin"))
+        .unwrap();
+    f.write_all(b"tail").unwrap();
+    close(f).unwrap();
+    assert!(
+        requests(m, "UPLOAD_PART_COPY") > copies,
+        "the append reused the object's parts server-side"
+    );
+    fs::rename(m.path("torename.txt"), m.path("renamed.txt")).unwrap();
+    fs::set_permissions(m.path("chmodded.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    sh(&m.dir, "touch -m -d @1600000000 touched.txt");
+    fs::write(m.path("overwritten.txt"), b"new contents").unwrap();
+    vec![
+        ("small.txt", "small file"),
+        ("big.bin", "multipart"),
+        ("appended.bin", "append (UploadPartCopy)"),
+        ("renamed.txt", "rename"),
+        ("chmodded.txt", "chmod"),
+        ("touched.txt", "touch"),
+        ("overwritten.txt", "overwrite"),
+    ]
+}
+
+#[test]
+fn sse_kms_with_a_key_lands_on_every_write_path() {
+    let b = Bucket::new(server(), "ssekms", false);
+    seed_write_paths(&b);
+    assert_eq!(head(&b, "chmodded.txt").ssekms_key_id(), None);
+    let key_id = "arn:aws:kms:us-east-1:123456789012:key/bucketfs-test";
+    let m = Mount::new(
+        &b,
+        &format!("part_size=5M,sse=aws:kms,sse_kms_key_id={key_id}"),
+    );
+    for (key, path) in run_write_paths(&m) {
+        let h = head(&b, key);
+        assert_eq!(
+            h.server_side_encryption().map(|e| e.as_str()),
+            Some("aws:kms"),
+            "{path}: {key}"
+        );
+        assert_eq!(h.ssekms_key_id(), Some(key_id), "{path}: {key}");
+    }
+}
+
+#[test]
+fn use_sse_sends_sse_s3_on_every_write_path() {
+    let (proxy, b, m) = {
+        let b = Bucket::new(server(), "sses3", false);
+        seed_write_paths(&b);
+        let proxy = Proxy::start(server().endpoint.trim_start_matches("http://"));
+        let via = Bucket {
+            endpoint: proxy.endpoint.clone(),
+            ..b.clone()
+        };
+        let m = Mount::new(&via, "part_size=5M,use_sse");
+        (proxy, b, m)
+    };
+    for (key, path) in run_write_paths(&m) {
+        assert_eq!(
+            head(&b, key).server_side_encryption().map(|e| e.as_str()),
+            Some("AES256"),
+            "{path}: {key}"
+        );
+    }
+    // Whatever moto does by default, the requests themselves asked for it.
+    let heads = proxy.heads();
+    let writes: Vec<&String> = heads.iter().filter(|h| is_new_object_request(h)).collect();
+    assert!(writes.len() >= 6, "{} writes", writes.len());
+    for h in writes {
+        assert_eq!(
+            header_of(h, "x-amz-server-side-encryption").as_deref(),
+            Some("AES256"),
+            "{}",
+            h.lines().next().unwrap()
+        );
+    }
+}
+
+/// PutObject, CreateMultipartUpload or CopyObject: a request that makes
+/// an object.
+fn is_new_object_request(head: &str) -> bool {
+    let line = head.lines().next().unwrap_or("");
+    let is_part = line.contains("partNumber=");
+    (line.starts_with("PUT ") && !is_part && !line.contains("?acl") && !line.contains("tagging"))
+        || (line.starts_with("POST ") && line.contains("?uploads"))
+}
+
+#[test]
+fn storage_class_in_any_case_lands_on_every_write_path() {
+    let b = Bucket::new(server(), "sclass", false);
+    seed_write_paths(&b);
+    let m = Mount::new(&b, "part_size=5M,storage_class=standard_ia");
+    for (key, path) in run_write_paths(&m) {
+        assert_eq!(
+            head(&b, key).storage_class().map(|c| c.as_str()),
+            Some("STANDARD_IA"),
+            "{path}: {key}"
+        );
+    }
+}
+
+fn is_public_read(b: &Bucket, key: &str) -> bool {
+    let acl = rt()
+        .block_on(b.client.get_object_acl().bucket(&b.name).key(key).send())
+        .unwrap_or_else(|e| panic!("GetObjectAcl {key}: {e:?}"));
+    acl.grants().iter().any(|g| {
+        g.grantee().and_then(|x| x.uri()) == Some("http://acs.amazonaws.com/groups/global/AllUsers")
+            && g.permission().map(|p| p.as_str()) == Some("READ")
+    })
+}
+
+#[test]
+fn default_acl_lands_on_every_write_path_and_none_is_sent_without_it() {
+    let b = Bucket::new(server(), "acl", false);
+    seed_write_paths(&b);
+    assert!(!is_public_read(&b, "chmodded.txt"));
+    let m = Mount::new(&b, "part_size=5M,default_acl=public-read");
+    for (key, path) in run_write_paths(&m) {
+        assert!(is_public_read(&b, key), "{path}: {key}");
+    }
+    drop(m);
+    // Without the option, no x-amz-acl goes out at all.
+    let (proxy, _b, m) = through_proxy("noacl", false, "");
+    fs::write(m.path("f.txt"), b"x").unwrap();
+    fs::set_permissions(m.path("f.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(proxy.requests("PUT") >= 2);
+    for h in proxy.heads() {
+        assert_eq!(header_of(&h, "x-amz-acl"), None, "{h}");
+    }
+}
+
+#[test]
+fn requester_pays_sends_the_payer_on_every_request() {
+    // Without the option, a requester-pays bucket refuses the mount.
+    let b = Bucket::new(server(), "payer", false);
+    b.put("dir/existing.txt", b"old");
+    let proxy = Proxy::start(server().endpoint.trim_start_matches("http://"));
+    proxy.require_requester_pays();
+    let via = Bucket {
+        endpoint: proxy.endpoint.clone(),
+        ..b.clone()
+    };
+    let (tmp, mp) = scratch_mountpoint();
+    let opts = base_options(
+        &proxy.endpoint,
+        &tmp.path().join("c"),
+        &tmp.path().join("log"),
+    );
+    let out = command()
+        .args(["-o", &opts, &b.name])
+        .arg(&mp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the proxy refuses like AWS");
+    assert!(!is_mounted(&mp));
+    // With it, everything works: list, read, write, multipart, rename,
+    // chmod, delete, versions listing.
+    let refused_requests = proxy.heads().len();
+    let m = Mount::new(&via, "requester_pays,part_size=5M");
+    assert_eq!(fs::read_dir(m.path("dir")).unwrap().count(), 1, "listing");
+    assert_eq!(fs::read(m.path("dir/existing.txt")).unwrap(), b"old");
+    fs::write(m.path("dir/new.txt"), b"new").unwrap();
+    fs::write(m.path("big.bin"), pattern(11 * MIB, 3)).unwrap();
+    fs::rename(m.path("dir/new.txt"), m.path("dir/moved.txt")).unwrap();
+    fs::set_permissions(m.path("dir/moved.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(m.path("dir/existing.txt")).unwrap();
+    let _ = fs::read_dir(m.path("dir/.versions")).unwrap().count();
+    assert_eq!(b.get("dir/moved.txt").as_deref(), Some(&b"new"[..]));
+    assert_eq!(b.get("big.bin").map(|v| v.len()), Some(11 * MIB));
+    assert_eq!(b.get("dir/existing.txt"), None);
+    let heads = proxy.heads();
+    let methods: std::collections::HashSet<&str> =
+        heads.iter().filter_map(|h| h.split(' ').next()).collect();
+    for m in ["GET", "HEAD", "PUT", "POST", "DELETE"] {
+        assert!(methods.contains(m), "a {m} was made");
+    }
+    assert!(requests(&m, "LIST_VERSIONS") > 0, "versions listed");
+    let m_heads = proxy.heads();
+    let unpaid: Vec<&str> = m_heads[refused_requests..]
+        .iter()
+        .filter(|h| header_of(h, "x-amz-request-payer").as_deref() != Some("requester"))
+        .filter_map(|h| h.lines().next())
+        .collect();
+    assert_eq!(unpaid, Vec::<&str>::new(), "requests without the payer");
+}
+
+/// Writes an SSE-C key file (base64) of mode `mode`.
+fn key_file(dir: &std::path::Path, mode: u32) -> (std::path::PathBuf, String) {
+    use base64::Engine;
+    let key: Vec<u8> = (0u8..32)
+        .map(|i| i.wrapping_mul(7).wrapping_add(3))
+        .collect();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let path = dir.join("sse-c.key");
+    fs::write(&path, b64.encode(&key)).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    use md5::Digest;
+    let md5 = b64.encode(md5::Md5::digest(&key));
+    (path, md5)
+}
+
+/// moto ignores SSE-C: what is checked here is that every request that
+/// touches object data carries the key (its MD5 identifies it), copies
+/// the copy-source key too (the proxy answers HEAD as S3 does for an
+/// SSE-C object), and that the key never reaches the log.
+#[test]
+fn sse_c_key_goes_on_every_data_request_and_never_into_the_log() {
+    let keydir = tempfile::tempdir().unwrap();
+    let (path, md5) = key_file(keydir.path(), 0o600);
+    let b = Bucket::new(server(), "ssec", false);
+    b.put("appended.bin", &pattern(11 * MIB, 4));
+    let proxy = Proxy::start(server().endpoint.trim_start_matches("http://"));
+    proxy.echo_sse_c();
+    let via = Bucket {
+        endpoint: proxy.endpoint.clone(),
+        ..b.clone()
+    };
+    let m = Mount::new(
+        &via,
+        &format!(
+            "part_size=5M,allow_http_sse_c,use_sse=custom:{}",
+            path.display()
+        ),
+    );
+    fs::write(m.path("small.txt"), b"small").unwrap();
+    fs::write(m.path("big.bin"), pattern(12 * MIB, 5)).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("appended.bin"))
+        .unwrap();
+    f.write_all(b"tail").unwrap();
+    close(f).unwrap();
+    fs::rename(m.path("small.txt"), m.path("renamed.txt")).unwrap();
+    sh(&m.dir, "touch -m -d @1600000000 renamed.txt");
+    let mut log = m.log_text();
+    drop(m);
+    let m = Mount::new(
+        &via,
+        &format!("allow_http_sse_c,load_sse_c={}", path.display()),
+    );
+    assert_eq!(fs::read(m.path("renamed.txt")).unwrap(), b"small");
+    log.push_str(&m.log_text());
+    drop(m);
+    let heads = proxy.heads();
+    let mut seen = std::collections::HashSet::new();
+    for h in &heads {
+        let line = h.lines().next().unwrap();
+        let method = line.split(' ').next().unwrap();
+        let path = line.split(' ').nth(1).unwrap();
+        let object = path.trim_start_matches('/').contains('/')
+            && !path.contains("?list-type")
+            && !path.contains("?versions")
+            && !path.contains("?uploads&prefix");
+        let data = match method {
+            "GET" | "HEAD" => object,
+            "PUT" => true,
+            "POST" => path.contains("?uploads") && !path.contains("prefix"),
+            _ => false,
+        };
+        if !data {
+            continue;
+        }
+        let kind = if header_of(h, "x-amz-copy-source").is_some() {
+            if path.contains("partNumber") {
+                "UploadPartCopy"
+            } else {
+                "CopyObject"
+            }
+        } else if path.contains("partNumber") {
+            "UploadPart"
+        } else if method == "POST" {
+            "CreateMultipartUpload"
+        } else if method == "PUT" {
+            "PutObject"
+        } else {
+            method
+        };
+        seen.insert(kind);
+        assert_eq!(
+            header_of(h, "x-amz-server-side-encryption-customer-key-md5").as_deref(),
+            Some(md5.as_str()),
+            "{kind}: {line}"
+        );
+        if kind == "CopyObject" || kind == "UploadPartCopy" {
+            assert_eq!(
+                header_of(
+                    h,
+                    "x-amz-copy-source-server-side-encryption-customer-key-md5"
+                )
+                .as_deref(),
+                Some(md5.as_str()),
+                "{kind}: {line}"
+            );
+        }
+    }
+    for kind in [
+        "PutObject",
+        "CreateMultipartUpload",
+        "UploadPart",
+        "UploadPartCopy",
+        "CopyObject",
+        "GET",
+        "HEAD",
+    ] {
+        assert!(seen.contains(kind), "no {kind} seen: {seen:?}");
+    }
+    let key_b64 = fs::read_to_string(&path).unwrap();
+    assert!(!log.is_empty());
+    assert!(!log.contains(key_b64.trim()), "the key is in the log");
+}
+
+/// A mount that cannot honour its options fails with one line and
+/// nothing mounted.
+fn refused(endpoint: &str, bucket: &str, extra: &str) -> String {
+    let (tmp, mp) = scratch_mountpoint();
+    let opts = format!(
+        "{},{extra}",
+        base_options(endpoint, &tmp.path().join("c"), &tmp.path().join("log"))
+    );
+    let out = command()
+        .args(["-o", &opts, bucket])
+        .arg(&mp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{extra}: mounted");
+    assert!(!is_mounted(&mp), "{extra}: mounted");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "{extra}: {err}");
+    err
+}
+
+#[test]
+fn bad_s3_options_and_unsafe_key_files_fail_the_mount_in_one_line() {
+    let b = Bucket::new(server(), "refuse", false);
+    let keydir = tempfile::tempdir().unwrap();
+    let (key, _) = key_file(keydir.path(), 0o644);
+    let e = &b.endpoint;
+    let err = refused(
+        e,
+        &b.name,
+        &format!("allow_http_sse_c,sse_c_key_file={}", key.display()),
+    );
+    assert!(err.contains("chmod 600"), "{err}");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let err = refused(e, &b.name, &format!("sse_c_key_file={}", key.display()));
+    assert!(err.contains("allow_http_sse_c"), "{err}");
+    let short = keydir.path().join("short.key");
+    fs::write(&short, b"too short").unwrap();
+    fs::set_permissions(&short, fs::Permissions::from_mode(0o600)).unwrap();
+    let err = refused(
+        e,
+        &b.name,
+        &format!("allow_http_sse_c,load_sse_c={}", short.display()),
+    );
+    assert!(err.contains("32"), "{err}");
+    assert!(
+        !err.contains("too short"),
+        "the key file's contents are not shown"
+    );
+    for (opt, word) in [
+        ("sse=aes256", "sse"),
+        ("use_sse=custom", "use_sse"),
+        ("storage_class=COLDEST", "storage_class"),
+        ("default_acl=everyone", "default_acl"),
+        ("sse_kms_key_id=k", "sse_kms_key_id"),
+    ] {
+        let err = refused(e, &b.name, opt);
+        assert!(err.contains(word), "{opt}: {err}");
+    }
+}
+
+#[test]
+fn content_type_comes_from_the_extension_and_copies_keep_every_header() {
+    let b = Bucket::new(server(), "ctype", false);
+    // An object another client wrote with all the headers a website or
+    // download needs, foreign metadata and a tag, in STANDARD_IA.
+    rt().block_on(
+        b.client
+            .put_object()
+            .bucket(&b.name)
+            .key("site/page.html")
+            .body(ByteStream::from_static(b"<p>hi</p>"))
+            .content_type("text/html; charset=utf-8")
+            .cache_control("max-age=60")
+            .content_disposition("inline; filename=page.html")
+            .content_encoding("identity")
+            .content_language("fr")
+            .expires(aws_sdk_s3::primitives::DateTime::from_secs(2_000_000_000))
+            .metadata("owner-app", "cms")
+            .tagging("team=web")
+            .storage_class(aws_sdk_s3::types::StorageClass::StandardIa)
+            .server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+            .ssekms_key_id("arn:aws:kms:us-east-1:123456789012:key/site")
+            .send(),
+    )
+    .unwrap();
+    let m = Mount::new(&b, "part_size=5M");
+    fs::write(m.path("index.html"), b"<html></html>").unwrap();
+    fs::write(m.path("notes.unknownext"), b"x").unwrap();
+    fs::write(m.path("movie.mp4"), pattern(11 * MIB, 6)).unwrap();
+    assert_eq!(head(&b, "index.html").content_type(), Some("text/html"));
+    assert_eq!(
+        head(&b, "notes.unknownext").content_type(),
+        Some("application/octet-stream")
+    );
+    assert_eq!(
+        head(&b, "movie.mp4").content_type(),
+        Some("video/mp4"),
+        "multipart"
+    );
+
+    let check = |key: &str, what: &str| {
+        let h = head(&b, key);
+        assert_eq!(h.content_type(), Some("text/html; charset=utf-8"), "{what}");
+        assert_eq!(h.cache_control(), Some("max-age=60"), "{what}");
+        assert_eq!(
+            h.content_disposition(),
+            Some("inline; filename=page.html"),
+            "{what}"
+        );
+        assert_eq!(h.content_encoding(), Some("identity"), "{what}");
+        assert_eq!(h.content_language(), Some("fr"), "{what}");
+        assert!(h.expires_string().is_some(), "{what}: Expires");
+        assert_eq!(
+            h.metadata()
+                .and_then(|m| m.get("owner-app"))
+                .map(String::as_str),
+            Some("cms"),
+            "{what}"
+        );
+        assert_eq!(
+            h.storage_class().map(|c| c.as_str()),
+            Some("STANDARD_IA"),
+            "{what}"
+        );
+        assert_eq!(
+            h.ssekms_key_id(),
+            Some("arn:aws:kms:us-east-1:123456789012:key/site"),
+            "{what}"
+        );
+        let tags = rt()
+            .block_on(
+                b.client
+                    .get_object_tagging()
+                    .bucket(&b.name)
+                    .key(key)
+                    .send(),
+            )
+            .unwrap();
+        assert_eq!(
+            tags.tag_set()
+                .iter()
+                .map(|t| format!("{}={}", t.key(), t.value()))
+                .collect::<Vec<_>>(),
+            vec!["team=web"],
+            "{what}"
+        );
+    };
+    fs::set_permissions(m.path("site/page.html"), fs::Permissions::from_mode(0o600)).unwrap();
+    check("site/page.html", "chmod");
+    let meta = b.metadata("site/page.html");
+    assert_eq!(
+        meta.get("mode").map(String::as_str),
+        Some("33152"),
+        "the chmod landed"
+    );
+    sh(&m.dir, "touch -m -d @1600000000 site/page.html");
+    check("site/page.html", "touch");
+    fs::rename(m.path("site/page.html"), m.path("site/moved.html")).unwrap();
+    check("site/moved.html", "rename");
+}
+
+#[test]
+fn an_object_lock_bucket_with_default_retention_takes_every_write() {
+    use aws_sdk_s3::types::{
+        DefaultRetention, ObjectLockConfiguration, ObjectLockEnabled, ObjectLockRetentionMode,
+        ObjectLockRule,
+    };
+    let b = Bucket::new(server(), "lock-src", false);
+    let name = format!("{}-lock", b.name);
+    rt().block_on(async {
+        b.client
+            .create_bucket()
+            .bucket(&name)
+            .object_lock_enabled_for_bucket(true)
+            .send()
+            .await
+            .unwrap();
+        b.client
+            .put_object_lock_configuration()
+            .bucket(&name)
+            .object_lock_configuration(
+                ObjectLockConfiguration::builder()
+                    .object_lock_enabled(ObjectLockEnabled::Enabled)
+                    .rule(
+                        ObjectLockRule::builder()
+                            .default_retention(
+                                DefaultRetention::builder()
+                                    .mode(ObjectLockRetentionMode::Governance)
+                                    .days(1)
+                                    .build(),
+                            )
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        // What a client without a checksum gets: the refusal this test is about.
+        let conf = b
+            .client
+            .config()
+            .to_builder()
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .build();
+        let bare = aws_sdk_s3::Client::from_conf(conf)
+            .put_object()
+            .bucket(&name)
+            .key("probe")
+            .body(ByteStream::from_static(b"x"))
+            .send()
+            .await;
+        assert!(bare.is_err(), "the server enforces Object Lock checksums");
+    });
+    let lock = Bucket { name, ..b.clone() };
+    let m = Mount::new(&lock, "part_size=5M");
+    fs::write(m.path("small.txt"), b"locked").unwrap();
+    fs::write(m.path("big.bin"), pattern(11 * MIB, 7)).unwrap();
+    assert_eq!(lock.get("small.txt").as_deref(), Some(&b"locked"[..]));
+    assert_eq!(lock.get("big.bin").map(|v| v.len()), Some(11 * MIB));
+}
