@@ -225,6 +225,7 @@ mod tests {
             version_id: None,
             storage_class: None,
             metadata: meta,
+            headers: None,
         }
     }
 

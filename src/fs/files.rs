@@ -34,6 +34,7 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tracing::{error, warn};
 
+use super::attr::{META_GID, META_MODE, META_MTIME, META_RDEV, META_UID};
 use super::inodes::NodeKey;
 use super::{Attr, FileKind, Fs, FsError, FsResult};
 use crate::cache::block::BlockKey;
@@ -434,8 +435,11 @@ impl Fs {
             o.key = key.to_string();
             o.etag = put.etag.clone();
             o.version_id = put.version_id.clone();
+            // As the store's copy: the new keys over the object's own.
             if let Some(m) = meta {
-                o.metadata = Some(m.clone());
+                o.metadata
+                    .get_or_insert_default()
+                    .extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
                 n.fresh_until = fresh;
             }
         }
@@ -594,24 +598,44 @@ impl Fs {
         // metadata self-copy that raced this state's first open): same
         // bytes, a new identity to build on.
         if generation != st.generation
-            && let Some(o) = object
+            && let Some(o) = &object
         {
             st.object_moved(
                 &o.key,
                 &crate::store::PutResult {
-                    etag: o.etag,
-                    version_id: o.version_id,
+                    etag: o.etag.clone(),
+                    version_id: o.version_id.clone(),
                 },
             );
             st.generation = generation;
         }
         let key = self.key_of(&path);
-        let meta = attr.to_metadata();
+        // An overwrite keeps what the mount does not own of the object it
+        // replaces: its headers and other user metadata.
+        let replaced = self
+            .replaced_object(&key, object.as_ref(), st.staged.replaces())
+            .await;
+        let mut meta = replaced
+            .as_ref()
+            .and_then(|o| o.metadata.clone())
+            .unwrap_or_default();
+        meta.retain(|k, _| {
+            ![META_MODE, META_UID, META_GID, META_MTIME, META_RDEV].contains(&k.as_str())
+        });
+        meta.extend(attr.to_metadata());
+        let keep = replaced.and_then(|o| o.headers);
         let progress = Arc::new(Progress::default());
         self.uploads.lock().insert(ino, progress.clone());
         let put = st
             .staged
-            .upload(&*self.store, &key, &meta, &self.cfg.upload, &progress)
+            .upload(
+                &*self.store,
+                &key,
+                &meta,
+                keep.as_ref(),
+                &self.cfg.upload,
+                &progress,
+            )
             .await;
         self.uploads.lock().remove(&ino);
         let put = match put {
@@ -631,6 +655,10 @@ impl Fs {
         };
         st.landed(&key, &put);
         self.versions.forget(&path);
+        let sent = keep.unwrap_or_else(|| crate::store::ObjectHeaders {
+            content_type: crate::store::content_type_for(&key),
+            ..Default::default()
+        });
         let info = ObjectInfo {
             key,
             size: st.staged.size(),
@@ -639,6 +667,8 @@ impl Fs {
             version_id: put.version_id,
             storage_class: None,
             metadata: Some(meta),
+            // What the next overwrite keeps: what this one sent.
+            headers: Some(sent),
         };
         let fresh = self.fresh_until();
         if let Some(n) = self.table.lock().get_mut(ino) {
@@ -648,6 +678,28 @@ impl Fs {
             st.generation = n.generation;
         }
         Ok(())
+    }
+
+    /// The object an upload to `key` replaces, with its headers and user
+    /// metadata: the inode's own when it was read by a HEAD of that very
+    /// object (same ETag), else one HEAD. None for a new key, or when the
+    /// key now holds something else.
+    async fn replaced_object(
+        &self,
+        key: &str,
+        known: Option<&ObjectInfo>,
+        replaces: Option<&str>,
+    ) -> Option<ObjectInfo> {
+        let etag = replaces?;
+        if let Some(o) = known.filter(|o| {
+            o.key == key && o.etag == etag && o.headers.is_some() && o.metadata.is_some()
+        }) {
+            return Some(o.clone());
+        }
+        match self.store.head(key, None).await {
+            Ok(o) if o.etag == etag => Some(o),
+            _ => None,
+        }
     }
 
     /// Uploads an edit whose base another client replaced (and whose
@@ -667,7 +719,14 @@ impl Fs {
         let progress = Progress::default();
         let put = st
             .staged
-            .upload(&*self.store, &beside, meta, &self.cfg.upload, &progress)
+            .upload(
+                &*self.store,
+                &beside,
+                meta,
+                None,
+                &self.cfg.upload,
+                &progress,
+            )
             .await;
         let put = match put {
             Ok(p) => p,
@@ -1048,6 +1107,7 @@ impl Fs {
             version_id: None,
             storage_class: None,
             metadata: Some(meta),
+            headers: None,
         };
         let attr = self.attr_of(&info, false);
         let ino = {

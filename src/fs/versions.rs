@@ -341,6 +341,7 @@ impl Fs {
             version_id: Some(v.version_id.clone()),
             storage_class: None,
             metadata: None,
+            headers: None,
         };
         let node = NodeKey::Version {
             path: path.to_string(),
@@ -438,6 +439,7 @@ impl Fs {
             version_id: Some(v.version_id.clone()),
             storage_class: None,
             metadata: None,
+            headers: None,
         }
     }
 

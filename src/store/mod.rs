@@ -25,6 +25,44 @@ use bytes::Bytes;
 /// User metadata (the `x-amz-meta-*` headers, names without the prefix).
 pub type Metadata = HashMap<String, String>;
 
+/// The headers of an object besides its user metadata that a copy or an
+/// overwrite must send again to keep (S3 resets them otherwise): the
+/// standard HTTP headers, storage class and encryption. Tags are kept by
+/// CopyObject itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectHeaders {
+    pub content_type: Option<String>,
+    pub cache_control: Option<String>,
+    pub content_disposition: Option<String>,
+    pub content_encoding: Option<String>,
+    pub content_language: Option<String>,
+    /// As an HTTP date.
+    pub expires: Option<String>,
+    /// None for STANDARD.
+    pub storage_class: Option<String>,
+    /// `AES256`, `aws:kms`, `aws:kms:dsse`; None when not encrypted with
+    /// S3- or KMS-managed keys.
+    pub sse: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    /// Encrypted with a customer key (SSE-C).
+    pub sse_c: bool,
+}
+
+/// The Content-Type of a new object, from its name's extension
+/// (`index.html` is text/html; unknown: application/octet-stream);
+/// directory markers get none.
+pub fn content_type_for(key: &str) -> Option<String> {
+    if key.ends_with('/') {
+        return None;
+    }
+    Some(
+        mime_guess::from_path(key)
+            .first_raw()
+            .unwrap_or("application/octet-stream")
+            .to_string(),
+    )
+}
+
 /// One object as a listing or a HEAD reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObjectInfo {
@@ -36,6 +74,8 @@ pub struct ObjectInfo {
     pub storage_class: Option<String>,
     /// `None` when the source (a listing) does not carry user metadata.
     pub metadata: Option<Metadata>,
+    /// `None` when the source (a listing) does not carry them.
+    pub headers: Option<ObjectHeaders>,
 }
 
 /// One page of ListObjectsV2.
@@ -308,7 +348,16 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// A byte range of an object. The range is clamped to the object size.
     async fn get_range(&self, key: &str, range: Range<u64>, pin: &ReadPin) -> StoreResult<Bytes>;
 
-    async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult>;
+    /// PutObject. `keep`: the headers of the object this one replaces,
+    /// sent again (a mount option still wins); without them the
+    /// Content-Type comes from the key's extension.
+    async fn put(
+        &self,
+        key: &str,
+        body: PutBody,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<PutResult>;
 
     /// Server-side copy of an object (of one version if given). With
     /// `meta`, those user metadata keys are set over the source's; every
@@ -325,7 +374,13 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     async fn delete(&self, key: &str) -> StoreResult<()>;
 
-    async fn create_multipart(&self, key: &str, meta: &Metadata) -> StoreResult<String>;
+    /// CreateMultipartUpload; `keep` as for `put`.
+    async fn create_multipart(
+        &self,
+        key: &str,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<String>;
 
     async fn upload_part(
         &self,

@@ -44,8 +44,8 @@ use bytes::Bytes;
 use tracing::debug;
 
 use super::{
-    Counters, ListPage, Metadata, ObjectInfo, ObjectStore, Op, PutBody, PutResult, ReadPin,
-    StoreError, StoreResult, VersionInfo, VersionPage,
+    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, PutBody, PutResult,
+    ReadPin, StoreError, StoreResult, VersionInfo, VersionPage,
 };
 
 /// How to reach the bucket.
@@ -343,6 +343,32 @@ impl S3Store {
         }
     }
 
+    /// The request options of an object that keeps `keep`'s storage
+    /// class and encryption: a mount option wins, else the kept value.
+    fn options_keeping(&self, keep: Option<&ObjectHeaders>) -> RequestOptions {
+        let mut o = self.requests.clone();
+        if let Some(k) = keep {
+            if o.sse.is_none() && o.sse_c.is_none() {
+                o.sse = k.sse.clone();
+                o.sse_kms_key_id = k.sse_kms_key_id.clone();
+            }
+            if o.storage_class.is_none() {
+                o.storage_class = k.storage_class.clone();
+            }
+        }
+        o
+    }
+
+    /// The standard headers of a new object at `key`: those kept, the
+    /// Content-Type from the extension when none is.
+    fn standard_headers(key: &str, keep: Option<&ObjectHeaders>) -> ObjectHeaders {
+        let mut h = keep.cloned().unwrap_or_default();
+        if h.content_type.is_none() {
+            h.content_type = super::content_type_for(key);
+        }
+        h
+    }
+
     /// HeadObject of a copy's source: its headers, to send again.
     async fn head_source(&self, key: &str, version: Option<&str>) -> StoreResult<HeadObjectOutput> {
         let req = self
@@ -367,18 +393,42 @@ impl S3Store {
     }
 }
 
-/// The Content-Type of a new object, from its name's extension
-/// (`index.html` is text/html); directory markers get none.
-fn content_type_for(key: &str) -> Option<String> {
-    if key.ends_with('/') {
-        return None;
+/// Adds an object's standard HTTP headers (PutObject,
+/// CreateMultipartUpload, CopyObject with REPLACE).
+macro_rules! with_standard_headers {
+    ($req:expr, $h:expr) => {{
+        let h: &ObjectHeaders = $h;
+        $req.set_content_type(h.content_type.clone())
+            .set_cache_control(h.cache_control.clone())
+            .set_content_disposition(h.content_disposition.clone())
+            .set_content_encoding(h.content_encoding.clone())
+            .set_content_language(h.content_language.clone())
+            .set_expires(
+                h.expires
+                    .as_deref()
+                    .and_then(|t| DateTime::from_str(t, DateTimeFormat::HttpDate).ok()),
+            )
+    }};
+}
+
+/// What HEAD says of an object's headers.
+fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
+    let s = |v: Option<&str>| v.map(str::to_string);
+    ObjectHeaders {
+        content_type: s(out.content_type()),
+        cache_control: s(out.cache_control()),
+        content_disposition: s(out.content_disposition()),
+        content_encoding: s(out.content_encoding()),
+        content_language: s(out.content_language()),
+        expires: s(out.expires_string()),
+        storage_class: out
+            .storage_class()
+            .map(|c| c.as_str().to_string())
+            .filter(|c| c != "STANDARD"),
+        sse: out.server_side_encryption().map(|e| e.as_str().to_string()),
+        sse_kms_key_id: s(out.ssekms_key_id()),
+        sse_c: out.sse_customer_algorithm().is_some(),
     }
-    Some(
-        mime_guess::from_path(key)
-            .first_raw()
-            .unwrap_or("application/octet-stream")
-            .to_string(),
-    )
 }
 
 /// The Content-MD5 header of a body: every upload carries a checksum
@@ -731,6 +781,7 @@ impl ObjectStore for S3Store {
                 version_id: None,
                 storage_class: o.storage_class().map(|c| c.as_str().to_string()),
                 metadata: None,
+                headers: None,
             })
             .collect();
         let prefixes = out
@@ -775,6 +826,7 @@ impl ObjectStore for S3Store {
                     .to_string(),
             ),
             metadata: Some(out.metadata().cloned().unwrap_or_default()),
+            headers: Some(headers_of(&out)),
         })
     }
 
@@ -790,9 +842,17 @@ impl ObjectStore for S3Store {
         .await
     }
 
-    async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {
+    async fn put(
+        &self,
+        key: &str,
+        body: PutBody,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<PutResult> {
         let len = self.count_body(&body);
         let md5 = content_md5(&body)?;
+        let opts = self.options_keeping(keep);
+        let headers = Self::standard_headers(key, keep);
         let out = self
             .retry(Op::Put, key, || async {
                 let stream = byte_stream(&body).await?;
@@ -803,13 +863,10 @@ impl ObjectStore for S3Store {
                     .key(key)
                     .content_length(len)
                     .content_md5(&md5)
-                    .set_content_type(content_type_for(key))
                     .set_metadata(Some(meta.clone()))
                     .body(stream);
-                with_new_object!(req, &self.requests)
-                    .send()
-                    .await
-                    .map_err(classify)
+                let req = with_standard_headers!(req, &headers);
+                with_new_object!(req, &opts).send().await.map_err(classify)
             })
             .await?;
         Ok(PutResult {
@@ -829,20 +886,8 @@ impl ObjectStore for S3Store {
         // or ACL, and with new metadata (REPLACE) none of its headers: they
         // are read first and sent again.
         let source = self.head_source(src, src_version).await?;
-        let source_sse_c = source.sse_customer_algorithm().is_some();
-        let mut opts = self.requests.clone();
-        if opts.sse.is_none() && opts.sse_c.is_none() {
-            opts.sse = source
-                .server_side_encryption()
-                .map(|e| e.as_str().to_string());
-            opts.sse_kms_key_id = source.ssekms_key_id().map(str::to_string);
-        }
-        if opts.storage_class.is_none() {
-            opts.storage_class = source
-                .storage_class()
-                .map(|c| c.as_str().to_string())
-                .filter(|c| c != "STANDARD");
-        }
+        let kept = headers_of(&source);
+        let opts = self.options_keeping(Some(&kept));
         let req = self
             .client
             .copy_object()
@@ -851,23 +896,13 @@ impl ObjectStore for S3Store {
             .copy_source(self.copy_source(src, src_version))
             .tagging_directive(TaggingDirective::Copy);
         let mut req = with_new_object!(req, &opts);
-        req = with_copy_source_sse_c!(req, self.requests.sse_c.as_ref().filter(|_| source_sse_c));
+        req = with_copy_source_sse_c!(req, self.requests.sse_c.as_ref().filter(|_| kept.sse_c));
         if let Some(m) = meta {
             let mut merged = source.metadata().cloned().unwrap_or_default();
             merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
-            req = req
+            req = with_standard_headers!(req, &kept)
                 .metadata_directive(MetadataDirective::Replace)
-                .set_metadata(Some(merged))
-                .set_content_type(source.content_type().map(str::to_string))
-                .set_cache_control(source.cache_control().map(str::to_string))
-                .set_content_disposition(source.content_disposition().map(str::to_string))
-                .set_content_encoding(source.content_encoding().map(str::to_string))
-                .set_content_language(source.content_language().map(str::to_string))
-                .set_expires(
-                    source
-                        .expires_string()
-                        .and_then(|t| DateTime::from_str(t, DateTimeFormat::HttpDate).ok()),
-                );
+                .set_metadata(Some(merged));
         }
         let out = self
             .retry(Op::Copy, dst, || async {
@@ -898,15 +933,20 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
-    async fn create_multipart(&self, key: &str, meta: &Metadata) -> StoreResult<String> {
+    async fn create_multipart(
+        &self,
+        key: &str,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<String> {
         let req = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
-            .set_content_type(content_type_for(key))
             .set_metadata(Some(meta.clone()));
-        let req = with_new_object!(req, &self.requests);
+        let req = with_standard_headers!(req, &Self::standard_headers(key, keep));
+        let req = with_new_object!(req, &self.options_keeping(keep));
         let out = self
             .retry(Op::CreateMultipart, key, || async {
                 req.clone().send().await.map_err(classify)

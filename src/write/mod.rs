@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 pub use journal::{Header as JournalHeader, Journal};
 pub use ranges::RangeSet;
 
-use crate::store::{Metadata, ObjectStore, PutBody, PutResult, ReadPin, StoreError};
+use crate::store::{Metadata, ObjectHeaders, ObjectStore, PutBody, PutResult, ReadPin, StoreError};
 
 /// S3's limits on multipart uploads.
 pub const MIN_PART_SIZE_BYTES: u64 = 5 * 1024 * 1024;
@@ -278,7 +278,7 @@ impl Staged {
             return;
         }
         if self.stream.is_none() {
-            match store.create_multipart(key, meta).await {
+            match store.create_multipart(key, meta, None).await {
                 Ok(id) => {
                     if let Err(e) = self.note_upload(&id) {
                         warn!(key, error = %e, "journal: no streaming upload");
@@ -568,13 +568,15 @@ impl Staged {
         }
     }
 
-    /// Uploads the whole contents as `key` with `meta`. On failure nothing
+    /// Uploads the whole contents as `key` with `meta`, keeping `keep`
+    /// (the headers of the object it replaces). On failure nothing
     /// changes in the bucket and no multipart upload is left behind.
     pub async fn upload(
         &mut self,
         store: &dyn ObjectStore,
         key: &str,
         meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
         opts: &UploadOptions,
         progress: &Progress,
     ) -> Result<PutResult, WriteError> {
@@ -633,7 +635,7 @@ impl Staged {
                 j.put_sent(&md5)?;
                 self.sent_since_write = true;
             }
-            let put = store.put(key, body, meta).await?;
+            let put = store.put(key, body, meta, keep).await?;
             progress.done_bytes.store(self.size, Ordering::Relaxed);
             return Ok(put);
         }
@@ -643,7 +645,7 @@ impl Staged {
                 self.fill(store, r.clone()).await?;
             }
         }
-        let upload_id = store.create_multipart(key, meta).await?;
+        let upload_id = store.create_multipart(key, meta, keep).await?;
         if let Err(e) = self.note_upload(&upload_id) {
             abort_quietly(store, key, &upload_id).await;
             return Err(e.into());
@@ -964,7 +966,14 @@ impl Adoptable {
     ) -> Result<Recovered, String> {
         let result = self
             .staged
-            .upload(store, &self.target, &self.meta, opts, &Progress::default())
+            .upload(
+                store,
+                &self.target,
+                &self.meta,
+                self.current.as_ref().and_then(|c| c.headers.as_ref()),
+                opts,
+                &Progress::default(),
+            )
             .await;
         if let Err(e) = result {
             return Err(format!("{}: {e} (kept for the next try)", self.key));
@@ -1294,9 +1303,16 @@ mod tests {
         };
         let mut st = Staged::new(dir.path(), Some(base), None).unwrap();
         st.write(orig.len() as u64, b"tail").unwrap();
-        st.upload(&s, "big", &Metadata::new(), &opts(), &Progress::default())
-            .await
-            .unwrap();
+        st.upload(
+            &s,
+            "big",
+            &Metadata::new(),
+            None,
+            &opts(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
         let mut want = orig.clone();
         want.extend_from_slice(b"tail");
         assert_eq!(s.object("big").unwrap().as_ref(), &want[..]);
@@ -1319,9 +1335,16 @@ mod tests {
         st.write(0, &vec![7u8; (11 * MIB) as usize]).unwrap();
         s.fail_next(Op::UploadPart, 1, StoreError::Transient("503".into()));
         assert!(
-            st.upload(&s, "k", &Metadata::new(), &opts(), &Progress::default())
-                .await
-                .is_err()
+            st.upload(
+                &s,
+                "k",
+                &Metadata::new(),
+                None,
+                &opts(),
+                &Progress::default()
+            )
+            .await
+            .is_err()
         );
         assert_eq!(s.object("k").unwrap().as_ref(), b"old");
         assert_eq!(s.open_uploads(), 0);
@@ -1440,7 +1463,9 @@ mod tests {
         let s = MemStore::versioned();
         leave_staged(dir.path(), 1, None, &[(0, b"brand new")]);
         // Killed between CreateMultipartUpload and journaling its id.
-        s.create_multipart("new", &Metadata::new()).await.unwrap();
+        s.create_multipart("new", &Metadata::new(), None)
+            .await
+            .unwrap();
         let r = recover(&s, dir.path(), &opts()).await;
         assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
         assert_eq!(s.open_uploads(), 0);
@@ -1519,6 +1544,7 @@ mod tests {
             &*store,
             "f",
             &Metadata::new(),
+            None,
             &opts(),
             &Progress::default(),
         )
@@ -1561,7 +1587,7 @@ mod tests {
             } else {
                 meta("33188", "107")
             };
-            st.upload(&*store, "f", &last, &opts(), &Progress::default())
+            st.upload(&*store, "f", &last, None, &opts(), &Progress::default())
                 .await
                 .unwrap();
             assert_eq!(s.object("f").unwrap().as_ref(), &data[..]);
@@ -1589,6 +1615,7 @@ mod tests {
             &*store,
             "f",
             &Metadata::new(),
+            None,
             &opts(),
             &Progress::default(),
         )
