@@ -601,3 +601,57 @@ fn an_object_lock_bucket_with_default_retention_takes_every_write() {
     assert_eq!(lock.get("small.txt").as_deref(), Some(&b"locked"[..]));
     assert_eq!(lock.get("big.bin").map(|v| v.len()), Some(11 * MIB));
 }
+
+#[test]
+fn xattrs_show_type_encryption_and_foreign_metadata_and_accept_their_own_value() {
+    let b = Bucket::new(server(), "xattrs", false);
+    rt().block_on(
+        b.client
+            .put_object()
+            .bucket(&b.name)
+            .key("doc.pdf")
+            .body(ByteStream::from_static(b"%PDF"))
+            .content_type("application/pdf")
+            .metadata("project", "apollo")
+            .metadata("mode", "33188")
+            .server_side_encryption(aws_sdk_s3::types::ServerSideEncryption::AwsKms)
+            .ssekms_key_id("arn:aws:kms:us-east-1:123456789012:key/doc")
+            .send(),
+    )
+    .unwrap();
+    let m = Mount::new(&b, "");
+    let out = sh(&m.dir, "getfattr -d doc.pdf");
+    for want in [
+        "user.s3.content_type=\"application/pdf\"",
+        "user.s3.sse=\"aws:kms\"",
+        "user.s3.sse_kms_key_id=\"arn:aws:kms:us-east-1:123456789012:key/doc\"",
+        "user.s3.meta.project=\"apollo\"",
+    ] {
+        assert!(out.contains(want), "{want} in {out}");
+    }
+    assert!(
+        !out.contains("user.s3.meta.mode"),
+        "mode is the mount's: {out}"
+    );
+    // Setting one to the value it has succeeds (rsync -aX, cp -a);
+    // another value is refused and changes nothing.
+    sh(&m.dir, "setfattr -n user.s3.meta.project -v apollo doc.pdf");
+    sh(
+        &m.dir,
+        "setfattr -n user.s3.content_type -v application/pdf doc.pdf",
+    );
+    let refused = std::process::Command::new("setfattr")
+        .args(["-n", "user.s3.content_type", "-v", "text/plain", "doc.pdf"])
+        .current_dir(&m.dir)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert_eq!(head(&b, "doc.pdf").content_type(), Some("application/pdf"));
+    // A file the mount writes shows its type at once.
+    fs::write(m.path("new.json"), b"{}").unwrap();
+    let out = sh(
+        &m.dir,
+        "getfattr -n user.s3.content_type --only-values new.json",
+    );
+    assert_eq!(out, "application/json");
+}
