@@ -369,17 +369,25 @@ impl S3Store {
         h
     }
 
-    /// HeadObject of a copy's source: its headers, to send again.
-    async fn head_source(&self, key: &str, version: Option<&str>) -> StoreResult<HeadObjectOutput> {
-        let req = self
+    /// HeadObject, with the mount's SSE-C key when it has one. An object
+    /// the key does not apply to (not SSE-C encrypted: S3 answers 400) is
+    /// asked again without it, so an SSE-C mount still reads the bucket's
+    /// other objects.
+    async fn head_object(&self, key: &str, version: Option<&str>) -> StoreResult<HeadObjectOutput> {
+        let plain = self
             .client
             .head_object()
             .bucket(&self.bucket)
             .key(key)
             .set_version_id(version.map(str::to_string));
-        let req = with_sse_c!(req, &self.requests);
+        let keyed = with_sse_c!(plain.clone(), &self.requests);
         self.retry(Op::Head, key, || async {
-            req.clone().send().await.map_err(classify_head)
+            match keyed.clone().send().await {
+                Err(e) if self.requests.sse_c.is_some() && status_of(&e) == Some(400) => {
+                    plain.clone().send().await.map_err(|_| classify_head(e))
+                }
+                r => r.map_err(classify_head),
+            }
         })
         .await
     }
@@ -573,6 +581,11 @@ fn classify_head(
     classify(err)
 }
 
+/// The HTTP status of a failed call, when there was an answer.
+fn status_of<E>(err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
+}
+
 fn to_system_time(t: Option<&DateTime>) -> std::time::SystemTime {
     t.and_then(|t| std::time::SystemTime::try_from(*t).ok())
         .unwrap_or(std::time::UNIX_EPOCH)
@@ -705,13 +718,20 @@ impl S3Store {
             .bucket(&self.bucket)
             .key(key)
             .range(format!("bytes={}-{}", range.start, range.end - 1));
-        req = with_sse_c!(req, &self.requests);
         match pin {
             ReadPin::Latest => {}
             ReadPin::Etag(e) => req = req.if_match(e),
             ReadPin::Version(v) => req = req.version_id(v),
         }
-        let out = match req.send().await {
+        let keyed = with_sse_c!(req.clone(), &self.requests);
+        let sent = match keyed.send().await {
+            // Not an SSE-C object: read without the key (see head_object).
+            Err(e) if self.requests.sse_c.is_some() && status_of(&e) == Some(400) => {
+                req.send().await.map_err(|_| e)
+            }
+            r => r,
+        };
+        let out = match sent {
             Ok(out) => out,
             // A range starting at or past the end of the object.
             Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
@@ -802,18 +822,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str, version: Option<&str>) -> StoreResult<ObjectInfo> {
-        let req = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .set_version_id(version.map(str::to_string));
-        let req = with_sse_c!(req, &self.requests);
-        let out = self
-            .retry(Op::Head, key, || async {
-                req.clone().send().await.map_err(classify_head)
-            })
-            .await?;
+        let out = self.head_object(key, version).await?;
         Ok(ObjectInfo {
             key: key.to_string(),
             size: out.content_length().unwrap_or(0).max(0) as u64,
@@ -885,7 +894,7 @@ impl ObjectStore for S3Store {
         // CopyObject keeps none of the source's storage class, encryption
         // or ACL, and with new metadata (REPLACE) none of its headers: they
         // are read first and sent again.
-        let source = self.head_source(src, src_version).await?;
+        let source = self.head_object(src, src_version).await?;
         let kept = headers_of(&source);
         let opts = self.options_keeping(Some(&kept));
         let req = self
@@ -1007,17 +1016,28 @@ impl ObjectStore for S3Store {
             .copy_source(self.copy_source(src, None))
             .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
             .set_copy_source_if_match(src_etag.map(str::to_string));
-        // The base of an SSE-C mount's object is its own earlier self.
         let req = with_sse_c!(req, &self.requests);
-        let req = with_copy_source_sse_c!(req, self.requests.sse_c.as_ref());
+        // The base is SSE-C encrypted unless S3 says the key does not
+        // apply to it (400): then it is copied without the source key.
+        let keyed = with_copy_source_sse_c!(req.clone(), self.requests.sse_c.as_ref());
         let out = self
             .retry(Op::UploadPartCopy, key, || async {
-                req.clone()
+                let sent = keyed
+                    .clone()
                     .customize()
                     .config_override(self.long_call())
                     .send()
-                    .await
-                    .map_err(classify)
+                    .await;
+                match sent {
+                    Err(e) if self.requests.sse_c.is_some() && status_of(&e) == Some(400) => req
+                        .clone()
+                        .customize()
+                        .config_override(self.long_call())
+                        .send()
+                        .await
+                        .map_err(|_| classify(e)),
+                    r => r.map_err(classify),
+                }
             })
             .await?;
         Ok(out
