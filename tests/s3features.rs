@@ -126,6 +126,24 @@ fn use_sse_sends_sse_s3_on_every_write_path() {
             h.lines().next().unwrap()
         );
     }
+    // Every upload (PutObject, UploadPart) carries its checksum.
+    let uploads: Vec<&String> = heads
+        .iter()
+        .filter(|h| h.starts_with("PUT ") && header_of(h, "x-amz-copy-source").is_none())
+        .collect();
+    assert!(
+        uploads
+            .iter()
+            .any(|h| h.lines().next().unwrap().contains("partNumber=")),
+        "parts were sent"
+    );
+    for h in uploads {
+        assert!(
+            header_of(h, "content-md5").is_some(),
+            "no Content-MD5: {}",
+            h.lines().next().unwrap()
+        );
+    }
 }
 
 /// PutObject, CreateMultipartUpload or CopyObject: a request that makes
@@ -260,7 +278,7 @@ fn key_file(dir: &std::path::Path, mode: u32) -> (std::path::PathBuf, String) {
 fn sse_c_key_goes_on_every_data_request_and_never_into_the_log() {
     let keydir = tempfile::tempdir().unwrap();
     let (path, md5) = key_file(keydir.path(), 0o600);
-    let b = Bucket::new(server(), "ssec", false);
+    let b = Bucket::new(server(), "ssec", true);
     b.put("appended.bin", &pattern(11 * MIB, 4));
     let proxy = Proxy::start(server().endpoint.trim_start_matches("http://"));
     proxy.echo_sse_c();
@@ -292,6 +310,9 @@ fn sse_c_key_goes_on_every_data_request_and_never_into_the_log() {
         &format!("allow_http_sse_c,load_sse_c={}", path.display()),
     );
     assert_eq!(fs::read(m.path("renamed.txt")).unwrap(), b"small");
+    let vdir = m.path(".versions/renamed.txt");
+    let version = fs::read_dir(&vdir).unwrap().next().unwrap().unwrap().path();
+    assert_eq!(fs::read(version).unwrap(), b"small");
     log.push_str(&m.log_text());
     drop(m);
     let heads = proxy.heads();
@@ -325,6 +346,8 @@ fn sse_c_key_goes_on_every_data_request_and_never_into_the_log() {
             "CreateMultipartUpload"
         } else if method == "PUT" {
             "PutObject"
+        } else if method == "GET" && path.contains("versionId=") {
+            "GET of a version"
         } else {
             method
         };
@@ -352,7 +375,7 @@ fn sse_c_key_goes_on_every_data_request_and_never_into_the_log() {
         "UploadPart",
         "UploadPartCopy",
         "CopyObject",
-        "GET",
+        "GET of a version",
         "HEAD",
     ] {
         assert!(seen.contains(kind), "no {kind} seen: {seen:?}");
@@ -525,6 +548,12 @@ fn content_type_comes_from_the_extension_and_copies_keep_every_header() {
     );
     sh(&m.dir, "touch -m -d @1600000000 site/page.html");
     check("site/page.html", "touch", true);
+    sh(&m.dir, "chown 1234:1234 site/page.html");
+    check("site/page.html", "chown", true);
+    assert_eq!(
+        b.metadata("site/page.html").get("uid").map(String::as_str),
+        Some("1234")
+    );
     fs::rename(m.path("site/page.html"), m.path("site/moved.html")).unwrap();
     check("site/moved.html", "rename", true);
     // An overwrite keeps them too (not the tags: PutObject cannot).
@@ -792,6 +821,10 @@ fn sse_c_on_garage_encrypts_and_reads_back_and_without_the_key_is_eacces() {
         &format!("{auth},allow_http_sse_c,load_sse_c={}", key.display()),
     );
     assert_eq!(fs::read(m.path("moved.txt")).unwrap(), b"secret");
+    assert_eq!(
+        sh(&m.dir, "getfattr -n user.s3.sse --only-values moved.txt"),
+        "SSE-C"
+    );
     // The bucket's unencrypted objects stay readable and editable.
     assert_eq!(fs::read(m.path("plain.txt")).unwrap(), b"not encrypted");
     let mut f = fs::OpenOptions::new()
