@@ -849,3 +849,87 @@ fn sse_c_on_garage_encrypts_and_reads_back_and_without_the_key_is_eacces() {
         m.log_text()
     );
 }
+
+/// The access key a request was signed with.
+fn signed_by(head: &str) -> Option<String> {
+    let auth = header_of(head, "authorization")?;
+    let cred = auth.split("Credential=").nth(1)?;
+    Some(cred.split('/').next()?.to_string())
+}
+
+#[test]
+fn an_explicit_profile_wins_over_keys_in_the_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("credentials");
+    fs::write(
+        &creds,
+        "[other]\naws_access_key_id = AKIAPROFILEKEY\naws_secret_access_key = profile-secret\n",
+    )
+    .unwrap();
+    let config = tmp.path().join("config");
+    fs::write(&config, "").unwrap();
+    let b = Bucket::new(server(), "profile", false);
+    let proxy = Proxy::start(server().endpoint.trim_start_matches("http://"));
+    let via = Bucket {
+        endpoint: proxy.endpoint.clone(),
+        ..b.clone()
+    };
+    let env = [
+        ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap()),
+        ("AWS_CONFIG_FILE", config.to_str().unwrap()),
+    ];
+    // The environment's keys (the harness sets them) without profile=...
+    let m = Mount::with_env(&via, "", &env);
+    fs::write(m.path("a"), b"a").unwrap();
+    drop(m);
+    let before = proxy.heads().len();
+    assert!(
+        proxy
+            .heads()
+            .iter()
+            .all(|h| signed_by(h).as_deref() == Some(ACCESS_KEY))
+    );
+    // ...and the profile's with it.
+    let m = Mount::with_env(&via, "profile=other", &env);
+    fs::write(m.path("b"), b"b").unwrap();
+    drop(m);
+    let heads = proxy.heads();
+    assert!(heads.len() > before);
+    for h in &heads[before..] {
+        assert_eq!(
+            signed_by(h).as_deref(),
+            Some("AKIAPROFILEKEY"),
+            "{}",
+            h.lines().next().unwrap()
+        );
+    }
+    assert_eq!(b.get("b").as_deref(), Some(&b"b"[..]));
+}
+
+#[test]
+fn expired_credentials_are_eacces_with_a_line_naming_their_source() {
+    let (proxy, b, m) = through_proxy("expired", false, "");
+    b.put("f", b"data");
+    proxy.inject("", 20, common::proxy::Fault::Error(400, "ExpiredToken"));
+    let err = fs::read(m.path("f")).unwrap_err();
+    assert_eq!(errno(err), libc::EACCES);
+    proxy.clear();
+    let log = m.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("credentials expired or invalid (ExpiredToken)"))
+        .collect();
+    assert!(!lines.is_empty(), "{log}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("the environment (AWS_ACCESS_KEY_ID)")),
+        "{lines:?}"
+    );
+    assert!(!log.contains(SECRET_KEY));
+    assert_eq!(
+        fs::read(m.path("f")).unwrap(),
+        b"data",
+        "renewed: works again"
+    );
+}

@@ -227,6 +227,8 @@ pub struct S3Store {
     no_versions_api: AtomicBool,
     /// The credentials chain (for `access_key_id`).
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
+    /// Where the credentials come from, for a log line when they expire.
+    credentials_source: String,
     requests: RequestOptions,
 }
 
@@ -268,6 +270,15 @@ impl S3Store {
                 None,
                 "bucketfs-passwd-file",
             ));
+        } else if let Some(p) = &s.profile {
+            // An explicit profile wins over keys in the environment, as
+            // in boto3 and the AWS CLI (the default chain asks the
+            // environment first).
+            loader = loader.credentials_provider(
+                aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .profile_name(p)
+                    .build(),
+            );
         }
         let sdk = loader.load().await;
         let store = Self::with_region(s, &sdk, &region);
@@ -330,6 +341,7 @@ impl S3Store {
             long_timeout: s.long_timeout,
             no_versions_api: AtomicBool::new(false),
             requests: s.requests.clone(),
+            credentials_source: credentials_source(s),
         }
     }
 
@@ -449,6 +461,30 @@ fn content_md5(body: &PutBody) -> StoreResult<String> {
     Ok(base64::engine::general_purpose::STANDARD.encode(digest))
 }
 
+/// Where a mount's credentials come from, in words.
+fn credentials_source(s: &S3Settings) -> String {
+    if s.static_keys.is_some() {
+        "passwd_file".into()
+    } else if let Some(p) = &s.profile {
+        format!("profile {p:?}")
+    } else if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        "the environment (AWS_ACCESS_KEY_ID)".into()
+    } else {
+        "the default chain (shared profile, SSO, web identity, instance role)".into()
+    }
+}
+
+/// S3's codes for credentials that expired or never were valid.
+const TOKEN_CODES: [&str; 4] = [
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidToken",
+    "TokenRefreshRequired",
+];
+
+/// Start of the message of a refusal for expired or invalid credentials.
+const CREDENTIALS_REFUSED: &str = "credentials expired or invalid";
+
 /// Everything but unreserved characters and `/` is escaped in a copy source.
 const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'/')
@@ -524,6 +560,9 @@ where
                 _ => format!("{status} {code}"),
             };
             match (status, code) {
+                (_, c) if TOKEN_CODES.contains(&c) => {
+                    StoreError::AccessDenied(format!("{CREDENTIALS_REFUSED} ({c})"))
+                }
                 (400, _) if mentions_encryption(&msg) => {
                     StoreError::AccessDenied(SSE_C_REFUSED.into())
                 }
@@ -653,6 +692,13 @@ impl S3Store {
                     n += 1;
                     debug!(op = op.name(), key, attempt = n, error = %e, "retrying");
                     tokio::time::sleep(wait).await;
+                }
+                // Expired credentials name where they came from.
+                Err(StoreError::AccessDenied(m)) if m.starts_with(CREDENTIALS_REFUSED) => {
+                    return Err(StoreError::AccessDenied(format!(
+                        "{m} (from {}): renew them",
+                        self.credentials_source
+                    )));
                 }
                 other => return other,
             }

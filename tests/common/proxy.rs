@@ -25,6 +25,8 @@ pub enum Fault {
     Stall,
     /// Forward, but pass on only half of the response body, then close.
     CutShort,
+    /// Answer with this status and S3 error code, without forwarding.
+    Error(u16, &'static str),
     /// Forward (the request lands), then hold the response this many
     /// seconds before passing it on: a slow answer to a request that
     /// succeeded (a long CompleteMultipartUpload).
@@ -229,6 +231,18 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         let _ = conn.shutdown().await;
         return;
     }
+    if let Some(Fault::Error(status, code)) = fault {
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected</Message></Error>"
+        );
+        let resp = format!(
+            "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+            xml.len()
+        );
+        let _ = conn.write_all(resp.as_bytes()).await;
+        let _ = conn.shutdown().await;
+        return;
+    }
     match fault {
         Some(Fault::Status(code)) => {
             let xml = format!(
@@ -246,6 +260,8 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             let _ = conn.write_all(resp.as_bytes()).await;
             let _ = conn.shutdown().await;
         }
+        // Answered above.
+        Some(Fault::Error(..)) => {}
         Some(Fault::Reset) => drop(conn),
         Some(Fault::Stall) => {
             tokio::time::sleep(Duration::from_secs(60)).await;
