@@ -247,6 +247,11 @@ fn describe_connect_error(o: &Options, e: &StoreError) -> String {
             o.bucket
         ),
         StoreError::Transient(m) => format!("cannot reach {endpoint}: {m}"),
+        StoreError::WrongRegion(r) => format!(
+            "bucket {:?} is in region {r}, not {}: use -o region={r}",
+            o.bucket,
+            o.region.as_deref().unwrap_or("the one configured")
+        ),
         StoreError::NotFound => format!(
             "bucket {:?} not found at {endpoint} (is that an S3 endpoint?)",
             o.bucket
@@ -676,7 +681,8 @@ fn serve(
             requester_pays: o.requester_pays,
         },
     };
-    let store = rt
+    let mut settings = settings;
+    let mut store = rt
         .block_on(S3Store::connect(&settings))
         .map_err(|e| MountError(describe_connect_error(o, &e)))?;
     // No credentials at all is said as such, not as the "access denied"
@@ -684,8 +690,20 @@ fn serve(
     let identity = rt
         .block_on(store.access_key_id())
         .ok_or_else(|| MountError(no_credentials_message(o)))?;
-    rt.block_on(store.check_bucket())
-        .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+    match rt.block_on(store.check_bucket()) {
+        // The region came from the environment or a profile (as `aws
+        // configure` sets it), not from -o region=: the bucket's own wins.
+        Err(StoreError::WrongRegion(r)) if o.region.is_none() && !r.is_empty() => {
+            info!(region = %r, "following the bucket to its region");
+            settings.region = Some(r);
+            store = rt
+                .block_on(S3Store::connect(&settings))
+                .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+            rt.block_on(store.check_bucket())
+                .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+        }
+        r => r.map_err(|e| MountError(describe_connect_error(o, &e)))?,
+    }
     let store: Arc<dyn ObjectStore> = Arc::new(store);
     let cfg = fs_config(o, &cache_root(o)?, &identity);
     crate::private::create_private_dir(&cfg.staging_dir)

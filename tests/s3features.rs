@@ -933,3 +933,44 @@ fn expired_credentials_are_eacces_with_a_line_naming_their_source() {
         "renewed: works again"
     );
 }
+
+/// The region a request was signed for.
+fn signed_for(head: &str) -> Option<String> {
+    let auth = header_of(head, "authorization")?;
+    let cred = auth.split("Credential=").nth(1)?;
+    Some(cred.split('/').nth(2)?.to_string())
+}
+
+#[test]
+fn a_bucket_in_another_region_is_followed_unless_region_was_given() {
+    let b = Bucket::new(server(), "region", false);
+    let proxy = Proxy::start(server().endpoint.trim_start_matches("http://"));
+    proxy.bucket_in_region("eu-west-3");
+    // -o region= says where the bucket is: a wrong one fails the mount
+    // with the bucket's region named.
+    let err = refused(&proxy.endpoint, &b.name, "region=us-east-1");
+    assert!(
+        err.contains("eu-west-3") && err.contains("region=eu-west-3"),
+        "{err}"
+    );
+    // A region from the environment (AWS_REGION=us-east-1, as `aws
+    // configure` would set) gives way to the bucket's.
+    let via = Bucket {
+        endpoint: proxy.endpoint.clone(),
+        ..b.clone()
+    };
+    let before = proxy.heads().len();
+    let m = Mount::new(&via, "");
+    fs::write(m.path("f"), b"here").unwrap();
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"here");
+    assert_eq!(b.get("f").as_deref(), Some(&b"here"[..]));
+    let heads = proxy.heads();
+    let last = heads.last().unwrap();
+    assert_eq!(signed_for(last).as_deref(), Some("eu-west-3"));
+    assert_eq!(
+        signed_for(&heads[before]).as_deref(),
+        Some("us-east-1"),
+        "the first request went to the configured region"
+    );
+    assert!(m.log_text().contains("eu-west-3"));
+}

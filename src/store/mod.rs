@@ -204,6 +204,9 @@ pub enum StoreError {
     Transient(String),
     /// Anything else; not worth retrying.
     Other(String),
+    /// The bucket is in another region than the one requests were signed
+    /// for (S3's 301 PermanentRedirect with `x-amz-bucket-region`).
+    WrongRegion(String),
 }
 
 impl StoreError {
@@ -222,6 +225,7 @@ impl fmt::Display for StoreError {
             StoreError::InvalidRequest(m) => write!(f, "invalid request: {m}"),
             StoreError::Transient(m) => write!(f, "S3 unavailable: {m}"),
             StoreError::Other(m) => write!(f, "S3 error: {m}"),
+            StoreError::WrongRegion(r) => write!(f, "the bucket is in region {r}"),
         }
     }
 }

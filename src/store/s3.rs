@@ -559,7 +559,15 @@ where
                 }
                 _ => format!("{status} {code}"),
             };
+            let bucket_region = se
+                .raw()
+                .headers()
+                .get("x-amz-bucket-region")
+                .map(str::to_string);
             match (status, code) {
+                (301 | 400, _) if bucket_region.is_some() => {
+                    StoreError::WrongRegion(bucket_region.unwrap_or_default())
+                }
                 (_, c) if TOKEN_CODES.contains(&c) => {
                     StoreError::AccessDenied(format!("{CREDENTIALS_REFUSED} ({c})"))
                 }

@@ -47,6 +47,9 @@ struct Plan {
     /// Say in HEAD answers that the object is SSE-C encrypted when the
     /// request gave a key, as S3 does (moto ignores SSE-C).
     echo_sse_c: bool,
+    /// The region the bucket is in: a request signed for another gets
+    /// AWS's 301 PermanentRedirect with `x-amz-bucket-region`.
+    bucket_region: Option<String>,
 }
 
 pub struct Proxy {
@@ -102,6 +105,12 @@ impl Proxy {
     /// SSE-C object: with `x-amz-server-side-encryption-customer-algorithm`.
     pub fn echo_sse_c(&self) {
         self.plan.lock().echo_sse_c = true;
+    }
+
+    /// Answer as AWS does for a bucket in `region`: 301 to requests
+    /// signed for another region.
+    pub fn bucket_in_region(&self, region: &str) {
+        self.plan.lock().bucket_region = Some(region.to_string());
     }
 
     /// Every request head seen so far (request line and headers).
@@ -184,11 +193,15 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         .unwrap_or("")
         .to_string();
     let payer_missing = header(&head, "x-amz-request-payer").as_deref() != Some("requester");
-    let (fault, refuse, echo) = {
+    let (fault, refuse, echo, redirect) = {
         let mut p = plan.lock();
         p.seen.push(method.clone());
         p.heads.push(String::from_utf8_lossy(&head).into_owned());
         let refuse = p.requester_pays && payer_missing;
+        let redirect = p.bucket_region.clone().filter(|r| {
+            let signed = header(&head, "authorization").unwrap_or_default();
+            !signed.contains(&format!("/{r}/s3/"))
+        });
         let echo = p.echo_sse_c
             && method == "HEAD"
             && header(&head, "x-amz-server-side-encryption-customer-algorithm").is_some();
@@ -203,7 +216,7 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         if f.is_some() {
             p.faults_injected += 1;
         }
-        (f, refuse, echo)
+        (f, refuse, echo, redirect)
     };
     if header(&head, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
         let _ = conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
@@ -219,6 +232,17 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             Ok(0) | Err(_) => return,
             Ok(n) => body.extend_from_slice(&chunk[..n]),
         }
+    }
+    if let Some(region) = redirect {
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>PermanentRedirect</Code><Message>The bucket you are attempting to access must be addressed using the specified endpoint.</Message></Error>";
+        let body = if method == "HEAD" { "" } else { xml };
+        let resp = format!(
+            "HTTP/1.1 301 Moved Permanently\r\nx-amz-bucket-region: {region}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(resp.as_bytes()).await;
+        let _ = conn.shutdown().await;
+        return;
     }
     if refuse {
         let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
