@@ -974,3 +974,67 @@ fn a_bucket_in_another_region_is_followed_unless_region_was_given() {
     );
     assert!(m.log_text().contains("eu-west-3"));
 }
+
+#[test]
+fn bucketfs_url_prints_a_presigned_get_made_by_the_daemon() {
+    let b = Bucket::new(server(), "presign", false);
+    let m = Mount::new(&b, "");
+    fs::create_dir(m.path("dir")).unwrap();
+    fs::write(m.path("dir/report é.pdf"), b"%PDF-1.7 report").unwrap();
+    let url = |args: &[&str]| {
+        command()
+            .arg("url")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let file = m.path("dir/report é.pdf");
+    let out = url(&[file.to_str().unwrap(), "--expires", "120"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(link.starts_with(&b.endpoint), "{link}");
+    assert!(
+        link.contains("X-Amz-Expires=120") && link.contains("X-Amz-Signature="),
+        "{link}"
+    );
+    // Anyone can GET it: no credentials, not through the mount.
+    let got = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1]).read())",
+            &link,
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert_eq!(got.stdout, b"%PDF-1.7 report");
+    // An hour by default.
+    let out = url(&[file.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("X-Amz-Expires=3600"));
+    // Outside any bucketfs mount, or too long: one line, non-zero.
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("local.txt");
+    fs::write(&local, b"x").unwrap();
+    for args in [
+        vec![local.to_str().unwrap()],
+        vec![file.to_str().unwrap(), "--expires", "604801"],
+    ] {
+        let out = url(&args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(out.stdout.is_empty());
+    }
+    let help = command().arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("bucketfs url PATH"));
+}

@@ -404,6 +404,10 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         self.after(Op::ListVersions, r).await
     }
 
+    async fn presign_get(&self, key: &str, expires: std::time::Duration) -> StoreResult<String> {
+        self.inner.presign_get(key, expires).await
+    }
+
     async fn check_bucket(&self) -> StoreResult<()> {
         self.before(Op::HeadBucket, "").await?;
         let r = self.inner.check_bucket().await;

@@ -579,6 +579,10 @@ impl ObjectStore for MemStore {
         Ok(page)
     }
 
+    async fn presign_get(&self, key: &str, expires: Duration) -> StoreResult<String> {
+        Ok(format!("memory:///{key}?expires={}", expires.as_secs()))
+    }
+
     async fn check_bucket(&self) -> StoreResult<()> {
         self.enter(Op::HeadBucket)
     }

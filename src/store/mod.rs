@@ -425,6 +425,10 @@ pub trait ObjectStore: Send + Sync + 'static {
         marker: Option<(String, String)>,
     ) -> StoreResult<VersionPage>;
 
+    /// A URL anyone can GET the current object at for `expires`, signed
+    /// with the mount's credentials (no request is made).
+    async fn presign_get(&self, key: &str, expires: std::time::Duration) -> StoreResult<String>;
+
     /// Checks that the bucket exists and is reachable with these credentials.
     async fn check_bucket(&self) -> StoreResult<()>;
 

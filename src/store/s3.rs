@@ -1262,6 +1262,20 @@ impl ObjectStore for S3Store {
         })
     }
 
+    async fn presign_get(&self, key: &str, expires: Duration) -> StoreResult<String> {
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires)
+            .map_err(|e| StoreError::InvalidRequest(format!("expiry: {e}")))?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| StoreError::Other(error_line(&e)))?;
+        Ok(req.uri().to_string())
+    }
+
     async fn check_bucket(&self) -> StoreResult<()> {
         // ListObjectsV2 rather than HeadBucket: its errors carry a code
         // (NoSuchBucket vs AccessDenied), and it is what a mount needs anyway.
