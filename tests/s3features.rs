@@ -629,6 +629,74 @@ fn an_object_lock_bucket_with_default_retention_takes_every_write() {
     fs::write(m.path("big.bin"), pattern(11 * MIB, 7)).unwrap();
     assert_eq!(lock.get("small.txt").as_deref(), Some(&b"locked"[..]));
     assert_eq!(lock.get("big.bin").map(|v| v.len()), Some(11 * MIB));
+    // The lock shows as read-only xattrs.
+    rt().block_on(
+        lock.client
+            .put_object_legal_hold()
+            .bucket(&lock.name)
+            .key("small.txt")
+            .legal_hold(
+                aws_sdk_s3::types::ObjectLockLegalHold::builder()
+                    .status(aws_sdk_s3::types::ObjectLockLegalHoldStatus::On)
+                    .build(),
+            )
+            .send(),
+    )
+    .unwrap();
+    let h = head(&lock, "small.txt");
+    let until = h
+        .object_lock_retain_until_date()
+        .expect("moto applied the default retention");
+    let out = sh(&m.dir, "getfattr -d small.txt");
+    assert!(out.contains("user.s3.legal_hold=\"ON\""), "{out}");
+    assert!(
+        out.contains("user.s3.object_lock_mode=\"GOVERNANCE\""),
+        "{out}"
+    );
+    let until = until
+        .fmt(aws_sdk_s3::primitives::DateTimeFormat::DateTime)
+        .unwrap();
+    assert!(
+        out.contains(&format!("user.s3.object_lock_retain_until=\"{until}\"")),
+        "{until} in {out}"
+    );
+}
+
+#[test]
+fn an_archived_object_is_eacces_with_restore_it_first_and_shows_its_restore() {
+    let b = Bucket::new(server(), "glacier", false);
+    for k in ["cold.bin", "thawed.bin"] {
+        rt().block_on(
+            b.client
+                .put_object()
+                .bucket(&b.name)
+                .key(k)
+                .body(ByteStream::from_static(b"frozen"))
+                .storage_class(aws_sdk_s3::types::StorageClass::Glacier)
+                .send(),
+        )
+        .unwrap();
+    }
+    rt().block_on(
+        b.client
+            .restore_object()
+            .bucket(&b.name)
+            .key("thawed.bin")
+            .restore_request(aws_sdk_s3::types::RestoreRequest::builder().days(1).build())
+            .send(),
+    )
+    .unwrap();
+    let m = Mount::new(&b, "");
+    let err = fs::read(m.path("cold.bin")).unwrap_err();
+    assert_eq!(errno(err), libc::EACCES);
+    let log = m.log_text();
+    assert!(log.contains("archived: restore it first"), "{log}");
+    assert_eq!(fs::read(m.path("thawed.bin")).unwrap(), b"frozen");
+    let out = sh(
+        &m.dir,
+        "getfattr -n user.s3.restore --only-values thawed.bin",
+    );
+    assert!(out.contains("ongoing-request=\"false\""), "{out}");
 }
 
 #[test]

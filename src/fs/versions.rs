@@ -562,6 +562,16 @@ impl Fs {
             if let Some(k) = &h.sse_kms_key_id {
                 out.push(("user.s3.sse_kms_key_id".to_string(), k.clone()));
             }
+            for (name, v) in [
+                ("user.s3.restore", &h.restore),
+                ("user.s3.object_lock_mode", &h.lock_mode),
+                ("user.s3.object_lock_retain_until", &h.lock_retain_until),
+                ("user.s3.legal_hold", &h.legal_hold),
+            ] {
+                if let Some(v) = v {
+                    out.push((name.to_string(), v.clone()));
+                }
+            }
         }
         // The user metadata the mount does not keep mode and owner in.
         let mut foreign: Vec<(&String, &String)> = object

@@ -46,6 +46,15 @@ pub struct ObjectHeaders {
     pub sse_kms_key_id: Option<String>,
     /// Encrypted with a customer key (SSE-C).
     pub sse_c: bool,
+    // Shown as xattrs, never sent: S3 sets these itself.
+    /// `x-amz-restore` of an archived object (`ongoing-request="..."`).
+    pub restore: Option<String>,
+    /// Object Lock mode (GOVERNANCE, COMPLIANCE).
+    pub lock_mode: Option<String>,
+    /// Object Lock retain-until date, RFC 3339.
+    pub lock_retain_until: Option<String>,
+    /// Object Lock legal hold (ON, OFF).
+    pub legal_hold: Option<String>,
 }
 
 /// The Content-Type of a new object, from its name's extension

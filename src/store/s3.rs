@@ -448,6 +448,14 @@ fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
         sse: out.server_side_encryption().map(|e| e.as_str().to_string()),
         sse_kms_key_id: s(out.ssekms_key_id()),
         sse_c: out.sse_customer_algorithm().is_some(),
+        restore: s(out.restore()),
+        lock_mode: out.object_lock_mode().map(|m| m.as_str().to_string()),
+        lock_retain_until: out
+            .object_lock_retain_until_date()
+            .and_then(|t| t.fmt(DateTimeFormat::DateTime).ok()),
+        legal_hold: out
+            .object_lock_legal_hold_status()
+            .map(|h| h.as_str().to_string()),
     }
 }
 
@@ -568,6 +576,7 @@ where
                 (301 | 400, _) if bucket_region.is_some() => {
                     StoreError::WrongRegion(bucket_region.unwrap_or_default())
                 }
+                (_, "InvalidObjectState") => StoreError::AccessDenied(ARCHIVED.into()),
                 (_, c) if TOKEN_CODES.contains(&c) => {
                     StoreError::AccessDenied(format!("{CREDENTIALS_REFUSED} ({c})"))
                 }
@@ -601,6 +610,9 @@ where
         _ => StoreError::Other(error_line(&err)),
     }
 }
+
+/// A read of a GLACIER or DEEP_ARCHIVE object not restored.
+const ARCHIVED: &str = "archived: restore it first (the object is in GLACIER or DEEP_ARCHIVE)";
 
 /// Why an object cannot be read: said once in the log, with EACCES.
 const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C) this mount was not given: mount with -o sse_c_key_file=PATH";
