@@ -1106,3 +1106,47 @@ fn bucketfs_url_prints_a_presigned_get_made_by_the_daemon() {
     let help = command().arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("bucketfs url PATH"));
 }
+
+#[test]
+fn a_large_overwrite_written_in_one_pass_keeps_the_headers() {
+    let b = Bucket::new(server(), "bigover", false);
+    rt().block_on(
+        b.client
+            .put_object()
+            .bucket(&b.name)
+            .key("media/clip.bin")
+            .body(ByteStream::from(pattern(6 * MIB, 10)))
+            .content_type("video/x-custom")
+            .cache_control("no-cache")
+            .metadata("camera", "a7")
+            .storage_class(aws_sdk_s3::types::StorageClass::StandardIa)
+            .send(),
+    )
+    .unwrap();
+    let m = Mount::new(&b, "part_size=5M");
+    let data = pattern(23 * MIB, 11);
+    let mut f = fs::File::create(m.path("media/clip.bin")).unwrap();
+    for chunk in data.chunks(MIB) {
+        f.write_all(chunk).unwrap();
+    }
+    close(f).unwrap();
+    assert_eq!(
+        b.get("media/clip.bin").map(|d| sha256(&d)),
+        Some(sha256(&data))
+    );
+    // It was streamed while written (not sent whole at close), and not
+    // fixed up afterwards by a copy onto itself.
+    assert!(requests(&m, "CREATE_MULTIPART") > 0);
+    assert!(!m.log_text().contains("multipart upload"), "sent at close");
+    assert_eq!(requests(&m, "COPY"), 0);
+    let h = head(&b, "media/clip.bin");
+    assert_eq!(h.content_type(), Some("video/x-custom"));
+    assert_eq!(h.cache_control(), Some("no-cache"));
+    assert_eq!(h.storage_class().map(|c| c.as_str()), Some("STANDARD_IA"));
+    assert_eq!(
+        h.metadata()
+            .and_then(|m| m.get("camera"))
+            .map(String::as_str),
+        Some("a7")
+    );
+}

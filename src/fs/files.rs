@@ -565,9 +565,17 @@ impl Fs {
         self.set_dirty(fhd.ino, &mut st)?;
         self.staged_write(&mut st, offset, data)?;
         if st.staged.stream_due(&self.cfg.upload) {
-            let (key, meta) = self.journal_header(fhd.ino)?;
+            let (key, own) = self.journal_header(fhd.ino)?;
+            let object = self
+                .table
+                .lock()
+                .get(fhd.ino)
+                .and_then(|n| n.object.clone());
+            let (meta, keep) = self
+                .kept_over(&key, object.as_ref(), st.staged.replaces(), own)
+                .await;
             st.staged
-                .stream(&self.store, &key, &meta, &self.cfg.upload)
+                .stream(&self.store, &key, &meta, keep.as_ref(), &self.cfg.upload)
                 .await;
         }
         fhd.wrote.store(true, Ordering::Relaxed);
@@ -610,20 +618,14 @@ impl Fs {
             st.generation = generation;
         }
         let key = self.key_of(&path);
-        // An overwrite keeps what the mount does not own of the object it
-        // replaces: its headers and other user metadata.
-        let replaced = self
-            .replaced_object(&key, object.as_ref(), st.staged.replaces())
+        let (meta, keep) = self
+            .kept_over(
+                &key,
+                object.as_ref(),
+                st.staged.replaces(),
+                attr.to_metadata(),
+            )
             .await;
-        let mut meta = replaced
-            .as_ref()
-            .and_then(|o| o.metadata.clone())
-            .unwrap_or_default();
-        meta.retain(|k, _| {
-            ![META_MODE, META_UID, META_GID, META_MTIME, META_RDEV].contains(&k.as_str())
-        });
-        meta.extend(attr.to_metadata());
-        let keep = replaced.and_then(|o| o.headers);
         let progress = Arc::new(Progress::default());
         self.uploads.lock().insert(ino, progress.clone());
         let put = st
@@ -678,6 +680,28 @@ impl Fs {
             st.generation = n.generation;
         }
         Ok(())
+    }
+
+    /// The metadata and headers of an upload to `key`: the file's own
+    /// metadata (`own`) over the user metadata the mount does not own of
+    /// the object it replaces, and that object's headers to keep.
+    async fn kept_over(
+        &self,
+        key: &str,
+        known: Option<&ObjectInfo>,
+        replaces: Option<&str>,
+        own: crate::store::Metadata,
+    ) -> (crate::store::Metadata, Option<crate::store::ObjectHeaders>) {
+        let replaced = self.replaced_object(key, known, replaces).await;
+        let mut meta = replaced
+            .as_ref()
+            .and_then(|o| o.metadata.clone())
+            .unwrap_or_default();
+        meta.retain(|k, _| {
+            ![META_MODE, META_UID, META_GID, META_MTIME, META_RDEV].contains(&k.as_str())
+        });
+        meta.extend(own);
+        (meta, replaced.and_then(|o| o.headers))
     }
 
     /// The object an upload to `key` replaces, with its headers and user

@@ -269,6 +269,7 @@ impl Staged {
         store: &Arc<dyn ObjectStore>,
         key: &str,
         meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
         opts: &UploadOptions,
     ) {
         if !self.stream_due(opts)
@@ -278,7 +279,7 @@ impl Staged {
             return;
         }
         if self.stream.is_none() {
-            match store.create_multipart(key, meta, None).await {
+            match store.create_multipart(key, meta, keep).await {
                 Ok(id) => {
                     if let Err(e) = self.note_upload(&id) {
                         warn!(key, error = %e, "journal: no streaming upload");
@@ -1532,7 +1533,8 @@ mod tests {
         for c in data.chunks(MIB as usize) {
             let off = st.size();
             st.write(off, c).unwrap();
-            st.stream(&store, "f", &Metadata::new(), &opts()).await;
+            st.stream(&store, "f", &Metadata::new(), None, &opts())
+                .await;
         }
         tokio::task::yield_now().await;
         assert_eq!(
@@ -1579,7 +1581,8 @@ mod tests {
             for c in data.chunks(MIB as usize) {
                 let off = st.size();
                 st.write(off, c).unwrap();
-                st.stream(&store, "f", &meta("33188", "100"), &opts()).await;
+                st.stream(&store, "f", &meta("33188", "100"), None, &opts())
+                    .await;
             }
             let last = if chmod {
                 st.set_meta(&meta("33152", "50")).unwrap();
@@ -1605,7 +1608,8 @@ mod tests {
         let mut st = Staged::new(dir.path(), None, None).unwrap();
         let mut data: Vec<u8> = vec![3u8; (12 * MIB) as usize];
         st.write(0, &data).unwrap();
-        st.stream(&store, "f", &Metadata::new(), &opts()).await;
+        st.stream(&store, "f", &Metadata::new(), None, &opts())
+            .await;
         assert_eq!(s.counters().get(Op::CreateMultipart), 1);
         st.write(10, b"changed").unwrap();
         data[10..17].copy_from_slice(b"changed");
