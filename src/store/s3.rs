@@ -100,8 +100,9 @@ impl SseCKey {
     /// The length of an AES-256 key.
     pub const KEY_BYTES: usize = 32;
 
-    /// A key from the contents of a key file: 32 raw bytes, or their
-    /// base64 (surrounding whitespace ignored).
+    /// A key from the contents of a key file: 32 raw bytes, or a line of
+    /// 32 bytes or of their base64. s3fs's files list one key per line
+    /// (the key history); the first is the one to use.
     pub fn from_file_bytes(data: &[u8]) -> Result<SseCKey, String> {
         use base64::Engine;
         use md5::Digest;
@@ -109,11 +110,21 @@ impl SseCKey {
         let key = if data.len() == Self::KEY_BYTES {
             data.to_vec()
         } else {
-            let text = std::str::from_utf8(data)
-                .map_err(|_| "is neither 32 raw bytes nor base64".to_string())?
-                .trim();
-            b64.decode(text)
-                .map_err(|_| format!("is neither 32 raw bytes nor base64 ({} bytes)", data.len()))?
+            let first = data
+                .split(|&b| b == b'\n')
+                .map(|l| l.trim_ascii())
+                .find(|l| !l.is_empty())
+                .ok_or_else(|| "is empty".to_string())?;
+            if first.len() == Self::KEY_BYTES {
+                first.to_vec()
+            } else {
+                b64.decode(first).map_err(|_| {
+                    format!(
+                        "is neither 32 raw bytes nor base64 ({} bytes on its first line)",
+                        first.len()
+                    )
+                })?
+            }
         };
         if key.len() != Self::KEY_BYTES {
             return Err(format!(
@@ -1325,6 +1336,33 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             self.1.as_deref().map(|c| c as _)
         }
+    }
+
+    #[test]
+    fn sse_c_key_files_raw_base64_or_s3fs_lines() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key: Vec<u8> = (100u8..132).collect();
+        let want = SseCKey::from_file_bytes(&key).unwrap();
+        let same = |data: Vec<u8>| {
+            let k = SseCKey::from_file_bytes(&data).unwrap();
+            assert_eq!(
+                (k.key_b64, k.md5_b64),
+                (want.key_b64.clone(), want.md5_b64.clone())
+            );
+        };
+        same(b64.encode(&key).into_bytes());
+        same(format!("{}\n", b64.encode(&key)).into_bytes());
+        // s3fs's key history: the first line is used.
+        same(format!("\n{}\n{}\n", b64.encode(&key), b64.encode([7u8; 32])).into_bytes());
+        let mut raw_line = key.clone();
+        raw_line.extend_from_slice(b"\nsecond-key-line-of-32-bytes-xxxx\n");
+        same(raw_line);
+        for bad in [&b""[..], b"short", b"c2hvcnQ="] {
+            let e = SseCKey::from_file_bytes(bad).unwrap_err();
+            assert!(!e.contains("short"), "the contents never show: {e}");
+        }
+        assert_eq!(format!("{want:?}"), "SseCKey(..)");
     }
 
     #[test]
