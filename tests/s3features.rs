@@ -556,16 +556,16 @@ fn content_type_comes_from_the_extension_and_copies_keep_every_header() {
     );
     fs::rename(m.path("site/page.html"), m.path("site/moved.html")).unwrap();
     check("site/moved.html", "rename", true);
-    // An overwrite keeps them too (not the tags: PutObject cannot).
+    // An overwrite keeps them too, tags included.
     fs::write(m.path("site/moved.html"), b"<p>new</p>").unwrap();
     assert_eq!(
         b.get("site/moved.html").as_deref(),
         Some(&b"<p>new</p>"[..])
     );
-    check("site/moved.html", "overwrite", false);
+    check("site/moved.html", "overwrite", true);
     // And an overwrite of an object the mount had not looked at before.
     fs::write(m.path("site/other.html"), b"<p>again</p>").unwrap();
-    check("site/other.html", "overwrite of an unseen object", false);
+    check("site/other.html", "overwrite of an unseen object", true);
 }
 
 #[test]
@@ -1119,6 +1119,7 @@ fn a_large_overwrite_written_in_one_pass_keeps_the_headers() {
             .content_type("video/x-custom")
             .cache_control("no-cache")
             .metadata("camera", "a7")
+            .tagging("project=film&stage=raw%20cut")
             .storage_class(aws_sdk_s3::types::StorageClass::StandardIa)
             .send(),
     )
@@ -1149,4 +1150,20 @@ fn a_large_overwrite_written_in_one_pass_keeps_the_headers() {
             .map(String::as_str),
         Some("a7")
     );
+    let tags = rt()
+        .block_on(
+            b.client
+                .get_object_tagging()
+                .bucket(&b.name)
+                .key("media/clip.bin")
+                .send(),
+        )
+        .unwrap();
+    let mut tags: Vec<String> = tags
+        .tag_set()
+        .iter()
+        .map(|t| format!("{}={}", t.key(), t.value()))
+        .collect();
+    tags.sort();
+    assert_eq!(tags, vec!["project=film", "stage=raw cut"]);
 }

@@ -55,6 +55,9 @@ pub struct ObjectHeaders {
     pub lock_retain_until: Option<String>,
     /// Object Lock legal hold (ON, OFF).
     pub legal_hold: Option<String>,
+    /// How many tags the object has: an overwrite reads and sends them
+    /// again when there are any (PutObject does not keep them).
+    pub tag_count: u32,
 }
 
 /// The Content-Type of a new object, from its name's extension
@@ -260,10 +263,11 @@ pub enum Op {
     ListVersions,
     HeadBucket,
     ListUploads,
+    GetTagging,
 }
 
 impl Op {
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 15] = [
         Op::List,
         Op::Head,
         Op::Get,
@@ -278,6 +282,7 @@ impl Op {
         Op::ListVersions,
         Op::HeadBucket,
         Op::ListUploads,
+        Op::GetTagging,
     ];
 
     pub fn name(self) -> &'static str {
@@ -296,6 +301,7 @@ impl Op {
             Op::ListVersions => "LIST_VERSIONS",
             Op::HeadBucket => "HEAD_BUCKET",
             Op::ListUploads => "LIST_UPLOADS",
+            Op::GetTagging => "GET_TAGGING",
         }
     }
 }
@@ -303,7 +309,7 @@ impl Op {
 /// Requests made, by type. Both stores keep one.
 #[derive(Debug, Default)]
 pub struct Counters {
-    counts: [AtomicU64; 14],
+    counts: [AtomicU64; 15],
     sent: AtomicU64,
     received: AtomicU64,
 }

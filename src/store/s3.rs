@@ -41,7 +41,7 @@ use aws_sdk_s3::types::{
     ServerSideEncryption, StorageClass, TaggingDirective,
 };
 use bytes::Bytes;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, PutBody, PutResult,
@@ -392,6 +392,41 @@ impl S3Store {
         h
     }
 
+    /// The tags of the object an upload replaces, as the `x-amz-tagging`
+    /// of the new one; None when it has none or they cannot be read (said
+    /// in the log: the overwrite goes on without them).
+    async fn tags_to_keep(&self, key: &str, keep: Option<&ObjectHeaders>) -> Option<String> {
+        if keep.is_none_or(|k| k.tag_count == 0) {
+            return None;
+        }
+        let req = self
+            .client
+            .get_object_tagging()
+            .bucket(&self.bucket)
+            .key(key);
+        let out = self
+            .retry(Op::GetTagging, key, || async {
+                req.clone().send().await.map_err(classify)
+            })
+            .await;
+        match out {
+            Ok(out) => {
+                let enc =
+                    |s: &str| percent_encoding::utf8_percent_encode(s, TAG_ENCODE).to_string();
+                let tags: Vec<String> = out
+                    .tag_set()
+                    .iter()
+                    .map(|t| format!("{}={}", enc(t.key()), enc(t.value())))
+                    .collect();
+                (!tags.is_empty()).then(|| tags.join("&"))
+            }
+            Err(e) => {
+                warn!(key, error = %e, "cannot read the tags of the object being replaced; the new one has none");
+                None
+            }
+        }
+    }
+
     /// HeadObject, with the mount's SSE-C key when it has one. An object
     /// the key does not apply to (not SSE-C encrypted: S3 answers 400) is
     /// asked again without it, so an SSE-C mount still reads the bucket's
@@ -467,6 +502,7 @@ fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
         legal_hold: out
             .object_lock_legal_hold_status()
             .map(|h| h.as_str().to_string()),
+        tag_count: out.tag_count().unwrap_or(0).max(0) as u32,
     }
 }
 
@@ -507,6 +543,13 @@ const CREDENTIALS_REFUSED: &str = "credentials expired or invalid";
 /// Everything but unreserved characters and `/` is escaped in a copy source.
 const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Escaped in a tag key or value of `x-amz-tagging` (a query string).
+const TAG_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
     .remove(b'.')
@@ -939,6 +982,7 @@ impl ObjectStore for S3Store {
         let md5 = content_md5(&body)?;
         let opts = self.options_keeping(keep);
         let headers = Self::standard_headers(key, keep);
+        let tags = self.tags_to_keep(key, keep).await;
         let out = self
             .retry(Op::Put, key, || async {
                 let stream = byte_stream(&body).await?;
@@ -950,6 +994,7 @@ impl ObjectStore for S3Store {
                     .content_length(len)
                     .content_md5(&md5)
                     .set_metadata(Some(meta.clone()))
+                    .set_tagging(tags.clone())
                     .body(stream);
                 let req = with_standard_headers!(req, &headers);
                 with_new_object!(req, &opts).send().await.map_err(classify)
@@ -1030,7 +1075,8 @@ impl ObjectStore for S3Store {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
-            .set_metadata(Some(meta.clone()));
+            .set_metadata(Some(meta.clone()))
+            .set_tagging(self.tags_to_keep(key, keep).await);
         let req = with_standard_headers!(req, &Self::standard_headers(key, keep));
         let req = with_new_object!(req, &self.options_keeping(keep));
         let out = self
