@@ -744,6 +744,38 @@ fn xattrs_show_type_encryption_and_foreign_metadata_and_accept_their_own_value()
         .unwrap();
     assert!(!refused.status.success());
     assert_eq!(head(&b, "doc.pdf").content_type(), Some("application/pdf"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Operation not permitted"),
+        "EPERM: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // On a version (read-only): the same value succeeds, another is EROFS.
+    let vdir = m.path(".versions/doc.pdf");
+    let version = fs::read_dir(&vdir).unwrap().next().unwrap().unwrap().path();
+    let etag = sh(
+        &vdir,
+        &format!(
+            "getfattr -n user.s3.etag --only-values '{}'",
+            version.display()
+        ),
+    );
+    sh(
+        &vdir,
+        &format!(
+            "setfattr -n user.s3.etag -v '{etag}' '{}'",
+            version.display()
+        ),
+    );
+    let other = std::process::Command::new("setfattr")
+        .args(["-n", "user.s3.etag", "-v", "0000"])
+        .arg(&version)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("Read-only file system"),
+        "EROFS: {}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     // A file the mount writes shows its type at once.
     fs::write(m.path("new.json"), b"{}").unwrap();
     let out = sh(

@@ -589,12 +589,17 @@ impl Fs {
 
     /// setxattr of a `user.s3.*` name: these are read-only facts, so only
     /// setting one to the value it has succeeds (`cp -a`, `rsync -aX`
-    /// copying a file within the mount); anything else is EPERM.
+    /// copying a file within the mount; it changes nothing). Anything else
+    /// is EROFS where nothing may change (a version, a read-only mount),
+    /// else EPERM.
     pub async fn set_s3_xattr(&self, ino: u64, name: &str, value: &[u8]) -> FsResult<()> {
         let all = self.xattrs(ino).await?;
         match all.iter().find(|(k, _)| k == name) {
             Some((_, v)) if v.as_bytes() == value => Ok(()),
-            _ => Err(FsError::NotPermitted),
+            _ => {
+                self.check_writable(ino)?;
+                Err(FsError::NotPermitted)
+            }
         }
     }
 }
