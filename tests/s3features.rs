@@ -1199,3 +1199,31 @@ fn a_large_overwrite_written_in_one_pass_keeps_the_headers() {
     tags.sort();
     assert_eq!(tags, vec!["project=film", "stage=raw cut"]);
 }
+
+#[test]
+fn chmod_touch_and_rename_keep_a_public_read_acl() {
+    let b = Bucket::new(server(), "keepacl", false);
+    for k in ["pub.txt", "plain.txt"] {
+        b.put(k, b"x");
+    }
+    rt().block_on(
+        b.client
+            .put_object_acl()
+            .bucket(&b.name)
+            .key("pub.txt")
+            .acl(aws_sdk_s3::types::ObjectCannedAcl::PublicRead)
+            .send(),
+    )
+    .unwrap();
+    assert!(is_public_read(&b, "pub.txt"));
+    let m = Mount::new(&b, "");
+    fs::set_permissions(m.path("pub.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(is_public_read(&b, "pub.txt"), "chmod");
+    sh(&m.dir, "touch -m -d @1600000000 pub.txt");
+    assert!(is_public_read(&b, "pub.txt"), "touch");
+    fs::rename(m.path("pub.txt"), m.path("moved.txt")).unwrap();
+    assert!(is_public_read(&b, "moved.txt"), "rename");
+    // A private object stays private, with no grant header sent.
+    fs::set_permissions(m.path("plain.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(!is_public_read(&b, "plain.txt"));
+}

@@ -264,10 +264,11 @@ pub enum Op {
     HeadBucket,
     ListUploads,
     GetTagging,
+    GetAcl,
 }
 
 impl Op {
-    pub const ALL: [Op; 15] = [
+    pub const ALL: [Op; 16] = [
         Op::List,
         Op::Head,
         Op::Get,
@@ -283,6 +284,7 @@ impl Op {
         Op::HeadBucket,
         Op::ListUploads,
         Op::GetTagging,
+        Op::GetAcl,
     ];
 
     pub fn name(self) -> &'static str {
@@ -302,6 +304,7 @@ impl Op {
             Op::HeadBucket => "HEAD_BUCKET",
             Op::ListUploads => "LIST_UPLOADS",
             Op::GetTagging => "GET_TAGGING",
+            Op::GetAcl => "GET_ACL",
         }
     }
 }
@@ -309,7 +312,7 @@ impl Op {
 /// Requests made, by type. Both stores keep one.
 #[derive(Debug, Default)]
 pub struct Counters {
-    counts: [AtomicU64; 15],
+    counts: [AtomicU64; 16],
     sent: AtomicU64,
     received: AtomicU64,
 }

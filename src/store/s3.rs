@@ -236,6 +236,9 @@ pub struct S3Store {
     long_timeout: Duration,
     /// The store answered ListObjectVersions with 501 Not Implemented.
     no_versions_api: AtomicBool,
+    /// GetObjectAcl failed once (not implemented, not allowed): copies
+    /// stop asking.
+    no_acl_api: AtomicBool,
     /// The credentials chain (for `access_key_id`).
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
     /// Where the credentials come from, for a log line when they expire.
@@ -351,6 +354,7 @@ impl S3Store {
             attempt_timeout: s.attempt_timeout,
             long_timeout: s.long_timeout,
             no_versions_api: AtomicBool::new(false),
+            no_acl_api: AtomicBool::new(false),
             requests: s.requests.clone(),
             credentials_source: credentials_source(s),
         }
@@ -425,6 +429,65 @@ impl S3Store {
                 None
             }
         }
+    }
+
+    /// The grants of a copy's source that CopyObject would otherwise drop
+    /// (it gives the copy the private ACL): None when the source has only
+    /// its owner's FULL_CONTROL (always so on buckets with ACLs disabled,
+    /// which refuse grant headers), when `default_acl=` decides, or when
+    /// the ACL cannot be read.
+    async fn grants_to_keep(&self, key: &str, version: Option<&str>) -> Option<Grants> {
+        if self.requests.acl.is_some() || self.no_acl_api.load(Ordering::Relaxed) {
+            return None;
+        }
+        let req = self
+            .client
+            .get_object_acl()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_string));
+        let out = match self
+            .retry(Op::GetAcl, key, || async {
+                req.clone().send().await.map_err(classify)
+            })
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                debug!(key, error = %e, "cannot read the object's ACL; the copy gets the default ACL");
+                if !matches!(e, StoreError::NotFound | StoreError::Transient(_)) {
+                    self.no_acl_api.store(true, Ordering::Relaxed);
+                }
+                return None;
+            }
+        };
+        let owner = out.owner().and_then(|o| o.id());
+        let mut g = Grants::default();
+        let mut only_owner = true;
+        for grant in out.grants() {
+            let (Some(who), Some(perm)) = (grant.grantee(), grant.permission()) else {
+                continue;
+            };
+            let name = match (who.id(), who.uri(), who.email_address()) {
+                (Some(id), _, _) => format!("id=\"{id}\""),
+                (_, Some(uri), _) => format!("uri=\"{uri}\""),
+                (_, _, Some(mail)) => format!("emailAddress=\"{mail}\""),
+                _ => continue,
+            };
+            let full = perm.as_str() == "FULL_CONTROL";
+            if !(full && who.id().is_some() && who.id() == owner) {
+                only_owner = false;
+            }
+            let list = match perm.as_str() {
+                "FULL_CONTROL" => &mut g.full_control,
+                "READ" => &mut g.read,
+                "READ_ACP" => &mut g.read_acp,
+                "WRITE_ACP" => &mut g.write_acp,
+                _ => continue,
+            };
+            list.push(name);
+        }
+        (!only_owner).then_some(g)
     }
 
     /// HeadObject, with the mount's SSE-C key when it has one. An object
@@ -547,6 +610,22 @@ const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUME
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
+
+/// An object's ACL as CopyObject's `x-amz-grant-*` headers: the
+/// grantees of each permission (`id="..."`, `uri="..."`).
+#[derive(Debug, Default)]
+struct Grants {
+    full_control: Vec<String>,
+    read: Vec<String>,
+    read_acp: Vec<String>,
+    write_acp: Vec<String>,
+}
+
+impl Grants {
+    fn header(list: &[String]) -> Option<String> {
+        (!list.is_empty()).then(|| list.join(", "))
+    }
+}
 
 /// Escaped in a tag key or value of `x-amz-tagging` (a query string).
 const TAG_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -1028,6 +1107,13 @@ impl ObjectStore for S3Store {
             .tagging_directive(TaggingDirective::Copy);
         let mut req = with_new_object!(req, &opts);
         req = with_copy_source_sse_c!(req, self.requests.sse_c.as_ref().filter(|_| kept.sse_c));
+        if let Some(g) = self.grants_to_keep(src, src_version).await {
+            req = req
+                .set_grant_full_control(Grants::header(&g.full_control))
+                .set_grant_read(Grants::header(&g.read))
+                .set_grant_read_acp(Grants::header(&g.read_acp))
+                .set_grant_write_acp(Grants::header(&g.write_acp));
+        }
         if let Some(m) = meta {
             let mut merged = source.metadata().cloned().unwrap_or_default();
             merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
