@@ -448,7 +448,13 @@ impl S3Store {
             .set_version_id(version.map(str::to_string));
         let out = match self
             .retry(Op::GetAcl, key, || async {
-                req.clone().send().await.map_err(classify)
+                match req.clone().send().await {
+                    // Not implemented is an answer, not a failure to retry.
+                    Err(e) if status_of(&e) == Some(501) => {
+                        Err(StoreError::Other("501 GetObjectAcl not implemented".into()))
+                    }
+                    r => r.map_err(classify),
+                }
             })
             .await
         {
