@@ -114,6 +114,9 @@ fn use_sse_sends_sse_s3_on_every_write_path() {
             "{path}: {key}"
         );
     }
+    // A single PUT carries the CRC32C of its bytes too (the standard
+    // check value of "123456789" is 0xE3069283).
+    fs::write(m.path("check.txt"), b"123456789").unwrap();
     // Whatever moto does by default, the requests themselves asked for it.
     let heads = proxy.heads();
     let writes: Vec<&String> = heads.iter().filter(|h| is_new_object_request(h)).collect();
@@ -144,6 +147,14 @@ fn use_sse_sends_sse_s3_on_every_write_path() {
             h.lines().next().unwrap()
         );
     }
+    let put = heads
+        .iter()
+        .find(|h| h.starts_with(&format!("PUT /{}/check.txt", b.name)))
+        .expect("the PUT of check.txt");
+    assert_eq!(
+        header_of(put, "x-amz-checksum-crc32c").as_deref(),
+        Some("4waSgw==")
+    );
 }
 
 /// PutObject, CreateMultipartUpload or CopyObject: a request that makes

@@ -157,25 +157,31 @@ impl PutBody {
         self.len() == 0
     }
 
-    /// The MD5 digest of the body (S3's Content-MD5), read in 1 MiB steps.
-    pub fn md5(&self) -> std::io::Result<[u8; 16]> {
+    /// The MD5 digest (S3's Content-MD5) and CRC32C of the body, in one
+    /// pass, read in 1 MiB steps.
+    pub fn checksums(&self) -> std::io::Result<([u8; 16], u32)> {
         use md5::Digest;
+        let mut md5 = md5::Md5::new();
+        let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
         match self {
-            PutBody::Bytes(b) => Ok(md5::Md5::digest(b).into()),
+            PutBody::Bytes(b) => {
+                md5.update(b);
+                crc.update(b);
+            }
             PutBody::File { file, offset, len } => {
                 use std::os::unix::fs::FileExt;
-                let mut h = md5::Md5::new();
                 let mut buf = vec![0u8; (*len).min(1 << 20) as usize];
                 let mut pos = 0;
                 while pos < *len {
                     let n = ((*len - pos) as usize).min(buf.len());
                     file.read_exact_at(&mut buf[..n], offset + pos)?;
-                    h.update(&buf[..n]);
+                    md5.update(&buf[..n]);
+                    crc.update(&buf[..n]);
                     pos += n as u64;
                 }
-                Ok(h.finalize().into())
             }
         }
+        Ok((md5.finalize().into(), crc.finalize() as u32))
     }
 
     /// Reads the whole body into memory (for stores that keep bytes in RAM).

@@ -575,14 +575,16 @@ fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
     }
 }
 
-/// The Content-MD5 header of a body: every upload carries a checksum
-/// (and S3 refuses a PUT without one in a bucket with Object Lock).
-fn content_md5(body: &PutBody) -> StoreResult<String> {
+/// The Content-MD5 and x-amz-checksum-crc32c headers of a body: every
+/// upload carries a checksum (and S3 refuses a PUT without one in a
+/// bucket with Object Lock).
+fn checksum_headers(body: &PutBody) -> StoreResult<(String, String)> {
     use base64::Engine;
-    let digest = body
-        .md5()
+    let (md5, crc) = body
+        .checksums()
         .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
-    Ok(base64::engine::general_purpose::STANDARD.encode(digest))
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok((b64.encode(md5), b64.encode(crc.to_be_bytes())))
 }
 
 /// Where a mount's credentials come from, in words.
@@ -1064,7 +1066,7 @@ impl ObjectStore for S3Store {
         keep: Option<&ObjectHeaders>,
     ) -> StoreResult<PutResult> {
         let len = self.count_body(&body);
-        let md5 = content_md5(&body)?;
+        let (md5, crc32c) = checksum_headers(&body)?;
         let opts = self.options_keeping(keep);
         let headers = Self::standard_headers(key, keep);
         let tags = self.tags_to_keep(key, keep).await;
@@ -1078,6 +1080,7 @@ impl ObjectStore for S3Store {
                     .key(key)
                     .content_length(len)
                     .content_md5(&md5)
+                    .checksum_crc32_c(&crc32c)
                     .set_metadata(Some(meta.clone()))
                     .set_tagging(tags.clone())
                     .body(stream);
@@ -1189,7 +1192,9 @@ impl ObjectStore for S3Store {
         body: PutBody,
     ) -> StoreResult<String> {
         let len = self.count_body(&body);
-        let md5 = content_md5(&body)?;
+        // A part carries Content-MD5 only: a CRC32C on parts would have to
+        // be declared at CreateMultipartUpload and repeated at Complete.
+        let (md5, _) = checksum_headers(&body)?;
         let out = self
             .retry(Op::UploadPart, key, || async {
                 let stream = byte_stream(&body).await?;
