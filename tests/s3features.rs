@@ -335,7 +335,10 @@ fn sse_c_key_goes_on_every_data_request_and_never_into_the_log() {
         let object = path.trim_start_matches('/').contains('/')
             && !path.contains("?list-type")
             && !path.contains("?versions")
-            && !path.contains("?uploads&prefix");
+            && !path.contains("?uploads&prefix")
+            // ACL and tags are not object data: no key.
+            && !path.contains("?acl")
+            && !path.contains("?tagging");
         let data = match method {
             "GET" | "HEAD" => object,
             "PUT" => true,
