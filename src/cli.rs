@@ -4,6 +4,7 @@
 //! bucketfs [-f] [-o OPT[,OPT...]] BUCKET[:/PREFIX] MOUNTPOINT
 //! mount.s3fs BUCKET[:/PREFIX] MOUNTPOINT [-sfnv] [-o OPTS]   (the same program)
 //! bucketfs status MOUNTPOINT
+//! bucketfs url PATH [--expires SECONDS]
 //! bucketfs help [COMMAND]
 //! ```
 //!
@@ -22,6 +23,7 @@ use crate::config::{ConfigError, OPTION_HELP, Options};
     about = "Mount an S3 bucket as a directory",
     override_usage = "bucketfs [OPTIONS] BUCKET[:/PREFIX] MOUNTPOINT\n       \
                       bucketfs status MOUNTPOINT\n       \
+                      bucketfs url PATH [--expires SECONDS]\n       \
                       bucketfs help [COMMAND]",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
@@ -85,6 +87,20 @@ pub enum Command {
     Status {
         /// The directory a bucketfs mount is mounted on
         mountpoint: std::path::PathBuf,
+    },
+    /// Print a presigned URL to GET a file of a live mount
+    #[command(
+        long_about = "Print a presigned GET URL for a file under a live bucketfs mount, so \
+                      anyone with the URL can download it until it expires. The URL is made \
+                      by the daemon that serves the mount (it holds the credentials), through \
+                      its status socket. A path outside any bucketfs mount is an error."
+    )]
+    Url {
+        /// A file under a bucketfs mount
+        path: std::path::PathBuf,
+        /// How long the URL works, in seconds (1..=604800, seven days)
+        #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+        expires: u64,
     },
 }
 

@@ -68,7 +68,72 @@ pub struct Options {
     /// `writeback=async`: close() returns once the data is staged and
     /// journaled; the upload runs in the background.
     pub writeback_async: bool,
+    /// Server-side encryption with S3- or KMS-managed keys (`sse=`).
+    pub sse: Option<Sse>,
+    /// The KMS key of `sse=aws:kms` (`sse_kms_key_id=`); None: the
+    /// bucket's default key.
+    pub sse_kms_key_id: Option<String>,
+    /// A file holding the SSE-C key (`sse_c_key_file=`); read at mount.
+    pub sse_c_key_file: Option<PathBuf>,
+    /// SSE-C over plain http (the key would cross the network in clear).
+    pub allow_http_sse_c: bool,
+    /// Storage class of every object written, upper case.
+    pub storage_class: Option<String>,
+    /// `x-amz-request-payer: requester` on every request.
+    pub requester_pays: bool,
+    /// Canned ACL of every object written; None: none sent.
+    pub default_acl: Option<String>,
+    /// `use_sse=custom` was given (its key file may come with `load_sse_c=`).
+    pub sse_c_wanted: bool,
 }
+
+/// Server-side encryption with keys S3 or KMS manage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sse {
+    /// `AES256` (SSE-S3).
+    S3,
+    /// `aws:kms` (SSE-KMS).
+    Kms,
+    /// `aws:kms:dsse` (dual-layer SSE-KMS).
+    KmsDsse,
+}
+
+impl Sse {
+    /// The `x-amz-server-side-encryption` value.
+    pub fn header(self) -> &'static str {
+        match self {
+            Sse::S3 => "AES256",
+            Sse::Kms => "aws:kms",
+            Sse::KmsDsse => "aws:kms:dsse",
+        }
+    }
+}
+
+/// S3's storage classes, as `x-amz-storage-class` spells them.
+pub const STORAGE_CLASSES: [&str; 11] = [
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "OUTPOSTS",
+    "GLACIER_IR",
+    "SNOW",
+    "EXPRESS_ONEZONE",
+];
+
+/// S3's canned ACLs.
+pub const CANNED_ACLS: [&str; 7] = [
+    "private",
+    "public-read",
+    "public-read-write",
+    "authenticated-read",
+    "aws-exec-read",
+    "bucket-owner-read",
+    "bucket-owner-full-control",
+];
 
 impl Default for Options {
     fn default() -> Self {
@@ -112,6 +177,14 @@ impl Default for Options {
             long_timeout: Duration::from_secs(300),
             upload_retry_max: Duration::from_secs(300),
             writeback_async: false,
+            sse: None,
+            sse_kms_key_id: None,
+            sse_c_key_file: None,
+            allow_http_sse_c: false,
+            storage_class: None,
+            requester_pays: false,
+            default_acl: None,
+            sse_c_wanted: false,
         }
     }
 }
@@ -175,6 +248,18 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
                         background; fsync and unmount wait for them; a rename, chmod
                         or utimes before the upload only changes it. Default: sync
                         (close() returns once the data is in S3)
+  sse=AES256|aws:kms|aws:kms:dsse
+                        server-side encryption of every object written (and copied).
+                        s3fs aliases: use_sse, use_sse=1, use_sse=kmsid[:KEY_ID]
+  sse_kms_key_id=ID     KMS key of sse=aws:kms (default: the bucket's AWS managed key)
+  sse_c_key_file=PATH   SSE-C: encrypt and read with the 32-byte key in PATH (raw or
+                        base64; the file must be 0600 or stricter). s3fs aliases:
+                        use_sse=custom:PATH, load_sse_c=PATH. Refused over http://
+                        unless allow_http_sse_c is given
+  storage_class=CLASS   storage class of every object written (STANDARD_IA, GLACIER_IR...)
+  requester_pays        send x-amz-request-payer on every request (Requester Pays buckets)
+  default_acl=CANNED    canned ACL of every object written (private, public-read...);
+                        none is sent unless given. Alias: acl=
   log_file=PATH         log here instead of the journal, syslog or stderr
                         (reopened on SIGHUP, for logrotate)
 Ignored (fstab/systemd): defaults, _netdev, nofail, auto, noauto, user, users,
@@ -216,10 +301,7 @@ fn is_ignored(name: &str) -> bool {
 fn is_noop_s3fs(name: &str) -> bool {
     matches!(
         name,
-        "storage_class"
-            | "use_sse"
-            | "requester_pays"
-            | "dbglevel"
+        "dbglevel"
             | "curldbg"
             | "stat_cache_expire"
             | "enable_noobj_cache"
@@ -359,12 +441,79 @@ impl Options {
 
     /// Checks what no single option can: called once every option is in.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.sse_c_wanted && self.sse_c_key_file.is_none() {
+            return Err(ConfigError(
+                "option use_sse=custom: needs the key file: use_sse=custom:PATH or load_sse_c=PATH"
+                    .into(),
+            ));
+        }
+        if self.sse_c_key_file.is_some() {
+            if let Some(s) = self.sse {
+                return Err(ConfigError(format!(
+                    "option sse: {} and a customer key (sse_c_key_file) cannot both encrypt an object; choose one",
+                    s.header()
+                )));
+            }
+            if let Some(e) = self
+                .endpoint
+                .as_deref()
+                .filter(|e| e.starts_with("http://"))
+                && !self.allow_http_sse_c
+            {
+                return Err(ConfigError(format!(
+                    "option sse_c_key_file: the endpoint {e} is plain http and the key would cross the network in clear; use https or add allow_http_sse_c"
+                )));
+            }
+        }
+        if self.sse_kms_key_id.is_some() && !matches!(self.sse, Some(Sse::Kms | Sse::KmsDsse)) {
+            return Err(ConfigError(
+                "option sse_kms_key_id: needs sse=aws:kms or sse=aws:kms:dsse".into(),
+            ));
+        }
         if self.mem_cache_bytes < self.block_size_bytes {
             return Err(ConfigError(format!(
                 "option mem_cache: {} is smaller than block_size ({}); it must hold at least one block",
                 show_size(self.mem_cache_bytes),
                 show_size(self.block_size_bytes)
             )));
+        }
+        Ok(())
+    }
+
+    /// s3fs-fuse's `use_sse`: `use_sse` or `use_sse=1` is SSE-S3;
+    /// `kmsid[:ID]` (or `k:ID`) SSE-KMS; `custom:PATH` (or `c:PATH`) SSE-C
+    /// with the key in PATH; `custom` alone takes the key from `load_sse_c=`.
+    fn apply_use_sse(&mut self, value: Option<&str>) -> Result<(), ConfigError> {
+        let v = value.unwrap_or("1");
+        let (kind, arg) = match v.split_once(':') {
+            Some((k, a)) => (k, Some(a)),
+            None => (v, None),
+        };
+        match (kind, arg) {
+            ("1" | "AES256", None) => self.sse = Some(Sse::S3),
+            ("kmsid" | "k", arg) => {
+                self.sse = Some(Sse::Kms);
+                if let Some(id) = arg {
+                    if id.is_empty() {
+                        return Err(ConfigError("option use_sse: kmsid: needs a key id".into()));
+                    }
+                    self.sse_kms_key_id = Some(id.to_string());
+                }
+            }
+            ("custom" | "c", Some(path)) if !path.is_empty() => {
+                self.sse_c_key_file = Some(PathBuf::from(path))
+            }
+            // The key file comes with load_sse_c=; validate() checks it did.
+            ("custom" | "c", None) => {}
+            _ => {
+                return Err(ConfigError(format!(
+                    "option use_sse: {v:?} is not 1, kmsid[:KEY_ID] or custom:KEY_FILE"
+                )));
+            }
+        }
+        // Remembered so validate() can say custom needs a key file.
+        if matches!(kind, "custom" | "c") {
+            self.sse_c_wanted = true;
         }
         Ok(())
     }
@@ -503,6 +652,45 @@ impl Options {
                         _ => self.upload_retry_max = d,
                     }
                 }
+                "sse" => {
+                    self.sse = Some(match need(name, value)? {
+                        "AES256" => Sse::S3,
+                        "aws:kms" => Sse::Kms,
+                        "aws:kms:dsse" => Sse::KmsDsse,
+                        v => {
+                            return Err(ConfigError(format!(
+                                "option sse: {v:?} is not AES256, aws:kms or aws:kms:dsse"
+                            )));
+                        }
+                    })
+                }
+                "sse_kms_key_id" => self.sse_kms_key_id = Some(need(name, value)?.to_string()),
+                "use_sse" => self.apply_use_sse(value)?,
+                "sse_c_key_file" | "load_sse_c" => {
+                    self.sse_c_key_file = Some(PathBuf::from(need(name, value)?))
+                }
+                "allow_http_sse_c" => self.allow_http_sse_c = true,
+                "storage_class" => {
+                    let v = need(name, value)?.to_ascii_uppercase();
+                    if !STORAGE_CLASSES.contains(&v.as_str()) {
+                        return Err(ConfigError(format!(
+                            "option storage_class: {v:?} is not one of {}",
+                            STORAGE_CLASSES.join(", ")
+                        )));
+                    }
+                    self.storage_class = Some(v);
+                }
+                "requester_pays" => self.requester_pays = true,
+                "default_acl" | "acl" => {
+                    let v = need(name, value)?;
+                    if !CANNED_ACLS.contains(&v) {
+                        return Err(ConfigError(format!(
+                            "option {name}: {v:?} is not a canned ACL ({})",
+                            CANNED_ACLS.join(", ")
+                        )));
+                    }
+                    self.default_acl = Some(v.to_string());
+                }
                 "log_file" => self.log_file = Some(PathBuf::from(need(name, value)?)),
                 n if is_ignored(n) => {}
                 n if is_noop_s3fs(n) => notices.push(format!(
@@ -522,19 +710,21 @@ impl Options {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn s3fs_fstab_line_parses() {
         let mut o = Options::default();
         let n = o
-            .apply("_netdev,allow_other,url=http://127.0.0.1:9000/,use_path_request_style,endpoint=eu-west-1,uid=1000,umask=022,multipart_size=16,parallel_count=4,x-systemd.automount,use_sse")
+            .apply("_netdev,allow_other,url=http://127.0.0.1:9000/,use_path_request_style,endpoint=eu-west-1,uid=1000,umask=022,multipart_size=16,parallel_count=4,x-systemd.automount,use_sse,dbglevel=info")
             .unwrap();
         assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!(o.region.as_deref(), Some("eu-west-1"));
         assert!(o.path_style && o.allow_other);
         assert_eq!((o.uid, o.umask), (Some(1000), Some(0o22)));
         assert_eq!((o.part_size_bytes, o.upload_concurrency), (16 * MIB, 4));
-        assert_eq!(n.len(), 1, "use_sse gets a notice");
+        assert_eq!(o.sse, Some(Sse::S3));
+        assert_eq!(n.len(), 1, "dbglevel gets a notice, use_sse none");
     }
 
     #[test]
@@ -626,6 +816,84 @@ mod tests {
             "{err}"
         );
         assert!(Options::default().validate().is_ok());
+    }
+
+    /// Every S3 feature option and s3fs alias lands in the options, and
+    /// a bad value is one line naming the option.
+    #[test]
+    fn s3_feature_options_parse_and_refuse() {
+        let ok = |opt: &str| {
+            let mut o = Options::default();
+            o.apply(opt).unwrap_or_else(|e| panic!("{opt}: {e}"));
+            o.validate().unwrap_or_else(|e| panic!("{opt}: {e}"));
+            o
+        };
+        let refused = |opt: &str, word: &str| {
+            let mut o = Options::default();
+            let err = match o.apply(opt) {
+                Err(e) => e.0,
+                Ok(_) => o.validate().expect_err(opt).0,
+            };
+            assert!(err.contains(word), "{opt}: {err:?} should name {word:?}");
+            assert!(!err.contains('\n'), "{opt}: one line");
+        };
+        assert_eq!(ok("sse=AES256").sse, Some(Sse::S3));
+        assert_eq!(ok("use_sse").sse, Some(Sse::S3));
+        assert_eq!(ok("use_sse=1").sse, Some(Sse::S3));
+        let o = ok("sse=aws:kms,sse_kms_key_id=arn:aws:kms:eu-west-1:1:key/k");
+        assert_eq!(
+            (o.sse, o.sse_kms_key_id.as_deref()),
+            (Some(Sse::Kms), Some("arn:aws:kms:eu-west-1:1:key/k"))
+        );
+        let o = ok("use_sse=kmsid:arn:aws:kms:eu-west-1:1:key/k");
+        assert_eq!(
+            (o.sse, o.sse_kms_key_id.as_deref()),
+            (Some(Sse::Kms), Some("arn:aws:kms:eu-west-1:1:key/k"))
+        );
+        assert_eq!(ok("use_sse=kmsid").sse_kms_key_id, None);
+        assert_eq!(ok("sse=aws:kms:dsse").sse, Some(Sse::KmsDsse));
+        for opt in [
+            "sse_c_key_file=/k",
+            "load_sse_c=/k",
+            "use_sse=custom:/k",
+            "use_sse=custom,load_sse_c=/k",
+        ] {
+            let o = ok(opt);
+            assert_eq!(o.sse_c_key_file.as_deref(), Some(Path::new("/k")), "{opt}");
+            assert_eq!(o.sse, None);
+        }
+        assert_eq!(
+            ok("storage_class=standard_ia").storage_class.as_deref(),
+            Some("STANDARD_IA")
+        );
+        assert!(ok("requester_pays").requester_pays);
+        assert_eq!(
+            ok("default_acl=private").default_acl.as_deref(),
+            Some("private")
+        );
+        assert_eq!(
+            ok("acl=public-read").default_acl.as_deref(),
+            Some("public-read")
+        );
+        assert_eq!(Options::default().default_acl, None, "no ACL unless given");
+        refused("sse=aes256", "option sse");
+        refused("sse=", "option sse");
+        refused("use_sse=2", "option use_sse");
+        refused("use_sse=kmsid:", "option use_sse");
+        refused("use_sse=custom", "use_sse=custom");
+        refused("sse_kms_key_id=k", "sse_kms_key_id");
+        refused("sse=AES256,sse_kms_key_id=k", "sse_kms_key_id");
+        refused("sse=AES256,sse_c_key_file=/k", "option sse");
+        refused("storage_class=COLD", "option storage_class");
+        refused("default_acl=public", "option default_acl");
+        refused("acl=everyone", "option acl");
+        refused(
+            "endpoint=http://127.0.0.1:9000,sse_c_key_file=/k",
+            "allow_http_sse_c",
+        );
+        let o = ok("endpoint=http://127.0.0.1:9000,sse_c_key_file=/k,allow_http_sse_c");
+        assert!(o.allow_http_sse_c);
+        ok("endpoint=https://s3.example,sse_c_key_file=/k");
     }
 
     #[test]

@@ -37,6 +37,7 @@ fn store_errno(e: &StoreError) -> i32 {
         StoreError::InvalidRequest(_) => libc::EINVAL,
         StoreError::Transient(_) => libc::EIO,
         StoreError::Other(_) => libc::EIO,
+        StoreError::WrongRegion(_) => libc::EIO,
     }
 }
 

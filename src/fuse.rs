@@ -623,6 +623,16 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        // The S3 facts are read-only: setting one to its value succeeds.
+        if let Some(n) = name.to_str().filter(|n| n.starts_with("user.s3.")) {
+            let (fs, n, v) = (self.fs.clone(), n.to_string(), value.to_vec());
+            return self.spawn(span!("setxattr", req, ino = ino.0), async move {
+                match fs.set_s3_xattr(ino.0, &n, &v).await {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(fail(&e)),
+                }
+            });
+        }
         let (fs, name, value) = (self.fs.clone(), name.to_owned(), value.to_vec());
         self.spawn(
             span!("setxattr", req, ino = ino.0, name = ?name),

@@ -14,6 +14,18 @@ use bucketfs::{mount, status};
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let cli = Cli::parse();
+    if let Some(Command::Url { path, expires }) = &cli.command {
+        return match status::presigned_url(path, *expires) {
+            Ok(url) => {
+                println!("{url}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bucketfs: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Some(Command::Status { mountpoint }) = &cli.command {
         return match status::print(mountpoint) {
             Ok(()) => ExitCode::SUCCESS,

@@ -24,7 +24,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::Options;
 use crate::fs::{Defaults, Fs, FsConfig};
 use crate::fuse::FuseFs;
-use crate::store::s3::{S3Settings, S3Store};
+use crate::store::s3::{RequestOptions, S3Settings, S3Store, SseCKey};
 use crate::store::{ObjectStore, StoreError};
 use crate::write::UploadOptions;
 
@@ -139,6 +139,24 @@ pub fn read_passwd_file(path: &Path, bucket: &str) -> Result<(String, String), M
     })
 }
 
+/// Reads an SSE-C key file (32 bytes, raw or base64); refused unless
+/// mode 0600 or stricter. The error never shows the file's contents.
+pub fn read_sse_c_key_file(path: &Path) -> Result<SseCKey, MountError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| MountError(format!("sse_c_key_file {}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(MountError(format!(
+            "sse_c_key_file {} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    let data = std::fs::read(path)
+        .map_err(|e| MountError(format!("sse_c_key_file {}: {e}", path.display())))?;
+    SseCKey::from_file_bytes(&data)
+        .map_err(|e| MountError(format!("sse_c_key_file {} {e}", path.display())))
+}
+
 /// The cache directory: `cache_dir=`, else `$XDG_CACHE_HOME/bucketfs`,
 /// `/var/cache/bucketfs` for root, `$HOME/.cache/bucketfs`. Never a shared
 /// directory such as /tmp, where another user could plant files first.
@@ -230,6 +248,11 @@ fn describe_connect_error(o: &Options, e: &StoreError) -> String {
             o.bucket
         ),
         StoreError::Transient(m) => format!("cannot reach {endpoint}: {m}"),
+        StoreError::WrongRegion(r) => format!(
+            "bucket {:?} is in region {r}, not {}: use -o region={r}",
+            o.bucket,
+            o.region.as_deref().unwrap_or("the one configured")
+        ),
         StoreError::NotFound => format!(
             "bucket {:?} not found at {endpoint} (is that an S3 endpoint?)",
             o.bucket
@@ -601,12 +624,16 @@ pub fn run(o: Options, verbose: bool) -> u8 {
             Some(p) => Some(read_passwd_file(p, &o.bucket)?),
             None => None,
         };
+        let sse_c = match &o.sse_c_key_file {
+            Some(p) => Some(read_sse_c_key_file(p)?),
+            None => None,
+        };
         let log_target = LogTarget::choose(&o, !o.foreground)?;
         if !o.foreground {
             ready = Some(daemonize(&log_target.describe())?);
         }
         init_logging(&log_target, verbose)?;
-        serve(&o, &mountpoint, static_keys, &mut ready)
+        serve(&o, &mountpoint, static_keys, sse_c, &mut ready)
     })();
     match result {
         Ok(code) => code,
@@ -627,6 +654,7 @@ fn serve(
     o: &Options,
     mountpoint: &Path,
     static_keys: Option<(String, String)>,
+    sse_c: Option<SseCKey>,
     ready: &mut Option<OwnedFd>,
 ) -> Result<u8, MountError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -645,8 +673,17 @@ fn serve(
         max_attempts: o.max_attempts,
         retry_time: o.retry_time,
         long_timeout: o.long_timeout,
+        requests: RequestOptions {
+            sse: o.sse.map(|s| s.header().to_string()),
+            sse_kms_key_id: o.sse_kms_key_id.clone(),
+            sse_c,
+            storage_class: o.storage_class.clone(),
+            acl: o.default_acl.clone(),
+            requester_pays: o.requester_pays,
+        },
     };
-    let store = rt
+    let mut settings = settings;
+    let mut store = rt
         .block_on(S3Store::connect(&settings))
         .map_err(|e| MountError(describe_connect_error(o, &e)))?;
     // No credentials at all is said as such, not as the "access denied"
@@ -654,8 +691,20 @@ fn serve(
     let identity = rt
         .block_on(store.access_key_id())
         .ok_or_else(|| MountError(no_credentials_message(o)))?;
-    rt.block_on(store.check_bucket())
-        .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+    match rt.block_on(store.check_bucket()) {
+        // The region came from the environment or a profile (as `aws
+        // configure` sets it), not from -o region=: the bucket's own wins.
+        Err(StoreError::WrongRegion(r)) if o.region.is_none() && !r.is_empty() => {
+            info!(region = %r, "following the bucket to its region");
+            settings.region = Some(r);
+            store = rt
+                .block_on(S3Store::connect(&settings))
+                .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+            rt.block_on(store.check_bucket())
+                .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+        }
+        r => r.map_err(|e| MountError(describe_connect_error(o, &e)))?,
+    }
     let store: Arc<dyn ObjectStore> = Arc::new(store);
     let cfg = fs_config(o, &cache_root(o)?, &identity);
     crate::private::create_private_dir(&cfg.staging_dir)

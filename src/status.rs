@@ -2,6 +2,11 @@
 //! (mode 0600, under $XDG_RUNTIME_DIR/bucketfs or /run/bucketfs) with a
 //! plain-text report: bucket, endpoint, uptime, files with data not yet in
 //! S3, cache use and hit rate, S3 requests by type. Never credentials.
+//!
+//! The client writes its request and closes its side: nothing is the
+//! report; `url\tPATH\tSECONDS` asks for a presigned GET URL of the file
+//! at PATH (relative to the mountpoint), made by the daemon, which holds
+//! the credentials (`bucketfs url`).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -11,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::warn;
 
 use crate::fs::Fs;
@@ -137,6 +142,43 @@ pub fn report(fs: &Fs, info: &MountInfo) -> String {
     s
 }
 
+/// Longest request a client may send.
+const REQUEST_MAX_BYTES: u64 = 64 * 1024;
+
+/// Longest a presigned URL may live: SigV4's limit, seven days.
+pub const URL_MAX_EXPIRES_SECS: u64 = 7 * 24 * 3600;
+
+/// The answer to one request: the report, or `url ...`'s
+/// `OK URL` / `ERR message` line.
+async fn answer(fs: &Fs, info: &MountInfo, request: &str) -> String {
+    let request = request.trim_end_matches('\n');
+    if request.is_empty() {
+        return report(fs, info);
+    }
+    let parts: Vec<&str> = request.split('\t').collect();
+    match parts.as_slice() {
+        ["url", path, secs] => {
+            let Some(secs) = secs
+                .parse::<u64>()
+                .ok()
+                .filter(|s| (1..=URL_MAX_EXPIRES_SECS).contains(s))
+            else {
+                return format!("ERR --expires must be 1..={URL_MAX_EXPIRES_SECS} seconds\n");
+            };
+            let key = fs.key_for_path(path);
+            match fs
+                .store()
+                .presign_get(&key, Duration::from_secs(secs))
+                .await
+            {
+                Ok(url) => format!("OK {url}\n"),
+                Err(e) => format!("ERR {e}\n"),
+            }
+        }
+        _ => "ERR unknown request\n".to_string(),
+    }
+}
+
 /// Serves the report on the mount's socket until the runtime ends.
 pub fn serve(fs: Arc<Fs>, info: MountInfo) -> Option<Socket> {
     let path = socket_path(&info.mountpoint);
@@ -158,9 +200,17 @@ pub fn serve(fs: Arc<Fs>, info: MountInfo) -> Option<Socket> {
     let id = file_id(&path)?;
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
-            let text = report(&fs, &info);
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), conn.write_all(text.as_bytes())).await;
+            let (fs, info) = (fs.clone(), info.clone());
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut limited = (&mut conn).take(REQUEST_MAX_BYTES);
+                let read = limited.read_to_end(&mut request);
+                let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+                let text = answer(&fs, &info, &String::from_utf8_lossy(&request)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), conn.write_all(text.as_bytes()))
+                        .await;
+            });
         }
     });
     Some(Socket { path, id })
@@ -179,10 +229,53 @@ pub fn print(mountpoint: &Path) -> Result<(), String> {
         )
     })?;
     conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let _ = conn.shutdown(std::net::Shutdown::Write);
     let mut text = String::new();
     conn.read_to_string(&mut text)
         .map_err(|e| format!("reading status: {e}"))?;
     std::io::stdout()
         .write_all(text.as_bytes())
         .map_err(|e| e.to_string())
+}
+
+/// The client of `bucketfs url`: a presigned GET URL of the file at
+/// `path`, from the bucketfs mount it lives under.
+pub fn presigned_url(path: &Path, expires_secs: u64) -> Result<String, String> {
+    let abs = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !abs.is_file() {
+        return Err(format!("{}: not a file", abs.display()));
+    }
+    // The innermost ancestor with a live status socket is the mount.
+    let (mountpoint, mut conn) = abs
+        .ancestors()
+        .skip(1)
+        .find_map(|dir| Some((dir, UnixStream::connect(socket_path(dir)).ok()?)))
+        .ok_or_else(|| format!("{} is not under a live bucketfs mount", abs.display()))?;
+    let rel = abs
+        .strip_prefix(mountpoint)
+        .map_err(|_| format!("{} is not under {}", abs.display(), mountpoint.display()))?;
+    let rel = rel
+        .to_str()
+        .ok_or_else(|| format!("{}: not a UTF-8 name", abs.display()))?;
+    if rel.split('/').any(|c| c == ".versions") {
+        return Err(format!(
+            "{}: a URL of an old version is not supported yet",
+            abs.display()
+        ));
+    }
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    conn.write_all(format!("url\t{rel}\t{expires_secs}\n").as_bytes())
+        .map_err(|e| format!("asking {}: {e}", mountpoint.display()))?;
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let mut text = String::new();
+    conn.read_to_string(&mut text)
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    match text.trim_end().split_once(' ') {
+        Some(("OK", url)) => Ok(url.to_string()),
+        Some(("ERR", e)) => Err(e.to_string()),
+        _ => Err(format!(
+            "{} did not answer (a bucketfs older than `bucketfs url`?)",
+            mountpoint.display()
+        )),
+    }
 }

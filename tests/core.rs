@@ -1291,3 +1291,97 @@ async fn writeback_async_a_renamed_file_not_sent_yet_is_recovered_at_its_new_nam
     assert_eq!(s.object("tmp"), None);
     assert_eq!(s.keys(), ["f"], "nothing beside");
 }
+
+/// What another client set on an object and the mount does not own
+/// (Content-Type and the other headers, storage class, encryption, its
+/// own `x-amz-meta-*`) survives a chmod, a rename, an overwrite and an
+/// overwrite of an object first seen in a listing.
+#[tokio::test]
+async fn chmod_rename_and_overwrite_keep_the_headers_and_metadata_of_others() {
+    use bucketfs::store::ObjectHeaders;
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let headers = ObjectHeaders {
+        content_type: Some("text/html; charset=utf-8".into()),
+        cache_control: Some("max-age=60".into()),
+        content_disposition: Some("inline".into()),
+        storage_class: Some("STANDARD_IA".into()),
+        sse: Some("aws:kms".into()),
+        sse_kms_key_id: Some("key-1".into()),
+        ..ObjectHeaders::default()
+    };
+    let mut meta = s3fs_meta(0o100644, 1000, 1_600_000_000);
+    meta.insert("owner-app".into(), "cms".into());
+    for k in ["page", "listed"] {
+        s.insert_with_headers(k, b"<p>old</p>", meta.clone(), headers.clone());
+    }
+    let kept = |key: &str, what: &str| {
+        assert_eq!(s.headers(key).as_ref(), Some(&headers), "{what}");
+        let m = s.metadata(key).unwrap();
+        assert_eq!(
+            m.get("owner-app").map(String::as_str),
+            Some("cms"),
+            "{what}"
+        );
+    };
+    let a = fs.lookup(ROOT_INO, name("page")).await.unwrap();
+    fs.setattr(
+        a.ino,
+        SetAttr {
+            mode: Some(0o100600),
+            ..SetAttr::default()
+        },
+    )
+    .await
+    .unwrap();
+    kept("page", "chmod");
+    assert_eq!(
+        s.metadata("page").unwrap().get("mode").map(String::as_str),
+        Some("33152"),
+        "the chmod itself landed"
+    );
+    fs.rename(ROOT_INO, name("page"), ROOT_INO, name("moved.html"), false)
+        .await
+        .unwrap();
+    kept("moved.html", "rename");
+    let fh = fs
+        .open(a.ino, libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"<p>new</p>").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("moved.html").unwrap().as_ref(), b"<p>new</p>");
+    kept("moved.html", "overwrite");
+    assert_eq!(
+        s.metadata("moved.html")
+            .unwrap()
+            .get("mode")
+            .map(String::as_str),
+        Some("33152"),
+        "the overwrite carries the file's own mode"
+    );
+    // Seen only in a listing (no headers yet): the overwrite looks first.
+    let entries = fs.list(ROOT_INO).await.unwrap();
+    assert!(entries.iter().any(|e| e.name == "listed"));
+    let l = fs.lookup(ROOT_INO, name("listed")).await.unwrap();
+    let fh = fs
+        .open(l.ino, libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"x").await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.object("listed").unwrap().as_ref(), b"x");
+    kept("listed", "overwrite after a listing");
+    // A new file gets its type from its name.
+    let (_, fh) = fs
+        .create(ROOT_INO, name("new.css"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"p{}").await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(
+        s.headers("new.css").unwrap().content_type.as_deref(),
+        Some("text/css")
+    );
+}

@@ -295,6 +295,7 @@ mod tests {
             version_id: None,
             storage_class: None,
             metadata: meta,
+            headers: None,
         }
     }
 

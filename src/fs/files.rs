@@ -36,6 +36,7 @@ use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use tracing::{error, warn};
 
+use super::attr::{META_GID, META_MODE, META_MTIME, META_RDEV, META_UID};
 use super::inodes::NodeKey;
 use super::{Attr, FileKind, Fs, FsError, FsResult};
 use crate::cache::block::BlockKey;
@@ -477,8 +478,11 @@ impl Fs {
             o.key = key.to_string();
             o.etag = put.etag.clone();
             o.version_id = put.version_id.clone();
+            // As the store's copy: the new keys over the object's own.
             if let Some(m) = meta {
-                o.metadata = Some(m.clone());
+                o.metadata
+                    .get_or_insert_default()
+                    .extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
                 n.fresh_until = fresh;
             }
         }
@@ -660,9 +664,17 @@ impl Fs {
         self.set_dirty(fhd.ino, &mut st)?;
         self.staged_write(&mut st, offset, data)?;
         if st.staged.stream_due(&self.cfg.upload) {
-            let (key, meta) = self.journal_header(fhd.ino)?;
+            let (key, own) = self.journal_header(fhd.ino)?;
+            let object = self
+                .table
+                .lock()
+                .get(fhd.ino)
+                .and_then(|n| n.object.clone());
+            let (meta, keep) = self
+                .kept_over(&key, object.as_ref(), st.staged.replaces(), own)
+                .await;
             st.staged
-                .stream(&self.store, &key, &meta, &self.cfg.upload)
+                .stream(&self.store, &key, &meta, keep.as_ref(), &self.cfg.upload)
                 .await;
         }
         fhd.wrote.store(true, Ordering::Relaxed);
@@ -693,24 +705,38 @@ impl Fs {
         // metadata self-copy that raced this state's first open): same
         // bytes, a new identity to build on.
         if generation != st.generation
-            && let Some(o) = object
+            && let Some(o) = &object
         {
             st.object_moved(
                 &o.key,
                 &crate::store::PutResult {
-                    etag: o.etag,
-                    version_id: o.version_id,
+                    etag: o.etag.clone(),
+                    version_id: o.version_id.clone(),
                 },
             );
             st.generation = generation;
         }
         let key = self.key_of(&path);
-        let meta = attr.to_metadata();
+        let (meta, keep) = self
+            .kept_over(
+                &key,
+                object.as_ref(),
+                st.staged.replaces(),
+                attr.to_metadata(),
+            )
+            .await;
         let progress = Arc::new(Progress::default());
         self.uploads.lock().insert(ino, progress.clone());
         let put = st
             .staged
-            .upload(&*self.store, &key, &meta, &self.cfg.upload, &progress)
+            .upload(
+                &*self.store,
+                &key,
+                &meta,
+                keep.as_ref(),
+                &self.cfg.upload,
+                &progress,
+            )
             .await;
         self.uploads.lock().remove(&ino);
         let put = match put {
@@ -730,6 +756,10 @@ impl Fs {
         };
         st.landed(&key, &put);
         self.versions.forget(&path);
+        let sent = keep.unwrap_or_else(|| crate::store::ObjectHeaders {
+            content_type: crate::store::content_type_for(&key),
+            ..Default::default()
+        });
         let info = ObjectInfo {
             key,
             size: st.staged.size(),
@@ -738,6 +768,8 @@ impl Fs {
             version_id: put.version_id,
             storage_class: None,
             metadata: Some(meta),
+            // What the next overwrite keeps: what this one sent.
+            headers: Some(sent),
         };
         let fresh = self.fresh_until();
         if let Some(n) = self.table.lock().get_mut(ino) {
@@ -747,6 +779,50 @@ impl Fs {
             st.generation = n.generation;
         }
         Ok(())
+    }
+
+    /// The metadata and headers of an upload to `key`: the file's own
+    /// metadata (`own`) over the user metadata the mount does not own of
+    /// the object it replaces, and that object's headers to keep.
+    async fn kept_over(
+        &self,
+        key: &str,
+        known: Option<&ObjectInfo>,
+        replaces: Option<&str>,
+        own: crate::store::Metadata,
+    ) -> (crate::store::Metadata, Option<crate::store::ObjectHeaders>) {
+        let replaced = self.replaced_object(key, known, replaces).await;
+        let mut meta = replaced
+            .as_ref()
+            .and_then(|o| o.metadata.clone())
+            .unwrap_or_default();
+        meta.retain(|k, _| {
+            ![META_MODE, META_UID, META_GID, META_MTIME, META_RDEV].contains(&k.as_str())
+        });
+        meta.extend(own);
+        (meta, replaced.and_then(|o| o.headers))
+    }
+
+    /// The object an upload to `key` replaces, with its headers and user
+    /// metadata: the inode's own when it was read by a HEAD of that very
+    /// object (same ETag), else one HEAD. None for a new key, or when the
+    /// key now holds something else.
+    async fn replaced_object(
+        &self,
+        key: &str,
+        known: Option<&ObjectInfo>,
+        replaces: Option<&str>,
+    ) -> Option<ObjectInfo> {
+        let etag = replaces?;
+        if let Some(o) = known.filter(|o| {
+            o.key == key && o.etag == etag && o.headers.is_some() && o.metadata.is_some()
+        }) {
+            return Some(o.clone());
+        }
+        match self.store.head(key, None).await {
+            Ok(o) if o.etag == etag => Some(o),
+            _ => None,
+        }
     }
 
     /// Uploads an edit whose base another client replaced (and whose
@@ -766,7 +842,14 @@ impl Fs {
         let progress = Progress::default();
         let put = st
             .staged
-            .upload(&*self.store, &beside, meta, &self.cfg.upload, &progress)
+            .upload(
+                &*self.store,
+                &beside,
+                meta,
+                None,
+                &self.cfg.upload,
+                &progress,
+            )
             .await;
         let put = match put {
             Ok(p) => p,
@@ -1286,6 +1369,7 @@ impl Fs {
             version_id: None,
             storage_class: None,
             metadata: Some(meta),
+            headers: None,
         };
         let attr = self.attr_of(&info, false);
         let ino = {

@@ -373,6 +373,11 @@ impl Fs {
         self.meta.attr(ino).await?.ok_or(FsError::NotFound)
     }
 
+    /// The object key of a path under the mount (no leading '/').
+    pub fn key_for_path(&self, path: &str) -> String {
+        self.key_of(path)
+    }
+
     fn key_of(&self, path: &str) -> String {
         format!("{}{path}", self.cfg.root_prefix)
     }

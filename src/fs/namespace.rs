@@ -101,6 +101,11 @@ impl Fs {
         etag: String,
         version: Option<String>,
     ) -> ObjectInfo {
+        // As this mount just wrote it (what a later overwrite keeps).
+        let headers = crate::store::ObjectHeaders {
+            content_type: crate::store::content_type_for(&key),
+            ..Default::default()
+        };
         ObjectInfo {
             key,
             size,
@@ -109,6 +114,7 @@ impl Fs {
             version_id: version,
             storage_class: None,
             metadata: Some(meta),
+            headers: Some(headers),
         }
     }
 
@@ -178,7 +184,10 @@ impl Fs {
         let meta = attr.to_metadata();
         let size = body.len() as u64;
         self.settle_deferred(&key).await;
-        let put = self.store.put(&key, PutBody::Bytes(body), &meta).await?;
+        let put = self
+            .store
+            .put(&key, PutBody::Bytes(body), &meta, None)
+            .await?;
         self.versions.forget(&path);
         let info = Self::object_info(key, size, meta, put.etag, put.version_id);
         let is_dir = attr.kind == FileKind::Dir;
@@ -724,7 +733,7 @@ impl Fs {
                 self.store.copy(&key, &key, Some(&meta), None).await?
             } else {
                 self.store
-                    .put(&key, PutBody::Bytes(Bytes::new()), &meta)
+                    .put(&key, PutBody::Bytes(Bytes::new()), &meta, None)
                     .await?
             };
             if let Some(n) = self.table.lock().get_mut(ino) {

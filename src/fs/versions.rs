@@ -33,6 +33,16 @@ use super::names::{join, showable};
 use super::{Attr, DirEntry, FileKind, Fs, FsError, FsResult, Resolved};
 use crate::store::{ObjectInfo, VersionInfo};
 
+/// User metadata keys that hold the mount's own attributes, not shown as
+/// `user.s3.meta.*`.
+const OWNED_META: [&str; 5] = [
+    super::attr::META_MODE,
+    super::attr::META_UID,
+    super::attr::META_GID,
+    super::attr::META_MTIME,
+    super::attr::META_RDEV,
+];
+
 const ID_ENCODE: &AsciiSet = &CONTROLS.add(b'%').add(b'/');
 const DELETED_SUFFIX: &str = ".deleted";
 const VERSIONS_PERM: u16 = 0o555;
@@ -345,6 +355,7 @@ impl Fs {
             version_id: Some(v.version_id.clone()),
             storage_class: None,
             metadata: None,
+            headers: None,
         };
         let node = NodeKey::Version {
             path: path.to_string(),
@@ -442,6 +453,7 @@ impl Fs {
             version_id: Some(v.version_id.clone()),
             storage_class: None,
             metadata: None,
+            headers: None,
         }
     }
 
@@ -510,7 +522,9 @@ impl Fs {
             (n.key.clone(), n.object.clone())
         };
         let object = match (&key, object) {
-            (NodeKey::Path(_), Some(o)) if o.metadata.is_none() || o.storage_class.is_none() => {
+            (NodeKey::Path(_), Some(o))
+                if o.metadata.is_none() || o.storage_class.is_none() || o.headers.is_none() =>
+            {
                 let info = self.store.head(&o.key, None).await?;
                 if let Some(n) = self.table.lock().get_mut(ino) {
                     n.object = Some(info.clone());
@@ -537,7 +551,60 @@ impl Fs {
         if let Some(c) = &object.storage_class {
             out.push(("user.s3.storage_class".to_string(), c.clone()));
         }
+        if let Some(h) = &object.headers {
+            if let Some(t) = &h.content_type {
+                out.push(("user.s3.content_type".to_string(), t.clone()));
+            }
+            let sse = if h.sse_c {
+                Some("SSE-C".to_string())
+            } else {
+                h.sse.clone()
+            };
+            if let Some(e) = sse {
+                out.push(("user.s3.sse".to_string(), e));
+            }
+            if let Some(k) = &h.sse_kms_key_id {
+                out.push(("user.s3.sse_kms_key_id".to_string(), k.clone()));
+            }
+            for (name, v) in [
+                ("user.s3.restore", &h.restore),
+                ("user.s3.object_lock_mode", &h.lock_mode),
+                ("user.s3.object_lock_retain_until", &h.lock_retain_until),
+                ("user.s3.legal_hold", &h.legal_hold),
+            ] {
+                if let Some(v) = v {
+                    out.push((name.to_string(), v.clone()));
+                }
+            }
+        }
+        // The user metadata the mount does not keep mode and owner in.
+        let mut foreign: Vec<(&String, &String)> = object
+            .metadata
+            .iter()
+            .flatten()
+            .filter(|(k, _)| !OWNED_META.contains(&k.as_str()))
+            .collect();
+        foreign.sort();
+        for (k, v) in foreign {
+            out.push((format!("user.s3.meta.{k}"), v.clone()));
+        }
         Ok(out)
+    }
+
+    /// setxattr of a `user.s3.*` name: these are read-only facts, so only
+    /// setting one to the value it has succeeds (`cp -a`, `rsync -aX`
+    /// copying a file within the mount; it changes nothing). Anything else
+    /// is EROFS where nothing may change (a version, a read-only mount),
+    /// else EPERM.
+    pub async fn set_s3_xattr(&self, ino: u64, name: &str, value: &[u8]) -> FsResult<()> {
+        let all = self.xattrs(ino).await?;
+        match all.iter().find(|(k, _)| k == name) {
+            Some((_, v)) if v.as_bytes() == value => Ok(()),
+            _ => {
+                self.check_writable(ino)?;
+                Err(FsError::NotPermitted)
+            }
+        }
     }
 }
 

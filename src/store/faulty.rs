@@ -30,8 +30,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::{
-    Counters, ListPage, Metadata, ObjectInfo, ObjectStore, Op, PutBody, PutResult, ReadPin,
-    StoreError, StoreResult, VersionPage,
+    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, PutBody, PutResult,
+    ReadPin, StoreError, StoreResult, VersionPage,
 };
 
 /// How long `wait_held` waits at most.
@@ -297,9 +297,15 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         self.after(Op::Get, r).await
     }
 
-    async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {
+    async fn put(
+        &self,
+        key: &str,
+        body: PutBody,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<PutResult> {
         self.before(Op::Put, key).await?;
-        let r = self.inner.put(key, body, meta).await;
+        let r = self.inner.put(key, body, meta, keep).await;
         self.after(Op::Put, r).await
     }
 
@@ -321,9 +327,14 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         self.after(Op::Delete, r).await
     }
 
-    async fn create_multipart(&self, key: &str, meta: &Metadata) -> StoreResult<String> {
+    async fn create_multipart(
+        &self,
+        key: &str,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<String> {
         self.before(Op::CreateMultipart, key).await?;
-        let r = self.inner.create_multipart(key, meta).await;
+        let r = self.inner.create_multipart(key, meta, keep).await;
         self.after(Op::CreateMultipart, r).await
     }
 
@@ -393,6 +404,10 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         self.after(Op::ListVersions, r).await
     }
 
+    async fn presign_get(&self, key: &str, expires: std::time::Duration) -> StoreResult<String> {
+        self.inner.presign_get(key, expires).await
+    }
+
     async fn check_bucket(&self) -> StoreResult<()> {
         self.before(Op::HeadBucket, "").await?;
         let r = self.inner.check_bucket().await;
@@ -423,7 +438,7 @@ mod tests {
         s.hold(Op::Put, 1);
         let t = tokio::spawn({
             let s = s.clone();
-            async move { s.put("k", body(b"v"), &Metadata::new()).await }
+            async move { s.put("k", body(b"v"), &Metadata::new(), None).await }
         });
         s.wait_held(Op::Put).await.unwrap();
         assert_eq!(s.inner().object("k"), None, "held before the store");
@@ -437,7 +452,9 @@ mod tests {
         assert_eq!(s.inner().object("k").unwrap().as_ref(), b"v");
         assert_eq!(s.held(Op::Put), 0);
         // The hold was used up: the next call goes straight through.
-        s.put("k2", body(b"w"), &Metadata::new()).await.unwrap();
+        s.put("k2", body(b"w"), &Metadata::new(), None)
+            .await
+            .unwrap();
         assert_eq!(s.calls(Op::Put), 2);
     }
 
@@ -448,7 +465,7 @@ mod tests {
         s.lie_after(Op::Put, 1, StoreError::Transient("timeout".into()));
         let t = tokio::spawn({
             let s = s.clone();
-            async move { s.put("k", body(b"v"), &Metadata::new()).await }
+            async move { s.put("k", body(b"v"), &Metadata::new(), None).await }
         });
         s.wait_held(Op::Put).await.unwrap();
         assert_eq!(s.inner().object("k").unwrap().as_ref(), b"v", "landed");
@@ -458,7 +475,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(r.unwrap_err().is_transient());
-        s.put("k", body(b"w"), &Metadata::new()).await.unwrap();
+        s.put("k", body(b"w"), &Metadata::new(), None)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -17,8 +17,8 @@ use md5::Digest;
 use parking_lot::Mutex;
 
 use super::{
-    Counters, ListPage, Metadata, ObjectInfo, ObjectStore, Op, PutBody, PutResult, ReadPin,
-    StoreError, StoreResult, VersionInfo, VersionPage,
+    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, PutBody, PutResult,
+    ReadPin, StoreError, StoreResult, VersionInfo, VersionPage,
 };
 
 const MAX_KEY_BYTES: usize = 1024;
@@ -30,6 +30,7 @@ struct MemVersion {
     /// `None` is a delete marker.
     data: Option<Bytes>,
     meta: Metadata,
+    headers: ObjectHeaders,
     etag: String,
     last_modified: SystemTime,
 }
@@ -39,6 +40,7 @@ struct Upload {
     key: String,
     started: SystemTime,
     meta: Metadata,
+    headers: ObjectHeaders,
     parts: BTreeMap<i32, Bytes>,
 }
 
@@ -106,6 +108,13 @@ impl MemStore {
         v.data.as_ref().map(|_| v.meta.clone())
     }
 
+    /// Headers of the current object.
+    pub fn headers(&self, key: &str) -> Option<ObjectHeaders> {
+        let st = self.state.lock();
+        let v = st.objects.get(key)?.last()?;
+        v.data.as_ref().map(|_| v.headers.clone())
+    }
+
     /// Every current key, in order.
     pub fn keys(&self) -> Vec<String> {
         let st = self.state.lock();
@@ -123,8 +132,20 @@ impl MemStore {
 
     /// Writes an object behind the filesystem's back, as another client would.
     pub fn insert(&self, key: &str, data: &[u8], meta: Metadata) -> PutResult {
+        self.insert_with_headers(key, data, meta, ObjectHeaders::default())
+    }
+
+    /// `insert`, with headers (Content-Type, storage class...).
+    pub fn insert_with_headers(
+        &self,
+        key: &str,
+        data: &[u8],
+        meta: Metadata,
+        headers: ObjectHeaders,
+    ) -> PutResult {
         let mut st = self.state.lock();
-        self.store_version(&mut st, key, Some(Bytes::copy_from_slice(data)), meta)
+        let data = Some(Bytes::copy_from_slice(data));
+        self.store_version(&mut st, key, data, meta, headers)
     }
 
     fn enter(&self, op: Op) -> StoreResult<()> {
@@ -149,6 +170,7 @@ impl MemStore {
         key: &str,
         data: Option<Bytes>,
         meta: Metadata,
+        headers: ObjectHeaders,
     ) -> PutResult {
         let n = self.next_id();
         let id = if self.versioned {
@@ -170,6 +192,7 @@ impl MemStore {
             id: id.clone(),
             data,
             meta,
+            headers,
             etag: etag.clone(),
             last_modified,
         });
@@ -204,9 +227,27 @@ impl MemStore {
             etag: v.etag.clone(),
             last_modified: v.last_modified,
             version_id: self.versioned.then(|| v.id.clone()),
-            storage_class: Some("STANDARD".to_string()),
+            storage_class: Some(
+                v.headers
+                    .storage_class
+                    .clone()
+                    .unwrap_or_else(|| "STANDARD".to_string()),
+            ),
             metadata: with_meta.then(|| v.meta.clone()),
+            headers: with_meta.then(|| v.headers.clone()),
         }
+    }
+}
+
+/// The headers of a new object: those it keeps, else a Content-Type from
+/// its extension (as S3Store sends).
+fn new_headers(key: &str, keep: Option<&ObjectHeaders>) -> ObjectHeaders {
+    match keep {
+        Some(h) => h.clone(),
+        None => ObjectHeaders {
+            content_type: super::content_type_for(key),
+            ..ObjectHeaders::default()
+        },
     }
 }
 
@@ -327,7 +368,13 @@ impl ObjectStore for MemStore {
         Ok(data.slice(start..end))
     }
 
-    async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {
+    async fn put(
+        &self,
+        key: &str,
+        body: PutBody,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<PutResult> {
         self.enter(Op::Put)?;
         check_key(key)?;
         let data = body
@@ -335,7 +382,8 @@ impl ObjectStore for MemStore {
             .map_err(|e| StoreError::Other(e.to_string()))?;
         self.counters.add_sent(data.len() as u64);
         let mut st = self.state.lock();
-        Ok(self.store_version(&mut st, key, Some(data), meta.clone()))
+        let headers = new_headers(key, keep);
+        Ok(self.store_version(&mut st, key, Some(data), meta.clone(), headers))
     }
 
     async fn copy(
@@ -349,8 +397,12 @@ impl ObjectStore for MemStore {
         check_key(dst)?;
         let mut st = self.state.lock();
         let v = Self::find(&st, src, src_version)?.clone();
-        let meta = meta.cloned().unwrap_or(v.meta);
-        Ok(self.store_version(&mut st, dst, v.data, meta))
+        // As S3Store: the given keys over the source's, the others kept.
+        let mut merged = v.meta;
+        if let Some(m) = meta {
+            merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        Ok(self.store_version(&mut st, dst, v.data, merged, v.headers))
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -360,14 +412,25 @@ impl ObjectStore for MemStore {
             return Ok(());
         }
         if self.versioned {
-            self.store_version(&mut st, key, None, Metadata::new());
+            self.store_version(
+                &mut st,
+                key,
+                None,
+                Metadata::new(),
+                ObjectHeaders::default(),
+            );
         } else {
             st.objects.remove(key);
         }
         Ok(())
     }
 
-    async fn create_multipart(&self, key: &str, meta: &Metadata) -> StoreResult<String> {
+    async fn create_multipart(
+        &self,
+        key: &str,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<String> {
         self.enter(Op::CreateMultipart)?;
         check_key(key)?;
         let id = format!("upload-{}", self.next_id());
@@ -377,6 +440,7 @@ impl ObjectStore for MemStore {
                 key: key.to_string(),
                 started: SystemTime::now(),
                 meta: meta.clone(),
+                headers: new_headers(key, keep),
                 parts: BTreeMap::new(),
             },
         );
@@ -445,7 +509,8 @@ impl ObjectStore for MemStore {
             data.extend_from_slice(part);
         }
         debug_assert_eq!(up.key, key);
-        let mut put = self.store_version(&mut st, key, Some(Bytes::from(data)), up.meta);
+        let mut put =
+            self.store_version(&mut st, key, Some(Bytes::from(data)), up.meta, up.headers);
         // As S3: MD5 of the parts' MD5s, dash, part count.
         let mut h = md5::Md5::new();
         for (n, _) in &parts {
@@ -512,6 +577,10 @@ impl ObjectStore for MemStore {
             }
         }
         Ok(page)
+    }
+
+    async fn presign_get(&self, key: &str, expires: Duration) -> StoreResult<String> {
+        Ok(format!("memory:///{key}?expires={}", expires.as_secs()))
     }
 
     async fn check_bucket(&self) -> StoreResult<()> {

@@ -25,6 +25,56 @@ use bytes::Bytes;
 /// User metadata (the `x-amz-meta-*` headers, names without the prefix).
 pub type Metadata = HashMap<String, String>;
 
+/// The headers of an object besides its user metadata that a copy or an
+/// overwrite must send again to keep (S3 resets them otherwise): the
+/// standard HTTP headers, storage class and encryption. Tags are kept by
+/// CopyObject itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectHeaders {
+    pub content_type: Option<String>,
+    pub cache_control: Option<String>,
+    pub content_disposition: Option<String>,
+    pub content_encoding: Option<String>,
+    pub content_language: Option<String>,
+    /// As an HTTP date.
+    pub expires: Option<String>,
+    /// None for STANDARD.
+    pub storage_class: Option<String>,
+    /// `AES256`, `aws:kms`, `aws:kms:dsse`; None when not encrypted with
+    /// S3- or KMS-managed keys.
+    pub sse: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    /// Encrypted with a customer key (SSE-C).
+    pub sse_c: bool,
+    // Shown as xattrs, never sent: S3 sets these itself.
+    /// `x-amz-restore` of an archived object (`ongoing-request="..."`).
+    pub restore: Option<String>,
+    /// Object Lock mode (GOVERNANCE, COMPLIANCE).
+    pub lock_mode: Option<String>,
+    /// Object Lock retain-until date, RFC 3339.
+    pub lock_retain_until: Option<String>,
+    /// Object Lock legal hold (ON, OFF).
+    pub legal_hold: Option<String>,
+    /// How many tags the object has: an overwrite reads and sends them
+    /// again when there are any (PutObject does not keep them).
+    pub tag_count: u32,
+}
+
+/// The Content-Type of a new object, from its name's extension
+/// (`index.html` is text/html; unknown: application/octet-stream);
+/// directory markers get none.
+pub fn content_type_for(key: &str) -> Option<String> {
+    if key.ends_with('/') {
+        return None;
+    }
+    Some(
+        mime_guess::from_path(key)
+            .first_raw()
+            .unwrap_or("application/octet-stream")
+            .to_string(),
+    )
+}
+
 /// One object as a listing or a HEAD reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObjectInfo {
@@ -36,6 +86,8 @@ pub struct ObjectInfo {
     pub storage_class: Option<String>,
     /// `None` when the source (a listing) does not carry user metadata.
     pub metadata: Option<Metadata>,
+    /// `None` when the source (a listing) does not carry them.
+    pub headers: Option<ObjectHeaders>,
 }
 
 /// One page of ListObjectsV2.
@@ -105,6 +157,33 @@ impl PutBody {
         self.len() == 0
     }
 
+    /// The MD5 digest (S3's Content-MD5) and CRC32C of the body, in one
+    /// pass, read in 1 MiB steps.
+    pub fn checksums(&self) -> std::io::Result<([u8; 16], u32)> {
+        use md5::Digest;
+        let mut md5 = md5::Md5::new();
+        let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
+        match self {
+            PutBody::Bytes(b) => {
+                md5.update(b);
+                crc.update(b);
+            }
+            PutBody::File { file, offset, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; (*len).min(1 << 20) as usize];
+                let mut pos = 0;
+                while pos < *len {
+                    let n = ((*len - pos) as usize).min(buf.len());
+                    file.read_exact_at(&mut buf[..n], offset + pos)?;
+                    md5.update(&buf[..n]);
+                    crc.update(&buf[..n]);
+                    pos += n as u64;
+                }
+            }
+        }
+        Ok((md5.finalize().into(), crc.finalize() as u32))
+    }
+
     /// Reads the whole body into memory (for stores that keep bytes in RAM).
     pub fn read_all(&self) -> std::io::Result<Bytes> {
         match self {
@@ -143,6 +222,9 @@ pub enum StoreError {
     Transient(String),
     /// Anything else; not worth retrying.
     Other(String),
+    /// The bucket is in another region than the one requests were signed
+    /// for (S3's 301 PermanentRedirect with `x-amz-bucket-region`).
+    WrongRegion(String),
 }
 
 impl StoreError {
@@ -161,6 +243,7 @@ impl fmt::Display for StoreError {
             StoreError::InvalidRequest(m) => write!(f, "invalid request: {m}"),
             StoreError::Transient(m) => write!(f, "S3 unavailable: {m}"),
             StoreError::Other(m) => write!(f, "S3 error: {m}"),
+            StoreError::WrongRegion(r) => write!(f, "the bucket is in region {r}"),
         }
     }
 }
@@ -186,10 +269,12 @@ pub enum Op {
     ListVersions,
     HeadBucket,
     ListUploads,
+    GetTagging,
+    GetAcl,
 }
 
 impl Op {
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 16] = [
         Op::List,
         Op::Head,
         Op::Get,
@@ -204,6 +289,8 @@ impl Op {
         Op::ListVersions,
         Op::HeadBucket,
         Op::ListUploads,
+        Op::GetTagging,
+        Op::GetAcl,
     ];
 
     pub fn name(self) -> &'static str {
@@ -222,6 +309,8 @@ impl Op {
             Op::ListVersions => "LIST_VERSIONS",
             Op::HeadBucket => "HEAD_BUCKET",
             Op::ListUploads => "LIST_UPLOADS",
+            Op::GetTagging => "GET_TAGGING",
+            Op::GetAcl => "GET_ACL",
         }
     }
 }
@@ -229,7 +318,7 @@ impl Op {
 /// Requests made, by type. Both stores keep one.
 #[derive(Debug, Default)]
 pub struct Counters {
-    counts: [AtomicU64; 14],
+    counts: [AtomicU64; 16],
     sent: AtomicU64,
     received: AtomicU64,
 }
@@ -287,9 +376,22 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// A byte range of an object. The range is clamped to the object size.
     async fn get_range(&self, key: &str, range: Range<u64>, pin: &ReadPin) -> StoreResult<Bytes>;
 
-    async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult>;
+    /// PutObject. `keep`: the headers of the object this one replaces,
+    /// sent again (a mount option still wins); without them the
+    /// Content-Type comes from the key's extension.
+    async fn put(
+        &self,
+        key: &str,
+        body: PutBody,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<PutResult>;
 
-    /// Server-side copy of a current object, with new metadata if given.
+    /// Server-side copy of an object (of one version if given). With
+    /// `meta`, those user metadata keys are set over the source's; every
+    /// other header of the source (Content-Type, Cache-Control and the
+    /// like, its other `x-amz-meta-*`, tags, storage class, encryption)
+    /// is kept unless a mount option sets it.
     async fn copy(
         &self,
         src: &str,
@@ -300,7 +402,13 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     async fn delete(&self, key: &str) -> StoreResult<()>;
 
-    async fn create_multipart(&self, key: &str, meta: &Metadata) -> StoreResult<String>;
+    /// CreateMultipartUpload; `keep` as for `put`.
+    async fn create_multipart(
+        &self,
+        key: &str,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<String>;
 
     async fn upload_part(
         &self,
@@ -340,6 +448,10 @@ pub trait ObjectStore: Send + Sync + 'static {
         delimiter: Option<&str>,
         marker: Option<(String, String)>,
     ) -> StoreResult<VersionPage>;
+
+    /// A URL anyone can GET the current object at for `expires`, signed
+    /// with the mount's credentials (no request is made).
+    async fn presign_get(&self, key: &str, expires: std::time::Duration) -> StoreResult<String>;
 
     /// Checks that the bucket exists and is reachable with these credentials.
     async fn check_bucket(&self) -> StoreResult<()>;

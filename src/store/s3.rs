@@ -28,18 +28,24 @@ use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
 use aws_sdk_s3::config::{
-    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation, RuntimeComponents,
 };
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective};
+use aws_sdk_s3::error::{BoxError, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::head_object::{HeadObjectError, HeadObjectOutput};
+use aws_sdk_s3::primitives::{ByteStream, DateTime, DateTimeFormat, Length};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective, ObjectCannedAcl,
+    ServerSideEncryption, StorageClass, TaggingDirective,
+};
 use bytes::Bytes;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
-    Counters, ListPage, Metadata, ObjectInfo, ObjectStore, Op, PutBody, PutResult, ReadPin,
-    StoreError, StoreResult, VersionInfo, VersionPage,
+    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, PutBody, PutResult,
+    ReadPin, StoreError, StoreResult, VersionInfo, VersionPage,
 };
 
 /// How to reach the bucket.
@@ -60,6 +66,144 @@ pub struct S3Settings {
     pub retry_time: Duration,
     /// First-byte timeout of long server-side operations.
     pub long_timeout: Duration,
+    /// Encryption, storage class, ACL and payer of every request.
+    pub requests: RequestOptions,
+}
+
+/// What the mount adds to its requests, mount-wide: set by mount options,
+/// applied here so the `ObjectStore` calls stay small.
+#[derive(Clone, Debug, Default)]
+pub struct RequestOptions {
+    /// `x-amz-server-side-encryption` of every object written or copied.
+    pub sse: Option<String>,
+    /// `x-amz-server-side-encryption-aws-kms-key-id` with it.
+    pub sse_kms_key_id: Option<String>,
+    /// SSE-C: the customer key, on every request that touches object data.
+    pub sse_c: Option<SseCKey>,
+    /// `x-amz-storage-class` of every object written or copied.
+    pub storage_class: Option<String>,
+    /// Canned `x-amz-acl` of every object written or copied.
+    pub acl: Option<String>,
+    /// `x-amz-request-payer: requester` on every request.
+    pub requester_pays: bool,
+}
+
+/// An SSE-C key, kept as S3 wants it (base64 key and base64 MD5 of the
+/// key). Its `Debug` shows neither: it never reaches a log.
+#[derive(Clone)]
+pub struct SseCKey {
+    key_b64: String,
+    md5_b64: String,
+}
+
+impl SseCKey {
+    /// The length of an AES-256 key.
+    pub const KEY_BYTES: usize = 32;
+
+    /// A key from the contents of a key file: 32 raw bytes, or a line of
+    /// 32 bytes or of their base64. s3fs's files list one key per line
+    /// (the key history); the first is the one to use.
+    pub fn from_file_bytes(data: &[u8]) -> Result<SseCKey, String> {
+        use base64::Engine;
+        use md5::Digest;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key = if data.len() == Self::KEY_BYTES {
+            data.to_vec()
+        } else {
+            let first = data
+                .split(|&b| b == b'\n')
+                .map(|l| l.trim_ascii())
+                .find(|l| !l.is_empty())
+                .ok_or_else(|| "is empty".to_string())?;
+            if first.len() == Self::KEY_BYTES {
+                first.to_vec()
+            } else {
+                b64.decode(first).map_err(|_| {
+                    format!(
+                        "is neither 32 raw bytes nor base64 ({} bytes on its first line)",
+                        first.len()
+                    )
+                })?
+            }
+        };
+        if key.len() != Self::KEY_BYTES {
+            return Err(format!(
+                "holds a {}-byte key; SSE-C needs 32 bytes (AES-256)",
+                key.len()
+            ));
+        }
+        Ok(SseCKey {
+            key_b64: b64.encode(&key),
+            md5_b64: b64.encode(md5::Md5::digest(&key)),
+        })
+    }
+}
+
+impl std::fmt::Debug for SseCKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SseCKey(..)")
+    }
+}
+
+/// The SSE-C algorithm, the only one S3 has.
+const SSE_C_ALGORITHM: &str = "AES256";
+
+/// Adds `x-amz-request-payer: requester` to every request the client
+/// sends, listings and multipart calls included.
+#[derive(Debug)]
+struct RequesterPays;
+
+impl Intercept for RequesterPays {
+    fn name(&self) -> &'static str {
+        "RequesterPays"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        context
+            .request_mut()
+            .headers_mut()
+            .insert("x-amz-request-payer", "requester");
+        Ok(())
+    }
+}
+
+/// Adds the mount's SSE-C key, if any, to a request that reads or writes
+/// object data.
+macro_rules! with_sse_c {
+    ($req:expr, $opts:expr) => {{
+        let k = $opts.sse_c.as_ref();
+        $req.set_sse_customer_algorithm(k.map(|_| SSE_C_ALGORITHM.to_string()))
+            .set_sse_customer_key(k.map(|k| k.key_b64.clone()))
+            .set_sse_customer_key_md5(k.map(|k| k.md5_b64.clone()))
+    }};
+}
+
+/// Adds the SSE-C key of a copy's source, when it has one.
+macro_rules! with_copy_source_sse_c {
+    ($req:expr, $key:expr) => {{
+        let k: Option<&SseCKey> = $key;
+        $req.set_copy_source_sse_customer_algorithm(k.map(|_| SSE_C_ALGORITHM.to_string()))
+            .set_copy_source_sse_customer_key(k.map(|k| k.key_b64.clone()))
+            .set_copy_source_sse_customer_key_md5(k.map(|k| k.md5_b64.clone()))
+    }};
+}
+
+/// Adds what a new object gets (PutObject, CreateMultipartUpload,
+/// CopyObject): encryption, storage class, canned ACL.
+macro_rules! with_new_object {
+    ($req:expr, $opts:expr) => {{
+        let o: &RequestOptions = $opts;
+        with_sse_c!($req, o)
+            .set_server_side_encryption(o.sse.as_deref().map(ServerSideEncryption::from))
+            .set_ssekms_key_id(o.sse_kms_key_id.clone())
+            .set_storage_class(o.storage_class.as_deref().map(StorageClass::from))
+            .set_acl(o.acl.as_deref().map(ObjectCannedAcl::from))
+    }};
 }
 
 impl Default for S3Settings {
@@ -75,6 +219,7 @@ impl Default for S3Settings {
             max_attempts: 11,
             retry_time: Duration::from_secs(45),
             long_timeout: Duration::from_secs(300),
+            requests: RequestOptions::default(),
         }
     }
 }
@@ -91,8 +236,14 @@ pub struct S3Store {
     long_timeout: Duration,
     /// The store answered ListObjectVersions with 501 Not Implemented.
     no_versions_api: AtomicBool,
+    /// GetObjectAcl failed once (not implemented, not allowed): copies
+    /// stop asking.
+    no_acl_api: AtomicBool,
     /// The credentials chain (for `access_key_id`).
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
+    /// Where the credentials come from, for a log line when they expire.
+    credentials_source: String,
+    requests: RequestOptions,
 }
 
 const DEFAULT_REGION: &str = "us-east-1";
@@ -133,6 +284,15 @@ impl S3Store {
                 None,
                 "bucketfs-passwd-file",
             ));
+        } else if let Some(p) = &s.profile {
+            // An explicit profile wins over keys in the environment, as
+            // in boto3 and the AWS CLI (the default chain asks the
+            // environment first).
+            loader = loader.credentials_provider(
+                aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .profile_name(p)
+                    .build(),
+            );
         }
         let sdk = loader.load().await;
         let store = Self::with_region(s, &sdk, &region);
@@ -181,6 +341,9 @@ impl S3Store {
         if let Some(e) = &s.endpoint {
             b = b.endpoint_url(e);
         }
+        if s.requests.requester_pays {
+            b = b.interceptor(RequesterPays);
+        }
         S3Store {
             credentials: sdk.credentials_provider(),
             client: Client::from_conf(b.build()),
@@ -191,6 +354,9 @@ impl S3Store {
             attempt_timeout: s.attempt_timeout,
             long_timeout: s.long_timeout,
             no_versions_api: AtomicBool::new(false),
+            no_acl_api: AtomicBool::new(false),
+            requests: s.requests.clone(),
+            credentials_source: credentials_source(s),
         }
     }
 
@@ -204,6 +370,155 @@ impl S3Store {
         }
     }
 
+    /// The request options of an object that keeps `keep`'s storage
+    /// class and encryption: a mount option wins, else the kept value.
+    fn options_keeping(&self, keep: Option<&ObjectHeaders>) -> RequestOptions {
+        let mut o = self.requests.clone();
+        if let Some(k) = keep {
+            if o.sse.is_none() && o.sse_c.is_none() {
+                o.sse = k.sse.clone();
+                o.sse_kms_key_id = k.sse_kms_key_id.clone();
+            }
+            if o.storage_class.is_none() {
+                o.storage_class = k.storage_class.clone();
+            }
+        }
+        o
+    }
+
+    /// The standard headers of a new object at `key`: those kept, the
+    /// Content-Type from the extension when none is.
+    fn standard_headers(key: &str, keep: Option<&ObjectHeaders>) -> ObjectHeaders {
+        let mut h = keep.cloned().unwrap_or_default();
+        if h.content_type.is_none() {
+            h.content_type = super::content_type_for(key);
+        }
+        h
+    }
+
+    /// The tags of the object an upload replaces, as the `x-amz-tagging`
+    /// of the new one; None when it has none or they cannot be read (said
+    /// in the log: the overwrite goes on without them).
+    async fn tags_to_keep(&self, key: &str, keep: Option<&ObjectHeaders>) -> Option<String> {
+        if keep.is_none_or(|k| k.tag_count == 0) {
+            return None;
+        }
+        let req = self
+            .client
+            .get_object_tagging()
+            .bucket(&self.bucket)
+            .key(key);
+        let out = self
+            .retry(Op::GetTagging, key, || async {
+                req.clone().send().await.map_err(classify)
+            })
+            .await;
+        match out {
+            Ok(out) => {
+                let enc =
+                    |s: &str| percent_encoding::utf8_percent_encode(s, TAG_ENCODE).to_string();
+                let tags: Vec<String> = out
+                    .tag_set()
+                    .iter()
+                    .map(|t| format!("{}={}", enc(t.key()), enc(t.value())))
+                    .collect();
+                (!tags.is_empty()).then(|| tags.join("&"))
+            }
+            Err(e) => {
+                warn!(key, error = %e, "cannot read the tags of the object being replaced; the new one has none");
+                None
+            }
+        }
+    }
+
+    /// The grants of a copy's source that CopyObject would otherwise drop
+    /// (it gives the copy the private ACL): None when the source has only
+    /// its owner's FULL_CONTROL (always so on buckets with ACLs disabled,
+    /// which refuse grant headers), when `default_acl=` decides, or when
+    /// the ACL cannot be read.
+    async fn grants_to_keep(&self, key: &str, version: Option<&str>) -> Option<Grants> {
+        if self.requests.acl.is_some() || self.no_acl_api.load(Ordering::Relaxed) {
+            return None;
+        }
+        let req = self
+            .client
+            .get_object_acl()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_string));
+        let out = match self
+            .retry(Op::GetAcl, key, || async {
+                match req.clone().send().await {
+                    // Not implemented is an answer, not a failure to retry.
+                    Err(e) if status_of(&e) == Some(501) => {
+                        Err(StoreError::Other("501 GetObjectAcl not implemented".into()))
+                    }
+                    r => r.map_err(classify),
+                }
+            })
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                debug!(key, error = %e, "cannot read the object's ACL; the copy gets the default ACL");
+                if !matches!(e, StoreError::NotFound | StoreError::Transient(_)) {
+                    self.no_acl_api.store(true, Ordering::Relaxed);
+                }
+                return None;
+            }
+        };
+        let owner = out.owner().and_then(|o| o.id());
+        let mut g = Grants::default();
+        let mut only_owner = true;
+        for grant in out.grants() {
+            let (Some(who), Some(perm)) = (grant.grantee(), grant.permission()) else {
+                continue;
+            };
+            let name = match (who.id(), who.uri(), who.email_address()) {
+                (Some(id), _, _) => format!("id=\"{id}\""),
+                (_, Some(uri), _) => format!("uri=\"{uri}\""),
+                (_, _, Some(mail)) => format!("emailAddress=\"{mail}\""),
+                _ => continue,
+            };
+            let full = perm.as_str() == "FULL_CONTROL";
+            if !(full && who.id().is_some() && who.id() == owner) {
+                only_owner = false;
+            }
+            let list = match perm.as_str() {
+                "FULL_CONTROL" => &mut g.full_control,
+                "READ" => &mut g.read,
+                "READ_ACP" => &mut g.read_acp,
+                "WRITE_ACP" => &mut g.write_acp,
+                _ => continue,
+            };
+            list.push(name);
+        }
+        (!only_owner).then_some(g)
+    }
+
+    /// HeadObject, with the mount's SSE-C key when it has one. An object
+    /// the key does not apply to (not SSE-C encrypted: S3 answers 400) is
+    /// asked again without it, so an SSE-C mount still reads the bucket's
+    /// other objects.
+    async fn head_object(&self, key: &str, version: Option<&str>) -> StoreResult<HeadObjectOutput> {
+        let plain = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_string));
+        let keyed = with_sse_c!(plain.clone(), &self.requests);
+        self.retry(Op::Head, key, || async {
+            match keyed.clone().send().await {
+                Err(e) if self.requests.sse_c.is_some() && status_of(&e) == Some(400) => {
+                    plain.clone().send().await.map_err(|_| classify_head(e))
+                }
+                r => r.map_err(classify_head),
+            }
+        })
+        .await
+    }
+
     fn copy_source(&self, key: &str, version: Option<&str>) -> String {
         let enc = percent_encoding::utf8_percent_encode(key, KEY_ENCODE);
         match version {
@@ -213,9 +528,115 @@ impl S3Store {
     }
 }
 
+/// Adds an object's standard HTTP headers (PutObject,
+/// CreateMultipartUpload, CopyObject with REPLACE).
+macro_rules! with_standard_headers {
+    ($req:expr, $h:expr) => {{
+        let h: &ObjectHeaders = $h;
+        $req.set_content_type(h.content_type.clone())
+            .set_cache_control(h.cache_control.clone())
+            .set_content_disposition(h.content_disposition.clone())
+            .set_content_encoding(h.content_encoding.clone())
+            .set_content_language(h.content_language.clone())
+            .set_expires(
+                h.expires
+                    .as_deref()
+                    .and_then(|t| DateTime::from_str(t, DateTimeFormat::HttpDate).ok()),
+            )
+    }};
+}
+
+/// What HEAD says of an object's headers.
+fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
+    let s = |v: Option<&str>| v.map(str::to_string);
+    ObjectHeaders {
+        content_type: s(out.content_type()),
+        cache_control: s(out.cache_control()),
+        content_disposition: s(out.content_disposition()),
+        content_encoding: s(out.content_encoding()),
+        content_language: s(out.content_language()),
+        expires: s(out.expires_string()),
+        storage_class: out
+            .storage_class()
+            .map(|c| c.as_str().to_string())
+            .filter(|c| c != "STANDARD"),
+        sse: out.server_side_encryption().map(|e| e.as_str().to_string()),
+        sse_kms_key_id: s(out.ssekms_key_id()),
+        sse_c: out.sse_customer_algorithm().is_some(),
+        restore: s(out.restore()),
+        lock_mode: out.object_lock_mode().map(|m| m.as_str().to_string()),
+        lock_retain_until: out
+            .object_lock_retain_until_date()
+            .and_then(|t| t.fmt(DateTimeFormat::DateTime).ok()),
+        legal_hold: out
+            .object_lock_legal_hold_status()
+            .map(|h| h.as_str().to_string()),
+        tag_count: out.tag_count().unwrap_or(0).max(0) as u32,
+    }
+}
+
+/// The Content-MD5 and x-amz-checksum-crc32c headers of a body: every
+/// upload carries a checksum (and S3 refuses a PUT without one in a
+/// bucket with Object Lock).
+fn checksum_headers(body: &PutBody) -> StoreResult<(String, String)> {
+    use base64::Engine;
+    let (md5, crc) = body
+        .checksums()
+        .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok((b64.encode(md5), b64.encode(crc.to_be_bytes())))
+}
+
+/// Where a mount's credentials come from, in words.
+fn credentials_source(s: &S3Settings) -> String {
+    if s.static_keys.is_some() {
+        "passwd_file".into()
+    } else if let Some(p) = &s.profile {
+        format!("profile {p:?}")
+    } else if std::env::var_os("AWS_ACCESS_KEY_ID").is_some() {
+        "the environment (AWS_ACCESS_KEY_ID)".into()
+    } else {
+        "the default chain (shared profile, SSO, web identity, instance role)".into()
+    }
+}
+
+/// S3's codes for credentials that expired or never were valid.
+const TOKEN_CODES: [&str; 4] = [
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidToken",
+    "TokenRefreshRequired",
+];
+
+/// Start of the message of a refusal for expired or invalid credentials.
+const CREDENTIALS_REFUSED: &str = "credentials expired or invalid";
+
 /// Everything but unreserved characters and `/` is escaped in a copy source.
 const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// An object's ACL as CopyObject's `x-amz-grant-*` headers: the
+/// grantees of each permission (`id="..."`, `uri="..."`).
+#[derive(Debug, Default)]
+struct Grants {
+    full_control: Vec<String>,
+    read: Vec<String>,
+    read_acp: Vec<String>,
+    write_acp: Vec<String>,
+}
+
+impl Grants {
+    fn header(list: &[String]) -> Option<String> {
+        (!list.is_empty()).then(|| list.join(", "))
+    }
+}
+
+/// Escaped in a tag key or value of `x-amz-tagging` (a query string).
+const TAG_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
     .remove(b'.')
@@ -287,7 +708,22 @@ where
                 }
                 _ => format!("{status} {code}"),
             };
+            let bucket_region = se
+                .raw()
+                .headers()
+                .get("x-amz-bucket-region")
+                .map(str::to_string);
             match (status, code) {
+                (301 | 400, _) if bucket_region.is_some() => {
+                    StoreError::WrongRegion(bucket_region.unwrap_or_default())
+                }
+                (_, "InvalidObjectState") => StoreError::AccessDenied(ARCHIVED.into()),
+                (_, c) if TOKEN_CODES.contains(&c) => {
+                    StoreError::AccessDenied(format!("{CREDENTIALS_REFUSED} ({c})"))
+                }
+                (400, _) if mentions_encryption(&msg) => {
+                    StoreError::AccessDenied(SSE_C_REFUSED.into())
+                }
                 (_, "NoSuchKey" | "NoSuchVersion" | "NoSuchUpload") => StoreError::NotFound,
                 (_, "NoSuchBucket") => StoreError::NoSuchBucket,
                 (404, _) => StoreError::NotFound,
@@ -314,6 +750,40 @@ where
         }
         _ => StoreError::Other(error_line(&err)),
     }
+}
+
+/// A read of a GLACIER or DEEP_ARCHIVE object not restored.
+const ARCHIVED: &str = "archived: restore it first (the object is in GLACIER or DEEP_ARCHIVE)";
+
+/// Why an object cannot be read: said once in the log, with EACCES.
+const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C) this mount was not given: mount with -o sse_c_key_file=PATH";
+
+/// S3 refusing a read of an SSE-C object without its key: 400
+/// InvalidRequest "The object was stored using a form of Server Side
+/// Encryption...".
+fn mentions_encryption(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("server side encryption") || m.contains("sse-c") || m.contains("customer key")
+}
+
+/// A HEAD error: as `classify`, except that a bare 400 (a HEAD answer
+/// has no body to say more) is what S3 answers to a HEAD of an SSE-C
+/// object without its key.
+fn classify_head(
+    err: SdkError<HeadObjectError, aws_sdk_s3::config::http::HttpResponse>,
+) -> StoreError {
+    if let SdkError::ServiceError(se) = &err
+        && se.raw().status().as_u16() == 400
+        && matches!(se.err().code(), None | Some("BadRequest"))
+    {
+        return StoreError::AccessDenied(SSE_C_REFUSED.into());
+    }
+    classify(err)
+}
+
+/// The HTTP status of a failed call, when there was an answer.
+fn status_of<E>(err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
 }
 
 fn to_system_time(t: Option<&DateTime>) -> std::time::SystemTime {
@@ -384,6 +854,13 @@ impl S3Store {
                     debug!(op = op.name(), key, attempt = n, error = %e, "retrying");
                     tokio::time::sleep(wait).await;
                 }
+                // Expired credentials name where they came from.
+                Err(StoreError::AccessDenied(m)) if m.starts_with(CREDENTIALS_REFUSED) => {
+                    return Err(StoreError::AccessDenied(format!(
+                        "{m} (from {}): renew them",
+                        self.credentials_source
+                    )));
+                }
                 other => return other,
             }
         }
@@ -453,7 +930,15 @@ impl S3Store {
             ReadPin::Etag(e) => req = req.if_match(e),
             ReadPin::Version(v) => req = req.version_id(v),
         }
-        let out = match req.send().await {
+        let keyed = with_sse_c!(req.clone(), &self.requests);
+        let sent = match keyed.send().await {
+            // Not an SSE-C object: read without the key (see head_object).
+            Err(e) if self.requests.sse_c.is_some() && status_of(&e) == Some(400) => {
+                req.send().await.map_err(|_| e)
+            }
+            r => r,
+        };
+        let out = match sent {
             Ok(out) => out,
             // A range starting at or past the end of the object.
             Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
@@ -523,6 +1008,7 @@ impl ObjectStore for S3Store {
                 version_id: None,
                 storage_class: o.storage_class().map(|c| c.as_str().to_string()),
                 metadata: None,
+                headers: None,
             })
             .collect();
         let prefixes = out
@@ -543,17 +1029,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str, version: Option<&str>) -> StoreResult<ObjectInfo> {
-        let req = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .set_version_id(version.map(str::to_string));
-        let out = self
-            .retry(Op::Head, key, || async {
-                req.clone().send().await.map_err(classify)
-            })
-            .await?;
+        let out = self.head_object(key, version).await?;
         Ok(ObjectInfo {
             key: key.to_string(),
             size: out.content_length().unwrap_or(0).max(0) as u64,
@@ -566,6 +1042,7 @@ impl ObjectStore for S3Store {
                     .to_string(),
             ),
             metadata: Some(out.metadata().cloned().unwrap_or_default()),
+            headers: Some(headers_of(&out)),
         })
     }
 
@@ -581,21 +1058,34 @@ impl ObjectStore for S3Store {
         .await
     }
 
-    async fn put(&self, key: &str, body: PutBody, meta: &Metadata) -> StoreResult<PutResult> {
+    async fn put(
+        &self,
+        key: &str,
+        body: PutBody,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<PutResult> {
         let len = self.count_body(&body);
+        let (md5, crc32c) = checksum_headers(&body)?;
+        let opts = self.options_keeping(keep);
+        let headers = Self::standard_headers(key, keep);
+        let tags = self.tags_to_keep(key, keep).await;
         let out = self
             .retry(Op::Put, key, || async {
                 let stream = byte_stream(&body).await?;
-                self.client
+                let req = self
+                    .client
                     .put_object()
                     .bucket(&self.bucket)
                     .key(key)
                     .content_length(len)
+                    .content_md5(&md5)
+                    .checksum_crc32_c(&crc32c)
                     .set_metadata(Some(meta.clone()))
-                    .body(stream)
-                    .send()
-                    .await
-                    .map_err(classify)
+                    .set_tagging(tags.clone())
+                    .body(stream);
+                let req = with_standard_headers!(req, &headers);
+                with_new_object!(req, &opts).send().await.map_err(classify)
             })
             .await?;
         Ok(PutResult {
@@ -611,16 +1101,34 @@ impl ObjectStore for S3Store {
         meta: Option<&Metadata>,
         src_version: Option<&str>,
     ) -> StoreResult<PutResult> {
-        let mut req = self
+        // CopyObject keeps none of the source's storage class, encryption
+        // or ACL, and with new metadata (REPLACE) none of its headers: they
+        // are read first and sent again.
+        let source = self.head_object(src, src_version).await?;
+        let kept = headers_of(&source);
+        let opts = self.options_keeping(Some(&kept));
+        let req = self
             .client
             .copy_object()
             .bucket(&self.bucket)
             .key(dst)
-            .copy_source(self.copy_source(src, src_version));
-        if let Some(m) = meta {
+            .copy_source(self.copy_source(src, src_version))
+            .tagging_directive(TaggingDirective::Copy);
+        let mut req = with_new_object!(req, &opts);
+        req = with_copy_source_sse_c!(req, self.requests.sse_c.as_ref().filter(|_| kept.sse_c));
+        if let Some(g) = self.grants_to_keep(src, src_version).await {
             req = req
+                .set_grant_full_control(Grants::header(&g.full_control))
+                .set_grant_read(Grants::header(&g.read))
+                .set_grant_read_acp(Grants::header(&g.read_acp))
+                .set_grant_write_acp(Grants::header(&g.write_acp));
+        }
+        if let Some(m) = meta {
+            let mut merged = source.metadata().cloned().unwrap_or_default();
+            merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+            req = with_standard_headers!(req, &kept)
                 .metadata_directive(MetadataDirective::Replace)
-                .set_metadata(Some(m.clone()));
+                .set_metadata(Some(merged));
         }
         let out = self
             .retry(Op::Copy, dst, || async {
@@ -651,13 +1159,21 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
-    async fn create_multipart(&self, key: &str, meta: &Metadata) -> StoreResult<String> {
+    async fn create_multipart(
+        &self,
+        key: &str,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+    ) -> StoreResult<String> {
         let req = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
-            .set_metadata(Some(meta.clone()));
+            .set_metadata(Some(meta.clone()))
+            .set_tagging(self.tags_to_keep(key, keep).await);
+        let req = with_standard_headers!(req, &Self::standard_headers(key, keep));
+        let req = with_new_object!(req, &self.options_keeping(keep));
         let out = self
             .retry(Op::CreateMultipart, key, || async {
                 req.clone().send().await.map_err(classify)
@@ -676,17 +1192,23 @@ impl ObjectStore for S3Store {
         body: PutBody,
     ) -> StoreResult<String> {
         let len = self.count_body(&body);
+        // A part carries Content-MD5 only: a CRC32C on parts would have to
+        // be declared at CreateMultipartUpload and repeated at Complete.
+        let (md5, _) = checksum_headers(&body)?;
         let out = self
             .retry(Op::UploadPart, key, || async {
                 let stream = byte_stream(&body).await?;
-                self.client
+                let req = self
+                    .client
                     .upload_part()
                     .bucket(&self.bucket)
                     .key(key)
                     .upload_id(upload_id)
                     .part_number(part_number)
                     .content_length(len)
-                    .body(stream)
+                    .content_md5(&md5)
+                    .body(stream);
+                with_sse_c!(req, &self.requests)
                     .send()
                     .await
                     .map_err(classify)
@@ -714,14 +1236,28 @@ impl ObjectStore for S3Store {
             .copy_source(self.copy_source(src, None))
             .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
             .set_copy_source_if_match(src_etag.map(str::to_string));
+        let req = with_sse_c!(req, &self.requests);
+        // The base is SSE-C encrypted unless S3 says the key does not
+        // apply to it (400): then it is copied without the source key.
+        let keyed = with_copy_source_sse_c!(req.clone(), self.requests.sse_c.as_ref());
         let out = self
             .retry(Op::UploadPartCopy, key, || async {
-                req.clone()
+                let sent = keyed
+                    .clone()
                     .customize()
                     .config_override(self.long_call())
                     .send()
-                    .await
-                    .map_err(classify)
+                    .await;
+                match sent {
+                    Err(e) if self.requests.sse_c.is_some() && status_of(&e) == Some(400) => req
+                        .clone()
+                        .customize()
+                        .config_override(self.long_call())
+                        .send()
+                        .await
+                        .map_err(|_| classify(e)),
+                    r => r.map_err(classify),
+                }
             })
             .await?;
         Ok(out
@@ -892,6 +1428,20 @@ impl ObjectStore for S3Store {
         })
     }
 
+    async fn presign_get(&self, key: &str, expires: Duration) -> StoreResult<String> {
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires)
+            .map_err(|e| StoreError::InvalidRequest(format!("expiry: {e}")))?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| StoreError::Other(error_line(&e)))?;
+        Ok(req.uri().to_string())
+    }
+
     async fn check_bucket(&self) -> StoreResult<()> {
         // ListObjectsV2 rather than HeadBucket: its errors carry a code
         // (NoSuchBucket vs AccessDenied), and it is what a mount needs anyway.
@@ -929,6 +1479,33 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             self.1.as_deref().map(|c| c as _)
         }
+    }
+
+    #[test]
+    fn sse_c_key_files_raw_base64_or_s3fs_lines() {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let key: Vec<u8> = (100u8..132).collect();
+        let want = SseCKey::from_file_bytes(&key).unwrap();
+        let same = |data: Vec<u8>| {
+            let k = SseCKey::from_file_bytes(&data).unwrap();
+            assert_eq!(
+                (k.key_b64, k.md5_b64),
+                (want.key_b64.clone(), want.md5_b64.clone())
+            );
+        };
+        same(b64.encode(&key).into_bytes());
+        same(format!("{}\n", b64.encode(&key)).into_bytes());
+        // s3fs's key history: the first line is used.
+        same(format!("\n{}\n{}\n", b64.encode(&key), b64.encode([7u8; 32])).into_bytes());
+        let mut raw_line = key.clone();
+        raw_line.extend_from_slice(b"\nsecond-key-line-of-32-bytes-xxxx\n");
+        same(raw_line);
+        for bad in [&b""[..], b"short", b"c2hvcnQ="] {
+            let e = SseCKey::from_file_bytes(bad).unwrap_err();
+            assert!(!e.contains("short"), "the contents never show: {e}");
+        }
+        assert_eq!(format!("{want:?}"), "SseCKey(..)");
     }
 
     #[test]

@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 pub use journal::{Header as JournalHeader, Journal};
 pub use ranges::RangeSet;
 
-use crate::store::{Metadata, ObjectStore, PutBody, PutResult, ReadPin, StoreError};
+use crate::store::{Metadata, ObjectHeaders, ObjectStore, PutBody, PutResult, ReadPin, StoreError};
 
 /// S3's limits on multipart uploads.
 pub const MIN_PART_SIZE_BYTES: u64 = 5 * 1024 * 1024;
@@ -300,6 +300,7 @@ impl Staged {
         store: &Arc<dyn ObjectStore>,
         key: &str,
         meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
         opts: &UploadOptions,
     ) {
         if !self.stream_due(opts)
@@ -309,7 +310,7 @@ impl Staged {
             return;
         }
         if self.stream.is_none() {
-            match store.create_multipart(key, meta).await {
+            match store.create_multipart(key, meta, keep).await {
                 Ok(id) => {
                     if let Err(e) = self.note_upload(&id) {
                         warn!(key, error = %e, "journal: no streaming upload");
@@ -627,13 +628,15 @@ impl Staged {
         }
     }
 
-    /// Uploads the whole contents as `key` with `meta`. On failure nothing
+    /// Uploads the whole contents as `key` with `meta`, keeping `keep`
+    /// (the headers of the object it replaces). On failure nothing
     /// changes in the bucket and no multipart upload is left behind.
     pub async fn upload(
         &mut self,
         store: &dyn ObjectStore,
         key: &str,
         meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
         opts: &UploadOptions,
         progress: &Progress,
     ) -> Result<PutResult, WriteError> {
@@ -692,7 +695,7 @@ impl Staged {
                 j.put_sent(&md5)?;
                 self.sent_since_write = true;
             }
-            let put = store.put(key, body, meta).await?;
+            let put = store.put(key, body, meta, keep).await?;
             progress.done_bytes.store(self.size, Ordering::Relaxed);
             return Ok(put);
         }
@@ -702,7 +705,7 @@ impl Staged {
                 self.fill(store, r.clone()).await?;
             }
         }
-        let upload_id = store.create_multipart(key, meta).await?;
+        let upload_id = store.create_multipart(key, meta, keep).await?;
         if let Err(e) = self.note_upload(&upload_id) {
             abort_quietly(store, key, &upload_id).await;
             return Err(e.into());
@@ -1023,7 +1026,14 @@ impl Adoptable {
     ) -> Result<Recovered, String> {
         let result = self
             .staged
-            .upload(store, &self.target, &self.meta, opts, &Progress::default())
+            .upload(
+                store,
+                &self.target,
+                &self.meta,
+                self.current.as_ref().and_then(|c| c.headers.as_ref()),
+                opts,
+                &Progress::default(),
+            )
             .await;
         if let Err(e) = result {
             return Err(format!("{}: {e} (kept for the next try)", self.key));
@@ -1374,9 +1384,16 @@ mod tests {
         };
         let mut st = Staged::new(dir.path(), Some(base), None).unwrap();
         st.write(orig.len() as u64, b"tail").unwrap();
-        st.upload(&s, "big", &Metadata::new(), &opts(), &Progress::default())
-            .await
-            .unwrap();
+        st.upload(
+            &s,
+            "big",
+            &Metadata::new(),
+            None,
+            &opts(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
         let mut want = orig.clone();
         want.extend_from_slice(b"tail");
         assert_eq!(s.object("big").unwrap().as_ref(), &want[..]);
@@ -1399,9 +1416,16 @@ mod tests {
         st.write(0, &vec![7u8; (11 * MIB) as usize]).unwrap();
         s.fail_next(Op::UploadPart, 1, StoreError::Transient("503".into()));
         assert!(
-            st.upload(&s, "k", &Metadata::new(), &opts(), &Progress::default())
-                .await
-                .is_err()
+            st.upload(
+                &s,
+                "k",
+                &Metadata::new(),
+                None,
+                &opts(),
+                &Progress::default()
+            )
+            .await
+            .is_err()
         );
         assert_eq!(s.object("k").unwrap().as_ref(), b"old");
         assert_eq!(s.open_uploads(), 0);
@@ -1520,7 +1544,9 @@ mod tests {
         let s = MemStore::versioned();
         leave_staged(dir.path(), 1, None, &[(0, b"brand new")]);
         // Killed between CreateMultipartUpload and journaling its id.
-        s.create_multipart("new", &Metadata::new()).await.unwrap();
+        s.create_multipart("new", &Metadata::new(), None)
+            .await
+            .unwrap();
         let r = recover(&s, dir.path(), &opts()).await;
         assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
         assert_eq!(s.open_uploads(), 0);
@@ -1535,7 +1561,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = MemStore::versioned();
         leave_staged(dir.path(), 1, None, &[(0, b"streamed, then unlinked")]);
-        let id = s.create_multipart("new", &Metadata::new()).await.unwrap();
+        let id = s.create_multipart("new", &Metadata::new(), None).await.unwrap();
         let stage = dir.path().join(format!("stage-{}-1", std::process::id()));
         let journal = journal_path(&stage);
         let mut text = std::fs::read_to_string(&journal).unwrap();
@@ -1611,7 +1637,8 @@ mod tests {
         for c in data.chunks(MIB as usize) {
             let off = st.size();
             st.write(off, c).unwrap();
-            st.stream(&store, "f", &Metadata::new(), &opts()).await;
+            st.stream(&store, "f", &Metadata::new(), None, &opts())
+                .await;
         }
         tokio::task::yield_now().await;
         assert_eq!(
@@ -1623,6 +1650,7 @@ mod tests {
             &*store,
             "f",
             &Metadata::new(),
+            None,
             &opts(),
             &Progress::default(),
         )
@@ -1657,7 +1685,8 @@ mod tests {
             for c in data.chunks(MIB as usize) {
                 let off = st.size();
                 st.write(off, c).unwrap();
-                st.stream(&store, "f", &meta("33188", "100"), &opts()).await;
+                st.stream(&store, "f", &meta("33188", "100"), None, &opts())
+                    .await;
             }
             let last = if chmod {
                 st.set_meta(&meta("33152", "50")).unwrap();
@@ -1665,7 +1694,7 @@ mod tests {
             } else {
                 meta("33188", "107")
             };
-            st.upload(&*store, "f", &last, &opts(), &Progress::default())
+            st.upload(&*store, "f", &last, None, &opts(), &Progress::default())
                 .await
                 .unwrap();
             assert_eq!(s.object("f").unwrap().as_ref(), &data[..]);
@@ -1683,7 +1712,8 @@ mod tests {
         let mut st = Staged::new(dir.path(), None, None).unwrap();
         let mut data: Vec<u8> = vec![3u8; (12 * MIB) as usize];
         st.write(0, &data).unwrap();
-        st.stream(&store, "f", &Metadata::new(), &opts()).await;
+        st.stream(&store, "f", &Metadata::new(), None, &opts())
+            .await;
         assert_eq!(s.counters().get(Op::CreateMultipart), 1);
         st.write(10, b"changed").unwrap();
         data[10..17].copy_from_slice(b"changed");
@@ -1693,6 +1723,7 @@ mod tests {
             &*store,
             "f",
             &Metadata::new(),
+            None,
             &opts(),
             &Progress::default(),
         )

@@ -340,6 +340,8 @@ pub struct Mount {
     extra: String,
     /// Start the daemon without RUST_LOG: the filter a user gets.
     default_log_filter: bool,
+    /// More environment of the daemon.
+    env: Vec<(String, String)>,
 }
 
 pub fn bin() -> &'static str {
@@ -382,7 +384,21 @@ impl Mount {
         Self::new_with(bucket, extra, true)
     }
 
+    /// A mount whose daemon gets these environment variables too.
+    pub fn with_env(bucket: &Bucket, extra: &str, env: &[(&str, &str)]) -> Mount {
+        Self::build(bucket, extra, false, env)
+    }
+
     fn new_with(bucket: &Bucket, extra: &str, default_log_filter: bool) -> Mount {
+        Self::build(bucket, extra, default_log_filter, &[])
+    }
+
+    fn build(
+        bucket: &Bucket,
+        extra: &str,
+        default_log_filter: bool,
+        env: &[(&str, &str)],
+    ) -> Mount {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("mnt");
         let cache = tmp.path().join("cache");
@@ -397,6 +413,10 @@ impl Mount {
             cache,
             extra: extra.to_string(),
             default_log_filter,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         m.start();
         m
@@ -421,6 +441,7 @@ impl Mount {
         if self.default_log_filter {
             cmd.env_remove("RUST_LOG");
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd
             .args(["-f", "-o", &opts, &self.source()])
             .arg(&self.dir)

@@ -3,6 +3,10 @@
 //! for `Connection: close`), so faults land on exactly the requests chosen:
 //! the next N requests of a method fail with a status, are reset, stall, or
 //! get a response whose body is cut short.
+//!
+//! It also keeps every request head it saw (to check which headers each
+//! request carried) and can answer as a Requester Pays bucket does: 403
+//! AccessDenied to any request without `x-amz-request-payer: requester`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +25,8 @@ pub enum Fault {
     Stall,
     /// Forward, but pass on only half of the response body, then close.
     CutShort,
+    /// Answer with this status and S3 error code, without forwarding.
+    Error(u16, &'static str),
     /// Forward (the request lands), then hold the response this many
     /// seconds before passing it on: a slow answer to a request that
     /// succeeded (a long CompleteMultipartUpload).
@@ -34,6 +40,16 @@ struct Plan {
     /// Requests seen, by method.
     seen: Vec<String>,
     faults_injected: u32,
+    /// Every request head, in order of arrival.
+    heads: Vec<String>,
+    /// Answer 403 to requests without `x-amz-request-payer: requester`.
+    requester_pays: bool,
+    /// Say in HEAD answers that the object is SSE-C encrypted when the
+    /// request gave a key, as S3 does (moto ignores SSE-C).
+    echo_sse_c: bool,
+    /// The region the bucket is in: a request signed for another gets
+    /// AWS's 301 PermanentRedirect with `x-amz-bucket-region`.
+    bucket_region: Option<String>,
 }
 
 pub struct Proxy {
@@ -79,6 +95,29 @@ impl Proxy {
         self.plan.lock().faults_injected
     }
 
+    /// Refuse, as AWS does for a Requester Pays bucket, every request
+    /// that does not say the requester pays.
+    pub fn require_requester_pays(&self) {
+        self.plan.lock().requester_pays = true;
+    }
+
+    /// Answer a HEAD that carries an SSE-C key as S3 answers it for an
+    /// SSE-C object: with `x-amz-server-side-encryption-customer-algorithm`.
+    pub fn echo_sse_c(&self) {
+        self.plan.lock().echo_sse_c = true;
+    }
+
+    /// Answer as AWS does for a bucket in `region`: 301 to requests
+    /// signed for another region.
+    pub fn bucket_in_region(&self, region: &str) {
+        self.plan.lock().bucket_region = Some(region.to_string());
+    }
+
+    /// Every request head seen so far (request line and headers).
+    pub fn heads(&self) -> Vec<String> {
+        self.plan.lock().heads.clone()
+    }
+
     pub fn requests(&self, method: &str) -> usize {
         self.plan
             .lock()
@@ -107,6 +146,11 @@ async fn read_head(conn: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
             return None;
         }
     }
+}
+
+/// A header's value in a request head.
+pub fn header_of(head: &str, name: &str) -> Option<String> {
+    header(head.as_bytes(), name)
 }
 
 fn header(head: &[u8], name: &str) -> Option<String> {
@@ -148,9 +192,19 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         .next()
         .unwrap_or("")
         .to_string();
-    let fault = {
+    let payer_missing = header(&head, "x-amz-request-payer").as_deref() != Some("requester");
+    let (fault, refuse, echo, redirect) = {
         let mut p = plan.lock();
         p.seen.push(method.clone());
+        p.heads.push(String::from_utf8_lossy(&head).into_owned());
+        let refuse = p.requester_pays && payer_missing;
+        let redirect = p.bucket_region.clone().filter(|r| {
+            let signed = header(&head, "authorization").unwrap_or_default();
+            !signed.contains(&format!("/{r}/s3/"))
+        });
+        let echo = p.echo_sse_c
+            && method == "HEAD"
+            && header(&head, "x-amz-server-side-encryption-customer-algorithm").is_some();
         let f = p
             .rules
             .iter_mut()
@@ -162,7 +216,7 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         if f.is_some() {
             p.faults_injected += 1;
         }
-        f
+        (f, refuse, echo, redirect)
     };
     if header(&head, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
         let _ = conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
@@ -178,6 +232,40 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             Ok(0) | Err(_) => return,
             Ok(n) => body.extend_from_slice(&chunk[..n]),
         }
+    }
+    if let Some(region) = redirect {
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>PermanentRedirect</Code><Message>The bucket you are attempting to access must be addressed using the specified endpoint.</Message></Error>";
+        let body = if method == "HEAD" { "" } else { xml };
+        let resp = format!(
+            "HTTP/1.1 301 Moved Permanently\r\nx-amz-bucket-region: {region}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(resp.as_bytes()).await;
+        let _ = conn.shutdown().await;
+        return;
+    }
+    if refuse {
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+        let resp = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            if method == "HEAD" { 0 } else { xml.len() },
+            if method == "HEAD" { "" } else { xml }
+        );
+        let _ = conn.write_all(resp.as_bytes()).await;
+        let _ = conn.shutdown().await;
+        return;
+    }
+    if let Some(Fault::Error(status, code)) = fault {
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected</Message></Error>"
+        );
+        let resp = format!(
+            "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+            xml.len()
+        );
+        let _ = conn.write_all(resp.as_bytes()).await;
+        let _ = conn.shutdown().await;
+        return;
     }
     match fault {
         Some(Fault::Status(code)) => {
@@ -196,6 +284,8 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             let _ = conn.write_all(resp.as_bytes()).await;
             let _ = conn.shutdown().await;
         }
+        // Answered above.
+        Some(Fault::Error(..)) => {}
         Some(Fault::Reset) => drop(conn),
         Some(Fault::Stall) => {
             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -214,6 +304,10 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             {
                 let body_len = resp.len() - (i + 4);
                 resp.truncate(i + 4 + body_len / 2);
+            }
+            if echo && let Some(i) = resp.windows(2).position(|w| w == b"\r\n") {
+                let extra = b"\r\nx-amz-server-side-encryption-customer-algorithm: AES256";
+                resp.splice(i..i, extra.iter().copied());
             }
             if let Some(Fault::Delay(secs)) = fault {
                 tokio::time::sleep(Duration::from_secs(secs)).await;
