@@ -11,6 +11,12 @@ use clap::Parser;
 use bucketfs::cli::{Cli, Command};
 use bucketfs::{mount, status};
 
+/// mimalloc: every S3 request allocates and frees many small buffers (the
+/// SDK's request building, headers, signing); glibc's malloc took about a
+/// fifth of the daemon's CPU in a cold `ls -l` of 10,000 objects.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let cli = Cli::parse();

@@ -1185,7 +1185,11 @@ async fn writeback_async_close_returns_before_the_upload_and_the_background_send
     assert_eq!(fs.read(rh, 0, 100).await.unwrap().as_ref(), b"later");
     fs.release(rh).await.unwrap();
     assert_eq!(fs.dirty_files().len(), 1, "status lists it");
-    fs.retry_pending().await;
+    assert!(
+        fs.sync_all(std::time::Duration::from_secs(30))
+            .await
+            .is_empty()
+    );
     assert_eq!(s.object("f").unwrap().as_ref(), b"later");
     assert_eq!(s.counters().get(Op::Put), 1);
     assert!(fs.dirty_files().is_empty());
@@ -1229,7 +1233,11 @@ async fn writeback_async_rsync_pattern_costs_one_put_per_file() {
         .await
         .unwrap();
     let before = requests(&s);
-    fs.retry_pending().await;
+    assert!(
+        fs.sync_all(std::time::Duration::from_secs(30))
+            .await
+            .is_empty()
+    );
     assert_eq!(s.object("f").unwrap().as_ref(), b"new f");
     assert_eq!(s.object(".f.Xy12"), None);
     let meta = s.head("f", None).await.unwrap().metadata.unwrap();

@@ -158,3 +158,64 @@ fn extended_attributes_bucketfs_does_not_keep_are_not_supported() {
     let etag = String::from_utf8(get("user.s3.etag").unwrap()).unwrap();
     assert!(etag.contains("8d777f385d3dfec8815d20f7496026dc"), "{etag}");
 }
+
+/// rsync writes each file to a temporary name, sets its mode and times and
+/// renames it. Under writeback=async that costs one PUT per file, at its
+/// final name, with its mode and mtime, and no copy or delete of a file.
+#[test]
+fn rsync_under_writeback_async_is_one_put_per_file() {
+    let b = Bucket::new(server(), "rsync-async", false);
+    let m = Mount::new(&b, &format!("{PINNED},writeback=async"));
+    let src = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| {
+            (
+                format!("f{i:02}"),
+                format!("file {i}\n").repeat(i + 1).into_bytes(),
+            )
+        })
+        .collect();
+    for (n, d) in &files {
+        std::fs::write(src.path().join(n), d).unwrap();
+    }
+    sh(src.path(), "chmod 600 f03; touch -m -d @978307200 f03");
+    let (puts, copies, deletes) = (
+        requests(&m, "PUT"),
+        requests(&m, "COPY"),
+        requests(&m, "DELETE"),
+    );
+    let status = std::process::Command::new("rsync")
+        .arg("-rt")
+        .arg("--chmod=ugo=rwX")
+        .arg("--perms")
+        .arg(format!("{}/", src.path().display()))
+        .arg(format!("{}/", m.dir.display()))
+        .status()
+        .unwrap();
+    assert!(status.success(), "rsync into the mount");
+    // The uploads run in the background: wait (bounded) for all of them.
+    let landed = poll(std::time::Duration::from_secs(60), || {
+        files
+            .iter()
+            .all(|(n, d)| b.get(n).as_deref() == Some(&d[..]))
+    });
+    assert!(landed, "in S3: {:?}", b.keys(""));
+    let keys = b.keys("");
+    assert_eq!(keys.len(), files.len(), "no temporary name left: {keys:?}");
+    assert!(
+        b.metadata("f03")
+            .get("mtime")
+            .is_some_and(|t| t.starts_with("978307200")),
+        "{:?}",
+        b.metadata("f03")
+    );
+    assert_eq!(requests(&m, "PUT") - puts, 20, "one PUT per file");
+    assert_eq!(requests(&m, "DELETE") - deletes, 0, "no delete");
+    // The directory's own times may cost a copy of its marker; a file
+    // costs none.
+    assert!(
+        requests(&m, "COPY") - copies <= 2,
+        "copies: {}",
+        requests(&m, "COPY") - copies
+    );
+}

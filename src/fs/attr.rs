@@ -278,6 +278,18 @@ pub fn format_epoch(t: SystemTime) -> String {
 mod tests {
     use super::*;
 
+    /// Every key the attributes write is one the store's copies replace
+    /// as a whole (so a removed extended attribute does not come back).
+    #[test]
+    fn the_keys_attributes_write_are_the_ones_copies_replace() {
+        for k in [
+            META_MODE, META_UID, META_GID, META_MTIME, META_RDEV, META_ATIME, META_CTIME,
+            META_XATTR,
+        ] {
+            assert!(crate::store::OWNED_METADATA.contains(&k), "{k}");
+        }
+    }
+
     const D: Defaults = Defaults {
         uid: 7,
         gid: 8,

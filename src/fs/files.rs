@@ -146,6 +146,9 @@ const FDINFO_SCAN_MAX: usize = 4096;
 /// The most one read-ahead GET asks for.
 const READAHEAD_RUN_BYTES: u64 = 8 * 1024 * 1024;
 
+/// How long `writeback=async` leaves a closed file before sending it.
+const WRITEBACK_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Files uploaded at once in the background (`writeback=async`, retries).
 const PENDING_UPLOADS_IN_FLIGHT: usize = 16;
 
@@ -1222,8 +1225,10 @@ impl Fs {
         }
         if self.cfg.writeback_async && st.dirty && !st.staged.is_unlinked() {
             // writeback=async: staged and journaled is enough for close();
-            // the background uploader sends it now.
-            st.next_try = Some(std::time::Instant::now());
+            // the background uploader sends it shortly, so that the
+            // chmod, utimes and rename tools do right after a close (rsync,
+            // cp -p) only change what it will send.
+            st.next_try = Some(std::time::Instant::now() + WRITEBACK_DELAY);
             self.retry_wake.notify_one();
             return Ok(());
         }

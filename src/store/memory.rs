@@ -398,10 +398,10 @@ impl ObjectStore for MemStore {
         let mut st = self.state.lock();
         let v = Self::find(&st, src, src_version)?.clone();
         // As S3Store: the given keys over the source's, the others kept.
-        let mut merged = v.meta;
-        if let Some(m) = meta {
-            merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
-        }
+        let merged = match meta {
+            Some(m) => super::merge_metadata(&v.meta, m),
+            None => v.meta,
+        };
         Ok(self.store_version(&mut st, dst, v.data, merged, v.headers))
     }
 

@@ -25,6 +25,26 @@ use bytes::Bytes;
 /// User metadata (the `x-amz-meta-*` headers, names without the prefix).
 pub type Metadata = HashMap<String, String>;
 
+/// The user-metadata keys the filesystem writes as a whole (s3fs-fuse's
+/// names): a copy given new metadata replaces these, dropping one it is
+/// not given (the last extended attribute removed), and keeps every other
+/// key of the source (another tool's).
+pub const OWNED_METADATA: [&str; 8] = [
+    "mode", "uid", "gid", "mtime", "atime", "ctime", "rdev", "xattr",
+];
+
+/// The metadata of a copy of an object with `source`'s metadata, given
+/// `given`: `given` over the source's keys the filesystem does not own.
+pub fn merge_metadata(source: &Metadata, given: &Metadata) -> Metadata {
+    let mut merged: Metadata = source
+        .iter()
+        .filter(|(k, _)| !OWNED_METADATA.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    merged.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
+    merged
+}
+
 /// The headers of an object besides its user metadata that a copy or an
 /// overwrite must send again to keep (S3 resets them otherwise): the
 /// standard HTTP headers, storage class and encryption. Tags are kept by

@@ -1124,8 +1124,7 @@ impl ObjectStore for S3Store {
                 .set_grant_write_acp(Grants::header(&g.write_acp));
         }
         if let Some(m) = meta {
-            let mut merged = source.metadata().cloned().unwrap_or_default();
-            merged.extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let merged = super::merge_metadata(&source.metadata().cloned().unwrap_or_default(), m);
             req = with_standard_headers!(req, &kept)
                 .metadata_directive(MetadataDirective::Replace)
                 .set_metadata(Some(merged));

@@ -235,6 +235,9 @@ pub struct Staged {
     keep_files: bool,
     /// An upload was sent since the last journaled write.
     sent_since_write: bool,
+    /// An upload of this data was ever sent (it may have landed even if it
+    /// answered an error): a rename then copies what is there.
+    attempted: bool,
     /// Metadata was set while the data was dirty (chmod, utimes: `cp -p`).
     meta_set: bool,
 }
@@ -263,6 +266,7 @@ impl Staged {
             stream: None,
             keep_files: false,
             sent_since_write: false,
+            attempted: false,
             meta_set: false,
         })
     }
@@ -505,7 +509,11 @@ impl Staged {
     /// A new file none of whose bytes were sent (no object under it, no
     /// stream, no upload begun): a rename only changes where it goes.
     pub fn unsent(&self) -> bool {
-        self.base.is_none() && self.stream.is_none() && self.uploads.is_empty() && !self.unlinked
+        self.base.is_none()
+            && self.stream.is_none()
+            && self.uploads.is_empty()
+            && !self.attempted
+            && !self.unlinked
     }
 
     /// An unsent file goes to `key` now (a rename; what was there is
@@ -694,6 +702,7 @@ impl Staged {
                 };
                 j.put_sent(&md5)?;
                 self.sent_since_write = true;
+                self.attempted = true;
             }
             let put = store.put(key, body, meta, keep).await?;
             progress.done_bytes.store(self.size, Ordering::Relaxed);
@@ -751,6 +760,7 @@ impl Staged {
                 j.part_sent(*n, etag)?;
             }
             self.sent_since_write = true;
+            self.attempted = true;
         }
         let r = complete(store, key, &upload_id, parts).await;
         self.uploads.retain(|u| *u != upload_id);
@@ -782,6 +792,7 @@ impl Staged {
                 j.part_sent(*n, etag)?;
             }
             self.sent_since_write = true;
+            self.attempted = true;
         }
         let put = complete(store, &s.key, &s.upload_id, parts).await?;
         progress.done_bytes.store(self.size, Ordering::Relaxed);
@@ -1312,6 +1323,7 @@ async fn prepare_one(
         stream: None,
         keep_files: true,
         sent_since_write: false,
+        attempted: true,
         meta_set: false,
     };
     Ok(Found::Pending(Box::new(Adoptable {
@@ -1561,7 +1573,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = MemStore::versioned();
         leave_staged(dir.path(), 1, None, &[(0, b"streamed, then unlinked")]);
-        let id = s.create_multipart("new", &Metadata::new(), None).await.unwrap();
+        let id = s
+            .create_multipart("new", &Metadata::new(), None)
+            .await
+            .unwrap();
         let stage = dir.path().join(format!("stage-{}-1", std::process::id()));
         let journal = journal_path(&stage);
         let mut text = std::fs::read_to_string(&journal).unwrap();
