@@ -578,10 +578,16 @@ fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
 /// The Content-MD5 and x-amz-checksum-crc32c headers of a body: every
 /// upload carries a checksum (and S3 refuses a PUT without one in a
 /// bucket with Object Lock).
-fn checksum_headers(body: &PutBody) -> StoreResult<(String, String)> {
+///
+/// Hashing a part of several MiB takes milliseconds of CPU: it runs on a
+/// blocking thread, not on the runtime's workers (which serve the FUSE
+/// requests and the other parts' transfers).
+async fn checksum_headers(body: &PutBody) -> StoreResult<(String, String)> {
     use base64::Engine;
-    let (md5, crc) = body
-        .checksums()
+    let body = body.clone();
+    let (md5, crc) = tokio::task::spawn_blocking(move || body.checksums())
+        .await
+        .map_err(|e| StoreError::Other(format!("checksum task: {e}")))?
         .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
     let b64 = base64::engine::general_purpose::STANDARD;
     Ok((b64.encode(md5), b64.encode(crc.to_be_bytes())))
@@ -1066,7 +1072,7 @@ impl ObjectStore for S3Store {
         keep: Option<&ObjectHeaders>,
     ) -> StoreResult<PutResult> {
         let len = self.count_body(&body);
-        let (md5, crc32c) = checksum_headers(&body)?;
+        let (md5, crc32c) = checksum_headers(&body).await?;
         let opts = self.options_keeping(keep);
         let headers = Self::standard_headers(key, keep);
         let tags = self.tags_to_keep(key, keep).await;
@@ -1193,7 +1199,7 @@ impl ObjectStore for S3Store {
         let len = self.count_body(&body);
         // A part carries Content-MD5 only: a CRC32C on parts would have to
         // be declared at CreateMultipartUpload and repeated at Complete.
-        let (md5, _) = checksum_headers(&body)?;
+        let (md5, _) = checksum_headers(&body).await?;
         let out = self
             .retry(Op::UploadPart, key, || async {
                 let stream = byte_stream(&body).await?;
