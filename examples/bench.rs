@@ -371,6 +371,18 @@ fn wait_in_s3(rt: &tokio::runtime::Runtime, s3: &Client, bucket: &str, key: &str
     })
 }
 
+/// Waits (at most 10 minutes) until `n` keys under `prefix` are in S3.
+fn wait_for_keys(rt: &tokio::runtime::Runtime, s3: &Client, bucket: &str, prefix: &str, n: usize) {
+    let start = Instant::now();
+    while rt.block_on(list_keys(s3, bucket, prefix, None)).len() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "files never landed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every key under `prefix` (all pages), rolled up at `delimiter`.
 async fn list_keys(
     s3: &Client,
@@ -781,14 +793,7 @@ fn main() {
                     std::fs::write(dir.join(&own).join(format!("small/{i}")), &small).unwrap();
                 }
                 let prefix = format!("{own}/small/");
-                let start = Instant::now();
-                while rt.block_on(list_keys(&s3, &a.bucket, &prefix, None)).len() < a.files {
-                    assert!(
-                        start.elapsed() < Duration::from_secs(600),
-                        "files never landed"
-                    );
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                wait_for_keys(&rt, &s3, &a.bucket, &prefix, a.files);
                 let d = t.elapsed().as_secs_f64();
                 (format!("{:.0} files/s", a.files as f64 / d), d)
             },
@@ -858,14 +863,7 @@ fn main() {
                 }
                 let closed = t.elapsed().as_secs_f64();
                 let prefix = format!("{own}/async/");
-                let start = Instant::now();
-                while rt.block_on(list_keys(&s3, &a.bucket, &prefix, None)).len() < a.files {
-                    assert!(
-                        start.elapsed() < Duration::from_secs(600),
-                        "files never landed"
-                    );
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                wait_for_keys(&rt, &s3, &a.bucket, &prefix, a.files);
                 let d = t.elapsed().as_secs_f64();
                 (
                     format!(
