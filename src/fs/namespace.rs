@@ -303,10 +303,7 @@ impl Fs {
                 )?;
                 self.deferred.lock().insert(attr.ino, t);
             } else {
-                match self.store.delete(&key).await {
-                    Ok(()) | Err(StoreError::NotFound) => {}
-                    Err(e) => return Err(e.into()),
-                }
+                self.delete_present(&key).await?;
             }
         }
         if let Some(st) = st.as_mut() {
@@ -460,6 +457,7 @@ impl Fs {
             None => (self.live(src).await, None),
         };
         let (fk, tk) = (self.key_of(from), self.key_of(to));
+        let replaced = dst.filter(|d| *d != src);
         let never_uploaded = self
             .table
             .lock()
@@ -471,21 +469,14 @@ impl Fs {
             // name when it is sent. rsync's temporary file then costs one
             // PUT, at its final name.
             Some(st) if st.dirty && never_uploaded && st.staged.unsent() => {
-                self.settle_deferred(&tk).await;
-                if let Some(d) = dst.filter(|d| *d != src) {
-                    self.keep_for_readers(d).await;
-                }
+                self.clear_the_way(&tk, replaced).await;
                 // What it replaces is gone now, as after any rename: were
                 // it left until the upload, an unlink before that would
                 // bring it back.
-                let replaced = dst
-                    .filter(|d| *d != src)
-                    .is_some_and(|d| self.table.lock().get(d).is_some_and(|n| n.object.is_some()));
-                if replaced {
-                    match self.store.delete(&tk).await {
-                        Ok(()) | Err(StoreError::NotFound) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                if replaced
+                    .is_some_and(|d| self.table.lock().get(d).is_some_and(|n| n.object.is_some()))
+                {
+                    self.delete_present(&tk).await?;
                 }
                 st.staged.rekey(&tk)?;
                 if let Some(st) = d.as_mut() {
@@ -503,22 +494,33 @@ impl Fs {
             .get(src)
             .is_some_and(|n| n.object.is_some());
         if uploaded {
-            // What the copy overwrites, its readers keep.
-            self.settle_deferred(&tk).await;
-            if let Some(d) = dst.filter(|d| *d != src) {
-                self.keep_for_readers(d).await;
-            }
+            self.clear_the_way(&tk, replaced).await;
             let put = self.store.copy(&fk, &tk, None, None).await?;
             self.own_copy(src, s.as_deref_mut(), &tk, &put, None);
-            match self.store.delete(&fk).await {
-                Ok(()) | Err(StoreError::NotFound) => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.delete_present(&fk).await?;
         }
         if let Some(st) = d.as_mut() {
             st.discard();
         }
         Ok(())
+    }
+
+    /// Before this mount writes over `key`: a removed file still read there
+    /// is deleted now, and the readers of `replaced` (the file at `key`)
+    /// keep their bytes.
+    async fn clear_the_way(&self, key: &str, replaced: Option<u64>) {
+        self.settle_deferred(key).await;
+        if let Some(d) = replaced {
+            self.keep_for_readers(d).await;
+        }
+    }
+
+    /// DeleteObject; a key already gone is not an error.
+    async fn delete_present(&self, key: &str) -> FsResult<()> {
+        match self.store.delete(key).await {
+            Ok(()) | Err(StoreError::NotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Copies every key below `from/` to `to/`, then deletes the originals.
