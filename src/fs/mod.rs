@@ -54,8 +54,12 @@ use crate::write::{UploadOptions, WriteError};
 /// Entries handed out per readdir call; the kernel asks again for more.
 const DIR_CHUNK_ENTRIES: usize = 4096;
 
-/// Entries of a readdirplus reply that wait for their metadata (more than
-/// one reply of the kernel's buffer holds).
+/// Entries of a readdirplus reply that wait for their metadata. Entries
+/// after them go only while their metadata is already known: the reply
+/// ends at the first that is not, and the kernel asks again from there.
+/// So `ls -l` gets every entry's own attributes with the listing (no
+/// LOOKUP per entry), and a plain `ls`, which the kernel serves by
+/// readdirplus only for its first call, waits for this many at most.
 const PLUS_WAIT_ENTRIES: usize = 128;
 
 /// Everything the core needs to know about a mount.
@@ -873,8 +877,8 @@ impl Fs {
         offset: u64,
     ) -> FsResult<Vec<(u64, DirEntry, Attr, bool, bool)>> {
         let entries = self.readdir(fh, offset)?;
-        // The first entries (more than one reply holds) wait for their
-        // metadata, already being read ahead; the rest go without.
+        // The first entries wait for their metadata, already being read
+        // ahead; the rest go only as far as it is known.
         let waits: Vec<_> = entries
             .iter()
             .take(PLUS_WAIT_ENTRIES)
@@ -889,19 +893,30 @@ impl Fs {
             let cached = {
                 let t = self.table.lock();
                 t.get(e.ino).map(|n| {
-                    let mapped =
-                        !matches!(n.key, NodeKey::Path(_)) || t.find(&n.key) == Some(e.ino);
-                    (n.attr.clone(), n.meta_known, mapped)
+                    let path = matches!(n.key, NodeKey::Path(_));
+                    let mapped = !path || t.find(&n.key) == Some(e.ino);
+                    (n.attr.clone(), n.meta_known, mapped, path)
                 })
             };
+            // Past the waited entries, the reply ends at the first whose
+            // metadata is still being read (never empty: that reads as the
+            // end). A `.versions` node is read by its own lookup: no wait.
+            let unknown = match &cached {
+                Some((_, known, true, true)) => !known && !self.has_write_state(e.ino),
+                Some(_) => false,
+                None => !dot,
+            };
+            if i >= PLUS_WAIT_ENTRIES && unknown && !out.is_empty() {
+                break;
+            }
             match cached {
-                Some((a, known, _)) if dot => out.push((index, e, a, false, known)),
-                Some((a, known, true)) => {
+                Some((a, known, _, _)) if dot => out.push((index, e, a, false, known)),
+                Some((a, known, true, _)) => {
                     let own = known || self.has_write_state(e.ino);
                     out.push((index, e, a, false, own))
                 }
                 // Gone since the listing (its HEAD found nothing).
-                Some((_, _, false)) => {}
+                Some((_, _, false, _)) => {}
                 None if dot => {
                     let a = Attr::implicit_dir(e.ino, &self.cfg.defaults);
                     out.push((index, e, a, false, true));
