@@ -681,6 +681,7 @@ fn serve(
             acl: o.default_acl.clone(),
             requester_pays: o.requester_pays,
         },
+        fast_head: true,
     };
     let mut settings = settings;
     let mut store = rt
