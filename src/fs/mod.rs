@@ -281,6 +281,7 @@ impl Fs {
             pinned_versions: cfg.as_of.is_some(),
             heads: tokio::sync::Semaphore::new(meta::MAX_HEADS_IN_FLIGHT),
             inflight: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
         });
         Fs {
             blocks: Arc::new(
@@ -681,6 +682,7 @@ impl Fs {
     /// no request.
     async fn list_dir(&self, ino: u64, dir: &str) -> FsResult<Vec<DirEntry>> {
         let prefix = self.dir_prefix(dir);
+        let mut early = self.meta.early_batch();
         let (files, dirs) = if self.cfg.as_of.is_some() {
             self.list_as_of(&prefix).await?
         } else {
@@ -689,6 +691,12 @@ impl Fs {
             let mut token = None;
             loop {
                 let page = self.store.list(&prefix, Some("/"), token, None).await?;
+                // Each page's objects have their metadata read while the
+                // next pages are listed.
+                if self.cfg.object_metadata {
+                    let keys = self.metadata_unknown(dir, &prefix, &page.objects);
+                    self.meta.head_early(&mut early, keys);
+                }
                 files.extend(page.objects);
                 dirs.extend(page.prefixes);
                 token = page.next_token;
@@ -817,9 +825,32 @@ impl Fs {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         unknown.sort();
         self.meta
-            .prefetch(unknown.into_iter().map(|(_, i)| i).collect());
+            .prefetch(unknown.into_iter().map(|(_, i)| i).collect(), early);
         debug!(dir, entries = out.len(), "listed");
         Ok(out)
+    }
+
+    /// The keys of a listing page's objects whose metadata this mount
+    /// does not hold for that very object (same ETag).
+    fn metadata_unknown(&self, dir: &str, prefix: &str, objects: &[ObjectInfo]) -> Vec<String> {
+        let t = self.table.lock();
+        objects
+            .iter()
+            .filter(|o| {
+                let name = &o.key[prefix.len().min(o.key.len())..];
+                if name.is_empty() || !showable(name) {
+                    return false;
+                }
+                let known = t
+                    .find(&NodeKey::Path(join(dir, name)))
+                    .and_then(|i| t.get(i))
+                    .filter(|n| n.meta_known)
+                    .and_then(|n| n.object.as_ref())
+                    .is_some_and(|k| k.etag == o.etag && k.metadata.is_some());
+                !known
+            })
+            .map(|o| o.key.clone())
+            .collect()
     }
 
     pub fn statfs(&self) -> StatFs {
