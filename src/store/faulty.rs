@@ -404,8 +404,13 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         self.after(Op::ListVersions, r).await
     }
 
-    async fn presign_get(&self, key: &str, expires: std::time::Duration) -> StoreResult<String> {
-        self.inner.presign_get(key, expires).await
+    async fn presign_get(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        expires: std::time::Duration,
+    ) -> StoreResult<String> {
+        self.inner.presign_get(key, version, expires).await
     }
 
     async fn check_bucket(&self) -> StoreResult<()> {

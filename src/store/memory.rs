@@ -579,12 +579,86 @@ impl ObjectStore for MemStore {
         Ok(page)
     }
 
-    async fn presign_get(&self, key: &str, expires: Duration) -> StoreResult<String> {
-        Ok(format!("memory:///{key}?expires={}", expires.as_secs()))
+    async fn presign_get(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        expires: Duration,
+    ) -> StoreResult<String> {
+        let v = version
+            .map(|v| format!("&versionId={v}"))
+            .unwrap_or_default();
+        Ok(format!("memory:///{key}?expires={}{v}", expires.as_secs()))
     }
 
     async fn check_bucket(&self) -> StoreResult<()> {
         self.enter(Op::HeadBucket)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+/// An account of in-memory buckets, for tests of `s3://` mounts.
+#[derive(Debug, Default)]
+pub struct MemAccount {
+    buckets: Mutex<BTreeMap<String, std::sync::Arc<MemStore>>>,
+    counters: Counters,
+}
+
+impl MemAccount {
+    /// A bucket (unversioned) as another client would make it.
+    pub fn add(&self, name: &str) -> std::sync::Arc<MemStore> {
+        self.buckets
+            .lock()
+            .entry(name.to_string())
+            .or_insert_with(|| std::sync::Arc::new(MemStore::unversioned()))
+            .clone()
+    }
+
+    /// The bucket of that name, if there is one.
+    pub fn bucket(&self, name: &str) -> Option<std::sync::Arc<MemStore>> {
+        self.buckets.lock().get(name).cloned()
+    }
+}
+
+#[async_trait]
+impl super::Account for MemAccount {
+    async fn list_buckets(&self) -> StoreResult<Vec<String>> {
+        self.counters.record(Op::ListBuckets);
+        Ok(self.buckets.lock().keys().cloned().collect())
+    }
+
+    async fn create_bucket(&self, name: &str) -> StoreResult<()> {
+        self.counters.record(Op::CreateBucket);
+        let mut b = self.buckets.lock();
+        if b.contains_key(name) {
+            return Err(StoreError::AlreadyExists);
+        }
+        b.insert(
+            name.to_string(),
+            std::sync::Arc::new(MemStore::unversioned()),
+        );
+        Ok(())
+    }
+
+    async fn delete_bucket(&self, name: &str) -> StoreResult<()> {
+        self.counters.record(Op::DeleteBucket);
+        let mut b = self.buckets.lock();
+        let store = b.get(name).ok_or(StoreError::NoSuchBucket)?;
+        let st = store.state.lock();
+        if !st.objects.is_empty() {
+            return Err(StoreError::BucketNotEmpty);
+        }
+        drop(st);
+        b.remove(name);
+        Ok(())
+    }
+
+    async fn open_bucket(&self, name: &str) -> StoreResult<std::sync::Arc<dyn ObjectStore>> {
+        let store = self.bucket(name).ok_or(StoreError::NoSuchBucket)?;
+        Ok(store)
     }
 
     fn counters(&self) -> &Counters {

@@ -245,6 +245,10 @@ pub enum StoreError {
     /// The bucket is in another region than the one requests were signed
     /// for (S3's 301 PermanentRedirect with `x-amz-bucket-region`).
     WrongRegion(String),
+    /// A bucket of that name exists already (CreateBucket).
+    AlreadyExists,
+    /// The bucket still holds objects or versions (DeleteBucket).
+    BucketNotEmpty,
 }
 
 impl StoreError {
@@ -264,6 +268,8 @@ impl fmt::Display for StoreError {
             StoreError::Transient(m) => write!(f, "S3 unavailable: {m}"),
             StoreError::Other(m) => write!(f, "S3 error: {m}"),
             StoreError::WrongRegion(r) => write!(f, "the bucket is in region {r}"),
+            StoreError::AlreadyExists => write!(f, "a bucket of that name exists already"),
+            StoreError::BucketNotEmpty => write!(f, "the bucket is not empty"),
         }
     }
 }
@@ -291,10 +297,14 @@ pub enum Op {
     ListUploads,
     GetTagging,
     GetAcl,
+    GetOwnership,
+    ListBuckets,
+    CreateBucket,
+    DeleteBucket,
 }
 
 impl Op {
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 20] = [
         Op::List,
         Op::Head,
         Op::Get,
@@ -311,6 +321,10 @@ impl Op {
         Op::ListUploads,
         Op::GetTagging,
         Op::GetAcl,
+        Op::GetOwnership,
+        Op::ListBuckets,
+        Op::CreateBucket,
+        Op::DeleteBucket,
     ];
 
     pub fn name(self) -> &'static str {
@@ -331,6 +345,10 @@ impl Op {
             Op::ListUploads => "LIST_UPLOADS",
             Op::GetTagging => "GET_TAGGING",
             Op::GetAcl => "GET_ACL",
+            Op::GetOwnership => "GET_OWNERSHIP",
+            Op::ListBuckets => "LIST_BUCKETS",
+            Op::CreateBucket => "CREATE_BUCKET",
+            Op::DeleteBucket => "DELETE_BUCKET",
         }
     }
 }
@@ -338,7 +356,7 @@ impl Op {
 /// Requests made, by type. Both stores keep one.
 #[derive(Debug, Default)]
 pub struct Counters {
-    counts: [AtomicU64; 16],
+    counts: [AtomicU64; Op::ALL.len()],
     sent: AtomicU64,
     received: AtomicU64,
 }
@@ -469,13 +487,42 @@ pub trait ObjectStore: Send + Sync + 'static {
         marker: Option<(String, String)>,
     ) -> StoreResult<VersionPage>;
 
-    /// A URL anyone can GET the current object at for `expires`, signed
-    /// with the mount's credentials (no request is made).
-    async fn presign_get(&self, key: &str, expires: std::time::Duration) -> StoreResult<String>;
+    /// A URL anyone can GET the current object (or one version) at for
+    /// `expires`, signed with the mount's credentials (no request is
+    /// made). What every request of the mount carries goes in its query
+    /// (requester pays), not in headers the fetcher would have to send.
+    async fn presign_get(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        expires: std::time::Duration,
+    ) -> StoreResult<String>;
 
     /// Checks that the bucket exists and is reachable with these credentials.
     async fn check_bucket(&self) -> StoreResult<()>;
 
     /// Requests made so far, by type.
+    fn counters(&self) -> &Counters;
+}
+
+/// The buckets of an account, for an `s3://` mount: each bucket is then
+/// an `ObjectStore` of its own.
+#[async_trait]
+pub trait Account: Send + Sync + 'static {
+    /// ListBuckets: the names of the account's buckets.
+    async fn list_buckets(&self) -> StoreResult<Vec<String>>;
+
+    /// CreateBucket, in the account's (the mount's) region.
+    async fn create_bucket(&self, name: &str) -> StoreResult<()>;
+
+    /// DeleteBucket; `BucketNotEmpty` while it holds objects or versions.
+    async fn delete_bucket(&self, name: &str) -> StoreResult<()>;
+
+    /// The store of one bucket, reachable with these credentials (in
+    /// whatever region it is): `NoSuchBucket` if there is none.
+    async fn open_bucket(&self, name: &str) -> StoreResult<Arc<dyn ObjectStore>>;
+
+    /// Account-level requests made so far (the buckets' own are counted
+    /// by their stores).
     fn counters(&self) -> &Counters;
 }

@@ -18,6 +18,7 @@
 
 use std::future::Future;
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -148,6 +149,9 @@ impl std::fmt::Debug for SseCKey {
 /// The SSE-C algorithm, the only one S3 has.
 const SSE_C_ALGORITHM: &str = "AES256";
 
+const REQUEST_PAYER: &str = "x-amz-request-payer";
+const REQUEST_PAYER_QUERY: &str = "x-amz-request-payer=requester";
+
 /// Adds `x-amz-request-payer: requester` to every request the client
 /// sends, listings and multipart calls included.
 #[derive(Debug)]
@@ -164,10 +168,11 @@ impl Intercept for RequesterPays {
         _: &RuntimeComponents,
         _: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        context
-            .request_mut()
-            .headers_mut()
-            .insert("x-amz-request-payer", "requester");
+        let req = context.request_mut();
+        // A presigned URL carries it in its query instead.
+        if !req.uri().contains(REQUEST_PAYER_QUERY) {
+            req.headers_mut().insert(REQUEST_PAYER, "requester");
+        }
         Ok(())
     }
 }
@@ -204,6 +209,55 @@ macro_rules! with_new_object {
             .set_storage_class(o.storage_class.as_deref().map(StorageClass::from))
             .set_acl(o.acl.as_deref().map(ObjectCannedAcl::from))
     }};
+}
+
+/// The SDK's configuration for these settings: credentials (an explicit
+/// profile or passwd_file first), and the region: the option, else the
+/// environment or profile (never instance metadata: a mount must not reach
+/// for the network to find it), else us-east-1. Also whether a region was
+/// configured at all.
+async fn load_sdk(s: &S3Settings) -> (aws_config::SdkConfig, String, bool) {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(p) = &s.profile {
+        loader = loader.profile_name(p);
+    }
+    let configured_region = match &s.region {
+        Some(r) => Some(r.clone()),
+        None => {
+            let mut profile = aws_config::profile::ProfileFileRegionProvider::builder();
+            if let Some(p) = &s.profile {
+                profile = profile.profile_name(p);
+            }
+            RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+                .or_else(profile.build())
+                .region()
+                .await
+                .map(|r| r.to_string())
+        }
+    };
+    let region = configured_region
+        .clone()
+        .unwrap_or_else(|| DEFAULT_REGION.to_string());
+    loader = loader.region(Region::new(region.clone()));
+    if let Some((id, secret)) = &s.static_keys {
+        loader = loader.credentials_provider(Credentials::new(
+            id.clone(),
+            secret.clone(),
+            None,
+            None,
+            "bucketfs-passwd-file",
+        ));
+    } else if let Some(p) = &s.profile {
+        // An explicit profile wins over keys in the environment, as in
+        // boto3 and the AWS CLI (the default chain asks the environment
+        // first).
+        loader = loader.credentials_provider(
+            aws_config::profile::ProfileFileCredentialsProvider::builder()
+                .profile_name(p)
+                .build(),
+        );
+    }
+    (loader.load().await, region, configured_region.is_some())
 }
 
 impl Default for S3Settings {
@@ -252,51 +306,9 @@ impl S3Store {
     /// Builds the client. When no region is configured anywhere, the
     /// bucket's own region is discovered with one HeadBucket.
     pub async fn connect(s: &S3Settings) -> StoreResult<S3Store> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(p) = &s.profile {
-            loader = loader.profile_name(p);
-        }
-        // Region: the option, else environment or profile. Never instance
-        // metadata: a mount must not reach for the network to find it.
-        let configured_region = match &s.region {
-            Some(r) => Some(r.clone()),
-            None => {
-                let mut profile = aws_config::profile::ProfileFileRegionProvider::builder();
-                if let Some(p) = &s.profile {
-                    profile = profile.profile_name(p);
-                }
-                RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
-                    .or_else(profile.build())
-                    .region()
-                    .await
-                    .map(|r| r.to_string())
-            }
-        };
-        let region = configured_region
-            .clone()
-            .unwrap_or_else(|| DEFAULT_REGION.to_string());
-        loader = loader.region(Region::new(region.clone()));
-        if let Some((id, secret)) = &s.static_keys {
-            loader = loader.credentials_provider(Credentials::new(
-                id.clone(),
-                secret.clone(),
-                None,
-                None,
-                "bucketfs-passwd-file",
-            ));
-        } else if let Some(p) = &s.profile {
-            // An explicit profile wins over keys in the environment, as
-            // in boto3 and the AWS CLI (the default chain asks the
-            // environment first).
-            loader = loader.credentials_provider(
-                aws_config::profile::ProfileFileCredentialsProvider::builder()
-                    .profile_name(p)
-                    .build(),
-            );
-        }
-        let sdk = loader.load().await;
+        let (sdk, region, configured) = load_sdk(s).await;
         let store = Self::with_region(s, &sdk, &region);
-        if configured_region.is_some() || s.endpoint.is_some() {
+        if configured || s.endpoint.is_some() {
             return Ok(store);
         }
         match store.discover_region().await {
@@ -732,13 +744,16 @@ where
                 }
                 (_, "NoSuchKey" | "NoSuchVersion" | "NoSuchUpload") => StoreError::NotFound,
                 (_, "NoSuchBucket") => StoreError::NoSuchBucket,
+                (_, "BucketNotEmpty") => StoreError::BucketNotEmpty,
+                (_, "BucketAlreadyExists" | "BucketAlreadyOwnedByYou") => StoreError::AlreadyExists,
                 (404, _) => StoreError::NotFound,
                 (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch")
                 | (401 | 403, _) => StoreError::AccessDenied(msg),
                 (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed,
-                (_, "KeyTooLongError" | "InvalidArgument" | "InvalidRequest") => {
-                    StoreError::InvalidRequest(msg)
-                }
+                (
+                    _,
+                    "KeyTooLongError" | "InvalidArgument" | "InvalidRequest" | "InvalidBucketName",
+                ) => StoreError::InvalidRequest(msg),
                 (408 | 429, _)
                 | (500..=599, _)
                 | (
@@ -1433,18 +1448,40 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn presign_get(&self, key: &str, expires: Duration) -> StoreResult<String> {
+    async fn presign_get(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        expires: Duration,
+    ) -> StoreResult<String> {
         let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires)
             .map_err(|e| StoreError::InvalidRequest(format!("expiry: {e}")))?;
-        let req = self
+        let mut req = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_version_id(version.map(str::to_string))
+            .customize();
+        if self.requests.requester_pays {
+            // In the signed query, not as a header the fetcher would have
+            // to send (S3 takes either). Whichever of this and the
+            // client's RequesterPays interceptor runs first, the header
+            // ends up gone and the query parameter there.
+            req = req.mutate_request(|r| {
+                r.headers_mut().remove(REQUEST_PAYER);
+                if !r.uri().contains(REQUEST_PAYER_QUERY) {
+                    let sep = if r.uri().contains('?') { '&' } else { '?' };
+                    let uri = format!("{}{sep}{REQUEST_PAYER_QUERY}", r.uri());
+                    let _ = r.set_uri(uri);
+                }
+            });
+        }
+        let signed = req
             .presigned(config)
             .await
             .map_err(|e| StoreError::Other(error_line(&e)))?;
-        Ok(req.uri().to_string())
+        Ok(signed.uri().to_string())
     }
 
     async fn check_bucket(&self) -> StoreResult<()> {
@@ -1464,6 +1501,166 @@ impl ObjectStore for S3Store {
 
     fn counters(&self) -> &Counters {
         &self.counters
+    }
+}
+
+/// Every bucket of an account, for `s3://` mounts: ListBuckets,
+/// CreateBucket (in the mount's region) and DeleteBucket, and an
+/// `S3Store` per bucket, in whatever region the bucket is.
+#[derive(Debug)]
+pub struct S3Account {
+    /// Signs the account-level calls, in the mount's region.
+    base: S3Store,
+    settings: S3Settings,
+    sdk: aws_config::SdkConfig,
+    region: String,
+    /// Each bucket's region, as ListBuckets or a redirect told it.
+    regions: parking_lot::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl S3Account {
+    pub async fn connect(s: &S3Settings) -> S3Account {
+        let (sdk, region, _) = load_sdk(s).await;
+        let settings = S3Settings {
+            bucket: String::new(),
+            ..s.clone()
+        };
+        S3Account {
+            base: S3Store::with_region(&settings, &sdk, &region),
+            settings,
+            sdk,
+            region,
+            regions: Default::default(),
+        }
+    }
+
+    /// The access key id the account's requests are signed with.
+    pub async fn access_key_id(&self) -> Option<String> {
+        self.base.access_key_id().await
+    }
+
+    /// The store of `bucket` in `region`.
+    fn store_in(&self, bucket: &str, region: &str) -> S3Store {
+        let s = S3Settings {
+            bucket: bucket.to_string(),
+            ..self.settings.clone()
+        };
+        S3Store::with_region(&s, &self.sdk, region)
+    }
+
+    /// The region `bucket` is known to be in, else the mount's.
+    fn region_of(&self, bucket: &str) -> String {
+        self.regions
+            .lock()
+            .get(bucket)
+            .cloned()
+            .unwrap_or_else(|| self.region.clone())
+    }
+}
+
+#[async_trait]
+impl super::Account for S3Account {
+    async fn list_buckets(&self) -> StoreResult<Vec<String>> {
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = self
+                .base
+                .client
+                .list_buckets()
+                .set_continuation_token(token.clone());
+            let out = self
+                .base
+                .retry(Op::ListBuckets, "", || async {
+                    req.clone().send().await.map_err(classify)
+                })
+                .await?;
+            let mut regions = self.regions.lock();
+            for b in out.buckets() {
+                let Some(name) = b.name() else { continue };
+                if let Some(r) = b.bucket_region().filter(|r| !r.is_empty()) {
+                    regions.insert(name.to_string(), r.to_string());
+                }
+                names.push(name.to_string());
+            }
+            drop(regions);
+            token = out
+                .continuation_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    async fn create_bucket(&self, name: &str) -> StoreResult<()> {
+        use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+        let mut req = self.base.client.create_bucket().bucket(name);
+        // us-east-1 is the one region S3 refuses as a location constraint.
+        if self.region != DEFAULT_REGION {
+            req = req.create_bucket_configuration(
+                CreateBucketConfiguration::builder()
+                    .location_constraint(BucketLocationConstraint::from(self.region.as_str()))
+                    .build(),
+            );
+        }
+        self.base
+            .retry(Op::CreateBucket, name, || async {
+                req.clone().send().await.map_err(classify)
+            })
+            .await?;
+        self.regions
+            .lock()
+            .insert(name.to_string(), self.region.clone());
+        Ok(())
+    }
+
+    async fn delete_bucket(&self, name: &str) -> StoreResult<()> {
+        let delete = |store: S3Store| async move {
+            let req = store.client.delete_bucket().bucket(name);
+            store
+                .retry(Op::DeleteBucket, name, || async {
+                    req.clone().send().await.map_err(classify)
+                })
+                .await
+                .map(|_| ())
+        };
+        let r = match delete(self.store_in(name, &self.region_of(name))).await {
+            Err(StoreError::WrongRegion(r)) if !r.is_empty() => {
+                delete(self.store_in(name, &r)).await
+            }
+            r => r,
+        };
+        // Counted with the account's requests.
+        self.base.counters.record(Op::DeleteBucket);
+        r?;
+        self.regions.lock().remove(name);
+        Ok(())
+    }
+
+    async fn open_bucket(&self, name: &str) -> StoreResult<Arc<dyn ObjectStore>> {
+        let store = self.store_in(name, &self.region_of(name));
+        match store.check_bucket().await {
+            Ok(()) => Ok(Arc::new(store)),
+            // Each bucket is followed to its region, whatever region the
+            // mount was given (that one is where mkdir creates buckets).
+            Err(StoreError::WrongRegion(r)) if !r.is_empty() => {
+                debug!(bucket = name, region = %r, "bucket region followed");
+                let store = self.store_in(name, &r);
+                store.check_bucket().await?;
+                self.regions.lock().insert(name.to_string(), r);
+                Ok(Arc::new(store))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.base.counters
     }
 }
 
