@@ -192,7 +192,14 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         .next()
         .unwrap_or("")
         .to_string();
-    let payer_missing = header(&head, "x-amz-request-payer").as_deref() != Some("requester");
+    // AWS takes the payer as a header or, in a presigned URL, in the query.
+    let request_line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let payer_missing = header(&head, "x-amz-request-payer").as_deref() != Some("requester")
+        && !request_line.contains("x-amz-request-payer=requester");
     let (fault, refuse, echo, redirect) = {
         let mut p = plan.lock();
         p.seen.push(method.clone());
