@@ -40,6 +40,7 @@ fn store_errno(e: &StoreError) -> i32 {
         StoreError::Other(_) => libc::EIO,
         StoreError::WrongRegion(_) => libc::EIO,
         StoreError::AlreadyExists => libc::EEXIST,
+        StoreError::ChecksumRefused(_) => libc::EIO,
         StoreError::BucketNotEmpty => libc::ENOTEMPTY,
     }
 }

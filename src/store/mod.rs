@@ -177,17 +177,20 @@ impl PutBody {
         self.len() == 0
     }
 
-    /// The MD5 digest (S3's Content-MD5) and CRC32C of the body, in one
-    /// pass, read in 1 MiB steps.
-    pub fn checksums(&self) -> std::io::Result<([u8; 16], u32)> {
+    /// The MD5 digest (S3's Content-MD5, when `md5`) and CRC32C of the
+    /// body, in one pass, read in 1 MiB steps.
+    pub fn checksums(&self, md5: bool) -> std::io::Result<(Option<[u8; 16]>, u32)> {
         use md5::Digest;
-        let mut md5 = md5::Md5::new();
+        let mut md = md5.then(md5::Md5::new);
         let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-        match self {
-            PutBody::Bytes(b) => {
-                md5.update(b);
-                crc.update(b);
+        let mut update = |b: &[u8]| {
+            if let Some(m) = &mut md {
+                m.update(b);
             }
+            crc.update(b);
+        };
+        match self {
+            PutBody::Bytes(b) => update(b),
             PutBody::File { file, offset, len } => {
                 use std::os::unix::fs::FileExt;
                 let mut buf = vec![0u8; (*len).min(1 << 20) as usize];
@@ -195,13 +198,12 @@ impl PutBody {
                 while pos < *len {
                     let n = ((*len - pos) as usize).min(buf.len());
                     file.read_exact_at(&mut buf[..n], offset + pos)?;
-                    md5.update(&buf[..n]);
-                    crc.update(&buf[..n]);
+                    update(&buf[..n]);
                     pos += n as u64;
                 }
             }
         }
-        Ok((md5.finalize().into(), crc.finalize() as u32))
+        Ok((md.map(|m| m.finalize().into()), crc.finalize() as u32))
     }
 
     /// Reads the whole body into memory (for stores that keep bytes in RAM).
@@ -216,6 +218,25 @@ impl PutBody {
             }
         }
     }
+}
+
+/// A multipart upload as it was created: its id, and whether it declared
+/// CRC32C (then every part carries its CRC32C and CompleteMultipartUpload
+/// repeats each; a store that refused that gets Content-MD5 instead).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    pub id: String,
+    pub crc32c: bool,
+}
+
+/// A part of a multipart upload, sent: what CompleteMultipartUpload lists.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Part {
+    pub number: i32,
+    pub etag: String,
+    /// Its CRC32C (base64 of the big-endian value), on an upload that
+    /// declared CRC32C; for a copied part, when the store said it.
+    pub crc32c: Option<String>,
 }
 
 /// The identity of a stored object after a write.
@@ -247,6 +268,9 @@ pub enum StoreError {
     WrongRegion(String),
     /// A bucket of that name exists already (CreateBucket).
     AlreadyExists,
+    /// The store refused the CRC32C of a multipart upload (the upload is
+    /// to be made again: the store's next ones carry Content-MD5).
+    ChecksumRefused(String),
     /// The bucket still holds objects or versions (DeleteBucket).
     BucketNotEmpty,
 }
@@ -269,6 +293,9 @@ impl fmt::Display for StoreError {
             StoreError::Other(m) => write!(f, "S3 error: {m}"),
             StoreError::WrongRegion(r) => write!(f, "the bucket is in region {r}"),
             StoreError::AlreadyExists => write!(f, "a bucket of that name exists already"),
+            StoreError::ChecksumRefused(m) => {
+                write!(f, "the store refused CRC32C on a multipart upload: {m}")
+            }
             StoreError::BucketNotEmpty => write!(f, "the bucket is not empty"),
         }
     }
@@ -440,37 +467,42 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     async fn delete(&self, key: &str) -> StoreResult<()>;
 
-    /// CreateMultipartUpload; `keep` as for `put`.
+    /// CreateMultipartUpload; `keep` as for `put`. Declares CRC32C unless
+    /// the store refused it before.
     async fn create_multipart(
         &self,
         key: &str,
         meta: &Metadata,
         keep: Option<&ObjectHeaders>,
-    ) -> StoreResult<String>;
+    ) -> StoreResult<Upload>;
 
+    /// UploadPart, with the part's CRC32C when the upload declared it
+    /// (else its Content-MD5).
     async fn upload_part(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         body: PutBody,
-    ) -> StoreResult<String>;
+    ) -> StoreResult<Part>;
 
     async fn upload_part_copy(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         src: &str,
         range: Range<u64>,
         src_etag: Option<&str>,
-    ) -> StoreResult<String>;
+    ) -> StoreResult<Part>;
 
+    /// CompleteMultipartUpload, each part with the checksum it was sent
+    /// with.
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
+        parts: Vec<Part>,
     ) -> StoreResult<PutResult>;
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;

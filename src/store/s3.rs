@@ -35,18 +35,19 @@ use aws_sdk_s3::config::{
     ResponseChecksumValidation, RuntimeComponents,
 };
 use aws_sdk_s3::error::{BoxError, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::create_multipart_upload::CreateMultipartUploadOutput;
 use aws_sdk_s3::operation::head_object::{HeadObjectError, HeadObjectOutput};
 use aws_sdk_s3::primitives::{ByteStream, DateTime, DateTimeFormat, Length};
 use aws_sdk_s3::types::{
-    CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective, ObjectCannedAcl,
-    ServerSideEncryption, StorageClass, TaggingDirective,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective,
+    ObjectCannedAcl, ServerSideEncryption, StorageClass, TaggingDirective,
 };
 use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::{
-    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, PutBody, PutResult,
-    ReadPin, StoreError, StoreResult, VersionInfo, VersionPage,
+    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, Part, PutBody,
+    PutResult, ReadPin, StoreError, StoreResult, Upload, VersionInfo, VersionPage,
 };
 
 /// How to reach the bucket.
@@ -293,6 +294,9 @@ pub struct S3Store {
     /// GetObjectAcl failed once (not implemented, not allowed): copies
     /// stop asking.
     no_acl_api: AtomicBool,
+    /// The store refused CRC32C on a multipart upload: parts carry
+    /// Content-MD5 from then on.
+    no_part_checksums: AtomicBool,
     /// The credentials chain (for `access_key_id`).
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
     /// Where the credentials come from, for a log line when they expire.
@@ -367,6 +371,7 @@ impl S3Store {
             long_timeout: s.long_timeout,
             no_versions_api: AtomicBool::new(false),
             no_acl_api: AtomicBool::new(false),
+            no_part_checksums: AtomicBool::new(false),
             requests: s.requests.clone(),
             credentials_source: credentials_source(s),
         }
@@ -379,6 +384,14 @@ impl S3Store {
                 .raw_response()
                 .and_then(|r| r.headers().get("x-amz-bucket-region"))
                 .map(str::to_string),
+        }
+    }
+
+    /// The store refused CRC32C on a multipart upload: said once, and its
+    /// later uploads carry Content-MD5 instead.
+    fn refuse_part_checksums(&self, why: &str) {
+        if !self.no_part_checksums.swap(true, Ordering::Relaxed) {
+            warn!(bucket = %self.bucket, refusal = why, "the store refuses CRC32C on multipart uploads; parts carry Content-MD5 instead");
         }
     }
 
@@ -587,22 +600,59 @@ fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
     }
 }
 
-/// The Content-MD5 and x-amz-checksum-crc32c headers of a body: every
-/// upload carries a checksum (and S3 refuses a PUT without one in a
-/// bucket with Object Lock).
+/// The Content-MD5 (when `md5`) and x-amz-checksum-crc32c headers of a
+/// body: every upload carries a checksum (and S3 refuses a PUT without
+/// one in a bucket with Object Lock).
 ///
 /// Hashing a part of several MiB takes milliseconds of CPU: it runs on a
 /// blocking thread, not on the runtime's workers (which serve the FUSE
 /// requests and the other parts' transfers).
-async fn checksum_headers(body: &PutBody) -> StoreResult<(String, String)> {
+async fn checksum_headers(body: &PutBody, md5: bool) -> StoreResult<(Option<String>, String)> {
     use base64::Engine;
     let body = body.clone();
-    let (md5, crc) = tokio::task::spawn_blocking(move || body.checksums())
+    let (md5, crc) = tokio::task::spawn_blocking(move || body.checksums(md5))
         .await
         .map_err(|e| StoreError::Other(format!("checksum task: {e}")))?
         .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    Ok((b64.encode(md5), b64.encode(crc.to_be_bytes())))
+    Ok((md5.map(|m| b64.encode(m)), b64.encode(crc.to_be_bytes())))
+}
+
+/// A failed multipart call: as `classify`, except that when it carried
+/// CRC32C (`crc`) and the store answers as one that does not take it (501,
+/// or a 400 about the request rather than the data: a bad digest is the
+/// checksum doing its job), it is `ChecksumRefused`.
+fn classify_checksum<E>(
+    err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    crc: bool,
+) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    if crc && let SdkError::ServiceError(se) = &err {
+        let status = se.raw().status().as_u16();
+        let code = se.err().code().unwrap_or("");
+        let redirect = se.raw().headers().get("x-amz-bucket-region").is_some();
+        let refused = status == 501
+            || (status == 400
+                && !redirect
+                && matches!(
+                    code,
+                    "" | "InvalidArgument"
+                        | "InvalidRequest"
+                        | "NotImplemented"
+                        | "MalformedXML"
+                        | "InvalidPart"
+                ));
+        if refused {
+            return StoreError::ChecksumRefused(
+                format!("{status} {code} {}", se.err().message().unwrap_or(""))
+                    .trim()
+                    .to_string(),
+            );
+        }
+    }
+    classify(err)
 }
 
 /// Where a mount's credentials come from, in words.
@@ -1087,7 +1137,8 @@ impl ObjectStore for S3Store {
         keep: Option<&ObjectHeaders>,
     ) -> StoreResult<PutResult> {
         let len = self.count_body(&body);
-        let (md5, crc32c) = checksum_headers(&body).await?;
+        let (md5, crc32c) = checksum_headers(&body, true).await?;
+        let md5 = md5.unwrap_or_default();
         let opts = self.options_keeping(keep);
         let headers = Self::standard_headers(key, keep);
         let tags = self.tags_to_keep(key, keep).await;
@@ -1184,7 +1235,7 @@ impl ObjectStore for S3Store {
         key: &str,
         meta: &Metadata,
         keep: Option<&ObjectHeaders>,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Upload> {
         let req = self
             .client
             .create_multipart_upload()
@@ -1194,27 +1245,59 @@ impl ObjectStore for S3Store {
             .set_tagging(self.tags_to_keep(key, keep).await);
         let req = with_standard_headers!(req, &Self::standard_headers(key, keep));
         let req = with_new_object!(req, &self.options_keeping(keep));
-        let out = self
-            .retry(Op::CreateMultipart, key, || async {
+        let upload = |out: CreateMultipartUploadOutput, crc32c: bool| {
+            out.upload_id()
+                .map(|id| Upload {
+                    id: id.to_string(),
+                    crc32c,
+                })
+                .ok_or_else(|| StoreError::Other("no upload id returned".into()))
+        };
+        let plain = || async {
+            self.retry(Op::CreateMultipart, key, || async {
                 req.clone().send().await.map_err(classify)
             })
-            .await?;
-        out.upload_id()
-            .map(str::to_string)
-            .ok_or_else(|| StoreError::Other("no upload id returned".into()))
+            .await
+        };
+        if self.no_part_checksums.load(Ordering::Relaxed) {
+            return upload(plain().await?, false);
+        }
+        let with_crc = req.clone().checksum_algorithm(ChecksumAlgorithm::Crc32C);
+        match self
+            .retry(Op::CreateMultipart, key, || async {
+                with_crc
+                    .clone()
+                    .send()
+                    .await
+                    .map_err(|e| classify_checksum(e, true))
+            })
+            .await
+        {
+            Ok(out) => upload(out, true),
+            // Refused with CRC32C: if the store takes it without, that
+            // was the reason.
+            Err(StoreError::ChecksumRefused(why)) => {
+                let out = plain().await?;
+                self.refuse_part_checksums(&why);
+                upload(out, false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn upload_part(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         body: PutBody,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Part> {
         let len = self.count_body(&body);
-        // A part carries Content-MD5 only: a CRC32C on parts would have to
-        // be declared at CreateMultipartUpload and repeated at Complete.
-        let (md5, _) = checksum_headers(&body).await?;
+        // An upload declared with CRC32C takes each part's CRC32C (and,
+        // with `x-amz-sdk-checksum-algorithm`, an Object Lock bucket needs
+        // no Content-MD5); one without gets Content-MD5.
+        let (md5, crc32c) = checksum_headers(&body, !upload.crc32c).await?;
+        let crc = upload.crc32c.then_some(crc32c);
         let out = self
             .retry(Op::UploadPart, key, || async {
                 let stream = byte_stream(&body).await?;
@@ -1223,35 +1306,46 @@ impl ObjectStore for S3Store {
                     .upload_part()
                     .bucket(&self.bucket)
                     .key(key)
-                    .upload_id(upload_id)
+                    .upload_id(&upload.id)
                     .part_number(part_number)
                     .content_length(len)
-                    .content_md5(&md5)
+                    .set_content_md5(md5.clone())
+                    .set_checksum_algorithm(crc.as_ref().map(|_| ChecksumAlgorithm::Crc32C))
+                    .set_checksum_crc32_c(crc.clone())
                     .body(stream);
                 with_sse_c!(req, &self.requests)
                     .send()
                     .await
-                    .map_err(classify)
+                    .map_err(|e| classify_checksum(e, upload.crc32c))
             })
-            .await?;
-        Ok(out.e_tag().unwrap_or_default().to_string())
+            .await
+            .inspect_err(|e| {
+                if let StoreError::ChecksumRefused(why) = e {
+                    self.refuse_part_checksums(why);
+                }
+            })?;
+        Ok(Part {
+            number: part_number,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+            crc32c: crc,
+        })
     }
 
     async fn upload_part_copy(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         src: &str,
         range: Range<u64>,
         src_etag: Option<&str>,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Part> {
         let req = self
             .client
             .upload_part_copy()
             .bucket(&self.bucket)
             .key(key)
-            .upload_id(upload_id)
+            .upload_id(&upload.id)
             .part_number(part_number)
             .copy_source(self.copy_source(src, None))
             .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
@@ -1280,22 +1374,38 @@ impl ObjectStore for S3Store {
                 }
             })
             .await?;
-        Ok(out
-            .copy_part_result()
-            .and_then(|r| r.e_tag())
-            .unwrap_or_default()
-            .to_string())
+        let result = out.copy_part_result();
+        Ok(Part {
+            number: part_number,
+            etag: result
+                .and_then(|r| r.e_tag())
+                .unwrap_or_default()
+                .to_string(),
+            // S3 computes a copied part's checksum and says it; a store
+            // that does not (Garage, moto) takes the part without one.
+            crc32c: result
+                .and_then(|r| r.checksum_crc32_c())
+                .filter(|_| upload.crc32c)
+                .map(str::to_string),
+        })
     }
 
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
+        parts: Vec<Part>,
     ) -> StoreResult<PutResult> {
+        let crc = parts.iter().any(|p| p.crc32c.is_some());
         let parts: Vec<CompletedPart> = parts
             .into_iter()
-            .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
+            .map(|p| {
+                CompletedPart::builder()
+                    .part_number(p.number)
+                    .e_tag(p.etag)
+                    .set_checksum_crc32_c(p.crc32c)
+                    .build()
+            })
             .collect();
         let req = self
             .client
@@ -1317,9 +1427,14 @@ impl ObjectStore for S3Store {
                     .config_override(self.long_call())
                     .send()
                     .await
-                    .map_err(classify)
+                    .map_err(|e| classify_checksum(e, crc))
             })
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if let StoreError::ChecksumRefused(why) = e {
+                    self.refuse_part_checksums(why);
+                }
+            })?;
         let etag = out
             .e_tag()
             .filter(|e| !e.is_empty())
