@@ -1674,3 +1674,94 @@ fn part_checksums_on_garage() {
         checksum("appended.bin")
     );
 }
+
+/// Makes `key` public-read, as another client would.
+fn make_public(b: &Bucket, key: &str) {
+    rt().block_on(
+        b.client
+            .put_object_acl()
+            .bucket(&b.name)
+            .key(key)
+            .acl(aws_sdk_s3::types::ObjectCannedAcl::PublicRead)
+            .send(),
+    )
+    .unwrap();
+}
+
+/// An overwrite keeps a non-default ACL, as copies do: a small file, a
+/// multipart one written in one pass, an append that copies the old
+/// parts; a private object stays private. It costs one GetObjectAcl per
+/// overwrite, and none at all on a bucket whose Object Ownership is
+/// BucketOwnerEnforced (no object there has an ACL of its own), which one
+/// GetBucketOwnershipControls per mount tells.
+#[test]
+fn an_overwrite_keeps_a_public_read_acl() {
+    let b = Bucket::new(server(), "overacl", false);
+    b.put("pub.txt", b"old");
+    b.put("pub-big.bin", &pattern(6 * MIB, 19));
+    b.put("pub-appended.bin", &pattern(11 * MIB, 20));
+    b.put("plain.txt", b"old");
+    for k in ["pub.txt", "pub-big.bin", "pub-appended.bin"] {
+        make_public(&b, k);
+    }
+    let m = Mount::new(&b, "part_size=5M");
+    fs::write(m.path("pub.txt"), b"new contents").unwrap();
+    let big = pattern(12 * MIB, 21);
+    let mut f = fs::File::create(m.path("pub-big.bin")).unwrap();
+    for chunk in big.chunks(MIB) {
+        f.write_all(chunk).unwrap();
+    }
+    close(f).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("pub-appended.bin"))
+        .unwrap();
+    f.write_all(b"tail").unwrap();
+    close(f).unwrap();
+    fs::write(m.path("plain.txt"), b"new contents").unwrap();
+    assert_eq!(b.get("pub.txt").as_deref(), Some(&b"new contents"[..]));
+    assert_eq!(b.get("pub-big.bin").map(|d| sha256(&d)), Some(sha256(&big)));
+    assert_eq!(
+        b.get("pub-appended.bin").map(|d| d.len()),
+        Some(11 * MIB + 4)
+    );
+    for (k, path) in [
+        ("pub.txt", "single PUT"),
+        ("pub-big.bin", "multipart, streamed"),
+        ("pub-appended.bin", "append (UploadPartCopy)"),
+    ] {
+        assert!(is_public_read(&b, k), "{path}: {k}");
+    }
+    assert!(
+        !is_public_read(&b, "plain.txt"),
+        "a private object stays private"
+    );
+    assert_eq!(requests(&m, "GET_OWNERSHIP"), 1, "asked once per mount");
+    assert_eq!(requests(&m, "GET_ACL"), 4, "one per overwrite");
+    drop(m);
+
+    // Object Ownership BucketOwnerEnforced: no ACL is ever asked for.
+    let name = format!("{}-owner", b.name);
+    rt().block_on(
+        b.client
+            .create_bucket()
+            .bucket(&name)
+            .object_ownership(aws_sdk_s3::types::ObjectOwnership::BucketOwnerEnforced)
+            .send(),
+    )
+    .unwrap();
+    let owned = Bucket { name, ..b.clone() };
+    owned.put("f.txt", b"old");
+    owned.put("g.bin", &pattern(11 * MIB, 22));
+    let m = Mount::new(&owned, "part_size=5M");
+    fs::write(m.path("f.txt"), b"new").unwrap();
+    fs::write(m.path("g.bin"), pattern(11 * MIB, 23)).unwrap();
+    fs::set_permissions(m.path("f.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(owned.get("f.txt").as_deref(), Some(&b"new"[..]));
+    assert_eq!(
+        owned.metadata("f.txt").get("mode").map(String::as_str),
+        Some("33152")
+    );
+    assert_eq!(requests(&m, "GET_OWNERSHIP"), 1);
+    assert_eq!(requests(&m, "GET_ACL"), 0, "no ACL to keep there");
+}

@@ -297,6 +297,9 @@ pub struct S3Store {
     /// The store refused CRC32C on a multipart upload: parts carry
     /// Content-MD5 from then on.
     no_part_checksums: AtomicBool,
+    /// Whether the bucket's objects can have ACLs (not when its Object
+    /// Ownership is BucketOwnerEnforced), once known.
+    acls_enabled: tokio::sync::OnceCell<bool>,
     /// The credentials chain (for `access_key_id`).
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
     /// Where the credentials come from, for a log line when they expire.
@@ -372,6 +375,7 @@ impl S3Store {
             no_versions_api: AtomicBool::new(false),
             no_acl_api: AtomicBool::new(false),
             no_part_checksums: AtomicBool::new(false),
+            acls_enabled: tokio::sync::OnceCell::new(),
             requests: s.requests.clone(),
             credentials_source: credentials_source(s),
         }
@@ -456,13 +460,61 @@ impl S3Store {
         }
     }
 
-    /// The grants of a copy's source that CopyObject would otherwise drop
-    /// (it gives the copy the private ACL): None when the source has only
-    /// its owner's FULL_CONTROL (always so on buckets with ACLs disabled,
-    /// which refuse grant headers), when `default_acl=` decides, or when
-    /// the ACL cannot be read.
+    /// Whether the bucket's objects can have ACLs of their own: not when
+    /// its Object Ownership is BucketOwnerEnforced (the default of every
+    /// bucket made since April 2023), asked once per mount with
+    /// GetBucketOwnershipControls. A bucket without ownership controls
+    /// (older ones), a store without the call, or no permission to ask:
+    /// they can (GetObjectAcl then tells, or stops being asked).
+    async fn bucket_has_acls(&self) -> bool {
+        let req = self
+            .client
+            .get_bucket_ownership_controls()
+            .bucket(&self.bucket);
+        let known = self
+            .acls_enabled
+            .get_or_try_init(|| async {
+                let r = self
+                    .retry(Op::GetOwnership, "", || async {
+                        match req.clone().send().await {
+                            // Not implemented is an answer, not a failure
+                            // to retry.
+                            Err(e) if status_of(&e) == Some(501) => Err(StoreError::Other(
+                                "501 GetBucketOwnershipControls not implemented".into(),
+                            )),
+                            r => r.map_err(classify),
+                        }
+                    })
+                    .await;
+                match r {
+                    Ok(out) => Ok(!out.ownership_controls().is_some_and(|c| {
+                        c.rules()
+                            .iter()
+                            .any(|r| r.object_ownership().as_str() == "BucketOwnerEnforced")
+                    })),
+                    // Not known this time: asked again later.
+                    Err(StoreError::Transient(_)) => Err(()),
+                    Err(e) => {
+                        debug!(error = %e, "no bucket ownership controls; objects may have ACLs");
+                        Ok(true)
+                    }
+                }
+            })
+            .await;
+        known.copied().unwrap_or(true)
+    }
+
+    /// The grants of the object at `key` (a copy's source, or the object
+    /// an upload replaces) that the new object would otherwise lose (it
+    /// gets the private ACL): None when it has only its owner's
+    /// FULL_CONTROL (always so on buckets with ACLs disabled, which refuse
+    /// grant headers, and which are not asked), when `default_acl=`
+    /// decides, or when the ACL cannot be read.
     async fn grants_to_keep(&self, key: &str, version: Option<&str>) -> Option<Grants> {
-        if self.requests.acl.is_some() || self.no_acl_api.load(Ordering::Relaxed) {
+        if self.requests.acl.is_some()
+            || self.no_acl_api.load(Ordering::Relaxed)
+            || !self.bucket_has_acls().await
+        {
             return None;
         }
         let req = self
@@ -521,6 +573,13 @@ impl S3Store {
         (!only_owner).then_some(g)
     }
 
+    /// The grants of the object an upload replaces (`keep` is its headers;
+    /// None for a new key), to keep them (see `grants_to_keep`).
+    async fn grants_replaced(&self, key: &str, keep: Option<&ObjectHeaders>) -> Option<Grants> {
+        keep?;
+        self.grants_to_keep(key, None).await
+    }
+
     /// HeadObject, with the mount's SSE-C key when it has one. An object
     /// the key does not apply to (not SSE-C encrypted: S3 answers 400) is
     /// asked again without it, so an SSE-C mount still reads the bucket's
@@ -551,6 +610,18 @@ impl S3Store {
             None => format!("{}/{enc}", self.bucket),
         }
     }
+}
+
+/// Adds an ACL's grants (`x-amz-grant-*`) to a request that makes an
+/// object (PutObject, CreateMultipartUpload, CopyObject).
+macro_rules! with_grants {
+    ($req:expr, $g:expr) => {{
+        let g: Option<&Grants> = $g;
+        $req.set_grant_full_control(g.and_then(|g| Grants::header(&g.full_control)))
+            .set_grant_read(g.and_then(|g| Grants::header(&g.read)))
+            .set_grant_read_acp(g.and_then(|g| Grants::header(&g.read_acp)))
+            .set_grant_write_acp(g.and_then(|g| Grants::header(&g.write_acp)))
+    }};
 }
 
 /// Adds an object's standard HTTP headers (PutObject,
@@ -1137,11 +1208,16 @@ impl ObjectStore for S3Store {
         keep: Option<&ObjectHeaders>,
     ) -> StoreResult<PutResult> {
         let len = self.count_body(&body);
-        let (md5, crc32c) = checksum_headers(&body, true).await?;
+        // What the replaced object had is asked while the body is hashed.
+        let (sums, tags, grants) = tokio::join!(
+            checksum_headers(&body, true),
+            self.tags_to_keep(key, keep),
+            self.grants_replaced(key, keep),
+        );
+        let (md5, crc32c) = sums?;
         let md5 = md5.unwrap_or_default();
         let opts = self.options_keeping(keep);
         let headers = Self::standard_headers(key, keep);
-        let tags = self.tags_to_keep(key, keep).await;
         let out = self
             .retry(Op::Put, key, || async {
                 let stream = byte_stream(&body).await?;
@@ -1156,6 +1232,7 @@ impl ObjectStore for S3Store {
                     .set_metadata(Some(meta.clone()))
                     .set_tagging(tags.clone())
                     .body(stream);
+                let req = with_grants!(req, grants.as_ref());
                 let req = with_standard_headers!(req, &headers);
                 with_new_object!(req, &opts).send().await.map_err(classify)
             })
@@ -1188,13 +1265,8 @@ impl ObjectStore for S3Store {
             .tagging_directive(TaggingDirective::Copy);
         let mut req = with_new_object!(req, &opts);
         req = with_copy_source_sse_c!(req, self.requests.sse_c.as_ref().filter(|_| kept.sse_c));
-        if let Some(g) = self.grants_to_keep(src, src_version).await {
-            req = req
-                .set_grant_full_control(Grants::header(&g.full_control))
-                .set_grant_read(Grants::header(&g.read))
-                .set_grant_read_acp(Grants::header(&g.read_acp))
-                .set_grant_write_acp(Grants::header(&g.write_acp));
-        }
+        let grants = self.grants_to_keep(src, src_version).await;
+        req = with_grants!(req, grants.as_ref());
         if let Some(m) = meta {
             let merged = super::merge_metadata(&source.metadata().cloned().unwrap_or_default(), m);
             req = with_standard_headers!(req, &kept)
@@ -1236,13 +1308,18 @@ impl ObjectStore for S3Store {
         meta: &Metadata,
         keep: Option<&ObjectHeaders>,
     ) -> StoreResult<Upload> {
+        let (tags, grants) = tokio::join!(
+            self.tags_to_keep(key, keep),
+            self.grants_replaced(key, keep)
+        );
         let req = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .set_metadata(Some(meta.clone()))
-            .set_tagging(self.tags_to_keep(key, keep).await);
+            .set_tagging(tags);
+        let req = with_grants!(req, grants.as_ref());
         let req = with_standard_headers!(req, &Self::standard_headers(key, keep));
         let req = with_new_object!(req, &self.options_keeping(keep));
         let upload = |out: CreateMultipartUploadOutput, crc32c: bool| {
