@@ -210,7 +210,8 @@ pub const OPTION_HELP: &str = "\
 Mount options (-o a,b=c; the same names work in /etc/fstab):
   endpoint=URL          S3 endpoint (default: AWS). s3fs alias: url=URL.
                         A value that is not a URL is taken as a region (s3fs).
-  region=NAME           region (default: environment/profile, else discovered)
+  region=NAME           region (default: environment/profile, else discovered); under
+                        s3:// the region mkdir creates buckets in
   path_style            path-style addressing (MinIO, Ceph, Garage, moto).
                         s3fs alias: use_path_request_style
   profile=NAME          AWS profile from the shared config/credentials files
