@@ -461,7 +461,26 @@ impl Buckets {
             st.missing.remove(name);
         }
         let slot = Self::slot_for(all, name)?;
-        let fs = match self.core(all, slot).await {
+        let opened = all
+            .state
+            .lock()
+            .slots
+            .get(&slot)
+            .and_then(|s| s.as_ref()?.fs.get().cloned());
+        let fs = match opened {
+            // Not listed (any more): made on first use, or asked whether it
+            // is still there (another client may have removed it).
+            Some(fs) if !listed.iter().any(|n| n == name) => {
+                match fs.store().check_bucket().await {
+                    Ok(()) => Ok(fs),
+                    Err(StoreError::NoSuchBucket) => Err(FsError::NotFound),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Some(fs) => Ok(fs),
+            None => self.core(all, slot).await,
+        };
+        let fs = match fs {
             Err(FsError::NotFound) => {
                 let mut st = all.state.lock();
                 st.missing

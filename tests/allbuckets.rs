@@ -394,3 +394,40 @@ fn s3_url_sources_are_bucket_and_prefix_even_for_a_bucket_named_status() {
     assert!(Command::new("umount").arg(&mp).status().unwrap().success());
     assert_eq!(read.unwrap(), b"in the bucket named status");
 }
+
+#[test]
+fn buckets_another_client_makes_or_removes_come_and_go() {
+    let seed = Bucket::new(server(), "other-seed", false);
+    let m = Mount::with_source(&seed, "s3://", "metadata_ttl=0");
+    let name = format!("made-elsewhere-{}", std::process::id());
+    rt().block_on(seed.client.create_bucket().bucket(&name).send())
+        .unwrap();
+    let other = Bucket {
+        name: name.clone(),
+        ..seed.clone()
+    };
+    other.put("f.txt", b"theirs");
+    assert!(top_names(&m).contains(&name));
+    assert_eq!(
+        fs::read(m.path(&format!("{name}/f.txt"))).unwrap(),
+        b"theirs"
+    );
+    rt().block_on(
+        other
+            .client
+            .delete_object()
+            .bucket(&name)
+            .key("f.txt")
+            .send(),
+    )
+    .unwrap();
+    rt().block_on(other.client.delete_bucket().bucket(&name).send())
+        .unwrap();
+    assert!(!top_names(&m).contains(&name));
+    let e = fs::metadata(m.path(&name)).unwrap_err();
+    assert_eq!(
+        errno(e),
+        libc::ENOENT,
+        "gone once another client removed it"
+    );
+}
