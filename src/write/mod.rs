@@ -208,6 +208,18 @@ fn new_locked_file(dir: &Path, prefix: &str) -> io::Result<(File, PathBuf)> {
     Err(io::Error::other("no free staging file name"))
 }
 
+/// A dead mount's multipart upload of a file's data, every part sent.
+#[derive(Debug)]
+struct Resume {
+    /// The key it was made for.
+    key: String,
+    upload: Upload,
+    parts: Vec<Part>,
+    /// The data is still what the parts hold (no write, truncation or
+    /// new metadata since): else the upload is only to be aborted.
+    current: bool,
+}
+
 /// A file's contents while it is open for writing.
 #[derive(Debug)]
 pub struct Staged {
@@ -226,9 +238,9 @@ pub struct Staged {
     header: Option<JournalHeader>,
     /// Multipart uploads open for this data (journaled).
     uploads: Vec<Upload>,
-    /// A dead mount's multipart upload of exactly this data, all its parts
-    /// sent (journaled with their checksums): completing it is the upload.
-    resume: Option<(Upload, Vec<Part>)>,
+    /// A dead mount's multipart upload of this data, all its parts sent
+    /// (journaled with their checksums): completing it is the upload.
+    resume: Option<Resume>,
     /// Whether untouched base ranges may be copied server-side (not when
     /// the key now holds another object).
     copy_ok: bool,
@@ -425,6 +437,11 @@ impl Staged {
                     j.remove();
                 }
             });
+        } else if self.resume.is_some() {
+            // A dead mount's upload is still open: the journal, final now,
+            // stays (without its staging file) and names it, so a recovery
+            // pass aborts it.
+            drop(self.journal.take());
         }
         self.end_journal();
     }
@@ -494,10 +511,12 @@ impl Staged {
         &self.path
     }
 
-    /// The data changed: a dead mount's upload is not of it any more (it
-    /// stays in `uploads`, to be aborted).
+    /// The data changed: a dead mount's upload is not of it any more (the
+    /// next upload aborts it).
     fn drop_resume(&mut self) {
-        self.resume = None;
+        if let Some(r) = &mut self.resume {
+            r.current = false;
+        }
     }
 
     /// Rewrites a long journal from the in-memory state.
@@ -515,7 +534,11 @@ impl Staged {
         };
         h.size = self.size;
         h.base_valid = self.base_valid;
-        let sent = self.resume.as_ref().map(|(_, p)| (p.as_slice(), self.size));
+        let sent = self
+            .resume
+            .as_ref()
+            .filter(|r| r.current)
+            .map(|r| (r.parts.as_slice(), self.size));
         let changes = journal::changes_for(&self.loaded, &self.uploads, sent);
         j.compact(h, &changes)
     }
@@ -699,7 +722,13 @@ impl Staged {
             s.abort().await;
         }
         // A dead mount sent every part of this data: complete its upload.
-        if let Some((upload, parts)) = self.resume.take() {
+        // One whose data changed since, or made for another key (the file
+        // was renamed), is aborted.
+        if let Some(r) = self.resume.take_if(|r| !r.current || r.key != key) {
+            self.uploads.retain(|u| u.id != r.upload.id);
+            abort_quietly(store, &r.key, &r.upload.id).await;
+        }
+        if let Some(Resume { upload, parts, .. }) = self.resume.take() {
             match complete(store, key, &upload.id, parts).await {
                 Ok(put) => {
                     info!(key, upload = %upload.id, "completed the multipart upload a killed mount had sent");
@@ -1080,7 +1109,10 @@ impl Adoptable {
         // A dead mount's upload to complete stays journaled with its
         // parts, so a kill now leaves it to the next mount again.
         let (uploads, sent) = match &self.staged.resume {
-            Some((u, parts)) => (vec![u.clone()], Some((parts.as_slice(), self.staged.size))),
+            Some(r) => (
+                vec![r.upload.clone()],
+                Some((r.parts.as_slice(), self.staged.size)),
+            ),
             None => (Vec::new(), None),
         };
         j.compact(
@@ -1342,12 +1374,17 @@ async fn prepare_one(
     // with the checksums its parts were sent with, instead of sent again.
     let resume = match r.uploads.last() {
         Some(u) if !landed && unchanged && r.parts_sealed == Some(size) && !r.parts.is_empty() => {
-            Some((u.clone(), r.parts.clone()))
+            Some(Resume {
+                key: key.clone(),
+                upload: u.clone(),
+                parts: r.parts.clone(),
+                current: true,
+            })
         }
         _ => None,
     };
     for u in &r.uploads {
-        if resume.as_ref().is_none_or(|(keep, _)| keep.id != u.id) {
+        if resume.as_ref().is_none_or(|keep| keep.upload.id != u.id) {
             abort_quietly(store, &key, &u.id).await;
         }
     }
@@ -1769,6 +1806,55 @@ mod tests {
         assert_eq!(s.object("new").unwrap().as_ref(), &data[..]);
         assert_eq!(s.counters().get(Op::CompleteMultipart), 0);
         assert_eq!(s.open_uploads(), 0);
+    }
+
+    /// The recovered file changes before its upload (a write), or is
+    /// unlinked: the dead mount's upload is not completed; it is aborted,
+    /// by the upload or by a later recovery pass, never left open.
+    #[tokio::test]
+    async fn a_resumable_upload_whose_file_changes_or_goes_is_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        let mut data = killed_before_complete(dir.path(), &s, true, false).await;
+        let found = scan(&s, dir.path(), std::time::SystemTime::now()).await;
+        let Some(Ok(Found::Pending(a))) = found.into_iter().next() else {
+            panic!("a file to adopt");
+        };
+        let mut staged = a.into_staged().unwrap();
+        staged.write(3, b"XY").unwrap();
+        data[3..5].copy_from_slice(b"XY");
+        staged
+            .upload(
+                &s,
+                "new",
+                &Metadata::new(),
+                None,
+                &opts(),
+                &Progress::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s.object("new").unwrap().as_ref(), &data[..]);
+        assert_eq!(s.open_uploads(), 0, "the dead mount's upload is aborted");
+        staged.end_journal();
+        drop(staged);
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        killed_before_complete(dir.path(), &s, true, false).await;
+        let found = scan(&s, dir.path(), std::time::SystemTime::now()).await;
+        let Some(Ok(Found::Pending(a))) = found.into_iter().next() else {
+            panic!("a file to adopt");
+        };
+        let mut staged = a.into_staged().unwrap();
+        staged.discard();
+        drop(staged);
+        assert_eq!(s.open_uploads(), 1, "named by the journal left behind");
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.open_uploads(), 0);
+        assert_eq!(s.object("new"), None, "an unlinked file is never uploaded");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[tokio::test]
