@@ -431,3 +431,31 @@ fn buckets_another_client_makes_or_removes_come_and_go() {
         "gone once another client removed it"
     );
 }
+
+/// A bucket the top level has not listed (made since the listing, or
+/// another account's, which ListBuckets never shows) is found by its name.
+#[test]
+fn a_bucket_not_listed_is_found_by_its_name() {
+    let seed = Bucket::new(server(), "unlisted-seed", false);
+    let m = Mount::with_source(&seed, "s3://", "metadata_ttl=600");
+    assert!(top_names(&m).contains(&seed.name), "listed and remembered");
+    let name = format!("made-after-listing-{}", std::process::id());
+    rt().block_on(seed.client.create_bucket().bucket(&name).send())
+        .unwrap();
+    let other = Bucket {
+        name: name.clone(),
+        ..seed.clone()
+    };
+    other.put("f.txt", b"found by name");
+    assert!(
+        !top_names(&m).contains(&name),
+        "not in the remembered listing"
+    );
+    assert_eq!(
+        fs::read(m.path(&format!("{name}/f.txt"))).unwrap(),
+        b"found by name"
+    );
+    // A name that is no bucket at all: ENOENT.
+    let e = fs::metadata(m.path(&format!("no-such-bucket-{}", std::process::id()))).unwrap_err();
+    assert_eq!(errno(e), libc::ENOENT);
+}
