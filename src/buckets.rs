@@ -1092,6 +1092,126 @@ fn split_local(ids: Ids, ino: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::memory::MemAccount;
+
+    fn all_of(account: Arc<MemAccount>, dir: &std::path::Path) -> Buckets {
+        let dir = dir.to_path_buf();
+        let config_for: ConfigFor = Box::new(move |b| FsConfig {
+            staging_dir: dir.join("staging").join(b),
+            disk_cache_dir: dir.join("blocks").join(b),
+            ..FsConfig::default()
+        });
+        let top = TopConfig {
+            defaults: FsConfig::default().defaults,
+            root_perm: Some(0o700),
+            ttl: Duration::from_secs(60),
+            read_only: false,
+        };
+        Buckets::all(account, config_for, top)
+    }
+
+    fn creator() -> Creator {
+        Creator {
+            uid: 0,
+            gid: 0,
+            mode: 0o755,
+            umask: 0o022,
+        }
+    }
+
+    /// The top level over the in-memory account: buckets listed, looked
+    /// up, made and removed; files of two buckets with distinct numbers;
+    /// a rename between them EXDEV; nothing but buckets at the top.
+    #[tokio::test]
+    async fn the_top_level_routes_each_bucket_to_its_own_core() {
+        let tmp = tempfile::tempdir().unwrap();
+        let account = Arc::new(MemAccount::default());
+        account
+            .add("alpha")
+            .insert("f", b"in alpha", Default::default());
+        account
+            .add("beta")
+            .insert("f", b"in beta", Default::default());
+        let b = all_of(account.clone(), tmp.path());
+        let top = b.getattr(ROOT_INO).await.unwrap();
+        assert_eq!((top.kind, top.perm), (FileKind::Dir, 0o700));
+        let fh = b.opendir(ROOT_INO).await.unwrap();
+        let names: Vec<String> = b
+            .readdir(ROOT_INO, fh, 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, [".", "..", "alpha", "beta"]);
+        b.releasedir(fh);
+        let alpha = b.lookup(ROOT_INO, OsStr::new("alpha")).await.unwrap();
+        let beta = b.lookup(ROOT_INO, OsStr::new("beta")).await.unwrap();
+        let fa = b.lookup(alpha.ino, OsStr::new("f")).await.unwrap();
+        let fb = b.lookup(beta.ino, OsStr::new("f")).await.unwrap();
+        let inos: std::collections::HashSet<u64> =
+            [ROOT_INO, alpha.ino, beta.ino, fa.ino, fb.ino].into();
+        assert_eq!(inos.len(), 5);
+        let ha = b.open(fa.ino, libc::O_RDONLY).await.unwrap();
+        let hb = b.open(fb.ino, libc::O_RDONLY).await.unwrap();
+        assert_ne!(ha, hb);
+        assert_eq!(&b.read(ha, 0, 100).await.unwrap()[..], b"in alpha");
+        assert_eq!(&b.read(hb, 0, 100).await.unwrap()[..], b"in beta");
+        b.release(ha).await.unwrap();
+        b.release(hb).await.unwrap();
+        // `..` of a bucket's root is the top level.
+        let fh = b.opendir(alpha.ino).await.unwrap();
+        let dots = b.readdir(alpha.ino, fh, 0).unwrap();
+        assert_eq!((dots[0].ino, dots[1].ino), (alpha.ino, ROOT_INO));
+        b.releasedir(fh);
+
+        let e = b
+            .rename(alpha.ino, OsStr::new("f"), beta.ino, OsStr::new("g"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e, FsError::CrossDevice);
+        b.rename(
+            alpha.ino,
+            OsStr::new("f"),
+            alpha.ino,
+            OsStr::new("g"),
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(account.bucket("alpha").unwrap().object("g").is_some());
+        assert!(account.bucket("beta").unwrap().object("g").is_none());
+        let e = b
+            .create(ROOT_INO, OsStr::new("file"), creator(), libc::O_WRONLY)
+            .await
+            .unwrap_err();
+        assert_eq!(e, FsError::NotPermitted);
+
+        let made = b
+            .mkdir(ROOT_INO, OsStr::new("gamma"), creator())
+            .await
+            .unwrap();
+        assert!(account.bucket("gamma").is_some());
+        assert_ne!(made.ino, alpha.ino);
+        assert_eq!(
+            b.mkdir(ROOT_INO, OsStr::new("-o"), creator())
+                .await
+                .unwrap_err(),
+            FsError::InvalidName
+        );
+        assert_eq!(
+            crate::error::errno(&b.rmdir(ROOT_INO, OsStr::new("alpha")).await.unwrap_err()),
+            libc::ENOTEMPTY
+        );
+        b.rmdir(ROOT_INO, OsStr::new("gamma")).await.unwrap();
+        assert!(account.bucket("gamma").is_none());
+        assert_eq!(b.getattr(made.ino).await.unwrap_err(), FsError::NotFound);
+        // Made again: a new number.
+        let again = b
+            .mkdir(ROOT_INO, OsStr::new("gamma"), creator())
+            .await
+            .unwrap();
+        assert_ne!(again.ino, made.ino);
+    }
 
     #[test]
     fn bucket_names_follow_s3s_rules() {
