@@ -339,9 +339,11 @@ fn sse_c_key_goes_on_every_data_request_and_never_into_the_log() {
             && !path.contains("?list-type")
             && !path.contains("?versions")
             && !path.contains("?uploads&prefix")
-            // ACL and tags are not object data: no key.
+            // ACL, tags and the bucket's ownership controls are not
+            // object data: no key.
             && !path.contains("?acl")
-            && !path.contains("?tagging");
+            && !path.contains("?tagging")
+            && !path.contains("?ownershipControls");
         let data = match method {
             "GET" | "HEAD" => object,
             "PUT" => true,

@@ -11,6 +11,13 @@
 //! moto quirk: on a *versioned* bucket its ListObjectsV2 keeps showing the
 //! common prefix of deleted keys. Real S3 does not; tests that delete
 //! whole directories use unversioned buckets.
+//!
+//! moto quirk: CopyObject of a multipart object with a composite CRC32C
+//! (what bucketfs uploads) keeps the checksum's value but not its type,
+//! so a GET of the copy answers a `-N`-less composite as if it were the
+//! whole object's CRC32C, and an SDK that validates responses refuses the
+//! (correct) bytes. The raw client checks checksums only where S3
+//! requires them; tests compare the bytes themselves.
 #![allow(dead_code)]
 
 pub mod proxy;
@@ -134,6 +141,7 @@ pub fn client(endpoint: &str) -> Client {
         .region(Region::new("us-east-1"))
         .force_path_style(true)
         .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
+        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
         .build();
     Client::from_conf(conf)
 }
