@@ -80,9 +80,10 @@ pub fn is_mounted(path: &Path) -> bool {
     mount_id_of(path).is_some()
 }
 
-/// The kernel's id of the mount on `path` (the topmost one), from
-/// /proc/self/mountinfo.
-fn mount_id_of(path: &Path) -> Option<u64> {
+/// Field `n` of the /proc/self/mountinfo line of the mount on `path` (the
+/// topmost one): 0 is the mount's id, 2 its device (`major:minor`). Read
+/// without touching the mount, which may not be served yet.
+fn mountinfo_field(path: &Path, n: usize) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
     info.lines()
@@ -92,9 +93,32 @@ fn mount_id_of(path: &Path) -> Option<u64> {
                 .is_some_and(|mp| unescape_mountinfo(mp) == want)
         })?
         .split(' ')
-        .next()?
-        .parse()
-        .ok()
+        .nth(n)
+        .map(str::to_string)
+}
+
+/// The kernel's id of the mount on `path` (the topmost one).
+fn mount_id_of(path: &Path) -> Option<u64> {
+    mountinfo_field(path, 0)?.parse().ok()
+}
+
+/// Kernel read-ahead of a bucketfs mount, in KiB: reads of a file being
+/// read through come as 1 MiB requests, not 128 KiB ones (FUSE takes the
+/// block device default at init and ignores what the filesystem asks).
+const KERNEL_READ_AHEAD_KB: u32 = 1024;
+
+/// Sets the kernel's read-ahead of the mount on `path` (its backing
+/// device's `read_ahead_kb`). Only root may: for others it stays at the
+/// kernel's default, said at debug level.
+fn raise_kernel_read_ahead(path: &Path) {
+    let Some(dev) = mountinfo_field(path, 2) else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&knob, KERNEL_READ_AHEAD_KB.to_string()) {
+        Ok(()) => debug!(knob, kb = KERNEL_READ_AHEAD_KB, "kernel read-ahead set"),
+        Err(e) => debug!(knob, error = %e, "kernel read-ahead left at its default"),
+    }
 }
 
 fn unescape_mountinfo(s: &str) -> String {
@@ -752,6 +776,7 @@ fn serve(
             acl: o.default_acl.clone(),
             requester_pays: o.requester_pays,
         },
+        fast_head: true,
     };
     let buckets = if o.all_buckets {
         connect_all(o, &rt, settings)?
@@ -823,6 +848,7 @@ fn serve(
             }
         };
     buckets.set_mount_id(mount_id_of(mountpoint).unwrap_or(0));
+    raise_kernel_read_ahead(mountpoint);
     let info = crate::status::MountInfo {
         bucket: o.bucket.clone(),
         prefix: o.prefix.clone(),

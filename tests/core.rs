@@ -188,6 +188,52 @@ async fn readdirplus_never_hands_out_attributes_not_read_from_the_object() {
     assert_eq!((sub.kind, sub.perm, sub.uid), (FileKind::Dir, 0o700, 42));
 }
 
+/// `ls -l` reads the listing by readdirplus and stats every entry: when
+/// the replies carry each entry's own attributes the kernel keeps them and
+/// asks nothing more, so a reply holds only entries whose metadata is
+/// read, and never ends the listing early. HEADs take a while here, as
+/// over a network, so the metadata read ahead is behind the listing.
+#[tokio::test]
+async fn readdirplus_replies_hold_only_entries_with_their_own_metadata_and_list_all() {
+    let m = Arc::new(MemStore::unversioned());
+    for i in 0..700 {
+        m.insert(
+            &format!("d/f{i:03}"),
+            b"x",
+            s3fs_meta(0o100600, 42, 1_000_000_000),
+        );
+    }
+    let f = Arc::new(bucketfs::store::faulty::Faulty::new(m.clone()));
+    f.latency(Op::Head, std::time::Duration::from_millis(3));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        metadata_ttl: LONG_TTL,
+        ..FsConfig::default()
+    };
+    let fs = Fs::new(f.clone(), cfg);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let (mut offset, mut seen, mut replies) = (0, Vec::new(), 0);
+    loop {
+        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        replies += 1;
+        assert!(replies <= 700, "the listing ends");
+        offset = last.0 + 1;
+        for (_, e, a, _, own) in &batch {
+            if e.name == "." || e.name == ".." {
+                continue;
+            }
+            assert!(own, "{} handed out before its metadata was read", e.name);
+            assert_eq!((a.perm, a.uid), (0o600, 42), "{}", e.name);
+            seen.push(e.name.clone());
+        }
+    }
+    let want: Vec<String> = (0..700).map(|i| format!("f{i:03}")).collect();
+    assert_eq!(seen, want, "every entry once, in order");
+}
+
 #[tokio::test]
 async fn a_new_small_file_costs_one_put() {
     let s = Arc::new(MemStore::versioned());

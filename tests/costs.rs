@@ -124,6 +124,24 @@ fn the_kernel_keeps_64_requests_in_flight() {
     assert_eq!(got.trim(), "64");
 }
 
+/// The kernel reads ahead 1 MiB at a time on a mount (as root), not the
+/// 128 KiB FUSE takes from the block device default: a file read through
+/// costs an eighth of the kernel requests.
+#[test]
+fn the_kernel_reads_ahead_a_mebibyte() {
+    let b = Bucket::new(server(), "readahead", false);
+    let m = Mount::new(&b, "");
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(&m.dir).unwrap().dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let got = std::fs::read_to_string(&knob).unwrap_or_else(|e| panic!("{knob}: {e}"));
+    assert_eq!(got.trim(), "1024");
+}
+
 /// `ls -l` asks every entry for security.selinux and the POSIX ACL: "not
 /// supported" (which ls remembers per filesystem, so it stops asking),
 /// while a missing `user.` name is "no such attribute" and the object's

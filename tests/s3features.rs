@@ -1767,3 +1767,147 @@ fn an_overwrite_keeps_a_public_read_acl() {
     assert_eq!(requests(&m, "GET_OWNERSHIP"), 1);
     assert_eq!(requests(&m, "GET_ACL"), 0, "no ACL to keep there");
 }
+
+/// A store on `endpoint` for `bucket`, HEADs through the SDK or not.
+fn store_on(
+    endpoint: &str,
+    bucket: &str,
+    fast_head: bool,
+    requester_pays: bool,
+) -> bucketfs::store::s3::S3Store {
+    use bucketfs::store::s3::{S3Settings, S3Store};
+    let mut s = S3Settings {
+        bucket: bucket.to_string(),
+        endpoint: Some(endpoint.to_string()),
+        region: Some("us-east-1".into()),
+        path_style: true,
+        static_keys: Some((ACCESS_KEY.into(), SECRET_KEY.into())),
+        max_attempts: 2,
+        fast_head,
+        ..S3Settings::default()
+    };
+    s.requests.requester_pays = requester_pays;
+    rt().block_on(S3Store::connect(&s)).unwrap()
+}
+
+/// `ls -l` costs a HEAD per object, so HEAD has a path of its own without
+/// the SDK's per-request machinery (`store::fast_head`). What it reports
+/// must be exactly what the SDK reports, for every header this mount
+/// reads, on odd keys, by version, and for a missing key; anything but
+/// 200 or 404 (here: SlowDown, a refusal, a broken connection) must end
+/// in the SDK's own answer, retried and classified as before.
+#[test]
+fn a_head_without_the_sdk_reports_exactly_what_the_sdk_reports() {
+    use aws_sdk_s3::types::{ServerSideEncryption, StorageClass};
+    use bucketfs::store::{ObjectStore, StoreError};
+    let b = Bucket::new(server(), "fast-head", true);
+    let keys = [
+        "plain",
+        "dir/sub/with space and +plus",
+        "odd/%25 percent ? query # hash & amp = eq",
+        "unicode/été ✓ 日本",
+        "slashes//double/./dot/../up",
+        " leading and trailing ",
+        "tilde~star*paren()quote'\"comma,semi;colon:at@dollar$",
+    ];
+    rt().block_on(async {
+        for (i, key) in keys.iter().enumerate() {
+            let mut req = b
+                .client
+                .put_object()
+                .bucket(&b.name)
+                .key(*key)
+                .body(ByteStream::from(vec![b'x'; i * 10]))
+                .metadata("mode", "33188")
+                .metadata("uid", "1000")
+                .metadata("mtime", "1600000000")
+                .metadata("x-foreign", "some value");
+            if i % 2 == 1 {
+                req = req
+                    .content_type("text/html; charset=utf-8")
+                    .cache_control("max-age=60")
+                    .content_disposition("attachment; filename=\"a b.txt\"")
+                    .content_encoding("gzip")
+                    .content_language("fr")
+                    .expires(aws_sdk_s3::primitives::DateTime::from_secs(1_900_000_000))
+                    .storage_class(StorageClass::StandardIa)
+                    .server_side_encryption(ServerSideEncryption::Aes256)
+                    .tagging("a=1&b=2");
+            }
+            req.send().await.unwrap();
+        }
+        // A second version of one key, to HEAD the first by its id.
+        b.client
+            .put_object()
+            .bucket(&b.name)
+            .key("plain")
+            .body(ByteStream::from_static(b"second"))
+            .send()
+            .await
+            .unwrap();
+    });
+    let first_version = b
+        .versions("plain")
+        .into_iter()
+        .map(|(v, _)| v)
+        .collect::<Vec<_>>();
+    assert_eq!(first_version.len(), 2, "two versions of plain");
+
+    let proxy = Proxy::start(b.endpoint.trim_start_matches("http://"));
+    let fast = store_on(&proxy.endpoint, &b.name, true, false);
+    let sdk = store_on(&b.endpoint, &b.name, false, false);
+    let both = |key: &str, version: Option<&str>| {
+        rt().block_on(async { (fast.head(key, version).await, sdk.head(key, version).await) })
+    };
+    for key in keys {
+        let (f, s) = both(key, None);
+        let (f, s) = (f.unwrap(), s.unwrap());
+        assert_eq!(f, s, "HEAD {key:?}");
+    }
+    for v in &first_version {
+        let (f, s) = both("plain", Some(v));
+        assert_eq!(f.unwrap(), s.unwrap(), "HEAD plain version {v}");
+    }
+    let (f, s) = both("no/such key", None);
+    assert!(matches!(f, Err(StoreError::NotFound)), "{f:?}");
+    assert!(matches!(s, Err(StoreError::NotFound)), "{s:?}");
+    // The fast path was taken: its requests carry none of the SDK's
+    // invocation headers, and each HEAD was one request.
+    let heads: Vec<String> = proxy
+        .heads()
+        .into_iter()
+        .filter(|h| h.starts_with("HEAD "))
+        .collect();
+    assert_eq!(
+        heads.len(),
+        keys.len() + first_version.len() + 1,
+        "{heads:#?}"
+    );
+    assert!(
+        heads
+            .iter()
+            .all(|h| header_of(h, "amz-sdk-invocation-id").is_none()),
+        "every HEAD went around the SDK"
+    );
+
+    // Anything but 200 or 404 is asked again through the SDK, which
+    // retries what is transient and classifies the rest.
+    proxy.inject("HEAD", 1, common::proxy::Fault::Status(503));
+    let (f, _) = both("plain", None);
+    assert_eq!(f.unwrap().size, 6, "SlowDown, then the SDK's answer");
+    proxy.inject("HEAD", 1, common::proxy::Fault::Reset);
+    let (f, _) = both("plain", None);
+    assert_eq!(f.unwrap().size, 6, "a reset, then the SDK's answer");
+    proxy.inject("HEAD", 3, common::proxy::Fault::Error(403, "AccessDenied"));
+    let (f, _) = both("plain", None);
+    assert!(matches!(f, Err(StoreError::AccessDenied(_))), "{f:?}");
+    proxy.clear();
+
+    // Requester pays: the payer header is on the fast HEAD too.
+    proxy.require_requester_pays();
+    let payer = store_on(&proxy.endpoint, &b.name, true, true);
+    let before = proxy.requests("HEAD");
+    let got = rt().block_on(payer.head("plain", None)).unwrap();
+    assert_eq!(got.size, 6);
+    assert_eq!(proxy.requests("HEAD") - before, 1, "one HEAD, not refused");
+}

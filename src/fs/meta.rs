@@ -21,12 +21,32 @@ use tokio::sync::{OnceCell, Semaphore};
 use super::files::OpenFile;
 use super::inodes::{InodeTable, NodeKey};
 use super::{Attr, Defaults, FileKind, FsError, FsResult};
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{ObjectInfo, ObjectStore, StoreError, StoreResult};
 
 /// HEADs in flight for metadata, per mount.
 pub const MAX_HEADS_IN_FLIGHT: usize = 64;
 
 type Pending = Arc<OnceCell<FsResult<()>>>;
+
+/// A HEAD a listing started before it had every page.
+type Early = Arc<OnceCell<StoreResult<ObjectInfo>>>;
+
+/// The HEADs one listing started early, by key: the fetches of its
+/// entries take them over; dropped (with the listing's prefetch, or with
+/// the listing when it fails), they are forgotten.
+pub(super) struct EarlyBatch {
+    meta: Arc<MetaFetch>,
+    keys: Vec<String>,
+}
+
+impl Drop for EarlyBatch {
+    fn drop(&mut self) {
+        let mut m = self.meta.early.lock();
+        for k in &self.keys {
+            m.remove(k);
+        }
+    }
+}
 
 pub(super) struct MetaFetch {
     pub(super) store: Arc<dyn ObjectStore>,
@@ -39,6 +59,9 @@ pub(super) struct MetaFetch {
     pub(super) pinned_versions: bool,
     pub(super) heads: Semaphore,
     pub(super) inflight: Mutex<HashMap<u64, Pending>>,
+    /// HEADs started by listings still being read, by object key, with
+    /// when they were started.
+    pub(super) early: Mutex<HashMap<String, (Instant, Early)>>,
 }
 
 /// What the table says of a node's metadata.
@@ -97,7 +120,6 @@ impl MetaFetch {
     /// One HEAD for `ino`'s object (or its `dir/` marker), stored in the
     /// table unless the node changed meanwhile.
     async fn fetch(&self, ino: u64) -> FsResult<()> {
-        let _permit = self.heads.acquire().await.expect("never closed");
         let (path, parent, dir, version) = {
             let t = self.table.lock();
             let Some(n) = t.get(ino) else { return Ok(()) };
@@ -116,7 +138,21 @@ impl MetaFetch {
         };
         let key = format!("{}{}{}", self.root_prefix, path, if dir { "/" } else { "" });
         let d = &self.defaults;
-        let (attr, object) = match self.store.head(&key, version.as_deref()).await {
+        // A HEAD its listing started, if still young enough to trust.
+        let early = self
+            .early
+            .lock()
+            .get(&key)
+            .filter(|(at, _)| version.is_none() && at.elapsed() < self.ttl)
+            .map(|(_, cell)| cell.clone());
+        let answer = match early {
+            Some(cell) => cell.get_or_init(|| self.head(&key)).await.clone(),
+            None => {
+                let _permit = self.heads.acquire().await.expect("never closed");
+                self.store.head(&key, version.as_deref()).await
+            }
+        };
+        let (attr, object) = match answer {
             Ok(info) => (Attr::from_object(0, &info, dir, d), Some(info)),
             // A directory without a marker object has no metadata of its
             // own: the mount's defaults are its attributes.
@@ -146,14 +182,64 @@ impl MetaFetch {
         Ok(())
     }
 
+    /// One HEAD of `key`, counted against the mount's bound.
+    async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+        let _permit = self.heads.acquire().await.expect("never closed");
+        self.store.head(key, None).await
+    }
+
+    pub(super) fn early_batch(self: &Arc<Self>) -> EarlyBatch {
+        EarlyBatch {
+            meta: self.clone(),
+            keys: Vec::new(),
+        }
+    }
+
+    /// Starts the HEADs of `keys` (objects of a listing page) in the
+    /// background, in order, within the mount's bound, for `batch`'s
+    /// listing to take over once it has every page.
+    pub(super) fn head_early(self: &Arc<Self>, batch: &mut EarlyBatch, keys: Vec<String>) {
+        let now = Instant::now();
+        let cells: Vec<(String, Early)> = {
+            let mut m = self.early.lock();
+            let mut cells = Vec::with_capacity(keys.len());
+            for k in keys {
+                if let std::collections::hash_map::Entry::Vacant(v) = m.entry(k.clone()) {
+                    let cell = Early::default();
+                    v.insert((now, cell.clone()));
+                    batch.keys.push(k.clone());
+                    cells.push((k, cell));
+                }
+            }
+            cells
+        };
+        if cells.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            futures::stream::iter(cells)
+                .map(|(key, cell)| {
+                    let me = &me;
+                    async move {
+                        cell.get_or_init(|| me.head(&key)).await;
+                    }
+                })
+                .buffer_unordered(MAX_HEADS_IN_FLIGHT)
+                .collect::<()>()
+                .await;
+        });
+    }
+
     /// Reads the metadata of `inos` in the background, in order, a bounded
-    /// number at a time.
-    pub(super) fn prefetch(self: &Arc<Self>, inos: Vec<u64>) {
+    /// number at a time, taking over the HEADs `early` started.
+    pub(super) fn prefetch(self: &Arc<Self>, inos: Vec<u64>, early: EarlyBatch) {
         if inos.is_empty() {
             return;
         }
         let me = self.clone();
         tokio::spawn(async move {
+            let _early = early;
             futures::stream::iter(inos)
                 .map(|ino| {
                     let me = &me;

@@ -54,8 +54,12 @@ use crate::write::{UploadOptions, WriteError};
 /// Entries handed out per readdir call; the kernel asks again for more.
 const DIR_CHUNK_ENTRIES: usize = 4096;
 
-/// Entries of a readdirplus reply that wait for their metadata (more than
-/// one reply of the kernel's buffer holds).
+/// Entries of a readdirplus reply that wait for their metadata. Entries
+/// after them go only while their metadata is already known: the reply
+/// ends at the first that is not, and the kernel asks again from there.
+/// So `ls -l` gets every entry's own attributes with the listing (no
+/// LOOKUP per entry), and a plain `ls`, which the kernel serves by
+/// readdirplus only for its first call, waits for this many at most.
 const PLUS_WAIT_ENTRIES: usize = 128;
 
 /// Everything the core needs to know about a mount.
@@ -280,6 +284,7 @@ impl Fs {
             pinned_versions: cfg.as_of.is_some(),
             heads: tokio::sync::Semaphore::new(meta::MAX_HEADS_IN_FLIGHT),
             inflight: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
         });
         Fs {
             blocks: Arc::new(
@@ -685,6 +690,7 @@ impl Fs {
     /// no request.
     async fn list_dir(&self, ino: u64, dir: &str) -> FsResult<Vec<DirEntry>> {
         let prefix = self.dir_prefix(dir);
+        let mut early = self.meta.early_batch();
         let (files, dirs) = if self.cfg.as_of.is_some() {
             self.list_as_of(&prefix).await?
         } else {
@@ -693,6 +699,12 @@ impl Fs {
             let mut token = None;
             loop {
                 let page = self.store.list(&prefix, Some("/"), token, None).await?;
+                // Each page's objects have their metadata read while the
+                // next pages are listed.
+                if self.cfg.object_metadata {
+                    let keys = self.metadata_unknown(dir, &prefix, &page.objects);
+                    self.meta.head_early(&mut early, keys);
+                }
                 files.extend(page.objects);
                 dirs.extend(page.prefixes);
                 token = page.next_token;
@@ -821,9 +833,32 @@ impl Fs {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         unknown.sort();
         self.meta
-            .prefetch(unknown.into_iter().map(|(_, i)| i).collect());
+            .prefetch(unknown.into_iter().map(|(_, i)| i).collect(), early);
         debug!(dir, entries = out.len(), "listed");
         Ok(out)
+    }
+
+    /// The keys of a listing page's objects whose metadata this mount
+    /// does not hold for that very object (same ETag).
+    fn metadata_unknown(&self, dir: &str, prefix: &str, objects: &[ObjectInfo]) -> Vec<String> {
+        let t = self.table.lock();
+        objects
+            .iter()
+            .filter(|o| {
+                let name = &o.key[prefix.len().min(o.key.len())..];
+                if name.is_empty() || !showable(name) {
+                    return false;
+                }
+                let known = t
+                    .find(&NodeKey::Path(join(dir, name)))
+                    .and_then(|i| t.get(i))
+                    .filter(|n| n.meta_known)
+                    .and_then(|n| n.object.as_ref())
+                    .is_some_and(|k| k.etag == o.etag && k.metadata.is_some());
+                !known
+            })
+            .map(|o| o.key.clone())
+            .collect()
     }
 
     pub fn statfs(&self) -> StatFs {
@@ -886,8 +921,8 @@ impl Fs {
         offset: u64,
     ) -> FsResult<Vec<(u64, DirEntry, Attr, bool, bool)>> {
         let entries = self.readdir(fh, offset)?;
-        // The first entries (more than one reply holds) wait for their
-        // metadata, already being read ahead; the rest go without.
+        // The first entries wait for their metadata, already being read
+        // ahead; the rest go only as far as it is known.
         let waits: Vec<_> = entries
             .iter()
             .take(PLUS_WAIT_ENTRIES)
@@ -902,19 +937,30 @@ impl Fs {
             let cached = {
                 let t = self.table.lock();
                 t.get(e.ino).map(|n| {
-                    let mapped =
-                        !matches!(n.key, NodeKey::Path(_)) || t.find(&n.key) == Some(e.ino);
-                    (n.attr.clone(), n.meta_known, mapped)
+                    let path = matches!(n.key, NodeKey::Path(_));
+                    let mapped = !path || t.find(&n.key) == Some(e.ino);
+                    (n.attr.clone(), n.meta_known, mapped, path)
                 })
             };
+            // Past the waited entries, the reply ends at the first whose
+            // metadata is still being read (never empty: that reads as the
+            // end). A `.versions` node is read by its own lookup: no wait.
+            let unknown = match &cached {
+                Some((_, known, true, true)) => !known && !self.has_write_state(e.ino),
+                Some(_) => false,
+                None => !dot,
+            };
+            if i >= PLUS_WAIT_ENTRIES && unknown && !out.is_empty() {
+                break;
+            }
             match cached {
-                Some((a, known, _)) if dot => out.push((index, e, a, false, known)),
-                Some((a, known, true)) => {
+                Some((a, known, _, _)) if dot => out.push((index, e, a, false, known)),
+                Some((a, known, true, _)) => {
                     let own = known || self.has_write_state(e.ino);
                     out.push((index, e, a, false, own))
                 }
                 // Gone since the listing (its HEAD found nothing).
-                Some((_, _, false)) => {}
+                Some((_, _, false, _)) => {}
                 None if dot => {
                     let a = Attr::implicit_dir(e.ino, &self.cfg.defaults);
                     out.push((index, e, a, false, true));

@@ -8,6 +8,7 @@
 //! Errors are classified once, in each implementation, into `StoreError`;
 //! `StoreError::is_transient` is what retry decisions look at.
 
+mod fast_head;
 pub mod faulty;
 pub mod memory;
 pub mod s3;

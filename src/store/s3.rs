@@ -70,6 +70,9 @@ pub struct S3Settings {
     pub long_timeout: Duration,
     /// Encryption, storage class, ACL and payer of every request.
     pub requests: RequestOptions,
+    /// HEAD without the SDK's per-request machinery where it applies
+    /// (`store::fast_head`); off, every HEAD goes through the SDK.
+    pub fast_head: bool,
 }
 
 /// What the mount adds to its requests, mount-wide: set by mount options,
@@ -275,6 +278,7 @@ impl Default for S3Settings {
             retry_time: Duration::from_secs(45),
             long_timeout: Duration::from_secs(300),
             requests: RequestOptions::default(),
+            fast_head: true,
         }
     }
 }
@@ -305,6 +309,8 @@ pub struct S3Store {
     /// Where the credentials come from, for a log line when they expire.
     credentials_source: String,
     requests: RequestOptions,
+    /// HEADs without the SDK's per-request machinery, where it applies.
+    fast_head: Option<super::fast_head::FastHead>,
 }
 
 const DEFAULT_REGION: &str = "us-east-1";
@@ -378,6 +384,11 @@ impl S3Store {
             acls_enabled: tokio::sync::OnceCell::new(),
             requests: s.requests.clone(),
             credentials_source: credentials_source(s),
+            fast_head: if s.fast_head {
+                super::fast_head::FastHead::new(sdk, s, region)
+            } else {
+                None
+            },
         }
     }
 
@@ -751,7 +762,7 @@ const TOKEN_CODES: [&str; 4] = [
 const CREDENTIALS_REFUSED: &str = "credentials expired or invalid";
 
 /// Everything but unreserved characters and `/` is escaped in a copy source.
-const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+pub(super) const KEY_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'/')
     .remove(b'-')
     .remove(b'_')
@@ -1171,6 +1182,13 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str, version: Option<&str>) -> StoreResult<ObjectInfo> {
+        if let Some(fast) = &self.fast_head {
+            self.counters.record(Op::Head);
+            // None: asked again through the SDK, which retries and classifies.
+            if let Some(answer) = fast.head(key, version).await {
+                return answer;
+            }
+        }
         let out = self.head_object(key, version).await?;
         Ok(ObjectInfo {
             key: key.to_string(),

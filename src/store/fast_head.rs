@@ -1,0 +1,305 @@
+//! HeadObject without the SDK's per-request machinery.
+//!
+//! `ls -l` of a directory costs a HEAD per object (each object's own mode
+//! and owner), 64 in flight. Through the SDK's orchestrator (interceptors,
+//! runtime plugins, endpoint rules, auth scheme resolution per request) a
+//! HEAD costs about three times the CPU of the request itself, and on a
+//! small machine sharing its cores with a local store that CPU is the
+//! listing's time. This path sends the same request with the SDK's own
+//! parts: its HTTP connector (same TLS, same timeouts), its SigV4 signer,
+//! its endpoint resolver (asked once, for the bucket), and the mount's
+//! credentials provider (asked again before the credentials expire).
+//!
+//! It only ever answers the two plain cases, the object (200) and no
+//! object (404). Anything else (an error status, a connection failure, a
+//! header it cannot read) is `None`, and the caller asks again through
+//! the SDK, which retries, classifies and reports as for every other call.
+//! Mounts it does not serve (SSE-C keys, endpoints signed other than with
+//! SigV4 for `s3`) never build one.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_sdk_s3::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
+use aws_sigv4::http_request::{
+    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode, sign,
+};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::http::{HttpConnector, HttpConnectorSettings};
+use aws_smithy_runtime_api::client::identity::Identity;
+use aws_smithy_runtime_api::http::Headers;
+use aws_smithy_types::Document;
+use aws_smithy_types::body::SdkBody;
+use aws_smithy_types::date_time::{DateTime, Format as DateTimeFormat};
+use futures::FutureExt;
+use tracing::debug;
+
+use super::{ObjectHeaders, ObjectInfo, StoreError, StoreResult};
+
+/// Credentials are asked for again this long before they expire.
+const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
+
+pub(super) struct FastHead {
+    connector: aws_smithy_http_client::Connector,
+    /// The bucket's URL, without a trailing `/`: the key follows.
+    base: String,
+    signing_region: String,
+    provider: SharedCredentialsProvider,
+    identity: tokio::sync::Mutex<Option<(Identity, Option<SystemTime>)>>,
+    requester_pays: bool,
+}
+
+/// What the endpoint rules say of a bucket: its URL and SigV4 region, when
+/// it is signed with plain SigV4 for `s3` and needs no extra headers.
+fn bucket_endpoint(params: &Params) -> Option<(String, String)> {
+    let endpoint = DefaultResolver::new()
+        .resolve_endpoint(params)
+        .now_or_never()?
+        .ok()?;
+    if endpoint.headers().next().is_some() {
+        return None;
+    }
+    let text = |d: Option<&Document>| match d {
+        Some(Document::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    // The rules' first auth scheme, as a field or (older releases) as the
+    // `authSchemes` property.
+    let (name, signing_name, region) = match endpoint.auth_schemes().first() {
+        Some(a) => (
+            a.name().to_string(),
+            text(a.get("signingName")),
+            text(a.get("signingRegion")),
+        ),
+        None => match endpoint.properties().get("authSchemes") {
+            Some(Document::Array(list)) => match list.first() {
+                Some(Document::Object(first)) => (
+                    text(first.get("name"))?,
+                    text(first.get("signingName")),
+                    text(first.get("signingRegion")),
+                ),
+                _ => return None,
+            },
+            _ => return None,
+        },
+    };
+    if name != "sigv4" || signing_name.as_deref() != Some("s3") {
+        return None;
+    }
+    Some((endpoint.url().trim_end_matches('/').to_string(), region?))
+}
+
+/// Names where requests go; never the credentials.
+impl std::fmt::Debug for FastHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastHead")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+impl FastHead {
+    /// A HEAD path for `bucket` as the SDK client configured from `sdk`
+    /// with these settings would address and sign it; None where this
+    /// path does not apply.
+    pub(super) fn new(
+        sdk: &aws_config::SdkConfig,
+        s: &super::s3::S3Settings,
+        region: &str,
+    ) -> Option<FastHead> {
+        if s.requests.sse_c.is_some() {
+            return None;
+        }
+        let provider = sdk.credentials_provider()?;
+        let mut p = Params::builder()
+            .bucket(&s.bucket)
+            .region(region)
+            .force_path_style(s.path_style)
+            .use_fips(sdk.use_fips().unwrap_or(false))
+            .use_dual_stack(sdk.use_dual_stack().unwrap_or(false))
+            .accelerate(false);
+        if let Some(e) = &s.endpoint {
+            p = p.endpoint(e);
+        }
+        let (base, signing_region) = bucket_endpoint(&p.build().ok()?)?;
+        let connector = aws_smithy_http_client::Connector::builder()
+            .connector_settings(
+                HttpConnectorSettings::builder()
+                    .connect_timeout(s.attempt_timeout)
+                    .read_timeout(s.attempt_timeout)
+                    .build(),
+            )
+            .sleep_impl(aws_smithy_async::rt::sleep::TokioSleep::new())
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .build();
+        Some(FastHead {
+            connector,
+            base,
+            signing_region,
+            provider,
+            identity: tokio::sync::Mutex::new(None),
+            requester_pays: s.requests.requester_pays,
+        })
+    }
+
+    /// The credentials to sign with, asked for again when they are about
+    /// to expire (or after S3 refused them).
+    async fn identity(&self) -> Option<Identity> {
+        let mut cached = self.identity.lock().await;
+        let fresh = |expiry: &Option<SystemTime>| {
+            expiry.is_none_or(|e| e > SystemTime::now() + REFRESH_BEFORE_EXPIRY)
+        };
+        if let Some((id, expiry)) = cached.as_ref()
+            && fresh(expiry)
+        {
+            return Some(id.clone());
+        }
+        let creds: Credentials = self.provider.provide_credentials().await.ok()?;
+        let expiry = creds.expiry();
+        let id: Identity = creds.into();
+        *cached = Some((id.clone(), expiry));
+        Some(id)
+    }
+
+    /// HEAD of `key` (a version of it, when given): the object, NotFound,
+    /// or None to ask the SDK.
+    pub(super) async fn head(
+        &self,
+        key: &str,
+        version: Option<&str>,
+    ) -> Option<StoreResult<ObjectInfo>> {
+        let identity = self.identity().await?;
+        let enc =
+            |s: &str| percent_encoding::utf8_percent_encode(s, super::s3::KEY_ENCODE).to_string();
+        let mut uri = format!("{}/{}", self.base, enc(key));
+        if let Some(v) = version {
+            uri.push_str(&format!("?versionId={}", enc(v)));
+        }
+        let payer = [("x-amz-request-payer", "requester")];
+        let headers = if self.requester_pays { &payer[..] } else { &[] };
+        let mut settings = SigningSettings::default();
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.signing_region)
+            .name("s3")
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()
+            .ok()?
+            .into();
+        let signable = SignableRequest::new(
+            "HEAD",
+            &uri,
+            headers.iter().copied(),
+            SignableBody::Bytes(&[]),
+        )
+        .ok()?;
+        let (instructions, _) = sign(signable, &params).ok()?.into_parts();
+        let mut req = http::Request::builder().method("HEAD").uri(&uri);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let mut req = req.body(SdkBody::empty()).ok()?;
+        instructions.apply_to_request_http1x(&mut req);
+        let resp = match self.connector.call(req.try_into().ok()?).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(key, error = %e, "HEAD: asked again through the SDK");
+                return None;
+            }
+        };
+        match resp.status().as_u16() {
+            200 => object_of(key, resp.headers()).map(Ok),
+            404 => Some(Err(StoreError::NotFound)),
+            status => {
+                // Refused credentials are asked for again next time.
+                if status == 403 {
+                    *self.identity.lock().await = None;
+                }
+                debug!(key, status, "HEAD: asked again through the SDK");
+                None
+            }
+        }
+    }
+}
+
+/// An object as a 200 answer to HEAD describes it, read as the SDK reads
+/// the same headers; None when a header is not what S3 sends (the SDK
+/// then decides).
+fn object_of(key: &str, h: &Headers) -> Option<ObjectInfo> {
+    let mut metadata = HashMap::new();
+    for (name, value) in h.iter() {
+        if let Some(m) = name.strip_prefix("x-amz-meta-") {
+            // Two values of one name: as the SDK sees it, or an error.
+            if metadata.insert(m.to_string(), value.to_string()).is_some() {
+                return None;
+            }
+        }
+    }
+    let one = |name: &str| -> Option<Option<String>> {
+        let mut all = h.get_all(name);
+        let first = all.next();
+        if all.next().is_some() {
+            return None;
+        }
+        Some(first.map(str::to_string))
+    };
+    let date = |v: Option<String>, f: DateTimeFormat| -> Option<Option<DateTime>> {
+        v.map(|v| DateTime::from_str(&v, f).ok())
+            .map_or(Some(None), |d| d.map(Some))
+    };
+    let size = match one("content-length")? {
+        Some(v) => v.parse::<i64>().ok()?.max(0) as u64,
+        None => 0,
+    };
+    let last_modified = date(one("last-modified")?, DateTimeFormat::HttpDate)?
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let class = one("x-amz-storage-class")?;
+    let lock_until = date(
+        one("x-amz-object-lock-retain-until-date")?,
+        DateTimeFormat::DateTime,
+    )?;
+    let tag_count = match one("x-amz-tagging-count")? {
+        Some(v) => v.parse::<i32>().ok()?.max(0) as u32,
+        None => 0,
+    };
+    let headers = ObjectHeaders {
+        content_type: one("content-type")?,
+        cache_control: one("cache-control")?,
+        content_disposition: one("content-disposition")?,
+        content_encoding: one("content-encoding")?,
+        content_language: one("content-language")?,
+        expires: one("expires")?,
+        storage_class: class.clone().filter(|c| c != "STANDARD"),
+        sse: one("x-amz-server-side-encryption")?,
+        sse_kms_key_id: one("x-amz-server-side-encryption-aws-kms-key-id")?,
+        sse_c: one("x-amz-server-side-encryption-customer-algorithm")?.is_some(),
+        restore: one("x-amz-restore")?,
+        lock_mode: one("x-amz-object-lock-mode")?,
+        lock_retain_until: match lock_until {
+            Some(t) => Some(t.fmt(DateTimeFormat::DateTime).ok()?),
+            None => None,
+        },
+        legal_hold: one("x-amz-object-lock-legal-hold")?,
+        tag_count,
+    };
+    Some(ObjectInfo {
+        key: key.to_string(),
+        size,
+        etag: one("etag")?.unwrap_or_default(),
+        last_modified,
+        version_id: one("x-amz-version-id")?,
+        storage_class: Some(class.unwrap_or_else(|| "STANDARD".to_string())),
+        metadata: Some(metadata),
+        headers: Some(headers),
+    })
+}
