@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! bucketfs [-f] [-o OPT[,OPT...]] BUCKET[:/PREFIX] MOUNTPOINT
+//! bucketfs [-f] [-o OPT[,OPT...]] s3://[BUCKET[/PREFIX/]] MOUNTPOINT
 //! mount.s3fs BUCKET[:/PREFIX] MOUNTPOINT [-sfnv] [-o OPTS]   (the same program)
 //! bucketfs status MOUNTPOINT
 //! bucketfs url PATH [--expires SECONDS]
@@ -10,7 +11,8 @@
 //!
 //! Options after the positionals are accepted, as mount(8) passes them. A
 //! first word that names a subcommand (`status`, `help`) is that
-//! subcommand; a bucket with such a name is mounted as `bucketfs -- status DIR`.
+//! subcommand; a bucket with such a name is mounted as `bucketfs -- status DIR`
+//! or `bucketfs s3://status/ DIR`. `s3://` alone mounts every bucket.
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +24,8 @@ use crate::config::{ConfigError, OPTION_HELP, Options};
     version,
     about = "Mount an S3 bucket as a directory",
     override_usage = "bucketfs [OPTIONS] BUCKET[:/PREFIX] MOUNTPOINT\n       \
+                      bucketfs [OPTIONS] s3://BUCKET/PREFIX/ MOUNTPOINT\n       \
+                      bucketfs [OPTIONS] s3:// MOUNTPOINT     (every bucket of the account)\n       \
                       bucketfs status MOUNTPOINT\n       \
                       bucketfs url PATH [--expires SECONDS]\n       \
                       bucketfs help [COMMAND]",
@@ -32,7 +36,10 @@ use crate::config::{ConfigError, OPTION_HELP, Options};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// BUCKET or BUCKET:/PREFIX (a key prefix mounted as the root)
+    /// BUCKET or BUCKET:/PREFIX (a key prefix mounted as the root), the
+    /// same as s3://BUCKET/PREFIX/; s3:// alone: every bucket of the
+    /// account, each a top-level directory (mkdir makes a bucket, rmdir
+    /// removes an empty one)
     #[arg(required = true, value_name = "BUCKET[:/PREFIX]")]
     pub source: Option<String>,
     /// Existing directory to mount on
@@ -93,7 +100,10 @@ pub enum Command {
         long_about = "Print a presigned GET URL for a file under a live bucketfs mount, so \
                       anyone with the URL can download it until it expires. The URL is made \
                       by the daemon that serves the mount (it holds the credentials), through \
-                      its status socket. A path outside any bucketfs mount is an error."
+                      its status socket. A file under .versions/NAME/ gets a URL of that \
+                      version; on a requester_pays mount the URL carries \
+                      x-amz-request-payer=requester in its query. An SSE-C object, a delete \
+                      marker or a path outside any bucketfs mount is an error."
     )]
     Url {
         /// A file under a bucketfs mount

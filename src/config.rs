@@ -18,7 +18,10 @@ const MAX_PART_BYTES: u64 = 5 * 1024 * MIB;
 /// Everything a mount is configured with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Options {
+    /// The bucket; empty for `s3://` (every bucket of the account).
     pub bucket: String,
+    /// `s3://`: every bucket of the account, each a top-level directory.
+    pub all_buckets: bool,
     /// Key prefix mounted as the root: "" or ending with '/'.
     pub prefix: String,
     pub mountpoint: PathBuf,
@@ -139,6 +142,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             bucket: String::new(),
+            all_buckets: false,
             prefix: String::new(),
             mountpoint: PathBuf::new(),
             foreground: false,
@@ -206,7 +210,8 @@ pub const OPTION_HELP: &str = "\
 Mount options (-o a,b=c; the same names work in /etc/fstab):
   endpoint=URL          S3 endpoint (default: AWS). s3fs alias: url=URL.
                         A value that is not a URL is taken as a region (s3fs).
-  region=NAME           region (default: environment/profile, else discovered)
+  region=NAME           region (default: environment/profile, else discovered); under
+                        s3:// the region mkdir creates buckets in
   path_style            path-style addressing (MinIO, Ceph, Garage, moto).
                         s3fs alias: use_path_request_style
   profile=NAME          AWS profile from the shared config/credentials files
@@ -416,8 +421,18 @@ fn is_url(v: &str) -> bool {
 }
 
 impl Options {
-    /// Splits `BUCKET[:/PREFIX]` into bucket and prefix.
+    /// Splits `BUCKET[:/PREFIX]` (or `s3://BUCKET/PREFIX/`, the form of
+    /// Mountpoint for Amazon S3 and the AWS CLI) into bucket and prefix;
+    /// `s3://` alone is every bucket of the account.
     pub fn set_source(&mut self, spec: &str) -> Result<(), ConfigError> {
+        if let Some(rest) = spec.strip_prefix("s3://")
+            && rest.trim_matches('/').is_empty()
+        {
+            self.bucket = String::new();
+            self.prefix = String::new();
+            self.all_buckets = true;
+            return Ok(());
+        }
         let spec = spec.strip_prefix("s3://").unwrap_or(spec);
         let (bucket, prefix) = match spec.split_once(':') {
             Some((b, p)) => (b, p),
@@ -426,10 +441,13 @@ impl Options {
                 None => (spec, ""),
             },
         };
-        if bucket.is_empty() || bucket.contains(['/', ' ']) {
-            return Err(ConfigError(format!("invalid bucket name {bucket:?}")));
+        if bucket.is_empty() || bucket.contains(['/', ' ']) || bucket.starts_with('-') {
+            return Err(ConfigError(format!(
+                "invalid bucket name {bucket:?} (BUCKET, BUCKET:/PREFIX, s3://BUCKET/PREFIX/ or s3:// for every bucket)"
+            )));
         }
         self.bucket = bucket.to_string();
+        self.all_buckets = false;
         let p = prefix.trim_matches('/');
         self.prefix = if p.is_empty() {
             String::new()
@@ -907,6 +925,32 @@ mod tests {
         o.set_source("b").unwrap();
         assert_eq!(o.prefix, "");
         assert!(o.set_source(":/x").is_err());
+        // s3://BUCKET/PREFIX/ is BUCKET:/PREFIX (fstab lines of Mountpoint
+        // for Amazon S3, the AWS CLI's spelling).
+        for spec in [
+            "s3://b/photos/2024/",
+            "s3://b/photos/2024",
+            "b:/photos/2024",
+        ] {
+            let mut o = Options::default();
+            o.set_source(spec).unwrap();
+            assert_eq!(
+                (o.bucket.as_str(), o.prefix.as_str(), o.all_buckets),
+                ("b", "photos/2024/", false),
+                "{spec}"
+            );
+        }
+        let mut o = Options::default();
+        o.set_source("s3://status/").unwrap();
+        assert_eq!((o.bucket.as_str(), o.prefix.as_str()), ("status", ""));
+        // s3:// alone: every bucket.
+        for spec in ["s3://", "s3:///"] {
+            let mut o = Options::default();
+            o.set_source(spec).unwrap();
+            assert!(o.all_buckets && o.bucket.is_empty(), "{spec}");
+        }
+        assert!(Options::default().set_source("-o").is_err());
+        assert!(Options::default().set_source("s3://-o/x").is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub fn errno(e: &FsError) -> i32 {
         FsError::TooBig => libc::E2BIG,
         FsError::BadHandle => libc::EBADF,
         FsError::Stale => libc::EIO,
+        FsError::CrossDevice => libc::EXDEV,
         FsError::Io(n) => *n,
         FsError::Store(s) => store_errno(s),
     }
@@ -38,6 +39,9 @@ fn store_errno(e: &StoreError) -> i32 {
         StoreError::Transient(_) => libc::EIO,
         StoreError::Other(_) => libc::EIO,
         StoreError::WrongRegion(_) => libc::EIO,
+        StoreError::AlreadyExists => libc::EEXIST,
+        StoreError::ChecksumRefused(_) => libc::EIO,
+        StoreError::BucketNotEmpty => libc::ENOTEMPTY,
     }
 }
 
@@ -50,6 +54,8 @@ pub fn is_expected(e: &FsError) -> bool {
         FsError::NotFound
             | FsError::Exists
             | FsError::NotEmpty
+            | FsError::CrossDevice
+            | FsError::Store(StoreError::BucketNotEmpty | StoreError::AlreadyExists)
             | FsError::NoAttr
             | FsError::Range
             | FsError::NotSupported

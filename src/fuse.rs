@@ -21,8 +21,9 @@ use fuser::{
 };
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::buckets::Buckets;
 use crate::error;
-use crate::fs::{Attr, Creator, FileKind, Fs, FsError, FsResult, SetAttr};
+use crate::fs::{Attr, Creator, FileKind, FsError, FsResult, SetAttr};
 
 const MAX_WRITE_BYTES: u32 = 1024 * 1024;
 const MAX_READAHEAD_BYTES: u32 = 1024 * 1024;
@@ -33,14 +34,14 @@ const MAX_BACKGROUND: u16 = 64;
 const BLKSIZE_BYTES: u32 = 128 * 1024;
 
 pub struct FuseFs {
-    fs: Arc<Fs>,
+    fs: Arc<Buckets>,
     rt: tokio::runtime::Handle,
     ttl: Duration,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
-        let ttl = fs.config().metadata_ttl;
+    pub fn new(fs: Arc<Buckets>, rt: tokio::runtime::Handle) -> Self {
+        let ttl = fs.ttl();
         FuseFs { fs, rt, ttl }
     }
 
@@ -514,7 +515,7 @@ impl Filesystem for FuseFs {
     ) {
         // Served from the snapshot taken at opendir: no I/O.
         let _s = span!("readdir", req, ino = ino.0, fh = fh.0).entered();
-        match self.fs.readdir(fh.0, offset) {
+        match self.fs.readdir(ino.0, fh.0, offset) {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate() {
                     if reply.add(

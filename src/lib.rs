@@ -4,6 +4,7 @@
 //! and `write` → `store` (the `ObjectStore` trait: S3 or in memory). A
 //! module depends only on those to its right. See DESIGN.md in shared/.
 
+pub mod buckets;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -14,18 +14,18 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use sha2::Digest;
 use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+use crate::buckets::Buckets;
 use crate::config::Options;
 use crate::fs::{Defaults, Fs, FsConfig};
 use crate::fuse::FuseFs;
-use crate::store::s3::{RequestOptions, S3Settings, S3Store, SseCKey};
-use crate::store::{ObjectStore, StoreError};
+use crate::store::s3::{RequestOptions, S3Account, S3Settings, S3Store, SseCKey};
+use crate::store::{Account, ObjectStore, StoreError};
 use crate::write::UploadOptions;
 
 /// Exit codes.
@@ -211,16 +211,29 @@ fn short_hash(s: &str) -> String {
 /// `cache_dir` and cached blocks keyed by `identity` (the credentials'
 /// access key id, or "" without credentials).
 pub fn fs_config(o: &Options, cache_dir: &Path, identity: &str) -> FsConfig {
+    bucket_config(o, &o.bucket, &o.prefix, cache_dir, identity)
+}
+
+/// The core's configuration of one bucket (for an `s3://` mount, each
+/// bucket's; its root is then a bucket's root, not the mount's).
+pub fn bucket_config(
+    o: &Options,
+    bucket: &str,
+    prefix: &str,
+    cache_dir: &Path,
+    identity: &str,
+) -> FsConfig {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let umask = o.umask;
     // Staged data of different buckets or endpoints never share a
-    // directory; cached blocks are also apart per set of credentials, so
-    // one never reads what only another may read.
-    let store_id = format!("{}\n{}", o.endpoint.as_deref().unwrap_or("aws"), o.bucket);
+    // directory (the same directory whether the bucket is mounted alone
+    // or under s3://); cached blocks are also apart per set of
+    // credentials, so one never reads what only another may read.
+    let store_id = format!("{}\n{bucket}", o.endpoint.as_deref().unwrap_or("aws"));
     let store_hash = short_hash(&store_id);
     let blocks_hash = short_hash(&format!("{store_id}\n{}", short_hash(identity)));
     FsConfig {
-        root_prefix: o.prefix.clone(),
+        root_prefix: prefix.to_string(),
         defaults: Defaults {
             uid: o.uid.unwrap_or(uid),
             gid: o.gid.unwrap_or(gid),
@@ -228,7 +241,11 @@ pub fn fs_config(o: &Options, cache_dir: &Path, identity: &str) -> FsConfig {
             dir_perm: umask.map_or(0o755, |m| (0o777 & !m) as u16),
             dir_mtime: std::time::SystemTime::now(),
         },
-        root_perm: o.mp_umask.map(|m| (0o777 & !m) as u16),
+        root_perm: if o.all_buckets {
+            None
+        } else {
+            o.mp_umask.map(|m| (0o777 & !m) as u16)
+        },
         metadata_ttl: o.metadata_ttl,
         read_only: o.read_only,
         staging_dir: cache_dir.join("staging").join(&store_hash),
@@ -322,34 +339,6 @@ static LOG_FILE: std::sync::OnceLock<Arc<LogFile>> = std::sync::OnceLock::new();
 /// How long unmount and SIGTERM wait for each dirty file to upload; what
 /// does not make it stays staged for the next mount.
 const SHUTDOWN_UPLOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Takes over what killed daemons left staged (served from the staged
-/// copies, uploaded in the background); logs each. Returns whether
-/// anything is left to try again.
-async fn recover_staged(fs: &Fs) -> bool {
-    let mut failed = false;
-    for r in fs.adopt_staged().await {
-        match r {
-            Ok(r) if r.uploaded_as.is_empty() => {
-                info!(key = %r.key, "staged data of a killed mount: nothing to upload (unlinked, or already in S3)")
-            }
-            Ok(r) if r.uploaded_as == r.key => {
-                info!(key = %r.key, "recovered staged data of a killed mount; uploading it in the background")
-            }
-            Ok(r) => warn!(
-                key = %r.key,
-                uploaded_as = %r.uploaded_as,
-                incomplete = r.incomplete,
-                "recovered staged data of a killed mount; the object had changed since, so it was kept beside it"
-            ),
-            Err(e) => {
-                failed = true;
-                error!(error = %e, "could not recover staged data yet; will try again")
-            }
-        }
-    }
-    failed
-}
 
 /// Sends each log line to syslog with the priority of its level.
 struct SyslogWriter {
@@ -674,6 +663,88 @@ pub fn run(o: Options, verbose: bool) -> u8 {
     }
 }
 
+/// Connects to one bucket (following it to its region unless -o region=
+/// was given) and starts its core, recovering what a killed mount staged.
+fn connect_one(
+    o: &Options,
+    rt: &tokio::runtime::Runtime,
+    mut settings: S3Settings,
+) -> Result<Buckets, MountError> {
+    let mut store = rt
+        .block_on(S3Store::connect(&settings))
+        .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+    // No credentials at all is said as such, not as the "access denied"
+    // the first request would end in.
+    let identity = rt
+        .block_on(store.access_key_id())
+        .ok_or_else(|| MountError(no_credentials_message(o)))?;
+    match rt.block_on(store.check_bucket()) {
+        // The region came from the environment or a profile (as `aws
+        // configure` sets it), not from -o region=: the bucket's own wins.
+        Err(StoreError::WrongRegion(r)) if o.region.is_none() && !r.is_empty() => {
+            info!(region = %r, "following the bucket to its region");
+            settings.region = Some(r);
+            store = rt
+                .block_on(S3Store::connect(&settings))
+                .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+            rt.block_on(store.check_bucket())
+                .map_err(|e| MountError(describe_connect_error(o, &e)))?;
+        }
+        r => r.map_err(|e| MountError(describe_connect_error(o, &e)))?,
+    }
+    let store: Arc<dyn ObjectStore> = Arc::new(store);
+    let cfg = fs_config(o, &cache_root(o)?, &identity);
+    crate::private::create_private_dir(&cfg.staging_dir)
+        .map_err(|e| MountError(format!("cache dir {}: {e}", cfg.staging_dir.display())))?;
+    let fs = Arc::new(Fs::new(store, cfg));
+    // What a killed daemon staged is taken over (served from its staged
+    // copy at once) and uploaded in the background once the mount is live;
+    // what cannot be looked at yet (S3 down) is tried again later.
+    rt.block_on(crate::buckets::start_core(&fs));
+    Ok(Buckets::one(fs))
+}
+
+/// Connects to the account of an `s3://` mount: its buckets are listed
+/// (which checks the credentials), and those with data a killed mount
+/// staged are opened now to recover it.
+fn connect_all(
+    o: &Options,
+    rt: &tokio::runtime::Runtime,
+    settings: S3Settings,
+) -> Result<Buckets, MountError> {
+    let account = rt.block_on(S3Account::connect(&settings));
+    let identity = rt
+        .block_on(account.access_key_id())
+        .ok_or_else(|| MountError(no_credentials_message(o)))?;
+    let endpoint = o.endpoint.as_deref().unwrap_or("AWS S3");
+    let names = rt
+        .block_on(account.list_buckets())
+        .map_err(|e| MountError(match e {
+            StoreError::AccessDenied(m) => format!(
+                "listing the buckets of the account at {endpoint} was denied ({m}): check the credentials (environment, profile, passwd_file), and that they may ListBuckets"
+            ),
+            StoreError::Transient(m) => format!("cannot reach {endpoint}: {m}"),
+            other => format!("listing the buckets at {endpoint}: {other} (is that an S3 endpoint?)"),
+        }))?;
+    debug!(buckets = names.len(), "account listed");
+    let cache_dir = cache_root(o)?;
+    let opts = o.clone();
+    let config_for: crate::buckets::ConfigFor =
+        Box::new(move |bucket| bucket_config(&opts, bucket, "", &cache_dir, &identity));
+    let d = fs_config(o, &cache_root(o)?, "").defaults;
+    let top = crate::buckets::TopConfig {
+        defaults: d,
+        root_perm: o.mp_umask.map(|m| (0o777 & !m) as u16),
+        ttl: o.metadata_ttl,
+        read_only: o.read_only || o.as_of.is_some(),
+    };
+    let buckets = Buckets::all(Arc::new(account), config_for, top);
+    if let Err(e) = rt.block_on(buckets.recover_all()) {
+        warn!(error = %e, "could not look for what a killed mount staged; buckets recover when opened");
+    }
+    Ok(buckets)
+}
+
 fn serve(
     o: &Options,
     mountpoint: &Path,
@@ -707,69 +778,27 @@ fn serve(
         },
         fast_head: true,
     };
-    let mut settings = settings;
-    let mut store = rt
-        .block_on(S3Store::connect(&settings))
-        .map_err(|e| MountError(describe_connect_error(o, &e)))?;
-    // No credentials at all is said as such, not as the "access denied"
-    // the first request would end in.
-    let identity = rt
-        .block_on(store.access_key_id())
-        .ok_or_else(|| MountError(no_credentials_message(o)))?;
-    match rt.block_on(store.check_bucket()) {
-        // The region came from the environment or a profile (as `aws
-        // configure` sets it), not from -o region=: the bucket's own wins.
-        Err(StoreError::WrongRegion(r)) if o.region.is_none() && !r.is_empty() => {
-            info!(region = %r, "following the bucket to its region");
-            settings.region = Some(r);
-            store = rt
-                .block_on(S3Store::connect(&settings))
-                .map_err(|e| MountError(describe_connect_error(o, &e)))?;
-            rt.block_on(store.check_bucket())
-                .map_err(|e| MountError(describe_connect_error(o, &e)))?;
-        }
-        r => r.map_err(|e| MountError(describe_connect_error(o, &e)))?,
-    }
-    let store: Arc<dyn ObjectStore> = Arc::new(store);
-    let cfg = fs_config(o, &cache_root(o)?, &identity);
-    crate::private::create_private_dir(&cfg.staging_dir)
-        .map_err(|e| MountError(format!("cache dir {}: {e}", cfg.staging_dir.display())))?;
-    let staging_dir = cfg.staging_dir.clone();
-    let retry_max = cfg.upload_retry_max;
-    let read_only = cfg.read_only || cfg.as_of.is_some();
-    let fs = Arc::new(Fs::new(store.clone(), cfg));
-    {
-        let _guard = rt.enter();
-        fs.spawn_retrier();
-        fs.spawn_dir_times();
-    }
-    // What a killed daemon staged is taken over (served from its staged
-    // copy at once) and uploaded in the background once the mount is live;
-    // what cannot be looked at yet (S3 down) is tried again later.
-    if !read_only && rt.block_on(recover_staged(&fs)) {
-        let fs = fs.clone();
-        rt.spawn(async move {
-            let mut wait = std::time::Duration::from_secs(5);
-            loop {
-                tokio::time::sleep(wait).await;
-                if !recover_staged(&fs).await {
-                    return;
-                }
-                wait = (wait * 2).min(retry_max);
-            }
-        });
-    }
+    let buckets = if o.all_buckets {
+        connect_all(o, &rt, settings)?
+    } else {
+        connect_one(o, &rt, settings)?
+    };
+    let buckets = Arc::new(buckets);
 
     let mut mount_options = vec![
-        MountOption::FSName(format!(
-            "{}{}",
-            o.bucket,
-            if o.prefix.is_empty() {
-                String::new()
-            } else {
-                format!(":/{}", o.prefix.trim_end_matches('/'))
-            }
-        )),
+        MountOption::FSName(if o.all_buckets {
+            "s3://".to_string()
+        } else {
+            format!(
+                "{}{}",
+                o.bucket,
+                if o.prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!(":/{}", o.prefix.trim_end_matches('/'))
+                }
+            )
+        }),
         MountOption::Subtype("s3fs".into()),
         MountOption::NoAtime,
     ];
@@ -797,7 +826,7 @@ fn serve(
     } else {
         SessionACL::Owner
     };
-    let fuse = FuseFs::new(fs.clone(), rt.handle().clone());
+    let fuse = FuseFs::new(buckets.clone(), rt.handle().clone());
     let source = match &config.mount_options[0] {
         MountOption::FSName(s) => s.clone(),
         _ => o.bucket.clone(),
@@ -818,8 +847,7 @@ fn serve(
                 (s, Some(u))
             }
         };
-    fs.mount_id
-        .store(mount_id_of(mountpoint).unwrap_or(0), Ordering::Relaxed);
+    buckets.set_mount_id(mount_id_of(mountpoint).unwrap_or(0));
     raise_kernel_read_ahead(mountpoint);
     let info = crate::status::MountInfo {
         bucket: o.bucket.clone(),
@@ -830,9 +858,9 @@ fn serve(
     let info_for_signals = info.clone();
     let socket = {
         let _guard = rt.enter();
-        crate::status::serve(fs.clone(), info)
+        crate::status::serve(buckets.clone(), info)
     };
-    info!(bucket = %o.bucket, prefix = %o.prefix, mountpoint = %mountpoint.display(), "mounted");
+    info!(bucket = %if o.all_buckets { "s3://" } else { &o.bucket }, prefix = %o.prefix, mountpoint = %mountpoint.display(), "mounted");
     if let Some(w) = ready.take() {
         let _ = std::fs::File::from(w).write_all(b"OK");
         detach_stdio();
@@ -841,7 +869,7 @@ fn serve(
     // SIGTERM / SIGINT: upload everything dirty, then unmount. Files still
     // open keep working on the detached mount and are uploaded when closed;
     // a second signal ends the process at once (after one more upload).
-    let fs_sig = fs.clone();
+    let fs_sig = buckets.clone();
     let mp = mountpoint.to_path_buf();
     rt.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -889,7 +917,7 @@ fn serve(
 
     // SIGHUP reopens the log file (logrotate); SIGUSR1 writes the status to
     // the log; SIGUSR2 is ignored. None of them ends the daemon.
-    let fs_usr = fs.clone();
+    let fs_usr = buckets.clone();
     let usr_info = info_for_signals;
     rt.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -919,13 +947,10 @@ fn serve(
 
     let run = session.run();
     let failed = rt.block_on(async {
-        let failed = fs.sync_all(SHUTDOWN_UPLOAD_LIMIT).await;
-        fs.block_cache()
-            .settle(std::time::Duration::from_secs(5))
-            .await;
+        let failed = buckets.sync_all(SHUTDOWN_UPLOAD_LIMIT).await;
+        buckets.settle(std::time::Duration::from_secs(5)).await;
         failed
     });
-    let _ = std::fs::remove_dir(&staging_dir);
     if let Some(s) = socket {
         s.remove();
     }

@@ -13,13 +13,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::warn;
 
-use crate::fs::Fs;
+use crate::buckets::Buckets;
 
 /// What the report says about the mount itself.
 #[derive(Clone, Debug)]
@@ -75,19 +74,29 @@ impl Socket {
 }
 
 /// The report text.
-pub fn report(fs: &Fs, info: &MountInfo) -> String {
+pub fn report(b: &Buckets, info: &MountInfo) -> String {
     let mut s = String::new();
-    let up = fs.started.elapsed().as_secs();
+    let up = b.started.elapsed().as_secs();
     s += &format!("mountpoint: {}\n", info.mountpoint.display());
-    s += &format!(
-        "bucket:     {}{}\n",
-        info.bucket,
-        if info.prefix.is_empty() {
-            String::new()
-        } else {
-            format!(":/{}", info.prefix)
-        }
-    );
+    if b.is_all() {
+        let open = b.open_buckets();
+        s += &format!(
+            "buckets:    s3:// (every bucket of the account; {} opened{}{})\n",
+            open.len(),
+            if open.is_empty() { "" } else { ": " },
+            open.join(", ")
+        );
+    } else {
+        s += &format!(
+            "bucket:     {}{}\n",
+            info.bucket,
+            if info.prefix.is_empty() {
+                String::new()
+            } else {
+                format!(":/{}", info.prefix)
+            }
+        );
+    }
     s += &format!("endpoint:   {}\n", info.endpoint);
     s += &format!(
         "uptime:     {}h{:02}m{:02}s\n",
@@ -95,7 +104,7 @@ pub fn report(fs: &Fs, info: &MountInfo) -> String {
         up / 60 % 60,
         up % 60
     );
-    let dirty = fs.dirty_files();
+    let dirty = b.dirty_files();
     s += &format!("not yet in S3: {} file(s)\n", dirty.len());
     for f in dirty {
         let (path, size) = (&f.path, f.size);
@@ -114,10 +123,7 @@ pub fn report(fs: &Fs, info: &MountInfo) -> String {
             s += &format!("    next try in {n} s\n");
         }
     }
-    let c = fs.block_cache();
-    let hits = c.stats.hits.load(Ordering::Relaxed);
-    let disk_hits = c.stats.disk_hits.load(Ordering::Relaxed);
-    let misses = c.stats.misses.load(Ordering::Relaxed);
+    let (mem, disk, hits, disk_hits, misses) = b.cache_totals();
     let all = hits + disk_hits + misses;
     let rate = if all == 0 {
         0.0
@@ -125,19 +131,17 @@ pub fn report(fs: &Fs, info: &MountInfo) -> String {
         100.0 * (hits + disk_hits) as f64 / all as f64
     };
     s += &format!(
-        "block cache: {} bytes in memory, {} bytes on disk; {hits} memory hits, {disk_hits} disk hits, {misses} misses ({rate:.1}% hit rate)\n",
-        c.mem_bytes(),
-        c.disk_bytes()
+        "block cache: {mem} bytes in memory, {disk} bytes on disk; {hits} memory hits, {disk_hits} disk hits, {misses} misses ({rate:.1}% hit rate)\n",
     );
     s += "S3 requests:\n";
-    let counts = fs.store().counters().snapshot();
+    let counts = b.requests();
     if counts.is_empty() {
         s += "  none\n";
     }
     for (op, n) in counts {
         s += &format!("  {:<20} {n}\n", op.name());
     }
-    let (sent, received) = fs.store().counters().bytes();
+    let (sent, received) = b.bytes();
     s += &format!("bytes sent: {sent}\nbytes received: {received}\n");
     s
 }
@@ -150,10 +154,10 @@ pub const URL_MAX_EXPIRES_SECS: u64 = 7 * 24 * 3600;
 
 /// The answer to one request: the report, or `url ...`'s
 /// `OK URL` / `ERR message` line.
-async fn answer(fs: &Fs, info: &MountInfo, request: &str) -> String {
+async fn answer(b: &Buckets, info: &MountInfo, request: &str) -> String {
     let request = request.trim_end_matches('\n');
     if request.is_empty() {
-        return report(fs, info);
+        return report(b, info);
     }
     let parts: Vec<&str> = request.split('\t').collect();
     match parts.as_slice() {
@@ -165,14 +169,9 @@ async fn answer(fs: &Fs, info: &MountInfo, request: &str) -> String {
             else {
                 return format!("ERR --expires must be 1..={URL_MAX_EXPIRES_SECS} seconds\n");
             };
-            let key = fs.key_for_path(path);
-            match fs
-                .store()
-                .presign_get(&key, Duration::from_secs(secs))
-                .await
-            {
+            match b.presign(path, Duration::from_secs(secs)).await {
                 Ok(url) => format!("OK {url}\n"),
-                Err(e) => format!("ERR {e}\n"),
+                Err(e) => format!("ERR {}\n", e.replace('\n', " ")),
             }
         }
         _ => "ERR unknown request\n".to_string(),
@@ -180,7 +179,7 @@ async fn answer(fs: &Fs, info: &MountInfo, request: &str) -> String {
 }
 
 /// Serves the report on the mount's socket until the runtime ends.
-pub fn serve(fs: Arc<Fs>, info: MountInfo) -> Option<Socket> {
+pub fn serve(b: Arc<Buckets>, info: MountInfo) -> Option<Socket> {
     let path = socket_path(&info.mountpoint);
     let dir = path.parent()?.to_path_buf();
     if let Err(e) = crate::private::create_private_dir(&dir) {
@@ -200,13 +199,13 @@ pub fn serve(fs: Arc<Fs>, info: MountInfo) -> Option<Socket> {
     let id = file_id(&path)?;
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
-            let (fs, info) = (fs.clone(), info.clone());
+            let (b, info) = (b.clone(), info.clone());
             tokio::spawn(async move {
                 let mut request = Vec::new();
                 let mut limited = (&mut conn).take(REQUEST_MAX_BYTES);
                 let read = limited.read_to_end(&mut request);
                 let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
-                let text = answer(&fs, &info, &String::from_utf8_lossy(&request)).await;
+                let text = answer(&b, &info, &String::from_utf8_lossy(&request)).await;
                 let _ =
                     tokio::time::timeout(Duration::from_secs(5), conn.write_all(text.as_bytes()))
                         .await;
@@ -257,12 +256,6 @@ pub fn presigned_url(path: &Path, expires_secs: u64) -> Result<String, String> {
     let rel = rel
         .to_str()
         .ok_or_else(|| format!("{}: not a UTF-8 name", abs.display()))?;
-    if rel.split('/').any(|c| c == ".versions") {
-        return Err(format!(
-            "{}: a URL of an old version is not supported yet",
-            abs.display()
-        ));
-    }
     conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
     conn.write_all(format!("url\t{rel}\t{expires_secs}\n").as_bytes())
         .map_err(|e| format!("asking {}: {e}", mountpoint.display()))?;

@@ -196,6 +196,35 @@ fn as_of_mounts_show_the_bucket_at_each_moment() {
     let at1 = Mount::new(&b, &format!("as_of={t1}"));
     assert_eq!(names(&at1.path("dir")), vec!["a"]);
     assert_eq!(fs::read(at1.path("dir/a")).unwrap(), b"a1");
+    // `bucketfs url` of a file there is of the version shown, not of the
+    // current object.
+    let out = command()
+        .arg("url")
+        .arg(at1.path("dir/a"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(link.contains("versionId="), "{link}");
+    let got = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1]).read())",
+            &link,
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(
+        got.stdout,
+        b"a1",
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
     assert_eq!(
         errno(fs::write(at1.path("dir/a"), b"x").unwrap_err()),
         libc::EROFS

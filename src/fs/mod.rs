@@ -156,6 +156,9 @@ pub enum FsError {
     BadHandle,
     /// The object changed under an open handle.
     Stale,
+    /// A rename between two buckets of an `s3://` mount (or of a bucket
+    /// itself): `mv` copies and deletes instead.
+    CrossDevice,
     /// A local I/O error (staging file), as an errno.
     Io(i32),
     Store(StoreError),
@@ -431,6 +434,11 @@ impl Fs {
 
     fn has_write_state(&self, ino: u64) -> bool {
         self.writes.lock().contains_key(&ino)
+    }
+
+    /// Whether any file has write state (data that may not be in S3 yet).
+    pub fn has_pending_writes(&self) -> bool {
+        !self.writes.lock().is_empty()
     }
 
     // ---------------------------------------------------------------- lookup
@@ -854,6 +862,11 @@ impl Fs {
     }
 
     pub fn statfs(&self) -> StatFs {
+        Self::statfs_any()
+    }
+
+    /// What `statfs` reports, the same for every mount.
+    pub fn statfs_any() -> StatFs {
         const BLOCK: u32 = 4096;
         let blocks = (1u64 << 50) / u64::from(BLOCK);
         StatFs {

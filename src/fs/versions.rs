@@ -128,6 +128,59 @@ fn display_times(list: &[VersionInfo]) -> Vec<SystemTime> {
 }
 
 impl Fs {
+    /// A presigned GET URL of the file at `path` (below the mount root):
+    /// its object, or under `.versions/NAME/` that version, or on an
+    /// `as_of` mount the version shown. The error is one line for the
+    /// user.
+    pub async fn presign(&self, path: &str, expires: Duration) -> Result<String, String> {
+        let comps: Vec<&str> = path.split('/').collect();
+        let (key, version) = match comps.iter().position(|c| *c == super::names::VERSIONS_DIR) {
+            None => {
+                // An as_of mount shows one version of each key.
+                let version = if self.cfg.as_of.is_some() {
+                    let t = self.table.lock();
+                    t.find(&NodeKey::Path(path.to_string()))
+                        .and_then(|i| t.get(i))
+                        .and_then(|n| n.object.as_ref())
+                        .and_then(|o| o.version_id.clone())
+                } else {
+                    None
+                };
+                (self.key_of(path), version)
+            }
+            Some(i) if i + 3 == comps.len() => {
+                let file = comps[i + 2];
+                if file.ends_with(DELETED_SUFFIX) {
+                    return Err(format!("{path}: a delete marker has no data to fetch"));
+                }
+                let id = version_id_of(file)
+                    .ok_or_else(|| format!("{path}: not a version file name"))?;
+                (
+                    self.key_of(&join(&comps[..i].join("/"), comps[i + 1])),
+                    Some(id),
+                )
+            }
+            Some(_) => return Err(format!("{path}: not a file")),
+        };
+        // The object must be there, and a URL cannot carry an SSE-C key.
+        match self.store.head(&key, version.as_deref()).await {
+            Ok(o) if o.headers.as_ref().is_some_and(|h| h.sse_c) => {
+                return Err(format!(
+                    "{path} is encrypted with a customer key (SSE-C), which a URL cannot carry: whoever fetches it must send the key in x-amz-server-side-encryption-customer-* headers"
+                ));
+            }
+            Ok(_) => {}
+            Err(crate::store::StoreError::NotFound) => {
+                return Err(format!("{path}: no such object in S3 (not uploaded yet?)"));
+            }
+            Err(e) => return Err(format!("{path}: {e}")),
+        }
+        self.store
+            .presign_get(&key, version.as_deref(), expires)
+            .await
+            .map_err(|e| format!("{path}: {e}"))
+    }
+
     fn ro_dir_attr(&self, mtime: SystemTime) -> Attr {
         let mut a = Attr::implicit_dir(0, &self.cfg.defaults);
         a.perm = VERSIONS_PERM;

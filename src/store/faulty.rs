@@ -30,8 +30,8 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::{
-    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, PutBody, PutResult,
-    ReadPin, StoreError, StoreResult, VersionPage,
+    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, Part, PutBody,
+    PutResult, ReadPin, StoreError, StoreResult, Upload, VersionPage,
 };
 
 /// How long `wait_held` waits at most.
@@ -332,7 +332,7 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         key: &str,
         meta: &Metadata,
         keep: Option<&ObjectHeaders>,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Upload> {
         self.before(Op::CreateMultipart, key).await?;
         let r = self.inner.create_multipart(key, meta, keep).await;
         self.after(Op::CreateMultipart, r).await
@@ -341,31 +341,28 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
     async fn upload_part(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         body: PutBody,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Part> {
         self.before(Op::UploadPart, key).await?;
-        let r = self
-            .inner
-            .upload_part(key, upload_id, part_number, body)
-            .await;
+        let r = self.inner.upload_part(key, upload, part_number, body).await;
         self.after(Op::UploadPart, r).await
     }
 
     async fn upload_part_copy(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         src: &str,
         range: Range<u64>,
         src_etag: Option<&str>,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Part> {
         self.before(Op::UploadPartCopy, key).await?;
         let r = self
             .inner
-            .upload_part_copy(key, upload_id, part_number, src, range, src_etag)
+            .upload_part_copy(key, upload, part_number, src, range, src_etag)
             .await;
         self.after(Op::UploadPartCopy, r).await
     }
@@ -374,7 +371,7 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
+        parts: Vec<Part>,
     ) -> StoreResult<PutResult> {
         self.before(Op::CompleteMultipart, key).await?;
         let r = self.inner.complete_multipart(key, upload_id, parts).await;
@@ -404,8 +401,13 @@ impl<S: ObjectStore> ObjectStore for Faulty<S> {
         self.after(Op::ListVersions, r).await
     }
 
-    async fn presign_get(&self, key: &str, expires: std::time::Duration) -> StoreResult<String> {
-        self.inner.presign_get(key, expires).await
+    async fn presign_get(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        expires: std::time::Duration,
+    ) -> StoreResult<String> {
+        self.inner.presign_get(key, version, expires).await
     }
 
     async fn check_bucket(&self) -> StoreResult<()> {

@@ -17,8 +17,8 @@ use md5::Digest;
 use parking_lot::Mutex;
 
 use super::{
-    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, PutBody, PutResult,
-    ReadPin, StoreError, StoreResult, VersionInfo, VersionPage,
+    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, Part, PutBody,
+    PutResult, ReadPin, StoreError, StoreResult, Upload, VersionInfo, VersionPage,
 };
 
 const MAX_KEY_BYTES: usize = 1024;
@@ -36,19 +36,33 @@ struct MemVersion {
 }
 
 #[derive(Debug)]
-struct Upload {
+struct MemUpload {
     key: String,
     started: SystemTime,
     meta: Metadata,
     headers: ObjectHeaders,
-    parts: BTreeMap<i32, Bytes>,
+    /// Declared with CRC32C: each part's is checked when it is sent and
+    /// must be repeated by Complete, as S3 does.
+    crc32c: bool,
+    /// Each part's bytes and CRC32C (base64).
+    parts: BTreeMap<i32, (Bytes, String)>,
+}
+
+/// The CRC32C of `data` as S3 writes it (base64 of the big-endian value).
+pub fn crc32c_b64(data: &[u8]) -> String {
+    use base64::Engine;
+    let crc = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32;
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
 }
 
 #[derive(Debug, Default)]
 struct State {
     /// Versions of each key, oldest first.
     objects: BTreeMap<String, Vec<MemVersion>>,
-    uploads: HashMap<String, Upload>,
+    uploads: HashMap<String, MemUpload>,
+    /// Uploads are created without CRC32C (a store that refuses it, or
+    /// an older bucketfs's upload).
+    no_checksums: bool,
     /// Failures to inject: the next `n` calls of an op fail with the error.
     failures: HashMap<Op, (u32, StoreError)>,
     /// Calls that do their work, then answer with an error.
@@ -82,6 +96,12 @@ impl MemStore {
             counters: Counters::default(),
             seq: AtomicU64::new(1),
         }
+    }
+
+    /// From now on, multipart uploads are made without CRC32C, as an older
+    /// bucketfs made them (or a store that refuses it).
+    pub fn without_part_checksums(&self) {
+        self.state.lock().no_checksums = true;
     }
 
     /// Makes the next `times` calls of `op` fail with `err`.
@@ -430,30 +450,33 @@ impl ObjectStore for MemStore {
         key: &str,
         meta: &Metadata,
         keep: Option<&ObjectHeaders>,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Upload> {
         self.enter(Op::CreateMultipart)?;
         check_key(key)?;
         let id = format!("upload-{}", self.next_id());
-        self.state.lock().uploads.insert(
+        let mut st = self.state.lock();
+        let crc32c = !st.no_checksums;
+        st.uploads.insert(
             id.clone(),
-            Upload {
+            MemUpload {
                 key: key.to_string(),
                 started: SystemTime::now(),
                 meta: meta.clone(),
                 headers: new_headers(key, keep),
+                crc32c,
                 parts: BTreeMap::new(),
             },
         );
-        Ok(id)
+        Ok(Upload { id, crc32c })
     }
 
     async fn upload_part(
         &self,
         _key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         body: PutBody,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Part> {
         self.enter(Op::UploadPart)?;
         let data = body
             .read_all()
@@ -461,21 +484,32 @@ impl ObjectStore for MemStore {
         self.counters.add_sent(data.len() as u64);
         // As S3: a part's ETag is the MD5 of its bytes.
         let etag = md5_etag(&data);
+        let crc = crc32c_b64(&data);
         let mut st = self.state.lock();
-        let up = st.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
-        up.parts.insert(part_number, data);
-        Ok(etag)
+        let up = st.uploads.get_mut(&upload.id).ok_or(StoreError::NotFound)?;
+        if up.crc32c != upload.crc32c {
+            return Err(StoreError::InvalidRequest(format!(
+                "part {part_number}: the upload's checksum is {}",
+                if up.crc32c { "CRC32C" } else { "none" }
+            )));
+        }
+        up.parts.insert(part_number, (data, crc.clone()));
+        Ok(Part {
+            number: part_number,
+            etag,
+            crc32c: upload.crc32c.then_some(crc),
+        })
     }
 
     async fn upload_part_copy(
         &self,
         _key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         src: &str,
         range: Range<u64>,
         src_etag: Option<&str>,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Part> {
         self.enter(Op::UploadPartCopy)?;
         let mut st = self.state.lock();
         let v = Self::current(&st, src)?;
@@ -486,35 +520,56 @@ impl ObjectStore for MemStore {
         let end = (range.end as usize).min(data.len());
         let part = data.slice((range.start as usize).min(end)..end);
         let etag = format!("\"c{:016x}\"", fingerprint(&part, part_number as u64));
-        let up = st.uploads.get_mut(upload_id).ok_or(StoreError::NotFound)?;
-        up.parts.insert(part_number, part);
-        Ok(etag)
+        let crc = crc32c_b64(&part);
+        let up = st.uploads.get_mut(&upload.id).ok_or(StoreError::NotFound)?;
+        let declared = up.crc32c;
+        up.parts.insert(part_number, (part, crc.clone()));
+        // As S3: a copied part's checksum comes back in CopyPartResult.
+        Ok(Part {
+            number: part_number,
+            etag,
+            crc32c: declared.then_some(crc),
+        })
     }
 
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
+        parts: Vec<Part>,
     ) -> StoreResult<PutResult> {
         self.enter(Op::CompleteMultipart)?;
         let mut st = self.state.lock();
-        let up = st.uploads.remove(upload_id).ok_or(StoreError::NotFound)?;
+        let up = st.uploads.get(upload_id).ok_or(StoreError::NotFound)?;
         let mut data = Vec::new();
-        for (n, _) in &parts {
-            let part = up
+        for p in &parts {
+            let (part, crc) = up
                 .parts
-                .get(n)
-                .ok_or_else(|| StoreError::InvalidRequest(format!("part {n} missing")))?;
+                .get(&p.number)
+                .ok_or_else(|| StoreError::InvalidRequest(format!("part {} missing", p.number)))?;
+            // As S3: an upload declared with CRC32C needs each part's
+            // checksum, and one without takes none.
+            match (&p.crc32c, up.crc32c) {
+                (Some(c), true) if c == crc => {}
+                (None, false) => {}
+                (c, _) => {
+                    return Err(StoreError::InvalidRequest(format!(
+                        "part {}: checksum {c:?} in the request, {} uploaded",
+                        p.number,
+                        if up.crc32c { crc.as_str() } else { "none" }
+                    )));
+                }
+            }
             data.extend_from_slice(part);
         }
+        let up = st.uploads.remove(upload_id).expect("looked up above");
         debug_assert_eq!(up.key, key);
         let mut put =
             self.store_version(&mut st, key, Some(Bytes::from(data)), up.meta, up.headers);
         // As S3: MD5 of the parts' MD5s, dash, part count.
         let mut h = md5::Md5::new();
-        for (n, _) in &parts {
-            h.update(md5::Md5::digest(&up.parts[n]));
+        for p in &parts {
+            h.update(md5::Md5::digest(&up.parts[&p.number].0));
         }
         put.etag = format!("\"{}-{}\"", crate::hex(&h.finalize()), parts.len());
         if let Some(v) = st.objects.get_mut(key).and_then(|vs| vs.last_mut()) {
@@ -579,12 +634,86 @@ impl ObjectStore for MemStore {
         Ok(page)
     }
 
-    async fn presign_get(&self, key: &str, expires: Duration) -> StoreResult<String> {
-        Ok(format!("memory:///{key}?expires={}", expires.as_secs()))
+    async fn presign_get(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        expires: Duration,
+    ) -> StoreResult<String> {
+        let v = version
+            .map(|v| format!("&versionId={v}"))
+            .unwrap_or_default();
+        Ok(format!("memory:///{key}?expires={}{v}", expires.as_secs()))
     }
 
     async fn check_bucket(&self) -> StoreResult<()> {
         self.enter(Op::HeadBucket)
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+/// An account of in-memory buckets, for tests of `s3://` mounts.
+#[derive(Debug, Default)]
+pub struct MemAccount {
+    buckets: Mutex<BTreeMap<String, std::sync::Arc<MemStore>>>,
+    counters: Counters,
+}
+
+impl MemAccount {
+    /// A bucket (unversioned) as another client would make it.
+    pub fn add(&self, name: &str) -> std::sync::Arc<MemStore> {
+        self.buckets
+            .lock()
+            .entry(name.to_string())
+            .or_insert_with(|| std::sync::Arc::new(MemStore::unversioned()))
+            .clone()
+    }
+
+    /// The bucket of that name, if there is one.
+    pub fn bucket(&self, name: &str) -> Option<std::sync::Arc<MemStore>> {
+        self.buckets.lock().get(name).cloned()
+    }
+}
+
+#[async_trait]
+impl super::Account for MemAccount {
+    async fn list_buckets(&self) -> StoreResult<Vec<String>> {
+        self.counters.record(Op::ListBuckets);
+        Ok(self.buckets.lock().keys().cloned().collect())
+    }
+
+    async fn create_bucket(&self, name: &str) -> StoreResult<()> {
+        self.counters.record(Op::CreateBucket);
+        let mut b = self.buckets.lock();
+        if b.contains_key(name) {
+            return Err(StoreError::AlreadyExists);
+        }
+        b.insert(
+            name.to_string(),
+            std::sync::Arc::new(MemStore::unversioned()),
+        );
+        Ok(())
+    }
+
+    async fn delete_bucket(&self, name: &str) -> StoreResult<()> {
+        self.counters.record(Op::DeleteBucket);
+        let mut b = self.buckets.lock();
+        let store = b.get(name).ok_or(StoreError::NoSuchBucket)?;
+        let st = store.state.lock();
+        if !st.objects.is_empty() {
+            return Err(StoreError::BucketNotEmpty);
+        }
+        drop(st);
+        b.remove(name);
+        Ok(())
+    }
+
+    async fn open_bucket(&self, name: &str) -> StoreResult<std::sync::Arc<dyn ObjectStore>> {
+        let store = self.bucket(name).ok_or(StoreError::NoSuchBucket)?;
+        Ok(store)
     }
 
     fn counters(&self) -> &Counters {

@@ -178,17 +178,20 @@ impl PutBody {
         self.len() == 0
     }
 
-    /// The MD5 digest (S3's Content-MD5) and CRC32C of the body, in one
-    /// pass, read in 1 MiB steps.
-    pub fn checksums(&self) -> std::io::Result<([u8; 16], u32)> {
+    /// The MD5 digest (S3's Content-MD5, when `md5`) and CRC32C of the
+    /// body, in one pass, read in 1 MiB steps.
+    pub fn checksums(&self, md5: bool) -> std::io::Result<(Option<[u8; 16]>, u32)> {
         use md5::Digest;
-        let mut md5 = md5::Md5::new();
+        let mut md = md5.then(md5::Md5::new);
         let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-        match self {
-            PutBody::Bytes(b) => {
-                md5.update(b);
-                crc.update(b);
+        let mut update = |b: &[u8]| {
+            if let Some(m) = &mut md {
+                m.update(b);
             }
+            crc.update(b);
+        };
+        match self {
+            PutBody::Bytes(b) => update(b),
             PutBody::File { file, offset, len } => {
                 use std::os::unix::fs::FileExt;
                 let mut buf = vec![0u8; (*len).min(1 << 20) as usize];
@@ -196,13 +199,12 @@ impl PutBody {
                 while pos < *len {
                     let n = ((*len - pos) as usize).min(buf.len());
                     file.read_exact_at(&mut buf[..n], offset + pos)?;
-                    md5.update(&buf[..n]);
-                    crc.update(&buf[..n]);
+                    update(&buf[..n]);
                     pos += n as u64;
                 }
             }
         }
-        Ok((md5.finalize().into(), crc.finalize() as u32))
+        Ok((md.map(|m| m.finalize().into()), crc.finalize() as u32))
     }
 
     /// Reads the whole body into memory (for stores that keep bytes in RAM).
@@ -217,6 +219,25 @@ impl PutBody {
             }
         }
     }
+}
+
+/// A multipart upload as it was created: its id, and whether it declared
+/// CRC32C (then every part carries its CRC32C and CompleteMultipartUpload
+/// repeats each; a store that refused that gets Content-MD5 instead).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    pub id: String,
+    pub crc32c: bool,
+}
+
+/// A part of a multipart upload, sent: what CompleteMultipartUpload lists.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Part {
+    pub number: i32,
+    pub etag: String,
+    /// Its CRC32C (base64 of the big-endian value), on an upload that
+    /// declared CRC32C; for a copied part, when the store said it.
+    pub crc32c: Option<String>,
 }
 
 /// The identity of a stored object after a write.
@@ -246,6 +267,13 @@ pub enum StoreError {
     /// The bucket is in another region than the one requests were signed
     /// for (S3's 301 PermanentRedirect with `x-amz-bucket-region`).
     WrongRegion(String),
+    /// A bucket of that name exists already (CreateBucket).
+    AlreadyExists,
+    /// The store refused the CRC32C of a multipart upload (the upload is
+    /// to be made again: the store's next ones carry Content-MD5).
+    ChecksumRefused(String),
+    /// The bucket still holds objects or versions (DeleteBucket).
+    BucketNotEmpty,
 }
 
 impl StoreError {
@@ -265,6 +293,11 @@ impl fmt::Display for StoreError {
             StoreError::Transient(m) => write!(f, "S3 unavailable: {m}"),
             StoreError::Other(m) => write!(f, "S3 error: {m}"),
             StoreError::WrongRegion(r) => write!(f, "the bucket is in region {r}"),
+            StoreError::AlreadyExists => write!(f, "a bucket of that name exists already"),
+            StoreError::ChecksumRefused(m) => {
+                write!(f, "the store refused CRC32C on a multipart upload: {m}")
+            }
+            StoreError::BucketNotEmpty => write!(f, "the bucket is not empty"),
         }
     }
 }
@@ -292,10 +325,14 @@ pub enum Op {
     ListUploads,
     GetTagging,
     GetAcl,
+    GetOwnership,
+    ListBuckets,
+    CreateBucket,
+    DeleteBucket,
 }
 
 impl Op {
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 20] = [
         Op::List,
         Op::Head,
         Op::Get,
@@ -312,6 +349,10 @@ impl Op {
         Op::ListUploads,
         Op::GetTagging,
         Op::GetAcl,
+        Op::GetOwnership,
+        Op::ListBuckets,
+        Op::CreateBucket,
+        Op::DeleteBucket,
     ];
 
     pub fn name(self) -> &'static str {
@@ -332,6 +373,10 @@ impl Op {
             Op::ListUploads => "LIST_UPLOADS",
             Op::GetTagging => "GET_TAGGING",
             Op::GetAcl => "GET_ACL",
+            Op::GetOwnership => "GET_OWNERSHIP",
+            Op::ListBuckets => "LIST_BUCKETS",
+            Op::CreateBucket => "CREATE_BUCKET",
+            Op::DeleteBucket => "DELETE_BUCKET",
         }
     }
 }
@@ -339,7 +384,7 @@ impl Op {
 /// Requests made, by type. Both stores keep one.
 #[derive(Debug, Default)]
 pub struct Counters {
-    counts: [AtomicU64; 16],
+    counts: [AtomicU64; Op::ALL.len()],
     sent: AtomicU64,
     received: AtomicU64,
 }
@@ -423,37 +468,42 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     async fn delete(&self, key: &str) -> StoreResult<()>;
 
-    /// CreateMultipartUpload; `keep` as for `put`.
+    /// CreateMultipartUpload; `keep` as for `put`. Declares CRC32C unless
+    /// the store refused it before.
     async fn create_multipart(
         &self,
         key: &str,
         meta: &Metadata,
         keep: Option<&ObjectHeaders>,
-    ) -> StoreResult<String>;
+    ) -> StoreResult<Upload>;
 
+    /// UploadPart, with the part's CRC32C when the upload declared it
+    /// (else its Content-MD5).
     async fn upload_part(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         body: PutBody,
-    ) -> StoreResult<String>;
+    ) -> StoreResult<Part>;
 
     async fn upload_part_copy(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         src: &str,
         range: Range<u64>,
         src_etag: Option<&str>,
-    ) -> StoreResult<String>;
+    ) -> StoreResult<Part>;
 
+    /// CompleteMultipartUpload, each part with the checksum it was sent
+    /// with.
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
+        parts: Vec<Part>,
     ) -> StoreResult<PutResult>;
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
@@ -470,13 +520,42 @@ pub trait ObjectStore: Send + Sync + 'static {
         marker: Option<(String, String)>,
     ) -> StoreResult<VersionPage>;
 
-    /// A URL anyone can GET the current object at for `expires`, signed
-    /// with the mount's credentials (no request is made).
-    async fn presign_get(&self, key: &str, expires: std::time::Duration) -> StoreResult<String>;
+    /// A URL anyone can GET the current object (or one version) at for
+    /// `expires`, signed with the mount's credentials (no request is
+    /// made). What every request of the mount carries goes in its query
+    /// (requester pays), not in headers the fetcher would have to send.
+    async fn presign_get(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        expires: std::time::Duration,
+    ) -> StoreResult<String>;
 
     /// Checks that the bucket exists and is reachable with these credentials.
     async fn check_bucket(&self) -> StoreResult<()>;
 
     /// Requests made so far, by type.
+    fn counters(&self) -> &Counters;
+}
+
+/// The buckets of an account, for an `s3://` mount: each bucket is then
+/// an `ObjectStore` of its own.
+#[async_trait]
+pub trait Account: Send + Sync + 'static {
+    /// ListBuckets: the names of the account's buckets.
+    async fn list_buckets(&self) -> StoreResult<Vec<String>>;
+
+    /// CreateBucket, in the account's (the mount's) region.
+    async fn create_bucket(&self, name: &str) -> StoreResult<()>;
+
+    /// DeleteBucket; `BucketNotEmpty` while it holds objects or versions.
+    async fn delete_bucket(&self, name: &str) -> StoreResult<()>;
+
+    /// The store of one bucket, reachable with these credentials (in
+    /// whatever region it is): `NoSuchBucket` if there is none.
+    async fn open_bucket(&self, name: &str) -> StoreResult<Arc<dyn ObjectStore>>;
+
+    /// Account-level requests made so far (the buckets' own are counted
+    /// by their stores).
     fn counters(&self) -> &Counters;
 }

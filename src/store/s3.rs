@@ -18,6 +18,7 @@
 
 use std::future::Future;
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,18 +35,19 @@ use aws_sdk_s3::config::{
     ResponseChecksumValidation, RuntimeComponents,
 };
 use aws_sdk_s3::error::{BoxError, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::create_multipart_upload::CreateMultipartUploadOutput;
 use aws_sdk_s3::operation::head_object::{HeadObjectError, HeadObjectOutput};
 use aws_sdk_s3::primitives::{ByteStream, DateTime, DateTimeFormat, Length};
 use aws_sdk_s3::types::{
-    CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective, ObjectCannedAcl,
-    ServerSideEncryption, StorageClass, TaggingDirective,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, EncodingType, MetadataDirective,
+    ObjectCannedAcl, ServerSideEncryption, StorageClass, TaggingDirective,
 };
 use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::{
-    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, PutBody, PutResult,
-    ReadPin, StoreError, StoreResult, VersionInfo, VersionPage,
+    Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, Part, PutBody,
+    PutResult, ReadPin, StoreError, StoreResult, Upload, VersionInfo, VersionPage,
 };
 
 /// How to reach the bucket.
@@ -151,6 +153,9 @@ impl std::fmt::Debug for SseCKey {
 /// The SSE-C algorithm, the only one S3 has.
 const SSE_C_ALGORITHM: &str = "AES256";
 
+const REQUEST_PAYER: &str = "x-amz-request-payer";
+const REQUEST_PAYER_QUERY: &str = "x-amz-request-payer=requester";
+
 /// Adds `x-amz-request-payer: requester` to every request the client
 /// sends, listings and multipart calls included.
 #[derive(Debug)]
@@ -167,10 +172,11 @@ impl Intercept for RequesterPays {
         _: &RuntimeComponents,
         _: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        context
-            .request_mut()
-            .headers_mut()
-            .insert("x-amz-request-payer", "requester");
+        let req = context.request_mut();
+        // A presigned URL carries it in its query instead.
+        if !req.uri().contains(REQUEST_PAYER_QUERY) {
+            req.headers_mut().insert(REQUEST_PAYER, "requester");
+        }
         Ok(())
     }
 }
@@ -209,6 +215,55 @@ macro_rules! with_new_object {
     }};
 }
 
+/// The SDK's configuration for these settings: credentials (an explicit
+/// profile or passwd_file first), and the region: the option, else the
+/// environment or profile (never instance metadata: a mount must not reach
+/// for the network to find it), else us-east-1. Also whether a region was
+/// configured at all.
+async fn load_sdk(s: &S3Settings) -> (aws_config::SdkConfig, String, bool) {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(p) = &s.profile {
+        loader = loader.profile_name(p);
+    }
+    let configured_region = match &s.region {
+        Some(r) => Some(r.clone()),
+        None => {
+            let mut profile = aws_config::profile::ProfileFileRegionProvider::builder();
+            if let Some(p) = &s.profile {
+                profile = profile.profile_name(p);
+            }
+            RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+                .or_else(profile.build())
+                .region()
+                .await
+                .map(|r| r.to_string())
+        }
+    };
+    let region = configured_region
+        .clone()
+        .unwrap_or_else(|| DEFAULT_REGION.to_string());
+    loader = loader.region(Region::new(region.clone()));
+    if let Some((id, secret)) = &s.static_keys {
+        loader = loader.credentials_provider(Credentials::new(
+            id.clone(),
+            secret.clone(),
+            None,
+            None,
+            "bucketfs-passwd-file",
+        ));
+    } else if let Some(p) = &s.profile {
+        // An explicit profile wins over keys in the environment, as in
+        // boto3 and the AWS CLI (the default chain asks the environment
+        // first).
+        loader = loader.credentials_provider(
+            aws_config::profile::ProfileFileCredentialsProvider::builder()
+                .profile_name(p)
+                .build(),
+        );
+    }
+    (loader.load().await, region, configured_region.is_some())
+}
+
 impl Default for S3Settings {
     fn default() -> Self {
         S3Settings {
@@ -243,6 +298,12 @@ pub struct S3Store {
     /// GetObjectAcl failed once (not implemented, not allowed): copies
     /// stop asking.
     no_acl_api: AtomicBool,
+    /// The store refused CRC32C on a multipart upload: parts carry
+    /// Content-MD5 from then on.
+    no_part_checksums: AtomicBool,
+    /// Whether the bucket's objects can have ACLs (not when its Object
+    /// Ownership is BucketOwnerEnforced), once known.
+    acls_enabled: tokio::sync::OnceCell<bool>,
     /// The credentials chain (for `access_key_id`).
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
     /// Where the credentials come from, for a log line when they expire.
@@ -258,51 +319,9 @@ impl S3Store {
     /// Builds the client. When no region is configured anywhere, the
     /// bucket's own region is discovered with one HeadBucket.
     pub async fn connect(s: &S3Settings) -> StoreResult<S3Store> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(p) = &s.profile {
-            loader = loader.profile_name(p);
-        }
-        // Region: the option, else environment or profile. Never instance
-        // metadata: a mount must not reach for the network to find it.
-        let configured_region = match &s.region {
-            Some(r) => Some(r.clone()),
-            None => {
-                let mut profile = aws_config::profile::ProfileFileRegionProvider::builder();
-                if let Some(p) = &s.profile {
-                    profile = profile.profile_name(p);
-                }
-                RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
-                    .or_else(profile.build())
-                    .region()
-                    .await
-                    .map(|r| r.to_string())
-            }
-        };
-        let region = configured_region
-            .clone()
-            .unwrap_or_else(|| DEFAULT_REGION.to_string());
-        loader = loader.region(Region::new(region.clone()));
-        if let Some((id, secret)) = &s.static_keys {
-            loader = loader.credentials_provider(Credentials::new(
-                id.clone(),
-                secret.clone(),
-                None,
-                None,
-                "bucketfs-passwd-file",
-            ));
-        } else if let Some(p) = &s.profile {
-            // An explicit profile wins over keys in the environment, as
-            // in boto3 and the AWS CLI (the default chain asks the
-            // environment first).
-            loader = loader.credentials_provider(
-                aws_config::profile::ProfileFileCredentialsProvider::builder()
-                    .profile_name(p)
-                    .build(),
-            );
-        }
-        let sdk = loader.load().await;
+        let (sdk, region, configured) = load_sdk(s).await;
         let store = Self::with_region(s, &sdk, &region);
-        if configured_region.is_some() || s.endpoint.is_some() {
+        if configured || s.endpoint.is_some() {
             return Ok(store);
         }
         match store.discover_region().await {
@@ -361,6 +380,8 @@ impl S3Store {
             long_timeout: s.long_timeout,
             no_versions_api: AtomicBool::new(false),
             no_acl_api: AtomicBool::new(false),
+            no_part_checksums: AtomicBool::new(false),
+            acls_enabled: tokio::sync::OnceCell::new(),
             requests: s.requests.clone(),
             credentials_source: credentials_source(s),
             fast_head: if s.fast_head {
@@ -378,6 +399,14 @@ impl S3Store {
                 .raw_response()
                 .and_then(|r| r.headers().get("x-amz-bucket-region"))
                 .map(str::to_string),
+        }
+    }
+
+    /// The store refused CRC32C on a multipart upload: said once, and its
+    /// later uploads carry Content-MD5 instead.
+    fn refuse_part_checksums(&self, why: &str) {
+        if !self.no_part_checksums.swap(true, Ordering::Relaxed) {
+            warn!(bucket = %self.bucket, refusal = why, "the store refuses CRC32C on multipart uploads; parts carry Content-MD5 instead");
         }
     }
 
@@ -442,13 +471,61 @@ impl S3Store {
         }
     }
 
-    /// The grants of a copy's source that CopyObject would otherwise drop
-    /// (it gives the copy the private ACL): None when the source has only
-    /// its owner's FULL_CONTROL (always so on buckets with ACLs disabled,
-    /// which refuse grant headers), when `default_acl=` decides, or when
-    /// the ACL cannot be read.
+    /// Whether the bucket's objects can have ACLs of their own: not when
+    /// its Object Ownership is BucketOwnerEnforced (the default of every
+    /// bucket made since April 2023), asked once per mount with
+    /// GetBucketOwnershipControls. A bucket without ownership controls
+    /// (older ones), a store without the call, or no permission to ask:
+    /// they can (GetObjectAcl then tells, or stops being asked).
+    async fn bucket_has_acls(&self) -> bool {
+        let req = self
+            .client
+            .get_bucket_ownership_controls()
+            .bucket(&self.bucket);
+        let known = self
+            .acls_enabled
+            .get_or_try_init(|| async {
+                let r = self
+                    .retry(Op::GetOwnership, "", || async {
+                        match req.clone().send().await {
+                            // Not implemented is an answer, not a failure
+                            // to retry.
+                            Err(e) if status_of(&e) == Some(501) => Err(StoreError::Other(
+                                "501 GetBucketOwnershipControls not implemented".into(),
+                            )),
+                            r => r.map_err(classify),
+                        }
+                    })
+                    .await;
+                match r {
+                    Ok(out) => Ok(!out.ownership_controls().is_some_and(|c| {
+                        c.rules()
+                            .iter()
+                            .any(|r| r.object_ownership().as_str() == "BucketOwnerEnforced")
+                    })),
+                    // Not known this time: asked again later.
+                    Err(StoreError::Transient(_)) => Err(()),
+                    Err(e) => {
+                        debug!(error = %e, "no bucket ownership controls; objects may have ACLs");
+                        Ok(true)
+                    }
+                }
+            })
+            .await;
+        known.copied().unwrap_or(true)
+    }
+
+    /// The grants of the object at `key` (a copy's source, or the object
+    /// an upload replaces) that the new object would otherwise lose (it
+    /// gets the private ACL): None when it has only its owner's
+    /// FULL_CONTROL (always so on buckets with ACLs disabled, which refuse
+    /// grant headers, and which are not asked), when `default_acl=`
+    /// decides, or when the ACL cannot be read.
     async fn grants_to_keep(&self, key: &str, version: Option<&str>) -> Option<Grants> {
-        if self.requests.acl.is_some() || self.no_acl_api.load(Ordering::Relaxed) {
+        if self.requests.acl.is_some()
+            || self.no_acl_api.load(Ordering::Relaxed)
+            || !self.bucket_has_acls().await
+        {
             return None;
         }
         let req = self
@@ -507,6 +584,13 @@ impl S3Store {
         (!only_owner).then_some(g)
     }
 
+    /// The grants of the object an upload replaces (`keep` is its headers;
+    /// None for a new key), to keep them (see `grants_to_keep`).
+    async fn grants_replaced(&self, key: &str, keep: Option<&ObjectHeaders>) -> Option<Grants> {
+        keep?;
+        self.grants_to_keep(key, None).await
+    }
+
     /// HeadObject, with the mount's SSE-C key when it has one. An object
     /// the key does not apply to (not SSE-C encrypted: S3 answers 400) is
     /// asked again without it, so an SSE-C mount still reads the bucket's
@@ -537,6 +621,18 @@ impl S3Store {
             None => format!("{}/{enc}", self.bucket),
         }
     }
+}
+
+/// Adds an ACL's grants (`x-amz-grant-*`) to a request that makes an
+/// object (PutObject, CreateMultipartUpload, CopyObject).
+macro_rules! with_grants {
+    ($req:expr, $g:expr) => {{
+        let g: Option<&Grants> = $g;
+        $req.set_grant_full_control(g.and_then(|g| Grants::header(&g.full_control)))
+            .set_grant_read(g.and_then(|g| Grants::header(&g.read)))
+            .set_grant_read_acp(g.and_then(|g| Grants::header(&g.read_acp)))
+            .set_grant_write_acp(g.and_then(|g| Grants::header(&g.write_acp)))
+    }};
 }
 
 /// Adds an object's standard HTTP headers (PutObject,
@@ -586,22 +682,59 @@ fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
     }
 }
 
-/// The Content-MD5 and x-amz-checksum-crc32c headers of a body: every
-/// upload carries a checksum (and S3 refuses a PUT without one in a
-/// bucket with Object Lock).
+/// The Content-MD5 (when `md5`) and x-amz-checksum-crc32c headers of a
+/// body: every upload carries a checksum (and S3 refuses a PUT without
+/// one in a bucket with Object Lock).
 ///
 /// Hashing a part of several MiB takes milliseconds of CPU: it runs on a
 /// blocking thread, not on the runtime's workers (which serve the FUSE
 /// requests and the other parts' transfers).
-async fn checksum_headers(body: &PutBody) -> StoreResult<(String, String)> {
+async fn checksum_headers(body: &PutBody, md5: bool) -> StoreResult<(Option<String>, String)> {
     use base64::Engine;
     let body = body.clone();
-    let (md5, crc) = tokio::task::spawn_blocking(move || body.checksums())
+    let (md5, crc) = tokio::task::spawn_blocking(move || body.checksums(md5))
         .await
         .map_err(|e| StoreError::Other(format!("checksum task: {e}")))?
         .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    Ok((b64.encode(md5), b64.encode(crc.to_be_bytes())))
+    Ok((md5.map(|m| b64.encode(m)), b64.encode(crc.to_be_bytes())))
+}
+
+/// A failed multipart call: as `classify`, except that when it carried
+/// CRC32C (`crc`) and the store answers as one that does not take it (501,
+/// or a 400 about the request rather than the data: a bad digest is the
+/// checksum doing its job), it is `ChecksumRefused`.
+fn classify_checksum<E>(
+    err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    crc: bool,
+) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    if crc && let SdkError::ServiceError(se) = &err {
+        let status = se.raw().status().as_u16();
+        let code = se.err().code().unwrap_or("");
+        let redirect = se.raw().headers().get("x-amz-bucket-region").is_some();
+        let refused = status == 501
+            || (status == 400
+                && !redirect
+                && matches!(
+                    code,
+                    "" | "InvalidArgument"
+                        | "InvalidRequest"
+                        | "NotImplemented"
+                        | "MalformedXML"
+                        | "InvalidPart"
+                ));
+        if refused {
+            return StoreError::ChecksumRefused(
+                format!("{status} {code} {}", se.err().message().unwrap_or(""))
+                    .trim()
+                    .to_string(),
+            );
+        }
+    }
+    classify(err)
 }
 
 /// Where a mount's credentials come from, in words.
@@ -743,13 +876,16 @@ where
                 }
                 (_, "NoSuchKey" | "NoSuchVersion" | "NoSuchUpload") => StoreError::NotFound,
                 (_, "NoSuchBucket") => StoreError::NoSuchBucket,
+                (_, "BucketNotEmpty") => StoreError::BucketNotEmpty,
+                (_, "BucketAlreadyExists" | "BucketAlreadyOwnedByYou") => StoreError::AlreadyExists,
                 (404, _) => StoreError::NotFound,
                 (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch")
                 | (401 | 403, _) => StoreError::AccessDenied(msg),
                 (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed,
-                (_, "KeyTooLongError" | "InvalidArgument" | "InvalidRequest") => {
-                    StoreError::InvalidRequest(msg)
-                }
+                (
+                    _,
+                    "KeyTooLongError" | "InvalidArgument" | "InvalidRequest" | "InvalidBucketName",
+                ) => StoreError::InvalidRequest(msg),
                 (408 | 429, _)
                 | (500..=599, _)
                 | (
@@ -1090,10 +1226,16 @@ impl ObjectStore for S3Store {
         keep: Option<&ObjectHeaders>,
     ) -> StoreResult<PutResult> {
         let len = self.count_body(&body);
-        let (md5, crc32c) = checksum_headers(&body).await?;
+        // What the replaced object had is asked while the body is hashed.
+        let (sums, tags, grants) = tokio::join!(
+            checksum_headers(&body, true),
+            self.tags_to_keep(key, keep),
+            self.grants_replaced(key, keep),
+        );
+        let (md5, crc32c) = sums?;
+        let md5 = md5.unwrap_or_default();
         let opts = self.options_keeping(keep);
         let headers = Self::standard_headers(key, keep);
-        let tags = self.tags_to_keep(key, keep).await;
         let out = self
             .retry(Op::Put, key, || async {
                 let stream = byte_stream(&body).await?;
@@ -1108,6 +1250,7 @@ impl ObjectStore for S3Store {
                     .set_metadata(Some(meta.clone()))
                     .set_tagging(tags.clone())
                     .body(stream);
+                let req = with_grants!(req, grants.as_ref());
                 let req = with_standard_headers!(req, &headers);
                 with_new_object!(req, &opts).send().await.map_err(classify)
             })
@@ -1140,13 +1283,8 @@ impl ObjectStore for S3Store {
             .tagging_directive(TaggingDirective::Copy);
         let mut req = with_new_object!(req, &opts);
         req = with_copy_source_sse_c!(req, self.requests.sse_c.as_ref().filter(|_| kept.sse_c));
-        if let Some(g) = self.grants_to_keep(src, src_version).await {
-            req = req
-                .set_grant_full_control(Grants::header(&g.full_control))
-                .set_grant_read(Grants::header(&g.read))
-                .set_grant_read_acp(Grants::header(&g.read_acp))
-                .set_grant_write_acp(Grants::header(&g.write_acp));
-        }
+        let grants = self.grants_to_keep(src, src_version).await;
+        req = with_grants!(req, grants.as_ref());
         if let Some(m) = meta {
             let merged = super::merge_metadata(&source.metadata().cloned().unwrap_or_default(), m);
             req = with_standard_headers!(req, &kept)
@@ -1187,37 +1325,74 @@ impl ObjectStore for S3Store {
         key: &str,
         meta: &Metadata,
         keep: Option<&ObjectHeaders>,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Upload> {
+        let (tags, grants) = tokio::join!(
+            self.tags_to_keep(key, keep),
+            self.grants_replaced(key, keep)
+        );
         let req = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .set_metadata(Some(meta.clone()))
-            .set_tagging(self.tags_to_keep(key, keep).await);
+            .set_tagging(tags);
+        let req = with_grants!(req, grants.as_ref());
         let req = with_standard_headers!(req, &Self::standard_headers(key, keep));
         let req = with_new_object!(req, &self.options_keeping(keep));
-        let out = self
-            .retry(Op::CreateMultipart, key, || async {
+        let upload = |out: CreateMultipartUploadOutput, crc32c: bool| {
+            out.upload_id()
+                .map(|id| Upload {
+                    id: id.to_string(),
+                    crc32c,
+                })
+                .ok_or_else(|| StoreError::Other("no upload id returned".into()))
+        };
+        let plain = || async {
+            self.retry(Op::CreateMultipart, key, || async {
                 req.clone().send().await.map_err(classify)
             })
-            .await?;
-        out.upload_id()
-            .map(str::to_string)
-            .ok_or_else(|| StoreError::Other("no upload id returned".into()))
+            .await
+        };
+        if self.no_part_checksums.load(Ordering::Relaxed) {
+            return upload(plain().await?, false);
+        }
+        let with_crc = req.clone().checksum_algorithm(ChecksumAlgorithm::Crc32C);
+        match self
+            .retry(Op::CreateMultipart, key, || async {
+                with_crc
+                    .clone()
+                    .send()
+                    .await
+                    .map_err(|e| classify_checksum(e, true))
+            })
+            .await
+        {
+            Ok(out) => upload(out, true),
+            // Refused with CRC32C: if the store takes it without, that
+            // was the reason.
+            Err(StoreError::ChecksumRefused(why)) => {
+                let out = plain().await?;
+                self.refuse_part_checksums(&why);
+                upload(out, false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn upload_part(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         body: PutBody,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Part> {
         let len = self.count_body(&body);
-        // A part carries Content-MD5 only: a CRC32C on parts would have to
-        // be declared at CreateMultipartUpload and repeated at Complete.
-        let (md5, _) = checksum_headers(&body).await?;
+        // An upload declared with CRC32C takes each part's CRC32C (and,
+        // with `x-amz-sdk-checksum-algorithm`, an Object Lock bucket needs
+        // no Content-MD5); one without gets Content-MD5.
+        let (md5, crc32c) = checksum_headers(&body, !upload.crc32c).await?;
+        let crc = upload.crc32c.then_some(crc32c);
         let out = self
             .retry(Op::UploadPart, key, || async {
                 let stream = byte_stream(&body).await?;
@@ -1226,35 +1401,46 @@ impl ObjectStore for S3Store {
                     .upload_part()
                     .bucket(&self.bucket)
                     .key(key)
-                    .upload_id(upload_id)
+                    .upload_id(&upload.id)
                     .part_number(part_number)
                     .content_length(len)
-                    .content_md5(&md5)
+                    .set_content_md5(md5.clone())
+                    .set_checksum_algorithm(crc.as_ref().map(|_| ChecksumAlgorithm::Crc32C))
+                    .set_checksum_crc32_c(crc.clone())
                     .body(stream);
                 with_sse_c!(req, &self.requests)
                     .send()
                     .await
-                    .map_err(classify)
+                    .map_err(|e| classify_checksum(e, upload.crc32c))
             })
-            .await?;
-        Ok(out.e_tag().unwrap_or_default().to_string())
+            .await
+            .inspect_err(|e| {
+                if let StoreError::ChecksumRefused(why) = e {
+                    self.refuse_part_checksums(why);
+                }
+            })?;
+        Ok(Part {
+            number: part_number,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+            crc32c: crc,
+        })
     }
 
     async fn upload_part_copy(
         &self,
         key: &str,
-        upload_id: &str,
+        upload: &Upload,
         part_number: i32,
         src: &str,
         range: Range<u64>,
         src_etag: Option<&str>,
-    ) -> StoreResult<String> {
+    ) -> StoreResult<Part> {
         let req = self
             .client
             .upload_part_copy()
             .bucket(&self.bucket)
             .key(key)
-            .upload_id(upload_id)
+            .upload_id(&upload.id)
             .part_number(part_number)
             .copy_source(self.copy_source(src, None))
             .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
@@ -1283,22 +1469,38 @@ impl ObjectStore for S3Store {
                 }
             })
             .await?;
-        Ok(out
-            .copy_part_result()
-            .and_then(|r| r.e_tag())
-            .unwrap_or_default()
-            .to_string())
+        let result = out.copy_part_result();
+        Ok(Part {
+            number: part_number,
+            etag: result
+                .and_then(|r| r.e_tag())
+                .unwrap_or_default()
+                .to_string(),
+            // S3 computes a copied part's checksum and says it; a store
+            // that does not (Garage, moto) takes the part without one.
+            crc32c: result
+                .and_then(|r| r.checksum_crc32_c())
+                .filter(|_| upload.crc32c)
+                .map(str::to_string),
+        })
     }
 
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
-        parts: Vec<(i32, String)>,
+        parts: Vec<Part>,
     ) -> StoreResult<PutResult> {
+        let crc = parts.iter().any(|p| p.crc32c.is_some());
         let parts: Vec<CompletedPart> = parts
             .into_iter()
-            .map(|(n, etag)| CompletedPart::builder().part_number(n).e_tag(etag).build())
+            .map(|p| {
+                CompletedPart::builder()
+                    .part_number(p.number)
+                    .e_tag(p.etag)
+                    .set_checksum_crc32_c(p.crc32c)
+                    .build()
+            })
             .collect();
         let req = self
             .client
@@ -1320,9 +1522,14 @@ impl ObjectStore for S3Store {
                     .config_override(self.long_call())
                     .send()
                     .await
-                    .map_err(classify)
+                    .map_err(|e| classify_checksum(e, crc))
             })
-            .await?;
+            .await
+            .inspect_err(|e| {
+                if let StoreError::ChecksumRefused(why) = e {
+                    self.refuse_part_checksums(why);
+                }
+            })?;
         let etag = out
             .e_tag()
             .filter(|e| !e.is_empty())
@@ -1451,18 +1658,40 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn presign_get(&self, key: &str, expires: Duration) -> StoreResult<String> {
+    async fn presign_get(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        expires: Duration,
+    ) -> StoreResult<String> {
         let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires)
             .map_err(|e| StoreError::InvalidRequest(format!("expiry: {e}")))?;
-        let req = self
+        let mut req = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_version_id(version.map(str::to_string))
+            .customize();
+        if self.requests.requester_pays {
+            // In the signed query, not as a header the fetcher would have
+            // to send (S3 takes either). Whichever of this and the
+            // client's RequesterPays interceptor runs first, the header
+            // ends up gone and the query parameter there.
+            req = req.mutate_request(|r| {
+                r.headers_mut().remove(REQUEST_PAYER);
+                if !r.uri().contains(REQUEST_PAYER_QUERY) {
+                    let sep = if r.uri().contains('?') { '&' } else { '?' };
+                    let uri = format!("{}{sep}{REQUEST_PAYER_QUERY}", r.uri());
+                    let _ = r.set_uri(uri);
+                }
+            });
+        }
+        let signed = req
             .presigned(config)
             .await
             .map_err(|e| StoreError::Other(error_line(&e)))?;
-        Ok(req.uri().to_string())
+        Ok(signed.uri().to_string())
     }
 
     async fn check_bucket(&self) -> StoreResult<()> {
@@ -1482,6 +1711,166 @@ impl ObjectStore for S3Store {
 
     fn counters(&self) -> &Counters {
         &self.counters
+    }
+}
+
+/// Every bucket of an account, for `s3://` mounts: ListBuckets,
+/// CreateBucket (in the mount's region) and DeleteBucket, and an
+/// `S3Store` per bucket, in whatever region the bucket is.
+#[derive(Debug)]
+pub struct S3Account {
+    /// Signs the account-level calls, in the mount's region.
+    base: S3Store,
+    settings: S3Settings,
+    sdk: aws_config::SdkConfig,
+    region: String,
+    /// Each bucket's region, as ListBuckets or a redirect told it.
+    regions: parking_lot::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl S3Account {
+    pub async fn connect(s: &S3Settings) -> S3Account {
+        let (sdk, region, _) = load_sdk(s).await;
+        let settings = S3Settings {
+            bucket: String::new(),
+            ..s.clone()
+        };
+        S3Account {
+            base: S3Store::with_region(&settings, &sdk, &region),
+            settings,
+            sdk,
+            region,
+            regions: Default::default(),
+        }
+    }
+
+    /// The access key id the account's requests are signed with.
+    pub async fn access_key_id(&self) -> Option<String> {
+        self.base.access_key_id().await
+    }
+
+    /// The store of `bucket` in `region`.
+    fn store_in(&self, bucket: &str, region: &str) -> S3Store {
+        let s = S3Settings {
+            bucket: bucket.to_string(),
+            ..self.settings.clone()
+        };
+        S3Store::with_region(&s, &self.sdk, region)
+    }
+
+    /// The region `bucket` is known to be in, else the mount's.
+    fn region_of(&self, bucket: &str) -> String {
+        self.regions
+            .lock()
+            .get(bucket)
+            .cloned()
+            .unwrap_or_else(|| self.region.clone())
+    }
+}
+
+#[async_trait]
+impl super::Account for S3Account {
+    async fn list_buckets(&self) -> StoreResult<Vec<String>> {
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = self
+                .base
+                .client
+                .list_buckets()
+                .set_continuation_token(token.clone());
+            let out = self
+                .base
+                .retry(Op::ListBuckets, "", || async {
+                    req.clone().send().await.map_err(classify)
+                })
+                .await?;
+            let mut regions = self.regions.lock();
+            for b in out.buckets() {
+                let Some(name) = b.name() else { continue };
+                if let Some(r) = b.bucket_region().filter(|r| !r.is_empty()) {
+                    regions.insert(name.to_string(), r.to_string());
+                }
+                names.push(name.to_string());
+            }
+            drop(regions);
+            token = out
+                .continuation_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    async fn create_bucket(&self, name: &str) -> StoreResult<()> {
+        use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+        let mut req = self.base.client.create_bucket().bucket(name);
+        // us-east-1 is the one region S3 refuses as a location constraint.
+        if self.region != DEFAULT_REGION {
+            req = req.create_bucket_configuration(
+                CreateBucketConfiguration::builder()
+                    .location_constraint(BucketLocationConstraint::from(self.region.as_str()))
+                    .build(),
+            );
+        }
+        self.base
+            .retry(Op::CreateBucket, name, || async {
+                req.clone().send().await.map_err(classify)
+            })
+            .await?;
+        self.regions
+            .lock()
+            .insert(name.to_string(), self.region.clone());
+        Ok(())
+    }
+
+    async fn delete_bucket(&self, name: &str) -> StoreResult<()> {
+        let delete = |store: S3Store| async move {
+            let req = store.client.delete_bucket().bucket(name);
+            store
+                .retry(Op::DeleteBucket, name, || async {
+                    req.clone().send().await.map_err(classify)
+                })
+                .await
+                .map(|_| ())
+        };
+        let r = match delete(self.store_in(name, &self.region_of(name))).await {
+            Err(StoreError::WrongRegion(r)) if !r.is_empty() => {
+                delete(self.store_in(name, &r)).await
+            }
+            r => r,
+        };
+        // Counted with the account's requests.
+        self.base.counters.record(Op::DeleteBucket);
+        r?;
+        self.regions.lock().remove(name);
+        Ok(())
+    }
+
+    async fn open_bucket(&self, name: &str) -> StoreResult<Arc<dyn ObjectStore>> {
+        let store = self.store_in(name, &self.region_of(name));
+        match store.check_bucket().await {
+            Ok(()) => Ok(Arc::new(store)),
+            // Each bucket is followed to its region, whatever region the
+            // mount was given (that one is where mkdir creates buckets).
+            Err(StoreError::WrongRegion(r)) if !r.is_empty() => {
+                debug!(bucket = name, region = %r, "bucket region followed");
+                let store = self.store_in(name, &r);
+                store.check_bucket().await?;
+                self.regions.lock().insert(name.to_string(), r);
+                Ok(Arc::new(store))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.base.counters
     }
 }
 

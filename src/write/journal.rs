@@ -5,10 +5,17 @@
 //!
 //! Format: a header of `name value` lines (values percent-encoded) up to a
 //! `--` line, then one line per change: `W <offset> <len>` for a write,
-//! `T <size>` for a truncation, `U <upload id>` for a multipart upload
-//! started for the data (before its first part is sent), `P <part>
-//! <etag>` for a part sent, `X` when the file was unlinked (final: nothing
-//! is to be uploaded). Every line ends in ` *<checksum>` (FNV-1a of the
+//! `T <size>` for a truncation, `U <upload id> [crc32c]` for a multipart
+//! upload started for the data (before its first part is sent; `crc32c`
+//! when it declared CRC32C), `P <part> <etag> [<crc32c>]` for a part sent
+//! (with the CRC32C it was sent with, which CompleteMultipartUpload must
+//! repeat), `C <parts> <bytes>` after the last part of a set that holds
+//! all the data (written with the `P` lines in one append: only a set so
+//! sealed is ever completed by a recovering mount), `X` when the file was
+//! unlinked (final: nothing is to be
+//! uploaded). Journals written before part checksums have neither
+//! optional field, and replay the same: their uploads are completed
+//! without checksums. Every line ends in ` *<checksum>` (FNV-1a of the
 //! rest): replay stops at the first line that does not check, which can
 //! only be a torn last line. Lines are appended without fsync: a crash of
 //! the daemon (not of the machine) loses none of them. A journal that
@@ -22,7 +29,7 @@ use std::path::{Path, PathBuf};
 use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use super::RangeSet;
-use crate::store::Metadata;
+use crate::store::{Metadata, Part, Upload};
 
 const MAGIC: &str = "bucketfs-journal 2";
 /// A journal with more change lines than this is rewritten compactly.
@@ -153,8 +160,8 @@ impl Journal {
 
     /// A multipart upload was started for this data: recovery completes
     /// or aborts it. Recorded before its first part is sent.
-    pub fn upload_started(&mut self, upload_id: &str) -> io::Result<()> {
-        self.append(&format!("U {}", enc(upload_id)))
+    pub fn upload_started(&mut self, upload: &Upload) -> io::Result<()> {
+        self.append(&upload_line(upload))
     }
 
     /// A single PUT of the data is about to be sent; `etag` is the one it
@@ -163,9 +170,16 @@ impl Journal {
         self.append(&format!("S {}", enc(etag)))
     }
 
-    /// A part of the current multipart upload was sent.
-    pub fn part_sent(&mut self, part: i32, etag: &str) -> io::Result<()> {
-        self.append(&format!("P {part} {}", enc(etag)))
+    /// Every part of the current multipart upload was sent: `size` bytes
+    /// in all. One append, ending in the `C` line that seals the set.
+    pub fn parts_sent(&mut self, parts: &[Part], size: u64) -> io::Result<()> {
+        let mut text = String::new();
+        for p in parts {
+            text += &sealed(&part_line(p));
+        }
+        text += &sealed(&complete_line(parts.len(), size));
+        self.lines += parts.len() as u64 + 1;
+        self.file.write_all(text.as_bytes())
     }
 
     /// The file's metadata changed (chmod, chown, touch) while dirty: the
@@ -191,14 +205,38 @@ impl Journal {
     }
 }
 
-/// The change lines that replay to `loaded`, `size` and open `uploads`
-/// (for compaction).
-pub fn changes_for(loaded: &RangeSet, uploads: &[String]) -> Vec<String> {
+fn upload_line(u: &Upload) -> String {
+    format!("U {}{}", enc(&u.id), if u.crc32c { " crc32c" } else { "" })
+}
+
+fn complete_line(parts: usize, size: u64) -> String {
+    format!("C {parts} {size}")
+}
+
+fn part_line(p: &Part) -> String {
+    match &p.crc32c {
+        Some(c) => format!("P {} {} {}", p.number, enc(&p.etag), enc(c)),
+        None => format!("P {} {}", p.number, enc(&p.etag)),
+    }
+}
+
+/// The change lines that replay to `loaded` and open `uploads` (for
+/// compaction), and `sent`: every part of the last of them, holding all
+/// `size` bytes.
+pub fn changes_for(
+    loaded: &RangeSet,
+    uploads: &[Upload],
+    sent: Option<(&[Part], u64)>,
+) -> Vec<String> {
     let mut out: Vec<String> = loaded
         .ranges()
         .map(|r| format!("W {} {}", r.start, r.end - r.start))
         .collect();
-    out.extend(uploads.iter().map(|u| format!("U {}", enc(u))));
+    out.extend(uploads.iter().map(upload_line));
+    if let Some((parts, size)) = sent {
+        out.extend(parts.iter().map(part_line));
+        out.push(complete_line(parts.len(), size));
+    }
     out
 }
 
@@ -207,9 +245,14 @@ pub fn changes_for(loaded: &RangeSet, uploads: &[String]) -> Vec<String> {
 pub struct Replayed {
     pub header: Header,
     /// Multipart uploads started for the data, to complete or abort.
-    pub uploads: Vec<String>,
-    /// Parts sent (of the last upload started): number, ETag.
-    pub parts: Vec<(i32, String)>,
+    pub uploads: Vec<Upload>,
+    /// Parts sent (of the last upload started), with their checksums.
+    pub parts: Vec<Part>,
+    /// `parts` are sealed as all the data's (a `C` line), when it was this
+    /// many bytes: if the staged data is still that size, the last upload
+    /// can be completed with them. (The size is checked against the
+    /// staged file: a new file's writes are not journaled.)
+    pub parts_sealed: Option<u64>,
     /// ETags of the single PUTs sent (each the whole data then).
     pub puts: Vec<String>,
     /// The file was unlinked: nothing to upload.
@@ -265,6 +308,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
     }
     let (mut loaded, mut base_valid, mut size) = (RangeSet::default(), h.base_valid, h.size);
     let (mut uploads, mut parts, mut unlinked) = (Vec::new(), Vec::new(), false);
+    let mut parts_sealed = None;
     let mut puts = Vec::new();
     for line in lines {
         // A torn last line (killed mid-append) does not check: stop there.
@@ -278,22 +322,42 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 loaded.insert(off..off + len);
                 size = size.max(off + len);
                 // Uploads sent before a change are not of this data.
-                (puts, parts) = (Vec::new(), Vec::new());
+                (puts, parts, parts_sealed) = (Vec::new(), Vec::new(), None);
             }
-            ["U", id] => {
-                uploads.push(dec(id));
+            ["U", id, rest @ ..] => {
+                let crc32c = match rest {
+                    [] => false,
+                    ["crc32c"] => true,
+                    _ => return Err(bad()),
+                };
+                uploads.push(Upload {
+                    id: dec(id),
+                    crc32c,
+                });
                 parts.clear();
+                parts_sealed = None;
             }
-            ["P", n, etag] => {
+            ["P", n, etag, rest @ ..] if rest.len() <= 1 => {
                 let Ok(n) = n.parse::<i32>() else {
                     return Err(bad());
                 };
-                parts.push((n, dec(etag)));
+                parts.push(Part {
+                    number: n,
+                    etag: dec(etag),
+                    crc32c: rest.first().map(|c| dec(c)),
+                });
+                parts_sealed = None;
+            }
+            ["C", n, bytes] => {
+                let (Ok(n), Ok(bytes)) = (n.parse::<usize>(), bytes.parse::<u64>()) else {
+                    return Err(bad());
+                };
+                parts_sealed = (n == parts.len()).then_some(bytes);
             }
             ["X"] => unlinked = true,
             ["S", etag] => puts.push(dec(etag)),
             ["M", pairs @ ..] if pairs.len() % 2 == 0 => {
-                (puts, parts) = (Vec::new(), Vec::new());
+                (puts, parts, parts_sealed) = (Vec::new(), Vec::new(), None);
                 h.meta = pairs.chunks(2).map(|kv| (dec(kv[0]), dec(kv[1]))).collect();
             }
             ["T", s] => {
@@ -303,7 +367,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 loaded.truncate(s);
                 base_valid = base_valid.min(s);
                 size = s;
-                (puts, parts) = (Vec::new(), Vec::new());
+                (puts, parts, parts_sealed) = (Vec::new(), Vec::new(), None);
             }
             _ => return Err(bad()),
         }
@@ -312,6 +376,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         header: h,
         uploads,
         parts,
+        parts_sealed,
         puts,
         unlinked,
         loaded,
@@ -343,11 +408,23 @@ mod tests {
         j.wrote(10, 5).unwrap();
         j.truncated(50).unwrap();
         j.wrote(60, 10).unwrap();
-        j.upload_started("up/1").unwrap();
+        j.upload_started(&Upload {
+            id: "up/1".into(),
+            crc32c: true,
+        })
+        .unwrap();
         let mut chmod = Metadata::new();
         chmod.insert("mode".into(), "33152".into());
         j.meta_changed(&chmod).unwrap();
-        j.part_sent(1, "\"e1\"").unwrap();
+        j.parts_sent(
+            &[Part {
+                number: 1,
+                etag: "\"e1\"".into(),
+                crc32c: Some("4waSgw==".into()),
+            }],
+            70,
+        )
+        .unwrap();
         let r = replay(&p).unwrap();
         assert_eq!(r.header.meta, chmod, "the last metadata wins");
         assert_eq!(
@@ -359,8 +436,22 @@ mod tests {
         );
         assert_eq!((r.size, r.base_valid), (70, 50));
         assert_eq!(r.loaded.missing(0..70), vec![0..10, 15..60]);
-        assert_eq!(r.uploads, vec!["up/1".to_string()]);
-        assert_eq!(r.parts, vec![(1, "\"e1\"".to_string())]);
+        assert_eq!(
+            r.uploads,
+            vec![Upload {
+                id: "up/1".into(),
+                crc32c: true
+            }]
+        );
+        assert_eq!(
+            r.parts,
+            vec![Part {
+                number: 1,
+                etag: "\"e1\"".into(),
+                crc32c: Some("4waSgw==".into())
+            }]
+        );
+        assert_eq!(r.parts_sealed, Some(70), "sealed by its C line");
         assert!(!r.unlinked);
         // Compaction replays to the same state.
         let h2 = Header {
@@ -368,15 +459,103 @@ mod tests {
             base_valid: r.base_valid,
             ..h.clone()
         };
-        j.compact(&h2, &changes_for(&r.loaded, &r.uploads)).unwrap();
+        j.compact(
+            &h2,
+            &changes_for(&r.loaded, &r.uploads, Some((&r.parts, r.size))),
+        )
+        .unwrap();
         j.unlinked().unwrap();
         let c = replay(&p).unwrap();
         assert_eq!((c.size, c.base_valid), (70, 50));
         assert_eq!(c.loaded.missing(0..70), vec![0..10, 15..60]);
         assert_eq!(c.uploads, r.uploads);
+        assert_eq!(c.parts, r.parts);
+        assert_eq!(c.parts_sealed, Some(70));
         assert!(c.unlinked);
         j.remove();
         assert!(!p.exists());
+    }
+
+    /// A journal written before part checksums (no `crc32c` on its `U`
+    /// lines, no checksum on its `P` lines) replays as uploads without
+    /// checksums.
+    #[test]
+    fn a_journal_from_before_part_checksums_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let line = |s: &str| format!("{s} *{:08x}\n", checksum(s));
+        let text = format!(
+            "{MAGIC}\n{}{}{}--\n{}{}{}{}",
+            line("key big.bin"),
+            line("base_valid 0"),
+            line("size 12"),
+            line("W 0 12"),
+            line("U old%2Did"),
+            line("P 1 %22e1%22"),
+            line("P 2 %22e2%22"),
+        );
+        std::fs::write(&p, text).unwrap();
+        let r = replay(&p).unwrap();
+        assert_eq!(
+            r.uploads,
+            vec![Upload {
+                id: "old-id".into(),
+                crc32c: false
+            }]
+        );
+        assert_eq!(
+            r.parts,
+            vec![
+                Part {
+                    number: 1,
+                    etag: "\"e1\"".into(),
+                    crc32c: None
+                },
+                Part {
+                    number: 2,
+                    etag: "\"e2\"".into(),
+                    crc32c: None
+                }
+            ]
+        );
+        assert_eq!(r.size, 12);
+        assert_eq!(r.parts_sealed, None, "never sealed: never completed as is");
+    }
+
+    /// A set of parts cut short by a kill (some `P` lines, no `C`) is not
+    /// sealed; a change after the seal unseals it.
+    #[test]
+    fn only_a_sealed_set_of_parts_is_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let line = |s: &str| format!("{s} *{:08x}\n", checksum(s));
+        let head = format!(
+            "{MAGIC}\n{}{}{}--\n{}{}",
+            line("key k"),
+            line("base_valid 0"),
+            line("size 20"),
+            line("W 0 20"),
+            line("U id crc32c"),
+        );
+        for (tail, sealed) in [
+            (
+                line("P 1 e1 c1") + &line("P 2 e2 c2") + &line("C 2 20"),
+                Some(20),
+            ),
+            (line("P 1 e1 c1") + &line("C 2 20"), None),
+            (line("P 1 e1 c1") + &line("P 2 e2 c2"), None),
+            (
+                line("P 1 e1 c1") + &line("P 2 e2 c2") + &line("C 2 20") + &line("T 5"),
+                None,
+            ),
+            (
+                line("P 1 e1 c1") + &line("P 2 e2 c2") + &line("C 2 20") + &line("U id2"),
+                None,
+            ),
+        ] {
+            std::fs::write(&p, format!("{head}{tail}")).unwrap();
+            assert_eq!(replay(&p).unwrap().parts_sealed, sealed, "{tail}");
+        }
     }
 
     #[test]

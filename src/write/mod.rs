@@ -43,7 +43,9 @@ use tracing::{debug, info, warn};
 pub use journal::{Header as JournalHeader, Journal};
 pub use ranges::RangeSet;
 
-use crate::store::{Metadata, ObjectHeaders, ObjectStore, PutBody, PutResult, ReadPin, StoreError};
+use crate::store::{
+    Metadata, ObjectHeaders, ObjectStore, Part, PutBody, PutResult, ReadPin, StoreError, Upload,
+};
 
 /// S3's limits on multipart uploads.
 pub const MIN_PART_SIZE_BYTES: u64 = 5 * 1024 * 1024;
@@ -206,6 +208,18 @@ fn new_locked_file(dir: &Path, prefix: &str) -> io::Result<(File, PathBuf)> {
     Err(io::Error::other("no free staging file name"))
 }
 
+/// A dead mount's multipart upload of a file's data, every part sent.
+#[derive(Debug)]
+struct Resume {
+    /// The key it was made for.
+    key: String,
+    upload: Upload,
+    parts: Vec<Part>,
+    /// The data is still what the parts hold (no write, truncation or
+    /// new metadata since): else the upload is only to be aborted.
+    current: bool,
+}
+
 /// A file's contents while it is open for writing.
 #[derive(Debug)]
 pub struct Staged {
@@ -223,7 +237,10 @@ pub struct Staged {
     /// The header the journal was started with (for compaction).
     header: Option<JournalHeader>,
     /// Multipart uploads open for this data (journaled).
-    uploads: Vec<String>,
+    uploads: Vec<Upload>,
+    /// A dead mount's multipart upload of this data, all its parts sent
+    /// (journaled with their checksums): completing it is the upload.
+    resume: Option<Resume>,
     /// Whether untouched base ranges may be copied server-side (not when
     /// the key now holds another object).
     copy_ok: bool,
@@ -261,6 +278,7 @@ impl Staged {
             journal: None,
             header: None,
             uploads: Vec::new(),
+            resume: None,
             copy_ok: true,
             unlinked: false,
             stream: None,
@@ -315,16 +333,16 @@ impl Staged {
         }
         if self.stream.is_none() {
             match store.create_multipart(key, meta, keep).await {
-                Ok(id) => {
-                    if let Err(e) = self.note_upload(&id) {
+                Ok(upload) => {
+                    if let Err(e) = self.note_upload(&upload) {
                         warn!(key, error = %e, "journal: no streaming upload");
-                        abort_quietly(&**store, key, &id).await;
+                        abort_quietly(&**store, key, &upload.id).await;
                         return;
                     }
                     self.stream = Some(stream::Streaming::new(
                         store.clone(),
                         key.to_string(),
-                        id,
+                        upload,
                         meta.clone(),
                     ));
                 }
@@ -352,17 +370,17 @@ impl Staged {
         if self.stream.as_ref().is_some_and(|s| offset < s.next_offset)
             && let Some(s) = self.stream.take()
         {
-            self.uploads.retain(|u| *u != s.upload_id);
+            self.uploads.retain(|u| u.id != s.upload.id);
             s.cancel();
         }
     }
 
     /// Journals a multipart upload about to get its first part.
-    fn note_upload(&mut self, upload_id: &str) -> io::Result<()> {
+    fn note_upload(&mut self, upload: &Upload) -> io::Result<()> {
         if let Some(j) = &mut self.journal {
-            j.upload_started(upload_id)?;
+            j.upload_started(upload)?;
         }
-        self.uploads.push(upload_id.to_string());
+        self.uploads.push(upload.clone());
         Ok(())
     }
 
@@ -419,6 +437,11 @@ impl Staged {
                     j.remove();
                 }
             });
+        } else if self.resume.is_some() {
+            // A dead mount's upload is still open: the journal, final now,
+            // stays (without its staging file) and names it, so a recovery
+            // pass aborts it.
+            drop(self.journal.take());
         }
         self.end_journal();
     }
@@ -427,6 +450,7 @@ impl Staged {
     /// dirty): journaled, so a recovery uses it too.
     pub fn set_meta(&mut self, meta: &Metadata) -> io::Result<()> {
         self.meta_set = true;
+        self.drop_resume();
         if let Some(j) = &mut self.journal {
             j.meta_changed(meta)?;
         }
@@ -487,6 +511,14 @@ impl Staged {
         &self.path
     }
 
+    /// The data changed: a dead mount's upload is not of it any more (the
+    /// next upload aborts it).
+    fn drop_resume(&mut self) {
+        if let Some(r) = &mut self.resume {
+            r.current = false;
+        }
+    }
+
     /// Rewrites a long journal from the in-memory state.
     fn maybe_compact(&mut self) -> io::Result<()> {
         if !self.journal.as_ref().is_some_and(|j| j.wants_compaction()) {
@@ -502,7 +534,12 @@ impl Staged {
         };
         h.size = self.size;
         h.base_valid = self.base_valid;
-        let changes = journal::changes_for(&self.loaded, &self.uploads);
+        let sent = self
+            .resume
+            .as_ref()
+            .filter(|r| r.current)
+            .map(|r| (r.parts.as_slice(), self.size));
+        let changes = journal::changes_for(&self.loaded, &self.uploads, sent);
         j.compact(h, &changes)
     }
 
@@ -532,6 +569,7 @@ impl Staged {
             return Ok(());
         }
         self.cancel_stream_below(offset);
+        self.drop_resume();
         self.file.write_all_at(data, offset)?;
         // Without a base, the staging file itself is the whole truth:
         // only writes over a base need recording, and the first write
@@ -553,6 +591,7 @@ impl Staged {
 
     pub fn truncate(&mut self, size: u64) -> io::Result<()> {
         self.cancel_stream_below(size);
+        self.drop_resume();
         self.file.set_len(size)?;
         if let Some(j) = &mut self.journal {
             j.truncated(size)?;
@@ -662,7 +701,7 @@ impl Staged {
                     || (!self.meta_set && same_except(&s.meta, meta, &WRITE_TIME_KEYS));
                 match self.finish_stream(&mut s, store, progress).await {
                     Ok(put) if unchanged => {
-                        self.uploads.retain(|u| *u != s.upload_id);
+                        self.uploads.retain(|u| u.id != s.upload.id);
                         return Ok(put);
                     }
                     // The metadata changed after the upload began (`cp -p`
@@ -670,7 +709,7 @@ impl Staged {
                     // itself with the file's metadata, server-side, where
                     // one CopyObject can (5 GiB); above, it goes up whole.
                     Ok(_) if self.size <= COPY_OBJECT_MAX_BYTES => {
-                        self.uploads.retain(|u| *u != s.upload_id);
+                        self.uploads.retain(|u| u.id != s.upload.id);
                         return Ok(store.copy(key, key, Some(meta), None).await?);
                     }
                     Ok(_) => {}
@@ -679,8 +718,30 @@ impl Staged {
                     }
                 }
             }
-            self.uploads.retain(|u| *u != s.upload_id);
+            self.uploads.retain(|u| u.id != s.upload.id);
             s.abort().await;
+        }
+        // A dead mount sent every part of this data: complete its upload.
+        // One whose data changed since, or made for another key (the file
+        // was renamed), is aborted.
+        if let Some(r) = self.resume.take_if(|r| !r.current || r.key != key) {
+            self.uploads.retain(|u| u.id != r.upload.id);
+            abort_quietly(store, &r.key, &r.upload.id).await;
+        }
+        if let Some(Resume { upload, parts, .. }) = self.resume.take() {
+            match complete(store, key, &upload.id, parts).await {
+                Ok(put) => {
+                    info!(key, upload = %upload.id, "completed the multipart upload a killed mount had sent");
+                    self.uploads.retain(|u| u.id != upload.id);
+                    progress.done_bytes.store(self.size, Ordering::Relaxed);
+                    return Ok(put);
+                }
+                // `complete` aborted it: sent again below.
+                Err(e) => {
+                    self.uploads.retain(|u| u.id != upload.id);
+                    warn!(key, error = %e, "could not complete a killed mount's multipart upload; sending the data again");
+                }
+            }
         }
         let part = part_size(self.size, opts.part_size_bytes);
         if self.size <= part {
@@ -714,34 +775,61 @@ impl Staged {
                 self.fill(store, r.clone()).await?;
             }
         }
-        let upload_id = store.create_multipart(key, meta, keep).await?;
-        if let Err(e) = self.note_upload(&upload_id) {
-            abort_quietly(store, key, &upload_id).await;
+        match self
+            .upload_parts(store, key, meta, keep, opts, progress, &parts)
+            .await
+        {
+            // The store refused CRC32C (said once in the log): its next
+            // upload carries Content-MD5. Never a failed upload for that.
+            Err(WriteError::Store(StoreError::ChecksumRefused(_))) => {
+                progress.done_bytes.store(0, Ordering::Relaxed);
+                self.upload_parts(store, key, meta, keep, opts, progress, &parts)
+                    .await
+            }
+            r => r,
+        }
+    }
+
+    /// One multipart upload of the data, cut as `parts` plans.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_parts(
+        &mut self,
+        store: &dyn ObjectStore,
+        key: &str,
+        meta: &Metadata,
+        keep: Option<&ObjectHeaders>,
+        opts: &UploadOptions,
+        progress: &Progress,
+        parts: &[(i32, Range<u64>, bool)],
+    ) -> Result<PutResult, WriteError> {
+        let upload = store.create_multipart(key, meta, keep).await?;
+        if let Err(e) = self.note_upload(&upload) {
+            abort_quietly(store, key, &upload.id).await;
             return Err(e.into());
         }
         debug!(
             key,
             parts = parts.len(),
-            part_size = part,
+            crc32c = upload.crc32c,
             "multipart upload"
         );
         let base = self.base.clone();
         let this = &*self;
-        let results: Result<Vec<(i32, String)>, StoreError> = futures::stream::iter(parts)
+        let results: Result<Vec<Part>, StoreError> = futures::stream::iter(parts.iter().cloned())
             .map(|(n, r, copy)| {
-                let (base, upload_id) = (&base, &upload_id);
+                let (base, upload) = (&base, &upload);
                 async move {
                     let len = r.end - r.start;
-                    let etag = match (copy, base) {
+                    let part = match (copy, base) {
                         (true, Some(b)) => {
                             store
-                                .upload_part_copy(key, upload_id, n, &b.key, r, Some(&b.etag))
+                                .upload_part_copy(key, upload, n, &b.key, r, Some(&b.etag))
                                 .await?
                         }
-                        _ => store.upload_part(key, upload_id, n, this.body(r)).await?,
+                        _ => store.upload_part(key, upload, n, this.body(r)).await?,
                     };
                     progress.done_bytes.fetch_add(len, Ordering::Relaxed);
-                    Ok((n, etag))
+                    Ok(part)
                 }
             })
             .buffered(opts.concurrency.max(1))
@@ -750,20 +838,18 @@ impl Staged {
         let parts = match results {
             Ok(parts) => parts,
             Err(e) => {
-                self.uploads.retain(|u| *u != upload_id);
-                abort_quietly(store, key, &upload_id).await;
+                self.uploads.retain(|u| u.id != upload.id);
+                abort_quietly(store, key, &upload.id).await;
                 return Err(WriteError::Store(e));
             }
         };
         if let Some(j) = &mut self.journal {
-            for (n, etag) in &parts {
-                j.part_sent(*n, etag)?;
-            }
+            j.parts_sent(&parts, self.size)?;
             self.sent_since_write = true;
             self.attempted = true;
         }
-        let r = complete(store, key, &upload_id, parts).await;
-        self.uploads.retain(|u| *u != upload_id);
+        let r = complete(store, key, &upload.id, parts).await;
+        self.uploads.retain(|u| u.id != upload.id);
         r
     }
 
@@ -777,24 +863,22 @@ impl Staged {
     ) -> Result<PutResult, WriteError> {
         let mut parts = s.finish(progress).await?;
         if self.size > s.next_offset {
-            let etag = store
+            let part = store
                 .upload_part(
                     &s.key,
-                    &s.upload_id,
+                    &s.upload,
                     s.next_part,
                     self.body(s.next_offset..self.size),
                 )
                 .await?;
-            parts.push((s.next_part, etag));
+            parts.push(part);
         }
         if let Some(j) = &mut self.journal {
-            for (n, etag) in &parts {
-                j.part_sent(*n, etag)?;
-            }
+            j.parts_sent(&parts, self.size)?;
             self.sent_since_write = true;
             self.attempted = true;
         }
-        let put = complete(store, &s.key, &s.upload_id, parts).await?;
+        let put = complete(store, &s.key, &s.upload.id, parts).await?;
         progress.done_bytes.store(self.size, Ordering::Relaxed);
         Ok(put)
     }
@@ -899,11 +983,11 @@ pub(crate) async fn abort_quietly(store: &dyn ObjectStore, key: &str, upload_id:
 /// The ETag S3 gives a multipart object made of parts with these ETags
 /// (each the MD5 of its part): MD5 of the parts' MD5s, `-` part count.
 /// None when a part ETag is not an MD5 (SSE-KMS, some stores).
-fn multipart_etag(parts: &[(i32, String)]) -> Option<String> {
+fn multipart_etag(parts: &[Part]) -> Option<String> {
     use md5::Digest;
     let mut h = md5::Md5::new();
-    for (_, e) in parts {
-        let hex = e.trim_matches('"');
+    for p in parts {
+        let hex = p.etag.trim_matches('"');
         if hex.len() != 32 {
             return None;
         }
@@ -927,7 +1011,7 @@ async fn complete(
     store: &dyn ObjectStore,
     key: &str,
     upload_id: &str,
-    parts: Vec<(i32, String)>,
+    parts: Vec<Part>,
 ) -> Result<PutResult, WriteError> {
     let expected = multipart_etag(&parts);
     match store.complete_multipart(key, upload_id, parts).await {
@@ -1022,7 +1106,20 @@ impl Adoptable {
             meta: self.meta.clone(),
         };
         let mut j = Journal::create(self.journal.clone(), &h)?;
-        j.compact(&h, &journal::changes_for(&self.staged.loaded, &[]))?;
+        // A dead mount's upload to complete stays journaled with its
+        // parts, so a kill now leaves it to the next mount again.
+        let (uploads, sent) = match &self.staged.resume {
+            Some(r) => (
+                vec![r.upload.clone()],
+                Some((r.parts.as_slice(), self.staged.size)),
+            ),
+            None => (Vec::new(), None),
+        };
+        j.compact(
+            &h,
+            &journal::changes_for(&self.staged.loaded, &uploads, sent),
+        )?;
+        self.staged.uploads = uploads;
         self.staged.journal = Some(j);
         self.staged.header = Some(h);
         self.staged.keep_files = false;
@@ -1105,7 +1202,7 @@ pub async fn scan(
                     && r.unlinked
                 {
                     for id in &r.uploads {
-                        match store.abort_multipart(&r.header.key, id).await {
+                        match store.abort_multipart(&r.header.key, &id.id).await {
                             Ok(()) | Err(StoreError::NotFound) => {}
                             Err(e) => {
                                 settled = false;
@@ -1223,7 +1320,7 @@ async fn prepare_one(
     match store.list_uploads(&key).await {
         Ok(ups) => {
             for (id, started) in ups {
-                if started < cutoff && !r.uploads.contains(&id) {
+                if started < cutoff && !r.uploads.iter().any(|u| u.id == id) {
                     debug!(key, upload = %id, "aborting a dead mount's unrecorded multipart upload");
                     abort_quietly(store, &key, &id).await;
                 }
@@ -1241,8 +1338,8 @@ async fn prepare_one(
     if r.unlinked {
         let _ = std::fs::remove_file(journal);
         let _ = std::fs::remove_file(stage);
-        for id in &r.uploads {
-            abort_quietly(store, &key, id).await;
+        for u in &r.uploads {
+            abort_quietly(store, &key, &u.id).await;
         }
         return Ok(done(String::new()));
     }
@@ -1267,19 +1364,35 @@ async fn prepare_one(
             || (r.header.base_etag.is_none()
                 && file_md5(&file, size).is_ok_and(|m| same_etag(c, &m)))
     });
-    for id in &r.uploads {
-        abort_quietly(store, &key, id).await;
+    let unchanged = match (&current, &r.header.replaces) {
+        (None, None) => true,
+        (Some(c), Some(e)) => same_etag(c, e),
+        _ => false,
+    };
+    // Every part of the data was sent (the set sealed in the journal) and
+    // the key still holds what the data replaces: the upload is completed,
+    // with the checksums its parts were sent with, instead of sent again.
+    let resume = match r.uploads.last() {
+        Some(u) if !landed && unchanged && r.parts_sealed == Some(size) && !r.parts.is_empty() => {
+            Some(Resume {
+                key: key.clone(),
+                upload: u.clone(),
+                parts: r.parts.clone(),
+                current: true,
+            })
+        }
+        _ => None,
+    };
+    for u in &r.uploads {
+        if resume.as_ref().is_none_or(|keep| keep.upload.id != u.id) {
+            abort_quietly(store, &key, &u.id).await;
+        }
     }
     if landed {
         let _ = std::fs::remove_file(journal);
         let _ = std::fs::remove_file(stage);
         return Ok(done(key.clone()));
     }
-    let unchanged = match (&current, &r.header.replaces) {
-        (None, None) => true,
-        (Some(c), Some(e)) => same_etag(c, e),
-        _ => false,
-    };
     let target = if unchanged {
         key.clone()
     } else {
@@ -1318,6 +1431,7 @@ async fn prepare_one(
         journal: None,
         header: None,
         uploads: Vec::new(),
+        resume,
         copy_ok: base_unchanged,
         unlinked: false,
         stream: None,
@@ -1580,7 +1694,7 @@ mod tests {
         let stage = dir.path().join(format!("stage-{}-1", std::process::id()));
         let journal = journal_path(&stage);
         let mut text = std::fs::read_to_string(&journal).unwrap();
-        for line in [format!("U {}", journal_enc(&id)), "X".to_string()] {
+        for line in [format!("U {}", journal_enc(&id.id)), "X".to_string()] {
             text += &format!("{line} *{:08x}\n", journal_sum(&line));
         }
         std::fs::write(&journal, text).unwrap();
@@ -1590,6 +1704,157 @@ mod tests {
         assert_eq!(s.open_uploads(), 0, "the unlinked file's upload is aborted");
         assert!(!journal.exists(), "and its journal is gone");
         assert_eq!(s.object("new"), None, "nothing was uploaded");
+    }
+
+    /// A new file whose every part a killed daemon had sent (the set
+    /// sealed in the journal) and whose Complete never landed: `lines`
+    /// are appended to its journal; returns the staged data.
+    async fn killed_before_complete(
+        dir: &Path,
+        s: &MemStore,
+        seal: bool,
+        old_format: bool,
+    ) -> Vec<u8> {
+        let data: Vec<u8> = (0..30u8).collect();
+        leave_staged(dir, 1, None, &[(0, &data)]);
+        let up = s
+            .create_multipart("new", &Metadata::new(), None)
+            .await
+            .unwrap();
+        let mut parts = Vec::new();
+        for (i, chunk) in data.chunks(10).enumerate() {
+            let body = PutBody::Bytes(Bytes::copy_from_slice(chunk));
+            parts.push(s.upload_part("new", &up, i as i32 + 1, body).await.unwrap());
+        }
+        let stage = dir.join(format!("stage-{}-1", std::process::id()));
+        let journal = journal_path(&stage);
+        let mut text = std::fs::read_to_string(&journal).unwrap();
+        let mut lines = vec![if old_format || !up.crc32c {
+            format!("U {}", journal_enc(&up.id))
+        } else {
+            format!("U {} crc32c", journal_enc(&up.id))
+        }];
+        for p in &parts {
+            lines.push(match (&p.crc32c, old_format) {
+                (Some(c), false) => {
+                    format!("P {} {} {}", p.number, journal_enc(&p.etag), journal_enc(c))
+                }
+                _ => format!("P {} {}", p.number, journal_enc(&p.etag)),
+            });
+        }
+        if seal {
+            lines.push(format!("C {} {}", parts.len(), data.len()));
+        }
+        for line in lines {
+            text += &format!("{line} *{:08x}\n", journal_sum(&line));
+        }
+        std::fs::write(&journal, text).unwrap();
+        data
+    }
+
+    /// Recovery completes such an upload with the CRC32C each part was
+    /// sent with (the store refuses a Complete without them), sending no
+    /// part again.
+    #[tokio::test]
+    async fn recovery_completes_a_killed_daemons_upload_with_its_part_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        let data = killed_before_complete(dir.path(), &s, true, false).await;
+        let parts_before = s.counters().get(Op::UploadPart);
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.object("new").unwrap().as_ref(), &data[..]);
+        assert_eq!(
+            s.counters().get(Op::UploadPart),
+            parts_before,
+            "no part sent again"
+        );
+        assert_eq!(s.counters().get(Op::CompleteMultipart), 1);
+        assert_eq!(s.counters().get(Op::Put), 0);
+        assert_eq!(s.open_uploads(), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A journal of a store without part checksums (or of an older
+    /// bucketfs) recovers too: a sealed set is completed without
+    /// checksums; an unsealed one (the old format never sealed) is
+    /// uploaded again and its upload aborted.
+    #[tokio::test]
+    async fn recovery_of_journals_without_part_checksums() {
+        for (seal, old_format) in [(true, false), (false, true), (true, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = MemStore::unversioned();
+            s.without_part_checksums();
+            let data = killed_before_complete(dir.path(), &s, seal, old_format).await;
+            let r = recover(&s, dir.path(), &opts()).await;
+            assert!(r.iter().all(|r| r.is_ok()), "{seal} {old_format}: {r:?}");
+            assert_eq!(s.object("new").unwrap().as_ref(), &data[..]);
+            assert_eq!(s.open_uploads(), 0, "{seal} {old_format}");
+            let completed = s.counters().get(Op::CompleteMultipart) == 1;
+            assert_eq!(
+                completed, seal,
+                "{seal} {old_format}: completed, not sent again"
+            );
+        }
+        // And a set cut short by the kill (no seal) with checksums: sent
+        // again, never completed with the parts it has.
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        let data = killed_before_complete(dir.path(), &s, false, false).await;
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.object("new").unwrap().as_ref(), &data[..]);
+        assert_eq!(s.counters().get(Op::CompleteMultipart), 0);
+        assert_eq!(s.open_uploads(), 0);
+    }
+
+    /// The recovered file changes before its upload (a write), or is
+    /// unlinked: the dead mount's upload is not completed; it is aborted,
+    /// by the upload or by a later recovery pass, never left open.
+    #[tokio::test]
+    async fn a_resumable_upload_whose_file_changes_or_goes_is_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        let mut data = killed_before_complete(dir.path(), &s, true, false).await;
+        let found = scan(&s, dir.path(), std::time::SystemTime::now()).await;
+        let Some(Ok(Found::Pending(a))) = found.into_iter().next() else {
+            panic!("a file to adopt");
+        };
+        let mut staged = a.into_staged().unwrap();
+        staged.write(3, b"XY").unwrap();
+        data[3..5].copy_from_slice(b"XY");
+        staged
+            .upload(
+                &s,
+                "new",
+                &Metadata::new(),
+                None,
+                &opts(),
+                &Progress::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(s.object("new").unwrap().as_ref(), &data[..]);
+        assert_eq!(s.open_uploads(), 0, "the dead mount's upload is aborted");
+        staged.end_journal();
+        drop(staged);
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        killed_before_complete(dir.path(), &s, true, false).await;
+        let found = scan(&s, dir.path(), std::time::SystemTime::now()).await;
+        let Some(Ok(Found::Pending(a))) = found.into_iter().next() else {
+            panic!("a file to adopt");
+        };
+        let mut staged = a.into_staged().unwrap();
+        staged.discard();
+        drop(staged);
+        assert_eq!(s.open_uploads(), 1, "named by the journal left behind");
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.open_uploads(), 0);
+        assert_eq!(s.object("new"), None, "an unlinked file is never uploaded");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::{MIN_PART_SIZE_BYTES, Progress};
-use crate::store::{Metadata, ObjectStore, PutBody, StoreError, StoreResult};
+use crate::store::{Metadata, ObjectStore, Part, PutBody, StoreError, StoreResult, Upload};
 
 /// Parts 1..=1000 are the configured size, then it doubles every 1,000
 /// parts, so a stream of any size fits S3's 10,000 parts.
@@ -22,14 +22,14 @@ pub fn stream_part_size(configured: u64, part_number: i32) -> u64 {
 
 pub struct Streaming {
     pub key: String,
-    pub upload_id: String,
+    pub upload: Upload,
     /// The metadata the upload was created with (fixed from then on).
     pub meta: Metadata,
     /// Bytes [0, next_offset) are in parts sent or being sent.
     pub next_offset: u64,
     pub next_part: i32,
-    tasks: JoinSet<StoreResult<(i32, String, u64)>>,
-    pub done: Vec<(i32, String)>,
+    tasks: JoinSet<StoreResult<Part>>,
+    pub done: Vec<Part>,
     failed: Option<StoreError>,
     store: Arc<dyn ObjectStore>,
 }
@@ -45,15 +45,10 @@ impl std::fmt::Debug for Streaming {
 }
 
 impl Streaming {
-    pub fn new(
-        store: Arc<dyn ObjectStore>,
-        key: String,
-        upload_id: String,
-        meta: Metadata,
-    ) -> Self {
+    pub fn new(store: Arc<dyn ObjectStore>, key: String, upload: Upload, meta: Metadata) -> Self {
         Streaming {
             key,
-            upload_id,
+            upload,
             meta,
             next_offset: 0,
             next_part: 1,
@@ -64,9 +59,9 @@ impl Streaming {
         }
     }
 
-    fn record(&mut self, r: Result<StoreResult<(i32, String, u64)>, tokio::task::JoinError>) {
+    fn record(&mut self, r: Result<StoreResult<Part>, tokio::task::JoinError>) {
         match r {
-            Ok(Ok((n, etag, _len))) => self.done.push((n, etag)),
+            Ok(Ok(part)) => self.done.push(part),
             Ok(Err(e)) => self.failed = Some(e),
             Err(e) => self.failed = Some(StoreError::Other(format!("part task: {e}"))),
         }
@@ -84,18 +79,17 @@ impl Streaming {
             }
         }
         let (n, offset) = (self.next_part, self.next_offset);
-        let (store, key, id) = (self.store.clone(), self.key.clone(), self.upload_id.clone());
+        let (store, key, upload) = (self.store.clone(), self.key.clone(), self.upload.clone());
         self.tasks.spawn(async move {
             let body = PutBody::File { file, offset, len };
-            let etag = store.upload_part(&key, &id, n, body).await?;
-            Ok((n, etag, len))
+            store.upload_part(&key, &upload, n, body).await
         });
         self.next_offset += len;
         self.next_part += 1;
     }
 
     /// Waits for every part sent; the parts, or the first failure.
-    pub async fn finish(&mut self, progress: &Progress) -> StoreResult<Vec<(i32, String)>> {
+    pub async fn finish(&mut self, progress: &Progress) -> StoreResult<Vec<Part>> {
         while let Some(r) = self.tasks.join_next().await {
             self.record(r);
         }
@@ -114,7 +108,7 @@ impl Streaming {
     pub async fn abort(mut self) {
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
-        if let Err(e) = self.store.abort_multipart(&self.key, &self.upload_id).await {
+        if let Err(e) = self.store.abort_multipart(&self.key, &self.upload.id).await {
             warn!(key = %self.key, error = %e, "could not abort a failed streaming upload");
         }
     }
@@ -130,7 +124,7 @@ impl Streaming {
     pub fn cancel_then(mut self, aborted: impl FnOnce() + Send + 'static) {
         self.tasks.abort_all();
         debug!(key = %self.key, "streaming upload cancelled");
-        let (store, key, id) = (self.store.clone(), self.key.clone(), self.upload_id.clone());
+        let (store, key, id) = (self.store.clone(), self.key.clone(), self.upload.id.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 match store.abort_multipart(&key, &id).await {

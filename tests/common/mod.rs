@@ -11,6 +11,13 @@
 //! moto quirk: on a *versioned* bucket its ListObjectsV2 keeps showing the
 //! common prefix of deleted keys. Real S3 does not; tests that delete
 //! whole directories use unversioned buckets.
+//!
+//! moto quirk: CopyObject of a multipart object with a composite CRC32C
+//! (what bucketfs uploads) keeps the checksum's value but not its type,
+//! so a GET of the copy answers a `-N`-less composite as if it were the
+//! whole object's CRC32C, and an SDK that validates responses refuses the
+//! (correct) bytes. The raw client checks checksums only where S3
+//! requires them; tests compare the bytes themselves.
 #![allow(dead_code)]
 
 pub mod proxy;
@@ -134,6 +141,7 @@ pub fn client(endpoint: &str) -> Client {
         .region(Region::new("us-east-1"))
         .force_path_style(true)
         .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
+        .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
         .build();
     Client::from_conf(conf)
 }
@@ -342,6 +350,8 @@ pub struct Mount {
     default_log_filter: bool,
     /// More environment of the daemon.
     env: Vec<(String, String)>,
+    /// What is mounted, if not the bucket (`s3://`, `s3://B/P/`).
+    source: Mutex<Option<String>>,
 }
 
 pub fn bin() -> &'static str {
@@ -393,8 +403,24 @@ impl Mount {
         Self::build(bucket, extra, default_log_filter, &[])
     }
 
+    /// A mount of `source` (`s3://` for every bucket of the server,
+    /// `s3://BUCKET/PREFIX/`) on `bucket`'s server.
+    pub fn with_source(bucket: &Bucket, source: &str, extra: &str) -> Mount {
+        Self::build_from(bucket, Some(source.to_string()), extra, false, &[])
+    }
+
     fn build(
         bucket: &Bucket,
+        extra: &str,
+        default_log_filter: bool,
+        env: &[(&str, &str)],
+    ) -> Mount {
+        Self::build_from(bucket, None, extra, default_log_filter, env)
+    }
+
+    fn build_from(
+        bucket: &Bucket,
+        source: Option<String>,
         extra: &str,
         default_log_filter: bool,
         env: &[(&str, &str)],
@@ -417,13 +443,25 @@ impl Mount {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            source: Mutex::new(source),
         };
         m.start();
         m
     }
 
     fn source(&self) -> String {
-        self.bucket.name.clone()
+        self.source
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| self.bucket.name.clone())
+    }
+
+    /// Starts the daemon again on the same mountpoint and cache dir, now
+    /// mounting `source` (after it was killed or unmounted).
+    pub fn restart_as(&self, source: &str) {
+        *self.source.lock().unwrap() = Some(source.to_string());
+        self.start();
     }
 
     /// Starts the daemon again on the same mountpoint and cache dir (after

@@ -50,6 +50,11 @@ struct Plan {
     /// The region the bucket is in: a request signed for another gets
     /// AWS's 301 PermanentRedirect with `x-amz-bucket-region`.
     bucket_region: Option<String>,
+    /// (text in the request line, header present, status, code): every
+    /// such request is refused, as a store that does not take it would.
+    refusals: Vec<(String, String, u16, &'static str)>,
+    /// Request line and body of every POST (multipart create/complete).
+    posts: Vec<(String, String)>,
 }
 
 pub struct Proxy {
@@ -111,6 +116,20 @@ impl Proxy {
     /// signed for another region.
     pub fn bucket_in_region(&self, region: &str) {
         self.plan.lock().bucket_region = Some(region.to_string());
+    }
+
+    /// Refuse every request whose request line contains `line` and that
+    /// carries `header`, with `status` and S3 error `code`.
+    pub fn refuse_with_header(&self, line: &str, header: &str, status: u16, code: &'static str) {
+        self.plan
+            .lock()
+            .refusals
+            .push((line.to_string(), header.to_string(), status, code));
+    }
+
+    /// Request line and body of every POST so far.
+    pub fn posts(&self) -> Vec<(String, String)> {
+        self.plan.lock().posts.clone()
     }
 
     /// Every request head seen so far (request line and headers).
@@ -192,7 +211,14 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         .next()
         .unwrap_or("")
         .to_string();
-    let payer_missing = header(&head, "x-amz-request-payer").as_deref() != Some("requester");
+    // AWS takes the payer as a header or, in a presigned URL, in the query.
+    let request_line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let payer_missing = header(&head, "x-amz-request-payer").as_deref() != Some("requester")
+        && !request_line.contains("x-amz-request-payer=requester");
     let (fault, refuse, echo, redirect) = {
         let mut p = plan.lock();
         p.seen.push(method.clone());
@@ -216,6 +242,14 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         if f.is_some() {
             p.faults_injected += 1;
         }
+        let f = f.or_else(|| {
+            p.refusals
+                .iter()
+                .find(|(line, h, _, _)| {
+                    request_line.contains(line.as_str()) && header(&head, h).is_some()
+                })
+                .map(|(_, _, status, code)| Fault::Error(*status, code))
+        });
         (f, refuse, echo, redirect)
     };
     if header(&head, "expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
@@ -232,6 +266,12 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             Ok(0) | Err(_) => return,
             Ok(n) => body.extend_from_slice(&chunk[..n]),
         }
+    }
+    if method == "POST" {
+        plan.lock().posts.push((
+            request_line.clone(),
+            String::from_utf8_lossy(&body).into_owned(),
+        ));
     }
     if let Some(region) = redirect {
         let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>PermanentRedirect</Code><Message>The bucket you are attempting to access must be addressed using the specified endpoint.</Message></Error>";
