@@ -1911,3 +1911,68 @@ fn a_head_without_the_sdk_reports_exactly_what_the_sdk_reports() {
     assert_eq!(got.size, 6);
     assert_eq!(proxy.requests("HEAD") - before, 1, "one HEAD, not refused");
 }
+
+/// Moto does not check signatures; Garage does. Every HEAD of an odd key
+/// is signed right by the path without the SDK: one request each, none
+/// refused and asked again through the SDK.
+#[test]
+#[ignore = "needs garage on PATH (scripts/garage-server); run with --ignored"]
+fn a_head_without_the_sdk_is_signed_right_for_odd_keys_on_garage() {
+    use bucketfs::store::ObjectStore;
+    use bucketfs::store::s3::{S3Settings, S3Store};
+    let g = Garage::start("fasthead");
+    let keys = [
+        "plain",
+        "with space and +plus",
+        "odd %25 percent ? query # hash & amp = eq",
+        "été ✓ 日本",
+        "tilde~star*paren()quote'\"comma,semi;colon:at@dollar$",
+        "a[b]{c}|d^e`f<g>h",
+        "dir/sub/x y",
+    ];
+    let client = g.client();
+    rt().block_on(async {
+        for k in keys {
+            client
+                .put_object()
+                .bucket(&g.bucket)
+                .key(k)
+                .metadata("mode", "33184")
+                .body(ByteStream::from_static(b"x"))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    let proxy = Proxy::start(g.endpoint.trim_start_matches("http://"));
+    let s = S3Settings {
+        bucket: g.bucket.clone(),
+        endpoint: Some(proxy.endpoint.clone()),
+        region: Some("garage".into()),
+        path_style: true,
+        static_keys: Some((g.key_id.clone(), g.secret.clone())),
+        max_attempts: 2,
+        ..S3Settings::default()
+    };
+    let store = rt().block_on(S3Store::connect(&s)).unwrap();
+    for k in keys {
+        let info = rt().block_on(store.head(k, None)).unwrap();
+        assert_eq!(
+            info.metadata.unwrap().get("mode").map(String::as_str),
+            Some("33184"),
+            "{k:?}"
+        );
+    }
+    let heads: Vec<String> = proxy
+        .heads()
+        .into_iter()
+        .filter(|h| h.starts_with("HEAD "))
+        .collect();
+    assert_eq!(heads.len(), keys.len(), "one HEAD per key: {heads:#?}");
+    assert!(
+        heads
+            .iter()
+            .all(|h| header_of(h, "amz-sdk-invocation-id").is_none()),
+        "none asked again through the SDK"
+    );
+}
