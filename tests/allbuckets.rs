@@ -305,26 +305,6 @@ fn status_and_url_answer_for_every_bucket() {
     );
 }
 
-fn as_user(uid: u32, script: &str) -> (bool, String) {
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            &uid.to_string(),
-            "--regid",
-            &uid.to_string(),
-            "--clear-groups",
-            "bash",
-            "-c",
-            script,
-        ])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn another_uid_sees_the_buckets_and_is_refused_what_modes_refuse() {
     let a = Bucket::new(server(), "uid-a", false);

@@ -32,26 +32,6 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-fn as_user(uid: u32, script: &str) -> (bool, String) {
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            &uid.to_string(),
-            "--regid",
-            &uid.to_string(),
-            "--clear-groups",
-            "bash",
-            "-c",
-            script,
-        ])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 // ---------------------------------------------------------------------
 // A1: an in-place edit of an existing object that another client
 // replaced before close (unversioned bucket).

@@ -137,26 +137,6 @@ fn a_full_cache_disk_fails_writes_at_write_time_and_loses_nothing_written() {
     assert_eq!(sha256_file(&m.path("first")), sha256(&first));
 }
 
-fn as_user(uid: u32, script: &str) -> (bool, String) {
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid",
-            &uid.to_string(),
-            "--regid",
-            &uid.to_string(),
-            "--clear-groups",
-            "bash",
-            "-c",
-            script,
-        ])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn the_kernel_enforces_modes_for_other_users() {
     let b = Bucket::new(server(), "perm", false);

@@ -268,18 +268,6 @@ fn keys_sharing_a_prefix_do_not_leak_into_each_others_versions() {
     assert_eq!(names(&m.path("a/.versions")), vec!["b"]);
 }
 
-fn as_user_1000(script: &str) -> (bool, String) {
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
-        .args(["bash", "-c", script])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn versions_grant_no_more_than_the_file() {
     use std::os::unix::fs::MetadataExt;
@@ -302,9 +290,10 @@ fn versions_grant_no_more_than_the_file() {
         .unwrap();
     let d = m.dir.display();
     for name in ["secret", "gone"] {
-        let (ok, err) = as_user_1000(&format!(
-            "ls -l {d}/.versions/{name}/ >/dev/null; cat {d}/.versions/{name}/*"
-        ));
+        let (ok, err) = as_user(
+            1000,
+            &format!("ls -l {d}/.versions/{name}/ >/dev/null; cat {d}/.versions/{name}/*"),
+        );
         assert!(!ok && err.contains("Permission denied"), "{name}: {err}");
         let vdir = m.path(&format!(".versions/{name}"));
         let md = fs::metadata(&vdir).unwrap();
@@ -315,7 +304,7 @@ fn versions_grant_no_more_than_the_file() {
         }
     }
     let vdir = m.path(".versions/shared.sh");
-    let (ok, err) = as_user_1000(&format!("cat {}/*", vdir.display()));
+    let (ok, err) = as_user(1000, &format!("cat {}/*", vdir.display()));
     assert!(ok, "a 0755 file's versions are readable: {err}");
     for v in names(&vdir) {
         let md = fs::metadata(vdir.join(&v)).unwrap();
@@ -351,7 +340,7 @@ fn an_old_0600_version_stays_private_after_chmod_644() {
     for v in names(&vdir) {
         let path = vdir.join(&v);
         let body = fs::read(&path).unwrap();
-        let (ok, err) = as_user_1000(&format!("cat '{}'", path.display()));
+        let (ok, err) = as_user(1000, &format!("cat '{}'", path.display()));
         if body == b"password=hunter2" {
             private += 1;
             assert!(!ok && err.contains("Permission denied"), "{v}: {err}");
@@ -362,6 +351,6 @@ fn an_old_0600_version_stays_private_after_chmod_644() {
     }
     assert!(private >= 1, "the secret version is listed in {d}");
     assert!(readable >= 1, "the current version is readable to others");
-    let (ok, out) = as_user_1000(&format!("cat {d}/*"));
+    let (ok, out) = as_user(1000, &format!("cat {d}/*"));
     assert!(!out.contains("hunter2") && !ok, "{out}");
 }

@@ -730,3 +730,18 @@ pub fn through_proxy(tag: &str, versioned: bool, extra: &str) -> (proxy::Proxy, 
     let m = Mount::new(&via, extra);
     (proxy, b, m)
 }
+
+/// Runs `script` with bash as `uid` (gid the same, no other groups):
+/// whether it succeeded, and its stdout then stderr.
+pub fn as_user(uid: u32, script: &str) -> (bool, String) {
+    let id = uid.to_string();
+    let out = Command::new("setpriv")
+        .args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+        .args(["bash", "-c", script])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
