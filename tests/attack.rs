@@ -784,17 +784,25 @@ fn a21_streamed_file_renamed_mid_write_then_kill_9() {
     m.restart();
     let mut want = first.clone();
     want.extend_from_slice(&second);
-    // Recovery uploads in the background once the mount is live.
-    assert!(
-        poll(Duration::from_secs(60), || b.open_multipart_uploads() == 0
-            && b.get("big.1").is_some_and(|g| g.len() >= want.len())),
-        "recovery did not settle"
-    );
+    // The tail was written (into the staged file) before the kill: the
+    // recovery lands it too. Until then big.1 holds what the fsync sent,
+    // and the recovery's upload may not have begun yet: "settled" is the
+    // whole file there and no upload open.
+    let mut whole = want.clone();
+    whole.extend_from_slice(b"unsynced tail");
+    let settled = poll(Duration::from_secs(60), || {
+        b.open_multipart_uploads() == 0 && b.get("big.1").is_some_and(|g| g == whole)
+    });
     let got = b.get("big.1").unwrap_or_default();
     let keys = b.keys("");
     assert!(
         got.len() >= want.len() && got[..want.len()] == want[..],
         "fsync'd bytes not at big.1: {} bytes; keys {keys:?}",
+        got.len()
+    );
+    assert!(
+        settled,
+        "the written tail did not land: {} bytes",
         got.len()
     );
     assert_eq!(recovered_keys(&b), Vec::<String>::new());
