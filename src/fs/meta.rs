@@ -146,11 +146,8 @@ impl MetaFetch {
             .filter(|(at, _)| version.is_none() && at.elapsed() < self.ttl)
             .map(|(_, cell)| cell.clone());
         let answer = match early {
-            Some(cell) => cell.get_or_init(|| self.head(&key)).await.clone(),
-            None => {
-                let _permit = self.heads.acquire().await.expect("never closed");
-                self.store.head(&key, version.as_deref()).await
-            }
+            Some(cell) => cell.get_or_init(|| self.head(&key, None)).await.clone(),
+            None => self.head(&key, version.as_deref()).await,
         };
         let (attr, object) = match answer {
             Ok(info) => (Attr::from_object(0, &info, dir, d), Some(info)),
@@ -182,10 +179,11 @@ impl MetaFetch {
         Ok(())
     }
 
-    /// One HEAD of `key`, counted against the mount's bound.
-    async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+    /// One HEAD of `key` (or a version of it), counted against the
+    /// mount's bound.
+    async fn head(&self, key: &str, version: Option<&str>) -> StoreResult<ObjectInfo> {
         let _permit = self.heads.acquire().await.expect("never closed");
-        self.store.head(key, None).await
+        self.store.head(key, version).await
     }
 
     pub(super) fn early_batch(self: &Arc<Self>) -> EarlyBatch {
@@ -222,7 +220,7 @@ impl MetaFetch {
                 .map(|(key, cell)| {
                     let me = &me;
                     async move {
-                        cell.get_or_init(|| me.head(&key)).await;
+                        cell.get_or_init(|| me.head(&key, None)).await;
                     }
                 })
                 .buffer_unordered(MAX_HEADS_IN_FLIGHT)
