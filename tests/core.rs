@@ -1439,3 +1439,240 @@ async fn chmod_rename_and_overwrite_keep_the_headers_and_metadata_of_others() {
         Some("text/css")
     );
 }
+
+// ----------------------------------------------------------------------
+// Owner, mode and times set one after another right after a close (GIO)
+
+/// Writes `name` with `data` through the mount and closes it.
+async fn write_file(fs: &Fs, name_: &str, data: &[u8]) -> u64 {
+    let (a, fh) = fs
+        .create(ROOT_INO, name(name_), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, data).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    a.ino
+}
+
+/// What GIO does after copying a file: chown, chmod, then utimes, each its
+/// own call.
+async fn gio_attributes(fs: &Fs, ino: u64, mtime: std::time::SystemTime) {
+    for set in [
+        SetAttr {
+            uid: Some(4242),
+            gid: Some(4343),
+            ..Default::default()
+        },
+        SetAttr {
+            mode: Some(0o100600),
+            ..Default::default()
+        },
+        SetAttr {
+            atime: Some(mtime),
+            mtime: Some(mtime),
+            ..Default::default()
+        },
+    ] {
+        fs.setattr(ino, set).await.unwrap();
+    }
+}
+
+const GIO_MTIME: u64 = 978_307_200;
+
+fn gio_mtime() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(GIO_MTIME)
+}
+
+/// The object `key` carries what `gio_attributes` set.
+fn assert_gio_metadata(s: &MemStore, key: &str) {
+    let meta = s.metadata(key).unwrap();
+    let get = |k: &str| meta.get(k).map(String::as_str);
+    assert_eq!(
+        (get("mode"), get("uid"), get("gid"), get("mtime")),
+        (
+            Some("33152"),
+            Some("4242"),
+            Some("4343"),
+            Some(GIO_MTIME.to_string().as_str())
+        ),
+        "{meta:?}"
+    );
+}
+
+/// Runs the background uploader until nothing is due any more (at most
+/// 60 s): what the mount's retrier task does.
+async fn settle(fs: &Fs) {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while let Some(next) = fs.retry_pending().await {
+        assert!(std::time::Instant::now() < give_up, "never settled");
+        tokio::time::sleep(next.saturating_duration_since(std::time::Instant::now())).await;
+    }
+}
+
+/// The three calls are shown at once and stored by one self-copy after
+/// the first of them waited `ATTR_BATCH`: a new file costs 1 PUT and 1
+/// COPY, not 1 PUT and 3 COPYs, and the bytes are untouched.
+#[tokio::test]
+async fn owner_mode_and_times_set_after_a_close_cost_one_copy_together() {
+    let s = Arc::new(MemStore::versioned());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let ino = write_file(&fs, "copied", b"the bytes").await;
+    let n = requests(&s);
+    gio_attributes(&fs, ino, gio_mtime()).await;
+    let shown = fs.getattr(ino).await.unwrap();
+    assert_eq!(
+        (shown.perm, shown.uid, shown.gid, shown.mtime),
+        (0o600, 4242, 4343, gio_mtime()),
+        "shown at once"
+    );
+    assert_eq!(requests(&s) - n, 0, "nothing sent yet");
+    settle(&fs).await;
+    assert_eq!(s.counters().get(Op::Copy), 1, "one copy for all three");
+    assert_eq!(s.counters().get(Op::Put), 1);
+    assert_gio_metadata(&s, "copied");
+    assert_eq!(s.object("copied").unwrap().as_ref(), b"the bytes");
+    assert!(fs.dirty_files().is_empty());
+    // Long after the write, a chmod is stored at once, as ever.
+    s.insert("old", b"old", s3fs_meta(0o100644, 1, 1));
+    let old = fs.lookup(ROOT_INO, name("old")).await.unwrap();
+    let n = requests(&s);
+    fs.setattr(
+        old.ino,
+        SetAttr {
+            mode: Some(0o100600),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.metadata("old").unwrap().get("mode").map(String::as_str),
+        Some("33152")
+    );
+    assert_eq!(requests(&s) - n, 1, "its copy");
+}
+
+/// Unmount (sync_all) stores deferred attributes at once.
+#[tokio::test]
+async fn deferred_attributes_are_stored_at_unmount() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let ino = write_file(&fs, "f", b"x").await;
+    gio_attributes(&fs, ino, gio_mtime()).await;
+    assert!(
+        fs.sync_all(std::time::Duration::from_secs(30))
+            .await
+            .is_empty()
+    );
+    assert_gio_metadata(&s, "f");
+    assert_eq!(s.counters().get(Op::Copy), 1);
+}
+
+/// Killed while the change waits: the next mount's recovery stores it
+/// (one copy, the bytes untouched), from the journal alone.
+#[tokio::test]
+async fn a_deferred_change_of_attributes_survives_a_kill() {
+    let s = Arc::new(MemStore::versioned());
+    let (fs, d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let ino = write_file(&fs, "f", b"kept bytes").await;
+    gio_attributes(&fs, ino, gio_mtime()).await;
+    drop(fs);
+    assert_eq!(s.counters().get(Op::Copy), 0, "killed before the copy");
+    let (fs, _d2) = fs_with(s.clone(), |c| {
+        c.metadata_ttl = LONG_TTL;
+        c.staging_dir = d.path().to_path_buf();
+    });
+    let r = fs.adopt_staged().await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    settle(&fs).await;
+    assert_gio_metadata(&s, "f");
+    assert_eq!(s.object("f").unwrap().as_ref(), b"kept bytes");
+    assert_eq!(
+        (s.counters().get(Op::Copy), s.counters().get(Op::Put)),
+        (1, 1)
+    );
+    assert_eq!(s.keys(), ["f"], "nothing beside");
+    assert_eq!(
+        std::fs::read_dir(d.path()).unwrap().count(),
+        0,
+        "journal settled"
+    );
+}
+
+/// Killed while the change waits, and another client replaced the object
+/// before the next mount: its object is left as it wrote it, nothing goes
+/// beside it, and the journal is settled.
+#[tokio::test]
+async fn a_deferred_change_for_an_object_replaced_since_is_dropped() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let ino = write_file(&fs, "f", b"mine").await;
+    gio_attributes(&fs, ino, gio_mtime()).await;
+    drop(fs);
+    s.insert("f", b"theirs", s3fs_meta(0o100640, 9, 5));
+    let opts = UploadOptions {
+        part_size_bytes: 8 * 1024 * 1024,
+        concurrency: 2,
+    };
+    let r = bucketfs::write::recover(&*s, d.path(), &opts).await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_eq!(s.object("f").unwrap().as_ref(), b"theirs");
+    assert_eq!(
+        s.metadata("f").unwrap().get("mode").map(String::as_str),
+        Some("33184")
+    );
+    assert_eq!(s.keys(), ["f"]);
+    assert_eq!(s.counters().get(Op::Copy), 0);
+    assert_eq!(
+        std::fs::read_dir(d.path()).unwrap().count(),
+        0,
+        "journal settled"
+    );
+}
+
+/// A rename, an unlink or a writer while the change waits: the renamed
+/// file lands at its new name with the attributes (the old name gone), the
+/// unlinked one never comes back, the rewritten one goes up in one PUT
+/// with its new bytes and the attributes, no copy of its own.
+#[tokio::test]
+async fn rename_unlink_and_a_writer_take_a_deferred_change_along() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let moved = write_file(&fs, "moved", b"m").await;
+    let gone = write_file(&fs, "gone", b"g").await;
+    let rewritten = write_file(&fs, "rewritten", b"r").await;
+    for ino in [moved, gone, rewritten] {
+        gio_attributes(&fs, ino, gio_mtime()).await;
+    }
+    fs.rename(ROOT_INO, name("moved"), ROOT_INO, name("there"), false)
+        .await
+        .unwrap();
+    fs.unlink(ROOT_INO, name("gone")).await.unwrap();
+    let fh = fs.open(rewritten, libc::O_WRONLY).await.unwrap();
+    fs.write(fh, 0, b"R2").await.unwrap();
+    let copies = s.counters().get(Op::Copy);
+    let puts = s.counters().get(Op::Put);
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(s.counters().get(Op::Put) - puts, 1);
+    assert_eq!(
+        s.counters().get(Op::Copy) - copies,
+        0,
+        "the PUT carries them"
+    );
+    settle(&fs).await;
+    assert_eq!(s.keys(), ["rewritten", "there"]);
+    assert_eq!(s.object("there").unwrap().as_ref(), b"m");
+    assert_eq!(s.object("rewritten").unwrap().as_ref(), b"R2");
+    assert_gio_metadata(&s, "there");
+    // The write moved its mtime; the owner and mode stay as set.
+    let meta = s.metadata("rewritten").unwrap();
+    let get = |k: &str| meta.get(k).map(String::as_str);
+    assert_eq!(
+        (get("mode"), get("uid"), get("gid")),
+        (Some("33152"), Some("4242"), Some("4343"))
+    );
+    let gone = fs.lookup(ROOT_INO, name("gone")).await.unwrap_err();
+    assert_eq!(gone, FsError::NotFound);
+}

@@ -149,6 +149,15 @@ const READAHEAD_RUN_BYTES: u64 = 8 * 1024 * 1024;
 /// How long `writeback=async` leaves a closed file before sending it.
 const WRITEBACK_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How soon after this mount wrote a file a chmod, chown or utimes of it
+/// is deferred and merged with the ones that follow (GIO and rsync set
+/// owner, mode and times one after another right after the close).
+pub(super) const JUST_WRITTEN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a deferred change of attributes waits for more before its one
+/// self-copy is made.
+pub const ATTR_BATCH: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Files uploaded at once in the background (`writeback=async`, retries).
 const PENDING_UPLOADS_IN_FLIGHT: usize = 16;
 
@@ -779,9 +788,69 @@ impl Fs {
             n.object = Some(info);
             n.fresh_until = fresh;
             n.generation += 1;
+            n.landed = Some(std::time::Instant::now());
             st.generation = n.generation;
         }
         Ok(())
+    }
+
+    /// Whether an upload of this mount landed on the file within
+    /// `JUST_WRITTEN`, and nothing holds its write state now.
+    pub(super) fn just_written(&self, ino: u64) -> bool {
+        let recent = self.table.lock().get(ino).is_some_and(|n| {
+            n.object.is_some() && n.landed.is_some_and(|t| t.elapsed() < JUST_WRITTEN)
+        });
+        recent && !self.has_write_state(ino)
+    }
+
+    /// Defers storing `meta` on a file this mount just wrote: a write state
+    /// holding only the new metadata, journaled at once (so a kill loses
+    /// nothing: the next mount copies it on), is stored by one self-copy
+    /// `ATTR_BATCH` later; changes meanwhile join it (`store_change`), and
+    /// rename, unlink, a writer, fsync and unmount take it as they take
+    /// any write state. False when a write state appeared meanwhile: the
+    /// caller stores the change itself then.
+    pub(super) async fn defer_meta(
+        &self,
+        ino: u64,
+        meta: &crate::store::Metadata,
+    ) -> FsResult<bool> {
+        let _ns = self.ns.read().await;
+        let (object, path, generation) = {
+            let t = self.table.lock();
+            let n = t.get(ino).ok_or(FsError::NotFound)?;
+            (
+                n.object.clone(),
+                n.path().unwrap_or_default().to_string(),
+                n.generation,
+            )
+        };
+        let Some(o) = object else { return Ok(false) };
+        let key = self.key_of(&path);
+        let base = Base {
+            key: key.clone(),
+            etag: o.etag.clone(),
+            size: o.size,
+            version: o.version_id,
+        };
+        let mut staged = self.staged_new(Some(base), Some(o.etag))?;
+        staged.begin_journal(&key, meta)?;
+        staged.set_meta(meta)?;
+        let mut st = WriteState::new(staged, true);
+        st.handles = 0;
+        st.generation = generation;
+        st.next_try = Some(std::time::Instant::now() + ATTR_BATCH);
+        match self.writes.lock().entry(ino) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                st.staged.end_journal();
+                return Ok(false);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Arc::new(tokio::sync::Mutex::new(st)));
+            }
+        }
+        self.retry_wake.notify_one();
+        Ok(true)
     }
 
     /// The metadata and headers of an upload to `key`: the file's own

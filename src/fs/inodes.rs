@@ -64,6 +64,9 @@ pub struct Inode {
     /// (a directory without a marker keeps them only here; one with a
     /// marker until they are stored on it).
     pub entries_changed: Option<std::time::SystemTime>,
+    /// When an upload of this mount last landed on the object: a chmod,
+    /// chown or utimes soon after is deferred and merged (`ATTR_BATCH`).
+    pub landed: Option<Instant>,
 }
 
 impl Inode {
@@ -145,6 +148,7 @@ impl InodeTable {
                 meta_known: true,
                 seen: Instant::now(),
                 entries_changed: None,
+                landed: None,
             },
         );
         t
@@ -278,6 +282,7 @@ impl InodeTable {
                 meta_known: true,
                 seen: Instant::now(),
                 entries_changed: None,
+                landed: None,
             },
         );
         self.count(ino);

@@ -722,6 +722,16 @@ impl Fs {
             st.staged.set_meta(&new.to_metadata())?;
             return commit();
         }
+        // A file this mount just wrote: the tools that set owner, mode and
+        // times one after another after the close (GIO, rsync) share one
+        // self-copy, deferred and journaled.
+        if st.is_none()
+            && new.kind == FileKind::File
+            && self.just_written(ino)
+            && self.defer_meta(ino, &new.to_metadata()).await?
+        {
+            return commit();
+        }
         // Not open: store the new metadata on the object itself.
         let meta = new.to_metadata();
         let (object, marker) = {

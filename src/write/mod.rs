@@ -257,6 +257,9 @@ pub struct Staged {
     attempted: bool,
     /// Metadata was set while the data was dirty (chmod, utimes: `cp -p`).
     meta_set: bool,
+    /// The bytes differ from the base's (written, truncated, or there is
+    /// no base): without that, only the metadata is sent, by a copy.
+    data_changed: bool,
 }
 
 impl Staged {
@@ -266,6 +269,7 @@ impl Staged {
     pub fn new(dir: &Path, base: Option<Base>, replaces: Option<String>) -> io::Result<Staged> {
         let (file, path) = new_staging_file(dir)?;
         let size = base.as_ref().map_or(0, |b| b.size);
+        let base_is_none = base.is_none();
         file.set_len(size)?;
         Ok(Staged {
             file: Arc::new(file),
@@ -286,6 +290,7 @@ impl Staged {
             sent_since_write: false,
             attempted: false,
             meta_set: false,
+            data_changed: base_is_none,
         })
     }
 
@@ -570,6 +575,7 @@ impl Staged {
         }
         self.cancel_stream_below(offset);
         self.drop_resume();
+        self.data_changed = true;
         self.file.write_all_at(data, offset)?;
         // Without a base, the staging file itself is the whole truth:
         // only writes over a base need recording, and the first write
@@ -592,6 +598,7 @@ impl Staged {
     pub fn truncate(&mut self, size: u64) -> io::Result<()> {
         self.cancel_stream_below(size);
         self.drop_resume();
+        self.data_changed = true;
         self.file.set_len(size)?;
         if let Some(j) = &mut self.journal {
             j.truncated(size)?;
@@ -742,6 +749,19 @@ impl Staged {
                     warn!(key, error = %e, "could not complete a killed mount's multipart upload; sending the data again");
                 }
             }
+        }
+        // Only the metadata differs from the object (a chmod, chown or
+        // utimes deferred after the file was written): one server-side
+        // copy of the object onto itself, no bytes sent.
+        if !self.data_changed
+            && self.copy_ok
+            && self.size <= COPY_OBJECT_MAX_BYTES
+            && self
+                .base
+                .as_ref()
+                .is_some_and(|b| b.key == key && b.size == self.size)
+        {
+            return Ok(store.copy(key, key, Some(meta), None).await?);
         }
         let part = part_size(self.size, opts.part_size_bytes);
         if self.size <= part {
@@ -941,6 +961,7 @@ impl Staged {
         self.replaces = Some(put.etag.clone());
         self.base_valid = self.size;
         self.copy_ok = true;
+        self.data_changed = false;
     }
 
     /// The object behind an unchanged staged file moved or got new
@@ -1393,6 +1414,23 @@ async fn prepare_one(
         let _ = std::fs::remove_file(stage);
         return Ok(done(key.clone()));
     }
+    // Nothing but new metadata for the object (a deferred chmod, chown or
+    // utimes): stored by a copy of the object onto itself while the key
+    // still holds it; an object replaced or removed since has nothing to
+    // take them.
+    let data_changed = r.header.base_etag.is_none()
+        || r.loaded.ranges().next().is_some()
+        || r.size != r.header.size
+        || r.base_valid != r.header.size;
+    if !data_changed && !unchanged {
+        info!(
+            key,
+            "a deferred change of attributes is dropped: the object was replaced or removed since"
+        );
+        let _ = std::fs::remove_file(journal);
+        let _ = std::fs::remove_file(stage);
+        return Ok(done(String::new()));
+    }
     let target = if unchanged {
         key.clone()
     } else {
@@ -1439,6 +1477,7 @@ async fn prepare_one(
         sent_since_write: false,
         attempted: true,
         meta_set: false,
+        data_changed,
     };
     Ok(Found::Pending(Box::new(Adoptable {
         key,
