@@ -890,7 +890,6 @@ impl Drop for Garage {
 /// objects stay readable and editable, and a mount without the key gets
 /// EACCES with the reason in the log.
 #[test]
-#[ignore = "needs garage on PATH (scripts/garage-server); run with --ignored"]
 fn sse_c_on_garage_encrypts_and_reads_back_and_without_the_key_is_eacces() {
     let g = Garage::start("ssec");
     let tmp = tempfile::tempdir().unwrap();
@@ -1603,7 +1602,6 @@ fn a_killed_daemons_upload_is_completed_from_the_journal_with_its_checksums() {
 /// mount killed before its Complete landed all carry it: the objects are
 /// exact and their checksum is the composite CRC32C of their parts.
 #[test]
-#[ignore = "needs garage on PATH (scripts/garage-server); run with --ignored"]
 fn part_checksums_on_garage() {
     let g = Garage::start("crc");
     let tmp = tempfile::tempdir().unwrap();
@@ -1916,7 +1914,6 @@ fn a_head_without_the_sdk_reports_exactly_what_the_sdk_reports() {
 /// is signed right by the path without the SDK: one request each, none
 /// refused and asked again through the SDK.
 #[test]
-#[ignore = "needs garage on PATH (scripts/garage-server); run with --ignored"]
 fn a_head_without_the_sdk_is_signed_right_for_odd_keys_on_garage() {
     use bucketfs::store::ObjectStore;
     use bucketfs::store::s3::{S3Settings, S3Store};

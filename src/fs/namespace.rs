@@ -725,12 +725,13 @@ impl Fs {
         // A file this mount just wrote: the tools that set owner, mode and
         // times one after another after the close (GIO, rsync) share one
         // self-copy, deferred and journaled.
-        if st.is_none()
-            && new.kind == FileKind::File
-            && self.just_written(ino)
-            && self.defer_meta(ino, &new.to_metadata()).await?
-        {
-            return commit();
+        if st.is_none() && new.kind == FileKind::File && self.just_written(ino) {
+            match self.defer_meta(ino, &new.to_metadata()).await {
+                Ok(true) => return commit(),
+                Ok(false) => {}
+                // No room to journal it (a full cache disk): stored now.
+                Err(e) => tracing::debug!(ino, error = %e, "cannot defer a change of attributes"),
+            }
         }
         // Not open: store the new metadata on the object itself.
         let meta = new.to_metadata();
