@@ -167,7 +167,7 @@ const KEEP_CONCURRENCY: usize = 8;
 /// The shared write state of one inode, behind an async lock that may be
 /// held across an upload.
 pub type OpenFile = tokio::sync::Mutex<WriteState>;
-type StateGuard = tokio::sync::OwnedMutexGuard<WriteState>;
+pub(super) type StateGuard = tokio::sync::OwnedMutexGuard<WriteState>;
 
 use crate::write::state::RETRY_FIRST_WAIT;
 pub use crate::write::state::WriteState;

@@ -20,7 +20,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use super::files::{Handle, SetAttr};
+use super::files::{Handle, SetAttr, StateGuard};
 use super::inodes::NodeKey;
 use super::names::{check_key, check_name, join};
 use super::{Attr, FileKind, Fs, FsError, FsResult};
@@ -392,6 +392,11 @@ impl Fs {
                 _ => {}
             }
         }
+        // The write states of the files moved stay locked until the table
+        // has the new paths: an upload (a close of another handle, the
+        // retrier) takes its key from the table, and would otherwise send
+        // the file to its old name in between.
+        let held: Vec<StateGuard>;
         if src.kind == FileKind::Dir {
             if to.starts_with(&format!("{from}/")) {
                 return Err(FsError::Invalid);
@@ -409,9 +414,10 @@ impl Fs {
                     return Err(FsError::NotEmpty);
                 }
             }
-            self.rename_tree(&from, &to, dst.is_some()).await?;
+            held = self.rename_tree(&from, &to, dst.is_some()).await?;
         } else {
-            self.rename_file(src.ino, dst.map(|d| d.ino), &from, &to)
+            held = self
+                .rename_file(src.ino, dst.map(|d| d.ino), &from, &to)
                 .await?;
         }
         self.versions.forget(&from);
@@ -432,6 +438,7 @@ impl Fs {
                 n.attr.ctime = SystemTime::now();
             }
         }
+        drop(held);
         self.entries_changed(parent);
         if new_parent != parent {
             self.entries_changed(new_parent);
@@ -444,7 +451,15 @@ impl Fs {
     /// is copied and the original deleted, then the state moves with it.
     /// The replaced file's pending data is discarded after its upload
     /// finished, so a stale upload never lands over the renamed file.
-    async fn rename_file(&self, src: u64, dst: Option<u64>, from: &str, to: &str) -> FsResult<()> {
+    /// Returns the states' guards: the caller drops them once the table
+    /// has the new path.
+    async fn rename_file(
+        &self,
+        src: u64,
+        dst: Option<u64>,
+        from: &str,
+        to: &str,
+    ) -> FsResult<Vec<StateGuard>> {
         let (mut s, mut d) = match dst.filter(|d| *d != src) {
             Some(d) if d < src => {
                 let dg = self.live(d).await;
@@ -483,7 +498,7 @@ impl Fs {
                     st.discard();
                 }
                 self.retry_wake.notify_one();
-                return Ok(());
+                return Ok(s.into_iter().chain(d).collect());
             }
             Some(st) => self.upload_if_dirty(src, st).await?,
             None => {}
@@ -502,7 +517,7 @@ impl Fs {
         if let Some(st) = d.as_mut() {
             st.discard();
         }
-        Ok(())
+        Ok(s.into_iter().chain(d).collect())
     }
 
     /// Before this mount writes over `key`: a removed file still read there
@@ -529,7 +544,9 @@ impl Fs {
     /// copy and the delete, and each moves with its file. An empty
     /// directory replaced (`replace`) loses its marker only once the dirty
     /// files have gone up: a rename failing there changes nothing.
-    async fn rename_tree(&self, from: &str, to: &str, replace: bool) -> FsResult<()> {
+    /// Returns the states' guards, for the caller to drop once the table
+    /// has the new paths.
+    async fn rename_tree(&self, from: &str, to: &str, replace: bool) -> FsResult<Vec<StateGuard>> {
         let (src_prefix, dst_prefix) = (
             format!("{}/", self.key_of(from)),
             format!("{}/", self.key_of(to)),
@@ -598,7 +615,7 @@ impl Fs {
             .buffer_unordered(RENAME_CONCURRENCY)
             .try_collect::<()>()
             .await?;
-        Ok(())
+        Ok(states.into_iter().map(|(_, _, st)| st).collect())
     }
 
     /// chmod, chown, truncate, utimens.
