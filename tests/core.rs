@@ -1128,11 +1128,12 @@ async fn a_chmod_chown_or_utimes_that_changes_nothing_costs_no_request() {
     );
 }
 
-/// A lookup tells files from directories (with or without a marker, past
-/// many names that sort between `name` and `name/`) and from nothing; a
-/// missing name costs a HEAD and a LIST, a file its HEAD and a LIST.
+/// A lookup asks one ListObjectsV2 with the name as prefix: a missing name
+/// costs that one request; a file or a directory adds the HEAD of its
+/// metadata; names sorting between `name` and `name/` do not hide a
+/// directory.
 #[tokio::test]
-async fn a_lookup_tells_files_from_directories_and_missing_names() {
+async fn a_missing_name_costs_one_request_and_a_lookup_tells_files_from_directories() {
     let s = Arc::new(MemStore::versioned());
     let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
     s.insert("file", b"1", s3fs_meta(0o100600, 7, 1_600_000_000));
@@ -1153,7 +1154,7 @@ async fn a_lookup_tells_files_from_directories_and_missing_names() {
             FsError::NotFound
         );
     }
-    assert_eq!(requests(&s) - n, 6, "a HEAD and a LIST per missing name");
+    assert_eq!(requests(&s) - n, 3, "one request per missing name");
 
     let n = requests(&s);
     let f = fs.lookup(ROOT_INO, name("file")).await.unwrap();
@@ -1161,7 +1162,7 @@ async fn a_lookup_tells_files_from_directories_and_missing_names() {
         (f.kind, f.perm, f.uid, f.size),
         (FileKind::File, 0o600, 7, 1)
     );
-    assert_eq!(requests(&s) - n, 2, "HEAD + LIST for a file");
+    assert_eq!(requests(&s) - n, 2, "LIST + HEAD for a file's metadata");
 
     let d = fs.lookup(ROOT_INO, name("dir")).await.unwrap();
     assert_eq!((d.kind, d.perm, d.uid), (FileKind::Dir, 0o700, 7));

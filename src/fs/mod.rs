@@ -51,6 +51,10 @@ use crate::cache::block::BlockCache;
 use crate::store::{ObjectInfo, ObjectStore, StoreError};
 use crate::write::{UploadOptions, WriteError};
 
+/// How many names a lookup's ListObjectsV2 asks for: enough to reach
+/// `name/` past the names that sort between (`name-1`, `name.bak`).
+const LOOKUP_LIST_KEYS: i32 = 100;
+
 /// Entries handed out per readdir call; the kernel asks again for more.
 const DIR_CHUNK_ENTRIES: usize = 4096;
 
@@ -519,51 +523,97 @@ impl Fs {
         n.attr.clone()
     }
 
-    /// Asks S3 what is at `path`: a file (HEAD), a directory (a marker or
-    /// any key below the prefix), or nothing. A directory wins over a file
-    /// of the same name.
+    /// Asks S3 what is at `path`: a file, a directory (a marker or any key
+    /// below the prefix), or nothing. A directory wins over a file of the
+    /// same name.
+    ///
+    /// One ListObjectsV2 with the name itself as prefix tells which: the
+    /// key `name` is listed first if it exists, then names that sort before
+    /// `name/` (`name-1`, `name.bak`), then `name/` as a common prefix. A
+    /// missing name costs that one request (file managers probe `.Trash`,
+    /// `.hidden`... in every folder); a HEAD follows only for the metadata
+    /// of what is there.
     async fn resolve(&self, path: &str) -> FsResult<Option<Resolved>> {
         if self.cfg.as_of.is_some() {
             return self.resolve_as_of(path).await;
         }
         let key = self.key_of(path);
         let prefix = format!("{key}/");
-        let (head, list) = tokio::join!(
-            self.store.head(&key, None),
-            self.store.list(&prefix, Some("/"), None, Some(1))
-        );
-        let list = list?;
-        let d = &self.cfg.defaults;
-        if !list.objects.is_empty() || !list.prefixes.is_empty() {
-            let marker = list.objects.first().is_some_and(|o| o.key == prefix);
-            if marker && let Ok(info) = self.store.head(&prefix, None).await {
-                let attr = self.attr_of(&info, true);
-                return Ok(Some(Resolved {
-                    attr,
-                    object: Some(info),
-                    dir_marker: true,
-                }));
+        let page = self
+            .store
+            .list(&key, Some("/"), None, Some(LOOKUP_LIST_KEYS))
+            .await?;
+        let is_dir = page.prefixes.contains(&prefix);
+        let file = page.objects.iter().find(|o| o.key == key).cloned();
+        // Past the page's last name, `name/` could still come: the answer
+        // holds only if the listing ended, or reached past `name/`.
+        let conclusive = is_dir
+            || page.next_token.is_none()
+            || page
+                .objects
+                .iter()
+                .map(|o| o.key.as_str())
+                .chain(page.prefixes.iter().map(String::as_str))
+                .any(|k| k > prefix.as_str());
+        if !conclusive {
+            // Over LOOKUP_LIST_KEYS names sort between `name` and `name/`:
+            // ask about the directory directly.
+            let list = self.store.list(&prefix, Some("/"), None, Some(1)).await?;
+            if !list.objects.is_empty() || !list.prefixes.is_empty() {
+                return self.resolve_dir(&prefix, file).await.map(Some);
             }
-            if let Ok(info) = &head {
-                self.odd
-                    .skipped(&info.key, "a directory of the same name hides this file");
-            }
-            return Ok(Some(Resolved {
-                attr: Attr::implicit_dir(0, d),
+            return self.resolve_file(file).await;
+        }
+        if is_dir {
+            return self.resolve_dir(&prefix, file).await.map(Some);
+        }
+        self.resolve_file(file).await
+    }
+
+    /// A directory at `prefix`: its marker's metadata if it has one.
+    async fn resolve_dir(&self, prefix: &str, file: Option<ObjectInfo>) -> FsResult<Resolved> {
+        if let Some(info) = &file {
+            self.odd
+                .skipped(&info.key, "a directory of the same name hides this file");
+        }
+        match self.store.head(prefix, None).await {
+            Ok(info) => Ok(Resolved {
+                attr: self.attr_of(&info, true),
+                object: Some(info),
+                dir_marker: true,
+            }),
+            Err(StoreError::NotFound) => Ok(Resolved {
+                attr: Attr::implicit_dir(0, &self.cfg.defaults),
                 object: None,
                 dir_marker: false,
-            }));
-        }
-        match head {
-            Ok(info) if self.is_deferred(&info.key, &info.etag) => Ok(None),
-            Ok(info) => Ok(Some(Resolved {
-                attr: self.attr_of(&info, false),
-                object: Some(info),
-                dir_marker: false,
-            })),
-            Err(StoreError::NotFound) => Ok(None),
+            }),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A file listed at its key (or none): its own metadata is one HEAD,
+    /// unless the mount keeps none (`no_object_metadata`).
+    async fn resolve_file(&self, listed: Option<ObjectInfo>) -> FsResult<Option<Resolved>> {
+        let Some(listed) = listed else {
+            return Ok(None);
+        };
+        let info = if self.cfg.object_metadata {
+            match self.store.head(&listed.key, None).await {
+                Ok(info) => info,
+                Err(StoreError::NotFound) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            listed
+        };
+        if self.is_deferred(&info.key, &info.etag) {
+            return Ok(None);
+        }
+        Ok(Some(Resolved {
+            attr: self.attr_of(&info, false),
+            object: Some(info),
+            dir_marker: false,
+        }))
     }
 
     /// `getattr` when no request is needed (the root, a file with write
