@@ -446,13 +446,16 @@ impl LogTarget {
 
 /// The default filter: bucketfs at info, fuser only at error (it logs
 /// "Unmount failed" at a clean unmount and a multi-line WARN for each
-/// operation it does not implement), everything else at warn. `-v`:
-/// bucketfs at debug and fuser at warn. RUST_LOG overrides both.
+/// operation it does not implement), and not its "Failed to send FUSE
+/// reply" (a reply the kernel no longer waits for: a release answered
+/// after the unmount began, an interrupted request; nothing is lost),
+/// everything else at warn. `-v`: bucketfs at debug and fuser at warn.
+/// RUST_LOG overrides both.
 fn default_filter(verbose: bool) -> &'static str {
     if verbose {
         "bucketfs=debug,fuser=warn,warn"
     } else {
-        "bucketfs=info,fuser=error,warn"
+        "bucketfs=info,fuser=error,fuser::reply=off,warn"
     }
 }
 
