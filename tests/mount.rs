@@ -197,6 +197,12 @@ fn chmod_chown_touch_are_kept_across_a_remount() {
     std::os::unix::fs::chown(m.path("f"), Some(1000), Some(1001)).unwrap();
     fs::set_permissions(m.path("d"), fs::Permissions::from_mode(0o700)).unwrap();
     sh(&m.dir, "touch -d '2021-02-03 04:05:06Z' f");
+    // Set right after the write: deferred and merged into one copy, which
+    // lands about a second later.
+    let stored = poll(std::time::Duration::from_secs(60), || {
+        m.bucket.metadata("f").get("mtime").map(String::as_str) == Some("1612325106")
+    });
+    assert!(stored, "{:?}", m.bucket.metadata("f"));
     let meta = m.bucket.metadata("f");
     assert_eq!(
         meta.get("mode").map(String::as_str),

@@ -1071,9 +1071,38 @@ impl Fs {
                 warn!(ino, path = %st.staged.path().display(), error = %e,
                     "upload failed; the data is kept there and retried");
             }
+            self.end_if_idle(ino, &mut st);
             return r;
         }
         Ok(())
+    }
+
+    /// Stores now a deferred change of attributes of the file at `path`
+    /// (`defer_meta`), if one waits.
+    pub(super) async fn settle_attrs(&self, path: &str) {
+        let ino = self.table.lock().find(&NodeKey::Path(path.to_string()));
+        let Some(ino) = ino else { return };
+        let Some(mut st) = self.live(ino).await else {
+            return;
+        };
+        if st.dirty && st.handles == 0 && st.staged.meta_only() {
+            if let Err(e) = self.upload_if_dirty(ino, &mut st).await {
+                tracing::debug!(ino, error = %e, "a deferred change of attributes is not stored yet");
+            }
+            self.end_if_idle(ino, &mut st);
+        }
+    }
+
+    /// Ends a write state nobody needs any more: no writer holds it and
+    /// its data is in S3 (an fsync, a rename or a deferred change of
+    /// attributes stored it). Left standing, it would keep showing the
+    /// staged copy over what another client writes next, until the
+    /// background pass came by.
+    pub(super) fn end_if_idle(&self, ino: u64, st: &mut WriteState) {
+        if st.handles == 0 && !st.dirty && !st.closed && !st.staged.is_unlinked() {
+            st.closed = true;
+            self.writes.lock().remove(&ino);
+        }
     }
 
     /// The last reference to a handle is gone.

@@ -513,6 +513,9 @@ impl Fs {
             let put = self.store.copy(&fk, &tk, None, None).await?;
             self.own_copy(src, s.as_deref_mut(), &tk, &put, None);
             self.delete_present(&fk).await?;
+            if let Some(st) = s.as_mut() {
+                self.end_if_idle(src, st);
+            }
         }
         if let Some(st) = d.as_mut() {
             st.discard();
@@ -598,7 +601,8 @@ impl Fs {
         // reads the copy before the original goes.
         for (ino, key, st) in states.iter_mut() {
             if let Some((_, dst, put)) = copied.iter().find(|(s, _, _)| Some(s) == key.as_ref()) {
-                self.own_copy(*ino, Some(st), dst, put, None);
+                self.own_copy(*ino, Some(&mut *st), dst, put, None);
+                self.end_if_idle(*ino, st);
             }
         }
         self.readers_follow(&copied);

@@ -305,6 +305,9 @@ impl Fs {
     /// Every version and delete marker of exactly the key at `path`,
     /// newest first.
     async fn versions_of(&self, path: &str) -> FsResult<Arc<Vec<VersionInfo>>> {
+        // A deferred chmod or chown is stored first: the versions show,
+        // and grant, no more than the file does now.
+        self.settle_attrs(path).await;
         if let Some((at, list)) = self.versions.lists.lock().get(path)
             && at.elapsed() < self.cfg.metadata_ttl
         {

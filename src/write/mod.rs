@@ -498,6 +498,11 @@ impl Staged {
         self.copy_ok = false;
     }
 
+    /// Only metadata differs from the object the data was staged from.
+    pub fn meta_only(&self) -> bool {
+        !self.data_changed && self.base.is_some()
+    }
+
     pub fn is_unlinked(&self) -> bool {
         self.unlinked
     }
