@@ -1677,3 +1677,57 @@ async fn rename_unlink_and_a_writer_take_a_deferred_change_along() {
     let gone = fs.lookup(ROOT_INO, name("gone")).await.unwrap_err();
     assert_eq!(gone, FsError::NotFound);
 }
+
+/// rsync's pattern without writeback=async: the temporary file goes up at
+/// its close, its mode and mtime set after, then it is renamed over the
+/// destination. The deferred mode and mtime ride on the rename's copy:
+/// 1 PUT, 1 COPY, 1 DELETE, and the destination carries them.
+#[tokio::test]
+async fn rsync_pattern_costs_one_put_one_copy_and_one_delete() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", b"old f", Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let ino = write_file(&fs, ".f.Xy12", b"new f").await;
+    for set in [
+        SetAttr {
+            mode: Some(0o100600),
+            ..Default::default()
+        },
+        SetAttr {
+            atime: Some(gio_mtime()),
+            mtime: Some(gio_mtime()),
+            ..Default::default()
+        },
+    ] {
+        fs.setattr(ino, set).await.unwrap();
+    }
+    fs.rename(ROOT_INO, name(".f.Xy12"), ROOT_INO, name("f"), false)
+        .await
+        .unwrap();
+    settle(&fs).await;
+    assert_eq!(s.keys(), ["f"]);
+    assert_eq!(s.object("f").unwrap().as_ref(), b"new f");
+    let meta = s.metadata("f").unwrap();
+    assert_eq!(
+        (
+            meta.get("mode").map(String::as_str),
+            meta.get("mtime").map(String::as_str)
+        ),
+        (Some("33152"), Some(GIO_MTIME.to_string().as_str())),
+        "{meta:?}"
+    );
+    assert_eq!(
+        (
+            s.counters().get(Op::Put),
+            s.counters().get(Op::Copy),
+            s.counters().get(Op::Delete)
+        ),
+        (1, 1, 1)
+    );
+    let shown = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    assert_eq!(
+        (shown.perm, shown.mtime, shown.size),
+        (0o600, gio_mtime(), 5)
+    );
+}

@@ -500,6 +500,27 @@ impl Fs {
                 self.retry_wake.notify_one();
                 return Ok(s.into_iter().chain(d).collect());
             }
+            // A deferred change of attributes (rsync sets mode and times
+            // on its temporary file after the close, then renames it)
+            // rides on the rename's copy: no self-copy of its own.
+            Some(st) if st.dirty && st.staged.meta_only() && !never_uploaded => {
+                self.clear_the_way(&tk, replaced).await;
+                let meta = self
+                    .table
+                    .lock()
+                    .get(src)
+                    .map(|n| n.attr.to_metadata())
+                    .ok_or(FsError::NotFound)?;
+                let put = self.store.copy(&fk, &tk, Some(&meta), None).await?;
+                st.landed(&tk, &put);
+                self.own_copy(src, Some(&mut *st), &tk, &put, Some(&meta));
+                self.delete_present(&fk).await?;
+                self.end_if_idle(src, st);
+                if let Some(st) = d.as_mut() {
+                    st.discard();
+                }
+                return Ok(s.into_iter().chain(d).collect());
+            }
             Some(st) => self.upload_if_dirty(src, st).await?,
             None => {}
         }
