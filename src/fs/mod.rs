@@ -7,6 +7,7 @@
 //!   state of files open for writing.
 //! - `namespace`: create, mkdir, unlink, rmdir, rename, symlink, setattr.
 //! - `versions`: the read-only `.versions/` tree and point-in-time mounts.
+//! - `xattr`, `acl`: extended attributes and POSIX ACLs.
 //!
 //! Lock order: `ns` (async), then files' write states (async, in inode
 //! order when two are held), then `table` before `handles` before
@@ -19,6 +20,7 @@
 //! rename); it is never held across an upload of data, except by a
 //! directory rename uploading the dirty files it moves.
 
+pub mod acl;
 pub mod attr;
 mod dirtimes;
 mod files;
