@@ -47,7 +47,7 @@ pub use files::{PendingFile, SetAttr};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;
-pub use xattr::UNSUPPORTED_PREFIXES as UNSUPPORTED_XATTR_PREFIXES;
+pub use xattr::{UNSUPPORTED_PREFIXES as UNSUPPORTED_XATTR_PREFIXES, acl_xattr};
 
 use crate::cache::block::BlockCache;
 use crate::store::{ObjectInfo, ObjectStore, StoreError};
@@ -155,6 +155,9 @@ pub enum FsError {
     Range,
     /// An extended attribute that does not fit in the object's metadata.
     TooBig,
+    /// Refused whoever asks: a default ACL on a node that is not a
+    /// directory (EACCES, as Linux says).
+    AccessDenied,
     BadHandle,
     /// The object changed under an open handle.
     Stale,
