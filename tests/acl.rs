@@ -490,7 +490,7 @@ fn setfacl_grants_another_uid_and_the_kernel_enforces_it() {
     sh(&m.dir, "setfacl -m u:1234:rw f");
     can_append(1234, &f).unwrap();
     refused(1235, &f);
-    let acl = sh(&m.dir, "getfacl -c f");
+    let acl = sh(&m.dir, "getfacl -cn f");
     assert!(acl.contains("user:1234:rw-"), "{acl}");
     assert!(acl.contains("mask::rw-"), "{acl}");
     assert_eq!(sh(&m.dir, "stat -c %a f").trim(), "660");
@@ -506,7 +506,7 @@ fn setfacl_grants_another_uid_and_the_kernel_enforces_it() {
     assert!(poll(STORED_WITHIN, || stored() == want), "{:?}", stored());
 
     m.remount();
-    let acl = sh(&m.dir, "getfacl -c f");
+    let acl = sh(&m.dir, "getfacl -cn f");
     assert!(acl.contains("user:1234:rw-"), "after a remount: {acl}");
     can_append(1234, &f).unwrap();
     refused(1235, &f);
@@ -515,7 +515,7 @@ fn setfacl_grants_another_uid_and_the_kernel_enforces_it() {
     assert_eq!(set_xattr(&f, DEFAULT, &named_1234()), Err(libc::EACCES));
 
     sh(&m.dir, "chmod 604 f");
-    let acl = sh(&m.dir, "getfacl -c f");
+    let acl = sh(&m.dir, "getfacl -cn f");
     assert!(acl.contains("mask::---"), "{acl}");
     assert!(
         line(&acl, "user:1234:rw-").contains("#effective:---"),
@@ -534,7 +534,7 @@ fn setfacl_grants_another_uid_and_the_kernel_enforces_it() {
     assert!(landed, "{:?}", stored_mode());
 
     sh(&m.dir, "setfacl -b f");
-    let acl = sh(&m.dir, "getfacl -c f");
+    let acl = sh(&m.dir, "getfacl -cn f");
     assert!(!acl.contains("1234"), "{acl}");
     let landed = poll(STORED_WITHIN, || {
         !b.metadata("f")
@@ -555,10 +555,10 @@ fn a_default_acl_is_inherited_through_the_mount() {
     let b = Bucket::new(server(), "acl-default", false);
     let m = shared_mount(&b, "metadata_ttl=1");
     sh(&m.dir, "mkdir d && setfacl -d -m u:1234:rwx d");
-    let acl = sh(&m.dir, "getfacl -c d");
+    let acl = sh(&m.dir, "getfacl -cn d");
     assert!(acl.contains("default:user:1234:rwx"), "{acl}");
     sh(&m.dir, "umask 022 && echo x > d/new && mkdir d/sub");
-    let acl = sh(&m.dir, "getfacl -c d/new");
+    let acl = sh(&m.dir, "getfacl -cn d/new");
     assert!(
         line(&acl, "user:1234:rwx").contains("#effective:rw-"),
         "{acl}"
@@ -566,7 +566,7 @@ fn a_default_acl_is_inherited_through_the_mount() {
     assert_eq!(sh(&m.dir, "stat -c %a d/new").trim(), "664", "no umask");
     can_append(1234, &m.path("d/new")).unwrap();
     refused(1235, &m.path("d/new"));
-    let acl = sh(&m.dir, "getfacl -c d/sub");
+    let acl = sh(&m.dir, "getfacl -cn d/sub");
     assert!(acl.contains("\nuser:1234:rwx"), "{acl}");
     assert!(acl.contains("default:user:1234:rwx"), "{acl}");
     let x = decode_xattrs(&b.metadata("d/sub/")["xattr"]);
@@ -574,15 +574,15 @@ fn a_default_acl_is_inherited_through_the_mount() {
     assert!(decode_xattrs(&b.metadata("d/new")["xattr"]).contains_key(ACCESS));
 
     m.remount();
-    let acl = sh(&m.dir, "getfacl -c d/sub");
+    let acl = sh(&m.dir, "getfacl -cn d/sub");
     assert!(acl.contains("default:user:1234:rwx"), "{acl}");
     sh(&m.dir, "setfacl -k d && umask 022 && echo y > d/later");
-    let acl = sh(&m.dir, "getfacl -c d");
+    let acl = sh(&m.dir, "getfacl -cn d");
     assert!(!acl.contains("default:"), "{acl}");
     assert_eq!(sh(&m.dir, "stat -c %a d/later").trim(), "644");
     assert!(!b.metadata("d/later").contains_key("xattr"));
     sh(&m.dir, "setfacl -b d/sub");
-    let acl = sh(&m.dir, "getfacl -c d/sub");
+    let acl = sh(&m.dir, "getfacl -cn d/sub");
     assert!(!acl.contains("1234"), "{acl}");
 }
 
