@@ -20,6 +20,7 @@ pub fn errno(e: &FsError) -> i32 {
         FsError::NoAttr => libc::ENODATA,
         FsError::Range => libc::ERANGE,
         FsError::TooBig => libc::E2BIG,
+        FsError::AccessDenied => libc::EACCES,
         FsError::BadHandle => libc::EBADF,
         FsError::Stale => libc::EIO,
         FsError::CrossDevice => libc::EXDEV,

@@ -37,12 +37,32 @@ pub struct FuseFs {
     fs: Arc<Buckets>,
     rt: tokio::runtime::Handle,
     ttl: Duration,
+    /// Whether to ask the kernel to check POSIX ACLs (`FUSE_POSIX_ACL`):
+    /// with `default_permissions` (the kernel checks modes; the ACL
+    /// capability would turn that on anyway) and a place to keep them
+    /// (object metadata). Off, their names answer ENOTSUP.
+    posix_acl: bool,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Buckets>, rt: tokio::runtime::Handle) -> Self {
+    pub fn new(fs: Arc<Buckets>, rt: tokio::runtime::Handle, posix_acl: bool) -> Self {
         let ttl = fs.ttl();
-        FuseFs { fs, rt, ttl }
+        FuseFs {
+            fs,
+            rt,
+            ttl,
+            posix_acl,
+        }
+    }
+
+    /// Whether the extended attribute `name` is one this mount keeps.
+    fn kept_xattr(&self, name: &str) -> bool {
+        if crate::fs::acl::is_acl_name(name) {
+            return self.posix_acl;
+        }
+        !crate::fs::UNSUPPORTED_XATTR_PREFIXES
+            .iter()
+            .any(|p| name.starts_with(p))
     }
 
     /// Runs `f` on the runtime inside `span`.
@@ -166,6 +186,17 @@ impl Filesystem for FuseFs {
         // Reads (and read-ahead) in flight from the kernel: 64, as
         // Mountpoint for Amazon S3 sets, not FUSE's default 12.
         let _ = config.set_max_background(MAX_BACKGROUND);
+        // POSIX ACLs checked by the kernel, kept by the core (`fs/acl.rs`),
+        // which also applies the umask itself (FUSE_DONT_MASK): POSIX wants
+        // none when the parent has a default ACL. The kernel then sends the
+        // mode unmasked and the umask beside it (`Creator`).
+        if self.posix_acl {
+            let acl = fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK;
+            if let Err(missing) = config.add_capabilities(acl) {
+                warn!(?missing, "the kernel does not offer POSIX ACLs: modes only");
+                self.posix_acl = false;
+            }
+        }
         Ok(())
     }
 
@@ -634,13 +665,14 @@ impl Filesystem for FuseFs {
                 }
             });
         }
+        let kept = name.to_str().is_some_and(|n| self.kept_xattr(n));
         let (fs, name, value) = (self.fs.clone(), name.to_owned(), value.to_vec());
         self.spawn(
             span!("setxattr", req, ino = ino.0, name = ?name),
             async move {
                 let r = match name.to_str() {
-                    Some(n) => fs.set_xattr(ino.0, n, &value, flags).await,
-                    None => Err(FsError::NotSupported),
+                    Some(n) if kept => fs.set_xattr(ino.0, n, &value, flags).await,
+                    _ => Err(FsError::NotSupported),
                 };
                 reply_empty(reply, r)
             },
@@ -648,13 +680,14 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let kept = name.to_str().is_some_and(|n| self.kept_xattr(n));
         let (fs, name) = (self.fs.clone(), name.to_owned());
         self.spawn(
             span!("removexattr", req, ino = ino.0, name = ?name),
             async move {
                 let r = match name.to_str() {
-                    Some(n) => fs.remove_xattr(ino.0, n).await,
-                    None => Err(FsError::NotSupported),
+                    Some(n) if kept => fs.remove_xattr(ino.0, n).await,
+                    _ => Err(FsError::NotSupported),
                 };
                 reply_empty(reply, r)
             },
@@ -667,14 +700,23 @@ impl Filesystem for FuseFs {
         // namespaces bucketfs does not keep. ls remembers that per
         // filesystem and stops asking: two FUSE round trips fewer per
         // listed entry.
-        let kept = |n: &&str| {
-            !crate::fs::UNSUPPORTED_XATTR_PREFIXES
-                .iter()
-                .any(|p| n.starts_with(p))
-        };
-        let Some(n) = name.to_str().filter(kept) else {
+        let Some(n) = name.to_str().filter(|n| self.kept_xattr(n)) else {
             return reply.error(fail(&FsError::NotSupported));
         };
+        // The ACLs the kernel asks for at each permission check once its
+        // attributes expired (and `ls -l` for every entry): answered here
+        // too when the attributes are known.
+        if crate::fs::acl::is_acl_name(n)
+            && let Some(a) = self.fs.getattr_cached(ino.0)
+        {
+            let _span = span!("getxattr", req, ino = ino.0, name = n).entered();
+            return match crate::fs::acl_xattr(&a, n) {
+                Err(e) => reply.error(fail(&e)),
+                Ok(v) if size == 0 => reply.size(v.len() as u32),
+                Ok(v) if v.len() > size as usize => reply.error(fail(&FsError::Range)),
+                Ok(v) => reply.data(&v),
+            };
+        }
         let (fs, name) = (self.fs.clone(), n.to_string());
         self.spawn(
             span!("getxattr", req, ino = ino.0, name = ?name),
@@ -690,11 +732,12 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let fs = self.fs.clone();
+        let (fs, posix_acl) = (self.fs.clone(), self.posix_acl);
         self.spawn(span!("listxattr", req, ino = ino.0), async move {
             let names = match fs.list_xattr(ino.0).await {
                 Ok(all) => all
                     .into_iter()
+                    .filter(|k| posix_acl || !crate::fs::acl::is_acl_name(k))
                     .flat_map(|k| [k.into_bytes(), vec![0]].concat())
                     .collect::<Vec<u8>>(),
                 Err(e) => return reply.error(fail(&e)),

@@ -829,7 +829,8 @@ fn serve(
     } else {
         SessionACL::Owner
     };
-    let fuse = FuseFs::new(buckets.clone(), rt.handle().clone());
+    let posix_acl = o.default_permissions && o.object_metadata;
+    let fuse = FuseFs::new(buckets.clone(), rt.handle().clone(), posix_acl);
     let source = match &config.mount_options[0] {
         MountOption::FSName(s) => s.clone(),
         _ => o.bucket.clone(),

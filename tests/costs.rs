@@ -236,7 +236,9 @@ fn extended_attributes_bucketfs_does_not_keep_are_not_supported() {
         Ok(buf)
     };
     assert_eq!(get("security.selinux"), Err(libc::ENOTSUP));
-    assert_eq!(get("system.posix_acl_access"), Err(libc::ENOTSUP));
+    assert_eq!(get("system.nfs4_acl"), Err(libc::ENOTSUP));
+    // POSIX ACLs are kept (tests/acl.rs): this file has none.
+    assert_eq!(get("system.posix_acl_access"), Err(libc::ENODATA));
     assert_eq!(get("user.nope"), Err(libc::ENODATA));
     let etag = String::from_utf8(get("user.s3.etag").unwrap()).unwrap();
     assert!(etag.contains("8d777f385d3dfec8815d20f7496026dc"), "{etag}");

@@ -588,6 +588,31 @@ async fn core_a_user_xattr_set_while_writing_rides_on_the_upload() {
     );
 }
 
+/// A file this mount just wrote stores a change of its attributes by a
+/// deferred self-copy; removing an attribute that way removes it from the
+/// object (the copy does not keep the old `x-amz-meta-xattr`).
+#[tokio::test]
+async fn core_a_user_xattr_removed_from_a_file_just_written_is_gone_from_s3() {
+    let s = Arc::new(MemStore::unversioned());
+    let (fs, _d) = core_fs(s.clone(), LONG_TTL);
+    let (f, fh) = fs.create(ROOT_INO, name("f"), USER, 0).await.unwrap();
+    fs.write(fh, 0, b"data").await.unwrap();
+    fs.set_xattr(f.ino, "user.tag", b"v", 0).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert!(s.metadata("f").unwrap().contains_key("xattr"));
+    let fh = fs.open(f.ino, libc::O_WRONLY).await.unwrap();
+    fs.write(fh, 4, b"!").await.unwrap();
+    fs.release(fh).await.unwrap();
+    let copies = s.counters().get(Op::Copy);
+    fs.remove_xattr(f.ino, "user.tag").await.unwrap();
+    assert_eq!(s.counters().get(Op::Copy), copies, "deferred");
+    assert!(fs.sync_all(Duration::from_secs(30)).await.is_empty());
+    assert_eq!(s.counters().get(Op::Copy), copies + 1);
+    let m = s.metadata("f").unwrap();
+    assert!(!m.contains_key("xattr"), "{m:?}");
+    assert_eq!(&s.object("f").unwrap()[..], b"data!");
+}
+
 fn c(s: &str) -> std::ffi::CString {
     std::ffi::CString::new(s).unwrap()
 }

@@ -36,7 +36,6 @@ use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use tracing::{error, warn};
 
-use super::attr::{META_GID, META_MODE, META_MTIME, META_RDEV, META_UID};
 use super::inodes::NodeKey;
 use super::{Attr, FileKind, Fs, FsError, FsResult};
 use crate::cache::block::BlockKey;
@@ -868,9 +867,10 @@ impl Fs {
             .as_ref()
             .and_then(|o| o.metadata.clone())
             .unwrap_or_default();
-        meta.retain(|k, _| {
-            ![META_MODE, META_UID, META_GID, META_MTIME, META_RDEV].contains(&k.as_str())
-        });
+        // Every key the mount owns is its own to set or leave out: an
+        // extended attribute or ACL removed since must not come back from
+        // the object replaced.
+        meta.retain(|k, _| !crate::store::OWNED_METADATA.contains(&k.as_str()));
         meta.extend(own);
         (meta, replaced.and_then(|o| o.headers))
     }

@@ -7,6 +7,7 @@
 //!   state of files open for writing.
 //! - `namespace`: create, mkdir, unlink, rmdir, rename, symlink, setattr.
 //! - `versions`: the read-only `.versions/` tree and point-in-time mounts.
+//! - `xattr`, `acl`: extended attributes and POSIX ACLs.
 //!
 //! Lock order: `ns` (async), then files' write states (async, in inode
 //! order when two are held), then `table` before `handles` before
@@ -19,6 +20,7 @@
 //! rename); it is never held across an upload of data, except by a
 //! directory rename uploading the dirty files it moves.
 
+pub mod acl;
 pub mod attr;
 mod dirtimes;
 mod files;
@@ -45,7 +47,7 @@ pub use files::{PendingFile, SetAttr};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;
-pub use xattr::UNSUPPORTED_PREFIXES as UNSUPPORTED_XATTR_PREFIXES;
+pub use xattr::{UNSUPPORTED_PREFIXES as UNSUPPORTED_XATTR_PREFIXES, acl_xattr};
 
 use crate::cache::block::BlockCache;
 use crate::store::{ObjectInfo, ObjectStore, StoreError};
@@ -157,6 +159,9 @@ pub enum FsError {
     Range,
     /// An extended attribute that does not fit in the object's metadata.
     TooBig,
+    /// Refused whoever asks: a default ACL on a node that is not a
+    /// directory (EACCES, as Linux says).
+    AccessDenied,
     BadHandle,
     /// The object changed under an open handle.
     Stale,

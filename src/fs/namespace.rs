@@ -80,6 +80,45 @@ impl Fs {
         })
     }
 
+    /// The attributes of a node created in `parent`: from the creator's
+    /// mode and umask, or, when `parent` has a default ACL, from that ACL
+    /// and the mode without the umask (POSIX; the kernel sends the mode
+    /// unmasked, `FUSE_DONT_MASK`), with the access ACL (and for a
+    /// directory the default ACL) it inherits. The parent's attributes
+    /// as this mount last read them serve (the kernel has just checked
+    /// its permissions): no request, unless they were never read.
+    async fn new_attr_in(
+        &self,
+        parent: u64,
+        kind: FileKind,
+        c: Creator,
+        size: u64,
+    ) -> FsResult<Attr> {
+        let mut a = self.new_attr(kind, c, size);
+        if !self.cfg.object_metadata {
+            return Ok(a);
+        }
+        let known = {
+            let t = self.table.lock();
+            t.get(parent)
+                .filter(|n| n.meta_known || parent == super::inodes::ROOT_INO)
+                .map(|n| n.attr.xattrs.get(super::acl::DEFAULT).cloned())
+        };
+        let default = match known {
+            Some(d) => d,
+            None => self
+                .getattr(parent)
+                .await?
+                .xattrs
+                .remove(super::acl::DEFAULT),
+        };
+        if let Some(Ok(Some(d))) = default.map(|v| super::acl::Acl::parse(&v)) {
+            let perm = (c.mode & 0o7777) as u16;
+            a.perm = super::acl::inherit(&d, perm, kind == FileKind::Dir, &mut a.xattrs);
+        }
+        Ok(a)
+    }
+
     fn insert_node(
         &self,
         parent: u64,
@@ -153,7 +192,8 @@ impl Fs {
         // A removed file still read there is deleted before the new one
         // can land (its readers keep their bytes).
         self.settle_deferred(&self.key_of(&path)).await;
-        let attr = self.insert_node(parent, path, self.new_attr(FileKind::File, c, 0), None);
+        let attr = self.new_attr_in(parent, FileKind::File, c, 0).await?;
+        let attr = self.insert_node(parent, path, attr, None);
         self.entries_changed(parent);
         self.start_new_file(attr.ino)?;
         let fh = self.new_handle(Handle::File(super::files::FileHandle::writer(attr.ino)));
@@ -170,7 +210,7 @@ impl Fs {
         if kind == FileKind::Dir || kind == FileKind::Symlink {
             return Err(FsError::Invalid);
         }
-        let mut attr = self.new_attr(kind, c, 0);
+        let mut attr = self.new_attr_in(parent, kind, c, 0).await?;
         attr.rdev = rdev;
         self.put_node(parent, path, attr, Bytes::new()).await
     }
@@ -207,13 +247,14 @@ impl Fs {
         let path = self.new_child(parent, name)?;
         super::names::check_dir_key(&self.key_of(&path))?;
         self.ensure_absent(parent, &path).await?;
-        let attr = self.new_attr(FileKind::Dir, c, 0);
+        let attr = self.new_attr_in(parent, FileKind::Dir, c, 0).await?;
         let a = self.put_node(parent, path, attr, Bytes::new()).await?;
         Ok(self.with_links(a))
     }
 
     /// A symlink is an object whose body is the target, with S_IFLNK in
-    /// its mode (s3fs-fuse's convention).
+    /// its mode (s3fs-fuse's convention). It inherits no ACL (as in
+    /// Linux: a symlink's permissions are never checked).
     pub async fn symlink(
         &self,
         parent: u64,
@@ -699,6 +740,7 @@ impl Fs {
         let change = |a: &mut Attr| {
             if let Some(m) = s.mode {
                 a.perm = (m & 0o7777) as u16;
+                super::acl::chmod_xattrs(&mut a.xattrs, a.perm);
             }
             if let Some(u) = s.uid {
                 a.uid = u;
