@@ -66,20 +66,17 @@ fn a_chmod_that_changes_nothing_sends_nothing() {
     );
 }
 
-/// What GIO (a file manager's copy) does: the file written and closed,
-/// then its owner, mode and mtime set one after another. One PUT and one
-/// COPY, two versions, not a copy (and a version) per call.
-#[test]
-fn a_file_managers_copy_costs_one_put_and_one_copy() {
-    let b = Bucket::new(server(), "giocopy", true);
-    let m = Mount::new(&b, PINNED);
-    let (puts, copies) = (requests(&m, "PUT"), requests(&m, "COPY"));
+/// A file manager's copy through GIO: the file written and closed, then
+/// its owner, mode and mtime set one after another.
+fn gio_copy(m: &Mount) {
     sh(
         &m.dir,
         "printf 'copied bytes' > f; chown 4242:4343 f; chmod 600 f; touch -m -d @978307200 f",
     );
-    let shown = sh(&m.dir, "stat -c '%a %u %g %Y' f");
-    assert_eq!(shown.trim(), "600 4242 4343 978307200", "shown at once");
+}
+
+/// Waits (bounded) until `gio_copy`'s attributes are in S3, with its bytes.
+fn assert_gio_copy_stored(b: &Bucket) {
     let stored = poll(Duration::from_secs(60), || {
         b.metadata("f").get("mtime").map(String::as_str) == Some("978307200")
     });
@@ -94,6 +91,20 @@ fn a_file_managers_copy_costs_one_put_and_one_copy() {
         ("33152", "4242", "4343")
     );
     assert_eq!(b.get("f").unwrap(), b"copied bytes");
+}
+
+/// What GIO (a file manager's copy) does: the file written and closed,
+/// then its owner, mode and mtime set one after another. One PUT and one
+/// COPY, two versions, not a copy (and a version) per call.
+#[test]
+fn a_file_managers_copy_costs_one_put_and_one_copy() {
+    let b = Bucket::new(server(), "giocopy", true);
+    let m = Mount::new(&b, PINNED);
+    let (puts, copies) = (requests(&m, "PUT"), requests(&m, "COPY"));
+    gio_copy(&m);
+    let shown = sh(&m.dir, "stat -c '%a %u %g %Y' f");
+    assert_eq!(shown.trim(), "600 4242 4343 978307200", "shown at once");
+    assert_gio_copy_stored(&b);
     assert_eq!(requests(&m, "PUT") - puts, 1);
     assert_eq!(requests(&m, "COPY") - copies, 1, "one copy for all three");
     assert_eq!(b.versions("f").len(), 2);
@@ -105,26 +116,10 @@ fn a_file_managers_copy_costs_one_put_and_one_copy() {
 fn owner_mode_and_mtime_set_after_a_close_survive_a_kill() {
     let b = Bucket::new(server(), "giokill", false);
     let m = Mount::new(&b, PINNED);
-    sh(
-        &m.dir,
-        "printf 'copied bytes' > f; chown 4242:4343 f; chmod 600 f; touch -m -d @978307200 f",
-    );
+    gio_copy(&m);
     kill9(&m);
     m.restart();
-    let stored = poll(Duration::from_secs(60), || {
-        b.metadata("f").get("mtime").map(String::as_str) == Some("978307200")
-    });
-    assert!(stored, "never stored: {:?}", b.metadata("f"));
-    let meta = b.metadata("f");
-    assert_eq!(
-        (
-            meta["mode"].as_str(),
-            meta["uid"].as_str(),
-            meta["gid"].as_str()
-        ),
-        ("33152", "4242", "4343")
-    );
-    assert_eq!(b.get("f").unwrap(), b"copied bytes");
+    assert_gio_copy_stored(&b);
     assert_eq!(b.keys(""), ["f"]);
     let shown = sh(&m.dir, "stat -c '%a %u %g %Y' f");
     assert_eq!(shown.trim(), "600 4242 4343 978307200");
