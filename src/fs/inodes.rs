@@ -2,8 +2,12 @@
 //! a node of the `.versions/` tree), with the attributes last seen, how long
 //! they stay fresh, and the kernel's lookup count.
 //!
-//! Inode numbers are never reused within a mount. An entry is dropped when
-//! the kernel forgets it (lookup count 0) or when its object is removed.
+//! Inode numbers are never reused within a mount. A node that still
+//! answers to its path keeps its number when the kernel forgets it (the
+//! kernel forgets inodes at will: a dcache shrunk under memory pressure,
+//! `drop_caches`), so the same file looked up again has the same `st_ino`;
+//! the sweep drops it once nothing refers to it. A node unlinked or
+//! replaced goes when the kernel forgets it.
 //! Callers hold the table's lock only for short sections, never across an
 //! `.await`.
 
@@ -370,13 +374,14 @@ impl InodeTable {
         }
     }
 
-    /// Drops, once the table has doubled since the last sweep, the file
-    /// nodes nothing refers to: no kernel reference, not `pinned` (write
+    /// Drops, once the table has doubled since the last sweep, the nodes
+    /// nothing refers to: no kernel reference, not `pinned` (write
     /// state), their directory's listing no longer fresh, and not handed
-    /// out within `grace`. A listing of a large directory then does not
-    /// stay in memory for the life of the mount. Directories stay (files
-    /// below them name them as parent). O(table) at most once per
-    /// doubling: O(1) amortized per node.
+    /// out (nor forgotten by the kernel) within `grace`. A listing of a
+    /// large directory then does not stay in memory for the life of the
+    /// mount. A directory goes only with no node left at a path below it
+    /// (they name it as parent). O(table) at most once per doubling: O(1)
+    /// amortized per node.
     pub fn sweep_if_due(&mut self, grace: std::time::Duration, pinned: impl Fn(u64) -> bool) {
         if self.by_ino.len() < SWEEP_MIN.max(2 * self.swept_at) {
             return;
@@ -394,8 +399,13 @@ impl InodeTable {
             .filter(|(ino, n)| {
                 **ino != ROOT_INO
                     && n.lookups == 0
-                    && n.attr.kind != super::FileKind::Dir
-                    && matches!(n.key, NodeKey::Path(_) | NodeKey::Detached(_))
+                    && match &n.key {
+                        NodeKey::Path(p) if n.attr.kind == super::FileKind::Dir => {
+                            self.paths_from(&below(p)).next().is_none()
+                        }
+                        NodeKey::Path(_) | NodeKey::Detached(_) => true,
+                        _ => false,
+                    }
                     && now.saturating_duration_since(n.seen) > grace
             })
             .map(|(ino, _)| *ino)
@@ -406,6 +416,8 @@ impl InodeTable {
             if parent.is_some_and(|p| fresh_dir(self, p)) {
                 continue;
             }
+            self.uncount(ino);
+            self.subdirs.remove(&ino);
             if let Some(n) = self.by_ino.remove(&ino)
                 && self.by_key.get(&n.key) == Some(&ino)
             {
@@ -415,29 +427,32 @@ impl InodeTable {
         self.swept_at = self.by_ino.len();
     }
 
-    /// Drops kernel references; forgets the inode at zero unless `pinned`.
+    /// Drops kernel references. At zero, unless `pinned`: a node that
+    /// still answers to its path stays, with its inode number, for the
+    /// sweep to drop later; any other (unlinked, replaced, a node of the
+    /// versions tree) goes now.
     pub fn forget(&mut self, ino: u64, n: u64, pinned: bool) {
         if ino == ROOT_INO {
             return;
         }
-        let Some(node) = self.by_ino.get_mut(&ino) else {
+        let Some(node) = self.by_ino.get(&ino) else {
             return;
         };
+        let at_its_path =
+            matches!(node.key, NodeKey::Path(_)) && self.by_key.get(&node.key) == Some(&ino);
+        let node = self.by_ino.get_mut(&ino).expect("present");
         node.lookups = node.lookups.saturating_sub(n);
         if node.lookups == 0 && !pinned {
-            // An entry of a listing still fresh stays (with its inode
-            // number): dropping it would make the listing incomplete, and
-            // every later lookup in that directory would go to S3. The
-            // kernel forgets such entries at will (readdirplus entries
-            // whose attributes it may not cache, memory pressure).
-            let parent = node.parent;
-            let listed = matches!(node.key, NodeKey::Path(_))
-                && self
-                    .by_ino
-                    .get(&parent)
-                    .and_then(|p| p.listed_until)
-                    .is_some_and(|u| Instant::now() < u);
-            if listed {
+            // The kernel forgets inodes at will (a dcache shrunk under
+            // memory pressure, drop_caches, readdirplus entries whose
+            // attributes it may not cache), and looks the same file up
+            // again: were the node dropped, that lookup would make a new
+            // one, and the file would show a new inode number (pjdfstest
+            // rename/10.t). It also keeps a fresh listing whole, so later
+            // lookups in that directory need no request. The sweep drops
+            // it once the grace has passed since now.
+            if at_its_path {
+                node.seen = Instant::now();
                 return;
             }
             self.uncount(ino);
@@ -668,7 +683,36 @@ mod tests {
         t.add_lookup(a);
         t.forget(a, 1, false);
         check(&t);
-        assert_eq!(t.subdirs(ROOT_INO), 1);
+        assert_eq!(t.subdirs(ROOT_INO), 2, "a forgotten directory stays");
+    }
+
+    /// The kernel may forget a file's inode between two of its uses (a
+    /// dcache shrunk under memory pressure): looked up again, at the same
+    /// path or after a rename, the file has the same inode number. An
+    /// unlinked one goes at once.
+    #[test]
+    fn a_forgotten_file_keeps_its_inode_number() {
+        use crate::fs::FileKind;
+        let mut t = InodeTable::new(attr_of(FileKind::Dir));
+        let p = |s: &str| NodeKey::Path(s.to_string());
+        let d = t.upsert(p("d"), ROOT_INO, attr_of(FileKind::Dir), None, None);
+        let f = t.upsert(p("d/f"), d, attr_of(FileKind::File), None, None);
+        t.add_lookup(f);
+        t.forget(f, 1, false);
+        assert_eq!(
+            t.upsert(p("d/f"), d, attr_of(FileKind::File), None, None),
+            f
+        );
+        t.rename("d/f", "d/g", d);
+        t.forget(f, 0, false);
+        assert_eq!(
+            t.upsert(p("d/g"), d, attr_of(FileKind::File), None, None),
+            f
+        );
+        t.add_lookup(f);
+        t.remove_path("d/g", Instant::now());
+        t.forget(f, 1, false);
+        assert!(t.get(f).is_none(), "an unlinked file goes when forgotten");
     }
 
     #[test]
