@@ -51,6 +51,15 @@ fn name(s: &str) -> &OsStr {
     OsStr::new(s)
 }
 
+/// Creates a regular file as root (umask 022), open for writing.
+async fn create(fs: &Fs, parent: u64, n: &str, mode: u32) -> (bucketfs::fs::Attr, u64) {
+    let c = Creator {
+        mode: libc::S_IFREG | mode,
+        ..ROOT
+    };
+    fs.create(parent, name(n), c, libc::O_WRONLY).await.unwrap()
+}
+
 /// The kernel's binary form of an ACL, written out by hand (not by the
 /// code under test): u32 version 2, then {u16 tag, u16 perm, u32 id}.
 fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
@@ -233,18 +242,7 @@ async fn core_a_default_acl_is_inherited_by_new_files_and_directories() {
     assert_eq!(stored_xattrs(&s, "d/")[DEFAULT], default);
     assert_eq!(mode_of(&s, "d/"), 0o755, "a default ACL leaves the mode");
 
-    let (f, fh) = fs
-        .create(
-            d.ino,
-            name("new"),
-            Creator {
-                mode: libc::S_IFREG | 0o666,
-                ..ROOT
-            },
-            libc::O_WRONLY,
-        )
-        .await
-        .unwrap();
+    let (f, fh) = create(&fs, d.ino, "new", 0o666).await;
     assert_eq!(f.perm, 0o664, "no umask under a default ACL");
     fs.write(fh, 0, b"x").await.unwrap();
     // setfacl -m u:1235:r on the open, dirty file.
@@ -266,18 +264,7 @@ async fn core_a_default_acl_is_inherited_by_new_files_and_directories() {
     assert_eq!(stored_xattrs(&s, "d/new")[ACCESS], later);
     assert_eq!(mode_of(&s, "d/new"), 0o664);
 
-    let (g, fh) = fs
-        .create(
-            d.ino,
-            name("plain"),
-            Creator {
-                mode: libc::S_IFREG | 0o640,
-                ..ROOT
-            },
-            libc::O_WRONLY,
-        )
-        .await
-        .unwrap();
+    let (g, fh) = create(&fs, d.ino, "plain", 0o640).await;
     fs.release(fh).await.unwrap();
     assert_eq!(g.perm, 0o640);
     let access = Acl::parse(&stored_xattrs(&s, "d/plain")[ACCESS])
@@ -310,36 +297,14 @@ async fn core_a_default_acl_is_inherited_by_new_files_and_directories() {
         ])
     );
     // A grandchild inherits through the new directory.
-    let (gc, fh) = fs
-        .create(
-            sub.ino,
-            name("gc"),
-            Creator {
-                mode: libc::S_IFREG | 0o600,
-                ..ROOT
-            },
-            libc::O_WRONLY,
-        )
-        .await
-        .unwrap();
+    let (gc, fh) = create(&fs, sub.ino, "gc", 0o600).await;
     fs.release(fh).await.unwrap();
     assert_eq!(gc.perm, 0o600);
     assert!(stored_xattrs(&s, "d/sub/gc").contains_key(ACCESS));
 
     // Without a default ACL: the umask, and no ACL.
     let e = mkdir("e", ROOT_INO).await;
-    let (h, fh) = fs
-        .create(
-            e.ino,
-            name("h"),
-            Creator {
-                mode: libc::S_IFREG | 0o666,
-                ..ROOT
-            },
-            libc::O_WRONLY,
-        )
-        .await
-        .unwrap();
+    let (h, fh) = create(&fs, e.ino, "h", 0o666).await;
     fs.release(fh).await.unwrap();
     assert_eq!(h.perm, 0o644);
     assert!(stored_xattrs(&s, "e/h").is_empty());
@@ -347,18 +312,7 @@ async fn core_a_default_acl_is_inherited_by_new_files_and_directories() {
     // Removing the default ACL: new files get the umask again.
     fs.remove_xattr(d.ino, DEFAULT).await.unwrap();
     assert!(!stored_xattrs(&s, "d/").contains_key(DEFAULT));
-    let (k, fh) = fs
-        .create(
-            d.ino,
-            name("k"),
-            Creator {
-                mode: libc::S_IFREG | 0o666,
-                ..ROOT
-            },
-            libc::O_WRONLY,
-        )
-        .await
-        .unwrap();
+    let (k, fh) = create(&fs, d.ino, "k", 0o666).await;
     fs.release(fh).await.unwrap();
     assert_eq!(k.perm, 0o644);
     assert!(stored_xattrs(&s, "d/k").is_empty());
@@ -455,25 +409,6 @@ fn can_append(uid: u32, path: &std::path::Path) -> Result<(), String> {
 fn refused(uid: u32, path: &std::path::Path) {
     let err = can_append(uid, path).expect_err("must be refused");
     assert!(err.contains("Permission denied"), "{err}");
-}
-
-fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) -> Result<(), i32> {
-    let c = |s: &str| std::ffi::CString::new(s).unwrap();
-    let p = c(path.to_str().unwrap());
-    let r = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            c(name).as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
-    }
 }
 
 /// `setfacl -m u:1234:rw f` on a 0640 file of root: the kernel lets uid

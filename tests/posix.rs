@@ -613,48 +613,8 @@ async fn core_a_user_xattr_removed_from_a_file_just_written_is_gone_from_s3() {
     assert_eq!(&s.object("f").unwrap()[..], b"data!");
 }
 
-fn c(s: &str) -> std::ffi::CString {
-    std::ffi::CString::new(s).unwrap()
-}
-
-fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) -> Result<(), i32> {
-    let p = c(path.to_str().unwrap());
-    let r = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            c(name).as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
-    }
-}
-
-fn get_xattr(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
-    let p = c(path.to_str().unwrap());
-    let mut buf = vec![0u8; 4096];
-    let r = unsafe {
-        libc::getxattr(
-            p.as_ptr(),
-            c(name).as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
 fn list_xattr(path: &std::path::Path) -> Vec<String> {
-    let p = c(path.to_str().unwrap());
+    let p = c_str(path.to_str().unwrap());
     let mut buf = vec![0u8; 4096];
     let r = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     assert!(r >= 0, "{}", std::io::Error::last_os_error());
@@ -666,8 +626,8 @@ fn list_xattr(path: &std::path::Path) -> Vec<String> {
 }
 
 fn remove_xattr(path: &std::path::Path, name: &str) -> Result<(), i32> {
-    let p = c(path.to_str().unwrap());
-    if unsafe { libc::removexattr(p.as_ptr(), c(name).as_ptr()) } == 0 {
+    let p = c_str(path.to_str().unwrap());
+    if unsafe { libc::removexattr(p.as_ptr(), c_str(name).as_ptr()) } == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error().raw_os_error().unwrap())

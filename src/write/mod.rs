@@ -758,7 +758,7 @@ impl Staged {
         // Only the metadata differs from the object (a chmod, chown or
         // utimes deferred after the file was written): one server-side
         // copy of the object onto itself, no bytes sent.
-        if !self.data_changed
+        if self.meta_only()
             && self.copy_ok
             && self.size <= COPY_OBJECT_MAX_BYTES
             && self

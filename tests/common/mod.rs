@@ -745,3 +745,46 @@ pub fn as_user(uid: u32, script: &str) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
+
+/// A C string of a test's path or name (no NUL inside).
+pub fn c_str(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).unwrap()
+}
+
+/// setxattr(2) on a path; the errno on failure.
+pub fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) -> Result<(), i32> {
+    let p = c_str(path.to_str().unwrap());
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            c_str(name).as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+}
+
+/// getxattr(2) on a path, up to 4 KiB; the errno on failure.
+pub fn get_xattr(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
+    let p = c_str(path.to_str().unwrap());
+    let mut buf = vec![0u8; 4096];
+    let r = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            c_str(name).as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
