@@ -389,6 +389,29 @@ fn a_renamed_file_and_directory_get_a_new_ctime() {
     assert_eq!(std::fs::read(m.path("dir2/inner")).unwrap(), b"i");
 }
 
+/// The kernel forgets inodes at will (memory pressure, `drop_caches`) and
+/// looks the file up again: it keeps its inode number, also after a
+/// rename, and so does a directory (pjdfstest `rename/10.t` compares them).
+#[test]
+fn a_file_keeps_its_inode_number_when_the_kernel_evicts_it() {
+    let b = Bucket::new(server(), "inokeep", false);
+    b.put("d/f", b"data");
+    let m = Mount::new(&b, "");
+    let (f, d) = (stat(&m, "d/f").ino(), stat(&m, "d").ino());
+    let evict = || std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    evict();
+    assert_eq!(stat(&m, "d/f").ino(), f, "after an eviction");
+    assert_eq!(stat(&m, "d").ino(), d, "a directory after an eviction");
+    std::fs::rename(m.path("d/f"), m.path("d/g")).unwrap();
+    evict();
+    assert_eq!(stat(&m, "d/g").ino(), f, "renamed, after an eviction");
+    std::fs::write(m.path("d/h"), b"new").unwrap();
+    let h = stat(&m, "d/h").ino();
+    evict();
+    assert_eq!(stat(&m, "d/h").ino(), h, "a file this mount made");
+    assert_ne!(h, f);
+}
+
 /// What is below a renamed directory keeps its times to the nanosecond:
 /// they are stored with their nanoseconds, as s3fs-fuse stores them, so
 /// reading them back after the move (the keys were copied) changes nothing.
