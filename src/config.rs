@@ -51,6 +51,8 @@ pub struct Options {
     pub block_size_bytes: u64,
     pub part_size_bytes: u64,
     pub upload_concurrency: usize,
+    /// Threads reading FUSE requests (`None`: the CPUs plus one, 2..=16).
+    pub fuse_threads: Option<usize>,
     pub readahead_max_blocks: u64,
     pub versions_visible: bool,
     pub as_of: Option<SystemTime>,
@@ -170,6 +172,7 @@ impl Default for Options {
             block_size_bytes: MIB,
             part_size_bytes: 8 * MIB,
             upload_concurrency: 8,
+            fuse_threads: None,
             readahead_max_blocks: 16,
             versions_visible: false,
             as_of: None,
@@ -239,6 +242,9 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   part_size=SIZE        multipart part size, 5M..5G (default 8M; grows to fit 10,000 parts).
                         s3fs alias: multipart_size=MB
   upload_concurrency=N  parts uploaded in parallel (default 8). s3fs alias: parallel_count=
+  fuse_threads=N        threads taking requests from the kernel, 1..64 (default: the
+                        CPUs plus one, 2..16; a small write then wakes a thread on its
+                        own CPU, not an idle one elsewhere)
   versions=visible      list .versions in readdir (default: hidden, reachable by name)
   as_of=RFC3339         read-only view of the bucket at that moment
   timeout=SECS          connect/read timeout of one S3 attempt (default 10)
@@ -635,6 +641,9 @@ impl Options {
                 "upload_concurrency" | "parallel_count" => {
                     self.upload_concurrency = num_in(name, need(name, value)?, 1, 256, "")?
                 }
+                "fuse_threads" => {
+                    self.fuse_threads = Some(num_in(name, need(name, value)?, 1, 64, "")?)
+                }
                 "versions" => match need(name, value)? {
                     "visible" => self.versions_visible = true,
                     "hidden" => self.versions_visible = false,
@@ -792,6 +801,10 @@ mod tests {
         assert_eq!(ok("upload_concurrency=1").upload_concurrency, 1);
         refused("upload_concurrency=0", "1..=256");
         refused("parallel_count=257", "1..=256");
+        assert_eq!(ok("fuse_threads=1").fuse_threads, Some(1));
+        assert_eq!(ok("").fuse_threads, None);
+        refused("fuse_threads=0", "1..=64");
+        refused("fuse_threads=65", "1..=64");
         assert_eq!(ok("readahead=0").readahead_max_blocks, 0);
         assert_eq!(ok("readahead=256").readahead_max_blocks, 256);
         refused("readahead=257", "0..=256 blocks");
