@@ -95,6 +95,27 @@ fn tgid_of(pid: u32) -> Option<u32> {
 }
 
 /// One reply for an entry result.
+/// A setattr that only clears set-user-ID and set-group-ID, if set.
+const KILL_SUID: SetAttr = SetAttr {
+    fh: None,
+    mode: None,
+    uid: None,
+    gid: None,
+    size: None,
+    atime: None,
+    mtime: None,
+    kill_suid: true,
+};
+
+/// Whether the caller lacks CAP_FSETID, so a truncation by it clears
+/// set-user-ID. The kernel knows, and says so in a flag fuser does not
+/// pass on (FATTR_KILL_SUIDGID, FUSE_OPEN_KILL_SUIDGID); a process not
+/// running as root is taken to lack it (root's processes have it unless
+/// they dropped it, other users' do not unless granted it).
+fn lacks_fsetid(req: &Request) -> bool {
+    req.uid() != 0
+}
+
 fn reply_entry(reply: ReplyEntry, ttl: Duration, r: FsResult<Attr>) {
     match r {
         Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
@@ -168,6 +189,11 @@ macro_rules! span {
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // The filesystem clears set-user-ID itself (`SetAttr::kill_suid`):
+        // the kernel then marks files without it as needing no check, and
+        // a write(2) no longer makes a GETXATTR(security.capability) round
+        // trip before its WRITE.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         // ls -l gets attributes with the listing: no LOOKUP per entry.
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
@@ -258,6 +284,10 @@ impl Filesystem for FuseFs {
             size,
             atime: atime.map(time_of),
             mtime: mtime.map(time_of),
+            // Every chown of a file, and a truncation by a process without
+            // CAP_FSETID (FUSE_HANDLE_KILLPRIV_V2 says so in a flag fuser
+            // does not pass on; see `lacks_fsetid`).
+            kill_suid: uid.is_some() || gid.is_some() || (size.is_some() && lacks_fsetid(req)),
         };
         self.spawn(span!("setattr", req, ino = ino.0), async move {
             reply_attr(reply, ttl, fs.setattr(ino.0, s).await)
@@ -417,8 +447,19 @@ impl Filesystem for FuseFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (fs, pid) = (self.fs.clone(), req.pid());
+        let kill = flags.0 & libc::O_TRUNC != 0 && lacks_fsetid(req);
         self.spawn(span!("open", req, ino = ino.0), async move {
             match fs.open(ino.0, flags.0).await {
+                Ok(fh) if kill => {
+                    if let Err(e) = fs.setattr(ino.0, KILL_SUID).await {
+                        let _ = fs.release(fh).await;
+                        return reply.error(fail(&e));
+                    }
+                    if let Some(t) = tgid_of(pid) {
+                        fs.set_opener(fh, t);
+                    }
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
                 Ok(fh) => {
                     if let Some(t) = tgid_of(pid) {
                         fs.set_opener(fh, t);
@@ -457,14 +498,21 @@ impl Filesystem for FuseFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         self.fs.note_writer(fh.0, req.pid());
+        // Set-user-ID to clear first (a writer without CAP_FSETID):
+        // only where the attributes show some, or are not known.
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && self
+                .fs
+                .getattr_cached(ino.0)
+                .is_none_or(|a| crate::fs::killed_perm(a.perm) != a.perm);
         // A write that is only a write to the staged file is done here.
-        {
+        if !kill {
             let _span = span!("write", req, ino = ino.0, fh = fh.0).entered();
             match self.fs.write_now(fh.0, offset, data) {
                 Some(Ok(n)) => return reply.written(n),
@@ -474,6 +522,9 @@ impl Filesystem for FuseFs {
         }
         let (fs, data) = (self.fs.clone(), data.to_vec());
         self.spawn(span!("write", req, ino = ino.0, fh = fh.0), async move {
+            if kill && let Err(e) = fs.setattr(ino.0, KILL_SUID).await {
+                return reply.error(fail(&e));
+            }
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(fail(&e)),

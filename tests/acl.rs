@@ -8,7 +8,6 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -385,14 +384,6 @@ async fn core_a_garbage_stored_acl_is_no_acl() {
 }
 
 // ------------------------------------------------------------ real mount
-
-/// A mount other uids can reach (the tests' temp dirs are 0700).
-fn shared_mount(b: &Bucket, extra: &str) -> Mount {
-    let m = Mount::new(b, &format!("allow_other,{extra}"));
-    let parent = m.dir.parent().unwrap();
-    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
-    m
-}
 
 /// The line of `getfacl` output that starts with `prefix`.
 fn line<'a>(acl: &'a str, prefix: &str) -> &'a str {

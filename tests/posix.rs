@@ -7,7 +7,8 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::os::unix::fs::MetadataExt;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -410,6 +411,59 @@ fn a_file_keeps_its_inode_number_when_the_kernel_evicts_it() {
     evict();
     assert_eq!(stat(&m, "d/h").ino(), h, "a file this mount made");
     assert_ne!(h, f);
+}
+
+/// Set-user-ID and set-group-ID (with group execute) are cleared as Linux
+/// clears them: by a write, a truncation and an `O_TRUNC` open of another
+/// user (no CAP_FSETID), by every chown, not by root's own write; the
+/// bits of what was cleared land in S3 too. (The filesystem does it
+/// itself: FUSE_HANDLE_KILLPRIV_V2 spares each write a GETXATTR.)
+#[test]
+fn set_user_id_is_cleared_by_writes_truncations_and_chown() {
+    let b = Bucket::new(server(), "killsuid", false);
+    let m = shared_mount(&b, "");
+    let f = m.path("f");
+    std::fs::write(&f, b"data").unwrap();
+    std::os::unix::fs::chown(&f, Some(1000), Some(1000)).unwrap();
+    let mode = || stat(&m, "f").mode() & 0o7777;
+    let set = |bits: u32| {
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(bits)).unwrap();
+        assert_eq!(mode(), bits);
+    };
+    let path = f.display().to_string();
+    let as_owner = |script: &str| {
+        let (ok, out) = as_user(1000, &script.replace("F", &path));
+        assert!(ok, "{script}: {out}");
+    };
+    set(0o6755);
+    as_owner("echo more >> F");
+    assert_eq!(mode(), 0o755, "a write by the owner");
+    set(0o6745);
+    as_owner("echo more >> F");
+    assert_eq!(mode(), 0o2745, "set-group-ID without group execute stays");
+    set(0o6755);
+    as_owner("truncate -s 2 F");
+    assert_eq!(mode(), 0o755, "truncate");
+    set(0o6755);
+    as_owner(": > F");
+    assert_eq!(mode(), 0o755, "an O_TRUNC open");
+    set(0o6755);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&f)
+        .unwrap()
+        .write_all(b"root")
+        .unwrap();
+    assert_eq!(mode(), 0o6755, "root's own write keeps them");
+    std::os::unix::fs::chown(&f, Some(1001), None).unwrap();
+    assert_eq!(mode(), 0o755, "chown, even by root");
+    assert_eq!(std::fs::read(&f).unwrap(), b"root", "what the steps wrote");
+    assert!(
+        poll(Duration::from_secs(30), || b.metadata("f")["mode"]
+            == (0o100755).to_string()),
+        "stored: {:?}",
+        b.metadata("f")
+    );
 }
 
 /// What is below a renamed directory keeps its times to the nanosecond:

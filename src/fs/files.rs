@@ -194,6 +194,22 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<SystemTime>,
     pub mtime: Option<SystemTime>,
+    /// Clear set-user-ID, and set-group-ID where the group may execute
+    /// (`killed_perm`), after applying `mode` if any: a chown, and a write
+    /// or truncation by a process without CAP_FSETID (the kernel leaves
+    /// this to the filesystem under FUSE_HANDLE_KILLPRIV_V2).
+    pub kill_suid: bool,
+}
+
+/// `perm` without set-user-ID, and without set-group-ID when the group may
+/// execute (without group execute it marks mandatory locking, which Linux
+/// leaves), as Linux clears them on chown, write and truncate.
+pub fn killed_perm(perm: u16) -> u16 {
+    let mut p = perm & !(libc::S_ISUID as u16);
+    if p & (libc::S_ISGID as u16 | 0o010) == libc::S_ISGID as u16 | 0o010 {
+        p &= !(libc::S_ISGID as u16);
+    }
+    p
 }
 
 /// The read pin of an object: its version when known, else its ETag.

@@ -43,7 +43,7 @@ use tracing::debug;
 
 pub use attr::{Attr, Defaults, FileKind};
 use files::{Handle, OpenFile};
-pub use files::{PendingFile, SetAttr};
+pub use files::{PendingFile, SetAttr, killed_perm};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;

@@ -699,8 +699,14 @@ impl Fs {
         if self.read_only() {
             return Err(FsError::ReadOnly);
         }
-        let s = self.without_object_metadata(s)?;
+        let mut s = self.without_object_metadata(s)?;
         let attr = self.getattr(ino).await?;
+        if s.kill_suid && attr.kind != FileKind::Dir {
+            let perm = s.mode.map_or(attr.perm, |m| (m & 0o7777) as u16);
+            if super::files::killed_perm(perm) != perm {
+                s.mode = Some(super::files::killed_perm(perm).into());
+            }
+        }
         if let Some(size) = s.size {
             if attr.kind == FileKind::Dir {
                 return Err(FsError::IsDir);

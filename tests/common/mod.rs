@@ -788,3 +788,15 @@ pub fn get_xattr(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
     buf.truncate(r as usize);
     Ok(buf)
 }
+
+/// A mount other uids can reach (the tests' temp dirs are 0700).
+pub fn shared_mount(b: &Bucket, extra: &str) -> Mount {
+    let m = Mount::new(b, &format!("allow_other,{extra}"));
+    let parent = m.dir.parent().unwrap();
+    std::fs::set_permissions(
+        parent,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )
+    .unwrap();
+    m
+}
