@@ -830,7 +830,14 @@ fn serve(
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cpus + 1).clamp(2, 16)
     }));
-    config.clone_fd = true;
+    // A clone per thread needs /dev/fuse opened again by this process
+    // (not only by fusermount3): where it cannot be, the threads share
+    // the one descriptor (slower for small writes, not wrong).
+    config.clone_fd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok();
     config.acl = if o.allow_other {
         SessionACL::All
     } else if o.allow_root {
