@@ -466,6 +466,57 @@ fn set_user_id_is_cleared_by_writes_truncations_and_chown() {
     );
 }
 
+/// A directory handle opened before a rename or an unlink lists from its
+/// snapshot; the kernel links each name it is given to its inode. The old
+/// name must not come back pointing at the renamed file (an `O_TRUNC`
+/// open of it then truncated the renamed file, in S3 too), nor the name
+/// of a file unlinked while open.
+#[test]
+fn a_listing_older_than_a_rename_does_not_bring_the_old_name_back() {
+    let b = Bucket::new(server(), "stalelist", false);
+    let m = Mount::new(&b, "");
+    std::fs::create_dir(m.path("g")).unwrap();
+    std::fs::write(m.path("g/doc.tmp"), b"v1\n").unwrap();
+    std::fs::write(m.path("g/gone"), b"x").unwrap();
+    let held = std::fs::File::open(m.path("g/gone")).unwrap();
+    let dir = c_str(m.path("g").to_str().unwrap());
+    let d = unsafe { libc::opendir(dir.as_ptr()) };
+    assert!(!d.is_null());
+    std::fs::rename(m.path("g/doc.tmp"), m.path("g/doc")).unwrap();
+    std::fs::remove_file(m.path("g/gone")).unwrap();
+    let mut listed = Vec::new();
+    loop {
+        let e = unsafe { libc::readdir(d) };
+        if e.is_null() {
+            break;
+        }
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        listed.push(name.to_string_lossy().into_owned());
+    }
+    unsafe { libc::closedir(d) };
+    // The names may be listed (POSIX leaves it open for a handle older
+    // than the change); they must not resolve.
+    assert!(listed.iter().any(|n| n == "doc.tmp" || n == "doc"), "{listed:?}");
+    assert_eq!(
+        std::fs::metadata(m.path("g/gone"))
+            .map_err(|e| e.raw_os_error())
+            .err(),
+        Some(Some(libc::ENOENT))
+    );
+    assert_eq!(
+        std::fs::metadata(m.path("g/doc.tmp"))
+            .map_err(|e| e.raw_os_error())
+            .err(),
+        Some(Some(libc::ENOENT))
+    );
+    // rsync's next temporary file, at the old name.
+    std::fs::write(m.path("g/doc.tmp"), b"").unwrap();
+    assert_eq!(std::fs::read(m.path("g/doc")).unwrap(), b"v1\n");
+    assert_eq!(b.get("g/doc").as_deref(), Some(&b"v1\n"[..]));
+    assert_eq!(b.get("g/doc.tmp").as_deref(), Some(&b""[..]));
+    drop(held);
+}
+
 /// What is below a renamed directory keeps its times to the nanosecond:
 /// they are stored with their nanoseconds, as s3fs-fuse stores them, so
 /// reading them back after the move (the keys were copied) changes nothing.

@@ -992,8 +992,22 @@ impl Fs {
             let cached = {
                 let t = self.table.lock();
                 t.get(e.ino).map(|n| {
+                    // Still at this very name: since the listing the node
+                    // may have been renamed, or unlinked while open, and
+                    // the kernel links the name it is given to the inode
+                    // (an `O_TRUNC` open of the old name would then
+                    // truncate the renamed file).
+                    let mapped = match &n.key {
+                        NodeKey::Path(p) => {
+                            t.find(&n.key) == Some(e.ino)
+                                && (dot
+                                    || (n.parent == dir_ino
+                                        && p.rsplit('/').next() == Some(e.name.as_str())))
+                        }
+                        NodeKey::Detached(_) => dot,
+                        _ => true,
+                    };
                     let path = matches!(n.key, NodeKey::Path(_));
-                    let mapped = !path || t.find(&n.key) == Some(e.ino);
                     (n.attr.clone(), n.meta_known, mapped, path)
                 })
             };
