@@ -974,8 +974,15 @@ fn serve(
     if let Some(s) = socket {
         s.remove();
     }
-    if let Err(e) = run {
-        error!(error = %e, "FUSE session ended with an error");
+    match run {
+        // A connection aborted (`umount -l`, `fusectl abort`): with several
+        // threads reading, one of them may see ECONNABORTED where fuser
+        // only takes ENODEV as the end. The uploads above ran all the same.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            debug!(error = %e, "FUSE connection aborted")
+        }
+        Err(e) => error!(error = %e, "FUSE session ended with an error"),
+        Ok(()) => {}
     }
     info!("unmounted");
     rt.shutdown_timeout(std::time::Duration::from_secs(5));

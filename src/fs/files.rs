@@ -202,8 +202,10 @@ pub struct SetAttr {
 }
 
 /// `perm` without set-user-ID, and without set-group-ID when the group may
-/// execute (without group execute it marks mandatory locking, which Linux
-/// leaves), as Linux clears them on chown, write and truncate.
+/// execute, as Linux clears them on chown, write and truncate. Without
+/// group execute Linux clears set-group-ID only for a caller outside the
+/// file's group, which a FUSE request does not tell (supplementary groups):
+/// it is kept, and means nothing without group execute.
 pub fn killed_perm(perm: u16) -> u16 {
     let mut p = perm & !(libc::S_ISUID as u16);
     if p & (libc::S_ISGID as u16 | 0o010) == libc::S_ISGID as u16 | 0o010 {
