@@ -211,25 +211,7 @@ fn extended_attributes_bucketfs_does_not_keep_are_not_supported() {
     let b = Bucket::new(server(), "xattrs", false);
     let m = Mount::new(&b, PINNED);
     b.put("f", b"data");
-    let get = |name: &str| -> Result<Vec<u8>, i32> {
-        let path =
-            std::ffi::CString::new(m.path("f").into_os_string().into_encoded_bytes()).unwrap();
-        let n = std::ffi::CString::new(name).unwrap();
-        let mut buf = vec![0u8; 256];
-        let r = unsafe {
-            libc::getxattr(
-                path.as_ptr(),
-                n.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
-        }
-        buf.truncate(r as usize);
-        Ok(buf)
-    };
+    let get = |name: &str| get_xattr(&m.path("f"), name);
     assert_eq!(get("security.selinux"), Err(libc::ENOTSUP));
     assert_eq!(get("system.nfs4_acl"), Err(libc::ENOTSUP));
     // POSIX ACLs are kept (tests/acl.rs): this file has none.

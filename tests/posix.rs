@@ -496,7 +496,10 @@ fn a_listing_older_than_a_rename_does_not_bring_the_old_name_back() {
     unsafe { libc::closedir(d) };
     // The names may be listed (POSIX leaves it open for a handle older
     // than the change); they must not resolve.
-    assert!(listed.iter().any(|n| n == "doc.tmp" || n == "doc"), "{listed:?}");
+    assert!(
+        listed.iter().any(|n| n == "doc.tmp" || n == "doc"),
+        "{listed:?}"
+    );
     assert_eq!(
         std::fs::metadata(m.path("g/gone"))
             .map_err(|e| e.raw_os_error())
