@@ -234,6 +234,27 @@ async fn readdirplus_replies_hold_only_entries_with_their_own_metadata_and_list_
     assert_eq!(seen, want, "every entry once, in order");
 }
 
+/// An open that lost the race with an unlink (the kernel looked the name up,
+/// another process unlinked it, then the OPEN came) is ESTALE, which makes
+/// the kernel look the name up again (and an O_CREAT open create it anew);
+/// it was EISDIR.
+#[tokio::test]
+async fn opening_a_file_unlinked_since_its_lookup_is_estale() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("f", b"data", Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    fs.unlink(ROOT_INO, name("f")).await.unwrap();
+    for flags in [libc::O_RDONLY, libc::O_WRONLY | libc::O_TRUNC] {
+        assert_eq!(
+            fs.open(a.ino, flags).await,
+            Err(FsError::Io(libc::ESTALE)),
+            "{flags:o}"
+        );
+    }
+    assert!(s.object("f").is_none());
+}
+
 #[tokio::test]
 async fn a_new_small_file_costs_one_put() {
     let s = Arc::new(MemStore::versioned());

@@ -307,6 +307,10 @@ impl Fs {
                     kept: None,
                 })
             }
+            // Unlinked between the kernel's lookup and this open (another
+            // process won the race): ESTALE makes the kernel look the name
+            // up again, and an `O_CREAT` open then creates it anew.
+            NodeKey::Detached(_) => return Err(FsError::Io(libc::ESTALE)),
             _ => return Err(FsError::IsDir),
         };
         let generation = self.table.lock().get(ino).map_or(0, |n| n.generation);
