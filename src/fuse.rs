@@ -94,7 +94,6 @@ fn tgid_of(pid: u32) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// One reply for an entry result.
 /// A setattr that only clears set-user-ID and set-group-ID, if set.
 const KILL_SUID: SetAttr = SetAttr {
     fh: None,
@@ -116,6 +115,7 @@ fn lacks_fsetid(req: &Request) -> bool {
     req.uid() != 0
 }
 
+/// One reply for an entry result.
 fn reply_entry(reply: ReplyEntry, ttl: Duration, r: FsResult<Attr>) {
     match r {
         Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
@@ -450,17 +450,11 @@ impl Filesystem for FuseFs {
         let kill = flags.0 & libc::O_TRUNC != 0 && lacks_fsetid(req);
         self.spawn(span!("open", req, ino = ino.0), async move {
             match fs.open(ino.0, flags.0).await {
-                Ok(fh) if kill => {
-                    if let Err(e) = fs.setattr(ino.0, KILL_SUID).await {
+                Ok(fh) => {
+                    if kill && let Err(e) = fs.setattr(ino.0, KILL_SUID).await {
                         let _ = fs.release(fh).await;
                         return reply.error(fail(&e));
                     }
-                    if let Some(t) = tgid_of(pid) {
-                        fs.set_opener(fh, t);
-                    }
-                    reply.opened(FileHandle(fh), FopenFlags::empty())
-                }
-                Ok(fh) => {
                     if let Some(t) = tgid_of(pid) {
                         fs.set_opener(fh, t);
                     }

@@ -435,18 +435,21 @@ fn set_user_id_is_cleared_by_writes_truncations_and_chown() {
         let (ok, out) = as_user(1000, &script.replace("F", &path));
         assert!(ok, "{script}: {out}");
     };
-    set(0o6755);
-    as_owner("echo more >> F");
-    assert_eq!(mode(), 0o755, "a write by the owner");
-    set(0o6745);
-    as_owner("echo more >> F");
-    assert_eq!(mode(), 0o2745, "set-group-ID without group execute stays");
-    set(0o6755);
-    as_owner("truncate -s 2 F");
-    assert_eq!(mode(), 0o755, "truncate");
-    set(0o6755);
-    as_owner(": > F");
-    assert_eq!(mode(), 0o755, "an O_TRUNC open");
+    for (before, script, after, what) in [
+        (0o6755, "echo more >> F", 0o755, "a write by the owner"),
+        (
+            0o6745,
+            "echo more >> F",
+            0o2745,
+            "set-group-ID without group execute stays",
+        ),
+        (0o6755, "truncate -s 2 F", 0o755, "truncate"),
+        (0o6755, ": > F", 0o755, "an O_TRUNC open"),
+    ] {
+        set(before);
+        as_owner(script);
+        assert_eq!(mode(), after, "{what}");
+    }
     set(0o6755);
     std::fs::OpenOptions::new()
         .append(true)

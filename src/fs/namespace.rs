@@ -703,8 +703,9 @@ impl Fs {
         let attr = self.getattr(ino).await?;
         if s.kill_suid && attr.kind != FileKind::Dir {
             let perm = s.mode.map_or(attr.perm, |m| (m & 0o7777) as u16);
-            if super::files::killed_perm(perm) != perm {
-                s.mode = Some(super::files::killed_perm(perm).into());
+            let killed = super::files::killed_perm(perm);
+            if killed != perm {
+                s.mode = Some(killed.into());
             }
         }
         if let Some(size) = s.size {
