@@ -60,6 +60,9 @@ pub fn is_expected(e: &FsError) -> bool {
             | FsError::NoAttr
             | FsError::Range
             | FsError::NotSupported
+            // Opened after its unlink (a lost race): the kernel looks the
+            // name up again.
+            | FsError::Io(libc::ESTALE)
     )
 }
 

@@ -353,11 +353,9 @@ impl Fs {
             let object = {
                 let t = self.table.lock();
                 let n = t.get(ino).ok_or(FsError::NotFound)?;
-                (
-                    n.object.clone(),
-                    n.path().unwrap_or_default().to_string(),
-                    n.generation,
-                )
+                // Unlinked since open's look at it: as open itself says.
+                let path = n.path().ok_or(FsError::Io(libc::ESTALE))?;
+                (n.object.clone(), path.to_string(), n.generation)
             };
             let (object, path, generation) = object;
             let replaces = object.as_ref().map(|o| o.etag.clone());
@@ -440,7 +438,7 @@ impl Fs {
     /// Marks a file's data as differing from S3, journaling from now on so
     /// a killed daemon's next mount can finish the upload.
     fn set_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
-        if st.staged.is_unlinked() {
+        if st.staged.is_unlinked() || self.discard_if_nameless(ino, st) {
             return Ok(());
         }
         if !st.dirty || !st.staged.journaling() {
@@ -449,6 +447,22 @@ impl Fs {
         }
         st.dirty = true;
         Ok(())
+    }
+
+    /// The file lost its name (unlinked, or replaced by a rename) while
+    /// this state was not there for the unlink to discard: its open raced
+    /// the unlink's DeleteObject. Its data is discarded as the unlink would
+    /// have, so no journal outlives its last close.
+    fn discard_if_nameless(&self, ino: u64, st: &mut WriteState) -> bool {
+        let nameless = self
+            .table
+            .lock()
+            .get(ino)
+            .is_some_and(|n| matches!(n.key, NodeKey::Detached(_)));
+        if nameless && !st.staged.is_unlinked() {
+            st.discard();
+        }
+        nameless
     }
 
     fn note_size(&self, ino: u64, size: u64) {
@@ -717,7 +731,7 @@ impl Fs {
 
     /// Uploads the inode's dirty data, if any. The error is the upload's.
     pub(super) async fn upload_if_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
-        if !st.dirty || st.staged.is_unlinked() {
+        if !st.dirty || st.staged.is_unlinked() || self.discard_if_nameless(ino, st) {
             return Ok(());
         }
         let (path, attr, generation, object) = {
@@ -1338,6 +1352,7 @@ impl Fs {
         if st.handles > 0 {
             return Ok(());
         }
+        self.discard_if_nameless(ino, &mut st);
         if st.staged.is_unlinked() && self.file_handles_open(ino) {
             // Readers still read what was written: kept until the last
             // of them closes (`end_unlinked_state`).
