@@ -10,14 +10,14 @@ use std::ffi::{OsStr, OsString};
 use std::future::Future;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -42,6 +42,8 @@ pub struct FuseFs {
     /// capability would turn that on anyway) and a place to keep them
     /// (object metadata). Off, their names answer ENOTSUP.
     posix_acl: bool,
+    /// Tells the kernel to drop what it cached (set once the session is).
+    kernel: Arc<OnceLock<Notifier>>,
 }
 
 impl FuseFs {
@@ -52,7 +54,13 @@ impl FuseFs {
             rt,
             ttl,
             posix_acl,
+            kernel: Default::default(),
         }
+    }
+
+    /// Where the session's notifier goes once it exists.
+    pub fn kernel_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.kernel.clone()
     }
 
     /// Whether the extended attribute `name` is one this mount keeps.
@@ -72,6 +80,19 @@ impl FuseFs {
     {
         self.rt.spawn(f.instrument(span));
     }
+}
+
+/// Clears set-user-ID (a writer without CAP_FSETID), and has the kernel
+/// forget the mode it holds: neither the reply to a write nor to an open
+/// carries attributes, so it would show the old bits until they expire.
+async fn kill_suid(fs: &Buckets, kernel: &OnceLock<Notifier>, ino: INodeNo) -> FsResult<()> {
+    fs.setattr(ino.0, KILL_SUID).await?;
+    if let Some(k) = kernel.get()
+        && let Err(e) = k.inval_inode(ino, -1, 0)
+    {
+        debug!(error = %e, "could not invalidate the kernel's attributes");
+    }
+    Ok(())
 }
 
 /// The errno of a failure, logged once.
@@ -446,12 +467,12 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (fs, pid) = (self.fs.clone(), req.pid());
+        let (fs, pid, kernel) = (self.fs.clone(), req.pid(), self.kernel.clone());
         let kill = flags.0 & libc::O_TRUNC != 0 && lacks_fsetid(req);
         self.spawn(span!("open", req, ino = ino.0), async move {
             match fs.open(ino.0, flags.0).await {
                 Ok(fh) => {
-                    if kill && let Err(e) = fs.setattr(ino.0, KILL_SUID).await {
+                    if kill && let Err(e) = kill_suid(&fs, &kernel, ino).await {
                         let _ = fs.release(fh).await;
                         return reply.error(fail(&e));
                     }
@@ -514,9 +535,9 @@ impl Filesystem for FuseFs {
                 None => {}
             }
         }
-        let (fs, data) = (self.fs.clone(), data.to_vec());
+        let (fs, data, kernel) = (self.fs.clone(), data.to_vec(), self.kernel.clone());
         self.spawn(span!("write", req, ino = ino.0, fh = fh.0), async move {
-            if kill && let Err(e) = fs.setattr(ino.0, KILL_SUID).await {
+            if kill && let Err(e) = kill_suid(&fs, &kernel, ino).await {
                 return reply.error(fail(&e));
             }
             match fs.write(fh.0, offset, &data).await {

@@ -847,6 +847,7 @@ fn serve(
     };
     let posix_acl = o.default_permissions && o.object_metadata;
     let fuse = FuseFs::new(buckets.clone(), rt.handle().clone(), posix_acl);
+    let kernel = fuse.kernel_slot();
     let source = match &config.mount_options[0] {
         MountOption::FSName(s) => s.clone(),
         _ => o.bucket.clone(),
@@ -867,6 +868,7 @@ fn serve(
                 (s, Some(u))
             }
         };
+    let _ = kernel.set(session.notifier());
     buckets.set_mount_id(mount_id_of(mountpoint).unwrap_or(0));
     raise_kernel_read_ahead(mountpoint);
     let info = crate::status::MountInfo {
