@@ -62,6 +62,40 @@ fn reads_survive_resets_and_bodies_cut_short() {
     assert_eq!(proxy.faults_injected(), 3);
 }
 
+/// A read-ahead GET (several blocks in one range) whose body breaks off
+/// half-way: the blocks that arrived whole are kept, the retry asks only
+/// for the rest, and the reader gets every byte right.
+#[test]
+fn a_read_ahead_get_cut_short_resumes_where_it_broke() {
+    let (proxy, b, m) = through_proxy("resume-read");
+    let data = pattern(24 * 1024 * 1024 + 5, 9);
+    b.put("f", &data);
+    proxy.inject_get_longer_than(1024 * 1024, 1, Fault::CutShort);
+    assert_eq!(
+        sha256_file(&m.path("f")),
+        sha256(&data),
+        "never served a short body"
+    );
+    assert_eq!(proxy.faults_injected(), 1, "no read-ahead GET was cut");
+    let ranges: Vec<std::ops::Range<u64>> = proxy
+        .heads()
+        .iter()
+        .filter(|h| h.starts_with("GET "))
+        .filter_map(|h| common::proxy::range_of(h.as_bytes()))
+        .collect();
+    let cut = ranges
+        .iter()
+        .find(|r| r.end - r.start > 1024 * 1024)
+        .unwrap()
+        .clone();
+    assert!(
+        ranges
+            .iter()
+            .any(|r| r.end == cut.end && r.start > cut.start && r.start % (1024 * 1024) == 0),
+        "no GET resumed {cut:?} at a block past its start: {ranges:?}"
+    );
+}
+
 #[test]
 fn a_failure_past_the_retries_is_eio_at_close_and_leaves_nothing_behind() {
     let (proxy, b, m) = through_proxy("giveup");

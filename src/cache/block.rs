@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use futures::FutureExt;
 use lru::LruCache;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -395,33 +394,50 @@ impl BlockCache {
         };
         let start = lo.index * bs;
         let end = ((hi.index + 1) * bs).min(object_size);
-        let run = {
-            let key = first.key.clone();
-            async move { store.get_range(&key, start..end, pin).await }
-        }
-        .shared();
         self.stats
             .misses
             .fetch_add(claimed.len() as u64, Ordering::Relaxed);
-        let fills = claimed.iter().map(|(bk, cell)| {
-            let run = run.clone();
-            cell.get_or_try_init(move || async move {
-                let data = run.await?;
-                let from = bk.index * bs - start;
-                let to = ((bk.index + 1) * bs).min(object_size) - start;
-                if (data.len() as u64) < to {
-                    // The object is shorter than its listing said: it changed.
-                    return Err(StoreError::PreconditionFailed);
-                }
-                let block = data.slice(from as usize..to as usize);
-                self.insert(bk.clone(), block.clone());
-                if let Some(disk) = &self.disk {
-                    disk.write(bk, block.clone());
-                }
-                Ok(block)
+        // Each block is filled as soon as its bytes have arrived: a reader
+        // waits for its block, not for the whole run.
+        let mut senders = HashMap::new();
+        let fills: Vec<_> = claimed
+            .iter()
+            .map(|(bk, cell)| {
+                let (tx, rx) = tokio::sync::oneshot::channel::<StoreResult<Bytes>>();
+                senders.insert(bk.index, tx);
+                cell.get_or_try_init(move || async move {
+                    let block = rx.await.unwrap_or(Err(StoreError::PreconditionFailed))?;
+                    let want = ((bk.index + 1) * bs).min(object_size) - bk.index * bs;
+                    if (block.len() as u64) < want {
+                        // The object is shorter than its listing said: it changed.
+                        return Err(StoreError::PreconditionFailed);
+                    }
+                    self.insert(bk.clone(), block.clone());
+                    if let Some(disk) = &self.disk {
+                        disk.write(bk, block.clone());
+                    }
+                    Ok(block)
+                })
             })
-        });
-        let results = futures::future::join_all(fills).await;
+            .collect();
+        let get = async move {
+            let mut next = lo.index;
+            let r = store
+                .get_range_pieces(&first.key, start..end, pin, bs, &mut |piece| {
+                    if let Some(tx) = senders.remove(&next) {
+                        let _ = tx.send(Ok(piece));
+                    }
+                    next += 1;
+                })
+                .await;
+            // Blocks the GET did not bring: it failed, or the object is
+            // shorter than its listing said (it changed).
+            let e = r.err().unwrap_or(StoreError::PreconditionFailed);
+            for (_, tx) in senders.drain() {
+                let _ = tx.send(Err(e.clone()));
+            }
+        };
+        let ((), results) = futures::join!(get, futures::future::join_all(fills));
         if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
             debug!(key = %first.key, error = %e, "read-ahead failed");
         }

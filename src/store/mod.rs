@@ -442,6 +442,30 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// A byte range of an object. The range is clamped to the object size.
     async fn get_range(&self, key: &str, range: Range<u64>, pin: &ReadPin) -> StoreResult<Bytes>;
 
+    /// The same bytes, handed to `sink` in order as pieces of `piece`
+    /// bytes (the last may be shorter) as soon as each has arrived, so a
+    /// reader of the first need not wait for the whole range. Fewer bytes
+    /// than asked are handed on when the object is shorter; a failure
+    /// after some pieces leaves those handed on.
+    async fn get_range_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        pin: &ReadPin,
+        piece: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> StoreResult<()> {
+        let data = self.get_range(key, range, pin).await?;
+        let piece = piece.max(1) as usize;
+        let mut at = 0;
+        while at < data.len() {
+            let to = (at + piece).min(data.len());
+            sink(data.slice(at..to));
+            at = to;
+        }
+        Ok(())
+    }
+
     /// PutObject. `keep`: the headers of the object this one replaces,
     /// sent again (a mount option still wins); without them the
     /// Content-Type comes from the key's extension.

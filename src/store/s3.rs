@@ -1066,12 +1066,15 @@ impl S3Store {
         })
     }
 
-    async fn get_range_once(
+    /// One GET of `range`, its body handed to `on_chunk` as it arrives.
+    /// A body that stalls or comes short is an error (transient).
+    async fn get_body_once(
         &self,
         key: &str,
         range: Range<u64>,
         pin: &ReadPin,
-    ) -> StoreResult<Bytes> {
+        on_chunk: &mut (dyn FnMut(Bytes) + Send),
+    ) -> StoreResult<()> {
         let mut req = self
             .client
             .get_object()
@@ -1095,34 +1098,35 @@ impl S3Store {
             Ok(out) => out,
             // A range starting at or past the end of the object.
             Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
-                return Ok(Bytes::new());
+                return Ok(());
             }
             Err(e) => return Err(classify(e)),
         };
         let expected = out.content_length().unwrap_or(-1);
         let mut body = out.body;
-        let mut buf = bytes::BytesMut::with_capacity(expected.max(0) as usize);
+        let mut got = 0i64;
         // A body that stalls is cut: each chunk must come within the timeout.
         loop {
             match tokio::time::timeout(self.attempt_timeout, body.next()).await {
                 Err(_) => return Err(StoreError::Transient("GET body stalled".into())),
                 Ok(None) => break,
-                Ok(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
+                Ok(Some(Ok(chunk))) => {
+                    got += chunk.len() as i64;
+                    self.counters.add_received(chunk.len() as u64);
+                    on_chunk(chunk);
+                }
                 Ok(Some(Err(e))) => {
                     return Err(StoreError::Transient(format!("reading body: {e}")));
                 }
             }
         }
-        let data = buf.freeze();
-        self.counters.add_received(data.len() as u64);
         // A body cut short must never be served as data.
-        if expected >= 0 && data.len() as i64 != expected {
+        if expected >= 0 && got != expected {
             return Err(StoreError::Transient(format!(
-                "body cut short: {} of {expected} bytes",
-                data.len()
+                "body cut short: {got} of {expected} bytes"
             )));
         }
-        Ok(data)
+        Ok(())
     }
 }
 
@@ -1212,8 +1216,48 @@ impl ObjectStore for S3Store {
         }
         // A body that breaks off, stalls or comes short is retried like a
         // failed request, never served.
-        self.retry(Op::Get, key, || {
-            self.get_range_once(key, range.clone(), pin)
+        self.retry(Op::Get, key, || async {
+            let mut buf = bytes::BytesMut::with_capacity((range.end - range.start) as usize);
+            self.get_body_once(key, range.clone(), pin, &mut |c| buf.extend_from_slice(&c))
+                .await?;
+            Ok(buf.freeze())
+        })
+        .await
+    }
+
+    async fn get_range_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        pin: &ReadPin,
+        piece: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> StoreResult<()> {
+        // Bytes handed on so far: a retry asks only for the rest (a piece
+        // is handed on whole, so what a broken body left half is fetched
+        // again).
+        let done = parking_lot::Mutex::new((0u64, sink));
+        let len = range.end - range.start;
+        self.retry(Op::Get, key, || async {
+            let from = range.start + done.lock().0;
+            if from >= range.end {
+                return Ok(());
+            }
+            let mut buf = bytes::BytesMut::new();
+            self.get_body_once(key, from..range.end, pin, &mut |c| {
+                buf.extend_from_slice(&c);
+                let mut d = done.lock();
+                loop {
+                    let want = piece.min(len - d.0) as usize;
+                    if want == 0 || buf.len() < want {
+                        break;
+                    }
+                    let p = buf.split_to(want).freeze();
+                    d.0 += want as u64;
+                    (d.1)(p);
+                }
+            })
+            .await
         })
         .await
     }

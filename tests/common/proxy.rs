@@ -92,6 +92,14 @@ impl Proxy {
         self.plan.lock().rules.push((method.to_string(), n, fault));
     }
 
+    /// The next `n` GETs of a range longer than `len` bytes get `fault`.
+    pub fn inject_get_longer_than(&self, len: u64, n: u32, fault: Fault) {
+        self.plan
+            .lock()
+            .rules
+            .push((format!("GET>{len}"), n, fault));
+    }
+
     pub fn clear(&self) {
         self.plan.lock().rules.clear();
     }
@@ -172,6 +180,13 @@ pub fn header_of(head: &str, name: &str) -> Option<String> {
     header(head.as_bytes(), name)
 }
 
+/// The bytes a request's `Range: bytes=A-B` asks for (A..B+1).
+pub fn range_of(head: &[u8]) -> Option<std::ops::Range<u64>> {
+    let r = header(head, "range")?;
+    let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+    Some(a.parse().ok()?..b.parse::<u64>().ok()? + 1)
+}
+
 fn header(head: &[u8], name: &str) -> Option<String> {
     let text = String::from_utf8_lossy(head);
     text.lines().find_map(|l| {
@@ -234,7 +249,16 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         let f = p
             .rules
             .iter_mut()
-            .find(|(m, n, _)| *n > 0 && (m.is_empty() || *m == method))
+            .find(|(m, n, _)| {
+                *n > 0
+                    && (m.is_empty()
+                        || *m == method
+                        || m.strip_prefix("GET>").is_some_and(|len| {
+                            method == "GET"
+                                && range_of(&head)
+                                    .is_some_and(|r| r.end - r.start > len.parse::<u64>().unwrap())
+                        }))
+            })
             .map(|(_, n, f)| {
                 *n -= 1;
                 *f
