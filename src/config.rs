@@ -54,6 +54,8 @@ pub struct Options {
     /// Threads reading FUSE requests (`None`: the CPUs plus one, 2..=16).
     pub fuse_threads: Option<usize>,
     pub readahead_max_blocks: u64,
+    /// Read-ahead in flight across all open files (None: half of mem_cache).
+    pub readahead_budget_bytes: Option<u64>,
     pub versions_visible: bool,
     pub as_of: Option<SystemTime>,
     /// Use objects' x-amz-meta-* mode/uid/gid/mtime (off: mount defaults).
@@ -174,6 +176,7 @@ impl Default for Options {
             upload_concurrency: 8,
             fuse_threads: None,
             readahead_max_blocks: 16,
+            readahead_budget_bytes: None,
             versions_visible: false,
             as_of: None,
             object_metadata: true,
@@ -239,6 +242,8 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   cache_size=SIZE       disk for cached blocks under cache_dir (default 1G; 0 = none)
   block_size=SIZE       read block size, 64K..64M (default 1M)
   readahead=N           read-ahead window, in blocks (default 16; 0 = none; max 256)
+  readahead_budget=SIZE read-ahead in flight across all open files, 1M..1T
+                        (default: half of mem_cache)
   part_size=SIZE        multipart part size, 5M..5G (default 8M; grows to fit 10,000 parts).
                         s3fs alias: multipart_size=MB
   upload_concurrency=N  parts uploaded in parallel (default 8). s3fs alias: parallel_count=
@@ -618,6 +623,10 @@ impl Options {
                     self.readahead_max_blocks =
                         num_in(name, need(name, value)?, 0, 256, " blocks (0: none)")?
                 }
+                "readahead_budget" => {
+                    self.readahead_budget_bytes =
+                        Some(size_in(name, need(name, value)?, MIB, TIB, false)?)
+                }
                 // S3's limits: parts of 5 MiB to 5 GiB (the last may be smaller).
                 "part_size" => {
                     self.part_size_bytes = size_in(
@@ -808,6 +817,11 @@ mod tests {
         assert_eq!(ok("readahead=0").readahead_max_blocks, 0);
         assert_eq!(ok("readahead=256").readahead_max_blocks, 256);
         refused("readahead=257", "0..=256 blocks");
+        assert_eq!(
+            ok("readahead_budget=256M").readahead_budget_bytes,
+            Some(256 * MIB)
+        );
+        refused("readahead_budget=0", "1M..=1T");
         assert!(ok("writeback=async").writeback_async);
         assert!(!ok("writeback=sync").writeback_async);
         refused("writeback=later", "is not sync or async");

@@ -254,6 +254,7 @@ pub fn bucket_config(
         disk_cache_dir: cache_dir.join("blocks").join(blocks_hash),
         disk_cache_bytes: o.cache_size_bytes,
         readahead_max_blocks: o.readahead_max_blocks,
+        readahead_budget_bytes: o.readahead_budget_bytes,
         upload: UploadOptions {
             part_size_bytes: o.part_size_bytes,
             concurrency: o.upload_concurrency,

@@ -226,6 +226,11 @@ pub struct BlockCache {
     /// Chunks of `CHUNK` bytes read at random (index = chunk number),
     /// memory only, within a quarter of the memory budget.
     chunks: Mutex<Mem>,
+    /// Blocks of read-ahead GETs in flight, across every reader: a run
+    /// takes one per block before its GET and gives each back as that
+    /// block arrives. Read-ahead of many files at once shares it instead
+    /// of each asking for its own window.
+    readahead: tokio::sync::Semaphore,
     pub stats: CacheStats,
 }
 
@@ -249,8 +254,19 @@ impl BlockCache {
                 lru: LruCache::unbounded(),
                 bytes: 0,
             }),
+            readahead: tokio::sync::Semaphore::new(
+                (mem_limit_bytes / 2 / block_size.max(1)).max(1) as usize,
+            ),
             stats: CacheStats::default(),
         }
+    }
+
+    /// Read-ahead in flight across every reader, at most `bytes` (at
+    /// least one block; half the memory tier unless set).
+    pub fn with_readahead_budget(mut self, bytes: u64) -> Self {
+        let blocks = (bytes / self.block_size.max(1)).max(1) as usize;
+        self.readahead = tokio::sync::Semaphore::new(blocks);
+        self
     }
 
     /// With a disk tier of `limit_bytes` in `dir` (0 = none). A disk that
@@ -377,6 +393,15 @@ impl BlockCache {
             }
             None => wanted,
         };
+        // Within the budget, nearest blocks first: a later read asks for
+        // the rest once earlier blocks arrived.
+        let mut wanted = wanted;
+        wanted.truncate(self.readahead.available_permits());
+        match self.readahead.try_acquire_many(wanted.len() as u32) {
+            Ok(p) if !wanted.is_empty() => p.forget(),
+            _ => return,
+        }
+        let mut permits = wanted.len();
         let claimed: Vec<(BlockKey, Arc<OnceCell<Bytes>>)> = {
             let mut inflight = self.inflight.lock();
             let mut claimed = Vec::new();
@@ -389,6 +414,9 @@ impl BlockCache {
             }
             claimed
         };
+        // Blocks being fetched by another read already.
+        self.readahead.add_permits(permits - claimed.len());
+        permits = claimed.len();
         let (Some((lo, _)), Some((hi, _))) = (claimed.first(), claimed.last()) else {
             return;
         };
@@ -420,16 +448,20 @@ impl BlockCache {
                 })
             })
             .collect();
+        let budget = &self.readahead;
         let get = async move {
             let mut next = lo.index;
             let r = store
                 .get_range_pieces(&first.key, start..end, pin, bs, &mut |piece| {
                     if let Some(tx) = senders.remove(&next) {
+                        budget.add_permits(1);
+                        permits -= 1;
                         let _ = tx.send(Ok(piece));
                     }
                     next += 1;
                 })
                 .await;
+            budget.add_permits(permits);
             // Blocks the GET did not bring: it failed, or the object is
             // shorter than its listing said (it changed).
             let e = r.err().unwrap_or(StoreError::PreconditionFailed);
@@ -577,6 +609,39 @@ mod tests {
 
     fn pin(etag: &str) -> ReadPin {
         ReadPin::Etag(etag.into())
+    }
+
+    /// Two files read ahead at once share one budget: while the first
+    /// file's run holds all of it, the second asks for nothing; the
+    /// budget comes back as the blocks arrive.
+    #[tokio::test]
+    async fn read_ahead_of_many_files_shares_one_budget() {
+        let m = Arc::new(MemStore::versioned());
+        let a = m.insert("a", &[1u8; 200], Metadata::new()).etag;
+        let b = m.insert("b", &[2u8; 200], Metadata::new()).etag;
+        let f = crate::store::faulty::Faulty::new(m.clone());
+        let c = BlockCache::new(10, 1000).with_readahead_budget(30);
+        f.hold(Op::Get, u32::MAX);
+        let (first_a, pin_a) = (bk("a", &a, 0), pin(&a));
+        let run_a = c.fetch_run(&f, &first_a, 8, &pin_a, 200);
+        let run_b = async {
+            f.wait_held(Op::Get).await.unwrap();
+            c.fetch_run(&f, &bk("b", &b, 0), 8, &pin(&b), 200).await;
+            f.release(Op::Get);
+        };
+        tokio::join!(run_a, run_b);
+        let cached = |k: &str, e: &str| (0..20).filter(|&i| c.contains(&bk(k, e, i))).count();
+        assert_eq!(
+            cached("a", &a),
+            3,
+            "a: the nearest blocks the budget allows"
+        );
+        assert!((0..3).all(|i| c.contains(&bk("a", &a, i))));
+        assert_eq!(cached("b", &b), 0, "b asked while the budget was spent");
+        assert_eq!(f.calls(Op::Get), 1);
+        c.fetch_run(&f, &bk("b", &b, 0), 8, &pin(&b), 200).await;
+        assert_eq!(cached("b", &b), 3, "the budget came back");
+        assert_eq!(f.calls(Op::Get), 2);
     }
 
     #[tokio::test]

@@ -89,6 +89,9 @@ pub struct FsConfig {
     pub disk_cache_bytes: u64,
     /// Read-ahead grows up to this many blocks per handle.
     pub readahead_max_blocks: u64,
+    /// Read-ahead in flight across every handle, in bytes (None: half of
+    /// `mem_cache_bytes`).
+    pub readahead_budget_bytes: Option<u64>,
     pub upload: UploadOptions,
     /// Longest wait between background retries of a failed upload.
     pub upload_retry_max: Duration,
@@ -124,6 +127,7 @@ impl Default for FsConfig {
             disk_cache_dir: std::env::temp_dir().join("bucketfs-blocks"),
             disk_cache_bytes: 0,
             readahead_max_blocks: 16,
+            readahead_budget_bytes: None,
             upload: UploadOptions {
                 part_size_bytes: 8 * 1024 * 1024,
                 concurrency: 8,
@@ -298,6 +302,10 @@ impl Fs {
         Fs {
             blocks: Arc::new(
                 BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)
+                    .with_readahead_budget(
+                        cfg.readahead_budget_bytes
+                            .unwrap_or(cfg.mem_cache_bytes / 2),
+                    )
                     .with_disk(&cfg.disk_cache_dir, cfg.disk_cache_bytes),
             ),
             store,
