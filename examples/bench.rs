@@ -34,6 +34,8 @@ struct Args {
     size_mib: u64,
     files: usize,
     entries: usize,
+    /// A directory this large (0: none), listed by names only.
+    huge: usize,
     concurrency: usize,
     /// Run the same workloads through s3fs-fuse and rclone when installed.
     peers: bool,
@@ -50,6 +52,7 @@ fn args() -> Args {
         size_mib: 1024,
         files: 1000,
         entries: 10_000,
+        huge: 0,
         concurrency: 8,
         peers: true,
         load: 0,
@@ -69,6 +72,7 @@ fn args() -> Args {
             "--size-mib" => a.size_mib = val.parse().expect("--size-mib N"),
             "--files" => a.files = val.parse().expect("--files N"),
             "--entries" => a.entries = val.parse().expect("--entries N"),
+            "--huge" => a.huge = val.parse().expect("--huge N"),
             "--concurrency" => a.concurrency = val.parse().expect("--concurrency N"),
             "--load" => a.load = val.parse().expect("--load N"),
             other => panic!("unknown argument {other}"),
@@ -301,6 +305,21 @@ impl Drop for Mount {
     }
 }
 
+/// `ls FLAG DIR`, timed; its output must have `lines` lines.
+fn timed_ls(tool: Tool, flag: &str, dir: &Path, lines: usize) -> (String, f64) {
+    let t = Instant::now();
+    let out = Command::new("ls")
+        .arg(flag)
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    let d = t.elapsed().as_secs_f64();
+    let got = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(got, lines, "{} listed a wrong count", tool.name());
+    (format!("{d:.2} s"), d)
+}
+
 fn drop_page_cache() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
@@ -414,11 +433,21 @@ async fn list_keys(
     }
 }
 
+/// Peak resident memory of a process, in bytes.
 fn read_rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// Resident memory of a process now, in bytes.
+fn rss_now(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+fn status_bytes(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|n| n.parse::<u64>().ok())
@@ -630,6 +659,32 @@ fn main() {
             .buffer_unordered(64)
             .collect::<Vec<_>>()
             .await;
+        t.elapsed()
+    });
+    // A directory of plain objects (no metadata), as a data pipeline
+    // leaves it: listed by names only, for the inode table's scale.
+    let raw_huge = rt.block_on(async {
+        futures::stream::iter(0..a.huge)
+            .map(|i| {
+                let (s3, bucket) = (s3.clone(), a.bucket.clone());
+                async move {
+                    s3.put_object()
+                        .bucket(bucket)
+                        .key(format!("huge/f{i:07}"))
+                        .body(ByteStream::from(vec![1u8]))
+                        .send()
+                        .await
+                        .unwrap();
+                }
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await;
+        let t = Instant::now();
+        assert_eq!(
+            list_keys(&s3, &a.bucket, "huge/", Some("/")).await.len(),
+            a.huge
+        );
         t.elapsed()
     });
     let raw_put = rt.block_on(async {
@@ -879,19 +934,8 @@ fn main() {
             m = Mount::start_with(&a, tool, &dir, &cache, "");
         }
 
-        let ls = || {
-            let t = Instant::now();
-            let out = Command::new("ls")
-                .arg("-l")
-                .arg(dir.join("many"))
-                .stdout(Stdio::piped())
-                .output()
-                .unwrap();
-            let d = t.elapsed().as_secs_f64();
-            let lines = String::from_utf8_lossy(&out.stdout).lines().count();
-            assert_eq!(lines, a.entries + 1, "{} listed a wrong count", tool.name());
-            (format!("{d:.2} s"), d)
-        };
+        // `ls -l` prints a total line first.
+        let ls = || timed_ls(tool, "-l", &dir.join("many"), a.entries + 1);
         m.stop();
         m = Mount::start_with(&a, tool, &dir, &cache, "");
         drop_page_cache();
@@ -939,6 +983,53 @@ fn main() {
         if nom {
             m.stop();
             m = Mount::start_with(&a, tool, &dir, &cache, "");
+        }
+
+        if a.huge > 0 {
+            m.stop();
+            m = Mount::start_with(&a, tool, &dir, &cache, "");
+            drop_page_cache();
+            let start = rss_now(m.pid());
+            row(
+                &m,
+                format!("`ls -f` of {} objects, cold", a.huge),
+                (
+                    format!("{:.2} s (LIST only)", raw_huge.as_secs_f64()),
+                    Some(raw_huge),
+                ),
+                // `ls -f` lists . and .. too.
+                &mut || timed_ls(tool, "-f", &dir.join("huge"), a.huge + 2),
+            );
+            let listed = rss_now(m.pid());
+            peak = peak.max(read_rss(m.pid()));
+            // The kernel forgets every inode it was given; the daemon's
+            // table should let them go as well.
+            drop_page_cache();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut forgot = rss_now(m.pid());
+            while Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = rss_now(m.pid());
+                if now >= forgot {
+                    break;
+                }
+                forgot = now;
+            }
+            row(
+                &m,
+                format!(
+                    "daemon RSS: mounted, after that listing, after drop_caches (of {} objects)",
+                    a.huge
+                ),
+                (String::new(), None),
+                &mut || {
+                    let mib = |b: u64| b / MIB;
+                    (
+                        format!("{} / {} / {} MiB", mib(start), mib(listed), mib(forgot)),
+                        f64::NAN,
+                    )
+                },
+            );
         }
 
         row(

@@ -157,6 +157,9 @@ pub(super) const JUST_WRITTEN: std::time::Duration = std::time::Duration::from_s
 /// self-copy is made.
 pub const ATTR_BATCH: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How often the background task looks for inode table nodes to drop.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Files uploaded at once in the background (`writeback=async`, retries).
 const PENDING_UPLOADS_IN_FLIGHT: usize = 16;
 
@@ -1554,11 +1557,15 @@ impl Fs {
             loop {
                 let Some(f) = fs.upgrade() else { return };
                 let next = f.retry_pending().await;
+                f.sweep_stale();
                 let wake = f.retry_wake.clone();
                 drop(f);
-                let wait = next.map_or(std::time::Duration::from_secs(3600), |t| {
-                    t.saturating_duration_since(std::time::Instant::now())
-                });
+                // Awake at least once a sweep period.
+                let wait = next
+                    .map_or(SWEEP_EVERY, |t| {
+                        t.saturating_duration_since(std::time::Instant::now())
+                    })
+                    .min(SWEEP_EVERY);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = wake.notified() => {}

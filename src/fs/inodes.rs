@@ -99,8 +99,9 @@ pub struct InodeTable {
     negative: HashMap<String, Instant>,
     /// Size of `negative` after its last pruning of expired entries.
     negative_pruned: usize,
-    /// Size of the table after its last sweep.
+    /// Size of the table after its last sweep, and when that was.
     swept_at: usize,
+    swept: Instant,
     /// Directories (at a path) in each directory, by parent inode: the
     /// link count of a listed directory without a walk of the table. Kept
     /// by every method that changes a node's key, parent or kind.
@@ -132,6 +133,7 @@ impl InodeTable {
             negative: HashMap::new(),
             negative_pruned: 0,
             swept_at: 0,
+            swept: Instant::now(),
             subdirs: HashMap::new(),
         };
         let key = NodeKey::Path(String::new());
@@ -383,9 +385,28 @@ impl InodeTable {
     /// (they name it as parent). O(table) at most once per doubling: O(1)
     /// amortized per node.
     pub fn sweep_if_due(&mut self, grace: std::time::Duration, pinned: impl Fn(u64) -> bool) {
-        if self.by_ino.len() < SWEEP_MIN.max(2 * self.swept_at) {
-            return;
+        if self.by_ino.len() >= SWEEP_MIN.max(2 * self.swept_at) {
+            self.sweep(grace, pinned);
         }
+    }
+
+    /// The same, once `grace` has passed since the last sweep, however
+    /// much the table grew: what the kernel forgot in one burst (memory
+    /// pressure, `drop_caches`) goes within a grace period or two, not
+    /// at the next doubling. Returns the nodes dropped.
+    pub fn sweep_stale(
+        &mut self,
+        grace: std::time::Duration,
+        pinned: impl Fn(u64) -> bool,
+    ) -> usize {
+        if self.by_ino.len() < SWEEP_MIN || self.swept.elapsed() < grace {
+            return 0;
+        }
+        self.sweep(grace, pinned)
+    }
+
+    fn sweep(&mut self, grace: std::time::Duration, pinned: impl Fn(u64) -> bool) -> usize {
+        let before = self.by_ino.len();
         let now = Instant::now();
         let fresh_dir = |t: &Self, d: u64| {
             t.by_ino
@@ -425,6 +446,14 @@ impl InodeTable {
             }
         }
         self.swept_at = self.by_ino.len();
+        self.swept = now;
+        // Give the room back once most of it is empty.
+        if self.by_ino.capacity() > 4 * self.by_ino.len() {
+            self.by_ino.shrink_to_fit();
+            self.by_key.shrink_to_fit();
+            self.subdirs.shrink_to_fit();
+        }
+        before - self.by_ino.len()
     }
 
     /// Drops kernel references. At zero, unless `pinned`: a node that
@@ -626,6 +655,45 @@ mod tests {
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(t.get(inos[7]).is_some() && t.get(inos[9]).is_some() && t.get(d).is_some());
         assert!(t.find(&NodeKey::Path("d/f100".into())).is_none());
+    }
+
+    /// A listing the kernel forgot in one burst (`drop_caches`) goes at
+    /// the next periodic sweep, though the table has not grown since the
+    /// last one; before the grace period passes, nothing goes.
+    #[test]
+    fn a_forgotten_listing_goes_without_the_table_growing() {
+        let mut t = InodeTable::new(dir());
+        let d = add(&mut t, "d");
+        t.add_lookup(d);
+        let file = attr_of(crate::fs::FileKind::File);
+        let inos: Vec<u64> = (0..20_000)
+            .map(|i| {
+                t.upsert(
+                    NodeKey::Path(format!("d/f{i}")),
+                    d,
+                    file.clone(),
+                    None,
+                    None,
+                )
+            })
+            .collect();
+        for &i in &inos {
+            t.add_lookup(i);
+        }
+        let hour = std::time::Duration::from_secs(3600);
+        t.sweep_if_due(hour, |_| false);
+        assert_eq!(t.sweep_stale(hour, |_| false), 0, "within the grace period");
+        for &i in &inos {
+            t.forget(i, 1, false);
+        }
+        t.sweep_if_due(std::time::Duration::ZERO, |_| false);
+        assert_eq!(t.children_of(d).len(), 20_000, "the table did not grow");
+        assert_eq!(
+            t.sweep_stale(std::time::Duration::ZERO, |i| i == inos[3]),
+            19_999
+        );
+        assert_eq!(t.children_of(d).len(), 1, "the pinned one stays");
+        assert!(t.by_ino.capacity() < 1000, "{}", t.by_ino.capacity());
     }
 
     fn attr_of(kind: crate::fs::FileKind) -> Attr {

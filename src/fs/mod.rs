@@ -281,6 +281,10 @@ pub struct Fs {
 /// still be on its way to the kernel).
 const SWEEP_GRACE: Duration = Duration::from_secs(60);
 
+/// Nodes dropped by one sweep before freed memory is given back to the
+/// system.
+const TRIM_AFTER_NODES: usize = 10_000;
+
 impl Fs {
     pub fn new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> Fs {
         let mut root = Attr::implicit_dir(ROOT_INO, &cfg.defaults);
@@ -704,6 +708,26 @@ impl Fs {
         t.sweep_if_due(SWEEP_GRACE.max(self.cfg.metadata_ttl), |i| {
             self.has_write_state(i)
         });
+    }
+
+    /// Drops what the kernel forgot and no listing keeps, if no sweep ran
+    /// for a grace period (called now and then by the background task).
+    pub fn sweep_stale(&self) {
+        let dropped = self
+            .table
+            .lock()
+            .sweep_stale(SWEEP_GRACE.max(self.cfg.metadata_ttl), |i| {
+                self.has_write_state(i)
+            });
+        if dropped >= TRIM_AFTER_NODES {
+            debug!(dropped, "inode table swept");
+            // The nodes were many small allocations: hand the freed pages
+            // back to the system, not only to the allocator.
+            #[cfg(target_env = "gnu")]
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
     }
 
     // ------------------------------------------------------------- listing
