@@ -819,7 +819,7 @@ impl Fs {
             storage_class: None,
             metadata: Some(meta),
             // What the next overwrite keeps: what this one sent.
-            headers: Some(sent),
+            headers: Some(Box::new(sent)),
         };
         let fresh = self.fresh_until();
         if let Some(n) = self.table.lock().get_mut(ino) {
@@ -911,7 +911,7 @@ impl Fs {
         // the object replaced.
         meta.retain(|k, _| !crate::store::OWNED_METADATA.contains(&k.as_str()));
         meta.extend(own);
-        (meta, replaced.and_then(|o| o.headers))
+        (meta, replaced.and_then(|o| o.headers.map(|h| *h)))
     }
 
     /// The object an upload to `key` replaces, with its headers and user

@@ -89,7 +89,7 @@ impl Inode {
 #[derive(Debug)]
 pub struct InodeTable {
     next: u64,
-    by_ino: HashMap<u64, Inode>,
+    by_ino: HashMap<u64, Box<Inode>>,
     by_key: HashMap<NodeKey, u64>,
     /// The `NodeKey::Path` entries of `by_key`, in path order, so a
     /// directory's children and a subtree are found by a range, not by a
@@ -140,7 +140,7 @@ impl InodeTable {
         t.index(key.clone(), ROOT_INO);
         t.by_ino.insert(
             ROOT_INO,
-            Inode {
+            Box::new(Inode {
                 key,
                 parent: ROOT_INO,
                 attr: root,
@@ -155,17 +155,17 @@ impl InodeTable {
                 seen: Instant::now(),
                 entries_changed: None,
                 landed: None,
-            },
+            }),
         );
         t
     }
 
     pub fn get(&self, ino: u64) -> Option<&Inode> {
-        self.by_ino.get(&ino)
+        self.by_ino.get(&ino).map(|n| &**n)
     }
 
     pub fn get_mut(&mut self, ino: u64) -> Option<&mut Inode> {
-        self.by_ino.get_mut(&ino)
+        self.by_ino.get_mut(&ino).map(|n| &mut **n)
     }
 
     pub fn find(&self, key: &NodeKey) -> Option<u64> {
@@ -274,7 +274,7 @@ impl InodeTable {
         self.index(key.clone(), ino);
         self.by_ino.insert(
             ino,
-            Inode {
+            Box::new(Inode {
                 key,
                 parent,
                 attr,
@@ -289,7 +289,7 @@ impl InodeTable {
                 seen: Instant::now(),
                 entries_changed: None,
                 landed: None,
-            },
+            }),
         );
         self.count(ino);
         ino
@@ -526,7 +526,7 @@ impl InodeTable {
                     if let Some(n) = self.by_ino.get(&ino)
                         && n.parent == dir_ino
                     {
-                        out.push((p.as_str(), n));
+                        out.push((p.as_str(), &**n));
                     }
                     // The next path after this one.
                     from = format!("{p}\0");

@@ -153,7 +153,7 @@ impl Fs {
             version_id: version,
             storage_class: None,
             metadata: Some(meta),
-            headers: Some(headers),
+            headers: Some(Box::new(headers)),
         }
     }
 

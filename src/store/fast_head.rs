@@ -300,6 +300,6 @@ fn object_of(key: &str, h: &Headers) -> Option<ObjectInfo> {
         version_id: one("x-amz-version-id")?,
         storage_class: Some(class.unwrap_or_else(|| "STANDARD".to_string())),
         metadata: Some(metadata),
-        headers: Some(headers),
+        headers: Some(Box::new(headers)),
     })
 }

@@ -254,7 +254,7 @@ impl MemStore {
                     .unwrap_or_else(|| "STANDARD".to_string()),
             ),
             metadata: with_meta.then(|| v.meta.clone()),
-            headers: with_meta.then(|| v.headers.clone()),
+            headers: with_meta.then(|| Box::new(v.headers.clone())),
         }
     }
 }

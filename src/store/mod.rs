@@ -108,7 +108,7 @@ pub struct ObjectInfo {
     /// `None` when the source (a listing) does not carry user metadata.
     pub metadata: Option<Metadata>,
     /// `None` when the source (a listing) does not carry them.
-    pub headers: Option<ObjectHeaders>,
+    pub headers: Option<Box<ObjectHeaders>>,
 }
 
 /// One page of ListObjectsV2.

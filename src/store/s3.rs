@@ -1206,7 +1206,7 @@ impl ObjectStore for S3Store {
                     .to_string(),
             ),
             metadata: Some(out.metadata().cloned().unwrap_or_default()),
-            headers: Some(headers_of(&out)),
+            headers: Some(Box::new(headers_of(&out))),
         })
     }
 

@@ -1164,7 +1164,7 @@ impl Adoptable {
                 store,
                 &self.target,
                 &self.meta,
-                self.current.as_ref().and_then(|c| c.headers.as_ref()),
+                self.current.as_ref().and_then(|c| c.headers.as_deref()),
                 opts,
                 &Progress::default(),
             )
