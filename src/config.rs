@@ -175,7 +175,7 @@ impl Default for Options {
             part_size_bytes: 8 * MIB,
             upload_concurrency: 8,
             fuse_threads: None,
-            readahead_max_blocks: 16,
+            readahead_max_blocks: 32,
             readahead_budget_bytes: None,
             versions_visible: false,
             as_of: None,
@@ -241,7 +241,7 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   mem_cache=SIZE        memory for cached blocks (default 64M)
   cache_size=SIZE       disk for cached blocks under cache_dir (default 1G; 0 = none)
   block_size=SIZE       read block size, 64K..64M (default 1M)
-  readahead=N           read-ahead window, in blocks (default 16; 0 = none; max 256)
+  readahead=N           read-ahead window, in blocks (default 32; 0 = none; max 256)
   readahead_budget=SIZE read-ahead in flight across all open files, 1M..1T
                         (default: half of mem_cache)
   part_size=SIZE        multipart part size, 5M..5G (default 8M; grows to fit 10,000 parts).

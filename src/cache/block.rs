@@ -97,6 +97,7 @@ impl Disk {
         for e in std::fs::read_dir(&dir)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
+            // Left by versions that wrote a block aside, then renamed it.
             if name.ends_with(".tmp") {
                 let _ = std::fs::remove_file(e.path());
                 continue;
@@ -175,18 +176,20 @@ impl Disk {
         let header = bk.header();
         self.pending.fetch_add(1, Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
+            // Written in place, no rename: a file cut short (a full disk,
+            // a kill) is never served, as a read checks the identity it
+            // starts with and the block's length; and it is listed only
+            // once written whole.
             let path = disk.dir.join(&name);
-            let tmp = disk.dir.join(format!("{name}.tmp"));
             let r = (|| {
                 use std::io::Write;
                 let mut f = crate::private::private_file()
                     .write(true)
                     .create(true)
                     .truncate(true)
-                    .open(&tmp)?;
+                    .open(&path)?;
                 f.write_all(&header)?;
-                f.write_all(&data)?;
-                std::fs::rename(&tmp, &path)
+                f.write_all(&data)
             })();
             match r {
                 Ok(()) => {
@@ -201,7 +204,7 @@ impl Disk {
                     disk.evict();
                 }
                 Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
+                    let _ = std::fs::remove_file(&path);
                     if !disk.broken.swap(true, Ordering::Relaxed) {
                         warn!(dir = %disk.dir.display(), error = %e, "disk cache stopped; reads go on from S3");
                     }

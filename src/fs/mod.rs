@@ -126,7 +126,7 @@ impl Default for FsConfig {
             mem_cache_bytes: 64 * 1024 * 1024,
             disk_cache_dir: std::env::temp_dir().join("bucketfs-blocks"),
             disk_cache_bytes: 0,
-            readahead_max_blocks: 16,
+            readahead_max_blocks: 32,
             readahead_budget_bytes: None,
             upload: UploadOptions {
                 part_size_bytes: 8 * 1024 * 1024,
