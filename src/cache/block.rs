@@ -748,6 +748,16 @@ mod tests {
                 .await
                 .is_err()
         );
+        // A block file cut short (a kill or a full disk while it was
+        // written) is never served: its block comes from S3 again.
+        let f = dir.path().join(bk("k", e, 5).file_name());
+        let whole = std::fs::read(&f).unwrap();
+        std::fs::write(&f, &whole[..whole.len() - 4]).unwrap();
+        let c4 = BlockCache::new(10, 1000).with_disk(dir.path(), 10_000);
+        let gets = s.counters().get(Op::Get);
+        let got = c4.get(&s, &bk("k", e, 5), &pin(e), 100).await.unwrap();
+        assert_eq!(got.as_ref(), &data[50..60]);
+        assert_eq!(s.counters().get(Op::Get), gets + 1, "fetched again");
         // Bounded: a small limit keeps only the newest blocks.
         let c3 = BlockCache::new(10, 1000).with_disk(dir.path(), 100);
         assert!(c3.disk_bytes() <= 100);
