@@ -305,16 +305,20 @@ impl Drop for Mount {
     }
 }
 
-/// `ls FLAG DIR`, timed; its output must have `lines` lines.
-fn timed_ls(tool: Tool, flag: &str, dir: &Path, lines: usize) -> (String, f64) {
+/// `ls FLAG DIR`, timed; its output must have `lines` lines. A tool that
+/// takes more than `limit` is stopped and shown as such.
+fn timed_ls(tool: Tool, flag: &str, dir: &Path, lines: usize, limit: Duration) -> (String, f64) {
     let t = Instant::now();
-    let out = Command::new("ls")
-        .arg(flag)
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", &limit.as_secs().to_string(), "ls", flag])
         .arg(dir)
         .stdout(Stdio::piped())
         .output()
         .unwrap();
     let d = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return (format!("stopped after {} s", limit.as_secs()), f64::NAN);
+    }
     let got = String::from_utf8_lossy(&out.stdout).lines().count();
     assert_eq!(got, lines, "{} listed a wrong count", tool.name());
     (format!("{d:.2} s"), d)
@@ -935,7 +939,15 @@ fn main() {
         }
 
         // `ls -l` prints a total line first.
-        let ls = || timed_ls(tool, "-l", &dir.join("many"), a.entries + 1);
+        let ls = || {
+            timed_ls(
+                tool,
+                "-l",
+                &dir.join("many"),
+                a.entries + 1,
+                Duration::from_secs(600),
+            )
+        };
         m.stop();
         m = Mount::start_with(&a, tool, &dir, &cache, "");
         drop_page_cache();
@@ -998,7 +1010,15 @@ fn main() {
                     Some(raw_huge),
                 ),
                 // `ls -f` lists . and .. too.
-                &mut || timed_ls(tool, "-f", &dir.join("huge"), a.huge + 2),
+                &mut || {
+                    timed_ls(
+                        tool,
+                        "-f",
+                        &dir.join("huge"),
+                        a.huge + 2,
+                        Duration::from_secs(180),
+                    )
+                },
             );
             let listed = rss_now(m.pid());
             peak = peak.max(read_rss(m.pid()));
