@@ -620,22 +620,7 @@ mod tests {
     /// kernel holds and directories stay.
     #[test]
     fn unreferenced_files_of_a_stale_listing_are_swept() {
-        let mut t = InodeTable::new(dir());
-        let d = add(&mut t, "d");
-        t.add_lookup(d);
-        let mut file = dir();
-        file.kind = crate::fs::FileKind::File;
-        let inos: Vec<u64> = (0..50_000)
-            .map(|i| {
-                t.upsert(
-                    NodeKey::Path(format!("d/f{i}")),
-                    d,
-                    file.clone(),
-                    None,
-                    None,
-                )
-            })
-            .collect();
+        let (mut t, d, inos) = listed_dir(50_000);
         t.add_lookup(inos[7]);
         let fresh = Some(Instant::now() + std::time::Duration::from_secs(3600));
         t.get_mut(d).unwrap().listed_until = fresh;
@@ -662,21 +647,7 @@ mod tests {
     /// last one; before the grace period passes, nothing goes.
     #[test]
     fn a_forgotten_listing_goes_without_the_table_growing() {
-        let mut t = InodeTable::new(dir());
-        let d = add(&mut t, "d");
-        t.add_lookup(d);
-        let file = attr_of(crate::fs::FileKind::File);
-        let inos: Vec<u64> = (0..20_000)
-            .map(|i| {
-                t.upsert(
-                    NodeKey::Path(format!("d/f{i}")),
-                    d,
-                    file.clone(),
-                    None,
-                    None,
-                )
-            })
-            .collect();
+        let (mut t, d, inos) = listed_dir(20_000);
         for &i in &inos {
             t.add_lookup(i);
         }
@@ -694,6 +665,27 @@ mod tests {
         );
         assert_eq!(t.children_of(d).len(), 1, "the pinned one stays");
         assert!(t.by_ino.capacity() < 1000, "{}", t.by_ino.capacity());
+    }
+
+    /// A table with directory `d` (held by the kernel) and `n` files
+    /// listed in it.
+    fn listed_dir(n: usize) -> (InodeTable, u64, Vec<u64>) {
+        let mut t = InodeTable::new(dir());
+        let d = add(&mut t, "d");
+        t.add_lookup(d);
+        let file = attr_of(crate::fs::FileKind::File);
+        let inos = (0..n)
+            .map(|i| {
+                t.upsert(
+                    NodeKey::Path(format!("d/f{i}")),
+                    d,
+                    file.clone(),
+                    None,
+                    None,
+                )
+            })
+            .collect();
+        (t, d, inos)
     }
 
     fn attr_of(kind: crate::fs::FileKind) -> Attr {
