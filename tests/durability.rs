@@ -859,3 +859,53 @@ fn writeback_async_closes_at_once_and_a_kill_loses_nothing() {
         b.keys("")
     );
 }
+
+/// Every file left below a directory.
+fn files_below(d: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_below(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+// Found by an attack session: two processes rewriting one file at once
+// (`cat p > f` in two loops). Both O_TRUNC opens found no write state and
+// each began a staged copy with a journal; the one not kept left its
+// journal after a clean unmount, naming the object's ETag as the one it
+// replaced, and the next mount "recovered" that empty copy over the file.
+#[test]
+fn two_rewriters_of_one_file_leave_nothing_staged_and_a_remount_keeps_it() {
+    let b = Bucket::new(server(), "tworewrite", false);
+    let m = Mount::new(&b, "");
+    let data = pattern(100_000, 5);
+    fs::write(m.path("f"), &data).unwrap();
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (p, d) = (m.path("f"), data.clone());
+            std::thread::spawn(move || {
+                for _ in 0..150 {
+                    fs::write(&p, &d).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert_eq!(m.unmount(), Some(0), "clean exit\n{}", m.log_text());
+    let left = files_below(&m.cache_dir().join("staging"));
+    assert!(
+        left.is_empty(),
+        "left staged after a clean unmount: {left:?}"
+    );
+    m.restart();
+    assert_eq!(sha256(&fs::read(m.path("f")).unwrap()), sha256(&data));
+    assert_eq!(sha256(&b.get("f").unwrap()), sha256(&data), "in S3");
+    assert!(recovered_keys(&b).is_empty(), "{:?}", b.keys(""));
+}

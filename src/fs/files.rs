@@ -373,21 +373,27 @@ impl Fs {
                 let (key, meta) = self.journal_header(ino)?;
                 staged.begin_journal(&key, &meta)?;
             }
-            let inserted = match self.writes.lock().entry(ino) {
-                std::collections::hash_map::Entry::Occupied(_) => false,
+            let lost = match self.writes.lock().entry(ino) {
+                std::collections::hash_map::Entry::Occupied(_) => Some(staged),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     let mut st = WriteState::new(staged, trunc);
                     st.generation = generation;
                     v.insert(Arc::new(tokio::sync::Mutex::new(st)));
-                    true
+                    None
                 }
             };
-            if inserted {
+            let Some(mut unused) = lost else {
                 if trunc {
                     self.note_size(ino, 0);
                 }
                 return Ok(());
-            }
+            };
+            // Another open of the file started its write state first (two
+            // `O_TRUNC` opens at once): this copy was never written, so its
+            // journal goes with it. Kept, it named the object's ETag as
+            // the one it replaced, and the next mount "recovered" the
+            // empty copy over the file.
+            unused.end_journal();
         }
         Err(FsError::Io(libc::EBUSY))
     }
