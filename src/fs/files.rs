@@ -312,7 +312,12 @@ impl Fs {
             }
             // Unlinked between the kernel's lookup and this open (another
             // process won the race): ESTALE makes the kernel look the name
-            // up again, and an `O_CREAT` open then creates it anew.
+            // up again, and an `O_CREAT` open then creates it anew. An
+            // `O_TRUNC` open writes to the unnamed file (`attach_writer`).
+            NodeKey::Detached(_) if writable && trunc && !self.read_only() => {
+                self.attach_writer(ino, trunc).await?;
+                None
+            }
             NodeKey::Detached(_) => return Err(FsError::Io(libc::ESTALE)),
             _ => return Err(FsError::IsDir),
         };
@@ -353,14 +358,35 @@ impl Fs {
                 }
                 return Ok(());
             }
-            let object = {
+            let found = {
                 let t = self.table.lock();
                 let n = t.get(ino).ok_or(FsError::NotFound)?;
-                // Unlinked since open's look at it: as open itself says.
-                let path = n.path().ok_or(FsError::Io(libc::ESTALE))?;
-                (n.object.clone(), path.to_string(), n.generation)
+                n.path()
+                    .map(|p| (n.object.clone(), p.to_string(), n.generation))
             };
-            let (object, path, generation) = object;
+            let Some((object, path, generation)) = found else {
+                // Unlinked or replaced since the kernel's lookup. Any open
+                // but `O_TRUNC` is ESTALE: the kernel looks the name up
+                // again, once. An `O_TRUNC` open is served as if it came
+                // first: it emptied the file, which then lost its name, so
+                // it writes to an unnamed file that is never uploaded (a
+                // second lost race in a row would otherwise reach the
+                // caller as ESTALE).
+                if !trunc {
+                    return Err(FsError::Io(libc::ESTALE));
+                }
+                let mut staged = self.staged_new(None, None)?;
+                staged.discard();
+                if let std::collections::hash_map::Entry::Vacant(v) = self.writes.lock().entry(ino)
+                {
+                    v.insert(Arc::new(tokio::sync::Mutex::new(WriteState::new(
+                        staged, false,
+                    ))));
+                    self.note_size(ino, 0);
+                    return Ok(());
+                }
+                continue;
+            };
             let replaces = object.as_ref().map(|o| o.etag.clone());
             let base = object.filter(|_| !trunc).map(|o| Base {
                 key: self.key_of(&path),
