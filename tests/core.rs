@@ -188,6 +188,94 @@ async fn readdirplus_never_hands_out_attributes_not_read_from_the_object() {
     assert_eq!((sub.kind, sub.perm, sub.uid), (FileKind::Dir, 0o700, 42));
 }
 
+/// The metadata of a listing is read ahead of its reader, not of the
+/// listing: `ls -f` of a large directory costs its LISTs and one window of
+/// HEADs (it was a HEAD per entry, and every object's metadata in memory).
+/// readdirplus moves the window on, and a closed handle stops it.
+#[tokio::test]
+async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
+    const N: usize = 5000;
+    let s = Arc::new(MemStore::unversioned());
+    for i in 0..N {
+        s.insert(
+            &format!("d/f{i:05}"),
+            b"x",
+            s3fs_meta(0o100600, 42, 1_000_000_000),
+        );
+        s.insert(&format!("e/f{i:05}"), b"x", Metadata::new());
+        s.insert(
+            &format!("g/f{i:05}"),
+            b"x",
+            s3fs_meta(0o100640, 7, 1_000_000_000),
+        );
+    }
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let heads = || s.counters().get(Op::Head);
+    // The pass runs on this (current-thread) runtime: it has every chance
+    // to go further while this task yields.
+    async fn settle() {
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let ahead = bucketfs::fs::METADATA_AHEAD as u64;
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let e = fs.lookup(ROOT_INO, name("e")).await.unwrap();
+    let h0 = heads();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    // Read as `ls -f` reads after its first call: plain readdir.
+    let mut offset = 0;
+    while let Some(last) = fs.readdir(fh, offset).unwrap().len().checked_sub(1) {
+        offset += last as u64 + 1;
+    }
+    assert_eq!(offset, N as u64 + 2, "every entry, with . and ..");
+    settle().await;
+    assert_eq!(heads() - h0, ahead, "one window of HEADs for readdir");
+    // readdirplus to the end: each entry's own metadata, one HEAD each.
+    let (mut offset, mut own) = (0, 0);
+    loop {
+        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        offset = last.0 + 1;
+        own += batch
+            .iter()
+            .filter(|b| b.4 && b.1.name != "." && b.1.name != "..")
+            .count();
+    }
+    assert_eq!(own, N, "every entry handed out with its own metadata");
+    assert_eq!(heads() - h0, N as u64, "one HEAD per entry");
+    fs.releasedir(fh);
+    // A handle closed before its reader got far: the pass stops.
+    let h1 = heads();
+    let fh = fs.opendir(e.ino).await.unwrap();
+    fs.readdirplus(e.ino, fh, 0).await.unwrap();
+    fs.releasedir(fh);
+    settle().await;
+    let took = heads() - h1;
+    assert!(took <= 2 * ahead, "{took} HEADs after the handle closed");
+    // `ls -l` reads every name, then stats each: a stat of an entry the
+    // pass has not read moves it a window on.
+    let g = fs.lookup(ROOT_INO, name("g")).await.unwrap();
+    let h2 = heads();
+    let fh = fs.opendir(g.ino).await.unwrap();
+    settle().await;
+    assert_eq!(heads() - h2, ahead, "the first window");
+    let a = fs
+        .lookup(g.ino, name(&format!("f{ahead:05}")))
+        .await
+        .unwrap();
+    assert_eq!((a.perm, a.uid), (0o640, 7), "its own metadata");
+    settle().await;
+    assert_eq!(heads() - h2, 2 * ahead, "a stat past the window");
+    for i in 0..N {
+        let a = fs.lookup(g.ino, name(&format!("f{i:05}"))).await.unwrap();
+        assert_eq!((a.perm, a.uid), (0o640, 7), "f{i:05}");
+    }
+    settle().await;
+    assert_eq!(heads() - h2, N as u64, "one HEAD per entry");
+    fs.releasedir(fh);
+}
+
 /// `ls -l` reads the listing by readdirplus and stats every entry: when
 /// the replies carry each entry's own attributes the kernel keeps them and
 /// asks nothing more, so a reply holds only entries whose metadata is

@@ -46,7 +46,15 @@ use crate::write::{Base, Progress, Staged};
 #[derive(Debug)]
 pub enum Handle {
     File(FileHandle),
-    Dir(Vec<super::DirEntry>),
+    Dir(DirHandle),
+}
+
+/// An open directory: a snapshot of its entries.
+#[derive(Debug)]
+pub struct DirHandle {
+    pub entries: Vec<super::DirEntry>,
+    /// Paces the listing's metadata pass (`meta`) by this reader.
+    pub pace: Option<super::meta::PaceGuard>,
 }
 
 #[derive(Debug)]

@@ -9,14 +9,22 @@
 //! entry waits for (or starts) that one HEAD. Concurrent askers share one
 //! request, and the answer stays in the inode table for `metadata_ttl`, so
 //! an object costs at most one HEAD per TTL.
+//!
+//! The pass keeps `METADATA_AHEAD` entries ahead of the directory's reader,
+//! not of the listing: each readdirplus reply lets it go further, and so
+//! does a stat of an entry it has not read (`ls -l` reads every name
+//! first, then stats each). `ls -f` or `find` of 200,000 objects then
+//! costs the LISTs and the first window's HEADs, not 200,000 HEADs and the
+//! memory of every object's metadata.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parking_lot::Mutex;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{Notify, OnceCell, Semaphore};
 
 use super::files::OpenFile;
 use super::inodes::{InodeTable, NodeKey};
@@ -25,6 +33,64 @@ use crate::store::{ObjectInfo, ObjectStore, StoreError, StoreResult};
 
 /// HEADs in flight for metadata, per mount.
 pub const MAX_HEADS_IN_FLIGHT: usize = 64;
+
+/// Entries of a listing whose metadata is read ahead of its reader.
+pub const METADATA_AHEAD: usize = 1024;
+
+/// How far a listing's metadata pass may go: the entries (in listing
+/// order) below `allowed`. Its reader moves it on.
+#[derive(Debug)]
+pub(super) struct Pace {
+    allowed: AtomicUsize,
+    /// Entries the pass has started.
+    started: AtomicUsize,
+    /// The reader is gone (its directory handle closed): the pass ends
+    /// once it has what was allowed.
+    closed: AtomicBool,
+    wake: Notify,
+}
+
+impl Pace {
+    /// Lets the pass read up to entry `upto` (exclusive).
+    pub(super) fn allow(&self, upto: usize) {
+        self.allowed.fetch_max(upto, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// The reader stats an entry the pass has not read: it caught up (or
+    /// reads in another order), so the pass goes a window further.
+    fn caught_up(&self) {
+        self.allow(self.started.load(Ordering::Relaxed) + METADATA_AHEAD);
+    }
+
+    /// Waits until entry `i` may be read; false once it never may.
+    async fn reached(&self, i: usize) -> bool {
+        loop {
+            if i < self.allowed.load(Ordering::Relaxed) {
+                self.started.fetch_max(i + 1, Ordering::Relaxed);
+                return true;
+            }
+            if self.closed.load(Ordering::Relaxed) {
+                return false;
+            }
+            // notify_one keeps a wake-up sent between the checks and here.
+            self.wake.notified().await;
+        }
+    }
+}
+
+/// Held by a directory handle: while it lives, the handle's reader paces
+/// its listing's metadata pass; dropped, the pass stops at what was
+/// allowed.
+#[derive(Debug)]
+pub struct PaceGuard(pub(super) Arc<Pace>);
+
+impl Drop for PaceGuard {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Relaxed);
+        self.0.wake.notify_one();
+    }
+}
 
 type Pending = Arc<OnceCell<FsResult<()>>>;
 
@@ -62,6 +128,8 @@ pub(super) struct MetaFetch {
     /// HEADs started by listings still being read, by object key, with
     /// when they were started.
     pub(super) early: Mutex<HashMap<String, (Instant, Early)>>,
+    /// The metadata pass of each directory's latest listing, while it runs.
+    pub(super) paces: Mutex<HashMap<u64, Weak<Pace>>>,
 }
 
 /// What the table says of a node's metadata.
@@ -70,8 +138,8 @@ enum Known {
     Yes(Attr),
     /// No longer at its path.
     Gone,
-    /// Listed, metadata not read yet.
-    No,
+    /// Listed in this directory, metadata not read yet.
+    No { parent: u64 },
 }
 
 impl MetaFetch {
@@ -88,7 +156,7 @@ impl MetaFetch {
         if n.meta_known || !path || self.writes.lock().contains_key(&ino) {
             Known::Yes(n.attr.clone())
         } else {
-            Known::No
+            Known::No { parent: n.parent }
         }
     }
 
@@ -96,13 +164,25 @@ impl MetaFetch {
     /// known, else from one HEAD shared by everyone asking meanwhile.
     /// `None`: the object is gone.
     pub(super) async fn attr(&self, ino: u64) -> FsResult<Option<Attr>> {
+        self.attr_for(ino, true).await
+    }
+
+    /// The same; `reader`: asked by a reader of the directory, not by its
+    /// metadata pass.
+    async fn attr_for(&self, ino: u64, reader: bool) -> FsResult<Option<Attr>> {
         // A listing may mark the node unknown again right after a fetch:
         // a few rounds, each one HEAD, settle it.
-        for _ in 0..3 {
+        for round in 0..3 {
             match self.known(ino) {
                 Known::Yes(a) => return Ok(Some(a)),
                 Known::Gone => return Ok(None),
-                Known::No => {}
+                Known::No { parent } if round == 0 && reader => {
+                    let pace = self.paces.lock().get(&parent).and_then(Weak::upgrade);
+                    if let Some(p) = pace {
+                        p.caught_up();
+                    }
+                }
+                Known::No { .. } => {}
             }
             let cell = self.inflight.lock().entry(ino).or_default().clone();
             let r = cell.get_or_init(|| self.fetch(ino)).await.clone();
@@ -229,25 +309,56 @@ impl MetaFetch {
         });
     }
 
-    /// Reads the metadata of `inos` in the background, in order, a bounded
-    /// number at a time, taking over the HEADs `early` started.
-    pub(super) fn prefetch(self: &Arc<Self>, inos: Vec<u64>, early: EarlyBatch) {
+    /// Reads the metadata of `inos` (directory `dir_ino`'s listing) in the
+    /// background, in order, a bounded number at a time, taking over the
+    /// HEADs `early` started, and at most `METADATA_AHEAD` entries ahead
+    /// of the reader: the guard's holder moves it on (`Pace::allow`), and
+    /// a stat of an entry not read yet does (`Pace::caught_up`). Without a holder, the pass
+    /// reads the first window only.
+    pub(super) fn prefetch(
+        self: &Arc<Self>,
+        dir_ino: u64,
+        inos: Vec<u64>,
+        early: EarlyBatch,
+    ) -> Option<PaceGuard> {
         if inos.is_empty() {
-            return;
+            return None;
         }
+        let pace = Arc::new(Pace {
+            allowed: AtomicUsize::new(METADATA_AHEAD),
+            started: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        self.paces.lock().insert(dir_ino, Arc::downgrade(&pace));
         let me = self.clone();
+        let guard = PaceGuard(pace.clone());
         tokio::spawn(async move {
             let _early = early;
-            futures::stream::iter(inos)
+            let gate = pace.clone();
+            futures::stream::iter(inos.into_iter().enumerate())
+                .then(move |(i, ino)| {
+                    let gate = gate.clone();
+                    async move { gate.reached(i).await.then_some(ino) }
+                })
+                .take_while(|ino| std::future::ready(ino.is_some()))
                 .map(|ino| {
-                    let me = &me;
+                    let me = me.clone();
                     async move {
-                        let _ = me.attr(ino).await;
+                        let _ = me.attr_for(ino.expect("taken while some"), false).await;
                     }
                 })
                 .buffer_unordered(MAX_HEADS_IN_FLIGHT)
                 .collect::<()>()
                 .await;
+            let mut paces = me.paces.lock();
+            if paces
+                .get(&dir_ino)
+                .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&pace)))
+            {
+                paces.remove(&dir_ino);
+            }
         });
+        Some(guard)
     }
 }

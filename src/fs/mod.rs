@@ -42,9 +42,10 @@ use parking_lot::Mutex;
 use tracing::debug;
 
 pub use attr::{Attr, Defaults, FileKind};
-use files::{Handle, OpenFile};
+use files::{DirHandle, Handle, OpenFile};
 pub use files::{PendingFile, SetAttr, killed_perm};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
+pub use meta::METADATA_AHEAD;
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;
 pub use xattr::{UNSUPPORTED_PREFIXES as UNSUPPORTED_XATTR_PREFIXES, acl_xattr};
@@ -302,6 +303,7 @@ impl Fs {
             heads: tokio::sync::Semaphore::new(meta::MAX_HEADS_IN_FLIGHT),
             inflight: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
+            paces: Mutex::new(HashMap::new()),
         });
         Fs {
             blocks: Arc::new(
@@ -734,6 +736,12 @@ impl Fs {
 
     /// Every entry of a directory, "." and ".." first.
     pub async fn list(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        Ok(self.list_paced(ino).await?.0)
+    }
+
+    /// The same, with what paces the listing's metadata pass (`meta`): the
+    /// holder of the guard reads the entries.
+    async fn list_paced(&self, ino: u64) -> FsResult<(Vec<DirEntry>, Option<meta::PaceGuard>)> {
         let _ns = self.ns.read().await;
         let (key, parent) = {
             let t = self.table.lock();
@@ -765,19 +773,27 @@ impl Fs {
                         kind: FileKind::Dir,
                     });
                 }
-                out.extend(self.list_dir(ino, &dir).await?);
+                let (entries, pace) = self.list_dir(ino, &dir).await?;
+                out.extend(entries);
+                return Ok((out, pace));
             }
             other => out.extend(self.versions_list(ino, other).await?),
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Lists a directory with ListObjectsV2 (`/` delimiter, paginated) and
     /// remembers each child's attributes, so `stat` after `readdir` needs
     /// no request.
-    async fn list_dir(&self, ino: u64, dir: &str) -> FsResult<Vec<DirEntry>> {
+    async fn list_dir(
+        &self,
+        ino: u64,
+        dir: &str,
+    ) -> FsResult<(Vec<DirEntry>, Option<meta::PaceGuard>)> {
         let prefix = self.dir_prefix(dir);
         let mut early = self.meta.early_batch();
+        // HEADs started before the last page: the first window's.
+        let mut early_left = meta::METADATA_AHEAD;
         let (files, dirs) = if self.cfg.as_of.is_some() {
             self.list_as_of(&prefix).await?
         } else {
@@ -788,8 +804,10 @@ impl Fs {
                 let page = self.store.list(&prefix, Some("/"), token, None).await?;
                 // Each page's objects have their metadata read while the
                 // next pages are listed.
-                if self.cfg.object_metadata {
-                    let keys = self.metadata_unknown(dir, &prefix, &page.objects);
+                if self.cfg.object_metadata && early_left > 0 {
+                    let mut keys = self.metadata_unknown(dir, &prefix, &page.objects);
+                    keys.truncate(early_left);
+                    early_left -= keys.len();
                     self.meta.head_early(&mut early, keys);
                 }
                 files.extend(page.objects);
@@ -919,10 +937,11 @@ impl Fs {
         drop(t);
         out.sort_by(|a, b| a.name.cmp(&b.name));
         unknown.sort();
-        self.meta
-            .prefetch(unknown.into_iter().map(|(_, i)| i).collect(), early);
+        let pace = self
+            .meta
+            .prefetch(ino, unknown.into_iter().map(|(_, i)| i).collect(), early);
         debug!(dir, entries = out.len(), "listed");
-        Ok(out)
+        Ok((out, pace))
     }
 
     /// The keys of a listing page's objects whose metadata this mount
@@ -968,8 +987,8 @@ impl Fs {
 
     /// Opens a directory handle over a snapshot of its entries.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let entries = self.list(ino).await?;
-        Ok(self.new_handle(Handle::Dir(entries)))
+        let (entries, pace) = self.list_paced(ino).await?;
+        Ok(self.new_handle(Handle::Dir(DirHandle { entries, pace })))
     }
 
     /// Entries of an open directory from `offset` on.
@@ -983,7 +1002,8 @@ impl Fs {
         match &*h {
             // A reply holds at most a few thousand entries: copying the
             // rest of a large listing on every call would be quadratic.
-            Handle::Dir(entries) => Ok(entries
+            Handle::Dir(d) => Ok(d
+                .entries
                 .iter()
                 .skip(offset as usize)
                 .take(DIR_CHUNK_ENTRIES)
@@ -1073,6 +1093,13 @@ impl Fs {
                     Err(err) => return Err(err),
                 },
             }
+        }
+        // Metadata is read ahead of this reader.
+        if let Some(h) = self.handles.lock().get(&fh)
+            && let Handle::Dir(DirHandle { pace: Some(p), .. }) = &**h
+        {
+            let next = out.last().map_or(offset, |o| o.0 + 1);
+            p.0.allow(next as usize + meta::METADATA_AHEAD);
         }
         Ok(out
             .into_iter()
