@@ -90,11 +90,11 @@ impl Inode {
 pub struct InodeTable {
     next: u64,
     by_ino: HashMap<u64, Box<Inode>>,
-    by_key: HashMap<NodeKey, u64>,
-    /// The `NodeKey::Path` entries of `by_key`, in path order, so a
-    /// directory's children and a subtree are found by a range, not by a
-    /// scan of the whole table.
+    /// The nodes at a path, in path order, so a directory's children and a
+    /// subtree are found by a range, not by a scan of the whole table.
     paths: BTreeMap<String, u64>,
+    /// The nodes of every other key (the `.versions` tree, detached).
+    others: HashMap<NodeKey, u64>,
     /// Paths known not to exist, until the instant given.
     negative: HashMap<String, Instant>,
     /// Size of `negative` after its last pruning of expired entries.
@@ -128,7 +128,7 @@ impl InodeTable {
         let mut t = InodeTable {
             next: ROOT_INO + 1,
             by_ino: HashMap::new(),
-            by_key: HashMap::new(),
+            others: HashMap::new(),
             paths: BTreeMap::new(),
             negative: HashMap::new(),
             negative_pruned: 0,
@@ -169,7 +169,10 @@ impl InodeTable {
     }
 
     pub fn find(&self, key: &NodeKey) -> Option<u64> {
-        self.by_key.get(key).copied()
+        match key {
+            NodeKey::Path(p) => self.paths.get(p.as_str()).copied(),
+            other => self.others.get(other).copied(),
+        }
     }
 
     /// The parent `ino` counts in `subdirs`: a directory at a path.
@@ -179,7 +182,7 @@ impl InodeTable {
             NodeKey::Path(p)
                 if !p.is_empty()
                     && n.attr.kind == super::attr::FileKind::Dir
-                    && self.by_key.get(&n.key) == Some(&ino) =>
+                    && self.paths.get(p.as_str()) == Some(&ino) =>
             {
                 Some(n.parent)
             }
@@ -206,20 +209,20 @@ impl InodeTable {
         self.subdirs.get(&dir_ino).copied().unwrap_or(0)
     }
 
-    /// `key` answers to `ino` (in both indexes).
+    /// `key` answers to `ino`.
     fn index(&mut self, key: NodeKey, ino: u64) {
-        if let NodeKey::Path(p) = &key {
-            self.paths.insert(p.clone(), ino);
-        }
-        self.by_key.insert(key, ino);
+        match key {
+            NodeKey::Path(p) => self.paths.insert(p, ino),
+            other => self.others.insert(other, ino),
+        };
     }
 
     /// `key` answers to nothing any more.
     fn unindex(&mut self, key: &NodeKey) -> Option<u64> {
-        if let NodeKey::Path(p) = key {
-            self.paths.remove(p);
+        match key {
+            NodeKey::Path(p) => self.paths.remove(p.as_str()),
+            other => self.others.remove(other),
         }
-        self.by_key.remove(key)
     }
 
     /// The paths at or below `prefix` (as strings: `"d/"` for a subtree).
@@ -245,9 +248,12 @@ impl InodeTable {
         if let NodeKey::Path(p) = &key {
             self.negative.remove(p);
         }
-        if let Some(&ino) = self.by_key.get(&key) {
+        if let Some(ino) = self.find(&key) {
             self.uncount(ino);
-            let node = self.by_ino.get_mut(&ino).expect("by_key and by_ino agree");
+            let node = self
+                .by_ino
+                .get_mut(&ino)
+                .expect("the indexes and by_ino agree");
             attr.ino = ino;
             if node.attr.kind != attr.kind {
                 node.symlink_target = None;
@@ -312,10 +318,10 @@ impl InodeTable {
 
     /// The node at `path` answers to it no more (unlinked, or replaced).
     fn detach(&mut self, path: &str) {
-        if let Some(&ino) = self.by_key.get(&NodeKey::Path(path.to_string())) {
+        if let Some(&ino) = self.paths.get(path) {
             self.uncount(ino);
         }
-        if let Some(ino) = self.unindex(&NodeKey::Path(path.to_string()))
+        if let Some(ino) = self.paths.remove(path)
             && let Some(n) = self.by_ino.get_mut(&ino)
         {
             n.key = NodeKey::Detached(path.to_string());
@@ -440,7 +446,7 @@ impl InodeTable {
             self.uncount(ino);
             self.subdirs.remove(&ino);
             if let Some(n) = self.by_ino.remove(&ino)
-                && self.by_key.get(&n.key) == Some(&ino)
+                && self.find(&n.key) == Some(ino)
             {
                 self.unindex(&n.key);
             }
@@ -450,7 +456,7 @@ impl InodeTable {
         // Give the room back once most of it is empty.
         if self.by_ino.capacity() > 4 * self.by_ino.len() {
             self.by_ino.shrink_to_fit();
-            self.by_key.shrink_to_fit();
+            self.others.shrink_to_fit();
             self.subdirs.shrink_to_fit();
         }
         before - self.by_ino.len()
@@ -467,8 +473,7 @@ impl InodeTable {
         let Some(node) = self.by_ino.get(&ino) else {
             return;
         };
-        let at_its_path =
-            matches!(node.key, NodeKey::Path(_)) && self.by_key.get(&node.key) == Some(&ino);
+        let at_its_path = matches!(node.key, NodeKey::Path(_)) && self.find(&node.key) == Some(ino);
         let node = self.by_ino.get_mut(&ino).expect("present");
         node.lookups = node.lookups.saturating_sub(n);
         if node.lookups == 0 && !pinned {
@@ -487,7 +492,7 @@ impl InodeTable {
             self.uncount(ino);
             self.subdirs.remove(&ino);
             let node = self.by_ino.remove(&ino).expect("present");
-            if self.by_key.get(&node.key) == Some(&ino) {
+            if self.find(&node.key) == Some(ino) {
                 self.unindex(&node.key);
                 // The parent's listing is no longer all in the table: a
                 // name missing from it must be asked for again. (A node
