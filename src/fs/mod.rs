@@ -282,9 +282,31 @@ pub struct Fs {
 /// still be on its way to the kernel).
 const SWEEP_GRACE: Duration = Duration::from_secs(60);
 
-/// Nodes dropped by one sweep before freed memory is given back to the
-/// system.
+/// Nodes dropped by one sweep (or entries of one listing) before freed
+/// memory is given back to the system.
 const TRIM_AFTER_NODES: usize = 10_000;
+
+/// How the program's allocator gives freed memory back to the system
+/// (`set_release_free_memory`); glibc's `malloc_trim` by default.
+static RELEASE_FREE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets how freed memory is given back to the system, for a program whose
+/// global allocator is not the C library's.
+pub fn set_release_free_memory(f: fn()) {
+    let _ = RELEASE_FREE_MEMORY.set(f);
+}
+
+fn release_free_memory() {
+    match RELEASE_FREE_MEMORY.get() {
+        Some(f) => f(),
+        #[cfg(target_env = "gnu")]
+        None => unsafe {
+            libc::malloc_trim(0);
+        },
+        #[cfg(not(target_env = "gnu"))]
+        None => {}
+    }
+}
 
 impl Fs {
     pub fn new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> Fs {
@@ -725,10 +747,7 @@ impl Fs {
             debug!(dropped, "inode table swept");
             // The nodes were many small allocations: hand the freed pages
             // back to the system, not only to the allocator.
-            #[cfg(target_env = "gnu")]
-            unsafe {
-                libc::malloc_trim(0);
-            }
+            release_free_memory();
         }
     }
 
@@ -941,6 +960,10 @@ impl Fs {
             .meta
             .prefetch(ino, unknown.into_iter().map(|(_, i)| i).collect(), early);
         debug!(dir, entries = out.len(), "listed");
+        if out.len() >= TRIM_AFTER_NODES {
+            // The pages of its LIST responses and transient copies.
+            release_free_memory();
+        }
         Ok((out, pace))
     }
 
