@@ -7,8 +7,9 @@
 //!     bench --bucketfs PATH --endpoint URL --bucket NAME [--size-mib N]
 //!           [--files N] [--entries N] [--concurrency N] [--region R] [--no-peers]
 //!
-//! s3fs-fuse and rclone, where installed, run the same workloads on the
-//! same server in the same run, each in its own directory of the bucket.
+//! Mountpoint for Amazon S3 (`mount-s3`), s3fs-fuse and rclone, where
+//! installed, run the same workloads on the same server in the same run,
+//! each in its own directory of the bucket.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -106,6 +107,7 @@ fn client(a: &Args) -> Client {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tool {
     Bucketfs,
+    Mountpoint,
     S3fs,
     Rclone,
 }
@@ -114,17 +116,23 @@ impl Tool {
     fn name(self) -> &'static str {
         match self {
             Tool::Bucketfs => "bucketfs",
+            Tool::Mountpoint => "mountpoint-s3",
             Tool::S3fs => "s3fs-fuse",
             Tool::Rclone => "rclone mount",
         }
     }
 
-    /// The peers installed on this machine (s3fs and rclone, as Debian
-    /// packages them), unless `--no-peers`.
+    /// The peers installed on this machine (Mountpoint for Amazon S3 as
+    /// `mount-s3`, s3fs and rclone as Debian packages them), unless
+    /// `--no-peers`.
     fn all(a: &Args) -> Vec<Tool> {
         let mut v = vec![Tool::Bucketfs];
         if a.peers {
-            for (t, bin) in [(Tool::S3fs, "s3fs"), (Tool::Rclone, "rclone")] {
+            for (t, bin) in [
+                (Tool::Mountpoint, "mount-s3"),
+                (Tool::S3fs, "s3fs"),
+                (Tool::Rclone, "rclone"),
+            ] {
                 let found = Command::new("sh")
                     .args(["-c", &format!("command -v {bin}")])
                     .stdout(Stdio::null())
@@ -167,6 +175,18 @@ impl Mount {
                 );
                 let mut c = Command::new(&a.bucketfs);
                 c.args(["-f", "-o", &opts, &a.bucket]).arg(dir);
+                c
+            }
+            Tool::Mountpoint => {
+                // Its defaults (no local cache), allowed to overwrite and
+                // delete as the other tools are.
+                let mut c = Command::new("mount-s3");
+                c.arg(&a.bucket)
+                    .arg(dir)
+                    .args(["--foreground", "--force-path-style", "--allow-delete"])
+                    .args(["--allow-overwrite", "--endpoint-url", &a.endpoint])
+                    .args(["--region", &a.region, "--log-directory"])
+                    .arg(&log);
                 c
             }
             Tool::S3fs => {
@@ -980,11 +1000,17 @@ fn main() {
             ),
             &mut || {
                 let t = Instant::now();
-                let mut f = std::fs::OpenOptions::new().append(true).open(&big).unwrap();
-                f.seek(SeekFrom::End(0)).unwrap();
-                f.write_all(&tail).unwrap();
-                f.sync_all().expect("upload of the append");
-                drop(f);
+                // Mountpoint for Amazon S3 does not append to an object.
+                let append = || -> std::io::Result<()> {
+                    let mut f = std::fs::OpenOptions::new().append(true).open(&big)?;
+                    f.seek(SeekFrom::End(0))?;
+                    f.write_all(&tail)?;
+                    f.sync_all()
+                };
+                if let Err(e) = append() {
+                    assert!(tool != Tool::Bucketfs, "append through bucketfs: {e}");
+                    return (format!("fails: {e}"), f64::NAN);
+                }
                 wait_in_s3(&rt, &s3, &a.bucket, &big_key, size + MIB);
                 let d = t.elapsed().as_secs_f64();
                 (format!("{d:.2} s"), d)
