@@ -609,6 +609,47 @@ async fn case19_a_rewrite_racing_its_unlink_leaves_nothing_staged() {
     );
 }
 
+/// The same race, and the daemon is killed before the rewrite writes or
+/// closes: its state was journaled as a rewrite of f, and the next mount's
+/// recovery put the empty copy over f (written again by then, with the
+/// same bytes and so the same ETag). The unlink now discards the state
+/// that came while its DeleteObject was in flight.
+#[tokio::test]
+async fn case19_a_rewrite_racing_its_unlink_is_not_recovered_after_a_crash() {
+    let t = setup(false, |c| c.metadata_ttl = Duration::ZERO);
+    t.m.insert("f", b"data", Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
+        .await
+        .unwrap();
+    t.f.hold(Op::Delete, 1);
+    let fs = t.fs.clone();
+    let rm = tokio::spawn(async move { fs.unlink(ROOT_INO, name("f")).await });
+    within("rm f's DeleteObject", t.f.wait_held(Op::Delete))
+        .await
+        .unwrap();
+    let _fh = within(
+        "open O_TRUNC",
+        t.fs.open(a.ino, libc::O_WRONLY | libc::O_TRUNC),
+    )
+    .await
+    .unwrap();
+    t.f.release(Op::Delete);
+    assert_eq!(join("rm f", rm).await, Ok(()), "rm f");
+    // Another writer makes f again, with the same bytes.
+    t.m.insert("f", b"data", Metadata::new());
+    // The daemon dies with the rewrite still open; the next mount recovers.
+    let staging = t._dir.path().join("staging");
+    drop(t.fs);
+    let opts = UploadOptions {
+        part_size_bytes: 5 * MIB as u64,
+        concurrency: 2,
+    };
+    let r = bucketfs::write::recover(&*t.m, &staging, &opts).await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_holds(&t.m, "f", b"data", "recovery after the crash");
+    assert_eq!(t.m.keys(), ["f"], "nothing beside f");
+}
+
 #[tokio::test]
 async fn case19_rename_over_an_open_file_lists_it_once() {
     let t = setup(true, |c| c.metadata_ttl = Duration::ZERO);

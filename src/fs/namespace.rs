@@ -347,12 +347,24 @@ impl Fs {
                 self.delete_present(&key).await?;
             }
         }
+        let had_state = st.is_some();
         if let Some(st) = st.as_mut() {
             st.discard();
         }
+        drop(st);
         self.versions.forget(&path);
         let until = Instant::now() + self.cfg.metadata_ttl;
         self.table.lock().remove_path(&path, until);
+        if !had_state && let Some(mut late) = self.live(attr.ino).await {
+            // An open (`O_TRUNC`) that came while the DeleteObject was in
+            // flight started a journaled write state for the file being
+            // removed: it goes now, as it would have gone with the unlink,
+            // not at its first write or close (a crash before then had
+            // the next mount recover its empty copy over a newer file).
+            if !late.staged.is_unlinked() {
+                late.discard();
+            }
+        }
         self.entries_changed(parent);
         Ok(())
     }
