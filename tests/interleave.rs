@@ -568,16 +568,14 @@ fn staged_files(t: &T) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// `rm f` racing a rewrite of f (`O_TRUNC` open, write, close): the open
-/// comes while the unlink's DeleteObject is in flight, so the unlink finds
-/// no write state to discard. The rewrite's data belongs to a file that no
-/// longer has a name: it is never uploaded, and its staged copy and
-/// journal go with its last close (they were kept for "recovery", and the
-/// next mount put them in the bucket beside the key).
-#[tokio::test]
-async fn case19_a_rewrite_racing_its_unlink_leaves_nothing_staged() {
-    let t = setup(true, |c| c.metadata_ttl = Duration::ZERO);
-    t.m.insert("f", b"old contents", Metadata::new());
+/// `f` (holding `contents`) is looked up, `rm f` is started and held at
+/// its DeleteObject, and an `O_TRUNC` open of the looked-up inode comes
+/// meanwhile: the open's handle and the held unlink.
+async fn rewrite_during_held_unlink(
+    t: &T,
+    contents: &[u8],
+) -> (u64, tokio::task::JoinHandle<Result<(), FsError>>) {
+    t.m.insert("f", contents, Metadata::new());
     let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
         .await
         .unwrap();
@@ -593,6 +591,19 @@ async fn case19_a_rewrite_racing_its_unlink_leaves_nothing_staged() {
     )
     .await
     .unwrap();
+    (fh, rm)
+}
+
+/// `rm f` racing a rewrite of f (`O_TRUNC` open, write, close): the open
+/// comes while the unlink's DeleteObject is in flight, so the unlink finds
+/// no write state to discard. The rewrite's data belongs to a file that no
+/// longer has a name: it is never uploaded, and its staged copy and
+/// journal go with its last close (they were kept for "recovery", and the
+/// next mount put them in the bucket beside the key).
+#[tokio::test]
+async fn case19_a_rewrite_racing_its_unlink_leaves_nothing_staged() {
+    let t = setup(true, |c| c.metadata_ttl = Duration::ZERO);
+    let (fh, rm) = rewrite_during_held_unlink(&t, b"old contents").await;
     t.fs.write(fh, 0, b"rewritten").await.unwrap();
     t.f.release(Op::Delete);
     assert_eq!(join("rm f", rm).await, Ok(()), "rm f");
@@ -617,22 +628,7 @@ async fn case19_a_rewrite_racing_its_unlink_leaves_nothing_staged() {
 #[tokio::test]
 async fn case19_a_rewrite_racing_its_unlink_is_not_recovered_after_a_crash() {
     let t = setup(false, |c| c.metadata_ttl = Duration::ZERO);
-    t.m.insert("f", b"data", Metadata::new());
-    let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
-        .await
-        .unwrap();
-    t.f.hold(Op::Delete, 1);
-    let fs = t.fs.clone();
-    let rm = tokio::spawn(async move { fs.unlink(ROOT_INO, name("f")).await });
-    within("rm f's DeleteObject", t.f.wait_held(Op::Delete))
-        .await
-        .unwrap();
-    let _fh = within(
-        "open O_TRUNC",
-        t.fs.open(a.ino, libc::O_WRONLY | libc::O_TRUNC),
-    )
-    .await
-    .unwrap();
+    let (_fh, rm) = rewrite_during_held_unlink(&t, b"data").await;
     t.f.release(Op::Delete);
     assert_eq!(join("rm f", rm).await, Ok(()), "rm f");
     // Another writer makes f again, with the same bytes.
