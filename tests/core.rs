@@ -1,6 +1,8 @@
 //! The filesystem core over the in-memory store: fast, no kernel. Request
 //! counts, write patterns against a plain model, failure handling.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::sync::Arc;
 
@@ -364,23 +366,9 @@ async fn opening_a_file_unlinked_since_its_lookup_is_estale_unless_it_truncates(
         let want: Option<&[u8]> = if replace { Some(b"other") } else { None };
         assert_eq!(s.object(f).as_deref(), want, "replaced: {replace}");
         assert_eq!(s.object(g).is_none(), replace, "{g} moved");
-        let left: Vec<_> = walkdir(d.path());
+        let left = common::files_below(d.path());
         assert!(left.is_empty(), "left staged: {left:?}");
     }
-}
-
-/// Every file below `dir`.
-fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walkdir(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[tokio::test]

@@ -860,20 +860,6 @@ fn writeback_async_closes_at_once_and_a_kill_loses_nothing() {
     );
 }
 
-/// Every file left below a directory.
-fn files_below(d: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(d).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_below(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 // Found by an attack session: two processes rewriting one file at once
 // (`cat p > f` in two loops). Both O_TRUNC opens found no write state and
 // each began a staged copy with a journal; the one not kept left its

@@ -4,6 +4,8 @@
 //! bucket (`MemStore::object`), the errors returned, the names listed, and
 //! that no multipart upload is left open. Every wait is bounded.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::Arc;
@@ -553,19 +555,7 @@ async fn case19_an_unlinked_open_file_is_not_listed_and_its_directory_can_be_rem
 
 /// Every file left below the staging directory (staged copies, journals).
 fn staged_files(t: &T) -> Vec<std::path::PathBuf> {
-    fn walk(d: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&t._dir.path().join("staging"), &mut out);
-    out
+    common::files_below(&t._dir.path().join("staging"))
 }
 
 /// `f` (holding `contents`) is looked up, `rm f` is started and held at

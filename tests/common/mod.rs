@@ -800,3 +800,17 @@ pub fn shared_mount(b: &Bucket, extra: &str) -> Mount {
     .unwrap();
     m
 }
+
+/// Every file below a directory (staged copies, journals, cached blocks).
+pub fn files_below(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_below(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
