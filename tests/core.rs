@@ -190,6 +190,109 @@ async fn readdirplus_never_hands_out_attributes_not_read_from_the_object() {
     assert_eq!((sub.kind, sub.perm, sub.uid), (FileKind::Dir, 0o700, 42));
 }
 
+/// readdirplus waits for its entries' metadata, but the HEAD may fail, or
+/// a re-listing may find the object rewritten by another client and make
+/// its metadata unknown again right after the wait. Such an entry went to
+/// the kernel with the mount's defaults, which with `uid=` gave another
+/// user's 0600 file to whoever the option names (the kernel keeps
+/// attributes even with a zero timeout): chmod through O_PATH, then read.
+/// Now a reply ends before such an entry, and when it is the first, it
+/// goes with attributes that grant nothing.
+#[tokio::test]
+async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
+    let m = Arc::new(MemStore::unversioned());
+    let meta = || s3fs_meta(0o100600, 42, 1_000_000_000);
+    for i in 0..300 {
+        m.insert(&format!("d/f{i:03}"), b"x", meta());
+    }
+    let f = Arc::new(bucketfs::store::faulty::Faulty::new(m.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        metadata_ttl: LONG_TTL,
+        ..FsConfig::default()
+    };
+    // `-o uid=1001,umask=0`: the defaults give everything to uid 1001.
+    cfg.defaults.uid = 1001;
+    cfg.defaults.gid = 1001;
+    cfg.defaults.file_perm = 0o666;
+    let fs = Fs::new(f.clone(), cfg);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let check = |batch: &[(u64, bucketfs::fs::DirEntry, bucketfs::fs::Attr, bool, bool)]| {
+        let mut placeholders = 0;
+        for (_, e, a, _, own) in batch {
+            if e.name == "." || e.name == ".." {
+                continue;
+            }
+            if *own {
+                assert_eq!((a.perm, a.uid, a.gid), (0o600, 42, 42), "{}", e.name);
+            } else {
+                assert_eq!((a.perm, a.uid, a.gid), (0, 0, 0), "{} grants", e.name);
+                placeholders += 1;
+            }
+        }
+        placeholders
+    };
+    // 1. Every HEAD fails: a reply holds one entry, granting nothing.
+    f.fail(
+        Op::Head,
+        1_000_000,
+        StoreError::Transient("503 SlowDown".into()),
+    );
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let (mut offset, mut replies) = (0, 0);
+    while replies < 20 {
+        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        replies += 1;
+        offset = last.0 + 1;
+        let p = check(&batch);
+        assert!(p <= 1 && batch.len() <= 2, "{} entries", batch.len());
+    }
+    assert_eq!(offset, 2 + 19, ". and .. then one entry a reply");
+    // 2. HEADs work again: the rest comes with its own metadata.
+    f.clear(Op::Head);
+    let mut own = 0;
+    loop {
+        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        offset = last.0 + 1;
+        assert_eq!(check(&batch), 0);
+        own += batch.len();
+    }
+    assert_eq!(own, 300 - 19, "the rest, each with its own metadata");
+    fs.releasedir(fh);
+    // 3. Another client rewrites every object; a second listing finds
+    //    them changed while HEADs fail, as the first handle is read.
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let first = fs.readdirplus(d.ino, fh, 0).await.unwrap();
+    assert_eq!(check(&first), 0);
+    for i in 0..300 {
+        m.insert(&format!("d/f{i:03}"), b"rewritten", meta());
+    }
+    f.fail(
+        Op::Head,
+        1_000_000,
+        StoreError::Transient("503 SlowDown".into()),
+    );
+    let again = fs.opendir(d.ino).await.unwrap();
+    // The first handle read again (rewinddir).
+    assert_eq!(first.len(), 302, "all known: one reply");
+    let (mut offset, mut placeholders) = (0, 0);
+    for _ in 0..20 {
+        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        offset = last.0 + 1;
+        placeholders += check(&batch);
+    }
+    assert!(placeholders > 0, "the re-listing made the metadata unknown");
+    f.clear(Op::Head);
+    let a = fs.lookup(d.ino, name("f299")).await.unwrap();
+    assert_eq!((a.perm, a.uid, a.size), (0o600, 42, 9), "its new metadata");
+    fs.releasedir(again);
+    fs.releasedir(fh);
+}
+
 /// The metadata of a listing is read ahead of its reader, not of the
 /// listing: `ls -f` of a large directory costs its LISTs and one window of
 /// HEADs (it was a HEAD per entry, and every object's metadata in memory).

@@ -120,6 +120,19 @@ impl Attr {
         }
     }
 
+    /// What stands in for `a` while its object's own metadata is unknown:
+    /// owned by root, no permission bits. The mount's defaults (`uid=`,
+    /// `umask=`) would give the object to whoever they name.
+    pub fn granting_nothing(a: &Attr) -> Attr {
+        Attr {
+            perm: 0,
+            uid: 0,
+            gid: 0,
+            xattrs: Xattrs::new(),
+            ..a.clone()
+        }
+    }
+
     /// Attributes of an object, from its metadata when known.
     /// `dir_marker` is true for a `name/` marker object.
     ///

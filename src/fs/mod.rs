@@ -69,6 +69,11 @@ const DIR_CHUNK_ENTRIES: usize = 4096;
 /// readdirplus only for its first call, waits for this many at most.
 const PLUS_WAIT_ENTRIES: usize = 128;
 
+/// Times readdirplus asks again for the metadata of a reply's first entry
+/// that is still unknown after its wait, before sending it with
+/// attributes that grant nothing.
+const PLUS_FIRST_RETRIES: usize = 3;
+
 /// Everything the core needs to know about a mount.
 #[derive(Clone, Debug)]
 pub struct FsConfig {
@@ -1042,8 +1047,10 @@ impl Fs {
     /// entry it sends but `.` and `..`, except those marked counted (looked
     /// up here again because the table had dropped them), which it gives
     /// back with `forget` if they do not fit. Attributes not marked own
-    /// were not read from the object (its metadata is still being fetched):
-    /// the caller must not let the kernel keep them (zero timeouts).
+    /// were not read from the object (its HEAD failed, or a re-listing
+    /// found it changed): they grant nothing, and the caller must not let
+    /// the kernel keep them (zero timeouts). Only a reply's first entry is
+    /// ever sent so.
     pub async fn readdirplus(
         &self,
         dir_ino: u64,
@@ -1064,41 +1071,40 @@ impl Fs {
         for (i, e) in entries.into_iter().enumerate() {
             let index = offset + i as u64;
             let dot = e.name == "." || e.name == "..";
-            let cached = {
-                let t = self.table.lock();
-                t.get(e.ino).map(|n| {
-                    // Still at this very name: since the listing the node
-                    // may have been renamed, or unlinked while open, and
-                    // the kernel links the name it is given to the inode
-                    // (an `O_TRUNC` open of the old name would then
-                    // truncate the renamed file).
-                    let mapped = match &n.key {
-                        NodeKey::Path(p) => {
-                            t.find(&n.key) == Some(e.ino)
-                                && (dot
-                                    || (n.parent == dir_ino
-                                        && p.rsplit('/').next() == Some(e.name.as_str())))
-                        }
-                        NodeKey::Detached(_) => dot,
-                        _ => true,
-                    };
-                    let path = matches!(n.key, NodeKey::Path(_));
-                    (n.attr.clone(), n.meta_known, mapped, path)
-                })
-            };
-            // Past the waited entries, the reply ends at the first whose
-            // metadata is still being read (never empty: that reads as the
-            // end). A `.versions` node is read by its own lookup: no wait.
-            let unknown = match &cached {
-                Some((_, known, true, true)) => !known && !self.has_write_state(e.ino),
+            let mut cached = self.plus_entry(dir_ino, &e, dot);
+            // The reply ends at the first entry whose metadata is not read:
+            // past the waited ones, still being read; among them, read and
+            // then made unknown again (a re-listing met another client's
+            // rewrite) or its HEAD failed. The kernel asks again from there.
+            // An entry dropped from the table since the listing is looked
+            // up again, among the waited ones.
+            let ino = e.ino;
+            let unknown = |c: &Option<(Attr, bool, bool, bool)>| match c {
+                Some((_, known, true, true)) => !known && !self.has_write_state(ino),
                 Some(_) => false,
                 None => !dot,
             };
-            if i >= PLUS_WAIT_ENTRIES && unknown && !out.is_empty() {
+            if unknown(&cached) && !out.is_empty() && (cached.is_some() || i >= PLUS_WAIT_ENTRIES) {
                 break;
+            }
+            // The first entry of a reply (an empty reply reads as the end):
+            // its metadata is asked for again, a few times.
+            for _ in 0..PLUS_FIRST_RETRIES {
+                if cached.is_none() || !unknown(&cached) {
+                    break;
+                }
+                let _ = self.meta.attr(e.ino).await;
+                cached = self.plus_entry(dir_ino, &e, dot);
             }
             match cached {
                 Some((a, known, _, _)) if dot => out.push((index, e, a, false, known)),
+                // Still not read: the name goes with attributes that grant
+                // nothing and that the kernel does not keep; the kernel's
+                // next stat or open waits for the object's own.
+                Some((a, _, true, _)) if unknown(&cached) => {
+                    let a = Attr::granting_nothing(&a);
+                    out.push((index, e, a, false, false))
+                }
                 Some((a, known, true, _)) => {
                     let own = known || self.has_write_state(e.ino);
                     out.push((index, e, a, false, own))
@@ -1128,6 +1134,35 @@ impl Fs {
             .into_iter()
             .map(|(i, e, a, counted, own)| (i, e, self.with_links(a), counted, own))
             .collect())
+    }
+
+    /// What the table says of a readdirplus entry: (attributes, metadata
+    /// read, still at this name, a path node); `None`: not in the table.
+    fn plus_entry(
+        &self,
+        dir_ino: u64,
+        e: &DirEntry,
+        dot: bool,
+    ) -> Option<(Attr, bool, bool, bool)> {
+        let t = self.table.lock();
+        t.get(e.ino).map(|n| {
+            // Still at this very name: since the listing the node may have
+            // been renamed, or unlinked while open, and the kernel links
+            // the name it is given to the inode (an `O_TRUNC` open of the
+            // old name would then truncate the renamed file).
+            let mapped = match &n.key {
+                NodeKey::Path(p) => {
+                    t.find(&n.key) == Some(e.ino)
+                        && (dot
+                            || (n.parent == dir_ino
+                                && p.rsplit('/').next() == Some(e.name.as_str())))
+                }
+                NodeKey::Detached(_) => dot,
+                _ => true,
+            };
+            let path = matches!(n.key, NodeKey::Path(_));
+            (n.attr.clone(), n.meta_known, mapped, path)
+        })
     }
 
     /// The kernel got a reference to an inode (a readdirplus entry).
