@@ -558,56 +558,94 @@ fn staged_files(t: &T) -> Vec<std::path::PathBuf> {
     common::files_below(&t._dir.path().join("staging"))
 }
 
-/// `f` (holding `contents`) is looked up, `rm f` is started and held at
-/// its DeleteObject, and an `O_TRUNC` open of the looked-up inode comes
-/// meanwhile: the open's handle and the held unlink.
-async fn rewrite_during_held_unlink(
+/// What takes f's name away while a rewrite of f opens.
+#[derive(Clone, Copy)]
+enum Detach {
+    /// `rm f`, held at its DeleteObject.
+    Unlink,
+    /// `mv g f` (g holding "moved"), held at its CopyObject.
+    RenameOver,
+}
+
+/// `f` (holding `contents`) is looked up, `rm f` or `mv g f` is started
+/// and held at its request, and an `O_TRUNC` open of the looked-up inode
+/// comes meanwhile: the open's handle and the held unlink or rename (its
+/// request still held).
+async fn rewrite_during_held(
     t: &T,
     contents: &[u8],
+    how: Detach,
 ) -> (u64, tokio::task::JoinHandle<Result<(), FsError>>) {
     t.m.insert("f", contents, Metadata::new());
     let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
         .await
         .unwrap();
-    t.f.hold(Op::Delete, 1);
     let fs = t.fs.clone();
-    let rm = tokio::spawn(async move { fs.unlink(ROOT_INO, name("f")).await });
-    within("rm f's DeleteObject", t.f.wait_held(Op::Delete))
-        .await
-        .unwrap();
+    let (op, gone) = match how {
+        Detach::Unlink => {
+            t.f.hold(Op::Delete, 1);
+            let j = tokio::spawn(async move { fs.unlink(ROOT_INO, name("f")).await });
+            (Op::Delete, j)
+        }
+        Detach::RenameOver => {
+            t.m.insert("g", b"moved", Metadata::new());
+            t.f.hold(Op::Copy, 1);
+            let j = tokio::spawn(async move {
+                fs.rename(ROOT_INO, name("g"), ROOT_INO, name("f"), false)
+                    .await
+            });
+            (Op::Copy, j)
+        }
+    };
+    within("the held request", t.f.wait_held(op)).await.unwrap();
     let fh = within(
         "open O_TRUNC",
         t.fs.open(a.ino, libc::O_WRONLY | libc::O_TRUNC),
     )
     .await
     .unwrap();
-    (fh, rm)
+    (fh, gone)
 }
 
-/// `rm f` racing a rewrite of f (`O_TRUNC` open, write, close): the open
-/// comes while the unlink's DeleteObject is in flight, so the unlink finds
-/// no write state to discard. The rewrite's data belongs to a file that no
-/// longer has a name: it is never uploaded, and its staged copy and
-/// journal go with its last close (they were kept for "recovery", and the
-/// next mount put them in the bucket beside the key).
+/// `rm f` or `mv g f` racing a rewrite of f (`O_TRUNC` open, write,
+/// close): the open comes while the unlink's DeleteObject (the rename's
+/// CopyObject) is in flight, so the unlink finds no write state to
+/// discard. The rewrite's data belongs to a file that no longer has a
+/// name: it is never uploaded, and its staged copy and journal go with its
+/// last close (they were kept for "recovery", and the next mount put them
+/// in the bucket beside the key).
 #[tokio::test]
-async fn case19_a_rewrite_racing_its_unlink_leaves_nothing_staged() {
-    let t = setup(true, |c| c.metadata_ttl = Duration::ZERO);
-    let (fh, rm) = rewrite_during_held_unlink(&t, b"old contents").await;
-    t.fs.write(fh, 0, b"rewritten").await.unwrap();
-    t.f.release(Op::Delete);
-    assert_eq!(join("rm f", rm).await, Ok(()), "rm f");
-    // Written after the unlink: still accepted, as by any unlinked file.
-    assert_eq!(t.fs.write(fh, 9, b" again").await, Ok(6));
-    assert_eq!(within("close", t.fs.flush(fh)).await, Ok(()));
-    assert_eq!(within("release", t.fs.release(fh)).await, Ok(()));
-    assert_eq!(t.m.object("f"), None, "the unlinked file came back");
-    assert_eq!(t.m.keys(), Vec::<String>::new(), "the bucket");
-    assert_eq!(
-        staged_files(&t),
-        Vec::<std::path::PathBuf>::new(),
-        "left staged"
-    );
+async fn case19_a_rewrite_racing_its_unlink_or_a_rename_over_it_leaves_nothing_staged() {
+    for (how, op, want) in [
+        (Detach::Unlink, Op::Delete, None),
+        (Detach::RenameOver, Op::Copy, Some(&b"moved"[..])),
+    ] {
+        let t = setup(true, |c| c.metadata_ttl = Duration::ZERO);
+        let (fh, gone) = rewrite_during_held(&t, b"old contents", how).await;
+        t.fs.write(fh, 0, b"rewritten").await.unwrap();
+        t.f.release(op);
+        assert_eq!(join("rm f / mv g f", gone).await, Ok(()));
+        // Written after the unlink: still accepted, as by any unlinked file.
+        assert_eq!(t.fs.write(fh, 9, b" again").await, Ok(6));
+        assert_eq!(within("close", t.fs.flush(fh)).await, Ok(()));
+        assert_eq!(within("release", t.fs.release(fh)).await, Ok(()));
+        match want {
+            None => assert_eq!(
+                t.m.keys(),
+                Vec::<String>::new(),
+                "the unlinked file came back"
+            ),
+            Some(w) => {
+                assert_holds(&t.m, "f", w, "the renamed file");
+                assert_eq!(t.m.keys(), ["f"], "the bucket");
+            }
+        }
+        assert_eq!(
+            staged_files(&t),
+            Vec::<std::path::PathBuf>::new(),
+            "left staged"
+        );
+    }
 }
 
 /// The same race, and the daemon is killed before the rewrite writes or
@@ -618,12 +656,31 @@ async fn case19_a_rewrite_racing_its_unlink_leaves_nothing_staged() {
 #[tokio::test]
 async fn case19_a_rewrite_racing_its_unlink_is_not_recovered_after_a_crash() {
     let t = setup(false, |c| c.metadata_ttl = Duration::ZERO);
-    let (_fh, rm) = rewrite_during_held_unlink(&t, b"data").await;
+    let (_fh, rm) = rewrite_during_held(&t, b"data", Detach::Unlink).await;
     t.f.release(Op::Delete);
     assert_eq!(join("rm f", rm).await, Ok(()), "rm f");
     // Another writer makes f again, with the same bytes.
     t.m.insert("f", b"data", Metadata::new());
-    // The daemon dies with the rewrite still open; the next mount recovers.
+    crash_then_bucket_holds_only(t, "f", b"data").await;
+}
+
+/// The same with `mv g f`: the open comes while the rename's CopyObject is
+/// in flight, and the state it starts is journaled as a rewrite of the f
+/// that the rename replaces. The next mount's recovery put its empty copy
+/// beside the renamed file as `f.bucketfs-recovered-…`.
+#[tokio::test]
+async fn case19_a_rewrite_racing_a_rename_over_it_is_not_recovered_after_a_crash() {
+    let t = setup(false, |c| c.metadata_ttl = Duration::ZERO);
+    let (_fh, mv) = rewrite_during_held(&t, b"data", Detach::RenameOver).await;
+    t.f.release(Op::Copy);
+    assert_eq!(join("mv g f", mv).await, Ok(()), "mv g f");
+    crash_then_bucket_holds_only(t, "f", b"moved").await;
+}
+
+/// The daemon dies with everything of `t` as it is, the next mount's
+/// recovery runs over its staging directory, and the bucket then holds
+/// `key` with `want` and nothing else.
+async fn crash_then_bucket_holds_only(t: T, key: &str, want: &[u8]) {
     let staging = t._dir.path().join("staging");
     drop(t.fs);
     let opts = UploadOptions {
@@ -632,8 +689,8 @@ async fn case19_a_rewrite_racing_its_unlink_is_not_recovered_after_a_crash() {
     };
     let r = bucketfs::write::recover(&*t.m, &staging, &opts).await;
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
-    assert_holds(&t.m, "f", b"data", "recovery after the crash");
-    assert_eq!(t.m.keys(), ["f"], "nothing beside f");
+    assert_holds(&t.m, key, want, "recovery after the crash");
+    assert_eq!(t.m.keys(), [key], "nothing beside {key}");
 }
 
 #[tokio::test]

@@ -347,7 +347,6 @@ impl Fs {
                 self.delete_present(&key).await?;
             }
         }
-        let had_state = st.is_some();
         if let Some(st) = st.as_mut() {
             st.discard();
         }
@@ -355,16 +354,7 @@ impl Fs {
         self.versions.forget(&path);
         let until = Instant::now() + self.cfg.metadata_ttl;
         self.table.lock().remove_path(&path, until);
-        if !had_state && let Some(mut late) = self.live(attr.ino).await {
-            // An open (`O_TRUNC`) that came while the DeleteObject was in
-            // flight started a journaled write state for the file being
-            // removed: it goes now, as it would have gone with the unlink,
-            // not at its first write or close (a crash before then had
-            // the next mount recover its empty copy over a newer file).
-            if !late.staged.is_unlinked() {
-                late.discard();
-            }
-        }
+        self.discard_late_writer(attr.ino).await;
         self.entries_changed(parent);
         Ok(())
     }
@@ -470,7 +460,7 @@ impl Fs {
             held = self.rename_tree(&from, &to, dst.is_some()).await?;
         } else {
             held = self
-                .rename_file(src.ino, dst.map(|d| d.ino), &from, &to)
+                .rename_file(src.ino, dst.as_ref().map(|d| d.ino), &from, &to)
                 .await?;
         }
         self.versions.forget(&from);
@@ -492,6 +482,9 @@ impl Fs {
             }
         }
         drop(held);
+        if let Some(d) = dst.filter(|d| d.ino != src.ino && d.kind != FileKind::Dir) {
+            self.discard_late_writer(d.ino).await;
+        }
         self.entries_changed(parent);
         if new_parent != parent {
             self.entries_changed(new_parent);
@@ -595,6 +588,22 @@ impl Fs {
             st.discard();
         }
         Ok(s.into_iter().chain(d).collect())
+    }
+
+    /// After the table detached `ino` (unlinked, or replaced by a rename):
+    /// a write state an `O_TRUNC` open started while the DeleteObject or
+    /// CopyObject was in flight, journaled as a rewrite of the name the
+    /// file no longer has, goes now, as one started before would have gone
+    /// with the unlink or rename. Left to its first write or close, a crash
+    /// before then had the next mount recover its empty copy over the file
+    /// now at that name (or beside it). Opens after the detach write to a
+    /// nameless copy already.
+    async fn discard_late_writer(&self, ino: u64) {
+        if let Some(mut late) = self.live(ino).await
+            && !late.staged.is_unlinked()
+        {
+            late.discard();
+        }
     }
 
     /// Before this mount writes over `key`: a removed file still read there
