@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bucketfs::error::errno;
 use bucketfs::fs::inodes::ROOT_INO;
 use bucketfs::fs::{Creator, Fs, FsConfig, FsError, SetAttr};
 use bucketfs::store::faulty::Faulty;
@@ -567,15 +568,14 @@ enum Detach {
     RenameOver,
 }
 
-/// `f` (holding `contents`) is looked up, `rm f` or `mv g f` is started
-/// and held at its request, and an `O_TRUNC` open of the looked-up inode
-/// comes meanwhile: the open's handle and the held unlink or rename (its
-/// request still held).
-async fn rewrite_during_held(
+/// `f` (holding `contents`) is looked up, and `rm f` or `mv g f` is
+/// started and held at its request: f's inode, the held task and the
+/// request held.
+async fn detach_held(
     t: &T,
     contents: &[u8],
     how: Detach,
-) -> (u64, tokio::task::JoinHandle<Result<(), FsError>>) {
+) -> (u64, tokio::task::JoinHandle<Result<(), FsError>>, Op) {
     t.m.insert("f", contents, Metadata::new());
     let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
         .await
@@ -598,13 +598,60 @@ async fn rewrite_during_held(
         }
     };
     within("the held request", t.f.wait_held(op)).await.unwrap();
+    (a.ino, gone, op)
+}
+
+/// The same, and an `O_TRUNC` open of the looked-up inode comes meanwhile:
+/// the open's handle and the held unlink or rename (its request still
+/// held).
+async fn rewrite_during_held(
+    t: &T,
+    contents: &[u8],
+    how: Detach,
+) -> (u64, tokio::task::JoinHandle<Result<(), FsError>>) {
+    let (ino, gone, _) = detach_held(t, contents, how).await;
     let fh = within(
         "open O_TRUNC",
-        t.fs.open(a.ino, libc::O_WRONLY | libc::O_TRUNC),
+        t.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC),
     )
     .await
     .unwrap();
     (fh, gone)
+}
+
+/// `cat f` racing `rm f` or `mv g f`: the kernel looked f up, and its
+/// open came while the DeleteObject or CopyObject was in flight, after
+/// the unlink or rename had looked for f's readers to keep their bytes.
+/// The open succeeded and the first read failed with EIO (the object it
+/// pinned was gone). An open now waits for the unlink or rename it
+/// races: then ESTALE (the kernel looks the name up again), or a
+/// handle that reads what it opened.
+#[tokio::test]
+async fn case19_a_read_open_racing_an_unlink_or_rename_over_reads_or_is_estale() {
+    for how in [Detach::RenameOver, Detach::Unlink] {
+        let t = setup(false, |c| c.metadata_ttl = Duration::ZERO);
+        let (ino, gone, op) = detach_held(&t, b"old contents", how).await;
+        let fs = t.fs.clone();
+        let open = tokio::spawn(async move { fs.open(ino, libc::O_RDONLY).await });
+        // Everything but the held request runs meanwhile (bounded: the
+        // open either answers or waits).
+        for _ in 0..1000 {
+            if open.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        t.f.release(op);
+        assert_eq!(join("rm f / mv g f", gone).await, Ok(()));
+        match join("open", open).await {
+            Err(e) => assert_eq!(errno(&e), libc::ESTALE, "open"),
+            Ok(fh) => {
+                let got = within("read", t.fs.read(fh, 0, 100)).await;
+                assert_eq!(got.as_deref(), Ok(&b"old contents"[..]), "read");
+                within("release", t.fs.release(fh)).await.unwrap();
+            }
+        }
+    }
 }
 
 /// `rm f` or `mv g f` racing a rewrite of f (`O_TRUNC` open, write,

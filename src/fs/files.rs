@@ -174,6 +174,10 @@ const PENDING_UPLOADS_IN_FLIGHT: usize = 16;
 /// Blocks fetched at once when an object still being read is kept.
 const KEEP_CONCURRENCY: usize = 8;
 
+/// Times a read-only open waits for an unlink or rename of its file and
+/// opens again (`open`), before ESTALE.
+const OPEN_ROUNDS: usize = 4;
+
 /// The shared write state of one inode, behind an async lock that may be
 /// held across an upload.
 pub type OpenFile = tokio::sync::Mutex<WriteState>;
@@ -270,7 +274,51 @@ impl Fs {
     }
 
     /// Opens a file. `flags` are open(2)'s.
+    ///
+    /// A read-only open that comes while an unlink or a rename over the
+    /// file is under way (the kernel looked the name up before) may have
+    /// registered after that looked for the file's readers to keep their
+    /// bytes: its reads would find the object gone. It waits for the
+    /// change and opens again: ESTALE once the name is gone (the kernel
+    /// looks it up again), the file as it was if the change failed.
     pub async fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        for _ in 0..OPEN_ROUNDS {
+            let fh = self.open_once(ino, flags).await?;
+            if writable {
+                return Ok(fh);
+            }
+            let Some((gate, _)) = self.detaching.lock().get(&ino).cloned() else {
+                return Ok(fh);
+            };
+            self.release(fh).await?;
+            drop(gate.read().await);
+        }
+        Err(FsError::Io(libc::ESTALE))
+    }
+
+    /// Takes the name from `ino` (an unlink, or a rename over it) while
+    /// the guard lives: opens of it meanwhile wait (`open`). Taken before
+    /// the caller looks for the file's readers, dropped once the table has
+    /// detached it.
+    pub(super) async fn detaching(&self, ino: u64) -> Detaching<'_> {
+        let gate = {
+            let mut m = self.detaching.lock();
+            let (gate, holders) = m.entry(ino).or_default();
+            *holders += 1;
+            gate.clone()
+        };
+        // Counted from here: dropped while waiting, it counts itself out.
+        let mut d = Detaching {
+            fs: self,
+            ino,
+            held: None,
+        };
+        d.held = Some(gate.write_owned().await);
+        d
+    }
+
+    async fn open_once(&self, ino: u64, flags: i32) -> FsResult<u64> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let trunc = flags & libc::O_TRUNC != 0;
         let key = self.node_key(ino)?;
@@ -1748,6 +1796,32 @@ impl Fs {
             .get(ino)
             .map(|n| n.attr.clone())
             .ok_or(FsError::NotFound)
+    }
+}
+
+/// By inode: the gate opens wait at while an unlink or rename takes the
+/// file's name, and how many unlinks and renames hold or await it.
+pub(super) type DetachGates =
+    Mutex<std::collections::HashMap<u64, (Arc<tokio::sync::RwLock<()>>, usize)>>;
+
+/// An unlink or rename taking a file's name: taken before it looks for
+/// the file's readers, dropped once the table has detached the file.
+pub(super) struct Detaching<'a> {
+    fs: &'a Fs,
+    ino: u64,
+    held: Option<tokio::sync::OwnedRwLockWriteGuard<()>>,
+}
+
+impl Drop for Detaching<'_> {
+    fn drop(&mut self) {
+        let mut m = self.fs.detaching.lock();
+        drop(self.held.take());
+        if let Some((_, holders)) = m.get_mut(&self.ino) {
+            *holders -= 1;
+            if *holders == 0 {
+                m.remove(&self.ino);
+            }
+        }
     }
 }
 

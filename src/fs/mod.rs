@@ -256,6 +256,11 @@ pub struct Fs {
     meta: Arc<meta::MetaFetch>,
     /// Deletes waiting for the file's last reader, by inode.
     deferred: Mutex<HashMap<u64, crate::write::tombstone::Tombstone>>,
+    /// Files an unlink or a rename over them is taking the name from, held
+    /// for writing from before it looks for their readers until the table
+    /// has detached them (`files::Detaching`); an open meanwhile waits.
+    /// With the number of unlinks and renames holding or awaiting it.
+    detaching: files::DetachGates,
     /// Namespace lock (see the lock order above).
     ns: tokio::sync::RwLock<()>,
     /// Wakes the background retrier (`spawn_retrier`).
@@ -348,6 +353,7 @@ impl Fs {
             meta,
             ns: tokio::sync::RwLock::new(()),
             deferred: Mutex::new(HashMap::new()),
+            detaching: Mutex::new(HashMap::new()),
             retry_wake: Arc::new(tokio::sync::Notify::new()),
             dir_times: Mutex::new(Default::default()),
             dir_times_wake: Arc::new(tokio::sync::Notify::new()),

@@ -324,6 +324,7 @@ impl Fs {
         if attr.kind == FileKind::Dir {
             return Err(FsError::IsDir);
         }
+        let detaching = self.detaching(attr.ino).await;
         // Lock → delete → record: a failed DeleteObject leaves the writer's
         // data as it was, to be uploaded at its close.
         let mut st = self.live(attr.ino).await;
@@ -354,6 +355,7 @@ impl Fs {
         self.versions.forget(&path);
         let until = Instant::now() + self.cfg.metadata_ttl;
         self.table.lock().remove_path(&path, until);
+        drop(detaching);
         self.discard_late_writer(attr.ino).await;
         self.entries_changed(parent);
         Ok(())
@@ -440,6 +442,7 @@ impl Fs {
         // retrier) takes its key from the table, and would otherwise send
         // the file to its old name in between.
         let held: Vec<StateGuard>;
+        let mut detaching = None;
         if src.kind == FileKind::Dir {
             if to.starts_with(&format!("{from}/")) {
                 return Err(FsError::Invalid);
@@ -459,8 +462,12 @@ impl Fs {
             }
             held = self.rename_tree(&from, &to, dst.is_some()).await?;
         } else {
+            let replaced = dst.as_ref().filter(|d| d.ino != src.ino);
+            if let Some(d) = replaced {
+                detaching = Some(self.detaching(d.ino).await);
+            }
             held = self
-                .rename_file(src.ino, dst.as_ref().map(|d| d.ino), &from, &to)
+                .rename_file(src.ino, replaced.map(|d| d.ino), &from, &to)
                 .await?;
         }
         self.versions.forget(&from);
@@ -482,6 +489,7 @@ impl Fs {
             }
         }
         drop(held);
+        drop(detaching);
         if let Some(d) = dst.filter(|d| d.ino != src.ino && d.kind != FileKind::Dir) {
             self.discard_late_writer(d.ino).await;
         }
