@@ -381,6 +381,56 @@ async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
     fs.releasedir(fh);
 }
 
+/// The metadata pass counts the entries it reads, its reader every entry
+/// of the listing: the pass went one window past the entries it already
+/// held, so each `ls -f` of a directory went a window further than the
+/// one before (1,274 HEADs, then 2,682, then every entry). A listing whose
+/// first window is known now reads no metadata until its reader moves.
+#[tokio::test]
+async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
+    const N: usize = 4000;
+    let s = Arc::new(MemStore::unversioned());
+    for i in 0..N {
+        s.insert(
+            &format!("d/f{i:05}"),
+            b"x",
+            s3fs_meta(0o100600, 42, 1_000_000_000),
+        );
+    }
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let heads = || s.counters().get(Op::Head);
+    async fn settle() {
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let ahead = bucketfs::fs::METADATA_AHEAD as u64;
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    // `ls -f`, three times: plain readdir to the end.
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let h = heads();
+        let fh = fs.opendir(d.ino).await.unwrap();
+        let mut offset = 0;
+        while let Some(last) = fs.readdir(fh, offset).unwrap().len().checked_sub(1) {
+            offset += last as u64 + 1;
+        }
+        settle().await;
+        fs.releasedir(fh);
+        took.push(heads() - h);
+    }
+    assert_eq!(took, [ahead, 0, 0], "HEADs of each listing");
+    // A reader that reaches the end of what is known moves it a window on.
+    let h = heads();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let batch = fs.readdirplus(d.ino, fh, 0).await.unwrap();
+    let reached = batch.last().unwrap().0 + 1;
+    assert_eq!(reached, ahead + 2, "known entries, after . and ..");
+    settle().await;
+    assert_eq!(heads() - h, ahead, "one window past the reader");
+    fs.releasedir(fh);
+}
+
 /// `ls -l` reads the listing by readdirplus and stats every entry: when
 /// the replies carry each entry's own attributes the kernel keeps them and
 /// asks nothing more, so a reply holds only entries whose metadata is

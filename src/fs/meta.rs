@@ -41,6 +41,10 @@ pub const METADATA_AHEAD: usize = 1024;
 /// order) below `allowed`. Its reader moves it on.
 #[derive(Debug)]
 pub(super) struct Pace {
+    /// The listing position of each entry the pass reads, ascending: the
+    /// reader counts all entries, the pass only these.
+    positions: Vec<usize>,
+    /// Entries of the pass (indices into `positions`) it may start.
     allowed: AtomicUsize,
     /// Entries the pass has started.
     started: AtomicUsize,
@@ -51,8 +55,15 @@ pub(super) struct Pace {
 }
 
 impl Pace {
-    /// Lets the pass read up to entry `upto` (exclusive).
-    pub(super) fn allow(&self, upto: usize) {
+    /// The reader is at listing position `at`: the pass may read the
+    /// entries before `at + METADATA_AHEAD`.
+    pub(super) fn reader_at(&self, at: usize) {
+        let upto = at.saturating_add(METADATA_AHEAD);
+        self.allow(self.positions.partition_point(|&p| p < upto));
+    }
+
+    /// Lets the pass read its entries up to `upto` (exclusive).
+    fn allow(&self, upto: usize) {
         self.allowed.fetch_max(upto, Ordering::Relaxed);
         self.wake.notify_one();
     }
@@ -309,27 +320,35 @@ impl MetaFetch {
         });
     }
 
-    /// Reads the metadata of `inos` (directory `dir_ino`'s listing) in the
-    /// background, in order, a bounded number at a time, taking over the
-    /// HEADs `early` started, and at most `METADATA_AHEAD` entries ahead
-    /// of the reader: the guard's holder moves it on (`Pace::allow`), and
-    /// a stat of an entry not read yet does (`Pace::caught_up`). Without a holder, the pass
-    /// reads the first window only.
+    /// Reads the metadata of `entries` (listing position, inode: the
+    /// entries of directory `dir_ino`'s listing whose metadata is unknown)
+    /// in the background, in order, a bounded number at a time, taking
+    /// over the HEADs `early` started, and at most `METADATA_AHEAD`
+    /// listing positions ahead of the reader, who starts at `first`: the
+    /// guard's holder moves it on (`Pace::reader_at`), and a stat of an
+    /// entry not read yet does (`Pace::caught_up`). Without a holder, the
+    /// pass reads the first window only.
     pub(super) fn prefetch(
         self: &Arc<Self>,
         dir_ino: u64,
-        inos: Vec<u64>,
+        entries: Vec<(usize, u64)>,
+        first: usize,
         early: EarlyBatch,
     ) -> Option<PaceGuard> {
-        if inos.is_empty() {
+        if entries.is_empty() {
             return None;
         }
+        let (positions, inos): (Vec<usize>, Vec<u64>) = entries.into_iter().unzip();
         let pace = Arc::new(Pace {
-            allowed: AtomicUsize::new(METADATA_AHEAD),
+            positions,
+            allowed: AtomicUsize::new(0),
             started: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             wake: Notify::new(),
         });
+        // The first window, before the reader reads: from the listing's
+        // first entry of the directory (`first`, after `.` and `..`).
+        pace.reader_at(first);
         self.paces.lock().insert(dir_ino, Arc::downgrade(&pace));
         let me = self.clone();
         let guard = PaceGuard(pace.clone());

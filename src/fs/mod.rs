@@ -803,7 +803,7 @@ impl Fs {
                         kind: FileKind::Dir,
                     });
                 }
-                let (entries, pace) = self.list_dir(ino, &dir).await?;
+                let (entries, pace) = self.list_dir(ino, &dir, out.len()).await?;
                 out.extend(entries);
                 return Ok((out, pace));
             }
@@ -815,10 +815,13 @@ impl Fs {
     /// Lists a directory with ListObjectsV2 (`/` delimiter, paginated) and
     /// remembers each child's attributes, so `stat` after `readdir` needs
     /// no request.
+    /// `before`: entries the caller lists ahead of these (`.`, `..`...),
+    /// so that listing positions pace the metadata pass.
     async fn list_dir(
         &self,
         ino: u64,
         dir: &str,
+        before: usize,
     ) -> FsResult<(Vec<DirEntry>, Option<meta::PaceGuard>)> {
         let prefix = self.dir_prefix(dir);
         let mut early = self.meta.early_batch();
@@ -833,12 +836,16 @@ impl Fs {
             loop {
                 let page = self.store.list(&prefix, Some("/"), token, None).await?;
                 // Each page's objects have their metadata read while the
-                // next pages are listed.
-                if self.cfg.object_metadata && early_left > 0 {
-                    let mut keys = self.metadata_unknown(dir, &prefix, &page.objects);
-                    keys.truncate(early_left);
-                    early_left -= keys.len();
-                    self.meta.head_early(&mut early, keys);
+                // next pages are listed, those of the first window only
+                // (counted as the reader counts: every entry, known or not).
+                if early_left > 0 {
+                    let window = &page.objects[..page.objects.len().min(early_left)];
+                    if self.cfg.object_metadata {
+                        let keys = self.metadata_unknown(dir, &prefix, window);
+                        self.meta.head_early(&mut early, keys);
+                    }
+                    early_left =
+                        early_left.saturating_sub(page.objects.len() + page.prefixes.len());
                 }
                 files.extend(page.objects);
                 dirs.extend(page.prefixes);
@@ -967,9 +974,17 @@ impl Fs {
         drop(t);
         out.sort_by(|a, b| a.name.cmp(&b.name));
         unknown.sort();
-        let pace = self
-            .meta
-            .prefetch(ino, unknown.into_iter().map(|(_, i)| i).collect(), early);
+        // Each unknown entry with its position in the listing (both in
+        // name order, names unique).
+        let mut at = 0;
+        let unknown: Vec<(usize, u64)> = unknown
+            .into_iter()
+            .map(|(name, i)| {
+                at += out[at..].partition_point(|e| e.name < name);
+                (before + at, i)
+            })
+            .collect();
+        let pace = self.meta.prefetch(ino, unknown, before, early);
         debug!(dir, entries = out.len(), "listed");
         if out.len() >= TRIM_AFTER_NODES {
             // The pages of its LIST responses and transient copies.
@@ -1134,7 +1149,7 @@ impl Fs {
             && let Handle::Dir(DirHandle { pace: Some(p), .. }) = &**h
         {
             let next = out.last().map_or(offset, |o| o.0 + 1);
-            p.0.allow(next as usize + meta::METADATA_AHEAD);
+            p.0.reader_at(next as usize);
         }
         Ok(out
             .into_iter()
