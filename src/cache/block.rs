@@ -234,6 +234,8 @@ pub struct BlockCache {
     /// block arrives. Read-ahead of many files at once shares it instead
     /// of each asking for its own window.
     readahead: tokio::sync::Semaphore,
+    /// The budget's size in blocks: the most one run may wait for.
+    readahead_blocks: usize,
     pub stats: CacheStats,
 }
 
@@ -257,11 +259,11 @@ impl BlockCache {
                 lru: LruCache::unbounded(),
                 bytes: 0,
             }),
-            readahead: tokio::sync::Semaphore::new(
-                (mem_limit_bytes / 2 / block_size.max(1)).max(1) as usize,
-            ),
+            readahead: tokio::sync::Semaphore::new(0),
+            readahead_blocks: 0,
             stats: CacheStats::default(),
         }
+        .with_readahead_budget(mem_limit_bytes / 2)
     }
 
     /// Read-ahead in flight across every reader, at most `bytes` (at
@@ -269,6 +271,7 @@ impl BlockCache {
     pub fn with_readahead_budget(mut self, bytes: u64) -> Self {
         let blocks = (bytes / self.block_size.max(1)).max(1) as usize;
         self.readahead = tokio::sync::Semaphore::new(blocks);
+        self.readahead_blocks = blocks;
         self
     }
 
@@ -396,15 +399,11 @@ impl BlockCache {
             }
             None => wanted,
         };
-        // Within the budget, nearest blocks first: a later read asks for
-        // the rest once earlier blocks arrived.
+        // At most the whole budget, nearest blocks first.
         let mut wanted = wanted;
-        wanted.truncate(self.readahead.available_permits());
-        match self.readahead.try_acquire_many(wanted.len() as u32) {
-            Ok(p) if !wanted.is_empty() => p.forget(),
-            _ => return,
-        }
-        let mut permits = wanted.len();
+        wanted.truncate(self.readahead_blocks);
+        // Claimed first: a read of one of these blocks waits for this run
+        // (one large GET) rather than asking for its block alone.
         let claimed: Vec<(BlockKey, Arc<OnceCell<Bytes>>)> = {
             let mut inflight = self.inflight.lock();
             let mut claimed = Vec::new();
@@ -417,12 +416,10 @@ impl BlockCache {
             }
             claimed
         };
-        // Blocks being fetched by another read already.
-        self.readahead.add_permits(permits - claimed.len());
-        permits = claimed.len();
         let (Some((lo, _)), Some((hi, _))) = (claimed.first(), claimed.last()) else {
             return;
         };
+        let mut permits = claimed.len();
         let start = lo.index * bs;
         let end = ((hi.index + 1) * bs).min(object_size);
         self.stats
@@ -453,6 +450,15 @@ impl BlockCache {
             .collect();
         let budget = &self.readahead;
         let get = async move {
+            // The run waits for its share of the budget, held by other
+            // runs' GETs, which give it back block by block: while many
+            // files are read at once, each GET still fetches a whole run
+            // (it was cut to what was left, and 4 readers made GETs of a
+            // block or two). Its blocks' readers wait for it meanwhile.
+            match budget.acquire_many(permits as u32).await {
+                Ok(p) => p.forget(),
+                Err(_) => permits = 0,
+            }
             let mut next = lo.index;
             let r = store
                 .get_range_pieces(&first.key, start..end, pin, bs, &mut |piece| {
@@ -615,8 +621,9 @@ mod tests {
     }
 
     /// Two files read ahead at once share one budget: while the first
-    /// file's run holds all of it, the second asks for nothing; the
-    /// budget comes back as the blocks arrive.
+    /// file's run holds all of it, the second's run waits for it (it was
+    /// cut to what was left: GETs of a block or two), and a read of one of
+    /// its blocks waits for that run rather than making a GET of its own.
     #[tokio::test]
     async fn read_ahead_of_many_files_shares_one_budget() {
         let m = Arc::new(MemStore::versioned());
@@ -624,27 +631,29 @@ mod tests {
         let b = m.insert("b", &[2u8; 200], Metadata::new()).etag;
         let f = crate::store::faulty::Faulty::new(m.clone());
         let c = BlockCache::new(10, 1000).with_readahead_budget(30);
-        f.hold(Op::Get, u32::MAX);
+        f.hold(Op::Get, 1);
         let (first_a, pin_a) = (bk("a", &a, 0), pin(&a));
+        let (first_b, pin_b) = (bk("b", &b, 0), pin(&b));
         let run_a = c.fetch_run(&f, &first_a, 8, &pin_a, 200);
-        let run_b = async {
+        let run_b = c.fetch_run(&f, &first_b, 8, &pin_b, 200);
+        let read_b = c.get(&f, &first_b, &pin_b, 200);
+        let release = async {
             f.wait_held(Op::Get).await.unwrap();
-            c.fetch_run(&f, &bk("b", &b, 0), 8, &pin(&b), 200).await;
+            // a's GET holds the budget: b's run waits, its reader too.
+            assert_eq!(f.calls(Op::Get), 1, "b's run and read wait");
             f.release(Op::Get);
         };
-        tokio::join!(run_a, run_b);
+        let ((), (), got, ()) = tokio::join!(run_a, run_b, read_b, release);
+        assert_eq!(got.unwrap().as_ref(), &[2u8; 10]);
         let cached = |k: &str, e: &str| (0..20).filter(|&i| c.contains(&bk(k, e, i))).count();
         assert_eq!(
             cached("a", &a),
             3,
-            "a: the nearest blocks the budget allows"
+            "a: the nearest blocks, the whole budget"
         );
         assert!((0..3).all(|i| c.contains(&bk("a", &a, i))));
-        assert_eq!(cached("b", &b), 0, "b asked while the budget was spent");
-        assert_eq!(f.calls(Op::Get), 1);
-        c.fetch_run(&f, &bk("b", &b, 0), 8, &pin(&b), 200).await;
-        assert_eq!(cached("b", &b), 3, "the budget came back");
-        assert_eq!(f.calls(Op::Get), 2);
+        assert_eq!(cached("b", &b), 3, "b: its run once the budget came back");
+        assert_eq!(f.calls(Op::Get), 2, "one GET per run, none for the read");
     }
 
     #[tokio::test]
