@@ -1109,13 +1109,17 @@ impl Fs {
                 break;
             }
             // The first entry of a reply (an empty reply reads as the end):
-            // its metadata is asked for again, a few times.
+            // its metadata is asked for again, a few times while listings
+            // make it unknown again; not after a failed HEAD.
             for _ in 0..PLUS_FIRST_RETRIES {
                 if cached.is_none() || !unknown(&cached) {
                     break;
                 }
-                let _ = self.meta.attr(e.ino).await;
+                let read = self.meta.attr(e.ino).await;
                 cached = self.plus_entry(dir_ino, &e, dot);
+                if read.is_err() {
+                    break;
+                }
             }
             match cached {
                 Some((a, known, _, _)) if dot => out.push((index, e, a, false, known)),
