@@ -293,6 +293,31 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
     fs.releasedir(fh);
 }
 
+/// Lets the background tasks of this (current-thread) runtime run: a
+/// listing's metadata pass has every chance to go further meanwhile.
+async fn yield_to_background() {
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// `n` objects `dir/f00000`... of one byte, each with `meta()`.
+fn fill(s: &MemStore, dir: &str, n: usize, meta: impl Fn() -> Metadata) {
+    for i in 0..n {
+        s.insert(&format!("{dir}/f{i:05}"), b"x", meta());
+    }
+}
+
+/// Reads a directory handle to its end as `ls -f` does after its first
+/// call (plain readdir): how many entries.
+fn readdir_to_end(fs: &Fs, fh: u64) -> u64 {
+    let mut offset = 0;
+    while let Some(last) = fs.readdir(fh, offset).unwrap().len().checked_sub(1) {
+        offset += last as u64 + 1;
+    }
+    offset
+}
+
 /// The metadata of a listing is read ahead of its reader, not of the
 /// listing: `ls -f` of a large directory costs its LISTs and one window of
 /// HEADs (it was a HEAD per entry, and every object's metadata in memory).
@@ -301,40 +326,22 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
 async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
     const N: usize = 5000;
     let s = Arc::new(MemStore::unversioned());
-    for i in 0..N {
-        s.insert(
-            &format!("d/f{i:05}"),
-            b"x",
-            s3fs_meta(0o100600, 42, 1_000_000_000),
-        );
-        s.insert(&format!("e/f{i:05}"), b"x", Metadata::new());
-        s.insert(
-            &format!("g/f{i:05}"),
-            b"x",
-            s3fs_meta(0o100640, 7, 1_000_000_000),
-        );
-    }
+    fill(&s, "d", N, || s3fs_meta(0o100600, 42, 1_000_000_000));
+    fill(&s, "e", N, Metadata::new);
+    fill(&s, "g", N, || s3fs_meta(0o100640, 7, 1_000_000_000));
     let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
     let heads = || s.counters().get(Op::Head);
-    // The pass runs on this (current-thread) runtime: it has every chance
-    // to go further while this task yields.
-    async fn settle() {
-        for _ in 0..200 {
-            tokio::task::yield_now().await;
-        }
-    }
     let ahead = bucketfs::fs::METADATA_AHEAD as u64;
     let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
     let e = fs.lookup(ROOT_INO, name("e")).await.unwrap();
     let h0 = heads();
     let fh = fs.opendir(d.ino).await.unwrap();
-    // Read as `ls -f` reads after its first call: plain readdir.
-    let mut offset = 0;
-    while let Some(last) = fs.readdir(fh, offset).unwrap().len().checked_sub(1) {
-        offset += last as u64 + 1;
-    }
-    assert_eq!(offset, N as u64 + 2, "every entry, with . and ..");
-    settle().await;
+    assert_eq!(
+        readdir_to_end(&fs, fh),
+        N as u64 + 2,
+        "every entry, . and .."
+    );
+    yield_to_background().await;
     assert_eq!(heads() - h0, ahead, "one window of HEADs for readdir");
     // readdirplus to the end: each entry's own metadata, one HEAD each.
     let (mut offset, mut own) = (0, 0);
@@ -355,7 +362,7 @@ async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
     let fh = fs.opendir(e.ino).await.unwrap();
     fs.readdirplus(e.ino, fh, 0).await.unwrap();
     fs.releasedir(fh);
-    settle().await;
+    yield_to_background().await;
     let took = heads() - h1;
     assert!(took <= 2 * ahead, "{took} HEADs after the handle closed");
     // `ls -l` reads every name, then stats each: a stat of an entry the
@@ -363,20 +370,20 @@ async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
     let g = fs.lookup(ROOT_INO, name("g")).await.unwrap();
     let h2 = heads();
     let fh = fs.opendir(g.ino).await.unwrap();
-    settle().await;
+    yield_to_background().await;
     assert_eq!(heads() - h2, ahead, "the first window");
     let a = fs
         .lookup(g.ino, name(&format!("f{ahead:05}")))
         .await
         .unwrap();
     assert_eq!((a.perm, a.uid), (0o640, 7), "its own metadata");
-    settle().await;
+    yield_to_background().await;
     assert_eq!(heads() - h2, 2 * ahead, "a stat past the window");
     for i in 0..N {
         let a = fs.lookup(g.ino, name(&format!("f{i:05}"))).await.unwrap();
         assert_eq!((a.perm, a.uid), (0o640, 7), "f{i:05}");
     }
-    settle().await;
+    yield_to_background().await;
     assert_eq!(heads() - h2, N as u64, "one HEAD per entry");
     fs.releasedir(fh);
 }
@@ -390,20 +397,9 @@ async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
 async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
     const N: usize = 4000;
     let s = Arc::new(MemStore::unversioned());
-    for i in 0..N {
-        s.insert(
-            &format!("d/f{i:05}"),
-            b"x",
-            s3fs_meta(0o100600, 42, 1_000_000_000),
-        );
-    }
+    fill(&s, "d", N, || s3fs_meta(0o100600, 42, 1_000_000_000));
     let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
     let heads = || s.counters().get(Op::Head);
-    async fn settle() {
-        for _ in 0..200 {
-            tokio::task::yield_now().await;
-        }
-    }
     let ahead = bucketfs::fs::METADATA_AHEAD as u64;
     let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
     // `ls -f`, three times: plain readdir to the end.
@@ -411,11 +407,8 @@ async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
     for _ in 0..3 {
         let h = heads();
         let fh = fs.opendir(d.ino).await.unwrap();
-        let mut offset = 0;
-        while let Some(last) = fs.readdir(fh, offset).unwrap().len().checked_sub(1) {
-            offset += last as u64 + 1;
-        }
-        settle().await;
+        readdir_to_end(&fs, fh);
+        yield_to_background().await;
         fs.releasedir(fh);
         took.push(heads() - h);
     }
@@ -426,7 +419,7 @@ async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
     let batch = fs.readdirplus(d.ino, fh, 0).await.unwrap();
     let reached = batch.last().unwrap().0 + 1;
     assert_eq!(reached, ahead + 2, "known entries, after . and ..");
-    settle().await;
+    yield_to_background().await;
     assert_eq!(heads() - h, ahead, "one window past the reader");
     fs.releasedir(fh);
 }

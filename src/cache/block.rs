@@ -244,7 +244,7 @@ pub struct BlockCache {
 pub const CHUNK: u64 = 64 * 1024;
 
 impl BlockCache {
-    /// A memory-only cache.
+    /// A memory-only cache; read-ahead in flight within half of it.
     pub fn new(block_size: u64, mem_limit_bytes: u64) -> Self {
         BlockCache {
             block_size,

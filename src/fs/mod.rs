@@ -337,15 +337,13 @@ impl Fs {
             early: Mutex::new(HashMap::new()),
             paces: Mutex::new(HashMap::new()),
         });
+        let mut blocks = BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)
+            .with_disk(&cfg.disk_cache_dir, cfg.disk_cache_bytes);
+        if let Some(b) = cfg.readahead_budget_bytes {
+            blocks = blocks.with_readahead_budget(b);
+        }
         Fs {
-            blocks: Arc::new(
-                BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)
-                    .with_readahead_budget(
-                        cfg.readahead_budget_bytes
-                            .unwrap_or(cfg.mem_cache_bytes / 2),
-                    )
-                    .with_disk(&cfg.disk_cache_dir, cfg.disk_cache_bytes),
-            ),
+            blocks: Arc::new(blocks),
             store,
             table,
             handles: Mutex::new(HashMap::new()),
