@@ -190,6 +190,63 @@ async fn readdirplus_never_hands_out_attributes_not_read_from_the_object() {
     assert_eq!((sub.kind, sub.perm, sub.uid), (FileKind::Dir, 0o700, 42));
 }
 
+/// `ls -l` stats what it listed a while ago: an entry that expired is
+/// looked up again, a LIST (is it a directory now?) and a HEAD (its
+/// metadata). For a name last seen as a file the HEAD now goes beside the
+/// LIST, one round trip instead of two; a name never seen costs the LIST
+/// alone, as before.
+#[tokio::test]
+async fn an_expired_files_lookup_sends_its_head_beside_its_list() {
+    let m = Arc::new(MemStore::unversioned());
+    m.insert("f", b"abc", s3fs_meta(0o100640, 42, 1_000_000_000));
+    let f = Arc::new(bucketfs::store::faulty::Faulty::new(m.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        metadata_ttl: std::time::Duration::ZERO,
+        ..FsConfig::default()
+    };
+    let fs = Fs::new(f.clone(), cfg);
+    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    assert_eq!(
+        (f.calls(Op::List), f.calls(Op::Head)),
+        (1, 1),
+        "first lookup"
+    );
+    // Expired at once (metadata_ttl=0): looked up again, LIST held.
+    f.hold(Op::List, 1);
+    let held = async {
+        f.wait_held(Op::List).await.unwrap();
+        let heads = f.calls(Op::Head);
+        f.release(Op::List);
+        heads
+    };
+    let (again, heads_meanwhile) = tokio::join!(fs.lookup(ROOT_INO, name("f")), held);
+    assert_eq!(heads_meanwhile, 2, "the HEAD went while the LIST was out");
+    let again = again.unwrap();
+    assert_eq!((again.ino, again.perm, again.uid), (a.ino, 0o640, 42));
+    assert_eq!(
+        (f.calls(Op::List), f.calls(Op::Head)),
+        (2, 2),
+        "no HEAD after"
+    );
+    // Rewritten meanwhile by another client: the HEAD still counts only
+    // for the object the LIST saw (same ETag here, new metadata).
+    m.insert("f", b"abcd", s3fs_meta(0o100600, 7, 1_000_000_000));
+    let b = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    assert_eq!((b.size, b.perm, b.uid), (4, 0o600, 7));
+    // A name never seen: the LIST alone.
+    assert_eq!(
+        fs.lookup(ROOT_INO, name("g")).await.err(),
+        Some(FsError::NotFound)
+    );
+    assert_eq!(
+        (f.calls(Op::List), f.calls(Op::Head)),
+        (4, 3),
+        "g: one LIST"
+    );
+}
+
 /// readdirplus waits for its entries' metadata, but the HEAD may fail, or
 /// a re-listing may find the object rewritten by another client and make
 /// its metadata unknown again right after the wait. Such an entry went to

@@ -589,10 +589,30 @@ impl Fs {
         }
         let key = self.key_of(path);
         let prefix = format!("{key}/");
-        let page = self
-            .store
-            .list(&key, Some("/"), None, Some(LOOKUP_LIST_KEYS))
-            .await?;
+        // A name this mount last saw as a file (its entry expired: `ls -l`
+        // stats what it listed a while ago) is most likely one still: its
+        // HEAD goes beside the LIST, one round trip instead of two.
+        let was_file = self.cfg.object_metadata && {
+            let t = self.table.lock();
+            t.find(&NodeKey::Path(path.to_string()))
+                .and_then(|i| t.get(i))
+                .is_some_and(|n| n.attr.kind != FileKind::Dir && n.object.is_some())
+        };
+        let head = async {
+            if was_file {
+                Some(self.store.head(&key, None).await)
+            } else {
+                None
+            }
+        };
+        let (page, head) = futures::join!(
+            self.store
+                .list(&key, Some("/"), None, Some(LOOKUP_LIST_KEYS)),
+            head
+        );
+        let page = page?;
+        // The HEAD counts only if it saw the object the LIST lists.
+        let head = head.and_then(Result::ok);
         let is_dir = page.prefixes.contains(&prefix);
         let file = page.objects.iter().find(|o| o.key == key).cloned();
         // Past the page's last name, `name/` could still come: the answer
@@ -612,12 +632,12 @@ impl Fs {
             if !list.objects.is_empty() || !list.prefixes.is_empty() {
                 return self.resolve_dir(&prefix, file).await.map(Some);
             }
-            return self.resolve_file(file).await;
+            return self.resolve_file(file, head).await;
         }
         if is_dir {
             return self.resolve_dir(&prefix, file).await.map(Some);
         }
-        self.resolve_file(file).await
+        self.resolve_file(file, head).await
     }
 
     /// A directory at `prefix`: its marker's metadata if it has one.
@@ -641,17 +661,25 @@ impl Fs {
         }
     }
 
-    /// A file listed at its key (or none): its own metadata is one HEAD,
-    /// unless the mount keeps none (`no_object_metadata`).
-    async fn resolve_file(&self, listed: Option<ObjectInfo>) -> FsResult<Option<Resolved>> {
+    /// A file listed at its key (or none): its own metadata is one HEAD
+    /// (`head`, when made already and of that very object), unless the
+    /// mount keeps none (`no_object_metadata`).
+    async fn resolve_file(
+        &self,
+        listed: Option<ObjectInfo>,
+        head: Option<ObjectInfo>,
+    ) -> FsResult<Option<Resolved>> {
         let Some(listed) = listed else {
             return Ok(None);
         };
         let info = if self.cfg.object_metadata {
-            match self.store.head(&listed.key, None).await {
-                Ok(info) => info,
-                Err(StoreError::NotFound) => return Ok(None),
-                Err(e) => return Err(e.into()),
+            match head.filter(|h| h.etag == listed.etag) {
+                Some(info) => info,
+                None => match self.store.head(&listed.key, None).await {
+                    Ok(info) => info,
+                    Err(StoreError::NotFound) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                },
             }
         } else {
             listed
