@@ -445,11 +445,14 @@ async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
     fs.releasedir(fh);
 }
 
-/// The metadata pass counts the entries it reads, its reader every entry
-/// of the listing: the pass went one window past the entries it already
-/// held, so each `ls -f` of a directory went a window further than the
-/// one before (1,274 HEADs, then 2,682, then every entry). A listing whose
-/// first window is known now reads no metadata until its reader moves.
+/// Each `ls -f` of a directory read a window of metadata further than the
+/// one before (the session-9 attack: 1,274 HEADs, then 2,682, then every
+/// entry): the pass counted only the entries it reads, its reader every
+/// entry; and the kernel serves the first call of a plain `ls` by
+/// readdirplus, whose reply holds every entry already known, so the pace
+/// moved a window past all of them. The pace now counts listing positions
+/// on both sides, from where the reader asks: a listing whose first
+/// window is known reads no metadata until its reader asks beyond it.
 #[tokio::test]
 async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
     const N: usize = 4000;
@@ -459,23 +462,35 @@ async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
     let heads = || s.counters().get(Op::Head);
     let ahead = bucketfs::fs::METADATA_AHEAD as u64;
     let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
-    // `ls -f`, three times: plain readdir to the end.
+    // `ls -f`, three times, as the kernel reads it: readdirplus for the
+    // first call, plain readdir from where its reply ended.
     let mut took = Vec::new();
     for _ in 0..3 {
         let h = heads();
         let fh = fs.opendir(d.ino).await.unwrap();
-        readdir_to_end(&fs, fh);
+        let first = fs.readdirplus(d.ino, fh, 0).await.unwrap();
+        let mut offset = first.last().unwrap().0 + 1;
+        while let Some(last) = fs.readdir(fh, offset).unwrap().len().checked_sub(1) {
+            offset += last as u64 + 1;
+        }
+        assert_eq!(offset, N as u64 + 2, "every entry, . and ..");
         yield_to_background().await;
         fs.releasedir(fh);
         took.push(heads() - h);
     }
     assert_eq!(took, [ahead, 0, 0], "HEADs of each listing");
-    // A reader that reaches the end of what is known moves it a window on.
+    // A reader that asks from where the known entries end (`ls -l`) moves
+    // it a window on.
     let h = heads();
     let fh = fs.opendir(d.ino).await.unwrap();
     let batch = fs.readdirplus(d.ino, fh, 0).await.unwrap();
     let reached = batch.last().unwrap().0 + 1;
     assert_eq!(reached, ahead + 2, "known entries, after . and ..");
+    let next = fs.readdirplus(d.ino, fh, reached).await.unwrap();
+    assert!(
+        next.iter().all(|e| e.4),
+        "handed out with their own metadata"
+    );
     yield_to_background().await;
     assert_eq!(heads() - h, ahead, "one window past the reader");
     fs.releasedir(fh);

@@ -1105,6 +1105,15 @@ impl Fs {
         offset: u64,
     ) -> FsResult<Vec<(u64, DirEntry, Attr, bool, bool)>> {
         let entries = self.readdir(fh, offset)?;
+        // Metadata is read ahead of this reader: of where it asks from, not
+        // of where the reply ends (a reply holds every entry known, and the
+        // kernel's first call of a plain `ls` is readdirplus: each `ls -f`
+        // read a window further than the one before).
+        if let Some(h) = self.handles.lock().get(&fh)
+            && let Handle::Dir(DirHandle { pace: Some(p), .. }) = &**h
+        {
+            p.0.reader_at(offset as usize);
+        }
         // The first entries wait for their metadata, already being read
         // ahead; the rest go only as far as it is known.
         let waits: Vec<_> = entries
@@ -1173,13 +1182,6 @@ impl Fs {
                     Err(err) => return Err(err),
                 },
             }
-        }
-        // Metadata is read ahead of this reader.
-        if let Some(h) = self.handles.lock().get(&fh)
-            && let Handle::Dir(DirHandle { pace: Some(p), .. }) = &**h
-        {
-            let next = out.last().map_or(offset, |o| o.0 + 1);
-            p.0.reader_at(next as usize);
         }
         Ok(out
             .into_iter()
