@@ -11,7 +11,7 @@
 //! an object costs at most one HEAD per TTL.
 //!
 //! The pass keeps `METADATA_AHEAD` entries ahead of the directory's reader,
-//! not of the listing: each readdirplus reply lets it go further, and so
+//! not of the listing: each readdirplus call lets it go further (from where it asks), and so
 //! does a stat of an entry it has not read (`ls -l` reads every name
 //! first, then stats each). `ls -f` or `find` of 200,000 objects then
 //! costs the LISTs and the first window's HEADs, not 200,000 HEADs and the
