@@ -190,6 +190,60 @@ async fn readdirplus_never_hands_out_attributes_not_read_from_the_object() {
     assert_eq!((sub.kind, sub.perm, sub.uid), (FileKind::Dir, 0o700, 42));
 }
 
+/// A file the kernel holds (looked up, then kept through an O_PATH
+/// descriptor) is rewritten by another client; a listing finds it changed
+/// and reads its metadata again, but the object is deleted before that
+/// HEAD: the node loses its name with only the listing's attributes,
+/// which are the mount's defaults. fstat of the descriptor showed them
+/// (with `uid=1001,umask=0`: uid 1001, mode 0666, so the kernel let uid
+/// 1001 chmod it). Now such a node's attributes grant nothing.
+#[tokio::test]
+async fn a_file_that_loses_its_name_before_its_metadata_is_read_grants_nothing() {
+    let m = Arc::new(MemStore::unversioned());
+    m.insert("d/secret", b"x", s3fs_meta(0o100600, 42, 1_000_000_000));
+    let f = Arc::new(bucketfs::store::faulty::Faulty::new(m.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        metadata_ttl: LONG_TTL,
+        ..FsConfig::default()
+    };
+    cfg.defaults.uid = 1001;
+    cfg.defaults.gid = 1001;
+    cfg.defaults.file_perm = 0o666;
+    let fs = Fs::new(f.clone(), cfg);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let a = fs.lookup(d.ino, name("secret")).await.unwrap();
+    assert_eq!((a.perm, a.uid), (0o600, 42));
+    // Rewritten by another client, then listed again: its HEAD is held.
+    m.insert(
+        "d/secret",
+        b"rewritten",
+        s3fs_meta(0o100600, 42, 1_000_000_000),
+    );
+    f.hold(Op::Head, u32::MAX);
+    let fh = fs.opendir(d.ino).await.unwrap();
+    // Deleted by the other client before the HEAD reaches S3.
+    m.delete("d/secret").await.unwrap();
+    let stat = async {
+        f.wait_held(Op::Head).await.unwrap();
+        f.release(Op::Head);
+        fs.getattr(a.ino).await
+    };
+    let (seen, again) = tokio::join!(fs.getattr(a.ino), stat);
+    let last = fs.getattr(a.ino).await;
+    assert!(last.is_ok(), "the held file still has attributes: {last:?}");
+    for got in [seen, again, last].into_iter().flatten() {
+        assert!(
+            got.uid != 1001 && got.perm & 0o066 == 0,
+            "the mount's defaults: uid {} mode {:o}",
+            got.uid,
+            got.perm
+        );
+    }
+    fs.releasedir(fh);
+}
+
 /// `ls -l` stats what it listed a while ago: an entry that expired is
 /// looked up again, a LIST (is it a directory now?) and a HEAD (its
 /// metadata). For a name last seen as a file the HEAD now goes beside the

@@ -164,7 +164,13 @@ impl MetaFetch {
         }
         // Nodes of `.versions` are read by their own lookup.
         let path = matches!(n.key, NodeKey::Path(_));
-        if n.meta_known || !path || self.writes.lock().contains_key(&ino) {
+        if n.meta_known || self.writes.lock().contains_key(&ino) {
+            Known::Yes(n.attr.clone())
+        } else if matches!(n.key, NodeKey::Detached(_)) {
+            // Lost its name before its metadata was read (its HEAD found
+            // the object gone): what it has are the listing's defaults.
+            Known::Yes(Attr::granting_nothing(&n.attr))
+        } else if !path {
             Known::Yes(n.attr.clone())
         } else {
             Known::No { parent: n.parent }
