@@ -468,6 +468,8 @@ impl Fs {
                 if trunc {
                     self.note_size(ino, 0);
                 }
+                drop(_ns);
+                self.settle_new_writer(ino).await;
                 return Ok(());
             };
             // Another open of the file started its write state first (two
@@ -545,15 +547,28 @@ impl Fs {
     /// the unlink's DeleteObject. Its data is discarded as the unlink would
     /// have, so no journal outlives its last close.
     fn discard_if_nameless(&self, ino: u64, st: &mut WriteState) -> bool {
-        let nameless = self
-            .table
-            .lock()
-            .get(ino)
-            .is_some_and(|n| matches!(n.key, NodeKey::Detached(_)));
+        let nameless = {
+            let t = self.table.lock();
+            !t.get(ino)
+                .is_some_and(|n| matches!(n.key, NodeKey::Path(_)) && t.find(&n.key) == Some(ino))
+        };
         if nameless && !st.staged.is_unlinked() {
             st.discard();
         }
         nameless
+    }
+
+    /// A write state was just started for `ino` (an open, a create): an
+    /// unlink or a rename over the file that took its name meanwhile, on
+    /// another thread, may have looked for late writers
+    /// (`discard_late_writer`) before the state was there. It goes now, as
+    /// it would have gone then: journaled as a rewrite of a name the file
+    /// no longer has, a crash before its first write had the next mount
+    /// recover it beside (or over) the file now at that name.
+    pub(super) async fn settle_new_writer(&self, ino: u64) {
+        if let Some(mut st) = self.live(ino).await {
+            self.discard_if_nameless(ino, &mut st);
+        }
     }
 
     fn note_size(&self, ino: u64, size: u64) {

@@ -197,6 +197,7 @@ impl Fs {
         self.entries_changed(parent);
         self.start_new_file(attr.ino)?;
         let fh = self.new_handle(Handle::File(super::files::FileHandle::writer(attr.ino)));
+        self.settle_new_writer(attr.ino).await;
         Ok((attr, fh))
     }
 
