@@ -303,8 +303,10 @@ impl InodeTable {
 
     /// Unlinks a path: the inode stays (open handles and the kernel may
     /// still refer to it) but no longer answers to its path.
-    pub fn remove_path(&mut self, path: &str, negative_until: Instant) {
-        self.detach(path);
+    /// Removes `path` (remembered as missing until `negative_until`);
+    /// returns the node that was there.
+    pub fn remove_path(&mut self, path: &str, negative_until: Instant) -> Option<u64> {
+        let gone = self.detach(path);
         self.negative.insert(path.to_string(), negative_until);
         // Expired entries go once the map has doubled since the last
         // pruning: bounded by what is negative within one TTL, at O(1)
@@ -314,28 +316,31 @@ impl InodeTable {
             self.negative.retain(|_, &mut t| now < t);
             self.negative_pruned = self.negative.len();
         }
+        gone
     }
 
-    /// The node at `path` answers to it no more (unlinked, or replaced).
-    fn detach(&mut self, path: &str) {
+    /// The node at `path` answers to it no more (unlinked, or replaced);
+    /// returns it.
+    fn detach(&mut self, path: &str) -> Option<u64> {
         if let Some(&ino) = self.paths.get(path) {
             self.uncount(ino);
         }
-        if let Some(ino) = self.paths.remove(path)
-            && let Some(n) = self.by_ino.get_mut(&ino)
-        {
+        let ino = self.paths.remove(path)?;
+        if let Some(n) = self.by_ino.get_mut(&ino) {
             n.key = NodeKey::Detached(path.to_string());
         }
+        Some(ino)
     }
 
     pub fn is_negative(&self, path: &str, now: Instant) -> bool {
         self.negative.get(path).is_some_and(|&t| now < t)
     }
 
-    /// Moves a node and everything below it from `from` to `to`.
-    pub fn rename(&mut self, from: &str, to: &str, new_parent: u64) {
+    /// Moves a node and everything below it from `from` to `to`; returns
+    /// the node it replaced at `to`.
+    pub fn rename(&mut self, from: &str, to: &str, new_parent: u64) -> Option<u64> {
         // Whatever was at the destination is replaced.
-        self.detach(to);
+        let replaced = self.detach(to);
         let sub = below(from);
         let mut moved: Vec<(String, u64)> = self
             .paths_from(&sub)
@@ -359,6 +364,7 @@ impl InodeTable {
             self.count(ino);
         }
         self.negative.remove(to);
+        replaced
     }
 
     /// Marks everything below `dir` stale, so it is looked up again.

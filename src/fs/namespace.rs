@@ -355,9 +355,14 @@ impl Fs {
         drop(st);
         self.versions.forget(&path);
         let until = Instant::now() + self.cfg.metadata_ttl;
-        self.table.lock().remove_path(&path, until);
+        let gone = self.table.lock().remove_path(&path, until);
         drop(detaching);
+        // The file looked up, and whatever was at the name when it was
+        // removed (a create on another thread may have come in between).
         self.discard_late_writer(attr.ino).await;
+        if let Some(g) = gone.filter(|&g| g != attr.ino) {
+            self.discard_late_writer(g).await;
+        }
         self.entries_changed(parent);
         Ok(())
     }
@@ -476,9 +481,9 @@ impl Fs {
         if src.kind == FileKind::Dir {
             self.versions.clear();
         }
-        {
+        let replaced = {
             let mut t = self.table.lock();
-            t.rename(&from, &to, new_parent);
+            let replaced = t.rename(&from, &to, new_parent);
             if src.kind == FileKind::Dir {
                 // Cached objects below still name the old keys.
                 t.expire_below(&to);
@@ -488,11 +493,17 @@ impl Fs {
             if let Some(n) = t.get_mut(src.ino) {
                 n.attr.ctime = SystemTime::now();
             }
-        }
+            replaced
+        };
         drop(held);
         drop(detaching);
-        if let Some(d) = dst.filter(|d| d.ino != src.ino && d.kind != FileKind::Dir) {
-            self.discard_late_writer(d.ino).await;
+        // The file replaced, as looked up and as found at the name when it
+        // was replaced (a create on another thread may have come between).
+        let looked_up = dst.filter(|d| d.kind != FileKind::Dir).map(|d| d.ino);
+        for d in [looked_up, replaced.filter(|&r| Some(r) != looked_up)] {
+            if let Some(d) = d.filter(|&d| d != src.ino) {
+                self.discard_late_writer(d).await;
+            }
         }
         self.entries_changed(parent);
         if new_parent != parent {
