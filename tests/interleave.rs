@@ -724,6 +724,37 @@ async fn case19_a_rewrite_racing_a_rename_over_it_is_not_recovered_after_a_crash
     crash_then_bucket_holds_only(t, "f", b"moved").await;
 }
 
+/// The daemon dies in the middle of `mv g f`: its CopyObject landed (f
+/// holds g's bytes) but not the DeleteObject of g, and an `O_TRUNC` open
+/// of f came meanwhile and wrote nothing. Its journal names the f the
+/// rename replaced, so the next mount's recovery found the object changed
+/// and put the empty copy beside it (`f.bucketfs-recovered-…`, found by
+/// the attack session's kill cycles). An emptied file never written,
+/// whose object changed or went since, has nothing to keep: dropped.
+#[tokio::test]
+async fn case19_a_crash_mid_rename_leaves_no_empty_copy_of_a_rewrite_that_wrote_nothing() {
+    let t = setup(false, |c| c.metadata_ttl = Duration::ZERO);
+    t.f.hold(Op::Delete, 1);
+    let (_fh, mv) = rewrite_during_held(&t, b"data", Detach::RenameOver).await;
+    t.f.release(Op::Copy);
+    within("mv's DeleteObject of g", t.f.wait_held(Op::Delete))
+        .await
+        .unwrap();
+    // The daemon is killed: the rename never finishes.
+    mv.abort();
+    let _ = mv.await;
+    let staging = t._dir.path().join("staging");
+    drop(t.fs);
+    let opts = UploadOptions {
+        part_size_bytes: 5 * MIB as u64,
+        concurrency: 2,
+    };
+    let r = bucketfs::write::recover(&*t.m, &staging, &opts).await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert_holds(&t.m, "f", b"moved", "the rename's copy");
+    assert_eq!(t.m.keys(), ["f", "g"], "nothing beside f");
+}
+
 /// The daemon dies with everything of `t` as it is, the next mount's
 /// recovery runs over its staging directory, and the bucket then holds
 /// `key` with `want` and nothing else.

@@ -1436,6 +1436,19 @@ async fn prepare_one(
         let _ = std::fs::remove_file(stage);
         return Ok(done(String::new()));
     }
+    // An `O_TRUNC` open (or a create) that wrote nothing, of an object
+    // replaced or removed since (the daemon died in the middle of a
+    // rename over it, or an unlink): an empty copy beside the newer
+    // object would keep nothing.
+    if !unchanged && size == 0 && r.loaded.ranges().next().is_none() {
+        info!(
+            key,
+            "an emptied file that was never written is dropped: the object was replaced or removed since"
+        );
+        let _ = std::fs::remove_file(journal);
+        let _ = std::fs::remove_file(stage);
+        return Ok(done(String::new()));
+    }
     let target = if unchanged {
         key.clone()
     } else {
