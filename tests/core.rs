@@ -29,6 +29,34 @@ fn fs_with(store: Arc<MemStore>, tweak: impl FnOnce(&mut FsConfig)) -> (Fs, temp
     (Fs::new(store, cfg), dir)
 }
 
+/// The same over a `Faulty` store in front of `m`, to hold or fail its
+/// requests.
+fn faulty_fs_with(
+    m: Arc<MemStore>,
+    tweak: impl FnOnce(&mut FsConfig),
+) -> (
+    Arc<bucketfs::store::faulty::Faulty<MemStore>>,
+    Fs,
+    tempfile::TempDir,
+) {
+    let f = Arc::new(bucketfs::store::faulty::Faulty::new(m));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = FsConfig {
+        staging_dir: dir.path().to_path_buf(),
+        ..FsConfig::default()
+    };
+    tweak(&mut cfg);
+    (f.clone(), Fs::new(f, cfg), dir)
+}
+
+/// `-o uid=1001,gid=1001,umask=0`: the mount's defaults give everything
+/// to uid 1001.
+fn defaults_to_uid_1001(c: &mut FsConfig) {
+    c.defaults.uid = 1001;
+    c.defaults.gid = 1001;
+    c.defaults.file_perm = 0o666;
+}
+
 fn name(s: &str) -> &OsStr {
     OsStr::new(s)
 }
@@ -201,17 +229,10 @@ async fn readdirplus_never_hands_out_attributes_not_read_from_the_object() {
 async fn a_file_that_loses_its_name_before_its_metadata_is_read_grants_nothing() {
     let m = Arc::new(MemStore::unversioned());
     m.insert("d/secret", b"x", s3fs_meta(0o100600, 42, 1_000_000_000));
-    let f = Arc::new(bucketfs::store::faulty::Faulty::new(m.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = FsConfig {
-        staging_dir: dir.path().to_path_buf(),
-        metadata_ttl: LONG_TTL,
-        ..FsConfig::default()
-    };
-    cfg.defaults.uid = 1001;
-    cfg.defaults.gid = 1001;
-    cfg.defaults.file_perm = 0o666;
-    let fs = Fs::new(f.clone(), cfg);
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| {
+        c.metadata_ttl = LONG_TTL;
+        defaults_to_uid_1001(c);
+    });
     let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
     let a = fs.lookup(d.ino, name("secret")).await.unwrap();
     assert_eq!((a.perm, a.uid), (0o600, 42));
@@ -253,14 +274,9 @@ async fn a_file_that_loses_its_name_before_its_metadata_is_read_grants_nothing()
 async fn an_expired_files_lookup_sends_its_head_beside_its_list() {
     let m = Arc::new(MemStore::unversioned());
     m.insert("f", b"abc", s3fs_meta(0o100640, 42, 1_000_000_000));
-    let f = Arc::new(bucketfs::store::faulty::Faulty::new(m.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = FsConfig {
-        staging_dir: dir.path().to_path_buf(),
-        metadata_ttl: std::time::Duration::ZERO,
-        ..FsConfig::default()
-    };
-    let fs = Fs::new(f.clone(), cfg);
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| {
+        c.metadata_ttl = std::time::Duration::ZERO;
+    });
     let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
     assert_eq!(
         (f.calls(Op::List), f.calls(Op::Head)),
@@ -316,18 +332,10 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
     for i in 0..300 {
         m.insert(&format!("d/f{i:03}"), b"x", meta());
     }
-    let f = Arc::new(bucketfs::store::faulty::Faulty::new(m.clone()));
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = FsConfig {
-        staging_dir: dir.path().to_path_buf(),
-        metadata_ttl: LONG_TTL,
-        ..FsConfig::default()
-    };
-    // `-o uid=1001,umask=0`: the defaults give everything to uid 1001.
-    cfg.defaults.uid = 1001;
-    cfg.defaults.gid = 1001;
-    cfg.defaults.file_perm = 0o666;
-    let fs = Fs::new(f.clone(), cfg);
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| {
+        c.metadata_ttl = LONG_TTL;
+        defaults_to_uid_1001(c);
+    });
     let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
     let check = |batch: &[(u64, bucketfs::fs::DirEntry, bucketfs::fs::Attr, bool, bool)]| {
         let mut placeholders = 0;
@@ -565,15 +573,8 @@ async fn readdirplus_replies_hold_only_entries_with_their_own_metadata_and_list_
             s3fs_meta(0o100600, 42, 1_000_000_000),
         );
     }
-    let f = Arc::new(bucketfs::store::faulty::Faulty::new(m.clone()));
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
     f.latency(Op::Head, std::time::Duration::from_millis(3));
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = FsConfig {
-        staging_dir: dir.path().to_path_buf(),
-        metadata_ttl: LONG_TTL,
-        ..FsConfig::default()
-    };
-    let fs = Fs::new(f.clone(), cfg);
     let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
     let fh = fs.opendir(d.ino).await.unwrap();
     let (mut offset, mut seen, mut replies) = (0, Vec::new(), 0);

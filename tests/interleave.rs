@@ -743,22 +743,14 @@ async fn case19_a_crash_mid_rename_leaves_no_empty_copy_of_a_rewrite_that_wrote_
     // The daemon is killed: the rename never finishes.
     mv.abort();
     let _ = mv.await;
-    let staging = t._dir.path().join("staging");
-    drop(t.fs);
-    let opts = UploadOptions {
-        part_size_bytes: 5 * MIB as u64,
-        concurrency: 2,
-    };
-    let r = bucketfs::write::recover(&*t.m, &staging, &opts).await;
-    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
-    assert_holds(&t.m, "f", b"moved", "the rename's copy");
-    assert_eq!(t.m.keys(), ["f", "g"], "nothing beside f");
+    let m = crash_and_recover(t).await;
+    assert_holds(&m, "f", b"moved", "the rename's copy");
+    assert_eq!(m.keys(), ["f", "g"], "nothing beside f");
 }
 
-/// The daemon dies with everything of `t` as it is, the next mount's
-/// recovery runs over its staging directory, and the bucket then holds
-/// `key` with `want` and nothing else.
-async fn crash_then_bucket_holds_only(t: T, key: &str, want: &[u8]) {
+/// The daemon dies with everything of `t` as it is, and the next mount's
+/// recovery runs over its staging directory: the bucket afterwards.
+async fn crash_and_recover(t: T) -> Arc<MemStore> {
     let staging = t._dir.path().join("staging");
     drop(t.fs);
     let opts = UploadOptions {
@@ -767,8 +759,14 @@ async fn crash_then_bucket_holds_only(t: T, key: &str, want: &[u8]) {
     };
     let r = bucketfs::write::recover(&*t.m, &staging, &opts).await;
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
-    assert_holds(&t.m, key, want, "recovery after the crash");
-    assert_eq!(t.m.keys(), [key], "nothing beside {key}");
+    t.m
+}
+
+/// The same, and the bucket then holds `key` with `want` and nothing else.
+async fn crash_then_bucket_holds_only(t: T, key: &str, want: &[u8]) {
+    let m = crash_and_recover(t).await;
+    assert_holds(&m, key, want, "recovery after the crash");
+    assert_eq!(m.keys(), [key], "nothing beside {key}");
 }
 
 #[tokio::test]

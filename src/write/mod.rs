@@ -1427,23 +1427,23 @@ async fn prepare_one(
         || r.loaded.ranges().next().is_some()
         || r.size != r.header.size
         || r.base_valid != r.header.size;
-    if !data_changed && !unchanged {
-        info!(
-            key,
-            "a deferred change of attributes is dropped: the object was replaced or removed since"
-        );
-        let _ = std::fs::remove_file(journal);
-        let _ = std::fs::remove_file(stage);
-        return Ok(done(String::new()));
-    }
-    // An `O_TRUNC` open (or a create) that wrote nothing, of an object
-    // replaced or removed since (the daemon died in the middle of a
-    // rename over it, or an unlink): an empty copy beside the newer
+    // Also an `O_TRUNC` open (or a create) that wrote nothing, of an
+    // object replaced or removed since (the daemon died in the middle of
+    // a rename over it, or an unlink): an empty copy beside the newer
     // object would keep nothing.
-    if !unchanged && size == 0 && r.loaded.ranges().next().is_none() {
+    let dropped = if unchanged {
+        None
+    } else if !data_changed {
+        Some("a deferred change of attributes")
+    } else if size == 0 && r.loaded.ranges().next().is_none() {
+        Some("an emptied file that was never written")
+    } else {
+        None
+    };
+    if let Some(what) = dropped {
         info!(
             key,
-            "an emptied file that was never written is dropped: the object was replaced or removed since"
+            "{what} is dropped: the object was replaced or removed since"
         );
         let _ = std::fs::remove_file(journal);
         let _ = std::fs::remove_file(stage);
