@@ -748,6 +748,31 @@ async fn case19_a_crash_mid_rename_leaves_no_empty_copy_of_a_rewrite_that_wrote_
     assert_eq!(m.keys(), ["f", "g"], "nothing beside f");
 }
 
+/// `rm f` racing `mv f h` while f is written: the unlink looked f up, the
+/// writer opened it while the DeleteObject was in flight, and the rename
+/// moved f, its writer with it, to h. The unlink then discarded the write
+/// state of the inode it had looked up, though it was h by then: what was
+/// written to h after the rename went nowhere. A late writer is discarded
+/// only if its file really lost its name.
+#[tokio::test]
+async fn case19_a_writer_of_a_file_renamed_away_during_its_unlink_keeps_its_data() {
+    let t = setup(false, |c| c.metadata_ttl = Duration::ZERO);
+    let (fh, rm) = rewrite_during_held(&t, b"old", Detach::Unlink).await;
+    within(
+        "mv f h",
+        t.fs.rename(ROOT_INO, name("f"), ROOT_INO, name("h"), false),
+    )
+    .await
+    .unwrap();
+    t.f.release(Op::Delete);
+    assert_eq!(join("rm f", rm).await, Ok(()), "rm f");
+    assert_eq!(t.fs.write(fh, 0, b"written to h").await, Ok(12));
+    assert_eq!(within("close", t.fs.flush(fh)).await, Ok(()));
+    assert_eq!(within("release", t.fs.release(fh)).await, Ok(()));
+    assert_holds(&t.m, "h", b"written to h", "the renamed file");
+    assert_eq!(t.m.keys(), ["h"], "the bucket");
+}
+
 /// The daemon dies with everything of `t` as it is, and the next mount's
 /// recovery runs over its staging directory: the bucket afterwards.
 async fn crash_and_recover(t: T) -> Arc<MemStore> {

@@ -469,7 +469,7 @@ impl Fs {
                     self.note_size(ino, 0);
                 }
                 drop(_ns);
-                self.settle_new_writer(ino).await;
+                self.discard_writer_if_nameless(ino).await;
                 return Ok(());
             };
             // Another open of the file started its write state first (two
@@ -558,14 +558,18 @@ impl Fs {
         nameless
     }
 
-    /// A write state was just started for `ino` (an open, a create): an
-    /// unlink or a rename over the file that took its name meanwhile, on
-    /// another thread, may have looked for late writers
-    /// (`discard_late_writer`) before the state was there. It goes now, as
-    /// it would have gone then: journaled as a rewrite of a name the file
-    /// no longer has, a crash before its first write had the next mount
-    /// recover it beside (or over) the file now at that name.
-    pub(super) async fn settle_new_writer(&self, ino: u64) {
+    /// Discards `ino`'s write state if the file has no name any more. An
+    /// unlink or a rename over the file calls it once the table has
+    /// detached it: an `O_TRUNC` open that came while its DeleteObject or
+    /// CopyObject was in flight started a state the unlink or rename did
+    /// not find. A new state (an open, a create) calls it once it is in:
+    /// the unlink or rename, on another thread, may have looked before.
+    /// Either way the state goes as it would have with the unlink; left to
+    /// its first write or close, it was journaled as a rewrite of a name
+    /// the file no longer has, and a crash before then had the next mount
+    /// recover it beside (or over) the file now at that name. A file that
+    /// moved to another name meanwhile keeps its state.
+    pub(super) async fn discard_writer_if_nameless(&self, ino: u64) {
         if let Some(mut st) = self.live(ino).await {
             self.discard_if_nameless(ino, &mut st);
         }

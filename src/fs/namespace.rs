@@ -197,7 +197,7 @@ impl Fs {
         self.entries_changed(parent);
         self.start_new_file(attr.ino)?;
         let fh = self.new_handle(Handle::File(super::files::FileHandle::writer(attr.ino)));
-        self.settle_new_writer(attr.ino).await;
+        self.discard_writer_if_nameless(attr.ino).await;
         Ok((attr, fh))
     }
 
@@ -357,11 +357,11 @@ impl Fs {
         let until = Instant::now() + self.cfg.metadata_ttl;
         let gone = self.table.lock().remove_path(&path, until);
         drop(detaching);
-        // The file looked up, and whatever was at the name when it was
-        // removed (a create on another thread may have come in between).
-        self.discard_late_writer(attr.ino).await;
-        if let Some(g) = gone.filter(|&g| g != attr.ino) {
-            self.discard_late_writer(g).await;
+        // A writer of the file looked up, or of whatever was at the name
+        // when it was removed (a create on another thread may have come in
+        // between), that came after the look above.
+        for g in [Some(attr.ino), gone].into_iter().flatten() {
+            self.discard_writer_if_nameless(g).await;
         }
         self.entries_changed(parent);
         Ok(())
@@ -497,13 +497,11 @@ impl Fs {
         };
         drop(held);
         drop(detaching);
-        // The file replaced, as looked up and as found at the name when it
-        // was replaced (a create on another thread may have come between).
-        let looked_up = dst.filter(|d| d.kind != FileKind::Dir).map(|d| d.ino);
-        for d in [looked_up, replaced.filter(|&r| Some(r) != looked_up)] {
-            if let Some(d) = d.filter(|&d| d != src.ino) {
-                self.discard_late_writer(d).await;
-            }
+        // A writer that came late, of the file replaced as looked up or as
+        // found at the name when it was replaced (a create on another
+        // thread may have come between).
+        for d in [dst.map(|d| d.ino), replaced].into_iter().flatten() {
+            self.discard_writer_if_nameless(d).await;
         }
         self.entries_changed(parent);
         if new_parent != parent {
@@ -608,22 +606,6 @@ impl Fs {
             st.discard();
         }
         Ok(s.into_iter().chain(d).collect())
-    }
-
-    /// After the table detached `ino` (unlinked, or replaced by a rename):
-    /// a write state an `O_TRUNC` open started while the DeleteObject or
-    /// CopyObject was in flight, journaled as a rewrite of the name the
-    /// file no longer has, goes now, as one started before would have gone
-    /// with the unlink or rename. Left to its first write or close, a crash
-    /// before then had the next mount recover its empty copy over the file
-    /// now at that name (or beside it). Opens after the detach write to a
-    /// nameless copy already.
-    async fn discard_late_writer(&self, ino: u64) {
-        if let Some(mut late) = self.live(ino).await
-            && !late.staged.is_unlinked()
-        {
-            late.discard();
-        }
     }
 
     /// Before this mount writes over `key`: a removed file still read there
