@@ -162,18 +162,16 @@ impl MetaFetch {
         if matches!(n.key, NodeKey::Path(_)) && t.find(&n.key) != Some(ino) {
             return Known::Gone;
         }
-        // Nodes of `.versions` are read by their own lookup.
-        let path = matches!(n.key, NodeKey::Path(_));
         if n.meta_known || self.writes.lock().contains_key(&ino) {
-            Known::Yes(n.attr.clone())
-        } else if matches!(n.key, NodeKey::Detached(_)) {
+            return Known::Yes(n.attr.clone());
+        }
+        match n.key {
+            NodeKey::Path(_) => Known::No { parent: n.parent },
             // Lost its name before its metadata was read (its HEAD found
             // the object gone): what it has are the listing's defaults.
-            Known::Yes(Attr::granting_nothing(&n.attr))
-        } else if !path {
-            Known::Yes(n.attr.clone())
-        } else {
-            Known::No { parent: n.parent }
+            NodeKey::Detached(_) => Known::Yes(Attr::granting_nothing(&n.attr)),
+            // Nodes of `.versions` are read by their own lookup.
+            _ => Known::Yes(n.attr.clone()),
         }
     }
 

@@ -757,10 +757,9 @@ impl Fs {
         }
         match key {
             NodeKey::Path(path) => self.refresh_path(parent, path).await,
-            // Lost its name before its metadata was read: never the
-            // listing's defaults (with `uid=`, another user's file).
-            NodeKey::Detached(_) if !known => Ok(Attr::granting_nothing(&attr)),
-            _ => Ok(attr),
+            // A detached node whose metadata was never read grants nothing
+            // (`MetaFetch::known`), never the listing's defaults.
+            _ => self.own_attr(ino, attr, known).await,
         }
     }
 
