@@ -773,6 +773,49 @@ async fn case19_a_writer_of_a_file_renamed_away_during_its_unlink_keeps_its_data
     assert_eq!(t.m.keys(), ["h"], "the bucket");
 }
 
+/// The same with the writer there first: `mv f h` holds f's write state
+/// through its CopyObject, `rm f` waits for it, then found the state (now
+/// h's) and discarded it. The unlink now sees that the name is no longer
+/// that file's: ENOENT, as if it came after the rename.
+#[tokio::test]
+async fn case19_an_unlink_waiting_for_a_writer_renamed_away_leaves_it() {
+    let t = setup(false, |c| c.metadata_ttl = Duration::ZERO);
+    t.m.insert("f", b"old", Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("f")))
+        .await
+        .unwrap();
+    let fh = within("open", t.fs.open(a.ino, libc::O_WRONLY | libc::O_TRUNC))
+        .await
+        .unwrap();
+    t.f.hold(Op::Copy, 1);
+    let fs = t.fs.clone();
+    let mv = tokio::spawn(async move {
+        fs.rename(ROOT_INO, name("f"), ROOT_INO, name("h"), false)
+            .await
+    });
+    within("mv's CopyObject", t.f.wait_held(Op::Copy))
+        .await
+        .unwrap();
+    let fs = t.fs.clone();
+    let rm = tokio::spawn(async move { fs.unlink(ROOT_INO, name("f")).await });
+    // Everything but the held copy runs meanwhile (bounded).
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    t.f.release(Op::Copy);
+    assert_eq!(join("mv f h", mv).await, Ok(()), "mv f h");
+    let gone = join("rm f", rm).await;
+    assert!(
+        matches!(gone, Ok(()) | Err(FsError::NotFound)),
+        "rm f: {gone:?}"
+    );
+    assert_eq!(t.fs.write(fh, 0, b"written to h").await, Ok(12));
+    assert_eq!(within("close", t.fs.flush(fh)).await, Ok(()));
+    assert_eq!(within("release", t.fs.release(fh)).await, Ok(()));
+    assert_holds(&t.m, "h", b"written to h", "the renamed file");
+    assert_eq!(t.m.keys(), ["h"], "the bucket");
+}
+
 /// The daemon dies with everything of `t` as it is, and the next mount's
 /// recovery runs over its staging directory: the bucket afterwards.
 async fn crash_and_recover(t: T) -> Arc<MemStore> {

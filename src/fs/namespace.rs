@@ -329,6 +329,11 @@ impl Fs {
         // Lock → delete → record: a failed DeleteObject leaves the writer's
         // data as it was, to be uploaded at its close.
         let mut st = self.live(attr.ino).await;
+        if self.table.lock().find(&NodeKey::Path(path.clone())) != Some(attr.ino) {
+            // Renamed away (or removed) while this waited for its writer,
+            // which went with it: the name is not this file's any more.
+            return Err(FsError::NotFound);
+        }
         let object = self
             .table
             .lock()
