@@ -633,6 +633,95 @@ fn nlink_through_the_mount() {
     assert_eq!(b.get("top/file"), None, "unlinked stays unlinked");
 }
 
+/// A file unlinked while open, and one replaced by a rename while open,
+/// still take every change through their descriptors: the temporary-file
+/// pattern (open, unlink, then `ftruncate`, `fchmod`, `futimens`,
+/// `fsetxattr`) works as on a local disk. Nothing of it reaches S3: no
+/// key for the unlinked file, and the file now at the replaced name keeps
+/// its own bytes and mode.
+#[test]
+fn an_unlinked_or_replaced_open_file_takes_truncate_chmod_times_and_xattrs() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let b = Bucket::new(server(), "nameless", false);
+    let m = shared_mount(&b, "");
+    let open_rw = |rel: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(m.path(rel))
+            .unwrap()
+    };
+    let data = pattern(8192, 7);
+    let when = UNIX_EPOCH + Duration::from_secs(OLD_SECS);
+    let work = |f: &std::fs::File, what: &str| {
+        f.write_all_at(&data, 0).unwrap();
+        f.set_len(100)
+            .unwrap_or_else(|e| panic!("{what}: ftruncate: {e}"));
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .unwrap_or_else(|e| panic!("{what}: fchmod: {e}"));
+        f.set_times(std::fs::FileTimes::new().set_modified(when))
+            .unwrap_or_else(|e| panic!("{what}: futimens: {e}"));
+        let (n, v) = (c_str("user.k"), b"v1");
+        let r = unsafe { libc::fsetxattr(f.as_raw_fd(), n.as_ptr(), v.as_ptr().cast(), 2, 0) };
+        assert_eq!(
+            r,
+            0,
+            "{what}: fsetxattr: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut got = [0u8; 8];
+        let len = unsafe { libc::fgetxattr(f.as_raw_fd(), n.as_ptr(), got.as_mut_ptr().cast(), 8) };
+        assert_eq!(&got[..len.max(0) as usize], b"v1", "{what}: fgetxattr");
+        let md = f.metadata().unwrap();
+        assert_eq!(
+            (
+                md.len(),
+                md.mode() & 0o7777,
+                md.nlink(),
+                md.modified().unwrap()
+            ),
+            (100, 0o600, 0, when),
+            "{what}: fstat"
+        );
+        f.set_len(200).unwrap();
+        let mut back = vec![1u8; 200];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[..100], &data[..100], "{what}: kept bytes");
+        assert!(
+            back[100..].iter().all(|&c| c == 0),
+            "{what}: extended with zeros"
+        );
+    };
+    // Unlinked.
+    let t = open_rw("tmp");
+    std::fs::remove_file(m.path("tmp")).unwrap();
+    work(&t, "unlinked");
+    // Replaced by a rename, after its bytes went up.
+    std::fs::write(m.path("r"), b"old").unwrap();
+    std::fs::write(m.path("n"), b"new").unwrap();
+    let r = open_rw("r");
+    std::fs::rename(m.path("n"), m.path("r")).unwrap();
+    work(&r, "replaced");
+    assert_eq!(std::fs::read(m.path("r")).unwrap(), b"new");
+    drop((t, r));
+    assert_eq!(m.unmount(), Some(0));
+    assert_eq!(b.get("tmp"), None, "the unlinked file stays unlinked");
+    assert_eq!(
+        b.get("r").as_deref(),
+        Some(&b"new"[..]),
+        "the name keeps the new file"
+    );
+    assert_ne!(b.metadata("r").get("mode"), Some(&0o100600.to_string()));
+    assert_eq!(
+        b.keys(""),
+        vec!["r".to_string()],
+        "nothing else in the bucket"
+    );
+}
+
 // ------------------------------------------------- extended attributes
 
 fn xattr_meta(json: &str) -> Metadata {

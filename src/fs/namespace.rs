@@ -720,13 +720,7 @@ impl Fs {
     }
 
     async fn set_stored_attr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
-        let key = self.node_key(ino)?;
-        let NodeKey::Path(path) = key else {
-            return Err(FsError::ReadOnly);
-        };
-        if self.read_only() {
-            return Err(FsError::ReadOnly);
-        }
+        let path = self.change_target(ino)?;
         let mut s = self.without_object_metadata(s)?;
         let attr = self.getattr(ino).await?;
         if s.kill_suid && attr.kind != FileKind::Dir {
@@ -794,15 +788,31 @@ impl Fs {
         self.store_change(ino, path, change).await
     }
 
+    /// Where a change of `ino`'s attributes goes: `Some(path)`, stored
+    /// with the file or directory there; `None`, a file unlinked or
+    /// replaced while open, which keeps it in memory for its open
+    /// descriptors (`fchmod`, `ftruncate` or `fsetxattr` of a temporary
+    /// file; it is never uploaded). EROFS under `.versions` and on a
+    /// read-only mount.
+    pub(super) fn change_target(&self, ino: u64) -> FsResult<Option<String>> {
+        match self.node_key(ino)? {
+            _ if self.read_only() => Err(FsError::ReadOnly),
+            NodeKey::Path(path) => Ok(Some(path)),
+            NodeKey::Detached(_) => Ok(None),
+            _ => Err(FsError::ReadOnly),
+        }
+    }
+
     /// Stores a change of a node's attributes (mode, owner, times,
     /// extended attributes), then shows it: on an open file's dirty data
     /// (through its write state, under its lock), else by a self-copy of
     /// the object or its `dir/` marker (a directory without one gets one);
-    /// the root, which has no object, keeps it in memory.
+    /// the root, which has no object, and a nameless file (`path` None,
+    /// see `change_target`) keep it in memory.
     pub(super) async fn store_change(
         &self,
         ino: u64,
-        path: String,
+        path: Option<String>,
         change: impl Fn(&mut Attr),
     ) -> FsResult<Attr> {
         // A directory's marker is also copied by the deferred store of its
@@ -830,9 +840,9 @@ impl Fs {
             change(&mut a);
             a
         };
-        if path.is_empty() {
+        let Some(path) = path.filter(|p| !p.is_empty()) else {
             return commit();
-        }
+        };
         // An open file: its state decides, under its lock. Dirty data
         // carries the new metadata; a clean one is copied onto itself and
         // the state rebased on the copy (its ETag changed).

@@ -25,7 +25,6 @@
 use std::time::SystemTime;
 
 use super::acl::{self, Acl};
-use super::inodes::NodeKey;
 use super::{Attr, FileKind, Fs, FsError, FsResult};
 
 /// What S3 accepts of user metadata per object: names and values, bytes.
@@ -165,7 +164,13 @@ impl Fs {
     /// is stored as that mode alone. An empty ACL is a removal. Neither
     /// XATTR_CREATE nor XATTR_REPLACE applies: the kernel never sends them
     /// for ACLs. A change that changes nothing costs no request.
-    async fn set_acl(&self, ino: u64, path: String, name: &str, value: &[u8]) -> FsResult<()> {
+    async fn set_acl(
+        &self,
+        ino: u64,
+        path: Option<String>,
+        name: &str,
+        value: &[u8],
+    ) -> FsResult<()> {
         let parsed = Acl::parse(value)?;
         let a = self.getattr(ino).await?;
         if name == acl::DEFAULT && a.kind != FileKind::Dir {
@@ -208,14 +213,9 @@ impl Fs {
     }
 
     /// The path of a node whose attribute `name` may be changed.
-    fn xattr_target(&self, ino: u64, name: &str) -> FsResult<String> {
+    fn xattr_target(&self, ino: u64, name: &str) -> FsResult<Option<String>> {
         check_settable(name)?;
-        let NodeKey::Path(path) = self.node_key(ino)? else {
-            return Err(FsError::ReadOnly);
-        };
-        if self.read_only() {
-            return Err(FsError::ReadOnly);
-        }
+        let path = self.change_target(ino)?;
         // With no_object_metadata there is nowhere to keep them.
         if !self.cfg.object_metadata {
             return Err(FsError::NotSupported);
