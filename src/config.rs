@@ -47,7 +47,9 @@ pub struct Options {
     pub metadata_ttl: Duration,
     pub cache_dir: Option<PathBuf>,
     pub mem_cache_bytes: u64,
-    pub cache_size_bytes: u64,
+    /// Disk for cached blocks (`None`: `DEFAULT_CACHE_SIZE`, at most a
+    /// quarter of the space free under `cache_dir` at mount).
+    pub cache_size_bytes: Option<u64>,
     pub block_size_bytes: u64,
     pub part_size_bytes: u64,
     pub upload_concurrency: usize,
@@ -170,7 +172,7 @@ impl Default for Options {
             metadata_ttl: Duration::from_secs(5),
             cache_dir: None,
             mem_cache_bytes: 64 * MIB,
-            cache_size_bytes: 1024 * MIB,
+            cache_size_bytes: None,
             block_size_bytes: MIB,
             part_size_bytes: 8 * MIB,
             upload_concurrency: 8,
@@ -239,7 +241,8 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   cache_dir=PATH        staging and cache directory (default $XDG_CACHE_HOME/bucketfs
                         or /var/cache/bucketfs as root). s3fs alias: use_cache=
   mem_cache=SIZE        memory for cached blocks (default 64M)
-  cache_size=SIZE       disk for cached blocks under cache_dir (default 1G; 0 = none)
+  cache_size=SIZE       disk for cached blocks under cache_dir (default 4G, at most a
+                        quarter of the space free there at mount; 0 = none)
   block_size=SIZE       read block size, 64K..64M (default 1M)
   readahead=N           read-ahead window, in blocks (default 32; 0 = none; max 256)
   readahead_budget=SIZE read-ahead in flight across all open files, 1M..1T
@@ -601,7 +604,7 @@ impl Options {
                 }
                 "cache_size" => {
                     self.cache_size_bytes =
-                        size_in(name, need(name, value)?, MIB, 1024 * TIB, true)?
+                        Some(size_in(name, need(name, value)?, MIB, 1024 * TIB, true)?)
                 }
                 "block_size" => {
                     self.block_size_bytes =
@@ -834,7 +837,7 @@ mod tests {
         refused("block_size=128M", "64K..=64M");
         refused("mem_cache=0", "1M..=1T");
         refused("mem_cache=2T", "1M..=1T");
-        assert_eq!(ok("cache_size=0").cache_size_bytes, 0);
+        assert_eq!(ok("cache_size=0").cache_size_bytes, Some(0));
         refused("cache_size=1K", "0 (none) or 1M..=1024T");
         // Timeouts are > 0.
         for t in ["timeout", "retry_time", "long_timeout", "upload_retry_max"] {

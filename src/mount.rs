@@ -203,6 +203,15 @@ pub fn cache_root(o: &Options) -> Result<PathBuf, MountError> {
     }
 }
 
+/// Disk for cached blocks when `cache_size` is not given: 4 GiB, at most a
+/// quarter of the space free under `cache_dir` now (a small disk keeps room
+/// for everything else on it), in whole MiB; 1 GiB if that cannot be told.
+pub fn default_cache_size(cache_dir: &Path) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    let free = crate::private::free_bytes(cache_dir).unwrap_or(4 * 1024 * MIB);
+    (free / 4).min(4 * 1024 * MIB) / MIB * MIB
+}
+
 fn short_hash(s: &str) -> String {
     crate::hex(&sha2::Sha256::digest(s.as_bytes())[..8])
 }
@@ -252,7 +261,9 @@ pub fn bucket_config(
         block_size_bytes: o.block_size_bytes,
         mem_cache_bytes: o.mem_cache_bytes,
         disk_cache_dir: cache_dir.join("blocks").join(blocks_hash),
-        disk_cache_bytes: o.cache_size_bytes,
+        disk_cache_bytes: o
+            .cache_size_bytes
+            .unwrap_or_else(|| default_cache_size(cache_dir)),
         readahead_max_blocks: o.readahead_max_blocks,
         readahead_budget_bytes: o.readahead_budget_bytes,
         upload: UploadOptions {
@@ -994,5 +1005,28 @@ fn serve(
     } else {
         error!(files = ?failed, "these files could not be uploaded");
         Ok(EXIT_DATA_NOT_UPLOADED)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without `cache_size`, the disk tier takes 4 GiB, or a quarter of
+    /// what is free where it lives when that is less; a cache directory
+    /// not made yet is measured on the nearest directory that exists.
+    #[test]
+    fn the_default_disk_cache_fits_the_disk_it_is_on() {
+        const MIB: u64 = 1024 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let not_yet = dir.path().join("a/b/cache");
+        let before = crate::private::free_bytes(&not_yet).unwrap();
+        let size = default_cache_size(&not_yet);
+        let after = crate::private::free_bytes(dir.path()).unwrap();
+        let (lo, hi) = (before.min(after), before.max(after));
+        assert_eq!(size % MIB, 0);
+        assert!(size <= 4 * 1024 * MIB && size <= hi / 4, "{size} of {hi} free");
+        assert!(size + MIB >= (lo / 4).min(4 * 1024 * MIB), "{size} of {lo} free");
+        assert!(crate::private::free_bytes(Path::new("/no/such/dir/at/all")).is_some());
     }
 }
