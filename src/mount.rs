@@ -1025,8 +1025,14 @@ mod tests {
         let after = crate::private::free_bytes(dir.path()).unwrap();
         let (lo, hi) = (before.min(after), before.max(after));
         assert_eq!(size % MIB, 0);
-        assert!(size <= 4 * 1024 * MIB && size <= hi / 4, "{size} of {hi} free");
-        assert!(size + MIB >= (lo / 4).min(4 * 1024 * MIB), "{size} of {lo} free");
+        assert!(
+            size <= 4 * 1024 * MIB && size <= hi / 4,
+            "{size} of {hi} free"
+        );
+        assert!(
+            size + MIB >= (lo / 4).min(4 * 1024 * MIB),
+            "{size} of {lo} free"
+        );
         assert!(crate::private::free_bytes(Path::new("/no/such/dir/at/all")).is_some());
     }
 }

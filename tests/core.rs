@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 
 use bucketfs::fs::inodes::ROOT_INO;
-use bucketfs::fs::{Creator, FileKind, Fs, FsConfig, FsError, SetAttr};
+use bucketfs::fs::{Creator, FileKind, Fs, FsConfig, FsError, RELIST_AFTER, SetAttr};
 use bucketfs::store::memory::MemStore;
 use bucketfs::store::{Metadata, ObjectStore, Op, StoreError};
 use bucketfs::write::UploadOptions;
@@ -2140,4 +2140,79 @@ async fn rsync_pattern_costs_one_put_one_copy_and_one_delete() {
         (shown.perm, shown.mtime, shown.size),
         (0o600, gio_mtime(), 5)
     );
+}
+
+/// `ls -l` of a directory whose names took longer to read than
+/// `metadata_ttl` stats entries that have expired. Each was looked up
+/// again alone, one after another: a LIST and a HEAD per entry. After a
+/// few, the directory is listed again once and the metadata of the rest
+/// read ahead of the stats. What the stats show is still S3's: a file
+/// deleted, one added, and one whose metadata changed with its ETag kept
+/// (another client's chmod) are each seen.
+#[tokio::test]
+async fn expired_entries_stated_one_by_one_are_listed_again_once() {
+    let m = Arc::new(MemStore::unversioned());
+    let meta = s3fs_meta(0o100640, 42, 1_000_000_000);
+    for i in 0..300 {
+        m.insert(&format!("d/f{i:03}"), b"same bytes", meta.clone());
+    }
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    fs.list(d.ino).await.unwrap();
+    for i in 0..300 {
+        fs.lookup(d.ino, name(&format!("f{i:03}"))).await.unwrap();
+    }
+    // Another client: a chmod (a copy onto itself: same bytes, same
+    // ETag), a delete, a new file.
+    m.insert(
+        "d/f200",
+        b"same bytes",
+        s3fs_meta(0o100600, 7, 1_000_000_000),
+    );
+    m.delete("d/f100").await.unwrap();
+    m.insert("d/f300", b"new", meta.clone());
+    fs.expire_below("d");
+    let (lists, heads) = (f.calls(Op::List), f.calls(Op::Head));
+    // One entry far ahead is looked up first, alone: fresh again, it is
+    // not asked about again by what follows.
+    fs.lookup(d.ino, name("f250")).await.unwrap();
+    for i in 0..=300 {
+        let got = fs.lookup(d.ino, name(&format!("f{i:03}"))).await;
+        match i {
+            100 => assert_eq!(got.err(), Some(FsError::NotFound), "f100 was deleted"),
+            200 => {
+                let a = got.unwrap();
+                assert_eq!((a.perm, a.uid), (0o600, 7), "f200's new metadata");
+            }
+            _ => {
+                let a = got.unwrap();
+                assert_eq!((a.perm, a.uid), (0o640, 42), "f{i:03}");
+            }
+        }
+    }
+    let relist = RELIST_AFTER as u64;
+    assert_eq!(
+        f.calls(Op::List) - lists,
+        // d itself (expired too), its entries alone before its listing is
+        // read again (f250, then f000...), that listing, and f100 (not
+        // listed any more: asked about once).
+        1 + (relist - 1) + 1 + 1,
+        "LISTs"
+    );
+    assert_eq!(
+        f.calls(Op::Head) - heads,
+        // d's marker, one per entry still there (f000..f300 but f100, f250
+        // too only once), and f100's beside its LIST.
+        1 + 300 + 1,
+        "HEADs"
+    );
+    // Expired again within one TTL of that listing (only a listing that
+    // outlasts the TTL does this): not listed again and again, each entry
+    // is looked up alone.
+    fs.expire_below("d");
+    let lists = f.calls(Op::List);
+    for i in 0..20 {
+        fs.lookup(d.ino, name(&format!("f{i:03}"))).await.unwrap();
+    }
+    assert_eq!(f.calls(Op::List) - lists, 1 + 20, "d, then one per entry");
 }

@@ -103,6 +103,38 @@ impl Drop for PaceGuard {
     }
 }
 
+/// Lookups of expired entries of one directory, within one
+/// `metadata_ttl`, after which its listing is read again instead
+/// (`Fs::stale_lookup`).
+pub const RELIST_AFTER: u32 = 8;
+
+/// One directory's expired lookups, and its listing read again for them.
+///
+/// `ls -l` reads every name, then stats each. When reading the names took
+/// longer than `metadata_ttl` (a large directory, a slow or busy server),
+/// the first entries have expired by the time they are stat'ed, and each
+/// was looked up again alone: a LIST and a HEAD, one entry after another
+/// (10,000 entries took 113 s on a busy server). After `RELIST_AFTER` such
+/// lookups, the directory is listed again (its LIST pages), the entries
+/// from the one asked for on have their metadata read again, in the
+/// background ahead of the stats as after a first listing, and everything
+/// it listed is fresh for another `metadata_ttl`.
+#[derive(Debug, Default)]
+pub(super) struct Relist {
+    /// Expired lookups since `since`.
+    pub(super) stale: u32,
+    pub(super) since: Option<Instant>,
+    /// Held for writing while the listing is read again: lookups of the
+    /// directory's entries meanwhile wait for it.
+    pub(super) running: Option<Arc<tokio::sync::RwLock<()>>>,
+    /// When the last one ended, and how long it took: the next waits at
+    /// least `metadata_ttl` and four times that (a listing that outlasts
+    /// the TTL is not read again and again).
+    pub(super) last: Option<(Instant, Duration)>,
+    /// Keeps its metadata pass going while stats come.
+    pub(super) pace: Option<PaceGuard>,
+}
+
 type Pending = Arc<OnceCell<FsResult<()>>>;
 
 /// A HEAD a listing started before it had every page.

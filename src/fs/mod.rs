@@ -45,7 +45,7 @@ pub use attr::{Attr, Defaults, FileKind};
 use files::{DirHandle, Handle, OpenFile};
 pub use files::{PendingFile, SetAttr, killed_perm};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
-pub use meta::METADATA_AHEAD;
+pub use meta::{METADATA_AHEAD, RELIST_AFTER};
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;
 pub use xattr::{UNSUPPORTED_PREFIXES as UNSUPPORTED_XATTR_PREFIXES, acl_xattr};
@@ -254,6 +254,9 @@ pub struct Fs {
     writes: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     /// Listed objects' own metadata, read ahead.
     meta: Arc<meta::MetaFetch>,
+    /// Directories whose expired entries are being stat'ed, by inode
+    /// (`stale_lookup`).
+    relists: Mutex<HashMap<u64, meta::Relist>>,
     /// Deletes waiting for the file's last reader, by inode.
     deferred: Mutex<HashMap<u64, crate::write::tombstone::Tombstone>>,
     /// Files an unlink or a rename over them is taking the name from, held
@@ -287,6 +290,10 @@ pub struct Fs {
     /// this mount's).
     pub started_at: SystemTime,
 }
+
+/// Directories with expired lookups counted (`Fs::stale_lookup`) beyond
+/// which those idle for a TTL are forgotten.
+const RELISTS_KEPT: usize = 256;
 
 /// A node handed out this recently is never swept (a reply naming it may
 /// still be on its way to the kernel).
@@ -352,6 +359,7 @@ impl Fs {
             ns: tokio::sync::RwLock::new(()),
             deferred: Mutex::new(HashMap::new()),
             detaching: Mutex::new(HashMap::new()),
+            relists: Mutex::new(HashMap::new()),
             retry_wake: Arc::new(tokio::sync::Notify::new()),
             dir_times: Mutex::new(Default::default()),
             dir_times_wake: Arc::new(tokio::sync::Notify::new()),
@@ -523,27 +531,115 @@ impl Fs {
     /// The attributes at `path`, from the table while fresh, else from S3.
     async fn lookup_path(&self, parent: u64, path: String) -> FsResult<Attr> {
         check_key(&self.key_of(&path))?;
-        let now = Instant::now();
-        let fresh = {
-            let t = self.table.lock();
-            if let Some(ino) = t.find(&NodeKey::Path(path.clone())) {
-                let n = t.get(ino).expect("found");
-                (n.is_fresh(now) || self.has_write_state(ino))
-                    .then(|| (ino, n.attr.clone(), n.meta_known))
-            } else if t.is_negative(&path, now)
-                || t.get(parent)
-                    .and_then(|p| p.listed_until)
-                    .is_some_and(|u| now < u)
-            {
-                return Err(FsError::NotFound);
-            } else {
-                None
+        let mut relisted = false;
+        loop {
+            let now = Instant::now();
+            let (fresh, expired) = {
+                let t = self.table.lock();
+                if let Some(ino) = t.find(&NodeKey::Path(path.clone())) {
+                    let n = t.get(ino).expect("found");
+                    let fresh = (n.is_fresh(now) || self.has_write_state(ino))
+                        .then(|| (ino, n.attr.clone(), n.meta_known));
+                    (fresh, true)
+                } else if t.is_negative(&path, now)
+                    || t.get(parent)
+                        .and_then(|p| p.listed_until)
+                        .is_some_and(|u| now < u)
+                {
+                    return Err(FsError::NotFound);
+                } else {
+                    (None, false)
+                }
+            };
+            if let Some((ino, attr, known)) = fresh {
+                return self.own_attr(ino, attr, known).await;
+            }
+            if !expired || relisted || !self.stale_lookup(parent, &path).await {
+                return self.refresh_path(parent, path).await;
+            }
+            relisted = true;
+        }
+    }
+
+    /// An expired entry `path` of directory `parent` is looked up. After
+    /// `meta::RELIST_AFTER` of them within one `metadata_ttl`, the
+    /// directory's listing is read again (one lookup does it, the others
+    /// wait for it) and its metadata read ahead from `path` on (see
+    /// `meta::Relist`). True when a listing was read again meanwhile: the
+    /// entry is to be looked for in the table again.
+    async fn stale_lookup(&self, parent: u64, path: &str) -> bool {
+        let ttl = self.cfg.metadata_ttl;
+        if ttl.is_zero() {
+            // Nothing stays fresh: every lookup asks S3, as configured.
+            return false;
+        }
+        let running = {
+            let mut all = self.relists.lock();
+            if all.len() > RELISTS_KEPT {
+                // Forget directories with nothing counted or run within the
+                // TTL (the map's size is bounded by the stale lookups one
+                // TTL sees, each of which costs a request anyway).
+                all.retain(|_, r| {
+                    r.running.is_some()
+                        || [r.since, r.last.map(|(at, _)| at)]
+                            .into_iter()
+                            .flatten()
+                            .any(|t| t.elapsed() < ttl)
+                });
+            }
+            let r = all.entry(parent).or_default();
+            match &r.running {
+                Some(lock) => Err(lock.clone()),
+                None => {
+                    let now = Instant::now();
+                    if r.since.is_none_or(|t| now.duration_since(t) > ttl) {
+                        (r.since, r.stale) = (Some(now), 0);
+                    }
+                    r.stale += 1;
+                    let rested = r
+                        .last
+                        .is_none_or(|(at, took)| now.duration_since(at) >= ttl.max(took * 4));
+                    if r.stale < meta::RELIST_AFTER || !rested {
+                        return false;
+                    }
+                    let lock = Arc::new(tokio::sync::RwLock::new(()));
+                    let held = lock.clone().try_write_owned().expect("new");
+                    r.running = Some(lock);
+                    Ok(held)
+                }
             }
         };
-        if let Some((ino, attr, known)) = fresh {
-            return self.own_attr(ino, attr, known).await;
+        let _held = match running {
+            Err(lock) => {
+                drop(lock.read().await);
+                return true;
+            }
+            Ok(held) => held,
+        };
+        let start = Instant::now();
+        let dir = match self.table.lock().get(parent).map(|n| n.key.clone()) {
+            Some(NodeKey::Path(dir)) => Some(dir),
+            _ => None,
+        };
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let listed = match dir {
+            Some(dir) => self.list_dir(parent, &dir, 2, Some(name)).await.ok(),
+            None => None,
+        };
+        let mut all = self.relists.lock();
+        let r = all.entry(parent).or_default();
+        (r.running, r.since, r.stale) = (None, None, 0);
+        r.last = Some((Instant::now(), start.elapsed()));
+        if let Some((entries, pace)) = listed {
+            debug!(
+                parent,
+                entries = entries.len(),
+                from = name,
+                "listed again for expired lookups"
+            );
+            r.pace = pace;
         }
-        self.refresh_path(parent, path).await
+        true
     }
 
     /// Asks S3 about `path` and remembers the answer (or its absence).
@@ -831,7 +927,7 @@ impl Fs {
                         kind: FileKind::Dir,
                     });
                 }
-                let (entries, pace) = self.list_dir(ino, &dir, out.len()).await?;
+                let (entries, pace) = self.list_dir(ino, &dir, out.len(), None).await?;
                 out.extend(entries);
                 return Ok((out, pace));
             }
@@ -845,11 +941,16 @@ impl Fs {
     /// no request.
     /// `before`: entries the caller lists ahead of these (`.`, `..`...),
     /// so that listing positions pace the metadata pass.
+    /// `again_from`: the listing is read again for expired lookups
+    /// (`stale_lookup`): the metadata of the expired files from that name
+    /// on is read again, from there, even of objects that kept their ETag
+    /// (a chmod by another client copies an object onto itself).
     async fn list_dir(
         &self,
         ino: u64,
         dir: &str,
         before: usize,
+        again_from: Option<&str>,
     ) -> FsResult<(Vec<DirEntry>, Option<meta::PaceGuard>)> {
         let prefix = self.dir_prefix(dir);
         let mut early = self.meta.early_batch();
@@ -893,6 +994,7 @@ impl Fs {
                 self.odd.skipped(p, "not a valid directory name");
             }
         }
+        let now = Instant::now();
         let now_fresh = self.fresh_until();
         let d = self.cfg.defaults;
         let mut out = Vec::with_capacity(files.len() + dir_names.len());
@@ -929,10 +1031,12 @@ impl Fs {
                 });
                 continue;
             }
-            // Keep metadata learnt by HEAD while the object is the same.
+            // Keep metadata learnt by HEAD while the object is the same
+            // (listed again for expired lookups: while it has not expired).
+            let again = again_from.is_some_and(|from| name >= from);
             let known = existing
                 .and_then(|i| t.get(i))
-                .filter(|n| n.meta_known)
+                .filter(|n| n.meta_known && !(again && !n.is_fresh(now)))
                 .and_then(|n| n.object.clone())
                 .filter(|k| k.etag == o.etag && k.metadata.is_some());
             let meta_known = known.is_some() || !self.cfg.object_metadata;
@@ -1012,7 +1116,10 @@ impl Fs {
                 (before + at, i)
             })
             .collect();
-        let pace = self.meta.prefetch(ino, unknown, before, early);
+        // The reader starts at the first entry, or at the one asked for.
+        let first =
+            before + again_from.map_or(0, |from| out.partition_point(|e| e.name.as_str() < from));
+        let pace = self.meta.prefetch(ino, unknown, first, early);
         debug!(dir, entries = out.len(), "listed");
         if out.len() >= TRIM_AFTER_NODES {
             // The pages of its LIST responses and transient copies.
@@ -1042,6 +1149,22 @@ impl Fs {
             })
             .map(|o| o.key.clone())
             .collect()
+    }
+
+    /// Marks directory `dir`, its listing and every entry below it
+    /// expired, as `metadata_ttl` passing would (for tests, whose request
+    /// counts must not depend on the machine's speed).
+    #[doc(hidden)]
+    pub fn expire_below(&self, dir: &str) {
+        let mut t = self.table.lock();
+        t.expire_below(dir);
+        if let Some(n) = t
+            .find(&NodeKey::Path(dir.into()))
+            .and_then(|i| t.get_mut(i))
+        {
+            n.fresh_until = Some(Instant::now());
+            n.listed_until = None;
+        }
     }
 
     pub fn statfs(&self) -> StatFs {
