@@ -1036,7 +1036,7 @@ impl Fs {
             let again = again_from.is_some_and(|from| name >= from);
             let known = existing
                 .and_then(|i| t.get(i))
-                .filter(|n| n.meta_known && !(again && !n.is_fresh(now)))
+                .filter(|n| n.meta_known && (!again || n.is_fresh(now)))
                 .and_then(|n| n.object.clone())
                 .filter(|k| k.etag == o.etag && k.metadata.is_some());
             let meta_known = known.is_some() || !self.cfg.object_metadata;
