@@ -19,7 +19,8 @@
 //! Concurrent misses of one block make one GET.
 //!
 //! Lock order: `inflight`, `mem` and the disk state are never held
-//! together, nor across an `.await`.
+//! together, nor across an `.await`; `waiting` is taken alone or inside
+//! `inflight`.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -322,6 +323,9 @@ pub struct BlockCache {
     mem: Mutex<Mem>,
     disk: Option<Arc<Disk>>,
     inflight: Mutex<HashMap<BlockKey, Arc<OnceCell<Bytes>>>>,
+    /// Blocks of read-ahead runs waiting for their share of the budget:
+    /// a read of one of them wakes its run, which then goes at once.
+    waiting: Mutex<HashMap<BlockKey, Arc<tokio::sync::Notify>>>,
     /// Chunks of `CHUNK` bytes read at random (index = chunk number),
     /// memory only, within a quarter of the memory budget.
     chunks: Mutex<Mem>,
@@ -351,6 +355,7 @@ impl BlockCache {
             }),
             disk: None,
             inflight: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
             chunks: Mutex::new(Mem {
                 lru: LruCache::unbounded(),
                 bytes: 0,
@@ -424,6 +429,10 @@ impl BlockCache {
             .entry(bk.clone())
             .or_insert_with(|| Arc::new(OnceCell::new()))
             .clone();
+        // The block's run waits for budget: a read needs it now.
+        if let Some(demand) = self.waiting.lock().get(bk) {
+            demand.notify_one();
+        }
         let result = cell
             .get_or_try_init(|| async {
                 let start = bk.index * self.block_size;
@@ -499,14 +508,19 @@ impl BlockCache {
         let mut wanted = wanted;
         wanted.truncate(self.readahead_blocks);
         // Claimed first: a read of one of these blocks waits for this run
-        // (one large GET) rather than asking for its block alone.
+        // (one large GET) rather than asking for its block alone, and wakes
+        // it if it waits for budget (`waiting`, registered with the claim,
+        // so no read comes between the two).
+        let demand = Arc::new(tokio::sync::Notify::new());
         let claimed: Vec<(BlockKey, Arc<OnceCell<Bytes>>)> = {
             let mut inflight = self.inflight.lock();
+            let mut waiting = self.waiting.lock();
             let mut claimed = Vec::new();
             for bk in wanted {
                 if let std::collections::hash_map::Entry::Vacant(v) = inflight.entry(bk.clone()) {
                     let cell = Arc::new(OnceCell::new());
                     v.insert(cell.clone());
+                    waiting.insert(bk.clone(), demand.clone());
                     claimed.push((bk, cell));
                 }
             }
@@ -545,22 +559,53 @@ impl BlockCache {
             })
             .collect();
         let budget = &self.readahead;
+        let waiting = &self.waiting;
+        let blocks: Vec<BlockKey> = claimed.iter().map(|(bk, _)| bk.clone()).collect();
         let get = async move {
             // The run waits for its share of the budget, held by other
             // runs' GETs, which give it back block by block: while many
             // files are read at once, each GET still fetches a whole run
             // (it was cut to what was left, and 4 readers made GETs of a
-            // block or two). Its blocks' readers wait for it meanwhile.
-            match budget.acquire_many(permits as u32).await {
-                Ok(p) => p.forget(),
-                Err(_) => permits = 0,
+            // block or two). Its blocks' readers wait for it meanwhile,
+            // but not behind every other run: a read of one of its blocks
+            // sends it at once, with what is left of the budget (a read
+            // caught up with its read-ahead, which is no longer ahead; the
+            // budget is exceeded by at most one run per such reader).
+            permits = tokio::select! {
+                biased;
+                p = budget.acquire_many(permits as u32) => p.map_or(0, |p| {
+                    p.forget();
+                    permits
+                }),
+                () = demand.notified() => {
+                    let mut got = 0;
+                    while got < permits
+                        && budget.try_acquire().is_ok_and(|p| {
+                            p.forget();
+                            true
+                        })
+                    {
+                        got += 1;
+                    }
+                    got
+                }
+            };
+            {
+                let mut w = waiting.lock();
+                for bk in &blocks {
+                    if w.get(bk).is_some_and(|d| Arc::ptr_eq(d, &demand)) {
+                        w.remove(bk);
+                    }
+                }
             }
             let mut next = lo.index;
             let r = store
                 .get_range_pieces(&first.key, start..end, pin, bs, &mut |piece| {
                     if let Some(tx) = senders.remove(&next) {
-                        budget.add_permits(1);
-                        permits -= 1;
+                        if permits > 0 {
+                            budget.add_permits(1);
+                            permits -= 1;
+                        }
                         let _ = tx.send(Ok(piece));
                     }
                     next += 1;
@@ -718,8 +763,10 @@ mod tests {
 
     /// Two files read ahead at once share one budget: while the first
     /// file's run holds all of it, the second's run waits for it (it was
-    /// cut to what was left: GETs of a block or two), and a read of one of
-    /// its blocks waits for that run rather than making a GET of its own.
+    /// cut to what was left: GETs of a block or two). A read of one of its
+    /// blocks does not wait behind the first run: it sends the waiting run
+    /// at once, still one GET for the whole run and none of its own, and
+    /// the budget is whole again afterwards.
     #[tokio::test]
     async fn read_ahead_of_many_files_shares_one_budget() {
         let m = Arc::new(MemStore::versioned());
@@ -732,14 +779,21 @@ mod tests {
         let (first_b, pin_b) = (bk("b", &b, 0), pin(&b));
         let run_a = c.fetch_run(&f, &first_a, 8, &pin_a, 200);
         let run_b = c.fetch_run(&f, &first_b, 8, &pin_b, 200);
-        let read_b = c.get(&f, &first_b, &pin_b, 200);
-        let release = async {
+        let read_b = async {
             f.wait_held(Op::Get).await.unwrap();
-            // a's GET holds the budget: b's run waits, its reader too.
-            assert_eq!(f.calls(Op::Get), 1, "b's run and read wait");
+            // a's GET holds the budget: b's run waits.
+            assert_eq!(f.calls(Op::Get), 1, "b's run waits");
+            // A read of b's first block, a's GET still held (bounded: a
+            // read waiting for a's GET would wait forever here).
+            let read = c.get(&f, &first_b, &pin_b, 200);
+            let got = tokio::time::timeout(std::time::Duration::from_secs(60), read)
+                .await
+                .expect("the read waited behind the other file's run");
+            assert_eq!(f.calls(Op::Get), 2, "b's run went, for the read");
             f.release(Op::Get);
+            got
         };
-        let ((), (), got, ()) = tokio::join!(run_a, run_b, read_b, release);
+        let ((), (), got) = tokio::join!(run_a, run_b, read_b);
         assert_eq!(got.unwrap().as_ref(), &[2u8; 10]);
         let cached = |k: &str, e: &str| (0..20).filter(|&i| c.contains(&bk(k, e, i))).count();
         assert_eq!(
@@ -748,8 +802,39 @@ mod tests {
             "a: the nearest blocks, the whole budget"
         );
         assert!((0..3).all(|i| c.contains(&bk("a", &a, i))));
-        assert_eq!(cached("b", &b), 3, "b: its run once the budget came back");
+        assert_eq!(cached("b", &b), 3, "b: its whole run");
         assert_eq!(f.calls(Op::Get), 2, "one GET per run, none for the read");
+        assert_eq!(c.readahead.available_permits(), 3, "the budget, whole");
+        assert!(c.waiting.lock().is_empty());
+    }
+
+    /// Without a read of its blocks, a run waits for its share of the
+    /// budget, then fetches its whole run in one GET.
+    #[tokio::test]
+    async fn a_run_without_readers_waits_for_the_budget() {
+        let m = Arc::new(MemStore::versioned());
+        let a = m.insert("a", &[1u8; 200], Metadata::new()).etag;
+        let b = m.insert("b", &[2u8; 200], Metadata::new()).etag;
+        let f = crate::store::faulty::Faulty::new(m.clone());
+        let c = BlockCache::new(10, 1000).with_readahead_budget(30);
+        f.hold(Op::Get, 1);
+        let (first_a, pin_a) = (bk("a", &a, 0), pin(&a));
+        let (first_b, pin_b) = (bk("b", &b, 0), pin(&b));
+        let run_a = c.fetch_run(&f, &first_a, 8, &pin_a, 200);
+        let run_b = c.fetch_run(&f, &first_b, 8, &pin_b, 200);
+        let release = async {
+            f.wait_held(Op::Get).await.unwrap();
+            // Other tasks run meanwhile; b's run still waits.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(f.calls(Op::Get), 1, "b's run waits for the budget");
+            f.release(Op::Get);
+        };
+        tokio::join!(run_a, run_b, release);
+        assert_eq!(f.calls(Op::Get), 2);
+        assert!((0..3).all(|i| c.contains(&bk("b", &b, i))));
+        assert_eq!(c.readahead.available_permits(), 3);
     }
 
     #[tokio::test]
