@@ -761,6 +761,26 @@ mod tests {
         ReadPin::Etag(etag.into())
     }
 
+    type Faulty = crate::store::faulty::Faulty<MemStore>;
+
+    /// Objects `a` and `b` of 200 bytes (ETag, first block, pin), read in
+    /// 10-byte blocks through a store whose first GET is held, by a cache
+    /// whose read-ahead budget is 3 blocks.
+    fn two_files_one_budget() -> (Faulty, BlockCache, [(String, BlockKey, ReadPin); 2]) {
+        let m = Arc::new(MemStore::versioned());
+        let files = [("a", 1u8), ("b", 2u8)].map(|(k, byte)| {
+            let e = m.insert(k, &[byte; 200], Metadata::new()).etag;
+            (e.clone(), bk(k, &e, 0), pin(&e))
+        });
+        let f = crate::store::faulty::Faulty::new(m);
+        f.hold(Op::Get, 1);
+        (
+            f,
+            BlockCache::new(10, 1000).with_readahead_budget(30),
+            files,
+        )
+    }
+
     /// Two files read ahead at once share one budget: while the first
     /// file's run holds all of it, the second's run waits for it (it was
     /// cut to what was left: GETs of a block or two). A read of one of its
@@ -769,14 +789,7 @@ mod tests {
     /// the budget is whole again afterwards.
     #[tokio::test]
     async fn read_ahead_of_many_files_shares_one_budget() {
-        let m = Arc::new(MemStore::versioned());
-        let a = m.insert("a", &[1u8; 200], Metadata::new()).etag;
-        let b = m.insert("b", &[2u8; 200], Metadata::new()).etag;
-        let f = crate::store::faulty::Faulty::new(m.clone());
-        let c = BlockCache::new(10, 1000).with_readahead_budget(30);
-        f.hold(Op::Get, 1);
-        let (first_a, pin_a) = (bk("a", &a, 0), pin(&a));
-        let (first_b, pin_b) = (bk("b", &b, 0), pin(&b));
+        let (f, c, [(a, first_a, pin_a), (b, first_b, pin_b)]) = two_files_one_budget();
         let run_a = c.fetch_run(&f, &first_a, 8, &pin_a, 200);
         let run_b = c.fetch_run(&f, &first_b, 8, &pin_b, 200);
         let read_b = async {
@@ -812,14 +825,7 @@ mod tests {
     /// budget, then fetches its whole run in one GET.
     #[tokio::test]
     async fn a_run_without_readers_waits_for_the_budget() {
-        let m = Arc::new(MemStore::versioned());
-        let a = m.insert("a", &[1u8; 200], Metadata::new()).etag;
-        let b = m.insert("b", &[2u8; 200], Metadata::new()).etag;
-        let f = crate::store::faulty::Faulty::new(m.clone());
-        let c = BlockCache::new(10, 1000).with_readahead_budget(30);
-        f.hold(Op::Get, 1);
-        let (first_a, pin_a) = (bk("a", &a, 0), pin(&a));
-        let (first_b, pin_b) = (bk("b", &b, 0), pin(&b));
+        let (f, c, [(_, first_a, pin_a), (b, first_b, pin_b)]) = two_files_one_budget();
         let run_a = c.fetch_run(&f, &first_a, 8, &pin_a, 200);
         let run_b = c.fetch_run(&f, &first_b, 8, &pin_b, 200);
         let release = async {
