@@ -2164,11 +2164,7 @@ async fn expired_entries_stated_one_by_one_are_listed_again_once() {
     }
     // Another client: a chmod (a copy onto itself: same bytes, same
     // ETag), a delete, a new file.
-    m.insert(
-        "d/f200",
-        b"same bytes",
-        s3fs_meta(0o100600, 7, 1_000_000_000),
-    );
+    assert!(m.set_metadata_keeping_etag("d/f200", s3fs_meta(0o100600, 7, 1_000_000_000)));
     m.delete("d/f100").await.unwrap();
     m.insert("d/f300", b"new", meta.clone());
     fs.expire_below("d");
@@ -2215,4 +2211,51 @@ async fn expired_entries_stated_one_by_one_are_listed_again_once() {
         fs.lookup(d.ino, name(&format!("f{i:03}"))).await.unwrap();
     }
     assert_eq!(f.calls(Op::List) - lists, 1 + 20, "d, then one per entry");
+}
+
+/// Metadata an object keeps its ETag through (another client's chmod or
+/// chown copies it onto itself) is read again once it has expired, by a
+/// listing of its directory too: neither a listing read again for other
+/// names' expired lookups nor a plain listing may keep handing out the old
+/// mode and owner (a file made private stayed readable to other users).
+#[tokio::test]
+async fn a_listing_after_the_ttl_reads_unchanged_objects_metadata_again() {
+    let m = Arc::new(MemStore::unversioned());
+    let open = s3fs_meta(0o100644, 0, 1_000_000_000);
+    let private = s3fs_meta(0o100600, 1234, 1_000_000_000);
+    for i in 0..30 {
+        m.insert(&format!("r/o{i:02}"), b"bytes", open.clone());
+    }
+    m.insert("r/sub/", b"", s3fs_meta(0o040755, 0, 1_000_000_000));
+    let (_f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let r = fs.lookup(ROOT_INO, name("r")).await.unwrap();
+    fs.list(r.ino).await.unwrap();
+    for i in 0..30 {
+        fs.lookup(r.ino, name(&format!("o{i:02}"))).await.unwrap();
+    }
+    assert_eq!(fs.lookup(r.ino, name("sub")).await.unwrap().perm, 0o755);
+    let chmod = |key: &str, meta: &Metadata| {
+        assert!(m.set_metadata_keeping_etag(key, meta.clone()));
+    };
+    // Names before the ones whose expired lookups list the directory again.
+    for i in 0..5 {
+        chmod(&format!("r/o{i:02}"), &private);
+    }
+    fs.expire_below("r");
+    for i in (22..30).rev() {
+        fs.lookup(r.ino, name(&format!("o{i:02}"))).await.unwrap();
+    }
+    for i in 0..5 {
+        let a = fs.lookup(r.ino, name(&format!("o{i:02}"))).await.unwrap();
+        assert_eq!((a.perm, a.uid), (0o600, 1234), "o{i:02} after the listing");
+    }
+    // A plain listing (opendir) after the TTL, files and a directory.
+    chmod("r/o10", &private);
+    chmod("r/sub/", &s3fs_meta(0o040700, 1234, 1_000_000_000));
+    fs.expire_below("r");
+    fs.list(r.ino).await.unwrap();
+    let a = fs.lookup(r.ino, name("o10")).await.unwrap();
+    assert_eq!((a.perm, a.uid), (0o600, 1234), "o10 after opendir");
+    let s = fs.lookup(r.ino, name("sub")).await.unwrap();
+    assert_eq!((s.perm, s.uid), (0o700, 1234), "sub after opendir");
 }

@@ -942,9 +942,9 @@ impl Fs {
     /// `before`: entries the caller lists ahead of these (`.`, `..`...),
     /// so that listing positions pace the metadata pass.
     /// `again_from`: the listing is read again for expired lookups
-    /// (`stale_lookup`): the metadata of the expired files from that name
-    /// on is read again, from there, even of objects that kept their ETag
-    /// (a chmod by another client copies an object onto itself).
+    /// (`stale_lookup`): its metadata pass starts at that name. (Every
+    /// listing reads again the metadata of the entries whose metadata
+    /// expired, even of objects that kept their ETag.)
     async fn list_dir(
         &self,
         ino: u64,
@@ -1031,19 +1031,20 @@ impl Fs {
                 });
                 continue;
             }
-            // Keep metadata learnt by HEAD while the object is the same
-            // (listed again for expired lookups: while it has not expired).
-            let again = again_from.is_some_and(|from| name >= from);
-            let known = existing
+            // Keep metadata learnt by HEAD while the object is the same and
+            // the metadata has not expired, with its own expiry: a chmod by
+            // another client copies the object onto itself (same ETag, new
+            // metadata), and is seen within `metadata_ttl` like any change.
+            let kept = existing
                 .and_then(|i| t.get(i))
-                .filter(|n| n.meta_known && (!again || n.is_fresh(now)))
-                .and_then(|n| n.object.clone())
-                .filter(|k| k.etag == o.etag && k.metadata.is_some());
-            let meta_known = known.is_some() || !self.cfg.object_metadata;
-            let info = known.unwrap_or(o);
+                .filter(|n| n.meta_known && n.is_fresh(now))
+                .and_then(|n| Some((n.object.clone()?, n.fresh_until)))
+                .filter(|(k, _)| k.etag == o.etag && k.metadata.is_some());
+            let meta_known = kept.is_some() || !self.cfg.object_metadata;
+            let (info, fresh) = kept.unwrap_or((o, now_fresh));
             let attr = self.attr_of(&info, false);
             let kind = attr.kind;
-            let i = t.upsert(NodeKey::Path(path), ino, attr, Some(info), now_fresh);
+            let i = t.upsert(NodeKey::Path(path), ino, attr, Some(info), fresh);
             if !meta_known && let Some(n) = t.get_mut(i) {
                 n.meta_known = false;
                 unknown.push((name.to_string(), i));
@@ -1059,7 +1060,15 @@ impl Fs {
             let i = match t.find(&NodeKey::Path(path.clone())) {
                 Some(i) if t.get(i).is_some_and(|n| n.attr.kind == FileKind::Dir) => {
                     if let Some(n) = t.get_mut(i) {
-                        n.fresh_until = n.fresh_until.max(now_fresh);
+                        if !self.cfg.object_metadata {
+                            n.fresh_until = n.fresh_until.max(now_fresh);
+                        } else if !n.is_fresh(now) {
+                            // Its marker's metadata (a mode, an owner)
+                            // expired: read again before it is handed out.
+                            n.fresh_until = now_fresh;
+                            n.meta_known = false;
+                            unknown.push((name.clone(), i));
+                        }
                     }
                     i
                 }

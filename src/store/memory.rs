@@ -150,6 +150,20 @@ impl MemStore {
         self.state.lock().uploads.len()
     }
 
+    /// Replaces the user metadata of `key`'s current version and keeps its
+    /// ETag, as S3 does when a single-part object is copied onto itself
+    /// with new metadata (another client's chmod). False if `key` is absent.
+    pub fn set_metadata_keeping_etag(&self, key: &str, meta: Metadata) -> bool {
+        let mut st = self.state.lock();
+        match st.objects.get_mut(key).and_then(|v| v.last_mut()) {
+            Some(v) if v.data.is_some() => {
+                v.meta = meta;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Writes an object behind the filesystem's back, as another client would.
     pub fn insert(&self, key: &str, data: &[u8], meta: Metadata) -> PutResult {
         self.insert_with_headers(key, data, meta, ObjectHeaders::default())
