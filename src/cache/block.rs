@@ -207,7 +207,9 @@ impl Disk {
         let (len, start, end) = (field(0)?, field(1)?, field(2)?);
         // Whole, or not at all: a file cut short (a kill, a full disk) is
         // never served.
-        if start < at + 24 || start.checked_add(len)? > end || file.len() != end {
+        // Where `layout` puts the data, at one of the alignments.
+        let placed = DISK_ALIGNS.iter().any(|&a| start == align_up(at + 24, a));
+        if !placed || start.checked_add(len)? > end || file.len() != end {
             return None;
         }
         self.state.lock().lru.get(&name);
@@ -959,12 +961,30 @@ mod tests {
             assert_eq!(&got[..], &data[i * 1000..(i + 1) * 1000], "layout {i}");
             assert_eq!(s.counters().get(Op::Get), gets, "layout {i}: from disk");
             let whole = std::fs::read(&f).unwrap();
+            // The data's start moved (a corrupted header) is not served.
+            let at = bk("k", &e, i as u64).header().len() + 8;
+            let mut moved = whole.clone();
+            let start = u64::from_le_bytes(moved[at..at + 8].try_into().unwrap());
+            moved[at..at + 8].copy_from_slice(&(start - 8).to_le_bytes());
+            std::fs::write(&f, &moved).unwrap();
+            let c = BlockCache::new(1000, 1 << 20).with_disk(dir.path(), 1 << 20);
+            let got = c
+                .get(&s, &bk("k", &e, i as u64), &pin(&e), 3000)
+                .await
+                .unwrap();
+            assert_eq!(
+                &got[..],
+                &data[i * 1000..(i + 1) * 1000],
+                "layout {i}: moved"
+            );
+            assert_eq!(s.counters().get(Op::Get), gets + 1, "layout {i}: moved");
+            c.settle(std::time::Duration::from_secs(5)).await;
             std::fs::write(&f, &whole[..whole.len() - 1]).unwrap();
             let cut = BlockCache::new(1000, 1 << 20).with_disk(dir.path(), 1 << 20);
             cut.get(&s, &bk("k", &e, i as u64), &pin(&e), 3000)
                 .await
                 .unwrap();
-            assert_eq!(s.counters().get(Op::Get), gets + 1, "layout {i}: cut short");
+            assert_eq!(s.counters().get(Op::Get), gets + 2, "layout {i}: cut short");
         }
     }
 
