@@ -2259,3 +2259,58 @@ async fn a_listing_after_the_ttl_reads_unchanged_objects_metadata_again() {
     let s = fs.lookup(r.ino, name("sub")).await.unwrap();
     assert_eq!((s.perm, s.uid), (0o700, 1234), "sub after opendir");
 }
+
+/// Every entry a directory handle's readdirplus hands out from its start:
+/// name → (mode bits, owner).
+async fn plus_all(fs: &Fs, dir: u64, fh: u64) -> std::collections::HashMap<String, (u16, u32)> {
+    let mut got = std::collections::HashMap::new();
+    let mut offset = 0;
+    loop {
+        let batch = fs.readdirplus(dir, fh, offset).await.unwrap();
+        let Some((last, ..)) = batch.last() else {
+            break;
+        };
+        offset = last + 1;
+        for (_, e, a, _, _) in batch {
+            got.insert(e.name.clone(), (a.perm, a.uid));
+        }
+    }
+    got
+}
+
+/// A directory handle opened while its entries' metadata was fresh, and
+/// read (or rewound) after `metadata_ttl`, hands out nothing older than
+/// that: the attack helper read a file another client had made private
+/// (a chmod keeps the ETag) through such a handle, 20 s after the change.
+#[tokio::test]
+async fn readdirplus_of_an_old_handle_reads_expired_metadata_again() {
+    let m = Arc::new(MemStore::unversioned());
+    for i in 0..200 {
+        m.insert(
+            &format!("p/o{i:03}"),
+            b"bytes",
+            s3fs_meta(0o100644, 0, 1_000_000_000),
+        );
+    }
+    m.insert("p/zd/", b"", s3fs_meta(0o040755, 0, 1_000_000_000));
+    let (_f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let p = fs.lookup(ROOT_INO, name("p")).await.unwrap();
+    let fh = fs.opendir(p.ino).await.unwrap();
+    let before = plus_all(&fs, p.ino, fh).await;
+    assert_eq!(before["o010"], (0o644, 0));
+    assert_eq!(before["zd"], (0o755, 0));
+    let private = s3fs_meta(0o100600, 1234, 1_000_000_000);
+    assert!(m.set_metadata_keeping_etag("p/o010", private.clone()));
+    assert!(m.set_metadata_keeping_etag("p/o150", private));
+    assert!(m.set_metadata_keeping_etag("p/zd/", s3fs_meta(0o040700, 1234, 1_000_000_000)));
+    fs.expire_below("p");
+    // The same handle, rewound.
+    let after = plus_all(&fs, p.ino, fh).await;
+    assert_eq!(after.len(), before.len(), "every entry still listed");
+    for n in ["o010", "o150"] {
+        assert_eq!(after[n], (0o600, 1234), "{n}");
+    }
+    assert_eq!(after["zd"], (0o700, 1234), "zd");
+    assert_eq!(after["o011"], (0o644, 0));
+    fs.releasedir(fh);
+}

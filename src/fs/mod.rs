@@ -1248,6 +1248,10 @@ impl Fs {
         {
             p.0.reader_at(offset as usize);
         }
+        // What a reply hands out is at most `metadata_ttl` old: a handle
+        // opened a while ago (read, or rewound, now) has its expired
+        // entries' metadata read again first.
+        self.expire_metadata(&entries);
         // The first entries wait for their metadata, already being read
         // ahead; the rest go only as far as it is known.
         let waits: Vec<_> = entries
@@ -1321,6 +1325,29 @@ impl Fs {
             .into_iter()
             .map(|(i, e, a, counted, own)| (i, e, self.with_links(a), counted, own))
             .collect())
+    }
+
+    /// Marks the metadata of those of `entries` whose metadata expired as
+    /// not read, so it is read again (a HEAD each) before it is handed out
+    /// (another client's chmod keeps the object's ETag: only a HEAD tells).
+    fn expire_metadata(&self, entries: &[DirEntry]) {
+        if !self.cfg.object_metadata {
+            return;
+        }
+        let now = Instant::now();
+        let mut t = self.table.lock();
+        let writes = self.writes.lock();
+        for e in entries.iter().filter(|e| e.name != "." && e.name != "..") {
+            if let Some(n) = t.get_mut(e.ino)
+                && matches!(n.key, NodeKey::Path(_))
+                && e.ino != ROOT_INO
+                && n.meta_known
+                && !n.is_fresh(now)
+                && !writes.contains_key(&e.ino)
+            {
+                n.meta_known = false;
+            }
+        }
     }
 
     /// What the table says of a readdirplus entry: (attributes, metadata
