@@ -78,6 +78,19 @@ impl Inode {
         self.fresh_until.is_none_or(|t| now < t)
     }
 
+    /// Whether this node holds metadata read for `listed` (same ETag)
+    /// that has not expired, so a listing may keep it. A chmod by another
+    /// client copies the object onto itself (same ETag, new metadata):
+    /// it is seen within `metadata_ttl` like any change.
+    pub fn holds_metadata_of(&self, listed: &ObjectInfo, now: Instant) -> bool {
+        self.meta_known
+            && self.is_fresh(now)
+            && self
+                .object
+                .as_ref()
+                .is_some_and(|k| k.etag == listed.etag && k.metadata.is_some())
+    }
+
     pub fn path(&self) -> Option<&str> {
         match &self.key {
             NodeKey::Path(p) => Some(p),

@@ -1031,15 +1031,11 @@ impl Fs {
                 });
                 continue;
             }
-            // Keep metadata learnt by HEAD while the object is the same and
-            // the metadata has not expired, with its own expiry: a chmod by
-            // another client copies the object onto itself (same ETag, new
-            // metadata), and is seen within `metadata_ttl` like any change.
+            // Metadata read by HEAD is kept with its own expiry.
             let kept = existing
                 .and_then(|i| t.get(i))
-                .filter(|n| n.meta_known && n.is_fresh(now))
-                .and_then(|n| Some((n.object.clone()?, n.fresh_until)))
-                .filter(|(k, _)| k.etag == o.etag && k.metadata.is_some());
+                .filter(|n| n.holds_metadata_of(&o, now))
+                .and_then(|n| Some((n.object.clone()?, n.fresh_until)));
             let meta_known = kept.is_some() || !self.cfg.object_metadata;
             let (info, fresh) = kept.unwrap_or((o, now_fresh));
             let attr = self.attr_of(&info, false);
@@ -1138,8 +1134,9 @@ impl Fs {
     }
 
     /// The keys of a listing page's objects whose metadata this mount
-    /// does not hold for that very object (same ETag).
+    /// does not hold (`holds_metadata_of`).
     fn metadata_unknown(&self, dir: &str, prefix: &str, objects: &[ObjectInfo]) -> Vec<String> {
+        let now = Instant::now();
         let t = self.table.lock();
         objects
             .iter()
@@ -1151,9 +1148,7 @@ impl Fs {
                 let known = t
                     .find(&NodeKey::Path(join(dir, name)))
                     .and_then(|i| t.get(i))
-                    .filter(|n| n.meta_known)
-                    .and_then(|n| n.object.as_ref())
-                    .is_some_and(|k| k.etag == o.etag && k.metadata.is_some());
+                    .is_some_and(|n| n.holds_metadata_of(o, now));
                 !known
             })
             .map(|o| o.key.clone())
