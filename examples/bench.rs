@@ -6,6 +6,7 @@
 //!
 //!     bench --bucketfs PATH --endpoint URL --bucket NAME [--size-mib N]
 //!           [--files N] [--entries N] [--concurrency N] [--region R] [--no-peers]
+//!           [--peers-only mountpoint-s3,s3fs-fuse,rclone mount]
 //!
 //! Mountpoint for Amazon S3 (`mount-s3`), s3fs-fuse and rclone, where
 //! installed, run the same workloads on the same server in the same run,
@@ -40,6 +41,9 @@ struct Args {
     concurrency: usize,
     /// Run the same workloads through s3fs-fuse and rclone when installed.
     peers: bool,
+    /// Only these peers (`--peers-only mountpoint-s3,s3fs-fuse`), for a
+    /// shorter run; None: every installed one.
+    only: Option<Vec<String>>,
     /// CPU-bound processes kept running beside the whole run.
     load: usize,
 }
@@ -56,6 +60,7 @@ fn args() -> Args {
         huge: 0,
         concurrency: 8,
         peers: true,
+        only: None,
         load: 0,
     };
     let mut it = std::env::args().skip(1);
@@ -76,6 +81,7 @@ fn args() -> Args {
             "--huge" => a.huge = val.parse().expect("--huge N"),
             "--concurrency" => a.concurrency = val.parse().expect("--concurrency N"),
             "--load" => a.load = val.parse().expect("--load N"),
+            "--peers-only" => a.only = Some(val.split(',').map(str::to_string).collect()),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -133,6 +139,12 @@ impl Tool {
                 (Tool::S3fs, "s3fs"),
                 (Tool::Rclone, "rclone"),
             ] {
+                if a.only
+                    .as_ref()
+                    .is_some_and(|o| !o.iter().any(|n| n == t.name()))
+                {
+                    continue;
+                }
                 let found = Command::new("sh")
                     .args(["-c", &format!("command -v {bin}")])
                     .stdout(Stdio::null())

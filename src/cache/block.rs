@@ -219,26 +219,56 @@ impl Disk {
     /// A block file's bytes: the identity, the data's length, where it
     /// starts and the file's length, then the data, each part padded to `align`, in a buffer
     /// aligned to `MEM_ALIGN` (the range of the vector to write).
-    fn layout(bk: &BlockKey, data: &[u8], align: usize) -> (Vec<u8>, std::ops::Range<usize>) {
+    /// `with_data`: the data is copied in; else the buffer ends where the
+    /// data starts.
+    fn layout(
+        bk: &BlockKey,
+        data: &[u8],
+        align: usize,
+        with_data: bool,
+    ) -> (Vec<u8>, std::ops::Range<usize>) {
         let header = bk.header();
         let start = align_up(header.len() + 24, align);
         let total = align_up(start + data.len(), align);
-        let mut v = vec![0u8; total + MEM_ALIGN];
+        let len = if with_data { total } else { start };
+        let mut v = vec![0u8; len + MEM_ALIGN];
         let at = v.as_ptr().align_offset(MEM_ALIGN);
-        let buf = &mut v[at..at + total];
+        let buf = &mut v[at..at + len];
         let h = header.len();
         buf[..h].copy_from_slice(&header);
         buf[h..h + 8].copy_from_slice(&(data.len() as u64).to_le_bytes());
         buf[h + 8..h + 16].copy_from_slice(&(start as u64).to_le_bytes());
         buf[h + 16..h + 24].copy_from_slice(&(total as u64).to_le_bytes());
-        buf[start..start + data.len()].copy_from_slice(data);
-        (v, at..at + total)
+        if with_data {
+            buf[start..start + data.len()].copy_from_slice(data);
+        }
+        (v, at..at + len)
+    }
+
+    /// Writes the block file's bytes to `f`: its data straight from
+    /// memory when it lies as `O_DIRECT` needs (a store's `PieceBuf`),
+    /// else copied behind the header. Returns the file's length.
+    fn write_layout(
+        f: &std::fs::File,
+        bk: &BlockKey,
+        data: &[u8],
+        align: usize,
+    ) -> std::io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let in_place =
+            data.as_ptr().align_offset(MEM_ALIGN) == 0 && data.len().is_multiple_of(align);
+        let (buf, range) = Disk::layout(bk, data, align, !in_place);
+        f.write_all_at(&buf[range.clone()], 0)?;
+        if !in_place {
+            return Ok(range.len() as u64);
+        }
+        f.write_all_at(data, range.len() as u64)?;
+        Ok((range.len() + data.len()) as u64)
     }
 
     /// Writes a block file, with `O_DIRECT` while the filesystem takes it
     /// (at the smallest alignment it takes). Returns the file's length.
     fn write_file(&self, path: &Path, bk: &BlockKey, data: &[u8]) -> std::io::Result<u64> {
-        use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let open = |flags: i32| {
             crate::private::private_file()
@@ -251,19 +281,16 @@ impl Disk {
         loop {
             let i = self.align.load(Ordering::Relaxed);
             let Some(&align) = DISK_ALIGNS.get(i) else {
-                let (buf, range) = Disk::layout(bk, data, DISK_ALIGNS[0]);
-                open(0)?.write_all(&buf[range.clone()])?;
-                return Ok(range.len() as u64);
+                return Disk::write_layout(&open(0)?, bk, data, DISK_ALIGNS[0]);
             };
-            let (buf, range) = Disk::layout(bk, data, align);
-            match open(libc::O_DIRECT).and_then(|mut f| f.write_all(&buf[range.clone()])) {
+            match open(libc::O_DIRECT).and_then(|f| Disk::write_layout(&f, bk, data, align)) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     debug!(dir = %self.dir.display(), align, "O_DIRECT refused at this alignment");
                     let _ =
                         self.align
                             .compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
                 }
-                r => return r.map(|()| range.len() as u64),
+                r => return r,
             }
         }
     }
@@ -985,6 +1012,49 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(s.counters().get(Op::Get), gets + 2, "layout {i}: cut short");
+        }
+    }
+
+    /// A block read into a store's aligned `PieceBuf` is written from
+    /// where it lies, header first; the file is the same as the one a
+    /// copy makes, and reads back, at every alignment.
+    #[tokio::test]
+    async fn an_aligned_block_is_written_as_a_copied_one_would_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..=255u8).cycle().take(8192).collect();
+        let mut piece = crate::store::PieceBuf::new(data.len());
+        assert_eq!(piece.fill(&data), data.len());
+        let aligned = piece.freeze();
+        assert_eq!(aligned.as_ptr().align_offset(MEM_ALIGN), 0);
+        // The same bytes, one byte off alignment.
+        let mut v = vec![0u8; data.len() + 1];
+        v[1..].copy_from_slice(&data);
+        let unaligned = Bytes::from(v).slice(1..);
+        for i in 0..=DISK_ALIGNS.len() {
+            let c = BlockCache::new(8192, 1 << 20).with_disk(dir.path(), 1 << 20);
+            let disk = c.disk.as_ref().unwrap();
+            disk.align.store(i, Ordering::Relaxed);
+            let (a, b) = (bk("a", "e", i as u64), bk("b", "e", i as u64));
+            disk.write(&a, aligned.clone());
+            disk.write(&b, unaligned.clone());
+            c.settle(std::time::Duration::from_secs(5)).await;
+            let read = |k: &BlockKey| std::fs::read(dir.path().join(k.file_name())).unwrap();
+            let (fa, fb) = (read(&a), read(&b));
+            let (ha, hb) = (a.header().len(), b.header().len());
+            assert_eq!(fa.len(), fb.len(), "layout {i}");
+            assert_eq!(fa[ha..], fb[hb..], "layout {i}: same layout");
+            let again = BlockCache::new(8192, 1 << 20).with_disk(dir.path(), 1 << 20);
+            let disk = again.disk.as_ref().unwrap();
+            assert_eq!(
+                disk.read(&a).await.as_deref(),
+                Some(&data[..]),
+                "layout {i}"
+            );
+            assert_eq!(
+                disk.read(&b).await.as_deref(),
+                Some(&data[..]),
+                "layout {i}"
+            );
         }
     }
 

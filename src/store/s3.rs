@@ -1243,18 +1243,24 @@ impl ObjectStore for S3Store {
             if from >= range.end {
                 return Ok(());
             }
-            let mut buf = bytes::BytesMut::new();
+            // Each piece is read into a buffer of its own size: one copy,
+            // aligned for the cache disk.
+            let mut buf: Option<super::PieceBuf> = None;
             self.get_body_once(key, from..range.end, pin, &mut |c| {
-                buf.extend_from_slice(&c);
                 let mut d = done.lock();
-                loop {
+                let mut c = &c[..];
+                while !c.is_empty() {
                     let want = piece.min(len - d.0) as usize;
-                    if want == 0 || buf.len() < want {
-                        break;
+                    if want == 0 {
+                        break; // more than asked for
                     }
-                    let p = buf.split_to(want).freeze();
-                    d.0 += want as u64;
-                    (d.1)(p);
+                    let b = buf.get_or_insert_with(|| super::PieceBuf::new(want));
+                    c = &c[b.fill(c)..];
+                    if b.room() == 0 {
+                        let p = buf.take().expect("filled").freeze();
+                        d.0 += want as u64;
+                        (d.1)(p);
+                    }
                 }
             })
             .await
