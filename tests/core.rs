@@ -381,8 +381,9 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
     }
     assert_eq!(own, 300 - 19, "the rest, each with its own metadata");
     fs.releasedir(fh);
-    // 3. Another client rewrites every object; a second listing finds
-    //    them changed while HEADs fail, as the first handle is read.
+    // 3. Another client rewrites every object; a second listing (the
+    //    first one's time is up) finds them changed while HEADs fail, as
+    //    the first handle is read.
     let fh = fs.opendir(d.ino).await.unwrap();
     let first = fs.readdirplus(d.ino, fh, 0).await.unwrap();
     assert_eq!(check(&first), 0);
@@ -394,6 +395,7 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
         1_000_000,
         StoreError::Transient("503 SlowDown".into()),
     );
+    fs.expire_listing("d");
     let again = fs.opendir(d.ino).await.unwrap();
     // The first handle read again (rewinddir).
     assert_eq!(first.len(), 302, "all known: one reply");
@@ -1461,6 +1463,86 @@ async fn a_forgotten_entry_of_a_fresh_listing_is_found_again() {
         fs.lookup(d.ino, name("nope")).await.unwrap_err(),
         FsError::NotFound
     );
+}
+
+/// A directory listed less than `metadata_ttl` ago is listed again from
+/// memory (an `ls -l` run twice costs one LIST), with what this mount did
+/// since; once its time is up, or an entry's metadata expired, it is read
+/// from S3 again and shows what other clients did.
+#[tokio::test]
+async fn a_listing_within_the_ttl_needs_no_request_and_shows_this_mounts_changes() {
+    let s = Arc::new(MemStore::unversioned());
+    for i in 0..20 {
+        s.insert(&format!("d/f{i:02}"), b"x", s3fs_meta(0o100644, 1000, 1));
+    }
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let names = |v: Vec<bucketfs::fs::DirEntry>| -> Vec<String> {
+        v.into_iter()
+            .map(|e| e.name)
+            .filter(|n| n != "." && n != "..")
+            .collect()
+    };
+    let plus_all = async |fs: &Fs| {
+        let fh = fs.opendir(d.ino).await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            let batch = fs.readdirplus(d.ino, fh, out.len() as u64).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            out.extend(
+                batch
+                    .into_iter()
+                    .map(|(_, e, a, _, own)| (e.name, a.perm, own)),
+            );
+        }
+        fs.releasedir(fh);
+        out
+    };
+    let first = plus_all(&fs).await;
+    let lists = s.counters().get(Op::List);
+    let n = requests(&s);
+    assert_eq!(
+        plus_all(&fs).await,
+        first,
+        "the same entries and attributes"
+    );
+    assert_eq!(requests(&s), n, "listed again from memory");
+    // This mount's own changes show at once, without a request to list.
+    let (_, fh) = fs
+        .create(d.ino, name("new"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"new").await.unwrap();
+    fs.release(fh).await.unwrap();
+    let (_, open) = fs
+        .create(d.ino, name("open"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.unlink(d.ino, name("f03")).await.unwrap();
+    fs.rename(d.ino, name("f04"), d.ino, name("g04"), false)
+        .await
+        .unwrap();
+    fs.mkdir(d.ino, name("sub"), USER).await.unwrap();
+    // Another client's object shows once the listing's time is up.
+    s.insert("d/other", b"o", s3fs_meta(0o100600, 7, 1));
+    let mut want: Vec<String> = (0..20).map(|i| format!("f{i:02}")).collect();
+    want.retain(|n| n != "f03" && n != "f04");
+    want.extend(["g04", "new", "open", "sub"].map(String::from));
+    want.sort();
+    assert_eq!(names(fs.list(d.ino).await.unwrap()), want);
+    assert_eq!(s.counters().get(Op::List), lists, "no LIST within the TTL");
+    // One entry's metadata expired: listed (and its metadata read) again.
+    fs.expire_below("d/f05");
+    fs.list(d.ino).await.unwrap();
+    assert_eq!(s.counters().get(Op::List), lists + 1, "an expired entry");
+    fs.expire_listing("d");
+    want.push("other".into());
+    want.sort();
+    assert_eq!(names(fs.list(d.ino).await.unwrap()), want, "after the TTL");
+    assert_eq!(s.counters().get(Op::List), lists + 2);
+    fs.release(open).await.unwrap();
 }
 
 // ------------------------------------------------------- first-hour costs

@@ -952,6 +952,13 @@ impl Fs {
         before: usize,
         again_from: Option<&str>,
     ) -> FsResult<(Vec<DirEntry>, Option<meta::PaceGuard>)> {
+        if again_from.is_none()
+            && self.cfg.as_of.is_none()
+            && let Some(out) = self.listing_held(ino)
+        {
+            debug!(dir, entries = out.len(), "listing held");
+            return Ok((out, None));
+        }
         let prefix = self.dir_prefix(dir);
         let mut early = self.meta.early_batch();
         // HEADs started before the last page: the first window's.
@@ -1133,6 +1140,34 @@ impl Fs {
         Ok((out, pace))
     }
 
+    /// The entries of directory `ino`, sorted, without a request, when the
+    /// table holds its whole listing (read less than `metadata_ttl` ago,
+    /// with what this mount changed since) and every entry is fresh with
+    /// its metadata read, or is being written by this mount: as a lookup
+    /// of a name it does not hold is answered without one. `None`: list.
+    fn listing_held(&self, ino: u64) -> Option<Vec<DirEntry>> {
+        let now = Instant::now();
+        let t = self.table.lock();
+        if t.get(ino)?.listed_until.is_none_or(|u| now >= u) {
+            return None;
+        }
+        let writes = self.writes.lock();
+        let mut out = Vec::new();
+        for (path, n) in t.children_of(ino) {
+            let held = n.is_fresh(now) && (n.meta_known || !self.cfg.object_metadata);
+            if !held && !writes.contains_key(&n.attr.ino) {
+                return None;
+            }
+            out.push(DirEntry {
+                ino: n.attr.ino,
+                name: path.rsplit('/').next().unwrap_or(path).to_string(),
+                kind: n.attr.kind,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Some(out)
+    }
+
     /// The keys of a listing page's objects whose metadata this mount
     /// does not hold (`holds_metadata_of`).
     fn metadata_unknown(&self, dir: &str, prefix: &str, objects: &[ObjectInfo]) -> Vec<String> {
@@ -1167,6 +1202,19 @@ impl Fs {
             .and_then(|i| t.get_mut(i))
         {
             n.fresh_until = Some(Instant::now());
+            n.listed_until = None;
+        }
+    }
+
+    /// Marks the listing of directory `dir` expired, not its entries, as
+    /// if it had been read longer ago than they (for tests).
+    #[doc(hidden)]
+    pub fn expire_listing(&self, dir: &str) {
+        let mut t = self.table.lock();
+        if let Some(n) = t
+            .find(&NodeKey::Path(dir.into()))
+            .and_then(|i| t.get_mut(i))
+        {
             n.listed_until = None;
         }
     }
