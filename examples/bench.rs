@@ -6,7 +6,7 @@
 //!
 //!     bench --bucketfs PATH --endpoint URL --bucket NAME [--size-mib N]
 //!           [--files N] [--entries N] [--concurrency N] [--region R] [--no-peers]
-//!           [--peers-only mountpoint-s3,s3fs-fuse,rclone mount]
+//!           [--peers-only mountpoint-s3,s3fs-fuse,rclone mount] [--rounds N]
 //!
 //! Mountpoint for Amazon S3 (`mount-s3`), s3fs-fuse and rclone, where
 //! installed, run the same workloads on the same server in the same run,
@@ -46,6 +46,9 @@ struct Args {
     only: Option<Vec<String>>,
     /// CPU-bound processes kept running beside the whole run.
     load: usize,
+    /// Rounds of every workload, the tools interleaved in each; a cell is
+    /// the median round's.
+    rounds: usize,
 }
 
 fn args() -> Args {
@@ -62,6 +65,7 @@ fn args() -> Args {
         peers: true,
         only: None,
         load: 0,
+        rounds: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,6 +85,7 @@ fn args() -> Args {
             "--huge" => a.huge = val.parse().expect("--huge N"),
             "--concurrency" => a.concurrency = val.parse().expect("--concurrency N"),
             "--load" => a.load = val.parse().expect("--load N"),
+            "--rounds" => a.rounds = val.parse::<usize>().expect("--rounds N").max(1),
             "--peers-only" => a.only = Some(val.split(',').map(str::to_string).collect()),
             other => panic!("unknown argument {other}"),
         }
@@ -755,327 +760,373 @@ fn main() {
 
     // Each tool in turn, each workload on a fresh mount where it says cold.
     let mut names: Vec<(String, String, Option<Duration>)> = Vec::new();
-    let mut results: Vec<Vec<Cell>> = Vec::new();
-    let mut peaks: Vec<u64> = Vec::new();
-    for &tool in &tools {
-        let slug = tool.name().split(['-', ' ']).next().unwrap().to_string();
-        let own = format!("t/{slug}");
-        let big_key = format!("{own}/big");
-        let big = dir.join(&big_key);
-        let mut cells: Vec<Cell> = Vec::new();
-        let mut peak = 0u64;
-        let mut row = |m: &Mount,
-                       name: String,
-                       raw: (String, Option<Duration>),
-                       f: &mut dyn FnMut() -> (String, f64)| {
-            let before = m.counters();
-            let (shown, secs) = f();
-            let requests = diff(&before, &m.counters());
-            if results.is_empty() {
-                names.push((name, raw.0, raw.1));
-            }
-            cells.push(Cell {
-                shown,
-                secs,
-                requests,
-            });
-        };
-
-        let mut m = Mount::start_with(&a, tool, &dir, &cache, "");
-        std::fs::create_dir_all(dir.join(&own)).unwrap();
-        row(
-            &m,
-            format!("sequential write {} MiB, until in S3", a.size_mib),
-            (
-                format!("{:.0} MiB/s", mbps(size, raw_write)),
-                Some(raw_write),
-            ),
-            &mut || {
-                let t = Instant::now();
-                let mut f = std::fs::File::create(&big).unwrap();
-                for c in data.chunks(MIB as usize) {
-                    f.write_all(c).unwrap();
+    // [round][tool][row]
+    let mut rounds: Vec<Vec<Vec<Cell>>> = Vec::new();
+    let mut peaks: Vec<u64> = vec![0; tools.len()];
+    for round in 0..a.rounds {
+        let mut results: Vec<Vec<Cell>> = Vec::new();
+        for (ti, &tool) in tools.iter().enumerate() {
+            let slug = tool.name().split(['-', ' ']).next().unwrap().to_string();
+            // Each round in directories of its own: a later round must not
+            // find the files of an earlier one already in S3.
+            let own = if round == 0 {
+                format!("t/{slug}")
+            } else {
+                format!("t/{slug}-{round}")
+            };
+            let big_key = format!("{own}/big");
+            let big = dir.join(&big_key);
+            let mut cells: Vec<Cell> = Vec::new();
+            let mut peak = 0u64;
+            let mut row = |m: &Mount,
+                           name: String,
+                           raw: (String, Option<Duration>),
+                           f: &mut dyn FnMut() -> (String, f64)| {
+                let before = m.counters();
+                let (shown, secs) = f();
+                let requests = diff(&before, &m.counters());
+                if round == 0 && results.is_empty() {
+                    names.push((name, raw.0, raw.1));
                 }
-                f.sync_all().expect("upload of the big file");
-                drop(f);
-                wait_in_s3(&rt, &s3, &a.bucket, &big_key, size);
-                let d = t.elapsed().as_secs_f64();
-                (format!("{:.0} MiB/s", size as f64 / MIB as f64 / d), d)
-            },
-        );
-        peak = peak.max(read_rss(m.pid()));
-        let seq_read = || {
-            let t = Instant::now();
-            let mut f = std::fs::File::open(&big).unwrap();
-            let mut buf = vec![0u8; MIB as usize];
-            let mut total = 0u64;
-            loop {
-                let n = f.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-            }
-            assert_eq!(total, size);
-            let d = t.elapsed().as_secs_f64();
-            (format!("{:.0} MiB/s", size as f64 / MIB as f64 / d), d)
-        };
-        m.stop();
-        m = Mount::start_with(&a, tool, &dir, &cache, "");
-        drop_page_cache();
-        let raw = (format!("{:.0} MiB/s", mbps(size, raw_read)), Some(raw_read));
-        row(&m, "sequential read, cold".into(), raw.clone(), &mut || {
-            seq_read()
-        });
-        peak = peak.max(read_rss(m.pid()));
-        drop_page_cache();
-        row(
-            &m,
-            "sequential read, warm (tool's cache)".into(),
-            raw,
-            &mut || seq_read(),
-        );
-
-        m.stop();
-        m = Mount::start_with(&a, tool, &dir, &cache, "");
-        drop_page_cache();
-        row(
-            &m,
-            "1,000 random 4 KiB reads, cold".into(),
-            (
-                format!("{:.0} reads/s", 1000.0 / raw_rand.as_secs_f64()),
-                Some(raw_rand),
-            ),
-            &mut || {
-                let t = Instant::now();
-                let f = std::fs::File::open(&big).unwrap();
-                let mut buf = vec![0u8; 4096];
-                for off in &offsets {
-                    f.read_exact_at(&mut buf, *off).unwrap();
-                }
-                let d = t.elapsed().as_secs_f64();
-                (format!("{:.0} reads/s", 1000.0 / d), d)
-            },
-        );
-
-        m.stop();
-        m = Mount::start_with(&a, tool, &dir, &cache, "");
-        drop_page_cache();
-        row(
-            &m,
-            "4 parallel readers, a quarter each, cold".into(),
-            (format!("{:.0} MiB/s", mbps(size, raw_read)), Some(raw_read)),
-            &mut || {
-                let t = Instant::now();
-                let quarter = size / 4;
-                std::thread::scope(|sc| {
-                    for q in 0..4u64 {
-                        let big = &big;
-                        sc.spawn(move || {
-                            let f = std::fs::File::open(big).unwrap();
-                            let mut buf = vec![0u8; MIB as usize];
-                            let mut off = q * quarter;
-                            while off < (q + 1) * quarter {
-                                let n = f.read_at(&mut buf, off).unwrap();
-                                assert!(n > 0);
-                                off += n as u64;
-                            }
-                        });
-                    }
+                cells.push(Cell {
+                    shown,
+                    secs,
+                    requests,
                 });
+            };
+
+            let mut m = Mount::start_with(&a, tool, &dir, &cache, "");
+            std::fs::create_dir_all(dir.join(&own)).unwrap();
+            row(
+                &m,
+                format!("sequential write {} MiB, until in S3", a.size_mib),
+                (
+                    format!("{:.0} MiB/s", mbps(size, raw_write)),
+                    Some(raw_write),
+                ),
+                &mut || {
+                    let t = Instant::now();
+                    let mut f = std::fs::File::create(&big).unwrap();
+                    for c in data.chunks(MIB as usize) {
+                        f.write_all(c).unwrap();
+                    }
+                    f.sync_all().expect("upload of the big file");
+                    drop(f);
+                    wait_in_s3(&rt, &s3, &a.bucket, &big_key, size);
+                    let d = t.elapsed().as_secs_f64();
+                    (format!("{:.0} MiB/s", size as f64 / MIB as f64 / d), d)
+                },
+            );
+            peak = peak.max(read_rss(m.pid()));
+            let seq_read = || {
+                let t = Instant::now();
+                let mut f = std::fs::File::open(&big).unwrap();
+                let mut buf = vec![0u8; MIB as usize];
+                let mut total = 0u64;
+                loop {
+                    let n = f.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                assert_eq!(total, size);
                 let d = t.elapsed().as_secs_f64();
                 (format!("{:.0} MiB/s", size as f64 / MIB as f64 / d), d)
-            },
-        );
-
-        std::fs::create_dir(dir.join(&own).join("small")).unwrap();
-        row(
-            &m,
-            format!("create {} files of 4 KiB, until in S3", a.files),
-            (
-                format!("{:.0} PUTs/s", a.files as f64 / raw_create.as_secs_f64()),
-                Some(raw_create),
-            ),
-            &mut || {
-                let t = Instant::now();
-                for i in 0..a.files {
-                    std::fs::write(dir.join(&own).join(format!("small/{i}")), &small).unwrap();
-                }
-                let prefix = format!("{own}/small/");
-                wait_for_keys(&rt, &s3, &a.bucket, &prefix, a.files);
-                let d = t.elapsed().as_secs_f64();
-                (format!("{:.0} files/s", a.files as f64 / d), d)
-            },
-        );
-
-        let dd_mib = a.size_mib.min(100);
-        row(
-            &m,
-            format!("dd bs=4k of {dd_mib} MiB into a new file, until in S3"),
-            (
-                format!("{:.0} MiB/s", mbps(size, raw_write)),
-                Some(raw_write.mul_f64(dd_mib as f64 / a.size_mib as f64)),
-            ),
-            &mut || {
-                let t = Instant::now();
-                let key = format!("{own}/dd");
-                let status = Command::new("dd")
-                    .arg("if=/dev/zero")
-                    .arg(format!("of={}", dir.join(&key).display()))
-                    .arg("bs=4k")
-                    .arg(format!("count={}", dd_mib * 256))
-                    .arg("status=none")
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "dd through {}", tool.name());
-                wait_in_s3(&rt, &s3, &a.bucket, &key, dd_mib * MIB);
-                let d = t.elapsed().as_secs_f64();
-                (format!("{:.0} MiB/s", dd_mib as f64 / d), d)
-            },
-        );
-        row(
-            &m,
-            "100,000 writes of 18 bytes, until in S3".into(),
-            ("—".into(), None),
-            &mut || {
-                let t = Instant::now();
-                let key = format!("{own}/log");
-                let mut f = std::fs::File::create(dir.join(&key)).unwrap();
-                for i in 0..100_000u32 {
-                    f.write_all(format!("line {i:012}\n").as_bytes()).unwrap();
-                }
-                drop(f);
-                wait_in_s3(&rt, &s3, &a.bucket, &key, 1_800_000);
-                let d = t.elapsed().as_secs_f64();
-                (format!("{d:.2} s"), d)
-            },
-        );
-        if tool == Tool::Bucketfs {
+            };
             m.stop();
-            m = Mount::start_with(&a, tool, &dir, &cache, ",writeback=async");
-        }
-        std::fs::create_dir(dir.join(&own).join("async")).unwrap();
-        row(
-            &m,
-            format!(
-                "create {} files of 4 KiB, until in S3; bucketfs with writeback=async",
-                a.files
-            ),
-            (
-                format!("{:.0} PUTs/s", a.files as f64 / raw_create.as_secs_f64()),
-                Some(raw_create),
-            ),
-            &mut || {
-                let t = Instant::now();
-                for i in 0..a.files {
-                    std::fs::write(dir.join(&own).join(format!("async/{i}")), &small).unwrap();
-                }
-                let closed = t.elapsed().as_secs_f64();
-                let prefix = format!("{own}/async/");
-                wait_for_keys(&rt, &s3, &a.bucket, &prefix, a.files);
-                let d = t.elapsed().as_secs_f64();
+            m = Mount::start_with(&a, tool, &dir, &cache, "");
+            drop_page_cache();
+            let raw = (format!("{:.0} MiB/s", mbps(size, raw_read)), Some(raw_read));
+            row(&m, "sequential read, cold".into(), raw.clone(), &mut || {
+                seq_read()
+            });
+            peak = peak.max(read_rss(m.pid()));
+            drop_page_cache();
+            row(
+                &m,
+                "sequential read, warm (tool's cache)".into(),
+                raw,
+                &mut || seq_read(),
+            );
+
+            m.stop();
+            m = Mount::start_with(&a, tool, &dir, &cache, "");
+            drop_page_cache();
+            row(
+                &m,
+                "1,000 random 4 KiB reads, cold".into(),
                 (
-                    format!(
-                        "{:.0} files/s (all closed in {closed:.2} s)",
-                        a.files as f64 / d
-                    ),
-                    d,
+                    format!("{:.0} reads/s", 1000.0 / raw_rand.as_secs_f64()),
+                    Some(raw_rand),
+                ),
+                &mut || {
+                    let t = Instant::now();
+                    let f = std::fs::File::open(&big).unwrap();
+                    let mut buf = vec![0u8; 4096];
+                    for off in &offsets {
+                        f.read_exact_at(&mut buf, *off).unwrap();
+                    }
+                    let d = t.elapsed().as_secs_f64();
+                    (format!("{:.0} reads/s", 1000.0 / d), d)
+                },
+            );
+
+            m.stop();
+            m = Mount::start_with(&a, tool, &dir, &cache, "");
+            drop_page_cache();
+            row(
+                &m,
+                "4 parallel readers, a quarter each, cold".into(),
+                (format!("{:.0} MiB/s", mbps(size, raw_read)), Some(raw_read)),
+                &mut || {
+                    let t = Instant::now();
+                    let quarter = size / 4;
+                    std::thread::scope(|sc| {
+                        for q in 0..4u64 {
+                            let big = &big;
+                            sc.spawn(move || {
+                                let f = std::fs::File::open(big).unwrap();
+                                let mut buf = vec![0u8; MIB as usize];
+                                let mut off = q * quarter;
+                                while off < (q + 1) * quarter {
+                                    let n = f.read_at(&mut buf, off).unwrap();
+                                    assert!(n > 0);
+                                    off += n as u64;
+                                }
+                            });
+                        }
+                    });
+                    let d = t.elapsed().as_secs_f64();
+                    (format!("{:.0} MiB/s", size as f64 / MIB as f64 / d), d)
+                },
+            );
+
+            std::fs::create_dir(dir.join(&own).join("small")).unwrap();
+            row(
+                &m,
+                format!("create {} files of 4 KiB, until in S3", a.files),
+                (
+                    format!("{:.0} PUTs/s", a.files as f64 / raw_create.as_secs_f64()),
+                    Some(raw_create),
+                ),
+                &mut || {
+                    let t = Instant::now();
+                    for i in 0..a.files {
+                        std::fs::write(dir.join(&own).join(format!("small/{i}")), &small).unwrap();
+                    }
+                    let prefix = format!("{own}/small/");
+                    wait_for_keys(&rt, &s3, &a.bucket, &prefix, a.files);
+                    let d = t.elapsed().as_secs_f64();
+                    (format!("{:.0} files/s", a.files as f64 / d), d)
+                },
+            );
+
+            let dd_mib = a.size_mib.min(100);
+            row(
+                &m,
+                format!("dd bs=4k of {dd_mib} MiB into a new file, until in S3"),
+                (
+                    format!("{:.0} MiB/s", mbps(size, raw_write)),
+                    Some(raw_write.mul_f64(dd_mib as f64 / a.size_mib as f64)),
+                ),
+                &mut || {
+                    let t = Instant::now();
+                    let key = format!("{own}/dd");
+                    let status = Command::new("dd")
+                        .arg("if=/dev/zero")
+                        .arg(format!("of={}", dir.join(&key).display()))
+                        .arg("bs=4k")
+                        .arg(format!("count={}", dd_mib * 256))
+                        .arg("status=none")
+                        .status()
+                        .unwrap();
+                    assert!(status.success(), "dd through {}", tool.name());
+                    wait_in_s3(&rt, &s3, &a.bucket, &key, dd_mib * MIB);
+                    let d = t.elapsed().as_secs_f64();
+                    (format!("{:.0} MiB/s", dd_mib as f64 / d), d)
+                },
+            );
+            row(
+                &m,
+                "100,000 writes of 18 bytes, until in S3".into(),
+                ("—".into(), None),
+                &mut || {
+                    let t = Instant::now();
+                    let key = format!("{own}/log");
+                    let mut f = std::fs::File::create(dir.join(&key)).unwrap();
+                    for i in 0..100_000u32 {
+                        f.write_all(format!("line {i:012}\n").as_bytes()).unwrap();
+                    }
+                    drop(f);
+                    wait_in_s3(&rt, &s3, &a.bucket, &key, 1_800_000);
+                    let d = t.elapsed().as_secs_f64();
+                    (format!("{d:.2} s"), d)
+                },
+            );
+            if tool == Tool::Bucketfs {
+                m.stop();
+                m = Mount::start_with(&a, tool, &dir, &cache, ",writeback=async");
+            }
+            std::fs::create_dir(dir.join(&own).join("async")).unwrap();
+            row(
+                &m,
+                format!(
+                    "create {} files of 4 KiB, until in S3; bucketfs with writeback=async",
+                    a.files
+                ),
+                (
+                    format!("{:.0} PUTs/s", a.files as f64 / raw_create.as_secs_f64()),
+                    Some(raw_create),
+                ),
+                &mut || {
+                    let t = Instant::now();
+                    for i in 0..a.files {
+                        std::fs::write(dir.join(&own).join(format!("async/{i}")), &small).unwrap();
+                    }
+                    let closed = t.elapsed().as_secs_f64();
+                    let prefix = format!("{own}/async/");
+                    wait_for_keys(&rt, &s3, &a.bucket, &prefix, a.files);
+                    let d = t.elapsed().as_secs_f64();
+                    (
+                        format!(
+                            "{:.0} files/s (all closed in {closed:.2} s)",
+                            a.files as f64 / d
+                        ),
+                        d,
+                    )
+                },
+            );
+            if tool == Tool::Bucketfs {
+                m.stop();
+                m = Mount::start_with(&a, tool, &dir, &cache, "");
+            }
+
+            // `ls -l` prints a total line first.
+            let ls = || {
+                timed_ls(
+                    tool,
+                    "-l",
+                    &dir.join("many"),
+                    a.entries + 1,
+                    Duration::from_secs(600),
                 )
-            },
-        );
-        if tool == Tool::Bucketfs {
+            };
             m.stop();
             m = Mount::start_with(&a, tool, &dir, &cache, "");
-        }
+            drop_page_cache();
+            let raw = (
+                format!("{:.2} s (LIST only)", raw_list.as_secs_f64()),
+                Some(raw_list),
+            );
+            let raw_heads = (
+                format!("{:.2} s (LIST + a HEAD each)", raw_list_head.as_secs_f64()),
+                Some(raw_list_head),
+            );
+            row(
+                &m,
+                format!("ls -l of {} entries with metadata, cold", a.entries),
+                raw_heads,
+                &mut || ls(),
+            );
+            row(
+                &m,
+                format!("ls -l of {} entries, again", a.entries),
+                raw.clone(),
+                &mut || ls(),
+            );
+            // An older build (a before/after run) may not have the option.
+            let nom = tool == Tool::Bucketfs
+                && Command::new(&a.bucketfs)
+                    .arg("--help")
+                    .output()
+                    .is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout).contains("no_object_metadata")
+                    });
+            if nom {
+                m.stop();
+                m = Mount::start_with(&a, tool, &dir, &cache, ",no_object_metadata");
+            }
+            row(
+                &m,
+                format!(
+                    "ls -l of {} entries, cold, bucketfs with no_object_metadata",
+                    a.entries
+                ),
+                raw,
+                &mut || {
+                    if nom { ls() } else { ("—".into(), f64::NAN) }
+                },
+            );
+            if nom {
+                m.stop();
+                m = Mount::start_with(&a, tool, &dir, &cache, "");
+            }
 
-        // `ls -l` prints a total line first.
-        let ls = || {
-            timed_ls(
-                tool,
-                "-l",
-                &dir.join("many"),
-                a.entries + 1,
-                Duration::from_secs(600),
-            )
-        };
-        m.stop();
-        m = Mount::start_with(&a, tool, &dir, &cache, "");
-        drop_page_cache();
-        let raw = (
-            format!("{:.2} s (LIST only)", raw_list.as_secs_f64()),
-            Some(raw_list),
-        );
-        let raw_heads = (
-            format!("{:.2} s (LIST + a HEAD each)", raw_list_head.as_secs_f64()),
-            Some(raw_list_head),
-        );
-        row(
-            &m,
-            format!("ls -l of {} entries with metadata, cold", a.entries),
-            raw_heads,
-            &mut || ls(),
-        );
-        row(
-            &m,
-            format!("ls -l of {} entries, again", a.entries),
-            raw.clone(),
-            &mut || ls(),
-        );
-        // An older build (a before/after run) may not have the option.
-        let nom = tool == Tool::Bucketfs
-            && Command::new(&a.bucketfs)
-                .arg("--help")
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("no_object_metadata"));
-        if nom {
+            row(
+                &m,
+                format!("append 1 MiB to the {} MiB file, until in S3", a.size_mib),
+                (
+                    format!("{:.2} s (1 MiB PUT)", raw_put.as_secs_f64()),
+                    Some(raw_put),
+                ),
+                &mut || {
+                    let t = Instant::now();
+                    // Mountpoint for Amazon S3 does not append to an object.
+                    let append = || -> std::io::Result<()> {
+                        let mut f = std::fs::OpenOptions::new().append(true).open(&big)?;
+                        f.seek(SeekFrom::End(0))?;
+                        f.write_all(&tail)?;
+                        f.sync_all()
+                    };
+                    if let Err(e) = append() {
+                        assert!(tool != Tool::Bucketfs, "append through bucketfs: {e}");
+                        return (format!("fails: {e}"), f64::NAN);
+                    }
+                    wait_in_s3(&rt, &s3, &a.bucket, &big_key, size + MIB);
+                    let d = t.elapsed().as_secs_f64();
+                    (format!("{d:.2} s"), d)
+                },
+            );
+            peak = peak.max(read_rss(m.pid()));
             m.stop();
-            m = Mount::start_with(&a, tool, &dir, &cache, ",no_object_metadata");
+            results.push(cells);
+            peaks[ti] = peaks[ti].max(peak);
         }
-        row(
-            &m,
-            format!(
-                "ls -l of {} entries, cold, bucketfs with no_object_metadata",
-                a.entries
-            ),
-            raw,
-            &mut || {
-                if nom { ls() } else { ("—".into(), f64::NAN) }
-            },
+        rounds.push(results);
+    }
+    // Each cell: the round with the median time (a failure counts as the
+    // slowest).
+    let mut results: Vec<Vec<Cell>> = (0..tools.len())
+        .map(|ti| {
+            (0..names.len())
+                .map(|row| {
+                    let mut all: Vec<&Cell> = rounds.iter().map(|r| &r[ti][row]).collect();
+                    all.sort_by(|x, y| {
+                        let key = |c: &Cell| {
+                            if c.secs.is_nan() {
+                                f64::INFINITY
+                            } else {
+                                c.secs
+                            }
+                        };
+                        key(x).total_cmp(&key(y))
+                    });
+                    let m = all[all.len() / 2];
+                    Cell {
+                        shown: m.shown.clone(),
+                        secs: m.secs,
+                        requests: m.requests.clone(),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    if a.rounds > 1 {
+        println!(
+            "medians of {} rounds, the tools interleaved in each",
+            a.rounds
         );
-        if nom {
-            m.stop();
-            m = Mount::start_with(&a, tool, &dir, &cache, "");
-        }
-
-        row(
-            &m,
-            format!("append 1 MiB to the {} MiB file, until in S3", a.size_mib),
-            (
-                format!("{:.2} s (1 MiB PUT)", raw_put.as_secs_f64()),
-                Some(raw_put),
-            ),
-            &mut || {
-                let t = Instant::now();
-                // Mountpoint for Amazon S3 does not append to an object.
-                let append = || -> std::io::Result<()> {
-                    let mut f = std::fs::OpenOptions::new().append(true).open(&big)?;
-                    f.seek(SeekFrom::End(0))?;
-                    f.write_all(&tail)?;
-                    f.sync_all()
-                };
-                if let Err(e) = append() {
-                    assert!(tool != Tool::Bucketfs, "append through bucketfs: {e}");
-                    return (format!("fails: {e}"), f64::NAN);
-                }
-                wait_in_s3(&rt, &s3, &a.bucket, &big_key, size + MIB);
-                let d = t.elapsed().as_secs_f64();
-                (format!("{d:.2} s"), d)
-            },
-        );
-        peak = peak.max(read_rss(m.pid()));
-        m.stop();
-        results.push(cells);
-        peaks.push(peak);
     }
 
     // The large directory last, in a pass of its own: created earlier,
