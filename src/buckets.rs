@@ -781,6 +781,14 @@ impl Buckets {
         }
     }
 
+    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
+        match self.handle(fh) {
+            Ok(Some((fs, _, fh))) => fs.read_now(fh, offset, size),
+            Ok(None) => Some(Err(FsError::IsDir)),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     pub fn note_writer(&self, fh: u64, pid: u32) {
         if let Ok(Some((fs, _, fh))) = self.handle(fh) {
             fs.note_writer(fh, pid);

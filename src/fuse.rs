@@ -497,6 +497,17 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // A read of blocks in memory (most of a sequential read, which
+        // read-ahead keeps ahead of the kernel) is answered here.
+        {
+            let _span = span!("read", req, ino = ino.0, fh = fh.0).entered();
+            let _rt = self.rt.enter();
+            match self.fs.read_now(fh.0, offset, size) {
+                Some(Ok(d)) => return reply.data(&d),
+                Some(Err(e)) => return reply.error(fail(&e)),
+                None => {}
+            }
+        }
         let fs = self.fs.clone();
         self.spawn(span!("read", req, ino = ino.0, fh = fh.0), async move {
             match fs.read(fh.0, offset, size).await {

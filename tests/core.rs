@@ -930,6 +930,51 @@ async fn sequential_read_ahead_fetches_runs_of_blocks() {
     assert!(gets <= 4, "{gets} GETs for 16 blocks read in order");
 }
 
+/// The FUSE thread answers a read whose blocks are in memory itself
+/// (`read_now`), as most of a sequential read is once read-ahead runs
+/// ahead; it never answers one that needs a block fetched, or a file
+/// being written, and the read-ahead it starts keeps GETs to whole runs.
+#[tokio::test]
+async fn reads_of_blocks_in_memory_are_answered_at_once_with_the_same_bytes() {
+    let s = Arc::new(MemStore::unversioned());
+    let data: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i / 7) as u8).collect();
+    s.insert("f", &data, Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
+    let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert!(fs.read_now(fh, 0, 4096).is_none(), "nothing in memory yet");
+    // Reads of an odd size, so that many span two blocks.
+    let (mut off, mut at_once) = (0u64, 0);
+    while off < data.len() as u64 {
+        let d = match fs.read_now(fh, off, 300_000) {
+            Some(r) => {
+                at_once += 1;
+                r.unwrap()
+            }
+            None => fs.read(fh, off, 300_000).await.unwrap(),
+        };
+        assert!(d.len() == 300_000 || off + d.len() as u64 == data.len() as u64);
+        assert!(
+            d[..] == data[off as usize..off as usize + d.len()],
+            "bytes at {off}"
+        );
+        off += d.len() as u64;
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(at_once >= 40, "{at_once} of 56 reads answered at once");
+    let gets = s.counters().get(Op::Get);
+    assert!(gets <= 4, "{gets} GETs for 16 blocks read in order");
+    // A file open for writing is read through its write state.
+    let w = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
+    fs.write(w, 0, b"changed").await.unwrap();
+    assert!(fs.read_now(fh, 0, 7).is_none(), "being written");
+    assert_eq!(&fs.read(fh, 0, 7).await.unwrap()[..], b"changed");
+    fs.release(w).await.unwrap();
+    fs.release(fh).await.unwrap();
+}
+
 /// Reads at random offsets fetch what they ask for, rounded out to
 /// 64 KiB, not a 1 MiB block plus read-ahead; a second read of the same
 /// place is served from memory.

@@ -439,6 +439,13 @@ impl BlockCache {
         self.mem.lock().lru.contains(bk)
     }
 
+    /// A block if it is in memory (a hit), else nothing (no I/O).
+    pub fn get_cached(&self, bk: &BlockKey) -> Option<Bytes> {
+        let b = self.mem.lock().lru.get(bk).cloned()?;
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(b)
+    }
+
     /// One block of an object of `object_size` bytes: from memory, from
     /// disk, or with one ranged GET pinned by `pin`.
     pub async fn get(
@@ -448,8 +455,7 @@ impl BlockCache {
         pin: &ReadPin,
         object_size: u64,
     ) -> StoreResult<Bytes> {
-        if let Some(b) = self.mem.lock().lru.get(bk).cloned() {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = self.get_cached(bk) {
             return Ok(b);
         }
         let cell = self

@@ -229,6 +229,24 @@ pub fn killed_perm(perm: u16) -> u16 {
     p
 }
 
+/// Bytes `offset..end` of consecutive blocks `parts` of `bs` bytes, the
+/// first starting at `first_start`: a slice of one block, else copied.
+fn span_of(parts: &[Bytes], offset: u64, end: u64, first_start: u64, bs: u64) -> Bytes {
+    if let [one] = parts {
+        let s = (offset - first_start) as usize;
+        let e = ((end - first_start) as usize).min(one.len());
+        return one.slice(s.min(e)..e);
+    }
+    let mut out = BytesMut::with_capacity((end - offset) as usize);
+    for (i, p) in parts.iter().enumerate() {
+        let block_start = first_start + i as u64 * bs;
+        let s = offset.saturating_sub(block_start) as usize;
+        let e = ((end - block_start) as usize).min(p.len());
+        out.extend_from_slice(&p[s.min(e)..e]);
+    }
+    out.freeze()
+}
+
 /// The read pin of an object: its version when known, else its ETag.
 fn pin_of(o: &ObjectInfo) -> ReadPin {
     match &o.version_id {
@@ -715,36 +733,7 @@ impl Fs {
             }
             return Ok(data);
         }
-        let last_block = (target.size - 1) / bs;
-        // Read-ahead in runs of blocks aligned to the run size, one GET
-        // each: the window slides a little with every read, and the first
-        // read to reach into a run asks for all of it at once (not one GET
-        // per block as each block enters the window).
-        let run = (READAHEAD_RUN_BYTES / bs).max(1);
-        if window > 0 && last < last_block {
-            let ahead_last = (last + window).min(last_block);
-            let mut start = (last + 1) / run * run;
-            while start <= ahead_last {
-                let bk = BlockKey {
-                    key: target.key.clone(),
-                    etag: target.etag.clone(),
-                    index: start.max(last + 1),
-                };
-                let count = start + run - bk.index;
-                start += run;
-                if self.blocks.contains(&BlockKey {
-                    index: bk.index + count - 1,
-                    ..bk.clone()
-                }) {
-                    continue;
-                }
-                let (store, blocks, size) = (self.store.clone(), self.blocks.clone(), target.size);
-                let pin = target.pin.clone();
-                tokio::spawn(async move {
-                    blocks.fetch_run(&*store, &bk, count, &pin, size).await;
-                });
-            }
-        }
+        self.read_ahead(&target, last, window);
         let parts = futures::future::try_join_all((first..=last).map(|index| {
             let bk = BlockKey {
                 key: target.key.clone(),
@@ -758,19 +747,81 @@ impl Fs {
         if let Some(t) = fhd.target.lock().as_mut() {
             t.served = true;
         }
-        if parts.len() == 1 {
-            let s = (offset - first * bs) as usize;
-            let e = (end - first * bs) as usize;
-            return Ok(parts[0].slice(s..e));
+        Ok(span_of(&parts, offset, end, first * bs, bs))
+    }
+
+    /// `read` when every block it needs is in memory and the handle reads
+    /// an object (no write state): answered on the FUSE thread, without a
+    /// task (read-ahead it starts goes to the runtime the caller entered).
+    /// `None`: ask `read`.
+    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
+        let h = self.file_handle(fh).ok()?;
+        let Handle::File(fhd) = &*h else { return None };
+        if self.writes.lock().contains_key(&fhd.ino) {
+            return None;
         }
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
-        for (i, p) in parts.iter().enumerate() {
-            let block_start = (first + i as u64) * bs;
-            let s = offset.saturating_sub(block_start) as usize;
-            let e = ((end - block_start) as usize).min(p.len());
-            out.extend_from_slice(&p[s.min(e)..e]);
+        self.follow_own_changes(fhd);
+        let target = fhd.target.lock().clone()?;
+        let end = (offset + u64::from(size)).min(target.size);
+        if offset >= end || target.kept.is_some() {
+            return None;
         }
-        Ok(out.freeze())
+        let bs = self.blocks.block_size();
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let parts = (first..=last)
+            .map(|index| {
+                self.blocks.get_cached(&BlockKey {
+                    key: target.key.clone(),
+                    etag: target.etag.clone(),
+                    index,
+                })
+            })
+            .collect::<Option<Vec<Bytes>>>()?;
+        let (window, _) =
+            fhd.readahead
+                .lock()
+                .advance(offset, end, bs, self.cfg.readahead_max_blocks);
+        self.read_ahead(&target, last, window);
+        if let Some(t) = fhd.target.lock().as_mut() {
+            t.served = true;
+        }
+        Some(Ok(span_of(&parts, offset, end, first * bs, bs)))
+    }
+
+    /// Starts read-ahead of `window` blocks past block `last`, in runs of
+    /// blocks aligned to the run size, one GET each: the window slides a
+    /// little with every read, and the first read to reach into a run asks
+    /// for all of it at once (not one GET per block as each block enters
+    /// the window).
+    fn read_ahead(&self, target: &ReadTarget, last: u64, window: u64) {
+        let bs = self.blocks.block_size();
+        let last_block = (target.size - 1) / bs;
+        let run = (READAHEAD_RUN_BYTES / bs).max(1);
+        if window == 0 || last >= last_block {
+            return;
+        }
+        let ahead_last = (last + window).min(last_block);
+        let mut start = (last + 1) / run * run;
+        while start <= ahead_last {
+            let bk = BlockKey {
+                key: target.key.clone(),
+                etag: target.etag.clone(),
+                index: start.max(last + 1),
+            };
+            let count = start + run - bk.index;
+            start += run;
+            if self.blocks.contains(&BlockKey {
+                index: bk.index + count - 1,
+                ..bk.clone()
+            }) {
+                continue;
+            }
+            let (store, blocks, size) = (self.store.clone(), self.blocks.clone(), target.size);
+            let pin = target.pin.clone();
+            tokio::spawn(async move {
+                blocks.fetch_run(&*store, &bk, count, &pin, size).await;
+            });
+        }
     }
 
     /// `write` when it needs neither a request nor a wait: the file's write
