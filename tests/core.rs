@@ -395,7 +395,7 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
         1_000_000,
         StoreError::Transient("503 SlowDown".into()),
     );
-    fs.expire_listing("d");
+    fs.listing_expires_in("d", std::time::Duration::ZERO);
     let again = fs.opendir(d.ino).await.unwrap();
     // The first handle read again (rewinddir).
     assert_eq!(first.len(), 302, "all known: one reply");
@@ -1582,12 +1582,46 @@ async fn a_listing_within_the_ttl_needs_no_request_and_shows_this_mounts_changes
     fs.expire_below("d/f05");
     fs.list(d.ino).await.unwrap();
     assert_eq!(s.counters().get(Op::List), lists + 1, "an expired entry");
-    fs.expire_listing("d");
+    fs.listing_expires_in("d", std::time::Duration::ZERO);
     want.push("other".into());
     want.sort();
     assert_eq!(names(fs.list(d.ino).await.unwrap()), want, "after the TTL");
     assert_eq!(s.counters().get(Op::List), lists + 2);
     fs.release(open).await.unwrap();
+}
+
+/// A directory made by this mount is known empty only as long as what
+/// told it the name was free: another client's objects already under that
+/// prefix show once the parent's listing expires, not a whole TTL after
+/// the mkdir (which would hide them for up to depth × TTL down a chain).
+#[tokio::test]
+async fn a_new_directory_is_known_empty_only_as_long_as_its_parents_listing() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("d/a", b"1", Metadata::new());
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    fs.list(d.ino).await.unwrap();
+    // Another client puts d/sub/x; this mount's listing of d says nothing
+    // is named sub, for 50 ms more.
+    s.insert("d/sub/x", b"x", Metadata::new());
+    fs.listing_expires_in("d", std::time::Duration::from_millis(50));
+    let sub = match fs.mkdir(d.ino, name("sub"), USER).await {
+        Ok(a) => a,
+        // The listing expired before the mkdir (a slow machine): the
+        // mount asked S3 and saw the directory. Nothing hidden.
+        Err(FsError::Exists) => return,
+        Err(e) => panic!("mkdir: {e}"),
+    };
+    // Past the parent listing's expiry (a longer wait changes nothing).
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let names: Vec<String> = fs
+        .list(sub.ino)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, [".", "..", "x"], "the other client's object shows");
 }
 
 // ------------------------------------------------------- first-hour costs

@@ -349,6 +349,15 @@ impl InodeTable {
         self.negative.get(path).is_some_and(|&t| now < t)
     }
 
+    /// Until when the table knows that nothing is at `path` in directory
+    /// `parent`, from a negative entry or the parent's whole listing;
+    /// `None`: it does not (a lookup would ask S3).
+    pub fn absent_until(&self, parent: u64, path: &str, now: Instant) -> Option<Instant> {
+        let negative = self.negative.get(path).copied();
+        let listed = self.by_ino.get(&parent).and_then(|p| p.listed_until);
+        negative.max(listed).filter(|&t| now < t)
+    }
+
     /// Moves a node and everything below it from `from` to `to`; returns
     /// the node it replaced at `to`.
     pub fn rename(&mut self, from: &str, to: &str, new_parent: u64) -> Option<u64> {

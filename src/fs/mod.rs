@@ -1206,16 +1206,16 @@ impl Fs {
         }
     }
 
-    /// Marks the listing of directory `dir` expired, not its entries, as
-    /// if it had been read longer ago than they (for tests).
+    /// Has the listing of directory `dir` expire in `left` (zero: now),
+    /// not its entries, as if it had been read longer ago (for tests).
     #[doc(hidden)]
-    pub fn expire_listing(&self, dir: &str) {
+    pub fn listing_expires_in(&self, dir: &str, left: Duration) {
         let mut t = self.table.lock();
         if let Some(n) = t
             .find(&NodeKey::Path(dir.into()))
             .and_then(|i| t.get_mut(i))
         {
-            n.listed_until = None;
+            n.listed_until = Some(Instant::now() + left);
         }
     }
 

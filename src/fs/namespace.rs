@@ -234,11 +234,8 @@ impl Fs {
         let is_dir = attr.kind == FileKind::Dir;
         let a = self.insert_node(parent, path, attr, Some(info));
         self.entries_changed(parent);
-        // A new directory is empty: lookups in it need no request.
-        let fresh = self.fresh_until();
         if is_dir && let Some(n) = self.table.lock().get_mut(a.ino) {
             n.dir_marker = true;
-            n.listed_until = fresh;
         }
         Ok(a)
     }
@@ -248,8 +245,24 @@ impl Fs {
         let path = self.new_child(parent, name)?;
         super::names::check_dir_key(&self.key_of(&path))?;
         self.ensure_absent(parent, &path).await?;
+        // Nothing was under the new directory's prefix as far as what told
+        // its name was free knows (a listing or a negative entry, as old as
+        // it is; else a request just now): it is known empty until that
+        // expires, not a whole TTL from now, or objects another client put
+        // there would stay hidden longer than `metadata_ttl`.
+        let empty_until = {
+            let now = std::time::Instant::now();
+            let known = self.table.lock().absent_until(parent, &path, now);
+            match (known, self.fresh_until()) {
+                (Some(k), Some(f)) => Some(k.min(f)),
+                (k, f) => k.or(f),
+            }
+        };
         let attr = self.new_attr_in(parent, FileKind::Dir, c, 0).await?;
         let a = self.put_node(parent, path, attr, Bytes::new()).await?;
+        if let Some(n) = self.table.lock().get_mut(a.ino) {
+            n.listed_until = empty_until;
+        }
         Ok(self.with_links(a))
     }
 
