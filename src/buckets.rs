@@ -266,11 +266,6 @@ impl Buckets {
         }
     }
 
-    /// How long the kernel may keep attributes and entries.
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// Whether this is an `s3://` mount of every bucket.
     pub fn is_all(&self) -> bool {
         matches!(self.inner, Inner::All(_))
@@ -632,6 +627,15 @@ impl Buckets {
     pub fn forget(&self, ino: u64, n: u64) {
         if let Some(At::Bucket(fs, _, local)) = self.at_now(ino) {
             fs.forget(local, n);
+        }
+    }
+
+    /// How long the kernel may keep an inode's attributes (and its name's
+    /// link to it): what is left of their freshness.
+    pub fn kernel_ttl(&self, ino: u64) -> Duration {
+        match self.at_now(ino) {
+            Some(At::Bucket(fs, _, local)) => fs.kernel_ttl(local),
+            _ => self.ttl,
         }
     }
 

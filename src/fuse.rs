@@ -36,7 +36,6 @@ const BLKSIZE_BYTES: u32 = 128 * 1024;
 pub struct FuseFs {
     fs: Arc<Buckets>,
     rt: tokio::runtime::Handle,
-    ttl: Duration,
     /// Whether to ask the kernel to check POSIX ACLs (`FUSE_POSIX_ACL`):
     /// with `default_permissions` (the kernel checks modes; the ACL
     /// capability would turn that on anyway) and a place to keep them
@@ -48,11 +47,9 @@ pub struct FuseFs {
 
 impl FuseFs {
     pub fn new(fs: Arc<Buckets>, rt: tokio::runtime::Handle, posix_acl: bool) -> Self {
-        let ttl = fs.ttl();
         FuseFs {
             fs,
             rt,
-            ttl,
             posix_acl,
             kernel: Default::default(),
         }
@@ -137,9 +134,12 @@ fn lacks_fsetid(req: &Request) -> bool {
 }
 
 /// One reply for an entry result.
-fn reply_entry(reply: ReplyEntry, ttl: Duration, r: FsResult<Attr>) {
+/// The kernel keeps what it is given for what is left of its freshness
+/// (`Buckets::kernel_ttl`): never longer than `metadata_ttl` after it was
+/// read from S3.
+fn reply_entry(reply: ReplyEntry, fs: &Buckets, r: FsResult<Attr>) {
     match r {
-        Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+        Ok(a) => reply.entry(&fs.kernel_ttl(a.ino), &file_attr(&a), Generation(0)),
         Err(e) => reply.error(fail(&e)),
     }
 }
@@ -153,9 +153,9 @@ fn reply_empty(reply: ReplyEmpty, r: FsResult<()>) {
 }
 
 /// One reply for an attribute result.
-fn reply_attr(reply: ReplyAttr, ttl: Duration, r: FsResult<Attr>) {
+fn reply_attr(reply: ReplyAttr, fs: &Buckets, r: FsResult<Attr>) {
     match r {
-        Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+        Ok(a) => reply.attr(&fs.kernel_ttl(a.ino), &file_attr(&a)),
         Err(e) => reply.error(fail(&e)),
     }
 }
@@ -248,10 +248,10 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let (fs, ttl, name) = (self.fs.clone(), self.ttl, name.to_owned());
+        let (fs, name) = (self.fs.clone(), name.to_owned());
         self.spawn(
             span!("lookup", req, ino = parent.0, name = ?name),
-            async move { reply_entry(reply, ttl, fs.lookup(parent.0, &name).await) },
+            async move { reply_entry(reply, &fs, fs.lookup(parent.0, &name).await) },
         );
     }
 
@@ -264,11 +264,11 @@ impl Filesystem for FuseFs {
         // answer (`ls -l` of a listed directory is one getattr per entry).
         if let Some(a) = self.fs.getattr_cached(ino.0) {
             let _span = span!("getattr", req, ino = ino.0).entered();
-            return reply_attr(reply, self.ttl, Ok(a));
+            return reply_attr(reply, &self.fs, Ok(a));
         }
-        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        let fs = self.fs.clone();
         self.spawn(span!("getattr", req, ino = ino.0), async move {
-            reply_attr(reply, ttl, fs.getattr(ino.0).await)
+            reply_attr(reply, &fs, fs.getattr(ino.0).await)
         });
     }
 
@@ -290,7 +290,7 @@ impl Filesystem for FuseFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        let fs = self.fs.clone();
         // `touch`: both times are one "now".
         let now = SystemTime::now();
         let time_of = |t: TimeOrNow| match t {
@@ -311,7 +311,7 @@ impl Filesystem for FuseFs {
             kill_suid: uid.is_some() || gid.is_some() || (size.is_some() && lacks_fsetid(req)),
         };
         self.spawn(span!("setattr", req, ino = ino.0), async move {
-            reply_attr(reply, ttl, fs.setattr(ino.0, s).await)
+            reply_attr(reply, &fs, fs.setattr(ino.0, s).await)
         });
     }
 
@@ -335,12 +335,7 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let (fs, ttl, name, c) = (
-            self.fs.clone(),
-            self.ttl,
-            name.to_owned(),
-            creator(req, mode, umask),
-        );
+        let (fs, name, c) = (self.fs.clone(), name.to_owned(), creator(req, mode, umask));
         self.spawn(
             span!("mknod", req, ino = parent.0, name = ?name),
             async move {
@@ -356,7 +351,7 @@ impl Filesystem for FuseFs {
                     Ok((a, None)) => Ok(a),
                     Err(e) => Err(e),
                 };
-                reply_entry(reply, ttl, r)
+                reply_entry(reply, &fs, r)
             },
         );
     }
@@ -370,15 +365,10 @@ impl Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let (fs, ttl, name, c) = (
-            self.fs.clone(),
-            self.ttl,
-            name.to_owned(),
-            creator(req, mode, umask),
-        );
+        let (fs, name, c) = (self.fs.clone(), name.to_owned(), creator(req, mode, umask));
         self.spawn(
             span!("mkdir", req, ino = parent.0, name = ?name),
-            async move { reply_entry(reply, ttl, fs.mkdir(parent.0, &name, c).await) },
+            async move { reply_entry(reply, &fs, fs.mkdir(parent.0, &name, c).await) },
         );
     }
 
@@ -406,9 +396,8 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let (fs, ttl, name, c) = (
+        let (fs, name, c) = (
             self.fs.clone(),
-            self.ttl,
             link_name.to_owned(),
             creator(req, 0o777, 0),
         );
@@ -419,7 +408,7 @@ impl Filesystem for FuseFs {
                 let Some(target) = target.to_str() else {
                     return reply.error(fail(&FsError::InvalidName));
                 };
-                reply_entry(reply, ttl, fs.symlink(parent.0, &name, target, c).await)
+                reply_entry(reply, &fs, fs.symlink(parent.0, &name, target, c).await)
             },
         );
     }
@@ -649,7 +638,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        let fs = self.fs.clone();
         self.spawn(
             span!("readdirplus", req, ino = ino.0, fh = fh.0),
             async move {
@@ -659,7 +648,11 @@ impl Filesystem for FuseFs {
                         for (k, (index, e, a, counted, own)) in entries.iter().enumerate() {
                             // Attributes not read from the object itself must
                             // not be kept (nor permission-checked) by the kernel.
-                            let ttl = if *own { ttl } else { Duration::ZERO };
+                            let ttl = if *own {
+                                fs.kernel_ttl(e.ino)
+                            } else {
+                                Duration::ZERO
+                            };
                             if reply.add(
                                 INodeNo(e.ino),
                                 index + 1,
@@ -859,12 +852,7 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (fs, ttl, name, c) = (
-            self.fs.clone(),
-            self.ttl,
-            name.to_owned(),
-            creator(req, mode, umask),
-        );
+        let (fs, name, c) = (self.fs.clone(), name.to_owned(), creator(req, mode, umask));
         let pid = req.pid();
         self.spawn(
             span!("create", req, ino = parent.0, name = ?name),
@@ -875,7 +863,7 @@ impl Filesystem for FuseFs {
                             fs.set_opener(fh, t);
                         }
                         reply.created(
-                            &ttl,
+                            &fs.kernel_ttl(a.ino),
                             &file_attr(&a),
                             Generation(0),
                             FileHandle(fh),

@@ -1624,6 +1624,39 @@ async fn a_new_directory_is_known_empty_only_as_long_as_its_parents_listing() {
     assert_eq!(names, [".", "..", "x"], "the other client's object shows");
 }
 
+/// The kernel is told to keep attributes only for what is left of their
+/// freshness: a mode read almost `metadata_ttl` ago and handed out again
+/// (a listing served from memory, a getattr answered from the table) must
+/// not be trusted for another whole TTL (uid 1001 entered a directory made
+/// private by another client for about 2 x TTL).
+#[tokio::test]
+async fn the_kernel_keeps_attributes_only_for_what_is_left_of_their_freshness() {
+    let s = Arc::new(MemStore::unversioned());
+    s.insert("d/f", b"1", s3fs_meta(0o100644, 1000, 1));
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let f = fs.lookup(d.ino, name("f")).await.unwrap();
+    let left = fs.kernel_ttl(f.ino);
+    assert!(
+        left <= LONG_TTL && left > LONG_TTL / 2,
+        "just read: {left:?}"
+    );
+    fs.expire_below("d");
+    assert_eq!(fs.kernel_ttl(f.ino), std::time::Duration::ZERO, "expired");
+    assert_eq!(fs.kernel_ttl(d.ino), std::time::Duration::ZERO, "expired");
+    // Read again: a whole TTL again.
+    fs.getattr(f.ino).await.unwrap();
+    assert!(fs.kernel_ttl(f.ino) > LONG_TTL / 2);
+    // A file this mount writes is its own.
+    let (n, fh) = fs
+        .create(d.ino, name("new"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.expire_below("d");
+    assert_eq!(fs.kernel_ttl(n.ino), LONG_TTL, "being written");
+    fs.release(fh).await.unwrap();
+}
+
 // ------------------------------------------------------- first-hour costs
 
 /// A create or an O_TRUNC open closed without a write lands at that close

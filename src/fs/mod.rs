@@ -793,6 +793,23 @@ impl Fs {
     /// `getattr` when no request is needed (the root, a file with write
     /// state, attributes read from the object and still fresh), so the
     /// FUSE thread can answer it without a task. `None`: ask `getattr`.
+    /// How long the kernel may keep an inode's attributes: what is left of
+    /// their freshness, so nothing read from S3 is trusted longer than
+    /// `metadata_ttl` after it was read (handed out with a full TTL, a mode
+    /// read almost a TTL ago was kept by the kernel for nearly two). A
+    /// file this mount is writing, the root and versions get the TTL.
+    pub fn kernel_ttl(&self, ino: u64) -> Duration {
+        let ttl = self.cfg.metadata_ttl;
+        if ino == ROOT_INO || self.has_write_state(ino) {
+            return ttl;
+        }
+        let t = self.table.lock();
+        match t.get(ino).and_then(|n| n.fresh_until) {
+            Some(until) => until.saturating_duration_since(Instant::now()).min(ttl),
+            None => ttl,
+        }
+    }
+
     pub fn getattr_cached(&self, ino: u64) -> Option<Attr> {
         let writing = self.has_write_state(ino);
         let a = {
