@@ -902,19 +902,32 @@ async fn second_read_of_an_unchanged_file_makes_no_get() {
     );
 }
 
-/// A sequential reader's read-ahead asks for runs of 8 blocks in one GET
-/// each, as the window first reaches into them, not a GET per block.
-#[tokio::test]
-async fn sequential_read_ahead_fetches_runs_of_blocks() {
+/// A 16 MiB object `f` (byte i is i / `div`) in a fresh mount, open for
+/// reading: (store, fs, cache dir, bytes, handle).
+async fn sixteen_mib_open(div: u32) -> (Arc<MemStore>, Fs, tempfile::TempDir, Vec<u8>, u64) {
     let s = Arc::new(MemStore::unversioned());
-    let data: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i / 3) as u8).collect();
+    let data: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i / div) as u8).collect();
     s.insert("f", &data, Metadata::new());
-    let (fs, _d) = fs_with(s.clone(), |_| {});
+    let (fs, d) = fs_with(s.clone(), |_| {});
     let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
     let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
-    let mut off = 0u64;
+    (s, fs, d, data, fh)
+}
+
+/// Reads all of `data` from handle `fh` in order, `size` bytes a read,
+/// checking every byte; with `at_once`, each read is first offered to
+/// `read_now` as the FUSE thread does. Returns how many it answered.
+async fn read_in_order(fs: &Fs, fh: u64, data: &[u8], size: u32, at_once: bool) -> usize {
+    let (mut off, mut answered) = (0u64, 0);
     while off < data.len() as u64 {
-        let d = fs.read(fh, off, 128 * 1024).await.unwrap();
+        let d = match at_once.then(|| fs.read_now(fh, off, size)).flatten() {
+            Some(r) => {
+                answered += 1;
+                r.unwrap()
+            }
+            None => fs.read(fh, off, size).await.unwrap(),
+        };
+        assert!(d.len() == size as usize || off + d.len() as u64 == data.len() as u64);
         assert!(
             d[..] == data[off as usize..off as usize + d.len()],
             "bytes at {off}"
@@ -925,6 +938,15 @@ async fn sequential_read_ahead_fetches_runs_of_blocks() {
             tokio::task::yield_now().await;
         }
     }
+    answered
+}
+
+/// A sequential reader's read-ahead asks for runs of 8 blocks in one GET
+/// each, as the window first reaches into them, not a GET per block.
+#[tokio::test]
+async fn sequential_read_ahead_fetches_runs_of_blocks() {
+    let (s, fs, _d, data, fh) = sixteen_mib_open(3).await;
+    read_in_order(&fs, fh, &data, 128 * 1024, false).await;
     fs.release(fh).await.unwrap();
     let gets = s.counters().get(Op::Get);
     assert!(gets <= 4, "{gets} GETs for 16 blocks read in order");
@@ -936,38 +958,16 @@ async fn sequential_read_ahead_fetches_runs_of_blocks() {
 /// being written, and the read-ahead it starts keeps GETs to whole runs.
 #[tokio::test]
 async fn reads_of_blocks_in_memory_are_answered_at_once_with_the_same_bytes() {
-    let s = Arc::new(MemStore::unversioned());
-    let data: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i / 7) as u8).collect();
-    s.insert("f", &data, Metadata::new());
-    let (fs, _d) = fs_with(s.clone(), |_| {});
-    let a = fs.lookup(ROOT_INO, name("f")).await.unwrap();
-    let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    let (s, fs, _d, data, fh) = sixteen_mib_open(7).await;
+    let ino = fs.lookup(ROOT_INO, name("f")).await.unwrap().ino;
     assert!(fs.read_now(fh, 0, 4096).is_none(), "nothing in memory yet");
     // Reads of an odd size, so that many span two blocks.
-    let (mut off, mut at_once) = (0u64, 0);
-    while off < data.len() as u64 {
-        let d = match fs.read_now(fh, off, 300_000) {
-            Some(r) => {
-                at_once += 1;
-                r.unwrap()
-            }
-            None => fs.read(fh, off, 300_000).await.unwrap(),
-        };
-        assert!(d.len() == 300_000 || off + d.len() as u64 == data.len() as u64);
-        assert!(
-            d[..] == data[off as usize..off as usize + d.len()],
-            "bytes at {off}"
-        );
-        off += d.len() as u64;
-        for _ in 0..4 {
-            tokio::task::yield_now().await;
-        }
-    }
+    let at_once = read_in_order(&fs, fh, &data, 300_000, true).await;
     assert!(at_once >= 40, "{at_once} of 56 reads answered at once");
     let gets = s.counters().get(Op::Get);
     assert!(gets <= 4, "{gets} GETs for 16 blocks read in order");
     // A file open for writing is read through its write state.
-    let w = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
+    let w = fs.open(ino, libc::O_WRONLY).await.unwrap();
     fs.write(w, 0, b"changed").await.unwrap();
     assert!(fs.read_now(fh, 0, 7).is_none(), "being written");
     assert_eq!(&fs.read(fh, 0, 7).await.unwrap()[..], b"changed");
