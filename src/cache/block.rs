@@ -52,8 +52,9 @@ pub struct BlockKey {
 const DISK_ALIGNS: [usize; 2] = [512, 4096];
 
 /// What a block file's buffer in memory is aligned to (enough for any
-/// `O_DIRECT`).
-const MEM_ALIGN: usize = 4096;
+/// `O_DIRECT`): that of the store's pieces, so theirs are written as
+/// they lie.
+const MEM_ALIGN: usize = crate::store::PIECE_ALIGN;
 
 /// Bytes of blocks handed to the disk tier and not written yet, at most.
 const DISK_BACKLOG: u64 = 64 * 1024 * 1024;

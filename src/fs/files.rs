@@ -114,6 +114,17 @@ struct ReadTarget {
     kept: Option<Arc<std::fs::File>>,
 }
 
+impl ReadTarget {
+    /// Block `index` of the object in the block cache.
+    fn block(&self, index: u64) -> BlockKey {
+        BlockKey {
+            key: self.key.clone(),
+            etag: self.etag.clone(),
+            index,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Readahead {
     next_offset: u64,
@@ -719,11 +730,7 @@ impl Fs {
         if random {
             // Read at random: fetch what is asked for (rounded out to a
             // small chunk), not whole blocks and read-ahead.
-            let object = BlockKey {
-                key: target.key.clone(),
-                etag: target.etag.clone(),
-                index: 0,
-            };
+            let object = target.block(0);
             let data = self
                 .blocks
                 .get_small(&*self.store, &object, offset..end, &target.pin, target.size)
@@ -735,11 +742,7 @@ impl Fs {
         }
         self.read_ahead(&target, last, window);
         let parts = futures::future::try_join_all((first..=last).map(|index| {
-            let bk = BlockKey {
-                key: target.key.clone(),
-                etag: target.etag.clone(),
-                index,
-            };
+            let bk = target.block(index);
             let (blocks, store, pin) = (&self.blocks, &*self.store, &target.pin);
             async move { blocks.get(store, &bk, pin, target.size).await }
         }))
@@ -769,13 +772,7 @@ impl Fs {
         let bs = self.blocks.block_size();
         let (first, last) = (offset / bs, (end - 1) / bs);
         let parts = (first..=last)
-            .map(|index| {
-                self.blocks.get_cached(&BlockKey {
-                    key: target.key.clone(),
-                    etag: target.etag.clone(),
-                    index,
-                })
-            })
+            .map(|index| self.blocks.get_cached(&target.block(index)))
             .collect::<Option<Vec<Bytes>>>()?;
         let (window, _) =
             fhd.readahead
@@ -803,17 +800,10 @@ impl Fs {
         let ahead_last = (last + window).min(last_block);
         let mut start = (last + 1) / run * run;
         while start <= ahead_last {
-            let bk = BlockKey {
-                key: target.key.clone(),
-                etag: target.etag.clone(),
-                index: start.max(last + 1),
-            };
+            let bk = target.block(start.max(last + 1));
             let count = start + run - bk.index;
             start += run;
-            if self.blocks.contains(&BlockKey {
-                index: bk.index + count - 1,
-                ..bk.clone()
-            }) {
+            if self.blocks.contains(&target.block(bk.index + count - 1)) {
                 continue;
             }
             let (store, blocks, size) = (self.store.clone(), self.blocks.clone(), target.size);
@@ -1469,11 +1459,7 @@ impl Fs {
         let bs = self.blocks.block_size();
         let blocks = t.size.div_ceil(bs);
         let fetches = (0..blocks).map(|index| {
-            let bk = BlockKey {
-                key: t.key.clone(),
-                etag: t.etag.clone(),
-                index,
-            };
+            let bk = t.block(index);
             let (cache, store, pin, file) = (&self.blocks, &*self.store, &t.pin, &file);
             async move {
                 let data = cache.get(store, &bk, pin, t.size).await?;

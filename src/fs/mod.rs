@@ -790,9 +790,6 @@ impl Fs {
         }))
     }
 
-    /// `getattr` when no request is needed (the root, a file with write
-    /// state, attributes read from the object and still fresh), so the
-    /// FUSE thread can answer it without a task. `None`: ask `getattr`.
     /// How long the kernel may keep an inode's attributes: what is left of
     /// their freshness, so nothing read from S3 is trusted longer than
     /// `metadata_ttl` after it was read (handed out with a full TTL, a mode
@@ -810,6 +807,9 @@ impl Fs {
         }
     }
 
+    /// `getattr` when no request is needed (the root, a file with write
+    /// state, attributes read from the object and still fresh), so the
+    /// FUSE thread can answer it without a task. `None`: ask `getattr`.
     pub fn getattr_cached(&self, ino: u64) -> Option<Attr> {
         let writing = self.has_write_state(ino);
         let a = {

@@ -250,14 +250,8 @@ impl Fs {
         // it is; else a request just now): it is known empty until that
         // expires, not a whole TTL from now, or objects another client put
         // there would stay hidden longer than `metadata_ttl`.
-        let empty_until = {
-            let now = std::time::Instant::now();
-            let known = self.table.lock().absent_until(parent, &path, now);
-            match (known, self.fresh_until()) {
-                (Some(k), Some(f)) => Some(k.min(f)),
-                (k, f) => k.or(f),
-            }
-        };
+        let known = (self.table.lock()).absent_until(parent, &path, std::time::Instant::now());
+        let empty_until = [known, self.fresh_until()].into_iter().flatten().min();
         let attr = self.new_attr_in(parent, FileKind::Dir, c, 0).await?;
         let a = self.put_node(parent, path, attr, Bytes::new()).await?;
         if let Some(n) = self.table.lock().get_mut(a.ino) {
