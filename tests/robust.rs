@@ -529,7 +529,17 @@ fn the_cache_disk_is_private_and_an_unsafe_cache_dir_is_refused() {
     assert_eq!(fs::read(m.path("read-me")).unwrap().len(), 2 * 1024 * 1024);
     assert_eq!(m.unmount(), Some(0));
     let blocks = m.cache_dir().join("blocks");
-    assert!(assert_private(&blocks) >= 3, "cached blocks were written");
+    assert!(assert_private(&blocks) >= 3, "the disk tier's files");
+    let mut tier = Vec::new();
+    tree_modes(&blocks, &mut tier);
+    assert!(
+        tier.iter()
+            .any(|(p, mode, _)| mode & libc::S_IFMT == libc::S_IFREG
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("slots-"))
+                && fs::metadata(p).unwrap().len() > 0),
+        "cached blocks were written: {tier:?}"
+    );
 
     // Refused before mounting: another user's directory, a directory
     // others may write to, and no HOME/XDG_CACHE_HOME for a non-root user.

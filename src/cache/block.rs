@@ -3,16 +3,10 @@
 //! object can never be served. Two tiers:
 //!
 //! - memory: LRU, bounded in bytes;
-//! - disk (optional): one file per block under `<cache_dir>/blocks/<bucket
-//!   hash>/`, LRU, bounded in bytes, rebuilt from the directory at start so
-//!   it survives a remount. Each file starts with the identity it holds,
-//!   checked on every read. Disk errors (a full disk...) only make the disk
-//!   tier stop; reads go on from S3. Files are written with `O_DIRECT`
-//!   where the filesystem allows it (the identity and the data each
-//!   padded to the alignment it takes, 512 bytes or a page): a buffered
-//!   write cost about a quarter of the daemon's CPU in a cold sequential
-//!   read, in the page cache's bookkeeping, and filled the page cache with
-//!   bytes that are read again, if ever, long after. Writes in flight are bounded
+//! - disk (optional, `super::disk`): slots in a few files under
+//!   `<cache_dir>/blocks/<bucket hash>/`, LRU, bounded in bytes, kept
+//!   across a remount. Disk errors (a full disk...) only make the disk
+//!   tier stop; reads go on from S3. Writes in flight are bounded
 //!   (`DISK_BACKLOG`): a disk slower than the network skips caching some
 //!   blocks rather than holding them all in memory.
 //!
@@ -24,18 +18,17 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use lru::LruCache;
 use parking_lot::Mutex;
-use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 use tracing::{debug, warn};
 
+use super::disk::Disk;
 use crate::store::{ObjectStore, ReadPin, StoreError, StoreResult};
 
 /// Which block of which object.
@@ -44,45 +37,6 @@ pub struct BlockKey {
     pub key: Arc<str>,
     pub etag: Arc<str>,
     pub index: u64,
-}
-
-/// The alignments a disk block file's layout is tried with, smallest
-/// (least padding) first: the identity and the data each start on a
-/// multiple of it, as `O_DIRECT` needs (a device's logical block size).
-const DISK_ALIGNS: [usize; 2] = [512, 4096];
-
-/// What a block file's buffer in memory is aligned to (enough for any
-/// `O_DIRECT`): that of the store's pieces, so theirs are written as
-/// they lie.
-const MEM_ALIGN: usize = crate::store::PIECE_ALIGN;
-
-/// Bytes of blocks handed to the disk tier and not written yet, at most.
-const DISK_BACKLOG: u64 = 64 * 1024 * 1024;
-
-/// Starts every disk block file of this layout (older layouts never match).
-const DISK_MAGIC: &[u8; 16] = b"bucketfs-block-2";
-
-fn align_up(n: usize, align: usize) -> usize {
-    n.div_ceil(align) * align
-}
-
-impl BlockKey {
-    /// The identity a disk block file starts with.
-    fn header(&self) -> Vec<u8> {
-        let mut h = Vec::with_capacity(self.key.len() + self.etag.len() + 40);
-        h.extend_from_slice(DISK_MAGIC);
-        h.extend_from_slice(&(self.key.len() as u32).to_le_bytes());
-        h.extend_from_slice(self.key.as_bytes());
-        h.extend_from_slice(&(self.etag.len() as u32).to_le_bytes());
-        h.extend_from_slice(self.etag.as_bytes());
-        h.extend_from_slice(&self.index.to_le_bytes());
-        h
-    }
-
-    fn file_name(&self) -> String {
-        let digest = Sha256::digest(self.header());
-        crate::hex(&digest[..16])
-    }
 }
 
 #[derive(Debug)]
@@ -100,258 +54,11 @@ pub struct CacheStats {
 }
 
 #[derive(Debug)]
-struct DiskState {
-    /// File name → size, least recently used first.
-    lru: LruCache<String, u64>,
-    bytes: u64,
-}
-
-/// The on-disk tier.
-#[derive(Debug)]
-struct Disk {
-    dir: PathBuf,
-    limit_bytes: u64,
-    state: Mutex<DiskState>,
-    /// Set on the first write error: the tier stops, reads go on.
-    broken: AtomicBool,
-    /// Block files being written now.
-    pending: AtomicU64,
-    /// Their bytes.
-    pending_bytes: AtomicU64,
-    /// The index in `DISK_ALIGNS` block files are written with; past its
-    /// end once the filesystem refused `O_DIRECT` with each: buffered
-    /// writes from then on.
-    align: AtomicUsize,
-}
-
-impl Disk {
-    /// Opens (or creates) the tier, indexing the blocks a previous mount left.
-    fn open(dir: PathBuf, limit_bytes: u64) -> std::io::Result<Disk> {
-        crate::private::create_private_dir(&dir)?;
-        let mut found = Vec::new();
-        for e in std::fs::read_dir(&dir)? {
-            let e = e?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            // Left by versions that wrote a block aside, then renamed it.
-            if name.ends_with(".tmp") {
-                let _ = std::fs::remove_file(e.path());
-                continue;
-            }
-            let md = e.metadata()?;
-            if md.permissions().mode() & 0o077 != 0 {
-                // Left readable by an older version: private now.
-                std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
-            }
-            found.push((md.modified().ok(), name, md.len()));
-        }
-        found.sort();
-        let mut state = DiskState {
-            lru: LruCache::unbounded(),
-            bytes: 0,
-        };
-        for (_, name, len) in found {
-            state.bytes += len;
-            state.lru.put(name, len);
-        }
-        let disk = Disk {
-            dir,
-            limit_bytes,
-            state: Mutex::new(state),
-            broken: AtomicBool::new(false),
-            pending: AtomicU64::new(0),
-            pending_bytes: AtomicU64::new(0),
-            align: AtomicUsize::new(0),
-        };
-        disk.evict();
-        Ok(disk)
-    }
-
-    fn evict(&self) {
-        self.evict_to(self.limit_bytes);
-    }
-
-    /// Drops least recently used blocks until at most `keep` bytes remain.
-    fn evict_to(&self, keep: u64) {
-        let mut victims = Vec::new();
-        {
-            let mut st = self.state.lock();
-            while st.bytes > keep {
-                match st.lru.pop_lru() {
-                    Some((name, len)) => {
-                        st.bytes -= len;
-                        victims.push(name);
-                    }
-                    None => break,
-                }
-            }
-        }
-        for v in victims {
-            let _ = std::fs::remove_file(self.dir.join(v));
-        }
-    }
-
-    async fn read(&self, bk: &BlockKey) -> Option<Bytes> {
-        let name = bk.file_name();
-        if !self.state.lock().lru.contains(&name) {
-            return None;
-        }
-        let file = tokio::fs::read(self.dir.join(&name)).await.ok()?;
-        let header = bk.header();
-        let at = header.len();
-        if file.len() < at + 24 || file[..at] != header[..] {
-            return None;
-        }
-        let field = |i: usize| -> Option<usize> {
-            let b = file.get(at + 8 * i..at + 8 * (i + 1))?;
-            usize::try_from(u64::from_le_bytes(b.try_into().ok()?)).ok()
-        };
-        let (len, start, end) = (field(0)?, field(1)?, field(2)?);
-        // Whole, or not at all: a file cut short (a kill, a full disk) is
-        // never served.
-        // Where `layout` puts the data, at one of the alignments.
-        let placed = DISK_ALIGNS.iter().any(|&a| start == align_up(at + 24, a));
-        if !placed || start.checked_add(len)? > end || file.len() != end {
-            return None;
-        }
-        self.state.lock().lru.get(&name);
-        Some(Bytes::from(file).slice(start..start + len))
-    }
-
-    /// A block file's bytes: the identity, the data's length, where it
-    /// starts and the file's length, then the data, each part padded to `align`, in a buffer
-    /// aligned to `MEM_ALIGN` (the range of the vector to write).
-    /// `with_data`: the data is copied in; else the buffer ends where the
-    /// data starts.
-    fn layout(
-        bk: &BlockKey,
-        data: &[u8],
-        align: usize,
-        with_data: bool,
-    ) -> (Vec<u8>, std::ops::Range<usize>) {
-        let header = bk.header();
-        let start = align_up(header.len() + 24, align);
-        let total = align_up(start + data.len(), align);
-        let len = if with_data { total } else { start };
-        let mut v = vec![0u8; len + MEM_ALIGN];
-        let at = v.as_ptr().align_offset(MEM_ALIGN);
-        let buf = &mut v[at..at + len];
-        let h = header.len();
-        buf[..h].copy_from_slice(&header);
-        buf[h..h + 8].copy_from_slice(&(data.len() as u64).to_le_bytes());
-        buf[h + 8..h + 16].copy_from_slice(&(start as u64).to_le_bytes());
-        buf[h + 16..h + 24].copy_from_slice(&(total as u64).to_le_bytes());
-        if with_data {
-            buf[start..start + data.len()].copy_from_slice(data);
-        }
-        (v, at..at + len)
-    }
-
-    /// Writes the block file's bytes to `f`: its data straight from
-    /// memory when it lies as `O_DIRECT` needs (a store's `PieceBuf`),
-    /// else copied behind the header. Returns the file's length.
-    fn write_layout(
-        f: &std::fs::File,
-        bk: &BlockKey,
-        data: &[u8],
-        align: usize,
-    ) -> std::io::Result<u64> {
-        use std::os::unix::fs::FileExt;
-        let in_place =
-            data.as_ptr().align_offset(MEM_ALIGN) == 0 && data.len().is_multiple_of(align);
-        let (buf, range) = Disk::layout(bk, data, align, !in_place);
-        f.write_all_at(&buf[range.clone()], 0)?;
-        if !in_place {
-            return Ok(range.len() as u64);
-        }
-        f.write_all_at(data, range.len() as u64)?;
-        Ok((range.len() + data.len()) as u64)
-    }
-
-    /// Writes a block file, with `O_DIRECT` while the filesystem takes it
-    /// (at the smallest alignment it takes). Returns the file's length.
-    fn write_file(&self, path: &Path, bk: &BlockKey, data: &[u8]) -> std::io::Result<u64> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let open = |flags: i32| {
-            crate::private::private_file()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .custom_flags(flags)
-                .open(path)
-        };
-        loop {
-            let i = self.align.load(Ordering::Relaxed);
-            let Some(&align) = DISK_ALIGNS.get(i) else {
-                return Disk::write_layout(&open(0)?, bk, data, DISK_ALIGNS[0]);
-            };
-            match open(libc::O_DIRECT).and_then(|f| Disk::write_layout(&f, bk, data, align)) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    debug!(dir = %self.dir.display(), align, "O_DIRECT refused at this alignment");
-                    let _ =
-                        self.align
-                            .compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
-                }
-                r => return r,
-            }
-        }
-    }
-
-    fn write(self: &Arc<Self>, bk: &BlockKey, data: Bytes) {
-        if self.broken.load(Ordering::Relaxed) {
-            return;
-        }
-        let size = data.len() as u64;
-        if self.pending_bytes.fetch_add(size, Ordering::SeqCst) + size > DISK_BACKLOG {
-            // The disk is behind: this block stays in memory only.
-            self.pending_bytes.fetch_sub(size, Ordering::SeqCst);
-            return;
-        }
-        let disk = self.clone();
-        let bk = bk.clone();
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        tokio::task::spawn_blocking(move || {
-            // Written in place, no rename: a file cut short (a full disk,
-            // a kill) is never served, as a read checks the identity it
-            // starts with and the file's length; and it is listed only
-            // once written whole.
-            let name = bk.file_name();
-            let path = disk.dir.join(&name);
-            let r = disk.write_file(&path, &bk, &data);
-            drop(data);
-            match r {
-                Ok(len) => {
-                    {
-                        let mut st = disk.state.lock();
-                        if let Some(old) = st.lru.put(name, len) {
-                            st.bytes -= old;
-                        }
-                        st.bytes += len;
-                    }
-                    disk.evict();
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    if !disk.broken.swap(true, Ordering::Relaxed) {
-                        warn!(dir = %disk.dir.display(), error = %e, "disk cache stopped; reads go on from S3");
-                    }
-                }
-            }
-            disk.pending_bytes.fetch_sub(size, Ordering::SeqCst);
-            disk.pending.fetch_sub(1, Ordering::SeqCst);
-        });
-    }
-
-    fn bytes(&self) -> u64 {
-        self.state.lock().bytes
-    }
-}
-
-#[derive(Debug)]
 pub struct BlockCache {
     block_size: u64,
     mem_limit_bytes: u64,
     mem: Mutex<Mem>,
-    disk: Option<Arc<Disk>>,
+    pub(super) disk: Option<Arc<Disk>>,
     inflight: Mutex<HashMap<BlockKey, Arc<OnceCell<Bytes>>>>,
     /// Blocks of read-ahead runs waiting for their share of the budget:
     /// a read of one of them wakes its run, which then goes at once.
@@ -412,9 +119,9 @@ impl BlockCache {
         if limit_bytes == 0 {
             return self;
         }
-        match Disk::open(dir.to_path_buf(), limit_bytes) {
+        match Disk::open(dir.to_path_buf(), limit_bytes, self.block_size) {
             Ok(d) => {
-                debug!(dir = %dir.display(), blocks = d.state.lock().lru.len(), "disk cache opened");
+                debug!(dir = %dir.display(), blocks = d.blocks(), "disk cache opened");
                 self.disk = Some(Arc::new(d));
             }
             Err(e) => warn!(dir = %dir.display(), error = %e, "no disk cache"),
@@ -426,8 +133,7 @@ impl BlockCache {
     /// first): staged data needs the room more than cached blocks do.
     pub fn free_disk(&self, bytes: u64) {
         if let Some(d) = &self.disk {
-            let have = d.state.lock().bytes;
-            d.evict_to(have.saturating_sub(bytes));
+            d.evict_to(d.bytes().saturating_sub(bytes));
         }
     }
 
@@ -531,13 +237,7 @@ impl BlockCache {
                 .collect()
         };
         let wanted: Vec<BlockKey> = match &self.disk {
-            Some(d) => {
-                let st = d.state.lock();
-                wanted
-                    .into_iter()
-                    .filter(|bk| !st.lru.contains(&bk.file_name()))
-                    .collect()
-            }
+            Some(d) => wanted.into_iter().filter(|bk| !d.holds(bk)).collect(),
             None => wanted,
         };
         // At most the whole budget, nearest blocks first.
@@ -763,13 +463,18 @@ impl BlockCache {
         self.mem.lock().bytes
     }
 
-    /// Waits (at most `limit`) for block files being written, e.g. before
-    /// the process exits so the next mount finds them.
+    /// Waits (at most `limit`) for blocks being written to disk, then
+    /// closes the disk tier cleanly, before the process exits so the next
+    /// mount finds them.
     pub async fn settle(&self, limit: std::time::Duration) {
         let Some(disk) = &self.disk else { return };
         let start = std::time::Instant::now();
         while disk.pending.load(Ordering::SeqCst) > 0 && start.elapsed() < limit {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if disk.pending.load(Ordering::SeqCst) == 0 {
+            let disk = disk.clone();
+            let _ = tokio::task::spawn_blocking(move || disk.close()).await;
         }
     }
 
@@ -954,184 +659,5 @@ mod tests {
         assert!(c.mem_bytes() <= 35);
         assert!(c.contains(&bk("k", e, 9)));
         assert!(!c.contains(&bk("k", e, 0)));
-    }
-
-    /// A small block's file: its identity and its data, each padded to the
-    /// alignment the disk took.
-    fn file_len(d: &Disk) -> u64 {
-        let i = d.align.load(Ordering::Relaxed);
-        2 * *DISK_ALIGNS.get(i).unwrap_or(&DISK_ALIGNS[0]) as u64
-    }
-
-    /// Block files written at each alignment, and buffered (a filesystem
-    /// refusing `O_DIRECT`), read back whole after a remount; one cut
-    /// short by a single byte is never served.
-    #[tokio::test]
-    async fn block_files_of_every_layout_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = MemStore::versioned();
-        let data: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
-        let e = s.insert("k", &data, Metadata::new()).etag;
-        for i in 0..=DISK_ALIGNS.len() {
-            let c = BlockCache::new(1000, 1 << 20).with_disk(dir.path(), 1 << 20);
-            c.disk.as_ref().unwrap().align.store(i, Ordering::Relaxed);
-            c.get(&s, &bk("k", &e, i as u64), &pin(&e), 3000)
-                .await
-                .unwrap();
-            c.settle(std::time::Duration::from_secs(5)).await;
-            let f = dir.path().join(bk("k", &e, i as u64).file_name());
-            // 1000 bytes after the identity, padded as the disk took them
-            // (it may refuse the smaller alignment and take the next).
-            let took = c.disk.as_ref().unwrap().align.load(Ordering::Relaxed);
-            let align = *DISK_ALIGNS.get(took).unwrap_or(&DISK_ALIGNS[0]) as u64;
-            let len = align + (1000u64).div_ceil(align) * align;
-            assert_eq!(std::fs::metadata(&f).unwrap().len(), len, "layout {i}");
-            let again = BlockCache::new(1000, 1 << 20).with_disk(dir.path(), 1 << 20);
-            let gets = s.counters().get(Op::Get);
-            let got = again
-                .get(&s, &bk("k", &e, i as u64), &pin(&e), 3000)
-                .await
-                .unwrap();
-            assert_eq!(&got[..], &data[i * 1000..(i + 1) * 1000], "layout {i}");
-            assert_eq!(s.counters().get(Op::Get), gets, "layout {i}: from disk");
-            let whole = std::fs::read(&f).unwrap();
-            // The data's start moved (a corrupted header) is not served.
-            let at = bk("k", &e, i as u64).header().len() + 8;
-            let mut moved = whole.clone();
-            let start = u64::from_le_bytes(moved[at..at + 8].try_into().unwrap());
-            moved[at..at + 8].copy_from_slice(&(start - 8).to_le_bytes());
-            std::fs::write(&f, &moved).unwrap();
-            let c = BlockCache::new(1000, 1 << 20).with_disk(dir.path(), 1 << 20);
-            let got = c
-                .get(&s, &bk("k", &e, i as u64), &pin(&e), 3000)
-                .await
-                .unwrap();
-            assert_eq!(
-                &got[..],
-                &data[i * 1000..(i + 1) * 1000],
-                "layout {i}: moved"
-            );
-            assert_eq!(s.counters().get(Op::Get), gets + 1, "layout {i}: moved");
-            c.settle(std::time::Duration::from_secs(5)).await;
-            std::fs::write(&f, &whole[..whole.len() - 1]).unwrap();
-            let cut = BlockCache::new(1000, 1 << 20).with_disk(dir.path(), 1 << 20);
-            cut.get(&s, &bk("k", &e, i as u64), &pin(&e), 3000)
-                .await
-                .unwrap();
-            assert_eq!(s.counters().get(Op::Get), gets + 2, "layout {i}: cut short");
-        }
-    }
-
-    /// A block read into a store's aligned `PieceBuf` is written from
-    /// where it lies, header first; the file is the same as the one a
-    /// copy makes, and reads back, at every alignment.
-    #[tokio::test]
-    async fn an_aligned_block_is_written_as_a_copied_one_would_be() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..=255u8).cycle().take(8192).collect();
-        let mut piece = crate::store::PieceBuf::new(data.len());
-        assert_eq!(piece.fill(&data), data.len());
-        let aligned = piece.freeze();
-        assert_eq!(aligned.as_ptr().align_offset(MEM_ALIGN), 0);
-        // The same bytes, one byte off alignment.
-        let mut v = vec![0u8; data.len() + 1];
-        v[1..].copy_from_slice(&data);
-        let unaligned = Bytes::from(v).slice(1..);
-        for i in 0..=DISK_ALIGNS.len() {
-            let c = BlockCache::new(8192, 1 << 20).with_disk(dir.path(), 1 << 20);
-            let disk = c.disk.as_ref().unwrap();
-            disk.align.store(i, Ordering::Relaxed);
-            let (a, b) = (bk("a", "e", i as u64), bk("b", "e", i as u64));
-            disk.write(&a, aligned.clone());
-            disk.write(&b, unaligned.clone());
-            c.settle(std::time::Duration::from_secs(5)).await;
-            let read = |k: &BlockKey| std::fs::read(dir.path().join(k.file_name())).unwrap();
-            let (fa, fb) = (read(&a), read(&b));
-            let (ha, hb) = (a.header().len(), b.header().len());
-            assert_eq!(fa.len(), fb.len(), "layout {i}");
-            assert_eq!(fa[ha..], fb[hb..], "layout {i}: same layout");
-            let again = BlockCache::new(8192, 1 << 20).with_disk(dir.path(), 1 << 20);
-            let disk = again.disk.as_ref().unwrap();
-            assert_eq!(
-                disk.read(&a).await.as_deref(),
-                Some(&data[..]),
-                "layout {i}"
-            );
-            assert_eq!(
-                disk.read(&b).await.as_deref(),
-                Some(&data[..]),
-                "layout {i}"
-            );
-        }
-    }
-
-    /// A disk behind the network (its backlog full) leaves blocks in
-    /// memory only, instead of holding every block until it is written;
-    /// once it caught up, blocks go to disk again.
-    #[tokio::test]
-    async fn blocks_skip_a_disk_that_is_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = MemStore::versioned();
-        let e = s.insert("k", &[5u8; 30], Metadata::new()).etag;
-        let c = BlockCache::new(10, 1000).with_disk(dir.path(), 1 << 20);
-        let disk = c.disk.clone().unwrap();
-        disk.pending_bytes.store(DISK_BACKLOG - 5, Ordering::SeqCst);
-        c.get(&s, &bk("k", &e, 0), &pin(&e), 30).await.unwrap();
-        c.settle(std::time::Duration::from_secs(5)).await;
-        assert_eq!(c.disk_bytes(), 0, "skipped while behind");
-        assert!(c.contains(&bk("k", &e, 0)), "served and kept in memory");
-        disk.pending_bytes.store(0, Ordering::SeqCst);
-        c.get(&s, &bk("k", &e, 1), &pin(&e), 30).await.unwrap();
-        c.settle(std::time::Duration::from_secs(5)).await;
-        assert_eq!(c.disk_bytes(), file_len(&disk), "written once caught up");
-        assert_eq!(disk.pending_bytes.load(Ordering::SeqCst), 0);
-    }
-
-    #[tokio::test]
-    async fn disk_tier_survives_a_new_cache_and_stays_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = MemStore::versioned();
-        let data: Vec<u8> = (0..100u8).collect();
-        let p = s.insert("k", &data, Metadata::new());
-        let e = p.etag.as_str();
-        let c = BlockCache::new(10, 1000).with_disk(dir.path(), 1 << 20);
-        for i in 0..10 {
-            c.get(&s, &bk("k", e, i), &pin(e), 100).await.unwrap();
-        }
-        c.settle(std::time::Duration::from_secs(5)).await;
-        assert_eq!(s.counters().get(Op::Get), 10);
-        // A new cache over the same directory (a remount) serves from disk.
-        let c2 = BlockCache::new(10, 1000).with_disk(dir.path(), 1 << 20);
-        let got = c2.get(&s, &bk("k", e, 3), &pin(e), 100).await.unwrap();
-        assert_eq!(got.as_ref(), &data[30..40]);
-        assert_eq!(s.counters().get(Op::Get), 10, "no GET after remount");
-        // Another identity for the same file name never matches.
-        assert!(
-            c2.get(&s, &bk("k", "other", 3), &pin("other"), 100)
-                .await
-                .is_err()
-        );
-        // A block file cut short (a kill or a full disk while it was
-        // written) is never served: its block comes from S3 again.
-        let f = dir.path().join(bk("k", e, 5).file_name());
-        let whole = std::fs::read(&f).unwrap();
-        std::fs::write(&f, &whole[..whole.len() - 4]).unwrap();
-        let c4 = BlockCache::new(10, 1000).with_disk(dir.path(), 1 << 20);
-        let gets = s.counters().get(Op::Get);
-        let got = c4.get(&s, &bk("k", e, 5), &pin(e), 100).await.unwrap();
-        assert_eq!(got.as_ref(), &data[50..60]);
-        assert_eq!(s.counters().get(Op::Get), gets + 1, "fetched again");
-        c4.settle(std::time::Duration::from_secs(5)).await;
-        // Bounded: a small limit keeps only the newest blocks.
-        let file = file_len(c.disk.as_ref().unwrap());
-        assert_eq!(
-            std::fs::metadata(dir.path().join(bk("k", e, 0).file_name()))
-                .unwrap()
-                .len(),
-            file
-        );
-        let c3 = BlockCache::new(10, 1000).with_disk(dir.path(), 3 * file);
-        assert_eq!(c3.disk_bytes(), 3 * file);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
     }
 }

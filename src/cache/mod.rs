@@ -3,3 +3,4 @@
 //! table; this module holds the block cache for object data.
 
 pub mod block;
+mod disk;
