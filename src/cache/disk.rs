@@ -301,11 +301,13 @@ impl Disk {
             let f = self.files(class)?;
             let end = records.len() as u64 / RECORD;
             // Data past the last record: written by a process that died
-            // before its record.
+            // before its record. A record cut short (a full disk) is no
+            // slot: the next one handed out there gets a whole record.
             f.data.set_len(end * size)?;
+            f.index.set_len(end * RECORD)?;
             let mut st = self.state.lock();
             st.classes[class].end = end;
-            for (at, r) in records.chunks(RECORD as usize).enumerate() {
+            for (at, r) in records.chunks_exact(RECORD as usize).enumerate() {
                 let slot = Slot {
                     class,
                     at: at as u64,
@@ -767,6 +769,32 @@ mod tests {
         let c = cache(dir.path(), 4096, 1 << 20);
         assert_eq!(c.disk_bytes(), 0);
         assert!(!dir.path().join("0123abcd").exists());
+    }
+
+    /// A record cut short (a disk full while it was written) is no slot:
+    /// the blocks cached after it each get a slot of their own.
+    #[tokio::test]
+    async fn a_record_cut_short_is_no_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::versioned();
+        let data: Vec<u8> = (0..=250u8).cycle().take(3 * 4096).collect();
+        let e = s.insert("k", &data, Metadata::new()).etag;
+        let c = cache(dir.path(), 4096, 1 << 20);
+        c.get(&s, &bk("k", &e, 0), &pin(&e), data.len() as u64)
+            .await
+            .unwrap();
+        c.settle(Duration::from_secs(5)).await;
+        drop(c);
+        let index = dir.path().join("slots-4096.idx");
+        let mut records = std::fs::read(&index).unwrap();
+        records.extend_from_slice(&[7u8; 10]);
+        std::fs::write(&index, &records).unwrap();
+        let c = cache(dir.path(), 4096, 1 << 20);
+        assert_eq!(read_all(&c, &s, "k", &e, &data).await, 2, "blocks 1 and 2");
+        c.settle(Duration::from_secs(5)).await;
+        drop(c);
+        let c = BlockCache::new(4096, 0).with_disk(dir.path(), 1 << 20);
+        assert_eq!(read_all(&c, &s, "k", &e, &data).await, 0, "all from disk");
     }
 
     /// One index of an object is another range under another block size:
