@@ -1590,6 +1590,54 @@ async fn a_listing_within_the_ttl_needs_no_request_and_shows_this_mounts_changes
     fs.release(open).await.unwrap();
 }
 
+/// A directory handle rewound (`rewinddir`: read from offset 0 again)
+/// shows the directory as it is now, as a new `opendir` would: this
+/// mount's changes at once, another client's once the listing's time is
+/// up. Reads further on stay with the handle's snapshot.
+#[tokio::test]
+async fn a_rewound_directory_handle_shows_the_directory_as_it_is_now() {
+    let s = Arc::new(MemStore::unversioned());
+    for i in 0..5 {
+        s.insert(&format!("d/f{i}"), b"x", s3fs_meta(0o100644, 1000, 1));
+    }
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let names = async |fs: &Fs| {
+        let mut v: Vec<String> = plus_all(fs, d.ino, fh).await.into_keys().collect();
+        v.retain(|n| n != "." && n != "..");
+        v.sort();
+        v
+    };
+    assert_eq!(names(&fs).await, ["f0", "f1", "f2", "f3", "f4"]);
+    fs.unlink(d.ino, name("f1")).await.unwrap();
+    let (_, new) = fs
+        .create(d.ino, name("new"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.release(new).await.unwrap();
+    let lists = s.counters().get(Op::List);
+    assert_eq!(names(&fs).await, ["f0", "f2", "f3", "f4", "new"]);
+    assert_eq!(s.counters().get(Op::List), lists, "within the TTL: no LIST");
+    s.insert("d/other", b"o", s3fs_meta(0o100644, 1000, 1));
+    fs.listing_expires_in("d", std::time::Duration::ZERO);
+    assert_eq!(
+        names(&fs).await,
+        ["f0", "f2", "f3", "f4", "new", "other"],
+        "another client's object, once the listing expired"
+    );
+    // Read on from where it was, the handle keeps its snapshot.
+    fs.unlink(d.ino, name("f0")).await.unwrap();
+    let rest: Vec<String> = fs
+        .readdir(fh, 2)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(rest.contains(&"f0".to_string()), "{rest:?}");
+    fs.releasedir(fh);
+}
+
 /// A directory made by this mount is known empty only as long as what
 /// told it the name was free: another client's objects already under that
 /// prefix show once the parent's listing expires, not a whole TTL after

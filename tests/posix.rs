@@ -549,6 +549,49 @@ fn a_listing_older_than_a_rename_does_not_bring_the_old_name_back() {
     drop(held);
 }
 
+/// `rewinddir` shows the directory as it is now (POSIX: as `opendir`
+/// would): a file this mount made at once, another client's object once
+/// the listing's time (`metadata_ttl`) is up; both used to stay hidden
+/// from the open handle for as long as it was open.
+#[test]
+fn rewinddir_shows_new_entries() {
+    let b = Bucket::new(server(), "rewind", false);
+    b.put("r/old", b"o");
+    let m = Mount::new(&b, "metadata_ttl=1");
+    let dir = c_str(m.path("r").to_str().unwrap());
+    let d = unsafe { libc::opendir(dir.as_ptr()) };
+    assert!(!d.is_null());
+    let list = || {
+        let mut listed = Vec::new();
+        unsafe { libc::rewinddir(d) };
+        loop {
+            let e = unsafe { libc::readdir(d) };
+            if e.is_null() {
+                break;
+            }
+            let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+            listed.push(name.to_string_lossy().into_owned());
+        }
+        listed.retain(|n| n != "." && n != "..");
+        listed.sort();
+        listed
+    };
+    assert_eq!(list(), ["old"]);
+    std::fs::write(m.path("r/mine"), b"m").unwrap();
+    assert_eq!(list(), ["mine", "old"], "this mount's new file at once");
+    b.put("r/theirs", b"t");
+    let shown = poll(Duration::from_secs(20), || list().len() == 3);
+    unsafe { libc::closedir(d) };
+    let fresh: Vec<_> = std::fs::read_dir(m.path("r"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        shown,
+        "another client's object after the TTL (a new opendir: {fresh:?})"
+    );
+}
+
 /// What is below a renamed directory keeps its times to the nanosecond:
 /// they are stored with their nanoseconds, as s3fs-fuse stores them, so
 /// reading them back after the move (the keys were copied) changes nothing.

@@ -55,6 +55,8 @@ pub struct DirHandle {
     pub entries: Vec<super::DirEntry>,
     /// Paces the listing's metadata pass (`meta`) by this reader.
     pub pace: Option<super::meta::PaceGuard>,
+    /// Read from at least once: a read from offset 0 again is a rewind.
+    pub read: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]

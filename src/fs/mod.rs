@@ -1257,7 +1257,34 @@ impl Fs {
     /// Opens a directory handle over a snapshot of its entries.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let (entries, pace) = self.list_paced(ino).await?;
-        Ok(self.new_handle(Handle::Dir(DirHandle { entries, pace })))
+        Ok(self.new_handle(Handle::Dir(DirHandle {
+            entries,
+            pace,
+            read: false.into(),
+        })))
+    }
+
+    /// A directory handle read from offset 0 again (`rewinddir`) takes a
+    /// new snapshot, as an `opendir` would: POSIX has a rewound stream
+    /// show the directory as it is now (within `metadata_ttl`, this
+    /// mount's listing, as for `opendir`).
+    async fn rewind(&self, ino: u64, fh: u64) -> FsResult<()> {
+        let rewound = match self.handles.lock().get(&fh).map(|h| &**h) {
+            Some(Handle::Dir(d)) => d.read.load(std::sync::atomic::Ordering::Relaxed),
+            _ => return Err(FsError::BadHandle),
+        };
+        if rewound {
+            let (entries, pace) = self.list_paced(ino).await?;
+            let mut handles = self.handles.lock();
+            if let Some(h) = handles.get_mut(&fh) {
+                *h = Arc::new(Handle::Dir(DirHandle {
+                    entries,
+                    pace,
+                    read: false.into(),
+                }));
+            }
+        }
+        Ok(())
     }
 
     /// Entries of an open directory from `offset` on.
@@ -1271,13 +1298,15 @@ impl Fs {
         match &*h {
             // A reply holds at most a few thousand entries: copying the
             // rest of a large listing on every call would be quadratic.
-            Handle::Dir(d) => Ok(d
-                .entries
-                .iter()
-                .skip(offset as usize)
-                .take(DIR_CHUNK_ENTRIES)
-                .cloned()
-                .collect()),
+            Handle::Dir(d) => {
+                d.read.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(d.entries
+                    .iter()
+                    .skip(offset as usize)
+                    .take(DIR_CHUNK_ENTRIES)
+                    .cloned()
+                    .collect())
+            }
             Handle::File(_) => Err(FsError::BadHandle),
         }
     }
@@ -1298,6 +1327,9 @@ impl Fs {
         fh: u64,
         offset: u64,
     ) -> FsResult<Vec<(u64, DirEntry, Attr, bool, bool)>> {
+        if offset == 0 {
+            self.rewind(dir_ino, fh).await?;
+        }
         let entries = self.readdir(fh, offset)?;
         // Metadata is read ahead of this reader: of where it asks from, not
         // of where the reply ends (a reply holds every entry known, and the
