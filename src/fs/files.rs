@@ -84,6 +84,13 @@ pub struct FileHandle {
 }
 
 impl FileHandle {
+    /// Notes that a read was answered from its target.
+    fn served(&self) {
+        if let Some(t) = self.target.lock().as_mut() {
+            t.served = true;
+        }
+    }
+
     /// A handle on a file created by this mount (nothing to read from S3).
     pub fn writer(ino: u64) -> Self {
         FileHandle {
@@ -124,6 +131,13 @@ impl ReadTarget {
             etag: self.etag.clone(),
             index,
         }
+    }
+
+    /// Where a read of `len` bytes at `offset` ends in the object, and
+    /// its first and last blocks; `None`: nothing to read there.
+    fn span(&self, offset: u64, len: u64, bs: u64) -> Option<(u64, u64, u64)> {
+        let end = (offset + len).min(self.size);
+        (offset < end).then(|| (end, offset / bs, (end - 1) / bs))
     }
 }
 
@@ -714,17 +728,15 @@ impl Fs {
         let Some(target) = fhd.target.lock().clone() else {
             return Ok(Bytes::new());
         };
-        let end = (offset + len).min(target.size);
-        if offset >= end {
+        let bs = self.blocks.block_size();
+        let Some((end, first, last)) = target.span(offset, len, bs) else {
             return Ok(Bytes::new());
-        }
+        };
         if let Some(file) = &target.kept {
             let mut buf = vec![0u8; (end - offset) as usize];
             file.read_exact_at(&mut buf, offset)?;
             return Ok(buf.into());
         }
-        let bs = self.blocks.block_size();
-        let (first, last) = (offset / bs, (end - 1) / bs);
         let (window, random) =
             fhd.readahead
                 .lock()
@@ -737,9 +749,7 @@ impl Fs {
                 .blocks
                 .get_small(&*self.store, &object, offset..end, &target.pin, target.size)
                 .await?;
-            if let Some(t) = fhd.target.lock().as_mut() {
-                t.served = true;
-            }
+            fhd.served();
             return Ok(data);
         }
         self.read_ahead(&target, last, window);
@@ -749,9 +759,7 @@ impl Fs {
             async move { blocks.get(store, &bk, pin, target.size).await }
         }))
         .await?;
-        if let Some(t) = fhd.target.lock().as_mut() {
-            t.served = true;
-        }
+        fhd.served();
         Ok(span_of(&parts, offset, end, first * bs, bs))
     }
 
@@ -767,12 +775,11 @@ impl Fs {
         }
         self.follow_own_changes(fhd);
         let target = fhd.target.lock().clone()?;
-        let end = (offset + u64::from(size)).min(target.size);
-        if offset >= end || target.kept.is_some() {
+        let bs = self.blocks.block_size();
+        let (end, first, last) = target.span(offset, u64::from(size), bs)?;
+        if target.kept.is_some() {
             return None;
         }
-        let bs = self.blocks.block_size();
-        let (first, last) = (offset / bs, (end - 1) / bs);
         let parts = (first..=last)
             .map(|index| self.blocks.get_cached(&target.block(index)))
             .collect::<Option<Vec<Bytes>>>()?;
@@ -781,9 +788,7 @@ impl Fs {
                 .lock()
                 .advance(offset, end, bs, self.cfg.readahead_max_blocks);
         self.read_ahead(&target, last, window);
-        if let Some(t) = fhd.target.lock().as_mut() {
-            t.served = true;
-        }
+        fhd.served();
         Some(Ok(span_of(&parts, offset, end, first * bs, bs)))
     }
 
