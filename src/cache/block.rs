@@ -26,7 +26,7 @@ use bytes::Bytes;
 use lru::LruCache;
 use parking_lot::Mutex;
 use tokio::sync::OnceCell;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::disk::Disk;
 use crate::store::{ObjectStore, ReadPin, StoreError, StoreResult};
@@ -58,7 +58,9 @@ pub struct BlockCache {
     block_size: u64,
     mem_limit_bytes: u64,
     mem: Mutex<Mem>,
-    pub(super) disk: Option<Arc<Disk>>,
+    /// The disk tier, once open (a tier another mount still holds is
+    /// attached when it lets go).
+    disk: Arc<std::sync::OnceLock<Arc<Disk>>>,
     inflight: Mutex<HashMap<BlockKey, Arc<OnceCell<Bytes>>>>,
     /// Blocks of read-ahead runs waiting for their share of the budget:
     /// a read of one of them wakes its run, which then goes at once.
@@ -76,6 +78,9 @@ pub struct BlockCache {
     pub stats: CacheStats,
 }
 
+/// How long a disk tier another mount holds is waited for.
+const DISK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What a random read fetches at least: a read of 4 KiB costs 64 KiB, not a
 /// block plus read-ahead.
 pub const CHUNK: u64 = 64 * 1024;
@@ -90,7 +95,7 @@ impl BlockCache {
                 lru: LruCache::unbounded(),
                 bytes: 0,
             }),
-            disk: None,
+            disk: Arc::default(),
             inflight: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
             chunks: Mutex::new(Mem {
@@ -114,25 +119,61 @@ impl BlockCache {
     }
 
     /// With a disk tier of `limit_bytes` in `dir` (0 = none). A disk that
-    /// cannot be used is logged and left out.
-    pub fn with_disk(mut self, dir: &Path, limit_bytes: u64) -> Self {
+    /// cannot be used is logged and left out. One another mount holds
+    /// (its daemon still exiting after `umount`, most often) is asked for
+    /// again in the background for `DISK_WAIT`, and used once free.
+    pub fn with_disk(self, dir: &Path, limit_bytes: u64) -> Self {
         if limit_bytes == 0 {
             return self;
         }
-        match Disk::open(dir.to_path_buf(), limit_bytes, self.block_size) {
-            Ok(d) => {
-                debug!(dir = %dir.display(), blocks = d.blocks(), "disk cache opened");
-                self.disk = Some(Arc::new(d));
+        let shown = dir.display().to_string();
+        let (dir, block_size) = (dir.to_path_buf(), self.block_size);
+        let open = move |slot: &std::sync::OnceLock<Arc<Disk>>| -> std::io::Result<()> {
+            let d = Disk::open(dir.clone(), limit_bytes, block_size)?;
+            debug!(dir = %dir.display(), blocks = d.blocks(), "disk cache opened");
+            let _ = slot.set(Arc::new(d));
+            Ok(())
+        };
+        let busy = |e: &std::io::Error| e.kind() == std::io::ErrorKind::WouldBlock;
+        match open(&self.disk) {
+            Ok(()) => {}
+            Err(e) if busy(&e) => {
+                info!(dir = %shown, error = %e, "disk cache used once it is free");
+                let slot = Arc::downgrade(&self.disk);
+                std::thread::spawn(move || {
+                    let (start, mut last) = (std::time::Instant::now(), e);
+                    while start.elapsed() < DISK_WAIT {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        // The cache is gone: nothing to attach to.
+                        let Some(slot) = slot.upgrade() else { return };
+                        match open(&slot) {
+                            Ok(()) => return,
+                            Err(e) => {
+                                let again = busy(&e);
+                                last = e;
+                                if !again {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    warn!(dir = %shown, error = %last, "no disk cache");
+                });
             }
-            Err(e) => warn!(dir = %dir.display(), error = %e, "no disk cache"),
+            Err(e) => warn!(dir = %shown, error = %e, "no disk cache"),
         }
         self
+    }
+
+    /// The disk tier, if open.
+    pub(super) fn disk(&self) -> Option<&Arc<Disk>> {
+        self.disk.get()
     }
 
     /// Gives up to `bytes` of the disk tier back (least recently used
     /// first): staged data needs the room more than cached blocks do.
     pub fn free_disk(&self, bytes: u64) {
-        if let Some(d) = &self.disk {
+        if let Some(d) = self.disk() {
             d.evict_to(d.bytes().saturating_sub(bytes));
         }
     }
@@ -179,7 +220,7 @@ impl BlockCache {
             .get_or_try_init(|| async {
                 let start = bk.index * self.block_size;
                 let end = (start + self.block_size).min(object_size);
-                if let Some(disk) = &self.disk
+                if let Some(disk) = self.disk()
                     && let Some(data) = disk
                         .read(bk)
                         .await
@@ -196,7 +237,7 @@ impl BlockCache {
                     return Err(StoreError::PreconditionFailed);
                 }
                 self.insert(bk.clone(), data.clone());
-                if let Some(disk) = &self.disk {
+                if let Some(disk) = self.disk() {
                     disk.write(bk, data.clone());
                 }
                 Ok(data)
@@ -236,7 +277,7 @@ impl BlockCache {
                 .filter(|bk| !mem.lru.contains(bk))
                 .collect()
         };
-        let wanted: Vec<BlockKey> = match &self.disk {
+        let wanted: Vec<BlockKey> = match self.disk() {
             Some(d) => wanted.into_iter().filter(|bk| !d.holds(bk)).collect(),
             None => wanted,
         };
@@ -287,7 +328,7 @@ impl BlockCache {
                         return Err(StoreError::PreconditionFailed);
                     }
                     self.insert(bk.clone(), block.clone());
-                    if let Some(disk) = &self.disk {
+                    if let Some(disk) = self.disk() {
                         disk.write(bk, block.clone());
                     }
                     Ok(block)
@@ -467,7 +508,7 @@ impl BlockCache {
     /// closes the disk tier cleanly, before the process exits so the next
     /// mount finds them.
     pub async fn settle(&self, limit: std::time::Duration) {
-        let Some(disk) = &self.disk else { return };
+        let Some(disk) = self.disk() else { return };
         let start = std::time::Instant::now();
         while disk.pending.load(Ordering::SeqCst) > 0 && start.elapsed() < limit {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -480,7 +521,7 @@ impl BlockCache {
 
     /// Bytes held on disk.
     pub fn disk_bytes(&self) -> u64 {
-        self.disk.as_ref().map_or(0, |d| d.bytes())
+        self.disk().map_or(0, |d| d.bytes())
     }
 }
 

@@ -303,7 +303,12 @@ impl Disk {
             // Data past the last record: written by a process that died
             // before its record. A record cut short (a full disk) is no
             // slot: the next one handed out there gets a whole record.
-            f.data.set_len(end * size)?;
+            // A record of data the file no longer holds (cut short or
+            // replaced by hand, or by another version) is no block.
+            let data_len = f.data.metadata()?.len();
+            if data_len > end * size {
+                f.data.set_len(end * size)?;
+            }
             f.index.set_len(end * RECORD)?;
             let mut st = self.state.lock();
             st.classes[class].end = end;
@@ -313,8 +318,10 @@ impl Disk {
                     at: at as u64,
                 };
                 match parse_record(r, size) {
-                    Some((id, len, stamp)) => found.push((stamp, id, Entry { slot, len })),
-                    None => st.classes[class].free.push(at as u64),
+                    Some((id, len, stamp)) if slot.at * size + len <= data_len => {
+                        found.push((stamp, id, Entry { slot, len }))
+                    }
+                    _ => st.classes[class].free.push(at as u64),
                 }
             }
             st.classes[class].free.reverse();
@@ -676,7 +683,7 @@ mod tests {
         for direct in [true, false] {
             let dir = tempfile::tempdir().unwrap();
             let c = cache(dir.path(), 8192, 1 << 20);
-            let disk = c.disk.clone().unwrap();
+            let disk = c.disk().cloned().unwrap();
             disk.direct.store(direct, Ordering::Relaxed);
             assert_eq!(read_all(&c, &s, "k", &e, &data).await, 3, "direct {direct}");
             // The same 8 KiB block from an aligned piece and from bytes
@@ -705,7 +712,7 @@ mod tests {
                 0,
                 "direct {direct}"
             );
-            let disk = again.disk.as_ref().unwrap();
+            let disk = again.disk().unwrap();
             for k in ["aligned", "unaligned"] {
                 let got = disk.read(&bk(k, "e", 0)).await;
                 assert_eq!(got.as_deref(), Some(&data[..8192]), "{k}, direct {direct}");
@@ -747,7 +754,7 @@ mod tests {
         let boot = boot_id().expect("a boot id on Linux");
         std::fs::write(state_file(dir.path()), open_marker(Some(&boot))).unwrap();
         let c = cache(dir.path(), 4096, 1 << 20);
-        assert_eq!(c.disk.as_ref().unwrap().blocks(), 2, "blocks 0 and 3 kept");
+        assert_eq!(c.disk().unwrap().blocks(), 2, "blocks 0 and 3 kept");
         assert_eq!(
             read_all(&c, &s, "k", &e, &data).await,
             2,
@@ -797,6 +804,43 @@ mod tests {
         assert_eq!(read_all(&c, &s, "k", &e, &data).await, 0, "all from disk");
     }
 
+    /// A slot file cut short or removed behind its index (by hand, or by
+    /// an older version evicting it as a block file) serves nothing: its
+    /// records past the data are no blocks, and the file is not grown
+    /// with zeros to match them.
+    #[tokio::test]
+    async fn records_past_the_data_are_no_blocks() {
+        let s = MemStore::versioned();
+        let data: Vec<u8> = (1..=250u8).cycle().take(3 * 4096).collect();
+        let e = s.insert("k", &data, Metadata::new()).etag;
+        for cut in [4096, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let c = cache(dir.path(), 4096, 1 << 20);
+            // One at a time: block i in slot i.
+            for i in 0..3 {
+                c.get(&s, &bk("k", &e, i), &pin(&e), data.len() as u64)
+                    .await
+                    .unwrap();
+                c.settle(Duration::from_secs(5)).await;
+            }
+            drop(c);
+            let slots = dir.path().join("slots-4096");
+            if cut == 0 {
+                std::fs::remove_file(&slots).unwrap();
+            } else {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&slots)
+                    .unwrap();
+                f.set_len(cut).unwrap();
+            }
+            let c = cache(dir.path(), 4096, 1 << 20);
+            assert_eq!(c.disk().unwrap().blocks(), (cut / 4096) as usize);
+            let fetched = read_all(&c, &s, "k", &e, &data).await;
+            assert_eq!(fetched, 3 - cut / 4096, "cut at {cut}");
+        }
+    }
+
     /// One index of an object is another range under another block size:
     /// a remount with another `block_size` never serves a block cached
     /// under the old one (here both are 2 bytes long).
@@ -824,7 +868,7 @@ mod tests {
         let s = MemStore::versioned();
         let e = s.insert("k", &[5u8; 30], Metadata::new()).etag;
         let c = BlockCache::new(10, 1000).with_disk(dir.path(), 1 << 20);
-        let disk = c.disk.clone().unwrap();
+        let disk = c.disk().cloned().unwrap();
         disk.pending_bytes.store(DISK_BACKLOG - 5, Ordering::SeqCst);
         c.get(&s, &bk("k", &e, 0), &pin(&e), 30).await.unwrap();
         c.settle(Duration::from_secs(5)).await;
@@ -864,7 +908,7 @@ mod tests {
                 .unwrap();
             c.settle(Duration::from_secs(5)).await;
         }
-        let disk = c.disk.clone().unwrap();
+        let disk = c.disk().cloned().unwrap();
         assert_eq!((disk.blocks(), disk.bytes()), (3, 3 * 4096));
         let len = std::fs::metadata(dir.path().join("slots-4096"))
             .unwrap()
@@ -900,7 +944,7 @@ mod tests {
     async fn a_slot_being_read_is_never_freed_or_reused() {
         let dir = tempfile::tempdir().unwrap();
         let c = BlockCache::new(4096, 1 << 20).with_disk(dir.path(), 1 << 20);
-        let disk = c.disk.clone().unwrap();
+        let disk = c.disk().cloned().unwrap();
         let a = bk("a", "e", 0);
         disk.write(&a, Bytes::from(vec![1u8; 4096]));
         c.settle(Duration::from_secs(5)).await;
@@ -929,14 +973,21 @@ mod tests {
     }
 
     /// Two mounts of one bucket with one cache directory: the second runs
-    /// without a disk tier rather than share its slots.
+    /// without the disk tier while the first holds it (never sharing its
+    /// slots), and gets it once the first let go (a remount right after
+    /// `umount`, the old daemon still exiting).
     #[tokio::test]
-    async fn a_second_mount_of_the_same_directory_has_no_disk_tier() {
+    async fn a_second_mount_of_the_same_directory_waits_for_the_disk_tier() {
         let dir = tempfile::tempdir().unwrap();
         let first = cache(dir.path(), 4096, 1 << 20);
-        assert!(first.disk.is_some());
-        assert!(cache(dir.path(), 4096, 1 << 20).disk.is_none());
+        assert!(first.disk().is_some());
+        let second = cache(dir.path(), 4096, 1 << 20);
+        assert!(second.disk().is_none());
         drop(first);
-        assert!(cache(dir.path(), 4096, 1 << 20).disk.is_some());
+        let start = std::time::Instant::now();
+        while second.disk().is_none() && start.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(second.disk().is_some(), "attached once the first let go");
     }
 }
