@@ -164,9 +164,11 @@ fn open_marker(boot: Option<&str>) -> String {
     format!("open {}\n", boot.unwrap_or("unknown"))
 }
 
+/// Written over the old text, then cut to its length: a write that fails
+/// (a full disk) leaves text that matches no marker, not an empty file.
 fn set_marker(f: &File, text: &str) -> std::io::Result<()> {
-    f.set_len(0)?;
     f.write_all_at(text.as_bytes(), 0)?;
+    f.set_len(text.len() as u64)?;
     f.sync_data()
 }
 
