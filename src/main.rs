@@ -36,19 +36,17 @@ pub static malloc_conf: &[u8] = b"narenas:4,tcache:false\0";
 /// allocated a large listing may sit idle once the table has dropped it.
 fn release_free_memory() {
     // Every arena (MALLCTL_ARENAS_ALL) gives its unused pages back.
-    for name in [c"arena.4096.purge"] {
-        let r = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                name.as_ptr(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        if r != 0 {
-            tracing::debug!(errno = r, ?name, "jemalloc: could not give memory back");
-        }
+    let r = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"arena.4096.purge".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(errno = r, "jemalloc: could not give memory back");
     }
 }
 
