@@ -298,6 +298,8 @@ impl Disk {
         for (class, &size) in self.sizes.iter().enumerate() {
             let index = self.dir.join(format!("slots-{size}.idx"));
             let Ok(records) = std::fs::read(&index) else {
+                // Data without an index holds no block.
+                let _ = std::fs::remove_file(self.dir.join(format!("slots-{size}")));
                 continue;
             };
             let f = self.files(class)?;
@@ -840,6 +842,14 @@ mod tests {
             assert_eq!(c.disk().unwrap().blocks(), (cut / 4096) as usize);
             let fetched = read_all(&c, &s, "k", &e, &data).await;
             assert_eq!(fetched, 3 - cut / 4096, "cut at {cut}");
+            c.settle(Duration::from_secs(5)).await;
+            drop(c);
+            // The index removed: the data holds no block and goes.
+            std::fs::remove_file(slots.with_extension("idx")).unwrap();
+            let c = cache(dir.path(), 4096, 1 << 20);
+            assert_eq!(c.disk_bytes(), 0);
+            assert!(!slots.exists());
+            assert_eq!(read_all(&c, &s, "k", &e, &data).await, 3);
         }
     }
 
