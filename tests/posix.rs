@@ -495,6 +495,19 @@ fn set_user_id_is_cleared_by_writes_truncations_and_chown() {
     );
 }
 
+/// The names an open directory stream reads from where it stands.
+fn read_names(d: *mut libc::DIR) -> Vec<String> {
+    let mut listed = Vec::new();
+    loop {
+        let e = unsafe { libc::readdir(d) };
+        if e.is_null() {
+            return listed;
+        }
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        listed.push(name.to_string_lossy().into_owned());
+    }
+}
+
 /// A directory handle opened before a rename or an unlink lists from its
 /// snapshot; the kernel links each name it is given to its inode. The old
 /// name must not come back pointing at the renamed file (an `O_TRUNC`
@@ -513,15 +526,7 @@ fn a_listing_older_than_a_rename_does_not_bring_the_old_name_back() {
     assert!(!d.is_null());
     std::fs::rename(m.path("g/doc.tmp"), m.path("g/doc")).unwrap();
     std::fs::remove_file(m.path("g/gone")).unwrap();
-    let mut listed = Vec::new();
-    loop {
-        let e = unsafe { libc::readdir(d) };
-        if e.is_null() {
-            break;
-        }
-        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
-        listed.push(name.to_string_lossy().into_owned());
-    }
+    let listed = read_names(d);
     unsafe { libc::closedir(d) };
     // The names may be listed (POSIX leaves it open for a handle older
     // than the change); they must not resolve.
@@ -562,16 +567,8 @@ fn rewinddir_shows_new_entries() {
     let d = unsafe { libc::opendir(dir.as_ptr()) };
     assert!(!d.is_null());
     let list = || {
-        let mut listed = Vec::new();
         unsafe { libc::rewinddir(d) };
-        loop {
-            let e = unsafe { libc::readdir(d) };
-            if e.is_null() {
-                break;
-            }
-            let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
-            listed.push(name.to_string_lossy().into_owned());
-        }
+        let mut listed = read_names(d);
         listed.retain(|n| n != "." && n != "..");
         listed.sort();
         listed

@@ -526,12 +526,12 @@ impl BlockCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::store::memory::MemStore;
     use crate::store::{Metadata, Op};
 
-    fn bk(key: &str, etag: &str, index: u64) -> BlockKey {
+    pub(in crate::cache) fn bk(key: &str, etag: &str, index: u64) -> BlockKey {
         BlockKey {
             key: key.into(),
             etag: etag.into(),
@@ -539,7 +539,7 @@ mod tests {
         }
     }
 
-    fn pin(etag: &str) -> ReadPin {
+    pub(in crate::cache) fn pin(etag: &str) -> ReadPin {
         ReadPin::Etag(etag.into())
     }
 

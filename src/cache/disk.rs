@@ -636,21 +636,10 @@ impl Disk {
 mod tests {
     use super::*;
     use crate::cache::block::BlockCache;
+    use crate::cache::block::tests::{bk, pin};
     use crate::store::memory::MemStore;
-    use crate::store::{Metadata, ObjectStore, Op, ReadPin};
+    use crate::store::{Metadata, ObjectStore, Op};
     use std::time::Duration;
-
-    fn bk(key: &str, etag: &str, index: u64) -> BlockKey {
-        BlockKey {
-            key: key.into(),
-            etag: etag.into(),
-            index,
-        }
-    }
-
-    fn pin(etag: &str) -> ReadPin {
-        ReadPin::Etag(etag.into())
-    }
 
     fn cache(dir: &Path, block_size: u64, limit: u64) -> BlockCache {
         BlockCache::new(block_size, 1 << 20).with_disk(dir, limit)
