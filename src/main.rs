@@ -21,32 +21,31 @@ use bucketfs::{mount, status};
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read when it starts (`_RJEM_MALLOC_CONF` overrides):
-/// few arenas, for a daemon that mostly waits on the network; no
-/// per-thread caches of free objects: each thread's cache kept freed
-/// pieces of a dropped listing from going back (10,000 entries listed and
-/// dropped: RSS 18.7 → 22.8–23.4 MiB with them, 21.5 without), and
-/// turning them off cost no measurable CPU in a cold `ls -l` (the
-/// allocations that matter, of blocks and parts, are too large for them).
+/// few arenas, for a daemon that mostly waits on the network.
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8] = b"narenas:4,tcache:false\0";
+pub static malloc_conf: &[u8] = b"narenas:4\0";
 
 /// Hands the pages jemalloc holds unused back to the system, at once.
 /// jemalloc purges on its own only as threads allocate; the threads that
 /// allocated a large listing may sit idle once the table has dropped it.
 fn release_free_memory() {
-    // Every arena (MALLCTL_ARENAS_ALL) gives its unused pages back.
-    let r = unsafe {
-        tikv_jemalloc_sys::mallctl(
-            c"arena.4096.purge".as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    if r != 0 {
-        tracing::debug!(errno = r, "jemalloc: could not give memory back");
+    // What this thread freed last (the table's nodes, a listing) sits in
+    // its cache of free objects, not in an arena: hand it back first.
+    // Then every arena (MALLCTL_ARENAS_ALL) gives its unused pages back.
+    for name in [c"thread.tcache.flush", c"arena.4096.purge"] {
+        let r = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(errno = r, ?name, "jemalloc: could not give memory back");
+        }
     }
 }
 
