@@ -172,6 +172,23 @@ fn set_marker(f: &File, text: &str) -> std::io::Result<()> {
     f.sync_data()
 }
 
+/// Writes `data` at `at` through an `O_DIRECT` file: from where it lies
+/// when that is as `O_DIRECT` needs (a store's `PieceBuf`), else from an
+/// aligned copy padded to a page.
+fn write_direct(f: &File, data: &[u8], at: u64) -> std::io::Result<()> {
+    let aligned =
+        data.as_ptr().align_offset(PIECE_ALIGN) == 0 && (data.len() as u64).is_multiple_of(PAGE);
+    if aligned {
+        return f.write_all_at(data, at);
+    }
+    let padded = (data.len() as u64).div_ceil(PAGE) * PAGE;
+    let mut buf = PieceBuf::new(padded as usize);
+    buf.fill(data);
+    let zeros = [0u8; PAGE as usize];
+    buf.fill(&zeros[..buf.room()]);
+    f.write_all_at(&buf.freeze(), at)
+}
+
 /// Gives a slot's bytes back to the filesystem (they read as zeros).
 fn punch(f: &File, at: u64, len: u64) -> std::io::Result<()> {
     let r = unsafe {
@@ -391,7 +408,8 @@ impl Disk {
 
     /// Whether a block is on disk (no I/O).
     pub(super) fn holds(&self, bk: &BlockKey) -> bool {
-        self.state.lock().lru.contains(&self.id(bk))
+        let id = self.id(bk);
+        self.state.lock().lru.contains(&id)
     }
 
     pub(super) fn evict(&self) {
@@ -456,9 +474,10 @@ impl Disk {
 
     /// A block from disk, if it is there whole.
     pub(super) async fn read(self: &Arc<Self>, bk: &BlockKey) -> Option<Bytes> {
+        let id = self.id(bk);
         let entry = {
             let mut st = self.state.lock();
-            let e = *st.lru.get(&self.id(bk))?;
+            let e = *st.lru.get(&id)?;
             *st.pins.entry(e.slot).or_default() += 1;
             e
         };
@@ -571,33 +590,12 @@ impl Disk {
             .direct
             .as_ref()
             .filter(|_| self.direct.load(Ordering::Relaxed));
-        let written = match direct {
-            Some(direct) => {
-                let aligned = data.as_ptr().align_offset(PIECE_ALIGN) == 0
-                    && (data.len() as u64).is_multiple_of(PAGE);
-                let r = if aligned {
-                    direct.write_all_at(data, at)
-                } else {
-                    // Copied into an aligned buffer, padded to a page.
-                    let padded = (data.len() as u64).div_ceil(PAGE) * PAGE;
-                    let mut buf = PieceBuf::new(padded as usize);
-                    buf.fill(data);
-                    let zeros = [0u8; PAGE as usize];
-                    buf.fill(&zeros[..buf.room()]);
-                    direct.write_all_at(&buf.freeze(), at)
-                };
-                match r {
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        debug!(dir = %self.dir.display(), "O_DIRECT refused: buffered writes");
-                        self.direct.store(false, Ordering::Relaxed);
-                        None
-                    }
-                    r => Some(r),
-                }
+        match direct.map(|d| write_direct(d, data, at)) {
+            Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                debug!(dir = %self.dir.display(), "O_DIRECT refused: buffered writes");
+                self.direct.store(false, Ordering::Relaxed);
+                f.data.write_all_at(data, at)?;
             }
-            None => None,
-        };
-        match written {
             Some(r) => r?,
             None => f.data.write_all_at(data, at)?,
         }

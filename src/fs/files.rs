@@ -59,6 +59,17 @@ pub struct DirHandle {
     pub read: std::sync::atomic::AtomicBool,
 }
 
+impl DirHandle {
+    /// A handle over a listing not read from yet.
+    pub fn new(entries: Vec<super::DirEntry>, pace: Option<super::meta::PaceGuard>) -> Self {
+        DirHandle {
+            entries,
+            pace,
+            read: false.into(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct FileHandle {
     pub ino: u64,

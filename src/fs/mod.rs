@@ -1257,11 +1257,7 @@ impl Fs {
     /// Opens a directory handle over a snapshot of its entries.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let (entries, pace) = self.list_paced(ino).await?;
-        Ok(self.new_handle(Handle::Dir(DirHandle {
-            entries,
-            pace,
-            read: false.into(),
-        })))
+        Ok(self.new_handle(Handle::Dir(DirHandle::new(entries, pace))))
     }
 
     /// A directory handle read from offset 0 again (`rewinddir`) takes a
@@ -1277,11 +1273,7 @@ impl Fs {
             let (entries, pace) = self.list_paced(ino).await?;
             let mut handles = self.handles.lock();
             if let Some(h) = handles.get_mut(&fh) {
-                *h = Arc::new(Handle::Dir(DirHandle {
-                    entries,
-                    pace,
-                    read: false.into(),
-                }));
+                *h = Arc::new(Handle::Dir(DirHandle::new(entries, pace)));
             }
         }
         Ok(())
