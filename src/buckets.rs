@@ -41,8 +41,8 @@ use crate::cache::block::CacheStats;
 use crate::fs::inodes::ROOT_INO;
 use crate::fs::names::check_name;
 use crate::fs::{
-    Attr, Creator, Defaults, DirEntry, FileKind, Fs, FsConfig, FsError, FsResult, KernelDir,
-    PendingFile, SetAttr, StatFs,
+    Attr, Creator, Defaults, DirEntry, FileKind, Fs, FsConfig, FsError, FsResult, PendingFile,
+    SetAttr, StatFs,
 };
 use crate::store::{Account, Op, StoreError};
 
@@ -919,31 +919,6 @@ impl Buckets {
         }
     }
 
-    /// What the kernel may keep of directory `ino`, just opened as `fh`
-    /// (the top level of every bucket: nothing).
-    pub fn kernel_dir(&self, ino: u64, fh: u64) -> KernelDir {
-        match self.handle(fh) {
-            Ok(Some((fs, ids, fh))) => fs.kernel_dir(split_local(ids, ino), fh),
-            _ => KernelDir::default(),
-        }
-    }
-
-    /// As `Fs::served_to_kernel`.
-    pub fn served_to_kernel(&self, ino: u64, fh: u64) -> Option<Instant> {
-        match self.handle(fh) {
-            Ok(Some((fs, ids, fh))) => fs.served_to_kernel(split_local(ids, ino), fh),
-            _ => None,
-        }
-    }
-
-    /// As `Fs::kernel_dir_expired`.
-    pub fn kernel_dir_expired(&self, ino: u64) -> bool {
-        match self.at_now(ino) {
-            Some(At::Bucket(fs, _, local)) => fs.kernel_dir_expired(local),
-            _ => false,
-        }
-    }
-
     /// The kernel got a reference to an entry of a readdirplus reply.
     pub fn note_lookup(&self, ino: u64) {
         if let Some(At::Bucket(fs, _, local)) = self.at_now(ino) {
@@ -1053,14 +1028,6 @@ impl Buckets {
 
     /// Block cache use, summed over the buckets: (bytes in memory, bytes
     /// on disk, memory hits, disk hits, misses).
-    /// Directory reads the cores answered (`Fs::dir_reads`).
-    pub fn dir_reads(&self) -> u64 {
-        self.cores()
-            .iter()
-            .map(|fs| fs.dir_reads.load(Ordering::Relaxed))
-            .sum()
-    }
-
     pub fn cache_totals(&self) -> (u64, u64, u64, u64, u64) {
         let mut t = (0, 0, 0, 0, 0);
         for fs in self.cores() {

@@ -92,32 +92,6 @@ async fn kill_suid(fs: &Buckets, kernel: &OnceLock<Notifier>, ino: INodeNo) -> F
     Ok(())
 }
 
-/// Entries of directory `dir` were sent to the kernel through handle
-/// `fh`, which it may keep (`FOPEN_CACHE_DIR`): has it drop them when they
-/// expire (`fs::kdirs`). A timer per expiry moved earlier, each ending by
-/// `metadata_ttl` (or a second) from now.
-fn expire_kernel_dir(
-    rt: &tokio::runtime::Handle,
-    fs: &Arc<Buckets>,
-    kernel: &Arc<OnceLock<Notifier>>,
-    dir: INodeNo,
-    fh: FileHandle,
-) {
-    let Some(at) = fs.served_to_kernel(dir.0, fh.0) else {
-        return;
-    };
-    let (fs, kernel) = (fs.clone(), kernel.clone());
-    rt.spawn(async move {
-        tokio::time::sleep_until(at.into()).await;
-        if fs.kernel_dir_expired(dir.0)
-            && let Some(k) = kernel.get()
-            && let Err(e) = k.inval_inode(dir, 0, 0)
-        {
-            debug!(error = %e, ino = dir.0, "could not have the kernel drop a listing");
-        }
-    });
-}
-
 /// The errno of a failure, logged once.
 fn fail(e: &FsError) -> Errno {
     let n = error::errno(e);
@@ -622,13 +596,7 @@ impl Filesystem for FuseFs {
         let fs = self.fs.clone();
         self.spawn(span!("opendir", req, ino = ino.0), async move {
             match fs.opendir(ino.0).await {
-                Ok(fh) => {
-                    let k = fs.kernel_dir(ino.0, fh);
-                    let mut flags = FopenFlags::empty();
-                    flags.set(FopenFlags::FOPEN_CACHE_DIR, k.cache);
-                    flags.set(FopenFlags::FOPEN_KEEP_CACHE, k.keep);
-                    reply.opened(FileHandle(fh), flags)
-                }
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(fail(&e)),
             }
         });
@@ -657,7 +625,6 @@ impl Filesystem for FuseFs {
                     }
                 }
                 reply.ok();
-                expire_kernel_dir(&self.rt, &self.fs, &self.kernel, ino, fh);
             }
             Err(e) => reply.error(fail(&e)),
         }
@@ -671,7 +638,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let (fs, kernel, rt) = (self.fs.clone(), self.kernel.clone(), self.rt.clone());
+        let fs = self.fs.clone();
         self.spawn(
             span!("readdirplus", req, ino = ino.0, fh = fh.0),
             async move {
@@ -708,7 +675,6 @@ impl Filesystem for FuseFs {
                             }
                         }
                         reply.ok();
-                        expire_kernel_dir(&rt, &fs, &kernel, ino, fh);
                     }
                     Err(e) => reply.error(fail(&e)),
                 }

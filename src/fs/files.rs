@@ -55,34 +55,16 @@ pub struct DirHandle {
     pub entries: Vec<super::DirEntry>,
     /// Paces the listing's metadata pass (`meta`) by this reader.
     pub pace: Option<super::meta::PaceGuard>,
-    /// Until when the snapshot's names are this mount's view of the
-    /// directory (`None`: a directory the kernel never keeps).
-    pub names_until: Option<std::time::Instant>,
-    /// Taken from the listing the table held, without a LIST.
-    pub held: bool,
-    /// Opened with the kernel keeping what it reads (`kdirs`).
-    pub kernel_keeps: std::sync::atomic::AtomicBool,
     /// Read from at least once: a read from offset 0 again is a rewind.
     pub read: std::sync::atomic::AtomicBool,
 }
 
-/// A directory's entries as a listing found them.
-pub struct Snapshot {
-    pub entries: Vec<super::DirEntry>,
-    pub pace: Option<super::meta::PaceGuard>,
-    pub names_until: Option<std::time::Instant>,
-    pub held: bool,
-}
-
 impl DirHandle {
     /// A handle over a listing not read from yet.
-    pub fn new(s: Snapshot, kernel_keeps: bool) -> Self {
+    pub fn new(entries: Vec<super::DirEntry>, pace: Option<super::meta::PaceGuard>) -> Self {
         DirHandle {
-            entries: s.entries,
-            pace: s.pace,
-            names_until: s.names_until,
-            held: s.held,
-            kernel_keeps: kernel_keeps.into(),
+            entries,
+            pace,
             read: false.into(),
         }
     }

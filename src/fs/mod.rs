@@ -25,7 +25,6 @@ pub mod attr;
 mod dirtimes;
 mod files;
 pub mod inodes;
-mod kdirs;
 mod meta;
 pub mod names;
 mod namespace;
@@ -43,10 +42,9 @@ use parking_lot::Mutex;
 use tracing::debug;
 
 pub use attr::{Attr, Defaults, FileKind};
-use files::{DirHandle, Handle, OpenFile, Snapshot};
+use files::{DirHandle, Handle, OpenFile};
 pub use files::{PendingFile, SetAttr, killed_perm};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
-pub use kdirs::KernelDir;
 pub use meta::{METADATA_AHEAD, RELIST_AFTER};
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;
@@ -279,11 +277,6 @@ pub struct Fs {
     marker_meta: tokio::sync::Mutex<()>,
     /// Uploads running now, by inode (for `status`).
     uploads: Mutex<HashMap<u64, Arc<crate::write::Progress>>>,
-    /// What the kernel may keep of each directory's listing.
-    kernel_dirs: kdirs::KernelDirs,
-    /// Directory reads answered (readdir and readdirplus), for `status`:
-    /// none while the kernel serves a listing it kept.
-    pub dir_reads: AtomicU64,
     blocks: Arc<BlockCache>,
     next_fh: AtomicU64,
     odd: OddKeys,
@@ -372,8 +365,6 @@ impl Fs {
             dir_times_wake: Arc::new(tokio::sync::Notify::new()),
             marker_meta: tokio::sync::Mutex::new(()),
             uploads: Mutex::new(HashMap::new()),
-            kernel_dirs: Default::default(),
-            dir_reads: AtomicU64::new(0),
             next_fh: AtomicU64::new(1),
             odd: OddKeys::default(),
             versions: versions::VersionCache::default(),
@@ -916,14 +907,12 @@ impl Fs {
 
     /// Every entry of a directory, "." and ".." first.
     pub async fn list(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
-        Ok(self.list_paced(ino).await?.entries)
+        Ok(self.list_paced(ino).await?.0)
     }
 
     /// The same, with what paces the listing's metadata pass (`meta`): the
     /// holder of the guard reads the entries.
-    /// A listing within `metadata_ttl` of the last is served from the
-    /// table when it holds every entry fresh (`listing_held`).
-    async fn list_paced(&self, ino: u64) -> FsResult<Snapshot> {
+    async fn list_paced(&self, ino: u64) -> FsResult<(Vec<DirEntry>, Option<meta::PaceGuard>)> {
         let _ns = self.ns.read().await;
         let (key, parent) = {
             let t = self.table.lock();
@@ -955,37 +944,13 @@ impl Fs {
                         kind: FileKind::Dir,
                     });
                 }
-                let held = match self.cfg.as_of {
-                    None => self.listing_held(ino),
-                    Some(_) => None,
-                };
-                let (entries, pace, held) = match held {
-                    Some(entries) => {
-                        debug!(dir, entries = entries.len(), "listing held");
-                        (entries, None, true)
-                    }
-                    None => {
-                        let (entries, pace) = self.list_dir(ino, &dir, out.len(), None).await?;
-                        (entries, pace, false)
-                    }
-                };
+                let (entries, pace) = self.list_dir(ino, &dir, out.len(), None).await?;
                 out.extend(entries);
-                let names_until = self.table.lock().get(ino).and_then(|n| n.listed_until);
-                return Ok(Snapshot {
-                    entries: out,
-                    pace,
-                    names_until,
-                    held,
-                });
+                return Ok((out, pace));
             }
             other => out.extend(self.versions_list(ino, other).await?),
         }
-        Ok(Snapshot {
-            entries: out,
-            pace: None,
-            names_until: None,
-            held: false,
-        })
+        Ok((out, None))
     }
 
     /// Lists a directory with ListObjectsV2 (`/` delimiter, paginated) and
@@ -1004,6 +969,13 @@ impl Fs {
         before: usize,
         again_from: Option<&str>,
     ) -> FsResult<(Vec<DirEntry>, Option<meta::PaceGuard>)> {
+        if again_from.is_none()
+            && self.cfg.as_of.is_none()
+            && let Some(out) = self.listing_held(ino)
+        {
+            debug!(dir, entries = out.len(), "listing held");
+            return Ok((out, None));
+        }
         let prefix = self.dir_prefix(dir);
         let mut early = self.meta.early_batch();
         // HEADs started before the last page: the first window's.
@@ -1284,41 +1256,8 @@ impl Fs {
 
     /// Opens a directory handle over a snapshot of its entries.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let snapshot = self.list_paced(ino).await?;
-        Ok(self.new_handle(Handle::Dir(DirHandle::new(snapshot, false))))
-    }
-
-    /// What the kernel may keep of directory `ino`, just opened as `fh`
-    /// (`kdirs`): asked once, before the open's reply.
-    pub fn kernel_dir(&self, ino: u64, fh: u64) -> KernelDir {
-        let Some(h) = self.handles.lock().get(&fh).cloned() else {
-            return KernelDir::default();
-        };
-        let Handle::Dir(d) = &*h else {
-            return KernelDir::default();
-        };
-        let k = self.kernel_dirs.opened(ino, d.names_until, d.held);
-        d.kernel_keeps
-            .store(k.cache, std::sync::atomic::Ordering::Relaxed);
-        k
-    }
-
-    /// Entries of directory `ino` read through handle `fh` were sent to
-    /// the kernel: when it must drop them, if a timer is to be set for
-    /// that (then `kernel_dir_expired` once it fires).
-    pub fn served_to_kernel(&self, ino: u64, fh: u64) -> Option<Instant> {
-        let h = self.handles.lock().get(&fh).cloned()?;
-        match &*h {
-            Handle::Dir(d) if d.kernel_keeps.load(std::sync::atomic::Ordering::Relaxed) => {
-                self.kernel_dirs.served(ino, d.names_until)
-            }
-            _ => None,
-        }
-    }
-
-    /// Whether the kernel must drop the listing of directory `ino` now.
-    pub fn kernel_dir_expired(&self, ino: u64) -> bool {
-        self.kernel_dirs.expired(ino)
+        let (entries, pace) = self.list_paced(ino).await?;
+        Ok(self.new_handle(Handle::Dir(DirHandle::new(entries, pace))))
     }
 
     /// A directory handle read from offset 0 again (`rewinddir`) takes a
@@ -1326,16 +1265,15 @@ impl Fs {
     /// show the directory as it is now (within `metadata_ttl`, this
     /// mount's listing, as for `opendir`).
     async fn rewind(&self, ino: u64, fh: u64) -> FsResult<()> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let (rewound, kernel_keeps) = match self.handles.lock().get(&fh).map(|h| &**h) {
-            Some(Handle::Dir(d)) => (d.read.load(Relaxed), d.kernel_keeps.load(Relaxed)),
+        let rewound = match self.handles.lock().get(&fh).map(|h| &**h) {
+            Some(Handle::Dir(d)) => d.read.load(std::sync::atomic::Ordering::Relaxed),
             _ => return Err(FsError::BadHandle),
         };
         if rewound {
-            let snapshot = self.list_paced(ino).await?;
+            let (entries, pace) = self.list_paced(ino).await?;
             let mut handles = self.handles.lock();
             if let Some(h) = handles.get_mut(&fh) {
-                *h = Arc::new(Handle::Dir(DirHandle::new(snapshot, kernel_keeps)));
+                *h = Arc::new(Handle::Dir(DirHandle::new(entries, pace)));
             }
         }
         Ok(())
@@ -1354,8 +1292,6 @@ impl Fs {
             // rest of a large listing on every call would be quadratic.
             Handle::Dir(d) => {
                 d.read.store(true, std::sync::atomic::Ordering::Relaxed);
-                self.dir_reads
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(d.entries
                     .iter()
                     .skip(offset as usize)
