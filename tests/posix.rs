@@ -8,6 +8,7 @@ mod common;
 
 use std::ffi::OsStr;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -587,6 +588,95 @@ fn rewinddir_shows_new_entries() {
         shown,
         "another client's object after the TTL (a new opendir: {fresh:?})"
     );
+}
+
+/// Names in directory `rel` of the mount, sorted, by a new opendir.
+fn names_in(m: &Mount, rel: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(m.path(rel))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Names of one getdents64 call on `fd` with a buffer of `size` bytes
+/// (glibc's readdir asks for 32 KiB at once: this keeps a reader partway).
+fn getdents(fd: i32, size: usize) -> Vec<String> {
+    let mut buf = vec![0u8; size];
+    let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), size) };
+    assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+    let mut names = Vec::new();
+    let mut at = 0;
+    while at < n as usize {
+        // struct linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name
+        let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+        let name = std::ffi::CStr::from_bytes_until_nul(&buf[at + 19..at + reclen]).unwrap();
+        names.push(name.to_string_lossy().into_owned());
+        at += reclen;
+    }
+    names
+}
+
+/// A directory handle opened before this mount creates a file and read
+/// only after it must not make a new `opendir` miss the file: whatever
+/// that handle was given (its snapshot) is no listing of the directory now.
+#[test]
+fn a_handle_read_after_a_create_leaves_new_listings_whole() {
+    let b = Bucket::new(server(), "oldhandle", false);
+    let m = Mount::new(&b, "metadata_ttl=600");
+    std::fs::create_dir(m.path("d")).unwrap();
+    std::fs::write(m.path("d/a"), b"a").unwrap();
+    assert_eq!(names_in(&m, "d"), ["a"]);
+    let dir = std::fs::File::open(m.path("d")).unwrap();
+    std::fs::write(m.path("d/new"), b"n").unwrap();
+    // Read as `os.listdir(fd)` reads it: a stream over a copy of the
+    // descriptor, rewound, read to its end, closed.
+    let copy = unsafe { libc::dup(dir.as_raw_fd()) };
+    let d = unsafe { libc::fdopendir(copy) };
+    assert!(!d.is_null());
+    unsafe { libc::rewinddir(d) };
+    let read = read_names(d);
+    unsafe { libc::closedir(d) };
+    assert!(read.contains(&"a".to_string()));
+    assert_eq!(names_in(&m, "d"), ["a", "new"]);
+    drop(dir);
+    assert_eq!(names_in(&m, "d"), ["a", "new"]);
+}
+
+/// A loop that removes each entry as it reads it (as `rm -r` does), while
+/// another process lists the directory between its reads, sees every
+/// name once, never one it removed already, and leaves the directory empty.
+#[test]
+fn removing_entries_while_reading_beside_other_listings_misses_none() {
+    let b = Bucket::new(server(), "rmwhile", false);
+    let m = Mount::new(&b, "metadata_ttl=600");
+    std::fs::create_dir(m.path("d")).unwrap();
+    let n = 120;
+    for i in 0..n {
+        std::fs::write(m.path(&format!("d/f{i:04}")), b"").unwrap();
+    }
+    assert_eq!(names_in(&m, "d").len(), n);
+    let dir = std::fs::File::open(m.path("d")).unwrap();
+    let mut seen = std::collections::BTreeMap::<String, u32>::new();
+    let mut gone = Vec::new();
+    for _ in 0..10 * n {
+        let names = getdents(dir.as_raw_fd(), 1024);
+        if names.is_empty() {
+            break;
+        }
+        for name in names.into_iter().filter(|n| n != "." && n != "..") {
+            if let Err(e) = std::fs::remove_file(m.path(&format!("d/{name}"))) {
+                gone.push(format!("{name}: {e}"));
+            }
+            *seen.entry(name).or_default() += 1;
+        }
+        names_in(&m, "d"); // someone else's ls
+    }
+    assert!(gone.is_empty(), "removed already: {gone:?}");
+    assert_eq!(seen.len(), n, "names seen");
+    assert!(seen.values().all(|&k| k == 1), "twice: {seen:?}");
+    assert_eq!(names_in(&m, "d"), Vec::<String>::new());
 }
 
 /// What is below a renamed directory keeps its times to the nanosecond:
