@@ -21,10 +21,16 @@ use bucketfs::{mount, status};
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read when it starts (`_RJEM_MALLOC_CONF` overrides):
-/// few arenas, for a daemon that mostly waits on the network.
+/// few arenas, for a daemon that mostly waits on the network; slabs of 16
+/// pages for every small size class (1 to 8 by default), so a large
+/// listing's nodes take a sixteenth of the slabs, each with a header in
+/// jemalloc's own metadata, which it never gives back. A 200,000-entry
+/// listing here: peak RSS 193–194 → 173–189 MiB, after the sweep
+/// 27.7–28.6 → 24.9–26.7 MiB (2 runs each, /tmp scripts); the daemon's
+/// CPU for a cold `ls -l` of 10,000 entries within its noise.
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8] = b"narenas:4\0";
+pub static malloc_conf: &[u8] = b"narenas:4,slab_sizes:1-4096:16\0";
 
 /// Hands the pages jemalloc holds unused back to the system, at once.
 /// jemalloc purges on its own only as threads allocate; the threads that
