@@ -679,6 +679,53 @@ fn removing_entries_while_reading_beside_other_listings_misses_none() {
     assert_eq!(names_in(&m, "d"), Vec::<String>::new());
 }
 
+/// One pass over a directory, read a little at a time, while another
+/// client removes an entry it has passed and, once the listing's time is
+/// up, another process lists the directory again: every entry that was
+/// there all along comes exactly once.
+#[test]
+fn a_pass_over_a_directory_listed_again_meanwhile_skips_and_repeats_nothing() {
+    let b = Bucket::new(server(), "passrelist", false);
+    let all: Vec<String> = (0..120).map(|i| format!("f{i:04}")).collect();
+    for n in &all {
+        b.put(&format!("p/{n}"), b"");
+    }
+    let m = Mount::new(&b, "metadata_ttl=1");
+    assert_eq!(names_in(&m, "p"), all);
+    let dir = std::fs::File::open(m.path("p")).unwrap();
+    let mut read = getdents(dir.as_raw_fd(), 1024);
+    assert!(read.len() > 10 && read.len() < 60, "{}", read.len());
+    rt().block_on(
+        b.client
+            .delete_object()
+            .bucket(&b.name)
+            .key("p/f0005")
+            .send(),
+    )
+    .unwrap();
+    // Another process's listing, once it shows the removal (a new LIST).
+    assert!(
+        poll(Duration::from_secs(20), || !names_in(&m, "p")
+            .contains(&"f0005".to_string())),
+        "the removal never showed"
+    );
+    for _ in 0..100 {
+        let names = getdents(dir.as_raw_fd(), 1024);
+        if names.is_empty() {
+            break;
+        }
+        read.extend(names);
+    }
+    read.retain(|n| n != "." && n != ".." && n != "f0005");
+    let mut sorted = read.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), read.len(), "a name came twice");
+    let mut want = all.clone();
+    want.retain(|n| n != "f0005");
+    assert_eq!(sorted, want, "names there all along");
+}
+
 /// What is below a renamed directory keeps its times to the nanosecond:
 /// they are stored with their nanoseconds, as s3fs-fuse stores them, so
 /// reading them back after the move (the keys were copied) changes nothing.
