@@ -399,15 +399,7 @@ fn buckets_another_client_makes_or_removes_come_and_go() {
         fs::read(m.path(&format!("{name}/f.txt"))).unwrap(),
         b"theirs"
     );
-    rt().block_on(
-        other
-            .client
-            .delete_object()
-            .bucket(&name)
-            .key("f.txt")
-            .send(),
-    )
-    .unwrap();
+    other.delete("f.txt");
     rt().block_on(other.client.delete_bucket().bucket(&name).send())
         .unwrap();
     assert!(!top_names(&m).contains(&name));

@@ -1313,14 +1313,7 @@ fn bucketfs_url_of_a_version_and_on_a_requester_pays_bucket() {
     b.put("doc.txt", b"version one");
     b.put("doc.txt", b"version two");
     b.put("gone.txt", b"soon deleted");
-    rt().block_on(
-        b.client
-            .delete_object()
-            .bucket(&b.name)
-            .key("gone.txt")
-            .send(),
-    )
-    .unwrap();
+    b.delete("gone.txt");
     let proxy = Proxy::start(server().endpoint.trim_start_matches("http://"));
     proxy.require_requester_pays();
     let via = Bucket {

@@ -286,8 +286,7 @@ fn versions_grant_no_more_than_the_file() {
         );
     }
     b.put_meta("shared.sh", b"#!/bin/sh\n", &[("mode", "33261")]);
-    rt().block_on(b.client.delete_object().bucket(&b.name).key("gone").send())
-        .unwrap();
+    b.delete("gone");
     let d = m.dir.display();
     for name in ["secret", "gone"] {
         let (ok, err) = as_user(

@@ -219,6 +219,18 @@ impl Bucket {
         self.put_meta(key, data, &[]);
     }
 
+    /// Deletes `key`, as another client would.
+    pub fn delete(&self, key: &str) {
+        rt().block_on(
+            self.client
+                .delete_object()
+                .bucket(&self.name)
+                .key(key)
+                .send(),
+        )
+        .unwrap();
+    }
+
     pub fn put_meta(&self, key: &str, data: &[u8], meta: &[(&str, &str)]) {
         let mut req = self
             .client
