@@ -41,8 +41,8 @@ use crate::cache::block::CacheStats;
 use crate::fs::inodes::ROOT_INO;
 use crate::fs::names::check_name;
 use crate::fs::{
-    Attr, Creator, Defaults, DirEntry, FileKind, Fs, FsConfig, FsError, FsResult, PendingFile,
-    SetAttr, StatFs,
+    Attr, Creator, Defaults, DirEntry, DirPage, FileKind, Fs, FsConfig, FsError, FsResult,
+    KernelDir, PendingFile, SetAttr, StatFs,
 };
 use crate::store::{Account, Op, StoreError};
 
@@ -860,23 +860,64 @@ impl Buckets {
         }
     }
 
-    /// Entries of an open directory (`ino`) from `offset` on.
-    pub fn readdir(&self, ino: u64, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+    /// Entries of an open directory (`ino`) after position `offset`, each
+    /// with its position; `None`: it must be listed first
+    /// (`readdir_listed`).
+    pub fn readdir(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+    ) -> FsResult<Option<DirPage<(u64, DirEntry)>>> {
         match (self.handle(fh)?, &self.inner) {
-            (None, Inner::All(all)) => {
-                let st = all.state.lock();
-                let entries = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
-                Ok(entries.iter().skip(offset as usize).cloned().collect())
-            }
+            (None, Inner::All(all)) => Ok(Some(Self::top_entries(all, fh, offset)?)),
             (None, Inner::One(_)) => Err(FsError::BadHandle),
             (Some((fs, ids, fh)), _) => {
                 let dir = split_local(ids, ino);
                 fs.readdir(fh, offset)?
-                    .into_iter()
-                    .map(|e| ids.entry(dir, e))
-                    .collect()
+                    .map(|p| Self::global_page(p, |(o, e)| Ok((o, ids.entry(dir, e)?))))
+                    .transpose()
             }
         }
+    }
+
+    /// As `readdir`, listing the directory first if need be.
+    pub async fn readdir_listed(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+    ) -> FsResult<DirPage<(u64, DirEntry)>> {
+        match (self.handle(fh)?, &self.inner) {
+            (None, Inner::All(all)) => Self::top_entries(all, fh, offset),
+            (None, Inner::One(_)) => Err(FsError::BadHandle),
+            (Some((fs, ids, fh)), _) => {
+                let dir = split_local(ids, ino);
+                let p = fs.readdir_listed(dir, fh, offset).await?;
+                Self::global_page(p, |(o, e)| Ok((o, ids.entry(dir, e)?)))
+            }
+        }
+    }
+
+    /// A core's page with global inode numbers.
+    fn global_page<T, U>(p: DirPage<T>, global: impl Fn(T) -> FsResult<U>) -> FsResult<DirPage<U>> {
+        Ok(DirPage {
+            entries: p.entries.into_iter().map(global).collect::<FsResult<_>>()?,
+            expire_at: p.expire_at,
+        })
+    }
+
+    /// Entries of the top level (every bucket) after `offset`, an index.
+    fn top_entries(all: &All, fh: u64, offset: u64) -> FsResult<DirPage<(u64, DirEntry)>> {
+        let st = all.state.lock();
+        let entries = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+        Ok(DirPage {
+            entries: (offset..)
+                .zip(entries.iter().skip(offset as usize))
+                .map(|(i, e)| (i + 1, e.clone()))
+                .collect(),
+            expire_at: None,
+        })
     }
 
     /// As `Fs::readdirplus`.
@@ -885,38 +926,56 @@ impl Buckets {
         ino: u64,
         fh: u64,
         offset: u64,
-    ) -> FsResult<Vec<(u64, DirEntry, Attr, bool, bool)>> {
+    ) -> FsResult<DirPage<(u64, DirEntry, Attr, bool, bool)>> {
         match (self.handle(fh)?, &self.inner) {
             (None, Inner::All(all)) => {
-                let entries = self.readdir(ino, fh, offset)?;
-                Ok(entries
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, e)| {
-                        let a = if e.ino == ROOT_INO {
-                            Self::top_attr(all)
-                        } else {
-                            // The core's root attributes when it has
-                            // any, else what it will start with.
-                            self.getattr_cached(e.ino)
-                                .unwrap_or_else(|| Self::bucket_attr(all, e.ino))
-                        };
-                        (offset + i as u64, e, a, false, true)
-                    })
-                    .collect())
+                let page = Self::top_entries(all, fh, offset)?;
+                Self::global_page(page, |(o, e)| {
+                    let a = if e.ino == ROOT_INO {
+                        Self::top_attr(all)
+                    } else {
+                        // The core's root attributes when it has
+                        // any, else what it will start with.
+                        self.getattr_cached(e.ino)
+                            .unwrap_or_else(|| Self::bucket_attr(all, e.ino))
+                    };
+                    Ok((o, e, a, false, true))
+                })
             }
             (None, Inner::One(_)) => Err(FsError::BadHandle),
             (Some((fs, ids, fh)), _) => {
                 let dir = split_local(ids, ino);
-                fs.readdirplus(dir, fh, offset)
-                    .await?
-                    .into_iter()
-                    .map(|(i, e, a, counted, own)| {
-                        Ok((i, ids.entry(dir, e)?, ids.attr(a)?, counted, own))
-                    })
-                    .collect()
+                let page = fs.readdirplus(dir, fh, offset).await?;
+                Self::global_page(page, |(o, e, a, counted, own)| {
+                    Ok((o, ids.entry(dir, e)?, ids.attr(a)?, counted, own))
+                })
             }
         }
+    }
+
+    /// What the kernel may keep of directory `ino`, just opened as `fh`
+    /// (the top level of every bucket: nothing).
+    pub fn kernel_dir(&self, ino: u64, fh: u64) -> KernelDir {
+        match self.handle(fh) {
+            Ok(Some((fs, ids, fh))) => fs.kernel_dir(split_local(ids, ino), fh),
+            _ => KernelDir::default(),
+        }
+    }
+
+    /// As `Fs::kernel_dir_expired`.
+    pub fn kernel_dir_expired(&self, ino: u64) -> bool {
+        match self.at_now(ino) {
+            Some(At::Bucket(fs, _, local)) => fs.kernel_dir_expired(local),
+            _ => false,
+        }
+    }
+
+    /// Directory reads the cores answered (`Fs::dir_reads`).
+    pub fn dir_reads(&self) -> u64 {
+        self.cores()
+            .iter()
+            .map(|fs| fs.dir_reads.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// The kernel got a reference to an entry of a readdirplus reply.
@@ -1149,10 +1208,12 @@ mod tests {
         assert_eq!((top.kind, top.perm), (FileKind::Dir, 0o700));
         let fh = b.opendir(ROOT_INO).await.unwrap();
         let names: Vec<String> = b
-            .readdir(ROOT_INO, fh, 0)
+            .readdir_listed(ROOT_INO, fh, 0)
+            .await
             .unwrap()
+            .entries
             .into_iter()
-            .map(|e| e.name)
+            .map(|(_, e)| e.name)
             .collect();
         assert_eq!(names, [".", "..", "alpha", "beta"]);
         b.releasedir(fh);
@@ -1172,8 +1233,8 @@ mod tests {
         b.release(hb).await.unwrap();
         // `..` of a bucket's root is the top level.
         let fh = b.opendir(alpha.ino).await.unwrap();
-        let dots = b.readdir(alpha.ino, fh, 0).unwrap();
-        assert_eq!((dots[0].ino, dots[1].ino), (alpha.ino, ROOT_INO));
+        let dots = b.readdir_listed(alpha.ino, fh, 0).await.unwrap().entries;
+        assert_eq!((dots[0].1.ino, dots[1].1.ino), (alpha.ino, ROOT_INO));
         b.releasedir(fh);
 
         let e = b

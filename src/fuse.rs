@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::buckets::Buckets;
 use crate::error;
-use crate::fs::{Attr, Creator, FileKind, FsError, FsResult, SetAttr};
+use crate::fs::{Attr, Creator, DirEntry, DirPage, FileKind, FsError, FsResult, SetAttr};
 
 const MAX_WRITE_BYTES: u32 = 1024 * 1024;
 const MAX_READAHEAD_BYTES: u32 = 1024 * 1024;
@@ -90,6 +90,50 @@ async fn kill_suid(fs: &Buckets, kernel: &OnceLock<Notifier>, ino: INodeNo) -> F
         debug!(error = %e, "could not invalidate the kernel's attributes");
     }
     Ok(())
+}
+
+/// The kernel keeps entries of directory `dir` it was sent, until `at`
+/// (`fs::kdirs`): a timer has it drop them then, unless they were dropped
+/// or the drop moved meanwhile.
+fn expire_kernel_dir(
+    rt: &tokio::runtime::Handle,
+    fs: &Arc<Buckets>,
+    kernel: &Arc<OnceLock<Notifier>>,
+    dir: INodeNo,
+    at: Option<std::time::Instant>,
+) {
+    let Some(at) = at else {
+        return;
+    };
+    let (fs, kernel) = (fs.clone(), kernel.clone());
+    rt.spawn(async move {
+        tokio::time::sleep_until(at.into()).await;
+        if fs.kernel_dir_expired(dir.0)
+            && let Some(k) = kernel.get()
+            && let Err(e) = k.inval_inode(dir, 0, 0)
+        {
+            debug!(error = %e, ino = dir.0, "could not have the kernel drop a listing");
+        }
+    });
+}
+
+/// Sends a page of a plain directory read, then has the kernel drop what
+/// it keeps of the directory when that expires.
+fn send_dir_page(
+    rt: &tokio::runtime::Handle,
+    fs: &Arc<Buckets>,
+    kernel: &Arc<OnceLock<Notifier>>,
+    dir: INodeNo,
+    page: DirPage<(u64, DirEntry)>,
+    mut reply: ReplyDirectory,
+) {
+    for (pos, e) in &page.entries {
+        if reply.add(INodeNo(e.ino), *pos, file_type(e.kind), &e.name) {
+            break;
+        }
+    }
+    reply.ok();
+    expire_kernel_dir(rt, fs, kernel, dir, page.expire_at);
 }
 
 /// The errno of a failure, logged once.
@@ -596,7 +640,13 @@ impl Filesystem for FuseFs {
         let fs = self.fs.clone();
         self.spawn(span!("opendir", req, ino = ino.0), async move {
             match fs.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => {
+                    let k = fs.kernel_dir(ino.0, fh);
+                    let mut flags = FopenFlags::empty();
+                    flags.set(FopenFlags::FOPEN_CACHE_DIR, k.cache);
+                    flags.set(FopenFlags::FOPEN_KEEP_CACHE, k.keep);
+                    reply.opened(FileHandle(fh), flags)
+                }
                 Err(e) => reply.error(fail(&e)),
             }
         });
@@ -608,26 +658,26 @@ impl Filesystem for FuseFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        // Served from the snapshot taken at opendir: no I/O.
-        let _s = span!("readdir", req, ino = ino.0, fh = fh.0).entered();
-        match self.fs.readdir(ino.0, fh.0, offset) {
-            Ok(entries) => {
-                for (i, e) in entries.iter().enumerate() {
-                    if reply.add(
-                        INodeNo(e.ino),
-                        offset + i as u64 + 1,
-                        file_type(e.kind),
-                        &e.name,
-                    ) {
-                        break;
+        // Served from the handle's listing, without a task, unless the
+        // directory changed since and must be listed again.
+        let span = span!("readdir", req, ino = ino.0, fh = fh.0);
+        let page = match span.in_scope(|| self.fs.readdir(ino.0, fh.0, offset)) {
+            Ok(Some(page)) => page,
+            Ok(None) => {
+                let (fs, kernel, rt) = (self.fs.clone(), self.kernel.clone(), self.rt.clone());
+                return self.spawn(span, async move {
+                    match fs.readdir_listed(ino.0, fh.0, offset).await {
+                        Ok(page) => send_dir_page(&rt, &fs, &kernel, ino, page, reply),
+                        Err(e) => reply.error(fail(&e)),
                     }
-                }
-                reply.ok();
+                });
             }
-            Err(e) => reply.error(fail(&e)),
-        }
+            Err(e) => return reply.error(fail(&e)),
+        };
+        let _s = span.entered();
+        send_dir_page(&self.rt, &self.fs, &self.kernel, ino, page, reply);
     }
 
     fn readdirplus(
@@ -638,14 +688,14 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let fs = self.fs.clone();
+        let (fs, kernel, rt) = (self.fs.clone(), self.kernel.clone(), self.rt.clone());
         self.spawn(
             span!("readdirplus", req, ino = ino.0, fh = fh.0),
             async move {
                 match fs.readdirplus(ino.0, fh.0, offset).await {
-                    Ok(entries) => {
+                    Ok(DirPage { entries, expire_at }) => {
                         let mut sent = entries.len();
-                        for (k, (index, e, a, counted, own)) in entries.iter().enumerate() {
+                        for (k, (pos, e, a, counted, own)) in entries.iter().enumerate() {
                             // Attributes not read from the object itself must
                             // not be kept (nor permission-checked) by the kernel.
                             let ttl = if *own {
@@ -655,7 +705,7 @@ impl Filesystem for FuseFs {
                             };
                             if reply.add(
                                 INodeNo(e.ino),
-                                index + 1,
+                                *pos,
                                 &e.name,
                                 &ttl,
                                 &file_attr(a),
@@ -675,6 +725,7 @@ impl Filesystem for FuseFs {
                             }
                         }
                         reply.ok();
+                        expire_kernel_dir(&rt, &fs, &kernel, ino, expire_at);
                     }
                     Err(e) => reply.error(fail(&e)),
                 }

@@ -133,6 +133,10 @@ pub fn report(b: &Buckets, info: &MountInfo) -> String {
     s += &format!(
         "block cache: {mem} bytes in memory, {disk} bytes on disk; {hits} memory hits, {disk_hits} disk hits, {misses} misses ({rate:.1}% hit rate)\n",
     );
+    s += &format!(
+        "directory reads answered: {} (none while the kernel serves a listing it kept)\n",
+        b.dir_reads()
+    );
     s += "S3 requests:\n";
     let counts = b.requests();
     if counts.is_empty() {

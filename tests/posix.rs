@@ -597,6 +597,75 @@ fn names_in(m: &Mount, rel: &str) -> Vec<String> {
     v
 }
 
+/// Directory reads the mount answered, from `bucketfs status`.
+fn dir_reads(m: &Mount) -> u64 {
+    let out = command().arg("status").arg(&m.dir).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("directory reads answered: "))
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .expect("status reports directory reads")
+}
+
+/// Within `metadata_ttl` the kernel serves a listing again from what it
+/// kept (`ls -l` again: no directory read reaches the mount, so no
+/// readdirplus makes it drop every entry's cached ACL), and this mount's
+/// own changes still show at once; another client's object does not
+/// before the TTL has passed.
+#[test]
+fn the_kernel_serves_a_current_listing_again() {
+    let b = Bucket::new(server(), "kdirkeep", false);
+    for i in 0..40 {
+        b.put(&format!("k/f{i:02}"), b"x");
+    }
+    let m = Mount::new(&b, "metadata_ttl=600");
+    assert_eq!(names_in(&m, "k").len(), 40);
+    let reads = dir_reads(&m);
+    assert!(reads > 0);
+    let listed = sh(&m.dir, "ls -l k");
+    assert_eq!(listed.lines().count(), 41, "{listed}");
+    assert_eq!(dir_reads(&m), reads, "ls -l again within the TTL");
+    // This mount's own changes, at once.
+    std::fs::write(m.path("k/mine"), b"m").unwrap();
+    std::fs::remove_file(m.path("k/f00")).unwrap();
+    std::fs::rename(m.path("k/f01"), m.path("k/g01")).unwrap();
+    let now = names_in(&m, "k");
+    assert!(now.contains(&"mine".to_string()) && now.contains(&"g01".to_string()));
+    assert!(!now.contains(&"f00".to_string()) && !now.contains(&"f01".to_string()));
+    assert_eq!(now.len(), 40);
+    // Another client's object: not before the TTL (600 s) has passed.
+    b.put("k/theirs", b"t");
+    assert_eq!(names_in(&m, "k"), now);
+}
+
+/// Once the TTL has passed, another client's object shows to a new
+/// opendir and to a handle kept open across it and rewound: the kernel is
+/// told to drop the listing it kept (it would otherwise serve a rewind
+/// from it, asking nothing).
+#[test]
+fn a_kept_listing_is_dropped_when_it_expires() {
+    let b = Bucket::new(server(), "kdirexpire", false);
+    b.put("k/old", b"o");
+    let m = Mount::new(&b, "metadata_ttl=1");
+    let dir = c_str(m.path("k").to_str().unwrap());
+    let d = unsafe { libc::opendir(dir.as_ptr()) };
+    assert!(!d.is_null());
+    let rewound = || {
+        unsafe { libc::rewinddir(d) };
+        let mut listed = read_names(d);
+        listed.retain(|n| n != "." && n != "..");
+        listed.sort();
+        listed
+    };
+    assert_eq!(rewound(), ["old"]);
+    b.put("k/theirs", b"t");
+    // Rewinds only: no opendir in between has the kernel drop the listing.
+    let shown = poll(Duration::from_secs(20), || rewound().len() == 2);
+    unsafe { libc::closedir(d) };
+    assert!(shown, "a rewound handle: {:?}", names_in(&m, "k"));
+    assert_eq!(names_in(&m, "k"), ["old", "theirs"]);
+}
+
 /// Names of one getdents64 call on `fd` with a buffer of `size` bytes
 /// (glibc's readdir asks for 32 KiB at once: this keeps a reader partway).
 fn getdents(fd: i32, size: usize) -> Vec<String> {

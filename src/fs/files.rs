@@ -46,28 +46,7 @@ use crate::write::{Base, Progress, Staged};
 #[derive(Debug)]
 pub enum Handle {
     File(FileHandle),
-    Dir(DirHandle),
-}
-
-/// An open directory: a snapshot of its entries.
-#[derive(Debug)]
-pub struct DirHandle {
-    pub entries: Vec<super::DirEntry>,
-    /// Paces the listing's metadata pass (`meta`) by this reader.
-    pub pace: Option<super::meta::PaceGuard>,
-    /// Read from at least once: a read from offset 0 again is a rewind.
-    pub read: std::sync::atomic::AtomicBool,
-}
-
-impl DirHandle {
-    /// A handle over a listing not read from yet.
-    pub fn new(entries: Vec<super::DirEntry>, pace: Option<super::meta::PaceGuard>) -> Self {
-        DirHandle {
-            entries,
-            pace,
-            read: false.into(),
-        }
-    }
+    Dir(super::dirs::DirHandle),
 }
 
 #[derive(Debug)]

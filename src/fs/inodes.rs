@@ -71,6 +71,11 @@ pub struct Inode {
     /// When an upload of this mount last landed on the object: a chmod,
     /// chown or utimes soon after is deferred and merged (`ATTR_BATCH`).
     pub landed: Option<Instant>,
+    /// For a directory: moves each time a name joins or leaves it in the
+    /// table, or a LIST reads it (`touch_dir`): an open directory handle
+    /// over an older listing takes the current one before it is read
+    /// again (`dirs`).
+    pub entries_gen: u64,
 }
 
 impl Inode {
@@ -168,6 +173,7 @@ impl InodeTable {
                 seen: Instant::now(),
                 entries_changed: None,
                 landed: None,
+                entries_gen: 0,
             }),
         );
         t
@@ -268,7 +274,8 @@ impl InodeTable {
                 .get_mut(&ino)
                 .expect("the indexes and by_ino agree");
             attr.ino = ino;
-            if node.attr.kind != attr.kind {
+            let kind_changed = node.attr.kind != attr.kind;
+            if kind_changed {
                 node.symlink_target = None;
                 node.entries_changed = None;
             }
@@ -285,11 +292,17 @@ impl InodeTable {
             node.meta_known = true;
             node.seen = Instant::now();
             self.count(ino);
+            if kind_changed {
+                self.touch_dir(parent);
+            }
             return ino;
         }
         let ino = self.next;
         self.next += 1;
         attr.ino = ino;
+        if matches!(key, NodeKey::Path(_)) {
+            self.touch_dir(parent);
+        }
         self.index(key.clone(), ino);
         self.by_ino.insert(
             ino,
@@ -308,6 +321,7 @@ impl InodeTable {
                 seen: Instant::now(),
                 entries_changed: None,
                 landed: None,
+                entries_gen: 0,
             }),
         );
         self.count(ino);
@@ -341,8 +355,18 @@ impl InodeTable {
         let ino = self.paths.remove(path)?;
         if let Some(n) = self.by_ino.get_mut(&ino) {
             n.key = NodeKey::Detached(path.to_string());
+            let parent = n.parent;
+            self.touch_dir(parent);
         }
         Some(ino)
+    }
+
+    /// A name joined or left directory `dir` (or a LIST read it): see
+    /// `Inode::entries_gen`.
+    pub fn touch_dir(&mut self, dir: u64) {
+        if let Some(d) = self.by_ino.get_mut(&dir) {
+            d.entries_gen += 1;
+        }
     }
 
     pub fn is_negative(&self, path: &str, now: Instant) -> bool {
@@ -376,12 +400,18 @@ impl InodeTable {
             self.unindex(&NodeKey::Path(p.clone()));
             let new_path = format!("{to}{}", &p[from.len()..]);
             self.index(NodeKey::Path(new_path.clone()), ino);
+            let mut moved_from = None;
             if let Some(node) = self.by_ino.get_mut(&ino) {
                 node.key = NodeKey::Path(new_path);
                 node.listed_until = None;
                 if p == from {
+                    moved_from = Some(node.parent);
                     node.parent = new_parent;
                 }
+            }
+            if let Some(old) = moved_from {
+                self.touch_dir(old);
+                self.touch_dir(new_parent);
             }
             self.count(ino);
         }

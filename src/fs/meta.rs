@@ -137,26 +137,6 @@ pub(super) struct Relist {
 
 type Pending = Arc<OnceCell<FsResult<()>>>;
 
-/// A HEAD a listing started before it had every page.
-type Early = Arc<OnceCell<StoreResult<ObjectInfo>>>;
-
-/// The HEADs one listing started early, by key: the fetches of its
-/// entries take them over; dropped (with the listing's prefetch, or with
-/// the listing when it fails), they are forgotten.
-pub(super) struct EarlyBatch {
-    meta: Arc<MetaFetch>,
-    keys: Vec<String>,
-}
-
-impl Drop for EarlyBatch {
-    fn drop(&mut self) {
-        let mut m = self.meta.early.lock();
-        for k in &self.keys {
-            m.remove(k);
-        }
-    }
-}
-
 pub(super) struct MetaFetch {
     pub(super) store: Arc<dyn ObjectStore>,
     pub(super) table: Arc<Mutex<InodeTable>>,
@@ -168,9 +148,6 @@ pub(super) struct MetaFetch {
     pub(super) pinned_versions: bool,
     pub(super) heads: Semaphore,
     pub(super) inflight: Mutex<HashMap<u64, Pending>>,
-    /// HEADs started by listings still being read, by object key, with
-    /// when they were started.
-    pub(super) early: Mutex<HashMap<String, (Instant, Early)>>,
     /// The metadata pass of each directory's latest listing, while it runs.
     pub(super) paces: Mutex<HashMap<u64, Weak<Pace>>>,
 }
@@ -265,17 +242,7 @@ impl MetaFetch {
         };
         let key = format!("{}{}{}", self.root_prefix, path, if dir { "/" } else { "" });
         let d = &self.defaults;
-        // A HEAD its listing started, if still young enough to trust.
-        let early = self
-            .early
-            .lock()
-            .get(&key)
-            .filter(|(at, _)| version.is_none() && at.elapsed() < self.ttl)
-            .map(|(_, cell)| cell.clone());
-        let answer = match early {
-            Some(cell) => cell.get_or_init(|| self.head(&key, None)).await.clone(),
-            None => self.head(&key, version.as_deref()).await,
-        };
+        let answer = self.head(&key, version.as_deref()).await;
         let (attr, object) = match answer {
             Ok(info) => (Attr::from_object(0, &info, dir, d), Some(info)),
             // A directory without a marker object has no metadata of its
@@ -313,53 +280,10 @@ impl MetaFetch {
         self.store.head(key, version).await
     }
 
-    pub(super) fn early_batch(self: &Arc<Self>) -> EarlyBatch {
-        EarlyBatch {
-            meta: self.clone(),
-            keys: Vec::new(),
-        }
-    }
-
-    /// Starts the HEADs of `keys` (objects of a listing page) in the
-    /// background, in order, within the mount's bound, for `batch`'s
-    /// listing to take over once it has every page.
-    pub(super) fn head_early(self: &Arc<Self>, batch: &mut EarlyBatch, keys: Vec<String>) {
-        let now = Instant::now();
-        let cells: Vec<(String, Early)> = {
-            let mut m = self.early.lock();
-            let mut cells = Vec::with_capacity(keys.len());
-            for k in keys {
-                if let std::collections::hash_map::Entry::Vacant(v) = m.entry(k.clone()) {
-                    let cell = Early::default();
-                    v.insert((now, cell.clone()));
-                    batch.keys.push(k.clone());
-                    cells.push((k, cell));
-                }
-            }
-            cells
-        };
-        if cells.is_empty() {
-            return;
-        }
-        let me = self.clone();
-        tokio::spawn(async move {
-            futures::stream::iter(cells)
-                .map(|(key, cell)| {
-                    let me = &me;
-                    async move {
-                        cell.get_or_init(|| me.head(&key, None)).await;
-                    }
-                })
-                .buffer_unordered(MAX_HEADS_IN_FLIGHT)
-                .collect::<()>()
-                .await;
-        });
-    }
-
     /// Reads the metadata of `entries` (listing position, inode: the
     /// entries of directory `dir_ino`'s listing whose metadata is unknown)
-    /// in the background, in order, a bounded number at a time, taking
-    /// over the HEADs `early` started, and at most `METADATA_AHEAD`
+    /// in the background, in order, a bounded number at a time, and at
+    /// most `METADATA_AHEAD`
     /// listing positions ahead of the reader, who starts at `first`: the
     /// guard's holder moves it on (`Pace::reader_at`), and a stat of an
     /// entry not read yet does (`Pace::caught_up`). Without a holder, the
@@ -369,7 +293,6 @@ impl MetaFetch {
         dir_ino: u64,
         entries: Vec<(usize, u64)>,
         first: usize,
-        early: EarlyBatch,
     ) -> Option<PaceGuard> {
         if entries.is_empty() {
             return None;
@@ -389,7 +312,6 @@ impl MetaFetch {
         let me = self.clone();
         let guard = PaceGuard(pace.clone());
         tokio::spawn(async move {
-            let _early = early;
             let gate = pace.clone();
             futures::stream::iter(inos.into_iter().enumerate())
                 .then(move |(i, ino)| {

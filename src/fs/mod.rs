@@ -22,9 +22,11 @@
 
 pub mod acl;
 pub mod attr;
+mod dirs;
 mod dirtimes;
 mod files;
 pub mod inodes;
+mod kdirs;
 mod meta;
 pub mod names;
 mod namespace;
@@ -42,9 +44,11 @@ use parking_lot::Mutex;
 use tracing::debug;
 
 pub use attr::{Attr, Defaults, FileKind};
-use files::{DirHandle, Handle, OpenFile};
+use dirs::{DirHandle, Listing};
+use files::{Handle, OpenFile};
 pub use files::{PendingFile, SetAttr, killed_perm};
 use inodes::{InodeTable, NodeKey, ROOT_INO};
+pub use kdirs::KernelDir;
 pub use meta::{METADATA_AHEAD, RELIST_AFTER};
 use names::{OddKeys, VERSIONS_DIR, check_key, check_name, join, showable};
 pub use namespace::Creator;
@@ -277,6 +281,16 @@ pub struct Fs {
     marker_meta: tokio::sync::Mutex<()>,
     /// Uploads running now, by inode (for `status`).
     uploads: Mutex<HashMap<u64, Arc<crate::write::Progress>>>,
+    /// Where names sit in directory streams (`dirs`).
+    positions: dirs::Positions,
+    /// The latest listing of each directory some handle reads, so a
+    /// handle over an older one takes it without a LIST.
+    latest: Mutex<HashMap<u64, std::sync::Weak<Listing>>>,
+    /// What the kernel may keep of each directory's listing.
+    kernel_dirs: kdirs::KernelDirs,
+    /// Directory reads answered (readdir and readdirplus), for `status`:
+    /// none while the kernel serves a listing it kept.
+    pub dir_reads: AtomicU64,
     blocks: Arc<BlockCache>,
     next_fh: AtomicU64,
     odd: OddKeys,
@@ -294,6 +308,26 @@ pub struct Fs {
 /// Directories with expired lookups counted (`Fs::stale_lookup`) beyond
 /// which those idle for a TTL are forgotten.
 const RELISTS_KEPT: usize = 256;
+
+/// Entries of an open directory for one reply.
+pub struct DirPage<T> {
+    pub entries: Vec<T>,
+    /// When the kernel must be told to drop the listing it keeps of the
+    /// directory (`Fs::kernel_dir_expired`), if a timer is to be set.
+    pub expire_at: Option<Instant>,
+}
+
+/// What a LIST of a directory found (`Fs::list_dir`).
+struct Listed {
+    /// Its entries but the leading ones, in position order (`dirs`).
+    entries: Vec<DirEntry>,
+    pos: Vec<u64>,
+    pace: Option<meta::PaceGuard>,
+    /// The directory's `entries_gen` these entries show.
+    version: u64,
+    /// Until when they are this mount's view of it.
+    names_until: Option<Instant>,
+}
 
 /// A node handed out this recently is never swept (a reply naming it may
 /// still be on its way to the kernel).
@@ -341,7 +375,6 @@ impl Fs {
             pinned_versions: cfg.as_of.is_some(),
             heads: tokio::sync::Semaphore::new(meta::MAX_HEADS_IN_FLIGHT),
             inflight: Mutex::new(HashMap::new()),
-            early: Mutex::new(HashMap::new()),
             paces: Mutex::new(HashMap::new()),
         });
         let mut blocks = BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)
@@ -365,6 +398,10 @@ impl Fs {
             dir_times_wake: Arc::new(tokio::sync::Notify::new()),
             marker_meta: tokio::sync::Mutex::new(()),
             uploads: Mutex::new(HashMap::new()),
+            positions: Default::default(),
+            latest: Mutex::new(HashMap::new()),
+            kernel_dirs: Default::default(),
+            dir_reads: AtomicU64::new(0),
             next_fh: AtomicU64::new(1),
             odd: OddKeys::default(),
             versions: versions::VersionCache::default(),
@@ -630,14 +667,14 @@ impl Fs {
         let r = all.entry(parent).or_default();
         (r.running, r.since, r.stale) = (None, None, 0);
         r.last = Some((Instant::now(), start.elapsed()));
-        if let Some((entries, pace)) = listed {
+        if let Some(l) = listed {
             debug!(
                 parent,
-                entries = entries.len(),
+                entries = l.entries.len(),
                 from = name,
                 "listed again for expired lookups"
             );
-            r.pace = pace;
+            r.pace = l.pace;
         }
         true
     }
@@ -905,15 +942,19 @@ impl Fs {
 
     // ------------------------------------------------------------- listing
 
-    /// Every entry of a directory, "." and ".." first.
+    /// Every entry of a directory: ".", ".." (and ".versions") first,
+    /// then the rest by name (in the `.versions` tree, newest first).
     pub async fn list(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
-        Ok(self.list_paced(ino).await?.0)
+        let l = self.list_paced(ino).await?.0;
+        let mut entries = l.entries.clone();
+        if l.version.is_some() {
+            entries[l.lead..].sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(entries)
     }
 
-    /// The same, with what paces the listing's metadata pass (`meta`): the
-    /// holder of the guard reads the entries.
-    async fn list_paced(&self, ino: u64) -> FsResult<(Vec<DirEntry>, Option<meta::PaceGuard>)> {
-        let _ns = self.ns.read().await;
+    /// `.`, `..` (and `.versions`) of directory `ino`, and its key.
+    fn lead_entries(&self, ino: u64) -> FsResult<(Vec<DirEntry>, NodeKey)> {
         let (key, parent) = {
             let t = self.table.lock();
             let n = t.get(ino).ok_or(FsError::NotFound)?;
@@ -922,7 +963,7 @@ impl Fs {
             }
             (n.key.clone(), n.parent)
         };
-        let mut out = vec![
+        let mut lead = vec![
             DirEntry {
                 ino,
                 name: ".".into(),
@@ -934,23 +975,104 @@ impl Fs {
                 kind: FileKind::Dir,
             },
         ];
-        match key {
-            NodeKey::Path(dir) => {
-                if self.cfg.versions_visible {
-                    let a = self.versions_root(ino, &dir)?;
-                    out.push(DirEntry {
-                        ino: a.ino,
-                        name: VERSIONS_DIR.into(),
-                        kind: FileKind::Dir,
-                    });
-                }
-                let (entries, pace) = self.list_dir(ino, &dir, out.len(), None).await?;
-                out.extend(entries);
-                return Ok((out, pace));
-            }
-            other => out.extend(self.versions_list(ino, other).await?),
+        if let NodeKey::Path(dir) = &key
+            && self.cfg.versions_visible
+        {
+            let a = self.versions_root(ino, dir)?;
+            lead.push(DirEntry {
+                ino: a.ino,
+                name: VERSIONS_DIR.into(),
+                kind: FileKind::Dir,
+            });
         }
-        Ok((out, None))
+        Ok((lead, key))
+    }
+
+    /// A listing of directory `ino` for a handle, with what paces its
+    /// metadata pass (`meta`): the holder of the guard reads the entries.
+    /// Within `metadata_ttl` of the last LIST it is the one the table
+    /// holds when that has every entry fresh (`listing_held`). It becomes
+    /// the directory's latest (`latest`).
+    async fn list_paced(&self, ino: u64) -> FsResult<(Arc<Listing>, Option<meta::PaceGuard>)> {
+        let _ns = self.ns.read().await;
+        if let Some(l) = self.held_listing(ino)? {
+            return Ok((l, None));
+        }
+        let (lead, key) = self.lead_entries(ino)?;
+        let lead_n = lead.len();
+        let (listing, pace) = match key {
+            NodeKey::Path(dir) => {
+                let l = self.list_dir(ino, &dir, lead_n, None).await?;
+                let (entries, pos) = dirs::Positions::join(lead, (l.entries, l.pos));
+                let listing = Listing {
+                    entries,
+                    pos,
+                    lead: lead_n,
+                    names_until: l.names_until,
+                    held: false,
+                    version: Some(l.version),
+                };
+                (listing, l.pace)
+            }
+            other => {
+                // Versions newest first: a listing that never changes
+                // under its handles keeps its order, positions its indexes.
+                let mut entries = lead;
+                entries.extend(self.versions_list(ino, other).await?);
+                let pos = (1..=entries.len() as u64).collect();
+                let listing = Listing {
+                    entries,
+                    pos,
+                    lead: lead_n,
+                    names_until: None,
+                    held: false,
+                    version: None,
+                };
+                (listing, None)
+            }
+        };
+        Ok((self.keep_latest(ino, listing), pace))
+    }
+
+    /// The listing of directory `ino` the table holds (`listing_held`),
+    /// made the directory's latest; `None`: it holds none.
+    fn held_listing(&self, ino: u64) -> FsResult<Option<Arc<Listing>>> {
+        if self.cfg.as_of.is_some() {
+            return Ok(None);
+        }
+        let (lead, key) = self.lead_entries(ino)?;
+        let NodeKey::Path(dir) = key else {
+            return Ok(None);
+        };
+        let Some((rest, version, names_until)) = self.listing_held(ino) else {
+            return Ok(None);
+        };
+        debug!(dir, entries = rest.len(), "listing held");
+        let lead_n = lead.len();
+        let (entries, pos) = dirs::Positions::join(lead, self.positions.order(rest));
+        let listing = Listing {
+            entries,
+            pos,
+            lead: lead_n,
+            names_until,
+            held: true,
+            version: Some(version),
+        };
+        Ok(Some(self.keep_latest(ino, listing)))
+    }
+
+    /// `listing` is the latest of directory `ino`.
+    fn keep_latest(&self, ino: u64, listing: Listing) -> Arc<Listing> {
+        let listing = Arc::new(listing);
+        if listing.version.is_some() {
+            let mut latest = self.latest.lock();
+            latest.insert(ino, Arc::downgrade(&listing));
+            // Listings no handle reads any more go as the map grows.
+            if latest.len() >= 64 && latest.len().is_power_of_two() {
+                latest.retain(|_, l| l.strong_count() > 0);
+            }
+        }
+        listing
     }
 
     /// Lists a directory with ListObjectsV2 (`/` delimiter, paginated) and
@@ -968,18 +1090,8 @@ impl Fs {
         dir: &str,
         before: usize,
         again_from: Option<&str>,
-    ) -> FsResult<(Vec<DirEntry>, Option<meta::PaceGuard>)> {
-        if again_from.is_none()
-            && self.cfg.as_of.is_none()
-            && let Some(out) = self.listing_held(ino)
-        {
-            debug!(dir, entries = out.len(), "listing held");
-            return Ok((out, None));
-        }
+    ) -> FsResult<Listed> {
         let prefix = self.dir_prefix(dir);
-        let mut early = self.meta.early_batch();
-        // HEADs started before the last page: the first window's.
-        let mut early_left = meta::METADATA_AHEAD;
         let (files, dirs) = if self.cfg.as_of.is_some() {
             self.list_as_of(&prefix).await?
         } else {
@@ -987,19 +1099,9 @@ impl Fs {
             let mut dirs = Vec::new();
             let mut token = None;
             loop {
+                // The metadata pass starts once every page is in: the
+                // reader's first entries (by position) may be on the last.
                 let page = self.store.list(&prefix, Some("/"), token, None).await?;
-                // Each page's objects have their metadata read while the
-                // next pages are listed, those of the first window only
-                // (counted as the reader counts: every entry, known or not).
-                if early_left > 0 {
-                    let window = &page.objects[..page.objects.len().min(early_left)];
-                    if self.cfg.object_metadata {
-                        let keys = self.metadata_unknown(dir, &prefix, window);
-                        self.meta.head_early(&mut early, keys);
-                    }
-                    early_left =
-                        early_left.saturating_sub(page.objects.len() + page.prefixes.len());
-                }
                 files.extend(page.objects);
                 dirs.extend(page.prefixes);
                 token = page.next_token;
@@ -1067,7 +1169,7 @@ impl Fs {
             let i = t.upsert(NodeKey::Path(path), ino, attr, Some(info), fresh);
             if !meta_known && let Some(n) = t.get_mut(i) {
                 n.meta_known = false;
-                unknown.push((name.to_string(), i));
+                unknown.push(i);
             }
             out.push(DirEntry {
                 ino: i,
@@ -1087,7 +1189,7 @@ impl Fs {
                             // expired: read again before it is handed out.
                             n.fresh_until = now_fresh;
                             n.meta_known = false;
-                            unknown.push((name.clone(), i));
+                            unknown.push(i);
                         }
                     }
                     i
@@ -1105,7 +1207,7 @@ impl Fs {
                         && let Some(n) = t.get_mut(i)
                     {
                         n.meta_known = false;
-                        unknown.push((name.clone(), i));
+                        unknown.push(i);
                     }
                     i
                 }
@@ -1128,33 +1230,49 @@ impl Fs {
                 });
             }
         }
-        if let Some(n) = t.get_mut(ino) {
-            n.listed_until = now_fresh;
-        }
+        // A LIST read it: handles over older listings take this one.
+        t.touch_dir(ino);
+        let (version, names_until) = match t.get_mut(ino) {
+            Some(n) => {
+                n.listed_until = now_fresh;
+                (n.entries_gen, n.listed_until)
+            }
+            None => (0, None),
+        };
         drop(writes);
         drop(t);
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        unknown.sort();
-        // Each unknown entry with its position in the listing (both in
-        // name order, names unique).
-        let mut at = 0;
-        let unknown: Vec<(usize, u64)> = unknown
-            .into_iter()
-            .map(|(name, i)| {
-                at += out[at..].partition_point(|e| e.name < name);
-                (before + at, i)
-            })
+        let (out, pos) = self.positions.order(out);
+        // Each unknown entry with its index in the listing, in listing
+        // order (inodes unique).
+        let unknown: std::collections::HashSet<u64> = unknown.into_iter().collect();
+        let unknown: Vec<(usize, u64)> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| unknown.contains(&e.ino))
+            .map(|(at, e)| (before + at, e.ino))
             .collect();
         // The reader starts at the first entry, or at the one asked for.
-        let first =
-            before + again_from.map_or(0, |from| out.partition_point(|e| e.name.as_str() < from));
-        let pace = self.meta.prefetch(ino, unknown, first, early);
+        let first = before
+            + again_from.map_or(0, |from| {
+                let at = (self.positions.of(from), from);
+                out.iter()
+                    .zip(&pos)
+                    .take_while(|(e, p)| (**p, e.name.as_str()) < at)
+                    .count()
+            });
+        let pace = self.meta.prefetch(ino, unknown, first);
         debug!(dir, entries = out.len(), "listed");
         if out.len() >= TRIM_AFTER_NODES {
             // The pages of its LIST responses and transient copies.
             release_free_memory();
         }
-        Ok((out, pace))
+        Ok(Listed {
+            entries: out,
+            pos,
+            pace,
+            version,
+            names_until,
+        })
     }
 
     /// The entries of directory `ino`, sorted, without a request, when the
@@ -1162,12 +1280,14 @@ impl Fs {
     /// with what this mount changed since) and every entry is fresh with
     /// its metadata read, or is being written by this mount: as a lookup
     /// of a name it does not hold is answered without one. `None`: list.
-    fn listing_held(&self, ino: u64) -> Option<Vec<DirEntry>> {
+    fn listing_held(&self, ino: u64) -> Option<(Vec<DirEntry>, u64, Option<Instant>)> {
         let now = Instant::now();
         let t = self.table.lock();
-        if t.get(ino)?.listed_until.is_none_or(|u| now >= u) {
+        let d = t.get(ino)?;
+        if d.listed_until.is_none_or(|u| now >= u) {
             return None;
         }
+        let (version, names_until) = (d.entries_gen, d.listed_until);
         let writes = self.writes.lock();
         let mut out = Vec::new();
         for (path, n) in t.children_of(ino) {
@@ -1181,30 +1301,7 @@ impl Fs {
                 kind: n.attr.kind,
             });
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Some(out)
-    }
-
-    /// The keys of a listing page's objects whose metadata this mount
-    /// does not hold (`holds_metadata_of`).
-    fn metadata_unknown(&self, dir: &str, prefix: &str, objects: &[ObjectInfo]) -> Vec<String> {
-        let now = Instant::now();
-        let t = self.table.lock();
-        objects
-            .iter()
-            .filter(|o| {
-                let name = &o.key[prefix.len().min(o.key.len())..];
-                if name.is_empty() || !showable(name) {
-                    return false;
-                }
-                let known = t
-                    .find(&NodeKey::Path(join(dir, name)))
-                    .and_then(|i| t.get(i))
-                    .is_some_and(|n| n.holds_metadata_of(o, now));
-                !known
-            })
-            .map(|o| o.key.clone())
-            .collect()
+        Some((out, version, names_until))
     }
 
     /// Marks directory `dir`, its listing and every entry below it
@@ -1254,14 +1351,116 @@ impl Fs {
         }
     }
 
-    /// Opens a directory handle over a snapshot of its entries.
+    /// Opens a directory handle over a listing of its entries.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let (entries, pace) = self.list_paced(ino).await?;
-        Ok(self.new_handle(Handle::Dir(DirHandle::new(entries, pace))))
+        let (listing, pace) = self.list_paced(ino).await?;
+        Ok(self.new_handle(Handle::Dir(DirHandle::new(ino, listing, pace))))
+    }
+
+    /// What the kernel may keep of directory `ino`, just opened as `fh`
+    /// (`kdirs`): asked once, before the open's reply.
+    pub fn kernel_dir(&self, ino: u64, fh: u64) -> KernelDir {
+        let Some(h) = self.handles.lock().get(&fh).cloned() else {
+            return KernelDir::default();
+        };
+        let Handle::Dir(d) = &*h else {
+            return KernelDir::default();
+        };
+        let l = &d.listing;
+        let k = self
+            .kernel_dirs
+            .opened(ino, l.version, l.names_until, l.held);
+        d.kernel_keeps
+            .store(k.cache, std::sync::atomic::Ordering::Relaxed);
+        k
+    }
+
+    /// `entries` of `listing`, read through handle `h`, are about to be
+    /// sent to the kernel (told before they are, so an open meanwhile
+    /// knows).
+    fn page<T>(&self, h: &Handle, listing: &Listing, entries: Vec<T>) -> DirPage<T> {
+        let expire_at = match h {
+            Handle::Dir(d) if d.kernel_keeps.load(std::sync::atomic::Ordering::Relaxed) => self
+                .kernel_dirs
+                .served(d.dir, listing.version, listing.names_until),
+            _ => None,
+        };
+        DirPage { entries, expire_at }
+    }
+
+    /// Whether the kernel must drop the listing of directory `ino` now.
+    pub fn kernel_dir_expired(&self, ino: u64) -> bool {
+        self.kernel_dirs.expired(ino)
+    }
+
+    /// Handle `fh` over a listing of its directory no older than its
+    /// directory (`dirs`): one this mount changed, or listed again, since
+    /// the handle's listing was taken has the handle take the latest
+    /// listing, or the one the table holds. `Ok(None)`: neither is
+    /// current, the directory must be listed (`relist_handle`).
+    fn dir_handle_now(&self, fh: u64) -> FsResult<Option<Arc<Handle>>> {
+        let h = self
+            .handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let Handle::Dir(d) = &*h else {
+            return Err(FsError::BadHandle);
+        };
+        let Some(version) = d.listing.version else {
+            return Ok(Some(h));
+        };
+        let Some(now) = self.table.lock().get(d.dir).map(|n| n.entries_gen) else {
+            // Gone from the table: nothing newer to take.
+            return Ok(Some(h));
+        };
+        if version == now {
+            return Ok(Some(h));
+        }
+        let latest = self
+            .latest
+            .lock()
+            .get(&d.dir)
+            .and_then(std::sync::Weak::upgrade)
+            .filter(|l| l.version == Some(now));
+        let listing = match latest {
+            Some(l) => l,
+            None => match self.held_listing(d.dir)? {
+                Some(l) => l,
+                None => return Ok(None),
+            },
+        };
+        Ok(self.replace_listing(fh, listing, None))
+    }
+
+    /// Handle `fh` over `listing` from now on (`pace`: the listing's, if
+    /// it has one); `None`: released meanwhile.
+    fn replace_listing(
+        &self,
+        fh: u64,
+        listing: Arc<Listing>,
+        pace: Option<meta::PaceGuard>,
+    ) -> Option<Arc<Handle>> {
+        let mut handles = self.handles.lock();
+        let h = handles.get_mut(&fh)?;
+        let Handle::Dir(d) = &**h else {
+            return None;
+        };
+        *h = Arc::new(Handle::Dir(d.with_listing(listing, pace)));
+        Some(h.clone())
+    }
+
+    /// Handle `fh` of directory `dir` takes a new listing (a LIST unless
+    /// the table holds one).
+    async fn relist_handle(&self, dir: u64, fh: u64) -> FsResult<Arc<Handle>> {
+        let (listing, pace) = self.list_paced(dir).await?;
+        self.replace_listing(fh, listing, pace)
+            .ok_or(FsError::BadHandle)
     }
 
     /// A directory handle read from offset 0 again (`rewinddir`) takes a
-    /// new snapshot, as an `opendir` would: POSIX has a rewound stream
+    /// new listing, as an `opendir` would: POSIX has a rewound stream
     /// show the directory as it is now (within `metadata_ttl`, this
     /// mount's listing, as for `opendir`).
     async fn rewind(&self, ino: u64, fh: u64) -> FsResult<()> {
@@ -1270,42 +1469,72 @@ impl Fs {
             _ => return Err(FsError::BadHandle),
         };
         if rewound {
-            let (entries, pace) = self.list_paced(ino).await?;
-            let mut handles = self.handles.lock();
-            if let Some(h) = handles.get_mut(&fh) {
-                *h = Arc::new(Handle::Dir(DirHandle::new(entries, pace)));
-            }
+            self.relist_handle(ino, fh).await?;
         }
         Ok(())
     }
 
-    /// Entries of an open directory from `offset` on.
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
-        let h = self
-            .handles
-            .lock()
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)?;
-        match &*h {
-            // A reply holds at most a few thousand entries: copying the
-            // rest of a large listing on every call would be quadratic.
-            Handle::Dir(d) => {
-                d.read.store(true, std::sync::atomic::Ordering::Relaxed);
-                Ok(d.entries
-                    .iter()
-                    .skip(offset as usize)
-                    .take(DIR_CHUNK_ENTRIES)
-                    .cloned()
-                    .collect())
-            }
-            Handle::File(_) => Err(FsError::BadHandle),
-        }
+    /// Entries of an open directory after position `offset` (0: from the
+    /// start), each with its position; `None`: the directory changed
+    /// since the handle's listing and must be listed first
+    /// (`readdir_listed`).
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Option<DirPage<(u64, DirEntry)>>> {
+        let Some(h) = self.dir_handle_now(fh)? else {
+            return Ok(None);
+        };
+        let (_, entries, listing) = self.entries_after(&h, offset)?;
+        Ok(Some(self.page(&h, &listing, entries)))
     }
 
-    /// Entries of an open directory from `offset` on, with attributes, for
-    /// readdirplus: (index in the listing, entry, attributes, counted,
-    /// own). The caller counts a kernel lookup (`note_lookup`) for each
+    /// The same, listing the directory again first if need be.
+    pub async fn readdir_listed(
+        &self,
+        dir: u64,
+        fh: u64,
+        offset: u64,
+    ) -> FsResult<DirPage<(u64, DirEntry)>> {
+        let h = match self.dir_handle_now(fh)? {
+            Some(h) => h,
+            // What a change meanwhile moves on is taken at the next read.
+            None => self.relist_handle(dir, fh).await?,
+        };
+        let (_, entries, listing) = self.entries_after(&h, offset)?;
+        Ok(self.page(&h, &listing, entries))
+    }
+
+    /// Entries of handle `h` after position `offset`: (the listing index
+    /// of the first, each with its position, the listing). A reply
+    /// holds at most a few thousand entries (copying the rest of a large
+    /// listing on every call would be quadratic), never ending between
+    /// names of one position.
+    #[allow(clippy::type_complexity)]
+    fn entries_after(
+        &self,
+        h: &Handle,
+        offset: u64,
+    ) -> FsResult<(usize, Vec<(u64, DirEntry)>, Arc<Listing>)> {
+        let Handle::Dir(d) = h else {
+            return Err(FsError::BadHandle);
+        };
+        d.read.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.dir_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let l = &d.listing;
+        let from = l.resume_at(offset);
+        let mut to = (from + DIR_CHUNK_ENTRIES).min(l.entries.len());
+        while to > from && to < l.entries.len() && l.pos[to] == l.pos[to - 1] {
+            to += 1;
+        }
+        let out = (from..to)
+            .map(|i| (l.pos[i], l.entries[i].clone()))
+            .collect();
+        Ok((from, out, l.clone()))
+    }
+
+    /// Entries of an open directory after position `offset`, with
+    /// attributes, for readdirplus: (position, entry, attributes, counted,
+    /// own). The caller counts a kernel
+    /// lookup (`note_lookup`) for each
     /// entry it sends but `.` and `..`, except those marked counted (looked
     /// up here again because the table had dropped them), which it gives
     /// back with `forget` if they do not fit. Attributes not marked own
@@ -1313,24 +1542,27 @@ impl Fs {
     /// found it changed): they grant nothing, and the caller must not let
     /// the kernel keep them (zero timeouts). Only a reply's first entry is
     /// ever sent so.
+    #[allow(clippy::type_complexity)]
     pub async fn readdirplus(
         &self,
         dir_ino: u64,
         fh: u64,
         offset: u64,
-    ) -> FsResult<Vec<(u64, DirEntry, Attr, bool, bool)>> {
+    ) -> FsResult<DirPage<(u64, DirEntry, Attr, bool, bool)>> {
         if offset == 0 {
             self.rewind(dir_ino, fh).await?;
         }
-        let entries = self.readdir(fh, offset)?;
+        let h = match self.dir_handle_now(fh)? {
+            Some(h) => h,
+            None => self.relist_handle(dir_ino, fh).await?,
+        };
+        let (at, entries, listing) = self.entries_after(&h, offset)?;
         // Metadata is read ahead of this reader: of where it asks from, not
         // of where the reply ends (a reply holds every entry known, and the
         // kernel's first call of a plain `ls` is readdirplus: each `ls -f`
         // read a window further than the one before).
-        if let Some(h) = self.handles.lock().get(&fh)
-            && let Handle::Dir(DirHandle { pace: Some(p), .. }) = &**h
-        {
-            p.0.reader_at(offset as usize);
+        if let Handle::Dir(DirHandle { pace: Some(p), .. }) = &*h {
+            p.0.reader_at(at);
         }
         // What a reply hands out is at most `metadata_ttl` old: a handle
         // opened a while ago (read, or rewound, now) has its expired
@@ -1341,13 +1573,12 @@ impl Fs {
         let waits: Vec<_> = entries
             .iter()
             .take(PLUS_WAIT_ENTRIES)
-            .filter(|e| e.name != "." && e.name != "..")
-            .map(|e| self.meta.attr(e.ino))
+            .filter(|(_, e)| e.name != "." && e.name != "..")
+            .map(|(_, e)| self.meta.attr(e.ino))
             .collect();
         futures::future::join_all(waits).await;
         let mut out = Vec::with_capacity(entries.len());
-        for (i, e) in entries.into_iter().enumerate() {
-            let index = offset + i as u64;
+        for (i, (index, e)) in entries.into_iter().enumerate() {
             let dot = e.name == "." || e.name == "..";
             let mut cached = self.plus_entry(dir_ino, &e, dot);
             // The reply ends at the first entry whose metadata is not read:
@@ -1405,23 +1636,27 @@ impl Fs {
                 },
             }
         }
-        Ok(out
+        let out = out
             .into_iter()
             .map(|(i, e, a, counted, own)| (i, e, self.with_links(a), counted, own))
-            .collect())
+            .collect();
+        Ok(self.page(&h, &listing, out))
     }
 
     /// Marks the metadata of those of `entries` whose metadata expired as
     /// not read, so it is read again (a HEAD each) before it is handed out
     /// (another client's chmod keeps the object's ETag: only a HEAD tells).
-    fn expire_metadata(&self, entries: &[DirEntry]) {
+    fn expire_metadata(&self, entries: &[(u64, DirEntry)]) {
         if !self.cfg.object_metadata {
             return;
         }
         let now = Instant::now();
         let mut t = self.table.lock();
         let writes = self.writes.lock();
-        for e in entries.iter().filter(|e| e.name != "." && e.name != "..") {
+        for (_, e) in entries
+            .iter()
+            .filter(|(_, e)| e.name != "." && e.name != "..")
+        {
             if let Some(n) = t.get_mut(e.ino)
                 && matches!(n.key, NodeKey::Path(_))
                 && e.ino != ROOT_INO
