@@ -1663,6 +1663,48 @@ async fn a_rewound_directory_handle_shows_the_directory_as_it_is_now() {
     fs.releasedir(fh);
 }
 
+/// A file this mount creates while a LIST of its directory runs may be
+/// missing from what that LIST found (it landed after the LIST read its
+/// page): that listing is never taken as the directory's current one, so
+/// the handle over it shows the file at its first read (and the kernel,
+/// which may keep what a handle is sent, is never sent the listing).
+#[tokio::test]
+async fn a_listing_that_ran_beside_a_create_is_never_served_as_current() {
+    let m = Arc::new(MemStore::unversioned());
+    for i in 0..5 {
+        m.insert(&format!("d/f{i}"), b"x", s3fs_meta(0o100644, 1000, 1));
+    }
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    // The opendir's LIST reads the bucket, then its answer waits while the
+    // file is made and uploaded.
+    f.hold_after(Op::List, 1);
+    let made = async {
+        f.wait_held(Op::List).await.unwrap();
+        let (_, fh) = fs
+            .create(d.ino, name("new"), USER, libc::O_WRONLY)
+            .await
+            .unwrap();
+        fs.write(fh, 0, b"n").await.unwrap();
+        fs.release(fh).await.unwrap();
+        f.release(Op::List);
+    };
+    let (fh, ()) = tokio::join!(fs.opendir(d.ino), made);
+    let fh = fh.unwrap();
+    assert!(m.object("d/new").is_some(), "uploaded during the LIST");
+    let got: Vec<String> = fs
+        .readdirplus(d.ino, fh, 0)
+        .await
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|(_, e, ..)| e.name)
+        .collect();
+    assert!(got.contains(&"new".to_string()), "{got:?}");
+    assert_eq!(got.len(), 2 + 6, "{got:?}");
+    fs.releasedir(fh);
+}
+
 /// A directory made by this mount is known empty only as long as what
 /// told it the name was free: another client's objects already under that
 /// prefix show once the parent's listing expires, not a whole TTL after

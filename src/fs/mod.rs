@@ -1092,6 +1092,10 @@ impl Fs {
         again_from: Option<&str>,
     ) -> FsResult<Listed> {
         let prefix = self.dir_prefix(dir);
+        // What this mount changed in the directory while the LIST ran (a
+        // file whose upload landed after its page was read) may be missing
+        // from what it finds: such a listing is never current.
+        let before_list = self.table.lock().get(ino).map(|n| n.entries_gen);
         let (files, dirs) = if self.cfg.as_of.is_some() {
             self.list_as_of(&prefix).await?
         } else {
@@ -1127,6 +1131,7 @@ impl Fs {
         // Entries whose metadata is read ahead, in listing order.
         let mut unknown = Vec::new();
         let mut t = self.table.lock();
+        let changed_meanwhile = t.get(ino).map(|n| n.entries_gen) != before_list;
         let writes = self.writes.lock();
         for o in files {
             let name = o.key[prefix.len()..].to_string();
@@ -1238,6 +1243,12 @@ impl Fs {
                 (n.entries_gen, n.listed_until)
             }
             None => (0, None),
+        };
+        // Older than the directory from the start: its readers list again
+        // (or take the table's), and the kernel never keeps what it shows.
+        let version = match before_list {
+            Some(v) if changed_meanwhile => v,
+            _ => version,
         };
         drop(writes);
         drop(t);
