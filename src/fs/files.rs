@@ -279,13 +279,17 @@ impl Fs {
         fh
     }
 
-    fn file_handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
-        let h = self
-            .handles
+    /// The handle open as `fh`, file or directory.
+    pub(super) fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        self.handles
             .lock()
             .get(&fh)
             .cloned()
-            .ok_or(FsError::BadHandle)?;
+            .ok_or(FsError::BadHandle)
+    }
+
+    fn file_handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        let h = self.handle(fh)?;
         match &*h {
             Handle::File(_) => Ok(h),
             Handle::Dir(_) => Err(FsError::IsDir),

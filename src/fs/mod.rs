@@ -1371,7 +1371,7 @@ impl Fs {
     /// What the kernel may keep of directory `ino`, just opened as `fh`
     /// (`kdirs`): asked once, before the open's reply.
     pub fn kernel_dir(&self, ino: u64, fh: u64) -> KernelDir {
-        let Some(h) = self.handles.lock().get(&fh).cloned() else {
+        let Ok(h) = self.handle(fh) else {
             return KernelDir::default();
         };
         let Handle::Dir(d) = &*h else {
@@ -1410,12 +1410,7 @@ impl Fs {
     /// listing, or the one the table holds. `Ok(None)`: neither is
     /// current, the directory must be listed (`relist_handle`).
     fn dir_handle_now(&self, fh: u64) -> FsResult<Option<Arc<Handle>>> {
-        let h = self
-            .handles
-            .lock()
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)?;
+        let h = self.handle(fh)?;
         let Handle::Dir(d) = &*h else {
             return Err(FsError::BadHandle);
         };
