@@ -1705,6 +1705,45 @@ async fn a_listing_that_ran_beside_a_create_is_never_served_as_current() {
     fs.releasedir(fh);
 }
 
+/// A file this mount made before a LIST of its directory began, whose
+/// upload landed while the LIST ran (after it read the page the file's
+/// name is on), is in that listing: it was missing, and the kernel could
+/// keep the listing without it.
+#[tokio::test]
+async fn a_file_that_lands_while_its_directory_is_listed_is_in_the_listing() {
+    let m = Arc::new(MemStore::unversioned());
+    for i in 0..5 {
+        m.insert(&format!("d/f{i}"), b"x", s3fs_meta(0o100644, 1000, 1));
+    }
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let (_, fh) = fs
+        .create(d.ino, name("new"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"n").await.unwrap();
+    f.hold_after(Op::List, 1);
+    let landed = async {
+        f.wait_held(Op::List).await.unwrap();
+        fs.release(fh).await.unwrap();
+        f.release(Op::List);
+    };
+    let (dh, ()) = tokio::join!(fs.opendir(d.ino), landed);
+    let dh = dh.unwrap();
+    assert!(m.object("d/new").is_some(), "landed during the LIST");
+    let got: Vec<String> = fs
+        .readdirplus(d.ino, dh, 0)
+        .await
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|(_, e, ..)| e.name)
+        .collect();
+    assert!(got.contains(&"new".to_string()), "{got:?}");
+    assert_eq!(got.len(), 2 + 6, "{got:?}");
+    fs.releasedir(dh);
+}
+
 /// A directory made by this mount is known empty only as long as what
 /// told it the name was free: another client's objects already under that
 /// prefix show once the parent's listing expires, not a whole TTL after

@@ -666,6 +666,53 @@ fn a_kept_listing_is_dropped_when_it_expires() {
     assert_eq!(names_in(&m, "k"), ["old", "theirs"]);
 }
 
+/// A pass over a directory goes on to its end after the name it stopped
+/// at is renamed and another `ls` lists the directory, also when the
+/// kernel's kept listing of it is exactly one page long (`.`, `..` and
+/// 126 names of five bytes: 128 entries of 32 bytes). The kernel takes a
+/// position missing from a complete, page-long listing it keeps for the
+/// end of the directory: a second handle filling that listing while the
+/// first was partway through ended the first's pass there.
+#[test]
+fn a_pass_goes_on_after_its_last_name_leaves_a_page_long_kept_listing() {
+    let b = Bucket::new(server(), "kdirpage", false);
+    let m = Mount::new(&b, "metadata_ttl=600");
+    std::fs::create_dir(m.path("p")).unwrap();
+    let names: Vec<String> = (0..126).map(|i| format!("f{i:04}")).collect();
+    for n in &names {
+        std::fs::write(m.path(&format!("p/{n}")), b"").unwrap();
+    }
+    assert_eq!(names_in(&m, "p").len(), 126, "the kernel keeps it");
+    let dir = std::fs::File::open(m.path("p")).unwrap();
+    // `.`, `..` and one name fill 80 bytes.
+    let first = getdents(dir.as_raw_fd(), 80);
+    let x = first.last().unwrap().clone();
+    assert!(x.starts_with('f'), "{first:?}");
+    std::fs::rename(
+        m.path(&format!("p/{x}")),
+        m.path(&format!("p/g{}", &x[1..])),
+    )
+    .unwrap();
+    assert_eq!(names_in(&m, "p").len(), 126);
+    let mut got = first;
+    for _ in 0..200 {
+        let more = getdents(dir.as_raw_fd(), 1024);
+        if more.is_empty() {
+            break;
+        }
+        got.extend(more);
+    }
+    let missed: Vec<&String> = names
+        .iter()
+        .filter(|n| **n != x && !got.contains(n))
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "{} names never returned: {missed:?}",
+        missed.len()
+    );
+}
+
 /// Names of one getdents64 call on `fd` with a buffer of `size` bytes
 /// (glibc's readdir asks for 32 KiB at once: this keeps a reader partway).
 fn getdents(fd: i32, size: usize) -> Vec<String> {

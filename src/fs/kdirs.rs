@@ -23,7 +23,14 @@
 //!   than `AFTER_REPLY` before a drop may reach the kernel after it);
 //! - at the earliest expiry among what was served, the kernel is told to
 //!   drop it: a handle open across the expiry and rewound would otherwise
-//!   be served the old names again.
+//!   be served the old names again;
+//! - one handle of a directory at a time is opened with `FOPEN_CACHE_DIR`
+//!   (reads and fills the kept listing). A handle resuming at a position
+//!   the kept listing lacks (its last name was removed since, and another
+//!   handle filled the listing again) is asked about, unless the listing
+//!   ends on a page boundary: then the kernel reads the position's absence
+//!   as the end of the directory, and the pass ends early. With one such
+//!   handle, nothing fills the listing while it is partway through.
 //!
 //! Directories of the `.versions` tree are never kept: a version uploaded
 //! by this mount changes them without any change to them through the
@@ -67,24 +74,28 @@ struct Kept {
 #[derive(Debug, Default)]
 pub struct KernelDirs {
     dirs: Mutex<HashMap<u64, Kept>>,
+    /// The handle of each directory opened with `FOPEN_CACHE_DIR` and not
+    /// released yet.
+    caching: Mutex<HashMap<u64, u64>>,
 }
 
 impl KernelDirs {
-    /// An open of directory `dir` over a listing of `entries_gen` `version`
-    /// whose names are this mount's view until `names_until` (`None`
-    /// either: never kept), taken from the listing held (`held`) or by a
-    /// new LIST.
+    /// An open of directory `dir` as handle `fh` over a listing of
+    /// `entries_gen` `version` whose names are this mount's view until
+    /// `names_until` (`None` either: never kept), taken from the listing
+    /// held (`held`) or by a new LIST.
     pub fn opened(
         &self,
         dir: u64,
+        fh: u64,
         version: Option<u64>,
         names_until: Option<Instant>,
         held: bool,
     ) -> KernelDir {
         let now = Instant::now();
-        let cache = version.is_some() && names_until.is_some_and(|u| u > now);
+        let current = version.is_some() && names_until.is_some_and(|u| u > now);
         let mut dirs = self.dirs.lock();
-        let keep = cache
+        let keep = current
             && held
             && dirs.get(&dir).is_some_and(|k| {
                 !k.overtaken && k.served.is_some_and(|(g, u)| Some(g) == version && u > now)
@@ -93,7 +104,24 @@ impl KernelDirs {
             // The kernel drops what it held at this open.
             Self::dropped(&mut dirs, dir, now);
         }
+        drop(dirs);
+        let cache = current
+            && match self.caching.lock().entry(dir) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(fh);
+                    true
+                }
+            };
         KernelDir { cache, keep }
+    }
+
+    /// Handle `fh` of directory `dir` was released.
+    pub fn released(&self, dir: u64, fh: u64) {
+        let mut caching = self.caching.lock();
+        if caching.get(&dir) == Some(&fh) {
+            caching.remove(&dir);
+        }
     }
 
     /// The kernel drops the listing of `dir` now.
@@ -184,7 +212,7 @@ mod tests {
         let fresh = Some(Instant::now() + LONG);
         // Nothing served yet: cached from here on, nothing to keep.
         assert_eq!(
-            k.opened(7, Some(1), fresh, true),
+            k.opened(7, 1, Some(1), fresh, true),
             KernelDir {
                 cache: true,
                 keep: false
@@ -193,55 +221,79 @@ mod tests {
         assert!(k.served(7, Some(1), fresh).is_some());
         // A second serve of the same expiry sets no second timer.
         assert_eq!(k.served(7, Some(1), fresh), None);
-        assert!(k.opened(7, Some(1), fresh, true).keep);
+        assert!(k.opened(7, 1, Some(1), fresh, true).keep);
         // A new LIST (not held): the kernel must take the new names.
-        assert!(!k.opened(7, Some(1), fresh, false).keep);
+        assert!(!k.opened(7, 1, Some(1), fresh, false).keep);
         // ... and what it held is gone with it.
-        assert!(!k.opened(7, Some(1), fresh, true).keep);
+        assert!(!k.opened(7, 1, Some(1), fresh, true).keep);
     }
 
     #[test]
     fn what_an_older_listing_served_is_never_kept() {
         let k = KernelDirs::default();
         let fresh = Some(Instant::now() + LONG);
-        k.opened(5, Some(3), fresh, true);
+        k.opened(5, 1, Some(3), fresh, true);
         k.served(5, Some(3), fresh);
         // A handle over the listing before this mount's create read on.
         k.served(5, Some(2), fresh);
         arrived(&k, 5);
-        assert!(!k.opened(5, Some(3), fresh, true).keep);
+        assert!(!k.opened(5, 1, Some(3), fresh, true).keep);
         // Dropped at that open; served from the current one since: kept.
         k.served(5, Some(3), fresh);
-        assert!(k.opened(5, Some(3), fresh, true).keep);
+        assert!(k.opened(5, 1, Some(3), fresh, true).keep);
         // The directory moved on (this mount changed it): not kept.
-        assert!(!k.opened(5, Some(4), fresh, true).keep);
+        assert!(!k.opened(5, 1, Some(4), fresh, true).keep);
     }
 
     #[test]
     fn a_drop_a_reply_may_overtake_is_not_trusted() {
         let k = KernelDirs::default();
         let fresh = Some(Instant::now() + LONG);
-        k.opened(6, Some(1), fresh, true);
+        k.opened(6, 1, Some(1), fresh, true);
         k.served(6, Some(1), fresh);
         // Dropped right after a reply: it may land after the drop.
-        assert!(!k.opened(6, Some(2), fresh, true).keep);
+        assert!(!k.opened(6, 1, Some(2), fresh, true).keep);
         k.served(6, Some(2), fresh);
-        assert!(!k.opened(6, Some(2), fresh, true).keep, "overtaken");
+        assert!(!k.opened(6, 1, Some(2), fresh, true).keep, "overtaken");
         // A drop once every reply arrived is trusted again.
         arrived(&k, 6);
-        assert!(!k.opened(6, Some(2), fresh, true).keep);
+        assert!(!k.opened(6, 1, Some(2), fresh, true).keep);
         k.served(6, Some(2), fresh);
-        assert!(k.opened(6, Some(2), fresh, true).keep);
+        assert!(k.opened(6, 1, Some(2), fresh, true).keep);
+    }
+
+    #[test]
+    fn one_handle_of_a_directory_at_a_time_reads_and_fills_the_kept_listing() {
+        let k = KernelDirs::default();
+        let fresh = Some(Instant::now() + LONG);
+        assert!(k.opened(4, 10, Some(1), fresh, false).cache);
+        k.served(4, Some(1), fresh);
+        // A second handle while the first is open: served by the mount,
+        // and what the kernel keeps stays.
+        let second = k.opened(4, 11, Some(1), fresh, true);
+        assert_eq!(
+            second,
+            KernelDir {
+                cache: false,
+                keep: true
+            }
+        );
+        k.released(4, 11);
+        assert!(!k.opened(4, 12, Some(1), fresh, true).cache, "still open");
+        k.released(4, 10);
+        assert!(k.opened(4, 13, Some(1), fresh, true).cache);
+        // Another directory is its own.
+        assert!(k.opened(8, 14, Some(1), fresh, true).cache);
     }
 
     #[test]
     fn an_expired_or_absent_view_is_never_kept() {
         let k = KernelDirs::default();
         let past = Some(Instant::now() - Duration::from_millis(1));
-        assert_eq!(k.opened(3, Some(1), past, true), KernelDir::default());
-        assert_eq!(k.opened(3, Some(1), None, true), KernelDir::default());
+        assert_eq!(k.opened(3, 1, Some(1), past, true), KernelDir::default());
+        assert_eq!(k.opened(3, 1, Some(1), None, true), KernelDir::default());
         assert_eq!(
-            k.opened(3, None, Some(Instant::now() + LONG), true),
+            k.opened(3, 1, None, Some(Instant::now() + LONG), true),
             KernelDir::default()
         );
     }
@@ -260,6 +312,6 @@ mod tests {
         k.dirs.lock().get_mut(&9).unwrap().drop_at = Some(Instant::now());
         assert!(k.expired(9));
         assert!(!k.expired(9));
-        assert!(!k.opened(9, Some(1), Some(now + LONG), true).keep);
+        assert!(!k.opened(9, 1, Some(1), Some(now + LONG), true).keep);
     }
 }

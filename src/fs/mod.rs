@@ -1096,6 +1096,7 @@ impl Fs {
         // file whose upload landed after its page was read) may be missing
         // from what it finds: such a listing is never current.
         let before_list = self.table.lock().get(ino).map(|n| n.entries_gen);
+        let list_started = Instant::now();
         let (files, dirs) = if self.cfg.as_of.is_some() {
             self.list_as_of(&prefix).await?
         } else {
@@ -1223,10 +1224,14 @@ impl Fs {
                 kind: FileKind::Dir,
             });
         }
-        // Files this mount created that are not uploaded yet.
+        // Files this mount created that are not uploaded yet, or whose
+        // upload landed after the LIST began (it may have read their page
+        // before).
         let listed: std::collections::HashSet<u64> = out.iter().map(|e| e.ino).collect();
         for (path, n) in t.children_of(ino) {
-            if writes.contains_key(&n.attr.ino) && !listed.contains(&n.attr.ino) {
+            let ours =
+                writes.contains_key(&n.attr.ino) || n.landed.is_some_and(|at| at >= list_started);
+            if ours && !listed.contains(&n.attr.ino) {
                 let name = path.rsplit('/').next().unwrap_or(path).to_string();
                 out.push(DirEntry {
                     ino: n.attr.ino,
@@ -1380,7 +1385,7 @@ impl Fs {
         let l = &d.listing;
         let k = self
             .kernel_dirs
-            .opened(ino, l.version, l.names_until, l.held);
+            .opened(ino, fh, l.version, l.names_until, l.held);
         d.kernel_keeps
             .store(k.cache, std::sync::atomic::Ordering::Relaxed);
         k
@@ -1710,6 +1715,11 @@ impl Fs {
     }
 
     pub fn releasedir(&self, fh: u64) {
-        self.handles.lock().remove(&fh);
+        let h = self.handles.lock().remove(&fh);
+        if let Some(Handle::Dir(d)) = h.as_deref()
+            && d.kernel_keeps.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.kernel_dirs.released(d.dir, fh);
+        }
     }
 }
