@@ -42,7 +42,7 @@ use crate::fs::inodes::ROOT_INO;
 use crate::fs::names::check_name;
 use crate::fs::{
     Attr, Creator, Defaults, DirEntry, DirPage, FileKind, Fs, FsConfig, FsError, FsResult,
-    KernelDir, PendingFile, SetAttr, StatFs,
+    KernelDir, PendingFile, Placed, SetAttr, StatFs,
 };
 use crate::store::{Account, Op, StoreError};
 
@@ -863,12 +863,7 @@ impl Buckets {
     /// Entries of an open directory (`ino`) after position `offset`, each
     /// with its position; `None`: it must be listed first
     /// (`readdir_listed`).
-    pub fn readdir(
-        &self,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-    ) -> FsResult<Option<DirPage<(u64, DirEntry)>>> {
+    pub fn readdir(&self, ino: u64, fh: u64, offset: u64) -> FsResult<Option<DirPage<Placed>>> {
         match (self.handle(fh)?, &self.inner) {
             (None, Inner::All(all)) => Ok(Some(Self::top_entries(all, fh, offset)?)),
             (None, Inner::One(_)) => Err(FsError::BadHandle),
@@ -887,7 +882,7 @@ impl Buckets {
         ino: u64,
         fh: u64,
         offset: u64,
-    ) -> FsResult<DirPage<(u64, DirEntry)>> {
+    ) -> FsResult<DirPage<Placed>> {
         match (self.handle(fh)?, &self.inner) {
             (None, Inner::All(all)) => Self::top_entries(all, fh, offset),
             (None, Inner::One(_)) => Err(FsError::BadHandle),
@@ -908,7 +903,7 @@ impl Buckets {
     }
 
     /// Entries of the top level (every bucket) after `offset`, an index.
-    fn top_entries(all: &All, fh: u64, offset: u64) -> FsResult<DirPage<(u64, DirEntry)>> {
+    fn top_entries(all: &All, fh: u64, offset: u64) -> FsResult<DirPage<Placed>> {
         let st = all.state.lock();
         let entries = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
         Ok(DirPage {

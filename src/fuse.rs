@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::buckets::Buckets;
 use crate::error;
-use crate::fs::{Attr, Creator, DirEntry, DirPage, FileKind, FsError, FsResult, SetAttr};
+use crate::fs::{Attr, Creator, DirPage, FileKind, FsError, FsResult, Placed, SetAttr};
 
 const MAX_WRITE_BYTES: u32 = 1024 * 1024;
 const MAX_READAHEAD_BYTES: u32 = 1024 * 1024;
@@ -124,7 +124,7 @@ fn send_dir_page(
     fs: &Arc<Buckets>,
     kernel: &Arc<OnceLock<Notifier>>,
     dir: INodeNo,
-    page: DirPage<(u64, DirEntry)>,
+    page: DirPage<Placed>,
     mut reply: ReplyDirectory,
 ) {
     for (pos, e) in &page.entries {

@@ -309,6 +309,9 @@ pub struct Fs {
 /// which those idle for a TTL are forgotten.
 const RELISTS_KEPT: usize = 256;
 
+/// A directory entry with its position in the directory's stream (`dirs`).
+pub type Placed = (u64, DirEntry);
+
 /// Entries of an open directory for one reply.
 pub struct DirPage<T> {
     pub entries: Vec<T>,
@@ -1489,7 +1492,7 @@ impl Fs {
     /// start), each with its position; `None`: the directory changed
     /// since the handle's listing and must be listed first
     /// (`readdir_listed`).
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Option<DirPage<(u64, DirEntry)>>> {
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Option<DirPage<Placed>>> {
         let Some(h) = self.dir_handle_now(fh)? else {
             return Ok(None);
         };
@@ -1503,7 +1506,7 @@ impl Fs {
         dir: u64,
         fh: u64,
         offset: u64,
-    ) -> FsResult<DirPage<(u64, DirEntry)>> {
+    ) -> FsResult<DirPage<Placed>> {
         let h = match self.dir_handle_now(fh)? {
             Some(h) => h,
             // What a change meanwhile moves on is taken at the next read.
@@ -1518,12 +1521,11 @@ impl Fs {
     /// holds at most a few thousand entries (copying the rest of a large
     /// listing on every call would be quadratic), never ending between
     /// names of one position.
-    #[allow(clippy::type_complexity)]
     fn entries_after(
         &self,
         h: &Handle,
         offset: u64,
-    ) -> FsResult<(usize, Vec<(u64, DirEntry)>, Arc<Listing>)> {
+    ) -> FsResult<(usize, Vec<Placed>, Arc<Listing>)> {
         let Handle::Dir(d) = h else {
             return Err(FsError::BadHandle);
         };
@@ -1553,7 +1555,6 @@ impl Fs {
     /// found it changed): they grant nothing, and the caller must not let
     /// the kernel keep them (zero timeouts). Only a reply's first entry is
     /// ever sent so.
-    #[allow(clippy::type_complexity)]
     pub async fn readdirplus(
         &self,
         dir_ino: u64,
