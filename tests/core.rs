@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 
 use bucketfs::fs::inodes::ROOT_INO;
-use bucketfs::fs::{Creator, FileKind, Fs, FsConfig, FsError, RELIST_AFTER, SetAttr};
+use bucketfs::fs::{Attr, Creator, FileKind, Fs, FsConfig, FsError, RELIST_AFTER, SetAttr};
 use bucketfs::store::memory::MemStore;
 use bucketfs::store::{Metadata, ObjectStore, Op, StoreError};
 use bucketfs::write::UploadOptions;
@@ -1663,6 +1663,40 @@ async fn a_rewound_directory_handle_shows_the_directory_as_it_is_now() {
     fs.releasedir(fh);
 }
 
+/// `d/f0`...`d/f4` over a `Faulty` store, `d` looked up: (the store,
+/// its faults, the core, its staging directory, `d`).
+async fn five_in_d() -> (
+    Arc<MemStore>,
+    Arc<bucketfs::store::faulty::Faulty<MemStore>>,
+    Fs,
+    tempfile::TempDir,
+    Attr,
+) {
+    let m = Arc::new(MemStore::unversioned());
+    for i in 0..5 {
+        m.insert(&format!("d/f{i}"), b"x", s3fs_meta(0o100644, 1000, 1));
+    }
+    let (f, fs, dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    (m, f, fs, dir, d)
+}
+
+/// The first read of directory handle `fh` of `dir` (`five_in_d`) has
+/// the five names and `new`, then the handle is released.
+async fn assert_first_read_has_new(fs: &Fs, dir: u64, fh: u64) {
+    let got: Vec<String> = fs
+        .readdirplus(dir, fh, 0)
+        .await
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|(_, e, ..)| e.name)
+        .collect();
+    assert!(got.contains(&"new".to_string()), "{got:?}");
+    assert_eq!(got.len(), 2 + 6, "{got:?}");
+    fs.releasedir(fh);
+}
+
 /// A file this mount creates while a LIST of its directory runs may be
 /// missing from what that LIST found (it landed after the LIST read its
 /// page): that listing is never taken as the directory's current one, so
@@ -1670,12 +1704,7 @@ async fn a_rewound_directory_handle_shows_the_directory_as_it_is_now() {
 /// which may keep what a handle is sent, is never sent the listing).
 #[tokio::test]
 async fn a_listing_that_ran_beside_a_create_is_never_served_as_current() {
-    let m = Arc::new(MemStore::unversioned());
-    for i in 0..5 {
-        m.insert(&format!("d/f{i}"), b"x", s3fs_meta(0o100644, 1000, 1));
-    }
-    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
-    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let (m, f, fs, _dir, d) = five_in_d().await;
     // The opendir's LIST reads the bucket, then its answer waits while the
     // file is made and uploaded.
     f.hold_after(Op::List, 1);
@@ -1692,17 +1721,7 @@ async fn a_listing_that_ran_beside_a_create_is_never_served_as_current() {
     let (fh, ()) = tokio::join!(fs.opendir(d.ino), made);
     let fh = fh.unwrap();
     assert!(m.object("d/new").is_some(), "uploaded during the LIST");
-    let got: Vec<String> = fs
-        .readdirplus(d.ino, fh, 0)
-        .await
-        .unwrap()
-        .entries
-        .into_iter()
-        .map(|(_, e, ..)| e.name)
-        .collect();
-    assert!(got.contains(&"new".to_string()), "{got:?}");
-    assert_eq!(got.len(), 2 + 6, "{got:?}");
-    fs.releasedir(fh);
+    assert_first_read_has_new(&fs, d.ino, fh).await;
 }
 
 /// A file this mount made before a LIST of its directory began, whose
@@ -1711,12 +1730,7 @@ async fn a_listing_that_ran_beside_a_create_is_never_served_as_current() {
 /// keep the listing without it.
 #[tokio::test]
 async fn a_file_that_lands_while_its_directory_is_listed_is_in_the_listing() {
-    let m = Arc::new(MemStore::unversioned());
-    for i in 0..5 {
-        m.insert(&format!("d/f{i}"), b"x", s3fs_meta(0o100644, 1000, 1));
-    }
-    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
-    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let (m, f, fs, _dir, d) = five_in_d().await;
     let (_, fh) = fs
         .create(d.ino, name("new"), USER, libc::O_WRONLY)
         .await
@@ -1731,17 +1745,7 @@ async fn a_file_that_lands_while_its_directory_is_listed_is_in_the_listing() {
     let (dh, ()) = tokio::join!(fs.opendir(d.ino), landed);
     let dh = dh.unwrap();
     assert!(m.object("d/new").is_some(), "landed during the LIST");
-    let got: Vec<String> = fs
-        .readdirplus(d.ino, dh, 0)
-        .await
-        .unwrap()
-        .entries
-        .into_iter()
-        .map(|(_, e, ..)| e.name)
-        .collect();
-    assert!(got.contains(&"new".to_string()), "{got:?}");
-    assert_eq!(got.len(), 2 + 6, "{got:?}");
-    fs.releasedir(dh);
+    assert_first_read_has_new(&fs, d.ino, dh).await;
 }
 
 /// A directory made by this mount is known empty only as long as what
