@@ -870,7 +870,7 @@ impl Buckets {
             (Some((fs, ids, fh)), _) => {
                 let dir = split_local(ids, ino);
                 fs.readdir(fh, offset)?
-                    .map(|p| Self::global_page(p, |(o, e)| Ok((o, ids.entry(dir, e)?))))
+                    .map(|p| Self::map_page(p, |(o, e)| Ok((o, ids.entry(dir, e)?))))
                     .transpose()
             }
         }
@@ -889,13 +889,14 @@ impl Buckets {
             (Some((fs, ids, fh)), _) => {
                 let dir = split_local(ids, ino);
                 let p = fs.readdir_listed(dir, fh, offset).await?;
-                Self::global_page(p, |(o, e)| Ok((o, ids.entry(dir, e)?)))
+                Self::map_page(p, |(o, e)| Ok((o, ids.entry(dir, e)?)))
             }
         }
     }
 
-    /// A core's page with global inode numbers.
-    fn global_page<T, U>(p: DirPage<T>, global: impl Fn(T) -> FsResult<U>) -> FsResult<DirPage<U>> {
+    /// A page with each entry made into another (global inode numbers,
+    /// attributes added).
+    fn map_page<T, U>(p: DirPage<T>, global: impl Fn(T) -> FsResult<U>) -> FsResult<DirPage<U>> {
         Ok(DirPage {
             entries: p.entries.into_iter().map(global).collect::<FsResult<_>>()?,
             expire_at: p.expire_at,
@@ -925,7 +926,7 @@ impl Buckets {
         match (self.handle(fh)?, &self.inner) {
             (None, Inner::All(all)) => {
                 let page = Self::top_entries(all, fh, offset)?;
-                Self::global_page(page, |(o, e)| {
+                Self::map_page(page, |(o, e)| {
                     let a = if e.ino == ROOT_INO {
                         Self::top_attr(all)
                     } else {
@@ -941,7 +942,7 @@ impl Buckets {
             (Some((fs, ids, fh)), _) => {
                 let dir = split_local(ids, ino);
                 let page = fs.readdirplus(dir, fh, offset).await?;
-                Self::global_page(page, |(o, e, a, counted, own)| {
+                Self::map_page(page, |(o, e, a, counted, own)| {
                     Ok((o, ids.entry(dir, e)?, ids.attr(a)?, counted, own))
                 })
             }

@@ -53,16 +53,6 @@ impl Positions {
         keyed.sort_unstable_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
         keyed.into_iter().map(|(p, e)| (e, p)).unzip()
     }
-
-    /// `lead` (`.`, `..`, maybe `.versions`: positions 1, 2, 3) followed by
-    /// `rest`, in position order with its positions (`order`).
-    pub fn join(lead: Vec<DirEntry>, rest: (Vec<DirEntry>, Vec<u64>)) -> (Vec<DirEntry>, Vec<u64>) {
-        let mut pos: Vec<u64> = (1..=lead.len() as u64).collect();
-        let mut entries = lead;
-        entries.extend(rest.0);
-        pos.extend(rest.1);
-        (entries, pos)
-    }
 }
 
 /// A directory's entries as one listing found them, in position order.
@@ -84,6 +74,30 @@ pub struct Listing {
 }
 
 impl Listing {
+    /// `lead` (`.`, `..`, maybe `.versions`: positions 1, 2, 3) followed by
+    /// `rest` with its positions, ascending (`Positions::order`).
+    pub fn new(
+        lead: Vec<DirEntry>,
+        rest: (Vec<DirEntry>, Vec<u64>),
+        names_until: Option<Instant>,
+        held: bool,
+        version: Option<u64>,
+    ) -> Self {
+        let lead_n = lead.len();
+        let mut pos: Vec<u64> = (1..=lead_n as u64).collect();
+        let mut entries = lead;
+        entries.extend(rest.0);
+        pos.extend(rest.1);
+        Listing {
+            entries,
+            pos,
+            lead: lead_n,
+            names_until,
+            held,
+            version,
+        }
+    }
+
     /// The index of the entry a reader resumes at after position `offset`
     /// (0: from the start). Names sharing a position are all returned
     /// again rather than one of them missed.
@@ -158,15 +172,7 @@ mod tests {
     fn listing(p: &Positions, names: &[&str]) -> Listing {
         let lead = vec![entry("."), entry("..")];
         let rest = p.order(names.iter().map(|n| entry(n)).collect());
-        let (entries, pos) = Positions::join(lead, rest);
-        Listing {
-            entries,
-            pos,
-            lead: 2,
-            names_until: None,
-            held: false,
-            version: None,
-        }
+        Listing::new(lead, rest, None, false, None)
     }
 
     /// Reads `l` from `offset` as a reader would, `n` entries: (names, the

@@ -998,40 +998,24 @@ impl Fs {
     /// the directory's latest (`latest`).
     async fn list_paced(&self, ino: u64) -> FsResult<(Arc<Listing>, Option<meta::PaceGuard>)> {
         let _ns = self.ns.read().await;
-        if let Some(l) = self.held_listing(ino)? {
+        let (lead, key) = self.lead_entries(ino)?;
+        if let Some(l) = self.table_listing(ino, &lead, &key) {
             return Ok((l, None));
         }
-        let (lead, key) = self.lead_entries(ino)?;
         let lead_n = lead.len();
         let (listing, pace) = match key {
             NodeKey::Path(dir) => {
                 let l = self.list_dir(ino, &dir, lead_n, None).await?;
-                let (entries, pos) = dirs::Positions::join(lead, (l.entries, l.pos));
-                let listing = Listing {
-                    entries,
-                    pos,
-                    lead: lead_n,
-                    names_until: l.names_until,
-                    held: false,
-                    version: Some(l.version),
-                };
+                let rest = (l.entries, l.pos);
+                let listing = Listing::new(lead, rest, l.names_until, false, Some(l.version));
                 (listing, l.pace)
             }
             other => {
                 // Versions newest first: a listing that never changes
                 // under its handles keeps its order, positions its indexes.
-                let mut entries = lead;
-                entries.extend(self.versions_list(ino, other).await?);
-                let pos = (1..=entries.len() as u64).collect();
-                let listing = Listing {
-                    entries,
-                    pos,
-                    lead: lead_n,
-                    names_until: None,
-                    held: false,
-                    version: None,
-                };
-                (listing, None)
+                let rest = self.versions_list(ino, other).await?;
+                let pos = (lead_n as u64 + 1..).take(rest.len()).collect();
+                (Listing::new(lead, (rest, pos), None, false, None), None)
             }
         };
         Ok((self.keep_latest(ino, listing), pace))
@@ -1040,28 +1024,23 @@ impl Fs {
     /// The listing of directory `ino` the table holds (`listing_held`),
     /// made the directory's latest; `None`: it holds none.
     fn held_listing(&self, ino: u64) -> FsResult<Option<Arc<Listing>>> {
-        if self.cfg.as_of.is_some() {
-            return Ok(None);
-        }
         let (lead, key) = self.lead_entries(ino)?;
+        Ok(self.table_listing(ino, &lead, &key))
+    }
+
+    /// The same, with the directory's leading entries and key.
+    fn table_listing(&self, ino: u64, lead: &[DirEntry], key: &NodeKey) -> Option<Arc<Listing>> {
         let NodeKey::Path(dir) = key else {
-            return Ok(None);
+            return None;
         };
-        let Some((rest, version, names_until)) = self.listing_held(ino) else {
-            return Ok(None);
-        };
+        if self.cfg.as_of.is_some() {
+            return None;
+        }
+        let (rest, version, names_until) = self.listing_held(ino)?;
         debug!(dir, entries = rest.len(), "listing held");
-        let lead_n = lead.len();
-        let (entries, pos) = dirs::Positions::join(lead, self.positions.order(rest));
-        let listing = Listing {
-            entries,
-            pos,
-            lead: lead_n,
-            names_until,
-            held: true,
-            version: Some(version),
-        };
-        Ok(Some(self.keep_latest(ino, listing)))
+        let rest = self.positions.order(rest);
+        let listing = Listing::new(lead.to_vec(), rest, names_until, true, Some(version));
+        Some(self.keep_latest(ino, listing))
     }
 
     /// `listing` is the latest of directory `ino`.
@@ -1448,6 +1427,16 @@ impl Fs {
         Ok(self.replace_listing(fh, listing, None))
     }
 
+    /// Handle `fh` of directory `dir` over a current listing
+    /// (`dir_handle_now`), listing the directory if need be.
+    async fn dir_handle_listed(&self, dir: u64, fh: u64) -> FsResult<Arc<Handle>> {
+        match self.dir_handle_now(fh)? {
+            Some(h) => Ok(h),
+            // What a change meanwhile moves on is taken at the next read.
+            None => self.relist_handle(dir, fh).await,
+        }
+    }
+
     /// Handle `fh` over `listing` from now on (`pace`: the listing's, if
     /// it has one); `None`: released meanwhile.
     fn replace_listing(
@@ -1507,11 +1496,7 @@ impl Fs {
         fh: u64,
         offset: u64,
     ) -> FsResult<DirPage<Placed>> {
-        let h = match self.dir_handle_now(fh)? {
-            Some(h) => h,
-            // What a change meanwhile moves on is taken at the next read.
-            None => self.relist_handle(dir, fh).await?,
-        };
+        let h = self.dir_handle_listed(dir, fh).await?;
         let (_, entries, listing) = self.entries_after(&h, offset)?;
         Ok(self.page(&h, &listing, entries))
     }
@@ -1564,10 +1549,7 @@ impl Fs {
         if offset == 0 {
             self.rewind(dir_ino, fh).await?;
         }
-        let h = match self.dir_handle_now(fh)? {
-            Some(h) => h,
-            None => self.relist_handle(dir_ino, fh).await?,
-        };
+        let h = self.dir_handle_listed(dir_ino, fh).await?;
         let (at, entries, listing) = self.entries_after(&h, offset)?;
         // Metadata is read ahead of this reader: of where it asks from, not
         // of where the reply ends (a reply holds every entry known, and the
@@ -1658,7 +1640,7 @@ impl Fs {
     /// Marks the metadata of those of `entries` whose metadata expired as
     /// not read, so it is read again (a HEAD each) before it is handed out
     /// (another client's chmod keeps the object's ETag: only a HEAD tells).
-    fn expire_metadata(&self, entries: &[(u64, DirEntry)]) {
+    fn expire_metadata(&self, entries: &[Placed]) {
         if !self.cfg.object_metadata {
             return;
         }
