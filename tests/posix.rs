@@ -555,6 +555,16 @@ fn a_listing_older_than_a_rename_does_not_bring_the_old_name_back() {
     drop(held);
 }
 
+/// The names of directory stream `d` after a `rewinddir`, sorted, without
+/// `.` and `..`.
+fn rewound_names(d: *mut libc::DIR) -> Vec<String> {
+    unsafe { libc::rewinddir(d) };
+    let mut listed = read_names(d);
+    listed.retain(|n| n != "." && n != "..");
+    listed.sort();
+    listed
+}
+
 /// `rewinddir` shows the directory as it is now (POSIX: as `opendir`
 /// would): a file this mount made at once, another client's object once
 /// the listing's time (`metadata_ttl`) is up; both used to stay hidden
@@ -567,13 +577,7 @@ fn rewinddir_shows_new_entries() {
     let dir = c_str(m.path("r").to_str().unwrap());
     let d = unsafe { libc::opendir(dir.as_ptr()) };
     assert!(!d.is_null());
-    let list = || {
-        unsafe { libc::rewinddir(d) };
-        let mut listed = read_names(d);
-        listed.retain(|n| n != "." && n != "..");
-        listed.sort();
-        listed
-    };
+    let list = || rewound_names(d);
     assert_eq!(list(), ["old"]);
     std::fs::write(m.path("r/mine"), b"m").unwrap();
     assert_eq!(list(), ["mine", "old"], "this mount's new file at once");
@@ -650,13 +654,7 @@ fn a_kept_listing_is_dropped_when_it_expires() {
     let dir = c_str(m.path("k").to_str().unwrap());
     let d = unsafe { libc::opendir(dir.as_ptr()) };
     assert!(!d.is_null());
-    let rewound = || {
-        unsafe { libc::rewinddir(d) };
-        let mut listed = read_names(d);
-        listed.retain(|n| n != "." && n != "..");
-        listed.sort();
-        listed
-    };
+    let rewound = || rewound_names(d);
     assert_eq!(rewound(), ["old"]);
     b.put("k/theirs", b"t");
     // Rewinds only: no opendir in between has the kernel drop the listing.
