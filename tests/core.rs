@@ -423,6 +423,18 @@ async fn yield_to_background() {
     }
 }
 
+/// Lets background tasks run until `done` (at most 10,000 turns):
+/// whether it came.
+async fn turns_until(done: impl Fn() -> bool) -> bool {
+    for _ in 0..10_000 {
+        if done() {
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    done()
+}
+
 /// `n` objects `dir/f00000`... of one byte, each with `meta()`.
 fn fill(s: &MemStore, dir: &str, n: usize, meta: impl Fn() -> Metadata) {
     for i in 0..n {
@@ -430,10 +442,34 @@ fn fill(s: &MemStore, dir: &str, n: usize, meta: impl Fn() -> Metadata) {
     }
 }
 
-/// Reads a directory handle to its end as `ls -f` does after its first
-/// call (plain readdir): how many entries.
-fn readdir_to_end(fs: &Fs, fh: u64) -> u64 {
-    readdir_from(fs, fh, 0)
+/// The names of a directory handle's listing in the order its reader
+/// gets them, as `ls -f` reads after its first call (plain readdir, which
+/// reads no metadata), without `.` and `..`.
+fn listing_order(fs: &Fs, fh: u64) -> Vec<String> {
+    let (mut offset, mut names) = (0, Vec::new());
+    loop {
+        let page = fs.readdir(fh, offset).unwrap().expect("current").entries;
+        let Some(last) = page.last() else {
+            return names;
+        };
+        offset = last.0;
+        names.extend(
+            page.into_iter()
+                .map(|(_, e)| e.name)
+                .filter(|n| n != "." && n != ".."),
+        );
+    }
+}
+
+/// How many HEADs a cold listing of `names` (in its reader's order) costs
+/// when its metadata pass may read the first `upto` of them: those, and
+/// the first window of objects in key order (`f00000` on), whose HEADs
+/// start while the next LIST pages are read.
+fn heads_of_listing(names: &[String], upto: usize) -> u64 {
+    let ahead = bucketfs::fs::METADATA_AHEAD;
+    let early = |n: &String| n.as_str() < format!("f{ahead:05}").as_str();
+    (names.iter().filter(|n| early(n)).count() + names[..upto].iter().filter(|n| !early(n)).count())
+        as u64
 }
 
 /// The same from position `offset` on.
@@ -467,13 +503,15 @@ async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
     let e = fs.lookup(ROOT_INO, name("e")).await.unwrap();
     let h0 = heads();
     let fh = fs.opendir(d.ino).await.unwrap();
-    assert_eq!(
-        readdir_to_end(&fs, fh),
-        N as u64 + 2,
-        "every entry, . and .."
-    );
+    let order = listing_order(&fs, fh);
+    assert_eq!(order.len(), N, "every entry");
     yield_to_background().await;
-    assert_eq!(heads() - h0, ahead, "one window of HEADs for readdir");
+    let window = heads_of_listing(&order, ahead as usize);
+    assert!(
+        window < 2 * ahead,
+        "{window}: the early HEADs are in it too"
+    );
+    assert_eq!(heads() - h0, window, "one window of HEADs for readdir");
     // readdirplus to the end: each entry's own metadata, one HEAD each.
     let (mut offset, mut own) = (0, 0);
     loop {
@@ -495,23 +533,34 @@ async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
     fs.releasedir(fh);
     yield_to_background().await;
     let took = heads() - h1;
-    assert!(took <= 2 * ahead, "{took} HEADs after the handle closed");
+    assert!(took <= 3 * ahead, "{took} HEADs after the handle closed");
     // `ls -l` reads every name, then stats each: a stat of an entry the
     // pass has not read moves it a window on.
     let g = fs.lookup(ROOT_INO, name("g")).await.unwrap();
     let h2 = heads();
     let fh = fs.opendir(g.ino).await.unwrap();
     yield_to_background().await;
-    assert_eq!(heads() - h2, ahead, "the first window");
-    // The first entry past it in the listing, after . and ..
-    let past = fs.readdir(fh, 0).unwrap().expect("current").entries[ahead as usize + 2]
-        .1
-        .name
+    let order = listing_order(&fs, fh);
+    let window = ahead as usize;
+    assert_eq!(
+        heads() - h2,
+        heads_of_listing(&order, window),
+        "the first window"
+    );
+    // The first entry past it in the listing not read early.
+    let past = order[window..]
+        .iter()
+        .find(|n| heads_of_listing(std::slice::from_ref(n), 0) == 0)
+        .expect("5,000 entries")
         .clone();
     let a = fs.lookup(g.ino, name(&past)).await.unwrap();
     assert_eq!((a.perm, a.uid), (0o640, 7), "its own metadata");
     yield_to_background().await;
-    assert_eq!(heads() - h2, 2 * ahead, "a stat past the window");
+    assert_eq!(
+        heads() - h2,
+        heads_of_listing(&order, 2 * window),
+        "a stat past the window"
+    );
     for i in 0..N {
         let a = fs.lookup(g.ino, name(&format!("f{i:05}"))).await.unwrap();
         assert_eq!((a.perm, a.uid), (0o640, 7), "f{i:05}");
@@ -555,16 +604,27 @@ async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
         fs.releasedir(fh);
         took.push(heads() - h);
     }
-    assert_eq!(took, [ahead, 0, 0], "HEADs of each listing");
-    // A reader that asks from where the known entries end (`ls -l`) moves
-    // it a window on.
     let h = heads();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let order = listing_order(&fs, fh);
+    fs.releasedir(fh);
+    assert_eq!(heads(), h, "plain readdir reads no metadata");
+    let window = ahead as usize;
+    let known = heads_of_listing(&order, window);
+    assert_eq!(took, [known, 0, 0], "HEADs of each listing");
+    // A reader that asks from where the known entries end (`ls -l`) moves
+    // it a window on. The known entries: the first window, and those read
+    // early right after it.
+    let run = order[window..]
+        .iter()
+        .take_while(|n| heads_of_listing(std::slice::from_ref(n), 0) == 1)
+        .count();
     let fh = fs.opendir(d.ino).await.unwrap();
     let batch = fs.readdirplus(d.ino, fh, 0).await.unwrap().entries;
     let reached = batch.last().unwrap().0;
     assert_eq!(
-        batch.len() as u64,
-        ahead + 2,
+        batch.len(),
+        window + run + 2,
         "known entries, after . and .."
     );
     let next = fs.readdirplus(d.ino, fh, reached).await.unwrap().entries;
@@ -574,6 +634,65 @@ async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
     );
     yield_to_background().await;
     assert_eq!(heads() - h, ahead, "one window past the reader");
+    fs.releasedir(fh);
+}
+
+/// `ls -l` needs every object's metadata, and a cold listing of a large
+/// directory is several LIST pages in a row: the objects of its first
+/// window (in key order) have their HEADs run while the next pages are
+/// listed (they waited for the last page), and the metadata pass takes
+/// them over: still one HEAD per entry.
+#[tokio::test]
+async fn a_first_window_of_heads_runs_beside_the_next_list_pages() {
+    const N: usize = 2500;
+    let m = Arc::new(MemStore::unversioned());
+    fill(&m, "d", N, || s3fs_meta(0o100640, 7, 1_000_000_000));
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let (lists, heads) = (f.calls(Op::List), f.calls(Op::Head));
+    f.hold(Op::List, 1);
+    let during = async {
+        f.wait_held(Op::List).await.unwrap();
+        f.release(Op::List);
+        // The second page waits, once it is asked for.
+        f.hold(Op::List, 1);
+        let second = || f.calls(Op::List) == lists + 2 && f.held(Op::List) == 1;
+        assert!(turns_until(second).await, "the second page asked for");
+        let first_page = || f.calls(Op::Head) - heads >= 1000;
+        let started = turns_until(first_page).await;
+        let early = f.calls(Op::Head) - heads;
+        f.release(Op::List);
+        (started, early)
+    };
+    let (fh, (started, early)) = tokio::join!(fs.opendir(d.ino), during);
+    let fh = fh.unwrap();
+    assert!(started, "{early} HEADs while the second page was listed");
+    assert_eq!(early, 1000, "the first page's objects, all in the window");
+    let log = f.log();
+    let second_list = log
+        .iter()
+        .filter(|(op, _)| *op == Op::List)
+        .nth(lists as usize + 1);
+    let early_keys: Vec<&String> = log
+        .iter()
+        .skip_while(|e| Some(*e) != second_list)
+        .filter(|(op, _)| *op == Op::Head)
+        .map(|(_, k)| k)
+        .take(1000)
+        .collect();
+    assert!(
+        early_keys.iter().all(|k| k.as_str() < "d/f01000"),
+        "the first page's objects"
+    );
+    // Every entry stat'ed: the pass took the early HEADs over.
+    let order = listing_order(&fs, fh);
+    assert_eq!(order.len(), N, "every entry");
+    for n in &order {
+        let a = fs.lookup(d.ino, name(n)).await.unwrap();
+        assert_eq!((a.perm, a.uid), (0o640, 7), "{n}");
+    }
+    yield_to_background().await;
+    assert_eq!(f.calls(Op::Head) - heads, N as u64, "one HEAD per entry");
     fs.releasedir(fh);
 }
 

@@ -137,6 +137,39 @@ pub(super) struct Relist {
 
 type Pending = Arc<OnceCell<FsResult<()>>>;
 
+/// A HEAD a listing started before it had every page, and when.
+type Early = (Instant, Arc<OnceCell<StoreResult<ObjectInfo>>>);
+
+/// The HEADs one listing started while it read its pages, by key: its
+/// metadata pass takes them over as soon as the listing is complete (so
+/// none is wasted, whatever order its reader reads in); dropped (with the
+/// pass, or with the listing when it fails), they are forgotten.
+pub(super) struct EarlyBatch {
+    meta: Arc<MetaFetch>,
+    keys: std::collections::HashSet<String>,
+}
+
+impl EarlyBatch {
+    /// The number of HEADs this listing started early.
+    pub(super) fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether this listing started a HEAD of `key`.
+    pub(super) fn has(&self, key: &str) -> bool {
+        self.keys.contains(key)
+    }
+}
+
+impl Drop for EarlyBatch {
+    fn drop(&mut self) {
+        let mut m = self.meta.early.lock();
+        for k in &self.keys {
+            m.remove(k);
+        }
+    }
+}
+
 pub(super) struct MetaFetch {
     pub(super) store: Arc<dyn ObjectStore>,
     pub(super) table: Arc<Mutex<InodeTable>>,
@@ -150,6 +183,8 @@ pub(super) struct MetaFetch {
     pub(super) inflight: Mutex<HashMap<u64, Pending>>,
     /// The metadata pass of each directory's latest listing, while it runs.
     pub(super) paces: Mutex<HashMap<u64, Weak<Pace>>>,
+    /// HEADs started by listings still being read, by object key.
+    pub(super) early: Mutex<HashMap<String, Early>>,
 }
 
 /// What the table says of a node's metadata.
@@ -242,7 +277,18 @@ impl MetaFetch {
         };
         let key = format!("{}{}{}", self.root_prefix, path, if dir { "/" } else { "" });
         let d = &self.defaults;
-        let answer = self.head(&key, version.as_deref()).await;
+        // A HEAD its listing started, if young enough to trust: what it
+        // read is fresh from when it was asked.
+        let early = self
+            .early
+            .lock()
+            .get(&key)
+            .filter(|(at, _)| version.is_none() && at.elapsed() < self.ttl)
+            .cloned();
+        let (answer, asked) = match early {
+            Some((at, cell)) => (cell.get_or_init(|| self.head(&key, None)).await.clone(), at),
+            None => (self.head(&key, version.as_deref()).await, Instant::now()),
+        };
         let (attr, object) = match answer {
             Ok(info) => (Attr::from_object(0, &info, dir, d), Some(info)),
             // A directory without a marker object has no metadata of its
@@ -265,7 +311,7 @@ impl MetaFetch {
             && !self.writes.lock().contains_key(&ino);
         if unchanged {
             let marker = dir && object.is_some();
-            t.upsert(node, parent, attr, object, Some(Instant::now() + self.ttl));
+            t.upsert(node, parent, attr, object, Some(asked + self.ttl));
             if let Some(n) = t.get_mut(ino) {
                 n.dir_marker = marker;
             }
@@ -278,6 +324,72 @@ impl MetaFetch {
     async fn head(&self, key: &str, version: Option<&str>) -> StoreResult<ObjectInfo> {
         let _permit = self.heads.acquire().await.expect("never closed");
         self.store.head(key, version).await
+    }
+
+    pub(super) fn early_batch(self: &Arc<Self>) -> EarlyBatch {
+        EarlyBatch {
+            meta: self.clone(),
+            keys: Default::default(),
+        }
+    }
+
+    /// Starts the HEADs of `keys` (objects of a listing page) in the
+    /// background, within the mount's bound, for `batch`'s listing to take
+    /// over once it has every page.
+    pub(super) fn head_early(self: &Arc<Self>, batch: &mut EarlyBatch, keys: Vec<String>) {
+        let now = Instant::now();
+        let cells: Vec<(String, Arc<OnceCell<_>>)> = {
+            let mut m = self.early.lock();
+            let mut cells = Vec::with_capacity(keys.len());
+            for k in keys {
+                if let std::collections::hash_map::Entry::Vacant(v) = m.entry(k.clone()) {
+                    let cell = Arc::new(OnceCell::new());
+                    v.insert((now, cell.clone()));
+                    batch.keys.insert(k.clone());
+                    cells.push((k, cell));
+                }
+            }
+            cells
+        };
+        if cells.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            futures::stream::iter(cells)
+                .map(|(key, cell)| {
+                    let me = &me;
+                    async move {
+                        cell.get_or_init(|| me.head(&key, None)).await;
+                    }
+                })
+                .buffer_unordered(MAX_HEADS_IN_FLIGHT)
+                .collect::<()>()
+                .await;
+        });
+    }
+
+    /// Stores what `early`'s HEADs read (the metadata of `inos`, entries of
+    /// its now complete listing) in the table as they come in, then
+    /// forgets them.
+    pub(super) fn take_over(self: &Arc<Self>, early: EarlyBatch, inos: Vec<u64>) {
+        if inos.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            futures::stream::iter(inos)
+                .map(|ino| {
+                    let me = &me;
+                    async move {
+                        let _ = me.attr_for(ino, false).await;
+                    }
+                })
+                .buffer_unordered(MAX_HEADS_IN_FLIGHT)
+                .collect::<()>()
+                .await;
+            drop(early);
+        });
     }
 
     /// Reads the metadata of `entries` (listing position, inode: the

@@ -379,6 +379,7 @@ impl Fs {
             heads: tokio::sync::Semaphore::new(meta::MAX_HEADS_IN_FLIGHT),
             inflight: Mutex::new(HashMap::new()),
             paces: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
         });
         let mut blocks = BlockCache::new(cfg.block_size_bytes, cfg.mem_cache_bytes)
             .with_disk(&cfg.disk_cache_dir, cfg.disk_cache_bytes);
@@ -1079,6 +1080,7 @@ impl Fs {
         // from what it finds: such a listing is never current.
         let before_list = self.table.lock().get(ino).map(|n| n.entries_gen);
         let list_started = Instant::now();
+        let mut early = self.meta.early_batch();
         let (files, dirs) = if self.cfg.as_of.is_some() {
             self.list_as_of(&prefix).await?
         } else {
@@ -1088,7 +1090,22 @@ impl Fs {
             loop {
                 // The metadata pass starts once every page is in: the
                 // reader's first entries (by position) may be on the last.
+                // Meanwhile the HEADs of a window of objects (in LIST
+                // order) run beside the next pages' LISTs: `ls -l` needs
+                // them all, and `ls -f` reads at most a window more.
+                // (A window of entries, known or not: listing again reads
+                // none of the window a listing before read.)
                 let page = self.store.list(&prefix, Some("/"), token, None).await?;
+                let early_left = meta::METADATA_AHEAD.saturating_sub(files.len() + dirs.len());
+                if page.next_token.is_some()
+                    && early_left > 0
+                    && again_from.is_none()
+                    && self.cfg.object_metadata
+                {
+                    let upto = page.objects.len().min(early_left);
+                    let keys = self.metadata_unknown(dir, &prefix, &page.objects[..upto]);
+                    self.meta.head_early(&mut early, keys);
+                }
                 files.extend(page.objects);
                 dirs.extend(page.prefixes);
                 token = page.next_token;
@@ -1258,6 +1275,14 @@ impl Fs {
                     .take_while(|(e, p)| (**p, e.name.as_str()) < at)
                     .count()
             });
+        if early.len() > 0 {
+            let early_inos = out
+                .iter()
+                .filter(|e| early.has(&self.key_of(&join(dir, &e.name))))
+                .map(|e| e.ino)
+                .collect();
+            self.meta.take_over(early, early_inos);
+        }
         let pace = self.meta.prefetch(ino, unknown, first);
         debug!(dir, entries = out.len(), "listed");
         if out.len() >= TRIM_AFTER_NODES {
@@ -1300,6 +1325,28 @@ impl Fs {
             });
         }
         Some((out, version, names_until))
+    }
+
+    /// The keys of `objects` (a page of directory `dir`'s listing, below
+    /// `prefix`) whose metadata the table does not hold.
+    fn metadata_unknown(&self, dir: &str, prefix: &str, objects: &[ObjectInfo]) -> Vec<String> {
+        let now = Instant::now();
+        let t = self.table.lock();
+        objects
+            .iter()
+            .filter(|o| {
+                let name = &o.key[prefix.len().min(o.key.len())..];
+                if name.is_empty() || !showable(name) {
+                    return false;
+                }
+                let known = t
+                    .find(&NodeKey::Path(join(dir, name)))
+                    .and_then(|i| t.get(i))
+                    .is_some_and(|n| n.holds_metadata_of(o, now));
+                !known
+            })
+            .map(|o| o.key.clone())
+            .collect()
     }
 
     /// Marks directory `dir`, its listing and every entry below it
