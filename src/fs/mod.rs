@@ -1101,6 +1101,7 @@ impl Fs {
                     && early_left > 0
                     && again_from.is_none()
                     && self.cfg.object_metadata
+                    && !self.cfg.metadata_ttl.is_zero()
                 {
                     let upto = page.objects.len().min(early_left);
                     let keys = self.metadata_unknown(dir, &prefix, &page.objects[..upto]);
