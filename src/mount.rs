@@ -770,6 +770,7 @@ fn serve(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("bucketfs-io")
+        .on_thread_park(crate::fs::thread_idle)
         .build()
         .map_err(|e| MountError(format!("runtime: {e}")))?;
     let settings = S3Settings {

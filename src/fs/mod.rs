@@ -350,7 +350,48 @@ pub fn set_release_free_memory(f: fn()) {
     let _ = RELEASE_FREE_MEMORY.set(f);
 }
 
+/// Moves each time freed memory is given back: each runtime thread that
+/// has not given back its own since does so as it next goes idle
+/// (`thread_idle`).
+static RELEASES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+thread_local! {
+    static RELEASED_AT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Called by each runtime thread as it goes idle: gives back what it
+/// holds freed if memory was given back since it last did. The allocator
+/// keeps some freed objects per thread, and one such object keeps its
+/// whole slab in memory (the dropped nodes' slabs, after a large listing).
+pub fn thread_idle() {
+    let now = RELEASES.load(std::sync::atomic::Ordering::Relaxed);
+    if RELEASED_AT.with(|at| at.replace(now)) != now {
+        debug!(now, "freed memory given back by an idle thread");
+        release_own_free_memory();
+    }
+}
+
+/// Hands freed memory back to the system: this thread's now, and every
+/// runtime thread's as it next goes idle. Idle runtime threads are woken
+/// for it (a few empty tasks, queued from outside the runtime, each
+/// wake a parked one).
 fn release_free_memory() {
+    let now = RELEASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    RELEASED_AT.with(|at| at.set(now));
+    release_own_free_memory();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let workers = rt.metrics().num_workers();
+        let _ = std::thread::Builder::new()
+            .name("bucketfs-release".into())
+            .spawn(move || {
+                for _ in 0..workers {
+                    rt.spawn(async {});
+                }
+            });
+    }
+}
+
+fn release_own_free_memory() {
     match RELEASE_FREE_MEMORY.get() {
         Some(f) => f(),
         #[cfg(target_env = "gnu")]
