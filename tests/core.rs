@@ -696,6 +696,78 @@ async fn a_first_window_of_heads_runs_beside_the_next_list_pages() {
     fs.releasedir(fh);
 }
 
+/// An early HEAD asked before this mount changed the object is never its
+/// answer. The attack session's repro: a cold listing's first page is
+/// read and a file's early HEAD answered; then this mount's own write (or
+/// chmod) lands; then the rest of the listing, whose first page still
+/// names the old object: the early (old) answer was stored over the
+/// mount's change, and the file read as its old size or mode for a TTL.
+#[tokio::test]
+async fn an_early_head_from_before_this_mounts_own_change_is_not_its_answer() {
+    const N: usize = 2500;
+    let m = Arc::new(MemStore::unversioned());
+    fill(&m, "d", N, || s3fs_meta(0o100644, 0, 1_000_000_000));
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    // Two of the files known before (their metadata expired, so read
+    // early again), two not.
+    for n in ["f00002", "f00003"] {
+        fs.lookup(d.ino, name(n)).await.unwrap();
+    }
+    fs.expire_below("d");
+    let (lists, heads) = (f.calls(Op::List), f.calls(Op::Head));
+    f.hold(Op::List, 1);
+    let during = async {
+        f.wait_held(Op::List).await.unwrap();
+        f.release(Op::List);
+        f.hold(Op::List, 1);
+        let second = || f.calls(Op::List) == lists + 2 && f.held(Op::List) == 1;
+        assert!(turns_until(second).await, "the second page asked for");
+        let first_page = || f.calls(Op::Head) - heads >= 1000;
+        assert!(turns_until(first_page).await, "the early HEADs answered");
+        // This mount rewrites an object and takes others' read right.
+        let mut changed = Vec::new();
+        for (write, chmod) in [("f00000", "f00001"), ("f00002", "f00003")] {
+            let a = fs.lookup(d.ino, name(write)).await.unwrap();
+            let fh = fs
+                .open(a.ino, libc::O_WRONLY | libc::O_TRUNC)
+                .await
+                .unwrap();
+            fs.write(fh, 0, b"new content").await.unwrap();
+            fs.release(fh).await.unwrap();
+            let b = fs.lookup(d.ino, name(chmod)).await.unwrap();
+            let to_0600 = SetAttr {
+                mode: Some(0o600),
+                ..SetAttr::default()
+            };
+            fs.setattr(b.ino, to_0600).await.unwrap();
+            changed.push((a.ino, write, (0o644, 11)));
+            changed.push((b.ino, chmod, (0o600, 1)));
+        }
+        f.release(Op::List);
+        changed
+    };
+    let (fh, changed) = tokio::join!(fs.opendir(d.ino), during);
+    let fh = fh.unwrap();
+    yield_to_background().await;
+    for (ino, n, want) in changed {
+        let key = format!("d/{n}");
+        let size = m.object(&key).expect("in the bucket").len() as u64;
+        let meta = m.metadata(&key).expect("in the bucket");
+        let mode = meta.get("mode").map(|m| m.parse::<u32>().unwrap() & 0o7777);
+        assert_eq!(
+            (mode, size),
+            (Some(want.0.into()), want.1),
+            "{n} in the bucket"
+        );
+        let got = fs.getattr(ino).await.unwrap();
+        assert_eq!((got.perm, got.size), want, "{n}: this mount's own change");
+        let got = fs.lookup(d.ino, name(n)).await.unwrap();
+        assert_eq!((got.perm, got.size), want, "{n} looked up again");
+    }
+    fs.releasedir(fh);
+}
+
 /// `ls -l` reads the listing by readdirplus and stats every entry: when
 /// the replies carry each entry's own attributes the kernel keeps them and
 /// asks nothing more, so a reply holds only entries whose metadata is

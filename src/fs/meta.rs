@@ -137,8 +137,21 @@ pub(super) struct Relist {
 
 type Pending = Arc<OnceCell<FsResult<()>>>;
 
-/// A HEAD a listing started before it had every page, and when.
-type Early = (Instant, Arc<OnceCell<StoreResult<ObjectInfo>>>);
+/// The node at a path (inode, generation), when a listing asked for its
+/// object's metadata early.
+pub(super) type Stamp = Option<(u64, u64)>;
+
+/// A HEAD a listing started before it had every page.
+#[derive(Clone)]
+pub(super) struct Early {
+    asked: Instant,
+    /// The only node its answer may go to, as it was: this mount's own
+    /// changes to the object move its generation (an upload, a chmod's
+    /// copy, a rename), and the answer, asked before them, is then not
+    /// used. `None`: none.
+    node: Stamp,
+    answer: Arc<OnceCell<StoreResult<ObjectInfo>>>,
+}
 
 /// The HEADs one listing started while it read its pages, by key: its
 /// metadata pass takes them over as soon as the listing is complete (so
@@ -158,6 +171,23 @@ impl EarlyBatch {
     /// Whether this listing started a HEAD of `key`.
     pub(super) fn has(&self, key: &str) -> bool {
         self.keys.contains(key)
+    }
+
+    /// The listing has the node `now` at `key`'s path (the caller holds
+    /// the table): a HEAD asked when the path had no node may go to it
+    /// unless this mount added or removed names in the directory while
+    /// the LIST ran (it may have made, changed and dropped a node there
+    /// after the HEAD was asked).
+    pub(super) fn settle(&self, key: &str, now: (u64, u64), changed_meanwhile: bool) {
+        if !self.keys.contains(key) {
+            return;
+        }
+        if let Some(e) = self.meta.early.lock().get_mut(key)
+            && e.node.is_none()
+            && !changed_meanwhile
+        {
+            e.node = Some(now);
+        }
     }
 }
 
@@ -259,7 +289,7 @@ impl MetaFetch {
     /// One HEAD for `ino`'s object (or its `dir/` marker), stored in the
     /// table unless the node changed meanwhile.
     async fn fetch(&self, ino: u64) -> FsResult<()> {
-        let (path, parent, dir, version) = {
+        let (path, parent, dir, version, generation) = {
             let t = self.table.lock();
             let Some(n) = t.get(ino) else { return Ok(()) };
             if n.meta_known || self.writes.lock().contains_key(&ino) {
@@ -273,20 +303,34 @@ impl MetaFetch {
                 .as_ref()
                 .and_then(|o| o.version_id.clone())
                 .filter(|_| self.pinned_versions);
-            (p.clone(), n.parent, n.attr.kind == FileKind::Dir, version)
+            (
+                p.clone(),
+                n.parent,
+                n.attr.kind == FileKind::Dir,
+                version,
+                n.generation,
+            )
         };
         let key = format!("{}{}{}", self.root_prefix, path, if dir { "/" } else { "" });
         let d = &self.defaults;
-        // A HEAD its listing started, if young enough to trust: what it
-        // read is fresh from when it was asked.
+        // A HEAD its listing started, if young enough to trust and for
+        // this node as it was then: what it read is fresh from when it
+        // was asked.
         let early = self
             .early
             .lock()
             .get(&key)
-            .filter(|(at, _)| version.is_none() && at.elapsed() < self.ttl)
+            .filter(|e| {
+                version.is_none()
+                    && e.asked.elapsed() < self.ttl
+                    && e.node == Some((ino, generation))
+            })
             .cloned();
         let (answer, asked) = match early {
-            Some((at, cell)) => (cell.get_or_init(|| self.head(&key, None)).await.clone(), at),
+            Some(e) => {
+                let read = e.answer.get_or_init(|| self.head(&key, None)).await;
+                (read.clone(), e.asked)
+            }
             None => (self.head(&key, version.as_deref()).await, Instant::now()),
         };
         let (attr, object) = match answer {
@@ -307,7 +351,8 @@ impl MetaFetch {
         let mut t = self.table.lock();
         let node = NodeKey::Path(path);
         let unchanged = t.find(&node) == Some(ino)
-            && t.get(ino).is_some_and(|n| !n.meta_known)
+            && t.get(ino)
+                .is_some_and(|n| !n.meta_known && n.generation == generation)
             && !self.writes.lock().contains_key(&ino);
         if unchanged {
             let marker = dir && object.is_some();
@@ -336,15 +381,20 @@ impl MetaFetch {
     /// Starts the HEADs of `keys` (objects of a listing page) in the
     /// background, within the mount's bound, for `batch`'s listing to take
     /// over once it has every page.
-    pub(super) fn head_early(self: &Arc<Self>, batch: &mut EarlyBatch, keys: Vec<String>) {
+    /// `keys`: each with the node at its path now, if any.
+    pub(super) fn head_early(self: &Arc<Self>, batch: &mut EarlyBatch, keys: Vec<(String, Stamp)>) {
         let now = Instant::now();
         let cells: Vec<(String, Arc<OnceCell<_>>)> = {
             let mut m = self.early.lock();
             let mut cells = Vec::with_capacity(keys.len());
-            for k in keys {
+            for (k, node) in keys {
                 if let std::collections::hash_map::Entry::Vacant(v) = m.entry(k.clone()) {
                     let cell = Arc::new(OnceCell::new());
-                    v.insert((now, cell.clone()));
+                    v.insert(Early {
+                        asked: now,
+                        node,
+                        answer: cell.clone(),
+                    });
                     batch.keys.insert(k.clone());
                     cells.push((k, cell));
                 }

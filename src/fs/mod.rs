@@ -1210,10 +1210,16 @@ impl Fs {
                 .filter(|n| n.holds_metadata_of(&o, now))
                 .and_then(|n| Some((n.object.clone()?, n.fresh_until)));
             let meta_known = kept.is_some() || !self.cfg.object_metadata;
+            let key = early.has(&o.key).then(|| o.key.clone());
             let (info, fresh) = kept.unwrap_or((o, now_fresh));
             let attr = self.attr_of(&info, false);
             let kind = attr.kind;
             let i = t.upsert(NodeKey::Path(path), ino, attr, Some(info), fresh);
+            if let Some(key) = key
+                && let Some(n) = t.get(i)
+            {
+                early.settle(&key, (i, n.generation), changed_meanwhile);
+            }
             if !meta_known && let Some(n) = t.get_mut(i) {
                 n.meta_known = false;
                 unknown.push(i);
@@ -1370,24 +1376,31 @@ impl Fs {
     }
 
     /// The keys of `objects` (a page of directory `dir`'s listing, below
-    /// `prefix`) whose metadata the table does not hold.
-    fn metadata_unknown(&self, dir: &str, prefix: &str, objects: &[ObjectInfo]) -> Vec<String> {
+    /// `prefix`) whose metadata the table does not hold, each with the
+    /// node at its path now, if any.
+    fn metadata_unknown(
+        &self,
+        dir: &str,
+        prefix: &str,
+        objects: &[ObjectInfo],
+    ) -> Vec<(String, meta::Stamp)> {
         let now = Instant::now();
         let t = self.table.lock();
         objects
             .iter()
-            .filter(|o| {
+            .filter_map(|o| {
                 let name = &o.key[prefix.len().min(o.key.len())..];
                 if name.is_empty() || !showable(name) {
-                    return false;
+                    return None;
                 }
-                let known = t
+                let node = t
                     .find(&NodeKey::Path(join(dir, name)))
-                    .and_then(|i| t.get(i))
-                    .is_some_and(|n| n.holds_metadata_of(o, now));
-                !known
+                    .and_then(|i| Some((i, t.get(i)?)));
+                if node.is_some_and(|(_, n)| n.holds_metadata_of(o, now)) {
+                    return None;
+                }
+                Some((o.key.clone(), node.map(|(i, n)| (i, n.generation))))
             })
-            .map(|o| o.key.clone())
             .collect()
     }
 
