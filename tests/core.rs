@@ -435,6 +435,17 @@ async fn turns_until(done: impl Fn() -> bool) -> bool {
     done()
 }
 
+/// Lets a listing's first page go (its LIST held by `f.hold(Op::List, 1)`,
+/// armed before the listing began, `lists` LISTs before it) and holds its
+/// second page once it is asked for, until `f.release(Op::List)`.
+async fn hold_the_second_page(f: &bucketfs::store::faulty::Faulty<MemStore>, lists: u64) {
+    f.wait_held(Op::List).await.unwrap();
+    f.release(Op::List);
+    f.hold(Op::List, 1);
+    let second = || f.calls(Op::List) == lists + 2 && f.held(Op::List) == 1;
+    assert!(turns_until(second).await, "the second page asked for");
+}
+
 /// `n` objects `dir/f00000`... of one byte, each with `meta()`.
 fn fill(s: &MemStore, dir: &str, n: usize, meta: impl Fn() -> Metadata) {
     for i in 0..n {
@@ -652,12 +663,7 @@ async fn a_first_window_of_heads_runs_beside_the_next_list_pages() {
     let (lists, heads) = (f.calls(Op::List), f.calls(Op::Head));
     f.hold(Op::List, 1);
     let during = async {
-        f.wait_held(Op::List).await.unwrap();
-        f.release(Op::List);
-        // The second page waits, once it is asked for.
-        f.hold(Op::List, 1);
-        let second = || f.calls(Op::List) == lists + 2 && f.held(Op::List) == 1;
-        assert!(turns_until(second).await, "the second page asked for");
+        hold_the_second_page(&f, lists).await;
         let first_page = || f.calls(Op::Head) - heads >= 1000;
         let started = turns_until(first_page).await;
         let early = f.calls(Op::Head) - heads;
@@ -718,11 +724,7 @@ async fn an_early_head_from_before_this_mounts_own_change_is_not_its_answer() {
     let (lists, heads) = (f.calls(Op::List), f.calls(Op::Head));
     f.hold(Op::List, 1);
     let during = async {
-        f.wait_held(Op::List).await.unwrap();
-        f.release(Op::List);
-        f.hold(Op::List, 1);
-        let second = || f.calls(Op::List) == lists + 2 && f.held(Op::List) == 1;
-        assert!(turns_until(second).await, "the second page asked for");
+        hold_the_second_page(&f, lists).await;
         let first_page = || f.calls(Op::Head) - heads >= 1000;
         assert!(turns_until(first_page).await, "the early HEADs answered");
         // This mount rewrites an object and takes others' read right.
