@@ -702,72 +702,110 @@ async fn a_first_window_of_heads_runs_beside_the_next_list_pages() {
     fs.releasedir(fh);
 }
 
-/// An early HEAD asked before this mount changed the object is never its
-/// answer. The attack session's repro: a cold listing's first page is
-/// read and a file's early HEAD answered; then this mount's own write (or
-/// chmod) lands; then the rest of the listing, whose first page still
-/// names the old object: the early (old) answer was stored over the
-/// mount's change, and the file read as its old size or mode for a TTL.
-#[tokio::test]
-async fn an_early_head_from_before_this_mounts_own_change_is_not_its_answer() {
-    const N: usize = 2500;
-    let m = Arc::new(MemStore::unversioned());
-    fill(&m, "d", N, || s3fs_meta(0o100644, 0, 1_000_000_000));
-    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
-    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
-    // Two of the files known before (their metadata expired, so read
-    // early again), two not.
-    for n in ["f00002", "f00003"] {
-        fs.lookup(d.ino, name(n)).await.unwrap();
-    }
-    fs.expire_below("d");
+/// Lists directory `dir` cold and runs `during` while the listing's second
+/// LIST page is held, once the early HEADs of its first page's objects are
+/// answered: the directory handle, and what `during` gave.
+async fn while_listing<T>(
+    f: &bucketfs::store::faulty::Faulty<MemStore>,
+    fs: &Fs,
+    dir: u64,
+    during: impl std::future::Future<Output = T>,
+) -> (u64, T) {
     let (lists, heads) = (f.calls(Op::List), f.calls(Op::Head));
     f.hold(Op::List, 1);
-    let during = async {
-        hold_the_second_page(&f, lists).await;
+    let run = async {
+        hold_the_second_page(f, lists).await;
         let first_page = || f.calls(Op::Head) - heads >= 1000;
         assert!(turns_until(first_page).await, "the early HEADs answered");
-        // This mount rewrites an object and takes others' read right.
-        let mut changed = Vec::new();
-        for (write, chmod) in [("f00000", "f00001"), ("f00002", "f00003")] {
-            let a = fs.lookup(d.ino, name(write)).await.unwrap();
-            let fh = fs
-                .open(a.ino, libc::O_WRONLY | libc::O_TRUNC)
-                .await
-                .unwrap();
-            fs.write(fh, 0, b"new content").await.unwrap();
-            fs.release(fh).await.unwrap();
-            let b = fs.lookup(d.ino, name(chmod)).await.unwrap();
-            let to_0600 = SetAttr {
-                mode: Some(0o600),
-                ..SetAttr::default()
-            };
-            fs.setattr(b.ino, to_0600).await.unwrap();
-            changed.push((a.ino, write, (0o644, 11)));
-            changed.push((b.ino, chmod, (0o600, 1)));
-        }
+        let r = during.await;
         f.release(Op::List);
-        changed
+        r
     };
-    let (fh, changed) = tokio::join!(fs.opendir(d.ino), during);
-    let fh = fh.unwrap();
+    let (fh, r) = tokio::join!(fs.opendir(dir), run);
     yield_to_background().await;
-    for (ino, n, want) in changed {
-        let key = format!("d/{n}");
-        let size = m.object(&key).expect("in the bucket").len() as u64;
-        let meta = m.metadata(&key).expect("in the bucket");
-        let mode = meta.get("mode").map(|m| m.parse::<u32>().unwrap() & 0o7777);
-        assert_eq!(
-            (mode, size),
-            (Some(want.0.into()), want.1),
-            "{n} in the bucket"
-        );
-        let got = fs.getattr(ino).await.unwrap();
-        assert_eq!((got.perm, got.size), want, "{n}: this mount's own change");
-        let got = fs.lookup(d.ino, name(n)).await.unwrap();
-        assert_eq!((got.perm, got.size), want, "{n} looked up again");
+    (fh.unwrap(), r)
+}
+
+/// This mount rewrites `dir/f00000` ("new content") and makes
+/// `dir/f00001` mode 0600: each file's inode, name and (mode, size).
+async fn rewrite_and_chmod(fs: &Fs, dir: u64) -> Vec<(u64, &'static str, (u16, u64))> {
+    let a = fs.lookup(dir, name("f00000")).await.unwrap();
+    let fh = fs
+        .open(a.ino, libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"new content").await.unwrap();
+    fs.release(fh).await.unwrap();
+    let b = fs.lookup(dir, name("f00001")).await.unwrap();
+    let to_0600 = SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    fs.setattr(b.ino, to_0600).await.unwrap();
+    vec![
+        (a.ino, "f00000", (0o644, 11)),
+        (b.ino, "f00001", (0o600, 1)),
+    ]
+}
+
+/// An early HEAD asked before this mount changed the object, or before
+/// it read another client's change, is never its answer. The attack
+/// sessions' repros: a cold listing's first page is read and a file's
+/// early HEAD answered; then this mount's own write (or chmod) lands, or
+/// a lookup reads another client's new object (mode 0600); then the rest
+/// of the listing, whose first page still names the old object: the
+/// early (old) answer was stored over the newer one, and the file read as
+/// its old size or mode (0644: uid 1001 read the new bytes) for a while.
+#[tokio::test]
+async fn an_early_head_from_before_a_newer_read_or_change_is_not_its_answer() {
+    const N: usize = 2500;
+    let m = Arc::new(MemStore::unversioned());
+    for d in ["a", "b", "c"] {
+        fill(&m, d, N, || s3fs_meta(0o100644, 0, 1_000_000_000));
     }
-    fs.releasedir(fh);
+    let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let dir = |n: &'static str| {
+        let fs = &fs;
+        async move { fs.lookup(ROOT_INO, name(n)).await.unwrap().ino }
+    };
+    let (a, b, c) = (dir("a").await, dir("b").await, dir("c").await);
+    // a: the files unknown before the listing (its early HEADs find no
+    // node there), this mount's own changes during it.
+    let (ha, in_a) = while_listing(&f, &fs, a, rewrite_and_chmod(&fs, a)).await;
+    // b: the files known before (their metadata expired, so read early
+    // again, for these nodes), the same changes.
+    for n in ["f00000", "f00001"] {
+        fs.lookup(b, name(n)).await.unwrap();
+    }
+    fs.expire_below("b");
+    let (hb, in_b) = while_listing(&f, &fs, b, rewrite_and_chmod(&fs, b)).await;
+    // c: known before; another client replaces it, this mount reads that.
+    fs.lookup(c, name("f00000")).await.unwrap();
+    fs.expire_below("c");
+    let replaced = async {
+        m.insert("c/f00000", b"new secret!", s3fs_meta(0o100600, 0, 1));
+        let got = fs.lookup(c, name("f00000")).await.unwrap();
+        assert_eq!((got.perm, got.size), (0o600, 11), "the other client's");
+        vec![(got.ino, "f00000", (0o600, 11))]
+    };
+    let (hc, in_c) = while_listing(&f, &fs, c, replaced).await;
+    for (d, dir, changed) in [("a", a, in_a), ("b", b, in_b), ("c", c, in_c)] {
+        for (ino, n, want) in changed {
+            let key = format!("{d}/{n}");
+            let size = m.object(&key).expect("in the bucket").len() as u64;
+            let meta = m.metadata(&key).expect("in the bucket");
+            let mode = meta.get("mode").map(|m| m.parse::<u32>().unwrap() & 0o7777);
+            let in_bucket = (Some(u32::from(want.0)), want.1);
+            assert_eq!((mode, size), in_bucket, "{key} in the bucket");
+            let got = fs.getattr(ino).await.unwrap();
+            assert_eq!((got.perm, got.size), want, "{key}");
+            let got = fs.lookup(dir, name(n)).await.unwrap();
+            assert_eq!((got.perm, got.size), want, "{key} looked up again");
+        }
+    }
+    for fh in [ha, hb, hc] {
+        fs.releasedir(fh);
+    }
 }
 
 /// `ls -l` reads the listing by readdirplus and stats every entry: when

@@ -174,19 +174,25 @@ impl EarlyBatch {
     }
 
     /// The listing has the node `now` at `key`'s path (the caller holds
-    /// the table): a HEAD asked when the path had no node may go to it
-    /// unless this mount added or removed names in the directory while
-    /// the LIST ran (it may have made, changed and dropped a node there
-    /// after the HEAD was asked).
-    pub(super) fn settle(&self, key: &str, now: (u64, u64), changed_meanwhile: bool) {
+    /// the table). `trusted`: nothing newer than the HEAD `key` was asked
+    /// for early may have reached that path since: this mount added or
+    /// removed no name in the directory while the LIST ran (it may have
+    /// made, changed and dropped a node there after the HEAD was asked),
+    /// and the node held no metadata read meanwhile (a lookup may have
+    /// read another client's newer object: the early answer would take
+    /// the mount back to the older one). Untrusted, the answer goes to no
+    /// node; trusted, a HEAD asked when the path had no node goes to this
+    /// one.
+    pub(super) fn settle(&self, key: &str, now: (u64, u64), trusted: bool) {
         if !self.keys.contains(key) {
             return;
         }
-        if let Some(e) = self.meta.early.lock().get_mut(key)
-            && e.node.is_none()
-            && !changed_meanwhile
-        {
-            e.node = Some(now);
+        if let Some(e) = self.meta.early.lock().get_mut(key) {
+            if !trusted {
+                e.node = None;
+            } else if e.node.is_none() {
+                e.node = Some(now);
+            }
         }
     }
 }

@@ -1211,6 +1211,11 @@ impl Fs {
                 .and_then(|n| Some((n.object.clone()?, n.fresh_until)));
             let meta_known = kept.is_some() || !self.cfg.object_metadata;
             let key = early.has(&o.key).then(|| o.key.clone());
+            // Fresh metadata: read since (a lookup), or newer than this
+            // LIST's page: its early HEAD may be older.
+            let read_meanwhile = existing
+                .and_then(|i| t.get(i))
+                .is_some_and(|n| n.meta_known && n.is_fresh(now));
             let (info, fresh) = kept.unwrap_or((o, now_fresh));
             let attr = self.attr_of(&info, false);
             let kind = attr.kind;
@@ -1218,7 +1223,8 @@ impl Fs {
             if let Some(key) = key
                 && let Some(n) = t.get(i)
             {
-                early.settle(&key, (i, n.generation), changed_meanwhile);
+                let trusted = !changed_meanwhile && !read_meanwhile;
+                early.settle(&key, (i, n.generation), trusted);
             }
             if !meta_known && let Some(n) = t.get_mut(i) {
                 n.meta_known = false;
