@@ -163,18 +163,13 @@ pub(super) struct EarlyBatch {
 }
 
 impl EarlyBatch {
-    /// The number of HEADs this listing started early.
-    pub(super) fn len(&self) -> usize {
-        self.keys.len()
-    }
-
     /// Whether this listing started a HEAD of `key`.
     pub(super) fn has(&self, key: &str) -> bool {
         self.keys.contains(key)
     }
 
-    /// The listing has the node `now` at `key`'s path (the caller holds
-    /// the table). `trusted`: nothing newer than the HEAD `key` was asked
+    /// The listing has the node `now` at `key`'s path (a key this listing
+    /// started a HEAD of; the caller holds the table). `trusted`: nothing newer than the HEAD `key` was asked
     /// for early may have reached that path since: this mount added or
     /// removed no name in the directory while the LIST ran (it may have
     /// made, changed and dropped a node there after the HEAD was asked),
@@ -182,18 +177,18 @@ impl EarlyBatch {
     /// read another client's newer object: the early answer would take
     /// the mount back to the older one). Untrusted, the answer goes to no
     /// node; trusted, a HEAD asked when the path had no node goes to this
-    /// one.
-    pub(super) fn settle(&self, key: &str, now: (u64, u64), trusted: bool) {
-        if !self.keys.contains(key) {
-            return;
+    /// one. Whether the answer may go to node `now`.
+    pub(super) fn settle(&self, key: &str, now: (u64, u64), trusted: bool) -> bool {
+        let mut m = self.meta.early.lock();
+        let Some(e) = m.get_mut(key) else {
+            return false;
+        };
+        if !trusted {
+            e.node = None;
+        } else if e.node.is_none() {
+            e.node = Some(now);
         }
-        if let Some(e) = self.meta.early.lock().get_mut(key) {
-            if !trusted {
-                e.node = None;
-            } else if e.node.is_none() {
-                e.node = Some(now);
-            }
-        }
+        e.node == Some(now)
     }
 }
 
@@ -425,9 +420,9 @@ impl MetaFetch {
         });
     }
 
-    /// Stores what `early`'s HEADs read (the metadata of `inos`, entries of
-    /// its now complete listing) in the table as they come in, then
-    /// forgets them.
+    /// Stores what `early`'s HEADs read (the metadata of `inos`, the nodes
+    /// of its now complete listing they may go to) in the table as they
+    /// come in, then forgets them.
     pub(super) fn take_over(self: &Arc<Self>, early: EarlyBatch, inos: Vec<u64>) {
         if inos.is_empty() {
             return;

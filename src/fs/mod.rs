@@ -1172,6 +1172,8 @@ impl Fs {
         let mut out = Vec::with_capacity(files.len() + dir_names.len());
         // Entries whose metadata is read ahead, in listing order.
         let mut unknown = Vec::new();
+        // Nodes an early HEAD's answer goes to.
+        let mut early_inos = Vec::new();
         let mut t = self.table.lock();
         let changed_meanwhile = t.get(ino).map(|n| n.entries_gen) != before_list;
         let writes = self.writes.lock();
@@ -1210,21 +1212,26 @@ impl Fs {
                 .filter(|n| n.holds_metadata_of(&o, now))
                 .and_then(|n| Some((n.object.clone()?, n.fresh_until)));
             let meta_known = kept.is_some() || !self.cfg.object_metadata;
-            let key = early.has(&o.key).then(|| o.key.clone());
-            // Fresh metadata: read since (a lookup), or newer than this
-            // LIST's page: its early HEAD may be older.
-            let read_meanwhile = existing
-                .and_then(|i| t.get(i))
-                .is_some_and(|n| n.meta_known && n.is_fresh(now));
+            // Of an early HEAD: whether the node holds fresh metadata, read
+            // since (a lookup) or newer than this LIST's page: the early
+            // answer may be older.
+            let early_key = early.has(&o.key).then(|| {
+                let read_meanwhile = existing
+                    .and_then(|i| t.get(i))
+                    .is_some_and(|n| n.meta_known && n.is_fresh(now));
+                (o.key.clone(), read_meanwhile)
+            });
             let (info, fresh) = kept.unwrap_or((o, now_fresh));
             let attr = self.attr_of(&info, false);
             let kind = attr.kind;
             let i = t.upsert(NodeKey::Path(path), ino, attr, Some(info), fresh);
-            if let Some(key) = key
+            if let Some((key, read_meanwhile)) = early_key
                 && let Some(n) = t.get(i)
             {
                 let trusted = !changed_meanwhile && !read_meanwhile;
-                early.settle(&key, (i, n.generation), trusted);
+                if early.settle(&key, (i, n.generation), trusted) {
+                    early_inos.push(i);
+                }
             }
             if !meta_known && let Some(n) = t.get_mut(i) {
                 n.meta_known = false;
@@ -1329,14 +1336,7 @@ impl Fs {
                     .take_while(|(e, p)| (**p, e.name.as_str()) < at)
                     .count()
             });
-        if early.len() > 0 {
-            let early_inos = out
-                .iter()
-                .filter(|e| early.has(&self.key_of(&join(dir, &e.name))))
-                .map(|e| e.ino)
-                .collect();
-            self.meta.take_over(early, early_inos);
-        }
+        self.meta.take_over(early, early_inos);
         let pace = self.meta.prefetch(ino, unknown, first);
         debug!(dir, entries = out.len(), "listed");
         if out.len() >= TRIM_AFTER_NODES {
