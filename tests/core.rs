@@ -435,17 +435,6 @@ async fn turns_until(done: impl Fn() -> bool) -> bool {
     done()
 }
 
-/// Lets a listing's first page go (its LIST held by `f.hold(Op::List, 1)`,
-/// armed before the listing began, `lists` LISTs before it) and holds its
-/// second page once it is asked for, until `f.release(Op::List)`.
-async fn hold_the_second_page(f: &bucketfs::store::faulty::Faulty<MemStore>, lists: u64) {
-    f.wait_held(Op::List).await.unwrap();
-    f.release(Op::List);
-    f.hold(Op::List, 1);
-    let second = || f.calls(Op::List) == lists + 2 && f.held(Op::List) == 1;
-    assert!(turns_until(second).await, "the second page asked for");
-}
-
 /// `n` objects `dir/f00000`... of one byte, each with `meta()`.
 fn fill(s: &MemStore, dir: &str, n: usize, meta: impl Fn() -> Metadata) {
     for i in 0..n {
@@ -661,18 +650,8 @@ async fn a_first_window_of_heads_runs_beside_the_next_list_pages() {
     let (f, fs, _dir) = faulty_fs_with(m.clone(), |c| c.metadata_ttl = LONG_TTL);
     let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
     let (lists, heads) = (f.calls(Op::List), f.calls(Op::Head));
-    f.hold(Op::List, 1);
-    let during = async {
-        hold_the_second_page(&f, lists).await;
-        let first_page = || f.calls(Op::Head) - heads >= 1000;
-        let started = turns_until(first_page).await;
-        let early = f.calls(Op::Head) - heads;
-        f.release(Op::List);
-        (started, early)
-    };
-    let (fh, (started, early)) = tokio::join!(fs.opendir(d.ino), during);
-    let fh = fh.unwrap();
-    assert!(started, "{early} HEADs while the second page was listed");
+    let during = async { f.calls(Op::Head) - heads };
+    let (fh, early) = while_listing(&f, &fs, d.ino, during).await;
     assert_eq!(early, 1000, "the first page's objects, all in the window");
     let log = f.log();
     let second_list = log
@@ -714,7 +693,12 @@ async fn while_listing<T>(
     let (lists, heads) = (f.calls(Op::List), f.calls(Op::Head));
     f.hold(Op::List, 1);
     let run = async {
-        hold_the_second_page(f, lists).await;
+        // The first page goes; the second waits, once it is asked for.
+        f.wait_held(Op::List).await.unwrap();
+        f.release(Op::List);
+        f.hold(Op::List, 1);
+        let second = || f.calls(Op::List) == lists + 2 && f.held(Op::List) == 1;
+        assert!(turns_until(second).await, "the second page asked for");
         let first_page = || f.calls(Op::Head) - heads >= 1000;
         assert!(turns_until(first_page).await, "the early HEADs answered");
         let r = during.await;
