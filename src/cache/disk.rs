@@ -492,11 +492,8 @@ impl Disk {
 
     fn read_pinned(&self, e: Entry) -> Option<Bytes> {
         let f = self.files(e.slot.class).ok()?;
-        let mut v = vec![0u8; usize::try_from(e.len).ok()?];
-        f.data
-            .read_exact_at(&mut v, e.slot.at * self.sizes[e.slot.class])
-            .ok()?;
-        Some(Bytes::from(v))
+        let at = e.slot.at * self.sizes[e.slot.class];
+        PieceBuf::read_at(&f.data, at, usize::try_from(e.len).ok()?).ok()
     }
 
     fn unpin(&self, slot: Slot) {

@@ -11,6 +11,8 @@
 mod fast_head;
 pub mod faulty;
 pub mod memory;
+mod piece;
+pub use piece::{PIECE_ALIGN, PieceBuf};
 pub mod s3;
 
 use std::collections::HashMap;
@@ -139,44 +141,6 @@ pub struct VersionPage {
     pub prefixes: Vec<String>,
     /// (key marker, version id marker) of the next page.
     pub next: Option<(String, String)>,
-}
-
-/// What a piece of an object's bytes is aligned to in memory when a store
-/// reads it into a `PieceBuf`: enough for any `O_DIRECT` write, so the
-/// cache disk takes the piece without a copy.
-pub const PIECE_ALIGN: usize = 4096;
-
-/// A buffer a piece of `len` bytes is read into, starting on a
-/// `PIECE_ALIGN` boundary, that never grows (no copy on the way).
-pub struct PieceBuf {
-    v: Vec<u8>,
-    at: usize,
-    len: usize,
-}
-
-impl PieceBuf {
-    pub fn new(len: usize) -> PieceBuf {
-        let mut v = Vec::<u8>::with_capacity(len + PIECE_ALIGN);
-        let at = v.as_ptr().align_offset(PIECE_ALIGN).min(PIECE_ALIGN);
-        v.resize(at, 0);
-        PieceBuf { v, at, len }
-    }
-
-    /// Bytes still missing.
-    pub fn room(&self) -> usize {
-        self.len - (self.v.len() - self.at)
-    }
-
-    /// Appends at most `room()` bytes of `b`; returns how many it took.
-    pub fn fill(&mut self, b: &[u8]) -> usize {
-        let n = self.room().min(b.len());
-        self.v.extend_from_slice(&b[..n]);
-        n
-    }
-
-    pub fn freeze(self) -> Bytes {
-        Bytes::from(self.v).slice(self.at..)
-    }
 }
 
 /// What a ranged read is pinned to, so a handle never mixes two objects.
