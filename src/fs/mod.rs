@@ -378,6 +378,7 @@ pub fn thread_idle() {
 fn release_free_memory() {
     let now = RELEASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     RELEASED_AT.with(|at| at.set(now));
+    crate::store::release_piece_pages();
     release_own_free_memory();
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         let workers = rt.metrics().num_workers();

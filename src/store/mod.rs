@@ -12,7 +12,7 @@ mod fast_head;
 pub mod faulty;
 pub mod memory;
 mod piece;
-pub use piece::{PIECE_ALIGN, PieceBuf};
+pub use piece::{PIECE_ALIGN, PieceBuf, release as release_piece_pages};
 pub mod s3;
 
 use std::collections::HashMap;

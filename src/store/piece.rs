@@ -1,8 +1,8 @@
 //! Buffers the bytes of a read are put in (`PieceBuf`): aligned for
-//! `O_DIRECT`, never grown, and taken from an allocator arena of their
-//! own whose memory the kernel backs with huge pages where it allows
-//! (`madvise(MADV_HUGEPAGE)`; transparent huge pages set to `madvise` or
-//! `always`).
+//! `O_DIRECT`, never grown. Pieces of a block's size (over 512 KiB, up to
+//! 2 MiB) are slots of whole 2 MiB huge pages (`madvise(MADV_HUGEPAGE)`,
+//! where transparent huge pages are `madvise` or `always`), which are
+//! unmapped whole; others come from the program's allocator.
 //!
 //! A cold read streams every byte through such buffers: with 4 KiB pages
 //! each new MiB costs 256 page faults, and each block written to the cache
@@ -11,16 +11,19 @@
 //! page faults 37–41 thousand → 6–7 thousand; with Garage's data on tmpfs,
 //! 616–714 → 672–723 MiB/s, the daemon's CPU 0.69–0.84 → 0.62–0.74 s.
 //!
-//! Only these buffers: the rest of the daemon's memory (the inode table,
-//! listings) stays in 4 KiB pages, so it is given back page by page. Freed
-//! buffers are purged with the rest (`arena.<all>.purge`), which splits a
-//! huge page that is only partly free.
+//! Why a pool of whole pages and not an allocator arena marked for huge
+//! pages: memory an allocator gives back in pieces leaves huge pages
+//! partly mapped, and the kernel's khugepaged fills them up again (an
+//! idle daemon's RSS grew back 11 of 13 MiB given back, in 90 s). A page
+//! here is either in use or unmapped whole; a few empty ones are kept for
+//! the next read (`KEEP_EMPTY`), and given back with the rest of the freed
+//! memory (`release`).
 
+use std::collections::BTreeMap;
 use std::ptr::NonNull;
-use std::sync::OnceLock;
 
 use bytes::Bytes;
-use tikv_jemalloc_sys as jem;
+use parking_lot::Mutex;
 
 /// What a piece of an object's bytes is aligned to in memory when a store
 /// reads it into a `PieceBuf`: enough for any `O_DIRECT` write, so the
@@ -41,12 +44,12 @@ unsafe impl Sync for PieceBuf {}
 
 impl PieceBuf {
     pub fn new(len: usize) -> PieceBuf {
-        // mallocx takes no 0.
-        let p = unsafe { jem::mallocx(len.max(1), flags()) };
-        let Some(ptr) = NonNull::new(p.cast::<u8>()) else {
-            std::alloc::handle_alloc_error(
-                std::alloc::Layout::from_size_align(len.max(1), PIECE_ALIGN).expect("layout"),
-            )
+        let ptr = match pool_for(len) {
+            Some(pool) => pool.take(),
+            None => NonNull::new(unsafe { std::alloc::alloc(layout(len)) }),
+        };
+        let Some(ptr) = ptr else {
+            std::alloc::handle_alloc_error(layout(len))
         };
         PieceBuf {
             ptr,
@@ -118,87 +121,152 @@ impl AsRef<[u8]> for PieceBuf {
 
 impl Drop for PieceBuf {
     fn drop(&mut self) {
-        unsafe { jem::sdallocx(self.ptr.as_ptr().cast(), self.len.max(1), flags()) }
-    }
-}
-
-/// mallocx flags for pieces: aligned, from the huge-page arena when there
-/// is one, past the thread caches (a piece is freed by another thread than
-/// the one that made it, mostly).
-fn flags() -> i32 {
-    static FLAGS: OnceLock<i32> = OnceLock::new();
-    *FLAGS.get_or_init(|| {
-        let base = jem::MALLOCX_ALIGN(PIECE_ALIGN) | jem::MALLOCX_TCACHE_NONE;
-        match huge_arena() {
-            Some(a) => base | jem::MALLOCX_ARENA(a as usize),
-            None => base,
+        match pool_for(self.len) {
+            Some(pool) => pool.give(self.ptr),
+            None => unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout(self.len)) },
         }
-    })
-}
-
-/// jemalloc's own extent hooks, which the arena's wrap.
-static DEFAULT_HOOKS: OnceLock<usize> = OnceLock::new();
-
-/// Maps memory as jemalloc does, then asks for huge pages for it. Not for
-/// the arena's own metadata (asked aligned to a huge page): a few KiB of
-/// it would take a whole huge page.
-unsafe extern "C" fn alloc_huge(
-    hooks: *mut jem::extent_hooks_t,
-    new_addr: *mut libc::c_void,
-    size: usize,
-    alignment: usize,
-    zero: *mut bool,
-    commit: *mut bool,
-    arena: libc::c_uint,
-) -> *mut libc::c_void {
-    const HUGE: usize = 2 << 20;
-    let default = *DEFAULT_HOOKS.get().expect("set before the arena") as *const jem::extent_hooks_t;
-    let Some(alloc) = (unsafe { (*default).alloc }) else {
-        return std::ptr::null_mut();
-    };
-    let p = unsafe { alloc(hooks, new_addr, size, alignment, zero, commit, arena) };
-    if !p.is_null() && alignment < HUGE {
-        // Advice only: without it the pages are 4 KiB ones, as before.
-        unsafe { libc::madvise(p, size, libc::MADV_HUGEPAGE) };
     }
-    p
 }
 
-/// A jemalloc arena for pieces whose memory is in huge pages; None if
-/// jemalloc refused one (pieces then come from the usual arenas).
-fn huge_arena() -> Option<u32> {
+fn layout(len: usize) -> std::alloc::Layout {
+    // alloc takes no 0; a length past isize::MAX fails as memory does.
+    std::alloc::Layout::from_size_align(len.max(1), PIECE_ALIGN)
+        .unwrap_or_else(|_| std::alloc::Layout::new::<[u8; PIECE_ALIGN]>())
+}
+
+const HUGE: usize = 2 << 20;
+
+/// Empty huge pages each pool keeps mapped for the next pieces: a read
+/// streaming blocks gives one back as it takes another.
+const KEEP_EMPTY: usize = 4;
+
+static POOLS: [Pool; 2] = [Pool::new(HUGE / 2), Pool::new(HUGE)];
+
+/// The pool whose slots hold `len` bytes with the least room left over.
+fn pool_for(len: usize) -> Option<&'static Pool> {
+    POOLS.iter().find(|p| len > p.slot / 2 && len <= p.slot)
+}
+
+/// Unmaps the empty huge pages the pools keep (memory handed back to the
+/// system after a large listing or sweep).
+pub fn release() {
+    for p in &POOLS {
+        p.release();
+    }
+}
+
+/// Huge pages cut into slots of `slot` bytes.
+struct Pool {
+    slot: usize,
+    pages: Mutex<Pages>,
+}
+
+struct Pages {
+    /// Pages with some slots in use, by address: which slots are free.
+    partial: BTreeMap<usize, u32>,
+    /// Pages with none in use, kept mapped.
+    empty: Vec<usize>,
+}
+
+impl Pool {
+    const fn new(slot: usize) -> Pool {
+        Pool {
+            slot,
+            pages: Mutex::new(Pages {
+                partial: BTreeMap::new(),
+                empty: Vec::new(),
+            }),
+        }
+    }
+
+    /// Every slot of a page free.
+    fn all(&self) -> u32 {
+        (1u32 << (HUGE / self.slot)) - 1
+    }
+
+    /// A free slot: in a page partly in use first (so pages fill up
+    /// rather than many being partly used), else in an empty page, else
+    /// in a new one.
+    fn take(&self) -> Option<NonNull<u8>> {
+        let mut pages = self.pages.lock();
+        let (page, free) = match pages.partial.pop_first() {
+            Some(p) => p,
+            None => match pages.empty.pop() {
+                Some(page) => (page, self.all()),
+                None => {
+                    drop(pages);
+                    let page = map_huge()?;
+                    pages = self.pages.lock();
+                    (page, self.all())
+                }
+            },
+        };
+        let i = free.trailing_zeros();
+        let rest = free & !(1 << i);
+        if rest != 0 {
+            pages.partial.insert(page, rest);
+        }
+        NonNull::new((page + i as usize * self.slot) as *mut u8)
+    }
+
+    fn give(&self, ptr: NonNull<u8>) {
+        let at = ptr.as_ptr() as usize;
+        let page = at & !(HUGE - 1);
+        let i = (at - page) / self.slot;
+        let unmap = {
+            let mut pages = self.pages.lock();
+            let free = pages.partial.entry(page).or_insert(0);
+            *free |= 1 << i;
+            if *free != self.all() {
+                return;
+            }
+            pages.partial.remove(&page);
+            if pages.empty.len() < KEEP_EMPTY {
+                pages.empty.push(page);
+                return;
+            }
+            page
+        };
+        unsafe { libc::munmap(unmap as *mut libc::c_void, HUGE) };
+    }
+
+    fn release(&self) {
+        let empty = std::mem::take(&mut self.pages.lock().empty);
+        for page in empty {
+            unsafe { libc::munmap(page as *mut libc::c_void, HUGE) };
+        }
+    }
+}
+
+/// A new 2 MiB page aligned on 2 MiB, marked for a huge page.
+fn map_huge() -> Option<usize> {
     unsafe {
-        let mut default: *mut jem::extent_hooks_t = std::ptr::null_mut();
-        let mut sz = std::mem::size_of_val(&default);
-        if jem::mallctl(
-            c"arena.0.extent_hooks".as_ptr(),
-            (&raw mut default).cast(),
-            &mut sz,
+        let p = libc::mmap(
             std::ptr::null_mut(),
+            2 * HUGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
             0,
-        ) != 0
-            || default.is_null()
-        {
+        );
+        if p == libc::MAP_FAILED {
             return None;
         }
-        DEFAULT_HOOKS.get_or_init(|| default as usize);
-        let mut hooks: jem::extent_hooks_t = std::ptr::read(default);
-        hooks.alloc = Some(alloc_huge);
-        // jemalloc keeps the pointer for the arena's life: the process's.
-        let mut hooks: *mut jem::extent_hooks_t = Box::leak(Box::new(hooks));
-        let mut arena: libc::c_uint = 0;
-        let mut sz = std::mem::size_of_val(&arena);
-        if jem::mallctl(
-            c"arenas.create".as_ptr(),
-            (&raw mut arena).cast(),
-            &mut sz,
-            (&raw mut hooks).cast(),
-            std::mem::size_of_val(&hooks),
-        ) != 0
-        {
-            return None;
+        let start = p as usize;
+        let page = (start + HUGE - 1) & !(HUGE - 1);
+        // What lies outside the aligned page goes back at once.
+        if page > start {
+            libc::munmap(p, page - start);
         }
-        Some(arena)
+        if start + 2 * HUGE > page + HUGE {
+            libc::munmap(
+                (page + HUGE) as *mut libc::c_void,
+                start + 2 * HUGE - page - HUGE,
+            );
+        }
+        // Advice only: refused, the page is 512 small ones, as elsewhere.
+        libc::madvise(page as *mut libc::c_void, HUGE, libc::MADV_HUGEPAGE);
+        Some(page)
     }
 }
 
@@ -236,5 +304,66 @@ mod tests {
         // Past the end of the file: the read fails, nothing is made up.
         let e = PieceBuf::read_at(&f, 3 << 20, 10).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    fn mapped(page: usize) -> bool {
+        // mincore fails with ENOMEM on an address that is not mapped.
+        let mut v = [0u8; 512];
+        unsafe { libc::mincore(page as *mut libc::c_void, HUGE, v.as_mut_ptr()) == 0 }
+    }
+
+    #[test]
+    fn a_pool_fills_a_page_before_the_next_and_unmaps_whole_pages_beyond_those_it_keeps() {
+        let pool = Pool::new(HUGE / 2);
+        let n = 2 * (KEEP_EMPTY + 3);
+        let slots: Vec<NonNull<u8>> = (0..n).map(|_| pool.take().unwrap()).collect();
+        let pages: Vec<usize> = slots
+            .iter()
+            .map(|p| p.as_ptr() as usize & !(HUGE - 1))
+            .collect();
+        for (i, (p, page)) in slots.iter().zip(&pages).enumerate() {
+            // Two slots a page, the second one filled before a new page.
+            assert_eq!(p.as_ptr() as usize - page, (i % 2) * HUGE / 2);
+            assert_eq!(*page, pages[i - i % 2]);
+            // Writable, to its last byte.
+            unsafe { p.as_ptr().add(HUGE / 2 - 1).write(i as u8) };
+        }
+        // One slot of each page given back: no page is empty yet.
+        for p in slots.iter().step_by(2) {
+            pool.give(*p);
+        }
+        assert!(pages.iter().all(|&p| mapped(p)));
+        assert_eq!(pool.pages.lock().partial.len(), n / 2);
+        // A slot taken now is in a page partly in use, not a new one.
+        let again = pool.take().unwrap();
+        assert!(pages.contains(&(again.as_ptr() as usize & !(HUGE - 1))));
+        pool.give(again);
+        for p in slots.iter().skip(1).step_by(2) {
+            pool.give(*p);
+        }
+        let p = pool.pages.lock();
+        assert!(p.partial.is_empty());
+        assert_eq!(p.empty.len(), KEEP_EMPTY);
+        let kept = p.empty.clone();
+        drop(p);
+        let mut distinct = pages.clone();
+        distinct.dedup();
+        for page in &distinct {
+            assert_eq!(mapped(*page), kept.contains(page), "page {page:x}");
+        }
+        pool.release();
+        assert!(pool.pages.lock().empty.is_empty());
+        assert!(distinct.iter().all(|&p| !mapped(p)));
+    }
+
+    #[test]
+    fn pieces_of_a_blocks_size_come_from_the_pools_others_from_the_allocator() {
+        assert_eq!(pool_for(1 << 20).map(|p| p.slot), Some(1 << 20));
+        assert_eq!(pool_for((512 << 10) + 1).map(|p| p.slot), Some(1 << 20));
+        assert_eq!(pool_for((1 << 20) + 1).map(|p| p.slot), Some(2 << 20));
+        assert_eq!(pool_for(2 << 20).map(|p| p.slot), Some(2 << 20));
+        assert!(pool_for(512 << 10).is_none());
+        assert!(pool_for((2 << 20) + 1).is_none());
+        assert!(pool_for(0).is_none());
     }
 }
