@@ -7,9 +7,10 @@
 //! A cold read streams every byte through such buffers: with 4 KiB pages
 //! each new MiB costs 256 page faults, and each block written to the cache
 //! disk pins 256 pages; with 2 MiB pages a fault maps 512 of them at once.
-//! A 1 GiB cold read here (`/tmp` scripts, Garage, 3 runs each, alternated):
-//! page faults 37–41 thousand → 6–7 thousand; with Garage's data on tmpfs,
-//! 616–714 → 672–723 MiB/s, the daemon's CPU 0.69–0.84 → 0.62–0.74 s.
+//! A 1 GiB cold read here (`/tmp` scripts, Garage's data on tmpfs, 3 runs
+//! each, alternated): page faults 34–43 thousand → 4–5 thousand, 841–843
+//! → 896–923 MiB/s, the daemon's CPU 0.70–0.72 → 0.58–0.67 s, peak RSS
+//! 125 → 105–109 MB.
 //!
 //! Why a pool of whole pages and not an allocator arena marked for huge
 //! pages: memory an allocator gives back in pieces leaves huge pages
