@@ -1,16 +1,17 @@
 //! Buffers the bytes of a read are put in (`PieceBuf`): aligned for
-//! `O_DIRECT`, never grown. Pieces of a block's size (over 512 KiB, up to
-//! 2 MiB) are slots of whole 2 MiB huge pages (`madvise(MADV_HUGEPAGE)`,
+//! `O_DIRECT`, never grown. Pieces of 1 MiB (a block, by default) or
+//! 2 MiB are slots of whole 2 MiB huge pages (`madvise(MADV_HUGEPAGE)`,
 //! where transparent huge pages are `madvise` or `always`), which are
 //! unmapped whole; others come from the program's allocator.
 //!
 //! A cold read streams every byte through such buffers: with 4 KiB pages
 //! each new MiB costs 256 page faults, and each block written to the cache
 //! disk pins 256 pages; with 2 MiB pages a fault maps 512 of them at once.
-//! A 1 GiB cold read here (`/tmp` scripts, Garage's data on tmpfs, 3 runs
-//! each, alternated): page faults 34–43 thousand → 4–5 thousand, 841–843
-//! → 896–923 MiB/s, the daemon's CPU 0.70–0.72 → 0.58–0.67 s, peak RSS
-//! 125 → 105–109 MB.
+//! A 1 GiB cold read here (`/tmp` scripts, Garage's data on tmpfs, runs
+//! alternated): page faults 34–43 thousand → 4–5 thousand, the daemon's
+//! CPU 0.70–0.75 → 0.58–0.67 s, peak RSS 124–131 → 105–109 MB. Throughput
+//! 841–843 → 896–923 MiB/s in one set of 3 runs, and within noise in a
+//! later set of 5 (medians 748 → 755).
 //!
 //! Why a pool of whole pages and not an allocator arena marked for huge
 //! pages: memory an allocator gives back in pieces leaves huge pages
@@ -130,22 +131,25 @@ impl Drop for PieceBuf {
 }
 
 fn layout(len: usize) -> std::alloc::Layout {
-    // alloc takes no 0; a length past isize::MAX fails as memory does.
+    // alloc takes no 0.
     std::alloc::Layout::from_size_align(len.max(1), PIECE_ALIGN)
-        .unwrap_or_else(|_| std::alloc::Layout::new::<[u8; PIECE_ALIGN]>())
+        .expect("a piece's length fits in isize")
 }
 
 const HUGE: usize = 2 << 20;
 
 /// Empty huge pages each pool keeps mapped for the next pieces: a read
 /// streaming blocks gives one back as it takes another.
-const KEEP_EMPTY: usize = 4;
+const KEEP_EMPTY: usize = 2;
 
 static POOLS: [Pool; 2] = [Pool::new(HUGE / 2), Pool::new(HUGE)];
 
-/// The pool whose slots hold `len` bytes with the least room left over.
+/// The pool whose slots are `len` bytes: a block of the default size or of
+/// 2 MiB. Only exact fits: the memory cache counts a block's length, and a
+/// shorter piece in a slot (an object's last block, a `block_size` of
+/// 768K) would hold up to twice what it counts.
 fn pool_for(len: usize) -> Option<&'static Pool> {
-    POOLS.iter().find(|p| len > p.slot / 2 && len <= p.slot)
+    POOLS.iter().find(|p| len == p.slot)
 }
 
 /// Unmaps the empty huge pages the pools keep (memory handed back to the
@@ -358,13 +362,21 @@ mod tests {
     }
 
     #[test]
-    fn pieces_of_a_blocks_size_come_from_the_pools_others_from_the_allocator() {
+    fn only_pieces_that_fill_a_slot_come_from_the_pools_others_from_the_allocator() {
         assert_eq!(pool_for(1 << 20).map(|p| p.slot), Some(1 << 20));
-        assert_eq!(pool_for((512 << 10) + 1).map(|p| p.slot), Some(1 << 20));
-        assert_eq!(pool_for((1 << 20) + 1).map(|p| p.slot), Some(2 << 20));
         assert_eq!(pool_for(2 << 20).map(|p| p.slot), Some(2 << 20));
-        assert!(pool_for(512 << 10).is_none());
+        // A shorter piece would hold a whole slot while counted as less.
+        for len in [
+            0,
+            1,
+            512 << 10,
+            (512 << 10) + 1,
+            (1 << 20) - 1,
+            (1 << 20) + 1,
+        ] {
+            assert!(pool_for(len).is_none(), "{len}");
+        }
+        assert!(pool_for((1536) << 10).is_none());
         assert!(pool_for((2 << 20) + 1).is_none());
-        assert!(pool_for(0).is_none());
     }
 }
