@@ -1189,7 +1189,14 @@ fn main() {
                 requests,
             });
             results[ti].push(Cell {
-                shown: format!("{} / {} / {} MiB", start / MIB, listed / MIB, forgot / MIB),
+                // One decimal: the aim (within 20% of the start) is a
+                // matter of a MiB or two.
+                shown: format!(
+                    "{:.1} / {:.1} / {:.1} MiB",
+                    start as f64 / MIB as f64,
+                    listed as f64 / MIB as f64,
+                    forgot as f64 / MIB as f64
+                ),
                 secs: f64::NAN,
                 requests: String::new(),
             });
