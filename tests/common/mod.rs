@@ -607,6 +607,23 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         self.unmount();
+        // A failed test shows what the daemon said, so a failure seen
+        // once on CI can be read without a rerun (only the lines above
+        // debug, and the last of them).
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+                .collect();
+            let from = lines.len().saturating_sub(40);
+            eprintln!(
+                "--- daemon log of {} (last {} lines above debug) ---\n{}",
+                self.dir.display(),
+                lines.len() - from,
+                lines[from..].join("\n")
+            );
+        }
     }
 }
 
