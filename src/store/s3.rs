@@ -605,9 +605,11 @@ impl S3Store {
         let keyed = with_sse_c!(plain.clone(), &self.requests);
         self.retry(Op::Head, key, || async {
             match keyed.clone().send().await {
-                Err(e) if self.requests.sse_c.is_some() && status_of(&e) == Some(400) => {
-                    plain.clone().send().await.map_err(|_| classify_head(e))
-                }
+                Err(e) if self.requests.sse_c.is_some() && status_of(&e) == Some(400) => plain
+                    .clone()
+                    .send()
+                    .await
+                    .map_err(|p| classify_head(unkeyed_error(e, p))),
                 r => r.map_err(classify_head),
             }
         })
@@ -715,9 +717,12 @@ where
         let status = se.raw().status().as_u16();
         let code = se.err().code().unwrap_or("");
         let redirect = se.raw().headers().get("x-amz-bucket-region").is_some();
+        // A 400 about encryption (an SSE-C key missing) is not about CRC32C.
+        let about_sse = mentions_encryption(se.err().message().unwrap_or(""));
         let refused = status == 501
             || (status == 400
                 && !redirect
+                && !about_sse
                 && matches!(
                     code,
                     "" | "InvalidArgument"
@@ -916,7 +921,11 @@ const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C)
 /// Encryption...".
 fn mentions_encryption(msg: &str) -> bool {
     let m = msg.to_ascii_lowercase();
-    m.contains("server side encryption") || m.contains("sse-c") || m.contains("customer key")
+    m.contains("server side encryption")
+        || m.contains("sse-c")
+        || m.contains("customer key")
+        // Garage
+        || m.contains("object is encrypted")
 }
 
 /// A HEAD error: as `classify`, except that a bare 400 (a HEAD answer
@@ -932,6 +941,24 @@ fn classify_head(
         return StoreError::AccessDenied(SSE_C_REFUSED.into());
     }
     classify(err)
+}
+
+/// Which error a request gets that S3 refused with the mount's SSE-C key
+/// (400: the key does not apply, the object is not SSE-C) and that was
+/// sent again without it (`plain`): the second answer's own, so a
+/// throttled, dropped or stale retry is retried or reported as what it
+/// is, not as the first 400 (which made a passing 503 a permanent
+/// EINVAL). When the second is a 400 too, the first says more: the key
+/// was given and did not fit.
+fn unkeyed_error<E>(
+    keyed: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    plain: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> SdkError<E, aws_sdk_s3::config::http::HttpResponse> {
+    if status_of(&plain) == Some(400) {
+        keyed
+    } else {
+        plain
+    }
 }
 
 /// The HTTP status of a failed call, when there was an answer.
@@ -1090,7 +1117,7 @@ impl S3Store {
         let sent = match keyed.send().await {
             // Not an SSE-C object: read without the key (see head_object).
             Err(e) if self.requests.sse_c.is_some() && status_of(&e) == Some(400) => {
-                req.send().await.map_err(|_| e)
+                req.send().await.map_err(|p| unkeyed_error(e, p))
             }
             r => r,
         };
@@ -1514,7 +1541,7 @@ impl ObjectStore for S3Store {
                         .config_override(self.long_call())
                         .send()
                         .await
-                        .map_err(|_| classify(e)),
+                        .map_err(|p| classify(unkeyed_error(e, p))),
                     r => r.map_err(classify),
                 }
             })
@@ -1563,6 +1590,11 @@ impl ObjectStore for S3Store {
                     .set_parts(Some(parts))
                     .build(),
             );
+        // S3 needs the SSE-C key here when the upload has a checksum
+        // algorithm; Garage refuses the Complete without it (400 "Object
+        // is encrypted"), which read as a store refusing CRC32C: the
+        // whole upload was sent again, and CRC32C dropped for the mount.
+        let req = with_sse_c!(req, &self.requests);
         // A 200 answer whose body is an error is an error (the SDK parses
         // it as one); an answer without an ETag is not a success either.
         let out = self

@@ -100,6 +100,17 @@ impl Proxy {
             .push((format!("GET>{len}"), n, fault));
     }
 
+    /// The next `n` requests with this method that meet every condition
+    /// get `fault`: `+HEADER` (carries it), `!HEADER` (does not),
+    /// `~TEXT` (the request line contains it).
+    pub fn inject_when(&self, method: &str, conditions: &[&str], n: u32, fault: Fault) {
+        let rule = std::iter::once(method)
+            .chain(conditions.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
+        self.plan.lock().rules.push((rule, n, fault));
+    }
+
     pub fn clear(&self) {
         self.plan.lock().rules.clear();
     }
@@ -173,6 +184,29 @@ async fn read_head(conn: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
             return None;
         }
     }
+}
+
+/// Whether a rule ("" for any, a method, `GET>LEN`, then the conditions
+/// of `inject_when`) takes this request.
+fn rule_matches(rule: &str, method: &str, head: &[u8]) -> bool {
+    let mut words = rule.split(' ');
+    let m = words.next().unwrap_or("");
+    let method_ok = m.is_empty()
+        || m == method
+        || m.strip_prefix("GET>").is_some_and(|len| {
+            method == "GET"
+                && range_of(head).is_some_and(|r| r.end - r.start > len.parse::<u64>().unwrap())
+        });
+    method_ok
+        && words.all(|w| match w.split_at(w.len().min(1)) {
+            ("+", h) => header(head, h).is_some(),
+            ("!", h) => header(head, h).is_none(),
+            ("~", text) => String::from_utf8_lossy(head)
+                .lines()
+                .next()
+                .is_some_and(|l| l.contains(text)),
+            _ => panic!("a proxy rule's condition is +HEADER, !HEADER or ~TEXT: {w:?}"),
+        })
 }
 
 /// A header's value in a request head.
@@ -249,16 +283,7 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         let f = p
             .rules
             .iter_mut()
-            .find(|(m, n, _)| {
-                *n > 0
-                    && (m.is_empty()
-                        || *m == method
-                        || m.strip_prefix("GET>").is_some_and(|len| {
-                            method == "GET"
-                                && range_of(&head)
-                                    .is_some_and(|r| r.end - r.start > len.parse::<u64>().unwrap())
-                        }))
-            })
+            .find(|(m, n, _)| *n > 0 && rule_matches(m, &method, &head))
             .map(|(_, n, f)| {
                 *n -= 1;
                 *f
