@@ -29,16 +29,36 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// 27.7–28.6 → 24.9–26.7 MiB (2 runs each, /tmp scripts); the daemon's
 /// CPU for a cold `ls -l` of 10,000 entries within its noise.
 ///
-/// One background thread purges freed pages as they age (10 s), also
-/// while every other thread sits idle: without it jemalloc purges only
-/// when a thread allocates, so what a burst freed stayed resident in an
-/// idle daemon. An `ls -f` of 2,000 entries here, RSS 60 s later: 26.3
-/// → 23.0 MiB (18.2 mounted); 60,000 entries: 72 → 64 MiB in the first
-/// 30 s, before the inode table's sweep gives the rest back.
+/// At most one background thread (see `start_background_purge`).
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8] =
-    b"narenas:4,slab_sizes:1-4096:16,background_thread:true,max_background_threads:1\0";
+pub static malloc_conf: &[u8] = b"narenas:4,slab_sizes:1-4096:16,max_background_threads:1\0";
+
+/// Starts jemalloc's background thread, which purges freed pages as they
+/// age (10 s) also while every other thread sits idle: without it
+/// jemalloc purges only when a thread allocates, so what a burst freed
+/// stayed resident in an idle daemon. An `ls -f` of 2,000 entries here,
+/// RSS 60 s later: 26.3 → 23.1 MiB (18.2 mounted); 60,000 entries: 72 →
+/// 64 MiB in the first 30 s, before the inode table's sweep gives the
+/// rest back. Started by the mount once it runs as the daemon, not from
+/// `malloc_conf`: jemalloc would start it before `main`, and a thread
+/// does not survive the fork into the background (jemalloc turns it off
+/// in the child).
+fn start_background_purge() {
+    let mut on = true;
+    let r = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"background_thread".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            (&raw mut on).cast(),
+            std::mem::size_of::<bool>(),
+        )
+    };
+    if r != 0 {
+        tracing::debug!(errno = r, "jemalloc: no background purging");
+    }
+}
 
 /// Hands the pages jemalloc holds unused back to the system, at once.
 /// jemalloc purges on its own only as threads allocate; the threads that
@@ -65,6 +85,7 @@ fn release_free_memory() {
 
 fn main() -> ExitCode {
     bucketfs::fs::set_release_free_memory(release_free_memory);
+    bucketfs::fs::set_background_purge(start_background_purge);
     let args: Vec<String> = std::env::args().collect();
     let cli = Cli::parse();
     if let Some(Command::Url { path, expires }) = &cli.command {

@@ -661,6 +661,7 @@ pub fn run(o: Options, verbose: bool) -> u8 {
             ready = Some(daemonize(&log_target.describe())?);
         }
         init_logging(&log_target, verbose)?;
+        crate::fs::start_background_purge();
         serve(&o, &mountpoint, static_keys, sse_c, &mut ready)
     })();
     match result {

@@ -350,6 +350,25 @@ pub fn set_release_free_memory(f: fn()) {
     let _ = RELEASE_FREE_MEMORY.set(f);
 }
 
+/// How the program's allocator purges freed memory in the background
+/// (`set_background_purge`); none by default.
+static BACKGROUND_PURGE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets how the program's allocator starts purging freed memory on its
+/// own, for a program whose global allocator can.
+pub fn set_background_purge(f: fn()) {
+    let _ = BACKGROUND_PURGE.set(f);
+}
+
+/// Starts the allocator's background purging, if it has one: called by
+/// the mount once it runs as the daemon (after the fork into the
+/// background, which a thread started earlier would not survive).
+pub fn start_background_purge() {
+    if let Some(f) = BACKGROUND_PURGE.get() {
+        f();
+    }
+}
+
 /// Moves each time freed memory is given back: each runtime thread that
 /// has not given back its own since does so as it next goes idle
 /// (`thread_idle`).
