@@ -38,6 +38,19 @@ impl Drop for Installed {
     }
 }
 
+/// The process whose command line names `mountpoint` and runs bucketfs.
+fn daemon_of(mountpoint: &Path) -> Option<u32> {
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc").ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let exe = fs::read_link(e.path().join("exe")).ok()?;
+        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+        (exe.file_name()? == "bucketfs" && cmdline.split(|b| *b == 0).any(|a| a == want))
+            .then_some(pid)
+    })
+}
+
 #[test]
 fn mount_t_s3fs_and_fstab_lines_work_through_the_installed_helper() {
     let out = Command::new(repo().join("scripts/install"))
@@ -72,6 +85,19 @@ fn mount_t_s3fs_and_fstab_lines_work_through_the_installed_helper() {
         .unwrap();
     assert!(st.success());
     assert!(is_mounted(&mp), "live when mount(8) returns");
+    // The daemon, forked into the background, purges freed memory with
+    // jemalloc's thread (a thread started before the fork is not in the
+    // child).
+    let daemon = daemon_of(&mp).expect("the daemon serving the mount");
+    let threads: Vec<String> = fs::read_dir(format!("/proc/{daemon}/task"))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    assert!(
+        threads.iter().any(|t| t.starts_with("jemalloc_bg")),
+        "{threads:?}"
+    );
     assert_eq!(fs::read(mp.join("hello.txt")).unwrap(), b"via mount(8)");
     fs::write(mp.join("back.txt"), b"written").unwrap();
     assert!(Command::new("umount").arg(&mp).status().unwrap().success());
