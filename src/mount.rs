@@ -218,9 +218,14 @@ fn short_hash(s: &str) -> String {
 
 /// The core's configuration for these options, with the cache under
 /// `cache_dir` and cached blocks keyed by `identity` (the credentials'
-/// access key id, or "" without credentials).
-pub fn fs_config(o: &Options, cache_dir: &Path, identity: &str) -> FsConfig {
-    bucket_config(o, &o.bucket, &o.prefix, cache_dir, identity)
+/// access key id, or "" without credentials) and the SSE-C key's MD5.
+pub fn fs_config(
+    o: &Options,
+    cache_dir: &Path,
+    identity: &str,
+    sse_c_md5: Option<&str>,
+) -> FsConfig {
+    bucket_config(o, &o.bucket, &o.prefix, cache_dir, identity, sse_c_md5)
 }
 
 /// The core's configuration of one bucket (for an `s3://` mount, each
@@ -231,14 +236,22 @@ pub fn bucket_config(
     prefix: &str,
     cache_dir: &Path,
     identity: &str,
+    sse_c_md5: Option<&str>,
 ) -> FsConfig {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let umask = o.umask;
     // Staged data of different buckets or endpoints never share a
     // directory (the same directory whether the bucket is mounted alone
     // or under s3://); cached blocks are also apart per set of
-    // credentials, so one never reads what only another may read.
-    let store_id = format!("{}\n{bucket}", o.endpoint.as_deref().unwrap_or("aws"));
+    // credentials, so one never reads what only another may read. A
+    // mount with an SSE-C key has its own of both: its staged data is
+    // recovered only by a mount with the same key (one without would
+    // upload it unencrypted), and its blocks, held in clear, are not
+    // served to a mount without the key.
+    let mut store_id = format!("{}\n{bucket}", o.endpoint.as_deref().unwrap_or("aws"));
+    if let Some(md5) = sse_c_md5 {
+        store_id.push_str(&format!("\nsse-c {md5}"));
+    }
     let store_hash = short_hash(&store_id);
     let blocks_hash = short_hash(&format!("{store_id}\n{}", short_hash(identity)));
     FsConfig {
@@ -709,7 +722,8 @@ fn connect_one(
         r => r.map_err(|e| MountError(describe_connect_error(o, &e)))?,
     }
     let store: Arc<dyn ObjectStore> = Arc::new(store);
-    let cfg = fs_config(o, &cache_root(o)?, &identity);
+    let sse_c_md5 = settings.requests.sse_c.as_ref().map(SseCKey::md5_b64);
+    let cfg = fs_config(o, &cache_root(o)?, &identity, sse_c_md5);
     crate::private::create_private_dir(&cfg.staging_dir)
         .map_err(|e| MountError(format!("cache dir {}: {e}", cfg.staging_dir.display())))?;
     let fs = Arc::new(Fs::new(store, cfg));
@@ -745,9 +759,22 @@ fn connect_all(
     debug!(buckets = names.len(), "account listed");
     let cache_dir = cache_root(o)?;
     let opts = o.clone();
-    let config_for: crate::buckets::ConfigFor =
-        Box::new(move |bucket| bucket_config(&opts, bucket, "", &cache_dir, &identity));
-    let d = fs_config(o, &cache_root(o)?, "").defaults;
+    let sse_c_md5 = settings
+        .requests
+        .sse_c
+        .as_ref()
+        .map(|k| k.md5_b64().to_string());
+    let config_for: crate::buckets::ConfigFor = Box::new(move |bucket| {
+        bucket_config(
+            &opts,
+            bucket,
+            "",
+            &cache_dir,
+            &identity,
+            sse_c_md5.as_deref(),
+        )
+    });
+    let d = fs_config(o, &cache_root(o)?, "", None).defaults;
     let top = crate::buckets::TopConfig {
         defaults: d,
         root_perm: o.mp_umask.map(|m| (0o777 & !m) as u16),

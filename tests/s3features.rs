@@ -982,6 +982,14 @@ fn sse_c_on_garage_encrypts_and_reads_back_and_without_the_key_is_eacces() {
     let mut want_plain = pattern(11 * MIB, 9);
     want_plain.extend_from_slice(b"tail");
     assert_eq!(sha256_file(&m.path("plain-big.bin")), sha256(&want_plain));
+    // An object under another key: EACCES, also when its attributes were
+    // cached before another client replaced it (the read's GET then meets
+    // Garage's "Invalid encryption key", which was EINVAL).
+    bucket.put("other-key.txt", b"plain at first");
+    assert_eq!(fs::metadata(m.path("other-key.txt")).unwrap().len(), 14);
+    put_sse_c(&bucket, "other-key.txt", b"under another key", &OTHER_KEY);
+    let err = fs::read(m.path("other-key.txt")).unwrap_err();
+    assert_eq!(errno(err), libc::EACCES, "{}", m.log_text());
     let mut want = big.clone();
     want.extend_from_slice(b"tail");
     assert_eq!(sha256_file(&m.path("big.bin")), sha256(&want));
@@ -995,6 +1003,136 @@ fn sse_c_on_garage_encrypts_and_reads_back_and_without_the_key_is_eacces() {
         "the log says why: {}",
         m.log_text()
     );
+}
+
+/// A second SSE-C key, not the mounts'.
+const OTHER_KEY: [u8; 32] = [0x5a; 32];
+
+/// PutObject with an SSE-C key, as another client does.
+fn put_sse_c(b: &Bucket, key: &str, data: &[u8], sse_key: &[u8; 32]) {
+    use base64::Engine;
+    use md5::Digest;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    rt().block_on(
+        b.client
+            .put_object()
+            .bucket(&b.name)
+            .key(key)
+            .sse_customer_algorithm("AES256")
+            .sse_customer_key(b64.encode(sse_key))
+            .sse_customer_key_md5(b64.encode(md5::Md5::digest(sse_key)))
+            .body(ByteStream::from(data.to_vec()))
+            .send(),
+    )
+    .unwrap();
+}
+
+/// GetObject with an SSE-C key: the bytes, or None if refused.
+fn get_sse_c(b: &Bucket, key: &str, sse_key: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine;
+    use md5::Digest;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    rt().block_on(async {
+        let out = b
+            .client
+            .get_object()
+            .bucket(&b.name)
+            .key(key)
+            .sse_customer_algorithm("AES256")
+            .sse_customer_key(b64.encode(sse_key))
+            .sse_customer_key_md5(b64.encode(md5::Md5::digest(sse_key)))
+            .send()
+            .await
+            .ok()?;
+        Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+    })
+}
+
+/// What an SSE-C mount staged and could not upload (killed) goes to S3
+/// only through a mount with the same key: a mount without it neither
+/// shows nor uploads it (it went up unencrypted, found by an attack),
+/// nor serves the first mount's cached blocks; the key's next mount
+/// uploads it, encrypted.
+#[test]
+fn staged_data_of_an_sse_c_mount_is_recovered_only_by_a_mount_with_its_key() {
+    use base64::Engine;
+    let g = Garage::start("ssecrec");
+    let tmp = tempfile::tempdir().unwrap();
+    let passwd = tmp.path().join("passwd");
+    fs::write(&passwd, format!("{}:{}", g.key_id, g.secret)).unwrap();
+    fs::set_permissions(&passwd, fs::Permissions::from_mode(0o600)).unwrap();
+    let (key, _) = key_file(tmp.path(), 0o600);
+    let raw_key = base64::engine::general_purpose::STANDARD
+        .decode(fs::read_to_string(&key).unwrap().trim())
+        .unwrap();
+    let bucket = Bucket {
+        name: g.bucket.clone(),
+        endpoint: g.endpoint.clone(),
+        client: g.client(),
+    };
+    let cache = tmp.path().join("shared-cache");
+    let plain = format!(
+        "region=garage,passwd_file={},cache_dir={}",
+        passwd.display(),
+        cache.display()
+    );
+    let keyed = format!("{plain},allow_http_sse_c,sse_c_key_file={}", key.display());
+    let data = pattern(3 * MIB, 31);
+    let m = Mount::new(&bucket, &keyed);
+    fs::write(m.path("read.bin"), b"cached in clear").unwrap();
+    assert_eq!(fs::read(m.path("read.bin")).unwrap(), b"cached in clear");
+    let mut f = fs::File::create(m.path("secret.bin")).unwrap();
+    f.write_all(&data).unwrap();
+    let pid = m.pid().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    m.wait_exit(std::time::Duration::from_secs(30));
+    drop(f);
+    sh(tmp.path(), &format!("umount -l {}", m.dir.display()));
+    drop(m);
+    assert!(
+        bucket.get("secret.bin").is_none(),
+        "not uploaded before the kill"
+    );
+    // Without the key, on the same cache dir: nothing of it.
+    let m = Mount::new(&bucket, &plain);
+    assert_eq!(
+        errno(fs::metadata(m.path("secret.bin")).unwrap_err()),
+        libc::ENOENT,
+        "{}",
+        m.log_text()
+    );
+    // Listed first, so the read may go by the listing alone.
+    assert_eq!(fs::read_dir(&m.dir).unwrap().count(), 1);
+    assert_eq!(
+        errno(fs::read(m.path("read.bin")).unwrap_err()),
+        libc::EACCES
+    );
+    drop(m);
+    assert!(
+        bucket.keys("").iter().all(|k| !k.contains("secret")),
+        "{:?}",
+        bucket.keys("")
+    );
+    // With the key: uploaded, encrypted.
+    let m = Mount::new(&bucket, &keyed);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the staged file to land",
+        || get_sse_c(&bucket, "secret.bin", &raw_key).map(|d| sha256(&d)) == Some(sha256(&data)),
+    );
+    assert!(
+        rt().block_on(
+            bucket
+                .client
+                .get_object()
+                .bucket(&bucket.name)
+                .key("secret.bin")
+                .send()
+        )
+        .is_err(),
+        "stored encrypted"
+    );
+    drop(m);
 }
 
 /// An SSE-C mount reads and appends to the bucket's unencrypted objects

@@ -105,6 +105,11 @@ impl SseCKey {
     /// The length of an AES-256 key.
     pub const KEY_BYTES: usize = 32;
 
+    /// The key's MD5 (base64), as S3 is told it: names the key, not it.
+    pub fn md5_b64(&self) -> &str {
+        &self.md5_b64
+    }
+
     /// A key from the contents of a key file: 32 raw bytes, or a line of
     /// 32 bytes or of their base64. s3fs's files list one key per line
     /// (the key history); the first is the one to use.
@@ -914,7 +919,7 @@ where
 const ARCHIVED: &str = "archived: restore it first (the object is in GLACIER or DEEP_ARCHIVE)";
 
 /// Why an object cannot be read: said once in the log, with EACCES.
-const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C) this mount was not given: mount with -o sse_c_key_file=PATH";
+const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C) this mount does not have: mount with -o sse_c_key_file=PATH holding the key it was written with";
 
 /// S3 refusing a read of an SSE-C object without its key: 400
 /// InvalidRequest "The object was stored using a form of Server Side
@@ -924,8 +929,9 @@ fn mentions_encryption(msg: &str) -> bool {
     m.contains("server side encryption")
         || m.contains("sse-c")
         || m.contains("customer key")
-        // Garage
+        // Garage: without a key, and with another key than the object's.
         || m.contains("object is encrypted")
+        || m.contains("invalid encryption key")
 }
 
 /// A HEAD error: as `classify`, except that a bare 400 (a HEAD answer
