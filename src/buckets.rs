@@ -22,8 +22,9 @@
 //! buckets is EXDEV. With one bucket the numbers are the core's own.
 //!
 //! Staged data of a killed mount is recovered per bucket (each bucket's
-//! staging directory is named by a hash of endpoint and bucket, so data
-//! can only ever go back to the bucket it was written for): at mount for
+//! staging directory is named by a hash of endpoint, bucket and SSE-C key,
+//! if any, so data can only ever go back to the bucket it was written for,
+//! under the key it was written with): at mount for
 //! every listed bucket whose staging directory holds something, and when
 //! any other bucket's core is created.
 
