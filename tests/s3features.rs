@@ -1083,10 +1083,12 @@ fn staged_data_of_an_sse_c_mount_is_recovered_only_by_a_mount_with_its_key() {
     assert_eq!(fs::read(m.path("read.bin")).unwrap(), b"cached in clear");
     let mut f = fs::File::create(m.path("secret.bin")).unwrap();
     f.write_all(&data).unwrap();
+    let mut raced = fs::File::create(m.path("raced.bin")).unwrap();
+    raced.write_all(b"mine").unwrap();
     let pid = m.pid().unwrap();
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     m.wait_exit(std::time::Duration::from_secs(30));
-    drop(f);
+    drop((f, raced));
     sh(tmp.path(), &format!("umount -l {}", m.dir.display()));
     drop(m);
     assert!(
@@ -1109,16 +1111,36 @@ fn staged_data_of_an_sse_c_mount_is_recovered_only_by_a_mount_with_its_key() {
     );
     drop(m);
     assert!(
-        bucket.keys("").iter().all(|k| !k.contains("secret")),
+        bucket
+            .keys("")
+            .iter()
+            .all(|k| !k.contains("secret") && !k.contains("raced")),
         "{:?}",
         bucket.keys("")
     );
-    // With the key: uploaded, encrypted.
+    // Another client puts raced.bin under another key meanwhile.
+    put_sse_c(&bucket, "raced.bin", b"theirs", &OTHER_KEY);
+    // With the key: uploaded, encrypted; raced.bin's data beside the
+    // other client's object, which this mount cannot read (it was retried
+    // for ever, found by an attack).
     let m = Mount::new(&bucket, &keyed);
     wait_until(
         std::time::Duration::from_secs(60),
-        "the staged file to land",
-        || get_sse_c(&bucket, "secret.bin", &raw_key).map(|d| sha256(&d)) == Some(sha256(&data)),
+        "the staged files to land",
+        || {
+            get_sse_c(&bucket, "secret.bin", &raw_key).map(|d| sha256(&d)) == Some(sha256(&data))
+                && bucket
+                    .keys("raced.bin.bucketfs-recovered-")
+                    .first()
+                    .and_then(|k| get_sse_c(&bucket, k, &raw_key))
+                    .as_deref()
+                    == Some(&b"mine"[..])
+        },
+    );
+    assert_eq!(
+        get_sse_c(&bucket, "raced.bin", &OTHER_KEY).as_deref(),
+        Some(&b"theirs"[..]),
+        "never overwritten"
     );
     assert!(
         rt().block_on(

@@ -919,7 +919,7 @@ where
 const ARCHIVED: &str = "archived: restore it first (the object is in GLACIER or DEEP_ARCHIVE)";
 
 /// Why an object cannot be read: said once in the log, with EACCES.
-const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C) this mount does not have: mount with -o sse_c_key_file=PATH holding the key it was written with";
+pub const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C) this mount does not have: mount with -o sse_c_key_file=PATH holding the key it was written with";
 
 /// S3 refusing a read of an SSE-C object without its key: 400
 /// InvalidRequest "The object was stored using a form of Server Side

@@ -1375,12 +1375,20 @@ async fn prepare_one(
         r.size
     };
     file.set_len(size).map_err(|e| e.to_string())?;
-    let current_info = match store.head(&key, None).await {
-        Ok(o) => Some(o),
-        Err(StoreError::NotFound) => None,
+    // An object under another SSE-C key than this mount's is not the one
+    // the data replaces (this mount could read that one): the data goes
+    // beside it. Retrying would never get further.
+    let (current_info, foreign) = match store.head(&key, None).await {
+        Ok(o) => (Some(o), false),
+        Err(StoreError::NotFound) => (None, false),
+        Err(StoreError::AccessDenied(m)) if m == crate::store::s3::SSE_C_REFUSED => (None, true),
         Err(e) => return Err(format!("{key}: {e}")),
     };
-    let current = current_info.as_ref().map(|o| o.etag.clone());
+    let current = match &current_info {
+        Some(o) => Some(o.etag.clone()),
+        // No ETag matches an empty one.
+        None => foreign.then(String::new),
+    };
     // The dead daemon's last upload may have landed before it could say
     // so: then the object is exactly these bytes (a multipart upload's
     // ETag from its journaled parts, a single PUT's from the data).
