@@ -915,17 +915,7 @@ impl Drop for Garage {
 /// EACCES with the reason in the log.
 #[test]
 fn sse_c_on_garage_encrypts_and_reads_back_and_without_the_key_is_eacces() {
-    let g = Garage::start("ssec");
-    let tmp = tempfile::tempdir().unwrap();
-    let passwd = tmp.path().join("passwd");
-    fs::write(&passwd, format!("{}:{}", g.key_id, g.secret)).unwrap();
-    fs::set_permissions(&passwd, fs::Permissions::from_mode(0o600)).unwrap();
-    let (key, _) = key_file(tmp.path(), 0o600);
-    let bucket = Bucket {
-        name: g.bucket.clone(),
-        endpoint: g.endpoint.clone(),
-        client: g.client(),
-    };
+    let (g, _tmp, passwd, key, bucket) = garage_with_sse_c_key("ssec");
     let auth = format!("region=garage,passwd_file={}", passwd.display());
     let m = Mount::new(
         &bucket,
@@ -1008,44 +998,59 @@ fn sse_c_on_garage_encrypts_and_reads_back_and_without_the_key_is_eacces() {
 /// A second SSE-C key, not the mounts'.
 const OTHER_KEY: [u8; 32] = [0x5a; 32];
 
-/// PutObject with an SSE-C key, as another client does.
-fn put_sse_c(b: &Bucket, key: &str, data: &[u8], sse_key: &[u8; 32]) {
+/// A key's SSE-C headers: the key and its MD5, in base64.
+fn sse_c_headers(sse_key: &[u8]) -> (String, String) {
     use base64::Engine;
     use md5::Digest;
     let b64 = base64::engine::general_purpose::STANDARD;
-    rt().block_on(
-        b.client
-            .put_object()
-            .bucket(&b.name)
-            .key(key)
-            .sse_customer_algorithm("AES256")
-            .sse_customer_key(b64.encode(sse_key))
-            .sse_customer_key_md5(b64.encode(md5::Md5::digest(sse_key)))
-            .body(ByteStream::from(data.to_vec()))
-            .send(),
-    )
-    .unwrap();
+    (b64.encode(sse_key), b64.encode(md5::Md5::digest(sse_key)))
+}
+
+/// PutObject with an SSE-C key, as another client does.
+fn put_sse_c(b: &Bucket, key: &str, data: &[u8], sse_key: &[u8; 32]) {
+    let (k, md5) = sse_c_headers(sse_key);
+    let req = b.client.put_object().bucket(&b.name).key(key);
+    let req = req.sse_customer_algorithm("AES256").sse_customer_key(k);
+    let req = req.sse_customer_key_md5(md5);
+    rt().block_on(req.body(ByteStream::from(data.to_vec())).send())
+        .unwrap();
 }
 
 /// GetObject with an SSE-C key: the bytes, or None if refused.
 fn get_sse_c(b: &Bucket, key: &str, sse_key: &[u8]) -> Option<Vec<u8>> {
-    use base64::Engine;
-    use md5::Digest;
-    let b64 = base64::engine::general_purpose::STANDARD;
+    let (k, md5) = sse_c_headers(sse_key);
+    let req = b.client.get_object().bucket(&b.name).key(key);
+    let req = req.sse_customer_algorithm("AES256").sse_customer_key(k);
+    let req = req.sse_customer_key_md5(md5);
     rt().block_on(async {
-        let out = b
-            .client
-            .get_object()
-            .bucket(&b.name)
-            .key(key)
-            .sse_customer_algorithm("AES256")
-            .sse_customer_key(b64.encode(sse_key))
-            .sse_customer_key_md5(b64.encode(md5::Md5::digest(sse_key)))
-            .send()
-            .await
-            .ok()?;
+        let out = req.send().await.ok()?;
         Some(out.body.collect().await.ok()?.into_bytes().to_vec())
     })
+}
+
+/// A Garage with its bucket, a private passwd file of its key and a
+/// private SSE-C key file (`key_file`), in a temp dir.
+fn garage_with_sse_c_key(
+    name: &str,
+) -> (
+    Garage,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Bucket,
+) {
+    let g = Garage::start(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let passwd = tmp.path().join("passwd");
+    fs::write(&passwd, format!("{}:{}", g.key_id, g.secret)).unwrap();
+    fs::set_permissions(&passwd, fs::Permissions::from_mode(0o600)).unwrap();
+    let (key, _) = key_file(tmp.path(), 0o600);
+    let bucket = Bucket {
+        name: g.bucket.clone(),
+        endpoint: g.endpoint.clone(),
+        client: g.client(),
+    };
+    (g, tmp, passwd, key, bucket)
 }
 
 /// What an SSE-C mount staged and could not upload (killed) goes to S3
@@ -1056,20 +1061,10 @@ fn get_sse_c(b: &Bucket, key: &str, sse_key: &[u8]) -> Option<Vec<u8>> {
 #[test]
 fn staged_data_of_an_sse_c_mount_is_recovered_only_by_a_mount_with_its_key() {
     use base64::Engine;
-    let g = Garage::start("ssecrec");
-    let tmp = tempfile::tempdir().unwrap();
-    let passwd = tmp.path().join("passwd");
-    fs::write(&passwd, format!("{}:{}", g.key_id, g.secret)).unwrap();
-    fs::set_permissions(&passwd, fs::Permissions::from_mode(0o600)).unwrap();
-    let (key, _) = key_file(tmp.path(), 0o600);
+    let (_g, tmp, passwd, key, bucket) = garage_with_sse_c_key("ssecrec");
     let raw_key = base64::engine::general_purpose::STANDARD
         .decode(fs::read_to_string(&key).unwrap().trim())
         .unwrap();
-    let bucket = Bucket {
-        name: g.bucket.clone(),
-        endpoint: g.endpoint.clone(),
-        client: g.client(),
-    };
     let cache = tmp.path().join("shared-cache");
     let plain = format!(
         "region=garage,passwd_file={},cache_dir={}",
@@ -1215,19 +1210,16 @@ fn an_sse_c_mount_retries_a_throttled_request_sent_again_without_the_key() {
         1,
         Fault::Status(503),
     );
-    let mut f = fs::OpenOptions::new()
+    let appended = [&big[..], b"tail"].concat();
+    fs::OpenOptions::new()
         .append(true)
         .open(m.path("plain-big.bin"))
+        .and_then(|mut f| f.write_all(b"tail").map(|()| f))
+        .and_then(close)
         .unwrap();
-    f.write_all(b"tail").unwrap();
-    close(f).unwrap();
     assert_eq!(proxy.faults_injected(), 2, "the fault was met");
-    let mut want = big.clone();
-    want.extend_from_slice(b"tail");
-    assert_eq!(
-        b.get("plain-big.bin").map(|d| sha256(&d)),
-        Some(sha256(&want))
-    );
+    let landed = b.get("plain-big.bin").map(|d| sha256(&d));
+    assert_eq!(landed, Some(sha256(&appended)));
     assert!(
         proxy
             .heads()
