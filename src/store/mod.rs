@@ -278,7 +278,16 @@ pub enum StoreError {
     BucketNotEmpty,
 }
 
+/// Why an object cannot be read: said once in the log, with EACCES.
+pub const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C) this mount does not have: mount with -o sse_c_key_file=PATH holding the key it was written with";
+
 impl StoreError {
+    /// The object is SSE-C encrypted with a key this mount does not have
+    /// (none, or another).
+    pub fn is_sse_c_refusal(&self) -> bool {
+        matches!(self, StoreError::AccessDenied(m) if m == SSE_C_REFUSED)
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Transient(_))
     }

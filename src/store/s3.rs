@@ -882,7 +882,7 @@ where
                     StoreError::AccessDenied(format!("{CREDENTIALS_REFUSED} ({c})"))
                 }
                 (400, _) if mentions_encryption(&msg) => {
-                    StoreError::AccessDenied(SSE_C_REFUSED.into())
+                    StoreError::AccessDenied(super::SSE_C_REFUSED.into())
                 }
                 (_, "NoSuchKey" | "NoSuchVersion" | "NoSuchUpload") => StoreError::NotFound,
                 (_, "NoSuchBucket") => StoreError::NoSuchBucket,
@@ -918,9 +918,6 @@ where
 /// A read of a GLACIER or DEEP_ARCHIVE object not restored.
 const ARCHIVED: &str = "archived: restore it first (the object is in GLACIER or DEEP_ARCHIVE)";
 
-/// Why an object cannot be read: said once in the log, with EACCES.
-pub const SSE_C_REFUSED: &str = "the object is encrypted with a customer key (SSE-C) this mount does not have: mount with -o sse_c_key_file=PATH holding the key it was written with";
-
 /// S3 refusing a read of an SSE-C object without its key: 400
 /// InvalidRequest "The object was stored using a form of Server Side
 /// Encryption...".
@@ -944,7 +941,7 @@ fn classify_head(
         && se.raw().status().as_u16() == 400
         && matches!(se.err().code(), None | Some("BadRequest"))
     {
-        return StoreError::AccessDenied(SSE_C_REFUSED.into());
+        return StoreError::AccessDenied(super::SSE_C_REFUSED.into());
     }
     classify(err)
 }

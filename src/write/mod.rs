@@ -1381,7 +1381,7 @@ async fn prepare_one(
     let (current_info, foreign) = match store.head(&key, None).await {
         Ok(o) => (Some(o), false),
         Err(StoreError::NotFound) => (None, false),
-        Err(StoreError::AccessDenied(m)) if m == crate::store::s3::SSE_C_REFUSED => (None, true),
+        Err(e) if e.is_sse_c_refusal() => (None, true),
         Err(e) => return Err(format!("{key}: {e}")),
     };
     let current = match &current_info {
