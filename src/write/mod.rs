@@ -1384,11 +1384,7 @@ async fn prepare_one(
         Err(e) if e.is_sse_c_refusal() => (None, true),
         Err(e) => return Err(format!("{key}: {e}")),
     };
-    let current = match &current_info {
-        Some(o) => Some(o.etag.clone()),
-        // No ETag matches an empty one.
-        None => foreign.then(String::new),
-    };
+    let current = current_info.as_ref().map(|o| o.etag.clone());
     // The dead daemon's last upload may have landed before it could say
     // so: then the object is exactly these bytes (a multipart upload's
     // ETag from its journaled parts, a single PUT's from the data).
@@ -1398,11 +1394,12 @@ async fn prepare_one(
             || (r.header.base_etag.is_none()
                 && file_md5(&file, size).is_ok_and(|m| same_etag(c, &m)))
     });
-    let unchanged = match (&current, &r.header.replaces) {
-        (None, None) => true,
-        (Some(c), Some(e)) => same_etag(c, e),
-        _ => false,
-    };
+    let unchanged = !foreign
+        && match (&current, &r.header.replaces) {
+            (None, None) => true,
+            (Some(c), Some(e)) => same_etag(c, e),
+            _ => false,
+        };
     // Every part of the data was sent (the set sealed in the journal) and
     // the key still holds what the data replaces: the upload is completed,
     // with the checksums its parts were sent with, instead of sent again.
