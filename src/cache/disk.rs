@@ -137,6 +137,43 @@ pub(super) struct Disk {
     pub(super) pending: AtomicU64,
     /// Their bytes.
     pub(super) pending_bytes: AtomicU64,
+    /// The thread that writes blocks, one after the other.
+    writer: Writer,
+}
+
+/// A block to write: the tier, its slot class, identity and bytes.
+struct WriteJob {
+    disk: Arc<Disk>,
+    class: usize,
+    id: Id,
+    data: Bytes,
+}
+
+/// Hands blocks to a thread of the tier's own, which writes them in
+/// turn: a cold read caches each block it streams, and a blocking-pool
+/// task per block had the read-ahead tasks and the pool's threads
+/// contending for the pool's lock and waking each other for every block.
+/// The thread ends once the tier is dropped and its queue is empty.
+struct Writer(std::sync::mpsc::Sender<WriteJob>);
+
+impl Writer {
+    fn start() -> std::io::Result<Writer> {
+        let (tx, rx) = std::sync::mpsc::channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("bucketfs-disk".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job.disk.write_block(job.class, &job.id, job.data);
+                }
+            })?;
+        Ok(Writer(tx))
+    }
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Writer")
+    }
 }
 
 /// The slot sizes for blocks of `block_size`: 4 KiB doubling, then the
@@ -303,6 +340,7 @@ impl Disk {
             direct: AtomicBool::new(true),
             pending: AtomicU64::new(0),
             pending_bytes: AtomicU64::new(0),
+            writer: Writer::start()?,
         };
         disk.load()?;
         disk.evict();
@@ -526,42 +564,55 @@ impl Disk {
             self.pending_bytes.fetch_sub(len, Ordering::SeqCst);
             return;
         }
-        let disk = self.clone();
-        let id = self.id(bk);
         self.pending.fetch_add(1, Ordering::SeqCst);
-        tokio::task::spawn_blocking(move || {
-            let slot = disk.take(class);
-            let r = disk.write_slot(slot, &id, &data);
-            drop(data);
-            match r {
-                Ok(()) => {
-                    let replaced = {
-                        let mut st = disk.state.lock();
-                        st.bytes += disk.sizes[class];
-                        let old = st.lru.put(id, Entry { slot, len });
-                        old.and_then(|old| {
-                            st.bytes -= disk.sizes[old.slot.class];
-                            if st.pins.contains_key(&old.slot) {
-                                st.doomed.insert(old.slot);
-                                None
-                            } else {
-                                Some(old.slot)
-                            }
-                        })
-                    };
-                    disk.release(replaced.into_iter().collect());
-                    disk.evict();
-                }
-                Err(e) => {
-                    disk.release(vec![slot]);
-                    if !disk.broken.swap(true, Ordering::Relaxed) {
-                        warn!(dir = %disk.dir.display(), error = %e, "disk cache stopped; reads go on from S3");
-                    }
+        let job = WriteJob {
+            disk: self.clone(),
+            class,
+            id: self.id(bk),
+            data,
+        };
+        if let Err(std::sync::mpsc::SendError(job)) = self.writer.0.send(job) {
+            // The thread is gone (it cannot be while the tier lives).
+            self.pending_bytes.fetch_sub(len, Ordering::SeqCst);
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            drop(job);
+        }
+    }
+
+    /// Writes a block handed to the writer thread, then counts it done.
+    fn write_block(self: &Arc<Self>, class: usize, id: &Id, data: Bytes) {
+        let len = data.len() as u64;
+        let slot = self.take(class);
+        let r = self.write_slot(slot, id, &data);
+        drop(data);
+        match r {
+            Ok(()) => {
+                let replaced = {
+                    let mut st = self.state.lock();
+                    st.bytes += self.sizes[class];
+                    let old = st.lru.put(*id, Entry { slot, len });
+                    old.and_then(|old| {
+                        st.bytes -= self.sizes[old.slot.class];
+                        if st.pins.contains_key(&old.slot) {
+                            st.doomed.insert(old.slot);
+                            None
+                        } else {
+                            Some(old.slot)
+                        }
+                    })
+                };
+                self.release(replaced.into_iter().collect());
+                self.evict();
+            }
+            Err(e) => {
+                self.release(vec![slot]);
+                if !self.broken.swap(true, Ordering::Relaxed) {
+                    warn!(dir = %self.dir.display(), error = %e, "disk cache stopped; reads go on from S3");
                 }
             }
-            disk.pending_bytes.fetch_sub(len, Ordering::SeqCst);
-            disk.pending.fetch_sub(1, Ordering::SeqCst);
-        });
+        }
+        self.pending_bytes.fetch_sub(len, Ordering::SeqCst);
+        self.pending.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// A free slot of `class`, held until released.
