@@ -99,25 +99,9 @@ fn keys_the_posix_view_cannot_show_are_skipped_and_nothing_escapes() {
 #[test]
 fn a_full_cache_disk_fails_writes_at_write_time_and_loses_nothing_written() {
     let tmp = tempfile::tempdir().unwrap();
-    let small = tmp.path().join("small-disk");
-    fs::create_dir(&small).unwrap();
-    assert!(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
-            .arg(&small)
-            .status()
-            .unwrap()
-            .success()
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(small.clone());
+    let small = SmallDisk::new(&tmp.path().join("small-disk"), "4m");
     let b = Bucket::new(server(), "full", false);
-    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", small.display()));
+    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", small.0.display()));
     let first = pattern(1024 * 1024, 1);
     fs::write(m.path("first"), &first).unwrap();
     let mut f = fs::File::create(m.path("too-big")).unwrap();
@@ -135,6 +119,101 @@ fn a_full_cache_disk_fails_writes_at_write_time_and_loses_nothing_written() {
     // What was written before is safe, in S3 and through the mount.
     assert_eq!(sha256(&b.get("first").unwrap()), sha256(&first));
     assert_eq!(sha256_file(&m.path("first")), sha256(&first));
+}
+
+/// A small tmpfs for a test's cache dir, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn new(dir: &std::path::Path, size: &str) -> SmallDisk {
+        fs::create_dir(dir).unwrap();
+        assert!(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs"
+                ])
+                .arg(dir)
+                .status()
+                .unwrap()
+                .success()
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Fills it up with a file of its own; returns that file's path.
+    fn fill(&self) -> std::path::PathBuf {
+        let p = self.0.join("filler");
+        let mut f = fs::File::create(&p).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let mut small = false;
+        // Bounded: the disk is a few MiB.
+        for _ in 0..100_000 {
+            match f.write(if small { &chunk[..512] } else { &chunk }) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && !small => small = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return p,
+                Err(e) => panic!("filling the small disk: {e}"),
+            }
+        }
+        panic!("the small disk did not fill up");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The journal of an overwritten file records each write; a write whose
+/// journal line the full disk cut short fails, and the writes and chmod
+/// acknowledged once there is room again are recovered after kill -9
+/// (once glued to the fragment, a recovering mount read none of them).
+#[test]
+fn a_journal_line_cut_short_by_a_full_disk_loses_no_later_write() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::new(&tmp.path().join("small-disk"), "4m");
+    let b = Bucket::new(server(), "torn", false);
+    let base = pattern(1024 * 1024, 1);
+    b.put("f", &base);
+    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", disk.0.display()));
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("f"))
+        .unwrap();
+    let (x, c, d) = (pattern(4096, 2), pattern(4096, 3), pattern(4096, 4));
+    f.write_at(&x, 0).unwrap();
+    let filler = disk.fill();
+    // Each overwrite of the same page needs no room for data, only for
+    // its journal line: one fails once the journal needs a new page.
+    let failed = (0..5000).find_map(|_| f.write_at(&x, 0).err());
+    let e = failed.expect("a journal line must run out of room on a full disk");
+    assert_eq!(errno(e), libc::ENOSPC);
+    fs::remove_file(&filler).unwrap();
+    f.write_at(&c, 512 * 1024).unwrap();
+    f.write_at(&d, 768 * 1024).unwrap();
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    kill9(&m);
+    drop(f);
+    m.restart();
+    let mut want = base.clone();
+    want[..4096].copy_from_slice(&x);
+    want[512 * 1024..512 * 1024 + 4096].copy_from_slice(&c);
+    want[768 * 1024..768 * 1024 + 4096].copy_from_slice(&d);
+    assert_lands(&b, "f", &want, Duration::from_secs(60), "after the remount");
+    let mode = b.metadata("f").get("mode").cloned().unwrap_or_default();
+    assert_eq!(
+        mode.parse::<u32>().ok().map(|m| m & 0o7777),
+        Some(0o600),
+        "mode {mode}"
+    );
 }
 
 #[test]

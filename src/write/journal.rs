@@ -17,13 +17,18 @@
 //! optional field, and replay the same: their uploads are completed
 //! without checksums. Every line ends in ` *<checksum>` (FNV-1a of the
 //! rest): replay stops at the first line that does not check, which can
-//! only be a torn last line. Lines are appended without fsync: a crash of
-//! the daemon (not of the machine) loses none of them. A journal that
+//! only be a torn last line; a line that checks after one that does not
+//! makes the journal bad (kept, never uploaded from). Each append writes
+//! at the end of what is whole, and one that fails (a full disk) is cut
+//! off before anything else is appended, so a later line is never glued
+//! to the fragment of a failed one. Lines are appended without fsync: a
+//! crash of the daemon (not of the machine) loses none of them. A journal that
 //! grows past `COMPACT_LINES` is rewritten from the in-memory state (to a
 //! new file renamed over the old one).
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
@@ -59,6 +64,10 @@ pub struct Journal {
     file: File,
     /// Change lines appended since the header.
     lines: u64,
+    /// Bytes of whole lines: where the next append goes.
+    len: u64,
+    /// An append failed and what it left past `len` is not cut off yet.
+    torn: bool,
 }
 
 /// FNV-1a, 32 bits: enough to tell a torn line from a whole one.
@@ -88,17 +97,26 @@ fn dec(s: &str) -> String {
 
 impl Journal {
     pub fn create(path: PathBuf, h: &Header) -> io::Result<Journal> {
-        let file = Self::write_new(&path, h, &[])?;
+        Self::create_with(path, h, &[])
+    }
+
+    /// A journal of `h` and `changes`, in place of any at `path` in one
+    /// rename: a reader (a recovering mount) finds the old journal or all
+    /// of this one, never its header without its changes.
+    pub fn create_with(path: PathBuf, h: &Header, changes: &[String]) -> io::Result<Journal> {
+        let (file, len) = Self::write_new(&path, h, changes)?;
         Ok(Journal {
             path,
             file,
-            lines: 0,
+            lines: changes.len() as u64,
+            len,
+            torn: false,
         })
     }
 
     /// Writes a journal file with `h` and `changes` under a temporary name
     /// and renames it to `path`, so a reader sees the old or the new one.
-    fn write_new(path: &Path, h: &Header, changes: &[String]) -> io::Result<File> {
+    fn write_new(path: &Path, h: &Header, changes: &[String]) -> io::Result<(File, u64)> {
         let mut text = format!("{MAGIC}\n");
         text += &sealed(&format!("key {}", enc(&h.key)));
         if let Some(e) = &h.base_etag {
@@ -128,14 +146,33 @@ impl Journal {
         // whole (the rename had not happened).
         let _ = std::fs::remove_file(&tmp);
         let mut file = crate::write::private_file(&tmp)?;
-        file.write_all(text.as_bytes())?;
+        if let Err(e) = file.write_all(text.as_bytes()) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, path)?;
-        Ok(file)
+        Ok((file, text.len() as u64))
     }
 
     fn append(&mut self, line: &str) -> io::Result<()> {
-        self.lines += 1;
-        self.file.write_all(sealed(line).as_bytes())
+        self.append_lines(&sealed(line), 1)
+    }
+
+    /// Appends whole sealed lines, all or (as far as a reader can tell)
+    /// none: what a failed write left is cut off, now or before the next
+    /// append, which fails while it cannot be.
+    fn append_lines(&mut self, text: &str, lines: u64) -> io::Result<()> {
+        if self.torn {
+            self.file.set_len(self.len)?;
+            self.torn = false;
+        }
+        if let Err(e) = self.file.write_all_at(text.as_bytes(), self.len) {
+            self.torn = self.file.set_len(self.len).is_err();
+            return Err(e);
+        }
+        self.len += text.len() as u64;
+        self.lines += lines;
+        Ok(())
     }
 
     /// Whether the journal has grown enough to be rewritten.
@@ -145,8 +182,7 @@ impl Journal {
 
     /// Rewrites the journal as `h` plus `changes` (the state it replays to).
     pub fn compact(&mut self, h: &Header, changes: &[String]) -> io::Result<()> {
-        self.file = Self::write_new(&self.path, h, changes)?;
-        self.lines = changes.len() as u64;
+        *self = Self::create_with(self.path.clone(), h, changes)?;
         Ok(())
     }
 
@@ -178,8 +214,7 @@ impl Journal {
             text += &sealed(&part_line(p));
         }
         text += &sealed(&complete_line(parts.len(), size));
-        self.lines += parts.len() as u64 + 1;
-        self.file.write_all(text.as_bytes())
+        self.append_lines(&text, parts.len() as u64 + 1)
     }
 
     /// The file's metadata changed (chmod, chown, touch) while dirty: the
@@ -310,9 +345,16 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
     let (mut uploads, mut parts, mut unlinked) = (Vec::new(), Vec::new(), false);
     let mut parts_sealed = None;
     let mut puts = Vec::new();
-    for line in lines {
+    while let Some(line) = lines.next() {
         // A torn last line (killed mid-append) does not check: stop there.
-        let Some(line) = unseal(line) else { break };
+        // One that checks after it means lines were lost between: the
+        // journal cannot say what the staged data holds.
+        let Some(line) = unseal(line) else {
+            if lines.any(|l| unseal(l).is_some()) {
+                return Err(bad());
+            }
+            break;
+        };
         let f: Vec<&str> = line.split(' ').collect();
         match f.as_slice() {
             ["W", off, len] => {
@@ -583,5 +625,86 @@ mod tests {
         assert!(replay(&dir.path().join("missing")).is_err());
         std::fs::write(&p, "garbage").unwrap();
         assert!(replay(&p).is_err());
+    }
+
+    fn header() -> Header {
+        Header {
+            key: "k".into(),
+            base_etag: Some("\"e\"".into()),
+            base_version: None,
+            replaces: Some("\"e\"".into()),
+            base_valid: 100,
+            size: 100,
+            meta: Metadata::new(),
+        }
+    }
+
+    /// A line that checks after one that does not: lines were lost in
+    /// between, and replay says the journal is bad rather than replay
+    /// what came before as if it were all.
+    #[test]
+    fn a_whole_line_after_a_broken_one_makes_the_journal_bad() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut j = Journal::create(p.clone(), &header()).unwrap();
+        j.wrote(0, 10).unwrap();
+        drop(j);
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        // What an append cut short by a full disk left, with the next
+        // append glued to it.
+        text += "W 0 4096 *db1";
+        text += &sealed("W 50 10");
+        text += &sealed("W 70 10");
+        std::fs::write(&p, &text).unwrap();
+        assert!(replay(&p).is_err());
+    }
+
+    /// What a failed append left past the whole lines is cut off before
+    /// the next append: the lines after it replay.
+    #[test]
+    fn an_append_after_a_failed_one_starts_at_the_last_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut j = Journal::create(p.clone(), &header()).unwrap();
+        j.wrote(0, 10).unwrap();
+        // A failed append's fragment, not cut off then (set_len failed).
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"W 0 4096 *db1").unwrap();
+        j.torn = true;
+        j.wrote(50, 10).unwrap();
+        j.truncated(55).unwrap();
+        let r = replay(&p).unwrap();
+        assert_eq!(r.size, 55);
+        assert!(r.loaded.missing(0..10).is_empty() && r.loaded.missing(50..55).is_empty());
+        // A fragment longer than the next line: what is left of it after
+        // that line is a torn last line, cut off again before the next.
+        f.write_all(b"W 12345678 87654321 *0000").unwrap();
+        j.wrote(1, 1).unwrap();
+        let r = replay(&p).unwrap();
+        assert!(
+            r.loaded.missing(1..2).is_empty(),
+            "the line after the fragment replays"
+        );
+    }
+
+    /// Compaction and a recovering mount's adoption replace the journal in
+    /// one rename, with its changes: never a header alone.
+    #[test]
+    fn a_journal_created_with_changes_replays_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut j = Journal::create(p.clone(), &header()).unwrap();
+        j.wrote(0, 10).unwrap();
+        let changes = vec!["W 0 10".to_string(), "W 40 5".to_string()];
+        let mut j2 = Journal::create_with(p.clone(), &header(), &changes).unwrap();
+        assert!(!dir.path().join("j.new").exists());
+        j2.wrote(60, 1).unwrap();
+        let r = replay(&p).unwrap();
+        assert!(
+            r.loaded.missing(0..10).is_empty()
+                && r.loaded.missing(40..45).is_empty()
+                && r.loaded.missing(60..61).is_empty()
+        );
+        drop(j);
     }
 }

@@ -1131,9 +1131,10 @@ impl Adoptable {
             size: self.staged.size,
             meta: self.meta.clone(),
         };
-        let mut j = Journal::create(self.journal.clone(), &h)?;
         // A dead mount's upload to complete stays journaled with its
-        // parts, so a kill now leaves it to the next mount again.
+        // parts, so a kill now leaves it to the next mount again. The new
+        // journal replaces the old one whole, in one rename: a header
+        // without the writes would say the data is the base's.
         let (uploads, sent) = match &self.staged.resume {
             Some(r) => (
                 vec![r.upload.clone()],
@@ -1141,7 +1142,8 @@ impl Adoptable {
             ),
             None => (Vec::new(), None),
         };
-        j.compact(
+        let j = Journal::create_with(
+            self.journal.clone(),
             &h,
             &journal::changes_for(&self.staged.loaded, &uploads, sent),
         )?;
