@@ -219,12 +219,49 @@ pub fn serve(b: Arc<Buckets>, info: MountInfo) -> Option<Socket> {
     Some(Socket { path, id })
 }
 
+/// Connects to a status socket served by this user or root, no one else:
+/// without XDG_RUNTIME_DIR the socket's directory is a predictable name
+/// under /tmp, which another user may have made first, with a socket of
+/// their own in it answering with what they like.
+fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::AsRawFd;
+    let conn = UnixStream::connect(path)?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a ucred and `len` its size, as SO_PEERCRED wants.
+    let r = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid != me && cred.uid != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("served by uid {}, neither this user nor root", cred.uid),
+        ));
+    }
+    Ok(conn)
+}
+
 /// The client: prints the report of the mount on `mountpoint`.
 pub fn print(mountpoint: &Path) -> Result<(), String> {
     let abs =
         std::fs::canonicalize(mountpoint).map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let path = socket_path(&abs);
-    let mut conn = UnixStream::connect(&path).map_err(|e| {
+    let mut conn = connect(&path).map_err(|e| {
         format!(
             "no live bucketfs mount on {} ({}: {e})",
             abs.display(),
@@ -252,7 +289,7 @@ pub fn presigned_url(path: &Path, expires_secs: u64) -> Result<String, String> {
     let (mountpoint, mut conn) = abs
         .ancestors()
         .skip(1)
-        .find_map(|dir| Some((dir, UnixStream::connect(socket_path(dir)).ok()?)))
+        .find_map(|dir| Some((dir, connect(&socket_path(dir)).ok()?)))
         .ok_or_else(|| format!("{} is not under a live bucketfs mount", abs.display()))?;
     let rel = abs
         .strip_prefix(mountpoint)

@@ -1053,3 +1053,88 @@ fn a22_crash_loop_with_renames_rm_chmod_and_dir_renames_in_flight() {
         a22_round(s);
     }
 }
+
+/// Without XDG_RUNTIME_DIR a user's status sockets live in a predictable
+/// directory under /tmp, which another user can make first and fill with
+/// a socket of their own: `bucketfs status` and `bucketfs url` talk only
+/// to a socket served by the user or root.
+#[test]
+fn a_status_socket_served_by_another_user_is_not_believed() {
+    use std::io::BufRead;
+    let victim = 1001;
+    let place = std::path::PathBuf::from(format!("/tmp/bucketfs-spoof-{}", std::process::id()));
+    fs::create_dir_all(place.join("m")).unwrap();
+    fs::write(place.join("m/report.pdf"), b"x").unwrap();
+    for p in [place.clone(), place.join("m"), place.join("m/report.pdf")] {
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let dir = format!("/tmp/bucketfs-{victim}");
+    let _ = fs::remove_dir_all(&dir);
+    use sha2::Digest;
+    let hash = |p: &std::path::Path| {
+        let d = sha2::Sha256::digest(p.as_os_str().as_encoded_bytes());
+        d[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let sockets: Vec<String> = [place.join("m"), place.clone()]
+        .iter()
+        .map(|p| format!("{dir}/{}.sock", hash(p)))
+        .collect();
+    // The other user's server: answers anything with its own text.
+    let server = format!(
+        r#"
+import os, socket, sys, threading
+os.makedirs("{dir}", exist_ok=True)
+os.chmod("{dir}", 0o755)
+def serve(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    os.chmod(path, 0o777)
+    s.listen(8)
+    while True:
+        c, _ = s.accept()
+        c.sendall(b"ok https://attacker.example/phish\n")
+        c.close()
+for p in sys.argv[1:]:
+    threading.Thread(target=serve, args=(p,), daemon=True).start()
+import time
+time.sleep(0.5)
+print("ready", flush=True)
+time.sleep(60)
+"#
+    );
+    // The system's Python: another user may not reach root's (pyenv).
+    let py = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("python3");
+    let mut attacker = Command::new("setpriv")
+        .args(["--reuid", "1002", "--regid", "1002", "--clear-groups"])
+        .args([py, "-c", &server])
+        .args(&sockets)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(attacker.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let run = |args: &str| {
+        as_user(
+            victim,
+            &format!("env -u XDG_RUNTIME_DIR TMPDIR=/tmp {} {args}", bin()),
+        )
+    };
+    let (ok, out) = run(&format!("status {}", place.join("m").display()));
+    let (url_ok, url_out) = run(&format!("url {}", place.join("m/report.pdf").display()));
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    let _ = fs::remove_dir_all(&dir);
+    let _ = fs::remove_dir_all(&place);
+    assert!(!ok && out.contains("uid 1002"), "status: {out}");
+    assert!(!out.contains("attacker"), "status: {out}");
+    assert!(!url_ok && !url_out.contains("attacker"), "url: {url_out}");
+}
