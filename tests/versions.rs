@@ -353,3 +353,62 @@ fn an_old_0600_version_stays_private_after_chmod_644() {
     let (ok, out) = as_user(1000, &format!("cat {d}/*"));
     assert!(!out.contains("hunter2") && !ok, "{out}");
 }
+
+/// What an ACL, a chown or a directory's mode withholds, `.versions` does
+/// not give away: a version file carries no ACL, so only its owner bits
+/// count where there is one; a version of another owner or group is for
+/// root alone; and `DIR/.versions` lists names only to who may list DIR.
+#[test]
+fn versions_keep_what_acls_owners_and_directory_modes_withhold() {
+    use std::os::unix::fs::{MetadataExt, chown};
+    let b = Bucket::new(server(), "vacl", true);
+    let m = Mount::new(&b, "allow_other");
+    let d = m.dir.display();
+    // Readable to uid 1001 by a named entry; the owning group (1002) has
+    // nothing, though the mode's group bits (the mask) say r.
+    fs::write(m.path("f"), b"TOP SECRET acl").unwrap();
+    chown(m.path("f"), Some(0), Some(1002)).unwrap();
+    let u = u32::MAX;
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (1u16, 6u16, u),
+        (2, 4, 1001),
+        (4, 0, u),
+        (0x10, 4, u),
+        (0x20, 0, u),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    set_xattr(&m.path("f"), "system.posix_acl_access", &acl).unwrap();
+    assert_eq!(fs::metadata(m.path("f")).unwrap().mode() & 0o777, 0o640);
+    let (ok, _) = as_user(1002, &format!("cat {d}/f"));
+    assert!(!ok, "the owning group has no access to the file");
+    let (ok, out) = as_user(1002, &format!("cat {d}/.versions/f/*"));
+    assert!(!ok && !out.contains("TOP SECRET"), "{out}");
+    // A private diary of uid 1000, overwritten by root and given to 1003.
+    fs::create_dir(m.path("home")).unwrap();
+    fs::set_permissions(m.path("home"), fs::Permissions::from_mode(0o777)).unwrap();
+    let (ok, err) = as_user(
+        1000,
+        &format!("umask 077; echo 'alice private diary' > {d}/home/diary"),
+    );
+    assert!(ok, "{err}");
+    fs::write(m.path("home/diary"), b"root's text\n").unwrap();
+    chown(m.path("home/diary"), Some(1003), Some(1003)).unwrap();
+    let (_, out) = as_user(1003, &format!("cat {d}/home/.versions/diary/*"));
+    assert!(!out.contains("alice"), "{out}");
+    assert!(
+        out.contains("root's text"),
+        "the new owner reads its own version: {out}"
+    );
+    // A directory others may enter but not list.
+    fs::create_dir(m.path("d711")).unwrap();
+    fs::write(m.path("d711/secret-name-salary"), b"x").unwrap();
+    fs::set_permissions(m.path("d711"), fs::Permissions::from_mode(0o711)).unwrap();
+    let (ok, out) = as_user(1000, &format!("ls {d}/d711/.versions"));
+    assert!(!ok && !out.contains("secret-name"), "{out}");
+    let md = fs::metadata(m.path("d711/.versions")).unwrap();
+    assert_eq!(md.mode() & 0o777, 0o511);
+}

@@ -17,9 +17,15 @@
 //!   version's metadata (the current file's, while it exists) and only the
 //!   mode bits that metadata and the own metadata of it and of every newer
 //!   version all grant (without write bits), so an old secret stays
-//!   private after a `chmod 644`. `NAME/` is r-x
-//!   exactly where the newest mode has r. A user who cannot read `f`, or
-//!   could not read that version when it was current, reads nothing.
+//!   private after a `chmod 644`. A version whose owner or group differs
+//!   from the newest's, or older than one that does, grants nothing (root
+//!   alone reads it): a `chown` does not hand the old contents to the new
+//!   owner. Where a version or the file has a POSIX ACL, only its owner
+//!   bits count (the group bits are the ACL's mask, and named entries are
+//!   not carried over). `NAME/` is r-x exactly where the newest mode has
+//!   r. A user who cannot read `f`, or could not read that version when it
+//!   was current, reads nothing. `DIR/.versions/` may be listed by those
+//!   who may list `DIR`, and has `DIR`'s owner.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -56,6 +62,27 @@ struct Owner {
 }
 
 impl Owner {
+    /// What one object's metadata grants, for `.versions`: with an access
+    /// ACL, only the owner's bits (its group bits are the ACL's mask).
+    fn of(a: &Attr) -> Owner {
+        let acl = a.xattrs.contains_key(super::acl::ACCESS);
+        Owner {
+            perm: if acl { a.perm & 0o700 } else { a.perm },
+            uid: a.uid,
+            gid: a.gid,
+        }
+    }
+
+    /// The bits a version with these own attributes grants under the
+    /// newest's owner `shown`: none if it had another owner or group.
+    fn grants_under(self, shown: Owner) -> u16 {
+        if self.uid == shown.uid && self.gid == shown.gid {
+            self.perm
+        } else {
+            0
+        }
+    }
+
     /// A version file: readable (and executable) as the file, never writable.
     fn file_perm(self) -> u16 {
         self.perm & 0o555
@@ -76,8 +103,9 @@ type Listed = (Instant, Arc<Vec<VersionInfo>>);
 pub struct VersionCache {
     lists: Mutex<HashMap<String, Listed>>,
     owners: Mutex<HashMap<String, (Instant, Owner)>>,
-    /// Each version's own mode bits (versions never change: no TTL).
-    own: Mutex<HashMap<(String, String), u16>>,
+    /// Each version's own owner and mode bits (versions never change: no
+    /// TTL).
+    own: Mutex<HashMap<(String, String), Owner>>,
 }
 
 impl VersionCache {
@@ -190,10 +218,14 @@ impl Fs {
         a
     }
 
-    /// The `.versions` directory of directory `dir` (inode `dir_ino`).
+    /// The `.versions` directory of directory `dir` (inode `dir_ino`):
+    /// `dir`'s owner, and r-x where `dir` grants r-x (its names, deleted
+    /// ones too, are for those who may list `dir`).
     pub(super) fn versions_root(&self, dir_ino: u64, dir: &str) -> FsResult<Attr> {
-        let attr = self.ro_dir_attr(self.cfg.defaults.dir_mtime);
+        let mut attr = self.ro_dir_attr(self.cfg.defaults.dir_mtime);
         let mut t = self.table.lock();
+        let of_dir = Owner::of(&t.get(dir_ino).ok_or(FsError::NotFound)?.attr);
+        (attr.perm, attr.uid, attr.gid) = (of_dir.perm & 0o555, of_dir.uid, of_dir.gid);
         let ino = t.upsert(
             NodeKey::Versions(dir.to_string()),
             dir_ino,
@@ -224,12 +256,7 @@ impl Fs {
             let key = self.key_of(path);
             let version = (!v.is_latest).then_some(v.version_id.as_str());
             let info = self.store.head(&key, version).await?;
-            let a = self.attr_of(&info, false);
-            owner = Owner {
-                perm: a.perm,
-                uid: a.uid,
-                gid: a.gid,
-            };
+            owner = Owner::of(&self.attr_of(&info, false));
         }
         self.versions
             .owners
@@ -246,8 +273,7 @@ impl Fs {
     async fn own_perms(&self, path: &str, versions: &[VersionInfo], owner: Owner) -> Vec<u16> {
         use futures::StreamExt;
         let key = self.key_of(path);
-        let needs_own =
-            |v: &VersionInfo| !(v.delete_marker || v.is_latest || v.version_id == "null");
+        let needs_own = |v: &VersionInfo| !(v.delete_marker || v.is_latest);
         let missing: Vec<String> = {
             let own = self.versions.own.lock();
             versions
@@ -275,7 +301,10 @@ impl Fs {
             for (id, r) in heads {
                 match r {
                     Ok(info) => {
-                        own.insert((path.to_string(), id), self.attr_of(&info, false).perm);
+                        own.insert(
+                            (path.to_string(), id),
+                            Owner::of(&self.attr_of(&info, false)),
+                        );
                     }
                     Err(e) => {
                         tracing::debug!(path, error = %e, "version metadata unreadable: no access")
@@ -294,8 +323,7 @@ impl Fs {
                 if needs_own(v) {
                     since &= own
                         .get(&(path.to_string(), v.version_id.clone()))
-                        .copied()
-                        .unwrap_or(0);
+                        .map_or(0, |o| o.grants_under(owner));
                 }
                 since
             })
