@@ -715,3 +715,80 @@ fn planted_journals_are_never_uploaded() {
     );
     assert!(m.log_text().contains("not trusted"));
 }
+
+/// On a full cache disk a truncation the journal cannot record fails and
+/// cuts nothing: the bytes past it stay the file's, in S3 after kill -9
+/// and a remount.
+#[test]
+fn a_truncation_failing_on_a_full_disk_cuts_nothing() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::new(&tmp.path().join("small-disk"), "4m");
+    let b = Bucket::new(server(), "trunc-full", false);
+    let base = pattern(256 * 1024, 1);
+    b.put("f", &base);
+    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", disk.0.display()));
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("f"))
+        .unwrap();
+    let (x, y) = (pattern(4096, 2), pattern(4096, 3));
+    f.write_at(&x, 0).unwrap();
+    f.write_at(&y, base.len() as u64 - 4096).unwrap();
+    let filler = disk.fill();
+    // Journal lines until one finds no room: the journal is full now.
+    let failed = (0..5000).find_map(|_| f.write_at(&x, 0).err());
+    assert_eq!(failed.map(errno), Some(libc::ENOSPC));
+    let e = f.set_len(base.len() as u64 - 1).unwrap_err();
+    assert_eq!(errno(e), libc::ENOSPC);
+    fs::remove_file(&filler).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), base.len() as u64);
+    kill9(&m);
+    drop(f);
+    m.restart();
+    let mut want = base.clone();
+    want[..4096].copy_from_slice(&x);
+    let n = want.len();
+    want[n - 4096..].copy_from_slice(&y);
+    assert_lands(&b, "f", &want, Duration::from_secs(60), "after the remount");
+}
+
+/// rsync's pattern on a full cache disk: a new file renamed over an
+/// existing object fails with ENOSPC, and the object it would have
+/// replaced is still in the bucket.
+#[test]
+fn a_rename_failing_on_a_full_disk_leaves_the_target_in_the_bucket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::new(&tmp.path().join("small-disk"), "4m");
+    let b = Bucket::new(server(), "rename-full", false);
+    b.put("dest", b"IMPORTANT ORIGINAL CONTENT");
+    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", disk.0.display()));
+    assert_eq!(
+        fs::read(m.path("dest")).unwrap(),
+        b"IMPORTANT ORIGINAL CONTENT"
+    );
+    let mut f = fs::File::create(m.path("tmp.x")).unwrap();
+    f.write_all(b"new content").unwrap();
+    let filler = disk.fill();
+    let e = fs::rename(m.path("tmp.x"), m.path("dest")).unwrap_err();
+    assert_eq!(errno(e), libc::ENOSPC);
+    assert_eq!(
+        b.get("dest").as_deref(),
+        Some(&b"IMPORTANT ORIGINAL CONTENT"[..]),
+        "the target is still in the bucket"
+    );
+    fs::remove_file(&filler).unwrap();
+    drop(f);
+    assert_lands(
+        &b,
+        "tmp.x",
+        b"new content",
+        Duration::from_secs(60),
+        "after the close",
+    );
+    assert_eq!(
+        b.get("dest").as_deref(),
+        Some(&b"IMPORTANT ORIGINAL CONTENT"[..])
+    );
+}

@@ -560,16 +560,23 @@ impl Fs {
             // name when it is sent. rsync's temporary file then costs one
             // PUT, at its final name.
             Some(st) if st.dirty && never_uploaded && st.staged.unsent() => {
+                // The new key journaled first: a full cache disk fails the
+                // rename before what it replaces is touched.
+                st.staged.rekey(&tk)?;
                 self.clear_the_way(&tk, replaced).await;
                 // What it replaces is gone now, as after any rename: were
                 // it left until the upload, an unlink before that would
                 // bring it back.
                 if replaced
                     .is_some_and(|d| self.table.lock().get(d).is_some_and(|n| n.object.is_some()))
+                    && let Err(e) = self.delete_present(&tk).await
                 {
-                    self.delete_present(&tk).await?;
+                    // The rename fails: the file keeps its name.
+                    if let Err(back) = st.staged.rekey(&fk) {
+                        tracing::warn!(key = %fk, error = %back, "could not journal the old name back");
+                    }
+                    return Err(e);
                 }
-                st.staged.rekey(&tk)?;
                 if let Some(st) = d.as_mut() {
                     st.discard();
                 }

@@ -566,10 +566,16 @@ impl Staged {
     /// An unsent file goes to `key` now (a rename; what was there is
     /// gone): journaled at once, so a recovery uploads it there.
     pub fn rekey(&mut self, key: &str) -> io::Result<()> {
-        if let Some(h) = self.header.as_mut() {
-            h.key = key.to_string();
-        }
-        self.compact()
+        let Some(h) = self.header.as_mut() else {
+            return Ok(());
+        };
+        let old = std::mem::replace(&mut h.key, key.to_string());
+        // Not journaled (a full disk): the file keeps its old key.
+        self.compact().inspect_err(|_| {
+            if let Some(h) = self.header.as_mut() {
+                h.key = old;
+            }
+        })
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -604,10 +610,13 @@ impl Staged {
         self.cancel_stream_below(size);
         self.drop_resume();
         self.data_changed = true;
-        self.file.set_len(size)?;
+        // Journaled first: a truncation the journal cannot record (a full
+        // disk) must not cut the staged file, whose bytes past `size` are
+        // still the file's when it fails.
         if let Some(j) = &mut self.journal {
             j.truncated(size)?;
         }
+        self.file.set_len(size)?;
         self.loaded.truncate(size);
         self.base_valid = self.base_valid.min(size);
         self.size = size;
