@@ -225,6 +225,18 @@ pub fn serve(b: Arc<Buckets>, info: MountInfo) -> Option<Socket> {
 /// their own in it answering with what they like.
 fn connect(path: &Path) -> std::io::Result<UnixStream> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    // The socket itself, not a link another user put there to another
+    // mount's socket (whose server would pass the check below).
+    let md = std::fs::symlink_metadata(path)?;
+    if !md.file_type().is_socket() || (md.uid() != me && md.uid() != 0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} is not a socket of this user or root", path.display()),
+        ));
+    }
     let conn = UnixStream::connect(path)?;
     let mut cred = libc::ucred {
         pid: 0,
@@ -245,8 +257,6 @@ fn connect(path: &Path) -> std::io::Result<UnixStream> {
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
     if cred.uid != me && cred.uid != 0 {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,

@@ -1130,11 +1130,42 @@ time.sleep(60)
     };
     let (ok, out) = run(&format!("status {}", place.join("m").display()));
     let (url_ok, url_out) = run(&format!("url {}", place.join("m/report.pdf").display()));
+    // A link to a socket root serves (another mount's): not followed.
+    let rooted = place.join("root.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&rooted).unwrap();
+    fs::set_permissions(&rooted, fs::Permissions::from_mode(0o777)).unwrap();
+    let other = place.join("other");
+    fs::create_dir(&other).unwrap();
+    fs::set_permissions(&other, fs::Permissions::from_mode(0o755)).unwrap();
+    let link = format!("{dir}/{}.sock", hash(&other));
+    let (linked, err) = as_user(1002, &format!("ln -s {} {link}", rooted.display()));
+    let served = std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok((mut c, _)) = listener.accept() {
+                let _ = c.write_all(b"report of another mount\n");
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    let (link_ok, link_out) = run(&format!("status {}", other.display()));
     let _ = attacker.kill();
     let _ = attacker.wait();
     let _ = fs::remove_dir_all(&dir);
     let _ = fs::remove_dir_all(&place);
-    assert!(!ok && out.contains("uid 1002"), "status: {out}");
+    assert!(
+        !ok && out.contains("not a socket of this user or root"),
+        "status: {out}"
+    );
     assert!(!out.contains("attacker"), "status: {out}");
     assert!(!url_ok && !url_out.contains("attacker"), "url: {url_out}");
+    assert!(linked, "{err}");
+    assert!(
+        !link_ok && !link_out.contains("another mount"),
+        "{link_out}"
+    );
+    let _ = served.join();
 }
