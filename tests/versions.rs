@@ -412,3 +412,38 @@ fn versions_keep_what_acls_owners_and_directory_modes_withhold() {
     let md = fs::metadata(m.path("d711/.versions")).unwrap();
     assert_eq!(md.mode() & 0o777, 0o511);
 }
+
+/// An object written before versioning was enabled is the "null"
+/// version; once newer versions are on top of it, it is read by that id
+/// (not by the current object's ETag, which no longer matches).
+#[test]
+fn a_version_from_before_versioning_reads_back() {
+    let b = Bucket::new(server(), "vnull", false);
+    let old = pattern(100_000, 7);
+    b.put("f", &old);
+    rt().block_on(async {
+        use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
+        b.client
+            .put_bucket_versioning()
+            .bucket(&b.name)
+            .versioning_configuration(
+                VersioningConfiguration::builder()
+                    .status(BucketVersioningStatus::Enabled)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    });
+    b.put("f", b"newer");
+    let m = Mount::new(&b, "");
+    let vdir = m.path(".versions/f");
+    let null: Vec<String> = names(&vdir)
+        .into_iter()
+        .filter(|n| n.ends_with("~null"))
+        .collect();
+    assert_eq!(null.len(), 1, "{:?}", names(&vdir));
+    let got = fs::read(vdir.join(&null[0])).unwrap();
+    assert_eq!(sha256(&got), sha256(&old));
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"newer");
+}

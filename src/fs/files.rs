@@ -378,10 +378,7 @@ impl Fs {
                     .unwrap_or_default();
                 Some(ReadTarget {
                     key: self.key_of(path).into(),
-                    pin: match version_id.as_str() {
-                        "null" => ReadPin::Etag(etag.clone()),
-                        v => ReadPin::Version(v.to_string()),
-                    },
+                    pin: self.version_pin(path, version_id, &etag).await,
                     etag: etag.into(),
                     size: attr.size,
                     served: false,

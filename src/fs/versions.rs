@@ -37,7 +37,7 @@ use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_enco
 use super::inodes::NodeKey;
 use super::names::{join, showable};
 use super::{Attr, DirEntry, FileKind, Fs, FsError, FsResult, Resolved};
-use crate::store::{ObjectInfo, VersionInfo};
+use crate::store::{ObjectInfo, ReadPin, VersionInfo};
 
 /// User metadata keys that hold the mount's own attributes, not shown as
 /// `user.s3.meta.*`.
@@ -332,6 +332,25 @@ impl Fs {
 
     /// Every version and delete marker of exactly the key at `path`,
     /// newest first.
+    /// How to read version `id` of `path` (whose ETag is `etag`): the
+    /// "null" version (written before versioning was enabled) by the ETag
+    /// while it is the current object, which stores without versioning
+    /// can read; by its id once newer versions are above it.
+    pub(super) async fn version_pin(&self, path: &str, id: &str, etag: &str) -> ReadPin {
+        if id != "null" {
+            return ReadPin::Version(id.to_string());
+        }
+        let latest = self
+            .versions_of(path)
+            .await
+            .map_or(true, |l| l.iter().any(|v| v.version_id == "null" && v.is_latest));
+        if latest {
+            ReadPin::Etag(etag.to_string())
+        } else {
+            ReadPin::Version(id.to_string())
+        }
+    }
+
     async fn versions_of(&self, path: &str) -> FsResult<Arc<Vec<VersionInfo>>> {
         // A deferred chmod or chown is stored first: the versions show,
         // and grant, no more than the file does now.
