@@ -170,7 +170,8 @@ impl Drop for SmallDisk {
 }
 
 /// The journal of an overwritten file records each write; a write whose
-/// journal line the full disk cut short fails, and the writes and chmod
+/// journal line finds no room fails before it changes a byte (its data
+/// is not in S3 later), and the writes and chmod
 /// acknowledged once there is room again are recovered after kill -9
 /// (once glued to the fragment, a recovering mount read none of them).
 #[test]
@@ -195,6 +196,9 @@ fn a_journal_line_cut_short_by_a_full_disk_loses_no_later_write() {
     let failed = (0..5000).find_map(|_| f.write_at(&x, 0).err());
     let e = failed.expect("a journal line must run out of room on a full disk");
     assert_eq!(errno(e), libc::ENOSPC);
+    // A write that fails changes nothing: not the bytes it would replace.
+    let z = pattern(4096, 9);
+    assert_eq!(f.write_at(&z, 0).map_err(errno).err(), Some(libc::ENOSPC));
     fs::remove_file(&filler).unwrap();
     f.write_at(&c, 512 * 1024).unwrap();
     f.write_at(&d, 768 * 1024).unwrap();

@@ -39,6 +39,10 @@ use crate::store::{Metadata, Part, Upload};
 const MAGIC: &str = "bucketfs-journal 2";
 /// A journal with more change lines than this is rewritten compactly.
 pub const COMPACT_LINES: u64 = 4096;
+/// The longest `W` line: `W <u64> <u64> *<8 hex>` and its newline.
+pub const LINE_MAX: u64 = 64;
+/// Journal room is taken on the disk this much at a time.
+const RESERVE: u64 = 4096;
 
 /// What the journal knows at its start.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,6 +72,9 @@ pub struct Journal {
     len: u64,
     /// An append failed and what it left past `len` is not cut off yet.
     torn: bool,
+    /// Bytes below this are taken on the disk (`fallocate`, the size
+    /// unchanged); `None` where the filesystem cannot.
+    reserved: Option<u64>,
 }
 
 /// FNV-1a, 32 bits: enough to tell a torn line from a whole one.
@@ -111,6 +118,7 @@ impl Journal {
             lines: changes.len() as u64,
             len,
             torn: false,
+            reserved: Some(len),
         })
     }
 
@@ -168,11 +176,49 @@ impl Journal {
         }
         if let Err(e) = self.file.write_all_at(text.as_bytes(), self.len) {
             self.torn = self.file.set_len(self.len).is_err();
+            // Cutting the file gave back the room taken past its end.
+            self.reserved = self.reserved.map(|_| self.len);
             return Err(e);
         }
         self.len += text.len() as u64;
         self.lines += lines;
         Ok(())
+    }
+
+    /// Takes room on the disk for `n` more bytes of lines, so an append
+    /// of that much cannot fail for want of space: a data write checks
+    /// this before it changes a byte. Where the filesystem cannot take
+    /// room ahead (no `fallocate`), appends go on as before.
+    pub fn reserve(&mut self, n: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let Some(reserved) = self.reserved else {
+            return Ok(());
+        };
+        if self.len + n <= reserved {
+            return Ok(());
+        }
+        let upto = (self.len + n).div_ceil(RESERVE) * RESERVE;
+        // SAFETY: a plain syscall on a descriptor this journal owns.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                self.len as libc::off_t,
+                (upto - self.len) as libc::off_t,
+            )
+        };
+        if r == 0 {
+            self.reserved = Some(upto);
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
+                self.reserved = None;
+                Ok(())
+            }
+            _ => Err(e),
+        }
     }
 
     /// Whether the journal has grown enough to be rewritten.
@@ -685,6 +731,29 @@ mod tests {
             r.loaded.missing(1..2).is_empty(),
             "the line after the fragment replays"
         );
+    }
+
+    /// Room taken ahead leaves the size (what replay reads) alone, and a
+    /// failed append's cut gives it back.
+    #[test]
+    fn room_is_taken_ahead_without_changing_the_size() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut j = Journal::create(p.clone(), &header()).unwrap();
+        let len = std::fs::metadata(&p).unwrap().len();
+        j.reserve(LINE_MAX).unwrap();
+        let md = std::fs::metadata(&p).unwrap();
+        assert_eq!(md.len(), len);
+        if j.reserved.is_some() {
+            assert!(
+                md.blocks() * 512 >= len + LINE_MAX,
+                "{} blocks",
+                md.blocks()
+            );
+        }
+        j.wrote(0, 10).unwrap();
+        assert!(replay(&p).unwrap().loaded.missing(0..10).is_empty());
     }
 
     /// Compaction and a recovering mount's adoption replace the journal in

@@ -530,11 +530,17 @@ impl Staged {
     }
 
     /// Rewrites a long journal from the in-memory state.
+    /// Compacts a long journal. The change just made is journaled
+    /// already: a compaction that fails (a full disk) leaves the journal
+    /// long, not wrong, and is tried again at the next change.
     fn maybe_compact(&mut self) -> io::Result<()> {
         if !self.journal.as_ref().is_some_and(|j| j.wants_compaction()) {
             return Ok(());
         }
-        self.compact()
+        if let Err(e) = self.compact() {
+            debug!(path = %self.path.display(), error = %e, "journal not compacted yet");
+        }
+        Ok(())
     }
 
     /// Rewrites the journal from the in-memory state.
@@ -586,6 +592,15 @@ impl Staged {
         }
         self.cancel_stream_below(offset);
         self.drop_resume();
+        // Room for its journal line first: a write that could not be
+        // journaled fails before it changes a byte.
+        if let Some(j) = self
+            .journal
+            .as_mut()
+            .filter(|_| self.base.is_some() || self.sent_since_write)
+        {
+            j.reserve(journal::LINE_MAX)?;
+        }
         self.data_changed = true;
         self.file.write_all_at(data, offset)?;
         // Without a base, the staging file itself is the whole truth:
@@ -614,6 +629,7 @@ impl Staged {
         // disk) must not cut the staged file, whose bytes past `size` are
         // still the file's when it fails.
         if let Some(j) = &mut self.journal {
+            j.reserve(journal::LINE_MAX)?;
             j.truncated(size)?;
         }
         self.file.set_len(size)?;
