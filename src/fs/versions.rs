@@ -340,10 +340,9 @@ impl Fs {
         if id != "null" {
             return ReadPin::Version(id.to_string());
         }
-        let latest = self
-            .versions_of(path)
-            .await
-            .map_or(true, |l| l.iter().any(|v| v.version_id == "null" && v.is_latest));
+        let latest = self.versions_of(path).await.map_or(true, |l| {
+            l.iter().any(|v| v.version_id == "null" && v.is_latest)
+        });
         if latest {
             ReadPin::Etag(etag.to_string())
         } else {
