@@ -163,6 +163,42 @@ impl SmallDisk {
     }
 }
 
+/// An object `f` of `len` bytes in a new bucket, mounted with its cache
+/// on a 4 MiB tmpfs, opened for writing without O_TRUNC (so the journal
+/// records each write).
+struct FullDiskRig {
+    _tmp: tempfile::TempDir,
+    disk: SmallDisk,
+    b: Bucket,
+    m: Mount,
+    f: fs::File,
+    base: Vec<u8>,
+}
+
+impl FullDiskRig {
+    fn new(tag: &str, len: usize) -> FullDiskRig {
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = SmallDisk::new(&tmp.path().join("small-disk"), "4m");
+        let b = Bucket::new(server(), tag, false);
+        let base = pattern(len, 1);
+        b.put("f", &base);
+        let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", disk.0.display()));
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.path("f"))
+            .unwrap();
+        FullDiskRig {
+            _tmp: tmp,
+            disk,
+            b,
+            m,
+            f,
+            base,
+        }
+    }
+}
+
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
@@ -177,17 +213,15 @@ impl Drop for SmallDisk {
 #[test]
 fn a_journal_line_cut_short_by_a_full_disk_loses_no_later_write() {
     use std::os::unix::fs::FileExt;
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SmallDisk::new(&tmp.path().join("small-disk"), "4m");
-    let b = Bucket::new(server(), "torn", false);
-    let base = pattern(1024 * 1024, 1);
-    b.put("f", &base);
-    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", disk.0.display()));
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("f"))
-        .unwrap();
+    // `_tmp` kept to the end: it holds the tmpfs's mountpoint.
+    let FullDiskRig {
+        _tmp,
+        disk,
+        b,
+        m,
+        f,
+        base,
+    } = FullDiskRig::new("torn", 1024 * 1024);
     let (x, c, d) = (pattern(4096, 2), pattern(4096, 3), pattern(4096, 4));
     f.write_at(&x, 0).unwrap();
     let filler = disk.fill();
@@ -726,17 +760,15 @@ fn planted_journals_are_never_uploaded() {
 #[test]
 fn a_truncation_failing_on_a_full_disk_cuts_nothing() {
     use std::os::unix::fs::FileExt;
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SmallDisk::new(&tmp.path().join("small-disk"), "4m");
-    let b = Bucket::new(server(), "trunc-full", false);
-    let base = pattern(256 * 1024, 1);
-    b.put("f", &base);
-    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", disk.0.display()));
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(m.path("f"))
-        .unwrap();
+    // `_tmp` kept to the end: it holds the tmpfs's mountpoint.
+    let FullDiskRig {
+        _tmp,
+        disk,
+        b,
+        m,
+        f,
+        base,
+    } = FullDiskRig::new("trunc-full", 256 * 1024);
     let (x, y) = (pattern(4096, 2), pattern(4096, 3));
     f.write_at(&x, 0).unwrap();
     f.write_at(&y, base.len() as u64 - 4096).unwrap();

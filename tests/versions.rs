@@ -421,20 +421,7 @@ fn a_version_from_before_versioning_reads_back() {
     let b = Bucket::new(server(), "vnull", false);
     let old = pattern(100_000, 7);
     b.put("f", &old);
-    rt().block_on(async {
-        use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
-        b.client
-            .put_bucket_versioning()
-            .bucket(&b.name)
-            .versioning_configuration(
-                VersioningConfiguration::builder()
-                    .status(BucketVersioningStatus::Enabled)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-    });
+    b.enable_versioning();
     b.put("f", b"newer");
     let m = Mount::new(&b, "");
     let vdir = m.path(".versions/f");

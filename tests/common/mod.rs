@@ -191,28 +191,34 @@ impl Bucket {
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let client = client(&server.endpoint);
-        rt().block_on(async {
-            client.create_bucket().bucket(&name).send().await.unwrap();
-            if versioned {
-                use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
-                client
-                    .put_bucket_versioning()
-                    .bucket(&name)
-                    .versioning_configuration(
-                        VersioningConfiguration::builder()
-                            .status(BucketVersioningStatus::Enabled)
-                            .build(),
-                    )
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        });
-        Bucket {
+        rt().block_on(client.create_bucket().bucket(&name).send())
+            .unwrap();
+        let b = Bucket {
             name,
             endpoint: server.endpoint.clone(),
             client,
+        };
+        if versioned {
+            b.enable_versioning();
         }
+        b
+    }
+
+    /// Turns versioning on (what was there is its "null" version).
+    pub fn enable_versioning(&self) {
+        use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
+        rt().block_on(
+            self.client
+                .put_bucket_versioning()
+                .bucket(&self.name)
+                .versioning_configuration(
+                    VersioningConfiguration::builder()
+                        .status(BucketVersioningStatus::Enabled)
+                        .build(),
+                )
+                .send(),
+        )
+        .unwrap();
     }
 
     pub fn put(&self, key: &str, data: &[u8]) {
