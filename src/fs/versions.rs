@@ -330,8 +330,6 @@ impl Fs {
             .collect()
     }
 
-    /// Every version and delete marker of exactly the key at `path`,
-    /// newest first.
     /// How to read version `id` of `path` (whose ETag is `etag`): the
     /// "null" version (written before versioning was enabled) by the ETag
     /// while it is the current object, which stores without versioning
@@ -350,6 +348,8 @@ impl Fs {
         }
     }
 
+    /// Every version and delete marker of exactly the key at `path`,
+    /// newest first.
     async fn versions_of(&self, path: &str) -> FsResult<Arc<Vec<VersionInfo>>> {
         // A deferred chmod or chown is stored first: the versions show,
         // and grant, no more than the file does now.

@@ -722,8 +722,9 @@ mod tests {
         let r = replay(&p).unwrap();
         assert_eq!(r.size, 55);
         assert!(r.loaded.missing(0..10).is_empty() && r.loaded.missing(50..55).is_empty());
-        // A fragment longer than the next line: what is left of it after
-        // that line is a torn last line, cut off again before the next.
+        // A fragment longer than the next line (left past the end while
+        // not known as torn): what the line does not overwrite of it stays
+        // after it as a torn last line, which replay ignores.
         f.write_all(b"W 12345678 87654321 *0000").unwrap();
         j.wrote(1, 1).unwrap();
         let r = replay(&p).unwrap();
@@ -733,8 +734,8 @@ mod tests {
         );
     }
 
-    /// Room taken ahead leaves the size (what replay reads) alone, and a
-    /// failed append's cut gives it back.
+    /// Room taken ahead leaves the size (what replay reads) alone, and
+    /// the lines appended into it replay.
     #[test]
     fn room_is_taken_ahead_without_changing_the_size() {
         use std::os::unix::fs::MetadataExt;

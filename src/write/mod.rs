@@ -529,7 +529,6 @@ impl Staged {
         }
     }
 
-    /// Rewrites a long journal from the in-memory state.
     /// Compacts a long journal. The change just made is journaled
     /// already: a compaction that fails (a full disk) leaves the journal
     /// long, not wrong, and is tried again at the next change.
@@ -592,26 +591,19 @@ impl Staged {
         }
         self.cancel_stream_below(offset);
         self.drop_resume();
-        // Room for its journal line first: a write that could not be
-        // journaled fails before it changes a byte.
-        if let Some(j) = self
-            .journal
-            .as_mut()
-            .filter(|_| self.base.is_some() || self.sent_since_write)
-        {
-            j.reserve(journal::LINE_MAX)?;
-        }
-        self.data_changed = true;
-        self.file.write_all_at(data, offset)?;
         // Without a base, the staging file itself is the whole truth:
         // only writes over a base need recording, and the first write
         // after an upload was sent (so recovery knows that upload is not
         // of this data any more).
-        if let Some(j) = self
-            .journal
-            .as_mut()
-            .filter(|_| self.base.is_some() || self.sent_since_write)
-        {
+        let recorded = self.base.is_some() || self.sent_since_write;
+        // Room for its journal line first: a write that could not be
+        // journaled fails before it changes a byte.
+        if let Some(j) = self.journal.as_mut().filter(|_| recorded) {
+            j.reserve(journal::LINE_MAX)?;
+        }
+        self.data_changed = true;
+        self.file.write_all_at(data, offset)?;
+        if let Some(j) = self.journal.as_mut().filter(|_| recorded) {
             j.wrote(offset, data.len() as u64)?;
             self.sent_since_write = false;
         }
