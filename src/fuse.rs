@@ -92,6 +92,19 @@ async fn kill_suid(fs: &Buckets, kernel: &OnceLock<Notifier>, ino: INodeNo) -> F
     Ok(())
 }
 
+/// Has the kernel drop the attributes it holds of `DIR/.versions` once
+/// DIR's mode, owner or ACL changed: they follow DIR's (who may list DIR
+/// may list its versions), and would otherwise stay as they were for
+/// what is left of their `metadata_ttl`.
+fn drop_versions_attr(fs: &Buckets, kernel: &OnceLock<Notifier>, dir: u64) {
+    if let Some(v) = fs.versions_dir_of(dir)
+        && let Some(k) = kernel.get()
+        && let Err(e) = k.inval_inode(INodeNo(v), -1, 0)
+    {
+        debug!(error = %e, ino = v, "could not invalidate the kernel's attributes");
+    }
+}
+
 /// The kernel keeps entries of directory `dir` it was sent, until `at`
 /// (`fs::kdirs`): a timer has it drop them then, unless they were dropped
 /// or the drop moved meanwhile.
@@ -365,8 +378,14 @@ impl Filesystem for FuseFs {
             // does not pass on; see `lacks_fsetid`).
             kill_suid: uid.is_some() || gid.is_some() || (size.is_some() && lacks_fsetid(req)),
         };
+        let (kernel, owner) = (self.kernel.clone(), s.mode.or(s.uid).or(s.gid).is_some());
         self.spawn(span!("setattr", req, ino = ino.0), async move {
-            reply_attr(reply, &fs, fs.setattr(ino.0, s).await)
+            let r = fs.setattr(ino.0, s).await;
+            let dir = matches!(&r, Ok(a) if a.kind == FileKind::Dir);
+            reply_attr(reply, &fs, r);
+            if dir && owner {
+                drop_versions_attr(&fs, &kernel, ino.0);
+            }
         });
     }
 
@@ -799,6 +818,7 @@ impl Filesystem for FuseFs {
         }
         let kept = name.to_str().is_some_and(|n| self.kept_xattr(n));
         let (fs, name, value) = (self.fs.clone(), name.to_owned(), value.to_vec());
+        let kernel = self.kernel.clone();
         self.spawn(
             span!("setxattr", req, ino = ino.0, name = ?name),
             async move {
@@ -806,7 +826,11 @@ impl Filesystem for FuseFs {
                     Some(n) if kept => fs.set_xattr(ino.0, n, &value, flags).await,
                     _ => Err(FsError::NotSupported),
                 };
-                reply_empty(reply, r)
+                let acl = r.is_ok() && name.to_str().is_some_and(crate::fs::acl::is_acl_name);
+                reply_empty(reply, r);
+                if acl {
+                    drop_versions_attr(&fs, &kernel, ino.0);
+                }
             },
         );
     }
@@ -814,6 +838,7 @@ impl Filesystem for FuseFs {
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let kept = name.to_str().is_some_and(|n| self.kept_xattr(n));
         let (fs, name) = (self.fs.clone(), name.to_owned());
+        let kernel = self.kernel.clone();
         self.spawn(
             span!("removexattr", req, ino = ino.0, name = ?name),
             async move {
@@ -821,7 +846,11 @@ impl Filesystem for FuseFs {
                     Some(n) if kept => fs.remove_xattr(ino.0, n).await,
                     _ => Err(FsError::NotSupported),
                 };
-                reply_empty(reply, r)
+                let acl = r.is_ok() && name.to_str().is_some_and(crate::fs::acl::is_acl_name);
+                reply_empty(reply, r);
+                if acl {
+                    drop_versions_attr(&fs, &kernel, ino.0);
+                }
             },
         );
     }

@@ -413,6 +413,75 @@ fn versions_keep_what_acls_owners_and_directory_modes_withhold() {
     assert_eq!(md.mode() & 0o777, 0o511);
 }
 
+/// `DIR/.versions` follows a change of DIR's mode, owner or ACL at once,
+/// though the kernel was told its attributes may be kept for ten minutes:
+/// a directory made unlistable to others does not stay listable under
+/// `.versions` for that long.
+#[test]
+fn a_directory_closed_to_others_closes_its_versions_at_once() {
+    use std::os::unix::fs::{MetadataExt, chown};
+    let b = Bucket::new(server(), "vchmod", true);
+    let m = Mount::new(&b, "allow_other,metadata_ttl=600");
+    let d = m.dir.display();
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/secret-name-salary"), b"x").unwrap();
+    fs::set_permissions(m.path("d"), fs::Permissions::from_mode(0o755)).unwrap();
+    let ls = format!("ls {d}/d/.versions");
+    let (ok, out) = as_user(1000, &ls);
+    assert!(
+        ok && out.contains("secret-name"),
+        "listable while d is 755: {out}"
+    );
+    fs::set_permissions(m.path("d"), fs::Permissions::from_mode(0o711)).unwrap();
+    let (ok, out) = as_user(1000, &ls);
+    assert!(
+        !ok && !out.contains("secret-name"),
+        "after chmod 711: {out}"
+    );
+    assert_eq!(
+        fs::metadata(m.path("d/.versions")).unwrap().mode() & 0o777,
+        0o511
+    );
+    // Given to uid 1000, mode 0700: its owner lists, root's group does not.
+    chown(m.path("d"), Some(1000), Some(0)).unwrap();
+    fs::set_permissions(m.path("d"), fs::Permissions::from_mode(0o700)).unwrap();
+    let (ok, out) = as_user(1000, &ls);
+    assert!(
+        ok && out.contains("secret-name"),
+        "its new owner lists: {out}"
+    );
+    let md = fs::metadata(m.path("d/.versions")).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o777), (1000, 0o500));
+    let (ok, out) = as_user(1001, &ls);
+    assert!(!ok && !out.contains("secret-name"), "uid 1001: {out}");
+    // An access ACL on d (user::rwx, mask r-x, other r-x): `.versions`
+    // is its owner's alone.
+    let u = u32::MAX;
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (1u16, 7u16, u),
+        (2, 5, 1002),
+        (4, 0, u),
+        (0x10, 5, u),
+        (0x20, 5, u),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    set_xattr(&m.path("d"), "system.posix_acl_access", &acl).unwrap();
+    let (ok, out) = as_user(1001, &format!("ls {d}/d"));
+    assert!(
+        ok && out.contains("secret-name"),
+        "others list d by its ACL: {out}"
+    );
+    let (ok, out) = as_user(1001, &ls);
+    assert!(
+        !ok && !out.contains("secret-name"),
+        "but not d/.versions: {out}"
+    );
+}
+
 /// An object written before versioning was enabled is the "null"
 /// version; once newer versions are on top of it, it is read by that id
 /// (not by the current object's ETag, which no longer matches).

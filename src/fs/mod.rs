@@ -917,6 +917,11 @@ impl Fs {
         let a = {
             let t = self.table.lock();
             let n = t.get(ino)?;
+            if let NodeKey::Versions(dir) = &n.key {
+                let (parent, dir) = (n.parent, dir.clone());
+                drop(t);
+                return self.versions_root(parent, &dir).ok();
+            }
             (ino == ROOT_INO || writing || (n.meta_known && n.is_fresh(Instant::now())))
                 .then(|| n.attr.clone())?
         };
@@ -966,6 +971,10 @@ impl Fs {
         };
         if ino == ROOT_INO || self.has_write_state(ino) {
             return Ok(attr);
+        }
+        // `DIR/.versions` takes DIR's owner and mode as they are now.
+        if let NodeKey::Versions(dir) = &key {
+            return self.versions_root(parent, dir);
         }
         if fresh {
             return self.own_attr(ino, attr, known).await;

@@ -236,6 +236,17 @@ impl Fs {
         Ok(t.get(ino).expect("inserted").attr.clone())
     }
 
+    /// The number of `DIR/.versions` if the table holds it (so the kernel
+    /// may too), for directory `dir_ino`: what to have the kernel drop
+    /// when DIR's mode, owner or ACL changes.
+    pub fn versions_dir_of(&self, dir_ino: u64) -> Option<u64> {
+        let t = self.table.lock();
+        let NodeKey::Path(dir) = &t.get(dir_ino)?.key else {
+            return None;
+        };
+        t.find(&NodeKey::Versions(dir.clone()))
+    }
+
     /// The mode and owner the versions of `path` are shown with: the
     /// current file's own, else the newest version's metadata (one HEAD,
     /// kept for metadata_ttl); with no version left, the mount's defaults
