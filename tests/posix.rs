@@ -1155,15 +1155,6 @@ fn list_xattr(path: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-fn remove_xattr(path: &std::path::Path, name: &str) -> Result<(), i32> {
-    let p = c_str(path.to_str().unwrap());
-    if unsafe { libc::removexattr(p.as_ptr(), c_str(name).as_ptr()) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
-    }
-}
-
 #[test]
 fn user_xattrs_through_the_mount_land_as_s3fs_fuse_stores_them() {
     let b = Bucket::new(server(), "xattrw", false);

@@ -369,18 +369,13 @@ fn versions_keep_what_acls_owners_and_directory_modes_withhold() {
     fs::write(m.path("f"), b"TOP SECRET acl").unwrap();
     chown(m.path("f"), Some(0), Some(1002)).unwrap();
     let u = u32::MAX;
-    let mut acl = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in [
-        (1u16, 6u16, u),
+    let acl = acl_of(&[
+        (1, 6, u),
         (2, 4, 1001),
         (4, 0, u),
         (0x10, 4, u),
         (0x20, 0, u),
-    ] {
-        acl.extend_from_slice(&tag.to_le_bytes());
-        acl.extend_from_slice(&perm.to_le_bytes());
-        acl.extend_from_slice(&id.to_le_bytes());
-    }
+    ]);
     set_xattr(&m.path("f"), "system.posix_acl_access", &acl).unwrap();
     assert_eq!(fs::metadata(m.path("f")).unwrap().mode() & 0o777, 0o640);
     let (ok, _) = as_user(1002, &format!("cat {d}/f"));
@@ -454,32 +449,48 @@ fn a_directory_closed_to_others_closes_its_versions_at_once() {
     assert_eq!((md.uid(), md.mode() & 0o777), (1000, 0o500));
     let (ok, out) = as_user(1001, &ls);
     assert!(!ok && !out.contains("secret-name"), "uid 1001: {out}");
-    // An access ACL on d (user::rwx, mask r-x, other r-x): `.versions`
-    // is its owner's alone.
+    // An access ACL on d giving uid 1002 r-x (user::rwx, user:1002:rwx,
+    // group::---, mask::r-x, other::---): 1002 lists d/.versions as it
+    // lists d, and writes in neither; 1001 lists neither.
     let u = u32::MAX;
-    let mut acl = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in [
-        (1u16, 7u16, u),
-        (2, 5, 1002),
+    let acl = acl_of(&[
+        (1, 7, u),
+        (2, 7, 1002),
         (4, 0, u),
         (0x10, 5, u),
-        (0x20, 5, u),
-    ] {
+        (0x20, 0, u),
+    ]);
+    set_xattr(&m.path("d"), "system.posix_acl_access", &acl).unwrap();
+    for (uid, lists) in [(1002, true), (1001, false)] {
+        for dir in ["d", "d/.versions"] {
+            let (ok, out) = as_user(uid, &format!("ls {d}/{dir}"));
+            assert_eq!(
+                ok && out.contains("secret-name"),
+                lists,
+                "uid {uid} ls {dir}: {out}"
+            );
+        }
+    }
+    let (ok, _) = as_user(1002, &format!("touch {d}/d/.versions/new"));
+    assert!(!ok, "d/.versions is read-only");
+    // The ACL taken off (d is 0750 again): 1002 is an other.
+    remove_xattr(&m.path("d"), "system.posix_acl_access").unwrap();
+    let (ok, out) = as_user(1002, &ls);
+    assert!(
+        !ok && !out.contains("secret-name"),
+        "uid 1002 after setfacl -b: {out}"
+    );
+}
+
+/// The xattr value of a POSIX ACL of (tag, perm, id) entries.
+fn acl_of(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
         acl.extend_from_slice(&tag.to_le_bytes());
         acl.extend_from_slice(&perm.to_le_bytes());
         acl.extend_from_slice(&id.to_le_bytes());
     }
-    set_xattr(&m.path("d"), "system.posix_acl_access", &acl).unwrap();
-    let (ok, out) = as_user(1001, &format!("ls {d}/d"));
-    assert!(
-        ok && out.contains("secret-name"),
-        "others list d by its ACL: {out}"
-    );
-    let (ok, out) = as_user(1001, &ls);
-    assert!(
-        !ok && !out.contains("secret-name"),
-        "but not d/.versions: {out}"
-    );
+    acl
 }
 
 /// An object written before versioning was enabled is the "null"

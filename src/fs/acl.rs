@@ -241,6 +241,18 @@ impl Acl {
         (mode, equivalent)
     }
 
+    /// The same entries with no write bit: what a read-only view of a
+    /// node with this ACL grants.
+    pub fn read_only(&self) -> Acl {
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| Entry::new(e.tag, e.perm & 0o5, e.id));
+        Acl {
+            entries: entries.collect(),
+        }
+    }
+
     /// The access ACL after a chmod to `perm` (`posix_acl_chmod`).
     pub fn chmod(&mut self, perm: u16) {
         let group = self.find(MASK).or_else(|| self.find(GROUP_OBJ));

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 
+use super::acl;
 use super::inodes::NodeKey;
 use super::names::{join, showable};
 use super::{Attr, DirEntry, FileKind, Fs, FsError, FsResult, Resolved};
@@ -65,9 +66,9 @@ impl Owner {
     /// What one object's metadata grants, for `.versions`: with an access
     /// ACL, only the owner's bits (its group bits are the ACL's mask).
     fn of(a: &Attr) -> Owner {
-        let acl = a.xattrs.contains_key(super::acl::ACCESS);
+        let has_acl = a.xattrs.contains_key(acl::ACCESS);
         Owner {
-            perm: if acl { a.perm & 0o700 } else { a.perm },
+            perm: if has_acl { a.perm & 0o700 } else { a.perm },
             uid: a.uid,
             gid: a.gid,
         }
@@ -219,13 +220,22 @@ impl Fs {
     }
 
     /// The `.versions` directory of directory `dir` (inode `dir_ino`):
-    /// `dir`'s owner, and r-x where `dir` grants r-x (its names, deleted
-    /// ones too, are for those who may list `dir`).
+    /// `dir`'s owner, and r-x where `dir` grants r-x, by its mode and its
+    /// ACL (its names, deleted ones too, are for those who may list `dir`).
     pub(super) fn versions_root(&self, dir_ino: u64, dir: &str) -> FsResult<Attr> {
         let mut attr = self.ro_dir_attr(self.cfg.defaults.dir_mtime);
         let mut t = self.table.lock();
-        let of_dir = Owner::of(&t.get(dir_ino).ok_or(FsError::NotFound)?.attr);
+        let of_dir = &t.get(dir_ino).ok_or(FsError::NotFound)?.attr;
         (attr.perm, attr.uid, attr.gid) = (of_dir.perm & 0o555, of_dir.uid, of_dir.gid);
+        // An ACL that cannot be read grants nothing: owner bits alone.
+        match of_dir.xattrs.get(acl::ACCESS).map(|v| acl::Acl::parse(v)) {
+            Some(Ok(Some(a))) => {
+                attr.xattrs
+                    .insert(acl::ACCESS.into(), a.read_only().encode());
+            }
+            Some(_) => attr.perm &= 0o500,
+            None => {}
+        }
         let ino = t.upsert(
             NodeKey::Versions(dir.to_string()),
             dir_ino,

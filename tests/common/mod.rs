@@ -786,6 +786,16 @@ pub fn c_str(s: &str) -> std::ffi::CString {
     std::ffi::CString::new(s).unwrap()
 }
 
+/// removexattr(2) on a path; the errno on failure.
+pub fn remove_xattr(path: &std::path::Path, name: &str) -> Result<(), i32> {
+    let p = c_str(path.to_str().unwrap());
+    if unsafe { libc::removexattr(p.as_ptr(), c_str(name).as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+}
+
 /// setxattr(2) on a path; the errno on failure.
 pub fn set_xattr(path: &std::path::Path, name: &str, value: &[u8]) -> Result<(), i32> {
     let p = c_str(path.to_str().unwrap());
