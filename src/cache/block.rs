@@ -81,9 +81,24 @@ pub struct BlockCache {
 /// How long a disk tier another mount holds is waited for.
 const DISK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// What a random read fetches at least: a read of 4 KiB costs 64 KiB, not a
-/// block plus read-ahead.
-pub const CHUNK: u64 = 64 * 1024;
+/// How random reads are kept: in chunks of 16 KiB, so a read across a
+/// chunk's edge (the kernel asks for 16 KiB at any page) needs no second
+/// large one.
+pub const CHUNK: u64 = 16 * 1024;
+
+/// What one random read fetches (at least, where it asks for less): a read
+/// of 4 KiB costs 64 KiB, not a block plus read-ahead, and not 128 KiB
+/// where it straddles two chunks.
+pub const RANDOM_FETCH: u64 = 64 * 1024;
+
+/// The bytes a random read of chunks `c0..=c1` fetches: those chunks,
+/// grown to `RANDOM_FETCH` forward (back where the object ends first).
+fn random_fetch(c0: u64, c1: u64, object_size: u64) -> (u64, u64) {
+    let from = c0 * CHUNK;
+    let to = ((c1 + 1) * CHUNK).max(from + RANDOM_FETCH).min(object_size);
+    let from = from.min(to.saturating_sub(RANDOM_FETCH).div_ceil(CHUNK) * CHUNK);
+    (from, to)
+}
 
 impl BlockCache {
     /// A memory-only cache; read-ahead in flight within half of it.
@@ -410,8 +425,9 @@ impl BlockCache {
 
     /// Bytes `range` of an object read at random: from a whole block in
     /// memory when there is one, else from `CHUNK`-sized chunks, the
-    /// missing ones fetched with one GET. At most the range rounded out to
-    /// `CHUNK` is downloaded.
+    /// missing ones fetched with one GET of the range rounded out to
+    /// `CHUNK`, and to `RANDOM_FETCH` (forward, or back at the object's
+    /// end) where that is less.
     pub async fn get_small(
         &self,
         store: &dyn ObjectStore,
@@ -449,21 +465,22 @@ impl BlockCache {
         };
         if have.iter().any(Option::is_none) {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            let (from, to) = (c0 * CHUNK, ((c1 + 1) * CHUNK).min(object_size));
+            let (from, to) = random_fetch(c0, c1, object_size);
             let data = store.get_range(&object.key, from..to, pin).await?;
             if (data.len() as u64) < to - from {
                 return Err(StoreError::PreconditionFailed);
             }
             let mut chunks = self.chunks.lock();
-            for (n, slot) in have.iter_mut().enumerate() {
-                let a = n as u64 * CHUNK;
-                let b = (a + CHUNK).min(to - from);
-                let chunk = data.slice(a as usize..b as usize);
+            for (n, a) in (0..to - from).step_by(CHUNK as usize).enumerate() {
+                let index = from / CHUNK + n as u64;
+                let chunk = data.slice(a as usize..(a + CHUNK).min(to - from) as usize);
                 chunks.bytes += chunk.len() as u64;
-                if let Some(old) = chunks.lru.put(key(c0 + n as u64), chunk.clone()) {
+                if let Some(old) = chunks.lru.put(key(index), chunk.clone()) {
                     chunks.bytes -= old.len() as u64;
                 }
-                *slot = Some(chunk);
+                if let Some(slot) = index.checked_sub(c0).and_then(|i| have.get_mut(i as usize)) {
+                    *slot = Some(chunk);
+                }
             }
             while chunks.bytes > (self.mem_limit_bytes / 4).max(CHUNK) {
                 match chunks.lru.pop_lru() {
@@ -527,6 +544,28 @@ impl BlockCache {
 
 #[cfg(test)]
 pub(super) mod tests {
+
+    #[test]
+    fn a_random_read_fetches_64_kib_within_the_object() {
+        const K: u64 = 1024;
+        // A chunk: 64 KiB from it.
+        assert_eq!(random_fetch(3, 3, 1 << 30), (48 * K, 112 * K));
+        // Across a chunk's edge: still 64 KiB.
+        assert_eq!(random_fetch(3, 4, 1 << 30), (48 * K, 112 * K));
+        // Asked for more: what is asked, rounded out to chunks.
+        assert_eq!(random_fetch(0, 7, 1 << 30), (0, 128 * K));
+        // At the end: grown back, never before 0 nor past the end.
+        assert_eq!(random_fetch(9, 9, 150 * K), (96 * K, 150 * K));
+        assert_eq!(random_fetch(0, 0, 10 * K), (0, 10 * K));
+        let end = 1000 * K + 5;
+        let (from, to) = random_fetch(end / CHUNK, end / CHUNK, end);
+        assert_eq!(to, end);
+        assert!(
+            to - from <= RANDOM_FETCH && from % CHUNK == 0,
+            "{from}..{to}"
+        );
+    }
+
     use super::*;
     use crate::store::memory::MemStore;
     use crate::store::{Metadata, Op};
