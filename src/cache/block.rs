@@ -544,6 +544,9 @@ impl BlockCache {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use super::*;
+    use crate::store::memory::MemStore;
+    use crate::store::{Metadata, Op};
 
     #[test]
     fn a_random_read_fetches_64_kib_within_the_object() {
@@ -565,10 +568,6 @@ pub(super) mod tests {
             "{from}..{to}"
         );
     }
-
-    use super::*;
-    use crate::store::memory::MemStore;
-    use crate::store::{Metadata, Op};
 
     pub(in crate::cache) fn bk(key: &str, etag: &str, index: u64) -> BlockKey {
         BlockKey {
