@@ -828,3 +828,79 @@ fn a_rename_failing_on_a_full_disk_leaves_the_target_in_the_bucket() {
         Some(&b"IMPORTANT ORIGINAL CONTENT"[..])
     );
 }
+
+/// A create that fails on a full cache disk leaves no name behind: before,
+/// the failed file showed (0 bytes), and a rename of it over an existing
+/// file returned 0 while the bucket, and the next mount, kept the old one.
+#[test]
+fn a_create_failing_on_a_full_disk_leaves_no_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::new(&tmp.path().join("small-disk"), "4m");
+    let b = Bucket::new(server(), "create-full", false);
+    b.put("b", b"acknowledged-B");
+    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", disk.0.display()));
+    assert_eq!(fs::read(m.path("b")).unwrap(), b"acknowledged-B");
+    let filler = disk.fill();
+    let e = fs::File::create(m.path("a")).unwrap_err();
+    assert_eq!(errno(e), libc::ENOSPC);
+    assert_eq!(errno(fs::metadata(m.path("a")).unwrap_err()), libc::ENOENT);
+    assert!(!names(&m.dir).contains(b"a".as_slice()));
+    assert_eq!(
+        errno(fs::rename(m.path("a"), m.path("b")).unwrap_err()),
+        libc::ENOENT
+    );
+    fs::remove_file(&filler).unwrap();
+    assert_eq!(fs::read(m.path("b")).unwrap(), b"acknowledged-B");
+    assert_eq!(b.get("b").unwrap(), b"acknowledged-B");
+}
+
+/// A write the disk has room for only part of is a short write, as on a
+/// local disk: the count says what landed, and that is what a killed
+/// daemon's next mount uploads; a write that returned ENOSPC changed
+/// nothing (before, its first pages were in the staged file, and in S3
+/// after the kill).
+#[test]
+fn a_write_cut_short_by_a_full_disk_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::new(&tmp.path().join("small-disk"), "4m");
+    let b = Bucket::new(server(), "short-full", false);
+    b.put("f", &pattern(11_837, 4));
+    let m = Mount::new(&b, &format!("cache_dir={},cache_size=0", disk.0.display()));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.path("f"))
+        .unwrap();
+    let filler = disk.fill();
+    // Free a little: room for part of the next write only.
+    let room = fs::OpenOptions::new().write(true).open(&filler).unwrap();
+    let len = room.metadata().unwrap().len();
+    room.set_len(len - 12 * 1024).unwrap();
+    let data = pattern(200_000, 5);
+    let mut written = 0;
+    // Bounded: each round either writes something or fails.
+    for _ in 0..1000 {
+        match f.write(&data[written..]) {
+            Ok(0) => break,
+            Ok(n) => written += n,
+            Err(e) => {
+                assert_eq!(errno(e), libc::ENOSPC);
+                break;
+            }
+        }
+    }
+    assert!(written < data.len(), "the disk had room for all of it");
+    assert_eq!(f.metadata().unwrap().len(), written as u64);
+    kill9(&m);
+    drop(f);
+    drop(room);
+    fs::remove_file(&filler).unwrap();
+    m.restart();
+    assert_lands(
+        &b,
+        "f",
+        &data[..written],
+        Duration::from_secs(60),
+        "after the remount",
+    );
+}

@@ -544,7 +544,7 @@ impl Fs {
     /// Writes to the staged copy; on a full cache disk, cached read blocks
     /// are given up to make room (staged data comes first), then it fails
     /// with ENOSPC only if the data itself cannot fit.
-    fn staged_write(&self, st: &mut WriteState, offset: u64, data: &[u8]) -> FsResult<()> {
+    fn staged_write(&self, st: &mut WriteState, offset: u64, data: &[u8]) -> FsResult<usize> {
         match st.staged.write(offset, data) {
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                 self.blocks.free_disk(u64::MAX);
@@ -834,10 +834,10 @@ impl Fs {
         {
             return None;
         }
-        Some(self.staged_write(&mut st, offset, data).map(|()| {
+        Some(self.staged_write(&mut st, offset, data).map(|n| {
             fhd.wrote.store(true, Ordering::Relaxed);
             self.note_size(fhd.ino, st.staged.size());
-            data.len() as u32
+            n as u32
         }))
     }
 
@@ -858,7 +858,7 @@ impl Fs {
             }
         }
         self.set_dirty(fhd.ino, &mut st)?;
-        self.staged_write(&mut st, offset, data)?;
+        let written = self.staged_write(&mut st, offset, data)?;
         if st.staged.stream_due(&self.cfg.upload) {
             let (key, own) = self.journal_header(fhd.ino)?;
             let object = self
@@ -875,7 +875,7 @@ impl Fs {
         }
         fhd.wrote.store(true, Ordering::Relaxed);
         self.note_size(fhd.ino, st.staged.size());
-        Ok(data.len() as u32)
+        Ok(written as u32)
     }
 
     /// Uploads the inode's dirty data, if any. The error is the upload's.

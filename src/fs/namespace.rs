@@ -193,9 +193,17 @@ impl Fs {
         // can land (its readers keep their bytes).
         self.settle_deferred(&self.key_of(&path)).await;
         let attr = self.new_attr_in(parent, FileKind::File, c, 0).await?;
-        let attr = self.insert_node(parent, path, attr, None);
+        let attr = self.insert_node(parent, path.clone(), attr, None);
+        if let Err(e) = self.start_new_file(attr.ino) {
+            // A file that cannot be staged (a full cache disk) gets no
+            // name: one would show, and a rename of it would take the
+            // target's name in this mount's view only.
+            self.table
+                .lock()
+                .remove_path(&path, std::time::Instant::now());
+            return Err(e);
+        }
         self.entries_changed(parent);
-        self.start_new_file(attr.ino)?;
         let fh = self.new_handle(Handle::File(super::files::FileHandle::writer(attr.ino)));
         self.discard_writer_if_nameless(attr.ino).await;
         Ok((attr, fh))

@@ -583,11 +583,15 @@ impl Staged {
         })
     }
 
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+    /// Writes `data` at `offset`; how much of it was written: all, or
+    /// where the disk filled up part way, the part before (a short write,
+    /// as a local file system's; the caller sees the count), never an
+    /// error after bytes changed.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<usize> {
         if data.is_empty() {
             // A write of nothing changes nothing, not even the size (POSIX);
             // a size beyond the staging file's end would fail every upload.
-            return Ok(());
+            return Ok(0);
         }
         self.cancel_stream_below(offset);
         self.drop_resume();
@@ -601,16 +605,29 @@ impl Staged {
         if let Some(j) = self.journal.as_mut().filter(|_| recorded) {
             j.reserve(journal::LINE_MAX)?;
         }
+        let mut done = 0;
+        while done < data.len() {
+            match self.file.write_at(&data[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if done == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        if done == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
         self.data_changed = true;
-        self.file.write_all_at(data, offset)?;
         if let Some(j) = self.journal.as_mut().filter(|_| recorded) {
-            j.wrote(offset, data.len() as u64)?;
+            j.wrote(offset, done as u64)?;
             self.sent_since_write = false;
         }
-        let end = offset + data.len() as u64;
+        let end = offset + done as u64;
         self.loaded.insert(offset..end);
         self.size = self.size.max(end);
-        self.maybe_compact()
+        self.maybe_compact()?;
+        Ok(done)
     }
 
     pub fn truncate(&mut self, size: u64) -> io::Result<()> {
