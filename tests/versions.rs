@@ -514,3 +514,46 @@ fn a_version_from_before_versioning_reads_back() {
     assert_eq!(sha256(&got), sha256(&old));
     assert_eq!(fs::read(m.path("f")).unwrap(), b"newer");
 }
+
+/// A directory made at the path of a removed (or moved) private one does
+/// not open the old directory's files through `.versions`: where a file's
+/// owner is not its directory's, its versions grant only owner bits.
+#[test]
+fn a_new_directory_at_a_private_ones_old_path_opens_no_versions() {
+    let b = Bucket::new(server(), "vreborn", true);
+    let m = Mount::new(&b, "allow_other");
+    let d = m.dir.display();
+    fs::set_permissions(&m.dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::create_dir(m.path("shared")).unwrap();
+    fs::set_permissions(m.path("shared"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::create_dir(m.path("shared/sec")).unwrap();
+    fs::set_permissions(m.path("shared/sec"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(m.path("shared/sec/s"), b"TOPSECRET-A").unwrap();
+    fs::set_permissions(m.path("shared/sec/s"), fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, _) = as_user(1001, &format!("cat {d}/shared/sec/s"));
+    assert!(!ok, "the directory keeps 1001 out");
+    fs::create_dir(m.path("priv")).unwrap();
+    fs::rename(m.path("shared/sec"), m.path("priv/sec")).unwrap();
+    let (ok, err) = as_user(1001, &format!("mkdir {d}/shared/sec"));
+    assert!(ok, "{err}");
+    let (_, out) = as_user(1001, &format!("cat {d}/shared/sec/.versions/s/*"));
+    assert!(!out.contains("TOPSECRET"), "{out}");
+    // Root still reads them; 1001 its own file's versions in its own
+    // directory.
+    let vdir = m.path("shared/sec/.versions/s");
+    let all: Vec<Vec<u8>> = names(&vdir)
+        .iter()
+        .map(|v| fs::read(vdir.join(v)).unwrap())
+        .collect();
+    assert!(
+        all.iter().any(|v| v == b"TOPSECRET-A"),
+        "root reads the version"
+    );
+    let (ok, err) = as_user(
+        1001,
+        &format!("echo mine > {d}/shared/sec/t && echo again > {d}/shared/sec/t"),
+    );
+    assert!(ok, "{err}");
+    let (ok, out) = as_user(1001, &format!("cat {d}/shared/sec/.versions/t/*"));
+    assert!(ok && out.contains("mine"), "{out}");
+}

@@ -261,7 +261,28 @@ impl Fs {
     /// current file's own, else the newest version's metadata (one HEAD,
     /// kept for metadata_ttl); with no version left, the mount's defaults
     /// for a file.
+    ///
+    /// Where the file's owner is not its directory's, the owner's bits
+    /// alone: what once protected the file may have been a directory since
+    /// removed or moved, and the directory now at its path (one anybody
+    /// could make in a shared parent) must not open its old versions.
     async fn versions_owner(&self, path: &str, list: &[VersionInfo]) -> FsResult<Owner> {
+        let mut owner = self.file_owner(path, list).await?;
+        let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+        let dir_uid = {
+            let t = self.table.lock();
+            t.find(&NodeKey::Path(dir.to_string()))
+                .and_then(|i| t.get(i))
+                .map(|n| n.attr.uid)
+        };
+        if dir_uid != Some(owner.uid) {
+            owner.perm &= 0o700;
+        }
+        Ok(owner)
+    }
+
+    /// The owner and mode of `path`'s newest version (see `versions_owner`).
+    async fn file_owner(&self, path: &str, list: &[VersionInfo]) -> FsResult<Owner> {
         if let Some((at, o)) = self.versions.owners.lock().get(path)
             && at.elapsed() < self.cfg.metadata_ttl
         {
