@@ -904,3 +904,39 @@ fn a_write_cut_short_by_a_full_disk_says_so() {
         "after the remount",
     );
 }
+
+/// A file rewritten with the bytes it already had, then chmod-ed, and the
+/// daemon killed before close: the object holds those bytes but not the
+/// mode, and the next mount stores the mode (it took the object for the
+/// upload landed already, and dropped the chmod).
+#[test]
+fn a_chmod_of_a_file_rewritten_with_the_same_bytes_survives_a_kill() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Bucket::new(server(), "same-bytes-chmod", false);
+    let body = pattern(20_000, 6);
+    b.put("f", &body);
+    let m = Mount::new(&b, "");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.path("f"))
+        .unwrap();
+    f.write_all(&body).unwrap();
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    assert_eq!(
+        fs::metadata(m.path("f")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    kill9(&m);
+    drop(f);
+    m.restart();
+    wait_until(Duration::from_secs(60), "the mode in S3", || {
+        b.metadata("f")
+            .get("mode")
+            .and_then(|v| v.parse::<u32>().ok())
+            == Some(0o100600)
+    });
+    assert_eq!(sha256(&b.get("f").unwrap()), sha256(&body));
+    assert_eq!(b.keys(""), vec!["f".to_string()]);
+}

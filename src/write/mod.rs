@@ -1424,18 +1424,29 @@ async fn prepare_one(
     // The dead daemon's last upload may have landed before it could say
     // so: then the object is exactly these bytes (a multipart upload's
     // ETag from its journaled parts, a single PUT's from the data).
+    // A new file's bytes are compared whole: the object may hold them
+    // from an upload before a change of attributes only (a chmod of the
+    // closed file): then it has not landed, but it is what the data
+    // replaces (journaled puts and parts are of the last change already).
+    let same_bytes = r.header.base_etag.is_none()
+        && current
+            .as_ref()
+            .is_some_and(|c| file_md5(&file, size).is_ok_and(|m| same_etag(c, &m)));
+    let meta_landed = current_info
+        .as_ref()
+        .and_then(|o| o.metadata.as_ref())
+        .is_some_and(|m| r.header.meta.iter().all(|(k, v)| m.get(k) == Some(v)));
     let landed = current.as_ref().is_some_and(|c| {
         multipart_etag(&r.parts).is_some_and(|m| !r.parts.is_empty() && same_etag(c, &m))
             || r.puts.iter().any(|p| same_etag(c, p))
-            || (r.header.base_etag.is_none()
-                && file_md5(&file, size).is_ok_and(|m| same_etag(c, &m)))
-    });
+    }) || (same_bytes && meta_landed);
     let unchanged = !foreign
-        && match (&current, &r.header.replaces) {
-            (None, None) => true,
-            (Some(c), Some(e)) => same_etag(c, e),
-            _ => false,
-        };
+        && (same_bytes
+            || match (&current, &r.header.replaces) {
+                (None, None) => true,
+                (Some(c), Some(e)) => same_etag(c, e),
+                _ => false,
+            });
     // Every part of the data was sent (the set sealed in the journal) and
     // the key still holds what the data replaces: the upload is completed,
     // with the checksums its parts were sent with, instead of sent again.
@@ -1518,7 +1529,9 @@ async fn prepare_one(
         size,
         base_valid: if base_readable { r.base_valid } else { 0 },
         // Beside the key, the data is a new object.
-        replaces: if unchanged {
+        replaces: if same_bytes {
+            current.clone()
+        } else if unchanged {
             r.header.replaces.clone()
         } else {
             None
