@@ -1348,7 +1348,9 @@ async fn versions_tree_lists_and_reads_every_version() {
     let mut bodies = Vec::new();
     for e in &files {
         let a = fs.lookup(of.ino, name(&e.name)).await.unwrap();
-        assert_eq!(a.perm, 0o444);
+        // USER's file in a directory of uid 0: owner bits only (a
+        // directory that kept others out may have stood at this path).
+        assert_eq!(a.perm, 0o400);
         let fh = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
         bodies.push(String::from_utf8(fs.read(fh, 0, 100).await.unwrap().to_vec()).unwrap());
         fs.release(fh).await.unwrap();
