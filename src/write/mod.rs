@@ -1424,11 +1424,17 @@ async fn prepare_one(
     // The dead daemon's last upload may have landed before it could say
     // so: then the object is exactly these bytes (a multipart upload's
     // ETag from its journaled parts, a single PUT's from the data).
-    // A new file's bytes are compared whole: the object may hold them
+    let journaled_landed = current.as_ref().is_some_and(|c| {
+        multipart_etag(&r.parts).is_some_and(|m| !r.parts.is_empty() && same_etag(c, &m))
+            || r.puts.iter().any(|p| same_etag(c, p))
+    });
+    // A new file's bytes are compared whole (a read of all of them, so
+    // only where no journaled upload matched): the object may hold them
     // from an upload before a change of attributes only (a chmod of the
     // closed file): then it has not landed, but it is what the data
     // replaces (journaled puts and parts are of the last change already).
-    let same_bytes = r.header.base_etag.is_none()
+    let same_bytes = !journaled_landed
+        && r.header.base_etag.is_none()
         && current
             .as_ref()
             .is_some_and(|c| file_md5(&file, size).is_ok_and(|m| same_etag(c, &m)));
@@ -1436,10 +1442,7 @@ async fn prepare_one(
         .as_ref()
         .and_then(|o| o.metadata.as_ref())
         .is_some_and(|m| r.header.meta.iter().all(|(k, v)| m.get(k) == Some(v)));
-    let landed = current.as_ref().is_some_and(|c| {
-        multipart_etag(&r.parts).is_some_and(|m| !r.parts.is_empty() && same_etag(c, &m))
-            || r.puts.iter().any(|p| same_etag(c, p))
-    }) || (same_bytes && meta_landed);
+    let landed = journaled_landed || (same_bytes && meta_landed);
     let unchanged = !foreign
         && (same_bytes
             || match (&current, &r.header.replaces) {
