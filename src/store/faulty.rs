@@ -135,6 +135,14 @@ impl<S: ObjectStore> Faulty<S> {
         self.with(op, |r| r.lie = Some((n, err)));
     }
 
+    /// Whether a failure or a lie is still to strike a call of `op`.
+    pub fn pending(&self, op: Op) -> bool {
+        self.rules.lock().get(&op).is_some_and(|r| {
+            r.fail.as_ref().is_some_and(|(n, _)| *n > 0)
+                || r.lie.as_ref().is_some_and(|(n, _)| *n > 0)
+        })
+    }
+
     /// Every call of `op` first waits `d` (`Duration::ZERO` to stop).
     pub fn latency(&self, op: Op, d: Duration) {
         self.with(op, |r| r.latency = (!d.is_zero()).then_some(d));
