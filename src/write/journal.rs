@@ -336,6 +336,12 @@ pub struct Replayed {
     pub parts_sealed: Option<u64>,
     /// ETags of the single PUTs sent (each the whole data then).
     pub puts: Vec<String>,
+    /// Uploads of the data as it was before a later change: single PUTs'
+    /// ETags and sealed part sets. One may have landed after its error
+    /// (a timed-out request the server still carried out): then the key
+    /// holds this file's own older bytes, which the data replaces.
+    pub earlier_puts: Vec<String>,
+    pub earlier_parts: Vec<Vec<Part>>,
     /// The file was unlinked: nothing to upload.
     pub unlinked: bool,
     pub loaded: RangeSet,
@@ -391,6 +397,16 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
     let (mut uploads, mut parts, mut unlinked) = (Vec::new(), Vec::new(), false);
     let mut parts_sealed = None;
     let mut puts = Vec::new();
+    let (mut earlier_puts, mut earlier_parts) = (Vec::new(), Vec::new());
+    // Uploads sent before a change are not of this data, but may be at
+    // the key.
+    let mut retire = |puts: &mut Vec<String>, parts: &mut Vec<Part>, sealed: &mut Option<u64>| {
+        earlier_puts.append(puts);
+        if sealed.take().is_some() {
+            earlier_parts.push(std::mem::take(parts));
+        }
+        parts.clear();
+    };
     while let Some(line) = lines.next() {
         // A torn last line (killed mid-append) does not check: stop there.
         // One that checks after it means lines were lost between: the
@@ -409,8 +425,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 };
                 loaded.insert(off..off + len);
                 size = size.max(off + len);
-                // Uploads sent before a change are not of this data.
-                (puts, parts, parts_sealed) = (Vec::new(), Vec::new(), None);
+                retire(&mut puts, &mut parts, &mut parts_sealed);
             }
             ["U", id, rest @ ..] => {
                 let crc32c = match rest {
@@ -445,7 +460,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
             ["X"] => unlinked = true,
             ["S", etag] => puts.push(dec(etag)),
             ["M", pairs @ ..] if pairs.len() % 2 == 0 => {
-                (puts, parts, parts_sealed) = (Vec::new(), Vec::new(), None);
+                retire(&mut puts, &mut parts, &mut parts_sealed);
                 h.meta = pairs.chunks(2).map(|kv| (dec(kv[0]), dec(kv[1]))).collect();
             }
             ["T", s] => {
@@ -455,7 +470,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 loaded.truncate(s);
                 base_valid = base_valid.min(s);
                 size = s;
-                (puts, parts, parts_sealed) = (Vec::new(), Vec::new(), None);
+                retire(&mut puts, &mut parts, &mut parts_sealed);
             }
             _ => return Err(bad()),
         }
@@ -466,6 +481,8 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         parts,
         parts_sealed,
         puts,
+        earlier_puts,
+        earlier_parts,
         unlinked,
         loaded,
         base_valid,
