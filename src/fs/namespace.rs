@@ -368,6 +368,9 @@ impl Fs {
             } else {
                 self.delete_present(&key).await?;
             }
+        } else if st.as_ref().is_some_and(|st| st.staged.may_have_landed()) {
+            // An upload of this new file failed, perhaps only in its answer.
+            self.delete_present(&self.key_of(&path)).await?;
         }
         if let Some(st) = st.as_mut() {
             st.discard();
@@ -575,10 +578,10 @@ impl Fs {
                 // What it replaces is gone now, as after any rename: were
                 // it left until the upload, an unlink before that would
                 // bring it back.
-                if replaced
+                let replaced_landed = replaced
                     .is_some_and(|d| self.table.lock().get(d).is_some_and(|n| n.object.is_some()))
-                    && let Err(e) = self.delete_present(&tk).await
-                {
+                    || d.as_ref().is_some_and(|st| st.staged.may_have_landed());
+                if replaced_landed && let Err(e) = self.delete_present(&tk).await {
                     // The rename fails: the file keeps its name.
                     if let Err(back) = st.staged.rekey(&fk) {
                         tracing::warn!(key = %fk, error = %back, "could not journal the old name back");

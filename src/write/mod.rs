@@ -503,6 +503,12 @@ impl Staged {
         !self.data_changed && self.base.is_some()
     }
 
+    /// An upload of this data was sent: where the file has no object
+    /// known, one that failed may have stored it all the same.
+    pub fn may_have_landed(&self) -> bool {
+        self.attempted
+    }
+
     pub fn is_unlinked(&self) -> bool {
         self.unlinked
     }
@@ -815,16 +821,32 @@ impl Staged {
             // The ETag this PUT will give the object (its MD5), journaled
             // first: a daemon killed before it learns the PUT landed is
             // recognised by the next mount instead of kept beside.
+            let md5 = match &body {
+                PutBody::Bytes(b) => bytes_md5(b),
+                PutBody::File { .. } => file_md5(&self.file, self.size)?,
+            };
             if let Some(j) = &mut self.journal {
-                let md5 = match &body {
-                    PutBody::Bytes(b) => bytes_md5(b),
-                    PutBody::File { .. } => file_md5(&self.file, self.size)?,
-                };
                 j.put_sent(&md5)?;
                 self.sent_since_write = true;
-                self.attempted = true;
             }
-            let put = store.put(key, body, meta, keep).await?;
+            self.attempted = true;
+            let put = match store.put(key, body, meta, keep).await {
+                Ok(put) => put,
+                // A timeout or a 5xx may come after the object was stored:
+                // exactly these bytes with this metadata at the key is a
+                // success (else an unlink of a file that never "landed"
+                // would leave it in the bucket).
+                Err(e @ (StoreError::Transient(_) | StoreError::Other(_))) => {
+                    match landed_anyway(store, key, &md5, Some(meta)).await {
+                        Some(put) => {
+                            info!(key, error = %e, "PUT failed, but the object landed");
+                            put
+                        }
+                        None => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
             progress.done_bytes.store(self.size, Ordering::Relaxed);
             return Ok(put);
         }
@@ -1063,6 +1085,26 @@ pub(crate) fn same_etag(a: &str, b: &str) -> bool {
     a.trim_matches('"') == b.trim_matches('"')
 }
 
+/// The object at `key` when it has ETag `etag` (and holds `meta`, when
+/// given): an upload whose answer was an error landed after all.
+async fn landed_anyway(
+    store: &dyn ObjectStore,
+    key: &str,
+    etag: &str,
+    meta: Option<&Metadata>,
+) -> Option<PutResult> {
+    let o = store.head(key, None).await.ok()?;
+    let has_meta = |m: &Metadata| {
+        o.metadata
+            .as_ref()
+            .is_some_and(|got| m.iter().all(|(k, v)| got.get(k) == Some(v)))
+    };
+    (same_etag(&o.etag, etag) && meta.is_none_or(has_meta)).then_some(PutResult {
+        etag: o.etag,
+        version_id: o.version_id,
+    })
+}
+
 /// CompleteMultipartUpload. S3 may take minutes and answer a retry of a
 /// Complete that did land with NoSuchUpload, or time out after it landed:
 /// on a failure the object is looked at, and an object with exactly this
@@ -1078,14 +1120,10 @@ async fn complete(
         Ok(put) => Ok(put),
         Err(e) => {
             if let Some(exp) = &expected
-                && let Ok(o) = store.head(key, None).await
-                && same_etag(&o.etag, exp)
+                && let Some(put) = landed_anyway(store, key, exp, None).await
             {
                 info!(key, error = %e, "CompleteMultipartUpload failed, but the object landed");
-                return Ok(PutResult {
-                    etag: o.etag,
-                    version_id: o.version_id,
-                });
+                return Ok(put);
             }
             // Not landed: abort it (the staged data stays, and the next
             // attempt starts a fresh upload).
@@ -1438,6 +1476,17 @@ async fn prepare_one(
         && current
             .as_ref()
             .is_some_and(|c| file_md5(&file, size).is_ok_and(|m| same_etag(c, &m)));
+    // The key holds this file's own older bytes: an upload that answered
+    // an error but was carried out (perhaps after this daemon gave up on
+    // it) before the data changed again. Only for data without a base,
+    // the staging file being all of it.
+    let own_earlier = r.header.base_etag.is_none()
+        && current.as_ref().is_some_and(|c| {
+            r.earlier_puts.iter().any(|p| same_etag(c, p))
+                || r.earlier_parts
+                    .iter()
+                    .any(|ps| multipart_etag(ps).is_some_and(|m| same_etag(c, &m)))
+        });
     let meta_landed = current_info
         .as_ref()
         .and_then(|o| o.metadata.as_ref())
@@ -1445,6 +1494,7 @@ async fn prepare_one(
     let landed = journaled_landed || (same_bytes && meta_landed);
     let unchanged = !foreign
         && (same_bytes
+            || own_earlier
             || match (&current, &r.header.replaces) {
                 (None, None) => true,
                 (Some(c), Some(e)) => same_etag(c, e),
@@ -1532,7 +1582,7 @@ async fn prepare_one(
         size,
         base_valid: if base_readable { r.base_valid } else { 0 },
         // Beside the key, the data is a new object.
-        replaces: if same_bytes {
+        replaces: if same_bytes || own_earlier {
             current.clone()
         } else if unchanged {
             r.header.replaces.clone()
@@ -2001,6 +2051,34 @@ mod tests {
             "{:?}",
             s.keys()
         );
+    }
+
+    /// A PUT that timed out and was carried out later (a stalled server),
+    /// after the file was emptied and written again: the key holds the
+    /// file's own older bytes, which the newer data replaces at the key.
+    #[tokio::test]
+    async fn an_older_put_landing_late_is_replaced_at_the_key_after_a_kill() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        let meta = Metadata::new();
+        let mut st = Staged::new(dir.path(), None, None).unwrap();
+        st.begin_journal("f", &meta).unwrap();
+        st.write(0, b"first version").unwrap();
+        s.fail_next(Op::Put, 1, StoreError::Transient("timed out".into()));
+        let sent = st
+            .upload(&s, "f", &meta, None, &opts(), &Progress::default())
+            .await;
+        assert!(sent.is_err());
+        assert_eq!(s.object("f"), None);
+        st.truncate(0).unwrap();
+        st.write(0, b"second").unwrap();
+        // The timed-out PUT lands now; then the daemon is killed.
+        s.insert("f", b"first version", meta.clone());
+        drop(st);
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.object("f").unwrap().as_ref(), b"second");
+        assert_eq!(s.keys(), vec!["f".to_string()]);
     }
 
     #[tokio::test]
