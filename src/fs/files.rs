@@ -1741,6 +1741,10 @@ impl Fs {
     pub(super) async fn sync_ino(&self, ino: u64) -> FsResult<()> {
         if let Some(mut st) = self.live(ino).await {
             self.upload_if_dirty(ino, &mut st).await?;
+            // A state left behind with nothing to do would be taken up by
+            // the next open for writing, built on an object another client
+            // may have replaced meanwhile.
+            self.end_if_idle(ino, &mut st);
         }
         Ok(())
     }
