@@ -940,3 +940,31 @@ fn a_chmod_of_a_file_rewritten_with_the_same_bytes_survives_a_kill() {
     assert_eq!(sha256(&b.get("f").unwrap()), sha256(&body));
     assert_eq!(b.keys(""), vec!["f".to_string()]);
 }
+
+/// A PUT the store carried out but whose answer never came (a timeout
+/// after the work): close() reports success, since the object is those
+/// bytes, and a later rm removes it. The file counted as never uploaded
+/// before, so its close failed and an rm left the object in the bucket.
+#[test]
+fn a_put_whose_answer_was_lost_counts_as_landed_and_rm_removes_it() {
+    let (proxy, b, m) = through_proxy("put-landed", false, "");
+    let data = pattern(300 * 1024, 141);
+    proxy.inject("PUT", 1000, proxy::Fault::Landed);
+    let mut f = fs::File::create(m.path("f")).unwrap();
+    f.write_all(&data).unwrap();
+    let closed = close(f);
+    proxy.clear();
+    assert!(proxy.faults_injected() >= 1, "no PUT reached the proxy");
+    assert!(
+        closed.is_ok(),
+        "close() after a PUT that landed: {closed:?}\n{}",
+        m.log_text()
+    );
+    assert_eq!(sha256(&b.get("f").expect("f in the bucket")), sha256(&data));
+    fs::remove_file(m.path("f")).unwrap();
+    assert_eq!(
+        b.get("f").map(|d| d.len()),
+        None,
+        "rm f left it in the bucket"
+    );
+}

@@ -31,6 +31,9 @@ pub enum Fault {
     /// seconds before passing it on: a slow answer to a request that
     /// succeeded (a long CompleteMultipartUpload).
     Delay(u64),
+    /// Forward (the request lands), then drop the connection without
+    /// passing the answer on: a timeout after the store did the work.
+    Landed,
 }
 
 #[derive(Default)]
@@ -379,7 +382,7 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         Some(Fault::Stall) => {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
-        Some(Fault::CutShort) | Some(Fault::Delay(_)) | None => {
+        Some(Fault::CutShort) | Some(Fault::Delay(_)) | Some(Fault::Landed) | None => {
             let Ok(mut up) = TcpStream::connect(upstream).await else {
                 return;
             };
@@ -397,6 +400,10 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             if echo && let Some(i) = resp.windows(2).position(|w| w == b"\r\n") {
                 let extra = b"\r\nx-amz-server-side-encryption-customer-algorithm: AES256";
                 resp.splice(i..i, extra.iter().copied());
+            }
+            if fault == Some(Fault::Landed) {
+                drop(conn);
+                return;
             }
             if let Some(Fault::Delay(secs)) = fault {
                 tokio::time::sleep(Duration::from_secs(secs)).await;
