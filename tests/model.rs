@@ -1311,3 +1311,37 @@ fn an_append_after_another_clients_put_builds_on_its_bytes() {
         ],
     );
 }
+
+#[test]
+fn a_truncation_survives_two_kills_in_a_row() {
+    regression(
+        false,
+        false,
+        vec![
+            Step::Open {
+                path: 0,
+                mode: Mode::Read,
+                create: true,
+            },
+            Step::Open {
+                path: 0,
+                mode: Mode::Write,
+                create: false,
+            },
+            Step::Write {
+                h: 0,
+                at: None,
+                len: 1,
+                seed: 0,
+            },
+            Step::Close { h: 0 },
+            Step::Open {
+                path: 0,
+                mode: Mode::Trunc,
+                create: false,
+            },
+            Step::Kill,
+            Step::Kill,
+        ],
+    );
+}

@@ -1528,10 +1528,23 @@ async fn prepare_one(
     // utimes): stored by a copy of the object onto itself while the key
     // still holds it; an object replaced or removed since has nothing to
     // take them.
+    // The base object's own size, where the key still holds it: a
+    // journal rewritten since (compacted, or taken over by a mount killed
+    // in its turn) has the truncated size in its header.
+    let base_object_size = current_info
+        .as_ref()
+        .filter(|o| {
+            r.header
+                .base_etag
+                .as_ref()
+                .is_some_and(|b| same_etag(&o.etag, b))
+        })
+        .map(|o| o.size);
     let data_changed = r.header.base_etag.is_none()
         || r.loaded.ranges().next().is_some()
         || r.size != r.header.size
-        || r.base_valid != r.header.size;
+        || r.base_valid != r.header.size
+        || base_object_size.is_some_and(|s| s != r.size || r.base_valid != s);
     // Also an `O_TRUNC` open (or a create) that wrote nothing, of an
     // object replaced or removed since (the daemon died in the middle of
     // a rename over it, or an unlink): an empty copy beside the newer
@@ -1562,7 +1575,7 @@ async fn prepare_one(
     let base = r.header.base_etag.clone().map(|etag| Base {
         key: key.clone(),
         etag,
-        size: r.size,
+        size: base_object_size.unwrap_or(r.size),
         version: r.header.base_version.clone(),
     });
     // The old object's untouched ranges: from the key while it is that
