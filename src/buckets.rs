@@ -682,10 +682,10 @@ impl Buckets {
 
     /// `DIR/.versions` of directory `ino`, if its core holds it: its
     /// attributes follow DIR's, so the kernel must drop them with DIR's.
-    pub fn versions_dir_of(&self, ino: u64) -> Option<u64> {
+    pub fn versions_changed(&self, ino: u64) -> Option<u64> {
         match self.at_now(ino)? {
             At::Top => None,
-            At::Bucket(fs, ids, local) => ids.global(fs.versions_dir_of(local)?).ok(),
+            At::Bucket(fs, ids, local) => ids.global(fs.versions_changed(local)?).ok(),
         }
     }
 

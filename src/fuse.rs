@@ -93,11 +93,12 @@ async fn kill_suid(fs: &Buckets, kernel: &OnceLock<Notifier>, ino: INodeNo) -> F
 }
 
 /// Has the kernel drop the attributes it holds of `DIR/.versions` once
-/// DIR's mode, owner or ACL changed: they follow DIR's (who may list DIR
-/// may list its versions), and would otherwise stay as they were for
-/// what is left of their `metadata_ttl`.
-fn drop_versions_attr(fs: &Buckets, kernel: &OnceLock<Notifier>, dir: u64) {
-    if let Some(v) = fs.versions_dir_of(dir)
+/// DIR's mode, owner or ACL changed, or of `DIR/.versions/NAME` once
+/// NAME's did: they follow them (who may list DIR may list its versions;
+/// NAME's versions directory has NAME's owner), and would otherwise stay
+/// as they were for what is left of their `metadata_ttl`.
+fn drop_versions_attr(fs: &Buckets, kernel: &OnceLock<Notifier>, ino: u64) {
+    if let Some(v) = fs.versions_changed(ino)
         && let Some(k) = kernel.get()
         && let Err(e) = k.inval_inode(INodeNo(v), -1, 0)
     {
@@ -381,9 +382,9 @@ impl Filesystem for FuseFs {
         let (kernel, owner) = (self.kernel.clone(), s.mode.or(s.uid).or(s.gid).is_some());
         self.spawn(span!("setattr", req, ino = ino.0), async move {
             let r = fs.setattr(ino.0, s).await;
-            let dir = matches!(&r, Ok(a) if a.kind == FileKind::Dir);
+            let changed = r.is_ok();
             reply_attr(reply, &fs, r);
-            if dir && owner {
+            if changed && owner {
                 drop_versions_attr(&fs, &kernel, ino.0);
             }
         });

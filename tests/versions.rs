@@ -557,3 +557,36 @@ fn a_new_directory_at_a_private_ones_old_path_opens_no_versions() {
     let (ok, out) = as_user(1001, &format!("cat {d}/shared/sec/.versions/t/*"));
     assert!(ok && out.contains("mine"), "{out}");
 }
+
+/// `DIR/.versions/NAME` follows a chmod of NAME at once, though the kernel
+/// was told its attributes may be kept for ten minutes: a file made
+/// private does not leave the names, sizes and times of its versions open
+/// to others for that long (their bytes were refused at once already).
+#[test]
+fn a_file_closed_to_others_closes_its_versions_directory_at_once() {
+    use std::os::unix::fs::MetadataExt;
+    let b = Bucket::new(server(), "vfchmod", true);
+    let m = Mount::new(&b, "allow_other,metadata_ttl=600");
+    let d = m.dir.display();
+    fs::create_dir(m.path("d")).unwrap();
+    fs::set_permissions(m.path("d"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(m.path("d/f"), b"first").unwrap();
+    fs::write(m.path("d/f"), b"second").unwrap();
+    fs::set_permissions(m.path("d/f"), fs::Permissions::from_mode(0o644)).unwrap();
+    let ls = format!("ls {d}/d/.versions/f");
+    let (ok, out) = as_user(1000, &ls);
+    assert!(
+        ok && !out.trim().is_empty(),
+        "listable while f is 644: {out}"
+    );
+    fs::set_permissions(m.path("d/f"), fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, out) = as_user(1000, &ls);
+    assert!(!ok, "after chmod 600 of f, uid 1000 listed: {out}");
+    assert_eq!(
+        fs::metadata(m.path("d/.versions/f")).unwrap().mode() & 0o777,
+        0o700 & 0o500
+    );
+    fs::set_permissions(m.path("d/f"), fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out) = as_user(1000, &ls);
+    assert!(ok && !out.trim().is_empty(), "after chmod 644 again: {out}");
+}

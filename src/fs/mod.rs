@@ -981,6 +981,8 @@ impl Fs {
         }
         match key {
             NodeKey::Path(path) => self.refresh_path(parent, path).await,
+            // `DIR/.versions/NAME` takes NAME's owner and mode as they are.
+            NodeKey::VersionsOf(path) => self.versions_of_attr(parent, path).await,
             // A detached node whose metadata was never read grants nothing
             // (`MetaFetch::known`), never the listing's defaults.
             _ => self.own_attr(ino, attr, known).await,

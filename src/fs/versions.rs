@@ -246,15 +246,32 @@ impl Fs {
         Ok(t.get(ino).expect("inserted").attr.clone())
     }
 
-    /// The number of `DIR/.versions` if the table holds it (so the kernel
-    /// may too), for directory `dir_ino`: what to have the kernel drop
-    /// when DIR's mode, owner or ACL changes.
-    pub fn versions_dir_of(&self, dir_ino: u64) -> Option<u64> {
-        let t = self.table.lock();
-        let NodeKey::Path(dir) = &t.get(dir_ino)?.key else {
-            return None;
+    /// The mode, owner or ACL of `ino` changed: what its versions are
+    /// shown with follows (the owner remembered for a file's versions is
+    /// forgotten). Returns the number of the node showing them, if the
+    /// table holds it (so the kernel may too), for the kernel to drop its
+    /// attributes: `DIR/.versions` for a directory, `DIR/.versions/NAME`
+    /// for a file.
+    pub fn versions_changed(&self, ino: u64) -> Option<u64> {
+        let (path, dir) = {
+            let t = self.table.lock();
+            let n = t.get(ino)?;
+            let NodeKey::Path(p) = &n.key else {
+                return None;
+            };
+            (p.clone(), n.attr.kind == FileKind::Dir)
         };
-        t.find(&NodeKey::Versions(dir.clone()))
+        if dir {
+            return self.table.lock().find(&NodeKey::Versions(path));
+        }
+        self.versions.forget(&path);
+        let mut t = self.table.lock();
+        let v = t.find(&NodeKey::VersionsOf(path))?;
+        // Worked out again at the next ask.
+        if let Some(n) = t.get_mut(v) {
+            n.fresh_until = Some(Instant::now());
+        }
+        Some(v)
     }
 
     /// The mode and owner the versions of `path` are shown with: the
@@ -287,6 +304,21 @@ impl Fs {
             && at.elapsed() < self.cfg.metadata_ttl
         {
             return Ok(*o);
+        }
+        // The file this mount shows at the path, where its attributes are
+        // known (read with its metadata, or this mount's own new file): a
+        // chmod not stored yet included. A file only listed has default
+        // attributes, never to be trusted here.
+        let current = {
+            let t = self.table.lock();
+            t.find(&NodeKey::Path(path.to_string()))
+                .and_then(|i| t.get(i))
+                .filter(|n| n.attr.kind == FileKind::File)
+                .filter(|n| n.object.as_ref().is_none_or(|o| o.metadata.is_some()))
+                .map(|n| Owner::of(&n.attr))
+        };
+        if let Some(o) = current {
+            return Ok(o);
         }
         let d = &self.cfg.defaults;
         let mut owner = Owner {
@@ -433,23 +465,7 @@ impl Fs {
         name: &str,
     ) -> FsResult<Attr> {
         match key {
-            NodeKey::Versions(dir) => {
-                let path = join(&dir, name);
-                let list = self.versions_of(&path).await?;
-                let newest = list.first().ok_or(FsError::NotFound)?;
-                let owner = self.versions_owner(&path, &list).await?;
-                let mut attr = self.ro_dir_attr(newest.last_modified);
-                (attr.perm, attr.uid, attr.gid) = (owner.dir_perm(), owner.uid, owner.gid);
-                let mut t = self.table.lock();
-                let ino = t.upsert(
-                    NodeKey::VersionsOf(path),
-                    parent,
-                    attr,
-                    None,
-                    self.fresh_until(),
-                );
-                Ok(t.get(ino).expect("inserted").attr.clone())
-            }
+            NodeKey::Versions(dir) => self.versions_of_attr(parent, join(&dir, name)).await,
             NodeKey::VersionsOf(path) => {
                 let id = version_id_of(name).ok_or(FsError::NotFound)?;
                 let list = self.versions_of(&path).await?;
@@ -466,6 +482,25 @@ impl Fs {
             NodeKey::Version { .. } => Err(FsError::NotDir),
             NodeKey::Path(_) | NodeKey::Detached(_) => Err(FsError::NotFound),
         }
+    }
+
+    /// `DIR/.versions/NAME` (the versions of `path`), under `parent`, as
+    /// it is now: recorded in the table, its attributes returned.
+    pub(super) async fn versions_of_attr(&self, parent: u64, path: String) -> FsResult<Attr> {
+        let list = self.versions_of(&path).await?;
+        let newest = list.first().ok_or(FsError::NotFound)?;
+        let owner = self.versions_owner(&path, &list).await?;
+        let mut attr = self.ro_dir_attr(newest.last_modified);
+        (attr.perm, attr.uid, attr.gid) = (owner.dir_perm(), owner.uid, owner.gid);
+        let mut t = self.table.lock();
+        let ino = t.upsert(
+            NodeKey::VersionsOf(path),
+            parent,
+            attr,
+            None,
+            self.fresh_until(),
+        );
+        Ok(t.get(ino).expect("inserted").attr.clone())
     }
 
     fn remember_version(
