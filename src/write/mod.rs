@@ -375,7 +375,9 @@ impl Staged {
         if self.stream.as_ref().is_some_and(|s| offset < s.next_offset)
             && let Some(s) = self.stream.take()
         {
-            self.uploads.retain(|u| u.id != s.upload.id);
+            // Aborted in the background; it stays in `uploads` (and the
+            // journal) until the next upload has made sure it is gone, so
+            // a kill before the abort leaves it to the next mount.
             s.cancel();
         }
     }
@@ -442,10 +444,11 @@ impl Staged {
                     j.remove();
                 }
             });
-        } else if self.resume.is_some() {
-            // A dead mount's upload is still open: the journal, final now,
-            // stays (without its staging file) and names it, so a recovery
-            // pass aborts it.
+        } else if self.resume.is_some() || !self.uploads.is_empty() {
+            // A dead mount's upload is still open, or a cancelled stream's
+            // abort may not be done: the journal, final now, stays
+            // (without its staging file) and names them, so a recovery
+            // pass aborts them.
             drop(self.journal.take());
         }
         self.end_journal();
@@ -772,6 +775,15 @@ impl Staged {
             }
             self.uploads.retain(|u| u.id != s.upload.id);
             s.abort().await;
+        }
+        // Streams cancelled since: aborted for sure before the journal
+        // naming them can go (at the end of this upload).
+        for u in std::mem::take(&mut self.uploads) {
+            if self.resume.as_ref().is_some_and(|r| r.upload.id == u.id) {
+                self.uploads.push(u);
+            } else {
+                abort_quietly(store, key, &u.id).await;
+            }
         }
         // A dead mount sent every part of this data: complete its upload.
         // One whose data changed since, or made for another key (the file
@@ -1491,9 +1503,14 @@ async fn prepare_one(
         .as_ref()
         .and_then(|o| o.metadata.as_ref())
         .is_some_and(|m| r.header.meta.iter().all(|(k, v)| m.get(k) == Some(v)));
-    let landed = journaled_landed || (same_bytes && meta_landed);
+    // The object holds exactly these bytes. It is what the data is only
+    // with the journaled metadata too: a PUT that failed before the store
+    // took it journals the ETag of the same bytes already there, and a
+    // chmod since would be lost.
+    let own_bytes = journaled_landed || same_bytes;
+    let landed = own_bytes && meta_landed;
     let unchanged = !foreign
-        && (same_bytes
+        && (own_bytes
             || own_earlier
             || match (&current, &r.header.replaces) {
                 (None, None) => true,
@@ -1595,7 +1612,7 @@ async fn prepare_one(
         size,
         base_valid: if base_readable { r.base_valid } else { 0 },
         // Beside the key, the data is a new object.
-        replaces: if same_bytes || own_earlier {
+        replaces: if own_bytes || own_earlier {
             current.clone()
         } else if unchanged {
             r.header.replaces.clone()
