@@ -250,6 +250,15 @@ enum Step {
         op: Fault,
         landed: bool,
     },
+    /// kill -9 in the middle of a file rename: its next CopyObject,
+    /// DeleteObject or PUT is held (before or after the store did it);
+    /// the case ends there, checked with either outcome allowed.
+    KillInRename {
+        from: u8,
+        to: u8,
+        op: u8,
+        landed: bool,
+    },
     OtherPut {
         path: u8,
         len: usize,
@@ -314,6 +323,8 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         2 => Just(Step::Kill),
         2 => (any::<u8>(), fault(), any::<bool>())
             .prop_map(|(h, op, landed)| Step::KillInUpload { h, op, landed }),
+        1 => (any::<u8>(), any::<u8>(), any::<u8>(), any::<bool>())
+            .prop_map(|(from, to, op, landed)| Step::KillInRename { from, to, op, landed }),
         2 => (any::<u8>(), len_strategy(), any::<u8>())
             .prop_map(|(path, len, seed)| Step::OtherPut { path, len, seed }),
         1 => any::<u8>().prop_map(|path| Step::OtherDelete { path }),
@@ -495,7 +506,7 @@ impl Harness {
     /// what was staged. Returns the new core's runtime.
     fn kill_and_remount(&mut self, rt: tokio::runtime::Runtime) -> tokio::runtime::Runtime {
         drop(rt);
-        for op in [SOp::Put, SOp::UploadPart, SOp::CompleteMultipart] {
+        for op in SOp::ALL {
             self.f.release(op);
         }
         let rt = runtime();
@@ -976,7 +987,9 @@ async fn run_step(h: &mut Harness, md: &mut Model, step: &Step) -> Result<(), Te
             );
         }
         Step::ClearFaults => h.clear_faults(),
-        Step::Kill | Step::KillInUpload { .. } => unreachable!("run_case kills"),
+        Step::Kill | Step::KillInUpload { .. } | Step::KillInRename { .. } => {
+            unreachable!("run_case kills")
+        }
         Step::OtherPut { path, len, seed } => {
             let p = pick_file(md, path);
             if !other_may_touch(h, md, &p) {
@@ -1030,13 +1043,22 @@ async fn close(h: &mut Harness, hd: Handle) -> Result<(), TestCaseError> {
 /// Clears failures, closes every handle, waits (bounded) for the retries
 /// to drain and for background aborts of cancelled streaming uploads, and
 /// compares the bucket with the model.
-async fn finish(h: &mut Harness, md: &mut Model) -> Result<(), TestCaseError> {
+async fn finish(
+    h: &mut Harness,
+    md: &mut Model,
+    cut: Option<&CutRename>,
+) -> Result<(), TestCaseError> {
     h.clear_faults();
     for hd in std::mem::take(&mut md.handles) {
         close(h, hd).await?;
     }
     let start = tokio::time::Instant::now();
-    let deadline = start + DRAIN;
+    // MODEL_DRAIN_MS shortens it to shrink a failing drain quickly.
+    let drain = std::env::var("MODEL_DRAIN_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(DRAIN, Duration::from_millis);
+    let deadline = start + drain;
     loop {
         let dirty = h.fs.dirty_files();
         // A cancelled streaming upload is aborted in the background.
@@ -1057,7 +1079,41 @@ async fn finish(h: &mut Harness, md: &mut Model) -> Result<(), TestCaseError> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    let cut_names = cut.map_or(vec![], |c| vec![c.from.clone(), c.to.clone()]);
+    if let Some(c) = cut {
+        let (f, t) = (h.m.object(&c.from), h.m.object(&c.to));
+        let is =
+            |o: &Option<bytes::Bytes>, want: &[u8]| o.as_ref().is_some_and(|b| b.as_ref() == want);
+        if !is(&f, &c.data) && !is(&t, &c.data) {
+            return Err(TestCaseError::fail(format!(
+                "a rename cut by a kill lost the file: {} has {:?} bytes, {} has {:?}, want {}",
+                c.from,
+                f.map(|b| b.len()),
+                c.to,
+                t.map(|b| b.len()),
+                c.data.len()
+            )));
+        }
+        let to_ok = match (&t, &c.old_to) {
+            (None, _) => true,
+            (Some(_), Some(old)) if is(&t, old) => true,
+            _ => is(&t, &c.data),
+        };
+        if !to_ok || !(f.is_none() || is(&f, &c.data)) {
+            return Err(fail_msg(
+                format!(
+                    "a rename cut by a kill left other bytes at {} or {}",
+                    c.from, c.to
+                ),
+                (f.map(|b| b.len()), t.map(|b| b.len())),
+            ));
+        }
+        note("a rename cut by a kill kept the file");
+    }
     for (p, &n) in &md.names {
+        if cut_names.contains(p) {
+            continue;
+        }
         let node = &md.nodes[n];
         match h.m.object(p) {
             Some(got) if got.as_ref() == &node.data[..] => {}
@@ -1083,7 +1139,11 @@ async fn finish(h: &mut Harness, md: &mut Model) -> Result<(), TestCaseError> {
     }
     let mut want: BTreeSet<String> = md.names.keys().cloned().collect();
     want.extend(md.dirs.iter().map(|d| format!("{d}/")));
-    let got: BTreeSet<String> = h.m.keys().into_iter().collect();
+    let mut got: BTreeSet<String> = h.m.keys().into_iter().collect();
+    for p in &cut_names {
+        want.remove(p);
+        got.remove(p);
+    }
     if got != want {
         return Err(fail_msg(format!("keys: want {want:?}"), got));
     }
@@ -1115,6 +1175,18 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         ..Model::default()
     };
     for (i, step) in case.steps.iter().enumerate() {
+        if let Step::KillInRename {
+            from,
+            to,
+            op,
+            landed,
+        } = *step
+        {
+            let cut = rt.block_on(rename_until_held(&h, &mut md, from, to, op, landed));
+            rt = h.kill_and_remount(rt);
+            kill(&mut md);
+            return rt.block_on(finish(&mut h, &mut md, cut.as_ref()));
+        }
         if let Step::KillInUpload { h: hi, op, landed } = *step {
             rt.block_on(close_until_held(&h, &mut md, hi, op.op(), landed));
         }
@@ -1126,7 +1198,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         rt.block_on(run_step(&mut h, &mut md, step))
             .map_err(|e| TestCaseError::fail(format!("step {i} {step:?}: {e}")))?;
     }
-    rt.block_on(finish(&mut h, &mut md))
+    rt.block_on(finish(&mut h, &mut md, None))
 }
 
 /// Holds the next call of `op` (before the store, or after it, as
@@ -1162,6 +1234,79 @@ async fn close_until_held(h: &Harness, md: &mut Model, hi: u8, op: SOp, landed: 
         } else {
             "kill with an upload call on its way"
         }),
+    }
+}
+
+/// A rename cut by a kill: the file may be at either name, or at both.
+struct CutRename {
+    from: String,
+    to: String,
+    /// The renamed file's bytes.
+    data: Vec<u8>,
+    /// What `to` held before, if anything.
+    old_to: Option<Vec<u8>>,
+}
+
+/// Holds the next call of a rename's op, renames a file, and returns once
+/// the call is held (the rename cut there, by the kill that follows), or
+/// the rename is over: then the model has its outcome and nothing is cut.
+async fn rename_until_held(
+    h: &Harness,
+    md: &mut Model,
+    from: u8,
+    to: u8,
+    op: u8,
+    landed: bool,
+) -> Option<CutRename> {
+    let (from, to) = (pick_file(md, from), pick_file(md, to.wrapping_add(100)));
+    let n = *md.names.get(&from)?;
+    if from == to || !md.dir_exists(parent_of(&to)) {
+        return None;
+    }
+    let op = [SOp::Copy, SOp::Delete, SOp::Put][op as usize % 3];
+    if landed {
+        h.f.hold_after(op, 1);
+    } else {
+        h.f.hold(op, 1);
+    }
+    let fs = h.fs.clone();
+    let rename = async {
+        let sp = h.dir_ino(parent_of(&from)).await?;
+        let dp = h.dir_ino(parent_of(&to)).await?;
+        fs.rename(
+            sp,
+            OsStr::new(base_name(&from)),
+            dp,
+            OsStr::new(base_name(&to)),
+            false,
+        )
+        .await
+    };
+    let cut = CutRename {
+        from: from.clone(),
+        to: to.clone(),
+        data: md.nodes[n].data.clone(),
+        old_to: md.names.get(&to).map(|&m| md.nodes[m].data.clone()),
+    };
+    tokio::select! {
+        r = rename => {
+            note("kill after a rename (no call held)");
+            if r.is_ok() {
+                md.unlink(&to);
+                md.names.remove(&from);
+                md.names.insert(to, n);
+                return None;
+            }
+            Some(cut)
+        }
+        _ = h.f.wait_held(op) => {
+            note(if landed {
+                "kill in a rename, a call landed, unanswered"
+            } else {
+                "kill in a rename, a call on its way"
+            });
+            Some(cut)
+        }
     }
 }
 
@@ -1342,6 +1487,78 @@ fn a_truncation_survives_two_kills_in_a_row() {
             },
             Step::Kill,
             Step::Kill,
+        ],
+    );
+}
+
+#[test]
+fn a_chmod_survives_a_kill_after_a_failed_put_of_the_same_bytes() {
+    regression(
+        false,
+        false,
+        vec![
+            Step::Open {
+                path: 36,
+                mode: Mode::Read,
+                create: true,
+            },
+            Step::Close { h: 0 },
+            Step::Chmod {
+                path: 0,
+                perm: 0o600,
+            },
+            Step::Open {
+                path: 0,
+                mode: Mode::Trunc,
+                create: false,
+            },
+            Step::Fail {
+                what: Fault::Put,
+                n: 2,
+            },
+            Step::Fsync { h: 0 },
+            Step::Kill,
+        ],
+    );
+}
+
+#[test]
+fn a_stream_cancelled_by_a_truncation_is_aborted_before_a_kill_can_forget_it() {
+    regression(
+        false,
+        false,
+        vec![
+            Step::OtherPut {
+                path: 12,
+                len: 0,
+                seed: 0,
+            },
+            Step::Open {
+                path: 0,
+                mode: Mode::Trunc,
+                create: false,
+            },
+            Step::Open {
+                path: 0,
+                mode: Mode::Read,
+                create: false,
+            },
+            Step::Write {
+                h: 0,
+                at: None,
+                len: 10 * MIB,
+                seed: 0,
+            },
+            Step::Open {
+                path: 0,
+                mode: Mode::Trunc,
+                create: false,
+            },
+            Step::KillInUpload {
+                h: 2,
+                op: Fault::UploadPart,
+                landed: false,
+            },
         ],
     );
 }
