@@ -548,6 +548,31 @@ impl Harness {
         Ok(a.ino)
     }
 
+    /// Renames file `from` to `to` (paths).
+    async fn rename(&self, from: &str, to: &str) -> Result<(), FsError> {
+        let sp = self.dir_ino(parent_of(from)).await?;
+        let dp = self.dir_ino(parent_of(to)).await?;
+        self.fs
+            .rename(
+                sp,
+                OsStr::new(base_name(from)),
+                dp,
+                OsStr::new(base_name(to)),
+                false,
+            )
+            .await
+    }
+
+    /// The next call of `op` is held before the store, or (`landed`) after
+    /// the store carried it out, until released.
+    fn hold_next(&self, op: SOp, landed: bool) {
+        if landed {
+            self.f.hold_after(op, 1);
+        } else {
+            self.f.hold(op, 1);
+        }
+    }
+
     async fn lookup(&self, path: &str) -> Result<bucketfs::fs::Attr, FsError> {
         let parent = self.dir_ino(parent_of(path)).await?;
         self.fs.lookup(parent, OsStr::new(base_name(path))).await
@@ -758,19 +783,7 @@ async fn run_step(h: &mut Harness, md: &mut Model, step: &Step) -> Result<(), Te
                 || !md.names.contains_key(&from)
                 || !md.dir_exists(parent_of(&to)))
             .then_some(FsError::NotFound);
-            let r = within(&what, async {
-                let sp = h.dir_ino(parent_of(&from)).await?;
-                let dp = h.dir_ino(parent_of(&to)).await?;
-                fs.rename(
-                    sp,
-                    OsStr::new(base_name(&from)),
-                    dp,
-                    OsStr::new(base_name(&to)),
-                    false,
-                )
-                .await
-            })
-            .await?;
+            let r = within(&what, h.rename(&from, &to)).await?;
             if let Some(e) = want_err {
                 return expect_err(&what, r, e);
             }
@@ -1210,11 +1223,7 @@ async fn close_until_held(h: &Harness, md: &mut Model, hi: u8, op: SOp, landed: 
         return;
     }
     let hd = md.handles.remove(hi as usize % md.handles.len());
-    if landed {
-        h.f.hold_after(op, 1);
-    } else {
-        h.f.hold(op, 1);
-    }
+    h.hold_next(op, landed);
     let fs = h.fs.clone();
     let close = async {
         // Its outcome is the kill's: whatever it answers, the data was
@@ -1264,24 +1273,8 @@ async fn rename_until_held(
         return None;
     }
     let op = [SOp::Copy, SOp::Delete, SOp::Put][op as usize % 3];
-    if landed {
-        h.f.hold_after(op, 1);
-    } else {
-        h.f.hold(op, 1);
-    }
-    let fs = h.fs.clone();
-    let rename = async {
-        let sp = h.dir_ino(parent_of(&from)).await?;
-        let dp = h.dir_ino(parent_of(&to)).await?;
-        fs.rename(
-            sp,
-            OsStr::new(base_name(&from)),
-            dp,
-            OsStr::new(base_name(&to)),
-            false,
-        )
-        .await
-    };
+    h.hold_next(op, landed);
+    let rename = h.rename(&from, &to);
     let cut = CutRename {
         from: from.clone(),
         to: to.clone(),
