@@ -253,25 +253,22 @@ impl Fs {
     /// attributes: `DIR/.versions` for a directory, `DIR/.versions/NAME`
     /// for a file.
     pub fn versions_changed(&self, ino: u64) -> Option<u64> {
-        let (path, dir) = {
-            let t = self.table.lock();
-            let n = t.get(ino)?;
-            let NodeKey::Path(p) = &n.key else {
-                return None;
-            };
-            (p.clone(), n.attr.kind == FileKind::Dir)
-        };
-        if dir {
-            return self.table.lock().find(&NodeKey::Versions(path));
-        }
-        self.versions.forget(&path);
         let mut t = self.table.lock();
-        let v = t.find(&NodeKey::VersionsOf(path))?;
+        let n = t.get(ino)?;
+        let NodeKey::Path(path) = n.key.clone() else {
+            return None;
+        };
+        if n.attr.kind == FileKind::Dir {
+            return t.find(&NodeKey::Versions(path));
+        }
+        let v = t.find(&NodeKey::VersionsOf(path.clone()));
         // Worked out again at the next ask.
-        if let Some(n) = t.get_mut(v) {
+        if let Some(n) = v.and_then(|v| t.get_mut(v)) {
             n.fresh_until = Some(Instant::now());
         }
-        Some(v)
+        drop(t);
+        self.versions.forget(&path);
+        v
     }
 
     /// The mode and owner the versions of `path` are shown with: the

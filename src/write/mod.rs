@@ -1106,15 +1106,26 @@ async fn landed_anyway(
     meta: Option<&Metadata>,
 ) -> Option<PutResult> {
     let o = store.head(key, None).await.ok()?;
-    let has_meta = |m: &Metadata| {
-        o.metadata
-            .as_ref()
-            .is_some_and(|got| m.iter().all(|(k, v)| got.get(k) == Some(v)))
-    };
-    (same_etag(&o.etag, etag) && meta.is_none_or(has_meta)).then_some(PutResult {
+    (same_etag(&o.etag, etag) && meta.is_none_or(|m| holds_meta(&o, m))).then_some(PutResult {
         etag: o.etag,
         version_id: o.version_id,
     })
+}
+
+/// Whether object `o` has every entry of `meta` in its user metadata.
+fn holds_meta(o: &crate::store::ObjectInfo, meta: &Metadata) -> bool {
+    o.metadata
+        .as_ref()
+        .is_some_and(|got| meta.iter().all(|(k, v)| got.get(k) == Some(v)))
+}
+
+/// Whether ETag `c` is that of one of these uploads: single PUTs (their
+/// ETags) or multipart uploads (their part sets).
+fn one_of(c: &str, puts: &[String], part_sets: &[Vec<Part>]) -> bool {
+    puts.iter().any(|p| same_etag(c, p))
+        || part_sets
+            .iter()
+            .any(|ps| !ps.is_empty() && multipart_etag(ps).is_some_and(|m| same_etag(c, &m)))
 }
 
 /// CompleteMultipartUpload. S3 may take minutes and answer a retry of a
@@ -1474,10 +1485,9 @@ async fn prepare_one(
     // The dead daemon's last upload may have landed before it could say
     // so: then the object is exactly these bytes (a multipart upload's
     // ETag from its journaled parts, a single PUT's from the data).
-    let journaled_landed = current.as_ref().is_some_and(|c| {
-        multipart_etag(&r.parts).is_some_and(|m| !r.parts.is_empty() && same_etag(c, &m))
-            || r.puts.iter().any(|p| same_etag(c, p))
-    });
+    let journaled_landed = current
+        .as_ref()
+        .is_some_and(|c| one_of(c, &r.puts, std::slice::from_ref(&r.parts)));
     // A new file's bytes are compared whole (a read of all of them, so
     // only where no journaled upload matched): the object may hold them
     // from an upload before a change of attributes only (a chmod of the
@@ -1493,16 +1503,12 @@ async fn prepare_one(
     // it) before the data changed again. Only for data without a base,
     // the staging file being all of it.
     let own_earlier = r.header.base_etag.is_none()
-        && current.as_ref().is_some_and(|c| {
-            r.earlier_puts.iter().any(|p| same_etag(c, p))
-                || r.earlier_parts
-                    .iter()
-                    .any(|ps| multipart_etag(ps).is_some_and(|m| same_etag(c, &m)))
-        });
+        && current
+            .as_ref()
+            .is_some_and(|c| one_of(c, &r.earlier_puts, &r.earlier_parts));
     let meta_landed = current_info
         .as_ref()
-        .and_then(|o| o.metadata.as_ref())
-        .is_some_and(|m| r.header.meta.iter().all(|(k, v)| m.get(k) == Some(v)));
+        .is_some_and(|o| holds_meta(o, &r.header.meta));
     // The object holds exactly these bytes. It is what the data is only
     // with the journaled metadata too: a PUT that failed before the store
     // took it journals the ETag of the same bytes already there, and a
