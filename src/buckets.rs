@@ -42,7 +42,7 @@ use crate::cache::block::CacheStats;
 use crate::fs::inodes::ROOT_INO;
 use crate::fs::names::check_name;
 use crate::fs::{
-    Attr, Creator, Defaults, DirEntry, DirPage, FileKind, Fs, FsConfig, FsError, FsResult,
+    Attr, Creator, Defaults, DirAsk, DirEntry, DirPage, FileKind, Fs, FsConfig, FsError, FsResult,
     KernelDir, PendingFile, Placed, SetAttr, StatFs,
 };
 use crate::store::{Account, Op, StoreError};
@@ -873,13 +873,13 @@ impl Buckets {
     /// Entries of an open directory (`ino`) after position `offset`, each
     /// with its position; `None`: it must be listed first
     /// (`readdir_listed`).
-    pub fn readdir(&self, ino: u64, fh: u64, offset: u64) -> FsResult<Option<DirPage<Placed>>> {
+    pub fn readdir(&self, ino: u64, fh: u64, ask: DirAsk) -> FsResult<Option<DirPage<Placed>>> {
         match (self.handle(fh)?, &self.inner) {
-            (None, Inner::All(all)) => Ok(Some(Self::top_entries(all, fh, offset)?)),
+            (None, Inner::All(all)) => Ok(Some(Self::top_entries(all, fh, ask)?)),
             (None, Inner::One(_)) => Err(FsError::BadHandle),
             (Some((fs, ids, fh)), _) => {
                 let dir = split_local(ids, ino);
-                fs.readdir(fh, offset)?
+                fs.readdir(fh, ask)?
                     .map(|p| Self::map_page(p, |(o, e)| Ok((o, ids.entry(dir, e)?))))
                     .transpose()
             }
@@ -891,14 +891,14 @@ impl Buckets {
         &self,
         ino: u64,
         fh: u64,
-        offset: u64,
+        ask: DirAsk,
     ) -> FsResult<DirPage<Placed>> {
         match (self.handle(fh)?, &self.inner) {
-            (None, Inner::All(all)) => Self::top_entries(all, fh, offset),
+            (None, Inner::All(all)) => Self::top_entries(all, fh, ask),
             (None, Inner::One(_)) => Err(FsError::BadHandle),
             (Some((fs, ids, fh)), _) => {
                 let dir = split_local(ids, ino);
-                let p = fs.readdir_listed(dir, fh, offset).await?;
+                let p = fs.readdir_listed(dir, fh, ask).await?;
                 Self::map_page(p, |(o, e)| Ok((o, ids.entry(dir, e)?)))
             }
         }
@@ -910,19 +910,29 @@ impl Buckets {
         Ok(DirPage {
             entries: p.entries.into_iter().map(global).collect::<FsResult<_>>()?,
             expire_at: p.expire_at,
+            more: p.more,
         })
     }
 
-    /// Entries of the top level (every bucket) after `offset`, an index.
-    fn top_entries(all: &All, fh: u64, offset: u64) -> FsResult<DirPage<Placed>> {
+    /// Entries of the top level (every bucket) that `ask` asks for; the
+    /// position of each is its index + 1, so "after" and "past" a position
+    /// are the same.
+    fn top_entries(all: &All, fh: u64, ask: DirAsk) -> FsResult<DirPage<Placed>> {
         let st = all.state.lock();
         let entries = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+        let page: Vec<Placed> = (ask.offset..)
+            .zip(entries.iter().skip(ask.offset as usize))
+            .take(ask.max.max(1))
+            .map(|(i, e)| (i + 1, e.clone()))
+            .collect();
+        let more = page
+            .last()
+            .map(|&(p, _)| p)
+            .filter(|&p| (p as usize) < entries.len());
         Ok(DirPage {
-            entries: (offset..)
-                .zip(entries.iter().skip(offset as usize))
-                .map(|(i, e)| (i + 1, e.clone()))
-                .collect(),
+            entries: page,
             expire_at: None,
+            more,
         })
     }
 
@@ -931,11 +941,11 @@ impl Buckets {
         &self,
         ino: u64,
         fh: u64,
-        offset: u64,
+        ask: DirAsk,
     ) -> FsResult<DirPage<(u64, DirEntry, Attr, bool, bool)>> {
         match (self.handle(fh)?, &self.inner) {
             (None, Inner::All(all)) => {
-                let page = Self::top_entries(all, fh, offset)?;
+                let page = Self::top_entries(all, fh, ask)?;
                 Self::map_page(page, |(o, e)| {
                     let a = if e.ino == ROOT_INO {
                         Self::top_attr(all)
@@ -951,7 +961,7 @@ impl Buckets {
             (None, Inner::One(_)) => Err(FsError::BadHandle),
             (Some((fs, ids, fh)), _) => {
                 let dir = split_local(ids, ino);
-                let page = fs.readdirplus(dir, fh, offset).await?;
+                let page = fs.readdirplus(dir, fh, ask).await?;
                 Self::map_page(page, |(o, e, a, counted, own)| {
                     Ok((o, ids.entry(dir, e)?, ids.attr(a)?, counted, own))
                 })
@@ -1214,7 +1224,7 @@ mod tests {
         assert_eq!((top.kind, top.perm), (FileKind::Dir, 0o700));
         let fh = b.opendir(ROOT_INO).await.unwrap();
         let names: Vec<String> = b
-            .readdir_listed(ROOT_INO, fh, 0)
+            .readdir_listed(ROOT_INO, fh, DirAsk::at(0))
             .await
             .unwrap()
             .entries
@@ -1239,7 +1249,11 @@ mod tests {
         b.release(hb).await.unwrap();
         // `..` of a bucket's root is the top level.
         let fh = b.opendir(alpha.ino).await.unwrap();
-        let dots = b.readdir_listed(alpha.ino, fh, 0).await.unwrap().entries;
+        let dots = b
+            .readdir_listed(alpha.ino, fh, DirAsk::at(0))
+            .await
+            .unwrap()
+            .entries;
         assert_eq!((dots[0].1.ino, dots[1].1.ino), (alpha.ino, ROOT_INO));
         b.releasedir(fh);
 

@@ -23,7 +23,9 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::buckets::Buckets;
 use crate::error;
-use crate::fs::{Attr, Creator, DirPage, FileKind, FsError, FsResult, Placed, SetAttr};
+use crate::fs::{
+    Attr, Creator, DirAsk, DirEntry, DirPage, FileKind, FsError, FsResult, Placed, SetAttr,
+};
 
 const MAX_WRITE_BYTES: u32 = 1024 * 1024;
 const MAX_READAHEAD_BYTES: u32 = 1024 * 1024;
@@ -131,23 +133,101 @@ fn expire_kernel_dir(
     });
 }
 
-/// Sends a page of a plain directory read, then has the kernel drop what
-/// it keeps of the directory when that expires.
+/// Entries the core works out per call for a readdir reply, which holds
+/// 4 KiB to 32 KiB of names (about 128 to 1,000): filled by as many calls
+/// as it takes (`DirAsk`).
+const READDIR_CALL_ENTRIES: usize = 256;
+
+/// The same for readdirplus, whose entries carry attributes (about 25 to
+/// 200 per reply).
+const READDIRPLUS_CALL_ENTRIES: usize = 64;
+
+/// The earlier of two times the kernel must drop a listing.
+fn earliest(
+    a: Option<std::time::Instant>,
+    b: Option<std::time::Instant>,
+) -> Option<std::time::Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Sends a plain directory read: `page`, then as many pages after it as
+/// fit (each asked of the core without waiting: what it has); then has
+/// the kernel drop what it keeps of the directory when that expires.
+#[allow(clippy::too_many_arguments)]
 fn send_dir_page(
     rt: &tokio::runtime::Handle,
     fs: &Arc<Buckets>,
     kernel: &Arc<OnceLock<Notifier>>,
     dir: INodeNo,
+    fh: u64,
+    ask: DirAsk,
     page: DirPage<Placed>,
     mut reply: ReplyDirectory,
 ) {
-    for (pos, e) in &page.entries {
-        if reply.add(INodeNo(e.ino), *pos, file_type(e.kind), &e.name) {
-            break;
+    let (mut page, mut ask) = (page, ask);
+    let (mut sent, mut expire_at) = (0, None);
+    'reply: loop {
+        expire_at = earliest(expire_at, page.expire_at);
+        for (pos, e) in &page.entries {
+            if reply.add(INodeNo(e.ino), *pos, file_type(e.kind), &e.name) {
+                break 'reply;
+            }
+            sent += 1;
+        }
+        let Some(next) = page.more else { break };
+        ask = ask.next(next, sent);
+        // Changed since, or failed: the kernel asks again from here.
+        match fs.readdir(dir.0, fh, ask) {
+            Ok(Some(p)) => page = p,
+            _ => break,
         }
     }
     reply.ok();
-    expire_kernel_dir(rt, fs, kernel, dir, page.expire_at);
+    expire_kernel_dir(rt, fs, kernel, dir, expire_at);
+}
+
+/// Adds readdirplus entries to `reply` until it is full: (entries added,
+/// full). The kernel counts a lookup of each added entry but `.` and
+/// `..`; entries the core looked up again (`counted`) that did not fit are
+/// given back.
+fn add_plus_entries(
+    fs: &Buckets,
+    reply: &mut ReplyDirectoryPlus,
+    entries: &[(u64, DirEntry, Attr, bool, bool)],
+) -> (usize, bool) {
+    let mut sent = entries.len();
+    for (k, (pos, e, a, counted, own)) in entries.iter().enumerate() {
+        // Attributes not read from the object itself must not be kept
+        // (nor permission-checked) by the kernel.
+        let ttl = if *own {
+            fs.kernel_ttl(e.ino)
+        } else {
+            Duration::ZERO
+        };
+        if reply.add(
+            INodeNo(e.ino),
+            *pos,
+            &e.name,
+            &ttl,
+            &file_attr(a),
+            Generation(0),
+        ) {
+            sent = k;
+            break;
+        }
+        if !counted && e.name != "." && e.name != ".." {
+            fs.note_lookup(e.ino);
+        }
+    }
+    for (_, e, _, counted, _) in &entries[sent..] {
+        if *counted {
+            fs.forget(e.ino, 1);
+        }
+    }
+    (sent, sent < entries.len())
 }
 
 /// The errno of a failure, logged once.
@@ -694,13 +774,14 @@ impl Filesystem for FuseFs {
         // Served from the handle's listing, without a task, unless the
         // directory changed since and must be listed again.
         let span = span!("readdir", req, ino = ino.0, fh = fh.0);
-        let page = match span.in_scope(|| self.fs.readdir(ino.0, fh.0, offset)) {
+        let ask = DirAsk::first(offset, READDIR_CALL_ENTRIES);
+        let page = match span.in_scope(|| self.fs.readdir(ino.0, fh.0, ask)) {
             Ok(Some(page)) => page,
             Ok(None) => {
                 let (fs, kernel, rt) = (self.fs.clone(), self.kernel.clone(), self.rt.clone());
                 return self.spawn(span, async move {
-                    match fs.readdir_listed(ino.0, fh.0, offset).await {
-                        Ok(page) => send_dir_page(&rt, &fs, &kernel, ino, page, reply),
+                    match fs.readdir_listed(ino.0, fh.0, ask).await {
+                        Ok(page) => send_dir_page(&rt, &fs, &kernel, ino, fh.0, ask, page, reply),
                         Err(e) => reply.error(fail(&e)),
                     }
                 });
@@ -708,7 +789,16 @@ impl Filesystem for FuseFs {
             Err(e) => return reply.error(fail(&e)),
         };
         let _s = span.entered();
-        send_dir_page(&self.rt, &self.fs, &self.kernel, ino, page, reply);
+        send_dir_page(
+            &self.rt,
+            &self.fs,
+            &self.kernel,
+            ino,
+            fh.0,
+            ask,
+            page,
+            reply,
+        );
     }
 
     fn readdirplus(
@@ -723,43 +813,25 @@ impl Filesystem for FuseFs {
         self.spawn(
             span!("readdirplus", req, ino = ino.0, fh = fh.0),
             async move {
-                match fs.readdirplus(ino.0, fh.0, offset).await {
-                    Ok(DirPage { entries, expire_at }) => {
-                        let mut sent = entries.len();
-                        for (k, (pos, e, a, counted, own)) in entries.iter().enumerate() {
-                            // Attributes not read from the object itself must
-                            // not be kept (nor permission-checked) by the kernel.
-                            let ttl = if *own {
-                                fs.kernel_ttl(e.ino)
-                            } else {
-                                Duration::ZERO
-                            };
-                            if reply.add(
-                                INodeNo(e.ino),
-                                *pos,
-                                &e.name,
-                                &ttl,
-                                &file_attr(a),
-                                Generation(0),
-                            ) {
-                                sent = k;
-                                break;
-                            }
-                            if !counted && e.name != "." && e.name != ".." {
-                                fs.note_lookup(e.ino);
-                            }
-                        }
-                        // Entries looked up again that did not fit: give back.
-                        for (_, e, _, counted, _) in &entries[sent..] {
-                            if *counted {
-                                fs.forget(e.ino, 1);
-                            }
-                        }
-                        reply.ok();
-                        expire_kernel_dir(&rt, &fs, &kernel, ino, expire_at);
+                let mut ask = DirAsk::first(offset, READDIRPLUS_CALL_ENTRIES);
+                let (mut sent, mut expire_at) = (0, None);
+                loop {
+                    let page = match fs.readdirplus(ino.0, fh.0, ask).await {
+                        Ok(page) => page,
+                        Err(e) if sent == 0 => return reply.error(fail(&e)),
+                        // The kernel asks again from here, and gets it then.
+                        Err(_) => break,
+                    };
+                    expire_at = earliest(expire_at, page.expire_at);
+                    let (added, full) = add_plus_entries(&fs, &mut reply, &page.entries);
+                    sent += added;
+                    match page.more {
+                        Some(next) if !full => ask = ask.next(next, sent),
+                        _ => break,
                     }
-                    Err(e) => reply.error(fail(&e)),
                 }
+                reply.ok();
+                expire_kernel_dir(&rt, &fs, &kernel, ino, expire_at);
             },
         );
     }

@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 
 use bucketfs::fs::inodes::ROOT_INO;
-use bucketfs::fs::{Attr, Creator, FileKind, Fs, FsConfig, FsError, RELIST_AFTER, SetAttr};
+use bucketfs::fs::{Attr, Creator, DirAsk, FileKind, Fs, FsConfig, FsError, RELIST_AFTER, SetAttr};
 use bucketfs::store::memory::MemStore;
 use bucketfs::store::{Metadata, ObjectStore, Op, StoreError};
 use bucketfs::write::UploadOptions;
@@ -192,7 +192,11 @@ async fn readdirplus_never_hands_out_attributes_not_read_from_the_object() {
     let mut offset = 0;
     let mut own = 0;
     loop {
-        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap().entries;
+        let batch = fs
+            .readdirplus(d.ino, fh, DirAsk::at(offset))
+            .await
+            .unwrap()
+            .entries;
         let Some(last) = batch.last() else { break };
         offset = last.0;
         for (_, e, a, _, is_own) in &batch {
@@ -361,7 +365,11 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
     let fh = fs.opendir(d.ino).await.unwrap();
     let (mut offset, mut replies, mut sent) = (0, 0, 0);
     while replies < 20 {
-        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap().entries;
+        let batch = fs
+            .readdirplus(d.ino, fh, DirAsk::at(offset))
+            .await
+            .unwrap()
+            .entries;
         let Some(last) = batch.last() else { break };
         replies += 1;
         sent += batch.len();
@@ -374,7 +382,11 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
     f.clear(Op::Head);
     let mut own = 0;
     loop {
-        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap().entries;
+        let batch = fs
+            .readdirplus(d.ino, fh, DirAsk::at(offset))
+            .await
+            .unwrap()
+            .entries;
         let Some(last) = batch.last() else { break };
         offset = last.0;
         assert_eq!(check(&batch), 0);
@@ -386,7 +398,11 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
     //    first one's time is up) finds them changed while HEADs fail, as
     //    the first handle is read.
     let fh = fs.opendir(d.ino).await.unwrap();
-    let first = fs.readdirplus(d.ino, fh, 0).await.unwrap().entries;
+    let first = fs
+        .readdirplus(d.ino, fh, DirAsk::at(0))
+        .await
+        .unwrap()
+        .entries;
     assert_eq!(check(&first), 0);
     for i in 0..300 {
         m.insert(&format!("d/f{i:03}"), b"rewritten", meta());
@@ -402,7 +418,11 @@ async fn readdirplus_never_hands_out_the_mounts_defaults_for_unread_metadata() {
     assert_eq!(first.len(), 302, "all known: one reply");
     let (mut offset, mut placeholders) = (0, 0);
     for _ in 0..20 {
-        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap().entries;
+        let batch = fs
+            .readdirplus(d.ino, fh, DirAsk::at(offset))
+            .await
+            .unwrap()
+            .entries;
         let Some(last) = batch.last() else { break };
         offset = last.0;
         placeholders += check(&batch);
@@ -448,7 +468,11 @@ fn fill(s: &MemStore, dir: &str, n: usize, meta: impl Fn() -> Metadata) {
 fn listing_order(fs: &Fs, fh: u64) -> Vec<String> {
     let (mut offset, mut names) = (0, Vec::new());
     loop {
-        let page = fs.readdir(fh, offset).unwrap().expect("current").entries;
+        let page = fs
+            .readdir(fh, DirAsk::at(offset))
+            .unwrap()
+            .expect("current")
+            .entries;
         let Some(last) = page.last() else {
             return names;
         };
@@ -459,6 +483,79 @@ fn listing_order(fs: &Fs, fh: u64) -> Vec<String> {
                 .filter(|n| n != "." && n != ".."),
         );
     }
+}
+
+/// A reply made of small calls, as the FUSE layer fills one (`DirAsk`):
+/// each call hands out at most what it is asked for, the next goes on
+/// past the last, and the whole pass gives every name once, as one
+/// unbounded call per reply does. (Calls of thousands of entries per
+/// reply, of which the kernel takes a few dozen, made a cold `ls -l` of
+/// 10,000 entries copy and look up about 1.6 million.)
+#[tokio::test]
+async fn a_reply_filled_by_small_calls_gives_every_name_once() {
+    let s = Arc::new(MemStore::unversioned());
+    fill(&s, "d", 300, || s3fs_meta(0o100600, 42, 1_000_000_000));
+    let (fs, _d) = fs_with(s.clone(), |c| c.metadata_ttl = LONG_TTL);
+    let d = fs.lookup(ROOT_INO, name("d")).await.unwrap();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let whole = listing_order(&fs, fh);
+    assert_eq!(whole.len(), 300);
+    // Plain readdir: replies of 5 calls of 7 entries at most.
+    let (mut names, mut offset, mut calls) = (Vec::new(), 0, 0);
+    'pass: loop {
+        let mut ask = DirAsk::first(offset, 7);
+        let mut sent = 0;
+        for _ in 0..5 {
+            calls += 1;
+            let page = fs.readdir(fh, ask).unwrap().expect("current");
+            assert!(page.entries.len() <= 7, "{} entries", page.entries.len());
+            if page.entries.is_empty() && sent == 0 {
+                break 'pass;
+            }
+            sent += page.entries.len();
+            if let Some(&(p, _)) = page.entries.last() {
+                offset = p;
+            }
+            names.extend(page.entries.into_iter().map(|(_, e)| e.name));
+            match page.more {
+                Some(next) => {
+                    assert_eq!(next, offset, "goes on past the last entry sent");
+                    ask = ask.next(next, sent);
+                }
+                None => break,
+            }
+        }
+    }
+    names.retain(|n| n != "." && n != "..");
+    assert_eq!(names, whole);
+    assert!(calls >= 300 / 7, "{calls} calls");
+    // readdirplus: the same names, each with its own attributes.
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let (mut plus, mut offset) = (Vec::new(), 0);
+    'pass: loop {
+        let mut ask = DirAsk::first(offset, 7);
+        let mut sent = 0;
+        for _ in 0..5 {
+            let page = fs.readdirplus(d.ino, fh, ask).await.unwrap();
+            assert!(page.entries.len() <= 7, "{} entries", page.entries.len());
+            if page.entries.is_empty() && sent == 0 {
+                break 'pass;
+            }
+            sent += page.entries.len();
+            for (p, e, a, _, own) in page.entries {
+                offset = p;
+                if e.name != "." && e.name != ".." {
+                    assert!(own && a.perm == 0o600 && a.uid == 42, "{}: {a:?}", e.name);
+                    plus.push(e.name);
+                }
+            }
+            match page.more {
+                Some(next) => ask = ask.next(next, sent),
+                None => break,
+            }
+        }
+    }
+    assert_eq!(plus, whole);
 }
 
 /// How many HEADs a cold listing of `names` (in its reader's order) costs
@@ -476,7 +573,11 @@ fn heads_of_listing(names: &[String], upto: usize) -> u64 {
 fn readdir_from(fs: &Fs, fh: u64, mut offset: u64) -> u64 {
     let mut n = 0;
     loop {
-        let page = fs.readdir(fh, offset).unwrap().expect("current").entries;
+        let page = fs
+            .readdir(fh, DirAsk::at(offset))
+            .unwrap()
+            .expect("current")
+            .entries;
         let Some(last) = page.last() else {
             return n;
         };
@@ -515,7 +616,11 @@ async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
     // readdirplus to the end: each entry's own metadata, one HEAD each.
     let (mut offset, mut own) = (0, 0);
     loop {
-        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap().entries;
+        let batch = fs
+            .readdirplus(d.ino, fh, DirAsk::at(offset))
+            .await
+            .unwrap()
+            .entries;
         let Some(last) = batch.last() else { break };
         offset = last.0;
         own += batch
@@ -529,7 +634,7 @@ async fn a_listings_metadata_is_read_only_ahead_of_its_reader() {
     // A handle closed before its reader got far: the pass stops.
     let h1 = heads();
     let fh = fs.opendir(e.ino).await.unwrap();
-    fs.readdirplus(e.ino, fh, 0).await.unwrap();
+    fs.readdirplus(e.ino, fh, DirAsk::at(0)).await.unwrap();
     fs.releasedir(fh);
     yield_to_background().await;
     let took = heads() - h1;
@@ -593,7 +698,11 @@ async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
     for _ in 0..3 {
         let h = heads();
         let fh = fs.opendir(d.ino).await.unwrap();
-        let first = fs.readdirplus(d.ino, fh, 0).await.unwrap().entries;
+        let first = fs
+            .readdirplus(d.ino, fh, DirAsk::at(0))
+            .await
+            .unwrap()
+            .entries;
         let rest = readdir_from(&fs, fh, first.last().unwrap().0);
         assert_eq!(
             first.len() as u64 + rest,
@@ -620,14 +729,22 @@ async fn listing_again_reads_no_metadata_ahead_of_what_its_reader_reached() {
         .take_while(|n| heads_of_listing(std::slice::from_ref(n), 0) == 1)
         .count();
     let fh = fs.opendir(d.ino).await.unwrap();
-    let batch = fs.readdirplus(d.ino, fh, 0).await.unwrap().entries;
+    let batch = fs
+        .readdirplus(d.ino, fh, DirAsk::at(0))
+        .await
+        .unwrap()
+        .entries;
     let reached = batch.last().unwrap().0;
     assert_eq!(
         batch.len(),
         window + run + 2,
         "known entries, after . and .."
     );
-    let next = fs.readdirplus(d.ino, fh, reached).await.unwrap().entries;
+    let next = fs
+        .readdirplus(d.ino, fh, DirAsk::at(reached))
+        .await
+        .unwrap()
+        .entries;
     assert!(
         next.iter().all(|e| e.4),
         "handed out with their own metadata"
@@ -813,7 +930,11 @@ async fn readdirplus_replies_hold_only_entries_with_their_own_metadata_and_list_
     let fh = fs.opendir(d.ino).await.unwrap();
     let (mut offset, mut seen, mut replies) = (0, Vec::new(), 0);
     loop {
-        let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap().entries;
+        let batch = fs
+            .readdirplus(d.ino, fh, DirAsk::at(offset))
+            .await
+            .unwrap()
+            .entries;
         let Some(last) = batch.last() else { break };
         replies += 1;
         assert!(replies <= 700, "the listing ends");
@@ -1771,7 +1892,11 @@ async fn a_listing_within_the_ttl_needs_no_request_and_shows_this_mounts_changes
         let fh = fs.opendir(d.ino).await.unwrap();
         let (mut out, mut offset) = (Vec::new(), 0);
         loop {
-            let batch = fs.readdirplus(d.ino, fh, offset).await.unwrap().entries;
+            let batch = fs
+                .readdirplus(d.ino, fh, DirAsk::at(offset))
+                .await
+                .unwrap()
+                .entries;
             let Some(last) = batch.last() else {
                 break;
             };
@@ -1871,7 +1996,7 @@ async fn a_rewound_directory_handle_shows_the_directory_as_it_is_now() {
     fs.unlink(d.ino, name("f0")).await.unwrap();
     let n = requests(&s);
     let rest: Vec<String> = fs
-        .readdir(fh, 2)
+        .readdir(fh, DirAsk::at(2))
         .unwrap()
         .expect("the listing held")
         .entries
@@ -1906,7 +2031,7 @@ async fn five_in_d() -> (
 /// the five names and `new`, then the handle is released.
 async fn assert_first_read_has_new(fs: &Fs, dir: u64, fh: u64) {
     let got: Vec<String> = fs
-        .readdirplus(dir, fh, 0)
+        .readdirplus(dir, fh, DirAsk::at(0))
         .await
         .unwrap()
         .entries
@@ -2839,7 +2964,11 @@ async fn plus_all(fs: &Fs, dir: u64, fh: u64) -> std::collections::HashMap<Strin
     let mut got = std::collections::HashMap::new();
     let mut offset = 0;
     loop {
-        let batch = fs.readdirplus(dir, fh, offset).await.unwrap().entries;
+        let batch = fs
+            .readdirplus(dir, fh, DirAsk::at(offset))
+            .await
+            .unwrap()
+            .entries;
         let Some((last, ..)) = batch.last() else {
             break;
         };

@@ -113,6 +113,12 @@ impl Listing {
             i
         }
     }
+
+    /// The index of the first entry after every name at position
+    /// `offset`: where a reply that sent them all goes on.
+    pub fn resume_past(&self, offset: u64) -> usize {
+        self.pos.partition_point(|&p| p <= offset)
+    }
 }
 
 /// An open directory: a listing, replaced by the directory's current one
@@ -234,6 +240,11 @@ mod tests {
         // A position whose name left: the next one.
         assert_eq!(l.resume_at(25), 3);
         assert_eq!(l.resume_at(u64::MAX), 4);
+        // Within one reply that sent b and c: on past both, once.
+        assert_eq!(l.resume_past(20), 3);
+        assert_eq!(l.resume_past(1), 1);
+        assert_eq!(l.resume_past(25), 3);
+        assert_eq!(l.resume_past(30), 4);
     }
 
     #[test]
