@@ -20,7 +20,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use super::files::{Handle, SetAttr, StateGuard};
+use super::files::{Handle, SetAttr, StateGuard, WriteState};
 use super::inodes::NodeKey;
 use super::names::{check_key, check_name, join};
 use super::{Attr, FileKind, Fs, FsError, FsResult};
@@ -366,11 +366,12 @@ impl Fs {
                 )?;
                 self.deferred.lock().insert(attr.ino, t);
             } else {
-                self.delete_present(&key).await?;
+                self.delete_staged(st.as_deref_mut(), &key).await?;
             }
         } else if st.as_ref().is_some_and(|st| st.staged.may_have_landed()) {
             // An upload of this new file failed, perhaps only in its answer.
-            self.delete_present(&self.key_of(&path)).await?;
+            self.delete_staged(st.as_deref_mut(), &self.key_of(&path))
+                .await?;
         }
         if let Some(st) = st.as_mut() {
             st.discard();
@@ -558,6 +559,31 @@ impl Fs {
             }
             None => (self.live(src).await, None),
         };
+        // The file renamed over is being replaced: journaled first, so a
+        // kill once the new object landed drops its staged data instead
+        // of keeping it beside the key.
+        if let Some(st) = d.as_mut() {
+            st.staged.removing()?;
+        }
+        let r = self.move_file(src, dst, from, to, &mut s, &mut d).await;
+        if r.is_err()
+            && let Some(st) = d.as_mut()
+        {
+            st.staged.kept();
+        }
+        r.map(|()| s.into_iter().chain(d).collect())
+    }
+
+    /// `rename_file` once the states are held.
+    async fn move_file(
+        &self,
+        src: u64,
+        dst: Option<u64>,
+        from: &str,
+        to: &str,
+        s: &mut Option<StateGuard>,
+        d: &mut Option<StateGuard>,
+    ) -> FsResult<()> {
         let (fk, tk) = (self.key_of(from), self.key_of(to));
         let replaced = dst.filter(|d| *d != src);
         let never_uploaded = self
@@ -592,7 +618,7 @@ impl Fs {
                     st.discard();
                 }
                 self.retry_wake.notify_one();
-                return Ok(s.into_iter().chain(d).collect());
+                return Ok(());
             }
             // A deferred change of attributes (rsync sets mode and times
             // on its temporary file after the close, then renames it)
@@ -613,7 +639,7 @@ impl Fs {
                 if let Some(st) = d.as_mut() {
                     st.discard();
                 }
-                return Ok(s.into_iter().chain(d).collect());
+                return Ok(());
             }
             Some(st) => self.upload_if_dirty(src, st).await?,
             None => {}
@@ -635,7 +661,7 @@ impl Fs {
         if let Some(st) = d.as_mut() {
             st.discard();
         }
-        Ok(s.into_iter().chain(d).collect())
+        Ok(())
     }
 
     /// Before this mount writes over `key`: a removed file still read there
@@ -646,6 +672,22 @@ impl Fs {
         if let Some(d) = replaced {
             self.keep_for_readers(d).await;
         }
+    }
+
+    /// DeleteObject of the key of a file this mount may hold data of
+    /// (`st`), journaled first (`Staged::removing`): a kill once it landed
+    /// drops that data instead of keeping it beside the key. A failed
+    /// delete leaves the file as it was.
+    async fn delete_staged(&self, st: Option<&mut WriteState>, key: &str) -> FsResult<()> {
+        let Some(st) = st else {
+            return self.delete_present(key).await;
+        };
+        st.staged.removing()?;
+        let r = self.delete_present(key).await;
+        if r.is_err() {
+            st.staged.kept();
+        }
+        r
     }
 
     /// DeleteObject; a key already gone is not an error.

@@ -13,7 +13,9 @@
 //! all the data (written with the `P` lines in one append: only a set so
 //! sealed is ever completed by a recovering mount), `X` when the file was
 //! unlinked (final: nothing is to be
-//! uploaded). Journals written before part checksums have neither
+//! uploaded), `D` before this mount removes the file's object (an unlink's
+//! DeleteObject, a rename's copy over it) and `K` when that failed and the
+//! file stays (as does any change journaled after `D`). Journals written before part checksums have neither
 //! optional field, and replay the same: their uploads are completed
 //! without checksums. Every line ends in ` *<checksum>` (FNV-1a of the
 //! rest): replay stops at the first line that does not check, which can
@@ -280,6 +282,17 @@ impl Journal {
         self.append("X")
     }
 
+    /// This mount is about to remove the file's object (an unlink) or
+    /// put another over it (a rename).
+    pub fn removing(&mut self) -> io::Result<()> {
+        self.append("D")
+    }
+
+    /// The removal failed: the file stays.
+    pub fn kept(&mut self) -> io::Result<()> {
+        self.append("K")
+    }
+
     /// The data is in S3: nothing left to recover.
     pub fn remove(self) {
         let _ = std::fs::remove_file(&self.path);
@@ -344,6 +357,11 @@ pub struct Replayed {
     pub earlier_parts: Vec<Vec<Part>>,
     /// The file was unlinked: nothing to upload.
     pub unlinked: bool,
+    /// This mount was removing the file's object, or putting another over
+    /// it, when it stopped: if the key no longer holds what the data
+    /// replaces, that was this mount's own doing, and the data goes
+    /// (rather than beside the key).
+    pub removing: bool,
     pub loaded: RangeSet,
     pub base_valid: u64,
     pub size: u64,
@@ -395,6 +413,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
     }
     let (mut loaded, mut base_valid, mut size) = (RangeSet::default(), h.base_valid, h.size);
     let (mut uploads, mut parts, mut unlinked) = (Vec::new(), Vec::new(), false);
+    let mut removing = false;
     let mut parts_sealed = None;
     let mut puts = Vec::new();
     let (mut earlier_puts, mut earlier_parts) = (Vec::new(), Vec::new());
@@ -418,6 +437,8 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
             break;
         };
         let f: Vec<&str> = line.split(' ').collect();
+        // Any change after a removal began says the file stayed.
+        removing = f.as_slice() == ["D"];
         match f.as_slice() {
             ["W", off, len] => {
                 let (Ok(off), Ok(len)) = (off.parse::<u64>(), len.parse::<u64>()) else {
@@ -458,6 +479,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 parts_sealed = (n == parts.len()).then_some(bytes);
             }
             ["X"] => unlinked = true,
+            ["D"] | ["K"] => {}
             ["S", etag] => puts.push(dec(etag)),
             ["M", pairs @ ..] if pairs.len() % 2 == 0 => {
                 retire(&mut puts, &mut parts, &mut parts_sealed);
@@ -484,6 +506,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         earlier_puts,
         earlier_parts,
         unlinked,
+        removing,
         loaded,
         base_valid,
         size,
@@ -579,6 +602,28 @@ mod tests {
         assert!(c.unlinked);
         j.remove();
         assert!(!p.exists());
+    }
+
+    /// A removal under way (`D`) is what replay says until a `K` (it
+    /// failed) or any change after it (the file stayed).
+    #[test]
+    fn a_removal_under_way_is_replayed_until_it_failed_or_the_file_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut j = Journal::create(p.clone(), &header()).unwrap();
+        j.wrote(0, 5).unwrap();
+        assert!(!replay(&p).unwrap().removing);
+        j.removing().unwrap();
+        assert!(replay(&p).unwrap().removing);
+        j.kept().unwrap();
+        assert!(!replay(&p).unwrap().removing);
+        j.removing().unwrap();
+        j.wrote(5, 1).unwrap();
+        assert!(!replay(&p).unwrap().removing);
+        j.removing().unwrap();
+        j.unlinked().unwrap();
+        let r = replay(&p).unwrap();
+        assert!(r.unlinked && !r.removing);
     }
 
     /// A journal written before part checksums (no `crc32c` on its `U`

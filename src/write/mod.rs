@@ -454,6 +454,28 @@ impl Staged {
         self.end_journal();
     }
 
+    /// This mount is about to remove the file's object or put another
+    /// over it (an unlink, a rename over the file): journaled first, so a
+    /// kill after that landed drops the data rather than keeping it beside
+    /// the key (the removal was this mount's own, not another client's).
+    /// Not journaled (a full disk), the removal must not go ahead.
+    pub fn removing(&mut self) -> io::Result<()> {
+        match &mut self.journal {
+            Some(j) => j.removing(),
+            None => Ok(()),
+        }
+    }
+
+    /// The removal failed: the file stays, and a kill must keep its data
+    /// as for any file. (Not journaled, the next change to it is.)
+    pub fn kept(&mut self) {
+        if let Some(j) = &mut self.journal
+            && let Err(e) = j.kept()
+        {
+            warn!(error = %e, "journal: could not record a failed removal");
+        }
+    }
+
     /// The metadata the data is to be uploaded with changed (chmod while
     /// dirty): journaled, so a recovery uses it too.
     pub fn set_meta(&mut self, meta: &Metadata) -> io::Result<()> {
@@ -1574,6 +1596,8 @@ async fn prepare_one(
     // object would keep nothing.
     let dropped = if unchanged {
         None
+    } else if r.removing {
+        Some("the data of a file this mount was removing or replacing")
     } else if !data_changed {
         Some("a deferred change of attributes")
     } else if size == 0 && r.loaded.ranges().next().is_none() {
@@ -2115,6 +2139,52 @@ mod tests {
         assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
         assert_eq!(s.object("f").unwrap().as_ref(), b"second");
         assert_eq!(s.keys(), vec!["f".to_string()]);
+    }
+
+    /// kill -9 in an unlink (or a rename over the file) of a file with
+    /// data not in S3, once its DeleteObject landed: the removal was this
+    /// mount's own, so the data goes with it, not beside the key. The
+    /// same data, the key removed by someone else (no removal journaled),
+    /// is kept beside it; a removal that failed (`kept`) keeps it too.
+    #[tokio::test]
+    async fn a_kill_after_an_unlinks_delete_landed_drops_the_data_not_beside() {
+        for (removing, failed, beside) in [(true, false, 0), (false, false, 1), (true, true, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = MemStore::unversioned();
+            let meta = Metadata::new();
+            let p = s.insert("f", b"old bytes", meta.clone());
+            let base = Base {
+                key: "f".into(),
+                etag: p.etag,
+                size: 9,
+                version: None,
+            };
+            let mut st = Staged::new(dir.path(), Some(base), None).unwrap();
+            st.begin_journal("f", &meta).unwrap();
+            st.write(0, b"NEW").unwrap();
+            if removing {
+                st.removing().unwrap();
+            }
+            if failed {
+                st.kept();
+            }
+            // The DELETE lands; the daemon is killed before it hears.
+            s.delete("f").await.unwrap();
+            drop(st);
+            let r = recover(&s, dir.path(), &opts()).await;
+            assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+            let keys = s.keys();
+            assert_eq!(
+                keys.len(),
+                beside,
+                "removing {removing}, failed {failed}: {keys:?}"
+            );
+            if beside == 1 {
+                assert!(keys[0].starts_with("f.bucketfs-recovered"), "{keys:?}");
+                assert!(s.object(&keys[0]).unwrap().starts_with(b"NEW"));
+            }
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
     }
 
     #[tokio::test]
