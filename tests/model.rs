@@ -250,12 +250,13 @@ enum Step {
         op: Fault,
         landed: bool,
     },
-    /// kill -9 in the middle of a file rename: its next CopyObject,
-    /// DeleteObject or PUT is held (before or after the store did it);
-    /// the case ends there, checked with either outcome allowed.
-    KillInRename {
-        from: u8,
-        to: u8,
+    /// kill -9 in the middle of a change of the namespace or of
+    /// attributes (a file or directory rename, an unlink, a chmod): its
+    /// next call of a kind it makes (`op` picks) is held, before or after
+    /// the store did it; the case ends there, checked with the
+    /// change done, not done, or (a directory) done for some files.
+    KillIn {
+        change: Change,
         op: u8,
         landed: bool,
     },
@@ -323,11 +324,44 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         2 => Just(Step::Kill),
         2 => (any::<u8>(), fault(), any::<bool>())
             .prop_map(|(h, op, landed)| Step::KillInUpload { h, op, landed }),
-        1 => (any::<u8>(), any::<u8>(), any::<u8>(), any::<bool>())
-            .prop_map(|(from, to, op, landed)| Step::KillInRename { from, to, op, landed }),
+        2 => (change_strategy(), any::<u8>(), any::<bool>())
+            .prop_map(|(change, op, landed)| Step::KillIn { change, op, landed }),
         2 => (any::<u8>(), len_strategy(), any::<u8>())
             .prop_map(|(path, len, seed)| Step::OtherPut { path, len, seed }),
         1 => any::<u8>().prop_map(|path| Step::OtherDelete { path }),
+    ]
+}
+
+/// A change a kill may cut (`Step::KillIn`): run as the step it names.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    Rename { from: u8, to: u8 },
+    RenameDir { from: u8, to: u8 },
+    Unlink { path: u8 },
+    Chmod { path: u8, perm: u16 },
+}
+
+impl Change {
+    fn step(self) -> Step {
+        match self {
+            Change::Rename { from, to } => Step::Rename { from, to },
+            Change::RenameDir { from, to } => Step::RenameDir { from, to },
+            Change::Unlink { path } => Step::Unlink { path },
+            Change::Chmod { path, perm } => Step::Chmod { path, perm },
+        }
+    }
+}
+
+fn change_strategy() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        (any::<u8>(), any::<u8>()).prop_map(|(from, to)| Change::Rename { from, to }),
+        (any::<u8>(), any::<u8>()).prop_map(|(from, to)| Change::RenameDir { from, to }),
+        any::<u8>().prop_map(|path| Change::Unlink { path }),
+        (
+            any::<u8>(),
+            prop_oneof![Just(0o600u16), Just(0o640), Just(0o755)]
+        )
+            .prop_map(|(path, perm)| Change::Chmod { path, perm }),
     ]
 }
 
@@ -1000,7 +1034,7 @@ async fn run_step(h: &mut Harness, md: &mut Model, step: &Step) -> Result<(), Te
             );
         }
         Step::ClearFaults => h.clear_faults(),
-        Step::Kill | Step::KillInUpload { .. } | Step::KillInRename { .. } => {
+        Step::Kill | Step::KillInUpload { .. } | Step::KillIn { .. } => {
             unreachable!("run_case kills")
         }
         Step::OtherPut { path, len, seed } => {
@@ -1056,11 +1090,7 @@ async fn close(h: &mut Harness, hd: Handle) -> Result<(), TestCaseError> {
 /// Clears failures, closes every handle, waits (bounded) for the retries
 /// to drain and for background aborts of cancelled streaming uploads, and
 /// compares the bucket with the model.
-async fn finish(
-    h: &mut Harness,
-    md: &mut Model,
-    cut: Option<&CutRename>,
-) -> Result<(), TestCaseError> {
+async fn finish(h: &mut Harness, md: &mut Model, cut: Option<&Cut>) -> Result<(), TestCaseError> {
     h.clear_faults();
     for hd in std::mem::take(&mut md.handles) {
         close(h, hd).await?;
@@ -1092,36 +1122,12 @@ async fn finish(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let cut_names = cut.map_or(vec![], |c| vec![c.from.clone(), c.to.clone()]);
+    let cut_names = cut.map_or(vec![], Cut::keys);
     if let Some(c) = cut {
-        let (f, t) = (h.m.object(&c.from), h.m.object(&c.to));
-        let is =
-            |o: &Option<bytes::Bytes>, want: &[u8]| o.as_ref().is_some_and(|b| b.as_ref() == want);
-        if !is(&f, &c.data) && !is(&t, &c.data) {
-            return Err(TestCaseError::fail(format!(
-                "a rename cut by a kill lost the file: {} has {:?} bytes, {} has {:?}, want {}",
-                c.from,
-                f.map(|b| b.len()),
-                c.to,
-                t.map(|b| b.len()),
-                c.data.len()
-            )));
+        for f in &c.files {
+            check_cut_file(h, f)?;
         }
-        let to_ok = match (&t, &c.old_to) {
-            (None, _) => true,
-            (Some(_), Some(old)) if is(&t, old) => true,
-            _ => is(&t, &c.data),
-        };
-        if !to_ok || !(f.is_none() || is(&f, &c.data)) {
-            return Err(fail_msg(
-                format!(
-                    "a rename cut by a kill left other bytes at {} or {}",
-                    c.from, c.to
-                ),
-                (f.map(|b| b.len()), t.map(|b| b.len())),
-            ));
-        }
-        note("a rename cut by a kill kept the file");
+        note("a change cut by a kill kept its files");
     }
     for (p, &n) in &md.names {
         if cut_names.contains(p) {
@@ -1188,14 +1194,10 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
         ..Model::default()
     };
     for (i, step) in case.steps.iter().enumerate() {
-        if let Step::KillInRename {
-            from,
-            to,
-            op,
-            landed,
-        } = *step
-        {
-            let cut = rt.block_on(rename_until_held(&h, &mut md, from, to, op, landed));
+        if let Step::KillIn { change, op, landed } = *step {
+            let cut = rt
+                .block_on(change_until_held(&mut h, &mut md, change, op, landed))
+                .map_err(|e| TestCaseError::fail(format!("step {i} {step:?}: {e}")))?;
             rt = h.kill_and_remount(rt);
             kill(&mut md);
             return rt.block_on(finish(&mut h, &mut md, cut.as_ref()));
@@ -1246,61 +1248,193 @@ async fn close_until_held(h: &Harness, md: &mut Model, hi: u8, op: SOp, landed: 
     }
 }
 
-/// A rename cut by a kill: the file may be at either name, or at both.
-struct CutRename {
+/// A file a change cut by a kill may have left in either state.
+struct CutFile {
     from: String,
-    to: String,
-    /// The renamed file's bytes.
+    /// Where a rename takes it (it may be at either name, or both).
+    to: Option<String>,
+    /// An unlink: it may be gone.
+    may_go: bool,
+    /// Its bytes.
     data: Vec<u8>,
     /// What `to` held before, if anything.
     old_to: Option<Vec<u8>>,
+    /// A chmod: the permissions it may have (None: no mode in the model).
+    perms: Vec<Option<u16>>,
 }
 
-/// Holds the next call of a rename's op, renames a file, and returns once
-/// the call is held (the rename cut there, by the kill that follows), or
-/// the rename is over: then the model has its outcome and nothing is cut.
-async fn rename_until_held(
-    h: &Harness,
+/// What a change cut by a kill may have left: its files, and the
+/// directories whose markers may be at either name.
+#[derive(Default)]
+struct Cut {
+    files: Vec<CutFile>,
+    dirs: Vec<String>,
+}
+
+impl Cut {
+    /// Every key the cut leaves open.
+    fn keys(&self) -> Vec<String> {
+        let files = self
+            .files
+            .iter()
+            .flat_map(|f| [Some(f.from.clone()), f.to.clone()]);
+        let dirs = self.dirs.iter().map(|d| Some(format!("{d}/")));
+        files.chain(dirs).flatten().collect()
+    }
+}
+
+/// What `change` may leave if cut, from the model before it.
+fn cut_of(md: &Model, change: Change) -> Cut {
+    let file = |from: &str, to: Option<String>| {
+        let n = *md.names.get(from)?;
+        Some(CutFile {
+            from: from.to_string(),
+            old_to: to
+                .as_ref()
+                .and_then(|t| md.names.get(t))
+                .map(|&m| md.nodes[m].data.clone()),
+            to,
+            may_go: false,
+            data: md.nodes[n].data.clone(),
+            perms: vec![md.nodes[n].perm],
+        })
+    };
+    match change {
+        Change::Rename { from, to } => {
+            let (from, to) = (pick_file(md, from), pick_file(md, to.wrapping_add(100)));
+            Cut {
+                files: file(&from, Some(to)).into_iter().collect(),
+                dirs: vec![],
+            }
+        }
+        Change::RenameDir { from, to } => {
+            let (from, to) = (pick_dir(md, from), pick_dir(md, to.wrapping_add(120)));
+            let files = md
+                .names
+                .keys()
+                .filter(|p| parent_of(p) == from)
+                .filter_map(|p| file(p, Some(format!("{to}/{}", base_name(p)))))
+                .collect();
+            Cut {
+                files,
+                dirs: vec![from.to_string(), to.to_string()],
+            }
+        }
+        Change::Unlink { path } => Cut {
+            files: file(&pick_file(md, path), None)
+                .map(|f| CutFile { may_go: true, ..f })
+                .into_iter()
+                .collect(),
+            dirs: vec![],
+        },
+        Change::Chmod { path, perm } => Cut {
+            files: file(&pick_file(md, path), None)
+                .map(|mut f| {
+                    f.perms.push(Some(perm));
+                    f
+                })
+                .into_iter()
+                .collect(),
+            dirs: vec![],
+        },
+    }
+}
+
+/// Holds the next call of `op` (CopyObject, DeleteObject or PUT), runs
+/// `change`, and returns once the call is held (the change cut there, by
+/// the kill that follows: what it may have left), or the change is over:
+/// then the model has its outcome and nothing is cut.
+async fn change_until_held(
+    h: &mut Harness,
     md: &mut Model,
-    from: u8,
-    to: u8,
+    change: Change,
     op: u8,
     landed: bool,
-) -> Option<CutRename> {
-    let (from, to) = (pick_file(md, from), pick_file(md, to.wrapping_add(100)));
-    let n = *md.names.get(&from)?;
-    if from == to || !md.dir_exists(parent_of(&to)) {
-        return None;
-    }
-    let op = [SOp::Copy, SOp::Delete, SOp::Put][op as usize % 3];
-    h.hold_next(op, landed);
-    let rename = h.rename(&from, &to);
-    let cut = CutRename {
-        from: from.clone(),
-        to: to.clone(),
-        data: md.nodes[n].data.clone(),
-        old_to: md.names.get(&to).map(|&m| md.nodes[m].data.clone()),
+) -> Result<Option<Cut>, TestCaseError> {
+    // The calls each change makes: an unlink's DeleteObject, a chmod's
+    // self-copy; a rename's copies, deletes, and the PUTs of what it
+    // uploads first.
+    let ops: &[SOp] = match change {
+        Change::Unlink { .. } => &[SOp::Delete],
+        Change::Chmod { .. } => &[SOp::Copy],
+        Change::Rename { .. } | Change::RenameDir { .. } => &[SOp::Copy, SOp::Delete, SOp::Put],
     };
+    let op = ops[op as usize % ops.len()];
+    let cut = cut_of(md, change);
+    let (f, step) = (h.f.clone(), change.step());
+    h.hold_next(op, landed);
     tokio::select! {
-        r = rename => {
-            note("kill after a rename (no call held)");
-            if r.is_ok() {
-                md.unlink(&to);
-                md.names.remove(&from);
-                md.names.insert(to, n);
-                return None;
-            }
-            Some(cut)
+        r = run_step(h, md, &step) => {
+            note("kill after a change (no call held)");
+            r.map(|()| None)
         }
-        _ = h.f.wait_held(op) => {
-            note(if landed {
-                "kill in a rename, a call landed, unanswered"
-            } else {
-                "kill in a rename, a call on its way"
+        _ = f.wait_held(op) => {
+            note(match (change, landed) {
+                (Change::Rename { .. }, _) => "kill in a rename",
+                (Change::RenameDir { .. }, _) => "kill in a directory rename",
+                (Change::Unlink { .. }, _) => "kill in an unlink",
+                (Change::Chmod { .. }, _) => "kill in a chmod",
             });
-            Some(cut)
+            if landed {
+                note("kill in a change, a call landed, unanswered");
+            }
+            Ok(Some(cut))
         }
     }
+}
+
+/// Whether what a cut change left of `c` is one of its states: a rename's
+/// file at either name (or both), never neither, nor other bytes; an
+/// unlinked file gone or whole; a chmod's file whole, with either mode.
+fn check_cut_file(h: &Harness, c: &CutFile) -> Result<(), TestCaseError> {
+    let is = |o: &Option<bytes::Bytes>, want: &[u8]| o.as_ref().is_some_and(|b| b.as_ref() == want);
+    let f = h.m.object(&c.from);
+    let t = c.to.as_ref().map(|t| h.m.object(t));
+    let from_ok = f.is_none() || is(&f, &c.data);
+    let kept = is(&f, &c.data) || t.as_ref().is_some_and(|t| is(t, &c.data));
+    if !from_ok || (!kept && !c.may_go) {
+        return Err(fail_msg(
+            format!(
+                "a change cut by a kill lost {} or left other bytes there (to {:?}; want {} bytes)",
+                c.from,
+                c.to,
+                c.data.len()
+            ),
+            (f.map(|b| b.len()), t.map(|t| t.map(|b| b.len()))),
+        ));
+    }
+    if let Some(t) = &t {
+        let to_ok = match (t, &c.old_to) {
+            (None, _) => true,
+            (Some(_), Some(old)) if is(t, old) => true,
+            _ => is(t, &c.data),
+        };
+        if !to_ok {
+            return Err(fail_msg(
+                format!("a rename cut by a kill left other bytes at {:?}", c.to),
+                t.as_ref().map(|b| b.len()),
+            ));
+        }
+    }
+    if f.is_some() && c.perms.iter().all(Option::is_some) {
+        let mode = h.m.metadata(&c.from).and_then(|m| m.get("mode").cloned());
+        let allowed: Vec<String> = c
+            .perms
+            .iter()
+            .flatten()
+            .map(|p| format!("{}", libc::S_IFREG | u32::from(*p)))
+            .collect();
+        if !mode.as_ref().is_some_and(|m| allowed.contains(m)) {
+            return Err(fail_msg(
+                format!(
+                    "{}: mode header after a cut chmod, want one of {allowed:?}",
+                    c.from
+                ),
+                mode,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a kill -9 leaves of the model: every name with its bytes and mode
@@ -1551,6 +1685,33 @@ fn a_stream_cancelled_by_a_truncation_is_aborted_before_a_kill_can_forget_it() {
                 h: 2,
                 op: Fault::UploadPart,
                 landed: false,
+            },
+        ],
+    );
+}
+
+/// kill -9 in an unlink of a file with data not in S3 (truncated after
+/// its upload), once the DeleteObject landed: the next mount kept the
+/// data beside the key, as if another client had removed the object
+/// (`x.bucketfs-recovered-…`). The removal is journaled first now, and
+/// the data goes with it.
+#[test]
+fn an_unlink_cut_after_its_delete_landed_leaves_nothing_beside() {
+    regression(
+        false,
+        false,
+        vec![
+            Step::Open {
+                path: 12,
+                mode: Mode::Write,
+                create: true,
+            },
+            Step::Fsync { h: 0 },
+            Step::Truncate { h: 0, size: 1 },
+            Step::KillIn {
+                change: Change::Unlink { path: 0 },
+                op: 0,
+                landed: true,
             },
         ],
     );
