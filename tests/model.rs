@@ -1719,10 +1719,10 @@ fn an_unlink_cut_after_its_delete_landed_leaves_nothing_beside() {
 
 /// Known, not yet mended (an outsider's trial found it through a real
 /// mount): kill -9 in `mv x y` where x is a new file not yet sent and y
-/// has unsent changes too, while the DeleteObject of y's old object is on
-/// its way. x's journal already names y's key; the next mount uploads y's
-/// newest bytes at y (its object is still the one they replace) and then
-/// finds y changed for x, so x's bytes go beside y
+/// an object in S3 (here with unsent changes too), while the DeleteObject
+/// of y's object is on its way. x's journal already names y's key; the
+/// next mount finds y's object there (or y's newest bytes, uploaded at y
+/// first), not what x replaces, so x's bytes go beside y
 /// (`y.bucketfs-recovered-…`): nothing lost, but the file is at neither
 /// of its names. Run with `--ignored` to see it fail.
 #[test]
