@@ -163,11 +163,10 @@ fn send_dir_page(
     kernel: &Arc<OnceLock<Notifier>>,
     dir: INodeNo,
     fh: u64,
-    ask: DirAsk,
-    page: DirPage<Placed>,
+    mut ask: DirAsk,
+    mut page: DirPage<Placed>,
     mut reply: ReplyDirectory,
 ) {
-    let (mut page, mut ask) = (page, ask);
     let (mut sent, mut expire_at) = (0, None);
     'reply: loop {
         expire_at = earliest(expire_at, page.expire_at);

@@ -108,6 +108,17 @@ fn pick_dir(md: &Model, i: u8) -> &'static str {
     dir_path(i)
 }
 
+/// The paths a file rename step picks (`Step::Rename`, and what a kill
+/// in it may cut): the target from another part of the pool.
+fn rename_files(md: &Model, from: u8, to: u8) -> (String, String) {
+    (pick_file(md, from), pick_file(md, to.wrapping_add(100)))
+}
+
+/// The same for a directory rename (`Step::RenameDir`).
+fn rename_dirs(md: &Model, from: u8, to: u8) -> (&'static str, &'static str) {
+    (pick_dir(md, from), pick_dir(md, to.wrapping_add(120)))
+}
+
 fn parent_of(p: &str) -> &str {
     p.rsplit_once('/').map_or("", |(d, _)| d)
 }
@@ -810,7 +821,7 @@ async fn run_step(h: &mut Harness, md: &mut Model, step: &Step) -> Result<(), Te
             close(h, hd).await?;
         }
         Step::Rename { from, to } => {
-            let (from, to) = (pick_file(md, from), pick_file(md, to.wrapping_add(100)));
+            let (from, to) = rename_files(md, from, to);
             let what = format!("rename {from} -> {to}");
             let armed = h.failure_armed();
             let want_err = (!md.dir_exists(parent_of(&from))
@@ -835,7 +846,7 @@ async fn run_step(h: &mut Harness, md: &mut Model, step: &Step) -> Result<(), Te
             }
         }
         Step::RenameDir { from, to } => {
-            let (from, to) = (pick_dir(md, from), pick_dir(md, to.wrapping_add(120)));
+            let (from, to) = rename_dirs(md, from, to);
             let what = format!("rename dir {from} -> {to}");
             let armed = h.failure_armed();
             let r = within(&what, async {
@@ -1301,14 +1312,14 @@ fn cut_of(md: &Model, change: Change) -> Cut {
     };
     match change {
         Change::Rename { from, to } => {
-            let (from, to) = (pick_file(md, from), pick_file(md, to.wrapping_add(100)));
+            let (from, to) = rename_files(md, from, to);
             Cut {
                 files: file(&from, Some(to)).into_iter().collect(),
                 dirs: vec![],
             }
         }
         Change::RenameDir { from, to } => {
-            let (from, to) = (pick_dir(md, from), pick_dir(md, to.wrapping_add(120)));
+            let (from, to) = rename_dirs(md, from, to);
             let files = md
                 .names
                 .keys()
