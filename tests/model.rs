@@ -1728,21 +1728,20 @@ fn an_unlink_cut_after_its_delete_landed_leaves_nothing_beside() {
     );
 }
 
-/// Known, not yet mended (an outsider's trial found it through a real
-/// mount): kill -9 in `mv x y` where x is a new file not yet sent and y
-/// an object in S3 (here with unsent changes too), while the DeleteObject
-/// of y's object is on its way. x's journal already names y's key; the
-/// next mount finds y's object there (or y's newest bytes, uploaded at y
-/// first), not what x replaces, so x's bytes go beside y
-/// (`y.bucketfs-recovered-…`): nothing lost, but the file is at neither
-/// of its names. Run with `--ignored` to see it fail.
+/// Found by an outsider's trial through a real mount: kill -9 in `mv x
+/// y` where x is a new file not yet sent and y an object in S3 (here
+/// with unsent changes too), while the DeleteObject of y's object is on
+/// its way. x's journal already named y's key, and the next mount found
+/// y's object there (or y's newest bytes, uploaded at y first), not what
+/// x replaces: x's bytes went beside y (`y.bucketfs-recovered-…`), at
+/// neither of its names. x's journal now says what it was renamed over
+/// (`over`), and recovery takes it with y's removal as one rename.
 #[test]
-#[ignore = "known: a rename cut between its rekey and its DELETE leaves the source beside the target"]
 fn a_rename_of_a_new_file_over_a_changed_one_cut_by_a_kill_keeps_the_source_at_a_name() {
-    regression(
-        false,
-        false,
-        vec![
+    // y with unsent changes or a plain object (closed); the DELETE of its
+    // object in flight or landed unanswered.
+    for (changed, landed) in [(true, false), (true, true), (false, false), (false, true)] {
+        let mut steps = vec![
             Step::Open {
                 path: 12,
                 mode: Mode::Write,
@@ -1766,17 +1765,22 @@ fn a_rename_of_a_new_file_over_a_changed_one_cut_by_a_kill_keeps_the_source_at_a
                 seed: 2,
             },
             Step::Fsync { h: 1 },
+        ];
+        steps.push(if changed {
             Step::Write {
                 h: 1,
                 at: None,
                 len: 5,
                 seed: 3,
-            },
-            Step::KillIn {
-                change: Change::Rename { from: 0, to: 1 },
-                op: 1,
-                landed: false,
-            },
-        ],
-    );
+            }
+        } else {
+            Step::Close { h: 1 }
+        });
+        steps.push(Step::KillIn {
+            change: Change::Rename { from: 0, to: 1 },
+            op: 1,
+            landed,
+        });
+        regression(false, false, steps);
+    }
 }

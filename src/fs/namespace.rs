@@ -597,9 +597,16 @@ impl Fs {
             // name when it is sent. rsync's temporary file then costs one
             // PUT, at its final name.
             Some(st) if st.dirty && never_uploaded && st.staged.unsent() => {
-                // The new key journaled first: a full cache disk fails the
+                // The new key journaled first, with what the key holds of
+                // the file replaced: a kill before that is deleted still
+                // puts this file there. A full cache disk fails the
                 // rename before what it replaces is touched.
-                st.staged.rekey(&tk)?;
+                let over = replaced.map(|d| {
+                    let t = self.table.lock();
+                    let object = t.get(d).and_then(|n| n.object.as_ref());
+                    object.map(|o| o.etag.clone()).into_iter().collect()
+                });
+                st.staged.rekey(&tk, over)?;
                 self.clear_the_way(&tk, replaced).await;
                 // What it replaces is gone now, as after any rename: were
                 // it left until the upload, an unlink before that would
@@ -609,7 +616,7 @@ impl Fs {
                     || d.as_ref().is_some_and(|st| st.staged.may_have_landed());
                 if replaced_landed && let Err(e) = self.delete_present(&tk).await {
                     // The rename fails: the file keeps its name.
-                    if let Err(back) = st.staged.rekey(&fk) {
+                    if let Err(back) = st.staged.rekey(&fk, None) {
                         tracing::warn!(key = %fk, error = %back, "could not journal the old name back");
                     }
                     return Err(e);

@@ -57,6 +57,13 @@ pub struct Header {
     /// base's, or the object an O_TRUNC open emptied; none for a new key):
     /// recovery uploads to the key only if that is still what is there.
     pub replaces: Option<String>,
+    /// A new file renamed over another one (`mv new old`) before any of
+    /// its bytes were sent: the ETags the key may hold of the file it
+    /// replaces (none known: an empty list). Recovery puts the data at
+    /// the key when it holds one of those, nothing, or what the replaced
+    /// file's own journal says it may have put there: the rename was
+    /// under way, and its source wins.
+    pub over: Option<Vec<String>>,
     /// Bytes below this offset not written since are the base's.
     pub base_valid: u64,
     pub size: u64,
@@ -137,6 +144,16 @@ impl Journal {
         }
         if let Some(e) = &h.replaces {
             text += &sealed(&format!("replaces {}", enc(e)));
+        }
+        if let Some(over) = &h.over {
+            // `-` is never an encoded ETag (encoding escapes it).
+            let list: Vec<String> = over.iter().map(|e| enc(e)).collect();
+            let list = if list.is_empty() {
+                "-".to_string()
+            } else {
+                list.join(",")
+            };
+            text += &sealed(&format!("over {list}"));
         }
         text += &sealed(&format!("base_valid {}", h.base_valid));
         text += &sealed(&format!("size {}", h.size));
@@ -384,6 +401,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         base_etag: None,
         base_version: None,
         replaces: None,
+        over: None,
         base_valid: 0,
         size: 0,
         meta: Metadata::new(),
@@ -399,6 +417,8 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
             "etag" => h.base_etag = Some(dec(value)),
             "version" => h.base_version = Some(dec(value)),
             "replaces" => h.replaces = Some(dec(value)),
+            "over" if value == "-" => h.over = Some(Vec::new()),
+            "over" => h.over = Some(value.split(',').map(dec).collect()),
             "base_valid" => h.base_valid = value.parse().map_err(|_| bad())?,
             "size" => h.size = value.parse().map_err(|_| bad())?,
             "meta" => {
@@ -528,6 +548,7 @@ mod tests {
             base_etag: Some("\"abc\"".into()),
             base_version: None,
             replaces: Some("\"abc\"".into()),
+            over: Some(vec!["\"a,b\"".into(), "-".into(), "\"c\"".into()]),
             base_valid: 100,
             size: 100,
             meta,
@@ -717,6 +738,7 @@ mod tests {
             base_etag: None,
             base_version: None,
             replaces: None,
+            over: Some(Vec::new()),
             base_valid: 0,
             size: 0,
             meta: Metadata::new(),
@@ -730,6 +752,7 @@ mod tests {
         std::fs::write(&p, &text[..text.len() - 4]).unwrap();
         let r = replay(&p).unwrap();
         assert_eq!(r.size, 10);
+        assert_eq!(r.header.over, Some(Vec::new()), "an empty list is not none");
         assert!(replay(&dir.path().join("missing")).is_err());
         std::fs::write(&p, "garbage").unwrap();
         assert!(replay(&p).is_err());
@@ -741,6 +764,7 @@ mod tests {
             base_etag: Some("\"e\"".into()),
             base_version: None,
             replaces: Some("\"e\"".into()),
+            over: None,
             base_valid: 100,
             size: 100,
             meta: Metadata::new(),

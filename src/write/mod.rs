@@ -27,6 +27,7 @@ pub mod state;
 mod stream;
 pub mod tombstone;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -402,6 +403,7 @@ impl Staged {
             base_etag: self.base.as_ref().map(|b| b.etag.clone()),
             base_version: self.base.as_ref().and_then(|b| b.version.clone()),
             replaces: self.replaces.clone(),
+            over: None,
             base_valid: self.base_valid,
             size: self.size,
             meta: meta.clone(),
@@ -600,16 +602,21 @@ impl Staged {
     }
 
     /// An unsent file goes to `key` now (a rename; what was there is
-    /// gone): journaled at once, so a recovery uploads it there.
-    pub fn rekey(&mut self, key: &str) -> io::Result<()> {
+    /// gone): journaled at once, so a recovery uploads it there. `over`:
+    /// the ETags the key may hold of the file the rename replaces (see
+    /// `JournalHeader::over`), none when it replaces nothing.
+    pub fn rekey(&mut self, key: &str, over: Option<Vec<String>>) -> io::Result<()> {
         let Some(h) = self.header.as_mut() else {
             return Ok(());
         };
-        let old = std::mem::replace(&mut h.key, key.to_string());
+        let old = (
+            std::mem::replace(&mut h.key, key.to_string()),
+            std::mem::replace(&mut h.over, over),
+        );
         // Not journaled (a full disk): the file keeps its old key.
         self.compact().inspect_err(|_| {
             if let Some(h) = self.header.as_mut() {
-                h.key = old;
+                (h.key, h.over) = old;
             }
         })
     }
@@ -1232,6 +1239,9 @@ pub struct Adoptable {
     pub incomplete: bool,
     pub staged: Staged,
     journal: PathBuf,
+    /// Put at its key by a rename cut short (`JournalHeader::over`):
+    /// journaled again so, so a kill before it lands takes it there too.
+    over: Option<Vec<String>>,
 }
 
 impl Adoptable {
@@ -1244,6 +1254,7 @@ impl Adoptable {
             base_etag: self.staged.base.as_ref().map(|b| b.etag.clone()),
             base_version: self.staged.base.as_ref().and_then(|b| b.version.clone()),
             replaces: self.staged.replaces.clone(),
+            over: self.over.clone(),
             base_valid: self.staged.base_valid,
             size: self.staged.size,
             meta: self.meta.clone(),
@@ -1283,7 +1294,12 @@ impl Adoptable {
                 store,
                 &self.target,
                 &self.meta,
-                self.current.as_ref().and_then(|c| c.headers.as_deref()),
+                // Headers are kept only of the object the data replaces
+                // (not of one a rename put it over).
+                self.current
+                    .as_ref()
+                    .filter(|_| self.staged.replaces.is_some())
+                    .and_then(|c| c.headers.as_deref()),
                 opts,
                 &Progress::default(),
             )
@@ -1329,7 +1345,13 @@ pub async fn scan(
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    names.sort();
+    // Deferred deletes first: the objects they remove were gone for the
+    // dead mount before anything staged after (a new file at the key of
+    // an unlinked one still read then finds the key empty, not kept).
+    names.sort_by(|a, b| {
+        (!a.starts_with(tombstone::PREFIX), a).cmp(&(!b.starts_with(tombstone::PREFIX), b))
+    });
+    let overs = RenamesOver::find(dir, &names);
     let mut out = Vec::new();
     for name in &names {
         let path = dir.join(name);
@@ -1408,9 +1430,89 @@ pub async fn scan(
         if !crate::private::trusted(&journal) {
             continue;
         }
-        out.push(prepare_one(store, file, &path, &journal, cutoff).await);
+        out.push(prepare_one(store, file, &path, &journal, cutoff, &overs).await);
     }
     out
+}
+
+/// Renames a kill cut short, as the staged files nobody holds tell them:
+/// a new file renamed over another before any of its bytes were sent is
+/// journaled at the other's key (`JournalHeader::over`) before that
+/// object is deleted, and the file replaced journals its removal (`D`).
+/// Each alone would look like another client's change at the key; seen
+/// together, the rename goes through: the source's data goes to the key,
+/// the replaced file's is dropped.
+#[derive(Default)]
+struct RenamesOver {
+    /// Key → the journal of the file renamed over it.
+    to: HashMap<String, PathBuf>,
+    /// Key → the journals of the files being replaced there.
+    replaced: HashMap<String, Vec<journal::Replayed>>,
+}
+
+impl RenamesOver {
+    fn find(dir: &Path, names: &[String]) -> RenamesOver {
+        let mut found = RenamesOver::default();
+        let mut removing = Vec::new();
+        for name in names {
+            if !name.starts_with(STAGE_PREFIX) || name.contains(JOURNAL_SUFFIX) {
+                continue;
+            }
+            let (path, journal) = (dir.join(name), journal_path(&dir.join(name)));
+            // A live mount's (locked) is not a dead one's rename.
+            let free = File::open(&path).is_ok_and(|f| try_lock(&f).unwrap_or(false));
+            if !free || !crate::private::trusted(&journal) {
+                continue;
+            }
+            let Ok(r) = journal::replay(&journal) else {
+                continue;
+            };
+            if r.unlinked {
+                continue;
+            }
+            if r.header.over.is_some() {
+                found.to.insert(r.header.key.clone(), journal);
+            } else if r.removing {
+                removing.push(r);
+            }
+        }
+        for r in removing {
+            if found.to.contains_key(&r.header.key) {
+                found
+                    .replaced
+                    .entry(r.header.key.clone())
+                    .or_default()
+                    .push(r);
+            }
+        }
+        found
+    }
+
+    /// Whether the object at `key` (`current`; none) may be left there by
+    /// the file a rename to `key` was replacing: the data renamed there
+    /// goes over it.
+    fn replaceable(&self, key: &str, over: &[String], current: Option<&str>) -> bool {
+        let Some(c) = current else {
+            return true;
+        };
+        over.iter().any(|e| same_etag(c, e))
+            || self.replaced.get(key).is_some_and(|rs| {
+                rs.iter().any(|r| {
+                    one_of(c, &r.puts, std::slice::from_ref(&r.parts))
+                        || one_of(c, &r.earlier_puts, &r.earlier_parts)
+                        || [&r.header.base_etag, &r.header.replaces]
+                            .into_iter()
+                            .flatten()
+                            .any(|e| same_etag(c, e))
+                })
+            })
+    }
+
+    /// Whether the file journaled at `journal` was being replaced by a
+    /// rename that went through (see the type).
+    fn replaced_by_rename(&self, r: &journal::Replayed, journal: &Path) -> bool {
+        r.removing && self.to.get(&r.header.key).is_some_and(|j| j != journal)
+    }
 }
 
 /// The metadata keys of the times every write moves (s3fs-fuse's
@@ -1459,6 +1561,7 @@ async fn prepare_one(
     stage: &Path,
     journal: &Path,
     cutoff: std::time::SystemTime,
+    overs: &RenamesOver,
 ) -> Result<Found, String> {
     let r = journal::replay(journal).map_err(|e| e.to_string())?;
     let key = r.header.key.clone();
@@ -1537,9 +1640,17 @@ async fn prepare_one(
     // chmod since would be lost.
     let own_bytes = journaled_landed || same_bytes;
     let landed = own_bytes && meta_landed;
+    // A rename of this new file over another, cut short: the key holds
+    // what it replaces, or nothing.
+    let renamed_over = r
+        .header
+        .over
+        .as_ref()
+        .is_some_and(|over| !foreign && overs.replaceable(&key, over, current.as_deref()));
     let unchanged = !foreign
         && (own_bytes
             || own_earlier
+            || renamed_over
             || match (&current, &r.header.replaces) {
                 (None, None) => true,
                 (Some(c), Some(e)) => same_etag(c, e),
@@ -1594,7 +1705,9 @@ async fn prepare_one(
     // object replaced or removed since (the daemon died in the middle of
     // a rename over it, or an unlink): an empty copy beside the newer
     // object would keep nothing.
-    let dropped = if unchanged {
+    let dropped = if overs.replaced_by_rename(&r, journal) {
+        Some("the data of a file a rename was replacing")
+    } else if unchanged {
         None
     } else if r.removing {
         Some("the data of a file this mount was removing or replacing")
@@ -1672,6 +1785,7 @@ async fn prepare_one(
         incomplete,
         staged,
         journal: journal.to_path_buf(),
+        over: r.header.over.clone().filter(|_| unchanged),
     })))
 }
 
@@ -1812,6 +1926,7 @@ mod tests {
             base_etag: base.as_ref().map(|b| b.etag.clone()),
             base_version: base.as_ref().and_then(|b| b.version.clone()),
             replaces: base.as_ref().map(|b| b.etag.clone()),
+            over: None,
             base_valid: size,
             size,
             meta: Metadata::new(),
@@ -2185,6 +2300,104 @@ mod tests {
             }
             assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         }
+    }
+
+    /// A kill in `mv x y` (x new and never sent, y an object with changes
+    /// staged) after x was journaled at y's key: the next mount takes x's
+    /// `over` and y's removal as one rename and puts x at y, whether y's
+    /// DeleteObject landed or not, in either order of the staging files;
+    /// y's data is dropped. An object another client put at y meanwhile
+    /// keeps the key (x beside it); a rename that failed and gave x its
+    /// name back leaves both files as they were.
+    #[tokio::test]
+    async fn a_rename_of_a_new_file_cut_by_a_kill_goes_through() {
+        // (the key after the kill, x journaled first, rename failed)
+        for (at_key, x_first, failed) in [
+            ("victim", false, false),
+            ("victim", true, false),
+            ("none", false, false),
+            ("none", true, false),
+            ("other", false, false),
+            ("victim", false, true),
+        ] {
+            let case = format!("key {at_key}, x first {x_first}, failed {failed}");
+            let dir = tempfile::tempdir().unwrap();
+            let s = MemStore::unversioned();
+            let meta = Metadata::new();
+            let p = s.insert("y", b"y in S3", meta.clone());
+            let stage_y = |dir: &Path| {
+                let base = Base {
+                    key: "y".into(),
+                    etag: p.etag.clone(),
+                    size: 7,
+                    version: None,
+                };
+                let mut y = Staged::new(dir, Some(base), None).unwrap();
+                y.begin_journal("y", &meta).unwrap();
+                y.write(0, b"Y!").unwrap();
+                y
+            };
+            let stage_x = |dir: &Path| {
+                let mut x = Staged::new(dir, None, None).unwrap();
+                x.begin_journal("x", &meta).unwrap();
+                x.write(0, b"x, new").unwrap();
+                x
+            };
+            let (mut x, mut y) = if x_first {
+                let x = stage_x(dir.path());
+                (x, stage_y(dir.path()))
+            } else {
+                let y = stage_y(dir.path());
+                (stage_x(dir.path()), y)
+            };
+            y.removing().unwrap();
+            x.rekey("y", Some(vec![p.etag.clone()])).unwrap();
+            match at_key {
+                "none" => s.delete("y").await.unwrap(),
+                "other" => drop(s.insert("y", b"another client's", meta.clone())),
+                _ => {}
+            }
+            if failed {
+                x.rekey("x", None).unwrap();
+                y.kept();
+            }
+            drop((x, y));
+            let r = recover(&s, dir.path(), &opts()).await;
+            assert!(r.iter().all(|r| r.is_ok()), "{case}: {r:?}");
+            let keys = s.keys();
+            let want: &[(&str, &[u8])] = match (at_key, failed) {
+                (_, true) => &[("x", b"x, new"), ("y", b"Y!in S3")],
+                ("other", _) => &[("y", b"another client's"), ("y.", b"x, new")],
+                _ => &[("y", b"x, new")],
+            };
+            assert_eq!(keys.len(), want.len(), "{case}: {keys:?}");
+            for (k, (prefix, bytes)) in keys.iter().zip(want) {
+                assert!(k.starts_with(prefix), "{case}: {keys:?}");
+                assert_eq!(s.object(k).unwrap().as_ref(), *bytes, "{case}: {k}");
+            }
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{case}");
+        }
+    }
+
+    /// A killed mount had unlinked y while it was read (its delete
+    /// deferred, a tombstone left) and staged a new file at y since: the
+    /// delete is finished first, and the new file goes to y, not beside
+    /// the object that was removed.
+    #[tokio::test]
+    async fn a_deferred_delete_is_finished_before_a_new_file_at_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        let old = s.insert("y", b"unlinked, still read", Metadata::new());
+        let t = tombstone::Tombstone::create(dir.path(), "y", &old.etag).unwrap();
+        let mut w = Staged::new(dir.path(), None, None).unwrap();
+        w.begin_journal("y", &Metadata::new()).unwrap();
+        w.write(0, b"written at y since").unwrap();
+        drop((t, w));
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.keys(), vec!["y".to_string()]);
+        assert_eq!(s.object("y").unwrap().as_ref(), b"written at y since");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[tokio::test]
