@@ -1784,3 +1784,41 @@ fn a_rename_of_a_new_file_over_a_changed_one_cut_by_a_kill_keeps_the_source_at_a
         regression(false, false, steps);
     }
 }
+
+/// Seed 805: a new file renamed over one a killed mount left (its
+/// multipart upload sent whole, the complete cut by the kill), before the
+/// next mount had completed that upload: the file replaced was dropped
+/// with the dead mount's upload still open, left for the mount after.
+/// Now aborted at once.
+#[test]
+fn a_file_replaced_before_its_recovered_upload_completed_leaves_no_upload_open() {
+    regression(
+        false,
+        false,
+        vec![
+            Step::Mkdir { dir: 69 },
+            Step::Open {
+                path: 219,
+                mode: Mode::Write,
+                create: true,
+            },
+            Step::Write {
+                h: 0,
+                at: None,
+                len: 5242881,
+                seed: 0,
+            },
+            Step::KillInUpload {
+                h: 0,
+                op: Fault::Complete,
+                landed: false,
+            },
+            Step::Open {
+                path: 180,
+                mode: Mode::Read,
+                create: true,
+            },
+            Step::Rename { from: 180, to: 30 },
+        ],
+    );
+}

@@ -468,7 +468,7 @@ impl Fs {
                     return Err(FsError::Io(libc::ESTALE));
                 }
                 let mut staged = self.staged_new(None, None)?;
-                staged.discard();
+                self.abort_leftover(staged.discard());
                 if let std::collections::hash_map::Entry::Vacant(v) = self.writes.lock().entry(ino)
                 {
                     v.insert(Arc::new(tokio::sync::Mutex::new(WriteState::new(
@@ -582,6 +582,14 @@ impl Fs {
     /// this state was not there for the unlink to discard: its open raced
     /// the unlink's DeleteObject. Its data is discarded as the unlink would
     /// have, so no journal outlives its last close.
+    /// The uploads a discarded file left open are aborted now, in the
+    /// background (a kill meanwhile leaves them to the next mount).
+    pub(super) fn abort_leftover(&self, left: Option<crate::write::Leftover>) {
+        if let Some(l) = left {
+            l.abort_in_background(self.store.clone());
+        }
+    }
+
     fn discard_if_nameless(&self, ino: u64, st: &mut WriteState) -> bool {
         let nameless = {
             let t = self.table.lock();
@@ -589,7 +597,7 @@ impl Fs {
                 .is_some_and(|n| matches!(n.key, NodeKey::Path(_)) && t.find(&n.key) == Some(ino))
         };
         if nameless && !st.staged.is_unlinked() {
-            st.discard();
+            self.abort_leftover(st.discard());
         }
         nameless
     }

@@ -374,7 +374,7 @@ impl Fs {
                 .await?;
         }
         if let Some(st) = st.as_mut() {
-            st.discard();
+            self.abort_leftover(st.discard());
         }
         drop(st);
         self.versions.forget(&path);
@@ -622,7 +622,7 @@ impl Fs {
                     return Err(e);
                 }
                 if let Some(st) = d.as_mut() {
-                    st.discard();
+                    self.abort_leftover(st.discard());
                 }
                 self.retry_wake.notify_one();
                 return Ok(());
@@ -644,7 +644,7 @@ impl Fs {
                 self.delete_present(&fk).await?;
                 self.end_if_idle(src, st);
                 if let Some(st) = d.as_mut() {
-                    st.discard();
+                    self.abort_leftover(st.discard());
                 }
                 return Ok(());
             }
@@ -666,7 +666,7 @@ impl Fs {
             }
         }
         if let Some(st) = d.as_mut() {
-            st.discard();
+            self.abort_leftover(st.discard());
         }
         Ok(())
     }

@@ -429,7 +429,8 @@ impl Staged {
     /// The file was unlinked: its data is never to be uploaded, by this
     /// mount or by a recovery. Writes through handles still open go to
     /// the staging file only.
-    pub fn discard(&mut self) {
+    pub fn discard(&mut self) -> Option<Leftover> {
+        let mut leftover = None;
         self.unlinked = true;
         if let Some(j) = &mut self.journal
             && let Err(e) = j.unlinked()
@@ -448,12 +449,28 @@ impl Staged {
             });
         } else if self.resume.is_some() || !self.uploads.is_empty() {
             // A dead mount's upload is still open, or a cancelled stream's
-            // abort may not be done: the journal, final now, stays
-            // (without its staging file) and names them, so a recovery
-            // pass aborts them.
-            drop(self.journal.take());
+            // abort may not be done: aborted by the caller, the journal,
+            // final now, naming them until then (a kill meanwhile leaves
+            // them to the next mount's recovery).
+            let key = self.header.as_ref().map(|h| h.key.clone());
+            let mut uploads: Vec<(String, String)> = Vec::new();
+            if let Some(r) = self.resume.take() {
+                uploads.push((r.key, r.upload.id));
+            }
+            for u in std::mem::take(&mut self.uploads) {
+                if let Some(k) = &key
+                    && !uploads.iter().any(|(_, id)| *id == u.id)
+                {
+                    uploads.push((k.clone(), u.id));
+                }
+            }
+            leftover = Some(Leftover {
+                uploads,
+                journal: self.journal.take(),
+            });
         }
         self.end_journal();
+        leftover
     }
 
     /// This mount is about to remove the file's object or put another
@@ -1223,6 +1240,43 @@ pub async fn recover(
         });
     }
     out
+}
+
+/// Multipart uploads a discarded file left open: a dead mount's, taken
+/// over to be completed, or cancelled streams' whose abort may not be
+/// done. Its journal, final, names them until they are aborted.
+#[must_use = "abort the uploads (`abort_in_background`), or they stay open until the next mount"]
+#[derive(Debug)]
+pub struct Leftover {
+    /// (key, upload id)
+    uploads: Vec<(String, String)>,
+    journal: Option<Journal>,
+}
+
+impl Leftover {
+    /// Aborts the uploads, then removes the journal; one that fails
+    /// leaves the journal for the next mount's recovery.
+    pub fn abort_in_background(self, store: Arc<dyn ObjectStore>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let mut all = true;
+            for (key, id) in &self.uploads {
+                match store.abort_multipart(key, id).await {
+                    Ok(()) | Err(StoreError::NotFound) => {}
+                    Err(e) => {
+                        all = false;
+                        warn!(key, upload = %id, error = %e,
+                            "could not abort a discarded file's upload; the next mount aborts it");
+                    }
+                }
+            }
+            if all && let Some(j) = self.journal {
+                j.remove();
+            }
+        });
+    }
 }
 
 /// A dead mount's staged file, decided on and ready to upload to `target`
@@ -2186,13 +2240,37 @@ mod tests {
             panic!("a file to adopt");
         };
         let mut staged = a.into_staged().unwrap();
-        staged.discard();
+        // Discarded with a dead mount's upload still open, and killed
+        // before that is aborted: the journal left names it.
+        let left = staged.discard().expect("an upload left to abort");
+        std::mem::forget(left);
         drop(staged);
         assert_eq!(s.open_uploads(), 1, "named by the journal left behind");
         let r = recover(&s, dir.path(), &opts()).await;
         assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
         assert_eq!(s.open_uploads(), 0);
         assert_eq!(s.object("new"), None, "an unlinked file is never uploaded");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        // Not killed: the mount aborts it itself, then the journal goes.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(MemStore::unversioned());
+        killed_before_complete(dir.path(), &s, true, false).await;
+        let found = scan(&*s, dir.path(), std::time::SystemTime::now()).await;
+        let Some(Ok(Found::Pending(a))) = found.into_iter().next() else {
+            panic!("a file to adopt");
+        };
+        let mut staged = a.into_staged().unwrap();
+        let left = staged.discard().expect("an upload left to abort");
+        drop(staged);
+        left.abort_in_background(s.clone());
+        let start = std::time::Instant::now();
+        while std::fs::read_dir(dir.path()).unwrap().count() > 0
+            && start.elapsed() < std::time::Duration::from_secs(10)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(s.open_uploads(), 0, "aborted by the mount");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 

@@ -54,11 +54,12 @@ impl WriteState {
     }
 
     /// The file was unlinked or replaced: its data is never uploaded.
-    pub fn discard(&mut self) {
-        self.staged.discard();
+    pub fn discard(&mut self) -> Option<super::Leftover> {
+        let left = self.staged.discard();
         self.dirty = false;
         self.last_error = None;
         self.next_try = None;
+        left
     }
 
     /// This mount moved the object, or copied it onto itself with new
