@@ -578,10 +578,6 @@ impl Fs {
         Ok(())
     }
 
-    /// The file lost its name (unlinked, or replaced by a rename) while
-    /// this state was not there for the unlink to discard: its open raced
-    /// the unlink's DeleteObject. Its data is discarded as the unlink would
-    /// have, so no journal outlives its last close.
     /// The uploads a discarded file left open are aborted now, in the
     /// background (a kill meanwhile leaves them to the next mount).
     pub(super) fn abort_leftover(&self, left: Option<crate::write::Leftover>) {
@@ -590,6 +586,10 @@ impl Fs {
         }
     }
 
+    /// The file lost its name (unlinked, or replaced by a rename) while
+    /// this state was not there for the unlink to discard: its open raced
+    /// the unlink's DeleteObject. Its data is discarded as the unlink would
+    /// have, so no journal outlives its last close.
     fn discard_if_nameless(&self, ino: u64, st: &mut WriteState) -> bool {
         let nameless = {
             let t = self.table.lock();

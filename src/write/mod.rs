@@ -1294,7 +1294,7 @@ pub struct Adoptable {
     pub staged: Staged,
     journal: PathBuf,
     /// Put at its key by a rename cut short (`JournalHeader::over`):
-    /// journaled again so, so a kill before it lands takes it there too.
+    /// journaled again, so a kill before it lands puts it there too.
     over: Option<Vec<String>>,
 }
 
