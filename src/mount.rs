@@ -288,6 +288,11 @@ pub fn bucket_config(
         versions_visible: o.versions_visible,
         as_of: o.as_of,
         object_metadata: o.object_metadata,
+        written_with: crate::write::WrittenWith {
+            sse: o.sse.map(|s| s.header().to_string()),
+            sse_kms_key_id: o.sse_kms_key_id.clone(),
+            storage_class: o.storage_class.clone(),
+        },
     }
 }
 

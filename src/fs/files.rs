@@ -532,13 +532,15 @@ impl Fs {
 
     /// A new staging file; a full cache disk first gives up cached blocks.
     fn staged_new(&self, base: Option<Base>, replaces: Option<String>) -> FsResult<Staged> {
-        match Staged::new(&self.cfg.staging_dir, base.clone(), replaces.clone()) {
+        let mut staged = match Staged::new(&self.cfg.staging_dir, base.clone(), replaces.clone()) {
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                 self.blocks.free_disk(u64::MAX);
-                Ok(Staged::new(&self.cfg.staging_dir, base, replaces)?)
+                Staged::new(&self.cfg.staging_dir, base, replaces)?
             }
-            r => Ok(r?),
-        }
+            r => r?,
+        };
+        staged.set_written_with(self.cfg.written_with.clone());
+        Ok(staged)
     }
 
     /// Writes to the staged copy; on a full cache disk, cached read blocks

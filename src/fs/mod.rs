@@ -116,6 +116,9 @@ pub struct FsConfig {
     /// Off: every object has the mount's uid, gid and umask, chmod and
     /// chown fail with EPERM, and a listing needs no HEAD per entry.
     pub object_metadata: bool,
+    /// The encryption and storage class the mount's uploads are sent with
+    /// (journaled with staged data, for the mount that recovers it).
+    pub written_with: crate::write::WrittenWith,
 }
 
 impl Default for FsConfig {
@@ -148,6 +151,7 @@ impl Default for FsConfig {
             versions_visible: false,
             as_of: None,
             object_metadata: true,
+            written_with: Default::default(),
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct Header {
     /// file's own journal says it may have put there: the rename was
     /// under way, and its source wins.
     pub over: Option<Vec<String>>,
+    /// The encryption and storage class its uploads are sent with.
+    pub written_with: super::WrittenWith,
     /// Bytes below this offset not written since are the base's.
     pub base_valid: u64,
     pub size: u64,
@@ -154,6 +156,16 @@ impl Journal {
                 list.join(",")
             };
             text += &sealed(&format!("over {list}"));
+        }
+        let w = &h.written_with;
+        for (name, v) in [
+            ("sse", &w.sse),
+            ("sse_kms", &w.sse_kms_key_id),
+            ("class", &w.storage_class),
+        ] {
+            if let Some(v) = v {
+                text += &sealed(&format!("{name} {}", enc(v)));
+            }
         }
         text += &sealed(&format!("base_valid {}", h.base_valid));
         text += &sealed(&format!("size {}", h.size));
@@ -402,6 +414,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
         base_version: None,
         replaces: None,
         over: None,
+        written_with: Default::default(),
         base_valid: 0,
         size: 0,
         meta: Metadata::new(),
@@ -419,6 +432,9 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
             "replaces" => h.replaces = Some(dec(value)),
             "over" if value == "-" => h.over = Some(Vec::new()),
             "over" => h.over = Some(value.split(',').map(dec).collect()),
+            "sse" => h.written_with.sse = Some(dec(value)),
+            "sse_kms" => h.written_with.sse_kms_key_id = Some(dec(value)),
+            "class" => h.written_with.storage_class = Some(dec(value)),
             "base_valid" => h.base_valid = value.parse().map_err(|_| bad())?,
             "size" => h.size = value.parse().map_err(|_| bad())?,
             "meta" => {
@@ -549,6 +565,11 @@ mod tests {
             base_version: None,
             replaces: Some("\"abc\"".into()),
             over: Some(vec!["\"a,b\"".into(), "-".into(), "\"c\"".into()]),
+            written_with: super::super::WrittenWith {
+                sse: Some("aws:kms".into()),
+                sse_kms_key_id: Some("arn:aws:kms:eu-west-1:1:key/k 1".into()),
+                storage_class: Some("STANDARD_IA".into()),
+            },
             base_valid: 100,
             size: 100,
             meta,
@@ -739,6 +760,7 @@ mod tests {
             base_version: None,
             replaces: None,
             over: Some(Vec::new()),
+            written_with: Default::default(),
             base_valid: 0,
             size: 0,
             meta: Metadata::new(),
@@ -765,6 +787,7 @@ mod tests {
             base_version: None,
             replaces: Some("\"e\"".into()),
             over: None,
+            written_with: Default::default(),
             base_valid: 100,
             size: 100,
             meta: Metadata::new(),

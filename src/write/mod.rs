@@ -222,6 +222,38 @@ struct Resume {
 }
 
 /// A file's contents while it is open for writing.
+/// The encryption and storage class the mount writing a file sends
+/// (mount options): journaled with its staged data, so a mount recovering
+/// it after a kill uploads it as asked, whatever its own options (one
+/// without `use_sse` would otherwise store it unencrypted). The
+/// recovering mount's own options still win where it has them, as they
+/// win over the object replaced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WrittenWith {
+    /// `x-amz-server-side-encryption` (AES256, aws:kms, aws:kms:dsse).
+    pub sse: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    pub storage_class: Option<String>,
+}
+
+impl WrittenWith {
+    /// `keep` (the headers of the object replaced) with these over them.
+    fn over(&self, keep: Option<&ObjectHeaders>) -> Option<ObjectHeaders> {
+        if *self == WrittenWith::default() {
+            return keep.cloned();
+        }
+        let mut h = keep.cloned().unwrap_or_default();
+        if self.sse.is_some() {
+            h.sse = self.sse.clone();
+            h.sse_kms_key_id = self.sse_kms_key_id.clone();
+        }
+        if self.storage_class.is_some() {
+            h.storage_class = self.storage_class.clone();
+        }
+        Some(h)
+    }
+}
+
 #[derive(Debug)]
 pub struct Staged {
     file: Arc<File>,
@@ -261,6 +293,8 @@ pub struct Staged {
     /// The bytes differ from the base's (written, truncated, or there is
     /// no base): without that, only the metadata is sent, by a copy.
     data_changed: bool,
+    /// What its uploads are sent with (journaled).
+    written_with: WrittenWith,
 }
 
 impl Staged {
@@ -292,7 +326,14 @@ impl Staged {
             attempted: false,
             meta_set: false,
             data_changed: base_is_none,
+            written_with: WrittenWith::default(),
         })
+    }
+
+    /// Uploads of this data are sent with `w` (the mount's options; set
+    /// before the journal begins, which records it).
+    pub fn set_written_with(&mut self, w: WrittenWith) {
+        self.written_with = w;
     }
 
     /// Whether a write just made a part ready to stream (a new file
@@ -337,6 +378,8 @@ impl Staged {
         {
             return;
         }
+        let keep = self.written_with.over(keep);
+        let keep = keep.as_ref();
         if self.stream.is_none() {
             match store.create_multipart(key, meta, keep).await {
                 Ok(upload) => {
@@ -404,6 +447,7 @@ impl Staged {
             base_version: self.base.as_ref().and_then(|b| b.version.clone()),
             replaces: self.replaces.clone(),
             over: None,
+            written_with: self.written_with.clone(),
             base_valid: self.base_valid,
             size: self.size,
             meta: meta.clone(),
@@ -791,6 +835,8 @@ impl Staged {
         if self.unlinked {
             return Err(WriteError::Store(StoreError::NotFound));
         }
+        let keep = self.written_with.over(keep);
+        let keep = keep.as_ref();
         progress.total_bytes.store(self.size, Ordering::Relaxed);
         progress.done_bytes.store(0, Ordering::Relaxed);
         if let Some(mut s) = self.stream.take() {
@@ -1309,6 +1355,7 @@ impl Adoptable {
             base_version: self.staged.base.as_ref().and_then(|b| b.version.clone()),
             replaces: self.staged.replaces.clone(),
             over: self.over.clone(),
+            written_with: self.staged.written_with.clone(),
             base_valid: self.staged.base_valid,
             size: self.staged.size,
             meta: self.meta.clone(),
@@ -1830,6 +1877,7 @@ async fn prepare_one(
         attempted: true,
         meta_set: false,
         data_changed,
+        written_with: r.header.written_with.clone(),
     };
     Ok(Found::Pending(Box::new(Adoptable {
         key,
@@ -1981,6 +2029,7 @@ mod tests {
             base_version: base.as_ref().and_then(|b| b.version.clone()),
             replaces: base.as_ref().map(|b| b.etag.clone()),
             over: None,
+            written_with: WrittenWith::default(),
             base_valid: size,
             size,
             meta: Metadata::new(),
@@ -2476,6 +2525,51 @@ mod tests {
         assert_eq!(s.keys(), vec!["y".to_string()]);
         assert_eq!(s.object("y").unwrap().as_ref(), b"written at y since");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A mount writing with SSE-KMS and a storage class is killed: the
+    /// mount recovering its data, without those options itself, uploads
+    /// it encrypted and classed as the writer asked, as a single PUT and
+    /// as a multipart upload, and over an object with other headers.
+    #[tokio::test]
+    async fn recovered_data_goes_up_with_the_encryption_it_was_written_with() {
+        let w = WrittenWith {
+            sse: Some("aws:kms".into()),
+            sse_kms_key_id: Some("key-1".into()),
+            storage_class: Some("STANDARD_IA".into()),
+        };
+        for (len, over_other) in [(10usize, false), (5 * MIB as usize + 1, false), (10, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = MemStore::unversioned();
+            let replaces = over_other.then(|| {
+                let h = ObjectHeaders {
+                    sse: Some("AES256".into()),
+                    storage_class: Some("GLACIER_IR".into()),
+                    ..Default::default()
+                };
+                s.insert_with_headers("new", b"old", Metadata::new(), h)
+                    .etag
+            });
+            let mut st = Staged::new(dir.path(), None, replaces).unwrap();
+            st.set_written_with(w.clone());
+            st.begin_journal("new", &Metadata::new()).unwrap();
+            st.write(0, &vec![7u8; len]).unwrap();
+            drop(st);
+            let r = recover(&s, dir.path(), &opts()).await;
+            assert!(r.iter().all(|r| r.is_ok()), "{len}: {r:?}");
+            assert_eq!(s.object("new").unwrap().len(), len);
+            let h = s.headers("new").unwrap();
+            let got = (h.sse, h.sse_kms_key_id, h.storage_class);
+            assert_eq!(
+                got,
+                (
+                    w.sse.clone(),
+                    w.sse_kms_key_id.clone(),
+                    w.storage_class.clone()
+                ),
+                "{len} bytes, over another object {over_other}"
+            );
+        }
     }
 
     #[tokio::test]
