@@ -110,6 +110,55 @@ fn sse_kms_with_a_key_lands_on_every_write_path() {
     }
 }
 
+/// A mount writing with SSE-KMS is killed with files not yet uploaded
+/// (one a single PUT, one multipart): the next mount on the same cache
+/// dir, started without any encryption option, uploads them encrypted
+/// with the writer's key (before, they went up without: the bucket's
+/// default).
+#[test]
+fn data_a_killed_sse_kms_mount_staged_goes_up_encrypted_by_a_mount_without_sse() {
+    let b = Bucket::new(server(), "ssekmsrec", false);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = format!("cache_dir={}", tmp.path().join("cache").display());
+    let key_id = "arn:aws:kms:us-east-1:123456789012:key/bucketfs-recovered";
+    let m = Mount::new(
+        &b,
+        &format!("{cache},part_size=5M,sse=aws:kms,sse_kms_key_id={key_id}"),
+    );
+    let (small, large) = (pattern(1000, 3), pattern(6 * MIB, 4));
+    let mut f1 = fs::File::create(m.path("small.bin")).unwrap();
+    f1.write_all(&small).unwrap();
+    let mut f2 = fs::File::create(m.path("large.bin")).unwrap();
+    f2.write_all(&large).unwrap();
+    let pid = m.pid().unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    m.wait_exit(std::time::Duration::from_secs(30));
+    drop((f1, f2));
+    sh(tmp.path(), &format!("umount -l {}", m.dir.display()));
+    drop(m);
+    assert!(b.get("small.bin").is_none(), "not uploaded before the kill");
+    let m = Mount::new(&b, &cache);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the staged files to land",
+        || {
+            b.get("small.bin").map(|d| sha256(&d)) == Some(sha256(&small))
+                && b.get("large.bin").map(|d| sha256(&d)) == Some(sha256(&large))
+        },
+    );
+    for key in ["small.bin", "large.bin"] {
+        let h = head(&b, key);
+        assert_eq!(
+            h.server_side_encryption().map(|e| e.as_str()),
+            Some("aws:kms"),
+            "{key}: {}",
+            m.log_text()
+        );
+        assert_eq!(h.ssekms_key_id(), Some(key_id), "{key}");
+    }
+    drop(m);
+}
+
 #[test]
 fn use_sse_sends_sse_s3_on_every_write_path() {
     let (proxy, b, m) = {
