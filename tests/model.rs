@@ -111,7 +111,21 @@ fn pick_dir(md: &Model, i: u8) -> &'static str {
 /// The paths a file rename step picks (`Step::Rename`, and what a kill
 /// in it may cut): the target from another part of the pool.
 fn rename_files(md: &Model, from: u8, to: u8) -> (String, String) {
-    (pick_file(md, from), pick_file(md, to.wrapping_add(100)))
+    let (from, mut to) = (pick_file(md, from), pick_file(md, to.wrapping_add(100)));
+    // Most picks were a file onto itself, or into a directory that is not
+    // there: a rename that makes no call. An existing file goes to
+    // another name instead (the next file, or its name at the root).
+    if md.names.contains_key(&from) && (to == from || !md.dir_exists(parent_of(&to))) {
+        let next = md.names.keys().skip_while(|n| **n != from).nth(1);
+        to = match next {
+            Some(n) if to == from => n.clone(),
+            _ => base_name(&to).to_string(),
+        };
+        if to == from {
+            to = FILES.iter().find(|f| **f != from).unwrap().to_string();
+        }
+    }
+    (from, to)
 }
 
 /// The same for a directory rename (`Step::RenameDir`).
@@ -363,12 +377,15 @@ impl Change {
     }
 }
 
+/// File renames weigh most: a kill cuts one in fewer runs (one that
+/// holds a call of a kind the rename makes: a new file's rename over
+/// another makes only a DeleteObject).
 fn change_strategy() -> impl Strategy<Value = Change> {
     prop_oneof![
-        (any::<u8>(), any::<u8>()).prop_map(|(from, to)| Change::Rename { from, to }),
-        (any::<u8>(), any::<u8>()).prop_map(|(from, to)| Change::RenameDir { from, to }),
-        any::<u8>().prop_map(|path| Change::Unlink { path }),
-        (
+        3 => (any::<u8>(), any::<u8>()).prop_map(|(from, to)| Change::Rename { from, to }),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(from, to)| Change::RenameDir { from, to }),
+        1 => any::<u8>().prop_map(|path| Change::Unlink { path }),
+        1 => (
             any::<u8>(),
             prop_oneof![Just(0o600u16), Just(0o640), Just(0o755)]
         )
@@ -1370,16 +1387,29 @@ async fn change_until_held(
         Change::Chmod { .. } => &[SOp::Copy],
         Change::Rename { .. } | Change::RenameDir { .. } => &[SOp::Copy, SOp::Delete, SOp::Put],
     };
-    let op = ops[op as usize % ops.len()];
+    // One kind, or (the last choice) whichever of them the change makes
+    // first: a new file's rename over another makes only a DeleteObject.
+    let ops = match ops.get(op as usize % (ops.len() + 1)) {
+        Some(one) => std::slice::from_ref(one),
+        None => ops,
+    };
     let cut = cut_of(md, change);
     let (f, step) = (h.f.clone(), change.step());
-    h.hold_next(op, landed);
+    for &op in ops {
+        h.hold_next(op, landed);
+    }
+    let held = futures::future::select_all(ops.iter().map(|&op| Box::pin(f.wait_held(op))));
     tokio::select! {
         r = run_step(h, md, &step) => {
-            note("kill after a change (no call held)");
+            note(match change {
+                Change::Rename { .. } => "kill after a rename (no call held)",
+                Change::RenameDir { .. } => "kill after a directory rename (no call held)",
+                Change::Unlink { .. } => "kill after an unlink (no call held)",
+                Change::Chmod { .. } => "kill after a chmod (no call held)",
+            });
             r.map(|()| None)
         }
-        _ = f.wait_held(op) => {
+        _ = held => {
             note(match (change, landed) {
                 (Change::Rename { .. }, _) => "kill in a rename",
                 (Change::RenameDir { .. }, _) => "kill in a directory rename",
