@@ -615,7 +615,11 @@ impl Fs {
                     .is_some_and(|d| self.table.lock().get(d).is_some_and(|n| n.object.is_some()))
                     || d.as_ref().is_some_and(|st| st.staged.may_have_landed());
                 if replaced_landed && let Err(e) = self.delete_present(&tk).await {
-                    // The rename fails: the file keeps its name.
+                    // The rename fails: the file keeps its name. Said
+                    // first in room its journal took ahead, so a kill
+                    // before the old name is journaled back never puts
+                    // this file over the one it did not replace.
+                    st.staged.kept();
                     if let Err(back) = st.staged.rekey(&fk, None) {
                         tracing::warn!(key = %fk, error = %back, "could not journal the old name back");
                     }

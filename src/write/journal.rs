@@ -122,20 +122,28 @@ impl Journal {
     /// rename: a reader (a recovering mount) finds the old journal or all
     /// of this one, never its header without its changes.
     pub fn create_with(path: PathBuf, h: &Header, changes: &[String]) -> io::Result<Journal> {
-        let (file, len) = Self::write_new(&path, h, changes)?;
+        let (file, len, reserved) = Self::write_new(&path, h, changes)?;
         Ok(Journal {
             path,
             file,
             lines: changes.len() as u64,
             len,
             torn: false,
-            reserved: Some(len),
+            reserved,
         })
     }
 
     /// Writes a journal file with `h` and `changes` under a temporary name
     /// and renames it to `path`, so a reader sees the old or the new one.
-    fn write_new(path: &Path, h: &Header, changes: &[String]) -> io::Result<(File, u64)> {
+    /// A journal of a rename over another file (`Header::over`) takes
+    /// room for more lines first: the `K` saying the rename failed must
+    /// not fail for want of space (the data would go over the key).
+    /// Returns the file, its length, and how far room is taken.
+    fn write_new(
+        path: &Path,
+        h: &Header,
+        changes: &[String],
+    ) -> io::Result<(File, u64, Option<u64>)> {
         let mut text = format!("{MAGIC}\n");
         text += &sealed(&format!("key {}", enc(&h.key)));
         if let Some(e) = &h.base_etag {
@@ -185,12 +193,20 @@ impl Journal {
         // whole (the rename had not happened).
         let _ = std::fs::remove_file(&tmp);
         let mut file = crate::write::private_file(&tmp)?;
-        if let Err(e) = file.write_all(text.as_bytes()) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let len = text.len() as u64;
+        let reserved = file.write_all(text.as_bytes()).and_then(|()| match h.over {
+            Some(_) => take_room(&file, len, len + RESERVE),
+            None => Ok(Some(len)),
+        });
+        let reserved = match reserved {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         std::fs::rename(&tmp, path)?;
-        Ok((file, text.len() as u64))
+        Ok((file, len, reserved))
     }
 
     fn append(&mut self, line: &str) -> io::Result<()> {
@@ -221,7 +237,6 @@ impl Journal {
     /// this before it changes a byte. Where the filesystem cannot take
     /// room ahead (no `fallocate`), appends go on as before.
     pub fn reserve(&mut self, n: u64) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
         let Some(reserved) = self.reserved else {
             return Ok(());
         };
@@ -229,27 +244,8 @@ impl Journal {
             return Ok(());
         }
         let upto = (self.len + n).div_ceil(RESERVE) * RESERVE;
-        // SAFETY: a plain syscall on a descriptor this journal owns.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                self.len as libc::off_t,
-                (upto - self.len) as libc::off_t,
-            )
-        };
-        if r == 0 {
-            self.reserved = Some(upto);
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
-                self.reserved = None;
-                Ok(())
-            }
-            _ => Err(e),
-        }
+        self.reserved = take_room(&self.file, self.len, upto)?;
+        Ok(())
     }
 
     /// Whether the journal has grown enough to be rewritten.
@@ -317,7 +313,9 @@ impl Journal {
         self.append("D")
     }
 
-    /// The removal failed: the file stays.
+    /// The removal failed: the file stays. In the journal of a file
+    /// renamed over another (`Header::over`): that rename failed, and
+    /// recovery no longer puts the data over the key.
     pub fn kept(&mut self) -> io::Result<()> {
         self.append("K")
     }
@@ -325,6 +323,30 @@ impl Journal {
     /// The data is in S3: nothing left to recover.
     pub fn remove(self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes room on the disk up to `upto` past `len` (`fallocate`, the
+/// size kept): how far room is taken, or None where the filesystem cannot
+/// take it ahead (appends then go on as before).
+fn take_room(file: &File, len: u64, upto: u64) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor the caller owns.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            len as libc::off_t,
+            (upto - len) as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(Some(upto));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS) => Ok(None),
+        _ => Err(e),
     }
 }
 
@@ -450,6 +472,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
     let (mut loaded, mut base_valid, mut size) = (RangeSet::default(), h.base_valid, h.size);
     let (mut uploads, mut parts, mut unlinked) = (Vec::new(), Vec::new(), false);
     let mut removing = false;
+    let mut kept = false;
     let mut parts_sealed = None;
     let mut puts = Vec::new();
     let (mut earlier_puts, mut earlier_parts) = (Vec::new(), Vec::new());
@@ -515,7 +538,8 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                 parts_sealed = (n == parts.len()).then_some(bytes);
             }
             ["X"] => unlinked = true,
-            ["D"] | ["K"] => {}
+            ["D"] => {}
+            ["K"] => kept = true,
             ["S", etag] => puts.push(dec(etag)),
             ["M", pairs @ ..] if pairs.len() % 2 == 0 => {
                 retire(&mut puts, &mut parts, &mut parts_sealed);
@@ -532,6 +556,12 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
             }
             _ => return Err(bad()),
         }
+    }
+    // A rename over another file that failed (`K`, its journal not given
+    // the old name back: a full disk): the data goes over nothing (beside
+    // the key if that holds an object).
+    if kept {
+        h.over = None;
     }
     Ok(Replayed {
         header: h,
@@ -748,6 +778,26 @@ mod tests {
             std::fs::write(&p, format!("{head}{tail}")).unwrap();
             assert_eq!(replay(&p).unwrap().parts_sealed, sealed, "{tail}");
         }
+    }
+
+    /// A journal renamed over another file takes room ahead (its `K` must
+    /// not fail on a full disk); a `K` in it says that rename failed, and
+    /// replays without `over`.
+    #[test]
+    fn a_failed_rename_over_is_replayed_as_no_rename_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut h = header();
+        h.over = Some(vec!["\"e\"".into()]);
+        let mut j = Journal::create(p.clone(), &h).unwrap();
+        if let Some(r) = j.reserved {
+            assert!(r >= j.len + LINE_MAX, "room taken ahead: {r} for {}", j.len);
+        }
+        assert_eq!(replay(&p).unwrap().header.over, h.over);
+        j.kept().unwrap();
+        assert_eq!(replay(&p).unwrap().header.over, None);
+        let plain = Journal::create(dir.path().join("k"), &header()).unwrap();
+        assert_eq!(plain.reserved, Some(plain.len), "no room taken for others");
     }
 
     #[test]

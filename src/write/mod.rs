@@ -2435,19 +2435,25 @@ mod tests {
     /// DeleteObject landed or not, in either order of the staging files;
     /// y's data is dropped. An object another client put at y meanwhile
     /// keeps the key (x beside it); a rename that failed and gave x its
-    /// name back leaves both files as they were.
+    /// name back leaves both files as they were; one whose old name could
+    /// not be journaled back (a full disk) leaves y as it was and x's
+    /// bytes beside it, never over it.
     #[tokio::test]
     async fn a_rename_of_a_new_file_cut_by_a_kill_goes_through() {
         // (the key after the kill, x journaled first, rename failed)
-        for (at_key, x_first, failed) in [
-            ("victim", false, false),
-            ("victim", true, false),
-            ("none", false, false),
-            ("none", true, false),
-            ("other", false, false),
-            ("victim", false, true),
+        for (at_key, x_first, failed, named_back) in [
+            ("victim", false, false, false),
+            ("victim", true, false, false),
+            ("none", false, false, false),
+            ("none", true, false, false),
+            ("other", false, false, false),
+            ("victim", false, true, true),
+            ("victim", false, true, false),
+            ("victim", true, true, false),
         ] {
-            let case = format!("key {at_key}, x first {x_first}, failed {failed}");
+            let case = format!(
+                "key {at_key}, x first {x_first}, failed {failed}, named back {named_back}"
+            );
             let dir = tempfile::tempdir().unwrap();
             let s = MemStore::unversioned();
             let meta = Metadata::new();
@@ -2485,16 +2491,20 @@ mod tests {
                 _ => {}
             }
             if failed {
-                x.rekey("x", None).unwrap();
+                x.kept();
+                if named_back {
+                    x.rekey("x", None).unwrap();
+                }
                 y.kept();
             }
             drop((x, y));
             let r = recover(&s, dir.path(), &opts()).await;
             assert!(r.iter().all(|r| r.is_ok()), "{case}: {r:?}");
             let keys = s.keys();
-            let want: &[(&str, &[u8])] = match (at_key, failed) {
-                (_, true) => &[("x", b"x, new"), ("y", b"Y!in S3")],
-                ("other", _) => &[("y", b"another client's"), ("y.", b"x, new")],
+            let want: &[(&str, &[u8])] = match (at_key, failed, named_back) {
+                (_, true, true) => &[("x", b"x, new"), ("y", b"Y!in S3")],
+                (_, true, false) => &[("y", b"Y!in S3"), ("y.", b"x, new")],
+                ("other", _, _) => &[("y", b"another client's"), ("y.", b"x, new")],
                 _ => &[("y", b"x, new")],
             };
             assert_eq!(keys.len(), want.len(), "{case}: {keys:?}");
