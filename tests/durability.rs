@@ -895,3 +895,54 @@ fn two_rewriters_of_one_file_leave_nothing_staged_and_a_remount_keeps_it() {
     assert_eq!(sha256(&b.get("f").unwrap()), sha256(&data), "in S3");
     assert!(recovered_keys(&b).is_empty(), "{:?}", b.keys(""));
 }
+
+// ----------------------------------------------------------------------
+// A kill in `mv src victim` (src new, open, never sent) while the victim's
+// DeleteObject waits on S3.
+
+/// An outsider found it through a real mount: the next mount kept the
+/// victim and put src's bytes beside it (`victim.bucketfs-recovered-…`),
+/// src at neither name. Now the rename goes through: src's bytes at the
+/// victim's name, nothing beside, no upload left open. With the victim a
+/// plain object, and open with unsent changes of its own.
+#[test]
+fn a_kill_in_mv_of_a_new_file_over_another_puts_it_at_the_new_name() {
+    for (tag, victim_open) in [("mvover-plain", false), ("mvover-open", true)] {
+        let (proxy, b, m) = through_proxy(tag, false, "");
+        b.put("victim", &pattern(300_000, 110));
+        let src_data = pattern(200_000, 111);
+        let mut src = fs::File::create(m.path("src")).unwrap();
+        src.write_all(&src_data).unwrap();
+        let victim = victim_open.then(|| {
+            let v = fs::OpenOptions::new()
+                .write(true)
+                .open(m.path("victim"))
+                .unwrap();
+            v.write_all_at(b"unsent edit", 100).unwrap();
+            v
+        });
+        proxy.inject("DELETE", 1_000_000, Fault::Stall);
+        let (from, to) = (m.path("src"), m.path("victim"));
+        let mv = std::thread::spawn(move || fs::rename(from, to));
+        assert!(
+            poll(Duration::from_secs(30), || proxy.faults_injected() > 0),
+            "{tag}: the DeleteObject never came"
+        );
+        kill9(&m);
+        let answered = mv.join().unwrap();
+        drop((src, victim));
+        proxy.clear();
+        m.restart();
+        assert_lands(
+            &b,
+            "victim",
+            &src_data,
+            Duration::from_secs(30),
+            &format!("{tag}: src at the new name (mv answered {answered:?})"),
+        );
+        let keys = b.keys("");
+        assert_eq!(keys, vec!["victim".to_string()], "{tag}: nothing beside");
+        assert_eq!(b.open_multipart_uploads(), 0, "{tag}");
+        drop(m);
+    }
+}
