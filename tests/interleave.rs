@@ -1366,3 +1366,38 @@ async fn a_create_during_a_directory_rename_lands_under_the_new_name() {
         "the old directory came back: {keys:?}"
     );
 }
+
+/// `mv x y` of a new file not sent yet over an object, done; then another
+/// client puts y's old bytes back (same ETag: a sync tool, a restore); then
+/// the daemon dies before x is sent. The other client's object keeps the
+/// key and x goes beside it: the rename's journal no longer says "over
+/// y's old object" once that was deleted (an outsider found x put over it).
+#[tokio::test]
+async fn a_finished_rename_over_does_not_overwrite_the_old_bytes_put_back() {
+    let t = setup(false, |_| {});
+    t.m.insert("y", b"the old y", Metadata::new());
+    within("lookup y", t.fs.lookup(ROOT_INO, name("y")))
+        .await
+        .unwrap();
+    let (_, wh) = within(
+        "create x",
+        t.fs.create(ROOT_INO, name("x"), USER, libc::O_WRONLY),
+    )
+    .await
+    .unwrap();
+    t.fs.write(wh, 0, b"x, never sent").await.unwrap();
+    within(
+        "mv x y",
+        t.fs.rename(ROOT_INO, name("x"), ROOT_INO, name("y"), false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(t.m.keys(), Vec::<String>::new(), "y's object deleted");
+    t.m.insert("y", b"the old y", Metadata::new());
+    let m = crash_and_recover(t).await;
+    assert_holds(&m, "y", b"the old y", "the other client's object");
+    let keys = m.keys();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys[1].starts_with("y.bucketfs-recovered-"), "{keys:?}");
+    assert_holds(&m, &keys[1], b"x, never sent", "x beside it");
+}

@@ -359,10 +359,18 @@ impl Fs {
             if st.is_none() && self.has_etag_pinned_readers(attr.ino) {
                 // Readers would lose the object: the delete waits for the
                 // last of them (recorded, so a crash cannot undo the rm).
+                // Its Last-Modified by the server's clock: a file written
+                // there later with the same bytes (same ETag) is not the
+                // one to delete. Unknown (S3 unreachable): the ETag alone.
+                let modified = match self.store.head(&key, None).await {
+                    Ok(h) if crate::write::same_etag(&h.etag, &o.etag) => Some(h.last_modified),
+                    _ => None,
+                };
                 let t = crate::write::tombstone::Tombstone::create(
                     &self.cfg.staging_dir,
                     &key,
                     &o.etag,
+                    modified,
                 )?;
                 self.deferred.lock().insert(attr.ino, t);
             } else {
@@ -624,6 +632,15 @@ impl Fs {
                         tracing::warn!(key = %fk, error = %back, "could not journal the old name back");
                     }
                     return Err(e);
+                }
+                // What it replaced is gone: an object put at the key from
+                // now on, even with the same bytes, is another client's,
+                // and a recovery no longer puts this file over it. Not
+                // journaled (a full disk): only that stays as it was.
+                if replaced.is_some()
+                    && let Err(e) = st.staged.rekey(&tk, None)
+                {
+                    tracing::debug!(key = %tk, error = %e, "rename over: journal not settled");
                 }
                 if let Some(st) = d.as_mut() {
                     self.abort_leftover(st.discard());

@@ -1571,10 +1571,13 @@ impl RenamesOver {
             if r.unlinked {
                 continue;
             }
-            if r.header.over.is_some() {
-                found.to.insert(r.header.key.clone(), journal);
-            } else if r.removing {
+            // A file being replaced in its turn (`D`) was renamed over
+            // another before, and that rename had finished (its state was
+            // held until it had): a victim, not a rename in flight.
+            if r.removing {
                 removing.push(r);
+            } else if r.header.over.is_some() {
+                found.to.insert(r.header.key.clone(), journal);
             }
         }
         for r in removing {
@@ -1887,7 +1890,16 @@ async fn prepare_one(
         incomplete,
         staged,
         journal: journal.to_path_buf(),
-        over: r.header.over.clone().filter(|_| unchanged),
+        // What the key holds is what the rename goes over (also when it
+        // was the replaced file's own upload, whose journal goes now).
+        over: r.header.over.clone().filter(|_| unchanged).map(|mut over| {
+            if let Some(c) = current.as_ref().filter(|_| renamed_over)
+                && !over.iter().any(|e| same_etag(e, c))
+            {
+                over.push(c.clone());
+            }
+            over
+        }),
     })))
 }
 
@@ -2516,6 +2528,49 @@ mod tests {
         }
     }
 
+    /// As above, y's own upload having landed unanswered before the kill
+    /// (the key holds y's newest bytes, known from y's journal only); the
+    /// mount that takes x over is killed in its turn before x lands: the
+    /// mount after still puts x at y, the ETag at the key journaled with
+    /// x's `over` when y's journal went.
+    #[tokio::test]
+    async fn a_rename_over_recovered_then_killed_again_still_goes_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        let meta = Metadata::new();
+        let old = s.insert("y", b"y0", meta.clone());
+        let mut y = Staged::new(dir.path(), None, Some(old.etag.clone())).unwrap();
+        y.begin_journal("y", &meta).unwrap();
+        y.write(0, b"y's newest").unwrap();
+        // y's PUT went out (journaled) and landed; its answer was lost.
+        let landed = bytes_md5(b"y's newest");
+        y.journal.as_mut().unwrap().put_sent(&landed).unwrap();
+        assert_eq!(s.insert("y", b"y's newest", meta.clone()).etag, landed);
+        let mut x = Staged::new(dir.path(), None, None).unwrap();
+        x.begin_journal("x", &meta).unwrap();
+        x.write(0, b"x, new").unwrap();
+        y.removing().unwrap();
+        x.rekey("y", Some(vec![old.etag.clone()])).unwrap();
+        drop((x, y));
+        // The next mount takes x over (y's data dropped), and dies too.
+        let mut adopted = 0;
+        for f in scan(&s, dir.path(), std::time::SystemTime::now()).await {
+            if let Ok(Found::Pending(a)) = f {
+                assert_eq!(a.target, "y");
+                // Killed: its files stay, their locks go.
+                let mut st = a.into_staged().unwrap();
+                st.keep_files = true;
+                drop(st);
+                adopted += 1;
+            }
+        }
+        assert_eq!(adopted, 1, "x alone is taken over");
+        let r = recover(&s, dir.path(), &opts()).await;
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(s.keys(), vec!["y".to_string()]);
+        assert_eq!(s.object("y").unwrap().as_ref(), b"x, new");
+    }
+
     /// A killed mount had unlinked y while it was read (its delete
     /// deferred, a tombstone left) and staged a new file at y since: the
     /// delete is finished first, and the new file goes to y, not beside
@@ -2525,7 +2580,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = MemStore::unversioned();
         let old = s.insert("y", b"unlinked, still read", Metadata::new());
-        let t = tombstone::Tombstone::create(dir.path(), "y", &old.etag).unwrap();
+        let t = tombstone::Tombstone::create(
+            dir.path(),
+            "y",
+            &old.etag,
+            Some(s.head("y", None).await.unwrap().last_modified),
+        )
+        .unwrap();
         let mut w = Staged::new(dir.path(), None, None).unwrap();
         w.begin_journal("y", &Metadata::new()).unwrap();
         w.write(0, b"written at y since").unwrap();

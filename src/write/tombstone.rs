@@ -5,12 +5,13 @@
 //! tombstone under the cache dir (`unlink-<id>`, flock-owned like a
 //! staging file) records key and ETag, so a killed daemon's next mount
 //! finishes the delete: a removed file never comes back. The delete is
-//! done only if the key still holds that ETag (a file written there since
-//! is not touched).
+//! done only if the key still holds that ETag and no newer Last-Modified (a
+//! file written there since is not touched, even with the same bytes).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, warn};
 
@@ -23,19 +24,35 @@ pub const PREFIX: &str = "unlink-";
 pub struct Tombstone {
     pub key: String,
     pub etag: String,
+    /// The object's Last-Modified, in whole seconds since the epoch.
+    modified: Option<u64>,
     path: PathBuf,
     /// Holds the lock while this mount owns the tombstone.
     _file: File,
 }
 
 impl Tombstone {
-    /// Records that `key` (at `etag`) is to be deleted.
-    pub fn create(dir: &Path, key: &str, etag: &str) -> io::Result<Tombstone> {
+    /// Records that `key` (at `etag`, last modified at `modified` by the
+    /// server's clock, where known) is to be deleted.
+    pub fn create(
+        dir: &Path,
+        key: &str,
+        etag: &str,
+        modified: Option<SystemTime>,
+    ) -> io::Result<Tombstone> {
         let (mut file, path) = super::new_locked_file(dir, PREFIX)?;
-        file.write_all(format!("{etag}\n{key}").as_bytes())?;
+        let modified = modified.map(secs);
+        // `ETAG SECS` on the first line: an older daemon's parser takes
+        // the pair for an ETag no object has, and deletes nothing.
+        let first = match modified {
+            Some(m) => format!("{etag} {m}"),
+            None => etag.to_string(),
+        };
+        file.write_all(format!("{first}\n{key}").as_bytes())?;
         Ok(Tombstone {
             key: key.to_string(),
             etag: etag.to_string(),
+            modified,
             path,
             _file: file,
         })
@@ -44,7 +61,7 @@ impl Tombstone {
     /// Deletes the object if it is still the one unlinked; the tombstone
     /// goes once that is settled. On a failure it stays for recovery.
     pub async fn complete(self, store: &dyn ObjectStore) {
-        match delete_if_same(store, &self.key, &self.etag).await {
+        match delete_if_same(store, &self.key, &self.etag, self.modified).await {
             Ok(()) => {
                 let _ = std::fs::remove_file(&self.path);
             }
@@ -54,12 +71,28 @@ impl Tombstone {
     }
 }
 
-async fn delete_if_same(store: &dyn ObjectStore, key: &str, etag: &str) -> Result<(), StoreError> {
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn delete_if_same(
+    store: &dyn ObjectStore,
+    key: &str,
+    etag: &str,
+    modified: Option<u64>,
+) -> Result<(), StoreError> {
     match store.head(key, None).await {
-        Ok(o) if super::same_etag(&o.etag, etag) => match store.delete(key).await {
-            Ok(()) | Err(StoreError::NotFound) => Ok(()),
-            Err(e) => Err(e),
-        },
+        // The same bytes written again since (a new file with the old
+        // one's contents) are a newer object: left alone.
+        Ok(o)
+            if super::same_etag(&o.etag, etag)
+                && modified.is_none_or(|m| secs(o.last_modified) <= m) =>
+        {
+            match store.delete(key).await {
+                Ok(()) | Err(StoreError::NotFound) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
         Ok(_) => {
             debug!(
                 key,
@@ -83,13 +116,60 @@ pub async fn recover(store: &dyn ObjectStore, path: &Path) -> Result<(), String>
     let mut text = String::new();
     file.read_to_string(&mut text)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let Some((etag, key)) = text.split_once('\n') else {
+    let Some((first, key)) = text.split_once('\n') else {
         let _ = std::fs::remove_file(path);
         return Ok(());
     };
-    delete_if_same(store, key, etag)
+    // An older daemon's tombstone has the ETag alone.
+    let (etag, modified) = match first.split_once(' ') {
+        Some((e, m)) => (e, m.parse().ok()),
+        None => (first, None),
+    };
+    delete_if_same(store, key, etag, modified)
         .await
         .map_err(|e| format!("{key}: deferred delete: {e} (kept for the next try)"))?;
     let _ = std::fs::remove_file(path);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Metadata;
+    use crate::store::memory::MemStore;
+    use std::time::Duration;
+
+    /// A dead mount's deferred delete removes the object it was made for,
+    /// not a file written at the key since with the same bytes (same
+    /// ETag, later Last-Modified): that one was acknowledged to its writer.
+    #[tokio::test]
+    async fn a_deferred_delete_spares_a_newer_object_with_the_same_bytes() {
+        for (older, deleted) in [(Duration::ZERO, true), (Duration::from_secs(5), false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = MemStore::unversioned();
+            let put = s.insert("y", b"same bytes", Metadata::new());
+            let now = s.head("y", None).await.unwrap().last_modified;
+            // `older`: the object removed was last modified that long
+            // before the one at the key now.
+            let t = Tombstone::create(dir.path(), "y", &put.etag, Some(now - older)).unwrap();
+            drop(t);
+            let path = std::fs::read_dir(dir.path())
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path();
+            recover(&s, &path).await.unwrap();
+            assert_eq!(s.object("y").is_none(), deleted, "older by {older:?}");
+            assert!(!path.exists(), "settled");
+        }
+        // An older daemon's tombstone (the ETag alone) deletes by ETag.
+        let dir = tempfile::tempdir().unwrap();
+        let s = MemStore::unversioned();
+        let put = s.insert("y", b"old", Metadata::new());
+        let path = dir.path().join(format!("{PREFIX}old"));
+        std::fs::write(&path, format!("{}\ny", put.etag)).unwrap();
+        recover(&s, &path).await.unwrap();
+        assert!(s.object("y").is_none());
+    }
 }
