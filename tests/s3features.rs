@@ -130,12 +130,8 @@ fn data_a_killed_sse_kms_mount_staged_goes_up_encrypted_by_a_mount_without_sse()
     f1.write_all(&small).unwrap();
     let mut f2 = fs::File::create(m.path("large.bin")).unwrap();
     f2.write_all(&large).unwrap();
-    let pid = m.pid().unwrap();
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    m.wait_exit(std::time::Duration::from_secs(30));
-    drop((f1, f2));
-    sh(tmp.path(), &format!("umount -l {}", m.dir.display()));
-    drop(m);
+    kill9(&m);
+    drop((f1, f2, m));
     assert!(b.get("small.bin").is_none(), "not uploaded before the kill");
     let m = Mount::new(&b, &cache);
     wait_until(
@@ -1129,12 +1125,8 @@ fn staged_data_of_an_sse_c_mount_is_recovered_only_by_a_mount_with_its_key() {
     f.write_all(&data).unwrap();
     let mut raced = fs::File::create(m.path("raced.bin")).unwrap();
     raced.write_all(b"mine").unwrap();
-    let pid = m.pid().unwrap();
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    m.wait_exit(std::time::Duration::from_secs(30));
-    drop((f, raced));
-    sh(tmp.path(), &format!("umount -l {}", m.dir.display()));
-    drop(m);
+    kill9(&m);
+    drop((f, raced, m));
     assert!(
         bucket.get("secret.bin").is_none(),
         "not uploaded before the kill"
