@@ -1401,3 +1401,96 @@ async fn a_finished_rename_over_does_not_overwrite_the_old_bytes_put_back() {
     assert!(keys[1].starts_with("y.bucketfs-recovered-"), "{keys:?}");
     assert_holds(&m, &keys[1], b"x, never sent", "x beside it");
 }
+
+/// A removed file's reader closes and its deferred DeleteObject is in
+/// flight (held) when a new file with the same bytes is written at the
+/// name: the new file waits for that delete, so the delete never removes
+/// it. Before, the create found no delete to wait for (the close had
+/// taken it) and its PUT could land first, then be deleted.
+#[tokio::test]
+async fn a_new_file_at_a_removed_name_waits_for_the_delete_in_flight() {
+    let t = setup(false, |_| {});
+    let body = pattern(70_000, 3);
+    t.m.insert("y", &body, Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("y")))
+        .await
+        .unwrap();
+    let rh = within("open", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    within("read", t.fs.read(rh, 0, 100)).await.unwrap();
+    within("rm", t.fs.unlink(ROOT_INO, name("y")))
+        .await
+        .unwrap();
+    t.f.hold(Op::Delete, 1);
+    let fs = t.fs.clone();
+    let closing = tokio::spawn(async move { fs.release(rh).await });
+    within("the deferred delete", t.f.wait_held(Op::Delete))
+        .await
+        .unwrap();
+    t.f.hold(Op::Put, 1);
+    let (fs, b) = (t.fs.clone(), body.clone());
+    let writing = tokio::spawn(async move {
+        let (_, fh) = fs.create(ROOT_INO, name("y"), USER, libc::O_WRONLY).await?;
+        fs.write(fh, 0, &b).await?;
+        fs.release(fh).await
+    });
+    // A writer that does not wait sends its PUT while the delete is held:
+    // let it land first, the order that loses it. (The bound only limits
+    // how long a wrong build gets to show it; a right one never sends.)
+    let put_first = tokio::time::timeout(Duration::from_secs(2), t.f.wait_held(Op::Put))
+        .await
+        .is_ok();
+    if put_first {
+        t.f.release(Op::Put);
+        assert!(
+            eventually(STEP, || writing.is_finished()).await,
+            "the new file's close"
+        );
+    }
+    t.f.release(Op::Delete);
+    join("close of the reader", closing).await.unwrap();
+    if !put_first {
+        within("the PUT after the delete", t.f.wait_held(Op::Put))
+            .await
+            .unwrap();
+        t.f.release(Op::Put);
+    }
+    join("the new file", writing).await.unwrap();
+    assert_holds(&t.m, "y", &body, "the new file");
+    assert!(
+        !put_first,
+        "the new file's PUT went out before the delete's answer"
+    );
+}
+
+/// A deferred delete that fails at the last reader's close is this
+/// mount's still: the name stays hidden, and the retrier deletes the
+/// object once S3 answers, without another mount. Before, the name came
+/// back in the listing and the object stayed until the next mount.
+#[tokio::test]
+async fn a_failed_deferred_delete_is_retried_and_the_name_stays_removed() {
+    let t = setup(false, |_| {});
+    t.m.insert("y", b"removed", Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("y")))
+        .await
+        .unwrap();
+    let rh = within("open", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    within("read", t.fs.read(rh, 0, 7)).await.unwrap();
+    within("rm", t.fs.unlink(ROOT_INO, name("y")))
+        .await
+        .unwrap();
+    t.f.fail(Op::Delete, 1, StoreError::Transient("refused".into()));
+    within("close", t.fs.release(rh)).await.unwrap();
+    assert_eq!(t.f.calls(Op::Delete), 1, "tried at the close");
+    assert!(t.m.object("y").is_some(), "the delete failed");
+    assert!(!names(&t.fs, ROOT_INO).await.contains(&"y".to_string()));
+    assert!(
+        eventually(STEP, || t.m.object("y").is_none()).await,
+        "deleted by the retrier; deletes tried: {}",
+        t.f.calls(Op::Delete)
+    );
+    assert!(!names(&t.fs, ROOT_INO).await.contains(&"y".to_string()));
+}

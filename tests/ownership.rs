@@ -402,6 +402,76 @@ async fn rm_of_a_file_being_read_defers_the_delete_and_survives_a_crash() {
     assert_eq!(s.object("g").unwrap().as_ref(), b"kept");
 }
 
+/// A write at the name of a file removed while still read first deletes
+/// the removed object; when that DeleteObject fails, the write fails
+/// (EIO) and the delete stays this mount's, to be done before the next
+/// try. Before, the create went ahead and left the tombstone on disk; the
+/// new file, written with the same bytes in the same second as the old
+/// one's Last-Modified, was then deleted by the next mount's recovery,
+/// which cannot tell the two apart (a tombstone records whole seconds).
+#[tokio::test]
+async fn a_new_file_at_a_removed_names_key_waits_for_its_delete() {
+    let s = Arc::new(MemStore::unversioned());
+    let body = data(70_000, 9);
+    s.insert("y", &body, Metadata::new());
+    let (fs, d) = fs_with(s.clone());
+    let (_, rh) = open_existing(&fs, "y", libc::O_RDONLY).await;
+    fs.read(rh, 0, 10).await.unwrap();
+    fs.unlink(ROOT_INO, name("y")).await.unwrap();
+    let tombstones = || {
+        std::fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("unlink-")
+            })
+            .count()
+    };
+    assert_eq!(tombstones(), 1);
+    s.fail_next(Op::Delete, 100, StoreError::Transient("refused".into()));
+    let e = fs
+        .create(ROOT_INO, name("y"), USER, libc::O_WRONLY)
+        .await
+        .unwrap_err();
+    assert_eq!(bucketfs::error::errno(&e), libc::EIO, "{e:?}");
+    assert!(
+        fs.lookup(ROOT_INO, name("y")).await.is_err(),
+        "still removed"
+    );
+    assert_eq!(tombstones(), 1, "the delete is still to do");
+    // A rename to that name waits for it the same way.
+    s.insert("z", b"other", Metadata::new());
+    fs.rename(ROOT_INO, name("z"), ROOT_INO, name("y"), false)
+        .await
+        .unwrap_err();
+    assert_eq!(s.object("z").unwrap().as_ref(), b"other");
+    s.fail_next(Op::Delete, 0, StoreError::Transient("healed".into()));
+    // S3 answers again: the same bytes, written again, are the file's.
+    let (_, fh) = fs
+        .create(ROOT_INO, name("y"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    assert_eq!(tombstones(), 0, "deleted before the new file");
+    fs.write(fh, 0, &body).await.unwrap();
+    fs.release(fh).await.unwrap();
+    fs.release(rh).await.unwrap();
+    assert!(s.object("y").is_some_and(|b| b[..] == body[..]));
+    std::mem::forget(fs);
+    let opts = UploadOptions {
+        part_size_bytes: 5 * MIB as u64,
+        concurrency: 2,
+    };
+    let r = bucketfs::write::recover(&*s, d.path(), &opts).await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    assert!(
+        s.object("y").is_some_and(|b| b[..] == body[..]),
+        "the new file outlives a restart"
+    );
+}
+
 /// Case 18 (`cp -p`): a large new file streams its parts while written;
 /// its mode and mtime set before close land on the object by one
 /// server-side self-copy, and no byte is sent twice.

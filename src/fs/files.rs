@@ -29,7 +29,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
@@ -40,6 +40,7 @@ use super::inodes::NodeKey;
 use super::{Attr, FileKind, Fs, FsError, FsResult};
 use crate::cache::block::BlockKey;
 use crate::store::{ObjectInfo, ReadPin};
+use crate::write::tombstone::Tombstone;
 use crate::write::{Base, Progress, Staged};
 
 /// What an open handle is.
@@ -262,6 +263,34 @@ fn span_of(parts: &[Bytes], offset: u64, end: u64, first_start: u64, bs: u64) ->
         out.extend_from_slice(&p[s.min(e)..e]);
     }
     out.freeze()
+}
+
+/// A delete an `rm` deferred (its tombstone), this mount's until done.
+pub(super) struct Deferred {
+    key: String,
+    etag: String,
+    /// Locked while its DeleteObject is in flight, so a write at the key
+    /// waits for the answer; `None` once done.
+    tomb: Arc<tokio::sync::Mutex<Option<Tombstone>>>,
+    /// Failed with no reader left: when the retrier tries again.
+    retry_at: Option<Instant>,
+}
+
+impl Deferred {
+    pub(super) fn new(t: Tombstone) -> Deferred {
+        Deferred {
+            key: t.key.clone(),
+            etag: t.etag.clone(),
+            tomb: Arc::new(tokio::sync::Mutex::new(Some(t))),
+            retry_at: None,
+        }
+    }
+}
+
+/// How long a failed deferred delete waits before the retrier tries it
+/// again.
+fn deferred_retry(cfg: &super::FsConfig) -> std::time::Duration {
+    cfg.upload_retry_max.min(std::time::Duration::from_secs(60))
 }
 
 /// The read pin of an object: its version when known, else its ETag.
@@ -1357,34 +1386,87 @@ impl Fs {
     }
 
     /// The DeleteObject an `rm` deferred, once no handle reads the file.
+    /// Failed, it stays this mount's (the name stays hidden) and is tried
+    /// again by the retrier, or first by a write at the key.
     async fn complete_deferred(&self, ino: u64) {
         if self.file_handles_open(ino) {
             return;
         }
-        let t = self.deferred.lock().remove(&ino);
-        if let Some(t) = t {
-            t.complete(&*self.store).await;
-        }
+        let _ = self.finish_deferred(ino).await;
     }
 
     /// Deferred deletes of `key`, or of the keys below it when it ends with
     /// `/`, done now: something is about to be written there, or the
     /// directory goes (rmdir, rename). Their readers keep their bytes.
-    pub(super) async fn settle_deferred(&self, key: &str) {
+    /// One in flight (a last reader's close, the retrier) is waited for.
+    /// A delete that fails fails the caller, which then writes nothing: a
+    /// tombstone left behind a file written at its key cannot tell that
+    /// file from the one removed (the same bytes within the same second),
+    /// and a next mount would delete it.
+    pub(super) async fn settle_deferred(&self, key: &str) -> FsResult<()> {
         let inos: Vec<u64> = self
             .deferred
             .lock()
             .iter()
-            .filter(|(_, t)| t.key == key || (key.ends_with('/') && t.key.starts_with(key)))
+            .filter(|(_, d)| d.key == key || (key.ends_with('/') && d.key.starts_with(key)))
             .map(|(i, _)| *i)
             .collect();
         for i in inos {
             self.keep_for_readers(i).await;
-            let t = self.deferred.lock().remove(&i);
-            if let Some(t) = t {
-                t.complete(&*self.store).await;
+            self.finish_deferred(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `ino`'s deferred DeleteObject (once: callers meanwhile wait
+    /// for its answer). Done, it is forgotten; failed, it is kept and due
+    /// again later.
+    async fn finish_deferred(&self, ino: u64) -> Result<(), crate::store::StoreError> {
+        let Some(cell) = self.deferred.lock().get(&ino).map(|d| d.tomb.clone()) else {
+            return Ok(());
+        };
+        let mut tomb = cell.lock().await;
+        let Some(t) = tomb.take() else {
+            return Ok(()); // done by whoever held it before
+        };
+        let out = match t.complete(&*self.store).await {
+            Ok(()) => Ok(()),
+            Err((e, t)) => {
+                *tomb = Some(t);
+                Err(e)
+            }
+        };
+        let mut m = self.deferred.lock();
+        if let Some(d) = m.get_mut(&ino).filter(|d| Arc::ptr_eq(&d.tomb, &cell)) {
+            if out.is_ok() {
+                m.remove(&ino);
+            } else {
+                d.retry_at = Some(Instant::now() + deferred_retry(&self.cfg));
             }
         }
+        out
+    }
+
+    /// Deferred deletes that failed once no reader was left, tried again
+    /// when due; returns when the next one is.
+    async fn retry_deferred(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut next = None;
+        let waiting: Vec<(u64, Instant)> = self
+            .deferred
+            .lock()
+            .iter()
+            .filter_map(|(i, d)| Some((*i, d.retry_at?)))
+            .collect();
+        for (ino, at) in waiting {
+            if at > now {
+                next = Some(next.map_or(at, |n: Instant| n.min(at)));
+            } else if !self.file_handles_open(ino) && self.finish_deferred(ino).await.is_err() {
+                let again = now + deferred_retry(&self.cfg);
+                next = Some(next.map_or(again, |n: Instant| n.min(again)));
+            }
+        }
+        next
     }
 
     /// Before this mount deletes or overwrites the object that handles of
@@ -1495,7 +1577,7 @@ impl Fs {
         self.deferred
             .lock()
             .values()
-            .any(|t| t.key == key && crate::write::same_etag(&t.etag, etag))
+            .any(|d| d.key == key && crate::write::same_etag(&d.etag, etag))
     }
 
     /// Drops one writer; the last one uploads and ends the write state.
@@ -1549,6 +1631,7 @@ impl Fs {
     /// lands (or was unlinked) is ended; one that fails waits twice as long
     /// (at most `upload_retry_max`).
     pub async fn retry_pending(&self) -> Option<std::time::Instant> {
+        let mut next_deferred = self.retry_deferred().await;
         let states: Vec<(u64, Arc<OpenFile>)> = self
             .writes
             .lock()
@@ -1607,7 +1690,7 @@ impl Fs {
             .buffer_unordered(PENDING_UPLOADS_IN_FLIGHT)
             .collect()
             .await;
-        for t in retries.into_iter().flatten() {
+        for t in retries.into_iter().flatten().chain(next_deferred.take()) {
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         next

@@ -266,8 +266,9 @@ pub struct Fs {
     /// Directories whose expired entries are being stat'ed, by inode
     /// (`stale_lookup`).
     relists: Mutex<HashMap<u64, meta::Relist>>,
-    /// Deletes waiting for the file's last reader, by inode.
-    deferred: Mutex<HashMap<u64, crate::write::tombstone::Tombstone>>,
+    /// Deletes waiting for the file's last reader (or, failed, for the
+    /// retrier), by inode.
+    deferred: Mutex<HashMap<u64, files::Deferred>>,
     /// Files an unlink or a rename over them is taking the name from, held
     /// for writing from before it looks for their readers until the table
     /// has detached them (`files::Detaching`); an open meanwhile waits.

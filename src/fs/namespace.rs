@@ -191,7 +191,7 @@ impl Fs {
         }
         // A removed file still read there is deleted before the new one
         // can land (its readers keep their bytes).
-        self.settle_deferred(&self.key_of(&path)).await;
+        self.settle_deferred(&self.key_of(&path)).await?;
         let attr = self.new_attr_in(parent, FileKind::File, c, 0).await?;
         let attr = self.insert_node(parent, path.clone(), attr, None);
         if let Err(e) = self.start_new_file(attr.ino) {
@@ -232,7 +232,7 @@ impl Fs {
         };
         let meta = attr.to_metadata();
         let size = body.len() as u64;
-        self.settle_deferred(&key).await;
+        self.settle_deferred(&key).await?;
         let put = self
             .store
             .put(&key, PutBody::Bytes(body), &meta, None)
@@ -372,7 +372,9 @@ impl Fs {
                     &o.etag,
                     modified,
                 )?;
-                self.deferred.lock().insert(attr.ino, t);
+                self.deferred
+                    .lock()
+                    .insert(attr.ino, super::files::Deferred::new(t));
             } else {
                 self.delete_staged(st.as_deref_mut(), &key).await?;
             }
@@ -411,7 +413,7 @@ impl Fs {
         let prefix = format!("{}/", self.key_of(&path));
         // Files removed while still read count as gone: their deletes are
         // done now (their readers keep their bytes on the cache disk).
-        self.settle_deferred(&prefix).await;
+        self.settle_deferred(&prefix).await?;
         let page = self.store.list(&prefix, None, None, Some(2)).await?;
         if page.objects.iter().any(|o| o.key != prefix) || self.pending_below(&path) {
             return Err(FsError::NotEmpty);
@@ -489,10 +491,10 @@ impl Fs {
             // now, so they neither move nor count (their readers keep
             // their bytes on the cache disk).
             self.settle_deferred(&format!("{}/", self.key_of(&from)))
-                .await;
+                .await?;
             if dst.is_some() {
                 let prefix = format!("{}/", self.key_of(&to));
-                self.settle_deferred(&prefix).await;
+                self.settle_deferred(&prefix).await?;
                 let page = self.store.list(&prefix, None, None, Some(2)).await?;
                 if page.objects.iter().any(|o| o.key != prefix) || self.pending_below(&to) {
                     return Err(FsError::NotEmpty);
@@ -605,6 +607,9 @@ impl Fs {
             // name when it is sent. rsync's temporary file then costs one
             // PUT, at its final name.
             Some(st) if st.dirty && never_uploaded && st.staged.unsent() => {
+                // A file removed there while still read is deleted first
+                // (failing, the rename fails before anything changed).
+                self.clear_the_way(&tk, replaced).await?;
                 // The new key journaled first, with what the key holds of
                 // the file replaced: a kill before that is deleted still
                 // puts this file there. A full cache disk fails the
@@ -615,7 +620,6 @@ impl Fs {
                     object.map(|o| o.etag.clone()).into_iter().collect()
                 });
                 st.staged.rekey(&tk, over)?;
-                self.clear_the_way(&tk, replaced).await;
                 // What it replaces is gone now, as after any rename: were
                 // it left until the upload, an unlink before that would
                 // bring it back.
@@ -652,7 +656,7 @@ impl Fs {
             // on its temporary file after the close, then renames it)
             // rides on the rename's copy: no self-copy of its own.
             Some(st) if st.dirty && st.staged.meta_only() && !never_uploaded => {
-                self.clear_the_way(&tk, replaced).await;
+                self.clear_the_way(&tk, replaced).await?;
                 let meta = self
                     .table
                     .lock()
@@ -678,7 +682,7 @@ impl Fs {
             .get(src)
             .is_some_and(|n| n.object.is_some());
         if uploaded {
-            self.clear_the_way(&tk, replaced).await;
+            self.clear_the_way(&tk, replaced).await?;
             let put = self.store.copy(&fk, &tk, None, None).await?;
             self.own_copy(src, s.as_deref_mut(), &tk, &put, None);
             self.delete_present(&fk).await?;
@@ -695,11 +699,12 @@ impl Fs {
     /// Before this mount writes over `key`: a removed file still read there
     /// is deleted now, and the readers of `replaced` (the file at `key`)
     /// keep their bytes.
-    async fn clear_the_way(&self, key: &str, replaced: Option<u64>) {
-        self.settle_deferred(key).await;
+    async fn clear_the_way(&self, key: &str, replaced: Option<u64>) -> FsResult<()> {
+        self.settle_deferred(key).await?;
         if let Some(d) = replaced {
             self.keep_for_readers(d).await;
         }
+        Ok(())
     }
 
     /// DeleteObject of the key of a file this mount may hold data of

@@ -59,14 +59,19 @@ impl Tombstone {
     }
 
     /// Deletes the object if it is still the one unlinked; the tombstone
-    /// goes once that is settled. On a failure it stays for recovery.
-    pub async fn complete(self, store: &dyn ObjectStore) {
+    /// goes once that is settled. On a failure it is handed back, still
+    /// this mount's: the caller keeps it (the delete is done before
+    /// anything is written at the key) or drops it for the next mount.
+    pub async fn complete(self, store: &dyn ObjectStore) -> Result<(), (StoreError, Tombstone)> {
         match delete_if_same(store, &self.key, &self.etag, self.modified).await {
             Ok(()) => {
                 let _ = std::fs::remove_file(&self.path);
+                Ok(())
             }
-            Err(e) => warn!(key = %self.key, error = %e,
-                "deferred delete failed; the next mount finishes it"),
+            Err(e) => {
+                warn!(key = %self.key, error = %e, "deferred delete failed; kept to try again");
+                Err((e, self))
+            }
         }
     }
 }
