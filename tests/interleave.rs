@@ -1402,6 +1402,20 @@ async fn a_finished_rename_over_does_not_overwrite_the_old_bytes_put_back() {
     assert_holds(&m, &keys[1], b"x, never sent", "x beside it");
 }
 
+/// Opens `f` (at the root) for reading, reads from it, and removes it:
+/// its delete then waits for the handle returned.
+async fn read_then_rm(t: &T, f: &'static str) -> u64 {
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name(f)))
+        .await
+        .unwrap();
+    let rh = within("open", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    within("read", t.fs.read(rh, 0, 7)).await.unwrap();
+    within("rm", t.fs.unlink(ROOT_INO, name(f))).await.unwrap();
+    rh
+}
+
 /// A removed file's reader closes and its deferred DeleteObject is in
 /// flight (held) when a new file with the same bytes is written at the
 /// name: the new file waits for that delete, so the delete never removes
@@ -1412,16 +1426,7 @@ async fn a_new_file_at_a_removed_name_waits_for_the_delete_in_flight() {
     let t = setup(false, |_| {});
     let body = pattern(70_000, 3);
     t.m.insert("y", &body, Metadata::new());
-    let a = within("lookup", t.fs.lookup(ROOT_INO, name("y")))
-        .await
-        .unwrap();
-    let rh = within("open", t.fs.open(a.ino, libc::O_RDONLY))
-        .await
-        .unwrap();
-    within("read", t.fs.read(rh, 0, 100)).await.unwrap();
-    within("rm", t.fs.unlink(ROOT_INO, name("y")))
-        .await
-        .unwrap();
+    let rh = read_then_rm(&t, "y").await;
     t.f.hold(Op::Delete, 1);
     let fs = t.fs.clone();
     let closing = tokio::spawn(async move { fs.release(rh).await });
@@ -1472,16 +1477,7 @@ async fn a_new_file_at_a_removed_name_waits_for_the_delete_in_flight() {
 async fn a_failed_deferred_delete_is_retried_and_the_name_stays_removed() {
     let t = setup(false, |_| {});
     t.m.insert("y", b"removed", Metadata::new());
-    let a = within("lookup", t.fs.lookup(ROOT_INO, name("y")))
-        .await
-        .unwrap();
-    let rh = within("open", t.fs.open(a.ino, libc::O_RDONLY))
-        .await
-        .unwrap();
-    within("read", t.fs.read(rh, 0, 7)).await.unwrap();
-    within("rm", t.fs.unlink(ROOT_INO, name("y")))
-        .await
-        .unwrap();
+    let rh = read_then_rm(&t, "y").await;
     t.f.fail(Op::Delete, 1, StoreError::Transient("refused".into()));
     within("close", t.fs.release(rh)).await.unwrap();
     assert_eq!(t.f.calls(Op::Delete), 1, "tried at the close");
