@@ -1490,3 +1490,36 @@ async fn a_failed_deferred_delete_is_retried_and_the_name_stays_removed() {
     );
     assert!(!names(&t.fs, ROOT_INO).await.contains(&"y".to_string()));
 }
+
+/// `mv x y`, x a new file not sent yet: y's DeleteObject lands but its
+/// answer is an error (a timeout with retries off). The key is asked
+/// again: y is gone, so the rename went through, and x goes up at y.
+/// Before, the rename failed with EIO, x kept its name and y was gone:
+/// to its user, a failed `mv` that lost the file it left in place.
+#[tokio::test]
+async fn a_rename_over_whose_delete_landed_unanswered_goes_through() {
+    let t = setup(false, |_| {});
+    t.m.insert("y", b"the old y", Metadata::new());
+    let body = pattern(40_000, 21);
+    let (_, fh) = within(
+        "create x",
+        t.fs.create(ROOT_INO, name("x"), USER, libc::O_WRONLY),
+    )
+    .await
+    .unwrap();
+    within("write x", t.fs.write(fh, 0, &body)).await.unwrap();
+    within("lookup y", t.fs.lookup(ROOT_INO, name("y")))
+        .await
+        .unwrap();
+    t.f.lie_after(Op::Delete, 1, StoreError::Transient("timed out".into()));
+    within(
+        "mv x y",
+        t.fs.rename(ROOT_INO, name("x"), ROOT_INO, name("y"), false),
+    )
+    .await
+    .unwrap();
+    within("close x", t.fs.release(fh)).await.unwrap();
+    assert_holds(&t.m, "y", &body, "x at y");
+    assert_eq!(t.m.keys(), vec!["y".to_string()]);
+    assert_eq!(names(&t.fs, ROOT_INO).await, vec!["y".to_string()]);
+}
