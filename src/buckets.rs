@@ -1093,6 +1093,23 @@ impl Buckets {
         out
     }
 
+    /// Deferred deletes (of files removed while read) that failed and
+    /// are retried: (key, last error).
+    pub fn failed_deletes(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (name, fs) in self.named_cores() {
+            for (key, e) in fs.failed_deletes() {
+                let key = if name.is_empty() {
+                    key
+                } else {
+                    format!("{name}/{key}")
+                };
+                out.push((key, e));
+            }
+        }
+        out
+    }
+
     /// The buckets whose cores are open (empty for one bucket).
     pub fn open_buckets(&self) -> Vec<String> {
         if !self.is_all() {

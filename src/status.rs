@@ -123,6 +123,16 @@ pub fn report(b: &Buckets, info: &MountInfo) -> String {
             s += &format!("    next try in {n} s\n");
         }
     }
+    let deletes = b.failed_deletes();
+    if !deletes.is_empty() {
+        s += &format!(
+            "deletes not yet in S3: {} (files removed while read; retried)\n",
+            deletes.len()
+        );
+        for (key, e) in deletes {
+            s += &format!("  {key}\n    last error: {e}\n");
+        }
+    }
     let (mem, disk, hits, disk_hits, misses) = b.cache_totals();
     let all = hits + disk_hits + misses;
     let rate = if all == 0 {

@@ -1478,17 +1478,33 @@ async fn a_failed_deferred_delete_is_retried_and_the_name_stays_removed() {
     let t = setup(false, |_| {});
     t.m.insert("y", b"removed", Metadata::new());
     let rh = read_then_rm(&t, "y").await;
-    t.f.fail(Op::Delete, 1, StoreError::Transient("refused".into()));
+    t.f.fail(
+        Op::Delete,
+        u32::MAX,
+        StoreError::Transient("refused".into()),
+    );
     within("close", t.fs.release(rh)).await.unwrap();
     assert_eq!(t.f.calls(Op::Delete), 1, "tried at the close");
     assert!(t.m.object("y").is_some(), "the delete failed");
     assert!(!names(&t.fs, ROOT_INO).await.contains(&"y".to_string()));
+    // `bucketfs status` shows it, also after the retrier failed again.
+    assert!(
+        eventually(STEP, || t.f.calls(Op::Delete) >= 2).await,
+        "retried"
+    );
+    let failed = t.fs.failed_deletes();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, "y");
+    assert!(failed[0].1.contains("refused"), "{failed:?}");
+    assert!(t.m.object("y").is_some());
+    t.f.clear(Op::Delete);
     assert!(
         eventually(STEP, || t.m.object("y").is_none()).await,
         "deleted by the retrier; deletes tried: {}",
         t.f.calls(Op::Delete)
     );
     assert!(!names(&t.fs, ROOT_INO).await.contains(&"y".to_string()));
+    assert!(t.fs.failed_deletes().is_empty());
 }
 
 /// `mv x y`, x a new file not sent yet: y's DeleteObject lands but its

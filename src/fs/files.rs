@@ -274,6 +274,8 @@ pub(super) struct Deferred {
     tomb: Arc<tokio::sync::Mutex<Option<Tombstone>>>,
     /// Failed with no reader left: when the retrier tries again.
     retry_at: Option<Instant>,
+    /// Why it failed last (for `status`).
+    last_error: Option<String>,
 }
 
 impl Deferred {
@@ -283,6 +285,7 @@ impl Deferred {
             etag: t.etag.clone(),
             tomb: Arc::new(tokio::sync::Mutex::new(Some(t))),
             retry_at: None,
+            last_error: None,
         }
     }
 }
@@ -1438,12 +1441,30 @@ impl Fs {
         };
         let mut m = self.deferred.lock();
         if let Some(d) = m.get_mut(&ino).filter(|d| Arc::ptr_eq(&d.tomb, &cell)) {
-            if out.is_ok() {
-                m.remove(&ino);
-            } else {
-                d.retry_at = Some(Instant::now() + deferred_retry(&self.cfg));
+            match &out {
+                Ok(()) => {
+                    m.remove(&ino);
+                }
+                Err(e) => {
+                    d.retry_at = Some(Instant::now() + deferred_retry(&self.cfg));
+                    d.last_error = Some(e.to_string());
+                }
             }
         }
+        out
+    }
+
+    /// Keys of deferred deletes that failed and wait for the retrier
+    /// (for `status`), with their last error.
+    pub fn failed_deletes(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .deferred
+            .lock()
+            .values()
+            .filter(|d| d.retry_at.is_some())
+            .map(|d| (d.key.clone(), d.last_error.clone().unwrap_or_default()))
+            .collect();
+        out.sort();
         out
     }
 
