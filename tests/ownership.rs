@@ -387,11 +387,7 @@ async fn rm_of_a_file_being_read_defers_the_delete_and_survives_a_crash() {
         })
         .collect();
     assert_eq!(tomb.len(), 1);
-    // Release the dead mount's lock as the kernel would at its exit.
-    let copy = d.path().join("copy");
-    std::fs::copy(&tomb[0], &copy).unwrap();
-    std::fs::remove_file(&tomb[0]).unwrap();
-    std::fs::rename(&copy, &tomb[0]).unwrap();
+    release_dead_locks(d.path());
     let opts = UploadOptions {
         part_size_bytes: 5 * MIB as u64,
         concurrency: 2,
@@ -470,6 +466,73 @@ async fn a_new_file_at_a_removed_names_key_waits_for_its_delete() {
         s.object("y").is_some_and(|b| b[..] == body[..]),
         "the new file outlives a restart"
     );
+}
+
+/// A dead mount left a deferred delete (rm of a file still read, then
+/// kill -9), and the next mount's start-up recovery could not do it (S3
+/// refused). That mount keeps it as its own: a create at the name fails
+/// while the delete does, and once S3 answers the new file, written with
+/// the same bytes, stays. Before, the create went ahead and the recovery's
+/// retry a few seconds later deleted the new, acknowledged file (found by
+/// an outsider on a real mount: `REPRO_leftover_tombstone_recovery_retry`).
+#[tokio::test]
+async fn a_dead_mounts_failed_deferred_delete_gates_a_new_file_at_its_name() {
+    let s = Arc::new(MemStore::unversioned());
+    let body = data(60_000, 12);
+    s.insert("y", &body, Metadata::new());
+    let (fs, d) = fs_with(s.clone());
+    let (_, rh) = open_existing(&fs, "y", libc::O_RDONLY).await;
+    fs.read(rh, 0, 10).await.unwrap();
+    fs.unlink(ROOT_INO, name("y")).await.unwrap();
+    std::mem::forget(fs); // killed with the reader open
+    release_dead_locks(d.path());
+    let cfg = FsConfig {
+        staging_dir: d.path().to_path_buf(),
+        upload_retry_max: std::time::Duration::from_millis(50),
+        ..FsConfig::default()
+    };
+    let fs = Fs::new(s.clone(), cfg);
+    s.fail_next(Op::Delete, 1000, StoreError::Transient("refused".into()));
+    let r = fs.adopt_staged().await;
+    assert!(r.iter().any(|r| r.is_err()), "{r:?}");
+    assert!(s.object("y").is_some(), "not deleted yet");
+    let e = fs
+        .create(ROOT_INO, name("y"), USER, libc::O_WRONLY)
+        .await
+        .unwrap_err();
+    assert_eq!(bucketfs::error::errno(&e), libc::EIO, "{e:?}");
+    assert_eq!(fs.failed_deletes().len(), 1);
+    s.fail_next(Op::Delete, 0, StoreError::Transient("healed".into()));
+    let (_, fh) = fs
+        .create(ROOT_INO, name("y"), USER, libc::O_WRONLY)
+        .await
+        .unwrap();
+    fs.write(fh, 0, &body).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert!(s.object("y").is_some_and(|b| b[..] == body[..]));
+    // What the start-up recovery's retries do: nothing left to delete.
+    let r = fs.adopt_staged().await;
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+    fs.retry_pending().await;
+    assert!(
+        s.object("y").is_some_and(|b| b[..] == body[..]),
+        "the new file stays"
+    );
+    assert!(fs.failed_deletes().is_empty());
+}
+
+/// Stands in for the kernel at a killed daemon's exit: the locks of its
+/// staging files are released (the files are copied over themselves).
+fn release_dead_locks(dir: &std::path::Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            let copy = p.with_extension("copy");
+            std::fs::copy(&p, &copy).unwrap();
+            std::fs::remove_file(&p).unwrap();
+            std::fs::rename(&copy, &p).unwrap();
+        }
+    }
 }
 
 /// Case 18 (`cp -p`): a large new file streams its parts while written;

@@ -290,6 +290,10 @@ impl Deferred {
     }
 }
 
+/// Keys in `Fs::deferred` for deletes taken over from a dead mount: no
+/// file of this mount has them (inode numbers count up from 1).
+static ADOPTED_REMOVALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
 /// How long a failed deferred delete waits before the retrier tries it
 /// again.
 fn deferred_retry(cfg: &super::FsConfig) -> std::time::Duration {
@@ -1730,6 +1734,18 @@ impl Fs {
             match f {
                 Ok(Found::Done(r)) => out.push(Ok(r)),
                 Err(e) => out.push(Err(e)),
+                // A dead mount's delete that failed: this mount's now, so a
+                // write at its key waits for it as for its own, and the
+                // retrier tries it again (left on disk, a write here could
+                // land before a later try deleted it).
+                Ok(Found::Removal(e, t)) => {
+                    let id = ADOPTED_REMOVALS.fetch_sub(1, Ordering::Relaxed);
+                    let mut d = Deferred::new(*t);
+                    d.retry_at = Some(Instant::now() + deferred_retry(&self.cfg));
+                    d.last_error = Some(e.clone());
+                    self.deferred.lock().insert(id, d);
+                    out.push(Err(e));
+                }
                 Ok(Found::Pending(a)) => {
                     let path = a
                         .target

@@ -1282,7 +1282,8 @@ pub async fn recover(
         out.push(match f {
             Ok(Found::Done(r)) => Ok(r),
             Ok(Found::Pending(a)) => a.upload_now(store, opts).await,
-            Err(e) => Err(e),
+            // Dropped: the tombstone stays for the next try.
+            Ok(Found::Removal(e, _)) | Err(e) => Err(e),
         });
     }
     out
@@ -1426,6 +1427,9 @@ pub enum Found {
     Done(Recovered),
     /// Data to upload.
     Pending(Box<Adoptable>),
+    /// A dead mount's deferred delete that failed (why), its tombstone
+    /// locked: to keep and try again, or drop for the next try.
+    Removal(String, Box<tombstone::Tombstone>),
 }
 
 /// Finds the staged files in `dir` that no live mount holds, settles what
@@ -1498,8 +1502,8 @@ pub async fn scan(
             continue;
         }
         if name.starts_with(tombstone::PREFIX) {
-            if let Err(e) = tombstone::recover(store, &path).await {
-                out.push(Err(e));
+            if let Err((e, t)) = tombstone::recover(store, &path).await {
+                out.push(Ok(Found::Removal(e, Box::new(t))));
             }
             continue;
         }

@@ -111,7 +111,10 @@ async fn delete_if_same(
 }
 
 /// Finishes a dead mount's deferred delete (a tombstone nobody holds).
-pub async fn recover(store: &dyn ObjectStore, path: &Path) -> Result<(), String> {
+/// Failed, the tombstone is handed back locked, with the error: a live
+/// mount keeps it as its own (a write at the key waits for it, the retrier
+/// tries it again); dropped, it stays for the next try.
+pub async fn recover(store: &dyn ObjectStore, path: &Path) -> Result<(), (String, Tombstone)> {
     let Ok(mut file) = File::open(path) else {
         return Ok(());
     };
@@ -119,8 +122,9 @@ pub async fn recover(store: &dyn ObjectStore, path: &Path) -> Result<(), String>
         return Ok(()); // a live mount's
     }
     let mut text = String::new();
-    file.read_to_string(&mut text)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if file.read_to_string(&mut text).is_err() {
+        return Ok(()); // unreadable: left for the next try
+    }
     let Some((first, key)) = text.split_once('\n') else {
         let _ = std::fs::remove_file(path);
         return Ok(());
@@ -130,11 +134,23 @@ pub async fn recover(store: &dyn ObjectStore, path: &Path) -> Result<(), String>
         Some((e, m)) => (e, m.parse().ok()),
         None => (first, None),
     };
-    delete_if_same(store, key, etag, modified)
-        .await
-        .map_err(|e| format!("{key}: deferred delete: {e} (kept for the next try)"))?;
-    let _ = std::fs::remove_file(path);
-    Ok(())
+    let t = Tombstone {
+        key: key.to_string(),
+        etag: etag.to_string(),
+        modified,
+        path: path.to_path_buf(),
+        _file: file,
+    };
+    match delete_if_same(store, &t.key, &t.etag, t.modified).await {
+        Ok(()) => {
+            let _ = std::fs::remove_file(path);
+            Ok(())
+        }
+        Err(e) => Err((
+            format!("{}: deferred delete: {e} (kept for the next try)", t.key),
+            t,
+        )),
+    }
 }
 
 #[cfg(test)]
