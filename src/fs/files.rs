@@ -1452,6 +1452,8 @@ impl Fs {
                 Err(e) => {
                     d.retry_at = Some(Instant::now() + deferred_retry(&self.cfg));
                     d.last_error = Some(e.to_string());
+                    // The retrier sleeps until what it knew was due.
+                    self.retry_wake.notify_one();
                 }
             }
         }

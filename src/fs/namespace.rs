@@ -166,6 +166,14 @@ impl Fs {
         c: Creator,
         flags: i32,
     ) -> FsResult<(Attr, u64)> {
+        // A file removed at the name while still read is deleted first,
+        // before the namespace lock: a slow DeleteObject then holds up this
+        // create only, not every other one queued behind a directory
+        // rename waiting for that lock. (Done again under it below:
+        // normally nothing is left.)
+        if let Ok(p) = self.new_child(parent, name) {
+            self.settle_deferred(&self.key_of(&p)).await?;
+        }
         // The path is resolved under the namespace lock: a directory being
         // renamed cannot move under a create in it.
         let ns = self.ns.read().await;
