@@ -407,13 +407,7 @@ async fn rm_of_a_file_being_read_defers_the_delete_and_survives_a_crash() {
 /// which cannot tell the two apart (a tombstone records whole seconds).
 #[tokio::test]
 async fn a_new_file_at_a_removed_names_key_waits_for_its_delete() {
-    let s = Arc::new(MemStore::unversioned());
-    let body = data(70_000, 9);
-    s.insert("y", &body, Metadata::new());
-    let (fs, d) = fs_with(s.clone());
-    let (_, rh) = open_existing(&fs, "y", libc::O_RDONLY).await;
-    fs.read(rh, 0, 10).await.unwrap();
-    fs.unlink(ROOT_INO, name("y")).await.unwrap();
+    let (s, body, fs, d, rh) = removed_while_read(70_000, 9).await;
     let tombstones = || {
         std::fs::read_dir(d.path())
             .unwrap()
@@ -477,13 +471,7 @@ async fn a_new_file_at_a_removed_names_key_waits_for_its_delete() {
 /// an outsider on a real mount: `REPRO_leftover_tombstone_recovery_retry`).
 #[tokio::test]
 async fn a_dead_mounts_failed_deferred_delete_gates_a_new_file_at_its_name() {
-    let s = Arc::new(MemStore::unversioned());
-    let body = data(60_000, 12);
-    s.insert("y", &body, Metadata::new());
-    let (fs, d) = fs_with(s.clone());
-    let (_, rh) = open_existing(&fs, "y", libc::O_RDONLY).await;
-    fs.read(rh, 0, 10).await.unwrap();
-    fs.unlink(ROOT_INO, name("y")).await.unwrap();
+    let (s, body, fs, d, _reader) = removed_while_read(60_000, 12).await;
     std::mem::forget(fs); // killed with the reader open
     release_dead_locks(d.path());
     let cfg = FsConfig {
@@ -519,6 +507,22 @@ async fn a_dead_mounts_failed_deferred_delete_gates_a_new_file_at_its_name() {
         "the new file stays"
     );
     assert!(fs.failed_deletes().is_empty());
+}
+
+/// An object `y` of `len` bytes (returned), opened and read by a handle
+/// (returned), then removed: its delete waits for that handle.
+async fn removed_while_read(
+    len: usize,
+    seed: u8,
+) -> (Arc<MemStore>, Vec<u8>, Fs, tempfile::TempDir, u64) {
+    let s = Arc::new(MemStore::unversioned());
+    let body = data(len, seed);
+    s.insert("y", &body, Metadata::new());
+    let (fs, d) = fs_with(s.clone());
+    let (_, rh) = open_existing(&fs, "y", libc::O_RDONLY).await;
+    fs.read(rh, 0, 10).await.unwrap();
+    fs.unlink(ROOT_INO, name("y")).await.unwrap();
+    (s, body, fs, d, rh)
 }
 
 /// Stands in for the kernel at a killed daemon's exit: the locks of its
