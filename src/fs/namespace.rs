@@ -733,20 +733,9 @@ impl Fs {
 
     /// DeleteObject; a key already gone is not an error.
     async fn delete_present(&self, key: &str) -> FsResult<()> {
-        match self.store.delete(key).await {
-            Ok(()) | Err(StoreError::NotFound) => Ok(()),
-            // A DeleteObject may land and still answer an error (a timeout
-            // with retries off): the key is asked. Gone, the delete is
-            // done; a rename failing here would have lost the file it left
-            // at the name.
-            Err(e) => match self.store.head(key, None).await {
-                Err(StoreError::NotFound) => {
-                    tracing::debug!(key, error = %e, "the DeleteObject landed unanswered");
-                    Ok(())
-                }
-                _ => Err(e.into()),
-            },
-        }
+        // One that landed unanswered counts: a rename failing there would
+        // have lost the file it left at the name.
+        Ok(crate::store::delete_gone(&*self.store, key).await?)
     }
 
     /// Copies every key below `from/` to `to/`, then deletes the originals.

@@ -573,6 +573,23 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn counters(&self) -> &Counters;
 }
 
+/// Deletes `key`, counting it done when the key is gone: a DeleteObject
+/// may land and still answer an error (a timeout with retries off), so on
+/// an error the key is asked with a HEAD. The error stands unless that
+/// finds nothing there.
+pub async fn delete_gone(store: &dyn ObjectStore, key: &str) -> StoreResult<()> {
+    match store.delete(key).await {
+        Ok(()) | Err(StoreError::NotFound) => Ok(()),
+        Err(e) => match store.head(key, None).await {
+            Err(StoreError::NotFound) => {
+                tracing::debug!(key, error = %e, "the DeleteObject landed unanswered");
+                Ok(())
+            }
+            _ => Err(e),
+        },
+    }
+}
+
 /// The buckets of an account, for an `s3://` mount: each bucket is then
 /// an `ObjectStore` of its own.
 #[async_trait]

@@ -93,10 +93,7 @@ async fn delete_if_same(
             if super::same_etag(&o.etag, etag)
                 && modified.is_none_or(|m| secs(o.last_modified) <= m) =>
         {
-            match store.delete(key).await {
-                Ok(()) | Err(StoreError::NotFound) => Ok(()),
-                Err(e) => Err(e),
-            }
+            crate::store::delete_gone(store, key).await
         }
         Ok(_) => {
             debug!(
