@@ -272,10 +272,8 @@ pub(super) struct Deferred {
     /// Locked while its DeleteObject is in flight, so a write at the key
     /// waits for the answer; `None` once done.
     tomb: Arc<tokio::sync::Mutex<Option<Tombstone>>>,
-    /// Failed with no reader left: when the retrier tries again.
-    retry_at: Option<Instant>,
-    /// Why it failed last (for `status`).
-    last_error: Option<String>,
+    /// Failed: when the retrier tries again, and why (for `status`).
+    failed: Option<(Instant, String)>,
 }
 
 impl Deferred {
@@ -284,9 +282,13 @@ impl Deferred {
             key: t.key.clone(),
             etag: t.etag.clone(),
             tomb: Arc::new(tokio::sync::Mutex::new(Some(t))),
-            retry_at: None,
-            last_error: None,
+            failed: None,
         }
+    }
+
+    /// Failed with `error`: due again after `deferred_retry`.
+    fn failed(&mut self, error: String, cfg: &super::FsConfig) {
+        self.failed = Some((Instant::now() + deferred_retry(cfg), error));
     }
 }
 
@@ -1450,8 +1452,8 @@ impl Fs {
                     m.remove(&ino);
                 }
                 Err(e) => {
-                    d.retry_at = Some(Instant::now() + deferred_retry(&self.cfg));
-                    d.last_error = Some(e.to_string());
+                    warn!(key = %d.key, error = %e, "deferred delete failed; kept to try again");
+                    d.failed(e.to_string(), &self.cfg);
                     // The retrier sleeps until what it knew was due.
                     self.retry_wake.notify_one();
                 }
@@ -1467,8 +1469,7 @@ impl Fs {
             .deferred
             .lock()
             .values()
-            .filter(|d| d.retry_at.is_some())
-            .map(|d| (d.key.clone(), d.last_error.clone().unwrap_or_default()))
+            .filter_map(|d| Some((d.key.clone(), d.failed.as_ref()?.1.clone())))
             .collect();
         out.sort();
         out
@@ -1483,7 +1484,7 @@ impl Fs {
             .deferred
             .lock()
             .iter()
-            .filter_map(|(i, d)| Some((*i, d.retry_at?)))
+            .filter_map(|(i, d)| Some((*i, d.failed.as_ref()?.0)))
             .collect();
         for (ino, at) in waiting {
             if at > now {
@@ -1743,8 +1744,7 @@ impl Fs {
                 Ok(Found::Removal(e, t)) => {
                     let id = ADOPTED_REMOVALS.fetch_sub(1, Ordering::Relaxed);
                     let mut d = Deferred::new(*t);
-                    d.retry_at = Some(Instant::now() + deferred_retry(&self.cfg));
-                    d.last_error = Some(e.clone());
+                    d.failed(e.clone(), &self.cfg);
                     self.deferred.lock().insert(id, d);
                     out.push(Err(e));
                 }

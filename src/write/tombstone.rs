@@ -60,18 +60,15 @@ impl Tombstone {
 
     /// Deletes the object if it is still the one unlinked; the tombstone
     /// goes once that is settled. On a failure it is handed back, still
-    /// this mount's: the caller keeps it (the delete is done before
-    /// anything is written at the key) or drops it for the next mount.
+    /// locked: the caller keeps it (the delete is done before anything is
+    /// written at the key) or drops it for the next try.
     pub async fn complete(self, store: &dyn ObjectStore) -> Result<(), (StoreError, Tombstone)> {
         match delete_if_same(store, &self.key, &self.etag, self.modified).await {
             Ok(()) => {
                 let _ = std::fs::remove_file(&self.path);
                 Ok(())
             }
-            Err(e) => {
-                warn!(key = %self.key, error = %e, "deferred delete failed; kept to try again");
-                Err((e, self))
-            }
+            Err(e) => Err((e, self)),
         }
     }
 }
@@ -119,8 +116,9 @@ pub async fn recover(store: &dyn ObjectStore, path: &Path) -> Result<(), (String
         return Ok(()); // a live mount's
     }
     let mut text = String::new();
-    if file.read_to_string(&mut text).is_err() {
-        return Ok(()); // unreadable: left for the next try
+    if let Err(e) = file.read_to_string(&mut text) {
+        warn!(path = %path.display(), error = %e, "a deferred delete cannot be read; left for the next try");
+        return Ok(());
     }
     let Some((first, key)) = text.split_once('\n') else {
         let _ = std::fs::remove_file(path);
@@ -138,16 +136,12 @@ pub async fn recover(store: &dyn ObjectStore, path: &Path) -> Result<(), (String
         path: path.to_path_buf(),
         _file: file,
     };
-    match delete_if_same(store, &t.key, &t.etag, t.modified).await {
-        Ok(()) => {
-            let _ = std::fs::remove_file(path);
-            Ok(())
-        }
-        Err(e) => Err((
+    t.complete(store).await.map_err(|(e, t)| {
+        (
             format!("{}: deferred delete: {e} (kept for the next try)", t.key),
             t,
-        )),
-    }
+        )
+    })
 }
 
 #[cfg(test)]
