@@ -47,7 +47,15 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
 
 /// Files left in the staging directory.
 fn staged_files(dir: &tempfile::TempDir) -> usize {
-    std::fs::read_dir(dir.path()).unwrap().count()
+    staged_named(dir, |_| true)
+}
+
+/// Files in the staging directory whose names `pick` takes.
+fn staged_named(dir: &tempfile::TempDir, pick: impl Fn(&str) -> bool) -> usize {
+    std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| pick(&e.as_ref().unwrap().file_name().to_string_lossy()))
+        .count()
 }
 
 async fn open_existing(fs: &Fs, n: &str, flags: i32) -> (u64, u64) {
@@ -240,16 +248,7 @@ async fn an_unlinked_open_file_is_gone_for_good() {
     fs.write(fh, 0, b"doomed").await.unwrap();
     fs.unlink(dir.ino, name("f")).await.unwrap();
     fs.write(fh, 6, b" still").await.unwrap();
-    let journals = std::fs::read_dir(d.path())
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".journal")
-        })
-        .count();
+    let journals = staged_named(&d, |n| n.ends_with(".journal"));
     assert_eq!(journals, 0, "nothing a recovery could bring back");
     assert!(
         fs.list(dir.ino)
@@ -376,17 +375,7 @@ async fn rm_of_a_file_being_read_defers_the_delete_and_survives_a_crash() {
     fs.unlink(ROOT_INO, name("h")).await.unwrap();
     std::mem::forget(fs); // a killed daemon runs no destructor
     // (its flock dies with it: here, a new process stands in)
-    let tomb: Vec<_> = std::fs::read_dir(d.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("unlink-")
-        })
-        .collect();
-    assert_eq!(tomb.len(), 1);
+    assert_eq!(staged_named(&d, |n| n.starts_with("unlink-")), 1);
     release_dead_locks(d.path());
     let opts = UploadOptions {
         part_size_bytes: 5 * MIB as u64,
@@ -408,18 +397,7 @@ async fn rm_of_a_file_being_read_defers_the_delete_and_survives_a_crash() {
 #[tokio::test]
 async fn a_new_file_at_a_removed_names_key_waits_for_its_delete() {
     let (s, body, fs, d, rh) = removed_while_read(70_000, 9).await;
-    let tombstones = || {
-        std::fs::read_dir(d.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("unlink-")
-            })
-            .count()
-    };
+    let tombstones = || staged_named(&d, |n| n.starts_with("unlink-"));
     assert_eq!(tombstones(), 1);
     s.fail_next(Op::Delete, 100, StoreError::Transient("refused".into()));
     let e = fs
