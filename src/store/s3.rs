@@ -850,7 +850,10 @@ where
             if detail.contains("credentials") {
                 StoreError::AccessDenied("no usable credentials found (environment, profile, passwd_file or instance role)".into())
             } else if d.is_timeout() {
-                StoreError::Transient("connect timed out".into())
+                // The connector's timeouts: the connect's, and the read
+                // timeout while the request is sent or its answer awaited
+                // (a slow server, not only an unreachable one).
+                StoreError::Transient("timed out connecting or waiting for the answer".into())
             } else {
                 StoreError::Transient("cannot connect to the endpoint".into())
             }
