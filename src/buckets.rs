@@ -809,6 +809,21 @@ impl Buckets {
         }
     }
 
+    /// `Fs::open_outside` of handle `fh`.
+    pub async fn open_outside(&self, fh: u64, grant: impl FnOnce(&std::fs::File) -> bool) -> bool {
+        match self.handle(fh) {
+            Ok(Some((fs, _, fh))) => fs.open_outside(fh, grant).await,
+            _ => false,
+        }
+    }
+
+    /// `Fs::end_outside` of inode `ino`.
+    pub async fn end_outside(&self, ino: u64, still_open: impl Fn() -> bool) {
+        if let Some(At::Bucket(fs, _, local)) = self.at_now(ino) {
+            fs.end_outside(local, still_open).await;
+        }
+    }
+
     pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<FsResult<u32>> {
         match self.handle(fh) {
             Ok(Some((fs, _, fh))) => fs.write_now(fh, offset, data),

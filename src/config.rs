@@ -77,6 +77,9 @@ pub struct Options {
     /// `writeback=async`: close() returns once the data is staged and
     /// journaled; the upload runs in the background.
     pub writeback_async: bool,
+    /// `passthrough`: the kernel writes (and reads) a file created or
+    /// emptied through this mount straight to its staged copy.
+    pub passthrough: bool,
     /// Server-side encryption with S3- or KMS-managed keys (`sse=`).
     pub sse: Option<Sse>,
     /// The KMS key of `sse=aws:kms` (`sse_kms_key_id=`); None: the
@@ -189,6 +192,7 @@ impl Default for Options {
             long_timeout: Duration::from_secs(300),
             upload_retry_max: Duration::from_secs(300),
             writeback_async: false,
+            passthrough: false,
             sse: None,
             sse_kms_key_id: None,
             sse_c_key_file: None,
@@ -267,6 +271,13 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
                         background; fsync and unmount wait for them; a rename, chmod
                         or utimes before the upload only changes it. Default: sync
                         (close() returns once the data is in S3)
+  passthrough           a file created or emptied (O_TRUNC) through this mount is
+                        written by the kernel straight to its staged copy (FUSE
+                        passthrough): small writes at local-disk speed, still
+                        uploaded at close and kept through a kill -9. Its upload
+                        starts at close (no parts sent while it is written). Needs
+                        Linux 6.13+, root, a cache_dir with fine-grained times
+                        (ext4, xfs, btrfs, tmpfs); off with a warning otherwise
   sse=AES256|aws:kms|aws:kms:dsse
                         server-side encryption of every object written (and copied).
                         s3fs aliases: use_sse, use_sse=1, use_sse=kmsid[:KEY_ID]
@@ -592,6 +603,7 @@ impl Options {
                 "noexec" => self.noexec = true,
                 "nonempty" => self.nonempty = true,
                 "no_object_metadata" => self.object_metadata = false,
+                "passthrough" => self.passthrough = true,
                 "metadata_ttl" => {
                     let s = num_in(name, need(name, value)?, 0.0, 86_400.0, " seconds")?;
                     self.metadata_ttl = Duration::from_secs_f64(s);
@@ -827,6 +839,7 @@ mod tests {
         refused("readahead_budget=0", "1M..=1T");
         assert!(ok("writeback=async").writeback_async);
         assert!(!ok("writeback=sync").writeback_async);
+        assert!(ok("passthrough").passthrough && !ok("ro").passthrough);
         refused("writeback=later", "is not sync or async");
         refused("readahead=-1", "is not a valid number");
         assert_eq!(ok("retries=0").max_attempts, 1);

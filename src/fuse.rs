@@ -10,6 +10,7 @@ use std::ffi::{OsStr, OsString};
 use std::future::Future;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +27,7 @@ use crate::error;
 use crate::fs::{
     Attr, Creator, DirAsk, DirEntry, DirPage, FileKind, FsError, FsResult, Placed, SetAttr,
 };
+use crate::fuse_modes::IoModes;
 
 const MAX_WRITE_BYTES: u32 = 1024 * 1024;
 const MAX_READAHEAD_BYTES: u32 = 1024 * 1024;
@@ -45,15 +47,27 @@ pub struct FuseFs {
     posix_acl: bool,
     /// Tells the kernel to drop what it cached (set once the session is).
     kernel: Arc<OnceLock<Notifier>>,
+    /// `-o passthrough`, while the kernel takes it: a new or emptied
+    /// file's reads and writes go straight to its staged copy.
+    passthrough: Arc<AtomicBool>,
+    /// What each open was answered (cached or passthrough).
+    io: Arc<IoModes>,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Buckets>, rt: tokio::runtime::Handle, posix_acl: bool) -> Self {
+    pub fn new(
+        fs: Arc<Buckets>,
+        rt: tokio::runtime::Handle,
+        posix_acl: bool,
+        passthrough: bool,
+    ) -> Self {
         FuseFs {
             fs,
             rt,
             posix_acl,
             kernel: Default::default(),
+            passthrough: Arc::new(passthrough.into()),
+            io: Default::default(),
         }
     }
 
@@ -92,6 +106,52 @@ async fn kill_suid(fs: &Buckets, kernel: &OnceLock<Notifier>, ino: INodeNo) -> F
         debug!(error = %e, "could not invalidate the kernel's attributes");
     }
     Ok(())
+}
+
+/// Whether an open that created or emptied a file (open(2) `flags`) may
+/// offer its staged copy for passthrough: one that writes, and not with
+/// `O_DIRECT` (which the staged file's file system may refuse).
+fn offers_backing(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_DIRECT == 0
+}
+
+/// How the kernel is to do the reads and writes of a handle just opened:
+/// through this mount (None), or straight to a backing file. A handle
+/// that created or emptied a file offers its staged copy (`offer`), which
+/// the core grants under the file's write state; any open of an inode
+/// already in passthrough mode shares its backing. `register` hands a
+/// file to the kernel (the reply's `open_backing`).
+async fn io_mode(
+    fs: &Buckets,
+    io: &IoModes,
+    on: &AtomicBool,
+    ino: u64,
+    fh: u64,
+    offer: bool,
+    register: impl Fn(&std::fs::File) -> io::Result<fuser::BackingId>,
+) -> Option<Arc<fuser::BackingId>> {
+    if offer && on.load(Ordering::Relaxed) {
+        let mut got = None;
+        let granted = fs
+            .open_outside(fh, |f| match io.offer(ino, fh, || register(f)) {
+                Ok(id) => {
+                    got = id;
+                    got.is_some()
+                }
+                Err(e) => {
+                    if on.swap(false, Ordering::Relaxed) {
+                        warn!(error = %e,
+                            "passthrough is off: the kernel refused a staged file (it needs CAP_SYS_ADMIN, and a cache_dir not on overlayfs or FUSE)");
+                    }
+                    false
+                }
+            })
+            .await;
+        if granted {
+            return got;
+        }
+    }
+    io.open(ino, fh)
 }
 
 /// Has the kernel drop the attributes it holds of `DIR/.versions` once
@@ -381,6 +441,18 @@ impl Filesystem for FuseFs {
         // Reads (and read-ahead) in flight from the kernel: 64, as
         // Mountpoint for Amazon S3 sets, not FUSE's default 12.
         let _ = config.set_max_background(MAX_BACKGROUND);
+        // Passthrough: the staged files are on a local file system, not
+        // stacked on another FUSE or overlay mount (depth 1).
+        if self.passthrough.load(Ordering::Relaxed) {
+            let ok = config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                warn!("passthrough is off: the kernel does not offer it");
+                self.passthrough.store(false, Ordering::Relaxed);
+            }
+        }
         // POSIX ACLs checked by the kernel, kept by the core (`fs/acl.rs`),
         // which also applies the umask itself (FUSE_DONT_MASK): POSIX wants
         // none when the parent has a default ACL. The kernel then sends the
@@ -611,7 +683,10 @@ impl Filesystem for FuseFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (fs, pid, kernel) = (self.fs.clone(), req.pid(), self.kernel.clone());
+        let (io, on) = (self.io.clone(), self.passthrough.clone());
         let kill = flags.0 & libc::O_TRUNC != 0 && lacks_fsetid(req);
+        // An open that empties the file may write to its staged copy.
+        let offer = flags.0 & libc::O_TRUNC != 0 && offers_backing(flags.0);
         self.spawn(span!("open", req, ino = ino.0), async move {
             match fs.open(ino.0, flags.0).await {
                 Ok(fh) => {
@@ -622,7 +697,13 @@ impl Filesystem for FuseFs {
                     if let Some(t) = tgid_of(pid) {
                         fs.set_opener(fh, t);
                     }
-                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                    let register = |f: &std::fs::File| reply.open_backing(f);
+                    match io_mode(&fs, &io, &on, ino.0, fh, offer, register).await {
+                        Some(id) => {
+                            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+                        }
+                        None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                    }
                 }
                 Err(e) => reply.error(fail(&e)),
             }
@@ -726,9 +807,14 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let fs = self.fs.clone();
+        let (fs, io) = (self.fs.clone(), self.io.clone());
+        let last_passthrough = self.io.release(fh.0);
         self.spawn(span!("release", req, ino = ino.0, fh = fh.0), async move {
-            reply_empty(reply, fs.release(fh.0).await)
+            let r = fs.release(fh.0).await;
+            if let Some(ino) = last_passthrough {
+                fs.end_outside(ino, || io.passthrough_open(ino)).await;
+            }
+            reply_empty(reply, r)
         });
     }
 
@@ -1017,6 +1103,8 @@ impl Filesystem for FuseFs {
     ) {
         let (fs, name, c) = (self.fs.clone(), name.to_owned(), creator(req, mode, umask));
         let pid = req.pid();
+        let (io, on) = (self.io.clone(), self.passthrough.clone());
+        let offer = offers_backing(flags);
         self.spawn(
             span!("create", req, ino = parent.0, name = ?name),
             async move {
@@ -1025,13 +1113,25 @@ impl Filesystem for FuseFs {
                         if let Some(t) = tgid_of(pid) {
                             fs.set_opener(fh, t);
                         }
-                        reply.created(
-                            &fs.kernel_ttl(a.ino),
-                            &file_attr(&a),
-                            Generation(0),
-                            FileHandle(fh),
-                            FopenFlags::empty(),
-                        )
+                        let register = |f: &std::fs::File| reply.open_backing(f);
+                        let (ttl, attr) = (fs.kernel_ttl(a.ino), file_attr(&a));
+                        match io_mode(&fs, &io, &on, a.ino, fh, offer, register).await {
+                            Some(id) => reply.created_passthrough(
+                                &ttl,
+                                &attr,
+                                Generation(0),
+                                FileHandle(fh),
+                                FopenFlags::empty(),
+                                &id,
+                            ),
+                            None => reply.created(
+                                &ttl,
+                                &attr,
+                                Generation(0),
+                                FileHandle(fh),
+                                FopenFlags::empty(),
+                            ),
+                        }
                     }
                     Err(e) => reply.error(fail(&e)),
                 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+mod fuse_modes;
 pub mod mount;
 pub mod private;
 pub mod status;

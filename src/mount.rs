@@ -181,6 +181,24 @@ pub fn read_sse_c_key_file(path: &Path) -> Result<SseCKey, MountError> {
         .map_err(|e| MountError(format!("sse_c_key_file {} {e}", path.display())))
 }
 
+/// Whether `-o passthrough` can work with staged files under `cache_dir`:
+/// their stamps must tell every write (fine-grained change times). Says
+/// why not, as a warning.
+fn passthrough_usable(cache_dir: &Path) -> bool {
+    match crate::write::outside::fine_grained_times(cache_dir) {
+        Ok(true) => true,
+        Ok(false) => {
+            warn!(cache_dir = %cache_dir.display(),
+                "passthrough is off: the cache directory's file system does not give each write its own change time (needs Linux 6.13+ on ext4, xfs, btrfs or tmpfs)");
+            false
+        }
+        Err(e) => {
+            warn!(cache_dir = %cache_dir.display(), error = %e, "passthrough is off: cannot write in the cache directory");
+            false
+        }
+    }
+}
+
 /// The cache directory: `cache_dir=`, else `$XDG_CACHE_HOME/bucketfs`,
 /// `/var/cache/bucketfs` for root, `$HOME/.cache/bucketfs`. Never a shared
 /// directory such as /tmp, where another user could plant files first.
@@ -892,7 +910,12 @@ fn serve(
         SessionACL::Owner
     };
     let posix_acl = o.default_permissions && o.object_metadata;
-    let fuse = FuseFs::new(buckets.clone(), rt.handle().clone(), posix_acl);
+    let fuse = FuseFs::new(
+        buckets.clone(),
+        rt.handle().clone(),
+        posix_acl,
+        o.passthrough && passthrough_usable(&cache_root(o)?),
+    );
     let kernel = fuse.kernel_slot();
     let source = match &config.mount_options[0] {
         MountOption::FSName(s) => s.clone(),

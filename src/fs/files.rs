@@ -62,7 +62,7 @@ pub struct FileHandle {
     wrote: std::sync::atomic::AtomicBool,
     /// It created the file or truncated it at open (O_TRUNC), and no close
     /// of it uploaded that yet (see `flush_from`).
-    made: std::sync::atomic::AtomicBool,
+    pub(super) made: std::sync::atomic::AtomicBool,
     /// The process (thread group) that opened it, 0 if unknown.
     opener: std::sync::atomic::AtomicU32,
     /// The thread that wrote through it last, 0 if unknown.
@@ -326,7 +326,7 @@ impl Fs {
             .ok_or(FsError::BadHandle)
     }
 
-    fn file_handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+    pub(super) fn file_handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
         let h = self.handle(fh)?;
         match &*h {
             Handle::File(_) => Ok(h),
@@ -606,7 +606,7 @@ impl Fs {
 
     /// Marks a file's data as differing from S3, journaling from now on so
     /// a killed daemon's next mount can finish the upload.
-    fn set_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
+    pub(super) fn set_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
         if st.staged.is_unlinked() || self.discard_if_nameless(ino, st) {
             return Ok(());
         }
@@ -928,6 +928,7 @@ impl Fs {
 
     /// Uploads the inode's dirty data, if any. The error is the upload's.
     pub(super) async fn upload_if_dirty(&self, ino: u64, st: &mut WriteState) -> FsResult<()> {
+        self.outside_sync(ino, st)?;
         if !st.dirty || st.staged.is_unlinked() || self.discard_if_nameless(ino, st) {
             return Ok(());
         }
@@ -1246,7 +1247,15 @@ impl Fs {
         // nothing (one PUT per file); `: > f` or a plain create-and-close
         // lands at its close, as any write does. What no close sent, the
         // last release does.
-        let wrote = fhd.wrote.swap(false, Ordering::Relaxed);
+        let mut wrote = fhd.wrote.swap(false, Ordering::Relaxed);
+        // Writes the kernel sent to the staged file itself (passthrough):
+        // told by its stamp.
+        if fhd.writable
+            && self.is_outside(fhd.ino)
+            && let Some(mut st) = self.live(fhd.ino).await
+        {
+            wrote |= self.outside_sync(fhd.ino, &mut st)?;
+        }
         let made = !wrote
             && fhd.writable
             && fhd.made.load(Ordering::Relaxed)
@@ -1332,7 +1341,12 @@ impl Fs {
     /// staged copy over what another client writes next, until the
     /// background pass came by.
     pub(super) fn end_if_idle(&self, ino: u64, st: &mut WriteState) {
-        if st.handles == 0 && !st.dirty && !st.closed && !st.staged.is_unlinked() {
+        if st.handles == 0
+            && !st.dirty
+            && !st.closed
+            && !st.staged.is_unlinked()
+            && st.staged.outside().is_none()
+        {
             st.closed = true;
             self.writes.lock().remove(&ino);
         }
@@ -1617,7 +1631,15 @@ impl Fs {
         if st.handles > 0 {
             return Ok(());
         }
-        self.discard_if_nameless(ino, &mut st);
+        self.last_writer_gone(ino, &mut st).await
+    }
+
+    /// No writer holds the state any more: its data goes to S3 (now, or
+    /// from the background) and the state ends, unless the kernel may
+    /// still write to its staged file (`end_outside` ends it then).
+    pub(super) async fn last_writer_gone(&self, ino: u64, st: &mut StateGuard) -> FsResult<()> {
+        let st = &mut **st;
+        self.discard_if_nameless(ino, st);
         if st.staged.is_unlinked() && self.file_handles_open(ino) {
             // Readers still read what was written: kept until the last
             // of them closes (`end_unlinked_state`).
@@ -1632,7 +1654,7 @@ impl Fs {
             self.retry_wake.notify_one();
             return Ok(());
         }
-        let r = self.upload_if_dirty(ino, &mut st).await;
+        let r = self.upload_if_dirty(ino, st).await;
         if let Err(e) = &r {
             // Never dropped: the state stays, pending, and is retried in the
             // background until it lands (or the file is unlinked).
@@ -1647,6 +1669,9 @@ impl Fs {
             st.next_try = Some(std::time::Instant::now() + st.backoff);
             self.retry_wake.notify_one();
             return r;
+        }
+        if st.staged.outside().is_some() {
+            return Ok(());
         }
         st.closed = true;
         self.writes.lock().remove(&ino);
@@ -1693,6 +1718,9 @@ impl Fs {
             due.push((ino, st));
         }
         let uploads = due.into_iter().map(|(ino, mut st)| async move {
+            if st.outside_released && st.staged.outside().is_some() {
+                return self.finish_outside(ino, &mut st).await;
+            }
             let retried = st.last_error.is_some();
             match self.upload_if_dirty(ino, &mut st).await {
                 Ok(()) => {
@@ -1701,7 +1729,7 @@ impl Fs {
                     } else {
                         tracing::debug!(ino, "a background upload landed");
                     }
-                    if st.handles == 0 {
+                    if st.handles == 0 && st.staged.outside().is_none() {
                         st.closed = true;
                         self.writes.lock().remove(&ino);
                     }
@@ -1737,6 +1765,11 @@ impl Fs {
             match f {
                 Ok(Found::Done(r)) => out.push(Ok(r)),
                 Err(e) => out.push(Err(e)),
+                // Looked at again by the caller's next try.
+                Ok(Found::Busy(p)) => out.push(Err(format!(
+                    "{}: still held open by a writer of the killed mount",
+                    p.display()
+                ))),
                 // A dead mount's delete that failed: this mount's now, so a
                 // write at its key waits for it as for its own, and the
                 // retrier tries it again (left on disk, a write here could

@@ -30,6 +30,7 @@ mod kdirs;
 mod meta;
 pub mod names;
 mod namespace;
+mod outside;
 mod versions;
 mod xattr;
 
@@ -287,6 +288,9 @@ pub struct Fs {
     marker_meta: tokio::sync::Mutex<()>,
     /// Uploads running now, by inode (for `status`).
     uploads: Mutex<HashMap<u64, Arc<crate::write::Progress>>>,
+    /// Files the kernel writes to itself (passthrough), by inode: their
+    /// write states own them; `getattr` asks the staged file's size.
+    outside: Mutex<HashMap<u64, Arc<crate::write::outside::Outside>>>,
     /// Where names sit in directory streams (`dirs`).
     positions: dirs::Positions,
     /// The latest listing of each directory some handle reads, so a
@@ -537,6 +541,7 @@ impl Fs {
             dir_times_wake: Arc::new(tokio::sync::Notify::new()),
             marker_meta: tokio::sync::Mutex::new(()),
             uploads: Mutex::new(HashMap::new()),
+            outside: Mutex::new(HashMap::new()),
             positions: Default::default(),
             latest: Mutex::new(HashMap::new()),
             kernel_dirs: Default::default(),
@@ -1013,6 +1018,7 @@ impl Fs {
     /// table (else 2, as for a directory nobody counted); a file 1, or 0
     /// once unlinked (still open). S3 has no hard links.
     pub(super) fn with_links(&self, mut a: Attr) -> Attr {
+        self.outside_attr(&mut a);
         let t = self.table.lock();
         let Some(n) = t.get(a.ino) else {
             return a;

@@ -43,6 +43,10 @@ const MAGIC: &str = "bucketfs-journal 2";
 pub const COMPACT_LINES: u64 = 4096;
 /// The longest `W` line: `W <u64> <u64> *<8 hex>` and its newline.
 pub const LINE_MAX: u64 = 64;
+/// A write of nothing: the data may have changed since the uploads
+/// before it (writes this mount does not see), which recovery therefore
+/// does not take for the data.
+pub const OUTSIDE_LINE: &str = "W 0 0";
 /// Journal room is taken on the disk this much at a time.
 const RESERVE: u64 = 4096;
 
@@ -274,20 +278,31 @@ impl Journal {
     }
 
     /// A single PUT of the data is about to be sent; `etag` is the one it
-    /// gives the object.
-    pub fn put_sent(&mut self, etag: &str) -> io::Result<()> {
-        self.append(&format!("S {}", enc(etag)))
+    /// gives the object. `outside`: the data may change without this
+    /// mount seeing it (passthrough), so the PUT is marked as one of
+    /// earlier data at once (an empty `W` in the same append): recovery
+    /// then sends the staged file again rather than take the PUT for it.
+    pub fn put_sent(&mut self, etag: &str, outside: bool) -> io::Result<()> {
+        let mut text = sealed(&format!("S {}", enc(etag)));
+        if outside {
+            text += &sealed(OUTSIDE_LINE);
+        }
+        self.append_lines(&text, 1 + u64::from(outside))
     }
 
     /// Every part of the current multipart upload was sent: `size` bytes
-    /// in all. One append, ending in the `C` line that seals the set.
-    pub fn parts_sent(&mut self, parts: &[Part], size: u64) -> io::Result<()> {
+    /// in all. One append, ending in the `C` line that seals the set (and
+    /// with `outside`, the empty `W` of `put_sent`).
+    pub fn parts_sent(&mut self, parts: &[Part], size: u64, outside: bool) -> io::Result<()> {
         let mut text = String::new();
         for p in parts {
             text += &sealed(&part_line(p));
         }
         text += &sealed(&complete_line(parts.len(), size));
-        self.append_lines(&text, parts.len() as u64 + 1)
+        if outside {
+            text += &sealed(OUTSIDE_LINE);
+        }
+        self.append_lines(&text, parts.len() as u64 + 1 + u64::from(outside))
     }
 
     /// The file's metadata changed (chmod, chown, touch) while dirty: the
@@ -623,6 +638,7 @@ mod tests {
                 crc32c: Some("4waSgw==".into()),
             }],
             70,
+            false,
         )
         .unwrap();
         let r = replay(&p).unwrap();
@@ -798,6 +814,46 @@ mod tests {
         assert_eq!(replay(&p).unwrap().header.over, None);
         let plain = Journal::create(dir.path().join("k"), &header()).unwrap();
         assert_eq!(plain.reserved, Some(plain.len), "no room taken for others");
+    }
+
+    /// An upload of a file the kernel writes to (passthrough) is of
+    /// earlier data as soon as it is journaled: a recovering mount sends
+    /// the staged file again instead of dropping it as landed.
+    #[test]
+    fn an_upload_journaled_as_outside_is_of_earlier_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let h = Header {
+            base_etag: None,
+            replaces: None,
+            base_valid: 0,
+            size: 0,
+            ..header()
+        };
+        let mut j = Journal::create(p.clone(), &h).unwrap();
+        j.put_sent("\"m1\"", true).unwrap();
+        let part = Part {
+            number: 1,
+            etag: "\"e1\"".into(),
+            crc32c: None,
+        };
+        j.upload_started(&Upload {
+            id: "u".into(),
+            crc32c: false,
+        })
+        .unwrap();
+        j.parts_sent(std::slice::from_ref(&part), 9, true).unwrap();
+        let r = replay(&p).unwrap();
+        assert!(r.puts.is_empty() && r.parts_sealed.is_none());
+        assert_eq!(r.earlier_puts, vec!["\"m1\"".to_string()]);
+        assert_eq!(r.earlier_parts, vec![vec![part.clone()]]);
+        assert_eq!((r.size, r.loaded.ranges().count()), (0, 0));
+        // Without it, the same lines are the data's.
+        let mut j = Journal::create(p.clone(), &h).unwrap();
+        j.put_sent("\"m1\"", false).unwrap();
+        j.parts_sent(std::slice::from_ref(&part), 9, false).unwrap();
+        let r = replay(&p).unwrap();
+        assert_eq!((r.puts.len(), r.parts_sealed), (1, Some(9)));
     }
 
     #[test]

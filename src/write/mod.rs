@@ -22,6 +22,7 @@
 //! directory under a live mount loses nothing.
 
 mod journal;
+pub mod outside;
 mod ranges;
 pub mod state;
 mod stream;
@@ -164,6 +165,23 @@ pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
 
 static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Whether the staging file `name` (`new_locked_file`'s: its creation
+/// time first, seconds and nanoseconds in hex) was made before `t`.
+fn made_before(name: &str, t: std::time::SystemTime) -> bool {
+    let id = name.strip_prefix(STAGE_PREFIX).unwrap_or(name);
+    let made = id.split('-').next().filter(|h| h.len() > 8).and_then(|h| {
+        let (secs, nanos) = h.split_at(h.len() - 8);
+        Some(
+            std::time::UNIX_EPOCH
+                + std::time::Duration::new(
+                    u64::from_str_radix(secs, 16).ok()?,
+                    u32::from_str_radix(nanos, 16).ok()?,
+                ),
+        )
+    });
+    made.is_some_and(|m| m < t)
+}
+
 /// Creates, locks and names a new staging file in `dir`.
 fn new_staging_file(dir: &Path) -> io::Result<(File, PathBuf)> {
     new_locked_file(dir, STAGE_PREFIX)
@@ -295,6 +313,9 @@ pub struct Staged {
     data_changed: bool,
     /// What its uploads are sent with (journaled).
     written_with: WrittenWith,
+    /// The kernel writes to the staged file itself (`-o passthrough`):
+    /// its stamp tells this mount what changed.
+    outside: Option<Arc<outside::Outside>>,
 }
 
 impl Staged {
@@ -327,6 +348,7 @@ impl Staged {
             meta_set: false,
             data_changed: base_is_none,
             written_with: WrittenWith::default(),
+            outside: None,
         })
     }
 
@@ -345,7 +367,7 @@ impl Staged {
     /// Whether a write that leaves the file `size` bytes long would make a
     /// part ready to stream.
     pub fn stream_due_at(&self, opts: &UploadOptions, size: u64) -> bool {
-        if self.base.is_some() || self.unlinked {
+        if self.base.is_some() || self.unlinked || self.outside.is_some() {
             return false;
         }
         let (covered, next) = self
@@ -459,6 +481,52 @@ impl Staged {
 
     pub fn journaling(&self) -> bool {
         self.journal.is_some()
+    }
+
+    /// Whether the kernel may be given the staged file to write to: only
+    /// while it is all of the data (no base whose untouched ranges live
+    /// in S3) and nothing streams from it.
+    pub fn may_go_outside(&self) -> bool {
+        self.outside.is_some() || (self.base.is_none() && !self.unlinked && self.stream.is_none())
+    }
+
+    /// From now on the kernel writes to the staged file: its stamp says
+    /// what changed. A recovered upload to complete is not of this data
+    /// any more.
+    pub fn go_outside(&mut self) -> io::Result<Arc<outside::Outside>> {
+        if let Some(o) = &self.outside {
+            return Ok(o.clone());
+        }
+        let o = Arc::new(outside::Outside::new(self.file.clone())?);
+        self.drop_resume();
+        self.outside = Some(o.clone());
+        Ok(o)
+    }
+
+    pub fn outside(&self) -> Option<&Arc<outside::Outside>> {
+        self.outside.as_ref()
+    }
+
+    /// Takes account of what the kernel wrote since last asked: the
+    /// file's stamp when it changed (the size follows it).
+    pub fn sync_outside(&mut self) -> io::Result<Option<outside::Stamp>> {
+        let Some(o) = &self.outside else {
+            return Ok(None);
+        };
+        let Some(stamp) = o.take()? else {
+            return Ok(None);
+        };
+        self.size = stamp.size;
+        self.loaded.insert(0..stamp.size);
+        self.data_changed = true;
+        self.drop_resume();
+        Ok(Some(stamp))
+    }
+
+    /// No kernel writes to the staged file any more (its last such
+    /// handle closed, no mapping of it left).
+    pub fn end_outside(&mut self) {
+        self.outside = None;
     }
 
     /// The data is all in S3: nothing to recover.
@@ -648,7 +716,10 @@ impl Staged {
             .as_ref()
             .filter(|r| r.current)
             .map(|r| (r.parts.as_slice(), self.size));
-        let changes = journal::changes_for(&self.loaded, &self.uploads, sent);
+        let mut changes = journal::changes_for(&self.loaded, &self.uploads, sent);
+        if self.outside.is_some() {
+            changes.push(journal::OUTSIDE_LINE.to_string());
+        }
         j.compact(h, &changes)
     }
 
@@ -930,7 +1001,7 @@ impl Staged {
                 PutBody::File { .. } => file_md5(&self.file, self.size)?,
             };
             if let Some(j) = &mut self.journal {
-                j.put_sent(&md5)?;
+                j.put_sent(&md5, self.outside.is_some())?;
                 self.sent_since_write = true;
             }
             self.attempted = true;
@@ -1029,7 +1100,7 @@ impl Staged {
             }
         };
         if let Some(j) = &mut self.journal {
-            j.parts_sent(&parts, self.size)?;
+            j.parts_sent(&parts, self.size, self.outside.is_some())?;
             self.sent_since_write = true;
             self.attempted = true;
         }
@@ -1059,7 +1130,7 @@ impl Staged {
             parts.push(part);
         }
         if let Some(j) = &mut self.journal {
-            j.parts_sent(&parts, self.size)?;
+            j.parts_sent(&parts, self.size, self.outside.is_some())?;
             self.sent_since_write = true;
             self.attempted = true;
         }
@@ -1117,6 +1188,13 @@ impl Staged {
     /// a metadata self-copy, a rename): the staged bytes are that object's,
     /// now at `key`.
     pub fn rebase(&mut self, key: &str, put: &PutResult) {
+        if self.outside.is_some() {
+            // The kernel may write on: the staged file stays all of the
+            // data, which replaces what just landed.
+            self.replaces = Some(put.etag.clone());
+            self.data_changed = false;
+            return;
+        }
         self.base = Some(Base {
             key: key.to_string(),
             etag: put.etag.clone(),
@@ -1284,6 +1362,10 @@ pub async fn recover(
             Ok(Found::Pending(a)) => a.upload_now(store, opts).await,
             // Dropped: the tombstone stays for the next try.
             Ok(Found::Removal(e, _)) | Err(e) => Err(e),
+            Ok(Found::Busy(p)) => Err(format!(
+                "{}: still held open by a writer of the killed mount",
+                p.display()
+            )),
         });
     }
     out
@@ -1430,6 +1512,10 @@ pub enum Found {
     /// A dead mount's deferred delete that failed (why), its tombstone
     /// locked: to keep and try again, or drop for the next try.
     Removal(String, Box<tombstone::Tombstone>),
+    /// A dead mount's staged file still held open (locked): the kernel
+    /// keeps one its writers write to through passthrough until they
+    /// close. To look at again.
+    Busy(PathBuf),
 }
 
 /// Finds the staged files in `dir` that no live mount holds, settles what
@@ -1520,7 +1606,14 @@ pub async fn scan(
         };
         match try_lock(&file) {
             Ok(true) => {}
-            // Held by a live mount (this one or another).
+            // Held by a live mount (this one or another), or one made
+            // before this mount started: a dead mount's, its lock kept by
+            // a writer's passthrough handle (the kernel holds the dead
+            // daemon's descriptor for it) until the writer closes.
+            Ok(false) if made_before(name, cutoff) => {
+                out.push(Ok(Found::Busy(path.clone())));
+                continue;
+            }
             Ok(false) => continue,
             Err(e) => {
                 out.push(Err(format!("{}: cannot lock: {e}", path.display())));
@@ -1885,6 +1978,7 @@ async fn prepare_one(
         meta_set: false,
         data_changed,
         written_with: r.header.written_with.clone(),
+        outside: None,
     };
     Ok(Found::Pending(Box::new(Adoptable {
         key,
@@ -1932,6 +2026,17 @@ pub fn part_size(file_size: u64, configured: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::store::Op;
+
+    #[test]
+    fn a_staging_file_tells_when_it_was_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_f, path) = new_staging_file(dir.path()).unwrap();
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let now = std::time::SystemTime::now();
+        assert!(made_before(name, now + std::time::Duration::from_millis(1)));
+        assert!(!made_before(name, now - std::time::Duration::from_secs(1)));
+        assert!(!made_before("stage-zz-1-2", now), "not ours: not before");
+    }
     use crate::store::memory::MemStore;
     use journal::{checksum as journal_sum, enc as journal_enc};
 
@@ -2548,7 +2653,11 @@ mod tests {
         y.write(0, b"y's newest").unwrap();
         // y's PUT went out (journaled) and landed; its answer was lost.
         let landed = bytes_md5(b"y's newest");
-        y.journal.as_mut().unwrap().put_sent(&landed).unwrap();
+        y.journal
+            .as_mut()
+            .unwrap()
+            .put_sent(&landed, false)
+            .unwrap();
         assert_eq!(s.insert("y", b"y's newest", meta.clone()).etag, landed);
         let mut x = Staged::new(dir.path(), None, None).unwrap();
         x.begin_journal("x", &meta).unwrap();

@@ -37,6 +37,10 @@ pub struct WriteState {
     /// The inode's generation (changes this mount made to its object)
     /// this state last built on.
     pub(crate) generation: u64,
+    /// The kernel let go of the staged file (its last passthrough handle
+    /// closed) while it may still be written to through a mapping: the
+    /// retrier looks again.
+    pub(crate) outside_released: bool,
 }
 
 impl WriteState {
@@ -50,6 +54,7 @@ impl WriteState {
             next_try: None,
             backoff: RETRY_FIRST_WAIT,
             generation: 0,
+            outside_released: false,
         }
     }
 
@@ -75,7 +80,11 @@ impl WriteState {
         self.last_error = None;
         self.next_try = None;
         self.backoff = RETRY_FIRST_WAIT;
-        self.staged.end_journal();
+        // While the kernel may write to the staged file (passthrough), the
+        // journal stays: a kill then has the next mount send it again.
+        if self.staged.outside().is_none() {
+            self.staged.end_journal();
+        }
         self.staged.rebase(key, put);
     }
 

@@ -1,0 +1,191 @@
+//! Writes that reach a staged file without this mount: with
+//! `-o passthrough`, the kernel sends the reads and writes of a new (or
+//! emptied) file straight to its staged copy (FUSE passthrough), and the
+//! daemon sees only the opens, closes and attribute calls. The staged
+//! file is then the whole truth, and this module is how the write state
+//! notices that it changed: a stamp of the file (size, change and
+//! modification times, to the nanosecond) taken before each upload, and
+//! compared at each close. That needs a file system that gives a fresh
+//! change time to every write after the time was looked at (multi-grain
+//! timestamps, Linux 6.13 on ext4, xfs, btrfs and tmpfs):
+//! `fine_grained_times` checks the cache directory's before a mount
+//! turns passthrough on.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+/// What a write or a truncation of the staged file changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    pub fn of(file: &File) -> io::Result<Stamp> {
+        let m = file.metadata()?;
+        Ok(Stamp {
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    pub fn mtime(&self) -> SystemTime {
+        time_of(self.mtime)
+    }
+
+    pub fn ctime(&self) -> SystemTime {
+        time_of(self.ctime)
+    }
+}
+
+fn time_of((s, ns): (i64, i64)) -> SystemTime {
+    let ns = Duration::from_nanos(ns.clamp(0, 999_999_999) as u64);
+    if s >= 0 {
+        UNIX_EPOCH + Duration::from_secs(s as u64) + ns
+    } else {
+        UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) + ns
+    }
+}
+
+/// A staged file the kernel writes to: the file and the stamp this mount
+/// last took account of.
+#[derive(Debug)]
+pub struct Outside {
+    file: Arc<File>,
+    seen: Mutex<Stamp>,
+}
+
+impl Outside {
+    pub fn new(file: Arc<File>) -> io::Result<Outside> {
+        let seen = Stamp::of(&file)?;
+        Ok(Outside {
+            file,
+            seen: Mutex::new(seen),
+        })
+    }
+
+    /// The staged file, for the kernel to write to.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The stamp now, and whether the file changed since it was last
+    /// taken account of (`take`).
+    pub fn look(&self) -> io::Result<(Stamp, bool)> {
+        let now = Stamp::of(&self.file)?;
+        Ok((now, now != *self.seen.lock()))
+    }
+
+    /// Takes account of the file as it is now: the stamp, if it changed.
+    pub(super) fn take(&self) -> io::Result<Option<Stamp>> {
+        let now = Stamp::of(&self.file)?;
+        let mut seen = self.seen.lock();
+        if now == *seen {
+            return Ok(None);
+        }
+        *seen = now;
+        Ok(Some(now))
+    }
+
+    /// Whether something besides this mount's own descriptor has the file
+    /// open for writing: a shared writable mapping of it kept after its
+    /// last close, whose writes still reach the file. Asked by taking a
+    /// write lease, which the kernel grants only to a file nobody else has
+    /// open for writing, and giving it back at once. Where leases are not
+    /// to be had (`fs.leases-enable=0`), none is assumed.
+    pub fn written_elsewhere(&self) -> bool {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: fcntl on a descriptor this struct owns (through its
+        // Arc<File>), with integer arguments.
+        if unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) } == 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+            return false;
+        }
+        let e = io::Error::last_os_error();
+        matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY))
+    }
+}
+
+/// Whether files in `dir` get a new change time from each write after it
+/// was looked at, however close together (multi-grain timestamps): what
+/// telling a write through passthrough by its stamp needs. Three pairs of
+/// writes a few microseconds apart must each show two times.
+pub fn fine_grained_times(dir: &Path) -> io::Result<bool> {
+    let path = dir.join(format!(".timecheck-{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
+    let _ = std::fs::remove_file(&path);
+    for _ in 0..3 {
+        f.write_all(b"x")?;
+        let a = Stamp::of(&f)?;
+        f.write_all(b"x")?;
+        let b = Stamp::of(&f)?;
+        if a.ctime == b.ctime || a.mtime == b.mtime {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_write_or_truncation_moves_the_stamp_once() {
+        let dir = tempfile::tempdir().unwrap();
+        if !fine_grained_times(dir.path()).unwrap() {
+            eprintln!("no fine-grained change times here: skipped");
+            return;
+        }
+        let f = Arc::new(tempfile::tempfile_in(dir.path()).unwrap());
+        let o = Outside::new(f.clone()).unwrap();
+        assert_eq!(o.take().unwrap(), None);
+        f.write_at(b"abc", 0).unwrap();
+        assert!(o.look().unwrap().1);
+        let s = o.take().unwrap().expect("the write is seen");
+        assert_eq!(s.size, 3);
+        assert_eq!(o.take().unwrap(), None);
+        // Same size, new bytes: still seen.
+        f.write_at(b"xyz", 0).unwrap();
+        assert!(o.take().unwrap().is_some());
+        f.set_len(1).unwrap();
+        assert_eq!(o.take().unwrap().map(|s| s.size), Some(1));
+    }
+
+    #[test]
+    fn another_writer_of_the_file_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap(),
+        );
+        let o = Outside::new(f).unwrap();
+        assert!(!o.written_elsewhere());
+        let other = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert!(o.written_elsewhere());
+        drop(other);
+        assert!(!o.written_elsewhere());
+    }
+}
