@@ -457,6 +457,52 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Polls the bucket (bounded) until `key` holds `size` bytes: a tool that
 /// uploads after close (rclone) is timed until its data is in S3.
+/// `dd bs=4k` of `mib` MiB of zeros into `key` under the mount `dir`,
+/// timed until the object is in S3.
+fn dd_into(
+    rt: &tokio::runtime::Runtime,
+    s3: &Client,
+    bucket: &str,
+    dir: &Path,
+    key: &str,
+    mib: u64,
+    tool: Tool,
+) -> (String, f64) {
+    let t = Instant::now();
+    let status = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", dir.join(key).display()))
+        .arg("bs=4k")
+        .arg(format!("count={}", mib * 256))
+        .arg("status=none")
+        .status()
+        .unwrap();
+    assert!(status.success(), "dd through {}", tool.name());
+    wait_in_s3(rt, s3, bucket, key, mib * MIB);
+    let d = t.elapsed().as_secs_f64();
+    (format!("{:.0} MiB/s", mib as f64 / d), d)
+}
+
+/// 100,000 writes of 18 bytes into `key` under the mount `dir`, timed
+/// until the object is in S3.
+fn small_writes_into(
+    rt: &tokio::runtime::Runtime,
+    s3: &Client,
+    bucket: &str,
+    dir: &Path,
+    key: &str,
+) -> (String, f64) {
+    let t = Instant::now();
+    let mut f = std::fs::File::create(dir.join(key)).unwrap();
+    for i in 0..100_000u32 {
+        f.write_all(format!("line {i:012}\n").as_bytes()).unwrap();
+    }
+    drop(f);
+    wait_in_s3(rt, s3, bucket, key, 1_800_000);
+    let d = t.elapsed().as_secs_f64();
+    (format!("{d:.2} s"), d)
+}
+
 fn wait_in_s3(rt: &tokio::runtime::Runtime, s3: &Client, bucket: &str, key: &str, size: u64) {
     let start = Instant::now();
     rt.block_on(async {
@@ -973,38 +1019,22 @@ fn main() {
                     Some(raw_write.mul_f64(dd_mib as f64 / a.size_mib as f64)),
                 ),
                 &mut || {
-                    let t = Instant::now();
-                    let key = format!("{own}/dd");
-                    let status = Command::new("dd")
-                        .arg("if=/dev/zero")
-                        .arg(format!("of={}", dir.join(&key).display()))
-                        .arg("bs=4k")
-                        .arg(format!("count={}", dd_mib * 256))
-                        .arg("status=none")
-                        .status()
-                        .unwrap();
-                    assert!(status.success(), "dd through {}", tool.name());
-                    wait_in_s3(&rt, &s3, &a.bucket, &key, dd_mib * MIB);
-                    let d = t.elapsed().as_secs_f64();
-                    (format!("{:.0} MiB/s", dd_mib as f64 / d), d)
+                    dd_into(
+                        &rt,
+                        &s3,
+                        &a.bucket,
+                        &dir,
+                        &format!("{own}/dd"),
+                        dd_mib,
+                        tool,
+                    )
                 },
             );
             row(
                 &m,
                 "100,000 writes of 18 bytes, until in S3".into(),
                 ("—".into(), None),
-                &mut || {
-                    let t = Instant::now();
-                    let key = format!("{own}/log");
-                    let mut f = std::fs::File::create(dir.join(&key)).unwrap();
-                    for i in 0..100_000u32 {
-                        f.write_all(format!("line {i:012}\n").as_bytes()).unwrap();
-                    }
-                    drop(f);
-                    wait_in_s3(&rt, &s3, &a.bucket, &key, 1_800_000);
-                    let d = t.elapsed().as_secs_f64();
-                    (format!("{d:.2} s"), d)
-                },
+                &mut || small_writes_into(&rt, &s3, &a.bucket, &dir, &format!("{own}/log")),
             );
             if tool == Tool::Bucketfs {
                 m.stop();
@@ -1038,6 +1068,39 @@ fn main() {
                         d,
                     )
                 },
+            );
+            // The small writes again, bucketfs with `-o passthrough` (the
+            // kernel writes to the staged file); the peers as before.
+            if tool == Tool::Bucketfs {
+                m.stop();
+                m = Mount::start_with(&a, tool, &dir, &cache, ",passthrough");
+            }
+            row(
+                &m,
+                format!(
+                    "dd bs=4k of {dd_mib} MiB into a new file, until in S3; bucketfs with passthrough"
+                ),
+                (
+                    format!("{:.0} MiB/s", mbps(size, raw_write)),
+                    Some(raw_write.mul_f64(dd_mib as f64 / a.size_mib as f64)),
+                ),
+                &mut || {
+                    dd_into(
+                        &rt,
+                        &s3,
+                        &a.bucket,
+                        &dir,
+                        &format!("{own}/dd-pt"),
+                        dd_mib,
+                        tool,
+                    )
+                },
+            );
+            row(
+                &m,
+                "100,000 writes of 18 bytes, until in S3; bucketfs with passthrough".into(),
+                ("—".into(), None),
+                &mut || small_writes_into(&rt, &s3, &a.bucket, &dir, &format!("{own}/log-pt")),
             );
             if tool == Tool::Bucketfs {
                 m.stop();
