@@ -186,10 +186,17 @@ pub fn read_sse_c_key_file(path: &Path) -> Result<SseCKey, MountError> {
 /// why not, as a warning.
 fn passthrough_usable(cache_dir: &Path) -> bool {
     match crate::write::outside::fine_grained_times(cache_dir) {
-        Ok(true) => true,
+        Ok(true) => {
+            // The write-lease probe of a staged file (`written_elsewhere`)
+            // makes this process the file's SIGIO owner while it holds the
+            // lease: an open of it then must not kill the daemon.
+            // SAFETY: setting a signal's disposition to ignore.
+            unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+            true
+        }
         Ok(false) => {
             warn!(cache_dir = %cache_dir.display(),
-                "passthrough is off: the cache directory's file system does not give each write its own change time (needs Linux 6.13+ on ext4, xfs, btrfs or tmpfs)");
+                "passthrough is off: the cache directory's file system does not give each write its own change time (needs Linux 6.13+ on ext4, xfs or btrfs; not tmpfs)");
             false
         }
         Err(e) => {

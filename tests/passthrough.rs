@@ -419,3 +419,102 @@ fn without_the_option_writes_go_by_the_daemon() {
     close(f).unwrap();
     assert_eq!(state(&b, "f", &data), Ok(()));
 }
+
+/// logrotate's pattern under passthrough: fsync, rename the open file,
+/// chmod it, write on, then a kill. The journal must follow the file to
+/// its new name and mode: the next mount puts every byte at the new name
+/// and nothing back at the old one.
+#[test]
+fn kill_9_after_a_rename_and_chmod_of_an_open_file_puts_it_at_the_new_name() {
+    if !kernel_has_it() {
+        return;
+    }
+    let b = Bucket::new(server(), "pt-rot", false);
+    let m = mount(&b);
+    let f = fs::File::create(m.path("a.log")).unwrap();
+    let mut want = pattern(500_000, 16);
+    write_small(&f, &want, 0);
+    f.sync_all().unwrap();
+    assert_eq!(state(&b, "a.log", &want), Ok(()));
+    fs::rename(m.path("a.log"), m.path("a.log.1")).unwrap();
+    fs::set_permissions(m.path("a.log.1"), fs::Permissions::from_mode(0o600)).unwrap();
+    let more = pattern(70_000, 17);
+    write_small(&f, &more, want.len() as u64);
+    want.extend_from_slice(&more);
+    kill9(&m);
+    drop(f);
+    m.restart();
+    assert_lands(&b, "a.log.1", &want, Duration::from_secs(60), "at the new name");
+    assert_eq!(b.get("a.log"), None, "nothing back at the old name");
+    assert_eq!(b.metadata("a.log.1").get("mode").map(String::as_str), Some("33152"));
+    assert!(recovered_keys(&b).is_empty(), "{:?}", b.keys(""));
+}
+
+/// A forked child writes to the descriptor its parent opened and closed
+/// first (`Popen(cmd, stdout=f)`): its exit (its close) returns once its
+/// bytes are in S3, as a writer's close does.
+#[test]
+fn a_childs_close_after_its_writes_waits_for_s3() {
+    if !kernel_has_it() {
+        return;
+    }
+    let b = Bucket::new(server(), "pt-child", false);
+    let m = mount(&b);
+    let f = fs::File::create(m.path("out")).unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("sleep 0.3; yes hello | head -c 3000000")
+        .stdout(f.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    close(f).unwrap();
+    assert!(child.wait().unwrap().success());
+    let want: Vec<u8> = b"hello\n".iter().copied().cycle().take(3_000_000).collect();
+    assert_eq!(state(&b, "out", &want), Ok(()), "in S3 once the child exited");
+}
+
+/// Stores through a shared mapping after an fsync, to a page stored to
+/// before it: close still uploads them.
+#[test]
+fn a_store_through_a_mapping_after_fsync_is_uploaded_at_close() {
+    if !kernel_has_it() {
+        return;
+    }
+    let b = Bucket::new(server(), "pt-mmap2", false);
+    let m = mount(&b);
+    let len = 8192;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path("m"))
+        .unwrap();
+    f.set_len(len as u64).unwrap();
+    // SAFETY: a fresh shared mapping of `len` bytes of an open file.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    } as *mut u8;
+    assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+    let mut want = vec![0u8; len];
+    // SAFETY: within the mapping.
+    unsafe { *p = b'a' };
+    want[0] = b'a';
+    f.sync_all().unwrap();
+    assert_eq!(state(&b, "m", &want), Ok(()), "fsync");
+    // SAFETY: within the mapping; unmapped after.
+    unsafe {
+        *p.add(1) = b'b';
+        libc::munmap(p as *mut libc::c_void, len);
+    }
+    want[1] = b'b';
+    close(f).unwrap();
+    assert_eq!(state(&b, "m", &want), Ok(()), "at close");
+}

@@ -729,7 +729,7 @@ impl Fs {
         }
         n.generation += 1;
         if let Some(st) = st {
-            st.object_moved(key, put);
+            st.object_moved(key, put, meta);
             st.generation = n.generation;
         }
     }
@@ -958,6 +958,7 @@ impl Fs {
                     etag: o.etag.clone(),
                     version_id: o.version_id.clone(),
                 },
+                None,
             );
             st.generation = generation;
         }
@@ -1224,14 +1225,25 @@ impl Fs {
             unreachable!()
         };
         let opener = fhd.opener.load(Ordering::Relaxed);
+        // Writes the kernel sent to the staged file itself (passthrough):
+        // told by its stamp, not by whom.
+        let mut outside_wrote = false;
+        if fhd.writable
+            && self.is_outside(fhd.ino)
+            && let Some(mut st) = self.live(fhd.ino).await
+        {
+            outside_wrote = self.outside_sync(fhd.ino, &mut st)?;
+        }
         // Another process than the opener (a forked child) uploads only
         // what it wrote itself: a child that merely execs sends nothing,
         // one that wrote after its parent closed waits for S3 like any
-        // writer's close.
+        // writer's close (under passthrough: one that closes after writes
+        // it may have made).
         if let Some(t) = tgid
             && opener != 0
             && t != opener
             && writer_tgid != Some(t)
+            && !outside_wrote
         {
             tracing::debug!(
                 tgid = t,
@@ -1247,15 +1259,7 @@ impl Fs {
         // nothing (one PUT per file); `: > f` or a plain create-and-close
         // lands at its close, as any write does. What no close sent, the
         // last release does.
-        let mut wrote = fhd.wrote.swap(false, Ordering::Relaxed);
-        // Writes the kernel sent to the staged file itself (passthrough):
-        // told by its stamp.
-        if fhd.writable
-            && self.is_outside(fhd.ino)
-            && let Some(mut st) = self.live(fhd.ino).await
-        {
-            wrote |= self.outside_sync(fhd.ino, &mut st)?;
-        }
+        let wrote = fhd.wrote.swap(false, Ordering::Relaxed) || outside_wrote;
         let made = !wrote
             && fhd.writable
             && fhd.made.load(Ordering::Relaxed)
@@ -1387,6 +1391,7 @@ impl Fs {
         {
             st.closed = true;
             self.writes.lock().remove(&ino);
+            self.outside.lock().remove(&ino);
         }
     }
 

@@ -127,6 +127,8 @@ impl Fs {
     /// grant holds) whether another was opened since.
     pub async fn end_outside(&self, ino: u64, still_open: impl Fn() -> bool) {
         let Some(mut st) = self.live(ino).await else {
+            // Ended already (an unlinked file's last close).
+            self.outside.lock().remove(&ino);
             return;
         };
         if st.staged.outside().is_none() || still_open() {

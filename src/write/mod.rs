@@ -165,6 +165,28 @@ pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
 
 static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Whether this process holds the `flock` of `file` (a staging file this
+/// mount took over from a dead one), as /proc/locks says: its lines name
+/// the holder's pid and the file's inode (`FLOCK ADVISORY WRITE PID
+/// MAJ:MIN:INODE ...`). Yes when that cannot be read: the file is skipped
+/// then, as a live mount's is.
+fn locked_by_this_process(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(m), Ok(locks)) = (file.metadata(), std::fs::read_to_string("/proc/locks")) else {
+        return true;
+    };
+    let me = std::process::id().to_string();
+    locks.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().filter(|w| *w != "->").collect();
+        f.get(1) == Some(&"FLOCK")
+            && f.get(4) == Some(&me.as_str())
+            && f.get(5)
+                .and_then(|d| d.rsplit(':').next())
+                .and_then(|i| i.parse::<u64>().ok())
+                == Some(m.ino())
+    })
+}
+
 /// Whether the staging file `name` (`new_locked_file`'s: its creation
 /// time first, seconds and nanoseconds in hex) was made before `t`.
 fn made_before(name: &str, t: std::time::SystemTime) -> bool {
@@ -527,6 +549,34 @@ impl Staged {
     /// handle closed, no mapping of it left).
     pub fn end_outside(&mut self) {
         self.outside = None;
+    }
+
+    /// This mount uploaded the data, or moved or copied its object, while
+    /// the kernel may write on: the journal is rewritten (in one rename)
+    /// for the object now at `key`, the ETag the data replaces there and
+    /// the metadata it has now (`meta`, if new), with the mark that the
+    /// staged file may have changed since. Left as it was, a kill would
+    /// have the next mount put the data back at the old name, or beside.
+    pub fn rejournal_outside(&mut self, key: &str, meta: Option<&Metadata>) {
+        if self.outside.is_none() {
+            return;
+        }
+        let (Some(j), Some(h)) = (self.journal.as_mut(), self.header.as_mut()) else {
+            return;
+        };
+        h.key = key.to_string();
+        h.base_etag = None;
+        h.base_version = None;
+        h.replaces = self.replaces.clone();
+        h.over = None;
+        h.base_valid = 0;
+        h.size = self.size;
+        if let Some(m) = meta {
+            h.meta = m.clone();
+        }
+        if let Err(e) = j.compact(h, &[journal::OUTSIDE_LINE.to_string()]) {
+            warn!(key, error = %e, "journal of a passthrough file not rewritten");
+        }
     }
 
     /// The data is all in S3: nothing to recover.
@@ -1610,7 +1660,7 @@ pub async fn scan(
             // before this mount started: a dead mount's, its lock kept by
             // a writer's passthrough handle (the kernel holds the dead
             // daemon's descriptor for it) until the writer closes.
-            Ok(false) if made_before(name, cutoff) => {
+            Ok(false) if made_before(name, cutoff) && !locked_by_this_process(&file) => {
                 out.push(Ok(Found::Busy(path.clone())));
                 continue;
             }
@@ -2036,6 +2086,12 @@ mod tests {
         assert!(made_before(name, now + std::time::Duration::from_millis(1)));
         assert!(!made_before(name, now - std::time::Duration::from_secs(1)));
         assert!(!made_before("stage-zz-1-2", now), "not ours: not before");
+        // Its lock is this process's, however it is opened; a file
+        // nobody locked is not.
+        let other = File::open(&path).unwrap();
+        assert!(locked_by_this_process(&other));
+        let loose = std::fs::File::create(dir.path().join("loose")).unwrap();
+        assert!(!locked_by_this_process(&loose));
     }
     use crate::store::memory::MemStore;
     use journal::{checksum as journal_sum, enc as journal_enc};

@@ -7,7 +7,8 @@
 //! modification times, to the nanosecond) taken before each upload, and
 //! compared at each close. That needs a file system that gives a fresh
 //! change time to every write after the time was looked at (multi-grain
-//! timestamps, Linux 6.13 on ext4, xfs, btrfs and tmpfs):
+//! timestamps, Linux 6.13 on ext4, xfs and btrfs; not tmpfs, which moves
+//! no time at a store through a shared mapping):
 //! `fine_grained_times` checks the cache directory's before a mount
 //! turns passthrough on.
 
@@ -87,7 +88,21 @@ impl Outside {
     }
 
     /// Takes account of the file as it is now: the stamp, if it changed.
+    /// Its dirty pages are sent to the disk first (not waited for): that
+    /// write-protects them, so a store through a shared mapping after this
+    /// faults and moves the change time, as a write(2) does; a page left
+    /// dirty and writable would take later stores without a trace.
     pub(super) fn take(&self) -> io::Result<Option<Stamp>> {
+        // SAFETY: sync_file_range on a descriptor this struct owns, over
+        // the whole file (0, 0), with its documented flags.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                0,
+                0,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
         let now = Stamp::of(&self.file)?;
         let mut seen = self.seen.lock();
         if now == *seen {
@@ -122,6 +137,10 @@ impl Outside {
 /// telling a write through passthrough by its stamp needs. Three pairs of
 /// writes a few microseconds apart must each show two times.
 pub fn fine_grained_times(dir: &Path) -> io::Result<bool> {
+    // tmpfs moves no time at a store through a shared mapping.
+    if is_tmpfs(dir)? {
+        return Ok(false);
+    }
     let path = dir.join(format!(".timecheck-{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -139,6 +158,17 @@ pub fn fine_grained_times(dir: &Path) -> io::Result<bool> {
         }
     }
     Ok(true)
+}
+
+fn is_tmpfs(dir: &Path) -> io::Result<bool> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type == libc::TMPFS_MAGIC)
 }
 
 #[cfg(test)]
@@ -166,6 +196,14 @@ mod tests {
         assert!(o.take().unwrap().is_some());
         f.set_len(1).unwrap();
         assert_eq!(o.take().unwrap().map(|s| s.size), Some(1));
+    }
+
+    #[test]
+    fn a_tmpfs_cache_dir_is_refused() {
+        let shm = Path::new("/dev/shm");
+        if is_tmpfs(shm).unwrap_or(false) {
+            assert!(!fine_grained_times(shm).unwrap());
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use super::Staged;
-use crate::store::PutResult;
+use crate::store::{Metadata, PutResult};
 
 /// First wait before a failed upload is tried again; it doubles each time.
 pub const RETRY_FIRST_WAIT: Duration = Duration::from_secs(1);
@@ -70,8 +70,9 @@ impl WriteState {
     /// This mount moved the object, or copied it onto itself with new
     /// metadata: same bytes, a new key or ETag, which the next upload
     /// builds on.
-    pub fn object_moved(&mut self, key: &str, put: &PutResult) {
+    pub fn object_moved(&mut self, key: &str, put: &PutResult, meta: Option<&Metadata>) {
         self.staged.base_moved(key, put);
+        self.staged.rejournal_outside(key, meta);
     }
 
     /// The data is in S3 now (as `put`, at `key`).
@@ -86,6 +87,7 @@ impl WriteState {
             self.staged.end_journal();
         }
         self.staged.rebase(key, put);
+        self.staged.rejournal_outside(key, None);
     }
 
     /// An upload failed again: wait twice as long (at most `max`).
