@@ -277,7 +277,7 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
                         uploaded at close and kept through a kill -9. Its upload
                         starts at close (no parts sent while it is written). Needs
                         Linux 6.13+, root, a cache_dir with fine-grained times
-                        (ext4, xfs, btrfs, tmpfs); off with a warning otherwise
+                        (ext4, xfs, btrfs; not tmpfs); off with a warning otherwise
   sse=AES256|aws:kms|aws:kms:dsse
                         server-side encryption of every object written (and copied).
                         s3fs aliases: use_sse, use_sse=1, use_sse=kmsid[:KEY_ID]
