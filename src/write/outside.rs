@@ -91,19 +91,29 @@ impl Outside {
     /// Its dirty pages are sent to the disk first (not waited for): that
     /// write-protects them, so a store through a shared mapping after this
     /// faults and moves the change time, as a write(2) does; a page left
-    /// dirty and writable would take later stores without a trace.
+    /// dirty and writable would take later stores without a trace. After
+    /// the stamp, it waits for the write(2)s under way: one moves the
+    /// times before it copies its bytes, both under the inode's lock,
+    /// which an `lseek(SEEK_DATA)` takes too (ext4, xfs, btrfs). Without
+    /// that wait, an upload could read the old bytes under the new stamp,
+    /// and the writer's close would then see nothing new.
     pub(super) fn take(&self) -> io::Result<Option<Stamp>> {
+        let fd = self.file.as_raw_fd();
         // SAFETY: sync_file_range on a descriptor this struct owns, over
         // the whole file (0, 0), with its documented flags.
         unsafe {
             libc::sync_file_range(
-                self.file.as_raw_fd(),
+                fd,
                 0,
                 0,
                 libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE,
             )
         };
         let now = Stamp::of(&self.file)?;
+        // SAFETY: lseek on an owned descriptor, whose offset nothing uses
+        // (the staged file is read and written at explicit offsets). Its
+        // answer (ENXIO on an empty file) does not matter, only its lock.
+        unsafe { libc::lseek(fd, 0, libc::SEEK_DATA) };
         let mut seen = self.seen.lock();
         if now == *seen {
             return Ok(None);
