@@ -444,9 +444,18 @@ fn kill_9_after_a_rename_and_chmod_of_an_open_file_puts_it_at_the_new_name() {
     kill9(&m);
     drop(f);
     m.restart();
-    assert_lands(&b, "a.log.1", &want, Duration::from_secs(60), "at the new name");
+    assert_lands(
+        &b,
+        "a.log.1",
+        &want,
+        Duration::from_secs(60),
+        "at the new name",
+    );
     assert_eq!(b.get("a.log"), None, "nothing back at the old name");
-    assert_eq!(b.metadata("a.log.1").get("mode").map(String::as_str), Some("33152"));
+    assert_eq!(
+        b.metadata("a.log.1").get("mode").map(String::as_str),
+        Some("33152")
+    );
     assert!(recovered_keys(&b).is_empty(), "{:?}", b.keys(""));
 }
 
@@ -470,7 +479,11 @@ fn a_childs_close_after_its_writes_waits_for_s3() {
     close(f).unwrap();
     assert!(child.wait().unwrap().success());
     let want: Vec<u8> = b"hello\n".iter().copied().cycle().take(3_000_000).collect();
-    assert_eq!(state(&b, "out", &want), Ok(()), "in S3 once the child exited");
+    assert_eq!(
+        state(&b, "out", &want),
+        Ok(()),
+        "in S3 once the child exited"
+    );
 }
 
 /// Stores through a shared mapping after an fsync, to a page stored to
