@@ -35,6 +35,19 @@ fn kernel_has_it() -> bool {
         );
         return false;
     }
+    // The mounts' cache directories go under the temporary directory:
+    // on tmpfs, passthrough is refused (no time moves at a mapped store).
+    let tmp = std::env::temp_dir();
+    let path = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
+        eprintln!(
+            "{} is tmpfs, where passthrough is off: skipped",
+            tmp.display()
+        );
+        return false;
+    }
     true
 }
 
