@@ -1011,13 +1011,15 @@ fn main() {
             );
 
             let dd_mib = a.size_mib.min(100);
+            // The raw client's large write, scaled to the dd's size.
+            let raw_dd = (
+                format!("{:.0} MiB/s", mbps(size, raw_write)),
+                Some(raw_write.mul_f64(dd_mib as f64 / a.size_mib as f64)),
+            );
             row(
                 &m,
                 format!("dd bs=4k of {dd_mib} MiB into a new file, until in S3"),
-                (
-                    format!("{:.0} MiB/s", mbps(size, raw_write)),
-                    Some(raw_write.mul_f64(dd_mib as f64 / a.size_mib as f64)),
-                ),
+                raw_dd.clone(),
                 &mut || {
                     dd_into(
                         &rt,
@@ -1080,10 +1082,7 @@ fn main() {
                 format!(
                     "dd bs=4k of {dd_mib} MiB into a new file, until in S3; bucketfs with passthrough"
                 ),
-                (
-                    format!("{:.0} MiB/s", mbps(size, raw_write)),
-                    Some(raw_write.mul_f64(dd_mib as f64 / a.size_mib as f64)),
-                ),
+                raw_dd,
                 &mut || {
                     dd_into(
                         &rt,

@@ -79,6 +79,32 @@ fn write_small(f: &fs::File, data: &[u8], offset: u64) {
     }
 }
 
+/// A new file of `len` zero bytes at `name`, open read-write, and a
+/// shared writable mapping of all of it.
+fn mapped_new_file(m: &Mount, name: &str, len: usize) -> (fs::File, *mut u8) {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.path(name))
+        .unwrap();
+    f.set_len(len as u64).unwrap();
+    // SAFETY: a fresh shared mapping of `len` bytes of an open file.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    (f, p as *mut u8)
+}
+
 fn staged_files(m: &Mount) -> Vec<std::path::PathBuf> {
     files_below(&m.cache_dir().join("staging"))
 }
@@ -370,35 +396,16 @@ fn writes_through_a_mapping_kept_after_close_land() {
     let b = Bucket::new(server(), "pt-mmap", false);
     let m = mount(&b);
     let len = 64 * 1024;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.path("mapped"))
-        .unwrap();
-    f.set_len(len as u64).unwrap();
-    // SAFETY: a fresh shared mapping of `len` bytes of an open file.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(&f),
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    let (f, p) = mapped_new_file(&m, "mapped", len);
     close(f).unwrap();
     assert_eq!(state(&b, "mapped", &vec![0u8; len]), Ok(()), "at close");
     let want = pattern(len, 14);
     // SAFETY: the mapping is `len` bytes long and writable.
-    unsafe { std::ptr::copy_nonoverlapping(want.as_ptr(), p as *mut u8, len) };
+    unsafe { std::ptr::copy_nonoverlapping(want.as_ptr(), p, len) };
     // SAFETY: unmapping what was mapped above.
     unsafe {
-        libc::msync(p, len, libc::MS_SYNC);
-        libc::munmap(p, len);
+        libc::msync(p as *mut libc::c_void, len, libc::MS_SYNC);
+        libc::munmap(p as *mut libc::c_void, len);
     }
     assert_lands(
         &b,
@@ -509,26 +516,7 @@ fn a_store_through_a_mapping_after_fsync_is_uploaded_at_close() {
     let b = Bucket::new(server(), "pt-mmap2", false);
     let m = mount(&b);
     let len = 8192;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.path("m"))
-        .unwrap();
-    f.set_len(len as u64).unwrap();
-    // SAFETY: a fresh shared mapping of `len` bytes of an open file.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(&f),
-            0,
-        )
-    } as *mut u8;
-    assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+    let (f, p) = mapped_new_file(&m, "m", len);
     let mut want = vec![0u8; len];
     // SAFETY: within the mapping.
     unsafe { *p = b'a' };

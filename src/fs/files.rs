@@ -1771,10 +1771,7 @@ impl Fs {
                 Ok(Found::Done(r)) => out.push(Ok(r)),
                 Err(e) => out.push(Err(e)),
                 // Looked at again by the caller's next try.
-                Ok(Found::Busy(p)) => out.push(Err(format!(
-                    "{}: still held open by a writer of the killed mount",
-                    p.display()
-                ))),
+                Ok(Found::Busy(p)) => out.push(Err(crate::write::busy(&p))),
                 // A dead mount's delete that failed: this mount's now, so a
                 // write at its key waits for it as for its own, and the
                 // retrier tries it again (left on disk, a write here could

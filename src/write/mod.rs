@@ -165,6 +165,14 @@ pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
 
 static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Why a `Found::Busy` file is not taken over yet.
+pub fn busy(path: &Path) -> String {
+    format!(
+        "{}: still held open by a writer of the killed mount",
+        path.display()
+    )
+}
+
 /// Whether this process holds the `flock` of `file` (a staging file this
 /// mount took over from a dead one), as /proc/locks says: its lines name
 /// the holder's pid and the file's inode (`FLOCK ADVISORY WRITE PID
@@ -1412,10 +1420,7 @@ pub async fn recover(
             Ok(Found::Pending(a)) => a.upload_now(store, opts).await,
             // Dropped: the tombstone stays for the next try.
             Ok(Found::Removal(e, _)) | Err(e) => Err(e),
-            Ok(Found::Busy(p)) => Err(format!(
-                "{}: still held open by a writer of the killed mount",
-                p.display()
-            )),
+            Ok(Found::Busy(p)) => Err(busy(&p)),
         });
     }
     out
