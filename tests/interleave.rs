@@ -1514,6 +1514,40 @@ async fn a_failed_deferred_delete_is_retried_and_the_name_stays_removed() {
     assert!(t.fs.failed_deletes().is_empty());
 }
 
+/// With the mount's default `upload_retry_max` (300 s), a deferred delete
+/// that failed once (a store slow for a moment: a timeout) is tried again
+/// after a second, and the wait doubles with each failure, as a failed
+/// upload's does. Before, the first retry came a full minute later, so an
+/// `mv` across buckets on a loaded machine left the old object for that
+/// minute. (The third try comes 2 s after the second: 1 + 2 s.)
+#[tokio::test]
+async fn a_failed_deferred_delete_is_tried_again_within_a_second() {
+    let t = setup(false, |c| c.upload_retry_max = Duration::from_secs(300));
+    t.m.insert("y", b"removed", Metadata::new());
+    let rh = read_then_rm(&t, "y").await;
+    t.f.fail(Op::Delete, u32::MAX, StoreError::Transient("slow".into()));
+    within("close", t.fs.release(rh)).await.unwrap();
+    let closed = std::time::Instant::now();
+    assert_eq!(t.f.calls(Op::Delete), 1, "tried at the close");
+    let due = within("a pass of the retrier", t.fs.retry_pending()).await;
+    assert!(
+        due.is_some_and(|d| d <= closed + Duration::from_secs(1)),
+        "next try {:?} after the close",
+        due.map(|d| d.saturating_duration_since(closed))
+    );
+    assert!(
+        eventually(STEP, || t.f.calls(Op::Delete) >= 3).await,
+        "retried again and again"
+    );
+    t.f.clear(Op::Delete);
+    assert!(
+        eventually(STEP, || t.m.object("y").is_none()).await,
+        "deleted by the retrier; deletes tried: {}",
+        t.f.calls(Op::Delete)
+    );
+    assert!(t.fs.failed_deletes().is_empty());
+}
+
 /// `mv x y`, x a new file not sent yet: y's DeleteObject lands but its
 /// answer is an error (a timeout with retries off). The key is asked
 /// again: y is gone, so the rename went through, and x goes up at y.

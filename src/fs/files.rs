@@ -274,6 +274,8 @@ pub(super) struct Deferred {
     tomb: Arc<tokio::sync::Mutex<Option<Tombstone>>>,
     /// Failed: when the retrier tries again, and why (for `status`).
     failed: Option<(Instant, String)>,
+    /// The wait after the last failure; doubles with each one.
+    backoff: std::time::Duration,
 }
 
 impl Deferred {
@@ -283,12 +285,19 @@ impl Deferred {
             etag: t.etag.clone(),
             tomb: Arc::new(tokio::sync::Mutex::new(Some(t))),
             failed: None,
+            backoff: crate::write::state::RETRY_FIRST_WAIT,
         }
     }
 
-    /// Failed with `error`: due again after `deferred_retry`.
+    /// Failed with `error`: due again after a wait that starts as a
+    /// failed upload's (a second) and doubles up to `deferred_retry`, so
+    /// a store that was only slow for a moment sees the delete soon.
     fn failed(&mut self, error: String, cfg: &super::FsConfig) {
-        self.failed = Some((Instant::now() + deferred_retry(cfg), error));
+        if self.failed.is_some() {
+            self.backoff = (self.backoff * 2).min(deferred_retry(cfg));
+        }
+        let at = Instant::now() + self.backoff.min(deferred_retry(cfg));
+        self.failed = Some((at, error));
     }
 }
 
@@ -1509,7 +1518,12 @@ impl Fs {
             if at > now {
                 next = Some(next.map_or(at, |n: Instant| n.min(at)));
             } else if !self.file_handles_open(ino) && self.finish_deferred(ino).await.is_err() {
-                let again = now + deferred_retry(&self.cfg);
+                let again = self
+                    .deferred
+                    .lock()
+                    .get(&ino)
+                    .and_then(|d| Some(d.failed.as_ref()?.0));
+                let again = again.unwrap_or_else(|| now + deferred_retry(&self.cfg));
                 next = Some(next.map_or(again, |n: Instant| n.min(again)));
             }
         }
