@@ -19,38 +19,6 @@ use common::*;
 
 const MIB: usize = 1024 * 1024;
 
-/// Passthrough needs Linux 6.13+ (fine-grained change times of the
-/// staged files): on an older kernel there is nothing to test.
-fn kernel_has_it() -> bool {
-    let r = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut v = r
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
-    if (major, minor) < (6, 13) {
-        eprintln!(
-            "kernel {} has no passthrough of this kind: skipped",
-            r.trim()
-        );
-        return false;
-    }
-    // The mounts' cache directories go under the temporary directory:
-    // on tmpfs, passthrough is refused (no time moves at a mapped store).
-    let tmp = std::env::temp_dir();
-    let path = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
-        eprintln!(
-            "{} is tmpfs, where passthrough is off: skipped",
-            tmp.display()
-        );
-        return false;
-    }
-    true
-}
-
 fn mount(b: &Bucket) -> Mount {
     let m = Mount::new(b, "passthrough");
     assert!(
@@ -111,7 +79,7 @@ fn staged_files(m: &Mount) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn small_writes_reach_the_staged_file_without_the_daemon_and_land_at_close() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-small", false);
@@ -151,7 +119,7 @@ fn small_writes_reach_the_staged_file_without_the_daemon_and_land_at_close() {
 
 #[test]
 fn a_shell_redirection_is_one_put_and_a_large_file_lands_whole() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-shell", false);
@@ -177,7 +145,7 @@ fn a_shell_redirection_is_one_put_and_a_large_file_lands_whole() {
 
 #[test]
 fn kill_9_with_a_passthrough_writer_open_loses_nothing() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-kill", false);
@@ -209,7 +177,7 @@ fn kill_9_with_a_passthrough_writer_open_loses_nothing() {
 /// of a dead mount): the new mount takes the file over once it closes.
 #[test]
 fn kill_9_after_an_upload_landed_and_more_was_written_loses_nothing() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-after", false);
@@ -254,7 +222,7 @@ fn kill_9_after_an_upload_landed_and_more_was_written_loses_nothing() {
 
 #[test]
 fn a_write_after_fsync_of_the_same_size_is_uploaded_at_close() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-same", false);
@@ -277,7 +245,7 @@ fn a_write_after_fsync_of_the_same_size_is_uploaded_at_close() {
 
 #[test]
 fn two_handles_with_a_rename_and_a_chmod_between_their_writes() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-two", false);
@@ -313,7 +281,7 @@ fn two_handles_with_a_rename_and_a_chmod_between_their_writes() {
 
 #[test]
 fn an_unlink_between_two_handles_uploads_nothing() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-rm", false);
@@ -347,7 +315,7 @@ fn an_unlink_between_two_handles_uploads_nothing() {
 /// through the daemon (no EIO), and the reader keeps its bytes.
 #[test]
 fn an_o_trunc_writer_beside_an_open_reader_is_served_without_passthrough() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-mixed", false);
@@ -390,7 +358,7 @@ fn an_o_trunc_writer_beside_an_open_reader_is_served_without_passthrough() {
 /// unmapped.
 #[test]
 fn writes_through_a_mapping_kept_after_close_land() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-mmap", false);
@@ -446,7 +414,7 @@ fn without_the_option_writes_go_by_the_daemon() {
 /// and nothing back at the old one.
 #[test]
 fn kill_9_after_a_rename_and_chmod_of_an_open_file_puts_it_at_the_new_name() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-rot", false);
@@ -484,7 +452,7 @@ fn kill_9_after_a_rename_and_chmod_of_an_open_file_puts_it_at_the_new_name() {
 /// bytes are in S3, as a writer's close does.
 #[test]
 fn a_childs_close_after_its_writes_waits_for_s3() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-child", false);
@@ -510,7 +478,7 @@ fn a_childs_close_after_its_writes_waits_for_s3() {
 /// before it: close still uploads them.
 #[test]
 fn a_store_through_a_mapping_after_fsync_is_uploaded_at_close() {
-    if !kernel_has_it() {
+    if !passthrough_available() {
         return;
     }
     let b = Bucket::new(server(), "pt-mmap2", false);

@@ -859,3 +859,35 @@ pub fn files_below(d: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Passthrough needs Linux 6.13+ (fine-grained change times of the
+/// staged files): on an older kernel there is nothing to test.
+pub fn passthrough_available() -> bool {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = r
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    if (major, minor) < (6, 13) {
+        eprintln!(
+            "kernel {} has no passthrough of this kind: skipped",
+            r.trim()
+        );
+        return false;
+    }
+    // The mounts' cache directories go under the temporary directory:
+    // on tmpfs, passthrough is refused (no time moves at a mapped store).
+    let tmp = std::env::temp_dir();
+    let path = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
+        eprintln!(
+            "{} is tmpfs, where passthrough is off: skipped",
+            tmp.display()
+        );
+        return false;
+    }
+    true
+}
