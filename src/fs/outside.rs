@@ -158,6 +158,20 @@ impl Fs {
             self.retry_wake.notify_one();
             return Some(t);
         }
+        // Nothing changed by the stamp: the bytes must still be what the
+        // last upload sent (see `Outside::holds_last_upload`); else they
+        // are sent again, now that nothing can write to them any more.
+        if !st.dirty && !st.staged.is_unlinked() && !o.holds_last_upload().unwrap_or(false) {
+            debug!(
+                ino,
+                "the staged file differs from its last upload; sending it again"
+            );
+            st.staged.changed_outside();
+            st.dirty = true;
+            if let Err(e) = self.set_dirty(ino, st) {
+                warn!(ino, error = %e, "cannot journal a passthrough file's change");
+            }
+        }
         st.staged.end_outside();
         self.outside.lock().remove(&ino);
         st.outside_released = false;

@@ -547,10 +547,16 @@ impl Staged {
             return Ok(None);
         };
         self.size = stamp.size;
-        self.loaded.insert(0..stamp.size);
+        self.changed_outside();
+        Ok(Some(stamp))
+    }
+
+    /// The kernel changed the staged file (all of it may differ from what
+    /// was uploaded).
+    pub fn changed_outside(&mut self) {
+        self.loaded.insert(0..self.size);
         self.data_changed = true;
         self.drop_resume();
-        Ok(Some(stamp))
     }
 
     /// No kernel writes to the staged file any more (its last such
@@ -1046,10 +1052,18 @@ impl Staged {
             self.fill(store, 0..self.size).await?;
             // A small file is read once: its MD5 and the PUT's body come
             // from the same bytes.
-            let body = if self.size <= IN_MEMORY_PUT_MAX {
+            // A file the kernel writes to is read once too, so the CRC32C
+            // kept of what was sent is of exactly the bytes sent.
+            let body = if self.size <= IN_MEMORY_PUT_MAX || self.outside.is_some() {
                 PutBody::Bytes(self.body(0..self.size).read_all()?)
             } else {
                 self.body(0..self.size)
+            };
+            let sent = match (&self.outside, &body) {
+                (Some(_), PutBody::Bytes(_)) => {
+                    Some(vec![(0..self.size, Some(body.checksums(false)?.1))])
+                }
+                _ => None,
             };
             // The ETag this PUT will give the object (its MD5), journaled
             // first: a daemon killed before it learns the PUT landed is
@@ -1081,6 +1095,9 @@ impl Staged {
                 Err(e) => return Err(e.into()),
             };
             progress.done_bytes.store(self.size, Ordering::Relaxed);
+            if let (Some(o), Some(sent)) = (&self.outside, sent) {
+                o.uploaded(sent);
+            }
             return Ok(put);
         }
         let parts = self.plan_parts(part);
@@ -1149,6 +1166,7 @@ impl Staged {
             .buffered(opts.concurrency.max(1))
             .try_collect()
             .await;
+        let plan = parts;
         let parts = match results {
             Ok(parts) => parts,
             Err(e) => {
@@ -1162,8 +1180,16 @@ impl Staged {
             self.sent_since_write = true;
             self.attempted = true;
         }
+        let sent: outside::Sent = plan
+            .iter()
+            .zip(&parts)
+            .map(|((_, r, _), p)| (r.clone(), part_crc(p)))
+            .collect();
         let r = complete(store, key, &upload.id, parts).await;
         self.uploads.retain(|u| u.id != upload.id);
+        if let (Some(o), Ok(_)) = (&self.outside, &r) {
+            o.uploaded(sent);
+        }
         r
     }
 
@@ -1790,6 +1816,15 @@ fn same_except(a: &Metadata, b: &Metadata, except: &[&str]) -> bool {
 /// from the staging file (a read for the MD5, another for the body).
 const IN_MEMORY_PUT_MAX: u64 = 8 << 20;
 
+/// A part's CRC32C as sent (base64 of the big-endian value), if it had one.
+fn part_crc(p: &Part) -> Option<u32> {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD
+        .decode(p.crc32c.as_deref()?)
+        .ok()?;
+    Some(u32::from_be_bytes(b.try_into().ok()?))
+}
+
 /// The MD5 ETag of `data`, as S3 gives a single PUT.
 fn bytes_md5(data: &[u8]) -> String {
     use md5::Digest;
@@ -2107,6 +2142,55 @@ mod tests {
         UploadOptions {
             part_size_bytes: 5 * MIB,
             concurrency: 4,
+        }
+    }
+
+    /// With passthrough, what the last upload sent is kept (CRC32C per
+    /// range, single PUT and multipart) and the staged file checked
+    /// against it: a change whose stamp was taken account of without an
+    /// upload after it (a store through a mapping that landed after the
+    /// upload read the page) is told, and the same bytes are not.
+    #[tokio::test]
+    async fn a_passthrough_file_is_checked_against_what_its_last_upload_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        if !outside::fine_grained_times(dir.path()).unwrap() {
+            eprintln!("no fine-grained change times here: skipped");
+            return;
+        }
+        let s = MemStore::versioned();
+        for size in [100_000usize, 12 * MIB as usize] {
+            let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let mut st = Staged::new(dir.path(), None, None).unwrap();
+            let o = st.go_outside().unwrap();
+            o.file().write_all_at(&data, 0).unwrap();
+            assert!(st.sync_outside().unwrap().is_some());
+            assert!(!o.holds_last_upload().unwrap(), "nothing uploaded yet");
+            st.upload(
+                &s,
+                "k",
+                &Metadata::new(),
+                None,
+                &opts(),
+                &Progress::default(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(s.object("k").unwrap(), data);
+            assert!(o.holds_last_upload().unwrap(), "{size}: as uploaded");
+            let mid = (size / 2) as u64;
+            o.file().write_all_at(b"late", mid).unwrap();
+            // Its stamp taken, no upload since.
+            assert!(st.sync_outside().unwrap().is_some());
+            assert!(!o.holds_last_upload().unwrap(), "{size}: a late store");
+            o.file()
+                .write_all_at(&data[mid as usize..mid as usize + 4], mid)
+                .unwrap();
+            assert!(
+                o.holds_last_upload().unwrap(),
+                "{size}: the same bytes again"
+            );
+            o.file().write_all_at(b"x", size as u64).unwrap();
+            assert!(!o.holds_last_upload().unwrap(), "{size}: one byte longer");
         }
     }
 

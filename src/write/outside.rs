@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -58,12 +59,17 @@ fn time_of((s, ns): (i64, i64)) -> SystemTime {
     }
 }
 
-/// A staged file the kernel writes to: the file and the stamp this mount
-/// last took account of.
+/// The CRC32C of each range of a staged file as an upload sent it (and
+/// the store checked it); `None` for a range sent without one.
+pub type Sent = Vec<(Range<u64>, Option<u32>)>;
+
+/// A staged file the kernel writes to: the file, the stamp this mount
+/// last took account of, and what its last upload sent.
 #[derive(Debug)]
 pub struct Outside {
     file: Arc<File>,
     seen: Mutex<Stamp>,
+    sent: Mutex<Option<Sent>>,
 }
 
 impl Outside {
@@ -72,7 +78,43 @@ impl Outside {
         Ok(Outside {
             file,
             seen: Mutex::new(seen),
+            sent: Mutex::new(None),
         })
+    }
+
+    /// An upload of the file landed, made of these ranges.
+    pub(super) fn uploaded(&self, sent: Sent) {
+        *self.sent.lock() = Some(sent);
+    }
+
+    /// Whether the file holds exactly what its last upload sent, range by
+    /// range (it reads the whole file). A stamp cannot tell one case: a
+    /// store through a shared mapping whose page fault moved the times
+    /// just before a stamp was taken, but whose bytes reached the page
+    /// only after the upload that stamp began had read it; no time moves
+    /// again for it. So once the kernel let go of the file, the bytes
+    /// themselves are compared. No upload known, or a range sent without
+    /// a checksum: not known to hold it.
+    pub fn holds_last_upload(&self) -> io::Result<bool> {
+        let Some(sent) = self.sent.lock().clone() else {
+            return Ok(false);
+        };
+        let size = self.file.metadata()?.len();
+        if sent.last().map_or(0, |(r, _)| r.end) != size {
+            return Ok(false);
+        }
+        for (r, crc) in sent {
+            let Some(crc) = crc else { return Ok(false) };
+            let body = crate::store::PutBody::File {
+                file: self.file.clone(),
+                offset: r.start,
+                len: r.end - r.start,
+            };
+            if body.checksums(false)?.1 != crc {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The staged file, for the kernel to write to.
