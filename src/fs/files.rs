@@ -966,6 +966,7 @@ impl Fs {
                 &crate::store::PutResult {
                     etag: o.etag.clone(),
                     version_id: o.version_id.clone(),
+                    sent_crc32c: None,
                 },
                 None,
             );

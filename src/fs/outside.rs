@@ -161,15 +161,23 @@ impl Fs {
         // Nothing changed by the stamp: the bytes must still be what the
         // last upload sent (see `Outside::holds_last_upload`); else they
         // are sent again, now that nothing can write to them any more.
-        if !st.dirty && !st.staged.is_unlinked() && !o.holds_last_upload().unwrap_or(false) {
-            debug!(
-                ino,
-                "the staged file differs from its last upload; sending it again"
-            );
-            st.staged.changed_outside();
-            st.dirty = true;
-            if let Err(e) = self.set_dirty(ino, st) {
-                warn!(ino, error = %e, "cannot journal a passthrough file's change");
+        // The file is read on a blocking thread; the state stays locked,
+        // so no new handle gets the file meanwhile.
+        if !st.dirty && !st.staged.is_unlinked() {
+            let file = o.clone();
+            let holds = tokio::task::spawn_blocking(move || file.holds_last_upload())
+                .await
+                .is_ok_and(|r| r.unwrap_or(false));
+            if !holds {
+                debug!(
+                    ino,
+                    "the staged file differs from its last upload; sending it again"
+                );
+                st.staged.changed_outside();
+                st.dirty = true;
+                if let Err(e) = self.set_dirty(ino, st) {
+                    warn!(ino, error = %e, "cannot journal a passthrough file's change");
+                }
             }
         }
         st.staged.end_outside();

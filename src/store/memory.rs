@@ -51,8 +51,11 @@ struct MemUpload {
 /// The CRC32C of `data` as S3 writes it (base64 of the big-endian value).
 pub fn crc32c_b64(data: &[u8]) -> String {
     use base64::Engine;
-    let crc = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32;
-    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+    base64::engine::general_purpose::STANDARD.encode(crc32c(data).to_be_bytes())
+}
+
+fn crc32c(data: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
 }
 
 #[derive(Debug, Default)]
@@ -232,6 +235,7 @@ impl MemStore {
         PutResult {
             etag,
             version_id: self.versioned.then_some(id),
+            sent_crc32c: None,
         }
     }
 
@@ -404,9 +408,11 @@ impl ObjectStore for MemStore {
             .read_all()
             .map_err(|e| StoreError::Other(e.to_string()))?;
         self.counters.add_sent(data.len() as u64);
+        let sent_crc32c = Some(crc32c(&data));
         let mut st = self.state.lock();
         let headers = new_headers(key, keep);
-        Ok(self.store_version(&mut st, key, Some(data), meta.clone(), headers))
+        let put = self.store_version(&mut st, key, Some(data), meta.clone(), headers);
+        Ok(PutResult { sent_crc32c, ..put })
     }
 
     async fn copy(
@@ -496,11 +502,13 @@ impl ObjectStore for MemStore {
                 if up.crc32c { "CRC32C" } else { "none" }
             )));
         }
+        let sent_crc32c = Some(crc32c(&data));
         up.parts.insert(part_number, (data, crc.clone()));
         Ok(Part {
             number: part_number,
             etag,
             crc32c: upload.crc32c.then_some(crc),
+            sent_crc32c,
         })
     }
 
@@ -533,6 +541,7 @@ impl ObjectStore for MemStore {
             number: part_number,
             etag,
             crc32c: declared.then_some(crc),
+            sent_crc32c: None,
         })
     }
 

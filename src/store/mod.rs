@@ -240,6 +240,11 @@ pub struct Part {
     /// Its CRC32C (base64 of the big-endian value), on an upload that
     /// declared CRC32C; for a copied part, when the store said it.
     pub crc32c: Option<String>,
+    /// The CRC32C of the bytes this client sent as the part, as it
+    /// computed them (also where the upload declared no CRC32C: then the
+    /// store checked their Content-MD5, computed in the same pass). None
+    /// for a copied part, and for one read back from a journal.
+    pub sent_crc32c: Option<u32>,
 }
 
 /// The identity of a stored object after a write.
@@ -247,6 +252,9 @@ pub struct Part {
 pub struct PutResult {
     pub etag: String,
     pub version_id: Option<String>,
+    /// For a PUT of bytes this client sent: their CRC32C, which the store
+    /// checked (see `Part::sent_crc32c`). None for copies and completions.
+    pub sent_crc32c: Option<u32>,
 }
 
 /// A failed store call, classified.

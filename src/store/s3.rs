@@ -696,7 +696,7 @@ fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
 /// Hashing a part of several MiB takes milliseconds of CPU: it runs on a
 /// blocking thread, not on the runtime's workers (which serve the FUSE
 /// requests and the other parts' transfers).
-async fn checksum_headers(body: &PutBody, md5: bool) -> StoreResult<(Option<String>, String)> {
+async fn checksum_headers(body: &PutBody, md5: bool) -> StoreResult<(Option<String>, String, u32)> {
     use base64::Engine;
     let body = body.clone();
     let (md5, crc) = tokio::task::spawn_blocking(move || body.checksums(md5))
@@ -704,7 +704,11 @@ async fn checksum_headers(body: &PutBody, md5: bool) -> StoreResult<(Option<Stri
         .map_err(|e| StoreError::Other(format!("checksum task: {e}")))?
         .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    Ok((md5.map(|m| b64.encode(m)), b64.encode(crc.to_be_bytes())))
+    Ok((
+        md5.map(|m| b64.encode(m)),
+        b64.encode(crc.to_be_bytes()),
+        crc,
+    ))
 }
 
 /// A failed multipart call: as `classify`, except that when it carried
@@ -1315,7 +1319,7 @@ impl ObjectStore for S3Store {
             self.tags_to_keep(key, keep),
             self.grants_replaced(key, keep),
         );
-        let (md5, crc32c) = sums?;
+        let (md5, crc32c, sent_crc32c) = sums?;
         let md5 = md5.unwrap_or_default();
         let opts = self.options_keeping(keep);
         let headers = Self::standard_headers(key, keep);
@@ -1341,6 +1345,7 @@ impl ObjectStore for S3Store {
         Ok(PutResult {
             etag: out.e_tag().unwrap_or_default().to_string(),
             version_id: out.version_id().map(str::to_string),
+            sent_crc32c: Some(sent_crc32c),
         })
     }
 
@@ -1391,6 +1396,7 @@ impl ObjectStore for S3Store {
                 .unwrap_or_default()
                 .to_string(),
             version_id: out.version_id().map(str::to_string),
+            sent_crc32c: None,
         })
     }
 
@@ -1474,7 +1480,7 @@ impl ObjectStore for S3Store {
         // An upload declared with CRC32C takes each part's CRC32C (and,
         // with `x-amz-sdk-checksum-algorithm`, an Object Lock bucket needs
         // no Content-MD5); one without gets Content-MD5.
-        let (md5, crc32c) = checksum_headers(&body, !upload.crc32c).await?;
+        let (md5, crc32c, sent_crc32c) = checksum_headers(&body, !upload.crc32c).await?;
         let crc = upload.crc32c.then_some(crc32c);
         let out = self
             .retry(Op::UploadPart, key, || async {
@@ -1506,6 +1512,7 @@ impl ObjectStore for S3Store {
             number: part_number,
             etag: out.e_tag().unwrap_or_default().to_string(),
             crc32c: crc,
+            sent_crc32c: Some(sent_crc32c),
         })
     }
 
@@ -1565,6 +1572,7 @@ impl ObjectStore for S3Store {
                 .and_then(|r| r.checksum_crc32_c())
                 .filter(|_| upload.crc32c)
                 .map(str::to_string),
+            sent_crc32c: None,
         })
     }
 
@@ -1625,6 +1633,7 @@ impl ObjectStore for S3Store {
         Ok(PutResult {
             etag: etag.to_string(),
             version_id: out.version_id().map(str::to_string),
+            sent_crc32c: None,
         })
     }
 

@@ -543,6 +543,7 @@ pub fn replay(path: &Path) -> io::Result<Replayed> {
                     number: n,
                     etag: dec(etag),
                     crc32c: rest.first().map(|c| dec(c)),
+                    sent_crc32c: None,
                 });
                 parts_sealed = None;
             }
@@ -636,6 +637,7 @@ mod tests {
                 number: 1,
                 etag: "\"e1\"".into(),
                 crc32c: Some("4waSgw==".into()),
+                sent_crc32c: None,
             }],
             70,
             false,
@@ -664,7 +666,8 @@ mod tests {
             vec![Part {
                 number: 1,
                 etag: "\"e1\"".into(),
-                crc32c: Some("4waSgw==".into())
+                crc32c: Some("4waSgw==".into()),
+                sent_crc32c: None
             }]
         );
         assert_eq!(r.parts_sealed, Some(70), "sealed by its C line");
@@ -747,12 +750,14 @@ mod tests {
                 Part {
                     number: 1,
                     etag: "\"e1\"".into(),
-                    crc32c: None
+                    crc32c: None,
+                    sent_crc32c: None
                 },
                 Part {
                     number: 2,
                     etag: "\"e2\"".into(),
-                    crc32c: None
+                    crc32c: None,
+                    sent_crc32c: None
                 }
             ]
         );
@@ -836,6 +841,7 @@ mod tests {
             number: 1,
             etag: "\"e1\"".into(),
             crc32c: None,
+            sent_crc32c: None,
         };
         j.upload_started(&Upload {
             id: "u".into(),

@@ -1052,18 +1052,10 @@ impl Staged {
             self.fill(store, 0..self.size).await?;
             // A small file is read once: its MD5 and the PUT's body come
             // from the same bytes.
-            // A file the kernel writes to is read once too, so the CRC32C
-            // kept of what was sent is of exactly the bytes sent.
-            let body = if self.size <= IN_MEMORY_PUT_MAX || self.outside.is_some() {
+            let body = if self.size <= IN_MEMORY_PUT_MAX {
                 PutBody::Bytes(self.body(0..self.size).read_all()?)
             } else {
                 self.body(0..self.size)
-            };
-            let sent = match (&self.outside, &body) {
-                (Some(_), PutBody::Bytes(_)) => {
-                    Some(vec![(0..self.size, Some(body.checksums(false)?.1))])
-                }
-                _ => None,
             };
             // The ETag this PUT will give the object (its MD5), journaled
             // first: a daemon killed before it learns the PUT landed is
@@ -1095,8 +1087,8 @@ impl Staged {
                 Err(e) => return Err(e.into()),
             };
             progress.done_bytes.store(self.size, Ordering::Relaxed);
-            if let (Some(o), Some(sent)) = (&self.outside, sent) {
-                o.uploaded(sent);
+            if let Some(o) = &self.outside {
+                o.uploaded(vec![(0..self.size, put.sent_crc32c)]);
             }
             return Ok(put);
         }
@@ -1183,7 +1175,7 @@ impl Staged {
         let sent: outside::Sent = plan
             .iter()
             .zip(&parts)
-            .map(|((_, r, _), p)| (r.clone(), part_crc(p)))
+            .map(|((_, r, _), p)| (r.clone(), p.sent_crc32c))
             .collect();
         let r = complete(store, key, &upload.id, parts).await;
         self.uploads.retain(|u| u.id != upload.id);
@@ -1363,6 +1355,7 @@ async fn landed_anyway(
     (same_etag(&o.etag, etag) && meta.is_none_or(|m| holds_meta(&o, m))).then_some(PutResult {
         etag: o.etag,
         version_id: o.version_id,
+        sent_crc32c: None,
     })
 }
 
@@ -1816,15 +1809,6 @@ fn same_except(a: &Metadata, b: &Metadata, except: &[&str]) -> bool {
 /// from the staging file (a read for the MD5, another for the body).
 const IN_MEMORY_PUT_MAX: u64 = 8 << 20;
 
-/// A part's CRC32C as sent (base64 of the big-endian value), if it had one.
-fn part_crc(p: &Part) -> Option<u32> {
-    use base64::Engine;
-    let b = base64::engine::general_purpose::STANDARD
-        .decode(p.crc32c.as_deref()?)
-        .ok()?;
-    Some(u32::from_be_bytes(b.try_into().ok()?))
-}
-
 /// The MD5 ETag of `data`, as S3 gives a single PUT.
 fn bytes_md5(data: &[u8]) -> String {
     use md5::Digest;
@@ -2157,8 +2141,16 @@ mod tests {
             eprintln!("no fine-grained change times here: skipped");
             return;
         }
-        let s = MemStore::versioned();
-        for size in [100_000usize, 12 * MIB as usize] {
+        let crc = MemStore::versioned();
+        // A store that takes no part checksums: the parts' Content-MD5 is
+        // checked, and the CRC32C kept is computed in the same pass.
+        let md5_only = MemStore::versioned();
+        md5_only.without_part_checksums();
+        for (s, size) in [
+            (&crc, 100_000usize),
+            (&crc, 12 * MIB as usize),
+            (&md5_only, 12 * MIB as usize),
+        ] {
             let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
             let mut st = Staged::new(dir.path(), None, None).unwrap();
             let o = st.go_outside().unwrap();
@@ -2166,7 +2158,7 @@ mod tests {
             assert!(st.sync_outside().unwrap().is_some());
             assert!(!o.holds_last_upload().unwrap(), "nothing uploaded yet");
             st.upload(
-                &s,
+                s,
                 "k",
                 &Metadata::new(),
                 None,
