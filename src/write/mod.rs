@@ -2122,6 +2122,23 @@ mod tests {
 
     const MIB: u64 = 1024 * 1024;
 
+    /// Uploads `st` as `key` with no metadata, the tests' options.
+    async fn upload_to(
+        st: &mut Staged,
+        store: &dyn ObjectStore,
+        key: &str,
+    ) -> Result<PutResult, WriteError> {
+        st.upload(
+            store,
+            key,
+            &Metadata::new(),
+            None,
+            &opts(),
+            &Progress::default(),
+        )
+        .await
+    }
+
     fn opts() -> UploadOptions {
         UploadOptions {
             part_size_bytes: 5 * MIB,
@@ -2157,16 +2174,7 @@ mod tests {
             o.file().write_all_at(&data, 0).unwrap();
             assert!(st.sync_outside().unwrap().is_some());
             assert!(!o.holds_last_upload().unwrap(), "nothing uploaded yet");
-            st.upload(
-                s,
-                "k",
-                &Metadata::new(),
-                None,
-                &opts(),
-                &Progress::default(),
-            )
-            .await
-            .unwrap();
+            upload_to(&mut st, s, "k").await.unwrap();
             assert_eq!(s.object("k").unwrap(), data);
             assert!(o.holds_last_upload().unwrap(), "{size}: as uploaded");
             let mid = (size / 2) as u64;
@@ -2208,16 +2216,7 @@ mod tests {
         };
         let mut st = Staged::new(dir.path(), Some(base), None).unwrap();
         st.write(orig.len() as u64, b"tail").unwrap();
-        st.upload(
-            &s,
-            "big",
-            &Metadata::new(),
-            None,
-            &opts(),
-            &Progress::default(),
-        )
-        .await
-        .unwrap();
+        upload_to(&mut st, &s, "big").await.unwrap();
         let mut want = orig.clone();
         want.extend_from_slice(b"tail");
         assert_eq!(s.object("big").unwrap().as_ref(), &want[..]);
@@ -2239,18 +2238,7 @@ mod tests {
         let mut st = Staged::new(dir.path(), None, None).unwrap();
         st.write(0, &vec![7u8; (11 * MIB) as usize]).unwrap();
         s.fail_next(Op::UploadPart, 1, StoreError::Transient("503".into()));
-        assert!(
-            st.upload(
-                &s,
-                "k",
-                &Metadata::new(),
-                None,
-                &opts(),
-                &Progress::default()
-            )
-            .await
-            .is_err()
-        );
+        assert!(upload_to(&mut st, &s, "k").await.is_err());
         assert_eq!(s.object("k").unwrap().as_ref(), b"old");
         assert_eq!(s.open_uploads(), 0);
     }
@@ -2523,17 +2511,7 @@ mod tests {
         let mut staged = a.into_staged().unwrap();
         staged.write(3, b"XY").unwrap();
         data[3..5].copy_from_slice(b"XY");
-        staged
-            .upload(
-                &s,
-                "new",
-                &Metadata::new(),
-                None,
-                &opts(),
-                &Progress::default(),
-            )
-            .await
-            .unwrap();
+        upload_to(&mut staged, &s, "new").await.unwrap();
         assert_eq!(s.object("new").unwrap().as_ref(), &data[..]);
         assert_eq!(s.open_uploads(), 0, "the dead mount's upload is aborted");
         staged.end_journal();
@@ -2930,16 +2908,7 @@ mod tests {
             1,
             "started while writing"
         );
-        st.upload(
-            &*store,
-            "f",
-            &Metadata::new(),
-            None,
-            &opts(),
-            &Progress::default(),
-        )
-        .await
-        .unwrap();
+        upload_to(&mut st, &*store, "f").await.unwrap();
         assert_eq!(s.object("f").unwrap().as_ref(), &data[..]);
         assert_eq!(
             s.counters().get(Op::UploadPart),
@@ -3003,16 +2972,7 @@ mod tests {
         data[10..17].copy_from_slice(b"changed");
         st.truncate(11 * MIB).unwrap();
         data.truncate((11 * MIB) as usize);
-        st.upload(
-            &*store,
-            "f",
-            &Metadata::new(),
-            None,
-            &opts(),
-            &Progress::default(),
-        )
-        .await
-        .unwrap();
+        upload_to(&mut st, &*store, "f").await.unwrap();
         assert_eq!(s.object("f").unwrap().as_ref(), &data[..]);
         for _ in 0..100 {
             if s.open_uploads() == 0 {
