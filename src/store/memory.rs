@@ -50,12 +50,17 @@ struct MemUpload {
 
 /// The CRC32C of `data` as S3 writes it (base64 of the big-endian value).
 pub fn crc32c_b64(data: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(crc32c(data).to_be_bytes())
+    b64_of(crc32c(data))
 }
 
 fn crc32c(data: &[u8]) -> u32 {
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
+}
+
+/// A CRC32C as S3 writes it.
+fn b64_of(crc: u32) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
 }
 
 #[derive(Debug, Default)]
@@ -493,7 +498,8 @@ impl ObjectStore for MemStore {
         self.counters.add_sent(data.len() as u64);
         // As S3: a part's ETag is the MD5 of its bytes.
         let etag = md5_etag(&data);
-        let crc = crc32c_b64(&data);
+        let sent = crc32c(&data);
+        let crc = b64_of(sent);
         let mut st = self.state.lock();
         let up = st.uploads.get_mut(&upload.id).ok_or(StoreError::NotFound)?;
         if up.crc32c != upload.crc32c {
@@ -502,13 +508,12 @@ impl ObjectStore for MemStore {
                 if up.crc32c { "CRC32C" } else { "none" }
             )));
         }
-        let sent_crc32c = Some(crc32c(&data));
         up.parts.insert(part_number, (data, crc.clone()));
         Ok(Part {
             number: part_number,
             etag,
             crc32c: upload.crc32c.then_some(crc),
-            sent_crc32c,
+            sent_crc32c: Some(sent),
         })
     }
 
