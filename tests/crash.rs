@@ -69,19 +69,22 @@ struct FileRec {
     history: Vec<String>,
 }
 
+/// `d` written into `c` at `off`, as pwrite does (growing it with zeros).
+fn write_at(c: &mut Vec<u8>, off: u64, d: &[u8]) {
+    let end = off as usize + d.len();
+    if c.len() < end {
+        c.resize(end, 0);
+    }
+    c[off as usize..end].copy_from_slice(d);
+}
+
 impl FileRec {
     fn state(&self, n: usize) -> Option<Vec<u8>> {
         let mut cur = self.base.as_ref().map(|b| b.to_vec());
         for s in &self.steps[..n] {
             let c = cur.get_or_insert_with(Vec::new);
             match s {
-                Step::Write(off, d) => {
-                    let end = *off as usize + d.len();
-                    if c.len() < end {
-                        c.resize(end, 0);
-                    }
-                    c[*off as usize..end].copy_from_slice(d);
-                }
+                Step::Write(off, d) => write_at(c, *off, d),
                 Step::Truncate(len) => c.resize(*len as usize, 0),
             }
         }
@@ -134,13 +137,8 @@ impl FileRec {
             let page = 4096;
             let first = (off / page + 1) * page;
             for cut in (first..off + d.len() as u64).step_by(page as usize) {
-                let k = (cut - off) as usize;
                 let mut c = before.clone();
-                let end = *off as usize + k;
-                if c.len() < end {
-                    c.resize(end, 0);
-                }
-                c[*off as usize..end].copy_from_slice(&d[..k]);
+                write_at(&mut c, *off, &d[..(cut - off) as usize]);
                 if c == got {
                     return Ok(());
                 }
