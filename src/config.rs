@@ -53,6 +53,9 @@ pub struct Options {
     pub block_size_bytes: u64,
     pub part_size_bytes: u64,
     pub upload_concurrency: usize,
+    /// Memory for staged bytes being sent (0: each part is read from its
+    /// staged file as it is sent).
+    pub upload_memory_bytes: u64,
     /// Threads reading FUSE requests (`None`: the CPUs plus one, 2..=16).
     pub fuse_threads: Option<usize>,
     pub readahead_max_blocks: u64,
@@ -179,6 +182,7 @@ impl Default for Options {
             block_size_bytes: MIB,
             part_size_bytes: 8 * MIB,
             upload_concurrency: 8,
+            upload_memory_bytes: 64 * MIB,
             fuse_threads: None,
             readahead_max_blocks: 32,
             readahead_budget_bytes: None,
@@ -254,6 +258,9 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   part_size=SIZE        multipart part size, 5M..5G (default 8M; grows to fit 10,000 parts).
                         s3fs alias: multipart_size=MB
   upload_concurrency=N  parts uploaded in parallel (default 8). s3fs alias: parallel_count=
+  upload_memory=SIZE    memory for parts and files being sent, across all files (default
+                        64M): each is read from its staged file once, into it; what does
+                        not fit is read from the file as it is sent (0 = always so)
   fuse_threads=N        threads taking requests from the kernel, 1..64 (default: the
                         CPUs plus one, 2..16; a small write then wakes a thread on its
                         own CPU, not an idle one elsewhere)
@@ -638,6 +645,9 @@ impl Options {
                     self.readahead_max_blocks =
                         num_in(name, need(name, value)?, 0, 256, " blocks (0: none)")?
                 }
+                "upload_memory" => {
+                    self.upload_memory_bytes = size_in(name, need(name, value)?, MIB, TIB, true)?
+                }
                 "readahead_budget" => {
                     self.readahead_budget_bytes =
                         Some(size_in(name, need(name, value)?, MIB, TIB, false)?)
@@ -837,6 +847,9 @@ mod tests {
             Some(256 * MIB)
         );
         refused("readahead_budget=0", "1M..=1T");
+        assert_eq!(ok("upload_memory=0").upload_memory_bytes, 0);
+        assert_eq!(ok("upload_memory=1G").upload_memory_bytes, 1024 * MIB);
+        refused("upload_memory=1K", "1M..=1T");
         assert!(ok("writeback=async").writeback_async);
         assert!(!ok("writeback=sync").writeback_async);
         assert!(ok("passthrough").passthrough && !ok("ro").passthrough);

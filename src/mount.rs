@@ -851,6 +851,7 @@ fn serve(
             requester_pays: o.requester_pays,
         },
         fast_head: true,
+        send_memory: o.upload_memory_bytes,
     };
     let buckets = if o.all_buckets {
         connect_all(o, &rt, settings)?

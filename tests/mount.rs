@@ -735,9 +735,21 @@ fn a_fork_while_writing_uploads_nothing_half_written() {
 /// around the multipart threshold and part boundaries (part size 5 MiB).
 #[test]
 fn every_write_pattern_matches_a_local_file() {
+    write_patterns_match("patterns", "part_size=5M");
+}
+
+/// The same with no memory for bodies being sent: every part and file is
+/// read from its staged file as it is sent (the path of what does not fit
+/// in `upload_memory`).
+#[test]
+fn every_write_pattern_matches_a_local_file_sent_from_the_staged_file() {
+    write_patterns_match("patternsnomem", "part_size=5M,upload_memory=0");
+}
+
+fn write_patterns_match(bucket: &str, opts: &str) {
     const P: u64 = 5 * 1024 * 1024;
-    let b = Bucket::new(server(), "patterns", false);
-    let m = Mount::new(&b, "part_size=5M");
+    let b = Bucket::new(server(), bucket, false);
+    let m = Mount::new(&b, opts);
     let local = tempfile::tempdir().unwrap();
     let src = local.path().join("src");
     fs::write(&src, pattern(3 * P as usize, 11)).unwrap();

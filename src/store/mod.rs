@@ -14,6 +14,8 @@ pub mod memory;
 mod piece;
 pub use piece::{PIECE_ALIGN, PieceBuf, release as release_piece_pages};
 pub mod s3;
+mod sendbuf;
+pub use sendbuf::SendMemory;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -158,7 +160,8 @@ pub enum ReadPin {
 #[derive(Clone, Debug)]
 pub enum PutBody {
     Bytes(Bytes),
-    /// A byte range of a local file (staged writes never sit in memory).
+    /// A byte range of a local file (a staged write: it stays on disk
+    /// until it is in S3; a store may read it into memory to send it).
     /// The open file, not its path: a staged file whose directory was
     /// removed is still uploaded from its descriptor.
     File {
@@ -183,17 +186,9 @@ impl PutBody {
     /// The MD5 digest (S3's Content-MD5, when `md5`) and CRC32C of the
     /// body, in one pass, read in 1 MiB steps.
     pub fn checksums(&self, md5: bool) -> std::io::Result<(Option<[u8; 16]>, u32)> {
-        use md5::Digest;
-        let mut md = md5.then(md5::Md5::new);
-        let mut crc = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi);
-        let mut update = |b: &[u8]| {
-            if let Some(m) = &mut md {
-                m.update(b);
-            }
-            crc.update(b);
-        };
+        let mut sums = Sums::new(md5);
         match self {
-            PutBody::Bytes(b) => update(b),
+            PutBody::Bytes(b) => sums.update(b),
             PutBody::File { file, offset, len } => {
                 use std::os::unix::fs::FileExt;
                 let mut buf = vec![0u8; (*len).min(1 << 20) as usize];
@@ -201,12 +196,30 @@ impl PutBody {
                 while pos < *len {
                     let n = ((*len - pos) as usize).min(buf.len());
                     file.read_exact_at(&mut buf[..n], offset + pos)?;
-                    update(&buf[..n]);
+                    sums.update(&buf[..n]);
                     pos += n as u64;
                 }
             }
         }
-        Ok((md.map(|m| m.finalize().into()), crc.finalize() as u32))
+        Ok(sums.finish())
+    }
+
+    /// Reads the body into `buf` (its length) and hashes it there: its
+    /// MD5 digest (when `md5`) and CRC32C.
+    pub fn read_hashed(
+        &self,
+        buf: &mut [u8],
+        md5: bool,
+    ) -> std::io::Result<(Option<[u8; 16]>, u32)> {
+        match self {
+            PutBody::Bytes(b) => buf.copy_from_slice(b),
+            PutBody::File { file, offset, .. } => {
+                std::os::unix::fs::FileExt::read_exact_at(&**file, buf, *offset)?
+            }
+        }
+        let mut sums = Sums::new(md5);
+        sums.update(buf);
+        Ok(sums.finish())
     }
 
     /// Reads the whole body into memory (for stores that keep bytes in RAM).
@@ -220,6 +233,38 @@ impl PutBody {
                 Ok(Bytes::from(buf))
             }
         }
+    }
+}
+
+/// A body's MD5 (when asked) and CRC32C, in one pass.
+struct Sums {
+    md5: Option<md5::Md5>,
+    crc: crc_fast::Digest,
+}
+
+impl Sums {
+    fn new(md5: bool) -> Self {
+        use md5::Digest;
+        Sums {
+            md5: md5.then(md5::Md5::new),
+            crc: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi),
+        }
+    }
+
+    fn update(&mut self, b: &[u8]) {
+        use md5::Digest;
+        if let Some(m) = &mut self.md5 {
+            m.update(b);
+        }
+        self.crc.update(b);
+    }
+
+    fn finish(self) -> (Option<[u8; 16]>, u32) {
+        use md5::Digest;
+        (
+            self.md5.map(|m| m.finalize().into()),
+            self.crc.finalize() as u32,
+        )
     }
 }
 

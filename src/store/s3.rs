@@ -73,6 +73,9 @@ pub struct S3Settings {
     /// HEAD without the SDK's per-request machinery where it applies
     /// (`store::fast_head`); off, every HEAD goes through the SDK.
     pub fast_head: bool,
+    /// Memory for bodies being sent (see `S3Store::ready`); 0: every
+    /// staged range is read from its file as it is sent.
+    pub send_memory: u64,
 }
 
 /// What the mount adds to its requests, mount-wide: set by mount options,
@@ -284,6 +287,7 @@ impl Default for S3Settings {
             long_timeout: Duration::from_secs(300),
             requests: RequestOptions::default(),
             fast_head: true,
+            send_memory: 64 << 20,
         }
     }
 }
@@ -316,6 +320,8 @@ pub struct S3Store {
     requests: RequestOptions,
     /// HEADs without the SDK's per-request machinery, where it applies.
     fast_head: Option<super::fast_head::FastHead>,
+    /// Memory for bodies being sent (`ready`).
+    send_memory: super::SendMemory,
 }
 
 const DEFAULT_REGION: &str = "us-east-1";
@@ -389,6 +395,7 @@ impl S3Store {
             acls_enabled: tokio::sync::OnceCell::new(),
             requests: s.requests.clone(),
             credentials_source: credentials_source(s),
+            send_memory: super::SendMemory::new(s.send_memory),
             fast_head: if s.fast_head {
                 super::fast_head::FastHead::new(sdk, s, region)
             } else {
@@ -405,6 +412,43 @@ impl S3Store {
                 .and_then(|r| r.headers().get("x-amz-bucket-region"))
                 .map(str::to_string),
         }
+    }
+
+    /// Hashes a body for its checksum headers. A staged file's range that
+    /// fits in what is left of `send_memory` is read once, into one of its
+    /// buffers, hashed there and sent (and sent again on a retry) from
+    /// there; otherwise the file is hashed in one pass and read again as
+    /// it is sent. Never waits for memory: a range that does not fit
+    /// takes the file path at once.
+    async fn ready(&self, body: &PutBody, md5: bool) -> StoreResult<Ready> {
+        use base64::Engine;
+        let memory = match body {
+            PutBody::File { len, .. } => usize::try_from(*len)
+                .ok()
+                .and_then(|len| self.send_memory.take(len)),
+            PutBody::Bytes(_) => None,
+        };
+        let task_body = body.clone();
+        let (body, md5, crc) = tokio::task::spawn_blocking(move || match memory {
+            Some(mut buf) => {
+                let (md5, crc) = task_body.read_hashed(buf.as_mut(), md5)?;
+                Ok((PutBody::Bytes(buf.freeze()), md5, crc))
+            }
+            None => {
+                let (md5, crc) = task_body.checksums(md5)?;
+                Ok::<_, std::io::Error>((task_body, md5, crc))
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("checksum task: {e}")))?
+        .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Ok(Ready {
+            body,
+            md5: md5.map(|m| b64.encode(m)),
+            crc32c: b64.encode(crc.to_be_bytes()),
+            sent_crc32c: crc,
+        })
     }
 
     /// The store refused CRC32C on a multipart upload: said once, and its
@@ -696,19 +740,15 @@ fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
 /// Hashing a part of several MiB takes milliseconds of CPU: it runs on a
 /// blocking thread, not on the runtime's workers (which serve the FUSE
 /// requests and the other parts' transfers).
-async fn checksum_headers(body: &PutBody, md5: bool) -> StoreResult<(Option<String>, String, u32)> {
-    use base64::Engine;
-    let body = body.clone();
-    let (md5, crc) = tokio::task::spawn_blocking(move || body.checksums(md5))
-        .await
-        .map_err(|e| StoreError::Other(format!("checksum task: {e}")))?
-        .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    Ok((
-        md5.map(|m| b64.encode(m)),
-        b64.encode(crc.to_be_bytes()),
-        crc,
-    ))
+/// A body ready to send, with its checksum headers.
+struct Ready {
+    body: PutBody,
+    /// Content-MD5 (base64), when asked for.
+    md5: Option<String>,
+    /// `x-amz-checksum-crc32c` (base64 of the big-endian value).
+    crc32c: String,
+    /// The same CRC32C, for `Part`/`PutResult::sent_crc32c`.
+    sent_crc32c: u32,
 }
 
 /// A failed multipart call: as `classify`, except that when it carried
@@ -1314,18 +1354,18 @@ impl ObjectStore for S3Store {
     ) -> StoreResult<PutResult> {
         let len = self.count_body(&body);
         // What the replaced object had is asked while the body is hashed.
-        let (sums, tags, grants) = tokio::join!(
-            checksum_headers(&body, true),
+        let (ready, tags, grants) = tokio::join!(
+            self.ready(&body, true),
             self.tags_to_keep(key, keep),
             self.grants_replaced(key, keep),
         );
-        let (md5, crc32c, sent_crc32c) = sums?;
-        let md5 = md5.unwrap_or_default();
+        let ready = ready?;
+        let md5 = ready.md5.clone().unwrap_or_default();
         let opts = self.options_keeping(keep);
         let headers = Self::standard_headers(key, keep);
         let out = self
             .retry(Op::Put, key, || async {
-                let stream = byte_stream(&body).await?;
+                let stream = byte_stream(&ready.body).await?;
                 let req = self
                     .client
                     .put_object()
@@ -1333,19 +1373,27 @@ impl ObjectStore for S3Store {
                     .key(key)
                     .content_length(len)
                     .content_md5(&md5)
-                    .checksum_crc32_c(&crc32c)
+                    .checksum_crc32_c(&ready.crc32c)
                     .set_metadata(Some(meta.clone()))
                     .set_tagging(tags.clone())
                     .body(stream);
                 let req = with_grants!(req, grants.as_ref());
                 let req = with_standard_headers!(req, &headers);
-                with_new_object!(req, &opts).send().await.map_err(classify)
+                // The body is covered by its Content-MD5 and CRC32C, which
+                // are signed: hashing it for SigV4 too would cost a SHA-256
+                // pass over every byte sent from memory.
+                with_new_object!(req, &opts)
+                    .customize()
+                    .disable_payload_signing()
+                    .send()
+                    .await
+                    .map_err(classify)
             })
             .await?;
         Ok(PutResult {
             etag: out.e_tag().unwrap_or_default().to_string(),
             version_id: out.version_id().map(str::to_string),
-            sent_crc32c: Some(sent_crc32c),
+            sent_crc32c: Some(ready.sent_crc32c),
         })
     }
 
@@ -1480,11 +1528,11 @@ impl ObjectStore for S3Store {
         // An upload declared with CRC32C takes each part's CRC32C (and,
         // with `x-amz-sdk-checksum-algorithm`, an Object Lock bucket needs
         // no Content-MD5); one without gets Content-MD5.
-        let (md5, crc32c, sent_crc32c) = checksum_headers(&body, !upload.crc32c).await?;
-        let crc = upload.crc32c.then_some(crc32c);
+        let ready = self.ready(&body, !upload.crc32c).await?;
+        let crc = upload.crc32c.then(|| ready.crc32c.clone());
         let out = self
             .retry(Op::UploadPart, key, || async {
-                let stream = byte_stream(&body).await?;
+                let stream = byte_stream(&ready.body).await?;
                 let req = self
                     .client
                     .upload_part()
@@ -1493,11 +1541,14 @@ impl ObjectStore for S3Store {
                     .upload_id(&upload.id)
                     .part_number(part_number)
                     .content_length(len)
-                    .set_content_md5(md5.clone())
+                    .set_content_md5(ready.md5.clone())
                     .set_checksum_algorithm(crc.as_ref().map(|_| ChecksumAlgorithm::Crc32C))
                     .set_checksum_crc32_c(crc.clone())
                     .body(stream);
+                // Unsigned as a PUT's (see `put`).
                 with_sse_c!(req, &self.requests)
+                    .customize()
+                    .disable_payload_signing()
                     .send()
                     .await
                     .map_err(|e| classify_checksum(e, upload.crc32c))
@@ -1512,7 +1563,7 @@ impl ObjectStore for S3Store {
             number: part_number,
             etag: out.e_tag().unwrap_or_default().to_string(),
             crc32c: crc,
-            sent_crc32c: Some(sent_crc32c),
+            sent_crc32c: Some(ready.sent_crc32c),
         })
     }
 
