@@ -1177,6 +1177,13 @@ impl Buckets {
         })
     }
 
+    /// Of the bytes sent, those read from staged files into memory first.
+    pub fn sent_from_memory(&self) -> u64 {
+        (self.cores().iter())
+            .map(|fs| fs.store().counters().sent_from_memory())
+            .sum()
+    }
+
     /// Uploads every dirty file of every bucket (unmount, SIGTERM); the
     /// paths that could not be.
     pub async fn sync_all(&self, limit: Duration) -> Vec<String> {

@@ -157,6 +157,7 @@ pub fn report(b: &Buckets, info: &MountInfo) -> String {
     }
     let (sent, received) = b.bytes();
     s += &format!("bytes sent: {sent}\nbytes received: {received}\n");
+    s += &format!("bytes sent from memory: {}\n", b.sent_from_memory());
     s
 }
 

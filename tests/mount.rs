@@ -735,7 +735,7 @@ fn a_fork_while_writing_uploads_nothing_half_written() {
 /// around the multipart threshold and part boundaries (part size 5 MiB).
 #[test]
 fn every_write_pattern_matches_a_local_file() {
-    write_patterns_match("patterns", "part_size=5M");
+    write_patterns_match("patterns", "part_size=5M", true);
 }
 
 /// The same with no memory for bodies being sent: every part and file is
@@ -743,10 +743,12 @@ fn every_write_pattern_matches_a_local_file() {
 /// in `upload_memory`).
 #[test]
 fn every_write_pattern_matches_a_local_file_sent_from_the_staged_file() {
-    write_patterns_match("patternsnomem", "part_size=5M,upload_memory=0");
+    write_patterns_match("patternsnomem", "part_size=5M,upload_memory=0", false);
 }
 
-fn write_patterns_match(bucket: &str, opts: &str) {
+/// `from_memory`: whether parts are to be sent from memory (the default)
+/// or none is (`upload_memory=0`), as `bucketfs status` counts them.
+fn write_patterns_match(bucket: &str, opts: &str, from_memory: bool) {
     const P: u64 = 5 * 1024 * 1024;
     let b = Bucket::new(server(), bucket, false);
     let m = Mount::new(&b, opts);
@@ -788,6 +790,19 @@ fn write_patterns_match(bucket: &str, opts: &str) {
         );
     }
     assert_eq!(b.open_multipart_uploads(), 0);
+    let status = status_of(&m);
+    let sent = |what: &str| -> u64 {
+        (status.lines())
+            .find_map(|l| l.strip_prefix(what)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{what}` in {status}"))
+    };
+    let (all, memory) = (sent("bytes sent:"), sent("bytes sent from memory:"));
+    assert!(all > 10 * P, "{status}");
+    if from_memory {
+        assert!(memory > 10 * P && memory <= all, "{status}");
+    } else {
+        assert_eq!(memory, 0, "{status}");
+    }
 }
 
 #[test]

@@ -451,12 +451,23 @@ pub struct Counters {
     counts: [AtomicU64; Op::ALL.len()],
     sent: AtomicU64,
     received: AtomicU64,
+    sent_from_memory: AtomicU64,
 }
 
 impl Counters {
     /// Body bytes sent (PUT, UploadPart) and received (GET).
     pub fn add_sent(&self, n: u64) {
         self.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Of the bytes sent from staged files, those read into memory first
+    /// (`SendMemory`).
+    pub fn add_sent_from_memory(&self, n: u64) {
+        self.sent_from_memory.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn sent_from_memory(&self) -> u64 {
+        self.sent_from_memory.load(Ordering::Relaxed)
     }
 
     pub fn add_received(&self, n: u64) {

@@ -331,14 +331,15 @@ impl S3Store {
     /// bucket's own region is discovered with one HeadBucket.
     pub async fn connect(s: &S3Settings) -> StoreResult<S3Store> {
         let (sdk, region, configured) = load_sdk(s).await;
-        let store = Self::with_region(s, &sdk, &region);
+        let memory = super::SendMemory::new(s.send_memory);
+        let store = Self::with_region(s, &sdk, &region, memory.clone());
         if configured || s.endpoint.is_some() {
             return Ok(store);
         }
         match store.discover_region().await {
             Some(r) if r != region => {
                 debug!(region = %r, "bucket region discovered");
-                Ok(Self::with_region(s, &sdk, &r))
+                Ok(Self::with_region(s, &sdk, &r, memory))
             }
             _ => Ok(store),
         }
@@ -357,7 +358,13 @@ impl S3Store {
         Some(creds.access_key_id().to_string())
     }
 
-    fn with_region(s: &S3Settings, sdk: &aws_config::SdkConfig, region: &str) -> S3Store {
+    /// `send_memory`: the mount's (an `s3://` mount's buckets share one).
+    fn with_region(
+        s: &S3Settings,
+        sdk: &aws_config::SdkConfig,
+        region: &str,
+        send_memory: super::SendMemory,
+    ) -> S3Store {
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(s.attempt_timeout)
             .read_timeout(s.attempt_timeout)
@@ -395,7 +402,7 @@ impl S3Store {
             acls_enabled: tokio::sync::OnceCell::new(),
             requests: s.requests.clone(),
             credentials_source: credentials_source(s),
-            send_memory: super::SendMemory::new(s.send_memory),
+            send_memory,
             fast_head: if s.fast_head {
                 super::fast_head::FastHead::new(sdk, s, region)
             } else {
@@ -428,6 +435,9 @@ impl S3Store {
                 .and_then(|len| self.send_memory.take(len)),
             PutBody::Bytes(_) => None,
         };
+        if memory.is_some() {
+            self.counters.add_sent_from_memory(body.len());
+        }
         let task_body = body.clone();
         let (body, md5, crc) = tokio::task::spawn_blocking(move || match memory {
             Some(mut buf) => {
@@ -1884,7 +1894,12 @@ impl S3Account {
             ..s.clone()
         };
         S3Account {
-            base: S3Store::with_region(&settings, &sdk, &region),
+            base: S3Store::with_region(
+                &settings,
+                &sdk,
+                &region,
+                super::SendMemory::new(s.send_memory),
+            ),
             settings,
             sdk,
             region,
@@ -1903,7 +1918,7 @@ impl S3Account {
             bucket: bucket.to_string(),
             ..self.settings.clone()
         };
-        S3Store::with_region(&s, &self.sdk, region)
+        S3Store::with_region(&s, &self.sdk, region, self.base.send_memory.clone())
     }
 
     /// The region `bucket` is known to be in, else the mount's.

@@ -12,9 +12,9 @@
 //! given back are kept, up to the budget, until no part has been sent for
 //! `KEEP_IDLE`.
 //!
-//! The budget bounds the buffers in use across every file; a body that
-//! does not fit is not waited for (`take` says None) and is sent from its
-//! file.
+//! The budget bounds the buffers in use and kept, across every file (and
+//! every bucket of an `s3://` mount); a body that does not fit is not
+//! waited for (`take` says None) and is sent from its file.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,27 +37,32 @@ pub struct SendMemory {
 
 #[derive(Debug)]
 struct Inner {
-    /// What is left of the budget, in KiB.
+    /// What is left of the budget, in KiB: buffers in use and buffers
+    /// kept idle each hold their share.
     budget: Arc<Semaphore>,
-    /// The budget, in bytes: the most kept idle too.
-    bytes: u64,
     idle: Mutex<Idle>,
 }
 
 #[derive(Debug, Default)]
 struct Idle {
-    bufs: Vec<Box<[u8]>>,
+    bufs: Vec<Kept>,
     /// Buffers taken since the trimming task last looked.
     taken: u64,
     /// A trimming task is waiting (one at a time).
     trimming: bool,
 }
 
+/// A buffer with its share of the budget.
+#[derive(Debug)]
+struct Kept {
+    buf: Box<[u8]>,
+    _share: OwnedSemaphorePermit,
+}
+
 /// A buffer of the budget, holding its share until dropped.
 pub struct SendBuf {
-    buf: Option<Box<[u8]>>,
+    kept: Option<Kept>,
     len: usize,
-    _share: OwnedSemaphorePermit,
     home: Arc<Inner>,
 }
 
@@ -67,40 +72,55 @@ impl SendMemory {
         SendMemory {
             inner: Arc::new(Inner {
                 budget: Arc::new(Semaphore::new(kib)),
-                bytes,
                 idle: Mutex::default(),
             }),
         }
     }
 
-    /// A buffer of `len` bytes (their content unspecified), if what is
-    /// left of the budget holds it: the smallest idle buffer that fits,
-    /// else a new one.
+    /// A buffer of `len` bytes (their content unspecified), if the budget
+    /// holds it: the smallest idle buffer that fits and is at most twice
+    /// `len` (a small file does not hold a part's share), else a new one,
+    /// for which idle buffers are freed, smallest first, when what is left
+    /// of the budget is short.
     pub fn take(&self, len: usize) -> Option<SendBuf> {
-        if len == 0 {
-            return None;
-        }
+        let kib = u32::try_from(len.div_ceil(1024)).ok().filter(|&k| k > 0)?;
         let mut idle = self.inner.idle.lock();
         let fit = (idle.bufs.iter().enumerate())
-            .filter(|(_, b)| b.len() >= len)
-            .min_by_key(|(_, b)| b.len())
-            .map(|(i, b)| (i, b.len()));
-        // The share of the buffer really held, not of `len`.
-        let size = fit.map_or(len, |(_, size)| size);
-        let kib = u32::try_from(size.div_ceil(1024)).ok()?;
-        let share = self.inner.budget.clone().try_acquire_many_owned(kib).ok()?;
-        idle.taken += 1;
-        let buf = match fit {
-            Some((i, _)) => idle.bufs.swap_remove(i),
-            None => {
-                drop(idle);
-                vec![0u8; len].into_boxed_slice()
+            .filter(|(_, k)| k.buf.len() >= len && k.buf.len() / 2 <= len)
+            .min_by_key(|(_, k)| k.buf.len())
+            .map(|(i, _)| i);
+        if let Some(i) = fit {
+            idle.taken += 1;
+            return Some(SendBuf {
+                kept: Some(idle.bufs.swap_remove(i)),
+                len,
+                home: self.inner.clone(),
+            });
+        }
+        let share = loop {
+            match self.inner.budget.clone().try_acquire_many_owned(kib) {
+                Ok(share) => break share,
+                Err(_) if !idle.bufs.is_empty() => {
+                    let smallest = (idle.bufs.iter().enumerate())
+                        .min_by_key(|(_, k)| k.buf.len())
+                        .map(|(i, _)| i)
+                        .expect("not empty");
+                    drop(idle.bufs.swap_remove(smallest));
+                }
+                Err(_) => return None,
             }
         };
+        idle.taken += 1;
+        drop(idle);
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).ok()?;
+        buf.resize(len, 0);
         Some(SendBuf {
-            buf: Some(buf),
+            kept: Some(Kept {
+                buf: buf.into_boxed_slice(),
+                _share: share,
+            }),
             len,
-            _share: share,
             home: self.inner.clone(),
         })
     }
@@ -108,14 +128,26 @@ impl SendMemory {
     /// Bytes of buffers kept idle.
     #[cfg(test)]
     fn idle_bytes(&self) -> usize {
-        self.inner.idle.lock().bufs.iter().map(|b| b.len()).sum()
+        self.inner
+            .idle
+            .lock()
+            .bufs
+            .iter()
+            .map(|k| k.buf.len())
+            .sum()
+    }
+
+    /// KiB of the budget held by no buffer.
+    #[cfg(test)]
+    fn free_kib(&self) -> usize {
+        self.inner.budget.available_permits()
     }
 }
 
 impl SendBuf {
     pub fn as_mut(&mut self) -> &mut [u8] {
         let len = self.len;
-        &mut self.buf.as_mut().expect("held until dropped")[..len]
+        &mut self.kept.as_mut().expect("held until dropped").buf[..len]
     }
 
     /// The bytes, sent from this buffer; it goes back when the last
@@ -127,37 +159,32 @@ impl SendBuf {
 
 impl AsRef<[u8]> for SendBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.buf.as_ref().expect("held until dropped")[..self.len]
+        &self.kept.as_ref().expect("held until dropped").buf[..self.len]
     }
 }
 
 impl Drop for SendBuf {
     fn drop(&mut self) {
-        let Some(buf) = self.buf.take() else { return };
+        let Some(kept) = self.kept.take() else { return };
         let home = &self.home;
         let mut idle = home.idle.lock();
         // When as many are kept as may be, the smallest makes room for a
         // larger one (a part after a burst of small files).
         if idle.bufs.len() >= MAX_IDLE {
-            let smallest = (idle.bufs.iter().enumerate()).min_by_key(|(_, b)| b.len());
-            match smallest.map(|(i, b)| (i, b.len())) {
-                Some((i, len)) if len < buf.len() => drop(idle.bufs.swap_remove(i)),
+            let smallest = (idle.bufs.iter().enumerate()).min_by_key(|(_, k)| k.buf.len());
+            match smallest.map(|(i, k)| (i, k.buf.len())) {
+                Some((i, len)) if len < kept.buf.len() => drop(idle.bufs.swap_remove(i)),
                 _ => return,
             }
         }
-        let kept: usize = idle.bufs.iter().map(|b| b.len()).sum();
-        if (kept + buf.len()) as u64 > home.bytes {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // No runtime to wait on: nothing is kept.
             return;
-        }
-        idle.bufs.push(buf);
+        };
+        idle.bufs.push(kept);
         if idle.trimming {
             return;
         }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            // No runtime to wait on: nothing is kept.
-            idle.bufs.clear();
-            return;
-        };
         idle.trimming = true;
         idle.taken = 0;
         let home = home.clone();
@@ -195,15 +222,21 @@ mod tests {
         assert_eq!(m.idle_bytes(), 0, "held while a clone of its bytes is");
         drop(again);
         assert_eq!(m.idle_bytes(), 8 * MIB);
-        // A smaller body takes the idle buffer: no new memory.
-        let b = m.take(MIB).expect("in the budget");
-        assert_eq!((b.as_ref().as_ptr(), b.as_ref().len()), (at, MIB));
-        assert_eq!(m.idle_bytes(), 0);
-        drop(b);
-        tokio::time::sleep(KEEP_IDLE / 2).await;
+        assert_eq!(m.free_kib(), 8 * 1024, "an idle buffer holds its share");
+        // Parts keep coming, one every 4 s: the buffer is taken each time.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let b = m.take(5 * MIB).expect("in the budget");
+            assert_eq!((b.as_ref().as_ptr(), b.as_ref().len()), (at, 5 * MIB));
+            assert_eq!(m.idle_bytes(), 0);
+        }
+        // t = 16 s; the trimming task looked at 5, 10 and 15 s, and looks
+        // again at 20 s (a part since 15 s) and 25 s (none since 20 s).
+        tokio::time::sleep(KEEP_IDLE - Duration::from_millis(1500)).await;
         assert_eq!(m.idle_bytes(), 8 * MIB, "kept while parts are sent");
         tokio::time::sleep(KEEP_IDLE * 2).await;
         assert_eq!(m.idle_bytes(), 0, "freed once none is taken");
+        assert_eq!(m.free_kib(), 16 * 1024, "the whole budget");
     }
 
     #[tokio::test]
@@ -212,14 +245,28 @@ mod tests {
         let a = m.take(8 * MIB).expect("half");
         let b = m.take(8 * MIB).expect("the other half");
         assert!(m.take(1).is_none(), "the budget is spent");
-        drop(a);
-        // The idle 8 MiB buffer counts whole for a 1-byte body.
-        let c = m.take(1).expect("back in the budget");
-        assert!(m.take(1).is_none(), "the idle buffer took the rest");
-        drop((b, c));
+        drop((a, b));
+        assert_eq!(m.idle_bytes(), 16 * MIB);
+        // Idle buffers make room for one that none of them fits.
+        let c = m.take(12 * MIB).expect("idle buffers freed for it");
+        assert_eq!(m.idle_bytes(), 0, "both freed: one was not enough");
+        let d = m.take(4 * MIB).expect("the rest");
+        assert!(m.take(1).is_none(), "the budget is spent");
+        drop((c, d));
         assert!(m.take(17 * MIB).is_none(), "larger than the budget");
+        assert_eq!(m.idle_bytes(), 0, "all freed trying");
         assert!(SendMemory::new(0).take(1).is_none(), "no budget: none");
         assert!(m.take(0).is_none(), "nothing to hold");
+    }
+
+    #[tokio::test]
+    async fn a_small_body_does_not_take_a_parts_buffer() {
+        let m = SendMemory::new(64 * MIB as u64);
+        drop(m.take(8 * MIB).unwrap());
+        let small = m.take(4096).unwrap();
+        assert_eq!(m.idle_bytes(), 8 * MIB, "the part's buffer stays idle");
+        assert_eq!(m.free_kib(), 56 * 1024 - 4);
+        drop(small);
     }
 
     #[tokio::test]
@@ -237,5 +284,6 @@ mod tests {
             "the part's buffer, again"
         );
         drop(part);
+        assert_eq!(m.free_kib(), 64 * 1024 - (MAX_IDLE - 1) * 4 - 8 * 1024);
     }
 }

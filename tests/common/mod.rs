@@ -666,9 +666,14 @@ pub fn sh(cwd: &Path, script: &str) -> String {
 }
 
 /// S3 requests of one type the mount made, from `bucketfs status`.
-pub fn requests(m: &Mount, op: &str) -> u64 {
+/// What `bucketfs status` prints for the mount.
+pub fn status_of(m: &Mount) -> String {
     let out = command().arg("status").arg(&m.dir).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn requests(m: &Mount, op: &str) -> u64 {
+    let text = status_of(m);
     let prefix = format!("{op} ");
     text.lines()
         .find_map(|l| {
