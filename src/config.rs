@@ -258,9 +258,10 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   part_size=SIZE        multipart part size, 5M..5G (default 8M; grows to fit 10,000 parts).
                         s3fs alias: multipart_size=MB
   upload_concurrency=N  parts uploaded in parallel (default 8). s3fs alias: parallel_count=
-  upload_memory=SIZE    memory for parts and files being sent, across all files (default
-                        64M): each is read from its staged file once, into it; what does
-                        not fit is read from the file as it is sent (0 = always so)
+  upload_memory=SIZE    memory for parts and files being sent, across all files and
+                        buckets (default 64M): each is read from its staged file once,
+                        into it; what does not fit is read from the file as it is sent
+                        (0 = always so)
   fuse_threads=N        threads taking requests from the kernel, 1..64 (default: the
                         CPUs plus one, 2..16; a small write then wakes a thread on its
                         own CPU, not an idle one elsewhere)

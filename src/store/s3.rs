@@ -421,12 +421,18 @@ impl S3Store {
         }
     }
 
-    /// Hashes a body for its checksum headers. A staged file's range that
-    /// fits in what is left of `send_memory` is read once, into one of its
-    /// buffers, hashed there and sent (and sent again on a retry) from
-    /// there; otherwise the file is hashed in one pass and read again as
-    /// it is sent. Never waits for memory: a range that does not fit
-    /// takes the file path at once.
+    /// Hashes a body for its Content-MD5 (when `md5`) and
+    /// x-amz-checksum-crc32c headers: every upload carries a checksum (and
+    /// S3 refuses a PUT without one in a bucket with Object Lock). A
+    /// staged file's range that fits in what is left of `send_memory` is
+    /// read once, into one of its buffers, hashed there and sent (and sent
+    /// again on a retry) from there; otherwise the file is hashed in one
+    /// pass and read again as it is sent. Never waits for memory: a range
+    /// that does not fit takes the file path at once.
+    ///
+    /// Hashing a part of several MiB takes milliseconds of CPU: it runs on
+    /// a blocking thread, not on the runtime's workers (which serve the
+    /// FUSE requests and the other parts' transfers).
     async fn ready(&self, body: &PutBody, md5: bool) -> StoreResult<Ready> {
         use base64::Engine;
         let memory = match body {
@@ -743,14 +749,7 @@ fn headers_of(out: &HeadObjectOutput) -> ObjectHeaders {
     }
 }
 
-/// The Content-MD5 (when `md5`) and x-amz-checksum-crc32c headers of a
-/// body: every upload carries a checksum (and S3 refuses a PUT without
-/// one in a bucket with Object Lock).
-///
-/// Hashing a part of several MiB takes milliseconds of CPU: it runs on a
-/// blocking thread, not on the runtime's workers (which serve the FUSE
-/// requests and the other parts' transfers).
-/// A body ready to send, with its checksum headers.
+/// A body ready to send, with its checksum headers (`S3Store::ready`).
 struct Ready {
     body: PutBody,
     /// Content-MD5 (base64), when asked for.

@@ -52,6 +52,15 @@ struct Idle {
     trimming: bool,
 }
 
+impl Idle {
+    /// The smallest buffer kept: its index and length.
+    fn smallest(&self) -> Option<(usize, usize)> {
+        (self.bufs.iter().enumerate())
+            .map(|(i, k)| (i, k.buf.len()))
+            .min_by_key(|&(_, len)| len)
+    }
+}
+
 /// A buffer with its share of the budget.
 #[derive(Debug)]
 struct Kept {
@@ -100,14 +109,10 @@ impl SendMemory {
         let share = loop {
             match self.inner.budget.clone().try_acquire_many_owned(kib) {
                 Ok(share) => break share,
-                Err(_) if !idle.bufs.is_empty() => {
-                    let smallest = (idle.bufs.iter().enumerate())
-                        .min_by_key(|(_, k)| k.buf.len())
-                        .map(|(i, _)| i)
-                        .expect("not empty");
-                    drop(idle.bufs.swap_remove(smallest));
-                }
-                Err(_) => return None,
+                Err(_) => match idle.smallest() {
+                    Some((i, _)) => drop(idle.bufs.swap_remove(i)),
+                    None => return None,
+                },
             }
         };
         idle.taken += 1;
@@ -171,8 +176,7 @@ impl Drop for SendBuf {
         // When as many are kept as may be, the smallest makes room for a
         // larger one (a part after a burst of small files).
         if idle.bufs.len() >= MAX_IDLE {
-            let smallest = (idle.bufs.iter().enumerate()).min_by_key(|(_, k)| k.buf.len());
-            match smallest.map(|(i, k)| (i, k.buf.len())) {
+            match idle.smallest() {
                 Some((i, len)) if len < kept.buf.len() => drop(idle.bufs.swap_remove(i)),
                 _ => return,
             }

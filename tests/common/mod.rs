@@ -665,13 +665,13 @@ pub fn sh(cwd: &Path, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// S3 requests of one type the mount made, from `bucketfs status`.
 /// What `bucketfs status` prints for the mount.
 pub fn status_of(m: &Mount) -> String {
     let out = command().arg("status").arg(&m.dir).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// S3 requests of one type the mount made, from `bucketfs status`.
 pub fn requests(m: &Mount, op: &str) -> u64 {
     let text = status_of(m);
     let prefix = format!("{op} ");
