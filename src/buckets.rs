@@ -118,6 +118,8 @@ pub struct TopConfig {
     /// How long the list of buckets is trusted.
     pub ttl: Duration,
     pub read_only: bool,
+    /// Read block size of every bucket (`block_size`).
+    pub block_size: u64,
 }
 
 /// One bucket of an `s3://` mount.
@@ -165,6 +167,8 @@ pub struct Buckets {
     mount_id: AtomicU64,
     pub started: Instant,
     ttl: Duration,
+    /// Read block size of the mount's buckets (`block_size`).
+    block_size: u64,
 }
 
 /// The name rules S3 gives new buckets (general purpose buckets): 3 to 63
@@ -239,17 +243,19 @@ impl Buckets {
     /// A mount of one bucket (its core started already).
     pub fn one(fs: Arc<Fs>) -> Buckets {
         let ttl = fs.config().metadata_ttl;
+        let block_size = fs.config().block_size_bytes;
         Buckets {
             inner: Inner::One(fs),
             mount_id: AtomicU64::new(0),
             started: Instant::now(),
             ttl,
+            block_size,
         }
     }
 
     /// A mount of every bucket of `account`.
     pub fn all(account: Arc<dyn Account>, config_for: ConfigFor, top: TopConfig) -> Buckets {
-        let ttl = top.ttl;
+        let (ttl, block_size) = (top.ttl, top.block_size);
         Buckets {
             inner: Inner::All(Box::new(All {
                 account,
@@ -264,7 +270,13 @@ impl Buckets {
             mount_id: AtomicU64::new(0),
             started: Instant::now(),
             ttl,
+            block_size,
         }
+    }
+
+    /// Read block size of the mount's buckets (`block_size`).
+    pub fn block_size(&self) -> u64 {
+        self.block_size
     }
 
     /// Whether this is an `s3://` mount of every bucket.
@@ -1232,6 +1244,7 @@ mod tests {
             root_perm: Some(0o700),
             ttl: Duration::from_secs(60),
             read_only: false,
+            block_size: FsConfig::default().block_size_bytes,
         };
         Buckets::all(account, config_for, top)
     }

@@ -35,7 +35,6 @@ const MAX_READAHEAD_BYTES: u32 = 1024 * 1024;
 /// Asynchronous requests (read-ahead, background writes) the kernel keeps
 /// in flight.
 const MAX_BACKGROUND: u16 = 64;
-const BLKSIZE_BYTES: u32 = 128 * 1024;
 
 pub struct FuseFs {
     fs: Arc<Buckets>,
@@ -271,7 +270,7 @@ fn add_plus_entries(
             *pos,
             &e.name,
             &ttl,
-            &file_attr(a),
+            &file_attr(a, fs),
             Generation(0),
         ) {
             sent = k;
@@ -336,7 +335,7 @@ fn lacks_fsetid(req: &Request) -> bool {
 /// read from S3.
 fn reply_entry(reply: ReplyEntry, fs: &Buckets, r: FsResult<Attr>) {
     match r {
-        Ok(a) => reply.entry(&fs.kernel_ttl(a.ino), &file_attr(&a), Generation(0)),
+        Ok(a) => reply.entry(&fs.kernel_ttl(a.ino), &file_attr(&a, fs), Generation(0)),
         Err(e) => reply.error(fail(&e)),
     }
 }
@@ -352,7 +351,7 @@ fn reply_empty(reply: ReplyEmpty, r: FsResult<()>) {
 /// One reply for an attribute result.
 fn reply_attr(reply: ReplyAttr, fs: &Buckets, r: FsResult<Attr>) {
     match r {
-        Ok(a) => reply.attr(&fs.kernel_ttl(a.ino), &file_attr(&a)),
+        Ok(a) => reply.attr(&fs.kernel_ttl(a.ino), &file_attr(&a, fs)),
         Err(e) => reply.error(fail(&e)),
     }
 }
@@ -369,7 +368,19 @@ fn file_type(k: FileKind) -> FileType {
     }
 }
 
-fn file_attr(a: &Attr) -> FileAttr {
+/// The I/O size `stat` suggests (`st_blksize`), which `cp`, `cat` and
+/// the rest of coreutils take as their buffer's size: a read block, but
+/// no more than the kernel sends in one request. With 128 KiB (before),
+/// `cp` wrote in 128 KiB requests, and `cat`'s reads, which the kernel's
+/// read-ahead turns into 1 MiB requests from 768 KiB on, each straddled
+/// two blocks (joined by a copy). `cp` of 1 GiB into the mount here
+/// (Garage, runs alternated, /tmp scripts): 5.57–6.02 → 5.29–5.56 s,
+/// the daemon's CPU 1.85–1.96 → 1.61–1.70 s.
+fn io_size(fs: &Buckets) -> u32 {
+    fs.block_size().min(u64::from(MAX_WRITE_BYTES)) as u32
+}
+
+fn file_attr(a: &Attr, fs: &Buckets) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
@@ -384,7 +395,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: a.rdev,
-        blksize: BLKSIZE_BYTES,
+        blksize: io_size(fs),
         flags: 0,
     }
 }
@@ -1114,7 +1125,7 @@ impl Filesystem for FuseFs {
                             fs.set_opener(fh, t);
                         }
                         let register = |f: &std::fs::File| reply.open_backing(f);
-                        let (ttl, attr) = (fs.kernel_ttl(a.ino), file_attr(&a));
+                        let (ttl, attr) = (fs.kernel_ttl(a.ino), file_attr(&a, &fs));
                         match io_mode(&fs, &io, &on, a.ino, fh, offer, register).await {
                             Some(id) => reply.created_passthrough(
                                 &ttl,

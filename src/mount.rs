@@ -810,6 +810,7 @@ fn connect_all(
         root_perm: o.mp_umask.map(|m| (0o777 & !m) as u16),
         ttl: o.metadata_ttl,
         read_only: o.read_only || o.as_of.is_some(),
+        block_size: o.block_size_bytes,
     };
     let buckets = Buckets::all(Arc::new(account), config_for, top);
     if let Err(e) = rt.block_on(buckets.recover_all()) {

@@ -678,6 +678,35 @@ fn a_cached_file_is_read_again_without_a_get_even_after_a_remount() {
 }
 
 #[test]
+fn stat_suggests_a_read_block_as_the_io_size_and_cat_reads_right() {
+    // `cp`, `cat` and the rest of coreutils size their buffer by
+    // `st_blksize`: the read block (so reads do not straddle two blocks),
+    // at most the 1 MiB the kernel sends in one request.
+    let b = Bucket::new(server(), "blksize", false);
+    let data = pattern(3 * 1024 * 1024 + 77, 5);
+    b.put("f", &data);
+    for (opts, want) in [
+        ("", "1048576"),
+        ("block_size=256K", "262144"),
+        ("block_size=4M", "1048576"),
+    ] {
+        let m = Mount::new(&b, opts);
+        for name in ["f", "."] {
+            let out = sh(&m.dir, &format!("stat -c %o {name}"));
+            assert_eq!(out.trim(), want, "{opts:?}: st_blksize of {name}");
+        }
+        fs::write(m.path("new"), b"x").unwrap();
+        assert_eq!(
+            fs::metadata(m.path("new")).unwrap().blksize().to_string(),
+            want,
+            "{opts:?}: a file just written"
+        );
+        let out = sh(&m.dir, "cat f | sha256sum");
+        assert!(out.starts_with(&sha256(&data)), "{opts:?}: {out}");
+    }
+}
+
+#[test]
 fn readahead_0_reads_sequentially_without_read_ahead() {
     let b = Bucket::new(server(), "noahead", false);
     let data = pattern(5 * 1024 * 1024 + 123, 7);
