@@ -70,8 +70,8 @@ pub struct S3Settings {
     pub long_timeout: Duration,
     /// Encryption, storage class, ACL and payer of every request.
     pub requests: RequestOptions,
-    /// HEAD without the SDK's per-request machinery where it applies
-    /// (`store::fast_head`); off, every HEAD goes through the SDK.
+    /// HEAD and ranged GET without the SDK's per-request machinery where
+    /// it applies (`store::fast_head`); off, each goes through the SDK.
     pub fast_head: bool,
     /// Memory for bodies being sent (see `S3Store::ready`); 0: every
     /// staged range is read from its file as it is sent.
@@ -1303,6 +1303,15 @@ impl ObjectStore for S3Store {
         // A body that breaks off, stalls or comes short is retried like a
         // failed request, never served.
         self.retry(Op::Get, key, || async {
+            // None: asked again through the SDK, in this attempt.
+            let received = |n| self.counters.add_received(n);
+            if let Some(fast) = &self.fast_head
+                && let Some(got) = fast
+                    .get(key, range.clone(), pin, self.attempt_timeout, &received)
+                    .await
+            {
+                return got;
+            }
             let mut buf = bytes::BytesMut::with_capacity((range.end - range.start) as usize);
             self.get_body_once(key, range.clone(), pin, &mut |c| buf.extend_from_slice(&c))
                 .await?;
