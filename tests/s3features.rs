@@ -2284,14 +2284,22 @@ fn a_ranged_get_without_the_sdk_reads_exactly_what_the_sdk_reads() {
     let stale = ReadPin::Etag("\"0123456789abcdef0123456789abcdef\"".into());
     let f = get(&fast, "plain", 0..10, &stale);
     assert!(matches!(f, Err(StoreError::PreconditionFailed)), "{f:?}");
-    // SlowDown, a reset: asked again through the SDK.
-    for fault in [
-        common::proxy::Fault::Status(503),
-        common::proxy::Fault::Reset,
+    // SlowDown is waited for and asked again the same way; a reset is
+    // asked again through the SDK.
+    let via_sdk = || {
+        let last = proxy.heads().into_iter().rfind(|h| h.starts_with("GET "));
+        header_of(&last.unwrap(), "amz-sdk-invocation-id").is_some()
+    };
+    for (fault, sdk_after) in [
+        (common::proxy::Fault::Status(503), false),
+        (common::proxy::Fault::Reset, true),
     ] {
         proxy.inject("GET", 1, fault);
+        let before = proxy.requests("GET");
         let f = get(&fast, "plain", 0..100, &ReadPin::Latest).unwrap();
         assert_eq!(f, second[..100], "after {fault:?}");
+        assert_eq!(proxy.requests("GET") - before, 2, "{fault:?}, then again");
+        assert_eq!(via_sdk(), sdk_after, "after {fault:?}");
     }
     // A body cut short is retried, never served.
     proxy.inject("GET", 1, common::proxy::Fault::CutShort);
@@ -2303,6 +2311,27 @@ fn a_ranged_get_without_the_sdk_reads_exactly_what_the_sdk_reads() {
         2,
         "the cut body, then again"
     );
+    // A store that ignores the range (a 200 of other bytes) is an error,
+    // on either path, never data.
+    let sdk_via_proxy = store_on(&proxy.endpoint, &b.name, false, false);
+    for (s, name) in [(&fast, "fast"), (&sdk_via_proxy, "sdk")] {
+        for r in [0..10, 100..200] {
+            proxy.inject("GET", 1, common::proxy::Fault::Status(200));
+            let f = get(s, "plain", r.clone(), &ReadPin::Latest);
+            assert!(
+                matches!(&f, Err(StoreError::Other(m)) if m.contains("other bytes")),
+                "{name} {r:?}: {f:?}"
+            );
+        }
+    }
+    // Refused (403): the SDK's answer, and the SDK for what follows a
+    // while (credentials asked for again then, not on every request).
+    proxy.inject("GET", 1, common::proxy::Fault::Error(403, "AccessDenied"));
+    let f = get(&fast, "plain", 0..100, &ReadPin::Latest).unwrap();
+    assert_eq!(f, second[..100], "the SDK's answer after a refusal");
+    let f = get(&fast, "plain", 100..200, &ReadPin::Latest).unwrap();
+    assert_eq!(f, second[100..200]);
+    assert!(via_sdk(), "the next GET through the SDK");
     proxy.clear();
 }
 

@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
@@ -59,6 +59,12 @@ const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
 /// one another far closer than this.
 const IDLE_CONNECTION: Duration = Duration::from_secs(10);
 
+/// How long every request goes through the SDK after S3 refused one of
+/// this path's (403): the credentials are asked for again then, not on
+/// every request, and a clock the SDK corrects for (RequestTimeTooSkewed)
+/// costs one request more a minute, not one more each time.
+const REST_AFTER_REFUSAL: Duration = Duration::from_secs(60);
+
 pub(super) struct FastHead {
     connector: aws_smithy_http_client::Connector,
     /// The bucket's URL, without a trailing `/`: the key follows.
@@ -67,6 +73,14 @@ pub(super) struct FastHead {
     provider: SharedCredentialsProvider,
     identity: tokio::sync::Mutex<Option<(Identity, Option<SystemTime>)>>,
     requester_pays: bool,
+    /// When S3 last refused a request of this path.
+    refused: parking_lot::Mutex<Option<Instant>>,
+}
+
+/// Why a request got no answer.
+enum Unanswered {
+    TimedOut,
+    Failed,
 }
 
 /// What the endpoint rules say of a bucket: its URL and SigV4 region, when
@@ -162,6 +176,7 @@ impl FastHead {
             provider,
             identity: tokio::sync::Mutex::new(None),
             requester_pays: s.requests.requester_pays,
+            refused: parking_lot::Mutex::new(None),
         })
     }
 
@@ -186,7 +201,8 @@ impl FastHead {
 
     /// A request of `method` for `key` (a version of it, when given),
     /// with `headers`, signed with the mount's credentials; None when it
-    /// cannot be built here (the caller asks the SDK).
+    /// cannot be built here, or S3 refused one lately (the caller asks
+    /// the SDK).
     async fn signed(
         &self,
         method: &str,
@@ -194,6 +210,13 @@ impl FastHead {
         version: Option<&str>,
         headers: &[(&str, &str)],
     ) -> Option<http::Request<SdkBody>> {
+        if self
+            .refused
+            .lock()
+            .is_some_and(|at| at.elapsed() < REST_AFTER_REFUSAL)
+        {
+            return None;
+        }
         let identity = self.identity().await?;
         let enc =
             |s: &str| percent_encoding::utf8_percent_encode(s, super::s3::KEY_ENCODE).to_string();
@@ -237,22 +260,29 @@ impl FastHead {
         Some(req)
     }
 
-    /// Sends `req`; None when it did not reach an answer (the caller asks
-    /// the SDK, which retries and classifies).
-    async fn send(&self, key: &str, req: http::Request<SdkBody>) -> Option<HttpResponse> {
-        match self.connector.call(req.try_into().ok()?).await {
-            Ok(r) => Some(r),
-            Err(e) => {
-                debug!(key, error = %e, "asked again through the SDK");
-                None
+    /// Sends `req`: the answer, or why there was none.
+    async fn send(
+        &self,
+        key: &str,
+        req: http::Request<SdkBody>,
+    ) -> Result<HttpResponse, Unanswered> {
+        let req = req.try_into().map_err(|_| Unanswered::Failed)?;
+        self.connector.call(req).await.map_err(|e| {
+            debug!(key, error = %e, "no answer");
+            if e.is_timeout() {
+                Unanswered::TimedOut
+            } else {
+                Unanswered::Failed
             }
-        }
+        })
     }
 
-    /// An answer this path does not read: refused credentials are asked
-    /// for again next time, and the caller asks the SDK.
+    /// An answer this path does not read: after a refusal every request
+    /// goes through the SDK for a while, and the credentials are asked for
+    /// again; the caller asks the SDK.
     async fn other<T>(&self, key: &str, status: u16) -> Option<T> {
         if status == 403 {
+            *self.refused.lock() = Some(Instant::now());
             *self.identity.lock().await = None;
         }
         debug!(key, status, "asked again through the SDK");
@@ -267,7 +297,7 @@ impl FastHead {
         version: Option<&str>,
     ) -> Option<StoreResult<ObjectInfo>> {
         let req = self.signed("HEAD", key, version, &[]).await?;
-        let resp = self.send(key, req).await?;
+        let resp = self.send(key, req).await.ok()?;
         match resp.status().as_u16() {
             200 => object_of(key, resp.headers()).map(Ok),
             404 => Some(Err(StoreError::NotFound)),
@@ -275,12 +305,14 @@ impl FastHead {
         }
     }
 
-    /// GET of bytes `range` of `key` as pinned (a range ending past the
-    /// object's end comes short, one starting there comes empty), each
-    /// chunk of the body within `stall` of the last (and its length told
-    /// to `received`): the bytes; an error
-    /// when the body broke off, stalled or came short (the caller's retry
-    /// asks again); None to ask the SDK (any answer but 206 or 416).
+    /// GET of bytes `range` (not empty) of `key` as pinned (a range ending
+    /// past the object's end comes short, one starting there comes empty),
+    /// each chunk of the body within `stall` of the last (and its length
+    /// told to `received`): the bytes. An error when the body broke off,
+    /// stalled or came short, on a timeout, 5xx or throttling (the
+    /// caller's retry waits and asks again), when the object changed (412)
+    /// or the answer is not the range (a 200, a 206 of other bytes). None
+    /// to ask the SDK: no answer, or one it classifies (403, 404...).
     pub(super) async fn get(
         &self,
         key: &str,
@@ -299,12 +331,27 @@ impl FastHead {
             }
             ReadPin::Version(v) => Some(v.as_str()),
         };
+        debug_assert!(!range.is_empty());
         let req = self.signed("GET", key, version, &headers).await?;
-        let resp = self.send(key, req).await?;
+        let resp = match self.send(key, req).await {
+            Ok(r) => r,
+            Err(Unanswered::TimedOut) => {
+                return Some(Err(StoreError::Transient(
+                    "timed out connecting or waiting for the answer".into(),
+                )));
+            }
+            Err(Unanswered::Failed) => return None,
+        };
         match resp.status().as_u16() {
             206 => {}
             // A range starting at or past the end of the object.
             416 => return Some(Ok(Bytes::new())),
+            412 => return Some(Err(StoreError::PreconditionFailed)),
+            // A 200 is the whole object: the store ignored the range.
+            200 => return Some(Err(StoreError::Other(RANGE_IGNORED.into()))),
+            status @ (408 | 429 | 500 | 502..=599) => {
+                return Some(Err(StoreError::Transient(format!("{status} from S3"))));
+            }
             status => return self.other(key, status).await,
         }
         // What the answer says it holds must be what was asked for: the
@@ -312,14 +359,12 @@ impl FastHead {
         let h = resp.headers();
         let len = h.get("content-length")?.parse::<u64>().ok()?;
         let from = h
-            .get("content-range")?
-            .strip_prefix("bytes ")?
-            .split_once('-')?
-            .0
-            .parse::<u64>()
-            .ok()?;
-        if from != range.start || len > range.end - range.start {
-            return self.other(key, 206).await;
+            .get("content-range")
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split_once('-'))
+            .and_then(|(from, _)| from.parse::<u64>().ok());
+        if from != Some(range.start) || len > range.end - range.start {
+            return Some(Err(StoreError::Other(RANGE_IGNORED.into())));
         }
         let mut body = ByteStream::new(resp.into_body());
         let mut out = bytes::BytesMut::with_capacity(len as usize);
@@ -346,6 +391,10 @@ impl FastHead {
         Some(Ok(out.freeze()))
     }
 }
+
+/// A store that answered a ranged GET with other bytes than the range.
+pub(super) const RANGE_IGNORED: &str =
+    "the store answered a ranged GET with other bytes than asked for";
 
 /// An object as a 200 answer to HEAD describes it, read as the SDK reads
 /// the same headers; None when a header is not what S3 sends (the SDK

@@ -1188,7 +1188,19 @@ impl S3Store {
             }
             Err(e) => return Err(classify(e)),
         };
+        // The answer must be the range: a 206 from its start (a 200 is the
+        // whole object, only the range when that starts at 0), never more.
+        let from = match out.content_range() {
+            Some(r) => r
+                .strip_prefix("bytes ")
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(from, _)| from.parse::<u64>().ok()),
+            None => Some(0),
+        };
         let expected = out.content_length().unwrap_or(-1);
+        if from != Some(range.start) || expected > (range.end - range.start) as i64 {
+            return Err(StoreError::Other(super::fast_head::RANGE_IGNORED.into()));
+        }
         let mut body = out.body;
         let mut got = 0i64;
         // A body that stalls is cut: each chunk must come within the timeout.
@@ -1206,8 +1218,8 @@ impl S3Store {
                 }
             }
         }
-        // A body cut short must never be served as data.
-        if expected >= 0 && got != expected {
+        // A body cut short (or longer than the range) is never served.
+        if (expected >= 0 && got != expected) || got > (range.end - range.start) as i64 {
             return Err(StoreError::Transient(format!(
                 "body cut short: {got} of {expected} bytes"
             )));
