@@ -1416,6 +1416,38 @@ async fn read_then_rm(t: &T, f: &'static str) -> u64 {
     rh
 }
 
+/// The last reader of a removed file closes while its rm is still making
+/// the tombstone (held at its HEAD): the delete is done all the same.
+/// Before, the close found nothing deferred yet, the rm then deferred the
+/// delete to a reader already gone, and the object stayed in the bucket
+/// until the next mount (an `mv` across buckets, under load).
+#[tokio::test]
+async fn a_reader_closing_while_its_file_is_removed_leaves_no_object() {
+    let t = setup(false, |_| {});
+    t.m.insert("y", &pattern(70_000, 5), Metadata::new());
+    let a = within("lookup", t.fs.lookup(ROOT_INO, name("y")))
+        .await
+        .unwrap();
+    let rh = within("open", t.fs.open(a.ino, libc::O_RDONLY))
+        .await
+        .unwrap();
+    within("read", t.fs.read(rh, 0, 7)).await.unwrap();
+    t.f.hold(Op::Head, 1);
+    let fs = t.fs.clone();
+    let rm = tokio::spawn(async move { fs.unlink(ROOT_INO, name("y")).await });
+    within("the rm's HEAD", t.f.wait_held(Op::Head))
+        .await
+        .unwrap();
+    within("close", t.fs.release(rh)).await.unwrap();
+    t.f.release(Op::Head);
+    join("rm", rm).await.unwrap();
+    assert!(
+        eventually(STEP, || t.m.keys().is_empty()).await,
+        "y's object is still in the bucket: {:?}",
+        t.m.keys()
+    );
+}
+
 /// A removed file's reader closes and its deferred DeleteObject is in
 /// flight (held) when a new file with the same bytes is written at the
 /// name: the new file waits for that delete, so the delete never removes

@@ -1426,7 +1426,7 @@ impl Fs {
     /// The DeleteObject an `rm` deferred, once no handle reads the file.
     /// Failed, it stays this mount's (the name stays hidden) and is tried
     /// again by the retrier, or first by a write at the key.
-    async fn complete_deferred(&self, ino: u64) {
+    pub(super) async fn complete_deferred(&self, ino: u64) {
         if self.file_handles_open(ino) {
             return;
         }

@@ -383,6 +383,9 @@ impl Fs {
                 self.deferred
                     .lock()
                     .insert(attr.ino, super::files::Deferred::new(t));
+                // The last reader may have closed while the tombstone was
+                // made: its close found nothing deferred yet.
+                self.complete_deferred(attr.ino).await;
             } else {
                 self.delete_staged(st.as_deref_mut(), &key).await?;
             }
