@@ -47,6 +47,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 use tracing::debug;
 
+use super::s3::{range_ignored, range_start, read_body};
 use super::{ObjectHeaders, ObjectInfo, ReadPin, StoreError, StoreResult};
 
 /// Credentials are asked for again this long before they expire.
@@ -321,6 +322,7 @@ impl FastHead {
         stall: Duration,
         received: &(dyn Fn(u64) + Send + Sync),
     ) -> Option<StoreResult<Bytes>> {
+        debug_assert!(!range.is_empty());
         let bytes = format!("bytes={}-{}", range.start, range.end - 1);
         let mut headers = vec![("range", bytes.as_str())];
         let version = match pin {
@@ -331,7 +333,6 @@ impl FastHead {
             }
             ReadPin::Version(v) => Some(v.as_str()),
         };
-        debug_assert!(!range.is_empty());
         let req = self.signed("GET", key, version, &headers).await?;
         let resp = match self.send(key, req).await {
             Ok(r) => r,
@@ -348,7 +349,7 @@ impl FastHead {
             416 => return Some(Ok(Bytes::new())),
             412 => return Some(Err(StoreError::PreconditionFailed)),
             // A 200 is the whole object: the store ignored the range.
-            200 => return Some(Err(StoreError::Other(RANGE_IGNORED.into()))),
+            200 => return Some(Err(range_ignored())),
             status @ (408 | 429 | 500 | 502..=599) => {
                 return Some(Err(StoreError::Transient(format!("{status} from S3"))));
             }
@@ -358,43 +359,21 @@ impl FastHead {
         // range's start, and no more than the range.
         let h = resp.headers();
         let len = h.get("content-length")?.parse::<u64>().ok()?;
-        let from = h
-            .get("content-range")
-            .and_then(|v| v.strip_prefix("bytes "))
-            .and_then(|v| v.split_once('-'))
-            .and_then(|(from, _)| from.parse::<u64>().ok());
-        if from != Some(range.start) || len > range.end - range.start {
-            return Some(Err(StoreError::Other(RANGE_IGNORED.into())));
+        let from = h.get("content-range").and_then(range_start);
+        let max = range.end - range.start;
+        if from != Some(range.start) || len > max {
+            return Some(Err(range_ignored()));
         }
-        let mut body = ByteStream::new(resp.into_body());
         let mut out = bytes::BytesMut::with_capacity(len as usize);
-        loop {
-            match tokio::time::timeout(stall, body.next()).await {
-                Err(_) => return Some(Err(StoreError::Transient("GET body stalled".into()))),
-                Ok(None) => break,
-                Ok(Some(Ok(chunk))) => {
-                    received(chunk.len() as u64);
-                    out.extend_from_slice(&chunk);
-                }
-                Ok(Some(Err(e))) => {
-                    return Some(Err(StoreError::Transient(format!("reading body: {e}"))));
-                }
-            }
-        }
-        // A body cut short must never be served as data.
-        if out.len() as u64 != len {
-            return Some(Err(StoreError::Transient(format!(
-                "body cut short: {} of {len} bytes",
-                out.len()
-            ))));
-        }
-        Some(Ok(out.freeze()))
+        let body = ByteStream::new(resp.into_body());
+        let read = read_body(body, stall, Some(len), max, &mut |c| {
+            received(c.len() as u64);
+            out.extend_from_slice(&c);
+        })
+        .await;
+        Some(read.map(|()| out.freeze()))
     }
 }
-
-/// A store that answered a ranged GET with other bytes than the range.
-pub(super) const RANGE_IGNORED: &str =
-    "the store answered a ranged GET with other bytes than asked for";
 
 /// An object as a 200 answer to HEAD describes it, read as the SDK reads
 /// the same headers; None when a header is not what S3 sends (the SDK

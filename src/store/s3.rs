@@ -1190,41 +1190,66 @@ impl S3Store {
         };
         // The answer must be the range: a 206 from its start (a 200 is the
         // whole object, only the range when that starts at 0), never more.
-        let from = match out.content_range() {
-            Some(r) => r
-                .strip_prefix("bytes ")
-                .and_then(|r| r.split_once('-'))
-                .and_then(|(from, _)| from.parse::<u64>().ok()),
-            None => Some(0),
-        };
-        let expected = out.content_length().unwrap_or(-1);
-        if from != Some(range.start) || expected > (range.end - range.start) as i64 {
-            return Err(StoreError::Other(super::fast_head::RANGE_IGNORED.into()));
+        let from = out.content_range().map_or(Some(0), range_start);
+        let expected = out.content_length().and_then(|l| u64::try_from(l).ok());
+        let max = range.end - range.start;
+        if from != Some(range.start) || expected.is_some_and(|l| l > max) {
+            return Err(range_ignored());
         }
-        let mut body = out.body;
-        let mut got = 0i64;
-        // A body that stalls is cut: each chunk must come within the timeout.
-        loop {
-            match tokio::time::timeout(self.attempt_timeout, body.next()).await {
-                Err(_) => return Err(StoreError::Transient("GET body stalled".into())),
-                Ok(None) => break,
-                Ok(Some(Ok(chunk))) => {
-                    got += chunk.len() as i64;
-                    self.counters.add_received(chunk.len() as u64);
-                    on_chunk(chunk);
-                }
-                Ok(Some(Err(e))) => {
-                    return Err(StoreError::Transient(format!("reading body: {e}")));
-                }
+        read_body(out.body, self.attempt_timeout, expected, max, &mut |c| {
+            self.counters.add_received(c.len() as u64);
+            on_chunk(c);
+        })
+        .await
+    }
+}
+
+/// Where the bytes of a `Content-Range: bytes A-B/N` start (A).
+pub(super) fn range_start(content_range: &str) -> Option<u64> {
+    let (from, _) = content_range.strip_prefix("bytes ")?.split_once('-')?;
+    from.parse().ok()
+}
+
+/// An answer that is not the range asked for (a 200 of the whole
+/// object, a 206 of other bytes): an error, never data.
+pub(super) fn range_ignored() -> StoreError {
+    StoreError::Other("the store answered a ranged GET with other bytes than asked for".into())
+}
+
+/// Reads a GET's `body` to its end, handing each chunk to `on_chunk`: an
+/// error (worth retrying) when a chunk does not come within `stall` of
+/// the last (a stalled body is cut), when the body breaks off, and when
+/// it is not `expected` bytes long (when said) or is longer than `max`.
+/// A body cut short is never served as data.
+pub(super) async fn read_body(
+    mut body: ByteStream,
+    stall: Duration,
+    expected: Option<u64>,
+    max: u64,
+    on_chunk: &mut (dyn FnMut(Bytes) + Send),
+) -> StoreResult<()> {
+    let mut got = 0u64;
+    loop {
+        match tokio::time::timeout(stall, body.next()).await {
+            Err(_) => return Err(StoreError::Transient("GET body stalled".into())),
+            Ok(None) => break,
+            Ok(Some(Ok(chunk))) => {
+                got += chunk.len() as u64;
+                on_chunk(chunk);
+            }
+            Ok(Some(Err(e))) => {
+                return Err(StoreError::Transient(format!("reading body: {e}")));
             }
         }
-        // A body cut short (or longer than the range) is never served.
-        if (expected >= 0 && got != expected) || got > (range.end - range.start) as i64 {
-            return Err(StoreError::Transient(format!(
-                "body cut short: {got} of {expected} bytes"
-            )));
-        }
-        Ok(())
+    }
+    match expected {
+        Some(e) if got != e => Err(StoreError::Transient(format!(
+            "body cut short: {got} of {e} bytes"
+        ))),
+        _ if got > max => Err(StoreError::Transient(format!(
+            "body longer than the range: {got} of {max} bytes"
+        ))),
+        _ => Ok(()),
     }
 }
 
