@@ -1402,9 +1402,9 @@ async fn a_finished_rename_over_does_not_overwrite_the_old_bytes_put_back() {
     assert_holds(&m, &keys[1], b"x, never sent", "x beside it");
 }
 
-/// Opens `f` (at the root) for reading, reads from it, and removes it:
-/// its delete then waits for the handle returned.
-async fn read_then_rm(t: &T, f: &'static str) -> u64 {
+/// Opens `f` (at the root) for reading and reads from it (so it reads
+/// the object it pinned): the handle.
+async fn open_and_read(t: &T, f: &'static str) -> u64 {
     let a = within("lookup", t.fs.lookup(ROOT_INO, name(f)))
         .await
         .unwrap();
@@ -1412,6 +1412,13 @@ async fn read_then_rm(t: &T, f: &'static str) -> u64 {
         .await
         .unwrap();
     within("read", t.fs.read(rh, 0, 7)).await.unwrap();
+    rh
+}
+
+/// Opens `f` (at the root) for reading, reads from it, and removes it:
+/// its delete then waits for the handle returned.
+async fn read_then_rm(t: &T, f: &'static str) -> u64 {
+    let rh = open_and_read(t, f).await;
     within("rm", t.fs.unlink(ROOT_INO, name(f))).await.unwrap();
     rh
 }
@@ -1425,13 +1432,7 @@ async fn read_then_rm(t: &T, f: &'static str) -> u64 {
 async fn a_reader_closing_while_its_file_is_removed_leaves_no_object() {
     let t = setup(false, |_| {});
     t.m.insert("y", &pattern(70_000, 5), Metadata::new());
-    let a = within("lookup", t.fs.lookup(ROOT_INO, name("y")))
-        .await
-        .unwrap();
-    let rh = within("open", t.fs.open(a.ino, libc::O_RDONLY))
-        .await
-        .unwrap();
-    within("read", t.fs.read(rh, 0, 7)).await.unwrap();
+    let rh = open_and_read(&t, "y").await;
     t.f.hold(Op::Head, 1);
     let fs = t.fs.clone();
     let rm = tokio::spawn(async move { fs.unlink(ROOT_INO, name("y")).await });
