@@ -58,6 +58,9 @@ pub struct Options {
     pub upload_memory_bytes: u64,
     /// Threads reading FUSE requests (`None`: the CPUs plus one, 2..=16).
     pub fuse_threads: Option<usize>,
+    /// Threads running S3 requests and the tasks around them (`None`:
+    /// half the CPUs, at least one; see `io_threads_default`).
+    pub io_threads: Option<usize>,
     pub readahead_max_blocks: u64,
     /// Read-ahead in flight across all open files (None: half of mem_cache).
     pub readahead_budget_bytes: Option<u64>,
@@ -184,6 +187,7 @@ impl Default for Options {
             upload_concurrency: 8,
             upload_memory_bytes: 64 * MIB,
             fuse_threads: None,
+            io_threads: None,
             readahead_max_blocks: 32,
             readahead_budget_bytes: None,
             versions_visible: false,
@@ -265,6 +269,9 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   fuse_threads=N        threads taking requests from the kernel, 1..64 (default: the
                         CPUs plus one, 2..16; a small write then wakes a thread on its
                         own CPU, not an idle one elsewhere)
+  io_threads=N          threads running S3 requests, 1..64 (default: half the CPUs, at
+                        least 1; each request that waits for the one before, as random
+                        reads do, then stays on one thread)
   versions=visible      list .versions in readdir (default: hidden, reachable by name)
   as_of=RFC3339         read-only view of the bucket at that moment
   timeout=SECS          connect/read timeout of one S3 attempt (default 10)
@@ -679,6 +686,9 @@ impl Options {
                 "fuse_threads" => {
                     self.fuse_threads = Some(num_in(name, need(name, value)?, 1, 64, "")?)
                 }
+                "io_threads" => {
+                    self.io_threads = Some(num_in(name, need(name, value)?, 1, 64, "")?)
+                }
                 "versions" => match need(name, value)? {
                     "visible" => self.versions_visible = true,
                     "hidden" => self.versions_visible = false,
@@ -840,6 +850,10 @@ mod tests {
         assert_eq!(ok("").fuse_threads, None);
         refused("fuse_threads=0", "1..=64");
         refused("fuse_threads=65", "1..=64");
+        assert_eq!(ok("io_threads=3").io_threads, Some(3));
+        assert_eq!(ok("").io_threads, None);
+        refused("io_threads=0", "1..=64");
+        refused("io_threads=65", "1..=64");
         assert_eq!(ok("readahead=0").readahead_max_blocks, 0);
         assert_eq!(ok("readahead=256").readahead_max_blocks, 256);
         refused("readahead=257", "0..=256 blocks");

@@ -819,6 +819,17 @@ fn connect_all(
     Ok(buckets)
 }
 
+/// The runtime's threads: half the CPUs, at least one. The FUSE threads
+/// (one per CPU, plus one) and the disk thread take the rest. Each
+/// random read, HEAD or listing page waits for its answer on a runtime
+/// thread: with one thread per two CPUs it is mostly the thread that sent
+/// the request, not a second one woken to take it over. On two busy CPUs
+/// that hand-off cost 12% of random reads, and one thread less spent
+/// 15% less CPU on a cold read (`scripts/bench --load 2`).
+fn io_threads_default() -> usize {
+    (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1)
+}
+
 fn serve(
     o: &Options,
     mountpoint: &Path,
@@ -827,6 +838,7 @@ fn serve(
     ready: &mut Option<OwnedFd>,
 ) -> Result<u8, MountError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(o.io_threads.unwrap_or_else(io_threads_default))
         .enable_all()
         .thread_name("bucketfs-io")
         .on_thread_park(crate::fs::thread_idle)

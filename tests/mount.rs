@@ -914,3 +914,56 @@ fn status_sockets_of_similar_mountpoints_never_collide() {
         !is_mounted(&one) && !is_mounted(&two)
     });
 }
+
+/// The runtime's threads (named `bucketfs-io`) of `m`'s daemon.
+fn io_threads_of(m: &Mount) -> usize {
+    let pid = m.pid().expect("a live daemon");
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim() == "bucketfs-io")
+        .count()
+}
+
+#[test]
+fn io_threads_sets_the_runtime_and_one_thread_serves_reads_writes_and_listings() {
+    let b = Bucket::new(server(), "iothreads", false);
+    let data = pattern(6 * 1024 * 1024 + 11, 3);
+    b.put("big", &data);
+    for i in 0..40 {
+        b.put(&format!("d/f{i:02}"), format!("file {i}").as_bytes());
+    }
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let m = Mount::new(&b, "");
+    assert_eq!(io_threads_of(&m), (cpus / 2).max(1), "the default");
+    drop(m);
+    let m = Mount::new(&b, "io_threads=3");
+    assert_eq!(io_threads_of(&m), 3);
+    drop(m);
+
+    // One thread: every request, and every task waiting on another, on it.
+    let m = Mount::new(&b, "io_threads=1,part_size=5M,upload_concurrency=4");
+    assert_eq!(io_threads_of(&m), 1);
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let p = m.path("big");
+            std::thread::spawn(move || sha256_file(&p))
+        })
+        .collect();
+    let written = pattern(17 * 1024 * 1024 + 5, 9);
+    fs::write(m.path("new"), &written).unwrap();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), sha256(&data));
+    }
+    assert_eq!(b.get("new").map(|d| sha256(&d)), Some(sha256(&written)));
+    let out = sh(&m.dir, "ls -l d | grep -c '^-'");
+    assert_eq!(out.trim(), "40");
+    let out = sh(
+        &m.dir,
+        "dd if=big bs=4k skip=777 count=1 2>/dev/null | sha256sum",
+    );
+    assert!(
+        out.starts_with(&sha256(&data[777 * 4096..778 * 4096])),
+        "{out}"
+    );
+}
