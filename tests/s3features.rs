@@ -2070,8 +2070,20 @@ fn store_on(
     fast_head: bool,
     requester_pays: bool,
 ) -> bucketfs::store::s3::S3Store {
+    store_timing_out(endpoint, bucket, fast_head, requester_pays, 10)
+}
+
+/// `store_on` with an attempt timeout of `timeout_secs`.
+fn store_timing_out(
+    endpoint: &str,
+    bucket: &str,
+    fast_head: bool,
+    requester_pays: bool,
+    timeout_secs: u64,
+) -> bucketfs::store::s3::S3Store {
     use bucketfs::store::s3::{S3Settings, S3Store};
     let mut s = S3Settings {
+        attempt_timeout: std::time::Duration::from_secs(timeout_secs),
         bucket: bucket.to_string(),
         endpoint: Some(endpoint.to_string()),
         region: Some("us-east-1".into()),
@@ -2094,7 +2106,7 @@ fn store_on(
 #[test]
 fn a_head_without_the_sdk_reports_exactly_what_the_sdk_reports() {
     use aws_sdk_s3::types::{ServerSideEncryption, StorageClass};
-    use bucketfs::store::{ObjectStore, StoreError};
+    use bucketfs::store::{ObjectStore, Op, StoreError};
     let b = Bucket::new(server(), "fast-head", true);
     let keys = [
         "plain",
@@ -2191,8 +2203,19 @@ fn a_head_without_the_sdk_reports_exactly_what_the_sdk_reports() {
     let (f, _) = both("plain", None);
     assert_eq!(f.unwrap().size, 6, "SlowDown, then the SDK's answer");
     proxy.inject("HEAD", 1, common::proxy::Fault::Reset);
+    let (before, counted) = (proxy.requests("HEAD"), fast.counters().get(Op::Head));
     let (f, _) = both("plain", None);
     assert_eq!(f.unwrap().size, 6, "a reset, then the SDK's answer");
+    assert_eq!(
+        proxy.requests("HEAD") - before,
+        2,
+        "the reset, then the SDK"
+    );
+    assert_eq!(
+        fast.counters().get(Op::Head) - counted,
+        2,
+        "both HEADs counted"
+    );
     proxy.inject("HEAD", 3, common::proxy::Fault::Error(403, "AccessDenied"));
     let (f, _) = both("plain", None);
     assert!(matches!(f, Err(StoreError::AccessDenied(_))), "{f:?}");
@@ -2215,7 +2238,7 @@ fn a_head_without_the_sdk_reports_exactly_what_the_sdk_reports() {
 /// own answer, and a body cut short is never served.
 #[test]
 fn a_ranged_get_without_the_sdk_reads_exactly_what_the_sdk_reads() {
-    use bucketfs::store::{ObjectStore, ReadPin, StoreError};
+    use bucketfs::store::{ObjectStore, Op, ReadPin, StoreError};
     let b = Bucket::new(server(), "fast-get", true);
     let keys = [
         "plain",
@@ -2296,10 +2319,16 @@ fn a_ranged_get_without_the_sdk_reads_exactly_what_the_sdk_reads() {
     ] {
         proxy.inject("GET", 1, fault);
         let before = proxy.requests("GET");
+        let counted = fast.counters().get(Op::Get);
         let f = get(&fast, "plain", 0..100, &ReadPin::Latest).unwrap();
         assert_eq!(f, second[..100], "after {fault:?}");
         assert_eq!(proxy.requests("GET") - before, 2, "{fault:?}, then again");
         assert_eq!(via_sdk(), sdk_after, "after {fault:?}");
+        assert_eq!(
+            fast.counters().get(Op::Get) - counted,
+            2,
+            "{fault:?}: both requests counted"
+        );
     }
     // A body cut short is retried, never served.
     proxy.inject("GET", 1, common::proxy::Fault::CutShort);
@@ -2311,6 +2340,20 @@ fn a_ranged_get_without_the_sdk_reads_exactly_what_the_sdk_reads() {
         2,
         "the cut body, then again"
     );
+    // A body that stalls half-way is given up after the attempt timeout
+    // and asked again, never served.
+    let quick = store_timing_out(&proxy.endpoint, &b.name, true, false, 2);
+    proxy.inject("GET", 1, common::proxy::Fault::StallBody);
+    let (before, counted) = (proxy.requests("GET"), quick.counters().get(Op::Get));
+    let f = get(&quick, "plain", 0..3000, &ReadPin::Latest).unwrap();
+    assert_eq!(sha256(&f), sha256(&second), "after a body that stalled");
+    assert_eq!(
+        proxy.requests("GET") - before,
+        2,
+        "the stalled body, then again"
+    );
+    assert_eq!(quick.counters().get(Op::Get) - counted, 2);
+    assert!(!via_sdk(), "asked again the same way");
     // A store that ignores the range (a 200 of other bytes) is an error,
     // on either path, never data.
     let sdk_via_proxy = store_on(&proxy.endpoint, &b.name, false, false);
@@ -2327,8 +2370,11 @@ fn a_ranged_get_without_the_sdk_reads_exactly_what_the_sdk_reads() {
     // Refused (403): the SDK's answer, and the SDK for what follows a
     // while (credentials asked for again then, not on every request).
     proxy.inject("GET", 1, common::proxy::Fault::Error(403, "AccessDenied"));
+    let (before, counted) = (proxy.requests("GET"), fast.counters().get(Op::Get));
     let f = get(&fast, "plain", 0..100, &ReadPin::Latest).unwrap();
     assert_eq!(f, second[..100], "the SDK's answer after a refusal");
+    assert_eq!(proxy.requests("GET") - before, 2, "refused, then the SDK");
+    assert_eq!(fast.counters().get(Op::Get) - counted, 2, "both counted");
     let f = get(&fast, "plain", 100..200, &ReadPin::Latest).unwrap();
     assert_eq!(f, second[100..200]);
     assert!(via_sdk(), "the next GET through the SDK");

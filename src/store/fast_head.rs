@@ -78,6 +78,22 @@ pub(super) struct FastHead {
     refused: parking_lot::Mutex<Option<Instant>>,
 }
 
+/// What this path made of a request.
+pub(super) enum Fast<T> {
+    /// The answer, read as the SDK reads it.
+    Answer(StoreResult<T>),
+    /// The SDK is to ask. `sent`: a request of this path went out first,
+    /// and is counted apart from the SDK's.
+    AskSdk { sent: bool },
+}
+
+impl<T> Fast<T> {
+    /// What became of a request that was sent: None to ask the SDK.
+    fn of_sent(answer: Option<StoreResult<T>>) -> Self {
+        answer.map_or(Fast::AskSdk { sent: true }, Fast::Answer)
+    }
+}
+
 /// Why a request got no answer.
 enum Unanswered {
     TimedOut,
@@ -291,13 +307,19 @@ impl FastHead {
     }
 
     /// HEAD of `key` (a version of it, when given): the object, NotFound,
-    /// or None to ask the SDK.
-    pub(super) async fn head(
+    /// or the SDK to ask.
+    pub(super) async fn head(&self, key: &str, version: Option<&str>) -> Fast<ObjectInfo> {
+        match self.signed("HEAD", key, version, &[]).await {
+            Some(req) => Fast::of_sent(self.head_signed(key, req).await),
+            None => Fast::AskSdk { sent: false },
+        }
+    }
+
+    async fn head_signed(
         &self,
         key: &str,
-        version: Option<&str>,
+        req: http::Request<SdkBody>,
     ) -> Option<StoreResult<ObjectInfo>> {
-        let req = self.signed("HEAD", key, version, &[]).await?;
         let resp = self.send(key, req).await.ok()?;
         match resp.status().as_u16() {
             200 => object_of(key, resp.headers()).map(Ok),
@@ -312,8 +334,8 @@ impl FastHead {
     /// told to `received`): the bytes. An error when the body broke off,
     /// stalled or came short, on a timeout, 5xx or throttling (the
     /// caller's retry waits and asks again), when the object changed (412)
-    /// or the answer is not the range (a 200, a 206 of other bytes). None
-    /// to ask the SDK: no answer, or one it classifies (403, 404...).
+    /// or the answer is not the range (a 200, a 206 of other bytes). The
+    /// SDK to ask: no answer, or one it classifies (403, 404...).
     pub(super) async fn get(
         &self,
         key: &str,
@@ -321,7 +343,7 @@ impl FastHead {
         pin: &ReadPin,
         stall: Duration,
         received: &(dyn Fn(u64) + Send + Sync),
-    ) -> Option<StoreResult<Bytes>> {
+    ) -> Fast<Bytes> {
         debug_assert!(!range.is_empty());
         let bytes = format!("bytes={}-{}", range.start, range.end - 1);
         let mut headers = vec![("range", bytes.as_str())];
@@ -333,7 +355,20 @@ impl FastHead {
             }
             ReadPin::Version(v) => Some(v.as_str()),
         };
-        let req = self.signed("GET", key, version, &headers).await?;
+        match self.signed("GET", key, version, &headers).await {
+            Some(req) => Fast::of_sent(self.get_signed(key, req, range, stall, received).await),
+            None => Fast::AskSdk { sent: false },
+        }
+    }
+
+    async fn get_signed(
+        &self,
+        key: &str,
+        req: http::Request<SdkBody>,
+        range: Range<u64>,
+        stall: Duration,
+        received: &(dyn Fn(u64) + Send + Sync),
+    ) -> Option<StoreResult<Bytes>> {
         let resp = match self.send(key, req).await {
             Ok(r) => r,
             Err(Unanswered::TimedOut) => {

@@ -45,6 +45,7 @@ use aws_sdk_s3::types::{
 use bytes::Bytes;
 use tracing::{debug, warn};
 
+use super::fast_head::Fast;
 use super::{
     Counters, ListPage, Metadata, ObjectHeaders, ObjectInfo, ObjectStore, Op, Part, PutBody,
     PutResult, ReadPin, StoreError, StoreResult, Upload, VersionInfo, VersionPage,
@@ -1310,10 +1311,18 @@ impl ObjectStore for S3Store {
 
     async fn head(&self, key: &str, version: Option<&str>) -> StoreResult<ObjectInfo> {
         if let Some(fast) = &self.fast_head {
-            self.counters.record(Op::Head);
-            // None: asked again through the SDK, which retries and classifies.
-            if let Some(answer) = fast.head(key, version).await {
-                return answer;
+            // Otherwise asked again through the SDK, which retries,
+            // classifies and counts its own requests.
+            match fast.head(key, version).await {
+                Fast::Answer(answer) => {
+                    self.counters.record(Op::Head);
+                    return answer;
+                }
+                Fast::AskSdk { sent } => {
+                    if sent {
+                        self.counters.record(Op::Head);
+                    }
+                }
             }
         }
         let out = self.head_object(key, version).await?;
@@ -1340,14 +1349,18 @@ impl ObjectStore for S3Store {
         // A body that breaks off, stalls or comes short is retried like a
         // failed request, never served.
         self.retry(Op::Get, key, || async {
-            // None: asked again through the SDK, in this attempt.
+            // Otherwise asked again through the SDK, in this attempt: a
+            // second request, counted (`retry` counts the first).
             let received = |n| self.counters.add_received(n);
-            if let Some(fast) = &self.fast_head
-                && let Some(got) = fast
+            if let Some(fast) = &self.fast_head {
+                match fast
                     .get(key, range.clone(), pin, self.attempt_timeout, &received)
                     .await
-            {
-                return got;
+                {
+                    Fast::Answer(got) => return got,
+                    Fast::AskSdk { sent: true } => self.counters.record(Op::Get),
+                    Fast::AskSdk { sent: false } => {}
+                }
             }
             let mut buf = bytes::BytesMut::with_capacity((range.end - range.start) as usize);
             self.get_body_once(key, range.clone(), pin, &mut |c| buf.extend_from_slice(&c))

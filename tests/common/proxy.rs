@@ -25,6 +25,9 @@ pub enum Fault {
     Stall,
     /// Forward, but pass on only half of the response body, then close.
     CutShort,
+    /// Forward, pass on the head and half of the response body, then
+    /// hold the connection open without sending more (a body that stalls).
+    StallBody,
     /// Answer with this status and S3 error code, without forwarding.
     Error(u16, &'static str),
     /// Forward (the request lands), then hold the response this many
@@ -382,7 +385,11 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
         Some(Fault::Stall) => {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
-        Some(Fault::CutShort) | Some(Fault::Delay(_)) | Some(Fault::Landed) | None => {
+        Some(Fault::CutShort)
+        | Some(Fault::StallBody)
+        | Some(Fault::Delay(_))
+        | Some(Fault::Landed)
+        | None => {
             let Ok(mut up) = TcpStream::connect(upstream).await else {
                 return;
             };
@@ -391,7 +398,7 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
             }
             let mut resp = Vec::new();
             let _ = up.read_to_end(&mut resp).await;
-            if fault == Some(Fault::CutShort)
+            if matches!(fault, Some(Fault::CutShort | Fault::StallBody))
                 && let Some(i) = resp.windows(4).position(|w| w == b"\r\n\r\n")
             {
                 let body_len = resp.len() - (i + 4);
@@ -409,6 +416,10 @@ async fn handle(mut conn: TcpStream, upstream: &str, plan: Arc<Mutex<Plan>>) {
                 tokio::time::sleep(Duration::from_secs(secs)).await;
             }
             let _ = conn.write_all(&resp).await;
+            if fault == Some(Fault::StallBody) {
+                let _ = conn.flush().await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
             let _ = conn.shutdown().await;
         }
     }
