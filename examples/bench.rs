@@ -28,6 +28,7 @@ use futures::{StreamExt, TryStreamExt};
 const MIB: u64 = 1024 * 1024;
 const PART: u64 = 8 * MIB;
 
+#[derive(Clone)]
 struct Args {
     bucketfs: PathBuf,
     endpoint: String,
@@ -403,6 +404,83 @@ fn timed_ls(tool: Tool, flag: &str, dir: &Path, lines: usize, limit: Duration) -
 fn abort_fuse(dev: u64) {
     let minor = libc::minor(dev);
     let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+}
+
+/// A TCP relay on 127.0.0.1 to the server that counts the bytes the
+/// server sends through it: what a tool downloads, for any tool (only
+/// bucketfs reports its own). Every socket is `nodelay`, so the relay
+/// holds nothing back; it stops taking connections when dropped.
+struct Relay {
+    endpoint: String,
+    down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    addr: std::net::SocketAddr,
+}
+
+impl Relay {
+    fn start(upstream: &str) -> Relay {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = upstream.trim_start_matches("http://").to_string();
+        let down = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, st) = (down.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if st.load(Ordering::Relaxed) {
+                    return;
+                }
+                let (Ok(client), Ok(server)) = (client, std::net::TcpStream::connect(&up)) else {
+                    continue;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let d = d.clone();
+                std::thread::spawn(move || relay_pipe(client, server, None));
+                std::thread::spawn(move || relay_pipe(s2, c2, Some(d)));
+            }
+        });
+        Relay {
+            endpoint: format!("http://{addr}"),
+            down,
+            stop,
+            addr,
+        }
+    }
+
+    fn down(&self) -> u64 {
+        self.down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+/// Copies `from` into `to` until either closes, adding what it copied to
+/// `count`.
+fn relay_pipe(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    count: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some(c) = &count {
+            c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
 }
 
 fn drop_page_cache() {
@@ -938,17 +1016,25 @@ fn main() {
                 &mut || seq_read(),
             );
 
+            // Through a relay that counts what the server sends: what
+            // each tool downloads for 4 MiB read.
             m.stop();
-            m = Mount::start_with(&a, tool, &dir, &cache, "");
+            let relay = Relay::start(&a.endpoint);
+            let relayed = Args {
+                endpoint: relay.endpoint.clone(),
+                ..a.clone()
+            };
+            m = Mount::start_with(&relayed, tool, &dir, &cache, "");
             drop_page_cache();
             row(
                 &m,
-                "1,000 random 4 KiB reads, cold".into(),
+                "1,000 random 4 KiB reads, cold (and MiB the server sent)".into(),
                 (
                     format!("{:.0} reads/s", 1000.0 / raw_rand.as_secs_f64()),
                     Some(raw_rand),
                 ),
                 &mut || {
+                    let down = relay.down();
                     let t = Instant::now();
                     let f = std::fs::File::open(&big).unwrap();
                     let mut buf = vec![0u8; 4096];
@@ -956,9 +1042,12 @@ fn main() {
                         f.read_exact_at(&mut buf, *off).unwrap();
                     }
                     let d = t.elapsed().as_secs_f64();
-                    (format!("{:.0} reads/s", 1000.0 / d), d)
+                    let mib = (relay.down() - down) as f64 / MIB as f64;
+                    (format!("{:.0} reads/s, {mib:.0} MiB", 1000.0 / d), d)
                 },
             );
+            m.stop();
+            drop(relay);
 
             m.stop();
             m = Mount::start_with(&a, tool, &dir, &cache, "");
