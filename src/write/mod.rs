@@ -1051,19 +1051,24 @@ impl Staged {
         if self.size <= part {
             self.fill(store, 0..self.size).await?;
             // A small file is read once: its MD5 and the PUT's body come
-            // from the same bytes.
-            let body = if self.size <= IN_MEMORY_PUT_MAX {
-                PutBody::Bytes(self.body(0..self.size).read_all()?)
-            } else {
-                self.body(0..self.size)
-            };
-            // The ETag this PUT will give the object (its MD5), journaled
-            // first: a daemon killed before it learns the PUT landed is
-            // recognised by the next mount instead of kept beside.
-            let md5 = match &body {
-                PutBody::Bytes(b) => bytes_md5(b),
-                PutBody::File { .. } => file_md5(&self.file, self.size)?,
-            };
+            // from the same bytes. The ETag this PUT will give the object
+            // (its MD5) is journaled first: a daemon killed before it
+            // learns the PUT landed is recognised by the next mount
+            // instead of kept beside. Read and hashed off the runtime's
+            // threads (with `part_size=5G`, a file of gigabytes).
+            let whole = self.body(0..self.size);
+            let (file, size) = (self.file.clone(), self.size);
+            let (body, md5) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+                if size <= IN_MEMORY_PUT_MAX {
+                    let b = whole.read_all()?;
+                    let md5 = bytes_md5(&b);
+                    Ok((PutBody::Bytes(b), md5))
+                } else {
+                    Ok((whole, file_md5(&file, size)?))
+                }
+            })
+            .await
+            .map_err(|e| io::Error::other(format!("hashing the upload: {e}")))??;
             if let Some(j) = &mut self.journal {
                 j.put_sent(&md5, self.outside.is_some())?;
                 self.sent_since_write = true;
