@@ -104,6 +104,9 @@ pub fn report(b: &Buckets, info: &MountInfo) -> String {
         up / 60 % 60,
         up % 60
     );
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        s += &format!("io threads: {}\n", rt.metrics().num_workers());
+    }
     let dirty = b.dirty_files();
     s += &format!("not yet in S3: {} file(s)\n", dirty.len());
     for f in dirty {

@@ -915,14 +915,34 @@ fn status_sockets_of_similar_mountpoints_never_collide() {
     });
 }
 
-/// The runtime's threads (named `bucketfs-io`) of `m`'s daemon.
+/// The runtime's threads of `m`'s daemon, as `bucketfs status` reports
+/// them, checked against the threads named `bucketfs-io` (blocking-pool
+/// threads, started on demand, have that name too).
 fn io_threads_of(m: &Mount) -> usize {
+    let out = Command::new(bin())
+        .arg("status")
+        .arg(&m.dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let n: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("io threads: "))
+        .unwrap_or_else(|| panic!("no io threads line in {text}"))
+        .trim()
+        .parse()
+        .unwrap();
     let pid = m.pid().expect("a live daemon");
-    fs::read_dir(format!("/proc/{pid}/task"))
+    let named = fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .filter(|c| c.trim() == "bucketfs-io")
-        .count()
+        .count();
+    assert!(
+        named >= n,
+        "{named} threads named bucketfs-io, {n} reported"
+    );
+    n
 }
 
 #[test]
