@@ -2345,8 +2345,16 @@ fn a_ranged_get_without_the_sdk_reads_exactly_what_the_sdk_reads() {
     let quick = store_timing_out(&proxy.endpoint, &b.name, true, false, 2);
     proxy.inject("GET", 1, common::proxy::Fault::StallBody);
     let (before, counted) = (proxy.requests("GET"), quick.counters().get(Op::Get));
+    let t = std::time::Instant::now();
     let f = get(&quick, "plain", 0..3000, &ReadPin::Latest).unwrap();
     assert_eq!(sha256(&f), sha256(&second), "after a body that stalled");
+    // Given up by the 2 s timeout, not ended by the proxy, which holds the
+    // connection 60 s.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(50),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(
         proxy.requests("GET") - before,
         2,

@@ -17,8 +17,8 @@
 //! It only ever answers the plain cases: for HEAD the object (200) and no
 //! object (404), for GET the range (206) and a range past the end (416).
 //! Anything else (an error status, a connection failure, a header it
-//! cannot read) is `None`, and the caller asks again through the SDK,
-//! which retries, classifies and reports as for every other call. A GET
+//! cannot read) is `Fast::AskSdk`, and the caller asks again through the
+//! SDK, which retries, classifies and reports as for every other call. A GET
 //! body that breaks off, stalls or comes short is an error the caller's
 //! retry asks again for. Mounts it does not serve (SSE-C keys, endpoints
 //! signed other than with SigV4 for `s3`) never build one.
@@ -37,7 +37,7 @@ use aws_sigv4::http_request::{
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::http::{HttpConnector, HttpConnectorSettings};
 use aws_smithy_runtime_api::client::identity::Identity;
-use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, HttpResponse};
 use aws_smithy_runtime_api::http::Headers;
 use aws_smithy_types::Document;
 use aws_smithy_types::body::SdkBody;
@@ -226,7 +226,7 @@ impl FastHead {
         key: &str,
         version: Option<&str>,
         headers: &[(&str, &str)],
-    ) -> Option<http::Request<SdkBody>> {
+    ) -> Option<HttpRequest> {
         if self
             .refused
             .lock()
@@ -274,16 +274,11 @@ impl FastHead {
         }
         let mut req = req.body(SdkBody::empty()).ok()?;
         instructions.apply_to_request_http1x(&mut req);
-        Some(req)
+        req.try_into().ok()
     }
 
     /// Sends `req`: the answer, or why there was none.
-    async fn send(
-        &self,
-        key: &str,
-        req: http::Request<SdkBody>,
-    ) -> Result<HttpResponse, Unanswered> {
-        let req = req.try_into().map_err(|_| Unanswered::Failed)?;
+    async fn send(&self, key: &str, req: HttpRequest) -> Result<HttpResponse, Unanswered> {
         self.connector.call(req).await.map_err(|e| {
             debug!(key, error = %e, "no answer");
             if e.is_timeout() {
@@ -315,11 +310,7 @@ impl FastHead {
         }
     }
 
-    async fn head_signed(
-        &self,
-        key: &str,
-        req: http::Request<SdkBody>,
-    ) -> Option<StoreResult<ObjectInfo>> {
+    async fn head_signed(&self, key: &str, req: HttpRequest) -> Option<StoreResult<ObjectInfo>> {
         let resp = self.send(key, req).await.ok()?;
         match resp.status().as_u16() {
             200 => object_of(key, resp.headers()).map(Ok),
@@ -364,7 +355,7 @@ impl FastHead {
     async fn get_signed(
         &self,
         key: &str,
-        req: http::Request<SdkBody>,
+        req: HttpRequest,
         range: Range<u64>,
         stall: Duration,
         received: &(dyn Fn(u64) + Send + Sync),
