@@ -59,7 +59,7 @@ pub struct Options {
     /// Threads reading FUSE requests (`None`: the CPUs plus one, 2..=16).
     pub fuse_threads: Option<usize>,
     /// Threads running S3 requests and the tasks around them (`None`:
-    /// half the CPUs, at least one; see `io_threads_default`).
+    /// one per CPU; see `io_threads_default`).
     pub io_threads: Option<usize>,
     pub readahead_max_blocks: u64,
     /// Read-ahead in flight across all open files (None: half of mem_cache).
@@ -269,9 +269,8 @@ Mount options (-o a,b=c; the same names work in /etc/fstab):
   fuse_threads=N        threads taking requests from the kernel, 1..64 (default: the
                         CPUs plus one, 2..16; a small write then wakes a thread on its
                         own CPU, not an idle one elsewhere)
-  io_threads=N          threads running S3 requests, 1..64 (default: half the CPUs, at
-                        least 1; each request that waits for the one before, as random
-                        reads do, then stays on one thread)
+  io_threads=N          threads running S3 requests, 1..64 (default: one per CPU; 1 on a
+                        small, busy machine speeds up random reads, slows small files)
   versions=visible      list .versions in readdir (default: hidden, reachable by name)
   as_of=RFC3339         read-only view of the bucket at that moment
   timeout=SECS          connect/read timeout of one S3 attempt (default 10)

@@ -955,7 +955,7 @@ fn io_threads_sets_the_runtime_and_one_thread_serves_reads_writes_and_listings()
     }
     let cpus = std::thread::available_parallelism().unwrap().get();
     let m = Mount::new(&b, "");
-    assert_eq!(io_threads_of(&m), (cpus / 2).max(1), "the default");
+    assert_eq!(io_threads_of(&m), cpus, "the default");
     drop(m);
     let m = Mount::new(&b, "io_threads=3");
     assert_eq!(io_threads_of(&m), 3);
