@@ -1104,8 +1104,6 @@ fn main() {
             );
             m.stop();
             drop(relay);
-
-            m.stop();
             m = Mount::start_with(&a, tool, &dir, &cache, "");
             drop_page_cache();
             row(
