@@ -1318,11 +1318,8 @@ impl ObjectStore for S3Store {
                     self.counters.record(Op::Head);
                     return answer;
                 }
-                Fast::AskSdk { sent } => {
-                    if sent {
-                        self.counters.record(Op::Head);
-                    }
-                }
+                Fast::AskSdk { sent: true } => self.counters.record(Op::Head),
+                Fast::AskSdk { sent: false } => {}
             }
         }
         let out = self.head_object(key, version).await?;
